@@ -1,0 +1,3 @@
+from cadenza.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""`cadenza run | info`: argument parsing and printing only; the work is in LLM / Engine / Checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cadenza.errors import CadenzaError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="checkpoint folder (config.json, *.safetensors, tokenizer files)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16 (default: checkpoint's)")
+    p.add_argument("--max-context", type=int, default=None, help="longest sequence in tokens (default: model's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cadenza",
+        description="Run Mixture-of-Experts language models larger than the GPU's memory, on one machine.",
+    )
+    parser.add_argument("--version", action="version", version=f"cadenza {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="generate text for one prompt, streamed to stdout")
+    _add_engine_args(run)
+    run.add_argument("--prompt", "-p", default=None, help="the prompt; '-' reads it from stdin")
+    run.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    run.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
+    run.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    run.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    run.set_defaults(func=cmd_run)
+
+    info = sub.add_parser("info", help="describe a checkpoint folder without loading its weights")
+    info.add_argument("--model", "-m", required=True, help="checkpoint folder")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _version() -> str:
+    from cadenza import __version__
+
+    return __version__
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cadenza.llm import LLM
+    from cadenza.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if prompt is None:
+        if args.model is not None:
+            raise CadenzaError("No prompt given. Pass --prompt TEXT (or --prompt - to read it from stdin).")
+        prompt = "Once upon a time"
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+    if llm.is_demo:
+        from cadenza.demo import DEMO_LABEL
+
+        print(f"cadenza: no --model given: running the {DEMO_LABEL}.", file=sys.stderr)
+    if args.json:
+        result = llm.generate(prompt, params)
+        print(json.dumps({"model": str(llm.checkpoint.path), **result.as_dict()}, ensure_ascii=False))
+        return 0
+    from cadenza.engine import Generation
+
+    gen = Generation([])
+    for piece in llm.stream(prompt, params, gen):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"[{gen.finish_reason}] {gen.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def describe(model_dir: str | Path) -> dict:
+    """Architecture and sizes of a checkpoint, from config.json and the safetensors headers only."""
+    from cadenza.checkpoint import Checkpoint
+    from cadenza.models import build_meta, expected_tensors
+    from cadenza.moe.experts import Experts
+
+    ckpt = Checkpoint(model_dir)
+    model = build_meta(ckpt)
+    config = model.config
+    expert_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
+    expert_params = sum(m.gate.numel() + m.up.numel() + m.down.numel() for _, m in expert_layers)
+    all_params = sum(
+        _numel(shape)
+        for name, shape in expected_tensors(model).items()
+        if not (config.tie_word_embeddings and name == "lm_head.weight")
+    )
+    first = expert_layers[0][1] if expert_layers else None
+    return {
+        "model": str(ckpt.path),
+        "architecture": ckpt.architecture,
+        "model_type": ckpt.config.get("model_type"),
+        "layers": config.num_hidden_layers,
+        "moe_layers": len(expert_layers),
+        "hidden_size": config.hidden_size,
+        "attention_heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "experts_per_layer": first.num_experts if first else 0,
+        "experts_per_token": getattr(config, "num_experts_per_tok", None),
+        "expert_intermediate_size": first.intermediate_size if first else None,
+        "parameters": all_params,
+        "expert_parameters": expert_params,
+        "non_expert_parameters": all_params - expert_params,
+        "checkpoint_bytes": ckpt.total_bytes,
+        "bytes_by_dtype": ckpt.bytes_by_dtype(),
+        "dtype": str(ckpt.torch_dtype()).removeprefix("torch."),
+        "shards": len(ckpt.files()),
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    d = describe(args.model)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    share = d["expert_parameters"] / d["parameters"] if d["parameters"] else 0.0
+    lines = [
+        f"model         {d['model']}",
+        f"architecture  {d['architecture']} ({d['model_type']})",
+        f"layers        {d['layers']} ({d['moe_layers']} MoE), hidden {d['hidden_size']}, "
+        f"heads {d['attention_heads']} / {d['kv_heads']} KV, head_dim {d['head_dim']}",
+        f"experts       {d['experts_per_layer']} per layer, top-{d['experts_per_token']}, "
+        f"intermediate {d['expert_intermediate_size']}",
+        f"vocab         {d['vocab_size']}, context {d['max_position_embeddings']}",
+        f"parameters    {_count(d['parameters'])}: experts {_count(d['expert_parameters'])} ({share:.1%}), "
+        f"non-expert {_count(d['non_expert_parameters'])}",
+        f"weights       {_gb(d['checkpoint_bytes'])} in {d['shards']} file(s): "
+        + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(d["bytes_by_dtype"].items())),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CadenzaError as e:
+        print(f"cadenza: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ncadenza: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `cadenza run ... | head`
+        return 0

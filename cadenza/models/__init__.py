@@ -1,0 +1,124 @@
+"""Registry of families (config.json "architectures"[0] -> module) and the loader that fills a model from a
+checkpoint.
+
+The loader builds the model on the meta device (no memory), checks every expected tensor's presence and shape
+against the safetensors headers before reading any data, then reads shard by shard, each tensor landing in its
+parameter (routed experts into their stacked rows), so host memory holds one copy of the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cadenza.checkpoint import Checkpoint
+from cadenza.errors import CadenzaError
+from cadenza.moe.experts import Experts
+
+
+@dataclass(frozen=True)
+class Family:
+    module: str  # cadenza.models.<module>
+    config_class: str
+    model_class: str
+
+
+ARCHITECTURES: dict[str, Family] = {
+    "MixtralForCausalLM": Family("mixtral", "MixtralConfig", "MixtralForCausalLM"),
+}
+
+
+def family_of(checkpoint: Checkpoint):
+    """Returns (config class, model class) for a checkpoint's architecture, or a clear error."""
+    arch = checkpoint.architecture
+    if arch not in ARCHITECTURES:
+        raise CadenzaError(
+            f"{checkpoint.path} holds a {arch!r} model, which cadenza does not support. Supported architectures: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Use a checkpoint of one of these."
+        )
+    fam = ARCHITECTURES[arch]
+    module = importlib.import_module(f"cadenza.models.{fam.module}")
+    return getattr(module, fam.config_class), getattr(module, fam.model_class)
+
+
+def build_meta(checkpoint: Checkpoint) -> nn.Module:
+    """The model with every parameter on the meta device: shapes only, no memory."""
+    config_cls, model_cls = family_of(checkpoint)
+    config = config_cls.from_hf(checkpoint.config)
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape for every parameter of the model (experts unstacked)."""
+    out: dict[str, tuple[int, ...]] = {}
+    expert_prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            out.update(module.checkpoint_shapes(f"{name}."))
+            expert_prefixes.append(f"{name}.")
+    for name, p in model.named_parameters():
+        if not any(name.startswith(pre) for pre in expert_prefixes):
+            out[name] = tuple(p.shape)
+    return out
+
+
+def check_tensors(model: nn.Module, checkpoint: Checkpoint) -> set[str]:
+    """Compares the model's expectations with the safetensors headers; returns the names to read."""
+    expected = expected_tensors(model)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        expected.pop("lm_head.weight", None)
+    missing = [n for n in expected if n not in checkpoint.tensors]
+    if missing:
+        raise CadenzaError(
+            f"{len(missing)} tensors this {checkpoint.architecture} model needs are missing from {checkpoint.path} "
+            f"(first: {missing[0]}). A shard is missing or from another model: download the repository again."
+        )
+    for name, shape in expected.items():
+        found = checkpoint.tensors[name].shape
+        if tuple(found) != shape:
+            raise CadenzaError(
+                f"Tensor {name} in {checkpoint.tensors[name].file.name} has shape {list(found)}, but config.json "
+                f"implies {list(shape)}. config.json and the weights come from different models or versions: "
+                "download both from the same repository revision."
+            )
+    return set(expected)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+    module: nn.Module = model
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        module = getattr(module, part)
+        if isinstance(module, Experts):
+            module.load_checkpoint_tensor(".".join(parts[i + 1 :]), tensor, device, dtype)
+            return
+    target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+    param = nn.Parameter(tensor.to(device=device, dtype=target_dtype), requires_grad=False)
+    module.register_parameter(parts[-1], param)
+
+
+def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Builds the family's model and fills it from the checkpoint, shard by shard."""
+    model = build_meta(checkpoint)
+    names = check_tensors(model, checkpoint)
+    with torch.no_grad():
+        for name, tensor in checkpoint.iter_tensors(names):
+            _assign(model, name, tensor, device, dtype)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # the headers promised these; reading did not deliver them
+        raise CadenzaError(
+            f"{len(left)} tensors could not be read from {checkpoint.path} (first: {left[0]}). A shard is "
+            "corrupt: download it again."
+        )
+    return model.eval()
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)

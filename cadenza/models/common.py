@@ -1,0 +1,329 @@
+"""Pieces every family shares: RMSNorm, rotary embeddings (and their scaling variants), attention with a KV cache,
+the dense MLP, and the decoder stack that runs them.
+
+Shape legend: B batch, T new tokens, S tokens in the cache (past + new), H hidden size, N query heads, K key/value
+heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cadenza.errors import CadenzaError
+from cadenza.kv_cache import KVCache
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def act_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise CadenzaError(
+            f"config.json asks for the activation {name!r}, which cadenza does not implement "
+            f"(it knows {', '.join(sorted(ACTIVATIONS))}). Check that the config belongs to a supported model."
+        )
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype, as the reference does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x32.to(dtype)
+
+
+# --- rotary position embeddings ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RopeParameters:
+    """`rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling` (the hub's config.json), unified."""
+
+    rope_type: str = "default"
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    extra: dict | None = None  # factor, original_max_position_embeddings, beta_fast, short_factor, ...
+
+    @classmethod
+    def from_config(cls, cfg: dict, default_theta: float = 10000.0) -> RopeParameters:
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        # Some configs nest per layer type ({"full_attention": {...}}); the families here use one dict.
+        rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+        params.pop("type", None)
+        if rope_type == "su":  # Phi-3's old name for longrope
+            rope_type = "longrope"
+        theta = params.pop("rope_theta", None) or cfg.get("rope_theta") or default_theta
+        partial = params.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or 1.0
+        if rope_type in ("llama3", "yarn", "longrope"):
+            if cfg.get("original_max_position_embeddings") is not None:
+                params["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+            params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+        known = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+        if rope_type not in known:
+            raise CadenzaError(
+                f"config.json asks for rope scaling of type {rope_type!r}, which cadenza does not implement "
+                f"(it knows {', '.join(known)}). Remove or correct rope_scaling in config.json."
+            )
+        return cls(rope_type, float(theta), float(partial), params)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; the scaling variants follow the definitions transformers uses."""
+
+    def __init__(self, rope: RopeParameters, head_dim: int, max_position_embeddings: int):
+        super().__init__()
+        self.rope = rope
+        self.dim = int(head_dim * rope.partial_rotary_factor)
+        self.max_position_embeddings = max_position_embeddings
+        self.extra = rope.extra or {}
+        # dynamic NTK recomputes its frequencies as the sequence grows past what it has cached
+        self.max_seq_len_cached = max_position_embeddings
+        with torch.device("cpu"):  # tables are small; the model around them may be built on the meta device
+            inv_freq, self.attention_scaling = self._compute(None)
+        self.original_inv_freq = inv_freq
+        self.inv_freq = inv_freq
+        self.long_inv_freq: torch.Tensor | None = None
+
+    def _base_inv_freq(self, base: float) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
+        return 1.0 / (base**exponents)
+
+    def _compute(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
+        kind, base, x = self.rope.rope_type, self.rope.rope_theta, self.extra
+        if kind == "default":
+            return self._base_inv_freq(base), 1.0
+        if kind == "linear":
+            return self._base_inv_freq(base) / x["factor"], 1.0
+        if kind == "dynamic":
+            factor, m = x["factor"], self.max_position_embeddings
+            seq_len = max(seq_len or m, m)
+            base = base * ((factor * seq_len / m) - (factor - 1)) ** (self.dim / (self.dim - 2))
+            return self._base_inv_freq(base), 1.0
+        if kind == "llama3":
+            inv = self._base_inv_freq(base)
+            factor, lo, hi = x["factor"], x["low_freq_factor"], x["high_freq_factor"]
+            old = x["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+            smooth = (old / wavelen - lo) / (hi - lo)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+            return torch.where(medium, smoothed, scaled), 1.0
+        if kind == "yarn":
+            return self._yarn()
+        if kind == "longrope":
+            orig = x["original_max_position_embeddings"]
+            factor = x.get("factor") or self.max_position_embeddings / orig
+            scaling = x.get("attention_factor")
+            if scaling is None:
+                scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+            ext = x["long_factor"] if seq_len and seq_len > orig else x["short_factor"]
+            ext = torch.tensor(ext, dtype=torch.float32, device="cpu")
+            exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
+            return 1.0 / (ext * base**exponents), float(scaling)
+        raise AssertionError(kind)
+
+    def _yarn(self) -> tuple[torch.Tensor, float]:
+        x, base, dim = self.extra, self.rope.rope_theta, self.dim
+        orig = x["original_max_position_embeddings"]
+        factor = x.get("factor") or self.max_position_embeddings / orig
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        scaling = x.get("attention_factor")
+        if scaling is None:
+            if x.get("mscale") and x.get("mscale_all_dim"):
+                scaling = mscale(factor, x["mscale"]) / mscale(factor, x["mscale_all_dim"])
+            else:
+                scaling = mscale(factor)
+        beta_fast, beta_slow = x.get("beta_fast") or 32, x.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if x.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+        extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+        keep = 1 - ramp  # share of the unscaled (extrapolated) frequency per dimension
+        return interpolation * (1 - keep) + extrapolation * keep, float(scaling)
+
+    def _update(self, seq_len: int) -> None:
+        kind = self.rope.rope_type
+        if kind == "dynamic":
+            if seq_len > self.max_seq_len_cached:
+                self.inv_freq, self.attention_scaling = self._compute(seq_len)
+                self.max_seq_len_cached = seq_len
+            if seq_len < self.max_position_embeddings < self.max_seq_len_cached:
+                self.inv_freq = self.original_inv_freq
+                self.max_seq_len_cached = self.max_position_embeddings
+        elif kind == "longrope":
+            orig = self.extra["original_max_position_embeddings"]
+            if seq_len > orig:
+                if self.long_inv_freq is None:
+                    self.long_inv_freq, _ = self._compute(orig + 1)
+                self.inv_freq = self.long_inv_freq
+            else:
+                self.inv_freq = self.original_inv_freq
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, dim] in `dtype`."""
+        self._update(int(positions.max()) + 1)
+        inv = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * inv[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos, sin: [T, d] with d <= D (partial rotary leaves the rest as is)."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+# --- attention ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's attention needs for one forward pass, computed once per pass."""
+
+    cache: KVCache
+    start: int  # position of the first new token
+    cos: torch.Tensor  # [T, d]
+    sin: torch.Tensor  # [T, d]
+    mask: torch.Tensor | None  # [T, S] bool, True where a query may attend; None: every key
+
+
+def attention_mask(start: int, t: int, device: torch.device, sliding_window: int | None) -> torch.Tensor | None:
+    """Causal mask, narrowed to the last `sliding_window` positions when the model has one."""
+    s = start + t
+    if t == 1 and (sliding_window is None or s <= sliding_window):
+        return None
+    q = torch.arange(start, s, device=device)[:, None]
+    k = torch.arange(0, s, device=device)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed &= k > q - sliding_window
+    return allowed
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary embeddings and a KV cache (names as in transformers' *Attention)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling = head_dim**-0.5
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, T, H] -> q [B, N, T, D], k and v [B, K, T, D]. Families with q/k norms override this."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        k_all, v_all = ctx.cache.update(self.layer_idx, k, v, ctx.start)  # [B, K, S, D]
+        out = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=ctx.mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # [B, N, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """The dense SwiGLU MLP (dense layers, shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = act_fn(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --- the decoder stack ------------------------------------------------------------------------------------------
+
+
+class DecoderModel(nn.Module):
+    """embed -> layers -> norm. A family's *Model subclasses this and builds `embed_tokens`, `layers`, `norm` and
+    `rotary_emb`; every layer is called as layer(hidden_states, ctx)."""
+
+    sliding_window: int | None = None
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """input_ids: [B, T] -> hidden states [B, T, H]; appends T positions to `cache`."""
+        t = input_ids.shape[1]
+        start = cache.length
+        h = self.embed_tokens(input_ids)
+        positions = torch.arange(start, start + t, device=input_ids.device)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        ctx = AttentionContext(cache, start, cos, sin, attention_mask(start, t, h.device, self.sliding_window))
+        for layer in self.layers:
+            h = layer(h, ctx)
+        cache.length = start + t
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """A decoder model and its LM head. `forward` returns float32 logits."""
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+        h = self.model(input_ids, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h).float()

@@ -1,0 +1,1 @@
+"""Mixture-of-experts machinery shared by every family: routing functions and the expert seam."""

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself (the real hub layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tokenizer_files import write_bpe_tokenizer
+
+VOCAB = 320  # tokenizer vocab <= model vocab
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the accelerator machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_mixtral_config(**overrides):
+    from transformers import MixtralConfig
+
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    kw.update(overrides)
+    return MixtralConfig(**kw)
+
+
+def save_hf_model(model, path: Path, dtype: torch.dtype | None = None, **save_kw) -> Path:
+    """save_pretrained + tokenizer files; returns the folder."""
+    path.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, **save_kw)
+    write_bpe_tokenizer(path, vocab_size=VOCAB)
+    return path
+
+
+def make_mixtral(path: Path, seed: int = 0, dtype: torch.dtype | None = None, save_kw: dict | None = None, **overrides):
+    """A tiny random MixtralForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(tiny_mixtral_config(**overrides)).eval()
+    # transformers' init is tiny (std 0.02); widen it so routing and logits are not degenerate
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    save_hf_model(model, path, dtype=dtype, **(save_kw or {}))
+    return path, model
+
+
+def edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory):
+    """One shared tiny Mixtral checkpoint folder (fp32) and its transformers model."""
+    return make_mixtral(tmp_path_factory.mktemp("mixtral"))
