@@ -1,9 +1,11 @@
 """Text <-> token ids for a Hugging Face checkpoint folder, giving the same results as transformers' tokenizers.
 
 `tokenizer.json` is run by the `tokenizers` library as written. A folder with only `tokenizer.model` is run by
-`sentencepiece`, wrapped so it behaves as transformers' Llama-style conversion of that file: added/special tokens are
-split out of the text first, "▁" is prepended only at the start of the text (or of every piece of text between added
-tokens when `legacy` is true), and decoding joins pieces as transformers' decoder chain does.
+`sentencepiece`, wrapped to behave as transformers' LlamaTokenizer conversion of that file (what tokenizer_config.json
+with "tokenizer_class": "LlamaTokenizer" gets): no normalization, added/special tokens split out of the text first,
+"▁" prepended only at the start of the text (before every stretch between added tokens when `legacy` is true), and
+decoding that joins pieces as that tokenizer's decoder chain does. (transformers 5.23's generic fallback for a bare
+tokenizer.model, used e.g. when config.json says model_type "mixtral", drops the "▁" prefix; we keep it.)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cadenza.errors import CadenzaError
 
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FLAGS = ("special", "lstrip", "rstrip", "normalized", "single_word")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 # transformers' clean_up_tokenization_spaces replacements (only used by non-BPE models whose config asks for it).
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -80,6 +83,9 @@ class _HFBackend:
         # transformers skips clean_up_tokenization_spaces for BPE models
         self.cleanup = bool(config.get("clean_up_tokenization_spaces")) and type(tok.model).__name__ != "BPE"
         self.cleans_up = self.cleanup or bool(getattr(tok.decoder, "cleanup", False))  # e.g. WordPiece's own
+        self.byte_ids: set[int] = set()  # "<0xNN>" tokens of a ByteFallback decoder
+        if "ByteFallback" in repr(tok.decoder):
+            self.byte_ids = {i for t, i in tok.get_vocab().items() if _BYTE_PIECE.fullmatch(t)}
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -164,6 +170,7 @@ class _SentencePieceBackend:
         self.ids = {piece: i for i, piece in enumerate(self.pieces)}
         # Control pieces (<s>, </s>) and <unk> are special added tokens; the config may add more, past the model's ids.
         self.special_ids = {i for i in range(len(self.pieces)) if sp.is_control(i) or sp.is_unknown(i)}
+        self.byte_ids = {i for i in range(len(self.pieces)) if sp.is_byte(i)}
         self.added: dict[str, tuple[int, bool, bool]] = {self.pieces[i]: (i, False, False) for i in self.special_ids}
         self.contents: dict[int, str] = {}  # added tokens by id (they may replace a placeholder piece)
         for key, spec in config.get("added_tokens_decoder", {}).items():
@@ -231,12 +238,9 @@ class _SentencePieceBackend:
             token = self.contents.get(i) or (self.pieces[i] if 0 <= i < len(self.pieces) else None)
             if token is None:
                 continue
-            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-                try:
-                    pending.append(int(token[3:5], 16))
-                    continue
-                except ValueError:
-                    pass
+            if _BYTE_PIECE.fullmatch(token):
+                pending.append(int(token[3:5], 16))
+                continue
             parts += [_bytes_text(pending), token.replace("▁", " ")]
             pending.clear()
         text = "".join(parts) + _bytes_text(pending)
@@ -250,11 +254,15 @@ def _bytes_text(data: bytes | bytearray) -> str:
         return "\ufffd" * len(data)
 
 
+_Backend = _HFBackend | _SentencePieceBackend
+
+
 class Tokenizer:
     """Encodes, decodes and renders chat prompts for one checkpoint, as transformers' AutoTokenizer would."""
 
-    def __init__(self, backend: _HFBackend | _SentencePieceBackend, named: dict[str, str | None], template: str | None):
+    def __init__(self, backend: _Backend, named: dict[str, str | None], template: str | None, source: str) -> None:
         self._backend = backend
+        self._source = source  # the folder, for error messages
         self._named = named
         self._compiled: Any = None
         self.vocab_size: int = backend.vocab_size
@@ -276,7 +284,7 @@ class Tokenizer:
         config = _read_json(folder / "tokenizer_config.json")
         token_map = _read_json(folder / "special_tokens_map.json")
         named = {k: _token_text(config[k] if k in config else token_map.get(k)) for k in _NAMED_TOKENS}
-        backend: _HFBackend | _SentencePieceBackend
+        backend: _Backend
         if (folder / "tokenizer.json").is_file():
             backend = _HFBackend(folder / "tokenizer.json", config, named)
         elif (folder / "tokenizer.model").is_file():
@@ -293,7 +301,7 @@ class Tokenizer:
             )
         if (folder / "chat_template.jinja").is_file():  # the separate file wins, as in transformers
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(backend, named, template if isinstance(template, str) else None)
+        return cls(backend, named, template if isinstance(template, str) else None, str(folder))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, the BOS/EOS the tokenizer's config adds."""
@@ -317,12 +325,10 @@ class Tokenizer:
 
         if self.chat_template is None:
             raise CadenzaError(
-                "this checkpoint has no chat template (no chat_template in tokenizer_config.json and no "
-                "chat_template.jinja), so chat messages cannot be turned into a prompt. Use a checkpoint of an "
-                "instruction-tuned model that ships a chat template, or pass a plain text prompt instead."
+                f"the checkpoint in {self._source} has no chat template (no chat_template in tokenizer_config.json "
+                "and no chat_template.jinja), so chat messages cannot be turned into a prompt. Use a checkpoint of "
+                "an instruction-tuned model that ships a chat template, or pass a plain text prompt instead."
             )
-        if self._compiled is None:
-            self._compiled = _jinja_environment().from_string(self.chat_template)
         chat = []
         for message in messages:
             message = {k: v for k, v in message.items() if v is not None}  # as transformers: None means absent
@@ -332,11 +338,14 @@ class Tokenizer:
             chat.append(message)
         variables = {"tools": None, "documents": None, **{k: v for k, v in self._named.items() if v}, **extra}
         try:
+            if self._compiled is None:
+                self._compiled = _jinja_environment().from_string(self.chat_template)
             return self._compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:
+        except jinja2.TemplateError as e:  # raise_exception() in the template, or a broken template
             raise CadenzaError(
-                f"the chat template rejected these messages: {e}. Fix the messages (for example roles that must "
-                "alternate user/assistant, or a system message the model does not support)."
+                f"the chat template of {self._source} failed: {e}. If it rejects the messages, fix them (e.g. roles "
+                "must alternate user/assistant, or the model has no system role); if the template itself is broken, "
+                "fix or replace chat_template.jinja or the chat_template in tokenizer_config.json."
             ) from e
 
 
@@ -379,8 +388,9 @@ class IncrementalDetokenizer:
 
     Each add() decodes only a short window: the ids of the last emitted step (the "prefix", which gives the decoder
     its context, e.g. whether a "▁" is a leading space) plus the ids after them. Text ending in an incomplete UTF-8
-    character (U+FFFD) is held back until the character completes, as is a trailing fragment that decode's
-    clean-up could still change (" n" of " n't"), so no emitted text ever needs taking back.
+    character (U+FFFD) is held back until the character completes, as are an open run of "<0xNN>" byte-fallback
+    pieces and a trailing fragment that decode's clean-up could still change (" n" of " n't"), so no emitted text
+    ever needs taking back.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
@@ -397,6 +407,10 @@ class IncrementalDetokenizer:
         if self._skip and token_id in self._tokenizer.special_token_ids:
             return ""
         self._ids.append(int(token_id))
+        if token_id in self._tokenizer._backend.byte_ids:
+            # An open run of "<0xNN>" byte-fallback pieces decodes all-or-nothing (one invalid byte turns the whole
+            # run into U+FFFDs), so none of it is final until a non-byte token closes it: no need to decode yet.
+            return ""
         new = self._window_text()
         safe = len(new) - self._held_back(new)
         piece = new[self._sent : safe]
