@@ -14,7 +14,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="checkpoint folder (config.json, *.safetensors, tokenizer files)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16 (default: checkpoint's)")
-    p.add_argument("--max-context", type=int, default=None, help="longest sequence in tokens (default: model's)")
+    p.add_argument(
+        "--max-context", type=int, default=None, help="longest sequence in tokens (default: model's, at most 8192)"
+    )
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="GPU budget, e.g. 24GiB; 0 keeps every routed expert on the host (default: free GPU memory less a margin)",
+    )
+    p.add_argument(
+        "--offload-policy",
+        default="auto",
+        choices=["auto", "cpu", "fetch"],
+        help="non-resident experts: computed on the CPU, fetched to the GPU, or chosen by the cost model (default)",
+    )
+    p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
+    p.add_argument("--placement", default=None, help="popularity JSON (from `cadenza profile`) to choose residents")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint folder without loading its weights")
     info.add_argument("--model", "-m", required=True, help="checkpoint folder")
+    info.add_argument("--gpu-memory", default=None, help="also show the placement for this GPU budget, e.g. 24GiB")
+    info.add_argument("--max-context", type=int, default=None, help="context the placement reserves KV cache for")
+    info.add_argument("--dtype", default=None, help="compute dtype for the placement (default: checkpoint's)")
+    info.add_argument("--placement", default=None, help="popularity JSON to choose residents by")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    from cadenza.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -70,7 +93,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.model is not None:
             raise CadenzaError("No prompt given. Pass --prompt TEXT (or --prompt - to read it from stdin).")
         prompt = "Once upon a time"
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_context=args.max_context,
+        gpu_memory=args.gpu_memory,
+        offload_policy=args.offload_policy,
+        cpu_threads=args.cpu_threads,
+        placement=args.placement,
+    )
+    if llm.placement is not None:
+        print(f"cadenza: {llm.placement.summary()}", file=sys.stderr)
     if llm.is_demo:
         from cadenza.demo import DEMO_LABEL
 
@@ -148,8 +182,40 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
+def offload_info(args: argparse.Namespace) -> dict:
+    """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
+    from cadenza.checkpoint import Checkpoint
+    from cadenza.demo import cache_dir
+    from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype, workspace_bytes
+    from cadenza.models import build_meta, model_sizes
+    from cadenza.moe.placement import load_popularity, parse_size, plan
+
+    out: dict = {}
+    ckpt = Checkpoint(args.model)
+    meta = build_meta(ckpt)
+    dtype = resolve_dtype(args.dtype, ckpt)
+    sizes = model_sizes(meta, dtype)
+    if args.gpu_memory is not None:
+        context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
+        pop = load_popularity(args.placement, sizes.num_moe_layers, sizes.num_experts) if args.placement else None
+        ws = workspace_bytes(meta.config, dtype, context, PREFILL_CHUNK, 256 * 1024 * 1024)
+        slots = max(2, getattr(meta.config, "num_experts_per_tok", 2))
+        placement = plan(sizes, parse_size(args.gpu_memory), context, ws, pop, fetch_slots=slots)
+        out["placement"] = {**placement.as_dict(), "summary": placement.summary()}
+        if pop is not None:
+            out["placement"]["expected_gpu_share"] = placement.expected_gpu_share(pop)
+    shape = f"expert {meta.config.hidden_size}x"
+    try:
+        models = json.loads((cache_dir() / "costmodel.json").read_text())
+    except (OSError, ValueError):
+        models = {}
+    out["cost_models"] = {k: v for k, v in models.items() if shape in k and "emulated" not in k}
+    return out
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     d = describe(args.model)
+    d.update(offload_info(args))
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -167,6 +233,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"weights       {_gb(d['checkpoint_bytes'])} in {d['shards']} file(s): "
         + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(d["bytes_by_dtype"].items())),
     ]
+    if "placement" in d:
+        lines.append(f"placement     {d['placement']['summary']}")
+        if "expected_gpu_share" in d["placement"]:
+            lines.append(
+                f"              expected share of expert work on the GPU: {d['placement']['expected_gpu_share']:.1%}"
+            )
+    from cadenza.moe.costmodel import CostModel
+
+    for key, entry in d["cost_models"].items():
+        lines.append(f"cost model    {key}")
+        cm = CostModel(**{**entry, "cpu_s": tuple(entry["cpu_s"]), "gpu_s": tuple(entry["gpu_s"])})
+        lines.append(f"              {cm.describe()}")
+    if not d["cost_models"]:
+        lines.append("cost model    not measured on this machine yet (measured at the first offloaded run)")
     print("\n".join(lines))
     return 0
 

@@ -24,6 +24,15 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_s: float = 0.0  # prompt forward pass, first token included
     decode_s: float = 0.0  # every later token
+    # where routed-expert work went (offloaded runs): (token, expert) pairs on GPU-resident experts, on the CPU,
+    # and on fetched experts, over the whole request
+    expert_work: dict[str, int] | None = None
+    decode_host_bytes: int | None = None  # expert weights read from host memory during decode (CPU or fetched)
+    decode_gpu_bytes: int | None = None  # expert weights read from GPU memory during decode
+    decode_syncs: int | None = None  # GPU->host synchronisations during decode
+    # decode seconds spent: waiting in those synchronisations, computing CPU experts (worker), waiting for the
+    # worker after queueing the GPU's share
+    decode_breakdown: dict[str, float] | None = None
 
     @property
     def prefill_tok_s(self) -> float:
@@ -43,13 +52,22 @@ class GenerationStats:
             "decode_s": round(self.decode_s, 6),
             "prefill_tok_s": round(self.prefill_tok_s, 3),
             "decode_tok_s": round(self.decode_tok_s, 3),
+            "expert_work": self.expert_work,
+            "decode_host_bytes": self.decode_host_bytes,
+            "decode_gpu_bytes": self.decode_gpu_bytes,
+            "decode_syncs": self.decode_syncs,
+            "decode_breakdown": self.decode_breakdown,
         }
 
     def summary(self) -> str:
-        return (
+        text = (
             f"prompt {self.prompt_tokens} tok, prefill {self.prefill_tok_s:.1f} tok/s | "
             f"generated {self.generated_tokens} tok, decode {self.decode_tok_s:.2f} tok/s"
         )
+        if self.expert_work:
+            total = sum(self.expert_work.values()) or 1
+            text += " | experts " + ", ".join(f"{k} {v / total:.0%}" for k, v in self.expert_work.items())
+        return text
 
 
 @dataclass
@@ -81,11 +99,38 @@ class Engine:
         dtype: torch.dtype,
         max_context: int,
         eos_token_ids: set[int],
+        orchestra=None,
+        prefill_chunk: int = 2048,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
         self.max_context = max_context
         self.eos_token_ids = eos_token_ids
+        self.orchestra = orchestra  # cadenza.moe.scheduler.Orchestra when experts are offloaded
+        self.prefill_chunk = prefill_chunk  # bounds the activation workspace of long prompts
+        self._cache = None
+
+    def new_cache(self, length: int):
+        """A KV cache for `length` tokens. On a GPU the one cache of the whole context is allocated once and
+        reused: it is part of what the placement budgeted."""
+        if self.device.type != "cuda":
+            return self.model.new_cache(length, self.dtype, self.device)
+        if self._cache is None:
+            self._cache = self.model.new_cache(self.max_context, self.dtype, self.device).reserve()
+        self._cache.reset()
+        return self._cache
+
+    def forward(self, token_ids: list[int], cache, last_only: bool) -> torch.Tensor:
+        """Runs tokens through the model in chunks of at most `prefill_chunk` -> logits [T or 1, V]."""
+        out = []
+        for i in range(0, len(token_ids), self.prefill_chunk):
+            chunk = token_ids[i : i + self.prefill_chunk]
+            last = i + self.prefill_chunk >= len(token_ids)
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            logits = self.model(ids, cache, last_only=last_only)[0]
+            if not last_only or last:
+                out.append(logits)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -107,9 +152,12 @@ class Engine:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """One teacher-forced forward pass: float32 logits [len(token_ids), V] on the CPU."""
         self.check_prompt(token_ids[:-1] or token_ids)
-        cache = self.model.new_cache(len(token_ids), self.dtype, self.device)
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        return self.model(ids, cache)[0].float().cpu()
+        if len(token_ids) > self.max_context:
+            raise CadenzaError(
+                f"{len(token_ids)} tokens do not fit the context of {self.max_context} tokens. Score fewer tokens, "
+                "or raise max_context."
+            )
+        return self.forward(token_ids, self.new_cache(len(token_ids)), last_only=False).float().cpu()
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None) -> Iterator[Step]:
@@ -121,15 +169,17 @@ class Engine:
         sampler = Sampler(params)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         budget = min(params.max_tokens, self.max_context - len(prompt_ids))
-        detok = self.tokenizer.detokenizer()
-        cache = self.model.new_cache(min(self.max_context, len(prompt_ids) + budget), self.dtype, self.device)
+        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None  # None: ids only (bench)
+        cache = self.new_cache(min(self.max_context, len(prompt_ids) + budget))
+        counters = self.orchestra.counters if self.orchestra is not None else None
+        at_start = counters.snapshot() if counters else None
 
         t0 = time.perf_counter()
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache, last_only=True)[0, -1]
+        logits = self.forward(prompt_ids, cache, last_only=True)[-1]
         token = sampler(logits)
         stats.prefill_s = time.perf_counter() - t0
         t_decode = time.perf_counter()
+        at_decode = counters.snapshot() if counters else None
         while True:
             gen.token_ids.append(token)
             stats.generated_tokens += 1
@@ -138,16 +188,31 @@ class Engine:
                 finish = "stop"
             elif stats.generated_tokens >= budget:
                 finish = "length"
-            text = "" if token in stop_ids else detok.add(token)
+            text = "" if token in stop_ids or detok is None else detok.add(token)
             if finish is not None:
-                text += detok.flush()
+                text += detok.flush() if detok is not None else ""
             gen.text += text
             if finish is not None:
                 gen.finish_reason = finish
                 stats.decode_s = time.perf_counter() - t_decode
+                if counters:
+                    self._expert_stats(stats, at_start, at_decode, counters.snapshot())
                 yield Step(token, text, finish)
                 return
             yield Step(token, text)
             ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
             logits = self.model(ids, cache, last_only=True)[0, -1]
             token = sampler(logits)
+
+    @staticmethod
+    def _expert_stats(stats: GenerationStats, start, decode_start, end) -> None:
+        whole, decode = end.minus(start), end.minus(decode_start)
+        stats.expert_work = {"gpu": whole.gpu, "cpu": whole.cpu, "fetched": whole.fetched}
+        stats.decode_host_bytes = decode.host_bytes
+        stats.decode_gpu_bytes = decode.gpu_bytes
+        stats.decode_syncs = decode.syncs
+        stats.decode_breakdown = {
+            "sync_wait_s": round(decode.sync_wait_s, 6),
+            "cpu_experts_s": round(decode.cpu_busy_s, 6),
+            "cpu_wait_s": round(decode.cpu_wait_s, 6),
+        }

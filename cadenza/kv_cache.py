@@ -35,6 +35,16 @@ class KVCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
 
+    def reserve(self) -> KVCache:
+        """Allocates the whole context now: under a GPU budget the cache must never grow (a growth copy would
+        briefly hold two caches)."""
+        if self.capacity < self.max_length:
+            self._grow(self.max_length)
+        return self
+
+    def reset(self) -> None:
+        self.length = 0
+
     def _grow(self, needed: int) -> None:
         if needed > self.max_length:
             raise CadenzaError(

@@ -11,11 +11,40 @@ import torch
 from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
-from cadenza.models import load_model
+from cadenza.models import build_meta, load_model, model_sizes, moe_layers
+from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size, plan
+from cadenza.moe.scheduler import POLICIES, Orchestra
 from cadenza.sampling import SamplingParams
 from cadenza.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+
+DEFAULT_MAX_CONTEXT = 8192  # tokens, unless max_context says otherwise
+PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds the activation workspace
+
+
+def workspace_bytes(config, dtype: torch.dtype, max_context: int, chunk: int, margin: int) -> int:
+    """GPU activation memory for one prefill chunk: hidden states and attention projections, a few expert
+    intermediates, the [T, S] mask, logits, plus a margin (CUDA: cuBLAS workspaces, the allocator's rounding)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    h, i = config.hidden_size, config.intermediate_size
+    heads = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    per_token = (8 * h + 4 * i + 4 * heads) * elem
+    return chunk * per_token + chunk * max_context + 8 * config.vocab_size + margin
+
+
+def cost_model_key(device: torch.device, orch) -> str:
+    cpu = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "emulated"
+    return (
+        f"{cpu} | {gpu} | {orch.worker.threads} threads | expert {orch.hidden}x{orch.intermediate} {orch.dtype} | "
+        f"torch {torch.__version__}"
+    )
 
 
 @dataclass
@@ -74,7 +103,15 @@ class LLM:
     model_dir: folder with config.json, *.safetensors and tokenizer files; None loads the built-in demo model
     (small, random weights: it shows the engine working, its text is gibberish).
     device: "auto" (CUDA when available), "cpu" or "cuda". dtype: compute dtype, default the checkpoint's.
-    max_context: the longest sequence (prompt + output) in tokens; default the model's max_position_embeddings.
+    max_context: the longest sequence (prompt + output) in tokens; default the model's context, at most
+    8192 (the KV cache for it is reserved on the GPU).
+
+    Offloading (on a CUDA device): gpu_memory is the GPU budget ("24GiB"; 0: every routed expert on the host;
+    default: the GPU's free memory less a safety margin). What every token needs stays on the GPU; routed experts
+    fill the rest, most popular first (`placement`: a popularity JSON from `cadenza profile`), and the others are
+    computed on the CPU or fetched per `offload_policy` ("auto", "cpu", "fetch"), with `cpu_threads` threads
+    (default: physical cores). On device="cpu", a gpu_memory runs the same orchestration with the "GPU side"
+    emulated on the CPU (for tests).
     """
 
     def __init__(
@@ -83,30 +120,123 @@ class LLM:
         device: str = "auto",
         dtype: str | torch.dtype | None = None,
         max_context: int | None = None,
+        gpu_memory: str | int | None = None,
+        offload_policy: str = "auto",
+        cpu_threads: int | None = None,
+        placement: str | Path | None = None,
+        checkpoint=None,
     ):
-        self.is_demo = model_dir is None
-        if model_dir is None:
-            from cadenza.demo import demo_model_dir
+        self.is_demo = model_dir is None and checkpoint is None
+        if checkpoint is None:
+            if model_dir is None:
+                from cadenza.demo import demo_model_dir
 
-            model_dir = demo_model_dir()
-        self.checkpoint = Checkpoint(model_dir)
+                model_dir = demo_model_dir()
+            checkpoint = Checkpoint(model_dir)
+            self.tokenizer = Tokenizer.from_dir(checkpoint.path)
+        else:  # a synthetic model (the bench): token ids in and out, no tokenizer
+            self.tokenizer = None
+        self.checkpoint = checkpoint
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.checkpoint)
-        self.tokenizer = Tokenizer.from_dir(self.checkpoint.path)
-        self.model = load_model(self.checkpoint, self.device, self.dtype)
-        config = self.model.config
-        context = config.context_length
+        if cpu_threads is not None and (not isinstance(cpu_threads, int) or cpu_threads < 1):
+            raise CadenzaError(f"cpu_threads={cpu_threads!r} is not valid. Use a whole number of at least 1.")
+        if offload_policy not in POLICIES:
+            raise CadenzaError(f"Unknown offload policy {offload_policy!r}. Use one of: {', '.join(POLICIES)}.")
+        meta = build_meta(self.checkpoint)
+        config = self.config = meta.config
+        context = min(config.context_length, DEFAULT_MAX_CONTEXT)
         if max_context is not None:
-            if not isinstance(max_context, int) or max_context < 2:
+            if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 2:
                 raise CadenzaError(f"max_context={max_context!r} is not a valid length. Use a whole number >= 2.")
-            context = min(context, max_context)
+            context = min(config.context_length, max_context)
+        self.max_context = context
+        self.sizes = model_sizes(meta, self.dtype)
+        self.orchestra: Orchestra | None = None
+        self.offload_policy = offload_policy
+        self._popularity = None
+        offload = self.sizes.num_moe_layers > 0 and (self.device.type == "cuda" or gpu_memory is not None)
+        if offload:
+            if placement is not None:
+                self._popularity = load_popularity(placement, self.sizes.num_moe_layers, self.sizes.num_experts)
+            planned = self._plan(gpu_memory, offload_policy)  # refuses a too-small budget before reading weights
+            self.model = load_model(self.checkpoint, self.device, self.dtype, torch.device("cpu"), meta)
+            self.orchestra = Orchestra(moe_layers(self.model), self.device, cpu_threads)
+            self.orchestra.apply(planned, offload_policy)
+            self._calibrate()
+        else:
+            if cpu_threads is not None:
+                torch.set_num_threads(cpu_threads)
+            self.model = load_model(self.checkpoint, self.device, self.dtype, model=meta)
         eos = set(config.eos_token_id)
         gen_eos = self.checkpoint.generation_config.get("eos_token_id")
         if gen_eos is not None:
             eos |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
         if not eos:
             eos = set(self.tokenizer.eos_token_ids)
-        self.engine = Engine(self.model, self.tokenizer, self.device, self.dtype, context, eos)
+        self.engine = Engine(
+            self.model, self.tokenizer, self.device, self.dtype, context, eos, self.orchestra, PREFILL_CHUNK
+        )
+
+    # --- offloading ------------------------------------------------------------------------------------------
+
+    @property
+    def placement(self) -> Placement | None:
+        return self.orchestra.placement if self.orchestra is not None else None
+
+    def _plan(self, gpu_memory, policy: str) -> Placement:
+        if gpu_memory is None:
+            if self.device.type != "cuda":
+                raise CadenzaError("gpu_memory is needed for the emulated GPU side on device='cpu'.")
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = max(0, free - max(GiB, total // 20))  # leave room for the CUDA context and other users
+        else:
+            budget = parse_size(gpu_memory)
+        top_k = getattr(self.config, "num_experts_per_tok", 2)
+        slots = 0 if policy == "cpu" else max(2, top_k)
+        margin = 256 * 1024 * 1024 if self.device.type == "cuda" else 0
+        workspace = workspace_bytes(self.config, self.dtype, self.max_context, PREFILL_CHUNK, margin)
+        return plan(self.sizes, budget, self.max_context, workspace, self._popularity, fetch_slots=slots)
+
+    def replan(self, gpu_memory=None, offload_policy: str | None = None) -> Placement:
+        """Places the experts anew for another budget and/or policy, without reloading weights (between
+        requests). Returns the new placement."""
+        if self.orchestra is None:
+            raise CadenzaError("This model runs without offloading (device='cpu' and no gpu_memory): nothing to plan.")
+        policy = offload_policy or self.offload_policy
+        if policy not in POLICIES:
+            raise CadenzaError(f"Unknown offload policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
+        planned = self._plan(gpu_memory, policy)
+        self.orchestra.apply(planned, policy)
+        self.offload_policy = policy
+        self._calibrate()
+        return planned
+
+    def _calibrate(self) -> None:
+        """Loads the cost model for `auto` from the cache, or measures it on this machine (first use)."""
+        orch = self.orchestra
+        if orch is None or orch.cost is not None:
+            return
+        from cadenza.demo import cache_dir
+        from cadenza.moe.costmodel import calibrate, load_cached, save_cached
+
+        key = cost_model_key(self.device, orch)
+        cost = load_cached(cache_dir(), key)
+        if cost is None:
+            slot = None
+            if orch.cache is not None:
+                slot = orch.cache.weights(0)
+            cost = calibrate(key, orch.calibration_experts(), moe_layers(self.model)[0].act_fn, self.device, slot)
+            if orch.cache is not None:
+                orch.cache.clear()
+                save_cached(cache_dir(), cost)
+        orch.cost = cost
+
+    def close(self) -> None:
+        """Stops the CPU worker thread (also done at interpreter exit)."""
+        if self.orchestra is not None:
+            self.orchestra.close()
+            self.orchestra = None
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,11 @@ import torch
 from tests.tokenizer_files import write_bpe_tokenizer
 
 VOCAB = 320  # tokenizer vocab <= model vocab
+
+
+def pytest_configure(config):
+    # cost models, the demo model: never written into the user's home by tests (subprocesses inherit this)
+    os.environ.setdefault("CADENZA_CACHE", tempfile.mkdtemp(prefix="cadenza-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,6 +17,7 @@ from torch import nn
 from cadenza.checkpoint import Checkpoint
 from cadenza.errors import CadenzaError
 from cadenza.moe.experts import Experts
+from cadenza.moe.placement import ModelSizes
 
 
 @dataclass(frozen=True)
@@ -89,26 +90,40 @@ def check_tensors(model: nn.Module, checkpoint: Checkpoint) -> set[str]:
     return set(expected)
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+def _assign(
+    model: nn.Module,
+    name: str,
+    tensor: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    expert_device: torch.device,
+) -> None:
     module: nn.Module = model
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         module = getattr(module, part)
         if isinstance(module, Experts):
-            module.load_checkpoint_tensor(".".join(parts[i + 1 :]), tensor, device, dtype)
+            module.load_checkpoint_tensor(".".join(parts[i + 1 :]), tensor, expert_device, dtype)
             return
     target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
     param = nn.Parameter(tensor.to(device=device, dtype=target_dtype), requires_grad=False)
     module.register_parameter(parts[-1], param)
 
 
-def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Builds the family's model and fills it from the checkpoint, shard by shard."""
-    model = build_meta(checkpoint)
+def load_model(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    expert_device: torch.device | None = None,
+    model: nn.Module | None = None,
+) -> nn.Module:
+    """Builds the family's model (or takes `model`, built by `build_meta`) and fills it from the checkpoint, shard
+    by shard. Routed experts land on `expert_device` (default `device`): the host, when they are offloaded."""
+    model = model if model is not None else build_meta(checkpoint)
     names = check_tensors(model, checkpoint)
     with torch.no_grad():
         for name, tensor in checkpoint.iter_tensors(names):
-            _assign(model, name, tensor, device, dtype)
+            _assign(model, name, tensor, device, dtype, expert_device or device)
         if getattr(model.config, "tie_word_embeddings", False):
             model.lm_head.weight = model.model.embed_tokens.weight
     left = [n for n, p in model.named_parameters() if p.is_meta]
@@ -120,5 +135,33 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype)
     return model.eval()
 
 
+def moe_layers(model: nn.Module) -> list[Experts]:
+    """The model's routed-expert modules, in layer order."""
+    return [m for m in model.modules() if isinstance(m, Experts)]
+
+
 def supported_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
+
+
+def model_sizes(model: nn.Module, dtype: torch.dtype) -> ModelSizes:
+    """Byte sizes for the planner, from a (meta) model's shapes in the compute dtype: nothing is read."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    layers = moe_layers(model)
+    expert_params = sum(m.gate.numel() + m.up.numel() + m.down.numel() for m in layers)
+    seen, total = set(), 0
+    for p in model.parameters():  # tied weights count once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and model.lm_head.weight is not model.model.embed_tokens.weight:
+        total -= model.lm_head.weight.numel()  # still separate on the meta model; tied at load
+    first = layers[0] if layers else None
+    return ModelSizes(
+        always_bytes=(total - expert_params) * elem,
+        kv_bytes_per_token=model.new_cache(1, dtype, torch.device("meta")).nbytes_per_token(),
+        expert_bytes=(first.gate[0].numel() * 3 * elem) if first else 0,
+        num_moe_layers=len(layers),
+        num_experts=first.num_experts if first else 0,
+    )

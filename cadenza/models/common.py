@@ -224,13 +224,15 @@ class AttentionContext:
     start: int  # position of the first new token
     cos: torch.Tensor  # [T, d]
     sin: torch.Tensor  # [T, d]
-    mask: torch.Tensor | None  # [T, S] bool, True where a query may attend; None: every key
+    mask: torch.Tensor | None  # [T, S] bool, True where a query may attend; None: see is_causal
+    is_causal: bool = False  # no mask and a plain causal pattern (first chunk, no window): fused kernels apply
 
 
 def attention_mask(start: int, t: int, device: torch.device, sliding_window: int | None) -> torch.Tensor | None:
-    """Causal mask, narrowed to the last `sliding_window` positions when the model has one."""
+    """Causal mask, narrowed to the last `sliding_window` positions when the model has one; None when every
+    cached key is visible (one new token) or when the pattern is plain causal from position 0 (`is_causal`)."""
     s = start + t
-    if t == 1 and (sliding_window is None or s <= sliding_window):
+    if (sliding_window is None or s <= sliding_window) and (t == 1 or start == 0):
         return None
     q = torch.arange(start, s, device=device)[:, None]
     k = torch.arange(0, s, device=device)[None, :]
@@ -238,6 +240,20 @@ def attention_mask(start: int, t: int, device: torch.device, sliding_window: int
     if sliding_window is not None:
         allowed &= k > q - sliding_window
     return allowed
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, scale: float) -> torch.Tensor:
+    """q [B, N, T, D], k and v [B, K, S, D] -> [B, N, T, Dv]."""
+    groups = q.shape[1] // k.shape[1]
+    if ctx.mask is not None and groups > 1 and q.is_cuda:
+        # CUDA's fused kernels take an explicit mask only without GQA: expand the KV heads (small next to the
+        # [T, S] scores the fallback kernel would otherwise materialise per head)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        groups = 1
+    causal = ctx.is_causal and q.shape[2] > 1
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=ctx.mask, is_causal=causal, scale=scale, enable_gqa=groups > 1
+    )
 
 
 class Attention(nn.Module):
@@ -275,10 +291,7 @@ class Attention(nn.Module):
         q, k, v = self.project(x)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.layer_idx, k, v, ctx.start)  # [B, K, S, D]
-        out = F.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=ctx.mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
-        )  # [B, N, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(attend(q, k_all, v_all, ctx, self.scaling).transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -311,7 +324,8 @@ class DecoderModel(nn.Module):
         h = self.embed_tokens(input_ids)
         positions = torch.arange(start, start + t, device=input_ids.device)
         cos, sin = self.rotary_emb(positions, h.dtype)
-        ctx = AttentionContext(cache, start, cos, sin, attention_mask(start, t, h.device, self.sliding_window))
+        mask = attention_mask(start, t, h.device, self.sliding_window)
+        ctx = AttentionContext(cache, start, cos, sin, mask, is_causal=mask is None and t > 1)
         for layer in self.layers:
             h = layer(h, ctx)
         cache.length = start + t

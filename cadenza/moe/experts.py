@@ -63,38 +63,61 @@ class Experts(nn.Module):
             self.register_parameter(name, stacked)
         stacked.data[int(e_str)].copy_(tensor)
 
+    # Set by the scheduler when routed experts are offloaded (cadenza.moe.scheduler.LayerOffload); None: every
+    # expert's weights are in this module's parameters on the compute device.
+    offload = None
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        return run_experts(x, topk_ids, topk_weights, self.gate, self.up, self.down, self.act_fn)
+        if self.offload is not None:
+            return self.offload(x, topk_ids, topk_weights)
+        counts = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts).tolist()  # one host sync
+        y = torch.zeros_like(x)
+        order = expert_order(topk_ids)
+        active = [e for e, n in enumerate(counts) if n]
+        run_experts(x, topk_ids.shape[1], topk_weights, order, counts, active, self.weights_of, self.act_fn, y)
+        return y
+
+    def weights_of(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate[e], self.up[e], self.down[e]
+
+
+def expert_order(topk_ids: torch.Tensor) -> torch.Tensor:
+    """(token, slot) pairs [T*k] grouped by expert id; with per-expert counts from the host, expert e's pairs are
+    order[offset_e : offset_e + count_e], sliced without a device sync."""
+    return torch.argsort(topk_ids.reshape(-1), stable=True)
+
+
+def offsets(counts: list[int]) -> list[int]:
+    out, acc = [], 0
+    for n in counts:
+        out.append(acc)
+        acc += n
+    return out
 
 
 def run_experts(
     x: torch.Tensor,
-    topk_ids: torch.Tensor,
+    k: int,
     topk_weights: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
+    order: torch.Tensor,
+    counts: list[int],
+    experts: list[int],
+    weights_of,
     act,
-) -> torch.Tensor:
-    """Tokens grouped by expert, one SwiGLU per expert that has tokens, results weighted and summed per token.
+    y: torch.Tensor,
+) -> None:
+    """y += sum over the given experts of weight * SwiGLU_e(x) for the tokens routed to them.
 
-    x [T, H]; topk_ids, topk_weights [T, k]; gate, up [E, I, H]; down [E, H, I] -> y [T, H] in x's dtype.
+    x, y [T, H]; topk_weights [T, k]; order from `expert_order`; counts [E] on the host; weights_of(e) -> (gate
+    [I, H], up [I, H], down [H, I]) wherever expert e's weights are (a resident row, a fetched slot, host memory).
     """
-    k = topk_ids.shape[1]
-    flat_ids = topk_ids.reshape(-1)  # [T*k]
     flat_w = topk_weights.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
-    counts = torch.bincount(flat_ids, minlength=gate.shape[0]).tolist()  # one host sync per layer
-    y = torch.zeros_like(x)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs = order[start : start + n]
-        start += n
+    starts = offsets(counts)
+    for e in experts:
+        pairs = order[starts[e] : starts[e] + counts[e]]
         tokens = pairs // k
+        gate, up, down = weights_of(e)
         xe = x[tokens]  # [n, H]
-        h = act(xe @ gate[e].T) * (xe @ up[e].T)  # [n, I]
-        ye = (h @ down[e].T) * flat_w[pairs, None]  # [n, H], float32 through the routing weight
-        y.index_add_(0, tokens, ye.to(x.dtype))
-    return y
+        h = act(xe @ gate.T) * (xe @ up.T)  # [n, I]
+        ye = (h @ down.T) * flat_w[pairs, None]  # [n, H], float32 through the routing weight
+        y.index_add_(0, tokens, ye.to(y.dtype))

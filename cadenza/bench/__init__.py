@@ -1,0 +1,7 @@
+"""Benchmark harness: synthetic full-size models, the transformers+accelerate baseline, BENCHMARKS.md's
+scenarios behind `cadenza bench`, and their JSON results."""
+
+from cadenza.bench.scenarios import add_bench_parser, run_bench
+from cadenza.bench.synthetic import SYNTHETIC_MODELS, SyntheticCheckpoint
+
+__all__ = ["add_bench_parser", "run_bench", "SYNTHETIC_MODELS", "SyntheticCheckpoint"]

@@ -1,0 +1,318 @@
+"""`cadenza bench`: the scenarios of BENCHMARKS.md on a synthetic full-size model, in one command.
+
+The model is built once per run and re-planned between configurations (rebuilding 93 GB costs a minute). The
+transformers baseline runs first, before cadenza's copy of the model exists, and is freed: host memory holds one
+copy at a time. Results are written after every configuration, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+
+import torch
+
+from cadenza.bench.report import BenchResult, plot_budget_sweep, result_path, write_results
+from cadenza.errors import CadenzaError
+
+SCENARIOS = ("D1", "P1", "S1")
+D1_BUDGET_GIB = 24
+D1_POLICIES = ("auto", "cpu", "fetch")
+P1_POLICIES = ("auto", "cpu")
+P1_PROMPTS = (512, 2048)
+BASELINE_NEW_TOKENS = 8  # seconds per token: BENCHMARKS.md gives the transformers baseline 8
+DEFAULT_BUDGETS = "0,12,24,48,all"
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers `cadenza bench` on the CLI's subparsers; its `func` is `run_bench`."""
+    from cadenza.bench.synthetic import SYNTHETIC_MODELS
+
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark scenarios on a synthetic full-size model (see BENCHMARKS.md)",
+        description="Runs BENCHMARKS.md's scenarios (D1 decode, P1 prefill, S1 budget sweep) on a synthetic model "
+        "with a published model's shapes and random weights, and writes JSON results (and the S1 plot).",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"synthetic model: {', '.join(SYNTHETIC_MODELS)} (default: mixtral-8x7b with CUDA, mixtral-tiny without)",
+    )
+    p.add_argument("--scenario", default=",".join(SCENARIOS), help="comma-separated scenarios (default D1,P1,S1)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the results (default benchmarks/results)")
+    p.add_argument("--trials", type=int, default=3, help="measured trials after one warm-up; the median is reported")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure transformers+accelerate offloading in D1 (default: on with CUDA)",
+    )
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"S1's GPU budgets in GiB (default {DEFAULT_BUDGETS})")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="override every scenario's prompt length")
+    p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")
+    p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU expert work (default: cadenza's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and the prompts (default 0)")
+    p.set_defaults(func=run_bench)
+    return p
+
+
+# --- what to run ---------------------------------------------------------------------------------------------------
+
+
+def parse_scenarios(text: str) -> list[str]:
+    names = [s.strip().upper() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SCENARIOS]
+    if bad or not names:
+        raise CadenzaError(
+            f"Unknown scenario {bad[0] if bad else text!r}. Use a comma-separated list of {', '.join(SCENARIOS)}."
+        )
+    return list(dict.fromkeys(names))
+
+
+def parse_budgets(text: str) -> list[float | str]:
+    out: list[float | str] = []
+    for part in (s.strip().lower() for s in text.split(",") if s.strip()):
+        if part == "all":
+            out.append("all")
+            continue
+        try:
+            value = float(part.removesuffix("gib"))
+        except ValueError:
+            value = -1.0
+        if value < 0:
+            raise CadenzaError(f"--budgets: {part!r} is not a budget. Give GiB numbers or 'all', e.g. 0,12,24,48,all.")
+        out.append(int(value) if value.is_integer() else value)
+    if not out:
+        raise CadenzaError("--budgets is empty. Give GiB numbers or 'all', e.g. 0,12,24,48,all.")
+    return out
+
+
+def plan_configs(
+    scenarios: list[str],
+    budgets: list[float | str],
+    prompt_tokens: int | None = None,
+    new_tokens: int | None = None,
+):
+    """The configurations of the chosen scenarios, in run order, with the overrides applied."""
+    from cadenza.bench.measure import RunConfig
+
+    prompt = lambda n: prompt_tokens or n
+    new = lambda n: new_tokens or n
+    out: list[RunConfig] = []
+    for s in scenarios:
+        if s == "D1":
+            out += [RunConfig("D1", pol, D1_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
+        elif s == "P1":
+            prompts = list(dict.fromkeys(prompt(n) for n in P1_PROMPTS))
+            out += [RunConfig("P1", pol, D1_BUDGET_GIB, n, 1) for n in prompts for pol in P1_POLICIES]
+        elif s == "S1":
+            out += [RunConfig("S1", "auto", b, prompt(64), new(64)) for b in budgets]
+    return out
+
+
+def random_prompt(n: int, vocab_size: int, seed: int = 0) -> list[int]:
+    """Seeded random token ids, clear of the usual special ids (0-2)."""
+    g = torch.Generator().manual_seed(seed * 7919 + n)
+    return torch.randint(3, vocab_size, (n,), generator=g).tolist()
+
+
+def command_line(args: argparse.Namespace, model: str, device: torch.device) -> str:
+    """The run as one reproducible command (resolved defaults spelled out)."""
+    parts = ["cadenza", "bench", "--model", model, "--scenario", args.scenario, "--device", device.type]
+    parts += ["--trials", str(args.trials), "--budgets", args.budgets, "--seed", str(args.seed), "--out", args.out]
+    if args.baseline is not None:
+        parts.append("--baseline" if args.baseline else "--no-baseline")
+    for flag, value in (
+        ("--prompt-tokens", args.prompt_tokens),
+        ("--new-tokens", args.new_tokens),
+        ("--cpu-threads", args.cpu_threads),
+    ):
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+class _Log:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[bench {time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
+
+
+def _describe(r: dict) -> str:
+    if r.get("skipped"):
+        return "  " + "; ".join(r["notes"])
+    parts = []
+    if r.get("decode_tok_s") is not None:
+        parts.append(f"decode {r['decode_tok_s']:.2f} tok/s")
+    if r.get("prefill_tok_s") is not None:
+        parts.append(f"prefill {r['prefill_tok_s']:.1f} tok/s, TTFT {r['ttft_s']:.3f} s")
+    if r.get("roofline_fraction") is not None:
+        parts.append(f"roofline {r['roofline_fraction']:.2f}")
+    if r.get("peak_gpu_mem_gib") is not None:
+        parts.append(f"peak GPU {r['peak_gpu_mem_gib']:.1f} GiB")
+    return "  -> " + ", ".join(parts)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value in (
+        ("--trials", args.trials),
+        ("--prompt-tokens", args.prompt_tokens),
+        ("--new-tokens", args.new_tokens),
+        ("--cpu-threads", args.cpu_threads),
+    ):
+        if value is not None and value < 1:
+            raise CadenzaError(f"{flag} {value} is not valid. Give a whole number of at least 1.")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """`cadenza bench`: measures the chosen scenarios and writes one JSON file per scenario. Returns 0."""
+    from cadenza.bench.baseline_hf import baseline_unavailable
+    from cadenza.bench.machine import machine_info, rss_gib
+    from cadenza.bench.measure import CadenzaUnderTest
+    from cadenza.bench.synthetic import SyntheticCheckpoint
+    from cadenza.llm import resolve_device
+
+    _check_args(args)
+    scenarios = parse_scenarios(args.scenario)
+    budgets = parse_budgets(args.budgets)
+    device = resolve_device(args.device)
+    model = args.model or ("mixtral-8x7b" if device.type == "cuda" else "mixtral-tiny")
+    ckpt = SyntheticCheckpoint(model, seed=args.seed)
+    baseline = args.baseline if args.baseline is not None else device.type == "cuda"
+    baseline = baseline and "D1" in scenarios
+    if args.baseline and baseline_unavailable(device):
+        raise CadenzaError(f"--baseline: {baseline_unavailable(device)}.")
+    configs = plan_configs(scenarios, budgets, args.prompt_tokens, args.new_tokens)
+    max_context = max(c.prompt_tokens + c.new_tokens for c in configs)
+    if max_context > ckpt.config["max_position_embeddings"]:
+        raise CadenzaError(
+            f"The longest request ({max_context} tokens) exceeds {model}'s context of "
+            f"{ckpt.config['max_position_embeddings']}. Lower --prompt-tokens / --new-tokens."
+        )
+    log = _Log()
+    command = command_line(args, model, device)
+    log(f"{command}\n  {model}: {ckpt.total_bytes / 1e9:.1f} GB bf16; {len(configs)} configurations, each 1 warm-up + "
+        f"{args.trials} trials{'; transformers baseline first' if baseline else ''}")  # fmt: skip
+    machine = machine_info(device)
+    log(
+        f"machine: {machine['gpu_name'] or 'no GPU'}, {machine['cpu_model']} ({machine['physical_cores']} cores); "
+        f"DRAM read {machine['dram_read_gb_s']} GB/s, pinned H2D {machine['pinned_h2d_gb_s']} GB/s, "
+        f"GPU read {machine['gpu_mem_bw_gb_s']} GB/s"
+    )
+    files = {s: result_path(args.out, s, machine["gpu_name"]) for s in scenarios}
+    results: dict[str, list[dict]] = {s: [] for s in scenarios}
+
+    def add(scenario: str, result: dict) -> None:
+        results[scenario].append(result)
+        write_results(files[scenario], command, machine, results[scenario], complete=False)
+        log(_describe(result))
+
+    if baseline:
+        add("D1", _run_baseline(ckpt, configs, device, machine, log, args.seed))
+
+    log(f"building cadenza's model ({ckpt.total_bytes / 1e9:.1f} GB) on {device}; host RSS {rss_gib()} GiB ...")
+    cut = CadenzaUnderTest(ckpt, device, _first_fitting(configs, ckpt, device), max_context, args.cpu_threads)
+    ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
+    log(f"built in {cut.load_s:.1f} s; host RSS {rss_gib()} GiB")
+    try:
+        for cfg in configs:
+            _run_config(cut, cfg, args, model, max_context, machine, add, log)
+    finally:
+        cut.close()
+
+    for s in scenarios:
+        write_results(files[s], command, machine, results[s], complete=True)
+        log(f"wrote {files[s]}")
+    if "S1" in scenarios:
+        png = plot_budget_sweep(
+            results["S1"],
+            files["S1"].with_suffix(".png"),
+            title=f"{model} decode vs GPU budget ({machine['gpu_name'] or 'CPU only'})",
+        )
+        if png:
+            log(f"wrote {png}")
+    return 0
+
+
+def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int, machine: dict, add, log) -> None:
+    """Measures one cadenza configuration (or records why it was skipped) and hands the result to `add`."""
+    from cadenza.bench.measure import SYSTEM, measure
+
+    log(f"{cfg.scenario} cadenza policy={cfg.policy} budget={cfg.budget} GiB, {cfg.prompt_tokens} -> "
+        f"{cfg.new_tokens} tokens")  # fmt: skip
+    ckpt = cut.ckpt
+    result = BenchResult(
+        scenario=cfg.scenario,
+        system=SYSTEM,
+        model=model,
+        policy=cfg.policy,
+        gpu_budget_gib=cfg.budget,
+        prompt_tokens=cfg.prompt_tokens,
+        new_tokens=cfg.new_tokens,
+        device=str(cut.device),
+        trials=args.trials,
+        model_bytes=ckpt.total_bytes,
+        max_context=max_context,
+    )
+    prompt = random_prompt(cfg.prompt_tokens, ckpt.config["vocab_size"], args.seed)
+    try:
+        measure(cut, cfg, result, prompt, args.trials, machine)
+    except CadenzaError as e:
+        result.skip(str(e))
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        result.skip(f"out of GPU memory: {str(e).splitlines()[0]}")
+    add(cfg.scenario, result.as_dict())
+
+
+def _first_fitting(configs, ckpt, device: torch.device):
+    """The configuration to build with: the first whose budget fits the GPU (placement is re-done per config)."""
+    if device.type != "cuda":
+        return configs[0]
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    for cfg in configs:
+        need = ckpt.total_bytes if cfg.budget == "all" else cfg.budget * (1 << 30)
+        if need < gpu_bytes:
+            return cfg
+    return configs[0]
+
+
+def _run_baseline(ckpt, configs, device: torch.device, machine: dict, log, seed: int) -> dict:
+    """D1's transformers+accelerate row: measured, or skipped with the reason."""
+    from cadenza.bench.baseline_hf import SYSTEM, baseline_unavailable, run_transformers_offload
+
+    d1 = next(c for c in configs if c.scenario == "D1")
+    new_tokens = min(BASELINE_NEW_TOKENS, d1.new_tokens)
+    prompt = random_prompt(d1.prompt_tokens, ckpt.config["vocab_size"], seed)  # the same prompt as cadenza's D1
+    skipped = BenchResult(
+        scenario="D1",
+        system=SYSTEM,
+        model=ckpt.name,
+        policy="device_map",
+        gpu_budget_gib=D1_BUDGET_GIB,
+        prompt_tokens=d1.prompt_tokens,
+        new_tokens=new_tokens,
+        device=str(device),
+        model_bytes=ckpt.total_bytes,
+    )
+    reason = baseline_unavailable(device)
+    if reason:
+        log(f"baseline skipped: {reason}")
+        return skipped.skip(reason).as_dict()
+    log(f"D1 {SYSTEM}: building the transformers model ({ckpt.total_bytes / 1e9:.1f} GB), then "
+        f"{d1.prompt_tokens} -> {new_tokens} tokens (seconds per token) ...")  # fmt: skip
+    try:
+        return run_transformers_offload(ckpt, D1_BUDGET_GIB, prompt, new_tokens, trials=1, machine=machine)
+    except CadenzaError as e:
+        return skipped.skip(str(e)).as_dict()
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return skipped.skip(f"out of GPU memory: {str(e).splitlines()[0]}").as_dict()

@@ -1,0 +1,251 @@
+"""Per MoE layer, per expert: run it resident on the GPU, compute it on the CPU, or fetch it to a GPU slot.
+
+Every routed expert lives once in host memory (pinned, so fetches are DMA copies); the placement's residents
+are also copied to the GPU. One MoE layer on the offloaded path:
+
+1. the router's top-k ids and weights, and the hidden states, are copied to the host: the one GPU->host
+   synchronisation of the layer;
+2. the host groups tokens by expert and splits the non-resident experts between the CPU and fetching
+   (`--offload-policy`: cpu, fetch, or auto from the calibrated cost model);
+3. the CPU worker starts on its experts at once; meanwhile the main thread queues the resident experts and the
+   fetches (copy stream) and their products on the GPU;
+4. the CPU's partial sum is copied back (asynchronously, from a pinned buffer) and added.
+
+With the "GPU side" on the CPU (device cpu and a budget), the same code runs for tests: the emulated mode.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cadenza.errors import CadenzaError
+from cadenza.moe.cache import SlotCache
+from cadenza.moe.costmodel import CostModel
+from cadenza.moe.cpu import CpuWorker
+from cadenza.moe.experts import Experts, expert_order, run_experts
+from cadenza.moe.placement import Placement
+
+POLICIES = ("auto", "cpu", "fetch")
+
+
+@dataclass
+class ExpertCounters:
+    """Where expert work went: (token, expert) pairs per side, and expert weight bytes read per side."""
+
+    gpu: int = 0
+    cpu: int = 0
+    fetched: int = 0
+    host_bytes: int = 0  # experts read from host memory: computed on the CPU or fetched
+    gpu_bytes: int = 0  # experts read from GPU memory: resident or fetched
+    syncs: int = 0  # GPU->host synchronisations
+    sync_wait_s: float = 0.0  # host time spent waiting in those synchronisations (the GPU's work before them)
+    cpu_busy_s: float = 0.0  # the CPU worker's time computing experts
+    cpu_wait_s: float = 0.0  # main-thread time waiting for the CPU worker after queueing the GPU's share
+
+    def snapshot(self) -> ExpertCounters:
+        return ExpertCounters(**self.__dict__)
+
+    def minus(self, other: ExpertCounters) -> ExpertCounters:
+        return ExpertCounters(**{k: v - getattr(other, k) for k, v in self.__dict__.items()})
+
+    def shares(self) -> dict[str, float]:
+        total = self.gpu + self.cpu + self.fetched
+        if not total:
+            return {"gpu": 0.0, "cpu": 0.0, "fetched": 0.0}
+        return {"gpu": self.gpu / total, "cpu": self.cpu / total, "fetched": self.fetched / total}
+
+
+def pin_host_memory(t: torch.Tensor) -> bool:
+    """Page-locks a CPU tensor in place (cudaHostRegister), so copies from it are DMA and need no staging copy.
+    Unlike `pin_memory()`, this neither copies nor rounds the allocation up to a power of two."""
+    if not torch.cuda.is_available() or t.is_pinned():
+        return t.is_pinned()
+    nbytes = t.numel() * t.element_size()
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
+    return int(err) == 0
+
+
+@dataclass
+class Staging:
+    """Pinned host buffers for one layer's hidden states, ids and weights going to the host."""
+
+    x: torch.Tensor
+    ids: torch.Tensor
+    w: torch.Tensor
+
+
+class LayerOffload:
+    """The offloaded forward of one layer's `Experts`: attached as `experts.offload`."""
+
+    def __init__(self, orchestra: Orchestra, experts: Experts, index: int):
+        self.orch, self.experts, self.index = orchestra, experts, index
+        self.resident_rows: dict[int, int] = {}
+        self.gate = self.up = self.down = None  # [R, ...] resident copies on the GPU side
+        self.out: torch.Tensor | None = None  # pinned [T, H] buffer for the CPU's partial sum
+
+    def host_weights(self, e: int):
+        return self.experts.gate[e], self.experts.up[e], self.experts.down[e]
+
+    def resident_weights(self, e: int):
+        r = self.resident_rows[e]
+        return self.gate[r], self.up[r], self.down[r]
+
+    def place(self, residents: list[int]) -> None:
+        self.gate = self.up = self.down = None
+        self.resident_rows = {e: r for r, e in enumerate(residents)}
+        if not residents:
+            return
+        dev, ex = self.orch.device, self.experts
+        self.gate, self.up, self.down = (
+            torch.empty((len(residents), *w.shape[1:]), dtype=w.dtype, device=dev) for w in (ex.gate, ex.up, ex.down)
+        )
+        for r, e in enumerate(residents):
+            for dst, src in zip((self.gate[r], self.up[r], self.down[r]), self.host_weights(e), strict=True):
+                dst.copy_(src, non_blocking=True)
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        orch, k = self.orch, topk_ids.shape[1]
+        x_h, ids_h, w_h = orch.to_host(x, topk_ids, topk_weights)
+        counts = torch.bincount(ids_h.reshape(-1), minlength=self.experts.num_experts).tolist()
+        active = [e for e, n in enumerate(counts) if n]
+        resident = [e for e in active if e in self.resident_rows]
+        fetch, on_cpu = orch.split([e for e in active if e not in self.resident_rows], counts)
+
+        job = None
+        if on_cpu:
+            out = self._out_buffer(x_h.shape[0], x.dtype)
+            job = orch.worker.submit(self._cpu_job, x_h, k, w_h, ids_h, counts, on_cpu, out)
+        y = torch.zeros_like(x)
+        if resident or fetch:
+            order = expert_order(topk_ids)  # on the GPU side; counts from the host slice it without a sync
+            act = self.experts.act_fn
+            if resident:
+                run_experts(x, k, topk_weights, order, counts, resident, self.resident_weights, act, y)
+            cache = orch.cache
+            for i in range(0, len(fetch), cache.num_slots if cache else 1):  # waves of at most num_slots fetches
+                wave = fetch[i : i + cache.num_slots]
+                slots = {e: cache.get(self.index, e, self.host_weights(e)) for e in wave}
+                run_experts(x, k, topk_weights, order, counts, wave, lambda e, s=slots: cache.weights(s[e]), act, y)
+                for slot in slots.values():
+                    cache.release(slot)
+        if job is not None:
+            t0 = time.perf_counter()
+            y_cpu = job.result()
+            orch.counters.cpu_wait_s += time.perf_counter() - t0
+            y += y_cpu.to(x.device, non_blocking=True) if x.device.type == "cuda" else y_cpu
+
+        c, eb = orch.counters, orch.expert_bytes
+        c.gpu += sum(counts[e] for e in resident)
+        c.fetched += sum(counts[e] for e in fetch)
+        c.cpu += sum(counts[e] for e in on_cpu)
+        c.host_bytes += (len(fetch) + len(on_cpu)) * eb
+        c.gpu_bytes += (len(resident) + len(fetch)) * eb
+        return y
+
+    def _out_buffer(self, t: int, dtype: torch.dtype) -> torch.Tensor:
+        # Per layer, so the asynchronous copy of this layer's result never races the next layer's CPU job.
+        if self.out is None or self.out.shape[0] < t or self.out.dtype != dtype:
+            pin = self.orch.device.type == "cuda"
+            self.out = torch.empty(max(t, 1), self.experts.hidden_size, dtype=dtype, pin_memory=pin)
+        return self.out[:t]
+
+    @torch.inference_mode()  # grad mode is per thread: the worker needs its own
+    def _cpu_job(self, x_h, k, w_h, ids_h, counts, experts, out) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out.zero_()
+        order = expert_order(ids_h)
+        run_experts(x_h, k, w_h, order, counts, experts, self.host_weights, self.experts.act_fn, out)
+        self.orch.counters.cpu_busy_s += time.perf_counter() - t0
+        return out
+
+
+class Orchestra:
+    """Shared by every offloaded layer: placement, slot cache, CPU worker, cost model, counters."""
+
+    def __init__(self, layers: list[Experts], device: torch.device, cpu_threads: int | None = None):
+        if not layers:
+            raise ValueError("no MoE layers to offload")
+        self.device = device
+        self.cuda = device.type == "cuda"
+        first = layers[0]
+        self.hidden, self.intermediate = first.hidden_size, first.intermediate_size
+        self.dtype = first.gate.dtype
+        self.expert_bytes = sum(w[0].numel() * w.element_size() for w in (first.gate, first.up, first.down))
+        self.layers = [LayerOffload(self, ex, i) for i, ex in enumerate(layers)]
+        self.worker = CpuWorker(cpu_threads)
+        self.counters = ExpertCounters()
+        self.policy = "cpu"
+        self.cache: SlotCache | None = None
+        self.cost: CostModel | None = None
+        self.placement: Placement | None = None
+        self.pinned = False
+        self._staging: Staging | None = None
+        if self.cuda:
+            self.pinned = all(pin_host_memory(w) for ex in layers for w in (ex.gate, ex.up, ex.down))
+            self._event = torch.cuda.Event()
+        for layer, ex in zip(self.layers, layers, strict=True):
+            ex.offload = layer
+
+    def apply(self, placement: Placement, policy: str) -> None:
+        """Copies the placement's residents to the GPU side and sizes the slot cache; replaces any earlier plan."""
+        if policy not in POLICIES:
+            raise CadenzaError(f"Unknown offload policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
+        self.placement, self.policy = placement, policy
+        for layer in self.layers:
+            layer.place([])
+        self.cache = None
+        if self.cuda:
+            torch.cuda.empty_cache()
+        for layer, residents in zip(self.layers, placement.resident, strict=True):
+            layer.place(residents)
+        if placement.fetch_slots > 0:
+            self.cache = SlotCache(placement.fetch_slots, self.hidden, self.intermediate, self.dtype, self.device)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def split(self, misses: list[int], counts: list[int]) -> tuple[list[int], list[int]]:
+        """Non-resident experts with tokens -> (fetch, compute on the CPU)."""
+        if not misses or self.cache is None or self.policy == "cpu":
+            return [], misses
+        if self.policy == "fetch" or self.cost is None:
+            return misses, []
+        fetch = [e for e in misses if self.cost.prefers_fetch(counts[e])]
+        return fetch, [e for e in misses if e not in fetch]
+
+    def to_host(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
+        """The layer's one GPU->host synchronisation: hidden states, ids and weights land in pinned buffers."""
+        self.counters.syncs += 1
+        if not self.cuda:
+            return x, ids, w
+        t = x.shape[0]
+        s = self._staging
+        if s is None or s.x.shape[0] < t or s.x.dtype != x.dtype or s.ids.shape[1] != ids.shape[1]:
+            n = max(t, 1)
+            s = self._staging = Staging(
+                torch.empty(n, x.shape[1], dtype=x.dtype, pin_memory=True),
+                torch.empty(n, ids.shape[1], dtype=ids.dtype, pin_memory=True),
+                torch.empty(n, w.shape[1], dtype=w.dtype, pin_memory=True),
+            )
+        x_h, ids_h, w_h = s.x[:t], s.ids[:t], s.w[:t]
+        x_h.copy_(x, non_blocking=True)
+        ids_h.copy_(ids, non_blocking=True)
+        w_h.copy_(w, non_blocking=True)
+        self._event.record()
+        t0 = time.perf_counter()
+        self._event.synchronize()
+        self.counters.sync_wait_s += time.perf_counter() - t0
+        return x_h, ids_h, w_h
+
+    def calibration_experts(self, max_bytes: int = 1_500_000_000) -> list:
+        """Experts from different layers, together larger than a CPU's last-level cache."""
+        n = max(3, min(len(self.layers), max_bytes // max(self.expert_bytes, 1)))
+        picks = [self.layers[(i * len(self.layers)) // n] for i in range(n)]
+        return [layer.host_weights(i % layer.experts.num_experts) for i, layer in enumerate(picks)]
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.experts.offload = None
+        self.worker.close()

@@ -1,0 +1,89 @@
+"""On a real CUDA GPU (`pytest -m gpu` on the accelerator machine): the offloaded paths equal the single-device
+run, and peak allocated GPU memory stays under the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadenza import LLM, SamplingParams
+from tests.conftest import make_mixtral
+
+pytestmark = pytest.mark.gpu
+TOL = 1e-4
+PROMPT = list(range(3, 43))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, hf = make_mixtral(tmp_path_factory.mktemp("gpu-moe8"), num_local_experts=8, num_hidden_layers=3)
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT])).logits[0].float()
+    ref = LLM(path, device="cpu", dtype="float32")
+    tokens = ref.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)).token_ids
+    return path, want, tokens
+
+
+def budget(path, residents: int, slots: int, max_context: int | None = None) -> int:
+    probe = LLM(path, device="cuda", dtype="float32", gpu_memory="8GiB", max_context=max_context)
+    p = probe.placement
+    probe.close()
+    return p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes
+
+
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+@pytest.mark.parametrize("residents", [0, 7, 24])
+def test_cuda_hybrid_equals_reference(tiny, policy, residents):
+    path, want, tokens = tiny
+    slots = 0 if policy == "cpu" else 2
+    gpu_memory = "0" if residents == 0 and policy == "cpu" else budget(path, residents, slots)
+    llm = LLM(path, device="cuda", dtype="float32", gpu_memory=gpu_memory, offload_policy=policy)
+    try:
+        assert llm.orchestra.pinned, "host experts should be page-locked"
+        assert llm.placement.resident_count == residents
+        assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
+        out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        assert out.token_ids == tokens
+        assert out.stats.decode_syncs == 15 * 3
+    finally:
+        llm.close()
+
+
+def test_cuda_bf16_hybrid_close_to_resident(tiny):
+    path = tiny[0]
+    full = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="8GiB")
+    assert full.placement.resident_count == 24
+    want = full.score(PROMPT)
+    full.close()
+    llm = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")
+    got = llm.score(PROMPT)
+    llm.close()
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+
+
+def test_peak_gpu_memory_under_budget(tmp_path):
+    """A model whose experts (1.5 GB in fp32) do not fit the budget: peak allocated memory during a long
+    prefill (two chunks) and decode stays under it, for each policy."""
+    path, _ = make_mixtral(
+        tmp_path / "big",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_hidden_layers=4,
+        max_position_embeddings=8192,
+    )
+    prompt = [3 + (i * 7) % 300 for i in range(2500)]
+    for policy in ("cpu", "fetch", "auto"):
+        gpu_memory = budget(path, 10, 0 if policy == "cpu" else 2, max_context=4096)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        llm = LLM(path, device="cuda", dtype="float32", gpu_memory=gpu_memory, offload_policy=policy, max_context=4096)
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= gpu_memory, f"{policy}: peak {peak} > budget {gpu_memory}"
+        assert llm.placement.resident_count == 10
+        llm.close()
+        del llm

@@ -1,0 +1,130 @@
+"""The CPU-GPU orchestra with the "GPU side" emulated on the CPU: every policy and budget computes the same
+model as the all-resident run; the slot cache, cost model and scheduler behave as specified."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza.moe.cache import SlotCache
+from cadenza.moe.costmodel import CostModel, _fit_line
+from tests.conftest import make_mixtral
+
+TOL = 1e-4
+PROMPT = list(range(3, 40))
+
+
+@pytest.fixture(scope="module")
+def moe8(tmp_path_factory):
+    """A tiny Mixtral with 8 experts in 3 layers, and its all-on-one-device reference."""
+    path, _ = make_mixtral(tmp_path_factory.mktemp("moe8"), num_local_experts=8, num_hidden_layers=3)
+    ref = LLM(path, device="cpu", dtype="float32")
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    return path, ref.score(PROMPT), ref.generate(PROMPT[:6], greedy).token_ids
+
+
+def budget_for(path, residents: int, slots: int = 2) -> int:
+    """The budget that leaves room for `residents` experts plus `slots` fetch slots."""
+    probe = LLM(path, device="cpu", dtype="float32", gpu_memory="1GiB")
+    p = probe.placement
+    probe.close()
+    return p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes
+
+
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+@pytest.mark.parametrize("residents", [0, 5, 13, 24])
+def test_hybrid_equals_single_device(moe8, policy, residents):
+    path, want_logits, want_tokens = moe8
+    slots = 0 if policy == "cpu" else 2  # the cpu policy reserves no fetch slots
+    budget = "0" if residents == 0 and policy == "cpu" else budget_for(path, residents, slots)
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget, offload_policy=policy)
+    try:
+        assert llm.placement.resident_count == residents
+        assert (llm.score(PROMPT) - want_logits).abs().max().item() <= TOL
+        out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        assert out.token_ids == want_tokens
+        work = out.stats.expert_work
+        assert sum(work.values()) == (6 + 11) * 3 * 2  # (prompt + decode steps) x layers x top-2
+        if residents == 24:
+            assert work["cpu"] == work["fetched"] == 0
+        elif policy == "cpu":
+            assert work["fetched"] == 0 and work["cpu"] > 0
+        elif policy == "fetch":
+            assert work["cpu"] == 0 and work["fetched"] > 0
+    finally:
+        llm.close()
+
+
+def test_one_sync_per_moe_layer_at_decode(moe8):
+    path = moe8[0]
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 5, 0), offload_policy="cpu")
+    out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    assert out.stats.decode_syncs == 8 * 3  # 8 decode steps x 3 MoE layers
+    assert out.stats.decode_host_bytes > 0 and out.stats.decode_gpu_bytes >= 0
+    llm.close()
+
+
+def test_replan_keeps_results(moe8):
+    path, want_logits, _ = moe8
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory="0", offload_policy="cpu")
+    assert llm.placement.resident_count == 0
+    llm.replan(gpu_memory=budget_for(path, 10), offload_policy="fetch")
+    assert llm.placement.resident_count == 10 and llm.offload_policy == "fetch"
+    assert (llm.score(PROMPT) - want_logits).abs().max().item() <= TOL
+    llm.close()
+
+
+def test_budget_too_small_names_smallest_budget(moe8):
+    with pytest.raises(CadenzaError, match="--gpu-memory") as e:
+        LLM(moe8[0], device="cpu", dtype="float32", gpu_memory="1KiB")
+    assert "too small" in str(e.value)
+
+
+def test_bad_policy_and_threads(moe8):
+    with pytest.raises(CadenzaError, match="offload policy"):
+        LLM(moe8[0], device="cpu", gpu_memory="0", offload_policy="gpu")
+    with pytest.raises(CadenzaError, match="cpu_threads"):
+        LLM(moe8[0], device="cpu", gpu_memory="0", cpu_threads=0)
+
+
+def test_popularity_placement(moe8, tmp_path):
+    import json
+
+    path = moe8[0]
+    counts = [[0] * 8 for _ in range(3)]
+    counts[1][7] = 100
+    counts[2][3] = 50
+    (tmp_path / "pop.json").write_text(json.dumps({"counts": counts}))
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 2), placement=tmp_path / "pop.json")
+    assert llm.placement.resident == [[], [7], [3]]
+    llm.close()
+
+
+def test_slot_cache_lru_order():
+    cache = SlotCache(2, hidden=4, intermediate=3, dtype=torch.float32, device=torch.device("cpu"))
+
+    def host(v):
+        return torch.full((3, 4), float(v)), torch.full((3, 4), float(v)), torch.full((4, 3), float(v))
+
+    a = cache.get(0, 1, host(1))
+    b = cache.get(0, 2, host(2))
+    assert cache.get(0, 1, host(1)) == a  # hit refreshes expert 1
+    c = cache.get(1, 5, host(5))  # evicts the least recently used: (0, 2)
+    assert c == b and (0, 2) not in cache.where and (0, 1) in cache.where
+    assert cache.gate[c].eq(5).all() and cache.gate[a].eq(1).all()
+    assert (cache.hits, cache.misses) == (1, 3)
+
+
+def test_cost_model_decisions():
+    cm = CostModel("k", expert_bytes=352_000_000, cpu_s=(5.6e-3, 75e-6), gpu_s=(0.1e-3, 2e-6), h2d_gb_s=50.0)
+    assert not cm.prefers_fetch(1)  # decode: compute the miss on the CPU
+    assert cm.prefers_fetch(512)  # long prompt: fetch
+    n = cm.crossover_tokens()
+    assert n is not None and cm.prefers_fetch(n) and not cm.prefers_fetch(n - 1)
+    assert "fetch beats CPU" in cm.describe()
+
+
+def test_fit_line():
+    a, b = _fit_line([(1, 1.0 + 0.5), (10, 1.0 + 5.0), (100, 1.0 + 50.0)])
+    assert abs(a - 1.0) < 1e-9 and abs(b - 0.5) < 1e-9
