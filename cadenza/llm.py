@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,8 @@ class LLM:
             planned = self._plan(gpu_memory, offload_policy)  # refuses a too-small budget before reading weights
             self.model = load_model(self.checkpoint, self.device, self.dtype, torch.device("cpu"), meta)
             self.orchestra = Orchestra(moe_layers(self.model), self.device, cpu_threads)
+            # unpin host memory and stop the worker when this LLM is collected, even without close()
+            weakref.finalize(self, self.orchestra.close)
             self.orchestra.apply(planned, offload_policy)
             self._calibrate()
         else:
@@ -233,7 +236,8 @@ class LLM:
         orch.cost = cost
 
     def close(self) -> None:
-        """Stops the CPU worker thread (also done at interpreter exit)."""
+        """Stops the CPU worker and unpins host memory (also done when the LLM is collected); the LLM is unusable
+        afterwards."""
         if self.orchestra is not None:
             self.orchestra.close()
             self.orchestra = None

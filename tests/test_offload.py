@@ -125,6 +125,23 @@ def test_cost_model_decisions():
     assert "fetch beats CPU" in cm.describe()
 
 
+def test_split_uses_cpu_and_pcie_together_where_it_wins():
+    cm = CostModel("k", expert_bytes=352_000_000, cpu_s=(5.6e-3, 75e-6), gpu_s=(0.1e-3, 2e-6), h2d_gb_s=55.0)
+    counts = [1, 0, 1, 0, 0, 0, 0, 0]
+    # decode, two misses: one on the CPU while the other is fetched
+    fetch, cpu = cm.split([0, 2], counts)
+    assert len(fetch) == 1 and len(cpu) == 1
+    # one miss: the CPU alone is faster than a fetch
+    assert cm.split([2], counts) == ([], [2])
+    # sharing DRAM too costly: everything on the CPU
+    slow = CostModel("k", 352_000_000, (5.6e-3, 75e-6), (0.1e-3, 2e-6), 55.0, both_slowdown=2.0)
+    assert slow.split([0, 2], counts) == ([], [0, 2])
+    # a long prompt: mostly fetched; the CPU keeps at most what it finishes before the copies do
+    fetch, cpu = cm.split(list(range(8)), [600] * 8)
+    assert len(fetch) >= 7
+    assert cm.split(list(range(8)), [2000] * 8) == (list(range(8)), [])
+
+
 def test_fit_line():
     a, b = _fit_line([(1, 1.0 + 0.5), (10, 1.0 + 5.0), (100, 1.0 + 50.0)])
     assert abs(a - 1.0) < 1e-9 and abs(b - 0.5) < 1e-9

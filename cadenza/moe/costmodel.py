@@ -28,6 +28,9 @@ class CostModel:
     cpu_s: tuple[float, float]  # seconds = a + b * tokens, one expert on the CPU
     gpu_s: tuple[float, float]  # the same on the GPU
     h2d_gb_s: float  # pinned host -> GPU copy bandwidth, GB/s
+    # how much slower each side runs while the other also reads host memory (CPU experts and PCIe fetches share
+    # the DRAM bandwidth); >= 1
+    both_slowdown: float = 1.0
 
     def cpu_time(self, n: int) -> float:
         return self.cpu_s[0] + self.cpu_s[1] * n
@@ -40,6 +43,27 @@ class CostModel:
 
     def prefers_fetch(self, n: int) -> bool:
         return self.fetch_time(n) < self.cpu_time(n)
+
+    def split(self, misses: list[int], counts: list[int]) -> tuple[list[int], list[int]]:
+        """Non-resident experts of one layer -> (fetch, compute on the CPU), chosen so the layer's expert work
+        ends soonest: the CPU works through its list while the copy engine streams the other experts' weights.
+        Greedy: start with everything on the CPU, move the expert that gains most from fetching while that
+        shortens the span (counting the slowdown of sharing DRAM when both sides work)."""
+        cpu = {e: self.cpu_time(counts[e]) for e in misses}
+        fetch = {e: self.fetch_time(counts[e]) for e in misses}
+        on_cpu, fetched = set(misses), []
+        cpu_total, fetch_total = sum(cpu.values()), 0.0
+        span = cpu_total
+        while on_cpu:
+            e = max(on_cpu, key=lambda x: (cpu[x] - fetch[x], -x))
+            c, f = cpu_total - cpu[e], fetch_total + fetch[e]
+            new_span = max(c, f) * (self.both_slowdown if c > 0 and f > 0 else 1.0)
+            if new_span >= span:
+                break
+            on_cpu.remove(e)
+            fetched.append(e)
+            cpu_total, fetch_total, span = c, f, new_span
+        return sorted(fetched), [e for e in misses if e in on_cpu]
 
     def crossover_tokens(self) -> int | None:
         """The fewest tokens at which fetching an expert beats computing it on the CPU (None: never, up to 64k)."""
@@ -57,7 +81,8 @@ class CostModel:
             f"CPU expert {1e3 * self.cpu_time(1):.2f} ms at 1 token, +{1e6 * self.cpu_s[1]:.1f} us per token; "
             f"GPU expert {1e3 * self.gpu_time(1):.3f} ms, +{1e6 * self.gpu_s[1]:.2f} us per token; "
             f"host->GPU {self.h2d_gb_s:.1f} GB/s ({1e3 * self.expert_bytes / (self.h2d_gb_s * 1e9):.2f} ms per "
-            f"expert); fetch beats CPU from {cross if cross else 'never (<=64k)'} tokens"
+            f"expert); fetch beats CPU from {cross if cross else 'never (<=64k)'} tokens; both at once run "
+            f"{self.both_slowdown:.2f}x slower each"
         )
 
     def as_dict(self) -> dict:
@@ -137,7 +162,37 @@ def calibrate(
         x = torch.randn(n, hidden, dtype=dtype, device=device)
         run_on(slot, x)
         gpu_points.append((n, _time(lambda x=x: run_on(slot, x), sync, 3)))
-    return CostModel(key, expert_bytes, cpu_s, _fit_line(gpu_points), expert_bytes / h2d_s / 1e9)
+    slowdown = _both_slowdown(host_experts, run_on, fetch, sync, hidden, dtype) if cuda else 1.0
+    return CostModel(key, expert_bytes, cpu_s, _fit_line(gpu_points), expert_bytes / h2d_s / 1e9, slowdown)
+
+
+def _both_slowdown(host_experts, run_on, fetch, sync, hidden, dtype) -> float:
+    """Times a CPU expert and a fetch alone, then together (the fetch in a second thread, as the scheduler
+    overlaps them); returns the larger ratio together / alone."""
+    import threading
+
+    x = torch.randn(1, hidden, dtype=dtype)
+    a, b = host_experts[0], host_experts[len(host_experts) // 2]
+    cpu_alone = min(_time(lambda: run_on(a, x), lambda: None, 1) for _ in range(3))
+    fetch_alone = min(_time(lambda: fetch(b), sync, 1) for _ in range(3))
+    ratios = []
+    for _ in range(3):
+        done: dict[str, float] = {}
+
+        def copier(done: dict[str, float] = done) -> None:
+            t0 = time.perf_counter()
+            fetch(b)
+            sync()
+            done["fetch"] = time.perf_counter() - t0
+
+        th = threading.Thread(target=copier)
+        th.start()
+        t0 = time.perf_counter()
+        run_on(a, x)
+        cpu_t = time.perf_counter() - t0
+        th.join()
+        ratios.append(max(cpu_t / cpu_alone, done["fetch"] / fetch_alone))
+    return max(1.0, sorted(ratios)[1])
 
 
 def cost_model_path(cache_dir: Path) -> Path:
@@ -158,6 +213,7 @@ def load_cached(cache_dir: Path, key: str) -> CostModel | None:
             cpu_s=tuple(entry["cpu_s"]),
             gpu_s=tuple(entry["gpu_s"]),
             h2d_gb_s=float(entry["h2d_gb_s"]),
+            both_slowdown=float(entry.get("both_slowdown", 1.0)),
         )
     except (KeyError, TypeError, ValueError):
         return None  # an older or damaged entry: measure again

@@ -6,7 +6,8 @@ are also copied to the GPU. One MoE layer on the offloaded path:
 1. the router's top-k ids and weights, and the hidden states, are copied to the host: the one GPU->host
    synchronisation of the layer;
 2. the host groups tokens by expert and splits the non-resident experts between the CPU and fetching
-   (`--offload-policy`: cpu, fetch, or auto from the calibrated cost model);
+   (`--offload-policy`: cpu, fetch, or auto: the cost model's split that finishes soonest, using the CPU and the
+   PCIe link at once where that wins);
 3. the CPU worker starts on its experts at once; meanwhile the main thread queues the resident experts and the
    fetches (copy stream) and their products on the GPU;
 4. the CPU's partial sum is copied back (asynchronously, from a pinned buffer) and added.
@@ -24,7 +25,7 @@ import torch
 from cadenza.errors import CadenzaError
 from cadenza.moe.cache import SlotCache
 from cadenza.moe.costmodel import CostModel
-from cadenza.moe.cpu import CpuWorker
+from cadenza.moe.cpu import CpuWorker, physical_cores
 from cadenza.moe.experts import Experts, expert_order, run_experts
 from cadenza.moe.placement import Placement
 
@@ -60,12 +61,23 @@ class ExpertCounters:
 
 def pin_host_memory(t: torch.Tensor) -> bool:
     """Page-locks a CPU tensor in place (cudaHostRegister), so copies from it are DMA and need no staging copy.
-    Unlike `pin_memory()`, this neither copies nor rounds the allocation up to a power of two."""
-    if not torch.cuda.is_available() or t.is_pinned():
-        return t.is_pinned()
-    nbytes = t.numel() * t.element_size()
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
-    return int(err) == 0
+    Unlike `pin_memory()`, this neither copies nor rounds the allocation up to a power of two. The caller must
+    `unpin_host_memory` it before the memory is freed (else a later allocation at the same address fails to
+    register)."""
+    if not torch.cuda.is_available():
+        return False
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(err) != 0:
+        cudart.cudaGetLastError()  # clear the sticky error, or the next kernel launch reports it
+        return False
+    return True
+
+
+def unpin_host_memory(t: torch.Tensor) -> None:
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostUnregister(t.data_ptr())) != 0:
+        cudart.cudaGetLastError()
 
 
 @dataclass
@@ -175,7 +187,9 @@ class Orchestra:
         self.dtype = first.gate.dtype
         self.expert_bytes = sum(w[0].numel() * w.element_size() for w in (first.gate, first.up, first.down))
         self.layers = [LayerOffload(self, ex, i) for i, ex in enumerate(layers)]
-        self.worker = CpuWorker(cpu_threads)
+        # default: one core fewer than the machine has when a GPU is driven, so the main thread launching GPU
+        # work never preempts one of the worker's threads (a GEMV waits for its slowest thread)
+        self.worker = CpuWorker(cpu_threads or (max(1, physical_cores() - 1) if self.cuda else None))
         self.counters = ExpertCounters()
         self.policy = "cpu"
         self.cache: SlotCache | None = None
@@ -183,8 +197,12 @@ class Orchestra:
         self.placement: Placement | None = None
         self.pinned = False
         self._staging: Staging | None = None
+        self._registered: list[torch.Tensor] = []
         if self.cuda:
-            self.pinned = all(pin_host_memory(w) for ex in layers for w in (ex.gate, ex.up, ex.down))
+            for w in (w for ex in layers for w in (ex.gate, ex.up, ex.down)):
+                if pin_host_memory(w):
+                    self._registered.append(w)
+            self.pinned = len(self._registered) == 3 * len(layers)
             self._event = torch.cuda.Event()
         for layer, ex in zip(self.layers, layers, strict=True):
             ex.offload = layer
@@ -212,8 +230,7 @@ class Orchestra:
             return [], misses
         if self.policy == "fetch" or self.cost is None:
             return misses, []
-        fetch = [e for e in misses if self.cost.prefers_fetch(counts[e])]
-        return fetch, [e for e in misses if e not in fetch]
+        return self.cost.split(misses, counts)
 
     def to_host(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
         """The layer's one GPU->host synchronisation: hidden states, ids and weights land in pinned buffers."""
@@ -246,6 +263,12 @@ class Orchestra:
         return [layer.host_weights(i % layer.experts.num_experts) for i, layer in enumerate(picks)]
 
     def close(self) -> None:
+        """Stops the worker and unregisters the page-locked host memory (idempotent)."""
         for layer in self.layers:
             layer.experts.offload = None
         self.worker.close()
+        if self._registered:
+            torch.cuda.synchronize(self.device)  # no copy may still read the memory
+            for w in self._registered:
+                unpin_host_memory(w)
+            self._registered = []
