@@ -133,9 +133,15 @@ def test_split_uses_cpu_and_pcie_together_where_it_wins():
     assert len(fetch) == 1 and len(cpu) == 1
     # one miss: the CPU alone is faster than a fetch
     assert cm.split([2], counts) == ([], [2])
-    # sharing DRAM too costly: everything on the CPU
-    slow = CostModel("k", 352_000_000, (5.6e-3, 75e-6), (0.1e-3, 2e-6), 55.0, both_slowdown=2.0)
-    assert slow.split([0, 2], counts) == ([], [0, 2])
+    # the CPU turns out twice as slow when sharing DRAM with fetches: everything on the CPU again
+    for _ in range(30):
+        cm.observe_cpu(experts=1, tokens=1, seconds=2 * cm.cpu_time(1), shared=True)
+    assert cm.split([0, 2], counts) == ([], [0, 2])
+    # and slower than a fetch even alone: a single miss is fetched
+    for _ in range(30):
+        cm.observe_cpu(experts=1, tokens=1, seconds=1.5 * (5.6e-3 + 75e-6), shared=False)
+    assert cm.split([2], counts) == ([2], [])
+    cm = CostModel("k", expert_bytes=352_000_000, cpu_s=(5.6e-3, 75e-6), gpu_s=(0.1e-3, 2e-6), h2d_gb_s=55.0)
     # a long prompt: mostly fetched; the CPU keeps at most what it finishes before the copies do
     fetch, cpu = cm.split(list(range(8)), [600] * 8)
     assert len(fetch) >= 7

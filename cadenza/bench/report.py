@@ -123,10 +123,13 @@ def gpu_slug(gpu_name: str | None) -> str:
     return "-".join(words[:2]) or "gpu"
 
 
-def result_path(out_dir: str | Path, scenario: str, gpu_name: str | None, day: date | None = None) -> Path:
-    """`<out_dir>/<scenario>-<gpu slug>-<YYYY-MM-DD>.json`."""
+def result_path(
+    out_dir: str | Path, scenario: str, gpu_name: str | None, day: date | None = None, tag: str | None = None
+) -> Path:
+    """`<out_dir>/<scenario>-<gpu slug>-<YYYY-MM-DD>[-<tag>].json`."""
     day = day or date.today()
-    return Path(out_dir) / f"{scenario}-{gpu_slug(gpu_name)}-{day.isoformat()}.json"
+    suffix = f"-{tag}" if tag else ""
+    return Path(out_dir) / f"{scenario}-{gpu_slug(gpu_name)}-{day.isoformat()}{suffix}.json"
 
 
 def write_results(

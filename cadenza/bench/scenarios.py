@@ -55,6 +55,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")
     p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU expert work (default: cadenza's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and the prompts (default 0)")
+    p.add_argument(
+        "--policies",
+        default="auto,cpu,fetch",
+        help="offload policies measured in D1 and P1 (default auto,cpu,fetch); 'none' runs only the D1 baseline",
+    )
+    p.add_argument("--tag", default=None, help="suffix for the result files, so split runs do not overwrite")
     p.set_defaults(func=run_bench)
     return p
 
@@ -69,6 +75,16 @@ def parse_scenarios(text: str) -> list[str]:
         raise CadenzaError(
             f"Unknown scenario {bad[0] if bad else text!r}. Use a comma-separated list of {', '.join(SCENARIOS)}."
         )
+    return list(dict.fromkeys(names))
+
+
+def parse_policies(text: str) -> list[str]:
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    if names == ["none"]:
+        return []
+    bad = [s for s in names if s not in ("auto", "cpu", "fetch")]
+    if bad or not names:
+        raise CadenzaError(f"--policies: {text!r} is not a list of auto, cpu, fetch (or 'none').")
     return list(dict.fromkeys(names))
 
 
@@ -129,6 +145,8 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
         ("--prompt-tokens", args.prompt_tokens),
         ("--new-tokens", args.new_tokens),
         ("--cpu-threads", args.cpu_threads),
+        ("--policies", None if args.policies == "auto,cpu,fetch" else args.policies),
+        ("--tag", args.tag),
     ):
         if value is not None:
             parts += [flag, str(value)]
@@ -167,6 +185,8 @@ def _check_args(args: argparse.Namespace) -> None:
         ("--prompt-tokens", args.prompt_tokens),
         ("--new-tokens", args.new_tokens),
         ("--cpu-threads", args.cpu_threads),
+        ("--policies", None if args.policies == "auto,cpu,fetch" else args.policies),
+        ("--tag", args.tag),
     ):
         if value is not None and value < 1:
             raise CadenzaError(f"{flag} {value} is not valid. Give a whole number of at least 1.")
@@ -190,8 +210,12 @@ def run_bench(args: argparse.Namespace) -> int:
     baseline = baseline and "D1" in scenarios
     if args.baseline and baseline_unavailable(device):
         raise CadenzaError(f"--baseline: {baseline_unavailable(device)}.")
-    configs = plan_configs(scenarios, budgets, args.prompt_tokens, args.new_tokens)
-    max_context = max(c.prompt_tokens + c.new_tokens for c in configs)
+    all_configs = plan_configs(scenarios, budgets, args.prompt_tokens, args.new_tokens)
+    policies = parse_policies(args.policies)
+    configs = [c for c in all_configs if c.scenario == "S1" or c.policy in policies]
+    if not configs and not baseline:
+        raise CadenzaError("Nothing to measure: --policies none leaves no configuration and no baseline.")
+    max_context = max((c.prompt_tokens + c.new_tokens for c in configs), default=2)
     if max_context > ckpt.config["max_position_embeddings"]:
         raise CadenzaError(
             f"The longest request ({max_context} tokens) exceeds {model}'s context of "
@@ -207,7 +231,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"DRAM read {machine['dram_read_gb_s']} GB/s, pinned H2D {machine['pinned_h2d_gb_s']} GB/s, "
         f"GPU read {machine['gpu_mem_bw_gb_s']} GB/s"
     )
-    files = {s: result_path(args.out, s, machine["gpu_name"]) for s in scenarios}
+    files = {s: result_path(args.out, s, machine["gpu_name"], tag=args.tag) for s in scenarios}
     results: dict[str, list[dict]] = {s: [] for s in scenarios}
 
     def add(scenario: str, result: dict) -> None:
@@ -216,7 +240,9 @@ def run_bench(args: argparse.Namespace) -> int:
         log(_describe(result))
 
     if baseline:
-        add("D1", _run_baseline(ckpt, configs, device, machine, log, args.seed))
+        add("D1", _run_baseline(ckpt, all_configs, device, machine, log, args.seed))
+    if not configs:
+        return 0
 
     log(f"building cadenza's model ({ckpt.total_bytes / 1e9:.1f} GB) on {device}; host RSS {rss_gib()} GiB ...")
     cut = CadenzaUnderTest(ckpt, device, _first_fitting(configs, ckpt, device), max_context, args.cpu_threads)

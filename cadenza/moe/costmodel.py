@@ -28,12 +28,26 @@ class CostModel:
     cpu_s: tuple[float, float]  # seconds = a + b * tokens, one expert on the CPU
     gpu_s: tuple[float, float]  # the same on the GPU
     h2d_gb_s: float  # pinned host -> GPU copy bandwidth, GB/s
-    # how much slower each side runs while the other also reads host memory (CPU experts and PCIe fetches share
-    # the DRAM bandwidth); >= 1
-    both_slowdown: float = 1.0
+    # Learned while running (not cached): observed / calibrated CPU time, for CPU work alone and for CPU work
+    # that shares DRAM with fetches. A CPU expert inside a decode step runs slower, and far more erratically,
+    # than in a calibration loop (on the benchmark box 5-8 ms against 4.2 ms calibrated for a Mixtral expert).
+    alone_scale: float = 1.0
+    shared_scale: float | None = None  # None until observed: assume no slowdown, so the split gets tried
 
-    def cpu_time(self, n: int) -> float:
-        return self.cpu_s[0] + self.cpu_s[1] * n
+    def observe_cpu(self, experts: int, tokens: int, seconds: float, shared: bool) -> None:
+        """Feeds one CPU job's measured time back (an exponential moving average of observed / predicted)."""
+        predicted = experts * self.cpu_s[0] + self.cpu_s[1] * tokens
+        if predicted <= 0 or experts == 0:
+            return
+        r = seconds / predicted
+        if shared:
+            self.shared_scale = r if self.shared_scale is None else 0.8 * self.shared_scale + 0.2 * r
+        else:
+            self.alone_scale = 0.8 * self.alone_scale + 0.2 * r
+
+    def cpu_time(self, n: int, shared: bool = False) -> float:
+        scale = self.shared_scale if shared and self.shared_scale is not None else self.alone_scale
+        return (self.cpu_s[0] + self.cpu_s[1] * n) * scale
 
     def gpu_time(self, n: int) -> float:
         return self.gpu_s[0] + self.gpu_s[1] * n
@@ -48,21 +62,23 @@ class CostModel:
         """Non-resident experts of one layer -> (fetch, compute on the CPU), chosen so the layer's expert work
         ends soonest: the CPU works through its list while the copy engine streams the other experts' weights.
         Greedy: start with everything on the CPU, move the expert that gains most from fetching while that
-        shortens the span (counting the slowdown of sharing DRAM when both sides work)."""
-        cpu = {e: self.cpu_time(counts[e]) for e in misses}
+        shortens the span (CPU time counted at its learned speed when sharing DRAM with fetches)."""
+        alone = {e: self.cpu_time(counts[e]) for e in misses}
+        shared = {e: self.cpu_time(counts[e], shared=True) for e in misses}
         fetch = {e: self.fetch_time(counts[e]) for e in misses}
         on_cpu, fetched = set(misses), []
-        cpu_total, fetch_total = sum(cpu.values()), 0.0
-        span = cpu_total
+        fetch_total = 0.0
+        span = sum(alone.values())
         while on_cpu:
-            e = max(on_cpu, key=lambda x: (cpu[x] - fetch[x], -x))
-            c, f = cpu_total - cpu[e], fetch_total + fetch[e]
-            new_span = max(c, f) * (self.both_slowdown if c > 0 and f > 0 else 1.0)
+            e = max(on_cpu, key=lambda x: (alone[x] - fetch[x], -x))
+            rest = on_cpu - {e}
+            f = fetch_total + fetch[e]
+            new_span = max(sum(shared[x] for x in rest), f)
             if new_span >= span:
                 break
             on_cpu.remove(e)
             fetched.append(e)
-            cpu_total, fetch_total, span = c, f, new_span
+            fetch_total, span = f, new_span
         return sorted(fetched), [e for e in misses if e in on_cpu]
 
     def crossover_tokens(self) -> int | None:
@@ -81,12 +97,15 @@ class CostModel:
             f"CPU expert {1e3 * self.cpu_time(1):.2f} ms at 1 token, +{1e6 * self.cpu_s[1]:.1f} us per token; "
             f"GPU expert {1e3 * self.gpu_time(1):.3f} ms, +{1e6 * self.gpu_s[1]:.2f} us per token; "
             f"host->GPU {self.h2d_gb_s:.1f} GB/s ({1e3 * self.expert_bytes / (self.h2d_gb_s * 1e9):.2f} ms per "
-            f"expert); fetch beats CPU from {cross if cross else 'never (<=64k)'} tokens; both at once run "
-            f"{self.both_slowdown:.2f}x slower each"
+            f"expert); fetch beats CPU from {cross if cross else 'never (<=64k)'} tokens"
         )
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """What is cached: the calibration, not the scales learned in one run."""
+        d = asdict(self)
+        d.pop("alone_scale")
+        d.pop("shared_scale")
+        return d
 
 
 def _fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
@@ -162,37 +181,7 @@ def calibrate(
         x = torch.randn(n, hidden, dtype=dtype, device=device)
         run_on(slot, x)
         gpu_points.append((n, _time(lambda x=x: run_on(slot, x), sync, 3)))
-    slowdown = _both_slowdown(host_experts, run_on, fetch, sync, hidden, dtype) if cuda else 1.0
-    return CostModel(key, expert_bytes, cpu_s, _fit_line(gpu_points), expert_bytes / h2d_s / 1e9, slowdown)
-
-
-def _both_slowdown(host_experts, run_on, fetch, sync, hidden, dtype) -> float:
-    """Times a CPU expert and a fetch alone, then together (the fetch in a second thread, as the scheduler
-    overlaps them); returns the larger ratio together / alone."""
-    import threading
-
-    x = torch.randn(1, hidden, dtype=dtype)
-    a, b = host_experts[0], host_experts[len(host_experts) // 2]
-    cpu_alone = min(_time(lambda: run_on(a, x), lambda: None, 1) for _ in range(3))
-    fetch_alone = min(_time(lambda: fetch(b), sync, 1) for _ in range(3))
-    ratios = []
-    for _ in range(3):
-        done: dict[str, float] = {}
-
-        def copier(done: dict[str, float] = done) -> None:
-            t0 = time.perf_counter()
-            fetch(b)
-            sync()
-            done["fetch"] = time.perf_counter() - t0
-
-        th = threading.Thread(target=copier)
-        th.start()
-        t0 = time.perf_counter()
-        run_on(a, x)
-        cpu_t = time.perf_counter() - t0
-        th.join()
-        ratios.append(max(cpu_t / cpu_alone, done["fetch"] / fetch_alone))
-    return max(1.0, sorted(ratios)[1])
+    return CostModel(key, expert_bytes, cpu_s, _fit_line(gpu_points), expert_bytes / h2d_s / 1e9)
 
 
 def cost_model_path(cache_dir: Path) -> Path:
@@ -213,7 +202,6 @@ def load_cached(cache_dir: Path, key: str) -> CostModel | None:
             cpu_s=tuple(entry["cpu_s"]),
             gpu_s=tuple(entry["gpu_s"]),
             h2d_gb_s=float(entry["h2d_gb_s"]),
-            both_slowdown=float(entry.get("both_slowdown", 1.0)),
         )
     except (KeyError, TypeError, ValueError):
         return None  # an older or damaged entry: measure again

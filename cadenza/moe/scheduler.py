@@ -129,7 +129,7 @@ class LayerOffload:
         job = None
         if on_cpu:
             out = self._out_buffer(x_h.shape[0], x.dtype)
-            job = orch.worker.submit(self._cpu_job, x_h, k, w_h, ids_h, counts, on_cpu, out)
+            job = orch.worker.submit(self._cpu_job, x_h, k, w_h, ids_h, counts, on_cpu, out, bool(fetch))
         y = torch.zeros_like(x)
         if resident or fetch:
             order = expert_order(topk_ids)  # on the GPU side; counts from the host slice it without a sync
@@ -165,12 +165,15 @@ class LayerOffload:
         return self.out[:t]
 
     @torch.inference_mode()  # grad mode is per thread: the worker needs its own
-    def _cpu_job(self, x_h, k, w_h, ids_h, counts, experts, out) -> torch.Tensor:
+    def _cpu_job(self, x_h, k, w_h, ids_h, counts, experts, out, shared: bool) -> torch.Tensor:
         t0 = time.perf_counter()
         out.zero_()
         order = expert_order(ids_h)
         run_experts(x_h, k, w_h, order, counts, experts, self.host_weights, self.experts.act_fn, out)
-        self.orch.counters.cpu_busy_s += time.perf_counter() - t0
+        busy = time.perf_counter() - t0
+        self.orch.counters.cpu_busy_s += busy
+        if self.orch.cost is not None:  # the cost model learns the CPU's speed inside real steps
+            self.orch.cost.observe_cpu(len(experts), sum(counts[e] for e in experts), busy, shared)
         return out
 
 
