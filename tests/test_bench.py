@@ -301,3 +301,18 @@ def test_run_bench_refuses_bad_requests(tmp_path):
     with pytest.raises(CadenzaError, match="--trials"):
         run_bench(_args("--device", "cpu", "--trials", "0", "--out", str(tmp_path)))
     assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_run_bench_policies_and_tag(tmp_path):
+    args = _args("--device", "cpu", "--scenario", "D1", "--policies", "cpu", "--tag", "b", "--prompt-tokens", "8",
+                 "--new-tokens", "3", "--trials", "1", "--out", str(tmp_path))  # fmt: skip
+    assert run_bench(args) == 0
+    (f,) = tmp_path.glob("*.json")
+    assert f.name.startswith("D1-cpu-") and f.name.endswith("-b.json")
+    doc = json.loads(f.read_text())
+    assert [r["policy"] for r in doc["results"]] == ["cpu"]
+    assert "--policies cpu --tag b" in doc["command"]
+    with pytest.raises(CadenzaError, match="Nothing to measure"):
+        run_bench(_args("--device", "cpu", "--scenario", "D1", "--policies", "none", "--out", str(tmp_path)))
+    with pytest.raises(CadenzaError, match="--policies"):
+        run_bench(_args("--device", "cpu", "--policies", "gpu", "--out", str(tmp_path)))

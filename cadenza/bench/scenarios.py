@@ -185,8 +185,6 @@ def _check_args(args: argparse.Namespace) -> None:
         ("--prompt-tokens", args.prompt_tokens),
         ("--new-tokens", args.new_tokens),
         ("--cpu-threads", args.cpu_threads),
-        ("--policies", None if args.policies == "auto,cpu,fetch" else args.policies),
-        ("--tag", args.tag),
     ):
         if value is not None and value < 1:
             raise CadenzaError(f"{flag} {value} is not valid. Give a whole number of at least 1.")
