@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -33,6 +34,10 @@ class CostModel:
     # than in a calibration loop (on the benchmark box 5-8 ms against 4.2 ms calibrated for a Mixtral expert).
     alone_scale: float = 1.0
     shared_scale: float | None = None  # None until observed: assume no slowdown, so the split gets tried
+    # layer decisions since the last split: after EXPLORE_EVERY, one split is tried at the alone speed, so a
+    # noisy early observation cannot rule the split out for the rest of the run
+    since_split: int = 0
+    EXPLORE_EVERY: ClassVar[int] = 64
 
     def observe_cpu(self, experts: int, tokens: int, seconds: float, shared: bool) -> None:
         """Feeds one CPU job's measured time back (an exponential moving average of observed / predicted)."""
@@ -64,7 +69,8 @@ class CostModel:
         Greedy: start with everything on the CPU, move the expert that gains most from fetching while that
         shortens the span (CPU time counted at its learned speed when sharing DRAM with fetches)."""
         alone = {e: self.cpu_time(counts[e]) for e in misses}
-        shared = {e: self.cpu_time(counts[e], shared=True) for e in misses}
+        explore = self.since_split >= self.EXPLORE_EVERY
+        shared = alone if explore else {e: self.cpu_time(counts[e], shared=True) for e in misses}
         fetch = {e: self.fetch_time(counts[e]) for e in misses}
         on_cpu, fetched = set(misses), []
         fetch_total = 0.0
@@ -79,6 +85,7 @@ class CostModel:
             on_cpu.remove(e)
             fetched.append(e)
             fetch_total, span = f, new_span
+        self.since_split = 0 if fetched and on_cpu else self.since_split + 1
         return sorted(fetched), [e for e in misses if e in on_cpu]
 
     def crossover_tokens(self) -> int | None:
@@ -103,8 +110,8 @@ class CostModel:
     def as_dict(self) -> dict:
         """What is cached: the calibration, not the scales learned in one run."""
         d = asdict(self)
-        d.pop("alone_scale")
-        d.pop("shared_scale")
+        for learned in ("alone_scale", "shared_scale", "since_split"):
+            d.pop(learned)
         return d
 
 
