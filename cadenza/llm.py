@@ -192,7 +192,10 @@ class LLM:
             if self.device.type != "cuda":
                 raise CadenzaError("gpu_memory is needed for the emulated GPU side on device='cpu'.")
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = max(0, free - max(GiB, total // 20))  # leave room for the CUDA context and other users
+            # what is free plus what this process already holds (a re-plan reuses the GPU memory of the old
+            # placement), less room for the CUDA context and other users
+            held = torch.cuda.memory_allocated(self.device)
+            budget = max(0, free + held - max(GiB, total // 20))
         else:
             budget = parse_size(gpu_memory)
         top_k = getattr(self.config, "num_experts_per_tok", 2)
