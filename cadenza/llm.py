@@ -194,7 +194,7 @@ class LLM:
             free, total = torch.cuda.mem_get_info(self.device)
             # what is free plus what this process already holds (a re-plan reuses the GPU memory of the old
             # placement), less room for the CUDA context and other users
-            held = torch.cuda.memory_allocated(self.device)
+            held = torch.cuda.memory_reserved(self.device)
             budget = max(0, free + held - max(GiB, total // 20))
         else:
             budget = parse_size(gpu_memory)
