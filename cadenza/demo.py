@@ -23,22 +23,12 @@ def cache_dir() -> Path:
 
 
 def demo_config(vocab_size: int, bos: int | None, eos: list[int]) -> dict:
+    """mixtral-tiny's shapes (the bench's CPU model) with the byte-level tokenizer's vocabulary, in fp32."""
+    from cadenza.bench.synthetic import SYNTHETIC_MODELS
+
     return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
+        **SYNTHETIC_MODELS["mixtral-tiny"],
         "vocab_size": vocab_size,
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
         "torch_dtype": "float32",
         "bos_token_id": bos,
         "eos_token_id": eos[0] if eos else None,

@@ -48,27 +48,17 @@ SYNTHETIC_MODELS: dict[str, dict] = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
-    "mixtral-tiny": {  # Mixtral's layout at laptop size: CPU-only machines and CI
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "vocab_size": 1024,
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "num_local_experts": 8,
-        "num_experts_per_tok": 2,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "hidden_act": "silu",
-        "sliding_window": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
+}
+# Mixtral's layout at laptop size: CPU-only machines and CI (the built-in demo model has these shapes too)
+SYNTHETIC_MODELS["mixtral-tiny"] = {
+    **SYNTHETIC_MODELS["mixtral-8x7b"],
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
 }
 
 EMBEDDING_STD = 0.02  # small, as trained embeddings are; the first RMSNorm rescales them anyway
