@@ -333,7 +333,13 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A decoder model and its LM head. `forward` returns float32 logits."""
+    """A decoder model and its LM head. `forward` returns float32 logits. Subclasses set `config` (ModelArgs),
+    `model` (a DecoderModel) and `lm_head`."""
+
+    def new_cache(self, max_length: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> KVCache:
+        """A KV cache for this model's attention (families with another cache layout override this)."""
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_length, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only)."""

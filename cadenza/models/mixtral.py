@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cadenza.kv_cache import KVCache
 from cadenza.models.args import ModelArgs
 from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, RotaryEmbedding
 from cadenza.moe.experts import Experts
@@ -92,7 +91,3 @@ class MixtralForCausalLM(CausalLM):
         self.config = config
         self.model = MixtralModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def new_cache(self, max_length: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> KVCache:
-        c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_length, dtype, device)
