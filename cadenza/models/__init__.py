@@ -29,6 +29,11 @@ class Family:
 
 ARCHITECTURES: dict[str, Family] = {
     "MixtralForCausalLM": Family("mixtral", "MixtralConfig", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": Family("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "OlmoeForCausalLM": Family("olmoe", "OlmoeConfig", "OlmoeForCausalLM"),
+    "PhimoeForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
+    "PhiMoEForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),  # the name Phi-3.5-MoE's hub config uses
 }
 
 
