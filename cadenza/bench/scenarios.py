@@ -16,8 +16,11 @@ import torch
 from cadenza.bench.report import BenchResult, plot_budget_sweep, result_path, write_results
 from cadenza.errors import CadenzaError
 
-SCENARIOS = ("D1", "P1", "S1")
+SCENARIOS = ("D1", "P1", "S1", "F1")
+DEFAULT_SCENARIOS = "D1,P1,S1"  # F1 runs another model: ask for it alone
 D1_BUDGET_GIB = 24
+F1_BUDGET_GIB = 8  # qwen3-30b-a3b: 48 layers, 8 small experts per token: where per-call overhead shows
+F1_MODEL = "qwen3-30b-a3b"
 D1_POLICIES = ("auto", "cpu", "fetch")
 P1_POLICIES = ("auto", "cpu")
 P1_PROMPTS = (512, 2048)
@@ -40,7 +43,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help=f"synthetic model: {', '.join(SYNTHETIC_MODELS)} (default: mixtral-8x7b with CUDA, mixtral-tiny without)",
     )
-    p.add_argument("--scenario", default=",".join(SCENARIOS), help="comma-separated scenarios (default D1,P1,S1)")
+    p.add_argument(
+        "--scenario",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated scenarios (default {DEFAULT_SCENARIOS}); F1 (qwen3-30b-a3b, 8 GiB) runs on its own",
+    )
     p.add_argument("--out", default="benchmarks/results", help="folder for the results (default benchmarks/results)")
     p.add_argument("--trials", type=int, default=3, help="measured trials after one warm-up; the median is reported")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
@@ -121,6 +128,8 @@ def plan_configs(
     for s in scenarios:
         if s == "D1":
             out += [RunConfig("D1", pol, D1_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
+        elif s == "F1":
+            out += [RunConfig("F1", pol, F1_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
         elif s == "P1":
             prompts = list(dict.fromkeys(prompt(n) for n in P1_PROMPTS))
             out += [RunConfig("P1", pol, D1_BUDGET_GIB, n, 1) for n in prompts for pol in P1_POLICIES]
@@ -202,7 +211,10 @@ def run_bench(args: argparse.Namespace) -> int:
     scenarios = parse_scenarios(args.scenario)
     budgets = parse_budgets(args.budgets)
     device = resolve_device(args.device)
-    model = args.model or ("mixtral-8x7b" if device.type == "cuda" else "mixtral-tiny")
+    if "F1" in scenarios and len(scenarios) > 1:
+        raise CadenzaError("F1 measures another model (qwen3-30b-a3b): run --scenario F1 on its own.")
+    default = F1_MODEL if scenarios == ["F1"] else "mixtral-8x7b"
+    model = args.model or (default if device.type == "cuda" else "mixtral-tiny")
     ckpt = SyntheticCheckpoint(model, seed=args.seed)
     baseline = args.baseline if args.baseline is not None else device.type == "cuda"
     baseline = baseline and "D1" in scenarios

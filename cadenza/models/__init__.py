@@ -33,7 +33,8 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen3MoeForCausalLM": Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "OlmoeForCausalLM": Family("olmoe", "OlmoeConfig", "OlmoeForCausalLM"),
     "PhimoeForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
-    "PhiMoEForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),  # the name Phi-3.5-MoE's hub config uses
+    # the name Phi-3.5-MoE's config.json on the hub uses
+    "PhiMoEForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
 }
 
 
