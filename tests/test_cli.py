@@ -93,3 +93,22 @@ def test_console_script_installed():
     assert exe is not None, "the `cadenza` command is not on PATH: install the package (see README)"
     r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("cadenza ")
+
+
+def test_info_placement_and_cost_model(mixtral_dir, tmp_path):
+    from cadenza.moe.costmodel import CostModel, save_cached
+
+    cache = tmp_path / "cache"
+    key = "Test CPU | Test GPU | 15 threads | expert 64x96 torch.float32 | torch x"
+    save_cached(cache, CostModel(key, 73728, (1e-4, 1e-6), (2e-5, 1e-7), 50.0))
+    path = str(mixtral_dir[0])
+    r = cli("info", "--model", path, "--gpu-memory", "300MiB", "--json", env={"CADENZA_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["placement"]["budget_bytes"] == 300 * 2**20
+    assert d["placement"]["resident_count"] == d["placement"]["total_experts"]  # the tiny model fits
+    assert list(d["cost_models"]) == [key]
+    text = cli("info", "--model", path, "--gpu-memory", "300MiB", env={"CADENZA_CACHE": str(cache)}).stdout
+    assert "placement" in text and "fetch beats CPU" in text
+    small = cli("info", "--model", path, "--gpu-memory", "1MiB")
+    assert small.returncode == 2 and "too small" in small.stderr
