@@ -36,7 +36,9 @@ class OlmoeConfig(ModelArgs):
         # transformers' OlmoeConfig defaults rms_norm_eps to 1e-5 (not ModelArgs' 1e-6) when config.json omits it
         cfg = {"rms_norm_eps": 1e-5, **cfg}
         # "num_local_experts" is the alias transformers' attribute_map accepts for "num_experts"
-        experts_key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+        experts_key = (
+            "num_local_experts" if cfg.get("num_experts") is None and "num_local_experts" in cfg else "num_experts"
+        )
         clip = cfg.get("clip_qkv")
         return cls(
             **cls.common_fields(cfg),

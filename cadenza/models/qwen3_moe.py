@@ -1,0 +1,165 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B), following transformers/models/qwen3_moe/modeling_qwen3_moe.py
+(same class and parameter names).
+
+What sets it apart from Mixtral: per-head RMSNorm on q and k (over head_dim, before rotary), an explicit head_dim
+unrelated to hidden_size / heads, many small experts (128, top-8) with optional renormalisation of the top-k
+weights (`norm_topk_prob`), and dense MLP layers mixed in (`mlp_only_layers`, `decoder_sparse_step`).
+
+Shape legend: B batch, T new tokens, H hidden size, N query heads, K key/value heads, D head dim, E experts,
+k experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cadenza.errors import CadenzaError
+from cadenza.models.args import ModelArgs
+from cadenza.models.common import MLP, Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, RotaryEmbedding
+from cadenza.moe.experts import Experts
+from cadenza.moe.routing import softmax_topk
+
+
+@dataclass
+class Qwen3MoeConfig(ModelArgs):
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    attention_bias: bool = False
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> Qwen3MoeConfig:
+        # The hub's config.json says "num_experts"; transformers 5's save_pretrained writes "num_local_experts"
+        # (its Qwen3MoeConfig maps one name onto the other).
+        num_experts = cfg.get("num_experts")
+        if num_experts is None:
+            num_experts = cls.require(cfg, "num_local_experts")
+        # transformers keeps sliding_window only when use_sliding_window is set, then on every layer: unlike
+        # dense Qwen3, its Qwen3-MoE ignores max_window_layers.
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+        config = cls(
+            **cls.common_fields(cfg),
+            num_experts=num_experts,
+            num_experts_per_tok=cls.require(cfg, "num_experts_per_tok"),
+            moe_intermediate_size=cls.require(cfg, "moe_intermediate_size"),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            decoder_sparse_step=cfg.get("decoder_sparse_step", 1),
+            mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            sliding_window=window,
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Values transformers would crash on, reported as the config mistake they are."""
+        if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step < 1:
+            raise CadenzaError(
+                f"config.json has decoder_sparse_step={self.decoder_sparse_step!r}; it must be an integer >= 1 "
+                "(1: every layer is MoE). Correct it in config.json."
+            )
+        sparse = any(self.is_sparse(i) for i in range(self.num_hidden_layers))
+        if sparse and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise CadenzaError(
+                f"config.json routes each token to num_experts_per_tok={self.num_experts_per_tok} of "
+                f"num_experts={self.num_experts} experts; it must be between 1 and num_experts. Correct config.json."
+            )
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` has routed experts (else a dense MLP of intermediate_size)."""
+        return (
+            layer_idx not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+
+class Qwen3MoeAttention(Attention):
+    """Attention with RMSNorm over each head's D features of q and k, applied before rotary."""
+
+    def __init__(self, config: Qwen3MoeConfig, layer_idx: int):
+        super().__init__(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            layer_idx,
+            qkv_bias=config.attention_bias,
+            o_bias=config.attention_bias,  # transformers gives o_proj the same bias switch as q/k/v
+        )
+        self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, T, H] -> q [B, N, T, D], k and v [B, K, T, D]."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+
+class Qwen3MoeMLP(MLP):
+    """The dense layers' SwiGLU MLP (mlp_only_layers, layers between sparse steps)."""
+
+
+class Qwen3MoeSparseMoeBlock(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        # the router: transformers' Qwen3MoeTopKRouter holds one [E, H] weight, checkpoint name mlp.gate.weight
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size, config.hidden_act
+        )  # checkpoint: mlp.experts.{e}.gate_proj / up_proj / down_proj
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, t, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)  # [B*T, H]
+        router_logits = self.gate(x)  # [B*T, E]
+        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.norm_topk_prob)  # [B*T, k]
+        # transformers rounds the routing weights to the compute dtype (a no-op in fp32); so do we
+        topk_weights = topk_weights.to(router_logits.dtype).float()
+        return self.experts(x, topk_ids, topk_weights).reshape(b, t, h)
+
+
+class Qwen3MoeDecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Qwen3MoeAttention(config, layer_idx)
+        if config.is_sparse(layer_idx):
+            self.mlp: nn.Module = Qwen3MoeSparseMoeBlock(config)
+        else:
+            self.mlp = Qwen3MoeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class Qwen3MoeModel(DecoderModel):
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.sliding_window = config.sliding_window
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen3MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+
+
+class Qwen3MoeForCausalLM(CausalLM):
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -1,0 +1,196 @@
+"""OLMoE computed by cadenza equals transformers' OlmoeForCausalLM on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza.cli import describe
+from tests.conftest import VOCAB, edit_config, save_hf_model
+from tests.test_offload import budget_for
+
+TOL = 1e-4
+
+
+def tiny_olmoe_config(**overrides):
+    from transformers import OlmoeConfig
+
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,  # OLMoE-1B-7B has no GQA
+        num_experts=8,
+        num_experts_per_tok=3,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        pad_token_id=None,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    kw.update(overrides)
+    return OlmoeConfig(**kw)
+
+
+def make_olmoe(path, seed: int = 0, **overrides):
+    """A tiny random OlmoeForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
+    from transformers import OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = OlmoeForCausalLM(tiny_olmoe_config(**overrides)).eval()
+    # widen transformers' tiny init so routing is not degenerate; norm weights away from 1 so that a q_norm/k_norm
+    # mix-up (same shape without GQA) would show
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            else:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    save_hf_model(model, path)
+    return path, model
+
+
+def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def prompt_ids(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def max_diff(path, hf, ids) -> float:
+    return (LLM(path, device="cpu", dtype="float32").score(ids) - reference_logits(hf, ids)).abs().max().item()
+
+
+CONFIGS = {
+    # OLMoE-1B-7B's switches: no GQA, no clip, norm_topk_prob false
+    "mha-top3-of-8-unnormed": {},
+    "gqa2-top2-of-6-clip-normed": dict(
+        num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, clip_qkv=0.8, norm_topk_prob=True
+    ),
+    "gqa4-of-8-heads-top1": dict(num_attention_heads=8, num_key_value_heads=2, num_experts_per_tok=1),
+    "tied-clip-unnormed": dict(tie_word_embeddings=True, clip_qkv=1.5),
+    "attention-bias": dict(attention_bias=True, num_key_value_heads=2),
+    "rope-linear": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0}),
+}
+
+
+@pytest.fixture(scope="module")
+def gqa_clip(tmp_path_factory):
+    """GQA, clip_qkv and norm_topk_prob on, 3 layers: generation, switches and the hybrid path share it."""
+    return make_olmoe(tmp_path_factory.mktemp("olmoe"), num_hidden_layers=3, **CONFIGS["gqa2-top2-of-6-clip-normed"])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_score_matches_transformers(tmp_path, name):
+    path, hf = make_olmoe(tmp_path / name, **CONFIGS[name])
+    ids = prompt_ids(24)
+    got = LLM(path, device="cpu", dtype="float32").score(ids)
+    assert got.shape == (24, VOCAB)
+    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    if CONFIGS[name].get("tie_word_embeddings"):  # the tied checkpoint really has no lm_head to read
+        assert "lm_head.weight" not in _tensor_names(path)
+
+
+def _tensor_names(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [dict(clip_qkv=None), dict(norm_topk_prob=False), dict(clip_qkv=0.3)],
+    ids=["clip-off", "norm-topk-off", "clip-tighter"],
+)
+def test_switches_flip_both_ways(gqa_clip, tmp_path, switch):
+    """The same weights with a switch flipped in config.json: cadenza follows transformers, and the switch
+    really changes the logits (so the other configs exercise it)."""
+    import shutil
+
+    from transformers import OlmoeForCausalLM
+
+    path, hf = gqa_clip
+    flipped = tmp_path / "flipped"
+    shutil.copytree(path, flipped)
+    edit_config(flipped, **switch)
+    hf_flipped = OlmoeForCausalLM.from_pretrained(flipped, dtype=torch.float32).eval()
+    ids = prompt_ids(20, seed=3)
+    got = LLM(flipped, device="cpu", dtype="float32").score(ids)
+    assert (got - reference_logits(hf_flipped, ids)).abs().max().item() <= TOL
+    assert (got - reference_logits(hf, ids)).abs().max().item() > 1e-2
+
+
+def test_hub_style_config(tmp_path):
+    """config.json as the hub ships it (rope_theta + rope_scaling with "type", no rms_norm_eps default spelled
+    out differently) gives the same logits as the transformers-5 form (rope_parameters)."""
+    rope = {"rope_type": "linear", "factor": 3.0, "rope_theta": 20000.0}
+    path, hf = make_olmoe(tmp_path / "hub", rope_parameters=rope, num_key_value_heads=2)
+    edit_config(path, rope_parameters=None, rope_theta=20000.0, rope_scaling={"type": "linear", "factor": 3.0})
+    assert max_diff(path, hf, prompt_ids(16)) <= TOL
+
+
+def test_greedy_generation_matches_transformers(gqa_clip):
+    path, hf = gqa_clip
+    llm = LLM(path, device="cpu", dtype="float32")
+    ids = prompt_ids(10)
+    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, 10, dtype=torch.long), max_new_tokens=32, do_sample=False
+        )
+    assert out.token_ids == ref[0, 10:].tolist()
+    assert len(out.token_ids) == 32 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+def test_hybrid_equals_single_device(gqa_clip, policy):
+    """Some experts off the (emulated) GPU: every policy computes the all-resident model."""
+    path, _ = gqa_clip
+    ids = prompt_ids(20, seed=5)
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    ref = LLM(path, device="cpu", dtype="float32")
+    want_logits, want_tokens = ref.score(ids), ref.generate(ids[:6], greedy).token_ids
+    slots = 0 if policy == "cpu" else 2
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 7, slots), offload_policy=policy)
+    try:
+        assert llm.placement.resident_count == 7  # of 3 layers x 6 experts
+        assert (llm.score(ids) - want_logits).abs().max().item() <= TOL
+        out = llm.generate(ids[:6], greedy)
+        assert out.token_ids == want_tokens
+        assert out.stats.expert_work["cpu"] + out.stats.expert_work["fetched"] > 0
+    finally:
+        llm.close()
+
+
+def test_describe_counts(gqa_clip, tmp_path):
+    path, hf = gqa_clip
+    info = describe(path)
+    experts = sum(
+        layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel() for layer in hf.model.layers
+    )
+    assert info["architecture"] == "OlmoeForCausalLM" and info["model_type"] == "olmoe"
+    assert (info["layers"], info["moe_layers"], info["experts_per_layer"], info["experts_per_token"]) == (3, 3, 6, 2)
+    assert (info["attention_heads"], info["kv_heads"], info["head_dim"]) == (4, 2, 16)
+    assert info["parameters"] == sum(p.numel() for p in hf.parameters())
+    assert info["expert_parameters"] == experts
+    # tied embeddings count once, as transformers' parameters() does
+    tied_path, tied_hf = make_olmoe(tmp_path / "tied", tie_word_embeddings=True, num_hidden_layers=1)
+    assert describe(tied_path)["parameters"] == sum(p.numel() for p in tied_hf.parameters())
+
+
+def test_missing_config_key_is_a_clear_error(gqa_clip, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(gqa_clip[0], bad)
+    edit_config(bad, num_experts=None)
+    with pytest.raises(CadenzaError, match="num_experts"):
+        LLM(bad, device="cpu", dtype="float32")

@@ -1,0 +1,222 @@
+"""Qwen3-MoE computed by cadenza equals transformers' Qwen3MoeForCausalLM on tiny random checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza.cli import describe
+from tests.conftest import VOCAB, edit_config, save_hf_model
+from tests.test_offload import budget_for
+
+TOL = 1e-4
+
+
+def tiny_qwen3_moe_config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,  # the dense layers
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # not hidden_size / heads (16), as in the real models (2048 / 32 heads, head_dim 128)
+        num_experts=16,
+        num_experts_per_tok=4,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    kw.update(overrides)
+    return Qwen3MoeConfig(**kw)
+
+
+def make_qwen3_moe(path: Path, seed: int = 0, **overrides):
+    """A tiny random Qwen3MoeForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(**overrides)).eval()
+    # widen transformers' std-0.02 init so routing and logits are not degenerate; q/k norm weights (init 1) too,
+    # so a wrong norm cannot hide behind all-ones weights
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")) or name.endswith("bias"):
+                p.uniform_(0.5, 1.5)
+    save_hf_model(model, path)
+    return path, model
+
+
+def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def prompt_ids(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def max_diff(path: Path, hf, n: int = 24) -> float:
+    ids = prompt_ids(n)
+    got = LLM(path, device="cpu", dtype="float32").score(ids)
+    assert got.shape == (n, VOCAB)
+    return (got - reference_logits(hf, ids)).abs().max().item()
+
+
+CONFIGS = {
+    # top-4 of 16 weights as the softmax gives them; layer 1 dense
+    "top4-of-16-dense-layer-1": dict(norm_topk_prob=False, mlp_only_layers=[1]),
+    # renormalised top-k; MoE only on layers 1 and 3 (decoder_sparse_step=2); q/k/v/o biases; a 7-token window
+    "renorm-sparse-step-2-bias-window": dict(
+        num_hidden_layers=4,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+        attention_bias=True,
+        use_sliding_window=True,
+        sliding_window=7,
+        tie_word_embeddings=True,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    # the real models' routing width (top-8) and a long-context yarn rope as Qwen3's model cards configure it
+    "top8-of-32-yarn": dict(
+        num_experts=32,
+        num_experts_per_tok=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=16,
+        norm_topk_prob=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "rope_theta": 1e6,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_score_matches_transformers(tmp_path, name):
+    path, hf = make_qwen3_moe(tmp_path / name, **CONFIGS[name])
+    assert max_diff(path, hf) <= TOL
+
+
+def test_hub_style_config(tmp_path):
+    """config.json as the hub ships it: "num_experts" (not transformers 5's "num_local_experts"), rope_theta and
+    rope_scaling with a yarn "rope_type", and sliding_window given but switched off by use_sliding_window."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 64}
+    path, hf = make_qwen3_moe(tmp_path / "hub", rope_parameters=rope, norm_topk_prob=True)
+    edit_config(
+        path,
+        num_local_experts=None,
+        num_experts=16,
+        rope_parameters=None,
+        rope_theta=1e6,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        use_sliding_window=False,
+        sliding_window=4,  # ignored, as transformers ignores it: the prompt is longer than 4
+        max_window_layers=1,
+    )
+    assert max_diff(path, hf) <= TOL
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    return make_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"), **CONFIGS["top4-of-16-dense-layer-1"])
+
+
+def greedy_reference(hf, ids: list[int], n: int) -> list[int]:
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+        )
+    return ref[0, len(ids) :].tolist()
+
+
+def test_greedy_generation_matches_transformers(qwen3_dir):
+    path, hf = qwen3_dir
+    ids = prompt_ids(10)
+    out = LLM(path, device="cpu", dtype="float32").generate(
+        ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    )
+    assert out.token_ids == greedy_reference(hf, ids, 32)
+    assert len(out.token_ids) == 32 and out.finish_reason == "length"
+
+
+def test_greedy_generation_sliding_window_past_window(tmp_path):
+    """Decode steps beyond the window see only the last `sliding_window` keys, as in transformers."""
+    path, hf = make_qwen3_moe(tmp_path / "sw", use_sliding_window=True, sliding_window=6, norm_topk_prob=True)
+    ids = prompt_ids(9)
+    out = LLM(path, device="cpu", dtype="float32").generate(
+        ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    )
+    assert out.token_ids == greedy_reference(hf, ids, 32)
+
+
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+def test_hybrid_equals_all_resident(qwen3_dir, policy):
+    """Experts split between the emulated GPU and the host compute the same model; dense layers stay out of it."""
+    path, _ = qwen3_dir
+    prompt = prompt_ids(20)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ref = LLM(path, device="cpu", dtype="float32")
+    want_logits, want_tokens = ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+    slots = 0 if policy == "cpu" else 4  # fetching policies reserve top_k slots
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 5, slots), offload_policy=policy)
+    try:
+        assert llm.placement.resident_count == 5  # of 2 MoE layers x 16 experts
+        assert (llm.score(prompt) - want_logits).abs().max().item() <= TOL
+        out = llm.generate(prompt[:6], greedy)
+        assert out.token_ids == want_tokens
+        assert sum(out.stats.expert_work.values()) == (6 + 7) * 2 * 4  # (prompt + decode steps) x MoE layers x top-4
+    finally:
+        llm.close()
+
+
+def test_info_counts(qwen3_dir, tmp_path):
+    path, hf = qwen3_dir
+    d = describe(path)
+    assert (d["layers"], d["moe_layers"]) == (3, 2)
+    assert (d["experts_per_layer"], d["experts_per_token"], d["expert_intermediate_size"]) == (16, 4, 32)
+    assert d["head_dim"] == 24
+    assert d["parameters"] == sum(p.numel() for p in hf.parameters())
+    assert d["expert_parameters"] == 2 * 16 * 3 * 64 * 32
+    # tied embeddings count once, as transformers' parameters() does
+    tied_path, tied_hf = make_qwen3_moe(tmp_path / "tied", **CONFIGS["renorm-sparse-step-2-bias-window"])
+    d = describe(tied_path)
+    assert (d["layers"], d["moe_layers"]) == (4, 2)
+    assert d["parameters"] == sum(p.numel() for p in tied_hf.parameters())
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(num_local_experts=None, num_experts=None), "num_local_experts"),
+        (dict(moe_intermediate_size=None), "moe_intermediate_size"),
+        (dict(decoder_sparse_step=0), "decoder_sparse_step"),
+        (dict(num_experts_per_tok=17), "num_experts_per_tok"),
+    ],
+)
+def test_config_mistakes_are_clear(qwen3_dir, tmp_path, changes, match):
+    import shutil
+
+    path = shutil.copytree(qwen3_dir[0], tmp_path / "bad")
+    edit_config(path, **changes)
+    with pytest.raises(CadenzaError, match=match):
+        LLM(path, device="cpu", dtype="float32")
