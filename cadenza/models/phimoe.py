@@ -1,0 +1,204 @@
+"""Phi-3.5-MoE, following transformers/models/phimoe/modeling_phimoe.py (same class names).
+
+What sets it apart from Mixtral: the sparsemixer router (top-2 chosen one after the other, each weighted by a
+softmax over only the experts whose logit lies within a relative 2 * router_jitter_noise of the pick), LayerNorm
+with bias instead of RMSNorm, biases on q/k/v/o and on the LM head, and LongRoPE whose cos/sin are scaled by the
+config's short_mscale / long_mscale. Parameter names follow the hub's checkpoints (`block_sparse_moe.gate`, experts
+`w1`/`w3`/`w2`); transformers 5 renames them on load and its save_pretrained writes this layout back.
+
+Shape legend: B batch, T new tokens, H hidden size, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cadenza.kv_cache import KVCache
+from cadenza.models.args import ModelArgs
+from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RopeParameters, RotaryEmbedding
+from cadenza.moe.experts import Experts
+
+
+@dataclass
+class PhimoeConfig(ModelArgs):
+    num_local_experts: int = 16
+    num_experts_per_tok: int = 2
+    router_jitter_noise: float = 0.01
+    attention_bias: bool = False
+    lm_head_bias: bool = False
+    sliding_window: int | None = None
+
+    DEFAULT_ROPE_THETA = 1e6
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> PhimoeConfig:
+        # transformers' PhimoeConfig defaults rms_norm_eps (the LayerNorm eps here) to 1e-5 when config.json omits it
+        cfg = {"rms_norm_eps": 1e-5, **cfg}
+        return cls(
+            **cls.common_fields(cfg),
+            num_local_experts=cls.require(cfg, "num_local_experts"),
+            # sparsemixer picks exactly two experts whatever num_experts_per_tok says (as transformers computes)
+            num_experts_per_tok=2,
+            router_jitter_noise=float(cfg.get("router_jitter_noise", 0.01)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            lm_head_bias=bool(cfg.get("lm_head_bias", False)),
+            sliding_window=cfg.get("sliding_window"),
+        )
+
+
+# --- rotary: LongRoPE with Phi's own mscale ---------------------------------------------------------------------
+
+
+class PhimoeRotaryEmbedding(RotaryEmbedding):
+    """The shared tables (LongRoPE: short factors up to original_max_position_embeddings, long factors past it),
+    scaled by short_mscale / long_mscale from the config instead of LongRoPE's derived attention factor (Phi-3.5-MoE:
+    1.2432 against the derived 1.1902).
+
+    transformers 5 computes its frequencies without the sequence length, so it always takes the short factors (only
+    its mscale switches); the long ones apply here past the switch, as in transformers 4.x and Phi-3.5-MoE's own code.
+    """
+
+    def __init__(self, rope: RopeParameters, head_dim: int, max_position_embeddings: int):
+        super().__init__(rope, head_dim, max_position_embeddings)
+        x = self.extra
+        self.short_mscale, self.long_mscale = x.get("short_mscale"), x.get("long_mscale")
+        switches = rope.rope_type == "longrope" or (self.short_mscale is not None and self.long_mscale is not None)
+        # the length past which the tables (or their mscale) change; None: they never do
+        self.switch_at: int | None = (
+            x.get("original_max_position_embeddings") if rope.rope_type != "default" and switches else None
+        )
+
+    def _update(self, seq_len: int) -> None:
+        # the shared hook that picks short or long tables for a pass's length; the mscale follows the same choice
+        super()._update(seq_len)
+        if self.switch_at is not None and self.short_mscale is not None and self.long_mscale is not None:
+            self.attention_scaling = float(self.long_mscale if seq_len > self.switch_at else self.short_mscale)
+
+
+# --- routing ------------------------------------------------------------------------------------------------------
+
+
+def sparsemixer(scores: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-MoE's router at inference: scores [T, E] -> (multiplier [T, 2], selected_experts [T, 2]).
+
+    Each of the two picks is the largest remaining logit; its weight is its softmax probability among the
+    experts whose logit is within a relative 2 * jitter_eps of it (all others masked to -inf), the first pick
+    excluded from the second's softmax. The two weights are not renormalised. Training samples instead (Gumbel).
+    """
+    weights, picks = [], []
+    remaining = scores  # [T, E]; experts already picked are -inf
+    for _ in range(2):
+        top, idx = remaining.max(dim=-1, keepdim=True)  # [T, 1]
+        # relative distance to the pick, measured on the raw scores (the reference's exact formula)
+        factor = scores.abs().clamp(min=top)
+        far = ((top - scores) / factor) > (2 * jitter_eps)  # [T, E]
+        gates = torch.softmax(remaining.masked_fill(far, float("-inf")), dim=-1)
+        weights.append(gates.gather(-1, idx))
+        picks.append(idx)
+        remaining = remaining.scatter(-1, idx, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(picks, dim=-1)
+
+
+class PhimoeSparseMoeBlock(nn.Module):
+    def __init__(self, config: PhimoeConfig):
+        super().__init__()
+        self.router_jitter_noise = config.router_jitter_noise
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = Experts(
+            config.num_local_experts,
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            names=("w1", "w3", "w2"),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, t, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)  # [B*T, H]
+        router_logits = self.gate(x)  # [B*T, E], in the compute dtype as the reference keeps it
+        topk_weights, topk_ids = sparsemixer(router_logits, self.router_jitter_noise)
+        return self.experts(x, topk_ids, topk_weights.float()).reshape(b, t, h)
+
+
+# --- the decoder --------------------------------------------------------------------------------------------------
+
+
+class PhimoeAttention(Attention):
+    """Plain GQA attention; attention_bias puts a bias on all four projections, o_proj included."""
+
+    def __init__(self, config: PhimoeConfig, layer_idx: int):
+        bias = config.attention_bias
+        super().__init__(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            layer_idx,
+            qkv_bias=bias,
+            o_bias=bias,
+        )
+
+
+class PhimoeDecoderLayer(nn.Module):
+    def __init__(self, config: PhimoeConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = PhimoeAttention(config, layer_idx)
+        self.block_sparse_moe = PhimoeSparseMoeBlock(config)
+        # LayerNorm with weight and bias; its eps is config.rms_norm_eps, as in the reference
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
+        return hidden_states + self.block_sparse_moe(self.post_attention_layernorm(hidden_states))
+
+
+class PhimoeModel(DecoderModel):
+    def __init__(self, config: PhimoeConfig):
+        super().__init__()
+        self.sliding_window = config.sliding_window
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(PhimoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = PhimoeRotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+
+
+class PhimoeKVCache(KVCache):
+    """The KV cache plus the token ids it holds: crossing the LongRoPE switch re-runs them (see forward)."""
+
+    token_ids: torch.Tensor | None = None  # [B, max_length], filled up to `length`
+
+    def remember(self, input_ids: torch.Tensor, start: int) -> None:
+        if self.token_ids is None:
+            self.token_ids = torch.empty((self.batch, self.max_length), dtype=torch.long, device=input_ids.device)
+        self.token_ids[:, start : start + input_ids.shape[1]] = input_ids
+
+
+class PhimoeForCausalLM(CausalLM):
+    def __init__(self, config: PhimoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = PhimoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+
+    def new_cache(self, max_length: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> KVCache:
+        c = self.config
+        return PhimoeKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_length, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+        t, start = input_ids.shape[1], cache.length
+        switch_at = self.model.rotary_emb.switch_at
+        if switch_at is not None and isinstance(cache, PhimoeKVCache):
+            if 0 < start <= switch_at < start + t and cache.token_ids is not None:
+                # The sequence passes the LongRoPE switch: keys cached with the short factors no longer fit. As
+                # the reference's generate (and Phi-3.5's own code) does, run the whole sequence again, all long.
+                input_ids = torch.cat((cache.token_ids[:, :start], input_ids), dim=1)
+                cache.length = start = 0
+            cache.remember(input_ids, start)
+        h = self.model(input_ids, cache)
+        h = h[:, -1:] if last_only else h[:, -t:]
+        return self.lm_head(h).float()
