@@ -75,6 +75,17 @@ def make_mixtral(path: Path, seed: int = 0, dtype: torch.dtype | None = None, sa
     return path, model
 
 
+def budget_for(path, residents: int, slots: int = 2) -> int:
+    """A GPU budget (bytes) for the emulated GPU side that leaves room for `residents` experts plus `slots` fetch
+    slots (the auto and fetch policies reserve max(2, top_k) slots; the cpu policy none)."""
+    from cadenza import LLM
+
+    probe = LLM(path, device="cpu", dtype="float32", gpu_memory="1GiB")
+    p = probe.placement
+    probe.close()
+    return p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes
+
+
 def edit_config(path: Path, **changes) -> None:
     cfg = json.loads((path / "config.json").read_text())
     for k, v in changes.items():

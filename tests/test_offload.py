@@ -9,7 +9,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.moe.cache import SlotCache
 from cadenza.moe.costmodel import CostModel, _fit_line
-from tests.conftest import make_mixtral
+from tests.conftest import budget_for, make_mixtral
 
 TOL = 1e-4
 PROMPT = list(range(3, 40))
@@ -22,14 +22,6 @@ def moe8(tmp_path_factory):
     ref = LLM(path, device="cpu", dtype="float32")
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     return path, ref.score(PROMPT), ref.generate(PROMPT[:6], greedy).token_ids
-
-
-def budget_for(path, residents: int, slots: int = 2) -> int:
-    """The budget that leaves room for `residents` experts plus `slots` fetch slots."""
-    probe = LLM(path, device="cpu", dtype="float32", gpu_memory="1GiB")
-    p = probe.placement
-    probe.close()
-    return p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])

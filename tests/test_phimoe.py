@@ -18,8 +18,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli import describe
 from cadenza.models.phimoe import sparsemixer
-from tests.conftest import VOCAB, edit_config, save_hf_model
-from tests.test_offload import budget_for
+from tests.conftest import VOCAB, budget_for, edit_config, save_hf_model
 
 TOL = 1e-4
 ORIG = 16  # original_max_position_embeddings of the LongRoPE checkpoints: prompts of 12 stay short, 40 go long

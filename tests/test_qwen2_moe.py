@@ -9,8 +9,7 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli import describe
-from tests.conftest import VOCAB, edit_config, save_hf_model
-from tests.test_offload import budget_for
+from tests.conftest import VOCAB, budget_for, edit_config, save_hf_model
 
 TOL = 1e-4
 GREEDY = dict(temperature=0, max_tokens=32, ignore_eos=True)
