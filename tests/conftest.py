@@ -75,6 +75,29 @@ def make_mixtral(path: Path, seed: int = 0, dtype: torch.dtype | None = None, sa
     return path, model
 
 
+def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    """transformers' float32 logits [len(ids), V] for one teacher-forced pass."""
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def reference_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `ids`, exactly n tokens (end-of-sequence ignored)."""
+    hf_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
+            do_sample=False,
+        )  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+def prompt_ids(n: int, seed: int = 1, vocab: int = VOCAB) -> list[int]:
+    """Seeded random token ids clear of the special ids 0-2."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
 def budget_for(path, residents: int, slots: int = 2) -> int:
     """A GPU budget (bytes) for the emulated GPU side that leaves room for `residents` experts plus `slots` fetch
     slots (the auto and fetch policies reserve max(2, top_k) slots; the cpu policy none)."""

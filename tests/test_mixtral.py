@@ -6,19 +6,9 @@ import pytest
 import torch
 
 from cadenza import LLM, SamplingParams
-from tests.conftest import edit_config, make_mixtral
+from tests.conftest import edit_config, make_mixtral, prompt_ids, reference_greedy, reference_logits
 
 TOL = 1e-4
-
-
-def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def prompt_ids(n: int, vocab: int = 320, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
 CONFIGS = {
@@ -85,12 +75,7 @@ def test_greedy_generation_matches_transformers(mixtral_dir):
     llm = LLM(path, device="cpu", dtype="float32")
     ids = prompt_ids(10)
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, 10, dtype=torch.long), max_new_tokens=32, do_sample=False
-        )
-    assert out.token_ids == ref[0, 10:].tolist()
+    assert out.token_ids == reference_greedy(hf, ids, 32)
     assert len(out.token_ids) == 32 and out.finish_reason == "length"
 
 
@@ -100,12 +85,7 @@ def test_greedy_generation_sliding_window_past_window(tmp_path):
     llm = LLM(path, device="cpu", dtype="float32")
     ids = prompt_ids(9)
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, 9, dtype=torch.long), max_new_tokens=20, do_sample=False
-        )
-    assert out.token_ids == ref[0, 9:].tolist()
+    assert out.token_ids == reference_greedy(hf, ids, 20)
 
 
 def test_sharded_checkpoint_loads_and_matches(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli import describe
-from tests.conftest import VOCAB, budget_for, edit_config, save_hf_model
+from tests.conftest import VOCAB, budget_for, edit_config, prompt_ids, reference_greedy, reference_logits, save_hf_model
 
 TOL = 1e-4
 
@@ -50,16 +50,6 @@ def make_olmoe(path, seed: int = 0, **overrides):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
     save_hf_model(model, path)
     return path, model
-
-
-def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def prompt_ids(n: int, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
 
 def max_diff(path, hf, ids) -> float:
@@ -140,12 +130,7 @@ def test_greedy_generation_matches_transformers(gqa_clip):
     llm = LLM(path, device="cpu", dtype="float32")
     ids = prompt_ids(10)
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, 10, dtype=torch.long), max_new_tokens=32, do_sample=False
-        )
-    assert out.token_ids == ref[0, 10:].tolist()
+    assert out.token_ids == reference_greedy(hf, ids, 32)
     assert len(out.token_ids) == 32 and out.finish_reason == "length"
 
 

@@ -18,7 +18,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli import describe
 from cadenza.models.phimoe import sparsemixer
-from tests.conftest import VOCAB, budget_for, edit_config, save_hf_model
+from tests.conftest import VOCAB, budget_for, edit_config, prompt_ids, reference_greedy, reference_logits, save_hf_model
 
 TOL = 1e-4
 ORIG = 16  # original_max_position_embeddings of the LongRoPE checkpoints: prompts of 12 stay short, 40 go long
@@ -98,28 +98,6 @@ def rope_by_length(hf):
 
     emb.forward = by_length
     return hf
-
-
-def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def reference_generate(hf_model, ids: list[int], n: int) -> list[int]:
-    hf_model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def prompt_ids(n: int, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
 
 def score(path, ids) -> torch.Tensor:
@@ -219,7 +197,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
     out = LLM(path, device="cpu", dtype="float32").generate(
         ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     )
-    assert out.token_ids == reference_generate(hf, ids, 32)
+    assert out.token_ids == reference_greedy(hf, ids, 32)
     assert len(out.token_ids) == 32 and out.finish_reason == "length"
 
 
@@ -231,7 +209,7 @@ def test_greedy_generation_across_the_longrope_switch(phi):
     out = LLM(path, device="cpu", dtype="float32").generate(
         ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     )
-    assert out.token_ids == reference_generate(rope_by_length(copy.deepcopy(hf)), ids, 32)
+    assert out.token_ids == reference_greedy(rope_by_length(copy.deepcopy(hf)), ids, 32)
 
 
 def test_chunked_prefill_across_the_switch(phi):

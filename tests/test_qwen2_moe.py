@@ -9,7 +9,7 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli import describe
-from tests.conftest import VOCAB, budget_for, edit_config, save_hf_model
+from tests.conftest import VOCAB, budget_for, edit_config, prompt_ids, reference_greedy, reference_logits, save_hf_model
 
 TOL = 1e-4
 GREEDY = dict(temperature=0, max_tokens=32, ignore_eos=True)
@@ -48,28 +48,6 @@ def make_qwen2_moe(path, seed: int = 0, **overrides):
                 p.normal_(1.0, 0.1)
     save_hf_model(model, path)
     return path, model
-
-
-def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def reference_greedy(hf_model, ids: list[int], n: int) -> list[int]:
-    hf_model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def prompt_ids(n: int, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
 
 CONFIGS = {

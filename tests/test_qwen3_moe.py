@@ -9,7 +9,7 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli import describe
-from tests.conftest import VOCAB, budget_for, edit_config, save_hf_model
+from tests.conftest import VOCAB, budget_for, edit_config, prompt_ids, reference_greedy, reference_logits, save_hf_model
 
 TOL = 1e-4
 
@@ -54,16 +54,6 @@ def make_qwen3_moe(path: Path, seed: int = 0, **overrides):
                 p.uniform_(0.5, 1.5)
     save_hf_model(model, path)
     return path, model
-
-
-def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def prompt_ids(n: int, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
 
 def max_diff(path: Path, hf, n: int = 24) -> float:
@@ -136,25 +126,13 @@ def qwen3_dir(tmp_path_factory):
     return make_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"), **CONFIGS["top4-of-16-dense-layer-1"])
 
 
-def greedy_reference(hf, ids: list[int], n: int) -> list[int]:
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-        )
-    return ref[0, len(ids) :].tolist()
-
-
 def test_greedy_generation_matches_transformers(qwen3_dir):
     path, hf = qwen3_dir
     ids = prompt_ids(10)
     out = LLM(path, device="cpu", dtype="float32").generate(
         ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     )
-    assert out.token_ids == greedy_reference(hf, ids, 32)
+    assert out.token_ids == reference_greedy(hf, ids, 32)
     assert len(out.token_ids) == 32 and out.finish_reason == "length"
 
 
@@ -165,7 +143,7 @@ def test_greedy_generation_sliding_window_past_window(tmp_path):
     out = LLM(path, device="cpu", dtype="float32").generate(
         ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     )
-    assert out.token_ids == greedy_reference(hf, ids, 32)
+    assert out.token_ids == reference_greedy(hf, ids, 32)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
