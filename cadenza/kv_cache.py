@@ -1,10 +1,17 @@
-"""Key/value cache: per layer one buffer for keys and one for values, grown in chunks up to the context limit.
+"""Attention caches with slots: one row per sequence, each row with its own length.
 
-Growing in chunks (rather than allocating the whole context up front) keeps a short CPU chat from reserving
-gigabytes for a 32k-token context; a fixed `capacity` gives static buffers where those are needed.
+A cache holds, per layer, a few named streams of shape [slots, heads, capacity, dim] (keys and values for ordinary
+attention; MLA's compressed latent and rope key for DeepSeek). A forward pass names the slots its batch rows use
+(`rows`) and each row appends at its own length, so sequences of different lengths decode together (continuous
+batching), beams are reordered by copying rows (`reorder`) and a slot is recycled with `reset`.
+
+Buffers grow in chunks (a short CPU chat does not reserve gigabytes for a 32k-token context); `reserve` allocates
+the whole capacity once where the cache must never grow (under a GPU budget).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -13,8 +20,116 @@ from cadenza.errors import CadenzaError
 CHUNK = 256  # tokens added to every layer's buffers when they fill
 
 
-class KVCache:
-    """Buffers [B, K, capacity, D] per layer; `length` positions of them are filled."""
+class Cache:
+    """Per layer, streams {name: [slots, heads, capacity, dim]}; `lengths[slot]` positions of a slot are filled."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        streams: dict[str, tuple[int, int]],  # name -> (heads, dim)
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.num_layers, self.batch, self.streams = num_layers, batch, dict(streams)
+        self.max_length, self.dtype, self.device = max_length, dtype, torch.device(device)
+        self.lengths = [0] * batch
+        self.capacity = 0
+        self.buffers: dict[str, list[torch.Tensor]] = {name: [] for name in self.streams}
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        """The longest slot (for a one-sequence cache: its length)."""
+        return max(self.lengths)
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.lengths = [value] * self.batch
+
+    def reserve(self) -> Cache:
+        """Allocates the whole context now: under a GPU budget the cache must never grow (a growth copy would
+        briefly hold two caches)."""
+        if self.capacity < self.max_length:
+            self._grow(self.max_length)
+        return self
+
+    def reset(self, slots: Sequence[int] | None = None) -> None:
+        """Empties the given slots (all by default); their memory is reused."""
+        for s in range(self.batch) if slots is None else slots:
+            self.lengths[s] = 0
+
+    def reorder(self, dst: Sequence[int], src: Sequence[int]) -> None:
+        """Slot dst[i] becomes a copy of slot src[i] (read before any is written): beam search's reordering."""
+        if list(dst) == list(src):
+            return
+        d = torch.tensor(list(dst), device=self.device)
+        s = torch.tensor(list(src), device=self.device)
+        n = max(self.lengths[i] for i in src)
+        for bufs in self.buffers.values():
+            for buf in bufs:
+                buf[:, :, :n].index_copy_(0, d, buf[:, :, :n].index_select(0, s))
+        old = list(self.lengths)
+        for i, j in zip(dst, src, strict=True):
+            self.lengths[i] = old[j]
+
+    def _grow(self, needed: int) -> None:
+        if needed > self.max_length:
+            raise CadenzaError(
+                f"The sequence reached {needed} tokens, beyond the context of {self.max_length} tokens. "
+                "Shorten the prompt or lower max_tokens."
+            )
+        new_cap = min(self.max_length, max(needed, self.capacity + CHUNK, 2 * self.capacity))
+        n = self.length
+        for name, (heads, dim) in self.streams.items():
+            old = self.buffers[name]
+            new = [
+                torch.empty((self.batch, heads, new_cap, dim), dtype=self.dtype, device=self.device)
+                for _ in range(self.num_layers)
+            ]
+            for i, buf in enumerate(old):
+                new[i][:, :, :n] = buf[:, :, :n]
+            self.buffers[name] = new
+        self.capacity = new_cap
+
+    # --- the write every attention layer makes ------------------------------------------------------------------
+
+    def write(self, layer: int, name: str, x: torch.Tensor, ctx) -> torch.Tensor:
+        """Appends x ([B, heads, T, dim]) to the pass's rows (`ctx.rows`, each at `ctx.starts[b]`) and returns the
+        rows' filled views [B, heads, S, dim], S = the longest row after the write. Positions past a shorter row's
+        end hold stale values: the pass's mask hides them."""
+        t = x.shape[2]
+        end = ctx.end
+        if end > self.capacity:
+            self._grow(end)
+        buf = self.buffers[name][layer]
+        if ctx.row_slice is not None:
+            rows = buf[ctx.row_slice]
+            if ctx.start is not None:
+                rows[:, :, ctx.start : ctx.start + t] = x
+            else:
+                rows[ctx.row_index_local, :, ctx.start_index] = x[:, :, 0]
+            return rows[:, :, :end]
+        if ctx.start is not None:
+            buf[ctx.row_index, :, ctx.start : ctx.start + t] = x
+        else:
+            buf[ctx.row_index, :, ctx.start_index] = x[:, :, 0]
+        return buf[:, :, :end].index_select(0, ctx.row_index)
+
+    def advance(self, rows: Sequence[int], t: int) -> None:
+        for r in rows:
+            self.lengths[r] += t
+
+    def nbytes_per_token(self) -> int:
+        """Bytes one position of one slot takes over all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * sum(h * d for h, d in self.streams.values()) * elem
+
+
+class KVCache(Cache):
+    """Keys and values per layer, [slots, K, capacity, D] each (ordinary multi-head / grouped-query attention)."""
 
     def __init__(
         self,
@@ -27,49 +142,10 @@ class KVCache:
         device: torch.device | str,
         v_head_dim: int | None = None,
     ):
-        self.num_layers, self.batch, self.num_kv_heads = num_layers, batch, num_kv_heads
-        self.head_dim, self.v_head_dim = head_dim, v_head_dim or head_dim
-        self.max_length, self.dtype, self.device = max_length, dtype, torch.device(device)
-        self.length = 0
-        self.capacity = 0
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
+        self.num_kv_heads, self.head_dim, self.v_head_dim = num_kv_heads, head_dim, v_head_dim or head_dim
+        streams = {"k": (num_kv_heads, head_dim), "v": (num_kv_heads, self.v_head_dim)}
+        super().__init__(num_layers, batch, streams, max_length, dtype, device)
 
-    def reserve(self) -> KVCache:
-        """Allocates the whole context now: under a GPU budget the cache must never grow (a growth copy would
-        briefly hold two caches)."""
-        if self.capacity < self.max_length:
-            self._grow(self.max_length)
-        return self
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def _grow(self, needed: int) -> None:
-        if needed > self.max_length:
-            raise CadenzaError(
-                f"The sequence reached {needed} tokens, beyond the context of {self.max_length} tokens. "
-                "Shorten the prompt or lower max_tokens."
-            )
-        new_cap = min(self.max_length, max(needed, self.capacity + CHUNK, 2 * self.capacity))
-        shape_k = (self.batch, self.num_kv_heads, new_cap, self.head_dim)
-        shape_v = (self.batch, self.num_kv_heads, new_cap, self.v_head_dim)
-        new_k = [torch.empty(shape_k, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_v = [torch.empty(shape_v, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        for i in range(len(self.k)):
-            new_k[i][:, :, : self.length] = self.k[i][:, :, : self.length]
-            new_v[i][:, :, : self.length] = self.v[i][:, :, : self.length]
-        self.k, self.v, self.capacity = new_k, new_v, new_cap
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v ([B, K, T, D]) at positions start..start+T and returns the filled views [B, K, start+T, D]."""
-        end = start + k.shape[2]
-        if end > self.capacity:
-            self._grow(end)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def nbytes_per_token(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * self.batch * self.num_kv_heads * (self.head_dim + self.v_head_dim) * elem
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v ([B, K, T, D]) for the pass's rows and returns the filled views [B, K, S, D]."""
+        return self.write(layer, "k", k, ctx), self.write(layer, "v", v, ctx)

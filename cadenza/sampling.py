@@ -1,22 +1,46 @@
-"""SamplingParams and the sampler that turns one step's logits into a token id."""
+"""The sampling layer: request parameters, the per-sequence sampler, and the stop-string matcher.
+
+Definitions follow the common references so that results can be checked against them:
+
+- repetition_penalty: CTRL (Keskar et al., 2019) as Hugging Face transformers applies it, over the prompt and the
+  generated tokens, each distinct token once.
+- presence_penalty / frequency_penalty: the OpenAI API's definition (also vLLM's), over generated tokens only.
+- temperature, min_p, top_k, top_p: the same cut-offs as transformers' logits warpers, so the kept sets agree.
+
+Processing order is vLLM's: penalties on the raw logits, then temperature, then min_p, top_k, top_p. Reported
+log-probs are of the raw model logits (before any processing), as the OpenAI API and vLLM report them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from cadenza.errors import CadenzaError
 
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+PENALTY_RANGE = 2.0  # presence/frequency penalties live in [-2, 2], as in the OpenAI API
+
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop.
+    """How to pick tokens and when to stop; every value is checked when the object is made.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; the same seed gives the same output.
-    Generation stops at an end-of-sequence id (config.json / generation_config.json), at any of
-    `stop_token_ids`, or after `max_tokens` tokens.
+    temperature 0 is greedy; top_k 0 (or -1), top_p 1 and min_p 0 switch those filters off; penalties of 1.0
+    (repetition) and 0.0 (presence, frequency) are off. The same seed gives the same output.
+    Generation stops at an end-of-sequence id (unless `ignore_eos`), at any of `stop_token_ids`, when the text
+    contains any of `stop` (the stop string itself is not returned), or after `max_tokens` tokens.
+    `logprobs` asks for the chosen token's log-probability, `top_logprobs` (implies `logprobs`) for the N most
+    likely tokens at each position as well. `num_beams` > 1 asks for beam search, which is deterministic
+    (temperature 0) and takes no penalties or stop strings; `length_penalty` and `early_stopping` mean what they
+    mean in transformers (score / length**length_penalty; True, False or "never").
+
+    The first seven fields keep their historical order, so old positional uses still work.
     """
 
     max_tokens: int = 256
@@ -26,56 +50,378 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         def bad(what: str, fix: str) -> CadenzaError:
             return CadenzaError(f"Invalid sampling parameter: {what}. {fix}")
 
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        def number(name: str, ok, fix: str) -> float:
+            """A real number (not a bool) that passes `ok`; NaN and infinities never pass."""
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or not ok(value):
+                raise bad(f"{name}={value!r}", fix)
+            return float(value)
+
+        def flag(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name}={getattr(self, name)!r}", "Use true or false.")
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise bad(f"max_tokens={self.max_tokens!r}", "Use a whole number of at least 1.")
-        if not _is_number(self.temperature) or self.temperature < 0 or not math.isfinite(self.temperature):
-            raise bad(f"temperature={self.temperature!r}", "Use 0 for greedy decoding or a positive number.")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad(f"top_p={self.top_p!r}", "Use a number in (0, 1]; 1 keeps every token.")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise bad(f"top_k={self.top_k!r}", "Use 0 (off) or a positive whole number.")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            raise bad(f"seed={self.seed!r}", "Use a non-negative whole number, or leave it unset.")
+        self.temperature = number(
+            "temperature", lambda v: v >= 0, "Use 0 for greedy decoding or a positive finite number."
+        )
+        self.top_p = number("top_p", lambda v: 0 < v <= 1, "Use a number in (0, 1]; 1 keeps every token.")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise bad(f"top_k={self.top_k!r}", "Use 0 or -1 (off) or a positive whole number.")
+        self.top_k = max(self.top_k, 0)  # -1 is the vLLM / OpenAI-compatible spelling of "off"
+        self.min_p = number("min_p", lambda v: 0 <= v <= 1, "Use a number in [0, 1]; 0 keeps every token.")
+        self.repetition_penalty = number(
+            "repetition_penalty",
+            lambda v: v > 0,
+            "Use a positive number: 1 is no penalty, above 1 discourages repeats, below 1 encourages them.",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = number(
+                name,
+                lambda v: -PENALTY_RANGE <= v <= PENALTY_RANGE,
+                f"Use a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}]; 0 is no penalty.",
+            )
+            setattr(self, name, value)
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise bad(f"seed={self.seed!r}", "Use a non-negative whole number below 2**64, or leave it unset.")
+
+        stops = self.stop
+        if stops is None:
+            stops = []
+        elif isinstance(stops, str):
+            stops = [stops]
+        if (
+            not isinstance(stops, list | tuple)
+            or not all(isinstance(s, str) and s for s in stops)
+            or len(stops) > MAX_STOP_STRINGS
+        ):
+            raise bad(f"stop={self.stop!r}", f"Use a string or a list of at most {MAX_STOP_STRINGS} non-empty strings.")
+        self.stop = list(stops)
         ids = self.stop_token_ids
-        if not isinstance(ids, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in ids):
+        if not isinstance(ids, list | tuple) or not all(_is_int(i) and i >= 0 for i in ids):
             raise bad(f"stop_token_ids={ids!r}", "Use a list of non-negative token ids.")
         self.stop_token_ids = list(ids)
+
+        flag("ignore_eos")
+        flag("logprobs")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad(f"top_logprobs={self.top_logprobs!r}", f"Use a whole number from 0 to {MAX_TOP_LOGPROBS}.")
+        if self.top_logprobs > 0:
+            self.logprobs = True  # the alternatives come with the chosen token's own log-prob
+
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            raise bad(f"num_beams={self.num_beams!r}", "Use a whole number of at least 1 (1: no beam search).")
+        self.length_penalty = number(
+            "length_penalty",
+            lambda v: True,
+            "Use a finite number: above 0 favours longer beams, below 0 shorter ones, 0 ignores length.",
+        )
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise bad(f"early_stopping={self.early_stopping!r}", 'Use true, false or "never".')
+        if self.num_beams > 1:
+            self._check_beam_search(bad)
+
+    def _check_beam_search(self, bad) -> None:
+        """Beam search ranks whole sequences by log-probability: no randomness, no logit rewriting, no stop text."""
+        n = self.num_beams
+        if self.temperature != 0:
+            raise bad(
+                f"num_beams={n} with temperature={self.temperature:g}",
+                "beam search is deterministic: set temperature=0 (or num_beams=1 to sample).",
+            )
+        penalties = {
+            "repetition_penalty": (self.repetition_penalty, 1.0),
+            "presence_penalty": (self.presence_penalty, 0.0),
+            "frequency_penalty": (self.frequency_penalty, 0.0),
+        }
+        for name, (value, neutral) in penalties.items():
+            if value != neutral:
+                raise bad(
+                    f"num_beams={n} with {name}={value:g}",
+                    f"Beam search takes no penalties: leave {name} at {neutral:g}, or use num_beams=1.",
+                )
+        if self.stop:
+            raise bad(
+                f"num_beams={n} with stop={self.stop!r}",
+                "Beam search takes no stop strings: use stop_token_ids, or num_beams=1.",
+            )
+
+    def replace(self, **changes) -> SamplingParams:
+        """A copy with some fields changed; the copy is validated like a new object."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-class Sampler:
-    """One per request: holds the request's random generator so a seed reproduces the whole output."""
+@dataclass
+class TokenChoice:
+    """One sampled position: the token, and (when asked for) raw log-probs of it and of the best alternatives."""
 
-    def __init__(self, params: SamplingParams):
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, raw log-prob), most likely first
+
+
+class Sampler:
+    """Turns one sequence's logits into tokens, one step at a time.
+
+    One per sequence: it owns the sequence's random generator (seeded from `params.seed`, else from the OS), so a
+    seed reproduces the output whatever else runs in the same batch, and the sequence's token counts for the
+    penalties. Those counts live on the logits' device as [V] tensors made at the first step and updated by one
+    element per step, so a penalty costs a few elementwise ops per token and never rescans the history.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()):
         self.params = params
         self.generator = torch.Generator(device="cpu")
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
+        self._repetition = params.repetition_penalty != 1.0
+        self._counted = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        # the prompt only matters to the repetition penalty; kept as ids until the vocabulary size is known
+        self._prompt_ids = [int(t) for t in prompt_ids] if self._repetition else []
+        self._seen: torch.Tensor | None = None  # bool [V]: in the prompt or generated (repetition penalty)
+        self._counts: torch.Tensor | None = None  # float32 [V]: times generated (presence / frequency)
+        self.num_generated = 0
+
+    # -- the public steps ----------------------------------------------------------------------------------------
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """logits: [V] float32 -> a token id."""
+        """logits [V] -> the chosen token id (and the token is recorded for the penalties)."""
+        return self.sample(logits).token_id
+
+    def sample(self, logits: torch.Tensor) -> TokenChoice:
+        """logits [V] (any float dtype, any device) -> the chosen token, recorded in this sequence's history."""
+        logits = _as_vector(logits)
         p = self.params
+        if p.temperature == 0 and not (self._repetition or self._counted):
+            # plain greedy: argmax where the logits already are, one transfer of one integer
+            token = int(torch.argmax(logits))
+        else:
+            x = self._processed(logits)
+            if p.temperature == 0:
+                token = int(torch.argmax(x))
+            else:
+                probs = torch.softmax(x, dim=-1).cpu()  # the generator lives on the CPU
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
+        choice = TokenChoice(token)
+        if p.logprobs:
+            self._add_logprobs(choice, logits)
+        self._record(token)
+        return choice
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the choice is drawn from: float32 on the CPU, -inf where a filter removed the token.
+
+        Greedy decoding (temperature 0) takes the argmax of these; only penalties apply then. Does not change the
+        history: calling it is free of side effects.
+        """
+        return self._processed(_as_vector(logits)).cpu()
+
+    # -- processing ----------------------------------------------------------------------------------------------
+
+    def _processed(self, logits: torch.Tensor) -> torch.Tensor:
+        """Penalties, temperature, min_p, top_k, top_p, in that order, on the logits' own device (float32).
+
+        Steps whose parameter is neutral are skipped. The input is never modified.
+        """
+        p = self.params
+        x = logits.float()
+        if self._repetition or self._counted:
+            x = self._penalised(x)
         if p.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = logits.float().cpu() / p.temperature
-        if p.top_k and p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            # greedy: no temperature and no filters, since the argmax survives every one of them
+            return x if x is not logits else x.clone()
+        if p.temperature != 1.0:
+            x = x / p.temperature
+        filtered = False
+        if p.min_p > 0:
+            # drop tokens less likely than min_p times the most likely one (the top token always stays)
+            probs = torch.softmax(x, dim=-1)
+            x = x.masked_fill(probs < p.min_p * probs.max(), -math.inf)
+            filtered = True
+        vocab = x.shape[-1]
+        if 0 < p.top_k < vocab:
+            # keep the k largest; a tie with the k-th largest stays too
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, -math.inf)
+            filtered = True
         if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            # drop a token when the tokens ranked above it already cover top_p (the first always stays)
-            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-            logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            x = _top_p(x, p.top_p, compact=filtered and x.device.type == "cpu")
+        return x if x is not logits else x.clone()
+
+    def _penalised(self, x: torch.Tensor) -> torch.Tensor:
+        """Repetition penalty, then frequency and presence penalties (vLLM's order), on the raw logits."""
+        p = self.params
+        self._ensure_state(x.shape[-1], x.device)
+        if self._repetition:
+            # CTRL: make a seen token less likely whatever its sign: shrink positive logits, grow negative ones
+            rp = p.repetition_penalty
+            x = torch.where(self._seen, torch.where(x > 0, x / rp, x * rp), x)
+        if self._counted:
+            # OpenAI: logit -= presence * [count > 0] + frequency * count, over generated tokens only
+            if p.frequency_penalty != 0.0:
+                x = x - self._counts * p.frequency_penalty
+            if p.presence_penalty != 0.0:
+                x = x - (self._counts > 0).to(x.dtype) * p.presence_penalty
+        return x
+
+    def _ensure_state(self, vocab: int, device: torch.device) -> None:
+        """Makes the [V] penalty tensors at the first step (when V is known), or moves them to a new device."""
+        if self._repetition:
+            if self._seen is None:
+                self._seen = torch.zeros(vocab, dtype=torch.bool)
+                # ids beyond the model's output vocabulary cannot be generated; they have nothing to penalise
+                ids = [t for t in self._prompt_ids if 0 <= t < vocab]
+                if ids:
+                    self._seen[torch.tensor(ids, dtype=torch.long)] = True
+                self._prompt_ids = []
+            if self._seen.device != device:
+                self._seen = self._seen.to(device)
+        if self._counted:
+            if self._counts is None:
+                self._counts = torch.zeros(vocab, dtype=torch.float32)
+            if self._counts.device != device:
+                self._counts = self._counts.to(device)
+
+    def _record(self, token: int) -> None:
+        """Adds the chosen token to the history: one element per tensor, no rebuild."""
+        self.num_generated += 1
+        if self._seen is not None:
+            self._seen[token] = True
+        if self._counts is not None:
+            self._counts[token] += 1
+
+    def _add_logprobs(self, choice: TokenChoice, logits: torch.Tensor) -> None:
+        """Raw log-probs: log_softmax of the model's logits, before penalties, temperature or filters."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        n = self.params.top_logprobs
+        if n:
+            best = torch.topk(logprobs, min(n, logprobs.shape[-1]))  # sorted, most likely first
+            choice.top_logprobs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+        choice.logprob = float(logprobs[choice.token_id])
+
+
+def _as_vector(logits: torch.Tensor) -> torch.Tensor:
+    """Accepts [V] or [1, V]."""
+    if logits.dim() == 2 and logits.shape[0] == 1:
+        return logits[0]
+    if logits.dim() != 1:
+        raise ValueError(f"Sampler takes one position's logits, shape [V]; got shape {tuple(logits.shape)}")
+    return logits
+
+
+def _top_p(x: torch.Tensor, top_p: float, compact: bool) -> torch.Tensor:
+    """Keeps the smallest set of most likely tokens whose probability reaches top_p (at least one token).
+
+    Written as "drop the least likely tokens while their total mass is at most 1 - top_p": the same set,
+    computed the way transformers computes it, so the two agree even at a boundary decided by rounding.
+    With `compact`, an earlier filter has left few finite logits; sorting only those is much cheaper on the CPU
+    than sorting the whole vocabulary, and the removed (-inf) tokens carry no mass either way.
+    """
+    if compact:
+        idx = torch.nonzero(x > -math.inf).squeeze(1)
+        drop = _top_p_drop(x[idx], top_p)
+        return x.index_fill(0, idx[drop], -math.inf)
+    return x.masked_fill(_top_p_drop(x, top_p), -math.inf)
+
+
+def _top_p_drop(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """bool mask over x: the tokens top_p removes."""
+    ascending, order = torch.sort(x)
+    tail_mass = torch.softmax(ascending, dim=-1).cumsum(dim=-1)  # mass of this token and every less likely one
+    drop_sorted = tail_mass <= 1 - top_p
+    drop_sorted[-1] = False  # the most likely token always stays
+    return torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
+
+
+class StopStrings:
+    """Finds stop strings in streamed text without ever emitting part of one.
+
+    `feed(piece)` returns the text that is now safe to show and whether a stop string was found. Text that might
+    be the start of a stop string is held back, and only that: the longest tail of the text so far that is a
+    proper prefix of some stop string. When a stop string is found, the returned text is everything before it,
+    the rest is dropped, and the matcher is finished. `flush()` returns the held-back text when generation ends
+    for another reason.
+
+    When several stop strings occur, the one that is complete first in the stream wins (the smallest end
+    position), and among those ending at the same place the one that starts first. That is the stop a token-by-
+    token check would hit first, so the result does not depend on how the text was cut into pieces.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        if not all(isinstance(s, str) and s for s in stops):
+            raise CadenzaError(f"Invalid stop strings: {stops!r}. Use non-empty strings.")
+        self.stops = stops
+        self._longest = max((len(s) for s in stops), default=0)
+        self._held = ""
+        self.finished = False
+        self.matched: str | None = None  # the stop string that was found
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """One more piece of text -> (text safe to emit now, whether a stop string was found)."""
+        if self.finished:
+            return "", True
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        # Only occurrences ending inside the new text are new: anything earlier was checked by an earlier call.
+        # find() from the start is still correct (and cheap): the held tail is shorter than the longest stop.
+        best: tuple[int, int, str] | None = None  # (end, start, stop)
+        for stop in self.stops:
+            start = buf.find(stop)
+            if start >= 0:
+                found = (start + len(stop), start, stop)
+                if best is None or found[:2] < best[:2]:
+                    best = found
+        if best is not None:
+            _, start, stop = best
+            self._held = ""
+            self.finished = True
+            self.matched = stop
+            return buf[:start], True
+        cut = self._hold_from(buf)
+        self._held = buf[cut:]
+        return buf[:cut], False
+
+    def flush(self) -> str:
+        """The held-back text, once no more text is coming (nothing after a stop string was found)."""
+        held, self._held = self._held, ""
+        return held
+
+    def _hold_from(self, buf: str) -> int:
+        """Index where the longest tail of `buf` that could still grow into a stop string begins (len: none)."""
+        for i in range(max(0, len(buf) - self._longest + 1), len(buf)):
+            tail = buf[i:]
+            if any(stop.startswith(tail) for stop in self.stops):
+                return i
+        return len(buf)

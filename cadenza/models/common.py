@@ -8,14 +8,14 @@ heads, D head dim, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cadenza.errors import CadenzaError
-from cadenza.kv_cache import KVCache
+from cadenza.kv_cache import Cache, KVCache
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -191,10 +191,10 @@ class RotaryEmbedding(nn.Module):
                 self.inv_freq = self.original_inv_freq
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> cos, sin: [T, dim] in `dtype`."""
+        """positions: [...] -> cos, sin: [..., dim] in `dtype`."""
         self._update(int(positions.max()) + 1)
         inv = self.inv_freq.to(positions.device)
-        freqs = positions[:, None].float() * inv[None, :]
+        freqs = positions[..., None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
@@ -205,7 +205,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, D]; cos, sin: [T, d] with d <= D (partial rotary leaves the rest as is)."""
+    """x: [B, heads, T, D]; cos, sin: [T, d] or [B, 1, T, d] with d <= D (partial rotary leaves the rest as is)."""
     d = cos.shape[-1]
     if d == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
@@ -218,14 +218,59 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class AttentionContext:
-    """What every layer's attention needs for one forward pass, computed once per pass."""
+    """What every layer's attention needs for one forward pass, computed once per pass.
 
-    cache: KVCache
-    start: int  # position of the first new token
-    cos: torch.Tensor  # [T, d]
-    sin: torch.Tensor  # [T, d]
-    mask: torch.Tensor | None  # [T, S] bool, True where a query may attend; None: see is_causal
+    The pass's B batch rows live in cache slots `rows`; row b's new tokens start at position `starts[b]`. When
+    every row starts at the same position (one sequence, a prefill, beams) `start` is that position and the cache
+    writes slices; otherwise (sequences of different lengths decoding together, one token each) `start` is None.
+    """
+
+    cache: Cache
+    rows: list[int]
+    starts: list[int]
+    cos: torch.Tensor  # [T, d] (one start) or [B, 1, T, d] (per-row starts)
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # [T, S] or [B, 1, T, S] bool, True where a query may attend; None: see is_causal
     is_causal: bool = False  # no mask and a plain causal pattern (first chunk, no window): fused kernels apply
+    t: int = 1  # new tokens per row
+
+    def __post_init__(self) -> None:
+        self.start = self.starts[0] if len(set(self.starts)) == 1 else None
+        self.end = max(self.starts) + self.t
+        device = self.cache.device
+        r0 = self.rows[0]
+        self.row_slice = slice(r0, r0 + len(self.rows)) if self.rows == list(range(r0, r0 + len(self.rows))) else None
+        self.row_index = torch.tensor(self.rows, device=device)
+        self.row_index_local = torch.arange(len(self.rows), device=device)
+        self.start_index = None if self.start is not None else torch.tensor(self.starts, device=device)
+
+    @classmethod
+    def build(
+        cls, cache: Cache, rows: list[int], t: int, rotary: RotaryEmbedding, dtype: torch.dtype, window: int | None
+    ) -> AttentionContext:
+        starts = [cache.lengths[r] for r in rows]
+        device = cache.device
+        if len(set(starts)) == 1:
+            positions = torch.arange(starts[0], starts[0] + t, device=device)
+        else:
+            if t != 1:
+                raise AssertionError("rows of different lengths advance one token at a time")
+            positions = torch.tensor(starts, device=device)[:, None, None]  # [B, 1, T=1]
+        cos, sin = rotary(positions, dtype)
+        ctx = cls(cache, list(rows), starts, cos, sin, None, t=t)
+        return ctx.for_window(window)
+
+    def for_window(self, window: int | None) -> AttentionContext:
+        """This pass's context with the causal mask narrowed to the last `window` positions (None: no window)."""
+        if self.start is not None:
+            mask = attention_mask(self.start, self.t, self.cache.device, window)
+        else:
+            q = torch.tensor(self.starts, device=self.cache.device)[:, None, None, None]  # [B, 1, T=1, 1]
+            k = torch.arange(self.end, device=self.cache.device)
+            mask = k <= q
+            if window is not None:
+                mask &= k > q - window
+        return replace(self, mask=mask, is_causal=mask is None and self.t > 1)
 
 
 def attention_mask(start: int, t: int, device: torch.device, sliding_window: int | None) -> torch.Tensor | None:
@@ -290,7 +335,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = self.project(x)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        k_all, v_all = ctx.cache.update(self.layer_idx, k, v, ctx.start)  # [B, K, S, D]
+        k_all, v_all = ctx.cache.update(self.layer_idx, k, v, ctx)  # [B, K, S, D]
         return self.o_proj(attend(q, k_all, v_all, ctx, self.scaling).transpose(1, 2).reshape(b, t, -1))
 
 
@@ -317,18 +362,16 @@ class DecoderModel(nn.Module):
 
     sliding_window: int | None = None
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """input_ids: [B, T] -> hidden states [B, T, H]; appends T positions to `cache`."""
-        t = input_ids.shape[1]
-        start = cache.length
+    def forward(self, input_ids: torch.Tensor, cache: Cache, rows: list[int] | None = None) -> torch.Tensor:
+        """input_ids: [B, T] -> hidden states [B, T, H]; row b appends T positions to cache slot rows[b]
+        (default: slot b)."""
+        b, t = input_ids.shape
+        rows = list(range(b)) if rows is None else list(rows)
         h = self.embed_tokens(input_ids)
-        positions = torch.arange(start, start + t, device=input_ids.device)
-        cos, sin = self.rotary_emb(positions, h.dtype)
-        mask = attention_mask(start, t, h.device, self.sliding_window)
-        ctx = AttentionContext(cache, start, cos, sin, mask, is_causal=mask is None and t > 1)
+        ctx = AttentionContext.build(cache, rows, t, self.rotary_emb, h.dtype, self.sliding_window)
         for layer in self.layers:
             h = layer(h, ctx)
-        cache.length = start + t
+        cache.advance(rows, t)
         return self.norm(h)
 
 
@@ -341,9 +384,12 @@ class CausalLM(nn.Module):
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_length, dtype, device)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only)."""
-        h = self.model(input_ids, cache)
+    def forward(
+        self, input_ids: torch.Tensor, cache: Cache, last_only: bool = False, rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only); rows: the cache slots (default
+        0..B-1)."""
+        h = self.model(input_ids, cache, rows)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()

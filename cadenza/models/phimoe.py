@@ -167,14 +167,22 @@ class PhimoeModel(DecoderModel):
 
 
 class PhimoeKVCache(KVCache):
-    """The KV cache plus the token ids it holds: crossing the LongRoPE switch re-runs them (see forward)."""
+    """The KV cache plus the token ids each slot holds: crossing the LongRoPE switch re-runs them (see forward)."""
 
-    token_ids: torch.Tensor | None = None  # [B, max_length], filled up to `length`
+    token_ids: torch.Tensor | None = None  # [slots, max_length], slot s filled up to lengths[s]
 
-    def remember(self, input_ids: torch.Tensor, start: int) -> None:
+    def remember(self, input_ids: torch.Tensor, rows: list[int]) -> None:
         if self.token_ids is None:
             self.token_ids = torch.empty((self.batch, self.max_length), dtype=torch.long, device=input_ids.device)
-        self.token_ids[:, start : start + input_ids.shape[1]] = input_ids
+        t = input_ids.shape[1]
+        for i, r in enumerate(rows):
+            self.token_ids[r, self.lengths[r] : self.lengths[r] + t] = input_ids[i]
+
+    def reorder(self, dst, src) -> None:
+        super().reorder(dst, src)
+        if self.token_ids is not None and list(dst) != list(src):
+            d, s = torch.tensor(list(dst)), torch.tensor(list(src))
+            self.token_ids.index_copy_(0, d.to(self.token_ids.device), self.token_ids.index_select(0, s.to(d.device)))
 
 
 class PhimoeForCausalLM(CausalLM):
@@ -188,17 +196,25 @@ class PhimoeForCausalLM(CausalLM):
         c = self.config
         return PhimoeKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_length, dtype, device)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only)."""
-        t, start = input_ids.shape[1], cache.length
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False, rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only); rows: the cache slots."""
+        b, t = input_ids.shape
+        rows = list(range(b)) if rows is None else list(rows)
         switch_at = self.model.rotary_emb.switch_at
         if switch_at is not None and isinstance(cache, PhimoeKVCache):
-            if 0 < start <= switch_at < start + t and cache.token_ids is not None:
+            starts = [cache.lengths[r] for r in rows]
+            crossing = [0 < s <= switch_at < s + t for s in starts]
+            if any(crossing) and cache.token_ids is not None:
+                if b > 1:  # rows cross at different steps: each goes alone (a rare, one-off pass per sequence)
+                    parts = [self.forward(input_ids[i : i + 1], cache, last_only, [r]) for i, r in enumerate(rows)]
+                    return torch.cat(parts)
                 # The sequence passes the LongRoPE switch: keys cached with the short factors no longer fit. As
                 # the reference's generate (and Phi-3.5's own code) does, run the whole sequence again, all long.
-                input_ids = torch.cat((cache.token_ids[:, :start], input_ids), dim=1)
-                cache.length = start = 0
-            cache.remember(input_ids, start)
-        h = self.model(input_ids, cache)
+                input_ids = torch.cat((cache.token_ids[rows[0] : rows[0] + 1, : starts[0]], input_ids), dim=1)
+                cache.reset(rows)
+            cache.remember(input_ids, rows)
+        h = self.model(input_ids, cache, rows)
         h = h[:, -1:] if last_only else h[:, -t:]
         return self.lm_head(h).float()

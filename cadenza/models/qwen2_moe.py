@@ -9,7 +9,7 @@ expert and dense MLPs are ordinary weights (always on the GPU); only the routed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,6 @@ from cadenza.models.common import (
     DecoderModel,
     RMSNorm,
     RotaryEmbedding,
-    attention_mask,
 )
 from cadenza.moe.experts import Experts
 from cadenza.moe.routing import softmax_topk
@@ -114,9 +113,7 @@ class Qwen2MoeAttention(Attention):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if self.sliding_window is not None:
             # the model's context carries the full-attention mask; this layer narrows it to its window
-            t = x.shape[1]
-            mask = attention_mask(ctx.start, t, x.device, self.sliding_window)  # [T, S] or None
-            ctx = replace(ctx, mask=mask, is_causal=mask is None and t > 1)
+            ctx = ctx.for_window(self.sliding_window)
         return super().forward(x, ctx)
 
 
