@@ -1,10 +1,19 @@
-"""Prefill, then decode with the KV cache: the one token generator that the API, the CLI (and later chat, the
-server and the bench) consume. Nothing else re-implements the decode loop."""
+"""Prefill, then decode with the KV cache: the one token generator that the API, the CLI, chat, the server and
+the bench consume. Nothing else re-implements the decode loop.
+
+Sequences run in a `Batch`: each owns a slot of one slot cache; a new sequence is prefilled alone (in chunks),
+then every running sequence advances one token per step together, so their tokens cross each MoE layer at once
+and an expert's weights are read once per step for all of them (continuous batching: sequences join and leave
+between steps). A single `generate` is a batch of one. Beam search runs its beams as the rows of one batch and
+reorders the cache rows as beams are kept or dropped (`beam_search`).
+"""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,7 +21,7 @@ import torch
 from torch import nn
 
 from cadenza.errors import CadenzaError
-from cadenza.sampling import Sampler, SamplingParams
+from cadenza.sampling import Sampler, SamplingParams, StopStrings
 
 if TYPE_CHECKING:
     from cadenza.tokenizer import Tokenizer
@@ -25,7 +34,7 @@ class GenerationStats:
     prefill_s: float = 0.0  # prompt forward pass, first token included
     decode_s: float = 0.0  # every later token
     # where routed-expert work went (offloaded runs): (token, expert) pairs on GPU-resident experts, on the CPU,
-    # and on fetched experts, over the whole request
+    # and on fetched experts, over the request's lifetime (sequences decoding together share their steps' work)
     expert_work: dict[str, int] | None = None
     decode_host_bytes: int | None = None  # expert weights read from host memory during decode (CPU or fetched)
     decode_gpu_bytes: int | None = None  # expert weights read from GPU memory during decode
@@ -76,7 +85,9 @@ class Step:
 
     token_id: int
     text: str
-    finish_reason: str | None = None  # "stop" | "length" on the last step
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last step
+    logprob: float | None = None  # the token's log-probability under the model (SamplingParams.logprobs)
+    top_logprobs: list[tuple[int, float]] | None = None  # the N most likely tokens and theirs (top_logprobs)
 
 
 @dataclass
@@ -88,6 +99,157 @@ class Generation:
     text: str = ""
     finish_reason: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[float] | None = None  # per generated token, when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    cumulative_logprob: float | None = None  # beam search: the best beam's length-penalised score
+
+
+class Request:
+    """One request's decoding state inside a Batch."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, gen: Generation | None):
+        engine.check_prompt(prompt_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.gen = gen if gen is not None else Generation(list(prompt_ids))
+        self.gen.stats.prompt_tokens = len(prompt_ids)
+        if params.logprobs:
+            self.gen.logprobs = []
+        if params.top_logprobs:
+            self.gen.top_logprobs = []
+        self.sampler = Sampler(params, prompt_ids)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_token_ids)
+        self.budget = min(params.max_tokens, engine.max_context - len(prompt_ids))
+        self.detok = engine.tokenizer.detokenizer() if engine.tokenizer is not None else None  # None: ids only
+        self.stops = StopStrings(params.stop) if params.stop and self.detok is not None else None
+        self.slot: int | None = None
+        self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.finished = False
+        self.cancelled = False
+        self.t_start = self.t_first = 0.0
+        self.at_start = self.at_decode = None  # expert counter snapshots
+
+    def emit(self, choice, engine: Engine) -> Step:
+        """Records a sampled token; returns its Step (finish_reason set when the sequence ends with it)."""
+        gen, stats, token = self.gen, self.gen.stats, choice.token_id
+        gen.token_ids.append(token)
+        stats.generated_tokens += 1
+        if gen.logprobs is not None:
+            gen.logprobs.append(choice.logprob)
+        if gen.top_logprobs is not None:
+            gen.top_logprobs.append(choice.top_logprobs)
+        finish, text = None, ""
+        if token in self.stop_ids:  # an end id: its own text is not part of the output
+            finish = "stop"
+            text, _ = self._flush()
+        else:
+            text = self.detok.add(token) if self.detok is not None else ""
+            if self.stops is not None:
+                text, hit = self.stops.feed(text)
+                if hit:  # the text ends before the stop string; whatever followed it is dropped
+                    finish = "stop"
+            if finish is None and stats.generated_tokens >= self.budget:
+                more, hit = self._flush()
+                text += more
+                finish = "stop" if hit else "length"
+        self.next_token = token
+        gen.text += text
+        if finish is not None:
+            self.finish(finish, engine)
+        return Step(token, text, finish, choice.logprob, choice.top_logprobs)
+
+    def _flush(self) -> tuple[str, bool]:
+        """The text held back at the end (incomplete characters, a possible stop-string start); True when it
+        completed a stop string (the text then ends before it)."""
+        text = self.detok.flush() if self.detok is not None else ""
+        if self.stops is None:
+            return text, False
+        text, hit = self.stops.feed(text)
+        return (text, True) if hit else (text + self.stops.flush(), False)
+
+    def finish(self, reason: str, engine: Engine) -> None:
+        self.finished = True
+        self.gen.finish_reason = reason
+        self.gen.stats.decode_s = time.perf_counter() - self.t_first
+        counters = engine.orchestra.counters if engine.orchestra is not None else None
+        if counters and self.at_start is not None:
+            engine.expert_stats(self.gen.stats, self.at_start, self.at_decode or self.at_start, counters.snapshot())
+
+
+class Batch:
+    """Sequences decoding together in the slots of one cache. `add` queues a sequence (from any thread); each
+    `step()` admits queued sequences into free slots (prefilling each alone) and then advances every running
+    sequence by one token in one forward pass. Cancelled sequences leave at the next step."""
+
+    def __init__(self, engine: Engine, slots: int, length: int | None = None):
+        self.engine = engine
+        self.cache = engine.cache_for(slots, length or engine.max_context)
+        self.free = list(range(self.cache.batch))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.lock = threading.Lock()
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None) -> Request:
+        seq = Request(self.engine, prompt_ids, params, gen)
+        with self.lock:
+            self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Request) -> None:
+        seq.cancelled = True
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, Step]]:
+        engine, out = self.engine, []
+        for seq in [s for s in self.running if s.cancelled]:
+            self._leave(seq, "abort")
+        decoding = list(self.running)
+        while self.free:
+            with self.lock:
+                if not self.waiting:
+                    break
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                seq.finish("abort", engine)
+                continue
+            out.append((seq, self._admit(seq)))
+        if decoding:
+            ids = torch.tensor([[s.next_token] for s in decoding], dtype=torch.long, device=engine.device)
+            logits = engine.model(ids, self.cache, last_only=True, rows=[s.slot for s in decoding])[:, -1]
+            for i, seq in enumerate(decoding):
+                step = seq.emit(seq.sampler.sample(logits[i]), engine)
+                out.append((seq, step))
+                if seq.finished:
+                    self._leave(seq, None)
+        return out
+
+    def _admit(self, seq: Request) -> Step:
+        engine = self.engine
+        seq.slot = self.free.pop(0)
+        self.cache.reset([seq.slot])
+        counters = engine.orchestra.counters if engine.orchestra is not None else None
+        seq.at_start = counters.snapshot() if counters else None
+        seq.t_start = time.perf_counter()
+        logits = engine.forward(seq.prompt_ids, self.cache, last_only=True, rows=[seq.slot])[-1]
+        choice = seq.sampler.sample(logits)
+        seq.t_first = time.perf_counter()
+        seq.gen.stats.prefill_s = seq.t_first - seq.t_start
+        seq.at_decode = counters.snapshot() if counters else None
+        step = seq.emit(choice, engine)
+        if seq.finished:
+            self.free.append(seq.slot)
+        else:
+            self.running.append(seq)
+        return step
+
+    def _leave(self, seq: Request, reason: str | None) -> None:
+        if reason is not None:
+            seq.finish(reason, self.engine)
+        self.running.remove(seq)
+        self.free.append(seq.slot)
 
 
 class Engine:
@@ -101,6 +263,7 @@ class Engine:
         eos_token_ids: set[int],
         orchestra=None,
         prefill_chunk: int = 2048,
+        max_batch: int = 1,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
@@ -108,26 +271,38 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.orchestra = orchestra  # cadenza.moe.scheduler.Orchestra when experts are offloaded
         self.prefill_chunk = prefill_chunk  # bounds the activation workspace of long prompts
+        self.max_batch = max_batch  # sequences whose cache is reserved on the GPU
         self._cache = None
 
-    def new_cache(self, length: int):
-        """A KV cache for `length` tokens. On a GPU the one cache of the whole context is allocated once and
-        reused: it is part of what the placement budgeted."""
+    def cache_for(self, slots: int, length: int):
+        """A cache with `slots` sequences of up to `length` tokens. On the CPU it grows as it fills. On a GPU the
+        cache of max_batch × the whole context is allocated once and reused (the placement budgeted it); a
+        request needing more slots gets a cache of its own size, if the GPU has room for it."""
         if self.device.type != "cuda":
-            return self.model.new_cache(length, self.dtype, self.device)
+            return self.model.new_cache(length, self.dtype, self.device, batch=slots)
         if self._cache is None:
-            self._cache = self.model.new_cache(self.max_context, self.dtype, self.device).reserve()
-        self._cache.reset()
-        return self._cache
+            self._cache = self.model.new_cache(self.max_context, self.dtype, self.device, batch=self.max_batch)
+            self._cache.reserve()
+        if slots <= self._cache.batch:
+            self._cache.reset()
+            return self._cache
+        try:
+            return self.model.new_cache(length, self.dtype, self.device, batch=slots).reserve()
+        except torch.OutOfMemoryError:
+            raise CadenzaError(
+                f"{slots} sequences of up to {length} tokens need more GPU memory for their KV cache than is free "
+                f"(the reserved cache holds {self._cache.batch}). Start with a larger max_batch (--max-batch "
+                f"{slots}), or use fewer beams / prompts at once, or lower max_tokens."
+            ) from None
 
-    def forward(self, token_ids: list[int], cache, last_only: bool) -> torch.Tensor:
-        """Runs tokens through the model in chunks of at most `prefill_chunk` -> logits [T or 1, V]."""
+    def forward(self, token_ids: list[int], cache, last_only: bool, rows: list[int] | None = None) -> torch.Tensor:
+        """Runs one sequence's tokens through the model in chunks of at most `prefill_chunk` -> logits [T or 1, V]."""
         out = []
         for i in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[i : i + self.prefill_chunk]
             last = i + self.prefill_chunk >= len(token_ids)
             ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache, last_only=last_only)[0]
+            logits = self.model(ids, cache, last_only=last_only, rows=rows)[0]
             if not last_only or last:
                 out.append(logits)
         return out[0] if len(out) == 1 else torch.cat(out)
@@ -157,55 +332,48 @@ class Engine:
                 f"{len(token_ids)} tokens do not fit the context of {self.max_context} tokens. Score fewer tokens, "
                 "or raise max_context."
             )
-        return self.forward(token_ids, self.new_cache(len(token_ids)), last_only=False).float().cpu()
+        return self.forward(token_ids, self.cache_for(1, len(token_ids)), last_only=False).float().cpu()
 
-    @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None) -> Iterator[Step]:
         """Yields one Step per generated token; `gen` (if given) collects ids, text, finish reason and stats."""
-        self.check_prompt(prompt_ids)
-        gen = gen or Generation(list(prompt_ids))
-        stats = gen.stats
-        stats.prompt_tokens = len(prompt_ids)
-        sampler = Sampler(params)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        budget = min(params.max_tokens, self.max_context - len(prompt_ids))
-        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None  # None: ids only (bench)
-        cache = self.new_cache(min(self.max_context, len(prompt_ids) + budget))
-        counters = self.orchestra.counters if self.orchestra is not None else None
-        at_start = counters.snapshot() if counters else None
+        if params.num_beams > 1:
+            gen = self.beam_search(prompt_ids, params, gen)
+            yield Step(gen.token_ids[-1] if gen.token_ids else -1, gen.text, gen.finish_reason)
+            return
+        batch = Batch(self, 1, min(self.max_context, len(prompt_ids) + params.max_tokens))
+        batch.add(prompt_ids, params, gen)
+        while len(batch):
+            for _, step in batch.step():
+                yield step
 
-        t0 = time.perf_counter()
-        logits = self.forward(prompt_ids, cache, last_only=True)[-1]
-        token = sampler(logits)
-        stats.prefill_s = time.perf_counter() - t0
-        t_decode = time.perf_counter()
-        at_decode = counters.snapshot() if counters else None
-        while True:
-            gen.token_ids.append(token)
-            stats.generated_tokens += 1
-            finish = None
-            if token in stop_ids:
-                finish = "stop"
-            elif stats.generated_tokens >= budget:
-                finish = "length"
-            text = "" if token in stop_ids or detok is None else detok.add(token)
-            if finish is not None:
-                text += detok.flush() if detok is not None else ""
-            gen.text += text
-            if finish is not None:
-                gen.finish_reason = finish
-                stats.decode_s = time.perf_counter() - t_decode
-                if counters:
-                    self._expert_stats(stats, at_start, at_decode, counters.snapshot())
-                yield Step(token, text, finish)
-                return
-            yield Step(token, text)
-            ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache, last_only=True)[0, -1]
-            token = sampler(logits)
+    def generate_many(
+        self, requests: Sequence[tuple[list[int], SamplingParams]], slots: int | None = None
+    ) -> list[Generation]:
+        """Runs several prompts together (continuous batching over `slots` cache slots; default: all at once on
+        the CPU, max_batch on a GPU) -> their Generations in order. Beam-search requests run one after another."""
+        gens = [Generation(list(ids)) for ids, _ in requests]
+        plain = [i for i, (_, p) in enumerate(requests) if p.num_beams == 1]
+        for i, (ids, p) in enumerate(requests):
+            if p.num_beams > 1:
+                self.beam_search(ids, p, gens[i])
+        if plain:
+            if slots is None:
+                slots = len(plain) if self.device.type != "cuda" else min(len(plain), self.max_batch)
+            longest = max(len(requests[i][0]) + requests[i][1].max_tokens for i in plain)
+            batch = Batch(self, slots, min(self.max_context, longest))
+            for i in plain:
+                batch.add(*requests[i], gens[i])
+            while len(batch):
+                batch.step()
+        return gens
 
-    @staticmethod
-    def _expert_stats(stats: GenerationStats, start, decode_start, end) -> None:
+    @torch.inference_mode()
+    def beam_search(self, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None) -> Generation:
+        from cadenza.beam import run_beam_search
+
+        return run_beam_search(self, prompt_ids, params, gen)
+
+    def expert_stats(self, stats: GenerationStats, start, decode_start, end) -> None:
         whole, decode = end.minus(start), end.minus(decode_start)
         stats.expert_work = {"gpu": whole.gpu, "cpu": whole.cpu, "fetched": whole.fetched}
         stats.decode_host_bytes = decode.host_bytes

@@ -85,8 +85,10 @@ class Cache:
         n = self.length
         for name, (heads, dim) in self.streams.items():
             old = self.buffers[name]
+            # zeroed, not empty: masked-out positions still meet the values in the attention's product, and
+            # uninitialised memory may hold NaN (0 * NaN = NaN)
             new = [
-                torch.empty((self.batch, heads, new_cap, dim), dtype=self.dtype, device=self.device)
+                torch.zeros((self.batch, heads, new_cap, dim), dtype=self.dtype, device=self.device)
                 for _ in range(self.num_layers)
             ]
             for i, buf in enumerate(old):
@@ -149,3 +151,23 @@ class KVCache(Cache):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes k, v ([B, K, T, D]) for the pass's rows and returns the filled views [B, K, S, D]."""
         return self.write(layer, "k", k, ctx), self.write(layer, "v", v, ctx)
+
+
+class MLACache(Cache):
+    """Multi-head latent attention's cache (DeepSeek-V2/V3): per layer only the normalised latent "kv"
+    [slots, 1, capacity, kv_lora_rank] and the rotary key "pe" [slots, 1, capacity, qk_rope_head_dim], both shared
+    by every head; the per-head keys and values they expand to are never stored."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_lora_rank: int,
+        qk_rope_head_dim: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
+        streams = {"kv": (1, kv_lora_rank), "pe": (1, qk_rope_head_dim)}
+        super().__init__(num_layers, batch, streams, max_length, dtype, device)

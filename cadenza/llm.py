@@ -56,16 +56,33 @@ class GenerationResult:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (end-of-sequence or a stop token) or "length" (max_tokens or the context)
+    finish_reason: str  # "stop" (an end id, stop token or stop string) or "length" (max_tokens or the context)
     stats: GenerationStats
+    logprobs: list[float] | None = None  # per generated token (SamplingParams.logprobs)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per generated token (SamplingParams.top_logprobs)
+    cumulative_logprob: float | None = None  # beam search: the best beam's length-penalised score
+
+    @classmethod
+    def of(cls, prompt, gen: Generation) -> GenerationResult:
+        return cls(
+            prompt if isinstance(prompt, str) else None, gen.prompt_token_ids, gen.text, gen.token_ids,
+            gen.finish_reason, gen.stats, gen.logprobs, gen.top_logprobs, gen.cumulative_logprob,
+        )  # fmt: skip
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "text": self.text,
             "token_ids": self.token_ids,
             "finish_reason": self.finish_reason,
             "stats": self.stats.as_dict(),
         }
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        if self.top_logprobs is not None:
+            out["top_logprobs"] = [[[t, lp] for t, lp in row] for row in self.top_logprobs]
+        if self.cumulative_logprob is not None:
+            out["cumulative_logprob"] = self.cumulative_logprob
+        return out
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -106,6 +123,8 @@ class LLM:
     device: "auto" (CUDA when available), "cpu" or "cuda". dtype: compute dtype, default the checkpoint's.
     max_context: the longest sequence (prompt + output) in tokens; default the model's context, at most
     8192 (the KV cache for it is reserved on the GPU).
+    max_batch: sequences decoded together whose KV cache is reserved on the GPU (default 1; each costs a full
+    context of KV cache out of the GPU budget). Batched generation, beams and the server use up to this many.
 
     Offloading (on a CUDA device): gpu_memory is the GPU budget ("24GiB"; 0: every routed expert on the host;
     default: the GPU's free memory less a safety margin). What every token needs stays on the GPU; routed experts
@@ -126,6 +145,7 @@ class LLM:
         cpu_threads: int | None = None,
         placement: str | Path | None = None,
         checkpoint=None,
+        max_batch: int = 1,
     ):
         self.is_demo = model_dir is None and checkpoint is None
         if checkpoint is None:
@@ -152,6 +172,9 @@ class LLM:
                 raise CadenzaError(f"max_context={max_context!r} is not a valid length. Use a whole number >= 2.")
             context = min(config.context_length, max_context)
         self.max_context = context
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
+        self.max_batch = max_batch
         self.sizes = model_sizes(meta, self.dtype)
         self.orchestra: Orchestra | None = None
         self.offload_policy = offload_policy
@@ -178,8 +201,9 @@ class LLM:
         if not eos:
             eos = set(self.tokenizer.eos_token_ids)
         self.engine = Engine(
-            self.model, self.tokenizer, self.device, self.dtype, context, eos, self.orchestra, PREFILL_CHUNK
-        )
+            self.model, self.tokenizer, self.device, self.dtype, context, eos, self.orchestra, PREFILL_CHUNK,
+            max_batch,
+        )  # fmt: skip
 
     # --- offloading ------------------------------------------------------------------------------------------
 
@@ -202,7 +226,9 @@ class LLM:
         slots = 0 if policy == "cpu" else max(2, top_k)
         margin = 256 * 1024 * 1024 if self.device.type == "cuda" else 0
         workspace = workspace_bytes(self.config, self.dtype, self.max_context, PREFILL_CHUNK, margin)
-        return plan(self.sizes, budget, self.max_context, workspace, self._popularity, fetch_slots=slots)
+        # the KV cache of max_batch sequences of the whole context is reserved
+        kv_tokens = self.max_context * self.max_batch
+        return plan(self.sizes, budget, kv_tokens, workspace, self._popularity, fetch_slots=slots)
 
     def replan(self, gpu_memory=None, offload_policy: str | None = None) -> Placement:
         """Places the experts anew for another budget and/or policy, without reloading weights (between
@@ -260,29 +286,64 @@ class LLM:
         return not isinstance(prompts, str) and len(prompts) > 0 and not isinstance(prompts[0], int)
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> GenerationResult | list[GenerationResult]:
         """Generates for one prompt (a string or a list of token ids) -> one result, or for a list of prompts ->
-        a list of results in the same order."""
-        params = params or SamplingParams()
-        if self._is_batch(prompts):
-            return [self._generate_one(p, params) for p in prompts]
-        return self._generate_one(prompts, params)
+        a list of results in the same order. A list runs together, one token per step for all of them
+        (`params` may then be one SamplingParams for all or one per prompt); greedy results equal each alone."""
+        if not self._is_batch(prompts):
+            if not isinstance(params, SamplingParams | None):
+                raise CadenzaError("One prompt takes one SamplingParams; pass a list of prompts for a list of params.")
+            ids = self._prompt_ids(prompts)
+            gen = Generation(ids)
+            for _ in self.engine.generate(ids, params or SamplingParams(), gen):
+                pass
+            return GenerationResult.of(prompts, gen)
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
+            raise CadenzaError(
+                f"{len(prompts)} prompts were given with {len(params)} sampling params. Pass one SamplingParams for "
+                "all prompts, or a list of SamplingParams with one per prompt."
+            )
+        requests = [(self._prompt_ids(p), sp) for p, sp in zip(prompts, params, strict=True)]
+        gens = self.engine.generate_many(requests)
+        return [GenerationResult.of(p, g) for p, g in zip(prompts, gens, strict=True)]
 
-    def _generate_one(self, prompt: Prompt, params: SamplingParams) -> GenerationResult:
-        ids = self._prompt_ids(prompt)
+    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
+        """The token ids of a conversation rendered with the checkpoint's chat template (a clear error when it has
+        none). `extra` become template variables (e.g. enable_thinking=False)."""
+        if self.tokenizer is None:
+            raise CadenzaError("This model has no tokenizer (a synthetic model), so it cannot chat.")
+        if isinstance(messages, dict | str) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+        ):
+            raise CadenzaError(
+                'Chat messages must be a list of {"role": ..., "content": ...} dicts, e.g. '
+                '[{"role": "user", "content": "Hello"}].'
+            )
+        if not messages:
+            raise CadenzaError("The conversation is empty. Pass at least one message.")
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, **extra)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: Sequence[dict], params: SamplingParams | None = None, **extra) -> GenerationResult:
+        """The assistant's answer to a conversation ([{"role": "user", "content": "..."}, ...]), rendered with the
+        checkpoint's chat template with the generation prompt added."""
+        ids = self.chat_prompt(messages, **extra)
         gen = Generation(ids)
-        for _ in self.engine.generate(ids, params, gen):
+        for _ in self.engine.generate(ids, params or SamplingParams(), gen):
             pass
-        return GenerationResult(
-            prompt if isinstance(prompt, str) else None, ids, gen.text, gen.token_ids, gen.finish_reason, gen.stats
-        )
+        return GenerationResult.of(None, gen)
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, gen: Generation | None = None
     ) -> Iterator[str]:
-        """Yields text pieces as they are decoded; joined, they equal the full result's text. Pass `gen` to
-        receive token ids, finish reason and stats once the stream ends."""
+        """Yields text pieces as they are decoded; joined, they equal the full result's text (a stop string is
+        never emitted, not even in part). Pass `gen` to receive token ids, finish reason and stats once the stream
+        ends."""
         ids = self._prompt_ids(prompt)
         gen = gen if gen is not None else Generation(ids)
         gen.prompt_token_ids = ids
