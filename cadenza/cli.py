@@ -30,6 +30,26 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
     p.add_argument("--placement", default=None, help="popularity JSON (from `cadenza profile`) to choose residents")
+    p.add_argument(
+        "--max-batch", type=int, default=1,
+        help="sequences decoded together whose KV cache is reserved on the GPU (default 1)",
+    )  # fmt: skip
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else as shown)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=None, help="0 is greedy (default 1.0)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 0: off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (default 1: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's definition (default 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's definition (default 0)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    g.add_argument("--stop", action="append", default=[], help="stop before this text (repeat for several)")
+    g.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this token id")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,14 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate text for one prompt, streamed to stdout")
     _add_engine_args(run)
     run.add_argument("--prompt", "-p", default=None, help="the prompt; '-' reads it from stdin")
-    run.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-    run.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
-    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
-    run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
-    run.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
-    run.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    run.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    run.add_argument("--system", default=None, help="with --chat: a system message")
+    _add_sampling_args(run, 128)
+    run.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="report each token's log-probability and the N most likely alternatives (JSON output)",
+    )
+    run.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (needs temperature 0)")
+    run.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**penalty")
+    run.add_argument(
+        "--early-stopping",
+        default="false",
+        choices=["true", "false", "never"],
+        help="beam search: when to stop (transformers' definition; default false)",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="an interactive chat in the terminal (streams answers, keeps the history)")
+    _add_engine_args(chat)
+    chat.add_argument("--system", default=None, help="a system message to start with")
+    _add_sampling_args(chat, 1024)
+    chat.set_defaults(func=cmd_chat)
 
     info = sub.add_parser("info", help="describe a checkpoint folder without loading its weights")
     info.add_argument("--model", "-m", required=True, help="checkpoint folder")
@@ -74,25 +112,9 @@ def _version() -> str:
     return __version__
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
     from cadenza.llm import LLM
-    from cadenza.sampling import SamplingParams
 
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-    )
-    prompt = args.prompt
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if prompt is None:
-        if args.model is not None:
-            raise CadenzaError("No prompt given. Pass --prompt TEXT (or --prompt - to read it from stdin).")
-        prompt = "Once upon a time"
     llm = LLM(
         args.model,
         device=args.device,
@@ -102,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         offload_policy=args.offload_policy,
         cpu_threads=args.cpu_threads,
         placement=args.placement,
+        max_batch=args.max_batch,
     )
     if llm.placement is not None:
         print(f"cadenza: {llm.placement.summary()}", file=sys.stderr)
@@ -109,9 +132,62 @@ def cmd_run(args: argparse.Namespace) -> int:
         from cadenza.demo import DEMO_LABEL
 
         print(f"cadenza: no --model given: running the {DEMO_LABEL}.", file=sys.stderr)
+    return llm
+
+
+def _sampling(args: argparse.Namespace, llm, **extra):
+    """SamplingParams from the flags; unset ones come from the checkpoint's generation_config.json (llm None:
+    plain defaults, to refuse bad values before the weights load)."""
+    from cadenza.sampling import SamplingParams
+
+    given = {
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }  # fmt: skip
+    make = llm.default_params if llm is not None else SamplingParams
+    return make(
+        max_tokens=args.max_tokens,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        stop_token_ids=args.stop_token_id,
+        ignore_eos=args.ignore_eos,
+        **{k: v for k, v in given.items() if v is not None},
+        **extra,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if prompt is None:
+        if args.model is not None:
+            raise CadenzaError("No prompt given. Pass --prompt TEXT (or --prompt - to read it from stdin).")
+        prompt = "Once upon a time"
+    beams = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    logprobs = {} if args.logprobs is None else {"logprobs": True, "top_logprobs": args.logprobs}
+    extra = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=beams, **logprobs)
+    _sampling(args, None, **extra)
+    llm = _load(args)
+    params = _sampling(args, llm, **extra)
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = llm.chat_prompt(system + [{"role": "user", "content": prompt}])
+    elif args.system:
+        raise CadenzaError("--system goes with --chat (it is a chat message). Add --chat, or drop --system.")
     if args.json:
         result = llm.generate(prompt, params)
         print(json.dumps({"model": str(llm.checkpoint.path), **result.as_dict()}, ensure_ascii=False))
+        return 0
+    if args.logprobs is not None:
+        result = llm.generate(prompt, params)
+        print(result.text)
+        alternatives = result.top_logprobs or [[] for _ in result.token_ids]
+        for tok, lp, alts in zip(result.token_ids, result.logprobs, alternatives, strict=True):
+            alt = ", ".join(f"{t}:{a:.3f}" for t, a in alts)
+            print(f"{tok}\t{lp:.4f}\t{alt}", file=sys.stderr)
         return 0
     from cadenza.engine import Generation
 
@@ -123,6 +199,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     print(f"[{gen.finish_reason}] {gen.stats.summary()}", file=sys.stderr)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from cadenza import chat
+
+    _sampling(args, None)
+    llm = _load(args)
+    params = _sampling(args, llm)
+    return chat.run(llm, params, system=args.system)
 
 
 def describe(model_dir: str | Path) -> dict:

@@ -312,6 +312,16 @@ class LLM:
         gens = self.engine.generate_many(requests)
         return [GenerationResult.of(p, g) for p, g in zip(prompts, gens, strict=True)]
 
+    def default_params(self, **overrides) -> SamplingParams:
+        """SamplingParams whose temperature, top_p, top_k, min_p and repetition_penalty default to the
+        checkpoint's generation_config.json (as the model's authors recommend them), `overrides` on top."""
+        recommended = {
+            k: v
+            for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+            if isinstance(v := self.checkpoint.generation_config.get(k), int | float) and not isinstance(v, bool)
+        }
+        return SamplingParams(**{**recommended, **overrides})
+
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
         """The token ids of a conversation rendered with the checkpoint's chat template (a clear error when it has
         none). `extra` become template variables (e.g. enable_thinking=False)."""

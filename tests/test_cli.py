@@ -112,3 +112,113 @@ def test_info_placement_and_cost_model(mixtral_dir, tmp_path):
     assert "placement" in text and "fetch beats CPU" in text
     small = cli("info", "--model", path, "--gpu-memory", "1MiB")
     assert small.returncode == 2 and "too small" in small.stderr
+
+
+# --- generation flags and `cadenza chat` ---------------------------------------------------------------------
+
+
+def test_run_stop_logprobs_and_beams(mixtral_dir):
+    path = str(mixtral_dir[0])
+    llm = LLM(path, device="cpu", dtype="float32")
+    free = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)).text
+    stop = free[10:13]
+    r = cli("run", "--model", path, "--prompt", "Hello", "--max-tokens", "30", "--temperature", "0", "--ignore-eos",
+            "--dtype", "float32", "--stop", stop, "--logprobs", "2", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text"] == free[: free.find(stop)] and out["finish_reason"] == "stop"
+    assert len(out["logprobs"]) == len(out["token_ids"]) and all(len(t) == 2 for t in out["top_logprobs"])
+    r = cli("run", "--model", path, "--prompt", "Hello", "--max-tokens", "8", "--temperature", "0", "--dtype",
+            "float32", "--num-beams", "3", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    want = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8, num_beams=3))
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+    bad = cli("run", "--model", path, "--prompt", "x", "--num-beams", "2", "--temperature", "0.7")
+    assert bad.returncode == 2 and "beam search is deterministic" in bad.stderr
+
+
+def test_run_chat_flag_uses_the_template(mixtral_dir):
+    path = str(mixtral_dir[0])
+    r = cli("run", "--model", path, "--prompt", "Hi", "--chat", "--system", "Be brief.", "--max-tokens", "6",
+            "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    llm = LLM(path, device="cpu", dtype="float32")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+
+
+def chat_cli(path, script: str, *extra):
+    return cli("chat", "--model", str(path), "--temperature", "0", "--max-tokens", "8", "--ignore-eos",
+               "--dtype", "float32", *extra, stdin=script)  # fmt: skip
+
+
+def test_chat_keeps_history_and_commands(mixtral_dir):
+    path = mixtral_dir[0]
+    script = "/system Be brief.\nHello\n/stats\nAnd then?\n/reset\nHello\n/bogus\n/help\n/quit\nnever read\n"
+    r = chat_cli(path, script)
+    assert r.returncode == 0, r.stderr
+    llm = LLM(path, device="cpu", dtype="float32")
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    system = {"role": "system", "content": "Be brief."}
+    first = llm.chat([system, {"role": "user", "content": "Hello"}], sp).text
+    second = llm.chat(
+        [system, {"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
+         {"role": "user", "content": "And then?"}], sp,
+    ).text  # fmt: skip
+    answers = [a.removesuffix("\n") for a in r.stdout.split("> ") if a]
+    assert answers[:3] == [first, second, first]  # /reset forgot the history, kept the system message
+    assert "decode" in r.stderr and "tok/s" in r.stderr  # /stats
+    assert "unknown command /bogus" in r.stderr and "/system TEXT" in r.stderr
+
+
+def test_chat_drops_old_turns_when_the_context_fills(mixtral_dir):
+    r = chat_cli(mixtral_dir[0], "".join(f"message number {i} " * 4 + "\n" for i in range(8)), "--max-context", "120")
+    assert r.returncode == 0, r.stderr
+    assert "oldest message(s) to fit the context" in r.stderr
+
+
+def test_chat_without_template_says_so(mixtral_dir, tmp_path):
+    from tests.conftest import VOCAB
+    from tests.tokenizer_files import write_bpe_tokenizer
+
+    bare = shutil.copytree(mixtral_dir[0], tmp_path / "bare")
+    write_bpe_tokenizer(bare, vocab_size=VOCAB, chat_template=False)
+    r = chat_cli(bare, "Hello\n")
+    assert r.returncode == 2 and "no chat template" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(mixtral_dir, tmp_path):
+    import signal
+    import threading
+    import time
+
+    from tests.conftest import edit_config
+
+    long = shutil.copytree(mixtral_dir[0], tmp_path / "long")
+    edit_config(long, max_position_embeddings=8192)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cadenza", "chat", "--model", str(long), "--temperature", "0", "--max-tokens", "6000",
+         "--ignore-eos", "--dtype", "float32"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+    )  # fmt: skip
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        proc.stdin.write("Tell me everything\n")
+        proc.stdin.flush()
+        deadline = time.time() + 120
+        while len("".join(out)) < 20 and time.time() < deadline:  # the prompt "> " and some of the answer
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.stdin.write("/stats\n/quit\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "[stopped]" in err
+    generated = int(err.split("generated ")[1].split(" tok")[0])  # /stats on the stopped answer
+    assert 0 < generated < 6000

@@ -1,0 +1,160 @@
+"""`cadenza chat`: an interactive terminal conversation with a model.
+
+The answer streams as it is decoded; the conversation is kept and re-rendered with the checkpoint's chat template
+each turn (the oldest turns are dropped, with a notice, when it no longer fits the context). Commands: /reset,
+/system TEXT, /stats, /help, /quit. Ctrl-C while an answer streams stops that answer (the part shown so far stays in
+the conversation) and the session goes on; at the prompt, Ctrl-D or /quit leaves.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import replace
+from typing import TextIO
+
+from cadenza.engine import Generation
+from cadenza.errors import CadenzaError
+from cadenza.llm import LLM
+from cadenza.sampling import SamplingParams
+
+HELP = """commands:
+  /reset         forget the conversation (the system message stays)
+  /system TEXT   set the system message (empty TEXT removes it)
+  /stats         speed and where the experts ran, for the last answer
+  /help          this text
+  /quit          leave (also Ctrl-D); Ctrl-C stops an answer that is streaming"""
+
+MIN_ANSWER = 16  # tokens an answer must have room for; older turns are dropped to keep it
+
+
+class ChatSession:
+    """The conversation state and one turn's work; the terminal loop is `run`."""
+
+    def __init__(self, llm: LLM, params: SamplingParams, out: TextIO = sys.stdout, err: TextIO = sys.stderr):
+        self.llm, self.params, self.out, self.err = llm, params, out, err
+        self.system: str | None = None
+        self.turns: list[dict] = []  # user / assistant messages, oldest first
+        self.last: Generation | None = None
+        self.interrupted = False
+
+    def messages(self, turns: list[dict]) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + turns
+
+    def fit(self, user: str) -> list[int]:
+        """The prompt ids for the conversation plus `user`, dropping the oldest turns until an answer fits."""
+        turns = self.turns + [{"role": "user", "content": user}]
+        dropped = 0
+        while True:
+            ids = self.llm.chat_prompt(self.messages(turns))
+            if len(ids) + MIN_ANSWER <= self.llm.max_context or len(turns) == 1:
+                break
+            cut = 2 if len(turns) > 2 else 1  # a user message and its answer
+            turns, dropped = turns[cut:], dropped + cut
+        if len(ids) + 1 >= self.llm.max_context:
+            raise CadenzaError(
+                f"This message needs {len(ids)} tokens with the chat template, but the context holds "
+                f"{self.llm.max_context}. Send a shorter message (or start with a larger --max-context)."
+            )
+        if dropped:
+            self.err.write(f"[dropped the {dropped} oldest message(s) to fit the context]\n")
+            self.turns = turns[:-1]
+        return ids
+
+    def answer(self, user: str) -> str:
+        """Streams the answer to `user` and records the turn; Ctrl-C (SIGINT) stops the stream between tokens."""
+        ids = self.fit(user)
+        room = self.llm.max_context - len(ids)
+        params = replace(self.params, max_tokens=min(self.params.max_tokens, room))
+        gen = Generation(ids)
+        self.interrupted = False
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            self.interrupted = True
+
+        in_main = _is_main_thread()
+        if in_main:
+            signal.signal(signal.SIGINT, on_sigint)
+        try:
+            for piece in self.llm.stream(ids, params, gen):
+                self.out.write(piece)
+                self.out.flush()
+                if self.interrupted:
+                    break
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+        self.out.write("\n")
+        if self.interrupted:
+            self.err.write("[stopped]\n")
+        self.out.flush()
+        self.last = gen
+        self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": gen.text}]
+        return gen.text
+
+    def command(self, line: str) -> bool:
+        """Handles a /command; False when the session should end."""
+        name, _, arg = line.partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            self.turns = []
+            self.err.write("[conversation cleared]\n")
+        elif name == "/system":
+            self.system = arg.strip() or None
+            self.err.write("[system message set]\n" if self.system else "[system message removed]\n")
+        elif name == "/stats":
+            if self.last is None:
+                self.err.write("[no answer yet]\n")
+            else:
+                self.err.write(f"[{self.last.finish_reason or 'stopped'}] {self.last.stats.summary()}\n")
+        elif name == "/help":
+            self.err.write(HELP + "\n")
+        else:
+            self.err.write(f"[unknown command {name}; /help lists the commands]\n")
+        return True
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run(llm: LLM, params: SamplingParams, system: str | None = None, stdin: TextIO = sys.stdin) -> int:
+    """The terminal loop: reads a line, answers it, until /quit or end of input."""
+    session = ChatSession(llm, params)
+    session.system = system or None
+    llm.chat_prompt([{"role": "user", "content": "hi"}])  # no template: say so now, not after the first question
+    tty = stdin.isatty()
+    sys.stderr.write("cadenza chat: type a message and press Enter; /help lists commands, /quit leaves.\n")
+    while True:
+        try:
+            if tty:
+                line = input("> ")
+            else:
+                sys.stdout.write("> ")
+                sys.stdout.flush()
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+                line = line.rstrip("\n")
+        except EOFError:
+            sys.stdout.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            sys.stderr.write("\n[Ctrl-C: /quit or Ctrl-D leaves]\n")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                return 0
+            continue
+        try:
+            session.answer(line)
+        except CadenzaError as e:
+            sys.stderr.write(f"cadenza: {e}\n")
