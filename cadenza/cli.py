@@ -100,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
+    prof = sub.add_parser("profile", help="count the experts a file of prompts uses: a popularity file for --placement")
+    _add_engine_args(prof)
+    prof.add_argument("--prompts", required=True, help="text file, one prompt per line (or JSONL with chat messages)")
+    prof.add_argument("--out", default="popularity.json", help="JSON to write (a PNG heatmap goes beside it)")
+    prof.add_argument("--budget", action="append", default=None,
+                      help="GPU budgets to compare popularity and even placement at, e.g. 24GiB,12GiB "
+                      "(default: a quarter, half and three quarters of the experts resident)")  # fmt: skip
+    _add_sampling_args(prof, 32)
+    prof.set_defaults(func=cmd_profile)
+
     from cadenza.bench import add_bench_parser
 
     add_bench_parser(sub)
@@ -208,6 +218,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = _load(args)
     params = _sampling(args, llm)
     return chat.run(llm, params, system=args.system)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from cadenza.profile import main
+
+    return main(args)
 
 
 def describe(model_dir: str | Path) -> dict:

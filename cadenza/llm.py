@@ -211,7 +211,10 @@ class LLM:
     def placement(self) -> Placement | None:
         return self.orchestra.placement if self.orchestra is not None else None
 
-    def _plan(self, gpu_memory, policy: str) -> Placement:
+    def _plan(self, gpu_memory, policy: str, popularity="loaded") -> Placement:
+        """The placement for a budget and policy; popularity: "loaded" (the --placement file, if any), None (even
+        placement) or a [layers][experts] matrix."""
+        popularity = self._popularity if isinstance(popularity, str) else popularity
         if gpu_memory is None:
             if self.device.type != "cuda":
                 raise CadenzaError("gpu_memory is needed for the emulated GPU side on device='cpu'.")
@@ -228,7 +231,7 @@ class LLM:
         workspace = workspace_bytes(self.config, self.dtype, self.max_context, PREFILL_CHUNK, margin)
         # the KV cache of max_batch sequences of the whole context is reserved
         kv_tokens = self.max_context * self.max_batch
-        return plan(self.sizes, budget, kv_tokens, workspace, self._popularity, fetch_slots=slots)
+        return plan(self.sizes, budget, kv_tokens, workspace, popularity, fetch_slots=slots)
 
     def replan(self, gpu_memory=None, offload_policy: str | None = None) -> Placement:
         """Places the experts anew for another budget and/or policy, without reloading weights (between

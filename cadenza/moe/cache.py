@@ -1,4 +1,5 @@
-"""GPU slots for fetched experts: an LRU cache keyed by (MoE layer, expert), filled over PCIe on a copy stream.
+"""GPU slots for fetched experts: a cache keyed by (MoE layer, expert), filled over PCIe on a copy stream; which
+expert leaves a full cache is an eviction policy's choice (cadenza.moe.eviction: lru, lfu, lrfu).
 
 Ordering is carried by events, never by host waits: a slot's copy waits (on the copy stream) for the last
 computation that read the slot, and the computation waits (on the compute stream) for the copy that filled it.
@@ -6,22 +7,31 @@ computation that read the slot, and the computation waits (on the compute stream
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
+
+from cadenza.moe.eviction import EvictionPolicy, make_policy
 
 
 class SlotCache:
     """`num_slots` slots, each holding one expert's gate [I, H], up [I, H] and down [H, I]."""
 
-    def __init__(self, num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        num_slots: int,
+        hidden: int,
+        intermediate: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        eviction: str | EvictionPolicy = "lru",
+    ):
         self.num_slots = num_slots
+        self.policy = make_policy(eviction) if isinstance(eviction, str) else eviction
         self.device = device
         self.cuda = device.type == "cuda"
         self.gate = torch.empty(num_slots, intermediate, hidden, dtype=dtype, device=device)
         self.up = torch.empty(num_slots, intermediate, hidden, dtype=dtype, device=device)
         self.down = torch.empty(num_slots, hidden, intermediate, dtype=dtype, device=device)
-        self.where: OrderedDict[tuple[int, int], int] = OrderedDict()  # (layer, expert) -> slot, LRU first
+        self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
         self.free = list(range(num_slots - 1, -1, -1))
         self.hits = 0
         self.misses = 0
@@ -43,13 +53,18 @@ class SlotCache:
         key = (layer, expert)
         slot = self.where.get(key)
         if slot is not None:
-            self.where.move_to_end(key)
             self.hits += 1
         else:
             self.misses += 1
-            slot = self.free.pop() if self.free else self.where.popitem(last=False)[1]
+            if self.free:
+                slot = self.free.pop()
+            else:
+                victim = self.policy.victim(self.where)
+                slot = self.where.pop(victim)
+                self.policy.forget(victim)
             self.where[key] = slot
             self._fill(slot, host)
+        self.policy.touch(key)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.filled[slot])
         return slot
@@ -71,4 +86,5 @@ class SlotCache:
 
     def clear(self) -> None:
         self.where.clear()
+        self.policy.clear()
         self.free = list(range(self.num_slots - 1, -1, -1))
