@@ -137,12 +137,14 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         b, t, h = hidden_states.shape
         x = hidden_states.reshape(-1, h)  # [B*T, H]
-        shared_expert_output = self.shared_expert(x)  # [B*T, H]
         router_logits = self.gate(x)  # [B*T, E]
         topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, norm_topk_prob=self.norm_topk_prob)
-        expert_output = self.experts(x, topk_ids, topk_weights)  # [B*T, H]
-        shared_expert_output = F.sigmoid(self.shared_expert_gate(x)) * shared_expert_output  # gate: [B*T, 1]
-        return (expert_output + shared_expert_output).reshape(b, t, h)
+
+        def shared_expert_output() -> torch.Tensor:  # [B*T, H]; gate [B*T, 1]
+            return F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+        # routed experts + the shared expert, which the seam runs on the GPU while the CPU works on routed ones
+        return self.experts(x, topk_ids, topk_weights, shared=shared_expert_output).reshape(b, t, h)
 
 
 class Qwen2MoeDecoderLayer(nn.Module):

@@ -1,12 +1,16 @@
 """The expert seam: `experts(x, topk_ids, topk_weights) -> y`, wherever each expert lives.
 
 A family's MoE block computes routing in plain view and calls this module; it never knows where an expert's
-weights are. The weights of all experts of a layer are stacked ([E, I, H] for gate and up, [E, H, I] for down);
+weights are. Work that does not depend on where experts live (shared experts) comes in as `shared`, a callable whose
+[T, H] result is added: the offloaded path queues it on the GPU right after handing the CPU its experts, so the two
+run at once. The weights of all experts of a layer are stacked ([E, I, H] for gate and up, [E, H, I] for down);
 parameter names keep the checkpoint's (Mixtral: w1 gate, w3 up, w2 down; Qwen/OLMoE: gate_proj, up_proj,
 down_proj), so `experts.{e}.{name}.weight` in a checkpoint lands in row e of the stacked parameter `{name}`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -67,15 +71,23 @@ class Experts(nn.Module):
     # expert's weights are in this module's parameters on the compute device.
     offload = None
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        shared: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x [T, H], topk_ids / topk_weights [T, k] -> sum of the routed experts' weighted outputs [T, H], plus
+        `shared()` ([T, H]: the family's always-on experts) when given."""
         if self.offload is not None:
-            return self.offload(x, topk_ids, topk_weights)
+            return self.offload(x, topk_ids, topk_weights, shared)
         counts = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts).tolist()  # one host sync
         y = torch.zeros_like(x)
         order = expert_order(topk_ids)
         active = [e for e, n in enumerate(counts) if n]
         run_experts(x, topk_ids.shape[1], topk_weights, order, counts, active, self.weights_of, self.act_fn, y)
-        return y
+        return y if shared is None else y + shared()
 
     def weights_of(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate[e], self.up[e], self.down[e]

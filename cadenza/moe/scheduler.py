@@ -8,9 +8,10 @@ are also copied to the GPU. One MoE layer on the offloaded path:
 2. the host groups tokens by expert and splits the non-resident experts between the CPU and fetching
    (`--offload-policy`: cpu, fetch, or auto: the cost model's split that finishes soonest, using the CPU and the
    PCIe link at once where that wins);
-3. the CPU worker starts on its experts at once; meanwhile the main thread queues the resident experts and the
-   fetches (copy stream) and their products on the GPU;
-4. the CPU's partial sum is copied back (asynchronously, from a pinned buffer) and added.
+3. the CPU worker starts on its experts at once; meanwhile the main thread queues the family's shared experts (the
+   `shared` callable, when the family has them), the resident experts and the fetches (copy stream) and their
+   products on the GPU;
+4. the CPU's partial sum is copied back (asynchronously, from a pinned buffer) and added, then the shared part.
 
 With the "GPU side" on the CPU (device cpu and a budget), the same code runs for tests: the emulated mode.
 """
@@ -18,6 +19,7 @@ With the "GPU side" on the CPU (device cpu and a budget), the same code runs for
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +120,13 @@ class LayerOffload:
             for dst, src in zip((self.gate[r], self.up[r], self.down[r]), self.host_weights(e), strict=True):
                 dst.copy_(src, non_blocking=True)
 
-    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        shared: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         orch, k = self.orch, topk_ids.shape[1]
         x_h, ids_h, w_h = orch.to_host(x, topk_ids, topk_weights)
         counts = torch.bincount(ids_h.reshape(-1), minlength=self.experts.num_experts).tolist()
@@ -130,6 +138,8 @@ class LayerOffload:
         if on_cpu:
             out = self._out_buffer(x_h.shape[0], x.dtype)
             job = orch.worker.submit(self._cpu_job, x_h, k, w_h, ids_h, counts, on_cpu, out, bool(fetch))
+        # the shared experts go to the GPU first, to run while the CPU computes its share
+        y_shared = shared() if shared is not None else None
         y = torch.zeros_like(x)
         if resident or fetch:
             order = expert_order(topk_ids)  # on the GPU side; counts from the host slice it without a sync
@@ -148,6 +158,8 @@ class LayerOffload:
             y_cpu = job.result()
             orch.counters.cpu_wait_s += time.perf_counter() - t0
             y += y_cpu.to(x.device, non_blocking=True) if x.device.type == "cuda" else y_cpu
+        if y_shared is not None:
+            y = y + y_shared
 
         c, eb = orch.counters, orch.expert_bytes
         c.gpu += sum(counts[e] for e in resident)
