@@ -2,11 +2,13 @@
 
 Sizes come from the safetensors headers (the first 8 + N bytes of each file) before any tensor is read, so the
 planner and `cadenza info` know the model without touching its weights. Tensors are then read shard by shard.
+Block-quantized fp8 weights (DeepSeek-V3's published format, `BlockFP8`) are dequantized as they are read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
 }
+if hasattr(torch, "float8_e8m0fnu"):  # power-of-two block scales ("scale_fmt": "ue8m0")
+    SAFETENSORS_DTYPES["F8_E8M0"] = (torch.float8_e8m0fnu, 1)
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -201,3 +206,82 @@ class Checkpoint:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     if names is None or name in names:
                         yield name, f.get_tensor(name)
+
+
+# --- quantized checkpoints ------------------------------------------------------------------------------------------
+
+SCALE_SUFFIX = "_scale_inv"  # `<name>_scale_inv`: the block scales of the fp8 tensor `<name>`
+_FP8_HINT = (
+    'cadenza reads unquantized checkpoints (bf16, fp16, fp32) and block-quantized fp8 ones (quant_method "fp8" '
+    "with weight_block_size, DeepSeek-V3's format): use the model's bf16 release or such an fp8 one."
+)
+
+
+@dataclass(frozen=True)
+class BlockFP8:
+    """Block-quantized fp8, as DeepSeek-V3 publishes its weights: config.json's `quantization_config` is
+    {"quant_method": "fp8", "weight_block_size": [128, 128], ...}; a quantized `<name>` ([out, in], float8_e4m3fn)
+    comes with `<name>_scale_inv` ([ceil(out / 128), ceil(in / 128)], float32), one factor per block (edge blocks
+    partial), and the real weight is fp8 * scale_inv. Unquantized tensors (embeddings, norms, routers, LM head) are
+    stored as they are. cadenza dequantizes at load into the compute dtype."""
+
+    block: tuple[int, int]  # rows, columns
+
+    @classmethod
+    def from_config(cls, config: dict) -> BlockFP8 | None:
+        """The checkpoint's quantization, from config.json: None when unquantized; a clear error for formats cadenza
+        cannot read."""
+        q = config.get("quantization_config")
+        if not q:
+            return None
+        method = q.get("quant_method") if isinstance(q, dict) else None
+        if method != "fp8":
+            raise CadenzaError(f"config.json says the weights are quantized with {method!r}. {_FP8_HINT}")
+        block = q.get("weight_block_size")
+        if not (
+            isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+        ):
+            raise CadenzaError(
+                f"config.json's fp8 quantization_config has weight_block_size={block!r}; cadenza reads fp8 with block "
+                f"scales only (two positive ints, e.g. [128, 128]). {_FP8_HINT}"
+            )
+        if q.get("expert_dtype", "fp8") != "fp8":
+            raise CadenzaError(f"config.json's experts are stored as {q['expert_dtype']!r}, not fp8. {_FP8_HINT}")
+        return cls((block[0], block[1]))
+
+    @staticmethod
+    def scale_name(name: str) -> str:
+        return name + SCALE_SUFFIX
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The scale tensor's shape for a weight of `shape` ([out, in]): one factor per block."""
+        return tuple(math.ceil(d / b) for d, b in zip(shape, self.block, strict=True))
+
+    def dequantize(self, weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """weight [out, in] fp8, scale_inv [ceil(out/bm), ceil(in/bn)] -> weight * its block's factor, computed in
+        float32 (as DeepSeek's own dequantization), then cast to `dtype`."""
+        (bm, bn), (rows, cols) = self.block, weight.shape
+        scale = scale_inv.float().repeat_interleave(bm, dim=0)[:rows]  # [out, ceil(in/bn)]
+        w = weight.float()  # [out, in]
+        full = cols // bn
+        # full column blocks through a view (no weight-sized copy of the scales), then the partial edge block
+        w[:, : full * bn].view(rows, full, bn).mul_(scale[:, :full, None])
+        if full * bn < cols:
+            w[:, full * bn :].mul_(scale[:, full:])
+        return w.to(dtype)
+
+
+def read_weights(checkpoint, names: set[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for `names`, shard by shard, with block-fp8 weights dequantized to `dtype` and their scales
+    (the `*_scale_inv` among `names`) consumed. The scales are read first, all of them, so that a weight never waits
+    for a scale stored in another shard: 4 bytes per 128x128 block, 164 MB for DeepSeek-V3's 671 B weights."""
+    quant = BlockFP8.from_config(checkpoint.config)
+    scale_names = {n for n in names if n.endswith(SCALE_SUFFIX)} if quant is not None else set()
+    if not scale_names:
+        yield from checkpoint.iter_tensors(names)
+        return
+    scales = dict(checkpoint.iter_tensors(scale_names))
+    for name, tensor in checkpoint.iter_tensors(names - scale_names):
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            tensor = quant.dequantize(tensor, scales.pop(quant.scale_name(name)), dtype)
+        yield name, tensor

@@ -123,3 +123,58 @@ def edit_config(path: Path, **changes) -> None:
 def mixtral_dir(tmp_path_factory):
     """One shared tiny Mixtral checkpoint folder (fp32) and its transformers model."""
     return make_mixtral(tmp_path_factory.mktemp("mixtral"))
+
+
+def tiny_deepseek_kwargs(version: int, **overrides) -> dict:
+    """A tiny DeepSeek-V2 / V3 config's arguments: MLA with a latent of 16, 8 routed experts (top-2) and a shared
+    one, a dense first layer, 3 layers."""
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=None if version == 2 else 24,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    if version == 3:
+        kw.update(n_group=4, topk_group=2)
+    kw.update(overrides)
+    return kw
+
+
+def make_deepseek(path: Path, version: int = 2, seed: int = 0, **overrides):
+    """A tiny random DeepseekV2ForCausalLM (version 2) or DeepseekV3ForCausalLM (3) saved to `path`; returns
+    (folder, the fp32 transformers model)."""
+    import transformers
+
+    name = f"DeepseekV{version}"
+    config = getattr(transformers, f"{name}Config")(**tiny_deepseek_kwargs(version, **overrides))
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    # widen transformers' tiny init so routing is not degenerate; norm weights away from 1 and a routing bias
+    # large enough to change V3's choices, so that a wrong norm or a bias used in the wrong place shows
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(1.0, 0.1)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.5)
+    save_hf_model(model, path)
+    return path, model

@@ -3,7 +3,9 @@ checkpoint.
 
 The loader builds the model on the meta device (no memory), checks every expected tensor's presence and shape
 against the safetensors headers before reading any data, then reads shard by shard, each tensor landing in its
-parameter (routed experts into their stacked rows), so host memory holds one copy of the model.
+parameter (routed experts into their stacked rows), so host memory holds one copy of the model. Block-fp8 weights
+(DeepSeek-V3) are dequantized to the compute dtype as they are read; tensors the model does not use (a checkpoint's
+multi-token-prediction layer) are never read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cadenza.checkpoint import Checkpoint
+from cadenza.checkpoint import FP8_DTYPES, BlockFP8, Checkpoint, read_weights
 from cadenza.errors import CadenzaError
 from cadenza.moe.experts import Experts
 from cadenza.moe.placement import ModelSizes
@@ -35,6 +37,8 @@ ARCHITECTURES: dict[str, Family] = {
     "PhimoeForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
     # the name Phi-3.5-MoE's config.json on the hub uses
     "PhiMoEForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
+    "DeepseekV2ForCausalLM": Family("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": Family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
 
 
@@ -54,6 +58,7 @@ def family_of(checkpoint: Checkpoint):
 def build_meta(checkpoint: Checkpoint) -> nn.Module:
     """The model with every parameter on the meta device: shapes only, no memory."""
     config_cls, model_cls = family_of(checkpoint)
+    BlockFP8.from_config(checkpoint.config)  # a quantization cadenza cannot read fails here, before anything else
     config = config_cls.from_hf(checkpoint.config)
     with torch.device("meta"):
         return model_cls(config)
@@ -93,7 +98,34 @@ def check_tensors(model: nn.Module, checkpoint: Checkpoint) -> set[str]:
                 f"implies {list(shape)}. config.json and the weights come from different models or versions: "
                 "download both from the same repository revision."
             )
-    return set(expected)
+    return set(expected) | _fp8_scales(expected, checkpoint)
+
+
+def _fp8_scales(expected: dict[str, tuple[int, ...]], checkpoint: Checkpoint) -> set[str]:
+    """The block scales the checkpoint's fp8 tensors need, checked against the headers."""
+    quant = BlockFP8.from_config(checkpoint.config)
+    fp8 = [n for n in expected if checkpoint.tensors[n].dtype in FP8_DTYPES]
+    if fp8 and quant is None:
+        raise CadenzaError(
+            f"{len(fp8)} tensors in {checkpoint.path} are stored in fp8 (first: {fp8[0]}), but config.json has no "
+            "quantization_config saying how they are scaled. Download config.json again from the model's repository."
+        )
+    scales = set()
+    for name in fp8:
+        scale, want = quant.scale_name(name), quant.scale_shape(expected[name])
+        if scale not in checkpoint.tensors:
+            raise CadenzaError(
+                f"The fp8 tensor {name} has no block scales {scale} in {checkpoint.path}. A shard is missing or "
+                "from another version: download the repository again."
+            )
+        if tuple(checkpoint.tensors[scale].shape) != want:
+            raise CadenzaError(
+                f"Block scales {scale} have shape {list(checkpoint.tensors[scale].shape)}, but {list(expected[name])} "
+                f"weights in blocks of {list(quant.block)} need {list(want)}. config.json's weight_block_size does "
+                "not match the weights: download both from the same repository revision."
+            )
+        scales.add(scale)
+    return scales
 
 
 def _assign(
@@ -112,6 +144,8 @@ def _assign(
             module.load_checkpoint_tensor(".".join(parts[i + 1 :]), tensor, expert_device, dtype)
             return
     target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+    if parts[-1] in getattr(module, "keep_float32", ()):  # e.g. DeepSeek-V3's routing bias, as the reference keeps it
+        target_dtype = torch.float32
     param = nn.Parameter(tensor.to(device=device, dtype=target_dtype), requires_grad=False)
     module.register_parameter(parts[-1], param)
 
@@ -128,7 +162,7 @@ def load_model(
     model = model if model is not None else build_meta(checkpoint)
     names = check_tensors(model, checkpoint)
     with torch.no_grad():
-        for name, tensor in checkpoint.iter_tensors(names):
+        for name, tensor in read_weights(checkpoint, names, dtype):
             _assign(model, name, tensor, device, dtype, expert_device or device)
         if getattr(model.config, "tie_word_embeddings", False):
             model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,76 @@
+"""MLA's latent cache (DeepSeek-V2/V3) as a slot cache: rows of different lengths decode together, beams reorder by
+copying rows, and each gives the logits the row would get alone, on the absorbed and the decompressed path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadenza.checkpoint import Checkpoint
+from cadenza.models import load_model
+from tests.conftest import make_deepseek, prompt_ids
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _ = make_deepseek(tmp_path_factory.mktemp("deepseek-v3-cache"), 3)
+    return load_model(Checkpoint(path), CPU, torch.float32)
+
+
+@pytest.fixture(params=[None, True, False], ids=["auto", "absorbed", "decompressed"])
+def absorb(request, model):
+    for m in model.modules():
+        if hasattr(m, "absorb"):
+            m.absorb = request.param
+    yield request.param
+    for m in model.modules():
+        if hasattr(m, "absorb"):
+            m.absorb = None
+
+
+def alone(model, ids: list[int], extra: list[int]) -> torch.Tensor:
+    """Logits of each token of `extra` after prefilling `ids`, one sequence, one token at a time."""
+    cache = model.new_cache(64, torch.float32, CPU)
+    model(torch.tensor([ids]), cache)
+    return torch.stack([model(torch.tensor([[t]]), cache)[0, -1] for t in extra])
+
+
+@torch.inference_mode()
+def test_rows_of_different_lengths_decode_together(model, absorb):
+    prompts = [prompt_ids(3, seed=1), prompt_ids(9, seed=2), prompt_ids(6, seed=3)]
+    extra = [prompt_ids(4, seed=10 + i) for i in range(3)]
+    for slots in ([2, 0, 3], [1, 2, 3]):  # the gather path (rows out of order), then contiguous rows
+        cache = model.new_cache(64, torch.float32, CPU, batch=4)
+        for p, s in zip(prompts, slots, strict=True):
+            model(torch.tensor([p]), cache, rows=[s])
+        got = torch.stack([model(torch.tensor([[e[i]] for e in extra]), cache, rows=slots)[:, -1] for i in range(4)], 1)
+        for i in range(3):
+            assert cache.lengths[slots[i]] == len(prompts[i]) + 4
+            torch.testing.assert_close(got[i], alone(model, prompts[i], extra[i]), atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_equal_starts_batch_prefill(model, absorb):
+    prompts = [prompt_ids(7, seed=4), prompt_ids(7, seed=5)]
+    cache = model.new_cache(64, torch.float32, CPU, batch=3)
+    logits = model(torch.tensor(prompts), cache, rows=[1, 2])
+    for i, p in enumerate(prompts):
+        single = model(torch.tensor([p]), model.new_cache(64, torch.float32, CPU))
+        torch.testing.assert_close(logits[i], single[0], atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_reorder_copies_rows(model, absorb):
+    a, b = prompt_ids(5, seed=6), prompt_ids(8, seed=7)
+    cache = model.new_cache(64, torch.float32, CPU, batch=2)
+    model(torch.tensor([a]), cache, rows=[0])
+    model(torch.tensor([b]), cache, rows=[1])
+    cache.reorder([0, 1], [1, 1])  # both rows now hold b's history
+    assert cache.lengths == [8, 8]
+    nxt = prompt_ids(1, seed=8)
+    got = model(torch.tensor([nxt, nxt]), cache, rows=[0, 1])[:, -1]
+    want = alone(model, b, nxt)[0]
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want, atol=1e-5, rtol=1e-5)
