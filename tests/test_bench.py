@@ -316,3 +316,52 @@ def test_run_bench_policies_and_tag(tmp_path):
         run_bench(_args("--device", "cpu", "--scenario", "D1", "--policies", "none", "--out", str(tmp_path)))
     with pytest.raises(CadenzaError, match="--policies"):
         run_bench(_args("--device", "cpu", "--policies", "gpu", "--out", str(tmp_path)))
+
+
+# --- DeepSeek-V2-Lite (F2) -------------------------------------------------------------------------------------------
+
+
+def test_deepseek_v2_lite_size_without_materialising():
+    ckpt = SyntheticCheckpoint("deepseek-v2-lite")
+    v, h, layers, heads, experts, moe_i, dense_i = 102400, 2048, 27, 16, 64, 1408, 10944
+    attn = h * heads * (128 + 64) + h * (512 + 64) + 512 + 512 * heads * (128 + 128) + heads * 128 * h
+    moe = experts * 3 * h * moe_i + 3 * h * 2 * moe_i + experts * h  # routed, 2 shared, router
+    params = 2 * v * h + layers * (attn + 2 * h) + 3 * h * dense_i + (layers - 1) * moe + h
+    assert params == 15_706_484_224  # DeepSeek-V2-Lite's published 15.7 B parameters
+    assert ckpt.total_bytes == 2 * params  # 31.4 GB in bf16
+    wb = ckpt.weight_bytes()
+    assert wb.num_moe_layers == 26 and wb.num_experts == 64 and wb.experts_per_token == 6
+    assert wb.expert_bytes == 3 * h * moe_i * 2
+    assert not ckpt._pools
+
+
+def test_deepseek_tiny_builds_and_runs():
+    tiny = SyntheticCheckpoint("deepseek-v2-tiny")
+    assert {n: t.shape for n, t in tiny.tensors.items()} == expected_tensors(build_meta(tiny))
+    model = load_model(tiny, CPU, torch.bfloat16)
+    assert type(model).__name__ == "DeepseekV2ForCausalLM"
+    ids = torch.randint(3, 1024, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = model(ids, model.new_cache(24, torch.bfloat16, CPU))[0]
+    assert torch.isfinite(logits).all()
+    assert logits.std() > 0.3
+    assert len(set(logits.argmax(-1).tolist())) > 3
+
+
+def test_run_bench_f2_tiny_on_cpu(tmp_path):
+    args = _args("--device", "cpu", "--scenario", "F2", "--prompt-tokens", "8", "--new-tokens", "4",
+                 "--trials", "1", "--policies", "cpu,auto", "--out", str(tmp_path))  # fmt: skip
+    assert run_bench(args) == 0
+    (f,) = tmp_path.glob("*.json")
+    doc = json.loads(f.read_text())
+    assert f.name.startswith("F2-cpu-") and doc["command"].startswith("cadenza bench --model deepseek-v2-tiny")
+    assert [r["policy"] for r in doc["results"]] == ["auto", "cpu"]
+    layers, heads = 4, 4
+    for r in doc["results"]:
+        assert set(r) >= set(REQUIRED_KEYS) and not r["skipped"], r["notes"]
+        assert r["scenario"] == "F2" and r["gpu_budget_gib"] == 6
+        assert r["decode_tok_s"] > 0 and r["roofline_fraction"] > 0
+        assert r["kv_bytes_per_token"] == layers * (64 + 16) * 2  # MLA: latent + rope key, bf16
+        assert r["kv_bytes_per_token_decompressed"] == layers * heads * (32 + 16 + 32) * 2
+    with pytest.raises(CadenzaError, match="F2"):
+        run_bench(_args("--device", "cpu", "--scenario", "F2,D1", "--out", str(tmp_path)))

@@ -16,11 +16,15 @@ import torch
 from cadenza.bench.report import BenchResult, plot_budget_sweep, result_path, write_results
 from cadenza.errors import CadenzaError
 
-SCENARIOS = ("D1", "P1", "S1", "F1")
-DEFAULT_SCENARIOS = "D1,P1,S1"  # F1 runs another model: ask for it alone
+SCENARIOS = ("D1", "P1", "S1", "F1", "F2")
+DEFAULT_SCENARIOS = "D1,P1,S1"  # F1 and F2 run other models: ask for each alone
 D1_BUDGET_GIB = 24
 F1_BUDGET_GIB = 8  # qwen3-30b-a3b: 48 layers, 8 small experts per token: where per-call overhead shows
 F1_MODEL = "qwen3-30b-a3b"
+F2_BUDGET_GIB = 6  # deepseek-v2-lite: MLA, a dense first layer, 2 shared + 6 of 64 routed experts per token
+F2_MODEL = "deepseek-v2-lite"
+F2_CPU_MODEL = "deepseek-v2-tiny"  # its layout at laptop size, for runs without CUDA
+SOLO = {"F1": (F1_MODEL, None), "F2": (F2_MODEL, F2_CPU_MODEL)}  # scenario -> (model, model without CUDA)
 D1_POLICIES = ("auto", "cpu", "fetch")
 P1_POLICIES = ("auto", "cpu")
 P1_PROMPTS = (512, 2048)
@@ -41,12 +45,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help=f"synthetic model: {', '.join(SYNTHETIC_MODELS)} (default: mixtral-8x7b with CUDA, mixtral-tiny without)",
+        help=f"synthetic model: {', '.join(SYNTHETIC_MODELS)} (default: the scenario's model with CUDA, "
+        f"mixtral-8x7b for D1/P1/S1; mixtral-tiny without, {F2_CPU_MODEL} for F2)",
     )
     p.add_argument(
         "--scenario",
         default=DEFAULT_SCENARIOS,
-        help=f"comma-separated scenarios (default {DEFAULT_SCENARIOS}); F1 (qwen3-30b-a3b, 8 GiB) runs on its own",
+        help=f"comma-separated scenarios (default {DEFAULT_SCENARIOS}); F1 (qwen3-30b-a3b, 8 GiB) and F2 "
+        "(deepseek-v2-lite, 6 GiB) each run on their own",
     )
     p.add_argument("--out", default="benchmarks/results", help="folder for the results (default benchmarks/results)")
     p.add_argument("--trials", type=int, default=3, help="measured trials after one warm-up; the median is reported")
@@ -130,6 +136,8 @@ def plan_configs(
             out += [RunConfig("D1", pol, D1_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
         elif s == "F1":
             out += [RunConfig("F1", pol, F1_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
+        elif s == "F2":
+            out += [RunConfig("F2", pol, F2_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
         elif s == "P1":
             prompts = list(dict.fromkeys(prompt(n) for n in P1_PROMPTS))
             out += [RunConfig("P1", pol, D1_BUDGET_GIB, n, 1) for n in prompts for pol in P1_POLICIES]
@@ -211,10 +219,11 @@ def run_bench(args: argparse.Namespace) -> int:
     scenarios = parse_scenarios(args.scenario)
     budgets = parse_budgets(args.budgets)
     device = resolve_device(args.device)
-    if "F1" in scenarios and len(scenarios) > 1:
-        raise CadenzaError("F1 measures another model (qwen3-30b-a3b): run --scenario F1 on its own.")
-    default = F1_MODEL if scenarios == ["F1"] else "mixtral-8x7b"
-    model = args.model or (default if device.type == "cuda" else "mixtral-tiny")
+    for s, (solo_model, _) in SOLO.items():
+        if s in scenarios and len(scenarios) > 1:
+            raise CadenzaError(f"{s} measures another model ({solo_model}): run --scenario {s} on its own.")
+    default, cpu_default = SOLO.get(scenarios[0], ("mixtral-8x7b", None))
+    model = args.model or (default if device.type == "cuda" else cpu_default or "mixtral-tiny")
     ckpt = SyntheticCheckpoint(model, seed=args.seed)
     baseline = args.baseline if args.baseline is not None else device.type == "cuda"
     baseline = baseline and "D1" in scenarios
@@ -306,7 +315,19 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
         result.skip(f"out of GPU memory: {str(e).splitlines()[0]}")
-    add(cfg.scenario, result.as_dict())
+    add(cfg.scenario, {**result.as_dict(), **kv_cache_facts(cut.llm)})
+
+
+def kv_cache_facts(llm) -> dict:
+    """KV-cache bytes per token of context (all layers, compute dtype) as cadenza stores them, and for multi-head
+    latent attention (DeepSeek) what per-head keys and values would take instead."""
+    out = {"kv_bytes_per_token": llm.sizes.kv_bytes_per_token}
+    c = llm.config
+    if hasattr(c, "kv_lora_rank"):  # MLA: the cache holds the latent and the rope key, shared by every head
+        elem = torch.empty((), dtype=llm.dtype).element_size()
+        per_head = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim  # key + value of one head
+        out["kv_bytes_per_token_decompressed"] = c.num_hidden_layers * c.num_attention_heads * per_head * elem
+    return out
 
 
 def _first_fitting(configs, ckpt, device: torch.device):

@@ -112,6 +112,68 @@ SYNTHETIC_MODELS["olmoe-1b-7b"] = {  # allenai/OLMoE-1B-7B-0924
     "eos_token_id": 50279,
     "pad_token_id": 1,
 }
+SYNTHETIC_MODELS["deepseek-v2-lite"] = {  # deepseek-ai/DeepSeek-V2-Lite
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "vocab_size": 102400,
+    "hidden_size": 2048,
+    "intermediate_size": 10944,  # the dense first layer
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 6,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "topk_method": "greedy",
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": False,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "q_lora_rank": None,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "attention_bias": False,
+    "max_position_embeddings": 163840,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    },
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+}
+# DeepSeek-V2-Lite's layout (MLA, a dense first layer, shared experts) at laptop size, for CPU runs and CI
+SYNTHETIC_MODELS["deepseek-v2-tiny"] = {
+    **SYNTHETIC_MODELS["deepseek-v2-lite"],
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+}
 
 EMBEDDING_STD = 0.02  # small, as trained embeddings are; the first RMSNorm rescales them anyway
 MAX_POOL_ELEMENTS = 1 << 27  # 128 Mi bf16 elements (256 MiB) per scale, unless one tensor needs more
@@ -208,7 +270,12 @@ class SyntheticCheckpoint:
             routed_experts=experts,
             other=self.total_bytes - emb - experts,
             num_moe_layers=self._moe_layers,
-            num_experts=int(self.config.get("num_local_experts") or self.config.get("num_experts") or 0),
+            num_experts=int(
+                self.config.get("num_local_experts")
+                or self.config.get("num_experts")
+                or self.config.get("n_routed_experts")
+                or 0
+            ),
             experts_per_token=int(self.config.get("num_experts_per_tok") or 0),
         )
 
