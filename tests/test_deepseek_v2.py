@@ -44,9 +44,16 @@ def set_absorb(llm_or_model, value: bool | None) -> None:
 CONFIGS = {
     # DeepSeek-V2-Lite's switches: no q_lora, greedy top-k, one dense layer
     "greedy-no-q-lora": {},
-    # DeepSeek-V2's: q_lora, group-limited routing, scaled weights
+    # DeepSeek-V2's: q_lora, group-limited routing (top-3 from the best of 4 groups: unlike greedy whenever the
+    # three best experts are not in one group), scaled weights
     "q-lora-group-limited": dict(
-        q_lora_rank=24, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5
+        q_lora_rank=24,
+        topk_method="group_limited_greedy",
+        n_routed_experts=16,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=1,
+        routed_scaling_factor=1.5,
     ),
     # mscale != mscale_all_dim: the cos/sin tables and the softmax scale both carry a YaRN factor
     "yarn": dict(rope_parameters=YARN, max_position_embeddings=256),
