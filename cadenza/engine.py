@@ -42,6 +42,9 @@ class GenerationStats:
     # decode seconds spent: waiting in those synchronisations, computing CPU experts (worker), waiting for the
     # worker after queueing the GPU's share
     decode_breakdown: dict[str, float] | None = None
+    # the fetch slot cache over the request: hits, misses, hit rate, and the speculative prefetch's precision
+    # (guessed experts that were used) and recall (needed non-resident experts that were guessed)
+    fetch_cache: dict[str, float | int | None] | None = None
 
     @property
     def prefill_tok_s(self) -> float:
@@ -66,6 +69,7 @@ class GenerationStats:
             "decode_gpu_bytes": self.decode_gpu_bytes,
             "decode_syncs": self.decode_syncs,
             "decode_breakdown": self.decode_breakdown,
+            "fetch_cache": self.fetch_cache,
         }
 
     def summary(self) -> str:
@@ -384,3 +388,12 @@ class Engine:
             "cpu_experts_s": round(decode.cpu_busy_s, 6),
             "cpu_wait_s": round(decode.cpu_wait_s, 6),
         }
+        looked_up = whole.cache_hits + whole.cache_misses
+        if looked_up or whole.prefetch_issued:
+            stats.fetch_cache = {
+                "hits": whole.cache_hits,
+                "misses": whole.cache_misses,
+                "hit_rate": round(whole.cache_hits / looked_up, 4) if looked_up else None,
+                "prefetch_issued": whole.prefetch_issued,
+                **{f"prefetch_{k}": None if v is None else round(v, 4) for k, v in whole.prefetch_quality().items()},
+            }

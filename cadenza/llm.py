@@ -12,7 +12,7 @@ import torch
 from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
-from cadenza.models import build_meta, load_model, model_sizes, moe_layers
+from cadenza.models import build_meta, load_model, model_sizes, moe_layers, moe_routers
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size, plan
 from cadenza.moe.scheduler import POLICIES, Orchestra
 from cadenza.sampling import SamplingParams
@@ -125,6 +125,8 @@ class LLM:
     8192 (the KV cache for it is reserved on the GPU).
     max_batch: sequences decoded together whose KV cache is reserved on the GPU (default 1; each costs a full
     context of KV cache out of the GPU budget). Batched generation, beams and the server use up to this many.
+    eviction: which fetched expert leaves a full fetch cache: "lru" (default), "lfu" or "lrfu".
+    prefetch: guess the next layer's experts with its router and start their copies early (fetching policies).
 
     Offloading (on a CUDA device): gpu_memory is the GPU budget ("24GiB"; 0: every routed expert on the host;
     default: the GPU's free memory less a safety margin). What every token needs stays on the GPU; routed experts
@@ -146,6 +148,8 @@ class LLM:
         placement: str | Path | None = None,
         checkpoint=None,
         max_batch: int = 1,
+        eviction: str = "lru",
+        prefetch: bool = True,
     ):
         self.is_demo = model_dir is None and checkpoint is None
         if checkpoint is None:
@@ -185,7 +189,9 @@ class LLM:
                 self._popularity = load_popularity(placement, self.sizes.num_moe_layers, self.sizes.num_experts)
             planned = self._plan(gpu_memory, offload_policy)  # refuses a too-small budget before reading weights
             self.model = load_model(self.checkpoint, self.device, self.dtype, torch.device("cpu"), meta)
-            self.orchestra = Orchestra(moe_layers(self.model), self.device, cpu_threads)
+            self.orchestra = Orchestra(
+                moe_layers(self.model), self.device, cpu_threads, moe_routers(self.model), eviction, prefetch
+            )
             # unpin host memory and stop the worker when this LLM is collected, even without close()
             weakref.finalize(self, self.orchestra.close)
             self.orchestra.apply(planned, offload_policy)
@@ -246,6 +252,13 @@ class LLM:
         self.offload_policy = policy
         self._calibrate()
         return planned
+
+    def adapt_placement(self, max_bytes: int = 2 * GiB) -> int:
+        """Exchanges resident experts for ones live traffic uses more (between requests; never mid-step),
+        copying at most max_bytes. Returns the number of experts exchanged."""
+        if self.orchestra is None:
+            return 0
+        return len(self.orchestra.adapt(max_bytes))
 
     def _calibrate(self) -> None:
         """Loads the cost model for `auto` from the cache, or measures it on this machine (first use)."""

@@ -101,7 +101,10 @@ def test_slot_cache_lru_order():
 
     a = cache.get(0, 1, host(1))
     b = cache.get(0, 2, host(2))
+    cache.release(a)  # the work reading them is queued (as the scheduler does after each wave)
+    cache.release(b)
     assert cache.get(0, 1, host(1)) == a  # hit refreshes expert 1
+    cache.release(a)
     c = cache.get(1, 5, host(5))  # evicts the least recently used: (0, 2)
     assert c == b and (0, 2) not in cache.where and (0, 1) in cache.where
     assert cache.gate[c].eq(5).all() and cache.gate[a].eq(1).all()

@@ -182,6 +182,13 @@ def test_slot_cache_uses_its_policy():
     for e in [0, 0, 0, 1, 2]:  # 2 evicts 1 (used once) not 0 (used three times)
         slot = cache.get(0, e, host[e])
         assert float(cache.weights(slot)[0][0, 0]) == e
+        cache.release(slot)
     assert set(cache.where) == {(0, 0), (0, 2)} and cache.hits == 2 and cache.misses == 3
+    # a slot handed out and not yet released is never the victim, whatever the policy says
+    a = cache.get(1, 0, host[0])  # (1, 0) used once: the LFU victim-to-be
+    b = cache.get(1, 1, host[1])  # evicts (0, 2), not the in-use (1, 0)
+    assert {(1, 0), (1, 1)} == set(cache.where) and float(cache.weights(a)[0][0, 0]) == 0
+    cache.release(a)
+    cache.release(b)
     with pytest.raises(CadenzaError, match="Unknown eviction policy"):
         make_policy("fifo")

@@ -180,6 +180,23 @@ def moe_layers(model: nn.Module) -> list[Experts]:
     return [m for m in model.modules() if isinstance(m, Experts)]
 
 
+def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, int] | None]:
+    """Per MoE layer (moe_layers' order): the router's weight [E, H] and the experts per token, for guessing a
+    layer's experts from another layer's hidden states (speculative prefetch); None where a family's router is
+    not a plain linear map."""
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    out: list[tuple[torch.Tensor, int] | None] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Experts):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0])
+        weight = getattr(getattr(parent, "gate", None), "weight", None)
+        k = getattr(parent, "top_k", None) or top_k
+        ok = isinstance(weight, torch.Tensor) and tuple(weight.shape) == (module.num_experts, module.hidden_size)
+        out.append((weight, int(k)) if ok and k else None)
+    return out
+
+
 def supported_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
 

@@ -35,8 +35,11 @@ class SlotCache:
         self.free = list(range(num_slots - 1, -1, -1))
         self.hits = 0
         self.misses = 0
+        self.in_use: set[int] = set()  # slots handed out by `get` and not yet released: never evicted
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
+            # speculative copies run on a stream of their own: a needed copy never queues behind a wrong guess
+            self.prefetch_stream = torch.cuda.Stream(device)
             self.filled = [torch.cuda.Event() for _ in range(num_slots)]
             self.released = [torch.cuda.Event() for _ in range(num_slots)]
 
@@ -56,35 +59,55 @@ class SlotCache:
             self.hits += 1
         else:
             self.misses += 1
-            if self.free:
-                slot = self.free.pop()
-            else:
-                victim = self.policy.victim(self.where)
-                slot = self.where.pop(victim)
-                self.policy.forget(victim)
-            self.where[key] = slot
+            slot = self._take(key)
             self._fill(slot, host)
         self.policy.touch(key)
+        self.in_use.add(slot)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.filled[slot])
         return slot
 
-    def _fill(self, slot: int, host: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    def prefetch(self, layer: int, expert: int, host: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
+        """Starts copying (layer, expert) into a slot ahead of need (False: it is cached already). A later `get`
+        waits for the copy's event only if it is still running."""
+        key = (layer, expert)
+        if key in self.where or (not self.free and len(self.in_use) >= len(self.where)):
+            return False
+        slot = self._take(key)
+        self._fill(slot, host, self.prefetch_stream if self.cuda else None)
+        self.policy.touch(key)
+        return True
+
+    def _take(self, key) -> int:
+        """A slot for `key`: a free one, else the eviction policy's victim."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            victim = self.policy.victim([k for k, s in self.where.items() if s not in self.in_use])
+            slot = self.where.pop(victim)
+            self.policy.forget(victim)
+        self.where[key] = slot
+        return slot
+
+    def _fill(self, slot: int, host, stream=None) -> None:
         if not self.cuda:  # emulated GPU side: a plain copy
             for dst, src in zip(self.weights(slot), host, strict=True):
                 dst.copy_(src)
             return
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.released[slot])  # the last reader of this slot is done
+        stream = stream or self.copy_stream
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.released[slot])  # the last reader of this slot is done
             for dst, src in zip(self.weights(slot), host, strict=True):
                 dst.copy_(src, non_blocking=True)
-            self.filled[slot].record(self.copy_stream)
+            self.filled[slot].record(stream)
 
     def release(self, slot: int) -> None:
+        self.in_use.discard(slot)
         if self.cuda:
             self.released[slot].record(torch.cuda.current_stream(self.device))
 
     def clear(self) -> None:
         self.where.clear()
+        self.in_use.clear()
         self.policy.clear()
         self.free = list(range(self.num_slots - 1, -1, -1))

