@@ -12,6 +12,7 @@ import torch
 from cadenza.bench.report import BenchResult, GiB, roofline_fraction
 from cadenza.bench.synthetic import SyntheticCheckpoint, WeightBytes
 from cadenza.engine import GenerationStats
+from cadenza.moe.trace import ExpertTrace
 from cadenza.sampling import SamplingParams
 
 SYSTEM = "cadenza"
@@ -106,10 +107,14 @@ def measure(
         torch.cuda.reset_peak_memory_stats(cut.device)
     cut.generate(prompt_ids, cfg.new_tokens)  # warm-up: same shapes as the trials
     runs: list[tuple[float, GenerationStats]] = []
+    trace = ExpertTrace(cut.llm.model) if cut.llm.placement is not None else None  # counted on the device
     for _ in range(trials):
         t0 = time.perf_counter()
         stats = cut.generate(prompt_ids, cfg.new_tokens)  # returns once the last token is on the host
         runs.append((time.perf_counter() - t0, stats))
+    if trace is not None:
+        trace.close()
+        result.routing = routing_facts(cut.llm, trace.counts())
     if cuda:
         result.peak_gpu_mem_gib = torch.cuda.max_memory_allocated(cut.device) / GiB
         if isinstance(cfg.budget, int | float) and result.peak_gpu_mem_gib > cfg.budget:
@@ -130,6 +135,18 @@ def measure(
     if cfg.budget != "all":
         result.notes.append(RANDOM_ROUTING_NOTE)
     return result
+
+
+def routing_facts(llm, counts: list[list[int]]) -> dict:
+    """Popularity vs even placement at the current budget, from the counts traced over the trials."""
+    from cadenza.profile import placement_shares
+
+    p = llm.placement
+    budget = p.budget_bytes
+    if not budget:  # 0 (all on the host) or unlimited: nothing to choose
+        return {"counts_total": sum(map(sum, counts))}
+    [row] = placement_shares(llm, counts, [budget])
+    return {"counts_total": sum(map(sum, counts)), "current_share": round(p.expected_gpu_share(counts), 4), **row}
 
 
 def _record_work(result: BenchResult, stats: GenerationStats) -> None:

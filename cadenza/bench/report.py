@@ -60,6 +60,9 @@ class BenchResult:
     host_bytes_per_token: float | None = None  # expert bytes read from host memory per decode token
     gpu_bytes_per_token: float | None = None  # bytes read from GPU memory per decode token (roofline input)
     engine_stats: dict | None = None  # the engine's own stats of the median trial (syncs, time breakdown, ...)
+    # the routing traced over the trials: share of expert work a popularity placement at this budget would keep
+    # on the GPU, against even placement (random weights route flatter than trained ones)
+    routing: dict | None = None
     model_bytes: int | None = None
     max_context: int | None = None
     skipped: bool = False
