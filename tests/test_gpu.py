@@ -87,3 +87,60 @@ def test_peak_gpu_memory_under_budget(tmp_path):
         assert llm.placement.resident_count == 10
         llm.close()
         del llm
+
+
+# --- batching, beams, prefetch and adaptive placement on the GPU ------------------------------------------------
+
+
+def test_cuda_batched_and_beams_equal_cpu(tiny):
+    path = tiny[0]
+    cpu = LLM(path, device="cpu", dtype="float32")
+    prompts = [PROMPT[:n] for n in (3, 9, 5)]
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    want = [cpu.generate(p, sp).token_ids for p in prompts]
+    beams = SamplingParams(temperature=0, max_tokens=10, num_beams=3)
+    want_beam = cpu.generate(PROMPT[:6], beams).token_ids
+    llm = LLM(path, device="cuda", dtype="float32", gpu_memory=budget(path, 7, 2), offload_policy="auto", max_batch=3)
+    try:
+        assert [r.token_ids for r in llm.generate(prompts, sp)] == want
+        assert llm.generate(PROMPT[:6], beams).token_ids == want_beam  # 3 beams in the 3 reserved slots
+        assert llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=10, num_beams=4)).token_ids
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+def test_cuda_prefetch_equals_reference(tiny, eviction):
+    path, want, tokens = tiny
+    llm = LLM(path, device="cuda", dtype="float32", gpu_memory=budget(path, 7, 2), offload_policy="fetch",
+              eviction=eviction)  # fmt: skip
+    try:
+        out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        assert out.token_ids == tokens
+        assert out.stats.fetch_cache["prefetch_issued"] > 0
+        assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
+        # wrong guesses (a negated router) change nothing
+        llm.orchestra.routers = [None if r is None else (-r[0], r[1]) for r in llm.orchestra.routers]
+        assert (
+            llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)).token_ids == tokens
+        )
+    finally:
+        llm.close()
+
+
+def test_cuda_adaptive_swaps_keep_results(tiny):
+    path, want, tokens = tiny
+    llm = LLM(path, device="cuda", dtype="float32", gpu_memory=budget(path, 7, 0), offload_policy="cpu")
+    try:
+        for _ in range(2):
+            llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        before = [list(r) for r in llm.placement.resident]
+        llm.adapt_placement(max_bytes=4 * llm.orchestra.expert_bytes)
+        assert llm.placement.resident_count == 7
+        assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
+        assert (
+            llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)).token_ids == tokens
+        )
+        assert before is not None
+    finally:
+        llm.close()
