@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
-from tests.conftest import VOCAB, budget_for, make_mixtral, prompt_ids, reference_logits
+from tests.conftest import VOCAB, budget_for, make_deepseek, make_mixtral, prompt_ids, reference_logits
 from tests.test_olmoe import make_olmoe
 from tests.test_phimoe import longrope, make_phimoe
 from tests.test_qwen2_moe import make_qwen2_moe
@@ -25,6 +25,8 @@ MAKERS = {
     "olmoe": make_olmoe,
     # LongRoPE's switch past 32 positions: these sequences stay short (transformers 5 never switches tables)
     "phimoe": partial(make_phimoe, rope_parameters=longrope(orig=32)),
+    "deepseek_v2": partial(make_deepseek, version=2),
+    "deepseek_v3": partial(make_deepseek, version=3),
 }
 
 
