@@ -110,6 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(prof, 32)
     prof.set_defaults(func=cmd_profile)
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $CADENZA_API_KEY, else none)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-queue", type=int, default=64,
+        help="sequences that may wait for a slot; beyond, requests get 429 (default 64)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: the checkpoint folder's)"
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's logging, access log included at info (default info)",
+    )  # fmt: skip
+    serve.set_defaults(func=cmd_serve)
+
     from cadenza.bench import add_bench_parser
 
     add_bench_parser(sub)
@@ -224,6 +245,31 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from cadenza.profile import main
 
     return main(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise CadenzaError(
+            f"`cadenza serve` needs FastAPI and uvicorn, which are not installed ({e}). Install them with: "
+            "pip install 'cadenza[serve]'  (or: pip install fastapi uvicorn)"
+        ) from None
+    if args.max_queue < 1:
+        raise CadenzaError(f"--max-queue {args.max_queue} is not valid. Use a whole number of at least 1.")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("CADENZA_API_KEY") or None
+    from cadenza.server.serve import bind, serve
+
+    sock = bind(args.host, args.port)  # before loading: a taken port fails at once
+    try:
+        llm = _load(args)
+        name = args.served_model_name or Path(llm.checkpoint.path).name
+        return serve(llm, sock, name, api_key, args.max_queue, args.log_level)
+    finally:
+        sock.close()
 
 
 def describe(model_dir: str | Path) -> dict:

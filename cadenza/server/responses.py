@@ -1,0 +1,181 @@
+"""OpenAI response bodies and stream chunks for /v1/completions and /v1/chat/completions."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from cadenza.engine import Step
+from cadenza.server.protocol import Parsed
+
+
+class TokenText:
+    """A token's own text, as logprobs show it. Decoding one id alone loses a SentencePiece word's leading space,
+    so each id is decoded after a fixed anchor token and the anchor's text is cut off."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        self.anchor_text = tokenizer.decode(self.anchor, skip_special_tokens=False)
+        self.text = functools.lru_cache(maxsize=1 << 16)(self._text)
+
+    def _text(self, token_id: int) -> str:
+        text = self.tokenizer.decode([*self.anchor, token_id], skip_special_tokens=False)
+        if self.anchor and text.startswith(self.anchor_text):
+            return text[len(self.anchor_text) :]
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+@dataclass
+class Output:
+    """One sequence's result, gathered from its Steps."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    token_chars: int = 0  # streamed completions with logprobs: characters of the tokens' own texts so far
+
+    def add(self, step: Step) -> None:
+        self.text += step.text
+        self.token_ids.append(step.token_id)
+        if step.logprob is not None:
+            self.logprobs.append(step.logprob)
+            self.top_logprobs.append(step.top_logprobs or [])
+        if step.finish_reason is not None:
+            self.finish_reason = step.finish_reason
+
+
+class Responder:
+    """Formats one request's answer: the whole body, or its stream chunks."""
+
+    def __init__(self, parsed: Parsed, chat: bool, texts: TokenText, fingerprint: str):
+        self.parsed, self.chat, self.texts = parsed, chat, texts
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.fingerprint = fingerprint
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _head(self, chunk: bool) -> dict:
+        obj = self.object + (".chunk" if chunk and self.chat else "")
+        head = {"id": self.id, "object": obj, "created": self.created, "model": self.parsed.model}
+        return {**head, "system_fingerprint": self.fingerprint}
+
+    def usage(self, outputs: list[Output]) -> dict:
+        prompt = sum(len(p) for p in self.parsed.prompts)  # each prompt once, whatever n is
+        completion = sum(len(o.token_ids) for o in outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # --- log-probabilities ----------------------------------------------------------------------------------------
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        token = self.texts.text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    def chat_logprobs(self, token_ids, logprobs, tops) -> dict:
+        content = [
+            {**self._entry(t, lp), "top_logprobs": [self._entry(a, alp) for a, alp in top]}
+            for t, lp, top in zip(token_ids, logprobs, tops, strict=True)
+        ]
+        return {"content": content, "refusal": None}
+
+    def completion_logprobs(self, token_ids, logprobs, tops, offset: int) -> dict:
+        """The legacy format; text_offset counts characters of the choice's text before each token."""
+        tokens = [self.texts.text(t) for t in token_ids]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        top = [{self.texts.text(a): alp for a, alp in alts} for alts in tops] if self.parsed.logprobs else None
+        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": offsets}
+
+    # --- whole answers --------------------------------------------------------------------------------------------
+
+    def body(self, outputs: list[Output]) -> dict:
+        choices = []
+        for i, out in enumerate(outputs):
+            lp = None
+            if self.parsed.logprobs is not None:
+                lp = (
+                    self.chat_logprobs(out.token_ids, out.logprobs, out.top_logprobs)
+                    if self.chat
+                    else self.completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs, 0)
+                )
+            if self.chat:
+                message = {"role": "assistant", "content": out.text, "refusal": None}
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": out.finish_reason})
+            else:
+                text = (self.parsed.echo[i // self.parsed.n] if self.parsed.echo else "") + out.text
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
+        return {**self._head(False), "choices": choices, "usage": self.usage(outputs)}
+
+    # --- stream chunks (server-sent events) -----------------------------------------------------------------------
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        data = {**self._head(True), "choices": choices}
+        if self.parsed.include_usage:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def opening(self) -> list[str]:
+        """Chunks sent before any token: the assistant role (chat), the echoed prompt (completions with echo)."""
+        n = len(self.parsed.params)
+        if self.chat:
+            delta = {"role": "assistant", "content": ""}
+            return [
+                self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]) for i in range(n)
+            ]
+        if self.parsed.echo:
+            return [
+                self._chunk(
+                    [
+                        {
+                            "index": i,
+                            "text": self.parsed.echo[i // self.parsed.n],
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+                for i in range(n)
+            ]
+        return []
+
+    def step_chunks(self, index: int, step: Step, out: Output) -> list[str]:
+        """The chunks for one token: its text (if any became final, or if logprobs are asked for), and the finish
+        reason on the last one. `out` already holds the step."""
+        chunks = []
+        want_lp = self.parsed.logprobs is not None
+        lp = None
+        if want_lp:
+            top = [step.top_logprobs or []]
+            lp = (
+                self.chat_logprobs([step.token_id], [step.logprob], top)
+                if self.chat
+                else self.completion_logprobs([step.token_id], [step.logprob], top, out.token_chars)
+            )
+            if not self.chat:
+                out.token_chars += len(lp["tokens"][0])
+        if self.chat:
+            if step.text or want_lp:
+                delta = {"content": step.text}
+                chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}]))
+            if step.finish_reason is not None:
+                chunks.append(
+                    self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": step.finish_reason}])
+                )
+        elif step.text or want_lp or step.finish_reason is not None:
+            choice = {"index": index, "text": step.text, "logprobs": lp, "finish_reason": step.finish_reason}
+            chunks.append(self._chunk([choice]))
+        return chunks
+
+    def usage_chunk(self, outputs: list[Output]) -> str:
+        return self._chunk([], self.usage(outputs))
+
+    @staticmethod
+    def error_event(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"

@@ -1,0 +1,111 @@
+"""Runs the server: the socket, the engine thread, uvicorn, and an orderly stop.
+
+SIGTERM (or Ctrl-C): uvicorn stops accepting connections; the engine thread finishes the step under way and ends
+every sequence (streams get an error event and `data: [DONE]`, plain requests a 503); uvicorn waits for those
+answers to go out (at most SHUTDOWN_GRACE_S), the thread is joined, and the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from cadenza.errors import CadenzaError
+from cadenza.server.app import create_app
+from cadenza.server.metrics import Metrics
+from cadenza.server.protocol import Context
+from cadenza.server.worker import EngineWorker
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the weights load so that a taken port fails at once."""
+    if not 0 <= port <= 65535:
+        raise CadenzaError(f"--port {port} is not a TCP port. Use 1..65535 (0 picks a free one).")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise CadenzaError(
+            f"Cannot listen on {host}:{port}: {e.strerror or e}. Choose another --port (or --host), or stop the "
+            "program that uses it."
+        ) from None
+    return sock
+
+
+def fingerprint(llm, version: str) -> str:
+    """Changes when what answers changes: the weights' folder, the dtype, where experts live."""
+    where = llm.placement.summary() if llm.placement is not None else str(llm.device)
+    key = f"{Path(llm.checkpoint.path).resolve()}|{llm.dtype}|{where}|{llm.max_context}"
+    return f"cadenza-{version}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _Uvicorn(uvicorn.Server):
+    """Tells the engine thread to stop as soon as the signal comes (from the loop: a signal handler must not
+    take the worker's lock), and prints the address once it listens."""
+
+    def __init__(self, config: uvicorn.Config, worker: EngineWorker, ready_line: str):
+        super().__init__(config)
+        self.worker, self.ready_line = worker, ready_line
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            print(self.ready_line, file=sys.stderr, flush=True)
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed already
+                self.loop.call_soon_threadsafe(self.worker.shutdown)
+
+
+def serve(llm, sock: socket.socket, model_name: str, api_key: str | None, max_queue: int, log_level: str) -> int:
+    from cadenza import __version__
+
+    fp = fingerprint(llm, __version__)
+    metrics = Metrics(model_name, llm.max_batch, max_queue, fp, __version__)
+    worker = EngineWorker(llm, max_queue, metrics)
+    worker.start()
+    ctx = Context(llm, model_name, max_queue)
+    app = create_app(llm, worker, metrics, ctx, fp, api_key)
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    key = ", API key required" if api_key else ""
+    ready = (
+        f"cadenza: serving '{model_name}' at {_url(sock)}/v1 (OpenAI-compatible{key}; {llm.max_batch} sequence(s) "
+        f"decode together, up to {max_queue} more wait)"
+    )
+    server = _Uvicorn(config, worker, ready)
+    # uvicorn re-raises the signal it stopped for once it has shut down; by then the work is done, and SIGTERM's
+    # default action would turn a clean stop into a death by signal
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        worker.shutdown()
+        if worker.join(SHUTDOWN_GRACE_S):
+            llm.close()
+        else:
+            print("cadenza: the engine thread did not stop in time; exiting anyway.", file=sys.stderr)
+    print("cadenza: server stopped.", file=sys.stderr)
+    return 0
