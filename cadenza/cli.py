@@ -34,6 +34,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--max-batch", type=int, default=1,
         help="sequences decoded together whose KV cache is reserved on the GPU (default 1)",
     )  # fmt: skip
+    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
+                   help="which fetched expert leaves a full fetch cache (default lru)")  # fmt: skip
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="do not guess the next layer's experts and copy them early (fetching policies)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -126,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name", default=None, help="the model's name in the API (default: the checkpoint folder's)"
     )
     serve.add_argument(
+        "--adapt-bytes", default="1GiB",
+        help="adaptive placement: resident experts exchanged for ones live traffic uses more, at most this many "
+        "bytes of copies at a time, between requests (default 1GiB)",
+    )  # fmt: skip
+    serve.add_argument("--no-adaptive-placement", action="store_true", help="keep the placement fixed")
+    serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn's logging, access log included at info (default info)",
     )  # fmt: skip
@@ -156,6 +166,8 @@ def _load(args: argparse.Namespace):
         cpu_threads=args.cpu_threads,
         placement=args.placement,
         max_batch=args.max_batch,
+        eviction=args.eviction,
+        prefetch=not args.no_prefetch,
     )
     if llm.placement is not None:
         print(f"cadenza: {llm.placement.summary()}", file=sys.stderr)
@@ -261,19 +273,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise CadenzaError(f"--max-queue {args.max_queue} is not valid. Use a whole number of at least 1.")
     api_key = args.api_key if args.api_key is not None else os.environ.get("CADENZA_API_KEY") or None
+    from cadenza.moe.placement import parse_size
     from cadenza.server.serve import bind, serve
+
+    if not args.no_adaptive_placement:
+        parse_size(args.adapt_bytes)  # refuse a bad size before loading
 
     sock = bind(args.host, args.port)  # before loading: a taken port fails at once
     try:
         llm = _load(args)
         name = args.served_model_name or Path(llm.checkpoint.path).name
-        return serve(llm, sock, name, api_key, args.max_queue, args.log_level)
+        adapt = None if args.no_adaptive_placement else parse_size(args.adapt_bytes)
+        return serve(llm, sock, name, api_key, args.max_queue, args.log_level, adapt)
     finally:
         sock.close()
 
 
 def describe(model_dir: str | Path) -> dict:
     """Architecture and sizes of a checkpoint, from config.json and the safetensors headers only."""
+    import torch
+
     from cadenza.checkpoint import Checkpoint
     from cadenza.models import build_meta, expected_tensors
     from cadenza.moe.experts import Experts
@@ -307,6 +326,7 @@ def describe(model_dir: str | Path) -> dict:
         "parameters": all_params,
         "expert_parameters": expert_params,
         "non_expert_parameters": all_params - expert_params,
+        "kv_bytes_per_token": model.new_cache(1, ckpt.torch_dtype(), torch.device("meta")).nbytes_per_token(),
         "checkpoint_bytes": ckpt.total_bytes,
         "bytes_by_dtype": ckpt.bytes_by_dtype(),
         "dtype": str(ckpt.torch_dtype()).removeprefix("torch."),
@@ -374,7 +394,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"heads {d['attention_heads']} / {d['kv_heads']} KV, head_dim {d['head_dim']}",
         f"experts       {d['experts_per_layer']} per layer, top-{d['experts_per_token']}, "
         f"intermediate {d['expert_intermediate_size']}",
-        f"vocab         {d['vocab_size']}, context {d['max_position_embeddings']}",
+        f"vocab         {d['vocab_size']}, context {d['max_position_embeddings']}, KV cache "
+        f"{d['kv_bytes_per_token'] / 1024:.1f} KiB per token ({d['dtype']})",
         f"parameters    {_count(d['parameters'])}: experts {_count(d['expert_parameters'])} ({share:.1%}), "
         f"non-expert {_count(d['non_expert_parameters'])}",
         f"weights       {_gb(d['checkpoint_bytes'])} in {d['shards']} file(s): "

@@ -429,6 +429,10 @@ def test_expert_work_and_cache_metrics(narrow):
     assert 0 <= m["cadenza_fetch_cache_hit_rate"] <= 1
     assert m["cadenza_max_batch"] == 1 and m["cadenza_max_queue"] == 1
     assert m["cadenza_time_to_first_token_seconds_count"] >= 1
+    # the speculative prefetch and adaptive placement report themselves (on by default)
+    assert m["cadenza_prefetch_guessed_total"] >= m["cadenza_prefetch_used_total"] >= 0
+    assert 0 <= m["cadenza_prefetch_precision"] <= 1 and 0 <= m["cadenza_prefetch_recall"] <= 1
+    assert m["cadenza_experts_swapped_total"] >= 0
 
 
 # --- shutdown and startup ---------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ class ExpertCounters:
     cpu_wait_s: float = 0.0  # main-thread time waiting for the CPU worker after queueing the GPU's share
     # speculative prefetch (the next layer's router applied to this layer's hidden state): experts copied ahead,
     # how many of them the next layer used, and how many non-resident experts those layers needed
-    prefetch_issued: int = 0
+    prefetch_issued: int = 0  # copies started on a guess
+    prefetch_guessed: int = 0  # guessed non-resident experts (copied now, or already in a slot)
     prefetch_used: int = 0
     prefetch_needed: int = 0
     cache_hits: int = 0  # fetched experts found in a slot (fetched lately or prefetched)
@@ -66,7 +67,7 @@ class ExpertCounters:
 
     def prefetch_quality(self) -> dict[str, float | None]:
         """Precision (guessed experts that were used) and recall (needed experts that were guessed)."""
-        p = self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None
+        p = self.prefetch_used / self.prefetch_guessed if self.prefetch_guessed else None
         r = self.prefetch_used / self.prefetch_needed if self.prefetch_needed else None
         return {"precision": p, "recall": r}
 
@@ -332,7 +333,9 @@ class Orchestra:
             if self.cache.prefetch(layer, e, offload.host_weights(e)):
                 issued.add(e)
         self.counters.prefetch_issued += len(issued)
-        self._pending[layer] = issued | {e for e in wanted if (layer, e) in self.cache.where}
+        guessed = issued | {e for e in wanted if (layer, e) in self.cache.where}
+        self.counters.prefetch_guessed += len(guessed)
+        self._pending[layer] = guessed
 
     def account_prefetch(self, layer: int, misses: list[int]) -> None:
         """Precision/recall bookkeeping once a layer's real experts are known."""

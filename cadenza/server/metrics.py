@@ -61,6 +61,8 @@ class Metrics:
         self.expert_work: dict[str, int] | None = None  # offloading only: gpu / cpu / fetched (token, expert) pairs
         self.cache_hits: int | None = None  # the fetch slot cache (policies that fetch)
         self.cache_misses: int | None = None
+        self.prefetch: tuple[int, int, int, int] | None = None  # speculative prefetch: issued, guessed, used, needed
+        self.experts_swapped = 0  # adaptive placement
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -179,4 +181,32 @@ class Metrics:
                     "Hits / (hits + misses) of the fetch slot cache.",
                     f"{self.cache_hits / total:.6f}" if total else "0",
                 )
+            if self.prefetch is not None:
+                issued, guessed, used, needed = self.prefetch
+                one("cadenza_prefetch_issued_total", "counter", "Experts copied ahead on a guess.", issued)
+                one(
+                    "cadenza_prefetch_guessed_total",
+                    "counter",
+                    "Non-resident experts guessed for the next layer (copied then, or already in a slot).",
+                    guessed,
+                )
+                one("cadenza_prefetch_used_total", "counter", "Prefetched experts the next layer used.", used)
+                one(
+                    "cadenza_prefetch_precision",
+                    "gauge",
+                    "Guessed experts that the next layer used / guessed experts.",
+                    f"{used / guessed:.6f}" if guessed else "0",
+                )
+                one(
+                    "cadenza_prefetch_recall",
+                    "gauge",
+                    "Needed non-resident experts that had been prefetched / needed non-resident experts.",
+                    f"{used / needed:.6f}" if needed else "0",
+                )
+            one(
+                "cadenza_experts_swapped_total",
+                "counter",
+                "Resident experts exchanged for more popular ones by adaptive placement.",
+                self.experts_swapped,
+            )
             return "\n".join(lines) + "\n"

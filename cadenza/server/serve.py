@@ -79,12 +79,20 @@ class _Uvicorn(uvicorn.Server):
                 self.loop.call_soon_threadsafe(self.worker.shutdown)
 
 
-def serve(llm, sock: socket.socket, model_name: str, api_key: str | None, max_queue: int, log_level: str) -> int:
+def serve(
+    llm,
+    sock: socket.socket,
+    model_name: str,
+    api_key: str | None,
+    max_queue: int,
+    log_level: str,
+    adapt_bytes: int | None = None,
+) -> int:
     from cadenza import __version__
 
     fp = fingerprint(llm, __version__)
     metrics = Metrics(model_name, llm.max_batch, max_queue, fp, __version__)
-    worker = EngineWorker(llm, max_queue, metrics)
+    worker = EngineWorker(llm, max_queue, metrics, adapt_bytes)
     worker.start()
     ctx = Context(llm, model_name, max_queue)
     app = create_app(llm, worker, metrics, ctx, fp, api_key)

@@ -71,8 +71,14 @@ class Submission:
 
 
 class EngineWorker:
-    def __init__(self, llm, max_queue: int, metrics: Metrics):
+    ADAPT_EVERY_STEPS = 512  # under steady load there is no idle moment: adapt between steps this often
+
+    def __init__(self, llm, max_queue: int, metrics: Metrics, adapt_bytes: int | None = None):
         self.llm, self.max_queue, self.metrics = llm, max_queue, metrics
+        # adaptive placement: between steps, at most this many bytes of resident experts exchanged for ones live
+        # traffic uses more (None: off; nothing to do without offloading)
+        self.adapt_bytes = adapt_bytes if llm.orchestra is not None else None
+        self.steps_since_adapt = 0
         self.cond = threading.Condition()
         self.inbox: list[Job] = []  # submitted, not yet added to the batch
         self.to_cancel: list[Job] = []
@@ -183,6 +189,14 @@ class EngineWorker:
         """Steps while there is work, sleeps while there is none, returns when told to stop."""
         while True:
             with self.cond:
+                idle = not (self.inbox or self.to_cancel or live or self.stopping)
+            if (
+                self.adapt_bytes
+                and self.steps_since_adapt
+                and (idle or self.steps_since_adapt >= self.ADAPT_EVERY_STEPS)
+            ):
+                self._adapt()  # between requests (or between steps under steady load), never inside a step
+            with self.cond:
                 while not (self.inbox or self.to_cancel or live or self.stopping):
                     self.cond.wait()
                 if self.stopping:
@@ -195,6 +209,17 @@ class EngineWorker:
                 if job.request is not None:
                     self.batch.cancel(job.request)
             self._step(live)
+
+    def _adapt(self) -> None:
+        self.steps_since_adapt = 0
+        try:
+            swapped = self.llm.adapt_placement(self.adapt_bytes)
+        except Exception:  # adaptation is an optimisation: never let it take the server down
+            traceback.print_exc(file=sys.stderr)
+            self.adapt_bytes = None
+            return
+        with self.metrics.lock:
+            self.metrics.experts_swapped += swapped
 
     def _add(self, job: Job, live: dict[Request, Job]) -> None:
         if job.cancelled:
@@ -211,6 +236,7 @@ class EngineWorker:
     def _step(self, live: dict[Request, Job]) -> None:
         batch, metrics = self.batch, self.metrics
         decoding = sum(not r.cancelled for r in batch.running)
+        self.steps_since_adapt += 1
         try:
             out = batch.step()
         except Exception as e:  # a bug or the device failing: fail what is in flight, start a clean batch
@@ -254,14 +280,18 @@ class EngineWorker:
             waiting = self.waiting
         orch = self.llm.orchestra
         counters = orch.counters.snapshot() if orch is not None else None
-        cache = orch.cache if orch is not None else None
+        fetching = orch is not None and orch.cache is not None
         with metrics.lock:
             metrics.running = len(self.batch.running)
             metrics.waiting = waiting
             if counters is not None:
                 metrics.expert_work = {"gpu": counters.gpu, "cpu": counters.cpu, "fetched": counters.fetched}
-            if cache is not None:
-                metrics.cache_hits, metrics.cache_misses = cache.hits, cache.misses
+            if fetching:
+                metrics.cache_hits, metrics.cache_misses = counters.cache_hits, counters.cache_misses
+                metrics.prefetch = (
+                    counters.prefetch_issued, counters.prefetch_guessed, counters.prefetch_used,
+                    counters.prefetch_needed,
+                )  # fmt: skip
 
     def _end(self, job: Job, reason: str) -> None:
         if job.done:
