@@ -40,6 +40,8 @@ class CadenzaUnderTest:
         first: RunConfig,
         max_context: int,
         cpu_threads: int | None = None,
+        prefetch: bool = True,
+        eviction: str = "lru",
     ):
         from cadenza.llm import LLM
 
@@ -52,6 +54,8 @@ class CadenzaUnderTest:
             offload_policy=first.policy,
             max_context=max_context,
             cpu_threads=cpu_threads,
+            prefetch=prefetch,
+            eviction=eviction,
         )
         self.load_s = time.perf_counter() - t0
 

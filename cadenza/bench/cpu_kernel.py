@@ -1,0 +1,313 @@
+"""Micro-benchmark of the fused CPU MoE step (cadenza.kernels.cpu_moe) on one full-size MoE layer.
+
+    python -m cadenza.bench.cpu_kernel --model mixtral-8x7b --formats bf16,int8,int4 --tokens 1,8,64 --out F.json
+
+For each expert format it packs a layer of random experts (copies of it until more than --rotate-gb of packed
+weights, so the last-level cache can't flatter the numbers), then times one layer's CPU expert step at each token
+count: the kernel, the matrix-unit route ("mm": bf16 chunks through torch.mm / oneDNN, AMX where present), at one
+token the PyTorch fallback, and the engine's current path (`run_experts` on stacked bf16 weights). Consecutive
+calls use different experts. Weight bytes per second at one token are compared with the DRAM read bandwidth
+measured at the start (all threads summing a 4 GiB array). Writes JSON and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from cadenza.bench.machine import GB, GiB, cpu_facts, git_commit, measure_dram_read_gb_s
+from cadenza.bench.synthetic import SYNTHETIC_MODELS
+from cadenza.kernels import cpu_moe
+from cadenza.models.common import act_fn
+from cadenza.moe.cpu import physical_cores
+from cadenza.moe.experts import expert_order, run_experts
+
+TARGET = 0.85  # weight bytes/s at one token as a fraction of DRAM read bandwidth (issue 9)
+
+
+def layer_shape(model: str) -> dict:
+    """E experts, k per token, H hidden, I expert intermediate size and the activation of a synthetic model."""
+    c = SYNTHETIC_MODELS[model]
+    return {
+        "experts": c.get("num_local_experts") or c.get("num_experts") or c["n_routed_experts"],
+        "k": c["num_experts_per_tok"],
+        "hidden": c["hidden_size"],
+        "intermediate": c.get("moe_intermediate_size") or c["intermediate_size"],
+        "act": c.get("hidden_act", "silu"),
+    }
+
+
+class Pool:
+    """Expert weights as views into one N(0, 1) bf16 pool at seeded offsets: a layer of any size costs ~256 MB of
+    random numbers; the packed and stacked copies made from it are distinct memory."""
+
+    def __init__(self, seed: int, elements: int = 1 << 27):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randn(elements, generator=g).to(torch.bfloat16)
+        self.g = g
+
+    def matrix(self, rows: int, cols: int) -> torch.Tensor:
+        n = rows * cols
+        if n > self.data.numel():
+            self.data = torch.cat([self.data] * math.ceil(n / self.data.numel() + 1))
+        off = int(torch.randint(0, (self.data.numel() - n) // 64 + 1, (1,), generator=self.g)) * 64
+        return self.data[off : off + n].view(rows, cols)
+
+
+def timed(fn, seconds: float, min_calls: int, max_calls: int, warmup: int = 2) -> list[float]:
+    """Call times (s) of fn(i) for i = 0, 1, ...: `warmup` calls, then until `seconds` and `min_calls`."""
+    for i in range(warmup):
+        fn(i)
+    times: list[float] = []
+    t_end = time.perf_counter() + seconds
+    i = warmup
+    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+        i += 1
+    return times
+
+
+def routing(calls: int, tokens: int, e: int, k: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per call (ids [T, k], weights [T, k]). One token: experts in turn, k at a time, so consecutive calls read
+    different weights; more tokens: seeded random top-k."""
+    g = torch.Generator().manual_seed(seed + tokens)
+    out = []
+    for c in range(calls):
+        if tokens == 1:
+            ids = torch.tensor([[(c * k + j) % e for j in range(k)]])
+        else:
+            ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)])
+        w = torch.softmax(torch.randn(tokens, k, generator=g), dim=-1)
+        out.append((ids, w))
+    return out
+
+
+class Bench:
+    """One run: the layer's source weights, the routings and inputs per token count, and the result rows."""
+
+    def __init__(self, args: argparse.Namespace, shape: dict, threads: int, logical: int, dram: float):
+        self.args, self.shape, self.threads, self.logical, self.dram = args, shape, threads, logical, dram
+        self.tokens = [int(t) for t in args.tokens.split(",") if t]
+        self.prefetches = [int(p) for p in args.prefetch.split(",") if p] or [0]
+        e, k, h, i = shape["experts"], shape["k"], shape["hidden"], shape["intermediate"]
+        pool = Pool(args.seed)
+        self.gate = [pool.matrix(i, h) for _ in range(e)]
+        self.up = [pool.matrix(i, h) for _ in range(e)]
+        self.down = [pool.matrix(h, i) for _ in range(e)]
+        self.routes = {t: routing(64, t, e, k, args.seed) for t in self.tokens}
+        self.xs = {
+            t: (torch.randn(t, h, generator=torch.Generator().manual_seed(t)) * h**-0.5).bfloat16() for t in self.tokens
+        }
+        self.err_input = (
+            (torch.randn(64, h, generator=torch.Generator().manual_seed(7)) * h**-0.5).bfloat16(),
+            *routing(1, 64, e, k, args.seed + 1)[0],
+        )
+        self.results: list[dict] = []
+        self.errors: dict[str, float] = {}
+        self.y_bf16: torch.Tensor | None = None
+
+    def record(self, fmt: str, t: int, route: str, times: list[float], nbytes: int, **extra) -> None:
+        med = statistics.median(times)
+        self.results.append(
+            {
+                "format": fmt,
+                "tokens": t,
+                "route": route,
+                "threads": self.threads,
+                "calls": len(times),
+                "ms_median": round(med * 1e3, 3),
+                "ms_min": round(min(times) * 1e3, 3),
+                "weight_bytes_per_call": nbytes,
+                "weight_gb_s": round(nbytes / med / GB, 2),
+                "dram_fraction": round(nbytes / med / GB / self.dram, 3),
+                **extra,
+            }
+        )
+
+    def bytes_per_call(self, t: int, per_expert: int) -> int:
+        """Weight bytes a call reads: every expert its tokens touch, once."""
+        return int(statistics.mean(len(torch.unique(ids)) for ids, _ in self.routes[t]) * per_expert)
+
+    def run_format(self, fmt: str, kernel_ok: bool) -> None:
+        a, sh, seconds = self.args, self.shape, self.args.seconds
+        e, k, act = sh["experts"], sh["k"], sh["act"]
+        t0 = time.perf_counter()
+        packed = cpu_moe.pack_layer(self.gate, self.up, self.down, fmt)
+        n_copies = max(1, math.ceil(a.rotate_gb * GB / packed.nbytes))
+        copies = [packed] + [
+            replace(packed, gate_up=packed.gate_up.clone(), down=packed.down.clone()) for _ in range(n_copies - 1)
+        ]
+        eb = packed.expert_bytes
+        common = {"expert_bytes": eb, "rotation_gb": round(n_copies * packed.nbytes / GB, 2)}
+        common["pack_s"] = round(time.perf_counter() - t0, 1)
+
+        y = cpu_moe.moe_forward(
+            packed, *self.err_input, None, act, self.threads, route="auto" if kernel_ok else "torch"
+        )
+        if fmt == "bf16":
+            self.y_bf16 = y
+        elif self.y_bf16 is not None:
+            self.errors[fmt] = round(((y - self.y_bf16).norm() / self.y_bf16.norm()).item(), 5)
+
+        for t in self.tokens:
+            rs, x = self.routes[t], self.xs[t]
+            nbytes = self.bytes_per_call(t, eb)
+
+            def call(n, route, pf=0, th=self.threads, rs=rs, x=x, t=t):
+                ids, w = rs[n % len(rs)]
+                layer = copies[(n // max(1, e // k) if t == 1 else n) % len(copies)]  # new weights every call
+                cpu_moe.moe_forward(layer, x, ids, w, None, act, th, route=route, prefetch=pf)
+
+            if kernel_ok:
+                for pf in self.prefetches if t == 1 else self.prefetches[:1]:
+                    times = timed(lambda n, pf=pf: call(n, "kernel", pf), seconds, 5, 10_000)
+                    self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, **common)
+                if t == 1 and self.logical != self.threads:  # hyper-threads: does streaming gain from them?
+                    pf = self.prefetches[0]
+                    times = timed(lambda n, pf=pf: call(n, "kernel", pf, self.logical), seconds, 5, 10_000)
+                    self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, **common)
+                    self.results[-1]["threads"] = self.logical
+                if t > 1:
+                    times = timed(lambda n: call(n, "mm"), seconds, 3, 10_000)
+                    self.record(fmt, t, "mm", times, nbytes, **common)
+            if t == 1 and not a.no_torch:  # the fallback dequantizes whole experts: a couple of calls
+                times = timed(lambda n: call(n, "torch"), 0.0, 2, 2, warmup=1)
+                self.record(fmt, t, "torch-fallback", times, nbytes, **common)
+            print(f"  {fmt} T={t} done", file=sys.stderr)
+
+    def run_pytorch(self) -> None:
+        """The engine's current CPU path: run_experts, one PyTorch call per matrix per expert, stacked bf16."""
+        e, k = self.shape["experts"], self.shape["k"]
+        stacked = [torch.stack(ws) for ws in (self.gate, self.up, self.down)]
+        eb = sum(w[0].numel() * w.element_size() for w in stacked)
+        fn = act_fn(self.shape["act"])
+        weights = lambda j: (stacked[0][j], stacked[1][j], stacked[2][j])  # noqa: E731
+        for t in self.tokens:
+            rs, x = self.routes[t], self.xs[t]
+
+            def call(n, rs=rs, x=x):
+                ids, w = rs[n % len(rs)]
+                counts = torch.bincount(ids.view(-1), minlength=e).tolist()
+                active = [j for j, c in enumerate(counts) if c]
+                run_experts(x, k, w.to(x.dtype), expert_order(ids), counts, active, weights, fn, torch.zeros_like(x))
+
+            times = timed(call, self.args.seconds, 3, 10_000)
+            self.record("bf16", t, "pytorch-run_experts", times, self.bytes_per_call(t, eb))
+
+    def summary(self) -> dict:
+        out = {}
+        for fmt in dict.fromkeys(r["format"] for r in self.results):
+            rows = [r for r in self.results if r["format"] == fmt and r["tokens"] == 1 and r["route"] == "kernel"]
+            if rows:
+                best = max(rows, key=lambda r: r["dram_fraction"])
+                out[fmt] = {
+                    "t1_weight_gb_s": best["weight_gb_s"],
+                    "t1_dram_fraction": best["dram_fraction"],
+                    "t1_best_prefetch": best.get("prefetch"),
+                    "t1_best_threads": best["threads"],
+                    "meets_target": best["dram_fraction"] >= TARGET,
+                }
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cadenza.bench.cpu_kernel", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="mixtral-8x7b", choices=sorted(SYNTHETIC_MODELS))
+    ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--tokens", default="1,8,64", help="tokens per call (the layer's batch), comma-separated")
+    ap.add_argument("--out", type=Path, default=None, help="JSON results file")
+    ap.add_argument("--threads", type=int, default=None, help="kernel and torch threads (default: physical cores)")
+    ap.add_argument("--rotate-gb", type=float, default=1.2, help="packed weights rotated through per format")
+    ap.add_argument("--seconds", type=float, default=1.0, help="timing window per measurement")
+    ap.add_argument("--dram-gib", type=float, default=4.0, help="array size of the DRAM read measurement")
+    ap.add_argument("--prefetch", default="0,2048", help="software prefetch distances tried at one token (bytes)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch paths (fallback and run_experts)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    for f in formats:
+        if f not in cpu_moe.FORMATS:
+            ap.error(f"unknown format {f!r}: use {', '.join(cpu_moe.FORMATS)}")
+
+    t_start = time.perf_counter()
+    threads = args.threads or physical_cores()
+    torch.set_num_threads(threads)
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or threads)
+    kernel_ok = cpu_moe.available()
+    print(f"measuring DRAM read bandwidth ({args.dram_gib:g} GiB, {threads} threads) ...", file=sys.stderr)
+    dram = measure_dram_read_gb_s(int(args.dram_gib * GiB))
+    cpu = cpu_facts()
+    machine = {
+        "cpu_model": cpu["model"],
+        "physical_cores": cpu["physical_cores"],
+        "logical_cpus": logical,
+        "cpu_flags": cpu["flags"],
+        "threads": threads,
+        "dram_read_gb_s": round(dram, 2),
+        "torch": torch.__version__,
+        "kernel_available": kernel_ok,
+        "kernel_unavailable_reason": cpu_moe.unavailable_reason(),
+        "bf16_dot": cpu_moe.has_bf16_dot(),
+        "amx": cpu_moe.has_amx(),
+        "default_mm_min_tokens": cpu_moe.default_mm_min_tokens(),
+    }
+    shape = layer_shape(args.model)
+    print(f"DRAM read {dram:.1f} GB/s; building a {args.model} layer {shape} ...", file=sys.stderr)
+    bench = Bench(args, shape, threads, logical, dram)
+    for fmt in formats:
+        print(f"{fmt}: packing and timing ...", file=sys.stderr)
+        bench.run_format(fmt, kernel_ok)
+    if not args.no_torch:
+        print("PyTorch run_experts on bf16 ...", file=sys.stderr)
+        bench.run_pytorch()
+
+    out = {
+        "command": "python -m cadenza.bench.cpu_kernel " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": git_commit(),
+        "machine": machine,
+        "model": args.model,
+        "layer": shape,
+        "target_dram_fraction_at_1_token": TARGET,
+        "rel_err_vs_bf16": bench.errors,
+        "summary": bench.summary(),
+        "results": bench.results,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    print_table(out)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def print_table(out: dict) -> None:
+    m = out["machine"]
+    print(f"{m['cpu_model']}: {m['threads']} threads, DRAM read {m['dram_read_gb_s']} GB/s, flags {m['cpu_flags']}")
+    print(f"{'format':7} {'T':>4} {'route':20} {'thr':>4} {'pf':>5} {'ms':>9} {'GB/s':>7} {'of DRAM':>8}")
+    for r in out["results"]:
+        pf = r.get("prefetch", "")
+        print(
+            f"{r['format']:7} {r['tokens']:>4} {r['route']:20} {r['threads']:>4} {pf!s:>5} {r['ms_median']:>9.3f} "
+            f"{r['weight_gb_s']:>7.1f} {r['dram_fraction']:>8.2f}"
+        )
+    for fmt, s in out["summary"].items():
+        ok = "meets" if s["meets_target"] else "misses"
+        print(f"{fmt}: {s['t1_dram_fraction']:.2f} of DRAM at 1 token ({ok} the {TARGET} target)")
+    if out["rel_err_vs_bf16"]:
+        print("layer output error vs bf16 weights:", out["rel_err_vs_bf16"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
