@@ -1,0 +1,333 @@
+"""The fused CPU MoE step: all of a layer's CPU experts, for all their tokens, in one parallel pass.
+
+`pack_layer` (cadenza.kernels.layout, re-exported here) lays a layer's expert weights out for streaming (bf16,
+int8 or int4), `moe_forward` computes
+`y [T, H] = sum over (t, slot) routed to a computed expert e of w[t, slot] * down_e(act(gate_e x_t) * up_e x_t)`.
+Three routes compute it, all from the same packed weights:
+
+- "kernel": the C++ extension (cpu_moe.cpp, AVX-512 + OpenMP), JIT-built once per machine into the cadenza cache;
+  a run of GEMVs at DRAM bandwidth at one token, blocked over tokens beyond that.
+- "mm": chunks of an expert dequantized to bf16 (by the extension) and multiplied by torch.mm, which is oneDNN
+  with AMX on Xeons that have it: the route for experts with many tokens (prefill).
+- "torch": the PyTorch fallback: the same chunked dequantize-and-multiply in fp32, the reference in tests and the
+  path on CPUs without AVX-512 or where the build fails (`available()` says which, with a one-line notice).
+
+Shape legend: E experts, H hidden, I intermediate, T tokens, k experts per token, Hp / Ip padded H / I.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from cadenza.kernels.layout import (
+    DEFAULT_GROUP,
+    FORMATS,
+    ROWS,
+    PackedExperts,
+    dequantize,
+    dequantize_tiles,
+    pack_layer,
+)
+
+__all__ = [
+    "DEFAULT_GROUP",
+    "FORMATS",
+    "PackedExperts",
+    "available",
+    "default_mm_min_tokens",
+    "dequantize",
+    "dequantize_tiles",
+    "moe_forward",
+    "pack_layer",
+]
+
+ROUTES = ("auto", "kernel", "mm", "torch")
+# activation name (config.json's hidden_act) -> the kernel's code
+ACT_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2, "relu": 3}
+_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+_CHUNK_BYTES = 16 << 20  # dequantized rows per torch.mm in the mm / torch routes (stays in the last-level cache)
+
+
+# --- the extension: build once per machine, load, detect -----------------------------------------------------------
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason: str | None = None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def has_amx() -> bool:
+    """Whether the CPU has AMX for bf16 (oneDNN then runs torch.mm on bf16 with the matrix units)."""
+    return "amx_bf16" in cpu_flags()
+
+
+def has_bf16_dot() -> bool:
+    """Whether the CPU has AVX512_BF16 (vdpbf16ps), which the int4 kernel uses where present."""
+    return "avx512_bf16" in cpu_flags()
+
+
+def _unsupported() -> str | None:
+    if os.environ.get("CADENZA_CPU_KERNEL", "1") == "0":
+        return "disabled by CADENZA_CPU_KERNEL=0"
+    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform != "linux":
+        return f"needs Linux on x86-64 with AVX-512, this is {sys.platform} on {platform.machine()}"
+    missing = [f for f in _REQUIRED_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    return None
+
+
+def _build_flags() -> list[str]:
+    flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+    have = cpu_flags()
+    if "avx512_bf16" in have:
+        flags.append("-mavx512bf16")
+    if "avx512_vnni" in have:
+        flags.append("-mavx512vnni")
+    return flags
+
+
+def _build() -> ctypes.CDLL:
+    from torch.utils.cpp_extension import load
+
+    from cadenza.demo import cache_dir
+
+    src = Path(__file__).with_name("cpu_moe.cpp")
+    flags = _build_flags()
+    key = "\n".join([src.read_text(), " ".join(flags), torch.__version__, _cpu_model(), " ".join(sorted(cpu_flags()))])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    build_dir = cache_dir() / "kernels" / digest
+    build_dir.mkdir(parents=True, exist_ok=True)
+    path = load(
+        name=f"cadenza_cpu_moe_{digest}",
+        sources=[str(src)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    lib = ctypes.CDLL(path)
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.cadenza_moe_forward.restype = i32
+    layer = [i32] * 7 + [ptr, i64, i64, i64] * 2  # format, shapes, gate_up and down matrices
+    call = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, i32, i32, i32, ptr]  # x .. y
+    lib.cadenza_moe_forward.argtypes = layer + call
+    lib.cadenza_dequant_bf16.restype = i32
+    lib.cadenza_dequant_bf16.argtypes = [i32, i32, ptr, i64, i64, i32, i64, i64, ptr, i32]
+    lib.cadenza_cpu_moe_features.restype = i32
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _reason
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            _reason = _unsupported()
+            if _reason is None:
+                try:
+                    _lib = _build()
+                except Exception as exc:  # a compiler or ninja problem: the fallback still works
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                    _reason = f"the build failed: {first[:200]}"
+            if _reason is not None:
+                print(f"cadenza: the fused CPU expert kernel is off ({_reason}); using PyTorch.", file=sys.stderr)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the C++ kernel runs here (builds it at first call; False, with a one-line notice, otherwise)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _reason
+
+
+def default_mm_min_tokens() -> int | None:
+    """Tokens per expert from which the "auto" route hands an expert to torch.mm (oneDNN); None: never.
+
+    Only where AMX does the bf16 products: there the matrix units beat the vector kernel once an expert has a few
+    dozen tokens. Without AMX the kernel stays faster at every token count measured (cadenza.bench.cpu_kernel).
+    """
+    return 32 if has_amx() else None
+
+
+# --- forward ---------------------------------------------------------------------------------------------------
+
+
+def moe_forward(
+    packed: PackedExperts,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    experts: list[int] | None = None,
+    act: str = "silu",
+    threads: int | None = None,
+    *,
+    route: str = "auto",
+    mm_min_tokens: int | None = -1,
+    prefetch: int = 0,
+    bf16_dot: bool | None = None,
+) -> torch.Tensor:
+    """y [T, H] float32 = sum over (t, slot) with topk_ids[t, slot] in `experts` (None: all) of
+    topk_weights[t, slot] * down(act(gate x_t) * up x_t).
+
+    x [T, H] float32 or bfloat16; topk_ids [T, k] int; topk_weights [T, k]; all on the CPU. threads: the kernel's
+    OpenMP threads (default: physical cores); the mm and torch routes use torch's intra-op threads of the caller.
+    route: "auto" (kernel, and torch.mm for experts with at least `mm_min_tokens` tokens; -1: the machine's
+    default, `default_mm_min_tokens()`), "kernel", "mm", or "torch" (the fallback; "auto" falls back to it where
+    the kernel is unavailable). prefetch: software prefetch distance in bytes inside the kernel (0: none).
+    bf16_dot: int4 multiplies with AVX512_BF16 dot products (None: where the CPU has them; False: fp32 lanes).
+    """
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
+    if act not in ACT_CODES:
+        raise ValueError(f"activation {act!r} is not supported: use one of {', '.join(ACT_CODES)}")
+    t, h = x.shape
+    if h != packed.hidden:
+        raise ValueError(f"x has {h} features, the experts {packed.hidden}")
+    lib = _load() if route != "torch" else None
+    if route == "kernel" and lib is None:
+        raise RuntimeError(f"the CPU kernel is unavailable: {_reason}")
+    if lib is None and route in ("auto", "kernel"):
+        route = "torch"
+    experts = list(range(packed.num_experts)) if experts is None else [int(e) for e in experts]
+    x = x.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x.float().contiguous()
+    ids = topk_ids.to(torch.int64).contiguous()
+    w = topk_weights.to(torch.float32).contiguous()
+    y = torch.zeros(t, h, dtype=torch.float32)
+    if t == 0 or not experts:
+        return y
+    if route == "torch":
+        _chunked_forward(packed, x, ids, w, experts, act, y, mm_dtype=torch.float32)
+        return y
+    threads = threads or _default_threads()
+    if route == "mm":
+        _chunked_forward(packed, x, ids, w, experts, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads)
+        return y
+    big: list[int] = []
+    if route == "auto":
+        limit = default_mm_min_tokens() if mm_min_tokens == -1 else mm_min_tokens
+        if limit is not None and t >= limit:
+            counts = torch.bincount(ids.view(-1), minlength=packed.num_experts).tolist()
+            big = [e for e in experts if counts[e] >= limit]
+    small = [e for e in experts if e not in big]
+    if small:
+        bf16_dot = has_bf16_dot() if bf16_dot is None else bf16_dot
+        _kernel_forward(lib, packed, x, ids, w, small, act, threads, prefetch, bf16_dot, y)
+    if big:
+        _chunked_forward(packed, x, ids, w, big, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads)
+    return y
+
+
+def _default_threads() -> int:
+    from cadenza.moe.cpu import physical_cores
+
+    return physical_cores()
+
+
+def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
+    mask = (ctypes.c_uint8 * p.num_experts)()
+    for e in experts:
+        if not 0 <= e < p.num_experts:
+            raise ValueError(f"expert {e} out of range 0..{p.num_experts - 1}")
+        mask[e] = 1
+    gu, dn = p.gate_up, p.down
+    layer = (
+        FORMATS.index(p.fmt), p.group, p.num_experts, p.hidden, p.intermediate, p.hidden_pad, p.inter_pad,
+        gu.data_ptr(), gu.stride(0), gu.shape[2], p.gu_header,
+        dn.data_ptr(), dn.stride(0), dn.shape[2], p.dn_header,
+    )  # fmt: skip
+    rc = lib.cadenza_moe_forward(
+        *layer, x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], ids.data_ptr(), w.data_ptr(), ids.shape[1],
+        ctypes.addressof(mask), ACT_CODES[act], threads, prefetch, int(bf16_dot), y.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"cadenza_moe_forward failed ({rc})")
+
+
+def _dequant_chunk(p: PackedExperts, which: str, e: int, t0: int, t1: int, dtype, lib, threads) -> torch.Tensor:
+    """Rows of tiles [t0, t1) of expert e's gate_up or down matrix, [4 (t1 - t0), K] in `dtype`."""
+    tiles = getattr(p, which)[e]
+    k = p.hidden_pad if which == "gate_up" else p.inter_pad
+    if lib is None or dtype != torch.bfloat16:
+        return dequantize_tiles(tiles[t0:t1], p.fmt, p.group, k).to(dtype)
+    out = torch.empty((t1 - t0) * ROWS, k, dtype=torch.bfloat16)
+    header = p.gu_header if which == "gate_up" else p.dn_header
+    lib.cadenza_dequant_bf16(
+        FORMATS.index(p.fmt), p.group, tiles.data_ptr(), tiles.shape[1], header, k, t0, t1, out.data_ptr(), threads
+    )
+    return out
+
+
+def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib=None, threads=None) -> None:
+    """Per expert, chunks of its rows dequantized to `mm_dtype` and multiplied with torch.mm: the "mm" route in
+    bf16 (matrix units), the "torch" fallback / reference in fp32."""
+    from cadenza.models.common import act_fn
+
+    fn = act_fn(act)
+    hp, ip = p.hidden_pad, p.inter_pad
+    el = torch.finfo(mm_dtype).bits // 8
+    ct1 = max(1, _CHUNK_BYTES // (ROWS * hp * el))  # tiles per chunk
+    ct2 = max(1, _CHUNK_BYTES // (ROWS * ip * el))
+    xp = torch.zeros(x.shape[0], hp, dtype=mm_dtype)
+    xp[:, : p.hidden] = x
+    flat_ids, flat_w = ids.view(-1), w.view(-1)
+    k = ids.shape[1]
+    for e in experts:
+        pairs = torch.nonzero(flat_ids == e).view(-1)
+        if pairs.numel() == 0:
+            continue
+        tokens = pairs // k
+        xe = xp[tokens]  # [n, Hp]
+        n = xe.shape[0]
+        hbuf = torch.empty(n, ip, dtype=mm_dtype)
+        for t0 in range(0, ip // 2, ct1):
+            t1 = min(ip // 2, t0 + ct1)
+            rows = _dequant_chunk(p, "gate_up", e, t0, t1, mm_dtype, lib, threads)  # [4 (t1 - t0), Hp]
+            gu = torch.mm(xe, rows.t()).float().view(n, t1 - t0, 2, 2)  # [n, tiles, gate|up, 2]
+            hbuf[:, 2 * t0 : 2 * t1] = (fn(gu[:, :, 0]) * gu[:, :, 1]).reshape(n, -1).to(mm_dtype)
+        ye = torch.empty(n, hp, dtype=torch.float32)
+        for t0 in range(0, hp // ROWS, ct2):
+            t1 = min(hp // ROWS, t0 + ct2)
+            rows = _dequant_chunk(p, "down", e, t0, t1, mm_dtype, lib, threads)  # [4 (t1 - t0), Ip]
+            ye[:, ROWS * t0 : ROWS * t1] = torch.mm(hbuf, rows.t()).float()
+        y.index_add_(0, tokens, ye[:, : p.hidden] * flat_w[pairs, None])

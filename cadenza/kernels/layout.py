@@ -1,0 +1,214 @@
+"""The packed layout of a layer's routed experts: what the fused CPU kernel (cpu_moe.cpp) streams.
+
+`pack_layer` quantizes (int8, int4) or rounds (bf16) a layer's stacked expert weights and tiles them; `dequantize`
+reads a packed layer back in pure torch, the reference for the kernel's reading of the same bytes.
+
+Each matrix is tiles of 4 rows; a tile is a header (the rows' scales) then 64-byte pieces of its 4 rows
+interleaved, so a run of tiles is one sequential stream. Rows and columns are padded to multiples of 128. gate and
+up share one matrix: tile j holds gate rows 2j, 2j+1 and up rows 2j, 2j+1. cpu_moe.cpp's header comment has the
+byte-level description.
+
+Shape legend: E experts, H hidden, I intermediate, Hp / Ip padded H / I.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+FORMATS = ("bf16", "int8", "int4")
+ROWS = 4  # rows per tile
+PAD = 128  # rows and columns are padded to multiples of this
+INT8_GROUPS = (0, 32, 64, 128)  # 0: one scale per output channel
+INT4_GROUPS = (32, 64, 128)
+DEFAULT_GROUP = {"bf16": 0, "int8": 0, "int4": 64}
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+@dataclass
+class PackedExperts:
+    """A layer's routed experts in the kernel's streaming layout (host memory, one copy).
+
+    gate_up: uint8 [E, Ip / 2, gu_tile_bytes]: tile j = gate rows 2j, 2j+1 and up rows 2j, 2j+1, Hp columns.
+    down:    uint8 [E, Hp / 4, dn_tile_bytes]: tile j = down rows 4j .. 4j+3, Ip columns.
+    """
+
+    fmt: str
+    group: int  # scale group in columns (0: per output channel; bf16: 0)
+    num_experts: int
+    hidden: int
+    intermediate: int
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gu_header: int  # bytes of scales at the start of each gate/up tile
+    dn_header: int
+
+    @property
+    def hidden_pad(self) -> int:
+        return _round_up(self.hidden, PAD)
+
+    @property
+    def inter_pad(self) -> int:
+        return _round_up(self.intermediate, PAD)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.numel() + self.down.numel()
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes one expert streams per use (weights, scales and padding): what a token costs in DRAM reads."""
+        return self.nbytes // self.num_experts
+
+
+# --- layout: quantize and tile (the kernel reads exactly this) ----------------------------------------------------
+
+
+def _header_bytes(fmt: str, group: int, k: int) -> int:
+    if fmt == "bf16":
+        return 0
+    ng = k // group if group else 1
+    per_row = 4 * ng if fmt == "int8" else 3 * ng  # int8: fp32 scale; int4: bf16 scale + uint8 zero point
+    return _round_up(ROWS * per_row, 64)
+
+
+def _tile_bytes(fmt: str, group: int, k: int) -> int:
+    per_row = {"bf16": 2 * k, "int8": k, "int4": k // 2}[fmt]
+    return _header_bytes(fmt, group, k) + ROWS * per_row
+
+
+def _quantize_rows(w: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """w [R, K] (K a multiple of 128) -> (row bytes [R, bytes per row] in the kernel's column order, scale tensors
+    [R, groups] for the header, in header order)."""
+    r, k = w.shape
+    if fmt == "bf16":
+        return w.to(torch.bfloat16).view(torch.uint8), []
+    g = group or k
+    wg = w.float().view(r, k // g, g)
+    if fmt == "int8":
+        scale = wg.abs().amax(dim=2) / 127.0  # [R, groups] fp32
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        q = torch.round(wg * inv[:, :, None]).clamp_(-127, 127).to(torch.int8)
+        return q.view(r, k).view(torch.uint8), [scale]
+    # int4: value = (q - z) * scale, q and the zero point z in 0..15, the range widened to hold 0 (so z is exact);
+    # the scale is rounded to bf16 before quantizing
+    lo, hi = wg.amin(dim=2).clamp(max=0), wg.amax(dim=2).clamp(min=0)
+    scale = ((hi - lo) / 15.0).to(torch.bfloat16)
+    s32 = scale.float()
+    inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
+    z = torch.round(-lo * inv).clamp_(0, 15)
+    q = (torch.round(wg * inv[:, :, None]) + z[:, :, None]).clamp_(0, 15).to(torch.int16).view(r, k // 128, 4, 32)
+    # per 128 columns: 16-bit word j holds column 32n + j in nibble n
+    words = q[:, :, 0] | (q[:, :, 1] << 4) | (q[:, :, 2] << 8) | (q[:, :, 3] << 12)
+    return words.view(r, k // 4).view(torch.uint8), [scale, z.to(torch.uint8)]
+
+
+def _tile_into(out: torch.Tensor, w: torch.Tensor, fmt: str, group: int) -> None:
+    """w [R, K] (R, K multiples of 4 and 128) -> its tiles, written into out uint8 [R / 4, tile bytes]."""
+    r, k = w.shape
+    data, scales = _quantize_rows(w, fmt, group)
+    if data.data_ptr() % 8 or not data.is_contiguous():
+        data = data.contiguous().clone()  # an unaligned view cannot be read as 8-byte words
+    nbytes = data.shape[1]
+    hb = _header_bytes(fmt, group, k)
+    # the 4 rows' 64-byte pieces interleaved; moved as 8-byte words (a uint8 permute copy is slow)
+    body = out[:, hb:].view(torch.int64).view(r // ROWS, nbytes // 64, ROWS, 8)
+    body.copy_(data.view(torch.int64).view(r // ROWS, ROWS, nbytes // 64, 8).transpose(1, 2))
+    if hb:
+        out[:, :hb] = 0
+        at = 0
+        for sc in scales:
+            part = sc.reshape(r // ROWS, -1).contiguous().view(torch.uint8)
+            out[:, at : at + part.shape[1]] = part
+            at += part.shape[1]
+
+
+def _padded(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if tuple(w.shape) == (rows, cols):
+        return w
+    out = torch.zeros(rows, cols, dtype=w.dtype)
+    out[: w.shape[0], : w.shape[1]] = w
+    return out
+
+
+def pack_layer(
+    gate: torch.Tensor | Sequence[torch.Tensor],
+    up: torch.Tensor | Sequence[torch.Tensor],
+    down: torch.Tensor | Sequence[torch.Tensor],
+    fmt: str = "bf16",
+    group: int | None = None,
+) -> PackedExperts:
+    """Lays out a layer's experts for the kernel. gate, up [E, I, H]; down [E, H, I]: stacked tensors or sequences
+    of E per-expert tensors (any float dtype, CPU).
+
+    fmt: "bf16"; "int8" (symmetric, fp32 scale per output channel, or per `group` columns: 32, 64, 128); "int4"
+    (bf16 scale and 4-bit zero point per `group` columns: 32, 64 (default) or 128). Works expert by expert and
+    in row chunks, so the temporary memory is a few hundred MB at most; the caller drops the stacked tensors after.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown expert format {fmt!r}: use one of {', '.join(FORMATS)}")
+    group = DEFAULT_GROUP[fmt] if group is None else group
+    allowed = {"bf16": (0,), "int8": INT8_GROUPS, "int4": INT4_GROUPS}[fmt]
+    if group not in allowed:
+        raise ValueError(f"group {group} is not supported for {fmt}: use one of {allowed}")
+    e, (i, h) = len(gate), tuple(gate[0].shape)
+    if len(up) != e or len(down) != e or tuple(up[0].shape) != (i, h) or tuple(down[0].shape) != (h, i):
+        shapes = f"gate {e} x {(i, h)}, up {len(up)} x {tuple(up[0].shape)}, down {len(down)} x {tuple(down[0].shape)}"
+        raise ValueError(f"expert shapes disagree: {shapes}; want E x [I, H], E x [I, H], E x [H, I]")
+    hp, ip = _round_up(h, PAD), _round_up(i, PAD)
+    gu = torch.empty(e, ip // 2, _tile_bytes(fmt, group, hp), dtype=torch.uint8)
+    dn = torch.empty(e, hp // ROWS, _tile_bytes(fmt, group, ip), dtype=torch.uint8)
+    step = max(PAD, (32 << 20) // (8 * max(hp, ip)) // PAD * PAD)  # rows per chunk: ~64 MB of fp32 temporaries
+    for x in range(e):
+        for i0 in range(0, ip, step):
+            i1 = min(ip, i0 + step)
+            g = _padded(gate[x][i0:i1], i1 - i0, hp)
+            u = _padded(up[x][i0:i1], i1 - i0, hp)
+            rows = torch.stack([g.view(-1, 2, hp), u.view(-1, 2, hp)], dim=1).view(-1, hp)  # gate 2j, 2j+1, up ..
+            _tile_into(gu[x, i0 // 2 : i1 // 2], rows, fmt, group)
+        for h0 in range(0, hp, step):
+            h1 = min(hp, h0 + step)
+            _tile_into(dn[x, h0 // ROWS : h1 // ROWS], _padded(down[x][h0:h1], h1 - h0, ip), fmt, group)
+    return PackedExperts(fmt, group, e, h, i, gu, dn, _header_bytes(fmt, group, hp), _header_bytes(fmt, group, ip))
+
+
+def dequantize_tiles(tiles: torch.Tensor, fmt: str, group: int, k: int) -> torch.Tensor:
+    """tiles uint8 [n, tile bytes] of a matrix with k (padded) columns -> float32 rows [4 n, k], tile row order.
+    Pure torch: the reference for the kernel's reading of the layout."""
+    n = tiles.shape[0]
+    hb = _header_bytes(fmt, group, k)
+    body = tiles[:, hb:]
+    per_row = body.shape[1] // ROWS
+    rows = body.reshape(n, per_row // 64, ROWS, 64).transpose(1, 2).reshape(n * ROWS, per_row)
+    if fmt == "bf16":
+        return rows.contiguous().view(torch.bfloat16).float()
+    ng = k // group if group else 1
+    g = group or k
+    if fmt == "int8":
+        scale = tiles[:, : ROWS * ng * 4].contiguous().view(torch.float32).reshape(n * ROWS, ng)
+        q = rows.contiguous().view(torch.int8).float()
+        return (q.view(-1, ng, g) * scale[:, :, None]).view(n * ROWS, k)
+    scale = tiles[:, : ROWS * ng * 2].contiguous().view(torch.bfloat16).float().reshape(n * ROWS, ng)
+    z = tiles[:, ROWS * ng * 2 : ROWS * ng * 3].float().reshape(n * ROWS, ng)
+    words = rows.contiguous().view(torch.int16).reshape(n * ROWS, k // 128, 1, 32)
+    q = (words >> torch.tensor([0, 4, 8, 12], dtype=torch.int16).view(1, 1, 4, 1)) & 15  # [.., nibble n, word j]
+    q = q.reshape(n * ROWS, ng, g).float()
+    return ((q - z[:, :, None]) * scale[:, :, None]).reshape(n * ROWS, k)
+
+
+def dequantize(packed: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights the packed layer really holds, as float32 gate, up [E, I, H] and down [E, H, I]."""
+    p = packed
+    hp, ip, h, i = p.hidden_pad, p.inter_pad, p.hidden, p.intermediate
+    gate, up, down = [], [], []
+    for e in range(p.num_experts):
+        gu = dequantize_tiles(p.gate_up[e], p.fmt, p.group, hp).view(ip // 2, 2, 2, hp)
+        gate.append(gu[:, 0].reshape(ip, hp)[:i, :h])
+        up.append(gu[:, 1].reshape(ip, hp)[:i, :h])
+        down.append(dequantize_tiles(p.down[e], p.fmt, p.group, ip)[:h, :i])
+    return torch.stack(gate), torch.stack(up), torch.stack(down)
