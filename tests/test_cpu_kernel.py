@@ -61,7 +61,15 @@ def rel(a, b):
 def layers():
     gate, up, down = weights()
     out = {}
-    for fmt, group in (("bf16", None), ("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)):
+    for fmt, group in (
+        ("bf16", None),
+        ("int8", 0),
+        ("int8", 32),
+        ("int8", 128),
+        ("int4", 32),
+        ("int4", 64),
+        ("int4", 128),
+    ):
         packed = cpu_moe.pack_layer(gate, up, down, fmt, group)
         out[fmt, packed.group] = packed, cpu_moe.dequantize(packed)
     return out
@@ -97,7 +105,7 @@ def test_kernel_equals_reference(layers, key):
 
 
 @needs_kernel
-@pytest.mark.parametrize("key", [("bf16", 0), ("int8", 32), ("int4", 64)])
+@pytest.mark.parametrize("key", [("bf16", 0), ("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)])
 def test_kernel_bf16_inputs_and_int4_paths(layers, key):
     """x in bf16 (the engine's dtype: int4 then skips the low half), and int4 on fp32 lanes (CPUs without
     AVX512_BF16) where this CPU has it."""

@@ -105,9 +105,11 @@ class Bench:
         self.gate = [pool.matrix(i, h) for _ in range(e)]
         self.up = [pool.matrix(i, h) for _ in range(e)]
         self.down = [pool.matrix(h, i) for _ in range(e)]
-        self.routes = {t: routing(64, t, e, k, args.seed) for t in self.tokens}
+        self.prefill = args.prefill_tokens
+        every = self.tokens + ([self.prefill] if self.prefill else [])
+        self.routes = {t: routing(64 if t < 256 else 4, t, e, k, args.seed) for t in every}
         self.xs = {
-            t: (torch.randn(t, h, generator=torch.Generator().manual_seed(t)) * h**-0.5).bfloat16() for t in self.tokens
+            t: (torch.randn(t, h, generator=torch.Generator().manual_seed(t)) * h**-0.5).bfloat16() for t in every
         }
         self.err_input = (
             (torch.randn(64, h, generator=torch.Generator().manual_seed(7)) * h**-0.5).bfloat16(),
@@ -185,6 +187,16 @@ class Bench:
                 times = timed(lambda n: call(n, "torch"), 0.0, 2, 2, warmup=1)
                 self.record(fmt, t, "torch-fallback", times, nbytes, **common)
             print(f"  {fmt} T={t} done", file=sys.stderr)
+        if self.prefill and kernel_ok:  # many tokens per expert: where the matrix units (mm) overtake the kernel
+            t = self.prefill
+            nbytes = self.bytes_per_call(t, eb)
+            for route in ("kernel", "mm"):
+                ids, w = self.routes[t][0]
+                fn = lambda n, r=route, ids=ids, w=w: cpu_moe.moe_forward(
+                    copies[n % len(copies)], self.xs[t], ids, w, None, act, self.threads, route=r
+                )
+                self.record(fmt, t, route, timed(fn, 0.0, 2, 2, warmup=1), nbytes, **common)
+            print(f"  {fmt} T={t} done", file=sys.stderr)
 
     def run_pytorch(self) -> None:
         """The engine's current CPU path: run_experts, one PyTorch call per matrix per expert, stacked bf16."""
@@ -192,7 +204,7 @@ class Bench:
         stacked = [torch.stack(ws) for ws in (self.gate, self.up, self.down)]
         eb = sum(w[0].numel() * w.element_size() for w in stacked)
         fn = act_fn(self.shape["act"])
-        weights = lambda j: (stacked[0][j], stacked[1][j], stacked[2][j])  # noqa: E731
+        weights = lambda j: (stacked[0][j], stacked[1][j], stacked[2][j])
         for t in self.tokens:
             rs, x = self.routes[t], self.xs[t]
 
@@ -232,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=1.0, help="timing window per measurement")
     ap.add_argument("--dram-gib", type=float, default=4.0, help="array size of the DRAM read measurement")
     ap.add_argument("--prefetch", default="0,2048", help="software prefetch distances tried at one token (bytes)")
+    ap.add_argument("--prefill-tokens", type=int, default=256, help="kernel vs mm at this many tokens (0: skip)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch paths (fallback and run_experts)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
