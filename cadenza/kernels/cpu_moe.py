@@ -284,13 +284,14 @@ def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, pre
         raise RuntimeError(f"cadenza_moe_forward failed ({rc})")
 
 
-def _dequant_chunk(p: PackedExperts, which: str, e: int, t0: int, t1: int, dtype, lib, threads) -> torch.Tensor:
-    """Rows of tiles [t0, t1) of expert e's gate_up or down matrix, [4 (t1 - t0), K] in `dtype`."""
+def _dequant_chunk(p: PackedExperts, which: str, e: int, t0: int, t1: int, buf, lib, threads) -> torch.Tensor:
+    """Rows of tiles [t0, t1) of expert e's gate_up or down matrix, [4 (t1 - t0), K] in buf's dtype: bf16 by the
+    extension into `buf` (reused: a fresh buffer per chunk would page-fault at every call), else by torch."""
     tiles = getattr(p, which)[e]
     k = p.hidden_pad if which == "gate_up" else p.inter_pad
-    if lib is None or dtype != torch.bfloat16:
-        return dequantize_tiles(tiles[t0:t1], p.fmt, p.group, k).to(dtype)
-    out = torch.empty((t1 - t0) * ROWS, k, dtype=torch.bfloat16)
+    if lib is None or buf.dtype != torch.bfloat16:
+        return dequantize_tiles(tiles[t0:t1], p.fmt, p.group, k).to(buf.dtype)
+    out = buf[: (t1 - t0) * ROWS * k].view((t1 - t0) * ROWS, k)
     header = p.gu_header if which == "gate_up" else p.dn_header
     lib.cadenza_dequant_bf16(
         FORMATS.index(p.fmt), p.group, tiles.data_ptr(), tiles.shape[1], header, k, t0, t1, out.data_ptr(), threads
@@ -308,6 +309,7 @@ def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib
     el = torch.finfo(mm_dtype).bits // 8
     ct1 = max(1, _CHUNK_BYTES // (ROWS * hp * el))  # tiles per chunk
     ct2 = max(1, _CHUNK_BYTES // (ROWS * ip * el))
+    buf = torch.empty(_CHUNK_BYTES // el, dtype=mm_dtype) if lib is not None else torch.empty(0, dtype=mm_dtype)
     xp = torch.zeros(x.shape[0], hp, dtype=mm_dtype)
     xp[:, : p.hidden] = x
     flat_ids, flat_w = ids.view(-1), w.view(-1)
@@ -322,12 +324,12 @@ def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib
         hbuf = torch.empty(n, ip, dtype=mm_dtype)
         for t0 in range(0, ip // 2, ct1):
             t1 = min(ip // 2, t0 + ct1)
-            rows = _dequant_chunk(p, "gate_up", e, t0, t1, mm_dtype, lib, threads)  # [4 (t1 - t0), Hp]
+            rows = _dequant_chunk(p, "gate_up", e, t0, t1, buf, lib, threads)  # [4 (t1 - t0), Hp]
             gu = torch.mm(xe, rows.t()).float().view(n, t1 - t0, 2, 2)  # [n, tiles, gate|up, 2]
             hbuf[:, 2 * t0 : 2 * t1] = (fn(gu[:, :, 0]) * gu[:, :, 1]).reshape(n, -1).to(mm_dtype)
         ye = torch.empty(n, hp, dtype=torch.float32)
         for t0 in range(0, hp // ROWS, ct2):
             t1 = min(hp // ROWS, t0 + ct2)
-            rows = _dequant_chunk(p, "down", e, t0, t1, mm_dtype, lib, threads)  # [4 (t1 - t0), Ip]
+            rows = _dequant_chunk(p, "down", e, t0, t1, buf, lib, threads)  # [4 (t1 - t0), Ip]
             ye[:, ROWS * t0 : ROWS * t1] = torch.mm(hbuf, rows.t()).float()
         y.index_add_(0, tokens, ye[:, : p.hidden] * flat_w[pairs, None])
