@@ -19,11 +19,12 @@
 //
 // Activations are staged per call (x by the threads, h by phase 1) in the form the tiles want; a staged row is
 // always 4 Hp (or 4 Ip) bytes:
-//   pair-split fp32 (bf16 tiles; int4 without AVX512_BF16): per 32 columns, the 16 even ones then the 16 odd ones,
+//   pair-split fp32 (bf16, int4 without AVX512_BF16): per 32 columns, the 16 even ones then the 16 odd ones,
 //     because a 32-bit lane of bf16 (or of int4 words) holds an even and an odd column;
 //   natural fp32 (int8);
-//   bf16 hi, then bf16 lo = x - hi (int4 with AVX512_BF16: vdpbf16ps multiplies exact small integers q - z with
-//     hi and lo, which together carry 16 bits of each activation; lo is skipped when x arrives in bf16).
+//   bf16 hi, then bf16 lo = x - hi (bf16 and int4 with AVX512_BF16: vdpbf16ps multiplies the bf16 weights, or
+//     the exact small integers q - z, with hi and lo, which together carry 16 bits of each activation; lo is
+//     skipped when x arrives in bf16, as it does from a bf16 model).
 //
 // Plain C ABI (called through ctypes, which releases the GIL); no torch headers, so the build takes seconds.
 
@@ -177,6 +178,44 @@ void dot_bf16(const Args& a, float out[ROWS][MAX_NT]) {
     for (int t = 0; t < NT; ++t) out[r][t] = hsum(TWO ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t]);
 }
 
+// bf16 weights with vdpbf16ps on bf16 activations (hi, and lo unless x arrived in bf16): no conversions at all.
+template <int NT, bool LO>
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_bf16_dp(const Args& a, float out[ROWS][MAX_NT]) {
+  constexpr bool TWO = NT <= 2;
+  __m512 a0[ROWS][NT], a1[ROWS][NT];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) a0[r][t] = a1[r][t] = _mm512_setzero_ps();
+  const int K = a.K;
+  const uint16_t* xs[NT];
+  for (int t = 0; t < NT; ++t) xs[t] = reinterpret_cast<const uint16_t*>(a.x[t]);
+  const uint8_t* p = a.data;
+  for (int c = 0; c < K / 32; ++c, p += 256) {
+    prefetch_chunk(p, a.pf);
+    __m512bh xh[NT], xl[NT];
+    for (int t = 0; t < NT; ++t) {
+      xh[t] = (__m512bh)_mm512_loadu_si512(xs[t] + c * 32);
+      if (LO) xl[t] = (__m512bh)_mm512_loadu_si512(xs[t] + K + c * 32);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(p + 64 * r);
+      for (int t = 0; t < NT; ++t) {
+        if (TWO && !LO && (c & 1))
+          a1[r][t] = _mm512_dpbf16_ps(a1[r][t], v, xh[t]);
+        else
+          a0[r][t] = _mm512_dpbf16_ps(a0[r][t], v, xh[t]);
+        if (LO) {
+          if (TWO)
+            a1[r][t] = _mm512_dpbf16_ps(a1[r][t], v, xl[t]);
+          else
+            a0[r][t] = _mm512_dpbf16_ps(a0[r][t], v, xl[t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) out[r][t] = hsum(TWO ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t]);
+}
+
 // G: group size in columns, 0 = one scale per row (applied after the sum).
 template <int NT, int G>
 void dot_int8(const Args& a, float out[ROWS][MAX_NT]) {
@@ -318,6 +357,8 @@ template <int G> struct Int4F { template <int NT> struct F { static constexpr Do
 template <int G, bool LO>
 struct Int4B { template <int NT> struct F { static constexpr DotFn fn = dot_int4_bf16<NT, G, LO>; }; };
 template <int NT> struct Bf16F { static constexpr DotFn fn = dot_bf16<NT>; };
+template <bool LO>
+struct Bf16D { template <int NT> struct F { static constexpr DotFn fn = dot_bf16_dp<NT, LO>; }; };
 
 template <template <int> class F32, template <int> class F64, template <int> class F128>
 DotFn by_group(int group, int nt) {
@@ -326,7 +367,10 @@ DotFn by_group(int group, int nt) {
 
 // The micro-kernel for a format, group size, token count and staging kind.
 DotFn pick(int fmt, int group, int nt, int kind, bool lo) {
-  if (fmt == BF16) return by_nt<Bf16F>(nt);
+  if (fmt == BF16) {
+    if (kind != HI_LO) return by_nt<Bf16F>(nt);
+    return lo ? by_nt<Bf16D<true>::F>(nt) : by_nt<Bf16D<false>::F>(nt);
+  }
   if (fmt == INT8) {
     if (group == 0) return by_nt<Int8G<0>::F>(nt);
     return by_group<Int8G<32>::F, Int8G<64>::F, Int8G<128>::F>(group, nt);
@@ -386,7 +430,7 @@ int cadenza_cpu_moe_features() { return 3; }
 
 // y [T, H] fp32 (accumulated into) += the routed experts' weighted outputs, for the experts e with mask[e] != 0.
 // x [T, H]: fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); ids [T, k] int64; w [T, k] fp32. use_bf16: the CPU has
-// AVX512_BF16 (int4 then multiplies with vdpbf16ps).
+// AVX512_BF16 (bf16 and int4 tiles then multiply with vdpbf16ps).
 int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip, const uint8_t* gu,
                         int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
                         int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, const void* x,
@@ -397,7 +441,7 @@ int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip,
   const int ng1 = group > 0 ? Hp / group : 1, ng2 = group > 0 ? Ip / group : 1;
   const Mat mg{gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, Hp, ng1};
   const Mat md{dn, dn_expert_stride, dn_tile_bytes, dn_header_bytes, Ip, ng2};
-  const int kind = fmt == INT8 ? NATURAL : (fmt == INT4 && use_bf16) ? HI_LO : PAIR_SPLIT;
+  const int kind = fmt == INT8 ? NATURAL : use_bf16 ? HI_LO : PAIR_SPLIT;
   const bool lo1 = !x_bf16;  // bf16 inputs have no low part; h always has one
 
   // (token, slot) pairs of the computed experts, grouped by expert in token order.

@@ -184,10 +184,11 @@ def unavailable_reason() -> str | None:
 def default_mm_min_tokens() -> int | None:
     """Tokens per expert from which the "auto" route hands an expert to torch.mm (oneDNN); None: never.
 
-    Only where AMX does the bf16 products: there the matrix units beat the vector kernel once an expert has a few
-    dozen tokens. Without AMX the kernel stays faster at every token count measured (cadenza.bench.cpu_kernel).
+    Where oneDNN has bf16 matrix or dot-product units (AMX, AVX512_BF16), its GEMM overtakes the vector kernel once
+    an expert has a few dozen tokens: on the CI's AMD EPYC (AVX512_BF16) between 16 and 32 tokens per expert for
+    Mixtral shapes (cadenza.bench.cpu_kernel). Elsewhere torch.mm on bf16 is slow: the kernel takes every count.
     """
-    return 32 if has_amx() else None
+    return 32 if has_amx() or has_bf16_dot() else None
 
 
 # --- forward ---------------------------------------------------------------------------------------------------
