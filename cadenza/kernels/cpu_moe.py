@@ -272,6 +272,9 @@ def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, pre
             raise ValueError(f"expert {e} out of range 0..{p.num_experts - 1}")
         mask[e] = 1
     gu, dn = p.gate_up, p.down
+    for m in (gu, dn):  # the kernel walks tiles by byte offsets from each expert's first tile
+        if m.device.type != "cpu" or m.stride(2) != 1 or m.stride(1) != m.shape[2]:
+            raise ValueError("packed experts must be CPU tensors with contiguous tiles (as pack_layer makes them)")
     layer = (
         FORMATS.index(p.fmt), p.group, p.num_experts, p.hidden, p.intermediate, p.hidden_pad, p.inter_pad,
         gu.data_ptr(), gu.stride(0), gu.shape[2], p.gu_header,

@@ -179,7 +179,7 @@ def pack_layer(
 
 def dequantize_tiles(tiles: torch.Tensor, fmt: str, group: int, k: int) -> torch.Tensor:
     """tiles uint8 [n, tile bytes] of a matrix with k (padded) columns -> float32 rows [4 n, k], tile row order.
-    Pure torch: the reference for the kernel's reading of the layout."""
+    Pure torch on any device (a GPU can unpack fetched tiles with it): the reference for the kernel's reading."""
     n = tiles.shape[0]
     hb = _header_bytes(fmt, group, k)
     body = tiles[:, hb:]
@@ -196,7 +196,8 @@ def dequantize_tiles(tiles: torch.Tensor, fmt: str, group: int, k: int) -> torch
     scale = tiles[:, : ROWS * ng * 2].contiguous().view(torch.bfloat16).float().reshape(n * ROWS, ng)
     z = tiles[:, ROWS * ng * 2 : ROWS * ng * 3].float().reshape(n * ROWS, ng)
     words = rows.contiguous().view(torch.int16).reshape(n * ROWS, k // 128, 1, 32)
-    q = (words >> torch.tensor([0, 4, 8, 12], dtype=torch.int16).view(1, 1, 4, 1)) & 15  # [.., nibble n, word j]
+    shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int16, device=tiles.device).view(1, 1, 4, 1)
+    q = (words >> shifts) & 15  # [.., nibble n, word j]
     q = q.reshape(n * ROWS, ng, g).float()
     return ((q - z[:, :, None]) * scale[:, :, None]).reshape(n * ROWS, k)
 
