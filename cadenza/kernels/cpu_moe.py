@@ -216,7 +216,8 @@ def moe_forward(
     route: "auto" (kernel, and torch.mm for experts with at least `mm_min_tokens` tokens; -1: the machine's
     default, `default_mm_min_tokens()`), "kernel", "mm", or "torch" (the fallback; "auto" falls back to it where
     the kernel is unavailable). prefetch: software prefetch distance in bytes inside the kernel (0: none).
-    bf16_dot: int4 multiplies with AVX512_BF16 dot products (None: where the CPU has them; False: fp32 lanes).
+    bf16_dot: bf16 and int4 tiles multiply with AVX512_BF16 dot products (None: where the CPU has them; False:
+    fp32 lanes).
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
