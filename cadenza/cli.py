@@ -36,8 +36,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
                    help="which fetched expert leaves a full fetch cache (default lru)")  # fmt: skip
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="do not guess the next layer's experts and copy them early (fetching policies)")  # fmt: skip
+    p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
+                   help="guess the next layer's experts and copy them early: auto (default) = with --offload-policy "
+                   "fetch only")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -167,7 +168,7 @@ def _load(args: argparse.Namespace):
         placement=args.placement,
         max_batch=args.max_batch,
         eviction=args.eviction,
-        prefetch=not args.no_prefetch,
+        prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
     )
     if llm.placement is not None:
         print(f"cadenza: {llm.placement.summary()}", file=sys.stderr)

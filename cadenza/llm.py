@@ -126,7 +126,8 @@ class LLM:
     max_batch: sequences decoded together whose KV cache is reserved on the GPU (default 1; each costs a full
     context of KV cache out of the GPU budget). Batched generation, beams and the server use up to this many.
     eviction: which fetched expert leaves a full fetch cache: "lru" (default), "lfu" or "lrfu".
-    prefetch: guess the next layer's experts with its router and start their copies early (fetching policies).
+    prefetch: guess the next layer's experts with its router and start their copies early: True, False, or None
+    (default: with the fetch policy only).
 
     Offloading (on a CUDA device): gpu_memory is the GPU budget ("24GiB"; 0: every routed expert on the host;
     default: the GPU's free memory less a safety margin). What every token needs stays on the GPU; routed experts
@@ -149,7 +150,7 @@ class LLM:
         checkpoint=None,
         max_batch: int = 1,
         eviction: str = "lru",
-        prefetch: bool = True,
+        prefetch: bool | None = None,
     ):
         self.is_demo = model_dir is None and checkpoint is None
         if checkpoint is None:

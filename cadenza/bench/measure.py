@@ -40,7 +40,7 @@ class CadenzaUnderTest:
         first: RunConfig,
         max_context: int,
         cpu_threads: int | None = None,
-        prefetch: bool = True,
+        prefetch: bool | None = None,
         eviction: str = "lru",
     ):
         from cadenza.llm import LLM

@@ -74,7 +74,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="offload policies measured in D1 and P1 (default auto,cpu,fetch); 'none' runs only the D1 baseline",
     )
     p.add_argument("--tag", default=None, help="suffix for the result files, so split runs do not overwrite")
-    p.add_argument("--no-prefetch", action="store_true", help="turn off the speculative prefetch (fetching policies)")
+    p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
+                   help="speculative prefetch: auto (default: with the fetch policy), on or off")  # fmt: skip
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"], help="fetch-cache eviction policy")
     p.set_defaults(func=run_bench)
     return p
@@ -170,8 +171,8 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
     ):
         if value is not None:
             parts += [flag, str(value)]
-    if args.no_prefetch:
-        parts.append("--no-prefetch")
+    if args.prefetch != "auto":
+        parts += ["--prefetch", args.prefetch]
     return shlex.join(parts)
 
 
@@ -271,7 +272,7 @@ def run_bench(args: argparse.Namespace) -> int:
     log(f"building cadenza's model ({ckpt.total_bytes / 1e9:.1f} GB) on {device}; host RSS {rss_gib()} GiB ...")
     cut = CadenzaUnderTest(
         ckpt, device, _first_fitting(configs, ckpt, device), max_context, args.cpu_threads,
-        prefetch=not args.no_prefetch, eviction=args.eviction,
+        prefetch={"auto": None, "on": True, "off": False}[args.prefetch], eviction=args.eviction,
     )  # fmt: skip
     ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
     log(f"built in {cut.load_s:.1f} s; host RSS {rss_gib()} GiB")
