@@ -42,9 +42,10 @@ def cost_model_key(device: torch.device, orch) -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "emulated"
+    kernel = " | fused CPU kernel" if orch.cpu_kernel else ""
     return (
         f"{cpu} | {gpu} | {orch.worker.threads} threads | expert {orch.hidden}x{orch.intermediate} {orch.dtype} | "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}{kernel}"
     )
 
 
@@ -275,7 +276,10 @@ class LLM:
             slot = None
             if orch.cache is not None:
                 slot = orch.cache.weights(0)
-            cost = calibrate(key, orch.calibration_experts(), moe_layers(self.model)[0].act_fn, self.device, slot)
+            cost = calibrate(
+                key, orch.calibration_experts(), moe_layers(self.model)[0].act_fn, self.device, slot,
+                cpu_run=orch.cpu_run_one if orch.cpu_kernel else None,
+            )  # fmt: skip
             if orch.cache is not None:
                 orch.cache.clear()
                 save_cached(cache_dir(), cost)

@@ -146,10 +146,12 @@ def calibrate(
     slot: Weights | None,
     token_counts_cpu: Sequence[int] = (1, 16, 128),
     token_counts_gpu: Sequence[int] = (1, 256, 2048),
+    cpu_run: Callable[[Weights, torch.Tensor], None] | None = None,
 ) -> CostModel:
     """Times experts on this machine. `host_experts` should span more bytes than the CPU's last-level cache
     (the caller rotates through several layers) so DRAM, not the cache, is measured. `slot`: GPU buffers for one
-    expert (None: no fetching, GPU costs are left at zero)."""
+    expert (None: no fetching, GPU costs are left at zero). cpu_run(weights, x): how the CPU computes one expert
+    (default: PyTorch's path, as `run_experts`)."""
     gate0 = host_experts[0][0]
     hidden, dtype = gate0.shape[1], gate0.dtype
     expert_bytes = sum(w.numel() * w.element_size() for w in host_experts[0])
@@ -160,14 +162,15 @@ def calibrate(
         y = torch.zeros_like(x)
         run_experts(x, 1, w, torch.arange(x.shape[0], device=x.device), [x.shape[0]], one, lambda e: weights, act, y)
 
+    run_cpu = cpu_run or run_on
     cpu_points = []
     nothing = lambda: None  # noqa: E731
     for n in token_counts_cpu:
         x = torch.randn(n, hidden, dtype=dtype)
-        run_on(host_experts[0], x)  # warm-up (thread pool, kernels)
+        run_cpu(host_experts[0], x)  # warm-up (thread pool, kernels)
         times = []
         for weights in host_experts:
-            times.append(_time(lambda w=weights, x=x: run_on(w, x), nothing, 1))
+            times.append(_time(lambda w=weights, x=x: run_cpu(w, x), nothing, 1))
         times.sort()
         cpu_points.append((n, times[len(times) // 2]))
     cpu_s = _fit_line(cpu_points)

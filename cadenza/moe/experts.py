@@ -33,6 +33,7 @@ class Experts(nn.Module):
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.gate_name, self.up_name, self.down_name = names
         self.act_fn = act_fn(hidden_act)
+        self.hidden_act = hidden_act  # the name, for kernels that take the activation by name
         e, h, i = num_experts, hidden_size, intermediate_size
         for name, shape in ((self.gate_name, (e, i, h)), (self.up_name, (e, i, h)), (self.down_name, (e, h, i))):
             self.register_parameter(name, nn.Parameter(torch.empty(shape), requires_grad=False))

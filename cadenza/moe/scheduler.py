@@ -19,6 +19,7 @@ With the "GPU side" on the CPU (device cpu and a budget), the same code runs for
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ class LayerOffload:
         self.resident_rows: dict[int, int] = {}
         self.gate = self.up = self.down = None  # [R, ...] resident copies on the GPU side
         self.out: torch.Tensor | None = None  # pinned [T, H] buffer for the CPU's partial sum
+        # the fused CPU kernel's view of the host experts (bf16, read in place), or None: PyTorch's path
+        self.kernel_layer = None
 
     def host_weights(self, e: int):
         return self.experts.gate[e], self.experts.up[e], self.experts.down[e]
@@ -219,9 +222,17 @@ class LayerOffload:
     @torch.inference_mode()  # grad mode is per thread: the worker needs its own
     def _cpu_job(self, x_h, k, w_h, ids_h, counts, experts, out, shared: bool) -> torch.Tensor:
         t0 = time.perf_counter()
-        out.zero_()
-        order = expert_order(ids_h)
-        run_experts(x_h, k, w_h, order, counts, experts, self.host_weights, self.experts.act_fn, out)
+        if self.kernel_layer is not None:  # all of the layer's CPU experts in one parallel pass
+            from cadenza.kernels.cpu_moe import moe_forward
+
+            y = moe_forward(
+                self.kernel_layer, x_h, ids_h, w_h, experts, self.experts.hidden_act, self.orch.worker.threads
+            )
+            out.copy_(y)
+        else:
+            out.zero_()
+            order = expert_order(ids_h)
+            run_experts(x_h, k, w_h, order, counts, experts, self.host_weights, self.experts.act_fn, out)
         busy = time.perf_counter() - t0
         self.orch.counters.cpu_busy_s += busy
         if self.orch.cost is not None:  # the cost model learns the CPU's speed inside real steps
@@ -240,6 +251,7 @@ class Orchestra:
         routers: list[tuple[torch.Tensor, int] | None] | None = None,
         eviction: str = "lru",
         prefetch: bool | None = None,
+        cpu_kernel: bool = True,
     ):
         """routers: per MoE layer, (router weight [E, H], top_k) for the speculative prefetch that guesses a layer's
         experts from the layer before (None: no guessing for that layer). prefetch: True / False, or None for the
@@ -279,6 +291,23 @@ class Orchestra:
             self._event = torch.cuda.Event()
         for layer, ex in zip(self.layers, layers, strict=True):
             ex.offload = layer
+        self.cpu_kernel = False
+        if cpu_kernel:
+            self.cpu_kernel = self._use_cpu_kernel()
+
+    def _use_cpu_kernel(self) -> bool:
+        """The fused CPU MoE kernel reads bf16 experts in place; other dtypes (and CPUs without AVX-512, with a
+        one-line notice from the kernel module) keep PyTorch's path."""
+        if self.dtype != torch.bfloat16 or os.environ.get("CADENZA_CPU_KERNEL") == "0":
+            return False
+        from cadenza.kernels import cpu_moe
+
+        if not cpu_moe.available() or self.layers[0].experts.hidden_act not in cpu_moe.ACT_CODES:
+            return False
+        for layer in self.layers:
+            ex = layer.experts
+            layer.kernel_layer = cpu_moe.plain_layer(ex.gate.data, ex.up.data, ex.down.data)
+        return True
 
     def apply(self, placement: Placement, policy: str) -> None:
         """Copies the placement's residents to the GPU side and sizes the slot cache; replaces any earlier plan."""
@@ -400,6 +429,16 @@ class Orchestra:
         self._event.synchronize()
         self.counters.sync_wait_s += time.perf_counter() - t0
         return x_h, ids_h, w_h, guess_h
+
+    def cpu_run_one(self, weights, x: torch.Tensor) -> None:
+        """One expert on the CPU through the fused kernel (for calibrating the cost model)."""
+        from cadenza.kernels.cpu_moe import moe_forward, plain_layer
+
+        gate, up, down = weights
+        layer = plain_layer(gate[None], up[None], down[None])
+        ids = torch.zeros(x.shape[0], 1, dtype=torch.int64)
+        w = torch.ones(x.shape[0], 1)
+        moe_forward(layer, x, ids, w, [0], self.layers[0].experts.hidden_act, self.worker.threads)
 
     def calibration_experts(self, max_bytes: int = 1_500_000_000) -> list:
         """Experts from different layers, together larger than a CPU's last-level cache."""
