@@ -1,9 +1,10 @@
 """The fused CPU MoE kernel (cadenza.kernels.cpu_moe) against the exact reference.
 
-Reference: the engine's own `run_experts`, in fp32, on the weights the packed layer really holds (`dequantize`).
+Reference: the engine's own `run_experts`, in fp32, on the weights the packed layer really holds (`dequantize`),
+or, for the plain layout (`plain_layer`: the stacked bf16 tensors read in place), on those bf16 weights.
 Bounds, relative Frobenius error of the layer output y [T, H]:
-- kernel vs reference, every format: 2e-5 (fp32 sums in another order; int4 with AVX512_BF16 multiplies each
-  activation as two bf16 halves, 16 bits: measured ~6e-6);
+- kernel vs reference, every format and both layouts: 2e-5 (fp32 sums in another order; bf16 and int4 with
+  AVX512_BF16 multiply each fp32 activation as two bf16 halves, 16 bits: measured ~6e-6);
 - PyTorch fallback vs reference: 1e-6; "mm" route (bf16 weights and activations into torch.mm): 2e-2;
 - quantization, int8 / int4 layer output vs the same layer with bf16 weights (mixtral-tiny shapes, measured
   1.2% / 16%): int8 < 2.5%, int4 (group 64) < 20%.
@@ -34,10 +35,10 @@ def weights(e=E, h=H, i=INTER, seed=0):
     return gate, up, torch.randn(e, h, i, generator=g) * i**-0.5
 
 
-def routing(t, k, e=E, seed=1):
+def routing(t, k, e=E, seed=1, h=None):
     g = torch.Generator().manual_seed(seed + 100 * t + k)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k).long()
-    x = torch.randn(t, H if e == E else 256, generator=g)
+    x = torch.randn(t, h or (H if e == E else 256), generator=g)
     return x, ids, torch.rand(t, k, generator=g)
 
 
@@ -209,3 +210,118 @@ def test_unavailable_kernel_falls_back_with_one_notice():
     assert out.returncode == 0, out.stderr
     notices = [line for line in out.stderr.splitlines() if "cadenza:" in line]
     assert len(notices) == 1 and "PyTorch" in notices[0], out.stderr
+
+
+# --- the plain layout: a bf16 model's stacked tensors, read in place ------------------------------------------------
+
+PLAIN_SHAPES = {"tails": (E, H, INTER), "pow2": (E, 256, 512), "odd": (3, 97, 33)}  # odd: I odd, H % 4 != 0
+
+
+@pytest.fixture(scope="module")
+def plain_layers():
+    out = {}
+    for name, (e, h, i) in PLAIN_SHAPES.items():
+        gate, up, down = (w.bfloat16() for w in weights(e, h, i, seed=5))
+        out[name] = cpu_moe.plain_layer(gate, up, down), (gate.float(), up.float(), down.float())
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", ["tails", "pow2", "odd"])
+def test_plain_equals_reference(plain_layers, shape):
+    layer, (g, u, d) = plain_layers[shape]
+    e, h, _ = PLAIN_SHAPES[shape]
+    dots = (False, True) if cpu_moe.has_bf16_dot() else (False,)
+    for t in (1, 2, 7, 64, 300):
+        for k in (1, 2, 6) if e >= 6 else (1, 2, 3):
+            x, ids, w = routing(t, k, e=e, h=h)
+            for experts in (None, [0, 2, 3, 5] if e > 5 else [0, 2]):
+                for xi in (x, x.bfloat16()):
+                    ref = reference(g, u, d, xi, ids, w, experts)
+                    for threads in (1, 2):
+                        for bf16_dot in dots:
+                            y = cpu_moe.moe_forward(
+                                layer, xi, ids, w, experts, "silu", threads, route="kernel", bf16_dot=bf16_dot
+                            )
+                            assert y.dtype == torch.float32 and y.shape == (t, h)
+                            err = rel(y, ref)
+                            assert err < EXACT, (shape, t, k, experts, xi.dtype, threads, bf16_dot, err)
+
+
+@needs_kernel
+def test_plain_matches_tiled_and_reads_in_place(plain_layers):
+    """The same bf16 weights give the same y in both layouts; the plain layer holds the caller's tensors (no copy),
+    so the kernel sees a change made to them afterwards."""
+    layer, _ = plain_layers["tails"]
+    packed = cpu_moe.pack_layer(layer.gate, layer.up, layer.down, "bf16")
+    x, ids, w = routing(7, 2)
+    y_plain = cpu_moe.moe_forward(layer, x, ids, w, route="kernel")
+    assert rel(y_plain, cpu_moe.moe_forward(packed, x, ids, w, route="kernel")) < 1e-6
+    gate, up, down = (m.clone() for m in (layer.gate, layer.up, layer.down))
+    mine = cpu_moe.PlainExperts.of(gate, up, down)
+    assert mine.gate is gate and mine.up is up and mine.down is down
+    assert mine.expert_bytes == 3 * H * INTER * 2 == mine.nbytes // E
+    assert (mine.fmt, mine.num_experts, mine.hidden, mine.intermediate) == ("bf16", E, H, INTER)
+    down.mul_(2)  # in place: the kernel reads it
+    assert rel(cpu_moe.moe_forward(mine, x, ids, w, route="kernel"), 2 * y_plain) < 1e-6
+
+
+@needs_kernel
+def test_plain_activations_and_edges(plain_layers):
+    layer, (g, u, d) = plain_layers["tails"]
+    x, ids, w = routing(7, 2)
+    for act in ("gelu_pytorch_tanh", "gelu", "relu"):
+        y = cpu_moe.moe_forward(layer, x, ids, w, act=act, route="kernel")
+        assert rel(y, reference(g, u, d, x, ids, w, act=act)) < EXACT
+    missing = [e for e in range(E) if e not in ids.view(-1).tolist()]
+    assert torch.count_nonzero(cpu_moe.moe_forward(layer, x, ids, w, missing, route="kernel")) == 0
+    assert cpu_moe.moe_forward(layer, x, ids, w, [], route="kernel").abs().sum() == 0
+    assert cpu_moe.moe_forward(layer, x[:0], ids[:0], w[:0], route="kernel").shape == (0, H)
+    with pytest.raises(ValueError, match="features"):
+        cpu_moe.moe_forward(layer, torch.zeros(1, H + 1), ids[:1], w[:1])
+    with pytest.raises(ValueError, match="out of range"):
+        cpu_moe.moe_forward(layer, x, ids, w, [E], route="kernel")
+
+
+@pytest.mark.parametrize("shape", ["tails", "odd"])
+def test_plain_fallback_mm_and_auto_routes(plain_layers, shape):
+    layer, (g, u, d) = plain_layers[shape]
+    e, h, _ = PLAIN_SHAPES[shape]
+    for t, k, experts in ((1, 2, None), (7, 3, [1, 2]), (300, 2, None)):
+        x, ids, w = routing(t, k, e=e, h=h)
+        ref = reference(g, u, d, x, ids, w, experts)
+        assert rel(cpu_moe.moe_forward(layer, x, ids, w, experts, route="torch"), ref) < FALLBACK
+        assert rel(cpu_moe.moe_forward(layer, x, ids, w, experts, route="mm"), ref) < MM
+    if cpu_moe.available():
+        x, ids, w = routing(64, 2, e=e, h=h)
+        counts = torch.bincount(ids.view(-1), minlength=e)
+        limit = int(counts.float().median())
+        y = cpu_moe.moe_forward(layer, x, ids, w, route="auto", mm_min_tokens=limit)
+        assert rel(y, reference(g, u, d, x, ids, w)) < MM
+
+
+def test_plain_layer_errors():
+    gate, up, down = (w.bfloat16() for w in weights(e=2))
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_moe.plain_layer(gate.float(), up, down)
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_moe.PlainExperts.of(gate, up, down.half())
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_moe.plain_layer(gate, up.transpose(1, 2).contiguous().transpose(1, 2), down)  # column-major rows
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_moe.plain_layer(gate[:, ::2], up[:, ::2], down[:, :, ::2])
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_moe.plain_layer(gate, up, down.transpose(1, 2).contiguous())
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_moe.plain_layer(gate, up[:1], down)
+    with pytest.raises(ValueError, match="stacked"):
+        cpu_moe.plain_layer(gate[0], up[0], down[0])
+    with pytest.raises(ValueError, match="stacked"):
+        cpu_moe.plain_layer(list(gate), up, down)
+    with pytest.raises(ValueError, match="CPU"):
+        cpu_moe.plain_layer(gate.to("meta"), up, down)
+    bad = cpu_moe.PlainExperts(gate.float(), up, down)  # built without the check: moe_forward checks too
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_moe.moe_forward(bad, torch.zeros(1, H), torch.zeros(1, 1).long(), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="PlainExperts"):
+        cpu_moe.moe_forward((gate, up, down), torch.zeros(1, H), torch.zeros(1, 1).long(), torch.ones(1, 1))

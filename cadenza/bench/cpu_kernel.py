@@ -5,9 +5,11 @@
 For each expert format it packs a layer of random experts (copies of it until more than --rotate-gb of packed
 weights, so the last-level cache can't flatter the numbers), then times one layer's CPU expert step at each token
 count: the kernel, the matrix-unit route ("mm": bf16 chunks through torch.mm / oneDNN, AMX where present), at one
-token the PyTorch fallback, and the engine's current path (`run_experts` on stacked bf16 weights). Consecutive
-calls use different experts. Weight bytes per second at one token are compared with the DRAM read bandwidth
-measured at the start (all threads summing a 4 GiB array). Writes JSON and prints a table.
+token the PyTorch fallback, and the engine's current path (`run_experts` on stacked bf16 weights). bf16 runs in
+both --layouts (default tiled,plain): "tiled" packed by `pack_layer`, "plain" the stacked [E, I, H] / [E, H, I]
+tensors read in place (`plain_layer`, no second copy); each result row names its layout. Consecutive calls use
+different experts. Weight bytes per second at one token are compared with the DRAM read bandwidth measured at the
+start (all threads summing a 4 GiB array). Writes JSON and prints a table.
 """
 
 from __future__ import annotations
@@ -118,12 +120,22 @@ class Bench:
         self.results: list[dict] = []
         self.errors: dict[str, float] = {}
         self.y_bf16: torch.Tensor | None = None
+        self._stacked: list[torch.Tensor] | None = None
 
-    def record(self, fmt: str, t: int, route: str, times: list[float], nbytes: int, **extra) -> None:
+    def stacked(self) -> list[torch.Tensor]:
+        """The layer as a bf16 model holds it: gate, up [E, I, H], down [E, H, I] (one copy, made once)."""
+        if self._stacked is None:
+            self._stacked = [torch.stack(ws).bfloat16().contiguous() for ws in (self.gate, self.up, self.down)]
+        return self._stacked
+
+    def record(
+        self, fmt: str, t: int, route: str, times: list[float], nbytes: int, layout: str = "tiled", **extra
+    ) -> None:
         med = statistics.median(times)
         self.results.append(
             {
                 "format": fmt,
+                "layout": layout,
                 "tokens": t,
                 "route": route,
                 "threads": self.threads,
@@ -141,26 +153,32 @@ class Bench:
         """Weight bytes a call reads: every expert its tokens touch, once."""
         return int(statistics.mean(len(torch.unique(ids)) for ids, _ in self.routes[t]) * per_expert)
 
-    def run_format(self, fmt: str, kernel_ok: bool) -> None:
+    def run_format(self, fmt: str, kernel_ok: bool, layout: str = "tiled") -> None:
         a, sh, seconds = self.args, self.shape, self.args.seconds
         e, k, act = sh["experts"], sh["k"], sh["act"]
         t0 = time.perf_counter()
-        packed = cpu_moe.pack_layer(self.gate, self.up, self.down, fmt)
-        n_copies = max(1, math.ceil(a.rotate_gb * GB / packed.nbytes))
-        copies = [packed] + [
-            replace(packed, gate_up=packed.gate_up.clone(), down=packed.down.clone()) for _ in range(n_copies - 1)
-        ]
+        if layout == "plain":  # bf16 only: the stacked tensors themselves (copies: clones of them)
+            packed = cpu_moe.plain_layer(*self.stacked())
+            n_copies = max(1, math.ceil(a.rotate_gb * GB / packed.nbytes))
+            copies = [packed] + [cpu_moe.plain_layer(*(m.clone() for m in self.stacked())) for _ in range(n_copies - 1)]
+        else:
+            packed = cpu_moe.pack_layer(self.gate, self.up, self.down, fmt)
+            n_copies = max(1, math.ceil(a.rotate_gb * GB / packed.nbytes))
+            copies = [packed] + [
+                replace(packed, gate_up=packed.gate_up.clone(), down=packed.down.clone()) for _ in range(n_copies - 1)
+            ]
         eb = packed.expert_bytes
-        common = {"expert_bytes": eb, "rotation_gb": round(n_copies * packed.nbytes / GB, 2)}
+        common = {"layout": layout, "expert_bytes": eb, "rotation_gb": round(n_copies * packed.nbytes / GB, 2)}
         common["pack_s"] = round(time.perf_counter() - t0, 1)
+        label = fmt if layout == "tiled" else f"{fmt}-{layout}"
 
         y = cpu_moe.moe_forward(
             packed, *self.err_input, None, act, self.threads, route="auto" if kernel_ok else "torch"
         )
-        if fmt == "bf16":
+        if label == "bf16":
             self.y_bf16 = y
         elif self.y_bf16 is not None:
-            self.errors[fmt] = round(((y - self.y_bf16).norm() / self.y_bf16.norm()).item(), 5)
+            self.errors[label] = round(((y - self.y_bf16).norm() / self.y_bf16.norm()).item(), 7)
 
         for t in self.tokens:
             rs, x = self.routes[t], self.xs[t]
@@ -186,7 +204,7 @@ class Bench:
             if t == 1 and not a.no_torch:  # the fallback dequantizes whole experts: a couple of calls
                 times = timed(lambda n: call(n, "torch"), 0.0, 2, 2, warmup=1)
                 self.record(fmt, t, "torch-fallback", times, nbytes, **common)
-            print(f"  {fmt} T={t} done", file=sys.stderr)
+            print(f"  {label} T={t} done", file=sys.stderr)
         if self.prefill and kernel_ok:  # many tokens per expert: where the matrix units (mm) overtake the kernel
             t = self.prefill
             nbytes = self.bytes_per_call(t, eb)
@@ -196,12 +214,12 @@ class Bench:
                     copies[n % len(copies)], self.xs[t], ids, w, None, act, self.threads, route=r
                 )
                 self.record(fmt, t, route, timed(fn, 0.0, 2, 2, warmup=1), nbytes, **common)
-            print(f"  {fmt} T={t} done", file=sys.stderr)
+            print(f"  {label} T={t} done", file=sys.stderr)
 
     def run_pytorch(self) -> None:
         """The engine's current CPU path: run_experts, one PyTorch call per matrix per expert, stacked bf16."""
         e, k = self.shape["experts"], self.shape["k"]
-        stacked = [torch.stack(ws) for ws in (self.gate, self.up, self.down)]
+        stacked = self.stacked()
         eb = sum(w[0].numel() * w.element_size() for w in stacked)
         fn = act_fn(self.shape["act"])
         weights = lambda j: (stacked[0][j], stacked[1][j], stacked[2][j])
@@ -215,15 +233,19 @@ class Bench:
                 run_experts(x, k, w.to(x.dtype), expert_order(ids), counts, active, weights, fn, torch.zeros_like(x))
 
             times = timed(call, self.args.seconds, 3, 10_000)
-            self.record("bf16", t, "pytorch-run_experts", times, self.bytes_per_call(t, eb))
+            self.record("bf16", t, "pytorch-run_experts", times, self.bytes_per_call(t, eb), layout="plain")
 
     def summary(self) -> dict:
         out = {}
-        for fmt in dict.fromkeys(r["format"] for r in self.results):
-            rows = [r for r in self.results if r["format"] == fmt and r["tokens"] == 1 and r["route"] == "kernel"]
+        for fmt, layout in dict.fromkeys((r["format"], r["layout"]) for r in self.results):
+            rows = [
+                r
+                for r in self.results
+                if (r["format"], r["layout"]) == (fmt, layout) and r["tokens"] == 1 and r["route"] == "kernel"
+            ]
             if rows:
                 best = max(rows, key=lambda r: r["dram_fraction"])
-                out[fmt] = {
+                out[fmt if layout == "tiled" else f"{fmt}-{layout}"] = {
                     "t1_weight_gb_s": best["weight_gb_s"],
                     "t1_dram_fraction": best["dram_fraction"],
                     "t1_best_prefetch": best.get("prefetch"),
@@ -237,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cadenza.bench.cpu_kernel", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", choices=sorted(SYNTHETIC_MODELS))
     ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument(
+        "--layouts", default="tiled,plain", help="tiled (pack_layer) and/or plain (bf16 stacked tensors in place)"
+    )
     ap.add_argument("--tokens", default="1,8,64", help="tokens per call (the layer's batch), comma-separated")
     ap.add_argument("--out", type=Path, default=None, help="JSON results file")
     ap.add_argument("--threads", type=int, default=None, help="kernel and torch threads (default: physical cores)")
@@ -252,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in formats:
         if f not in cpu_moe.FORMATS:
             ap.error(f"unknown format {f!r}: use {', '.join(cpu_moe.FORMATS)}")
+    layouts = [x for x in args.layouts.split(",") if x]
+    for x in layouts:
+        if x not in ("tiled", "plain"):
+            ap.error(f"unknown layout {x!r}: use tiled, plain")
 
     t_start = time.perf_counter()
     threads = args.threads or physical_cores()
@@ -285,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DRAM read {dram:.1f} GB/s; building a {args.model} layer {shape} ...", file=sys.stderr)
     bench = Bench(args, shape, threads, logical, dram)
     for fmt in formats:
-        print(f"{fmt}: packing and timing ...", file=sys.stderr)
-        bench.run_format(fmt, kernel_ok)
+        for layout in layouts:
+            if layout == "plain" and fmt != "bf16":
+                continue  # the plain layout is the model's own bf16 tensors
+            print(f"{fmt} {layout}: packing and timing ...", file=sys.stderr)
+            bench.run_format(fmt, kernel_ok, layout)
     if not args.no_torch:
         print("PyTorch run_experts on bf16 ...", file=sys.stderr)
         bench.run_pytorch()
@@ -314,12 +346,13 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(out: dict) -> None:
     m = out["machine"]
     print(f"{m['cpu_model']}: {m['threads']} threads, DRAM read {m['dram_read_gb_s']} GB/s, flags {m['cpu_flags']}")
-    print(f"{'format':7} {'T':>4} {'route':20} {'thr':>4} {'pf':>5} {'ms':>9} {'GB/s':>7} {'of DRAM':>8}")
+    head = f"{'format':7} {'layout':6} {'T':>4} {'route':20} {'thr':>4} {'pf':>5} {'ms':>9} {'GB/s':>7} {'of DRAM':>8}"
+    print(head)
     for r in out["results"]:
         pf = r.get("prefetch", "")
         print(
-            f"{r['format']:7} {r['tokens']:>4} {r['route']:20} {r['threads']:>4} {pf!s:>5} {r['ms_median']:>9.3f} "
-            f"{r['weight_gb_s']:>7.1f} {r['dram_fraction']:>8.2f}"
+            f"{r['format']:7} {r['layout']:6} {r['tokens']:>4} {r['route']:20} {r['threads']:>4} {pf!s:>5} "
+            f"{r['ms_median']:>9.3f} {r['weight_gb_s']:>7.1f} {r['dram_fraction']:>8.2f}"
         )
     for fmt, s in out["summary"].items():
         ok = "meets" if s["meets_target"] else "misses"

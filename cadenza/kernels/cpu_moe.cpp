@@ -2,23 +2,30 @@
 //
 //   y[t] += sum over (t, slot) routed to a computed expert e of  w[t, slot] * down_e( act(gate_e x_t) * up_e x_t )
 //
-// Phase 1 splits the (expert, gate/up tile) units over the threads by cost; phase 2 splits the rows of y (the
-// down matrices' output rows) over the threads, so no two threads ever write the same y element (no atomics).
-// Each thread streams a contiguous range of tiles, so at one token a call is a run of GEMVs at DRAM bandwidth;
-// with more tokens, each tile is applied to blocks of tokens while it is in cache.
+// The weights are walked in units of 4 rows (a gate/up unit j: gate rows 2j, 2j+1 and up rows 2j, 2j+1, giving
+// h[2j], h[2j+1]; a down unit j: rows 4j .. 4j+3 of y). Phase 1 splits the (expert, gate/up unit) pairs over the
+// threads by cost; phase 2 splits the rows of y (the down matrices' output rows) over the threads, so no two
+// threads ever write the same y element (no atomics). Each thread streams a contiguous range of units, so at one
+// token a call is a run of GEMVs at DRAM bandwidth; with more tokens, each unit is applied to blocks of tokens
+// while it is in cache. Two layouts, one code path (struct Mat says where a unit's rows are):
 //
-// Layout (written by cpu_moe.py's pack_layer; its dequantize_tiles is the reference reader): a matrix of R rows x
+// Plain (cadenza_moe_forward_plain): a bf16 model's own stacked tensors, read in place: gate, up [E, I, H] and
+// down [E, H, I], row-major; row r of expert e's gate at gate + (e I + r) H. Any H and I: a row's last partial
+// 32-column chunk is a masked load (zeros past the row, nothing read beyond it).
+//
+// Tiled (written by cpu_moe.py's pack_layer; its dequantize_tiles is the reference reader): a matrix of R rows x
 // K columns (both padded to multiples of 128) is R/4 tiles of 4 rows; a tile is [header][chunks], a chunk holds
 // the same 64-byte piece of each of the 4 rows one after the other, so a run of tiles is one sequential stream.
 //   bf16: a chunk is 32 columns per row; no header.
 //   int8: a chunk is 64 columns per row; header: fp32 scales [4 rows][groups]; value = q * scale.
 //   int4: a chunk is 128 columns per row: 16-bit word j holds columns 32n + j in its nibbles n = 0..3;
 //         header: bf16 scales [4][groups], then uint8 zero points [4][groups]; value = (q - z) * scale.
-// Headers are padded to 64 bytes. gate and up share one matrix: tile j holds gate rows 2j, 2j+1, up rows 2j, 2j+1,
-// so one stream yields h[2j], h[2j+1].
+// Headers are padded to 64 bytes. gate and up share one matrix: tile j is gate/up unit j, so one stream yields
+// h[2j], h[2j+1].
 //
-// Activations are staged per call (x by the threads, h by phase 1) in the form the tiles want; a staged row is
-// always 4 Hp (or 4 Ip) bytes:
+// Activations are staged per call (x by the threads, h by phase 1) in the form the weights want (a 64-byte piece
+// of a bf16 row is the same 32 columns in both layouts); a staged row is always 4 Hp (or 4 Ip) bytes, Hp, Ip: H, I
+// rounded up to 128, zero past H, I:
 //   pair-split fp32 (bf16, int4 without AVX512_BF16): per 32 columns, the 16 even ones then the 16 odd ones,
 //     because a 32-bit lane of bf16 (or of int4 words) holds an even and an odd column;
 //   natural fp32 (int8);
@@ -136,33 +143,59 @@ struct Luts {
 };
 const Luts luts;
 
-struct Args {  // one micro-kernel call: a tile's data, K columns, NT staged rows, the tile's scales
-  const uint8_t* data;
-  int K, ng, pf;
+struct Args {  // one micro-kernel call: 4 rows' weights, K columns, NT staged rows, the tile's scales
+  const uint8_t* data;       // int8 / int4: the tile's data (after its header)
+  const uint8_t* row[ROWS];  // bf16: each row's first 64-byte chunk (tiled: data + 64 r; plain: the matrix rows)
+  int64_t cs;                // bf16: bytes from one chunk of a row to its next (tiled 256, plain 64)
+  int K, ks, ng, pf;         // K: columns summed; ks: staged row length (where a hi/lo row's lo half starts)
   const float* const* x;
   const Scales* s;
 };
 
-// ---- micro-kernels: out[r][t] = <row r of one tile, x[t]> for the tile's 4 rows and NT tokens -----------------
-// Small token counts get two accumulators per (row, token): more independent FMA chains.
+// ---- micro-kernels: out[r][t] = <row r of one unit, x[t]> for the unit's 4 rows and NT tokens -----------------
 
-template <int NT>
-void dot_bf16(const Args& a, float out[ROWS][MAX_NT]) {
+// bf16 rows, tiled or plain, are read as chunks of 32 columns (64 bytes): K / 32 full ones, then, where K is not a
+// multiple of 32 (plain rows of any length), one partial chunk whose missing columns load as zeros (a masked load
+// never touches the bytes past the row). A 32-bit lane holds columns 2l, 2l + 1 in both layouts.
+template <bool TAIL>
+__attribute__((always_inline)) inline __m512i load_chunk(const uint8_t* p, __mmask32 m) {
+  if constexpr (TAIL) return _mm512_maskz_loadu_epi16(m, p);
+  else return _mm512_loadu_si512(p);
+}
+
+// Software prefetch of chunk c of the rows [P, P + NP, ..] (one pass, below).
+template <int RG, int P>
+inline void prefetch_rows(const Args& a, int c) {
+  if (a.pf > 0)
+    for (int i = 0; i < RG; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(a.row[P + i * (ROWS / RG)] + c * a.cs + a.pf), _MM_HINT_T0);
+}
+
+inline __mmask32 tail_mask(int K) { return __mmask32((1u << (K % 32)) - 1u); }
+
+// A bf16 micro-kernel sums its 4 rows in ROWS / RG passes of RG rows each, pass P taking rows P, P + NP, ..
+// (NP = ROWS / RG). RG = 4: one pass (tiles: one stream; every row reuses each load of x). RG = 2 (plain gate/up
+// at few tokens): gate row 2j with up row 2j, then gate 2j + 1 with up 2j + 1, so that gate and up are each read
+// as one sequential stream.
+
+// Chunks [c0, c1) of one pass on fp32 lanes (pair-split staged activations).
+template <int NT, bool TAIL, int RG, int P>
+__attribute__((always_inline)) inline void bf16_chunks(const Args& a, int c0, int c1, __mmask32 m,
+                                                       __m512 (&a0)[ROWS][NT], __m512 (&a1)[ROWS][NT]) {
   constexpr bool TWO = NT <= 2;
-  __m512 a0[ROWS][NT], a1[ROWS][NT];
-  for (int r = 0; r < ROWS; ++r)
-    for (int t = 0; t < NT; ++t) a0[r][t] = a1[r][t] = _mm512_setzero_ps();
+  constexpr int NP = ROWS / RG;
   const __m512i hi = _mm512_set1_epi32(int(0xffff0000u));
-  const uint8_t* p = a.data;
-  for (int c = 0; c < a.K / 32; ++c, p += 256) {
-    prefetch_chunk(p, a.pf);
+  const int64_t cs = a.cs;
+  for (int c = c0; c < c1; ++c) {
+    if (!TAIL) prefetch_rows<RG, P>(a, c);
     __m512 xe[NT], xo[NT];
     for (int t = 0; t < NT; ++t) {
       xe[t] = _mm512_loadu_ps(a.x[t] + c * 32);
       xo[t] = _mm512_loadu_ps(a.x[t] + c * 32 + 16);
     }
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512i v = _mm512_loadu_si512(p + 64 * r);
+    for (int i = 0; i < RG; ++i) {
+      const int r = P + i * NP;
+      const __m512i v = load_chunk<TAIL>(a.row[r] + c * cs, m);
       const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
       for (int t = 0; t < NT; ++t) {
@@ -174,30 +207,48 @@ void dot_bf16(const Args& a, float out[ROWS][MAX_NT]) {
       }
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    for (int t = 0; t < NT; ++t) out[r][t] = hsum(TWO ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t]);
 }
 
-// bf16 weights with vdpbf16ps on bf16 activations (hi, and lo unless x arrived in bf16): no conversions at all.
-template <int NT, bool LO>
-__attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_bf16_dp(const Args& a, float out[ROWS][MAX_NT]) {
+// Small token counts get two accumulators per (row, token): more independent FMA chains.
+template <int NT, int RG>
+void dot_bf16(const Args& a, float out[ROWS][MAX_NT]) {
   constexpr bool TWO = NT <= 2;
   __m512 a0[ROWS][NT], a1[ROWS][NT];
   for (int r = 0; r < ROWS; ++r)
     for (int t = 0; t < NT; ++t) a0[r][t] = a1[r][t] = _mm512_setzero_ps();
-  const int K = a.K;
+  const int n = a.K / 32;
+  const __mmask32 m = tail_mask(a.K);
+  const bool tail = a.K % 32;
+  bf16_chunks<NT, false, RG, 0>(a, 0, n, 0, a0, a1);
+  if (tail) bf16_chunks<NT, true, RG, 0>(a, n, n + 1, m, a0, a1);
+  if constexpr (RG == 2) {
+    bf16_chunks<NT, false, RG, 1>(a, 0, n, 0, a0, a1);
+    if (tail) bf16_chunks<NT, true, RG, 1>(a, n, n + 1, m, a0, a1);
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) out[r][t] = hsum(TWO ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t]);
+}
+
+// Chunks [c0, c1) of one pass with vdpbf16ps on bf16 activations (hi, and lo unless x arrived in bf16).
+template <int NT, bool LO, bool TAIL, int RG, int P>
+__attribute__((target("avx512bf16,avx512bw,avx512f"), always_inline)) inline void bf16_dp_chunks(
+    const Args& a, int c0, int c1, __mmask32 m, __m512 (&a0)[ROWS][NT], __m512 (&a1)[ROWS][NT]) {
+  constexpr bool TWO = NT <= 2;
+  constexpr int NP = ROWS / RG;
   const uint16_t* xs[NT];
   for (int t = 0; t < NT; ++t) xs[t] = reinterpret_cast<const uint16_t*>(a.x[t]);
-  const uint8_t* p = a.data;
-  for (int c = 0; c < K / 32; ++c, p += 256) {
-    prefetch_chunk(p, a.pf);
+  const int64_t cs = a.cs;
+  const int ks = a.ks;
+  for (int c = c0; c < c1; ++c) {
+    if (!TAIL) prefetch_rows<RG, P>(a, c);
     __m512bh xh[NT], xl[NT];
     for (int t = 0; t < NT; ++t) {
       xh[t] = (__m512bh)_mm512_loadu_si512(xs[t] + c * 32);
-      if (LO) xl[t] = (__m512bh)_mm512_loadu_si512(xs[t] + K + c * 32);
+      if (LO) xl[t] = (__m512bh)_mm512_loadu_si512(xs[t] + ks + c * 32);
     }
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512bh v = (__m512bh)_mm512_loadu_si512(p + 64 * r);
+    for (int i = 0; i < RG; ++i) {
+      const int r = P + i * NP;
+      const __m512bh v = (__m512bh)load_chunk<TAIL>(a.row[r] + c * cs, m);
       for (int t = 0; t < NT; ++t) {
         if (TWO && !LO && (c & 1))
           a1[r][t] = _mm512_dpbf16_ps(a1[r][t], v, xh[t]);
@@ -211,6 +262,24 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_bf16_dp(const Ar
         }
       }
     }
+  }
+}
+
+// bf16 weights with vdpbf16ps on bf16 activations: no conversions at all.
+template <int NT, bool LO, int RG>
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_bf16_dp(const Args& a, float out[ROWS][MAX_NT]) {
+  constexpr bool TWO = NT <= 2;
+  __m512 a0[ROWS][NT], a1[ROWS][NT];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) a0[r][t] = a1[r][t] = _mm512_setzero_ps();
+  const int n = a.K / 32;
+  const __mmask32 m = tail_mask(a.K);
+  const bool tail = a.K % 32;
+  bf16_dp_chunks<NT, LO, false, RG, 0>(a, 0, n, 0, a0, a1);
+  if (tail) bf16_dp_chunks<NT, LO, true, RG, 0>(a, n, n + 1, m, a0, a1);
+  if constexpr (RG == 2) {
+    bf16_dp_chunks<NT, LO, false, RG, 1>(a, 0, n, 0, a0, a1);
+    if (tail) bf16_dp_chunks<NT, LO, true, RG, 1>(a, n, n + 1, m, a0, a1);
   }
   for (int r = 0; r < ROWS; ++r)
     for (int t = 0; t < NT; ++t) out[r][t] = hsum(TWO ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t]);
@@ -356,20 +425,23 @@ template <int G> struct Int8G { template <int NT> struct F { static constexpr Do
 template <int G> struct Int4F { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, G>; }; };
 template <int G, bool LO>
 struct Int4B { template <int NT> struct F { static constexpr DotFn fn = dot_int4_bf16<NT, G, LO>; }; };
-template <int NT> struct Bf16F { static constexpr DotFn fn = dot_bf16<NT>; };
-template <bool LO>
-struct Bf16D { template <int NT> struct F { static constexpr DotFn fn = dot_bf16_dp<NT, LO>; }; };
+template <int RG> struct Bf16F { template <int NT> struct F { static constexpr DotFn fn = dot_bf16<NT, RG>; }; };
+template <bool LO, int RG>
+struct Bf16D { template <int NT> struct F { static constexpr DotFn fn = dot_bf16_dp<NT, LO, RG>; }; };
+
+
 
 template <template <int> class F32, template <int> class F64, template <int> class F128>
 DotFn by_group(int group, int nt) {
   return group == 32 ? by_nt<F32>(nt) : group == 64 ? by_nt<F64>(nt) : by_nt<F128>(nt);
 }
 
-// The micro-kernel for a format, group size, token count and staging kind.
-DotFn pick(int fmt, int group, int nt, int kind, bool lo) {
+// The micro-kernel for a format, group size, token count, staging kind and (bf16) rows per pass.
+DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
   if (fmt == BF16) {
-    if (kind != HI_LO) return by_nt<Bf16F>(nt);
-    return lo ? by_nt<Bf16D<true>::F>(nt) : by_nt<Bf16D<false>::F>(nt);
+    if (kind != HI_LO) return rg == 2 ? by_nt<Bf16F<2>::F>(nt) : by_nt<Bf16F<4>::F>(nt);
+    if (lo) return rg == 2 ? by_nt<Bf16D<true, 2>::F>(nt) : by_nt<Bf16D<true, 4>::F>(nt);
+    return rg == 2 ? by_nt<Bf16D<false, 2>::F>(nt) : by_nt<Bf16D<false, 4>::F>(nt);
   }
   if (fmt == INT8) {
     if (group == 0) return by_nt<Int8G<0>::F>(nt);
@@ -380,31 +452,70 @@ DotFn pick(int fmt, int group, int nt, int kind, bool lo) {
   return by_group<Int4B<32, false>::F, Int4B<64, false>::F, Int4B<128, false>::F>(group, nt);
 }
 
-// One packed matrix: tiles of 4 rows x K columns.
+// One matrix as the kernel walks it: per expert, `units` units of 4 rows x K columns.
+//   tiled: unit j of expert e is tile j, at base + e expert_stride + j tile_bytes; row r's chunk c at 64 r + 256 c
+//     after the header.
+//   plain (base == nullptr): the model's own stacked row-major bf16 matrices, read in place; unit j is rows
+//     j per .. j per + per - 1 (per = 4 / nsrc) of each of the nsrc sources: gate/up: gate rows 2j, 2j + 1, then up
+//     rows 2j, 2j + 1; down: rows 4j .. 4j + 3. Row i of expert e is at src + (e R + i) row_bytes; a row past R
+//     (the last unit of an odd I, or of an H not a multiple of 4) repeats row R - 1, and its output is dropped.
 struct Mat {
-  const uint8_t* base;  // expert 0, tile 0
-  int64_t expert_stride, tile_bytes, header_bytes;
-  int K, ng;  // columns (padded), scale groups per row
+  const uint8_t* base = nullptr;
+  int64_t expert_stride = 0, tile_bytes = 0, header_bytes = 0;
+  const uint8_t* src[2] = {nullptr, nullptr};
+  int nsrc = 1;
+  int64_t R = 0, row_bytes = 0;
+  int K = 0, ks = 0, ng = 1;  // columns summed, staged row length (padded), scale groups per row
+  int64_t units = 0, unit_bytes = 0;  // units per expert, bytes a unit streams
+  int rg = ROWS, seq_nt = 0;          // bf16: rows per pass (4 or 2, see dot_bf16) in calls of <= seq_nt tokens
+
+  // Points a's rows at unit j of expert e; returns the tile (its header: the scales), or nullptr for plain rows.
+  const uint8_t* unit(int e, int64_t j, Args& a) const {
+    if (base) {
+      const uint8_t* tile = base + e * expert_stride + j * tile_bytes;
+      a.data = tile + header_bytes;
+      for (int r = 0; r < ROWS; ++r) a.row[r] = a.data + 64 * r;
+      a.cs = 64 * ROWS;
+      return tile;
+    }
+    const int per = ROWS / nsrc;
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t i = std::min(R - 1, j * per + r % per);
+      a.row[r] = src[r / per] + (int64_t(e) * R + i) * row_bytes;
+    }
+    a.data = a.row[0];
+    a.cs = 64;
+    return nullptr;
+  }
 };
 
-// Token blocks small enough that their staged rows stay in L2 while a tile is reused across them.
+inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+// Token blocks small enough that their staged rows stay in L2 while a unit is reused across them.
 inline int token_block(int K) {
   const int tb = int((640 * 1024) / (int64_t(K) * 4));
   return std::max(MAX_NT, std::min(64, tb / MAX_NT * MAX_NT));
 }
 
-// Applies a tile to n tokens (staged rows xrow(i)), calling emit(i, out[ROWS]) per token.
+// Applies unit j of expert e to n tokens (staged rows xrow(i)), calling emit(i, out[ROWS]) per token.
 template <class XRow, class Emit>
-inline void apply_tile(const Mat& m, int fmt, int group, int kind, bool lo, const uint8_t* tile, Scales& s, int n,
+inline void apply_unit(const Mat& m, int e, int64_t j, int fmt, int group, int kind, bool lo, Scales& s, int n,
                        XRow xrow, Emit emit, int pf) {
-  s.load(fmt, tile, m.ng);
+  Args args{};
+  const uint8_t* tile = m.unit(e, j, args);
+  if (tile) s.load(fmt, tile, m.ng);
+  args.K = m.K;
+  args.ks = m.ks;
+  args.ng = m.ng;
+  args.pf = pf;
+  args.s = &s;
   for (int t0 = 0; t0 < n; t0 += MAX_NT) {
     const int nt = std::min(MAX_NT, n - t0);
     const float* xs[MAX_NT];
     for (int i = 0; i < nt; ++i) xs[i] = xrow(t0 + i);
     float out[ROWS][MAX_NT];
-    const Args args{tile + m.header_bytes, m.K, m.ng, pf, xs, &s};
-    pick(fmt, group, nt, kind, lo)(args, out);
+    args.x = xs;
+    pick(fmt, group, nt, kind, lo, nt <= m.seq_nt ? m.rg : ROWS)(args, out);
     for (int i = 0; i < nt; ++i) {
       float o[ROWS];
       for (int r = 0; r < ROWS; ++r) o[r] = out[r][i];
@@ -420,27 +531,13 @@ struct Buffers {
 };
 thread_local Buffers tls;
 
-}  // namespace
-
-extern "C" {
-
-// Bit 0: built with the AVX-512 kernels (always, else the library does not load); bit 1: this build can use
-// AVX512_BF16 (the caller still says whether the CPU has it).
-int cadenza_cpu_moe_features() { return 3; }
-
-// y [T, H] fp32 (accumulated into) += the routed experts' weighted outputs, for the experts e with mask[e] != 0.
-// x [T, H]: fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); ids [T, k] int64; w [T, k] fp32. use_bf16: the CPU has
-// AVX512_BF16 (bf16 and int4 tiles then multiply with vdpbf16ps).
-int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip, const uint8_t* gu,
-                        int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
-                        int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, const void* x,
-                        int x_bf16, int T, const int64_t* ids, const float* w, int k, const uint8_t* mask, int act,
-                        int nthreads, int prefetch, int use_bf16, float* y) {
+// The step for either layout: mg the gate/up matrix (unit j: h[2j], h[2j + 1]), md the down matrix (unit j: y
+// rows 4j .. 4j + 3). Staged rows are mg.ks (x) and md.ks (h) long, zero past H and I.
+int forward(int fmt, int group, int E, int H, int I, const Mat& mg, const Mat& md, const void* x, int x_bf16, int T,
+            const int64_t* ids, const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch,
+            int use_bf16, float* y) {
   if (T <= 0) return 0;
-  (void)I;
-  const int ng1 = group > 0 ? Hp / group : 1, ng2 = group > 0 ? Ip / group : 1;
-  const Mat mg{gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, Hp, ng1};
-  const Mat md{dn, dn_expert_stride, dn_tile_bytes, dn_header_bytes, Ip, ng2};
+  const int Hp = mg.ks, Ip = md.ks;
   const int kind = fmt == INT8 ? NATURAL : use_bf16 ? HI_LO : PAIR_SPLIT;
   const bool lo1 = !x_bf16;  // bf16 inputs have no low part; h always has one
 
@@ -478,16 +575,16 @@ int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip,
   const int32_t* tok = b.tok.data();
   const float* wp = b.wp.data();
 
-  // Phase 1's units are (active expert, gate/up tile); cost = streaming the tile + its tokens' arithmetic.
+  // Phase 1's units are (active expert, gate/up unit); cost = streaming the unit + its tokens' arithmetic.
   const int A = int(active.size());
-  const int64_t n1 = Ip / 2;  // gate/up tiles per expert: 2 of h each
+  const int64_t n1 = mg.units;  // 2 of h each
   std::vector<double> unit(A);
   double total = 0;
   for (int a = 0; a < A; ++a) {
-    unit[a] = double(mg.tile_bytes) / 6.0 + double(count[active[a]]) * ROWS * Hp / 60.0;
+    unit[a] = double(mg.unit_bytes) / 6.0 + double(count[active[a]]) * ROWS * mg.K / 60.0;
     total += unit[a] * double(n1);
   }
-  const int64_t n2 = Hp / ROWS;  // down tiles per expert
+  const int64_t n2 = md.units;  // 4 rows of y each
   const int tb1 = token_block(Hp), tb2 = token_block(Ip);
   if (nthreads <= 0) nthreads = omp_get_max_threads();
   nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, n1 * A)));
@@ -509,7 +606,8 @@ int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip,
       }
     }  // implicit barrier
 
-    // Phase 1: h[p] = act(gate x) * (up x) for this thread's cost range of (expert, tile) units.
+    // Phase 1: h[p] = act(gate x) * (up x) for this thread's cost range of (expert, unit) pairs; h is zero past I
+    // (tiled: zero rows give zeros; plain: repeated rows are dropped, the columns past the last unit cleared).
     {
       const double lo = total * id / nt, hi = total * (id + 1) / nt;
       double cum = 0;
@@ -519,17 +617,18 @@ int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip,
           const int64_t j0 = std::max<int64_t>(0, std::min<int64_t>(n1, int64_t(std::ceil((lo - cum) / c))));
           const int64_t j1 = std::max<int64_t>(0, std::min<int64_t>(n1, int64_t(std::ceil((hi - cum) / c))));
           const int e = active[a], n = count[e], p0 = start[e];
-          const uint8_t* base = mg.base + int64_t(e) * mg.expert_stride;
           for (int tb = 0; tb < n; tb += tb1) {
             const int nb = std::min(tb1, n - tb);
             for (int64_t j = j0; j < j1; ++j) {
-              apply_tile(
-                  mg, fmt, group, kind, lo1, base + j * mg.tile_bytes, s, nb,
+              apply_unit(
+                  mg, e, j, fmt, group, kind, lo1, s, nb,
                   [&](int i) { return xs + int64_t(tok[p0 + tb + i]) * Hp; },
                   [&](int i, const float* o) {
                     float* hr = hb + int64_t(p0 + tb + i) * Ip;
-                    stage_put(kind, hr, Ip, 2 * j, activate(o[0], act) * o[2]);
-                    stage_put(kind, hr, Ip, 2 * j + 1, activate(o[1], act) * o[3]);
+                    stage_put(kind, hr, Ip, 2 * j, 2 * j < I ? activate(o[0], act) * o[2] : 0.0f);
+                    stage_put(kind, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? activate(o[1], act) * o[3] : 0.0f);
+                    if (j == n1 - 1)
+                      for (int64_t col = 2 * n1; col < Ip; ++col) stage_put(kind, hr, Ip, col, 0.0f);
                   },
                   prefetch);
             }
@@ -545,13 +644,12 @@ int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip,
       const int64_t q0 = n2 * id / nt, q1 = n2 * (id + 1) / nt;  // neighbours share at most a line of y
       for (int a = 0; a < A && q0 < q1; ++a) {
         const int e = active[a], n = count[e], p0 = start[e];
-        const uint8_t* base = md.base + int64_t(e) * md.expert_stride;
         for (int tb = 0; tb < n; tb += tb2) {
           const int nb = std::min(tb2, n - tb);
           for (int64_t j = q0; j < q1; ++j) {
             const int64_t row0 = j * ROWS;
-            apply_tile(
-                md, fmt, group, kind, true, base + j * md.tile_bytes, s, nb,
+            apply_unit(
+                md, e, j, fmt, group, kind, true, s, nb,
                 [&](int i) { return hb + int64_t(p0 + tb + i) * Ip; },
                 [&](int i, const float* o) {
                   const int p = p0 + tb + i;
@@ -567,6 +665,74 @@ int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip,
     }
   }
   return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bit 0: built with the AVX-512 kernels (always, else the library does not load); bit 1: this build can use
+// AVX512_BF16 (the caller still says whether the CPU has it); bit 2: the plain bf16 layout
+// (cadenza_moe_forward_plain).
+int cadenza_cpu_moe_features() { return 7; }
+
+// y [T, H] fp32 (accumulated into) += the routed experts' weighted outputs, for the experts e with mask[e] != 0,
+// from packed tiles. x [T, H]: fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); ids [T, k] int64; w [T, k] fp32.
+// use_bf16: the CPU has AVX512_BF16 (bf16 and int4 tiles then multiply with vdpbf16ps).
+int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip, const uint8_t* gu,
+                        int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
+                        int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, const void* x,
+                        int x_bf16, int T, const int64_t* ids, const float* w, int k, const uint8_t* mask, int act,
+                        int nthreads, int prefetch, int use_bf16, float* y) {
+  Mat mg, md;
+  mg.base = gu;
+  mg.expert_stride = gu_expert_stride;
+  mg.tile_bytes = mg.unit_bytes = gu_tile_bytes;
+  mg.header_bytes = gu_header_bytes;
+  mg.K = mg.ks = Hp;
+  mg.ng = group > 0 ? Hp / group : 1;
+  mg.units = Ip / 2;
+  md.base = dn;
+  md.expert_stride = dn_expert_stride;
+  md.tile_bytes = md.unit_bytes = dn_tile_bytes;
+  md.header_bytes = dn_header_bytes;
+  md.K = md.ks = Ip;
+  md.ng = group > 0 ? Ip / group : 1;
+  md.units = Hp / ROWS;
+  return forward(fmt, group, E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
+}
+
+// The same step on the model's own stacked bf16 weights, read in place: gate, up [E, I, H], down [E, H, I],
+// row-major and contiguous; any H, I.
+int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down,
+                              const void* x, int x_bf16, int T, const int64_t* ids, const float* w, int k,
+                              const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y) {
+  if (H <= 0 || I <= 0) return -1;
+  Mat mg, md;
+  mg.src[0] = reinterpret_cast<const uint8_t*>(gate);
+  mg.src[1] = reinterpret_cast<const uint8_t*>(up);
+  mg.nsrc = 2;
+  mg.R = I;
+  mg.row_bytes = 2 * int64_t(H);
+  mg.K = H;
+  mg.ks = round_up(H, 128);
+  mg.units = (I + 1) / 2;
+  mg.unit_bytes = ROWS * mg.row_bytes;
+  // gate/up, up to 2 tokens: gate row 2j with up row 2j, then 2j + 1 with 2j + 1, two sequential streams (4 rows
+  // at once, 4 streams of one row each, measured ~20% slower at one token on a Zen 4); from 3 tokens 4 rows at once,
+  // where the reuse of each load of x counts more.
+  mg.rg = 2;
+  mg.seq_nt = 2;
+  md.src[0] = reinterpret_cast<const uint8_t*>(down);
+  md.nsrc = 1;
+  md.R = H;
+  md.row_bytes = 2 * int64_t(I);
+  md.K = I;
+  md.ks = round_up(I, 128);
+  md.units = (H + ROWS - 1) / ROWS;
+  md.unit_bytes = ROWS * md.row_bytes;
+  // down: 4 rows at once, as tiles do (one row, or two, at a time measured 15-35% slower at one token)
+  return forward(BF16, 0, E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
 }
 
 // Dequantizes tiles [t0, t1) of one packed matrix into bf16 rows out [4 (t1 - t0), K] (tile row order): the

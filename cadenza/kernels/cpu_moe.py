@@ -1,9 +1,10 @@
 """The fused CPU MoE step: all of a layer's CPU experts, for all their tokens, in one parallel pass.
 
 `pack_layer` (cadenza.kernels.layout, re-exported here) lays a layer's expert weights out for streaming (bf16,
-int8 or int4), `moe_forward` computes
+int8 or int4); `plain_layer` (`PlainExperts.of`) wraps a bf16 model's stacked gate, up [E, I, H] and down [E, H, I]
+as they are, read in place (no second copy in host memory). `moe_forward` computes, from either,
 `y [T, H] = sum over (t, slot) routed to a computed expert e of w[t, slot] * down_e(act(gate_e x_t) * up_e x_t)`.
-Three routes compute it, all from the same packed weights:
+Three routes compute it:
 
 - "kernel": the C++ extension (cpu_moe.cpp, AVX-512 + OpenMP), JIT-built once per machine into the cadenza cache;
   a run of GEMVs at DRAM bandwidth at one token, blocked over tokens beyond that.
@@ -33,21 +34,25 @@ from cadenza.kernels.layout import (
     FORMATS,
     ROWS,
     PackedExperts,
+    PlainExperts,
     dequantize,
     dequantize_tiles,
     pack_layer,
+    plain_layer,
 )
 
 __all__ = [
     "DEFAULT_GROUP",
     "FORMATS",
     "PackedExperts",
+    "PlainExperts",
     "available",
     "default_mm_min_tokens",
     "dequantize",
     "dequantize_tiles",
     "moe_forward",
     "pack_layer",
+    "plain_layer",
 ]
 
 ROUTES = ("auto", "kernel", "mm", "torch")
@@ -146,6 +151,8 @@ def _build() -> ctypes.CDLL:
     layer = [i32] * 7 + [ptr, i64, i64, i64] * 2  # format, shapes, gate_up and down matrices
     call = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, i32, i32, i32, ptr]  # x .. y
     lib.cadenza_moe_forward.argtypes = layer + call
+    lib.cadenza_moe_forward_plain.restype = i32
+    lib.cadenza_moe_forward_plain.argtypes = [i32, i32, i32, ptr, ptr, ptr] + call  # shapes, gate, up, down
     lib.cadenza_dequant_bf16.restype = i32
     lib.cadenza_dequant_bf16.argtypes = [i32, i32, ptr, i64, i64, i32, i64, i64, ptr, i32]
     lib.cadenza_cpu_moe_features.restype = i32
@@ -195,7 +202,7 @@ def default_mm_min_tokens() -> int | None:
 
 
 def moe_forward(
-    packed: PackedExperts,
+    layer: PackedExperts | PlainExperts,
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -211,52 +218,60 @@ def moe_forward(
     """y [T, H] float32 = sum over (t, slot) with topk_ids[t, slot] in `experts` (None: all) of
     topk_weights[t, slot] * down(act(gate x_t) * up x_t).
 
-    x [T, H] float32 or bfloat16; topk_ids [T, k] int; topk_weights [T, k]; all on the CPU. threads: the kernel's
-    OpenMP threads (default: physical cores); the mm and torch routes use torch's intra-op threads of the caller.
-    route: "auto" (kernel, and torch.mm for experts with at least `mm_min_tokens` tokens; -1: the machine's
+    layer: packed tiles (`pack_layer`) or a bf16 model's stacked tensors read in place (`plain_layer`), same
+    semantics. x [T, H] float32 or bfloat16; topk_ids [T, k] int; topk_weights [T, k]; all on the CPU. threads: the
+    kernel's OpenMP threads (default: physical cores); the mm and torch routes use torch's intra-op threads of the
+    caller. route: "auto" (kernel, and torch.mm for experts with at least `mm_min_tokens` tokens; -1: the machine's
     default, `default_mm_min_tokens()`), "kernel", "mm", or "torch" (the fallback; "auto" falls back to it where
     the kernel is unavailable). prefetch: software prefetch distance in bytes inside the kernel (0: none).
-    bf16_dot: bf16 and int4 tiles multiply with AVX512_BF16 dot products (None: where the CPU has them; False:
-    fp32 lanes).
+    bf16_dot: bf16 weights (tiled or plain) and int4 tiles multiply with AVX512_BF16 dot products (None: where the
+    CPU has them; False: fp32 lanes).
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
     if act not in ACT_CODES:
         raise ValueError(f"activation {act!r} is not supported: use one of {', '.join(ACT_CODES)}")
+    plain = isinstance(layer, PlainExperts)
+    if plain:
+        layer.check()  # the kernel reads these tensors' memory in place
+    elif not isinstance(layer, PackedExperts):
+        raise ValueError(f"layer must be PackedExperts (pack_layer) or PlainExperts (plain_layer), not {type(layer)}")
     t, h = x.shape
-    if h != packed.hidden:
-        raise ValueError(f"x has {h} features, the experts {packed.hidden}")
+    if h != layer.hidden:
+        raise ValueError(f"x has {h} features, the experts {layer.hidden}")
     lib = _load() if route != "torch" else None
     if route == "kernel" and lib is None:
         raise RuntimeError(f"the CPU kernel is unavailable: {_reason}")
     if lib is None and route in ("auto", "kernel"):
         route = "torch"
-    experts = list(range(packed.num_experts)) if experts is None else [int(e) for e in experts]
+    experts = list(range(layer.num_experts)) if experts is None else [int(e) for e in experts]
     x = x.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x.float().contiguous()
     ids = topk_ids.to(torch.int64).contiguous()
     w = topk_weights.to(torch.float32).contiguous()
     y = torch.zeros(t, h, dtype=torch.float32)
     if t == 0 or not experts:
         return y
+    chunked = _plain_forward if plain else _chunked_forward
     if route == "torch":
-        _chunked_forward(packed, x, ids, w, experts, act, y, mm_dtype=torch.float32)
+        chunked(layer, x, ids, w, experts, act, y, mm_dtype=torch.float32)
         return y
     threads = threads or _default_threads()
     if route == "mm":
-        _chunked_forward(packed, x, ids, w, experts, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads)
+        chunked(layer, x, ids, w, experts, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads)
         return y
     big: list[int] = []
     if route == "auto":
         limit = default_mm_min_tokens() if mm_min_tokens == -1 else mm_min_tokens
         if limit is not None and t >= limit:
-            counts = torch.bincount(ids.view(-1), minlength=packed.num_experts).tolist()
+            counts = torch.bincount(ids.view(-1), minlength=layer.num_experts).tolist()
             big = [e for e in experts if counts[e] >= limit]
     small = [e for e in experts if e not in big]
     if small:
         bf16_dot = has_bf16_dot() if bf16_dot is None else bf16_dot
-        _kernel_forward(lib, packed, x, ids, w, small, act, threads, prefetch, bf16_dot, y)
+        kernel = _plain_kernel_forward if plain else _kernel_forward
+        kernel(lib, layer, x, ids, w, small, act, threads, prefetch, bf16_dot, y)
     if big:
-        _chunked_forward(packed, x, ids, w, big, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads)
+        chunked(layer, x, ids, w, big, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads)
     return y
 
 
@@ -266,12 +281,25 @@ def _default_threads() -> int:
     return physical_cores()
 
 
-def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
-    mask = (ctypes.c_uint8 * p.num_experts)()
+def _mask(num_experts: int, experts: list[int]) -> ctypes.Array:
+    mask = (ctypes.c_uint8 * num_experts)()
     for e in experts:
-        if not 0 <= e < p.num_experts:
-            raise ValueError(f"expert {e} out of range 0..{p.num_experts - 1}")
+        if not 0 <= e < num_experts:
+            raise ValueError(f"expert {e} out of range 0..{num_experts - 1}")
         mask[e] = 1
+    return mask
+
+
+def _call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y) -> tuple:
+    """The kernel entries' common tail: x .. y."""
+    return (
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], ids.data_ptr(), w.data_ptr(), ids.shape[1],
+        ctypes.addressof(mask), ACT_CODES[act], threads, prefetch, int(bf16_dot), y.data_ptr(),
+    )  # fmt: skip
+
+
+def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
+    mask = _mask(p.num_experts, experts)
     gu, dn = p.gate_up, p.down
     for m in (gu, dn):  # the kernel walks tiles by byte offsets from each expert's first tile
         if m.device.type != "cpu" or m.stride(2) != 1 or m.stride(1) != m.shape[2]:
@@ -281,12 +309,23 @@ def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, pre
         gu.data_ptr(), gu.stride(0), gu.shape[2], p.gu_header,
         dn.data_ptr(), dn.stride(0), dn.shape[2], p.dn_header,
     )  # fmt: skip
-    rc = lib.cadenza_moe_forward(
-        *layer, x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], ids.data_ptr(), w.data_ptr(), ids.shape[1],
-        ctypes.addressof(mask), ACT_CODES[act], threads, prefetch, int(bf16_dot), y.data_ptr(),
-    )  # fmt: skip
+    rc = lib.cadenza_moe_forward(*layer, *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y))
     if rc != 0:
         raise RuntimeError(f"cadenza_moe_forward failed ({rc})")
+
+
+def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
+    mask = _mask(p.num_experts, experts)
+    mats = (p.gate.data_ptr(), p.up.data_ptr(), p.down.data_ptr())
+    rc = lib.cadenza_moe_forward_plain(
+        p.num_experts,
+        p.hidden,
+        p.intermediate,
+        *mats,
+        *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y),
+    )
+    if rc != 0:
+        raise RuntimeError(f"cadenza_moe_forward_plain failed ({rc})")
 
 
 def _dequant_chunk(p: PackedExperts, which: str, e: int, t0: int, t1: int, buf, lib, threads) -> torch.Tensor:
@@ -338,3 +377,35 @@ def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib
             rows = _dequant_chunk(p, "down", e, t0, t1, buf, lib, threads)  # [4 (t1 - t0), Ip]
             ye[:, ROWS * t0 : ROWS * t1] = torch.mm(hbuf, rows.t()).float()
         y.index_add_(0, tokens, ye[:, : p.hidden] * flat_w[pairs, None])
+
+
+def _plain_forward(p: PlainExperts, x, ids, w, experts, act, y, mm_dtype, lib=None, threads=None) -> None:
+    """The "mm" and "torch" routes on plain bf16 experts: per expert, torch.mm on row chunks of its own tensors (bf16:
+    the rows as they are, oneDNN / AMX; fp32: the chunk converted, the fallback / reference)."""
+    from cadenza.models.common import act_fn
+
+    fn = act_fn(act)
+    h, i = p.hidden, p.intermediate
+    el = torch.finfo(mm_dtype).bits // 8
+    c1 = max(1, _CHUNK_BYTES // (2 * h * el))  # gate and up rows per chunk
+    c2 = max(1, _CHUNK_BYTES // (i * el))  # down rows per chunk
+    flat_ids, flat_w = ids.view(-1), w.view(-1)
+    k = ids.shape[1]
+    for e in experts:
+        pairs = torch.nonzero(flat_ids == e).view(-1)
+        if pairs.numel() == 0:
+            continue
+        tokens = pairs // k
+        xe = x[tokens].to(mm_dtype)  # [n, H]
+        n = xe.shape[0]
+        hbuf = torch.empty(n, i, dtype=mm_dtype)
+        for i0 in range(0, i, c1):
+            i1 = min(i, i0 + c1)
+            g = torch.mm(xe, p.gate[e, i0:i1].to(mm_dtype).t()).float()
+            u = torch.mm(xe, p.up[e, i0:i1].to(mm_dtype).t()).float()
+            hbuf[:, i0:i1] = (fn(g) * u).to(mm_dtype)
+        ye = torch.empty(n, h, dtype=torch.float32)
+        for h0 in range(0, h, c2):
+            h1 = min(h, h0 + c2)
+            ye[:, h0:h1] = torch.mm(hbuf, p.down[e, h0:h1].to(mm_dtype).t()).float()
+        y.index_add_(0, tokens, ye * flat_w[pairs, None])

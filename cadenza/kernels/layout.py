@@ -1,7 +1,9 @@
-"""The packed layout of a layer's routed experts: what the fused CPU kernel (cpu_moe.cpp) streams.
+"""The layouts of a layer's routed experts that the fused CPU kernel (cpu_moe.cpp) streams.
 
 `pack_layer` quantizes (int8, int4) or rounds (bf16) a layer's stacked expert weights and tiles them; `dequantize`
-reads a packed layer back in pure torch, the reference for the kernel's reading of the same bytes.
+reads a packed layer back in pure torch, the reference for the kernel's reading of the same bytes. `plain_layer`
+(`PlainExperts.of`) wraps a bf16 model's own stacked tensors as they are, with no copy: the kernel reads their rows
+in place (no second copy of the experts in host memory, and the GPU path keeps using the same tensors).
 
 Each matrix is tiles of 4 rows; a tile is a header (the rows' scales) then 64-byte pieces of its 4 rows
 interleaved, so a run of tiles is one sequential stream. Rows and columns are padded to multiples of 128. gate and
@@ -64,6 +66,72 @@ class PackedExperts:
     def expert_bytes(self) -> int:
         """Bytes one expert streams per use (weights, scales and padding): what a token costs in DRAM reads."""
         return self.nbytes // self.num_experts
+
+
+@dataclass(frozen=True)
+class PlainExperts:
+    """A layer's routed bf16 experts in the model's own layout, held by reference (no copy): gate, up [E, I, H] and
+    down [E, H, I], row-major, contiguous, on the CPU. The kernel reads row r of expert e's gate at
+    gate + (e I + r) H, in place; any H and I. Make it after the weights are loaded (it keeps these tensors)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    fmt = "bf16"
+    group = 0
+
+    @classmethod
+    def of(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> PlainExperts:
+        """Wraps the stacked tensors (ValueError unless bf16, contiguous, CPU, [E, I, H], [E, I, H], [E, H, I])."""
+        out = cls(gate, up, down)
+        out.check()
+        return out
+
+    def check(self) -> None:
+        """ValueError unless the tensors are what the kernel can read in place."""
+        mats = {"gate": self.gate, "up": self.up, "down": self.down}
+        for name, m in mats.items():
+            if not isinstance(m, torch.Tensor):
+                raise ValueError(f"plain experts: {name} is a {type(m).__name__}, not a stacked tensor")
+            if m.dim() != 3:
+                raise ValueError(f"plain experts: {name} has shape {tuple(m.shape)}, want a stacked [E, rows, cols]")
+            if m.dtype != torch.bfloat16:
+                raise ValueError(f"plain experts must be bfloat16 (read in place), {name} is {m.dtype}: use pack_layer")
+            if m.device.type != "cpu":
+                raise ValueError(f"plain experts must be on the CPU, {name} is on {m.device}")
+            if not m.is_contiguous():
+                raise ValueError(f"plain experts must be contiguous row-major, {name} has strides {m.stride()}")
+        e, i, h = self.gate.shape
+        if e == 0 or i == 0 or h == 0 or self.up.shape != (e, i, h) or self.down.shape != (e, h, i):
+            shapes = f"gate {tuple(self.gate.shape)}, up {tuple(self.up.shape)}, down {tuple(self.down.shape)}"
+            raise ValueError(f"plain expert shapes disagree: {shapes}; want [E, I, H], [E, I, H], [E, H, I]")
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.gate.shape[2]
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in (self.gate, self.up, self.down))
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes one expert streams per use: what a token costs in DRAM reads."""
+        return self.nbytes // self.num_experts
+
+
+def plain_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> PlainExperts:
+    """A bf16 layer's stacked experts for the kernel, in place (no copy): `PlainExperts.of`."""
+    return PlainExperts.of(gate, up, down)
 
 
 # --- layout: quantize and tile (the kernel reads exactly this) ----------------------------------------------------
