@@ -50,15 +50,20 @@ def test_cuda_hybrid_equals_reference(tiny, policy, residents):
 
 
 def test_cuda_bf16_hybrid_close_to_resident(tiny):
-    path = tiny[0]
+    """bf16, every expert on the host (through the fused CPU kernel where it builds) against bf16 all-resident:
+    both within bf16 rounding of the fp32 reference on average (a router near-tie may flip in a later layer, so
+    not elementwise), the hybrid no further off than the resident run."""
+    path, want = tiny[0], tiny[1]
     full = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="8GiB")
     assert full.placement.resident_count == 24
-    want = full.score(PROMPT)
+    resident = full.score(PROMPT)
     full.close()
     llm = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")
     got = llm.score(PROMPT)
     llm.close()
-    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+    scale = want.abs().max().item()
+    err_resident, err_hybrid = ((x - want).abs().mean().item() for x in (resident, got))
+    assert err_resident <= 0.03 * scale and err_hybrid <= 1.2 * err_resident + 1e-3 * scale
 
 
 def test_peak_gpu_memory_under_budget(tmp_path):
