@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cadenza import LLM, SamplingParams
-from tests.conftest import make_mixtral
+from tests.conftest import budget_for, make_mixtral
 
 pytestmark = pytest.mark.gpu
 TOL = 1e-4
@@ -25,10 +25,7 @@ def tiny(tmp_path_factory):
 
 
 def budget(path, residents: int, slots: int, max_context: int | None = None) -> int:
-    probe = LLM(path, device="cuda", dtype="float32", gpu_memory="8GiB", max_context=max_context)
-    p = probe.placement
-    probe.close()
-    return p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes
+    return budget_for(path, residents, slots, device="cuda", max_context=max_context)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cadenza import LLM, SamplingParams
-from tests.conftest import make_deepseek, prompt_ids
+from tests.conftest import budget_for, make_deepseek, prompt_ids
 from tests.test_deepseek_v2 import set_absorb
 
 pytestmark = pytest.mark.gpu
@@ -30,11 +30,8 @@ def tiny(request, tmp_path_factory):
     return path, want, tokens
 
 
-def budget(path, residents: int, slots: int) -> int:
-    probe = LLM(path, device="cuda", dtype="float32", gpu_memory="8GiB")
-    p = probe.placement
-    probe.close()
-    return p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes
+def budget(path, residents: int, slots: int, max_context: int | None = None) -> int:
+    return budget_for(path, residents, slots, device="cuda", max_context=max_context)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
