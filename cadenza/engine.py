@@ -379,7 +379,7 @@ class Engine:
 
     def expert_stats(self, stats: GenerationStats, start, decode_start, end) -> None:
         whole, decode = end.minus(start), end.minus(decode_start)
-        stats.expert_work = {"gpu": whole.gpu, "cpu": whole.cpu, "fetched": whole.fetched}
+        stats.expert_work = {"gpu": whole.gpu, "cpu": whole.cpu, "fetched": whole.fetched, "split": whole.split}
         stats.decode_host_bytes = decode.host_bytes
         stats.decode_gpu_bytes = decode.gpu_bytes
         stats.decode_syncs = decode.syncs

@@ -146,3 +146,18 @@ def test_cuda_adaptive_swaps_keep_results(tiny):
         assert before is not None
     finally:
         llm.close()
+
+
+def test_cuda_experts_shared_by_cpu_and_link_equal_reference(tiny):
+    from cadenza.moe.costmodel import CostModel
+
+    path, want, tokens = tiny
+    llm = LLM(path, device="cuda", dtype="float32", gpu_memory=budget(path, 7, 2), offload_policy="auto")
+    try:
+        eb = llm.orchestra.expert_bytes
+        llm.orchestra.cost = CostModel("test", eb, cpu_s=(2e-3, 0.0), gpu_s=(0.0, 0.0), h2d_gb_s=eb / 1e-3 / 1e9)
+        out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        assert out.token_ids == tokens and out.stats.expert_work["split"] > 0
+        assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
+    finally:
+        llm.close()

@@ -122,3 +122,27 @@ def test_routers_found_for_every_family_layer(moe8):
     assert len(routers) == len(moe_layers(llm.model)) == 3
     assert all(r is not None and r[0].shape == (8, 64) and r[1] == 2 for r in routers)
     assert torch.equal(routers[1][0], llm.model.model.layers[1].block_sparse_moe.gate.weight)
+
+
+def test_experts_shared_by_cpu_and_link_equal_single_path(moe8):
+    """A cost model that makes splitting single experts pay: their gate/up rows are divided between the CPU and
+    the GPU side, the GPU finishes; results equal the all-resident run."""
+    path, want_logits, want_tokens = moe8
+    llm = offloaded(path, residents=2, offload_policy="auto")
+    # the link twice as fast as the CPU per expert: one miss alone is best shared
+    eb = llm.orchestra.expert_bytes
+    llm.orchestra.cost = CostModel("test", eb, cpu_s=(2e-3, 0.0), gpu_s=(0.0, 0.0), h2d_gb_s=eb / 1e-3 / 1e9)
+    out = llm.generate(PROMPT[:6], GREEDY)
+    assert out.token_ids == want_tokens
+    assert out.stats.expert_work["split"] > 0
+    assert (llm.score(PROMPT) - want_logits).abs().max().item() <= 1e-4
+    llm.close()
+
+
+def test_split_expert_balances_the_two_sides():
+    cm = CostModel("t", 300, cpu_s=(6e-3, 0.0), gpu_s=(0.0, 0.0), h2d_gb_s=300 / 6e-3 / 1e9)  # equal speeds
+    # one miss: shared, the link taking down and a quarter of gate/up rows: (1 + 2g)/3 = 2(1 - g)/3 -> g = 1/4
+    fetch, cpu, shares = cm.split_expert([], [7], [0] * 7 + [1])
+    assert fetch == [] and cpu == [] and shares == {7: pytest.approx(0.25)}
+    # two misses already one on each side: balanced, nothing gained by sharing
+    assert cm.split_expert([1], [2], [0, 1, 1]) == ([1], [2], {})

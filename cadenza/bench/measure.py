@@ -161,7 +161,7 @@ def _record_work(result: BenchResult, stats: GenerationStats) -> None:
     total = sum(work.values())
     result.expert_work = dict(work)
     if total:
-        result.expert_work_share = {k: work.get(k, 0) / total for k in ("gpu", "cpu", "fetched")}
+        result.expert_work_share = {k: work.get(k, 0) / total for k in ("gpu", "cpu", "fetched", "split")}
 
 
 def _record_bytes(result: BenchResult, stats: GenerationStats, cut: CadenzaUnderTest, machine: dict) -> None:

@@ -78,6 +78,38 @@ class SlotCache:
         self.policy.touch(key)
         return True
 
+    def borrow(self) -> int:
+        """A slot taken out of the cache for one use (a partly fetched expert): keyed by nothing, never a hit.
+        `give_back(slot)` once the work reading it is queued."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            victim = self.policy.victim([k for k, s in self.where.items() if s not in self.in_use])
+            slot = self.where.pop(victim)
+            self.policy.forget(victim)
+        self.in_use.add(slot)
+        return slot
+
+    def fill_rows(self, slot: int, host, rows: int) -> None:
+        """Copies gate and up rows [0, rows) and the whole down projection of `host` into `slot`; the current
+        stream waits for the copy."""
+        gate, up, down = host
+        parts = [(self.gate[slot][:rows], gate[:rows]), (self.up[slot][:rows], up[:rows]), (self.down[slot], down)]
+        if not self.cuda:
+            for dst, src in parts:
+                dst.copy_(src)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.released[slot])
+            for dst, src in parts:
+                dst.copy_(src, non_blocking=True)
+            self.filled[slot].record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(self.filled[slot])
+
+    def give_back(self, slot: int) -> None:
+        self.release(slot)
+        self.free.append(slot)
+
     def _take(self, key) -> int:
         """A slot for `key`: a free one, else the eviction policy's victim."""
         if self.free:

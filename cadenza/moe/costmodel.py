@@ -88,6 +88,38 @@ class CostModel:
         self.since_split = 0 if fetched and on_cpu else self.since_split + 1
         return sorted(fetched), [e for e in misses if e in on_cpu]
 
+    SPLIT_GAIN = 0.9  # split an expert only when the layer's span drops below this share of the unsplit one
+
+    def split_expert(
+        self, fetched: list[int], on_cpu: list[int], counts: list[int]
+    ) -> tuple[list[int], list[int], dict[int, float]]:
+        """One expert shared by both sides: its down projection and a share g of its gate/up rows cross PCIe, the
+        CPU computes the other gate/up rows, the GPU finishes. A layer whose one or two misses each went wholly
+        to one side leaves the other side idle; this balances it. Returns (fetch, cpu, {expert: g})."""
+        misses = fetched + on_cpu
+        if not misses:
+            return fetched, on_cpu, {}
+        link = {e: self.fetch_time(counts[e]) for e in misses}
+        cpu = {e: self.cpu_time(counts[e], shared=True) for e in misses}
+        span = max(sum(link[e] for e in fetched), sum(cpu[e] for e in on_cpu))
+        best = None
+        for e in misses:
+            f0 = sum(link[x] for x in fetched if x != e)
+            c0 = sum(cpu[x] for x in on_cpu if x != e)
+            p, c = link[e], cpu[e]
+            # link: f0 + p (1 + 2g) / 3; CPU: c0 + c 2 (1 - g) / 3; equal at g
+            g = (c0 + 2 * c / 3 - f0 - p / 3) / (2 * p / 3 + 2 * c / 3)
+            g = min(max(g, 0.0), 1.0)
+            if g >= 0.95:
+                continue  # that is a fetch
+            s = max(f0 + p * (1 + 2 * g) / 3, c0 + c * 2 * (1 - g) / 3)
+            if best is None or s < best[0]:
+                best = (s, e, g)
+        if best is None or best[0] >= self.SPLIT_GAIN * span:
+            return fetched, on_cpu, {}
+        _, e, g = best
+        return [x for x in fetched if x != e], [x for x in on_cpu if x != e], {e: g}
+
     def crossover_tokens(self) -> int | None:
         """The fewest tokens at which fetching an expert beats computing it on the CPU (None: never, up to 64k)."""
         lo, hi = 1, 65536

@@ -32,7 +32,7 @@ from cadenza.moe.cache import SlotCache
 from cadenza.moe.costmodel import CostModel
 from cadenza.moe.cpu import CpuWorker, physical_cores
 from cadenza.moe.eviction import make_policy
-from cadenza.moe.experts import Experts, expert_order, run_experts
+from cadenza.moe.experts import Experts, expert_order, offsets, run_experts
 from cadenza.moe.placement import Placement
 
 POLICIES = ("auto", "cpu", "fetch")
@@ -59,6 +59,7 @@ class ExpertCounters:
     prefetch_needed: int = 0
     cache_hits: int = 0  # fetched experts found in a slot (fetched lately or prefetched)
     cache_misses: int = 0  # fetched experts copied when needed
+    split: int = 0  # (token, expert) pairs of experts shared by the CPU and the GPU (auto)
 
     def snapshot(self) -> ExpertCounters:
         return ExpertCounters(**self.__dict__)
@@ -73,10 +74,10 @@ class ExpertCounters:
         return {"precision": p, "recall": r}
 
     def shares(self) -> dict[str, float]:
-        total = self.gpu + self.cpu + self.fetched
+        total = self.gpu + self.cpu + self.fetched + self.split
         if not total:
-            return {"gpu": 0.0, "cpu": 0.0, "fetched": 0.0}
-        return {"gpu": self.gpu / total, "cpu": self.cpu / total, "fetched": self.fetched / total}
+            return {"gpu": 0.0, "cpu": 0.0, "fetched": 0.0, "split": 0.0}
+        return {k: getattr(self, k) / total for k in ("gpu", "cpu", "fetched", "split")}
 
 
 def pin_host_memory(t: torch.Tensor) -> bool:
@@ -166,14 +167,19 @@ class LayerOffload:
         misses = [e for e in active if e not in self.resident_rows]
         # experts already in a fetch slot (fetched lately, or prefetched) cost no copy: they go to the GPU
         cached = [e for e in misses if orch.cache is not None and (self.index, e) in orch.cache.where]
-        fetch, on_cpu = orch.split([e for e in misses if e not in cached], counts)
+        fetch, on_cpu, shares = orch.split([e for e in misses if e not in cached], counts)
         fetch = cached + fetch
         orch.account_prefetch(self.index, misses)
+        inter = self.experts.intermediate_size
+        # experts both sides work on: gate/up rows [0, r) and down cross PCIe, the CPU computes rows [r, I)
+        split = {e: min(inter, int(g * inter) // 16 * 16) for e, g in shares.items()}
 
         job = None
-        if on_cpu:
+        if on_cpu or split:
             out = self._out_buffer(x_h.shape[0], x.dtype)
-            job = orch.worker.submit(self._cpu_job, x_h, k, w_h, ids_h, counts, on_cpu, out, bool(fetch))
+            job = orch.worker.submit(
+                self._cpu_job, x_h, k, w_h, ids_h, counts, on_cpu, out, bool(fetch or split), split
+            )
         # the shared experts go to the GPU first, to run while the CPU computes its share
         y_shared = shared() if shared is not None else None
         y = torch.zeros_like(x)
@@ -194,13 +200,36 @@ class LayerOffload:
             if cache is not None:
                 orch.counters.cache_hits += cache.hits - hits0
                 orch.counters.cache_misses += cache.misses - misses0
+        halves = {}
+        if split:  # the GPU's rows of the shared experts, while the CPU computes the others
+            order = expert_order(topk_ids)
+            starts = offsets(counts)
+            for e, r in split.items():
+                slot = orch.cache.borrow()
+                orch.cache.fill_rows(slot, self.host_weights(e), r)
+                pairs = order[starts[e] : starts[e] + counts[e]]
+                tokens = pairs // k
+                h_gpu = None
+                if r:
+                    gate, up, _ = orch.cache.weights(slot)
+                    xe = x[tokens]
+                    h_gpu = self.experts.act_fn(xe @ gate[:r].T) * (xe @ up[:r].T)
+                halves[e] = (slot, pairs, tokens, h_gpu)
         if guess_h is not None:  # this layer's needed copies are queued: start the next layer's likely ones
             orch.prefetch(self.index + 1, guess_h)
         if job is not None:
             t0 = time.perf_counter()
-            y_cpu = job.result()
+            y_cpu, h_cpu = job.result()
             orch.counters.cpu_wait_s += time.perf_counter() - t0
-            y += y_cpu.to(x.device, non_blocking=True) if x.device.type == "cuda" else y_cpu
+            if on_cpu:
+                y += y_cpu.to(x.device, non_blocking=True) if x.device.type == "cuda" else y_cpu
+            flat_w = topk_weights.reshape(-1)
+            for e, (slot, pairs, tokens, h_gpu) in halves.items():
+                rest = h_cpu[e].to(x.device, non_blocking=True)
+                h = rest if h_gpu is None else torch.cat((h_gpu, rest), dim=1)
+                ye = (h @ orch.cache.weights(slot)[2].T) * flat_w[pairs, None]
+                y.index_add_(0, tokens, ye.to(y.dtype))
+                orch.cache.give_back(slot)
         if y_shared is not None:
             y = y + y_shared
 
@@ -208,8 +237,9 @@ class LayerOffload:
         c.gpu += sum(counts[e] for e in resident)
         c.fetched += sum(counts[e] for e in fetch)
         c.cpu += sum(counts[e] for e in on_cpu)
-        c.host_bytes += (len(fetch) + len(on_cpu)) * eb
-        c.gpu_bytes += (len(resident) + len(fetch)) * eb
+        c.split += sum(counts[e] for e in split)
+        c.host_bytes += (len(fetch) + len(on_cpu) + len(split)) * eb
+        c.gpu_bytes += (len(resident) + len(fetch)) * eb + sum((1 + 2 * r / inter) / 3 for r in split.values()) * eb
         return y
 
     def _out_buffer(self, t: int, dtype: torch.dtype) -> torch.Tensor:
@@ -220,9 +250,22 @@ class LayerOffload:
         return self.out[:t]
 
     @torch.inference_mode()  # grad mode is per thread: the worker needs its own
-    def _cpu_job(self, x_h, k, w_h, ids_h, counts, experts, out, shared: bool) -> torch.Tensor:
+    def _cpu_job(self, x_h, k, w_h, ids_h, counts, experts, out, shared: bool, split=None):
+        """The CPU's share: the whole of `experts` summed into `out`, and for each split expert e the activations
+        of its gate/up rows [r, I) for its tokens (in the order the GPU side groups them)."""
         t0 = time.perf_counter()
-        if self.kernel_layer is not None:  # all of the layer's CPU experts in one parallel pass
+        h_cpu = {}
+        if split:
+            order = expert_order(ids_h)
+            starts = offsets(counts)
+            for e, r in split.items():
+                tokens = order[starts[e] : starts[e] + counts[e]] // k
+                xe = x_h[tokens]
+                gate, up, _ = self.host_weights(e)
+                h_cpu[e] = self.experts.act_fn(xe @ gate[r:].T) * (xe @ up[r:].T)
+        if not experts:
+            pass
+        elif self.kernel_layer is not None:  # all of the layer's CPU experts in one parallel pass
             from cadenza.kernels.cpu_moe import moe_forward
 
             y = moe_forward(
@@ -235,9 +278,12 @@ class LayerOffload:
             run_experts(x_h, k, w_h, order, counts, experts, self.host_weights, self.experts.act_fn, out)
         busy = time.perf_counter() - t0
         self.orch.counters.cpu_busy_s += busy
+        inter = self.experts.intermediate_size
         if self.orch.cost is not None:  # the cost model learns the CPU's speed inside real steps
-            self.orch.cost.observe_cpu(len(experts), sum(counts[e] for e in experts), busy, shared)
-        return out
+            work = len(experts) + sum(2 * (inter - r) / (3 * inter) for r in (split or {}).values())
+            tokens = sum(counts[e] for e in experts) + sum(counts[e] for e in (split or {}))
+            self.orch.cost.observe_cpu(work, tokens, busy, shared)
+        return out, h_cpu
 
 
 class Orchestra:
@@ -262,6 +308,8 @@ class Orchestra:
             raise ValueError("no MoE layers to offload")
         make_policy(eviction)  # refuse an unknown name now
         self.eviction, self.prefetch_on = eviction, prefetch
+        # auto may share one expert of a layer between the CPU and the link (CADENZA_SPLIT_EXPERTS=0: never)
+        self.split_experts = os.environ.get("CADENZA_SPLIT_EXPERTS") != "0"
         self.routers = routers or [None] * len(layers)
         self._pending: dict[int, set[int]] = {}  # layer -> experts prefetched for it, not yet accounted
         self.live = LivePopularity(len(layers), layers[0].num_experts)
@@ -328,13 +376,17 @@ class Orchestra:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def split(self, misses: list[int], counts: list[int]) -> tuple[list[int], list[int]]:
-        """Non-resident experts with tokens -> (fetch, compute on the CPU)."""
+    def split(self, misses: list[int], counts: list[int]) -> tuple[list[int], list[int], dict[int, float]]:
+        """Non-resident experts with tokens -> (fetch, compute on the CPU, {expert: share of its gate/up rows
+        fetched} for experts both sides work on: auto only, when that shortens the layer)."""
         if not misses or self.cache is None or self.policy == "cpu":
-            return [], misses
+            return [], misses, {}
         if self.policy == "fetch" or self.cost is None:
-            return misses, []
-        return self.cost.split(misses, counts)
+            return misses, [], {}
+        fetch, on_cpu = self.cost.split(misses, counts)
+        if not self.split_experts:
+            return fetch, on_cpu, {}
+        return self.cost.split_expert(fetch, on_cpu, counts)
 
     PREFETCH_MAX_TOKENS = 8  # beyond a few tokens a layer needs most experts anyway: no guessing
 

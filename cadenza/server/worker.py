@@ -285,7 +285,9 @@ class EngineWorker:
             metrics.running = len(self.batch.running)
             metrics.waiting = waiting
             if counters is not None:
-                metrics.expert_work = {"gpu": counters.gpu, "cpu": counters.cpu, "fetched": counters.fetched}
+                metrics.expert_work = {
+                    "gpu": counters.gpu, "cpu": counters.cpu, "fetched": counters.fetched, "split": counters.split
+                }  # fmt: skip
             if fetching:
                 metrics.cache_hits, metrics.cache_misses = counters.cache_hits, counters.cache_misses
                 metrics.prefetch = (
