@@ -156,6 +156,7 @@ def test_cuda_experts_shared_by_cpu_and_link_equal_reference(tiny):
     try:
         eb = llm.orchestra.expert_bytes
         llm.orchestra.cost = CostModel("test", eb, cpu_s=(2e-3, 0.0), gpu_s=(0.0, 0.0), h2d_gb_s=eb / 1e-3 / 1e9)
+        llm.orchestra.split_experts = True
         out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         assert out.token_ids == tokens and out.stats.expert_work["split"] > 0
         assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
