@@ -112,13 +112,13 @@ class Cache:
             if ctx.start is not None:
                 rows[:, :, ctx.start : ctx.start + t] = x
             else:
-                rows[ctx.row_index_local, :, ctx.start_index] = x[:, :, 0]
+                rows[ctx.index.local_t, :, ctx.index.starts_t] = x[:, :, 0]
             return rows[:, :, :end]
         if ctx.start is not None:
-            buf[ctx.row_index, :, ctx.start : ctx.start + t] = x
+            buf[ctx.index.rows_t, :, ctx.start : ctx.start + t] = x
         else:
-            buf[ctx.row_index, :, ctx.start_index] = x[:, :, 0]
-        return buf[:, :, :end].index_select(0, ctx.row_index)
+            buf[ctx.index.rows_t, :, ctx.index.starts_t] = x[:, :, 0]
+        return buf[:, :, :end].index_select(0, ctx.index.rows_t)
 
     def advance(self, rows: Sequence[int], t: int) -> None:
         for r in rows:

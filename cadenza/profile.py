@@ -165,4 +165,4 @@ def main(args) -> int:
     return 0
 
 
-__all__ = ["GiB", "main", "read_prompts", "run_profile"]
+__all__ = ["main", "read_prompts", "run_profile"]

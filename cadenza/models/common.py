@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # --- attention ----------------------------------------------------------------------------------------------------
 
 
+class RowIndex:
+    """A pass's row and start indices as device tensors, made only if a cache write needs them (rows out of
+    order, or rows of different lengths): a single sequence's decode step makes none, so it copies nothing to
+    the GPU. Shared by the per-layer contexts `for_window` derives."""
+
+    def __init__(self, rows: list[int], starts: list[int], device: torch.device):
+        self.rows, self.starts, self.device = rows, starts, device
+
+    @cached_property
+    def rows_t(self) -> torch.Tensor:
+        return torch.tensor(self.rows, device=self.device)
+
+    @cached_property
+    def local_t(self) -> torch.Tensor:
+        return torch.arange(len(self.rows), device=self.device)
+
+    @cached_property
+    def starts_t(self) -> torch.Tensor:
+        return torch.tensor(self.starts, device=self.device)
+
+
 @dataclass
 class AttentionContext:
     """What every layer's attention needs for one forward pass, computed once per pass.
@@ -233,16 +255,15 @@ class AttentionContext:
     mask: torch.Tensor | None  # [T, S] or [B, 1, T, S] bool, True where a query may attend; None: see is_causal
     is_causal: bool = False  # no mask and a plain causal pattern (first chunk, no window): fused kernels apply
     t: int = 1  # new tokens per row
+    index: RowIndex | None = None
 
     def __post_init__(self) -> None:
         self.start = self.starts[0] if len(set(self.starts)) == 1 else None
         self.end = max(self.starts) + self.t
-        device = self.cache.device
         r0 = self.rows[0]
         self.row_slice = slice(r0, r0 + len(self.rows)) if self.rows == list(range(r0, r0 + len(self.rows))) else None
-        self.row_index = torch.tensor(self.rows, device=device)
-        self.row_index_local = torch.arange(len(self.rows), device=device)
-        self.start_index = None if self.start is not None else torch.tensor(self.starts, device=device)
+        if self.index is None:
+            self.index = RowIndex(self.rows, self.starts, self.cache.device)
 
     @classmethod
     def build(
@@ -265,7 +286,7 @@ class AttentionContext:
         if self.start is not None:
             mask = attention_mask(self.start, self.t, self.cache.device, window)
         else:
-            q = torch.tensor(self.starts, device=self.cache.device)[:, None, None, None]  # [B, 1, T=1, 1]
+            q = self.index.starts_t[:, None, None, None]  # [B, 1, T=1, 1]
             k = torch.arange(self.end, device=self.cache.device)
             mask = k <= q
             if window is not None:

@@ -183,8 +183,9 @@ class LayerOffload:
         # the shared experts go to the GPU first, to run while the CPU computes its share
         y_shared = shared() if shared is not None else None
         y = torch.zeros_like(x)
+        # (token, slot) pairs grouped by expert on the GPU side; counts from the host slice it without a sync
+        order = expert_order(topk_ids) if resident or fetch or split else None
         if resident or fetch:
-            order = expert_order(topk_ids)  # on the GPU side; counts from the host slice it without a sync
             act = self.experts.act_fn
             if resident:
                 run_experts(x, k, topk_weights, order, counts, resident, self.resident_weights, act, y)
@@ -202,7 +203,6 @@ class LayerOffload:
                 orch.counters.cache_misses += cache.misses - misses0
         halves = {}
         if split:  # the GPU's rows of the shared experts, while the CPU computes the others
-            order = expert_order(topk_ids)
             starts = offsets(counts)
             for e, r in split.items():
                 slot = orch.cache.borrow()
@@ -255,26 +255,24 @@ class LayerOffload:
         of its gate/up rows [r, I) for its tokens (in the order the GPU side groups them)."""
         t0 = time.perf_counter()
         h_cpu = {}
+        use_kernel = self.kernel_layer is not None
+        order = expert_order(ids_h) if split or (experts and not use_kernel) else None
         if split:
-            order = expert_order(ids_h)
             starts = offsets(counts)
             for e, r in split.items():
                 tokens = order[starts[e] : starts[e] + counts[e]] // k
                 xe = x_h[tokens]
                 gate, up, _ = self.host_weights(e)
                 h_cpu[e] = self.experts.act_fn(xe @ gate[r:].T) * (xe @ up[r:].T)
-        if not experts:
-            pass
-        elif self.kernel_layer is not None:  # all of the layer's CPU experts in one parallel pass
+        if experts and use_kernel:  # all of the layer's CPU experts in one parallel pass
             from cadenza.kernels.cpu_moe import moe_forward
 
             y = moe_forward(
                 self.kernel_layer, x_h, ids_h, w_h, experts, self.experts.hidden_act, self.orch.worker.threads
             )
             out.copy_(y)
-        else:
+        elif experts:
             out.zero_()
-            order = expert_order(ids_h)
             run_experts(x_h, k, w_h, order, counts, experts, self.host_weights, self.experts.act_fn, out)
         busy = time.perf_counter() - t0
         self.orch.counters.cpu_busy_s += busy
