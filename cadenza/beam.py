@@ -99,8 +99,7 @@ def run_beam_search(engine: Engine, prompt_ids: list[int], params: SamplingParam
             break
         cache.reorder(rows, [parents[i] for i in go_on])
         running = new_running
-        ids = torch.tensor([[b[-1]] for b in running], dtype=torch.long, device=engine.device)
-        logits = engine.model(ids, cache, last_only=True, rows=rows)[:, -1]
+        logits = engine.decode([b[-1] for b in running], cache, rows)
 
     best_tokens = finished[0]
     gen.token_ids = list(best_tokens)

@@ -221,8 +221,7 @@ class Batch:
                 continue
             out.append((seq, self._admit(seq)))
         if decoding:
-            ids = torch.tensor([[s.next_token] for s in decoding], dtype=torch.long, device=engine.device)
-            logits = engine.model(ids, self.cache, last_only=True, rows=[s.slot for s in decoding])[:, -1]
+            logits = engine.decode([s.next_token for s in decoding], self.cache, [s.slot for s in decoding])
             for i, seq in enumerate(decoding):
                 step = seq.emit(seq.sampler.sample(logits[i]), engine)
                 out.append((seq, step))
@@ -268,6 +267,7 @@ class Engine:
         orchestra=None,
         prefill_chunk: int = 2048,
         max_batch: int = 1,
+        cuda_graphs: bool = True,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
@@ -277,6 +277,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # bounds the activation workspace of long prompts
         self.max_batch = max_batch  # sequences whose cache is reserved on the GPU
         self._cache = None
+        from cadenza.graphs import StepGraphs
+
+        self.graphs = StepGraphs(model, device, orchestra, cuda_graphs)  # decode steps (or why not: .reason)
 
     def cache_for(self, slots: int, length: int):
         """A cache with `slots` sequences of up to `length` tokens. On the CPU it grows as it fills. On a GPU the
@@ -310,6 +313,14 @@ class Engine:
             if not last_only or last:
                 out.append(logits)
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def decode(self, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
+        """One decode step: token_ids[b] appended to cache slot rows[b] -> logits [B, V] float32. Replayed as a
+        CUDA graph where possible (cadenza.graphs), else run eagerly."""
+        if self.graphs.enabled:
+            return self.graphs.run(token_ids, cache, rows)
+        ids = torch.tensor([[t] for t in token_ids], dtype=torch.long, device=self.device)
+        return self.model(ids, cache, last_only=True, rows=rows)[:, -1]
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:

@@ -102,6 +102,13 @@ class RotaryEmbedding(nn.Module):
         self.original_inv_freq = inv_freq
         self.inv_freq = inv_freq
         self.long_inv_freq: torch.Tensor | None = None
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None  # (inv_freq, its copy on the device)
+
+    @property
+    def grows(self) -> bool:
+        """Whether the frequencies depend on how long the sequence is (dynamic NTK, LongRoPE): then each pass reads
+        the longest position back to the host, and a decode step cannot be a CUDA graph."""
+        return self.rope.rope_type in ("dynamic", "longrope")
 
     def _base_inv_freq(self, base: float) -> torch.Tensor:
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
@@ -192,9 +199,14 @@ class RotaryEmbedding(nn.Module):
                 self.inv_freq = self.original_inv_freq
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [...] -> cos, sin: [..., dim] in `dtype`."""
-        self._update(int(positions.max()) + 1)
-        inv = self.inv_freq.to(positions.device)
+        """positions: [...] -> cos, sin: [..., dim] in `dtype`. Reads nothing back from the device unless the
+        frequencies depend on the sequence's length (`grows`)."""
+        if self.grows:
+            self._update(int(positions.max()) + 1)
+        cached = self._on_device
+        if cached is None or cached[0] is not self.inv_freq or cached[1].device != positions.device:
+            cached = self._on_device = (self.inv_freq, self.inv_freq.to(positions.device))
+        inv = cached[1]
         freqs = positions[..., None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
@@ -224,6 +236,16 @@ class RowIndex:
 
     def __init__(self, rows: list[int], starts: list[int], device: torch.device):
         self.rows, self.starts, self.device = rows, starts, device
+
+    @classmethod
+    def static(cls, batch: int, device: torch.device) -> RowIndex:
+        """Index tensors for a captured decode step: their contents (rows, positions) are written before each
+        replay; the lists are placeholders."""
+        index = cls(list(range(batch)), [0] * batch, device)
+        index.rows_t = torch.zeros(batch, dtype=torch.int64, device=device)
+        index.starts_t = torch.zeros(batch, dtype=torch.int64, device=device)
+        index.local_t = torch.arange(batch, device=device)
+        return index
 
     @cached_property
     def rows_t(self) -> torch.Tensor:
@@ -256,14 +278,18 @@ class AttentionContext:
     is_causal: bool = False  # no mask and a plain causal pattern (first chunk, no window): fused kernels apply
     t: int = 1  # new tokens per row
     index: RowIndex | None = None
+    static_end: int | None = None  # a captured decode step: cache views end here; rows and positions are in index
 
     def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = RowIndex(self.rows, self.starts, self.cache.device)
+        if self.static_end is not None:  # every value that changes between steps is in the index's tensors
+            self.start, self.end, self.row_slice = None, self.static_end, None
+            return
         self.start = self.starts[0] if len(set(self.starts)) == 1 else None
         self.end = max(self.starts) + self.t
         r0 = self.rows[0]
         self.row_slice = slice(r0, r0 + len(self.rows)) if self.rows == list(range(r0, r0 + len(self.rows))) else None
-        if self.index is None:
-            self.index = RowIndex(self.rows, self.starts, self.cache.device)
 
     @classmethod
     def build(
@@ -279,6 +305,17 @@ class AttentionContext:
             positions = torch.tensor(starts, device=device)[:, None, None]  # [B, 1, T=1]
         cos, sin = rotary(positions, dtype)
         ctx = cls(cache, list(rows), starts, cos, sin, None, t=t)
+        return ctx.for_window(window)
+
+    @classmethod
+    def static(
+        cls, cache: Cache, index: RowIndex, end: int, rotary: RotaryEmbedding, dtype: torch.dtype, window: int | None
+    ) -> AttentionContext:
+        """A one-token decode step whose rows and positions are device tensors (`RowIndex.static`) and whose cache
+        views end at `end` (past every row's length; the mask hides the rest): fixed shapes and no read-back, so
+        the step can be captured in a CUDA graph and replayed at later positions."""
+        cos, sin = rotary(index.starts_t[:, None, None], dtype)  # [B, 1, T=1, d]
+        ctx = cls(cache, index.rows, index.starts, cos, sin, None, t=1, index=index, static_end=end)
         return ctx.for_window(window)
 
     def for_window(self, window: int | None) -> AttentionContext:
@@ -377,22 +414,38 @@ class MLP(nn.Module):
 # --- the decoder stack ------------------------------------------------------------------------------------------
 
 
+@dataclass
+class StaticStep:
+    """A decode step in capture: its rows and positions as device tensors, its cache views' end."""
+
+    index: RowIndex
+    end: int
+
+
 class DecoderModel(nn.Module):
     """embed -> layers -> norm. A family's *Model subclasses this and builds `embed_tokens`, `layers`, `norm` and
     `rotary_emb`; every layer is called as layer(hidden_states, ctx)."""
 
     sliding_window: int | None = None
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache, rows: list[int] | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, cache: Cache, rows: list[int] | None = None, static: StaticStep | None = None
+    ) -> torch.Tensor:
         """input_ids: [B, T] -> hidden states [B, T, H]; row b appends T positions to cache slot rows[b]
-        (default: slot b)."""
+        (default: slot b). static: a one-token step being captured as a CUDA graph (rows and positions in its
+        device tensors; the caller advances the cache's lengths)."""
         b, t = input_ids.shape
-        rows = list(range(b)) if rows is None else list(rows)
         h = self.embed_tokens(input_ids)
-        ctx = AttentionContext.build(cache, rows, t, self.rotary_emb, h.dtype, self.sliding_window)
+        if static is not None:
+            window = self.sliding_window
+            ctx = AttentionContext.static(cache, static.index, static.end, self.rotary_emb, h.dtype, window)
+        else:
+            rows = list(range(b)) if rows is None else list(rows)
+            ctx = AttentionContext.build(cache, rows, t, self.rotary_emb, h.dtype, self.sliding_window)
         for layer in self.layers:
             h = layer(h, ctx)
-        cache.advance(rows, t)
+        if static is None:
+            cache.advance(rows, t)
         return self.norm(h)
 
 
@@ -406,11 +459,16 @@ class CausalLM(nn.Module):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_length, dtype, device)
 
     def forward(
-        self, input_ids: torch.Tensor, cache: Cache, last_only: bool = False, rows: list[int] | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache,
+        last_only: bool = False,
+        rows: list[int] | None = None,
+        static: StaticStep | None = None,
     ) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only); rows: the cache slots (default
-        0..B-1)."""
-        h = self.model(input_ids, cache, rows)
+        0..B-1); static: see DecoderModel.forward."""
+        h = self.model(input_ids, cache, rows) if static is None else self.model(input_ids, cache, static=static)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()

@@ -1,0 +1,183 @@
+"""CUDA graphs of the decode step: the GPU work of a one-token step recorded once and replayed.
+
+A Python engine that launches a few hundred small kernels per token one by one spends milliseconds on launching
+alone; a graph replays them in one call. A captured step (`Captured`) is fixed in shape, so steps are grouped by
+batch size and by a bucket of the cache length (`LENGTH_BUCKET` positions): the attention reads the cache up to
+the bucket's end, and the mask hides positions past each row's length. The tokens, the rows' cache slots and
+their positions live in static device tensors written before each replay (`AttentionContext.static`); nothing in
+the step reads a value back to the host.
+
+A MoE layer whose experts are all resident on the GPU runs inside the graph (the indexed decode kernels of
+cadenza.moe.gpu_side). A layer that needs the host in the middle of the step (experts on the CPU, fetched or
+prefetched) splits the step: the graph so far ends at the layer's expert call, the layer's offloaded forward runs
+eagerly on replay (its one synchronisation, the CPU's share, the fetches) into a static output, and the next graph
+starts after it. So a step is a list of segments, graphs and host calls, replayed in order; with every expert
+resident it is one graph.
+
+Replays need the captured tensors to stay where they are: a new placement (`Orchestra.apply`: resident stacks
+reallocated) drops every graph (`Orchestra.version`); swaps between steps rewrite rows in place and keep them.
+Eager execution is the fallback wherever a graph cannot be used (`StepGraphs.reason` says why): a CPU device, the
+emulated GPU side, a family whose rotary frequencies depend on the sequence's length, `--no-cuda-graphs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cadenza.models.common import CausalLM, RowIndex, StaticStep
+
+LENGTH_BUCKET = 256  # cache positions per captured length bucket
+MAX_GRAPHS = 64  # captured steps kept (batch sizes x length buckets); the least recently used goes first
+
+
+@dataclass
+class Captured:
+    """One captured decode step: its static inputs, its output and its segments."""
+
+    ids: torch.Tensor  # [B, 1] token ids
+    index: RowIndex  # rows and positions
+    logits: torch.Tensor | None = None  # [B, 1, V] float32
+    segments: list = field(default_factory=list)  # torch.cuda.CUDAGraph or a host call, in order
+
+    def replay(self) -> None:
+        for seg in self.segments:
+            if isinstance(seg, torch.cuda.CUDAGraph):
+                seg.replay()
+            else:
+                seg()
+
+
+class Recorder:
+    """The capture in progress: MoE layers that need the host call `host(fn, like)` to cut the step there."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.segments: list = []
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def begin(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.capture_begin(pool=self.pool)
+
+    def end(self) -> None:
+        self.graph.capture_end()
+        if self.pool is None:
+            self.pool = self.graph.pool()
+        self.segments.append(self.graph)
+        self.graph = None
+
+    def host(self, fn: Callable[[], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Ends the graph here; on replay `fn()` runs eagerly (reading tensors the graph so far wrote) and its
+        result lands in the returned static tensor, which the next graph reads."""
+        out = torch.empty_like(like)
+        self.end()
+        self.segments.append(lambda: out.copy_(fn()))
+        self.begin()
+        return out
+
+
+class StepGraphs:
+    """Captures and replays the decode steps of one model (`run`), or says why it cannot (`reason`)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, orchestra=None, enabled: bool = True):
+        self.model, self.device, self.orchestra = model, device, orchestra
+        self.graphs: dict[tuple[int, int], Captured] = {}
+        self.pool = None
+        self.version = None
+        self.captures = 0  # steps captured so far (a re-capture after a new placement counts again)
+        self.replays = 0
+        self.reason = self._why_not(enabled)
+
+    def _why_not(self, enabled: bool) -> str | None:
+        if not enabled:
+            return "turned off (--no-cuda-graphs)"
+        if self.device.type != "cuda":
+            return "no CUDA device (CPU execution, or the emulated GPU side)"
+        if type(self.model).forward is not CausalLM.forward:
+            return f"{type(self.model).__name__} has its own forward pass (LongRoPE's switch re-runs the sequence)"
+        rotary = getattr(self.model.model, "rotary_emb", None)
+        if rotary is not None and rotary.grows:
+            return f"rotary scaling {rotary.rope.rope_type!r} recomputes its frequencies as the sequence grows"
+        return None
+
+    @property
+    def enabled(self) -> bool:
+        return self.reason is None
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return f"off: {self.reason}"
+        return "on (decode steps replayed as CUDA graphs; layers with experts off the GPU run between graphs)"
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+
+    def run(self, ids: list[int], cache, rows: list[int]) -> torch.Tensor:
+        """One decode step: token ids[b] appended to cache slot rows[b] -> logits [B, V] float32 (a view of the
+        graph's output: read it before the next step)."""
+        version = getattr(self.orchestra, "version", None)
+        if version != self.version:  # new resident tensors: every capture refers to the old ones
+            self.clear()
+            self.version = version
+        b = len(rows)
+        starts = [cache.lengths[r] for r in rows]
+        end = min(cache.capacity, (max(starts) // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
+        if max(starts) + 1 > cache.capacity:
+            cache._grow(max(starts) + 1)  # (a reserved cache never grows; a CPU-sized one may)
+            self.clear()
+            end = min(cache.capacity, (max(starts) // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
+        key = (b, end, id(cache))
+        cap = self.graphs.pop(key, None)
+        if cap is None:
+            cap = self._capture(b, end, cache, ids, rows, starts)
+        self.graphs[key] = cap  # most recently used last
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.pop(next(iter(self.graphs)))
+        host = torch.tensor([ids, rows, starts], dtype=torch.int64).pin_memory()
+        cap.ids.copy_(host[0].view(b, 1), non_blocking=True)
+        cap.index.rows_t.copy_(host[1], non_blocking=True)
+        cap.index.starts_t.copy_(host[2], non_blocking=True)
+        cap.replay()
+        self.replays += 1
+        cache.advance(rows, 1)
+        return cap.logits[:, -1]
+
+    def _capture(self, b: int, end: int, cache, ids: list[int], rows: list[int], starts: list[int]) -> Captured:
+        cap = Captured(torch.zeros(b, 1, dtype=torch.int64, device=self.device), RowIndex.static(b, self.device))
+        cap.ids.copy_(torch.tensor(ids).view(b, 1))
+        cap.index.rows_t.copy_(torch.tensor(rows))
+        cap.index.starts_t.copy_(torch.tensor(starts))
+        static = StaticStep(cap.index, end)
+        orch = self.orchestra
+        counters = orch.counters.snapshot() if orch is not None else None
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            # one eager pass first (kernels compiled and tuned, libraries' workspaces made): it writes this step's
+            # keys and values where the replay writes them again
+            self.model(cap.ids, cache, last_only=True, static=static)
+            torch.cuda.synchronize(self.device)
+            rec = Recorder(self.pool)
+            if orch is not None:
+                orch.recorder = rec
+            try:
+                rec.begin()
+                cap.logits = self.model(cap.ids, cache, last_only=True, static=static)
+                rec.end()
+            finally:
+                if orch is not None:
+                    orch.recorder = None
+                if rec.graph is not None:  # capture failed midway: leave the stream usable
+                    rec.graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if orch is not None:  # the warm-up pass is not a step: keep the counters honest
+            orch.counters = counters
+        self.pool = rec.pool
+        cap.segments = rec.segments
+        self.captures += 1
+        return cap

@@ -1,0 +1,153 @@
+"""CUDA graphs of the decode step (cadenza.graphs).
+
+CI (CPU): the fallback is the path taken, and says why; the static decode context a graph captures (rows and
+positions in device tensors, cache views ending at a bucket) computes exactly what the eager step computes.
+Device (`pytest -m gpu`): replayed steps give the eager run's tokens and logits, for several families, across
+positions and length buckets, with and without experts off the GPU in the step, with prefetch, after a re-plan.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cadenza.graphs as graphs
+from cadenza import LLM, SamplingParams
+from cadenza.models.common import RowIndex, StaticStep
+from tests.conftest import budget_for, make_deepseek, make_mixtral
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def static_step(model, cache, ids: list[int], rows: list[int], end: int) -> torch.Tensor:
+    """One decode step through the static context (what a graph captures), run eagerly."""
+    index = RowIndex.static(len(rows), cache.device)
+    index.rows_t.copy_(torch.tensor(rows))
+    index.starts_t.copy_(torch.tensor([cache.lengths[r] for r in rows]))
+    logits = model(
+        torch.tensor(ids, device=cache.device).view(-1, 1), cache, last_only=True, static=StaticStep(index, end)
+    )
+    cache.advance(rows, 1)
+    return logits[:, -1]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    return {
+        "mixtral": make_mixtral(tmp_path_factory.mktemp("g-mixtral"))[0],
+        "deepseek_v2": make_deepseek(tmp_path_factory.mktemp("g-dsv2"), version=2)[0],
+    }
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_static_context_equals_eager_step(families, family):
+    """Three sequences of different lengths in slots 2, 0, 1 (out of order) decode together, eagerly and through
+    the static context, whose cache views end at a bucket past every row (one bucket, then the next)."""
+    llm = LLM(families[family], device="cpu", dtype="float32", max_context=64)
+    engine = llm.engine
+    caches = [engine.cache_for(3, 64), engine.cache_for(3, 64)]
+    prompts = {2: [5, 6, 7, 8, 9], 0: [3, 4], 1: [10, 11, 12, 13, 14, 15, 16, 17]}
+    for cache in caches:
+        for row, prompt in prompts.items():
+            engine.forward(prompt, cache, last_only=True, rows=[row])
+    rows = list(prompts)
+    ids = [1, 2, 3]
+    with torch.inference_mode():
+        for step in range(6):
+            want = engine.model(torch.tensor(ids).view(-1, 1), caches[0], last_only=True, rows=rows)[:, -1]
+            end = 16 if step < 3 else 24  # past the longest row (8 + step + 1 <= 16), then a larger bucket
+            got = static_step(engine.model, caches[1], ids, rows, end)
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (step, (got - want).abs().max())
+            assert caches[0].lengths == caches[1].lengths
+            ids = [int(t) for t in want.argmax(-1)]
+
+
+def test_cpu_falls_back_to_eager_and_says_why(families):
+    llm = LLM(families["mixtral"], device="cpu", dtype="float32")
+    assert not llm.engine.graphs.enabled
+    assert "no CUDA device" in llm.engine.graphs.describe()
+    out = llm.generate([3, 4, 5], GREEDY)
+    assert len(out.token_ids) == 12 and llm.engine.graphs.replays == 0
+
+
+# --- on the GPU -------------------------------------------------------------------------------------------------
+
+
+def _tokens(llm: LLM, prompts) -> list[list[int]]:
+    return [r.token_ids for r in llm.generate(prompts, GREEDY)]
+
+
+def _pair(path, **kw) -> tuple[LLM, LLM]:
+    return LLM(path, device="cuda", **kw), LLM(path, device="cuda", cuda_graphs=False, **kw)
+
+
+@pytest.fixture
+def small_buckets(monkeypatch):
+    monkeypatch.setattr(graphs, "LENGTH_BUCKET", 8)  # a few tokens cross several buckets (re-captures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_graph_replay_equals_eager_all_resident(families, family, small_buckets):
+    path = families[family]
+    fast, slow = _pair(path, dtype="float32", max_context=96, max_batch=3)
+    try:
+        assert fast.engine.graphs.enabled, fast.engine.graphs.reason
+        prompts = [[3, 4, 5, 6, 7], [8, 9], list(range(10, 30))]
+        assert _tokens(fast, [prompts[0]]) == _tokens(slow, [prompts[0]])
+        g = fast.engine.graphs
+        assert g.captures >= 2 and g.replays >= 11  # 5 + 12 positions span more than one bucket of 8
+        assert all(len(c.segments) == 1 for c in g.graphs.values()), "all experts resident: one graph per step"
+        assert fast.generate(prompts[0], GREEDY).stats.decode_syncs == 0
+        assert _tokens(fast, prompts) == _tokens(slow, prompts)  # batched rows of different lengths
+        ids = prompts[2]
+        assert torch.allclose(fast.score(ids), slow.score(ids), atol=1e-5)
+    finally:
+        fast.close()
+        slow.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+def test_graph_replay_with_experts_off_the_gpu(families, policy, small_buckets):
+    path = families["mixtral"]
+    slots = 0 if policy == "cpu" else 2
+    budget = budget_for(path, 3, slots, device="cuda", max_context=96)
+    kw = dict(dtype="float32", max_context=96, gpu_memory=budget, offload_policy=policy, prefetch=policy == "fetch")
+    fast, slow = _pair(path, **kw)
+    try:
+        prompt = [3, 4, 5, 6, 7]
+        want = slow.generate(prompt, GREEDY)
+        got = fast.generate(prompt, GREEDY)
+        assert got.token_ids == want.token_ids
+        assert got.stats.decode_syncs == want.stats.decode_syncs > 0  # the host's layers still synchronise
+        assert any(len(c.segments) > 1 for c in fast.engine.graphs.graphs.values())
+        # a new placement re-captures (the resident tensors moved)
+        before = fast.engine.graphs.captures
+        bigger = budget_for(path, 10, slots, device="cuda", max_context=96)
+        for llm in (fast, slow):
+            llm.replan(gpu_memory=bigger)
+        assert _tokens(fast, [prompt]) == _tokens(slow, [prompt])
+        assert fast.engine.graphs.captures > before
+    finally:
+        fast.close()
+        slow.close()
+
+
+@pytest.mark.gpu
+def test_graph_replay_bf16_and_swaps(families):
+    """bf16 (the decode kernels' rounding is the same in both runs) and adaptive swaps between requests, which
+    rewrite resident rows in place: the captured steps stay valid."""
+    path = families["mixtral"]
+    budget = budget_for(path, 6, 2, device="cuda", max_context=96)
+    fast, slow = _pair(path, dtype="bfloat16", max_context=96, gpu_memory=budget)
+    try:
+        prompt = list(range(3, 20))
+        assert _tokens(fast, [prompt]) == _tokens(slow, [prompt])
+        for llm in (fast, slow):
+            llm.adapt_placement(max_bytes=4 * llm.orchestra.expert_bytes)
+        assert fast.placement.resident == slow.placement.resident
+        assert _tokens(fast, [prompt]) == _tokens(slow, [prompt])
+    finally:
+        fast.close()
+        slow.close()
