@@ -1,6 +1,7 @@
 """The layouts of a layer's routed experts that the fused CPU kernel (cpu_moe.cpp) streams.
 
-`pack_layer` quantizes (int8, int4) or rounds (bf16) a layer's stacked expert weights and tiles them; `dequantize`
+`pack_layer` quantizes (int8, int4) or rounds (bf16) a layer's stacked expert weights and tiles them (several
+threads; `expert_nbytes` gives an expert's packed size without packing); `dequantize`
 reads a packed layer back in pure torch, the reference for the kernel's reading of the same bytes. `plain_layer`
 (`PlainExperts.of`) wraps a bf16 model's own stacked tensors as they are, with no copy: the kernel reads their rows
 in place (no second copy of the experts in host memory, and the GPU path keeps using the same tensors).
@@ -16,6 +17,7 @@ Shape legend: E experts, H hidden, I intermediate, Hp / Ip padded H / I.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -152,7 +154,10 @@ def _tile_bytes(fmt: str, group: int, k: int) -> int:
 
 def _quantize_rows(w: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """w [R, K] (K a multiple of 128) -> (row bytes [R, bytes per row] in the kernel's column order, scale tensors
-    [R, groups] for the header, in header order)."""
+    [R, groups] for the header, in header order).
+
+    With `_tile_into`, the layout's arithmetic spelled out: the reference. `pack_layer` computes the same bytes
+    chunk by chunk in reused buffers (`_ChunkPacker`); tests/test_quantized_experts.py checks that they agree."""
     r, k = w.shape
     if fmt == "bf16":
         return w.to(torch.bfloat16).view(torch.uint8), []
@@ -204,45 +209,180 @@ def _padded(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
-def pack_layer(
-    gate: torch.Tensor | Sequence[torch.Tensor],
-    up: torch.Tensor | Sequence[torch.Tensor],
-    down: torch.Tensor | Sequence[torch.Tensor],
-    fmt: str = "bf16",
-    group: int | None = None,
-) -> PackedExperts:
-    """Lays out a layer's experts for the kernel. gate, up [E, I, H]; down [E, H, I]: stacked tensors or sequences
-    of E per-expert tensors (any float dtype, CPU).
-
-    fmt: "bf16"; "int8" (symmetric, fp32 scale per output channel, or per `group` columns: 32, 64, 128); "int4"
-    (bf16 scale and 4-bit zero point per `group` columns: 32, 64 (default) or 128). Works expert by expert and
-    in row chunks, so the temporary memory is a few hundred MB at most; the caller drops the stacked tensors after.
-    """
+def resolve_group(fmt: str, group: int | None) -> int:
+    """The scale group of a format (None: its default), or ValueError naming the allowed ones."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown expert format {fmt!r}: use one of {', '.join(FORMATS)}")
     group = DEFAULT_GROUP[fmt] if group is None else group
     allowed = {"bf16": (0,), "int8": INT8_GROUPS, "int4": INT4_GROUPS}[fmt]
     if group not in allowed:
         raise ValueError(f"group {group} is not supported for {fmt}: use one of {allowed}")
+    return group
+
+
+def expert_nbytes(fmt: str, group: int | None, hidden: int, intermediate: int) -> int:
+    """Bytes one packed expert takes (`PackedExperts.expert_bytes`), from the shapes alone: nothing is packed."""
+    group = resolve_group(fmt, group)
+    hp, ip = _round_up(hidden, PAD), _round_up(intermediate, PAD)
+    return ip // 2 * _tile_bytes(fmt, group, hp) + hp // ROWS * _tile_bytes(fmt, group, ip)
+
+
+def empty_packed(fmt: str, group: int | None, num_experts: int, hidden: int, intermediate: int) -> PackedExperts:
+    """An uninitialised packed layer of these shapes (what `pack_layer` fills, or a cache file is read into)."""
+    group = resolve_group(fmt, group)
+    e, hp, ip = num_experts, _round_up(hidden, PAD), _round_up(intermediate, PAD)
+    gu = torch.empty(e, ip // 2, _tile_bytes(fmt, group, hp), dtype=torch.uint8)
+    dn = torch.empty(e, hp // ROWS, _tile_bytes(fmt, group, ip), dtype=torch.uint8)
+    return PackedExperts(
+        fmt, group, e, hidden, intermediate, gu, dn, _header_bytes(fmt, group, hp), _header_bytes(fmt, group, ip)
+    )
+
+
+def pack_layer(
+    gate: torch.Tensor | Sequence[torch.Tensor],
+    up: torch.Tensor | Sequence[torch.Tensor],
+    down: torch.Tensor | Sequence[torch.Tensor],
+    fmt: str = "bf16",
+    group: int | None = None,
+    threads: int = 1,
+) -> PackedExperts:
+    """Lays out a layer's experts for the kernel. gate, up [E, I, H]; down [E, H, I]: stacked tensors or sequences
+    of E per-expert tensors (any float dtype, CPU).
+
+    fmt: "bf16"; "int8" (symmetric, fp32 scale per output channel, or per `group` columns: 32, 64, 128); "int4"
+    (bf16 scale and 4-bit zero point per `group` columns: 32, 64 (default) or 128). Works in chunks of rows of
+    about a million weights each, in reused buffers, so the temporary memory is a few tens of MB per thread; the
+    caller drops the stacked tensors after. threads: Python threads sharing the chunks, each running torch with one
+    intra-op thread (torch releases the GIL): the bytes are the same for any count.
+    """
+    group = resolve_group(fmt, group)
     e, (i, h) = len(gate), tuple(gate[0].shape)
     if len(up) != e or len(down) != e or tuple(up[0].shape) != (i, h) or tuple(down[0].shape) != (h, i):
         shapes = f"gate {e} x {(i, h)}, up {len(up)} x {tuple(up[0].shape)}, down {len(down)} x {tuple(down[0].shape)}"
         raise ValueError(f"expert shapes disagree: {shapes}; want E x [I, H], E x [I, H], E x [H, I]")
-    hp, ip = _round_up(h, PAD), _round_up(i, PAD)
-    gu = torch.empty(e, ip // 2, _tile_bytes(fmt, group, hp), dtype=torch.uint8)
-    dn = torch.empty(e, hp // ROWS, _tile_bytes(fmt, group, ip), dtype=torch.uint8)
-    step = max(PAD, (32 << 20) // (8 * max(hp, ip)) // PAD * PAD)  # rows per chunk: ~64 MB of fp32 temporaries
-    for x in range(e):
-        for i0 in range(0, ip, step):
-            i1 = min(ip, i0 + step)
-            g = _padded(gate[x][i0:i1], i1 - i0, hp)
-            u = _padded(up[x][i0:i1], i1 - i0, hp)
-            rows = torch.stack([g.view(-1, 2, hp), u.view(-1, 2, hp)], dim=1).view(-1, hp)  # gate 2j, 2j+1, up ..
-            _tile_into(gu[x, i0 // 2 : i1 // 2], rows, fmt, group)
-        for h0 in range(0, hp, step):
-            h1 = min(hp, h0 + step)
-            _tile_into(dn[x, h0 // ROWS : h1 // ROWS], _padded(down[x][h0:h1], h1 - h0, ip), fmt, group)
-    return PackedExperts(fmt, group, e, h, i, gu, dn, _header_bytes(fmt, group, hp), _header_bytes(fmt, group, ip))
+    out = empty_packed(fmt, group, e, h, i)
+    hp, ip = out.hidden_pad, out.inter_pad
+    # work items: (expert, matrix, first row, last row) of the padded matrix; gate/up rows count gate rows
+    gu_step = max(2, _CHUNK_ELEMENTS // (2 * hp) // 2 * 2)
+    dn_step = max(ROWS, _CHUNK_ELEMENTS // ip // ROWS * ROWS)
+    items = [(x, "gate_up", r0, min(ip, r0 + gu_step)) for x in range(e) for r0 in range(0, ip, gu_step)]
+    items += [(x, "down", r0, min(hp, r0 + dn_step)) for x in range(e) for r0 in range(0, hp, dn_step)]
+
+    def work(todo: list[tuple[int, str, int, int]]) -> None:
+        # one intra-op thread: the ops are small, and OpenMP teams of several threads per op measured 2-10x
+        # slower (a busy machine makes their barriers spin). This sets this thread's OpenMP team only.
+        torch.set_num_threads(1)
+        packer = _ChunkPacker(fmt, group, max(2 * gu_step * hp, dn_step * ip))
+        for x, which, r0, r1 in todo:
+            if which == "gate_up":
+                packer.gate_up(out.gate_up[x, r0 // 2 : r1 // 2], gate[x], up[x], r0, r1, h, hp)
+            else:
+                packer.rows(out.down[x, r0 // ROWS : r1 // ROWS], down[x], r0, r1, i, ip)
+
+    threads = max(1, min(threads, len(items)))
+    with ThreadPoolExecutor(threads, thread_name_prefix="cadenza-pack") as pool:
+        # interleaved shares: each thread gets chunks of every matrix, so the shares take about equal time
+        for f in [pool.submit(work, items[t::threads]) for t in range(threads)]:
+            f.result()
+    return out
+
+
+# Weights per chunk: 2 MB of fp32 scratch, in a core's L2 on server CPUs, so the ~10 elementwise passes of a chunk
+# stay out of DRAM; larger than that costs the same, much smaller lets torch's per-call overhead show (measured on
+# a 2-core box: 1.5-1.8 GB/s of bf16 input per thread from 256 Ki to 2 Mi weights per chunk).
+_CHUNK_ELEMENTS = 1 << 19
+
+
+class _ChunkPacker:
+    """Packs chunks of rows with `_quantize_rows`' arithmetic (the same bytes), in preallocated buffers: every
+    elementwise op writes in place or into a reused buffer (a fresh multi-MB output per op costs page faults that
+    made packing 5x slower)."""
+
+    def __init__(self, fmt: str, group: int, elements: int):
+        self.fmt, self.group = fmt, group
+        self.f = torch.empty(elements, dtype=torch.float32)  # the rows in fp32, then quantized in place
+        if fmt != "int4":  # the quantized (int8) or rounded (bf16) rows
+            self.q = torch.empty(elements, dtype=torch.int8 if fmt == "int8" else torch.bfloat16)
+        else:  # 4 columns per 16-bit word, summed in fp32, then its low 16 bits
+            self.words = torch.empty(elements // 4, dtype=torch.float32)
+            self.words32 = torch.empty(elements // 4, dtype=torch.int32)
+            self.words16 = torch.empty(elements // 4, dtype=torch.int16)
+
+    def gate_up(self, out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, r0: int, r1: int, h: int, hp: int):
+        """Gate and up rows [r0, r1) of the padded matrices (rows past I and columns past H are zero) -> tiles
+        out [(r1 - r0) / 2, tile bytes]: tile j = gate rows r0 + 2j, r0 + 2j + 1, then the same up rows."""
+        n = r1 - r0
+        f = self.f[: 2 * n * hp].view(n // 2, 2, 2, hp)  # [tile, gate | up, 2 rows, Hp]
+        real = max(0, min(r1, gate.shape[0]) - r0)
+        if real < n or h < hp:
+            f.zero_()
+        pairs = real // 2
+        for side, w in enumerate((gate, up)):
+            if pairs:
+                f[:pairs, side, :, :h].copy_(w[r0 : r0 + 2 * pairs].reshape(pairs, 2, h))
+            if real % 2:
+                f[pairs, side, 0, :h].copy_(w[r0 + real - 1])
+        self._tile(out, f.view(2 * n, hp))
+
+    def rows(self, out: torch.Tensor, w: torch.Tensor, r0: int, r1: int, k: int, kp: int):
+        """Rows [r0, r1) of w [R, k], padded to kp columns (rows past R are zero) -> tiles out [(r1 - r0) / 4, ..]."""
+        n = r1 - r0
+        f = self.f[: n * kp].view(n, kp)
+        real = max(0, min(r1, w.shape[0]) - r0)
+        if real < n or k < kp:
+            f.zero_()
+        if real:
+            f[:real, :k].copy_(w[r0 : r0 + real])
+        self._tile(out, f)
+
+    def _tile(self, out: torch.Tensor, f: torch.Tensor) -> None:
+        """f [R, K] fp32 (overwritten) -> its tiles in out uint8 [R / 4, tile bytes]: `_tile_into`, in place."""
+        r, k = f.shape
+        fmt, g = self.fmt, self.group or k
+        scales: list[torch.Tensor] = []
+        if fmt == "bf16":
+            data = self.q[: r * k].view(r, k)
+            data.copy_(f)
+        elif fmt == "int8":
+            wg = f.view(r, k // g, g)
+            # max |w| without an |w| temporary (the abs of the extremes also turns -0.0 into +0.0, as abs does)
+            scale = torch.maximum(wg.amax(dim=2).abs(), wg.amin(dim=2).abs()) / 127.0
+            inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+            wg.mul_(inv[:, :, None]).round_().clamp_(-127, 127)
+            data = self.q[: r * k].view(r, k)
+            data.copy_(f)
+            scales = [scale]
+        else:
+            wg = f.view(r, k // g, g)
+            lo, hi = wg.amin(dim=2).clamp(max=0), wg.amax(dim=2).clamp(min=0)
+            scale = ((hi - lo) / 15.0).to(torch.bfloat16)
+            s32 = scale.float()
+            inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
+            z = torch.round(-lo * inv).clamp_(0, 15)
+            wg.mul_(inv[:, :, None]).round_().add_(z[:, :, None]).clamp_(0, 15)
+            q = f.view(r, k // 128, 4, 32)
+            # 16-bit word j of each 128 columns = q[32 * 0 + j] | q[32 + j] << 4 | ..., summed exactly in fp32
+            words = self.words[: r * k // 4].view(r, k // 128, 32)
+            torch.add(q[:, :, 2], q[:, :, 3], alpha=16, out=words)
+            torch.add(q[:, :, 1], words, alpha=16, out=words)
+            torch.add(q[:, :, 0], words, alpha=16, out=words)
+            w32 = self.words32[: r * k // 4]
+            w32.copy_(words.view(-1))
+            data = self.words16[: r * k // 4].view(r, k // 4)
+            data.view(-1).copy_(w32)  # int32 -> int16 keeps the low 16 bits: the word's bit pattern
+            scales = [scale, z.to(torch.uint8)]
+        data = data.view(torch.uint8)
+        nbytes = data.shape[1]
+        hb = _header_bytes(fmt, self.group, k)
+        body = out[:, hb:].view(torch.int64).view(r // ROWS, nbytes // 64, ROWS, 8)
+        body.copy_(data.view(torch.int64).view(r // ROWS, ROWS, nbytes // 64, 8).transpose(1, 2))
+        if hb:
+            out[:, :hb] = 0
+            at = 0
+            for sc in scales:
+                part = sc.reshape(r // ROWS, -1).contiguous().view(torch.uint8)
+                out[:, at : at + part.shape[1]] = part
+                at += part.shape[1]
 
 
 def dequantize_tiles(tiles: torch.Tensor, fmt: str, group: int, k: int) -> torch.Tensor:
