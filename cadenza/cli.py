@@ -10,6 +10,35 @@ from pathlib import Path
 from cadenza.errors import CadenzaError
 
 
+def add_expert_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    """--experts and --expert-group (and --no-cache, for commands that load weights): how routed experts are
+    stored. `expert_kwargs` reads them back as LLM's keyword arguments."""
+    p.add_argument(
+        "--experts", default="bf16", choices=["bf16", "int8", "int4"],
+        help="routed experts stored as: bf16 (default: as the checkpoint, in the compute dtype), int8 (about half "
+        "the bytes) or int4 (about 0.27): faster on the CPU, more of them fit on the GPU, slightly less accurate",
+    )  # fmt: skip
+    p.add_argument(
+        "--expert-group", type=int, default=None, metavar="N",
+        help="columns per quantization scale: int8 0 (per output channel, default), 32, 64, 128; int4 32, 64 "
+        "(default), 128",
+    )  # fmt: skip
+    if cache:
+        p.add_argument(
+            "--no-cache", action="store_true",
+            help="neither read nor write the disk cache of quantized experts (~/.cache/cadenza/experts)",
+        )  # fmt: skip
+
+
+def expert_kwargs(args: argparse.Namespace) -> dict:
+    """LLM's experts / expert_group / expert_cache from the flags `add_expert_args` added."""
+    return {
+        "experts": args.experts,
+        "expert_group": args.expert_group,
+        "expert_cache": not getattr(args, "no_cache", False),
+    }
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="checkpoint folder (config.json, *.safetensors, tokenizer files)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
@@ -39,6 +68,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="guess the next layer's experts and copy them early: auto (default) = with --offload-policy "
                    "fetch only")  # fmt: skip
+    add_expert_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -102,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--max-context", type=int, default=None, help="context the placement reserves KV cache for")
     info.add_argument("--dtype", default=None, help="compute dtype for the placement (default: checkpoint's)")
     info.add_argument("--placement", default=None, help="popularity JSON to choose residents by")
+    add_expert_args(info, cache=False)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
@@ -169,6 +200,7 @@ def _load(args: argparse.Namespace):
         max_batch=args.max_batch,
         eviction=args.eviction,
         prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
+        **expert_kwargs(args),
     )
     if llm.placement is not None:
         print(f"cadenza: {llm.placement.summary()}", file=sys.stderr)
@@ -290,25 +322,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
 
 
-def describe(model_dir: str | Path) -> dict:
-    """Architecture and sizes of a checkpoint, from config.json and the safetensors headers only."""
+def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | None = None) -> dict:
+    """Architecture and sizes of a checkpoint, from config.json and the safetensors headers only; expert bytes as
+    the routed experts would be stored with `experts` / `expert_group` (bf16: in the checkpoint's dtype)."""
     import torch
 
     from cadenza.checkpoint import Checkpoint
     from cadenza.models import build_meta, expected_tensors
     from cadenza.moe.experts import Experts
+    from cadenza.moe.quantize import ExpertFormat
 
+    fmt = ExpertFormat.of(experts, expert_group)
     ckpt = Checkpoint(model_dir)
     model = build_meta(ckpt)
     config = model.config
     expert_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
-    expert_params = sum(m.gate.numel() + m.up.numel() + m.down.numel() for _, m in expert_layers)
+    expert_params = sum(m.num_parameters for _, m in expert_layers)
     all_params = sum(
         _numel(shape)
         for name, shape in expected_tensors(model).items()
         if not (config.tie_word_embeddings and name == "lm_head.weight")
     )
     first = expert_layers[0][1] if expert_layers else None
+    one_expert = first.expert_nbytes_as(fmt.fmt, fmt.group, ckpt.torch_dtype()) if first else 0
     return {
         "model": str(ckpt.path),
         "architecture": ckpt.architecture,
@@ -327,12 +363,23 @@ def describe(model_dir: str | Path) -> dict:
         "parameters": all_params,
         "expert_parameters": expert_params,
         "non_expert_parameters": all_params - expert_params,
+        "experts_format": fmt.fmt,
+        "expert_group": fmt.group if fmt.packed else None,
+        "expert_bytes": one_expert,  # one routed expert, as stored in experts_format
+        "routed_expert_bytes": one_expert * sum(m.num_experts for _, m in expert_layers),
         "kv_bytes_per_token": model.new_cache(1, ckpt.torch_dtype(), torch.device("meta")).nbytes_per_token(),
         "checkpoint_bytes": ckpt.total_bytes,
         "bytes_by_dtype": ckpt.bytes_by_dtype(),
         "dtype": str(ckpt.torch_dtype()).removeprefix("torch."),
         "shards": len(ckpt.files()),
     }
+
+
+def _format_name(d: dict) -> str:
+    if d["expert_group"] is None:
+        return f"{d['experts_format']} ({d['dtype']})"
+    group = f"groups of {d['expert_group']}" if d["expert_group"] else "per output channel"
+    return f"{d['experts_format']} (scales {group})"
 
 
 def _numel(shape) -> int:
@@ -362,7 +409,7 @@ def offload_info(args: argparse.Namespace) -> dict:
     ckpt = Checkpoint(args.model)
     meta = build_meta(ckpt)
     dtype = resolve_dtype(args.dtype, ckpt)
-    sizes = model_sizes(meta, dtype)
+    sizes = model_sizes(meta, dtype, args.experts, args.expert_group)
     if args.gpu_memory is not None:
         context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
         pop = load_popularity(args.placement, sizes.num_moe_layers, sizes.num_experts) if args.placement else None
@@ -382,7 +429,7 @@ def offload_info(args: argparse.Namespace) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    d = describe(args.model)
+    d = describe(args.model, args.experts, args.expert_group)
     d.update(offload_info(args))
     if args.json:
         print(json.dumps(d, indent=2))
@@ -401,6 +448,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"non-expert {_count(d['non_expert_parameters'])}",
         f"weights       {_gb(d['checkpoint_bytes'])} in {d['shards']} file(s): "
         + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(d["bytes_by_dtype"].items())),
+        f"expert bytes  {_gb(d['routed_expert_bytes'])} routed experts as {_format_name(d)}, "
+        f"{d['expert_bytes'] / 1e6:.2f} MB per expert",
     ]
     if "placement" in d:
         lines.append(f"placement     {d['placement']['summary']}")

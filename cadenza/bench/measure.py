@@ -42,6 +42,9 @@ class CadenzaUnderTest:
         cpu_threads: int | None = None,
         prefetch: bool | None = None,
         eviction: str = "lru",
+        experts: str = "bf16",
+        expert_group: int | None = None,
+        expert_cache: bool = True,
     ):
         from cadenza.llm import LLM
 
@@ -56,6 +59,9 @@ class CadenzaUnderTest:
             cpu_threads=cpu_threads,
             prefetch=prefetch,
             eviction=eviction,
+            experts=experts,
+            expert_group=expert_group,
+            expert_cache=expert_cache,
         )
         self.load_s = time.perf_counter() - t0
 

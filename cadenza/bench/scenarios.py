@@ -77,6 +77,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="speculative prefetch: auto (default: with the fetch policy), on or off")  # fmt: skip
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"], help="fetch-cache eviction policy")
+    from cadenza.cli import add_expert_args
+
+    add_expert_args(p)  # synthetic models are never cached: --no-cache changes nothing here
     p.set_defaults(func=run_bench)
     return p
 
@@ -173,6 +176,10 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
             parts += [flag, str(value)]
     if args.prefetch != "auto":
         parts += ["--prefetch", args.prefetch]
+    if args.experts != "bf16":
+        parts += ["--experts", args.experts]
+    if args.expert_group is not None:
+        parts += ["--expert-group", str(args.expert_group)]
     return shlex.join(parts)
 
 
@@ -219,6 +226,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from cadenza.bench.machine import machine_info, rss_gib
     from cadenza.bench.measure import CadenzaUnderTest
     from cadenza.bench.synthetic import SyntheticCheckpoint
+    from cadenza.cli import expert_kwargs
     from cadenza.llm import resolve_device
 
     _check_args(args)
@@ -273,6 +281,7 @@ def run_bench(args: argparse.Namespace) -> int:
     cut = CadenzaUnderTest(
         ckpt, device, _first_fitting(configs, ckpt, device), max_context, args.cpu_threads,
         prefetch={"auto": None, "on": True, "off": False}[args.prefetch], eviction=args.eviction,
+        **expert_kwargs(args),
     )  # fmt: skip
     ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
     log(f"built in {cut.load_s:.1f} s; host RSS {rss_gib()} GiB")
@@ -307,6 +316,7 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         scenario=cfg.scenario,
         system=SYSTEM,
         model=model,
+        cpu_experts=cut.llm.expert_format.fmt,
         policy=cfg.policy,
         gpu_budget_gib=cfg.budget,
         prompt_tokens=cfg.prompt_tokens,

@@ -6,6 +6,10 @@ weights are. Work that does not depend on where experts live (shared experts) co
 run at once. The weights of all experts of a layer are stacked ([E, I, H] for gate and up, [E, H, I] for down);
 parameter names keep the checkpoint's (Mixtral: w1 gate, w3 up, w2 down; Qwen/OLMoE: gate_proj, up_proj,
 down_proj), so `experts.{e}.{name}.weight` in a checkpoint lands in row e of the stacked parameter `{name}`.
+
+Quantized experts (`quantize`, `set_packed`): the layer's weights then live in `packed`, int8 or int4 tiles in the
+fused CPU kernel's layout (cadenza.kernels.layout), in host memory; the stacked parameters are dropped and become
+meta tensors (same shapes and dtype, no memory): their shapes stay readable, any use of their values fails.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cadenza.errors import CadenzaError
+from cadenza.kernels import layout
+from cadenza.kernels.layout import PackedExperts
 from cadenza.models.common import act_fn
 
 
@@ -37,6 +44,8 @@ class Experts(nn.Module):
         e, h, i = num_experts, hidden_size, intermediate_size
         for name, shape in ((self.gate_name, (e, i, h)), (self.up_name, (e, i, h)), (self.down_name, (e, h, i))):
             self.register_parameter(name, nn.Parameter(torch.empty(shape), requires_grad=False))
+        self.packed: PackedExperts | None = None  # None: the experts are the stacked parameters
+        self._filled: set[tuple[int, str]] = set()  # (expert, name) rows loaded so far
 
     @property
     def gate(self) -> torch.Tensor:
@@ -59,14 +68,114 @@ class Experts(nn.Module):
                 out[f"{prefix}{e}.{name}.weight"] = shape
         return out
 
-    def load_checkpoint_tensor(self, rest: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype):
-        """rest: "{e}.{name}.weight". Allocates the stacked parameter on first use, then fills row e."""
+    def load_checkpoint_tensor(
+        self,
+        rest: str,
+        tensor: torch.Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+        alloc: Callable[[torch.Size, torch.dtype, torch.device], torch.Tensor] | None = None,
+    ) -> bool:
+        """rest: "{e}.{name}.weight". Allocates the stacked parameter on first use (with `alloc`(shape, dtype,
+        device) when given: the quantizing loader recycles a packed layer's stacks), then fills row e. Returns True
+        when this call completed the layer (every expert's gate, up and down has arrived)."""
         e_str, name, _ = rest.split(".")
+        if self.packed is not None:
+            raise ValueError(f"expert tensor {rest} arrived after the layer was packed")
         stacked = getattr(self, name)
         if stacked.is_meta:
-            stacked = nn.Parameter(torch.empty(stacked.shape, device=device, dtype=dtype), requires_grad=False)
+            data = (alloc or _empty)(stacked.shape, dtype, device)
+            stacked = nn.Parameter(data, requires_grad=False)
             self.register_parameter(name, stacked)
         stacked.data[int(e_str)].copy_(tensor)
+        self._filled.add((int(e_str), name))
+        return self.complete
+
+    @property
+    def complete(self) -> bool:
+        """Whether every expert's weights are here: packed, or all 3 E rows of the stacks loaded."""
+        return self.packed is not None or len(self._filled) == 3 * self.num_experts
+
+    # --- storage: plain stacked parameters, or packed int8 / int4 tiles ------------------------------------------
+
+    @property
+    def expert_format(self) -> str:
+        """How the experts are stored: "bf16" (plain stacked parameters, in the compute dtype), "int8" or "int4"."""
+        return "bf16" if self.packed is None else self.packed.fmt
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert as stored (packed: weights, scales and padding, what a use of it reads)."""
+        if self.packed is not None:
+            return self.packed.expert_bytes
+        return sum(w[0].numel() * w.element_size() for w in (self.gate, self.up, self.down))
+
+    def expert_nbytes_as(self, fmt: str, group: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes one expert of this layer takes stored as `fmt`: "bf16" plain in `dtype`, "int8" / "int4" packed
+        with scale group `group` (None: the format's default). From shapes alone (works on the meta model)."""
+        if fmt == "bf16":
+            return self.num_parameters // self.num_experts * torch.empty((), dtype=dtype).element_size()
+        return layout.expert_nbytes(fmt, group, self.hidden_size, self.intermediate_size)
+
+    @property
+    def num_parameters(self) -> int:
+        """Weights of all experts of the layer (gate, up and down), however they are stored."""
+        return 3 * self.num_experts * self.hidden_size * self.intermediate_size
+
+    def host_weights(self, e: int) -> tuple[torch.Tensor, ...]:
+        """The tensors that hold expert e: plain (gate [I, H], up [I, H], down [H, I]); packed (gate_up tiles
+        [Ip / 2, tile bytes], down tiles [Hp / 4, tile bytes], uint8)."""
+        if self.packed is not None:
+            return self.packed.gate_up[e], self.packed.down[e]
+        return self.gate[e], self.up[e], self.down[e]
+
+    def quantize(self, fmt: str, group: int | None = None, threads: int | None = None) -> None:
+        """Packs the loaded stacked experts (CPU) as `fmt` ("int8", "int4"; "bf16" keeps them plain: nothing to do)
+        with `threads` threads (default: physical cores), then frees the stacks (`set_packed`)."""
+        if fmt == "bf16":
+            return
+        if self.packed is not None:
+            raise ValueError(f"the experts are already packed as {self.packed.fmt}")
+        mats = (self.gate, self.up, self.down)
+        if not self.complete or any(w.is_meta for w in mats):
+            raise ValueError("the experts are not loaded yet: load every expert's weights before quantizing")
+        if any(w.device.type != "cpu" for w in mats):
+            raise CadenzaError(f"Quantized experts are packed in host memory; these are on {self.gate.device}.")
+        self._check_act()
+        if threads is None:
+            from cadenza.moe.cpu import physical_cores
+
+            threads = physical_cores()
+        self.set_packed(layout.pack_layer(*mats, fmt, group, threads=threads))
+
+    def set_packed(self, packed: PackedExperts, dtype: torch.dtype | None = None) -> None:
+        """Makes `packed` this layer's storage and drops the stacked parameters: they become meta tensors of the
+        same shapes, in `dtype` (default: theirs), holding no memory."""
+        if (packed.num_experts, packed.hidden, packed.intermediate) != (
+            self.num_experts,
+            self.hidden_size,
+            self.intermediate_size,
+        ):
+            raise ValueError(
+                f"packed experts of shape {(packed.num_experts, packed.hidden, packed.intermediate)} do not fit "
+                f"this layer's {(self.num_experts, self.hidden_size, self.intermediate_size)} (E, H, I)"
+            )
+        self._check_act()
+        self.packed = packed
+        for name in (self.gate_name, self.up_name, self.down_name):
+            old = getattr(self, name)
+            meta = torch.empty(old.shape, dtype=dtype or old.dtype, device="meta")
+            self.register_parameter(name, nn.Parameter(meta, requires_grad=False))
+        self._filled.clear()
+
+    def _check_act(self) -> None:
+        from cadenza.kernels.cpu_moe import ACT_CODES
+
+        if self.hidden_act not in ACT_CODES:
+            raise CadenzaError(
+                f"Quantized experts need an activation the CPU kernel computes ({', '.join(ACT_CODES)}); this model "
+                f"uses {self.hidden_act!r}. Run it with experts='bf16' (--experts bf16)."
+            )
 
     # Set by the scheduler when routed experts are offloaded (cadenza.moe.scheduler.LayerOffload); None: every
     # expert's weights are in this module's parameters on the compute device.
@@ -83,6 +192,9 @@ class Experts(nn.Module):
         `shared()` ([T, H]: the family's always-on experts) when given."""
         if self.offload is not None:
             return self.offload(x, topk_ids, topk_weights, shared)
+        if self.packed is not None:
+            y = self._packed_forward(x, topk_ids, topk_weights)
+            return y if shared is None else y + shared()
         counts = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts).tolist()  # one host sync
         y = torch.zeros_like(x)
         order = expert_order(topk_ids)
@@ -90,8 +202,29 @@ class Experts(nn.Module):
         run_experts(x, topk_ids.shape[1], topk_weights, order, counts, active, self.weights_of, self.act_fn, y)
         return y if shared is None else y + shared()
 
+    def _packed_forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The packed experts in host memory, computed by the fused CPU kernel: x [T, H] on the CPU -> y [T, H]."""
+        if x.device.type != "cpu":
+            raise CadenzaError(
+                f"This model's routed experts are packed as {self.packed.fmt} in host memory, but it runs on "
+                f"{x.device} without offloading. Run it on device='cpu', or on a GPU through the offloading path "
+                "(which computes host experts on the CPU), or use experts='bf16'."
+            )
+        from cadenza.kernels import cpu_moe
+
+        counts = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
+        active = torch.nonzero(counts).view(-1).tolist()
+        y = cpu_moe.moe_forward(
+            self.packed, x, topk_ids, topk_weights, active, self.hidden_act, torch.get_num_threads()
+        )  # float32
+        return y.to(x.dtype)
+
     def weights_of(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate[e], self.up[e], self.down[e]
+
+
+def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def expert_order(topk_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,177 @@
+"""Routed experts quantized at load (`--experts int8 | int4`), layer by layer, never holding the model twice.
+
+The loader fills a layer's stacked experts as the checkpoint's tensors arrive (shard by shard); the moment the last
+one lands, `LayerPacker.submit` hands the layer to a background thread that packs it (cadenza.kernels.layout, with
+several threads of its own) and drops its stacks, while reading goes on. One layer packs at a time and a second one
+waits for it, so at most about two layers' plain stacks are alive at once: a 45 B-parameter Mixtral (90 GB of bf16
+experts, 47 GB as int8) loads into 128 GiB of host memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from cadenza.errors import CadenzaError
+from cadenza.kernels.layout import DEFAULT_GROUP, FORMATS, INT4_GROUPS, INT8_GROUPS, resolve_group
+from cadenza.moe.experts import Experts
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How routed experts are stored: `fmt` "bf16" (plain stacked parameters in the compute dtype), "int8" or
+    "int4" (packed tiles, scale group `group`: 0 = per output channel); `cache`: keep packed layers on disk."""
+
+    fmt: str = "bf16"
+    group: int = 0
+    cache: bool = True
+
+    @classmethod
+    def of(cls, experts: str = "bf16", group: int | None = None, cache: bool = True) -> ExpertFormat:
+        """Validates user values (LLM's experts / expert_group / expert_cache) with messages naming the allowed
+        ones; group None takes the format's default (int8: per output channel, int4: 64)."""
+        if experts not in FORMATS:
+            raise CadenzaError(f"experts={experts!r} is not a storage format for routed experts. Use one of: bf16 "
+                               "(as the checkpoint, in the compute dtype), int8 or int4.")  # fmt: skip
+        if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
+            raise CadenzaError(f"expert_group={group!r} is not valid. Use a whole number (or leave it unset).")
+        if experts == "bf16":
+            if group not in (None, 0):
+                raise CadenzaError(
+                    f"expert_group={group} applies to quantized experts only. Use experts='int8' or 'int4' with it, "
+                    "or leave expert_group unset."
+                )
+            group = None
+        try:
+            resolved = resolve_group(experts, group)
+        except ValueError:
+            allowed = {"int8": INT8_GROUPS, "int4": INT4_GROUPS}[experts]
+            names = ", ".join(str(g) + (" (per output channel)" if g == 0 else "") for g in allowed)
+            raise CadenzaError(
+                f"expert_group={group} is not supported for {experts} experts. Use one of: {names}; default "
+                f"{DEFAULT_GROUP[experts] or 'per output channel'}."
+            ) from None
+        if not isinstance(cache, bool):
+            raise CadenzaError(f"expert_cache={cache!r} is not valid. Use True or False.")
+        return cls(experts, resolved, cache)
+
+    @property
+    def packed(self) -> bool:
+        return self.fmt != "bf16"
+
+
+class Progress:
+    """A progress line on stderr for work of `total` steps: updated in place on a terminal, a line every ~10%
+    otherwise; silent unless the work has taken more than `after_s` seconds (tiny models print nothing)."""
+
+    def __init__(self, label: str, total: int, after_s: float = 1.0, stream=None):
+        self.label, self.total, self.after_s = label, total, after_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.shown = False
+        self.last_decile = -1
+
+    def update(self, done: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        if not self.shown and elapsed < self.after_s:
+            return
+        text = f"cadenza: {self.label}: layer {done}/{self.total}"
+        if self.tty:
+            self.stream.write(f"\r{text} ({elapsed:.0f} s)")
+            if done >= self.total:
+                self.stream.write("\n")
+        else:
+            decile = done * 10 // max(1, self.total)
+            if decile == self.last_decile:
+                return
+            self.last_decile = decile
+            self.stream.write(f"{text} ({elapsed:.0f} s)\n")
+        self.stream.flush()
+        self.shown = True
+
+
+class LayerPacker:
+    """Packs completed MoE layers in one background thread, one layer at a time (each with `threads` threads),
+    while the caller reads on. `submit` waits while an earlier layer is still packing: at most one layer packs while
+    the next fills. `on_packed(index, layer)` (the disk cache's writer) runs in that thread after each layer.
+
+    A packed layer's plain stacks are recycled: `take` hands them to the next layer's loading (the loader's
+    `alloc`), because filling fresh memory costs a page fault per 4 KiB: copies into new pages ran at 1.5 GB/s
+    against 13-19 GB/s into reused ones (2-core box)."""
+
+    def __init__(
+        self,
+        layers: list[Experts],
+        fmt: str,
+        group: int,
+        threads: int | None = None,
+        on_packed: Callable[[int, Experts], None] | None = None,
+        progress: Progress | None = None,
+    ):
+        from cadenza.moe.cpu import physical_cores
+
+        self.index = {id(m): i for i, m in enumerate(layers)}
+        self.fmt, self.group = fmt, group
+        self.threads = threads or physical_cores()
+        self.on_packed = on_packed
+        self.progress = progress
+        self.done = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cadenza-packer")
+        self._pending: Future | None = None
+        self._lock = threading.Lock()
+        self._free: list[torch.Tensor] = []  # stacks of the last packed layer, for the next layer
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor for a layer's stack: a recycled one of this shape and dtype, else a new one."""
+        with self._lock:
+            for i, t in enumerate(self._free):
+                if t.shape == shape and t.dtype == dtype and t.device == device:
+                    return self._free.pop(i)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def submit(self, layer: Experts) -> None:
+        """Queues a layer whose every expert tensor has arrived; blocks until the previous one is packed (and
+        raises its error, if it failed)."""
+        self._wait()
+        self._pending = self._pool.submit(self._pack, self.index[id(layer)], layer)
+
+    def _pack(self, index: int, layer: Experts) -> None:
+        stacks = [w.data for w in (layer.gate, layer.up, layer.down)]
+        layer.quantize(self.fmt, self.group, self.threads)
+        with self._lock:
+            self._free = stacks  # replaces any not taken: at most one layer's stacks wait here
+        del stacks
+        if self.on_packed is not None:
+            self.on_packed(index, layer)
+        with self._lock:
+            self.done += 1
+            if self.progress is not None:
+                self.progress.update(self.done)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def finish(self) -> None:
+        """Waits for the last layer; raises a packing error."""
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._free = []
+
+    def abandon(self) -> None:
+        """After an error elsewhere: waits for the running layer quietly, stops the thread."""
+        with contextlib.suppress(Exception):
+            self._wait()
+        self._pool.shutdown(wait=True)
+        self._free = []
