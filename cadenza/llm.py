@@ -45,8 +45,8 @@ def cost_model_key(device: torch.device, orch) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "emulated"
     kernel = " | fused CPU kernel" if orch.cpu_kernel else ""
     return (
-        f"{cpu} | {gpu} | {orch.worker.threads} threads | expert {orch.hidden}x{orch.intermediate} {orch.dtype} | "
-        f"torch {torch.__version__}{kernel}"
+        f"{cpu} | {gpu} | {orch.worker.threads} threads | expert {orch.hidden}x{orch.intermediate} "
+        f"{orch.format_name} | torch {torch.__version__}{kernel}"
     )
 
 
@@ -291,8 +291,8 @@ class LLM:
             if orch.cache is not None:
                 slot = orch.cache.weights(0)
             cost = calibrate(
-                key, orch.calibration_experts(), moe_layers(self.model)[0].act_fn, self.device, slot,
-                cpu_run=orch.cpu_run_one if orch.cpu_kernel else None,
+                key, orch.calibration_experts(), orch.act, self.device, slot, cpu_run=orch.cpu_run_one,
+                gpu_run=orch.gpu_run_one, hidden=orch.hidden, dtype=self.dtype,
             )  # fmt: skip
             if orch.cache is not None:
                 orch.cache.clear()

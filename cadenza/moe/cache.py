@@ -13,24 +13,30 @@ from cadenza.moe.eviction import EvictionPolicy, make_policy
 
 
 class SlotCache:
-    """`num_slots` slots, each holding one expert's gate [I, H], up [I, H] and down [H, I]."""
+    """`num_slots` slots, each holding one expert as its tensors are stored: plain gate [I, H], up [I, H] and
+    down [H, I] in the compute dtype (the default), or the `parts` given (quantized experts: their gate/up and
+    down tiles, uint8). `stacks[j][slot]` is part j of a slot; the stacks are what the GPU kernels index."""
 
     def __init__(
         self,
         num_slots: int,
-        hidden: int,
-        intermediate: int,
-        dtype: torch.dtype,
-        device: torch.device,
+        hidden: int | None = None,
+        intermediate: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
         eviction: str | EvictionPolicy = "lru",
+        parts: list[tuple[tuple[int, ...], torch.dtype]] | None = None,
     ):
         self.num_slots = num_slots
         self.policy = make_policy(eviction) if isinstance(eviction, str) else eviction
         self.device = device
         self.cuda = device.type == "cuda"
-        self.gate = torch.empty(num_slots, intermediate, hidden, dtype=dtype, device=device)
-        self.up = torch.empty(num_slots, intermediate, hidden, dtype=dtype, device=device)
-        self.down = torch.empty(num_slots, hidden, intermediate, dtype=dtype, device=device)
+        if parts is None:
+            parts = [((intermediate, hidden), dtype), ((intermediate, hidden), dtype), ((hidden, intermediate), dtype)]
+        self.stacks = [torch.empty(num_slots, *shape, dtype=dt, device=device) for shape, dt in parts]
+        self.plain = len(self.stacks) == 3
+        if self.plain:  # fill_rows (an expert shared with the CPU) reads plain rows
+            self.gate, self.up, self.down = self.stacks
         self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
         self.free = list(range(num_slots - 1, -1, -1))
         self.hits = 0
@@ -45,10 +51,10 @@ class SlotCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+        return sum(t.numel() * t.element_size() for t in self.stacks)
 
-    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.gate[slot], self.up[slot], self.down[slot]
+    def weights(self, slot: int) -> tuple[torch.Tensor, ...]:
+        return tuple(s[slot] for s in self.stacks)
 
     def get(self, layer: int, expert: int, host: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> int:
         """The slot holding (layer, expert), copying it from `host` (gate, up, down) if it is not cached. The

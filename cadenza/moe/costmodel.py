@@ -179,13 +179,19 @@ def calibrate(
     token_counts_cpu: Sequence[int] = (1, 16, 128),
     token_counts_gpu: Sequence[int] = (1, 256, 2048),
     cpu_run: Callable[[Weights, torch.Tensor], None] | None = None,
+    gpu_run: Callable[[Weights, torch.Tensor], None] | None = None,
+    hidden: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> CostModel:
     """Times experts on this machine. `host_experts` should span more bytes than the CPU's last-level cache
     (the caller rotates through several layers) so DRAM, not the cache, is measured. `slot`: GPU buffers for one
     expert (None: no fetching, GPU costs are left at zero). cpu_run(weights, x): how the CPU computes one expert
-    (default: PyTorch's path, as `run_experts`)."""
+    (default: PyTorch's path, as `run_experts`); gpu_run(weights, x): how the GPU side computes one expert from a
+    slot (default: the same products). hidden, dtype: the activations' (default: those of plain experts' gate).
+    Weights are whatever tensors an expert is stored as (plain gate, up, down; or quantized tiles)."""
     gate0 = host_experts[0][0]
-    hidden, dtype = gate0.shape[1], gate0.dtype
+    hidden = hidden or gate0.shape[1]
+    dtype = dtype or gate0.dtype
     expert_bytes = sum(w.numel() * w.element_size() for w in host_experts[0])
     one = [0]
 
@@ -219,10 +225,11 @@ def calibrate(
     fetch(host_experts[0])
     h2d_s = min(_time(lambda w=w: fetch(w), sync, 1) for w in host_experts)
     gpu_points = []
+    run_gpu = gpu_run or run_on
     for n in token_counts_gpu:
         x = torch.randn(n, hidden, dtype=dtype, device=device)
-        run_on(slot, x)
-        gpu_points.append((n, _time(lambda x=x: run_on(slot, x), sync, 3)))
+        run_gpu(slot, x)
+        gpu_points.append((n, _time(lambda x=x: run_gpu(slot, x), sync, 3)))
     return CostModel(key, expert_bytes, cpu_s, _fit_line(gpu_points), expert_bytes / h2d_s / 1e9)
 
 

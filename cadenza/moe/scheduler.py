@@ -27,12 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from cadenza.errors import CadenzaError
+from cadenza.models.common import act_fn
 from cadenza.moe.adaptive import LivePopularity, plan_swaps
 from cadenza.moe.cache import SlotCache
 from cadenza.moe.costmodel import CostModel
 from cadenza.moe.cpu import CpuWorker, physical_cores
 from cadenza.moe.eviction import make_policy
 from cadenza.moe.experts import Experts, expert_order, offsets, run_experts
+from cadenza.moe.gpu_side import DECODE_MAX_TOKENS, ExpertLayout, decode_kernels_on
 from cadenza.moe.placement import Placement
 
 POLICIES = ("auto", "cpu", "fetch")
@@ -116,38 +118,54 @@ class LayerOffload:
 
     def __init__(self, orchestra: Orchestra, experts: Experts, index: int):
         self.orch, self.experts, self.index = orchestra, experts, index
+        self.layout = ExpertLayout.of(experts)
         self.resident_rows: dict[int, int] = {}
-        self.gate = self.up = self.down = None  # [R, ...] resident copies on the GPU side
+        # the residents' copies on the GPU side: one stack [R, ...] per tensor an expert is stored as (plain: gate,
+        # up, down; quantized: gate/up tiles, down tiles), and each expert's row in them (-1: not resident), on
+        # the GPU side, for the decode kernels
+        self.stacks: list[torch.Tensor] = []
+        self.row_lut: torch.Tensor | None = None
         self.out: torch.Tensor | None = None  # pinned [T, H] buffer for the CPU's partial sum
-        # the fused CPU kernel's view of the host experts (bf16, read in place), or None: PyTorch's path
+        # the fused CPU kernel's view of the host experts (bf16 read in place, or the packed quantized layer), or
+        # None: PyTorch's path
         self.kernel_layer = None
 
-    def host_weights(self, e: int):
-        return self.experts.gate[e], self.experts.up[e], self.experts.down[e]
+    def host_weights(self, e: int) -> tuple[torch.Tensor, ...]:
+        return self.experts.host_weights(e)
 
-    def resident_weights(self, e: int):
+    def resident_weights(self, e: int) -> tuple[torch.Tensor, ...]:
         r = self.resident_rows[e]
-        return self.gate[r], self.up[r], self.down[r]
+        return tuple(s[r] for s in self.stacks)
+
+    @property
+    def all_resident(self) -> bool:
+        return len(self.resident_rows) == self.experts.num_experts
 
     def swap(self, out: int, into: int) -> None:
         """Resident `out` leaves the GPU and `into` takes its row (copied on the compute stream, so it is ordered
         after every step that read the row). Between steps only."""
         r = self.resident_rows.pop(out)
-        for dst, src in zip((self.gate[r], self.up[r], self.down[r]), self.host_weights(into), strict=True):
+        for dst, src in zip((s[r] for s in self.stacks), self.host_weights(into), strict=True):
             dst.copy_(src, non_blocking=True)
         self.resident_rows[into] = r
+        self.row_lut[out] = -1
+        self.row_lut[into] = r
 
     def place(self, residents: list[int]) -> None:
-        self.gate = self.up = self.down = None
+        self.stacks = []
         self.resident_rows = {e: r for r, e in enumerate(residents)}
+        dev = self.orch.device
+        lut = torch.full((self.experts.num_experts,), -1, dtype=torch.int32)
+        for r, e in enumerate(residents):
+            lut[e] = r
+        self.row_lut = lut.to(dev)
         if not residents:
             return
-        dev, ex = self.orch.device, self.experts
-        self.gate, self.up, self.down = (
-            torch.empty((len(residents), *w.shape[1:]), dtype=w.dtype, device=dev) for w in (ex.gate, ex.up, ex.down)
-        )
+        self.stacks = [
+            torch.empty((len(residents), *w.shape), dtype=w.dtype, device=dev) for w in self.host_weights(residents[0])
+        ]
         for r, e in enumerate(residents):
-            for dst, src in zip((self.gate[r], self.up[r], self.down[r]), self.host_weights(e), strict=True):
+            for dst, src in zip((s[r] for s in self.stacks), self.host_weights(e), strict=True):
                 dst.copy_(src, non_blocking=True)
 
     def __call__(
@@ -157,6 +175,20 @@ class LayerOffload:
         topk_weights: torch.Tensor,
         shared: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        orch = self.orch
+        decode = orch.decode_kernels and x.shape[0] <= DECODE_MAX_TOKENS
+        if decode and self.all_resident:  # nothing for the host to decide: no synchronisation
+            y = self.layout.decode(x, self.row_lut[topk_ids], topk_weights, self.stacks)
+            pairs = topk_ids.numel()
+            orch.counters.gpu += pairs
+            orch.counters.gpu_bytes += min(pairs, self.experts.num_experts) * orch.expert_bytes  # (at most)
+            return y if shared is None else y + shared()
+        if orch.recorder is not None:  # a CUDA graph in capture: the host's part runs between two graphs
+            return orch.recorder.host(lambda: self.offloaded(x, topk_ids, topk_weights, shared, decode), x)
+        return self.offloaded(x, topk_ids, topk_weights, shared, decode)
+
+    def offloaded(self, x, topk_ids, topk_weights, shared, decode: bool) -> torch.Tensor:
+        """The layer's experts with the host deciding: the one synchronisation, the CPU's share, fetches."""
         orch, k = self.orch, topk_ids.shape[1]
         guess = orch.guess_next(self.index, x)  # the next layer's likely experts, for prefetch (or None)
         x_h, ids_h, w_h, guess_h = orch.to_host(x, topk_ids, topk_weights, guess)
@@ -182,25 +214,32 @@ class LayerOffload:
             )
         # the shared experts go to the GPU first, to run while the CPU computes its share
         y_shared = shared() if shared is not None else None
-        y = torch.zeros_like(x)
         # (token, slot) pairs grouped by expert on the GPU side; counts from the host slice it without a sync
-        order = expert_order(topk_ids) if resident or fetch or split else None
-        if resident or fetch:
-            act = self.experts.act_fn
+        order = expert_order(topk_ids) if (resident or fetch) and not decode or split else None
+        if decode and resident:  # one launch per matrix for all the layer's resident experts
+            y = self.layout.decode(x, self.row_lut[topk_ids], topk_weights, self.stacks)
+        else:
+            y = torch.zeros_like(x)
             if resident:
-                run_experts(x, k, topk_weights, order, counts, resident, self.resident_weights, act, y)
+                self.layout.run(x, k, topk_weights, order, counts, resident, self.resident_weights, y)
+        if fetch:
             cache = orch.cache
-            if cache is not None:
-                hits0, misses0 = cache.hits, cache.misses
-            for i in range(0, len(fetch), cache.num_slots if cache else 1):  # waves of at most num_slots fetches
+            hits0, misses0 = cache.hits, cache.misses
+            for i in range(0, len(fetch), cache.num_slots):  # waves of at most num_slots fetches
                 wave = fetch[i : i + cache.num_slots]
                 slots = {e: cache.get(self.index, e, self.host_weights(e)) for e in wave}
-                run_experts(x, k, topk_weights, order, counts, wave, lambda e, s=slots: cache.weights(s[e]), act, y)
+                if decode:
+                    lut = torch.full((self.experts.num_experts,), -1, dtype=torch.int32)
+                    for e, slot in slots.items():
+                        lut[e] = slot
+                    rows = lut.to(x.device, non_blocking=True)[topk_ids]
+                    y += self.layout.decode(x, rows, topk_weights, cache.stacks)
+                else:
+                    self.layout.run(x, k, topk_weights, order, counts, wave, lambda e, s=slots: cache.weights(s[e]), y)
                 for slot in slots.values():
                     cache.release(slot)
-            if cache is not None:
-                orch.counters.cache_hits += cache.hits - hits0
-                orch.counters.cache_misses += cache.misses - misses0
+            orch.counters.cache_hits += cache.hits - hits0
+            orch.counters.cache_misses += cache.misses - misses0
         halves = {}
         if split:  # the GPU's rows of the shared experts, while the CPU computes the others
             starts = offsets(counts)
@@ -284,6 +323,12 @@ class LayerOffload:
         return out, h_cpu
 
 
+def host_tensors(experts: Experts) -> list[torch.Tensor]:
+    """The host tensors a layer's routed experts live in (plain stacks, or the packed tiles)."""
+    p = getattr(experts, "packed", None)
+    return [experts.gate, experts.up, experts.down] if p is None else [p.gate_up, p.down]
+
+
 class Orchestra:
     """Shared by every offloaded layer: placement, slot cache, CPU worker, cost model, counters."""
 
@@ -318,13 +363,20 @@ class Orchestra:
         self.cuda = device.type == "cuda"
         first = layers[0]
         self.hidden, self.intermediate = first.hidden_size, first.intermediate_size
-        self.dtype = first.gate.dtype
-        self.expert_bytes = sum(w[0].numel() * w.element_size() for w in (first.gate, first.up, first.down))
+        self.layout = ExpertLayout.of(first)
+        # the compute dtype of plain experts (None for quantized ones: their products run in the activations' dtype)
+        self.dtype = first.gate.dtype if self.layout.plain else None
+        one = first.host_weights(0)
+        self.expert_parts = [(tuple(w.shape), w.dtype) for w in one]  # how one expert is stored (a fetch slot)
+        self.expert_bytes = sum(w.numel() * w.element_size() for w in one)  # as stored: what a use reads
         self.layers = [LayerOffload(self, ex, i) for i, ex in enumerate(layers)]
+        self.decode_kernels = decode_kernels_on(self.layout, device)
         # default: one core fewer than the machine has when a GPU is driven, so the main thread launching GPU
         # work never preempts one of the worker's threads (a GEMV waits for its slowest thread)
         self.worker = CpuWorker(cpu_threads or (max(1, physical_cores() - 1) if self.cuda else None))
         self.counters = ExpertCounters()
+        self.recorder = None  # cadenza.graphs.Recorder while a decode step is captured
+        self.version = 0  # bumped by each apply(): captured steps refer to the resident tensors of one placement
         self.policy = "cpu"
         self.cache: SlotCache | None = None
         self.cost: CostModel | None = None
@@ -333,10 +385,11 @@ class Orchestra:
         self._staging: Staging | None = None
         self._registered: list[torch.Tensor] = []
         if self.cuda:
-            for w in (w for ex in layers for w in (ex.gate, ex.up, ex.down)):
+            held = [w for ex in layers for w in host_tensors(ex)]
+            for w in held:
                 if pin_host_memory(w):
                     self._registered.append(w)
-            self.pinned = len(self._registered) == 3 * len(layers)
+            self.pinned = len(self._registered) == len(held)
             self._event = torch.cuda.Event()
         for layer, ex in zip(self.layers, layers, strict=True):
             ex.offload = layer
@@ -345,12 +398,17 @@ class Orchestra:
             self.cpu_kernel = self._use_cpu_kernel()
 
     def _use_cpu_kernel(self) -> bool:
-        """The fused CPU MoE kernel reads bf16 experts in place; other dtypes (and CPUs without AVX-512, with a
-        one-line notice from the kernel module) keep PyTorch's path."""
-        if self.dtype != torch.bfloat16 or os.environ.get("CADENZA_CPU_KERNEL") == "0":
-            return False
+        """The fused CPU MoE kernel reads bf16 experts in place; other plain dtypes (and CPUs without AVX-512, with
+        a one-line notice from the kernel module) keep PyTorch's path. Quantized experts always go through the
+        kernel module (its torch fallback where the kernel cannot run)."""
         from cadenza.kernels import cpu_moe
 
+        if not self.layout.plain:
+            for layer in self.layers:
+                layer.kernel_layer = layer.experts.packed
+            return cpu_moe.available() and os.environ.get("CADENZA_CPU_KERNEL") != "0"
+        if self.dtype != torch.bfloat16 or os.environ.get("CADENZA_CPU_KERNEL") == "0":
+            return False
         if not cpu_moe.available() or self.layers[0].experts.hidden_act not in cpu_moe.ACT_CODES:
             return False
         for layer in self.layers:
@@ -363,6 +421,7 @@ class Orchestra:
         if policy not in POLICIES:
             raise CadenzaError(f"Unknown offload policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
         self.placement, self.policy = placement, policy
+        self.version += 1
         for layer in self.layers:
             layer.place([])
         self.cache = None
@@ -372,7 +431,7 @@ class Orchestra:
             layer.place(residents)
         if placement.fetch_slots > 0:
             self.cache = SlotCache(
-                placement.fetch_slots, self.hidden, self.intermediate, self.dtype, self.device, self.eviction
+                placement.fetch_slots, device=self.device, eviction=self.eviction, parts=self.expert_parts
             )
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -385,7 +444,7 @@ class Orchestra:
         if self.policy == "fetch" or self.cost is None:
             return misses, [], {}
         fetch, on_cpu = self.cost.split(misses, counts)
-        if not self.split_experts:
+        if not self.split_experts or not self.layout.plain:
             return fetch, on_cpu, {}
         return self.cost.split_expert(fetch, on_cpu, counts)
 
@@ -484,14 +543,40 @@ class Orchestra:
         return x_h, ids_h, w_h, guess_h
 
     def cpu_run_one(self, weights, x: torch.Tensor) -> None:
-        """One expert on the CPU through the fused kernel (for calibrating the cost model)."""
+        """One expert on the CPU as the CPU job computes it (for calibrating the cost model): through the kernel
+        module (the fused kernel, or for quantized experts its fallback), else PyTorch's products."""
         from cadenza.kernels.cpu_moe import moe_forward, plain_layer
 
-        gate, up, down = weights
-        layer = plain_layer(gate[None], up[None], down[None])
         ids = torch.zeros(x.shape[0], 1, dtype=torch.int64)
         w = torch.ones(x.shape[0], 1)
-        moe_forward(layer, x, ids, w, [0], self.layers[0].experts.hidden_act, self.worker.threads)
+        if self.layout.plain and not self.cpu_kernel:
+            y = torch.zeros_like(x)
+            run_experts(x, 1, w, torch.arange(x.shape[0]), [x.shape[0]], [0], lambda e: weights, self.act, y)
+            return
+        if self.layout.plain:
+            gate, up, down = weights
+            layer = plain_layer(gate[None], up[None], down[None])
+        else:
+            gate_up, down = weights
+            packed = self.layers[0].experts.packed
+            layer = dataclasses.replace(packed, num_experts=1, gate_up=gate_up[None], down=down[None])
+        moe_forward(layer, x, ids, w, [0], self.layout.act, self.worker.threads)
+
+    def gpu_run_one(self, weights, x: torch.Tensor) -> None:
+        """One expert on the GPU side from a fetch slot's tensors, as a layer computes it (for calibration)."""
+        n = x.shape[0]
+        y = torch.zeros_like(x)
+        w = torch.ones(n, 1, dtype=torch.float32, device=x.device)
+        self.layout.run(x, 1, w, torch.arange(n, device=x.device), [n], [0], lambda e: weights, y)
+
+    @property
+    def format_name(self) -> str:
+        """How experts are stored, for the cost model's key: the plain dtype, or the quantized format."""
+        return str(self.dtype) if self.layout.plain else self.layout.describe()
+
+    @property
+    def act(self):
+        return act_fn(self.layout.act)
 
     def calibration_experts(self, max_bytes: int = 1_500_000_000) -> list:
         """Experts from different layers, together larger than a CPU's last-level cache."""

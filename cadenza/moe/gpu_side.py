@@ -1,0 +1,110 @@
+"""How the GPU side computes a layer's routed experts, whatever format they are stored in.
+
+Two ways, per format (plain stacks in the compute dtype, or the tiled bf16 / int8 / int4 layout of
+cadenza.kernels.layout, the same bytes as in host memory):
+
+- `run`: expert by expert, each expert's tokens through matrix products (quantized experts are dequantized to the
+  compute dtype first): the prefill path, where each expert has many tokens. Needs the per-expert token counts on
+  the host.
+- `decode`: all (token, slot) pairs of a few tokens in a fixed number of launches of the indexed kernels of
+  cadenza.kernels.gpu_moe: a pair's expert is a row of a stacked tensor (the layer's residents, or the fetch slots),
+  -1 skips the pair. Nothing is read back to the host, so a layer whose experts are all resident runs without a
+  synchronisation (and can be captured in a CUDA graph).
+
+Shape legend: T tokens, k slots per token, H hidden, I intermediate, E experts, R stacked rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from cadenza.models.common import act_fn
+from cadenza.moe.experts import Experts, offsets, run_experts
+
+# Beyond this many tokens in a layer, experts go through `run` (matrix products); up to it, through `decode`.
+DECODE_MAX_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """What the GPU side needs to know to compute a layer's experts: the storage format ("plain": stacked gate,
+    up [., I, H] and down [., H, I] in the compute dtype; or a tiled "bf16", "int8", "int4" with its scale group),
+    the sizes and the activation's name."""
+
+    fmt: str
+    group: int
+    hidden: int
+    intermediate: int
+    act: str
+
+    @classmethod
+    def of(cls, experts: Experts) -> ExpertLayout:
+        p = getattr(experts, "packed", None)
+        if p is None:
+            return cls("plain", 0, experts.hidden_size, experts.intermediate_size, experts.hidden_act)
+        return cls(p.fmt, p.group, p.hidden, p.intermediate, experts.hidden_act)
+
+    @property
+    def plain(self) -> bool:
+        return self.fmt == "plain"
+
+    def describe(self) -> str:
+        if self.plain:
+            return "plain"
+        return f"{self.fmt}" + (f"/g{self.group}" if self.group else "")
+
+    def _tiled(self) -> dict:
+        return {"fmt": self.fmt, "group": self.group, "hidden": self.hidden, "intermediate": self.intermediate}
+
+    def run(
+        self,
+        x: torch.Tensor,
+        k: int,
+        topk_weights: torch.Tensor,
+        order: torch.Tensor,
+        counts: list[int],
+        experts: list[int],
+        weights_of,
+        y: torch.Tensor,
+    ) -> None:
+        """y += each given expert's weighted output for its tokens (as `run_experts`); weights_of(e) -> the
+        tensors holding expert e on this side (a resident row, a fetch slot)."""
+        if self.plain:
+            run_experts(x, k, topk_weights, order, counts, experts, weights_of, act_fn(self.act), y)
+            return
+        from cadenza.kernels.gpu_moe import expert_forward
+
+        flat_w = topk_weights.reshape(-1)
+        starts = offsets(counts)
+        for e in experts:
+            pairs = order[starts[e] : starts[e] + counts[e]]
+            tokens = pairs // k
+            gate_up, down = weights_of(e)
+            ye = expert_forward(x[tokens], gate_up, down, act=self.act, **self._tiled())  # fp32 [n, H]
+            y.index_add_(0, tokens, (ye * flat_w[pairs, None]).to(y.dtype))
+
+    def decode(
+        self, x: torch.Tensor, rows: torch.Tensor, topk_weights: torch.Tensor, stacks: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """[T, H]: the pairs whose `rows` [T, k] entry names a row of `stacks` (-1: skipped), weighted and summed."""
+        from cadenza.kernels.gpu_moe import moe_decode
+
+        if self.plain:
+            return moe_decode(x, rows, topk_weights, tuple(stacks), self.act)
+        return moe_decode(x, rows, topk_weights, tuple(stacks), self.act, **self._tiled())
+
+
+def decode_kernels_on(layout: ExpertLayout, device: torch.device) -> bool:
+    """Whether the GPU side uses the indexed decode kernels for a few tokens. Quantized experts always do (on a CPU
+    "GPU side" through the kernels' torch fallback, so the emulated mode runs the same path); plain experts do on
+    CUDA when Triton is there. CADENZA_GPU_KERNEL=0 turns them off for plain experts (the per-expert products)."""
+    if not layout.plain:
+        return True
+    if device.type != "cuda" or os.environ.get("CADENZA_GPU_KERNEL") == "0":
+        return False
+    from cadenza.kernels.gpu_moe import available
+
+    return available(device)
