@@ -68,7 +68,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="guess the next layer's experts and copy them early: auto (default) = with --offload-policy "
                    "fetch only")  # fmt: skip
+    add_graph_args(p)
     add_expert_args(p)
+
+
+def add_graph_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cuda-graphs", action="store_true",
+        help="run every decode step eagerly instead of replaying it as CUDA graphs (for debugging and comparison)",
+    )  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -200,6 +208,7 @@ def _load(args: argparse.Namespace):
         max_batch=args.max_batch,
         eviction=args.eviction,
         prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
+        cuda_graphs=not args.no_cuda_graphs,
         **expert_kwargs(args),
     )
     if llm.placement is not None:
@@ -419,6 +428,12 @@ def offload_info(args: argparse.Namespace) -> dict:
         out["placement"] = {**placement.as_dict(), "summary": placement.summary()}
         if pop is not None:
             out["placement"]["expected_gpu_share"] = placement.expected_gpu_share(pop)
+    import torch
+
+    from cadenza.graphs import StepGraphs
+
+    cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out["cuda_graphs"] = StepGraphs(meta, cuda).describe()  # what a run on this machine would do
     shape = f"expert {meta.config.hidden_size}x"
     try:
         models = json.loads((cache_dir() / "costmodel.json").read_text())
@@ -451,6 +466,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"expert bytes  {_gb(d['routed_expert_bytes'])} routed experts as {_format_name(d)}, "
         f"{d['expert_bytes'] / 1e6:.2f} MB per expert",
     ]
+    lines.append(f"cuda graphs   {d['cuda_graphs']}")
     if "placement" in d:
         lines.append(f"placement     {d['placement']['summary']}")
         if "expected_gpu_share" in d["placement"]:

@@ -129,7 +129,8 @@ class LLM:
     context of KV cache out of the GPU budget). Batched generation, beams and the server use up to this many.
     eviction: which fetched expert leaves a full fetch cache: "lru" (default), "lfu" or "lrfu".
     prefetch: guess the next layer's experts with its router and start their copies early: True, False, or None
-    (default: with the fetch policy only).
+    (default: with the fetch policy only). cuda_graphs: replay decode steps as CUDA graphs where possible
+    (default; `engine.graphs.describe()` says whether and why not); False runs every step eagerly.
     experts: how routed experts are stored: "bf16" (default: as loaded, in the compute dtype), "int8" (symmetric,
     one scale per output channel, or per `expert_group` columns: 32, 64, 128) or "int4" (scale and zero point per
     `expert_group` columns: 32, 64 (default) or 128). Quantized experts take about 1/2 (int8) or 0.27 (int4) of
@@ -159,6 +160,7 @@ class LLM:
         max_batch: int = 1,
         eviction: str = "lru",
         prefetch: bool | None = None,
+        cuda_graphs: bool = True,
         experts: str = "bf16",
         expert_group: int | None = None,
         expert_cache: bool = True,
@@ -224,7 +226,7 @@ class LLM:
             eos = set(self.tokenizer.eos_token_ids)
         self.engine = Engine(
             self.model, self.tokenizer, self.device, self.dtype, context, eos, self.orchestra, PREFILL_CHUNK,
-            max_batch,
+            max_batch, cuda_graphs,
         )  # fmt: skip
 
     # --- offloading ------------------------------------------------------------------------------------------

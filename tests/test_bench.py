@@ -269,6 +269,32 @@ def test_scenario_plan():
         parse_budgets("12,lots")
 
 
+def test_quantized_and_resident_scenarios_plan():
+    """D3 / D4: 24 GiB and every expert on the host, decode, then a 512-token prefill; R1: all resident."""
+    for s in ("D3", "D4"):
+        got = [(c.scenario, c.policy, c.budget, c.prompt_tokens, c.new_tokens) for c in plan_configs([s], [])]
+        assert got == [(s, "auto", 24, 64, 128), (s, "cpu", 0, 64, 128), (s, "auto", 24, 512, 1)]
+    [r1] = plan_configs(["R1"], [])
+    assert (r1.budget, r1.new_tokens) == ("all", 128)
+
+
+def test_run_bench_d4_with_error_and_step_profile(tmp_path):
+    """D4 on the CPU's tiny model: int4 experts, the int4-vs-bf16 error next to each result, a step profile."""
+    args = _args("--scenario", "D4", "--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "3", "--trials",
+                 "1", "--profile-step", "--out", str(tmp_path))  # fmt: skip
+    assert run_bench(args) == 0
+    data = json.loads(next(tmp_path.glob("D4-*.json")).read_text())
+    assert "--profile-step" in data["command"]
+    results = data["results"]
+    assert [r["cpu_experts"] for r in results] == ["int4"] * 3
+    for r in results:
+        err = r["error_vs_bf16"]
+        assert err["format"] == "int4" and 0 < err["relative_logit_error"] < 1 and 0 <= err["top1_agreement"] <= 1
+    decode = [r for r in results if r["new_tokens"] > 1]
+    assert all(r["step_profile"]["step"]["wall_ms"] > 0 for r in decode)
+    assert all("no CUDA device" in r["cuda_graphs"] for r in results)
+
+
 def test_run_bench_tiny_on_cpu(tmp_path, capsys):
     args = _args("--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "4", "--trials", "1",
                  "--budgets", "0,24,all", "--out", str(tmp_path))  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from cadenza.bench.report import BenchResult, plot_budget_sweep, result_path, write_results
 from cadenza.errors import CadenzaError
 
-SCENARIOS = ("D1", "P1", "S1", "F1", "F2")
+SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "R1")
 DEFAULT_SCENARIOS = "D1,P1,S1"  # F1 and F2 run other models: ask for each alone
 D1_BUDGET_GIB = 24
 F1_BUDGET_GIB = 8  # qwen3-30b-a3b: 48 layers, 8 small experts per token: where per-call overhead shows
@@ -24,7 +24,18 @@ F1_MODEL = "qwen3-30b-a3b"
 F2_BUDGET_GIB = 6  # deepseek-v2-lite: MLA, a dense first layer, 2 shared + 6 of 64 routed experts per token
 F2_MODEL = "deepseek-v2-lite"
 F2_CPU_MODEL = "deepseek-v2-tiny"  # its layout at laptop size, for runs without CUDA
-SOLO = {"F1": (F1_MODEL, None), "F2": (F2_MODEL, F2_CPU_MODEL)}  # scenario -> (model, model without CUDA)
+R1_MODEL = "olmoe-1b-7b"  # every expert resident on the GPU: what is left is per-step overhead and HBM bandwidth
+# scenario -> (model, model without CUDA)
+SOLO = {
+    "F1": (F1_MODEL, None),
+    "F2": (F2_MODEL, F2_CPU_MODEL),
+    "D3": ("mixtral-8x7b", None),
+    "D4": ("mixtral-8x7b", None),
+    "R1": (R1_MODEL, None),
+}
+EXPERT_FORMAT = {"D3": "int8", "D4": "int4"}  # scenarios measured with quantized experts
+QUANT_BUDGETS = (24, 0)  # D3 / D4: a 24 GiB GPU, and every expert on the host
+QUANT_PREFILL = 512
 D1_POLICIES = ("auto", "cpu", "fetch")
 P1_POLICIES = ("auto", "cpu")
 P1_PROMPTS = (512, 2048)
@@ -77,6 +88,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="speculative prefetch: auto (default: with the fetch policy), on or off")  # fmt: skip
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"], help="fetch-cache eviction policy")
+    p.add_argument(
+        "--profile-step", action="store_true",
+        help="after each decode configuration, profile a few decode steps: GPU kernels, transfers, CPU experts and "
+        "overhead, in total and per layer (with --no-cuda-graphs; graphs hide the layers)",
+    )  # fmt: skip
+    from cadenza.cli import add_graph_args
+
+    add_graph_args(p)
     from cadenza.cli import add_expert_args
 
     add_expert_args(p)  # synthetic models are never cached: --no-cache changes nothing here
@@ -149,6 +168,11 @@ def plan_configs(
             out += [RunConfig("P1", pol, D1_BUDGET_GIB, n, 1) for n in prompts for pol in P1_POLICIES]
         elif s == "S1":
             out += [RunConfig("S1", "auto", b, prompt(64), new(64)) for b in budgets]
+        elif s in EXPERT_FORMAT:
+            out += [RunConfig(s, "auto" if b else "cpu", b, prompt(64), new(128)) for b in QUANT_BUDGETS]
+            out.append(RunConfig(s, "auto", QUANT_BUDGETS[0], prompt(QUANT_PREFILL), 1))
+        elif s == "R1":
+            out.append(RunConfig("R1", "auto", "all", prompt(64), new(128)))
     return out
 
 
@@ -174,6 +198,8 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
     ):
         if value is not None:
             parts += [flag, str(value)]
+    parts += [flag for flag, on in (("--profile-step", args.profile_step), ("--no-cuda-graphs", args.no_cuda_graphs))
+              if on]  # fmt: skip
     if args.prefetch != "auto":
         parts += ["--prefetch", args.prefetch]
     if args.experts != "bf16":
@@ -249,6 +275,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if not configs and not baseline:
         raise CadenzaError("Nothing to measure: --policies none leaves no configuration and no baseline.")
     max_context = max((c.prompt_tokens + c.new_tokens for c in configs), default=2)
+    if args.profile_step:  # the profile decodes a warm-up, an unprofiled and a profiled run after the prompt
+        max_context = max(max_context, max(c.prompt_tokens for c in configs) + 3 * PROFILE_STEPS + 1)
     if max_context > ckpt.config["max_position_embeddings"]:
         raise CadenzaError(
             f"The longest request ({max_context} tokens) exceeds {model}'s context of "
@@ -276,12 +304,25 @@ def run_bench(args: argparse.Namespace) -> int:
         add("D1", _run_baseline(ckpt, all_configs, device, machine, log, args.seed))
     if not configs:
         return 0
+    expert_args = expert_kwargs(args)
+    fmt = EXPERT_FORMAT.get(scenarios[0])
+    if fmt is not None:  # D3 / D4 fix the format
+        if args.experts not in ("bf16", fmt):
+            raise CadenzaError(f"{scenarios[0]} measures {fmt} experts; --experts {args.experts} contradicts it.")
+        expert_args["experts"] = fmt
+        from cadenza.bench.quant_error import quantization_error
+
+        log(f"{scenarios[0]}: {fmt} vs bf16 output error on {model} cut to {ERROR_LAYERS} layers ...")
+        error = quantization_error(model, fmt, device, args.seed, ERROR_LAYERS, expert_args["expert_group"])
+        log(f"  relative logit error {error['relative_logit_error']:.4f}, top-1 agreement "
+            f"{error['top1_agreement']:.3f}")  # fmt: skip
+        add = _with_error(add, error)
 
     log(f"building cadenza's model ({ckpt.total_bytes / 1e9:.1f} GB) on {device}; host RSS {rss_gib()} GiB ...")
     cut = CadenzaUnderTest(
         ckpt, device, _first_fitting(configs, ckpt, device), max_context, args.cpu_threads,
         prefetch={"auto": None, "on": True, "off": False}[args.prefetch], eviction=args.eviction,
-        **expert_kwargs(args),
+        cuda_graphs=not args.no_cuda_graphs, **expert_args,
     )  # fmt: skip
     ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
     log(f"built in {cut.load_s:.1f} s; host RSS {rss_gib()} GiB")
@@ -303,6 +344,15 @@ def run_bench(args: argparse.Namespace) -> int:
         if png:
             log(f"wrote {png}")
     return 0
+
+
+PROFILE_STEPS = 8  # decode steps profiled per configuration (--profile-step)
+ERROR_LAYERS = 4  # D3 / D4 measure quantization error on the model's first layers (bf16 copy on the GPU)
+
+
+def _with_error(add, error: dict):
+    """`add` that records the format's measured output error next to every result."""
+    return lambda scenario, result: add(scenario, {**result, "error_vs_bf16": error})
 
 
 def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int, machine: dict, add, log) -> None:
@@ -334,7 +384,20 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
         result.skip(f"out of GPU memory: {str(e).splitlines()[0]}")
-    add(cfg.scenario, {**result.as_dict(), **kv_cache_facts(cut.llm)})
+    out = {**result.as_dict(), **kv_cache_facts(cut.llm), "cuda_graphs": cut.llm.engine.graphs.describe()}
+    if args.profile_step and cfg.new_tokens > 1 and not out.get("skipped"):
+        from cadenza.bench.step_profile import profile_decode
+
+        graphs = cut.llm.engine.graphs.enabled
+        try:
+            prof = profile_decode(cut.llm, prompt, steps=PROFILE_STEPS, warmup=PROFILE_STEPS, eager=not graphs)
+        except CadenzaError as e:
+            out["step_profile"] = {"error": str(e)}
+            log(f"step profile failed: {e}")
+        else:
+            out["step_profile"] = prof.as_dict()
+            log("step profile" + (" (CUDA graphs: totals only)" if graphs else "") + "\n" + prof.table())
+    add(cfg.scenario, out)
 
 
 def kv_cache_facts(llm) -> dict:

@@ -212,13 +212,17 @@ class SyntheticCheckpoint:
     `release()` frees them. Same name and seed -> the same weights, in any process.
     """
 
-    def __init__(self, name: str, seed: int = 0):
+    def __init__(self, name: str, seed: int = 0, layers: int | None = None):
+        """layers: keep only the first `layers` decoder layers (a full-width model cut short, e.g. to measure
+        quantization error against a bf16 copy that fits on the GPU)."""
         if name not in SYNTHETIC_MODELS:
             raise CadenzaError(f"Unknown synthetic model {name!r}. Use one of: {', '.join(sorted(SYNTHETIC_MODELS))}.")
-        self.name = name
+        self.name = name if layers is None else f"{name}[:{layers}]"
         self.seed = seed
-        self.path = Path(f"synthetic:{name}")
+        self.path = Path(f"synthetic:{self.name}")
         self.config: dict = dict(SYNTHETIC_MODELS[name])
+        if layers is not None:
+            self.config["num_hidden_layers"] = layers
         self.generation_config: dict = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._expert_names: set[str] = set()
