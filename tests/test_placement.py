@@ -182,7 +182,7 @@ def test_bad_popularity_matrix_is_refused(bad, problem):
 @pytest.mark.parametrize("layers, n", [(4, 13), (4, 2), (48, 500), (7, 3), (10, 1), (5, 0)])
 def test_even_spread_without_popularity(layers, n):
     sizes = ModelSizes(MiB, 0, MiB, layers, 64)
-    p = plan(sizes, MiB + n * MiB, 0, 0)
+    p = plan(sizes, MiB + n * MiB, 0, 0, fill="spread")
     c = [len(ids) for ids in p.resident]
     assert sum(c) == n and max(c) - min(c) <= 1
     assert all(ids == list(range(len(ids))) for ids in p.resident)  # expert ids 0, 1, 2, ...
@@ -195,7 +195,20 @@ def test_even_spread_without_popularity(layers, n):
 
 def test_even_spread_puts_a_single_extra_in_the_middle_not_at_the_front():
     sizes = ModelSizes(MiB, 0, MiB, 10, 64)
-    assert counts(plan(sizes, MiB + MiB, 0, 0)) == [0] * 5 + [1] + [0] * 4
+    assert counts(plan(sizes, MiB + MiB, 0, 0, fill="spread")) == [0] * 5 + [1] + [0] * 4
+
+
+@pytest.mark.parametrize("layers, n", [(4, 13), (4, 2), (48, 500), (7, 64), (10, 1), (5, 0)])
+def test_whole_layers_by_default_without_popularity(layers, n):
+    """The default fill: whole layers first to last, the remainder in the next layer, expert ids 0, 1, 2, ..."""
+    sizes = ModelSizes(MiB, 0, MiB, layers, 8)
+    p = plan(sizes, MiB + n * MiB, 0, 0)
+    n = min(n, layers * 8)
+    want = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+    assert counts(p) == want + [0] * (layers - len(want))
+    assert all(ids == list(range(len(ids))) for ids in p.resident)
+    with pytest.raises(CadenzaError, match="fill"):
+        plan(sizes, MiB + n * MiB, 0, 0, fill="diagonal")
 
 
 # --- reporting -------------------------------------------------------------------------------------------------
@@ -208,7 +221,7 @@ def test_as_dict_is_json_and_summary_mentions_counts():
     assert d["resident_per_layer"] == counts(p) and sum(d["resident_per_layer"]) == 13
     assert d["gpu_bytes"] == p.gpu_bytes and d["budget_bytes"] == p.budget_bytes
     s = p.summary()
-    assert "resident 13/32 experts (40.6%)" in s and "per layer 3-4" in s and "1 fetch slot;" in s
+    assert "resident 13/32 experts (40.6%)" in s and "per layer 0-8" in s and "1 fetch slot;" in s
     assert "of 0.2 GiB" in s
     assert "no limit" in small_plan(None).summary()
     json.dumps(small_plan(None).as_dict())

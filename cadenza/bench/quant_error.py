@@ -8,6 +8,8 @@ per-group scales to follow, but no redundancy either): the numbers are indicativ
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from cadenza.bench.synthetic import SyntheticCheckpoint
@@ -33,6 +35,7 @@ def quantization_error(
     quant.close()
     del quant
     ckpt.release()
+    gc.collect()  # (an LLM's engine and graphs hold each other: collect now, not at some later allocation)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {

@@ -203,6 +203,9 @@ class Placement:
         )
 
 
+FILLS = ("layers", "spread")  # where residents go without a popularity matrix (see plan)
+
+
 def plan(
     sizes: ModelSizes,
     budget_bytes: int | None,
@@ -210,6 +213,7 @@ def plan(
     workspace_bytes: int,
     popularity: list[list[float]] | None = None,
     fetch_slots: int = 0,
+    fill: str = "layers",
 ) -> Placement:
     """Choose the resident experts and fetch slots for a GPU budget.
 
@@ -221,8 +225,14 @@ def plan(
     residents as fit. When every expert fits as a resident, all are resident and fetch slots are 0.
 
     popularity: [num_moe_layers][num_experts] routing counts or shares; the most popular (layer, expert) pairs
-    become resident first (ties: lower layer, then lower expert id). None spreads residents evenly over layers.
+    become resident first (ties: lower layer, then lower expert id). Without it, `fill` says where residents go:
+    "layers" (default) fills whole layers, first to last: at batch 1 a layer with every expert resident needs no
+    host decision (no synchronisation; inside a CUDA graph), and the host's layers meet their misses in pairs
+    (the CPU computes one while the link fetches the other) instead of one at a time; "spread" spreads them
+    evenly over the layers.
     """
+    if fill not in FILLS:
+        raise CadenzaError(f"Unknown placement fill {fill!r}. Use one of: {', '.join(FILLS)}.")
     for name, value in (("max_context", max_context), ("workspace_bytes", workspace_bytes)):
         if value < 0:
             raise CadenzaError(f"{name} is {value}, which is negative. Give a value of 0 or more.")
@@ -252,7 +262,12 @@ def plan(
         return placement([list(range(num_experts)) for _ in range(num_layers)], 0)
     slots = min(fetch_slots, spare // eb)
     n = min(total, (spare - slots * eb) // eb)
-    chosen = _most_popular(pop, n) if pop is not None else _spread_evenly(num_layers, num_experts, n)
+    if pop is not None:
+        chosen = _most_popular(pop, n)
+    elif fill == "layers":
+        chosen = _whole_layers(num_layers, num_experts, n)
+    else:
+        chosen = _spread_evenly(num_layers, num_experts, n)
     return placement([sorted(ids) for ids in chosen], slots)
 
 
@@ -279,6 +294,11 @@ def _most_popular(pop: list[list[float]], n: int) -> list[list[int]]:
     for layer, e in pairs[:n]:
         chosen[layer].append(e)
     return chosen
+
+
+def _whole_layers(num_layers: int, num_experts: int, n: int) -> list[list[int]]:
+    full, rest = divmod(n, num_experts) if num_experts else (0, 0)
+    return [list(range(num_experts if layer < full else rest if layer == full else 0)) for layer in range(num_layers)]
 
 
 def _spread_evenly(num_layers: int, num_experts: int, n: int) -> list[list[int]]:

@@ -585,9 +585,12 @@ class Orchestra:
         return [layer.host_weights(i % layer.experts.num_experts) for i, layer in enumerate(picks)]
 
     def close(self) -> None:
-        """Stops the worker and unregisters the page-locked host memory (idempotent)."""
+        """Stops the worker, drops the GPU side's copies (residents, fetch slots) and unregisters the page-locked
+        host memory (idempotent)."""
         for layer in self.layers:
             layer.experts.offload = None
+            layer.stacks, layer.row_lut = [], None
+        self.cache = None
         self.worker.close()
         if self._registered:
             torch.cuda.synchronize(self.device)  # no copy may still read the memory
