@@ -42,6 +42,9 @@ class Captured:
     index: RowIndex  # rows and positions
     logits: torch.Tensor | None = None  # [B, 1, V] float32
     segments: list = field(default_factory=list)  # torch.cuda.CUDAGraph or a host call, in order
+    # what the captured layers add to the orchestra's counters per step (the Python that counts them does not run
+    # on replay; the host segments count for themselves)
+    counted: object | None = None
 
     def replay(self) -> None:
         for seg in self.segments:
@@ -143,6 +146,10 @@ class StepGraphs:
         cap.index.rows_t.copy_(host[1], non_blocking=True)
         cap.index.starts_t.copy_(host[2], non_blocking=True)
         cap.replay()
+        if cap.counted is not None:
+            counters = self.orchestra.counters
+            for name, value in cap.counted.__dict__.items():
+                setattr(counters, name, getattr(counters, name) + value)
         self.replays += 1
         cache.advance(rows, 1)
         return cap.logits[:, -1]
@@ -162,6 +169,7 @@ class StepGraphs:
             # keys and values where the replay writes them again
             self.model(cap.ids, cache, last_only=True, static=static)
             torch.cuda.synchronize(self.device)
+            before = orch.counters.snapshot() if orch is not None else None
             rec = Recorder(self.pool)
             if orch is not None:
                 orch.recorder = rec
@@ -176,6 +184,7 @@ class StepGraphs:
                     rec.graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if orch is not None:  # the warm-up pass is not a step: keep the counters honest
+            cap.counted = orch.counters.minus(before)
             orch.counters = counters
         self.pool = rec.pool
         cap.segments = rec.segments

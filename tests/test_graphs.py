@@ -98,7 +98,9 @@ def test_graph_replay_equals_eager_all_resident(families, family, small_buckets)
         g = fast.engine.graphs
         assert g.captures >= 2 and g.replays >= 11  # 5 + 12 positions span more than one bucket of 8
         assert all(len(c.segments) == 1 for c in g.graphs.values()), "all experts resident: one graph per step"
-        assert fast.generate(prompts[0], GREEDY).stats.decode_syncs == 0
+        fast_stats, slow_stats = fast.generate(prompts[0], GREEDY).stats, slow.generate(prompts[0], GREEDY).stats
+        assert fast_stats.decode_syncs == 0
+        assert fast_stats.expert_work == slow_stats.expert_work and fast_stats.decode_gpu_bytes > 0
         assert _tokens(fast, prompts) == _tokens(slow, prompts)  # batched rows of different lengths
         ids = prompts[2]
         assert torch.allclose(fast.score(ids), slow.score(ids), atol=1e-5)
@@ -121,6 +123,7 @@ def test_graph_replay_with_experts_off_the_gpu(families, policy, small_buckets):
         got = fast.generate(prompt, GREEDY)
         assert got.token_ids == want.token_ids
         assert got.stats.decode_syncs == want.stats.decode_syncs > 0  # the host's layers still synchronise
+        assert got.stats.expert_work == want.stats.expert_work  # captured layers' work is counted on replay
         assert any(len(c.segments) > 1 for c in fast.engine.graphs.graphs.values())
         # a new placement re-captures (the resident tensors moved)
         before = fast.engine.graphs.captures
