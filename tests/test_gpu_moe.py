@@ -1,0 +1,359 @@
+"""The GPU routed-expert kernels (cadenza.kernels.gpu_moe) against the exact reference.
+
+Without CUDA the Triton kernels run through Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below
+before triton is first imported; if something imported it earlier, one test reruns this file in a subprocess);
+with CUDA the same tests run the compiled kernels on the GPU, and the `gpu` tests add full-size shapes and CUDA
+graphs. Reference: the
+weights the layout really holds (`layout.dequantize`, or the plain tensors) in float64, y[t] = sum over pairs
+with row >= 0 of w * down(act(gate x) * up x). Bounds, relative Frobenius error of y [T, H]:
+- fp32 x and weights: 1e-5 (fp32 sums in another order; measured ~5e-7), kernels and the PyTorch fallback alike;
+- bf16 x (output rounded once to bf16, 2^-9 relative per element): 6e-3 against the reference, and 6e-3 between
+  kernel and fallback (the same fp32 value up to sum order, then rounded: at most one bf16 step apart);
+- dequantize_expert: exactly the reference in fp32, and exactly its one rounding in bf16 / fp16.
+Interpreter tests pass large blocks (few programs: seconds, not minutes); one case runs the default blocks.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cadenza.errors import CadenzaError
+from cadenza.kernels.layout import dequantize, dequantize_tiles, pack_layer
+from cadenza.models.common import act_fn
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_TRITON = importlib.util.find_spec("triton") is not None
+# Triton reads TRITON_INTERPRET when a kernel (its own library's included) is defined, and the first launch imports
+# a module that checks it. So the flag is on only while triton and a private copy of the kernels module are
+# imported: cadenza.kernels.gpu_moe itself stays uninterpreted, and the engine's CPU tests keep its fast torch
+# fallback (through the interpreter a small model's decode takes minutes). If something imported triton before
+# this file, the flag comes too late: the kernel tests then run in a fresh subprocess.
+_SUBPROCESS = False
+if _TRITON and DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules:
+        _SUBPROCESS = True
+        from cadenza.kernels import gpu_moe
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import triton.experimental.gluon  # noqa: F401
+
+            _file = importlib.util.find_spec("cadenza.kernels.gpu_moe").origin
+            _name = "cadenza.kernels._gpu_moe_interpreted"
+            _spec = importlib.util.spec_from_file_location(_name, _file)
+            gpu_moe = sys.modules[_name] = importlib.util.module_from_spec(_spec)
+            _spec.loader.exec_module(gpu_moe)
+        finally:
+            del os.environ["TRITON_INTERPRET"]
+else:
+    from cadenza.kernels import gpu_moe
+
+from cadenza.bench.gpu_kernel import random_plain, random_tiled  # noqa: E402
+
+FP32, BF16 = 1e-5, 6e-3
+BIG = gpu_moe.Blocks(128, 256, 128, 256)  # few programs: fast under the interpreter
+
+KERNELS = gpu_moe.available(DEVICE)
+WHY = (
+    "the kernel tests run in a subprocess (triton was imported before its interpreter could be switched on)"
+    if _SUBPROCESS
+    else "Triton is not importable: the kernels are checked through its interpreter on the CPU (pip install triton)"
+)
+needs_kernels = pytest.mark.skipif(not KERNELS, reason=WHY)
+
+
+def experts(r, h, i, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = (torch.randn(r, i, h, generator=g) * h**-0.5 for _ in range(2))
+    return gate, up, torch.randn(r, h, i, generator=g) * i**-0.5
+
+
+def routing(t, k, r, h, seed=1, skip=True):
+    """x [t, h], rows [t, k] (distinct per token; with skip, every third pair -1), weights [t, k]."""
+    g = torch.Generator().manual_seed(seed + 10 * t + k)
+    rows = torch.stack([torch.randperm(r, generator=g)[:k] for _ in range(t)])
+    if skip:
+        rows.view(-1)[1::3] = -1
+    return torch.randn(t, h, generator=g), rows, torch.rand(t, k, generator=g)
+
+
+def reference(x, rows, w, gate, up, down, act):
+    """float64 y [T, H] from the weights the layer holds (gate, up [R, I, H], down [R, H, I])."""
+    fn = act_fn(act)
+    y = torch.zeros(x.shape[0], gate.shape[2], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(rows[t].tolist()):
+            if e >= 0:
+                xt = x[t].double()
+                hv = fn(gate[e].double() @ xt) * (up[e].double() @ xt)
+                y[t] += w[t, j].double() * (down[e].double() @ hv)
+    return y
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def on(*ts):
+    return [t.to(DEVICE) for t in ts]
+
+
+# --- moe_decode ----------------------------------------------------------------------------------------------------
+
+PLAIN_CASES = [  # (H, I, T, k, act, dtype)
+    (200, 136, 7, 2, "silu", torch.float32),
+    (256, 256, 1, 1, "relu", torch.float32),
+    (256, 128, 2, 2, "gelu", torch.float32),
+    (200, 136, 2, 2, "gelu_pytorch_tanh", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("route", ["triton", "torch"])
+@pytest.mark.parametrize("h, i, t, k, act, dtype", PLAIN_CASES)
+def test_decode_plain(route, h, i, t, k, act, dtype):
+    if route == "triton" and not KERNELS:
+        pytest.skip(WHY)
+    gate, up, down = (m.to(dtype) for m in experts(4, h, i))
+    x, rows, w = routing(t, k, 4, h)
+    x = x.to(dtype)
+    y = gpu_moe.moe_decode(*on(x, rows, w), on(gate, up, down), act, blocks=BIG, route=route)
+    assert y.dtype == dtype and y.shape == (t, h)
+    assert rel(y, reference(x, rows, w, gate, up, down, act)) < (FP32 if dtype == torch.float32 else BF16)
+
+
+TILED_CASES = [  # (fmt, group, H, I, T, k, act)
+    ("bf16", 0, 200, 136, 7, 2, "silu"),
+    ("bf16", 0, 256, 128, 1, 2, "gelu"),
+    ("int8", 0, 200, 136, 2, 2, "relu"),
+    ("int8", 32, 200, 136, 7, 2, "silu"),
+    ("int8", 32, 256, 256, 1, 1, "gelu_pytorch_tanh"),
+    ("int8", 128, 256, 384, 2, 1, "silu"),
+    ("int4", 32, 200, 136, 7, 2, "silu"),
+    ("int4", 64, 256, 256, 2, 2, "gelu"),
+    ("int4", 128, 200, 136, 1, 2, "relu"),
+    ("int4", 64, 384, 200, 2, 2, "gelu_new"),
+    ("int4", 32, 200, 300, 1, 2, "silu"),  # Ip = 384: h zero-padded to whole steps of the down kernel
+]
+
+
+@pytest.mark.parametrize("route", ["triton", "torch"])
+@pytest.mark.parametrize("fmt, group, h, i, t, k, act", TILED_CASES)
+def test_decode_tiled(route, fmt, group, h, i, t, k, act):
+    if route == "triton" and not KERNELS:
+        pytest.skip(WHY)
+    packed = pack_layer(*experts(5, h, i), fmt, group)
+    x, rows, w = routing(t, k, 5, h)
+    kw = dict(fmt=fmt, group=group, hidden=h, intermediate=i, blocks=BIG, route=route)
+    y = gpu_moe.moe_decode(*on(x, rows, w), on(packed.gate_up, packed.down), act, **kw)
+    assert y.dtype == torch.float32 and y.shape == (t, h)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), act)) < FP32
+
+
+@needs_kernels
+def test_decode_default_blocks_int32_rows_bf16_x():
+    """The default (small) blocks, int32 rows, bf16 activations and weights in bf16 (the model's dtype)."""
+    h, i = 136, 100
+    packed = pack_layer(*experts(3, h, i), "int4", 64)
+    x, rows, w = routing(1, 1, 3, h, skip=False)
+    x, rows, w = x.bfloat16(), rows.int(), w.bfloat16()
+    kw = dict(fmt="int4", group=64, hidden=h, intermediate=i)
+    mats = on(packed.gate_up, packed.down)
+    y = gpu_moe.moe_decode(*on(x, rows, w), mats, "silu", **kw)
+    fb = gpu_moe.moe_decode(*on(x, rows, w), mats, "silu", **kw, route="torch")
+    assert y.dtype == torch.bfloat16
+    assert rel(y, reference(x, rows, w, *dequantize(packed), "silu")) < BF16
+    assert rel(y, fb) < BF16
+
+
+@needs_kernels
+def test_decode_small_blocks_and_fp16():
+    """One tile (4 rows) per program, 128 columns per step; plain fp16."""
+    h, i = 136, 100
+    small = gpu_moe.Blocks(4, 128, 4, 128, warps=2)
+    packed = pack_layer(*experts(3, h, i), "int8", 64)
+    x, rows, w = routing(1, 1, 3, h, skip=False)
+    kw = dict(fmt="int8", group=64, hidden=h, intermediate=i, blocks=small)
+    y = gpu_moe.moe_decode(*on(x, rows, w), on(packed.gate_up, packed.down), "silu", **kw)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), "silu")) < FP32
+    gate, up, down = (m.half() for m in experts(3, h, i))
+    x, rows, w = routing(2, 2, 3, h)
+    y = gpu_moe.moe_decode(*on(x.half(), rows, w), on(gate, up, down), "silu", blocks=gpu_moe.Blocks(8, 128, 32, 128))
+    assert y.dtype == torch.float16
+    assert rel(y, reference(x.half(), rows, w, gate, up, down, "silu")) < BF16
+
+
+@pytest.mark.parametrize("route", ["auto", "torch"])
+def test_skipped_pairs_add_nothing(route):
+    h, i = 200, 136
+    packed = pack_layer(*experts(3, h, i), "int4", 32)
+    x, rows, w = routing(3, 2, 3, h)
+    kw = dict(fmt="int4", group=32, hidden=h, intermediate=i, blocks=BIG, route=route)
+    mats = on(packed.gate_up, packed.down)
+    w[rows < 0] = float("nan")  # a skipped pair's weight is never read
+    y = gpu_moe.moe_decode(*on(x, torch.full_like(rows, -1), w), mats, "silu", **kw)
+    assert torch.equal(y.cpu(), torch.zeros(3, h))
+    y = gpu_moe.moe_decode(*on(x, rows, w), mats, "silu", **kw)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), "silu")) < FP32
+    assert gpu_moe.moe_decode(*on(x[:0], rows[:0], w[:0]), mats, "silu", **kw).shape == (0, h)
+
+
+def test_decode_rejects_bad_arguments():
+    h, i = 200, 136
+    packed = pack_layer(*experts(2, h, i), "int8", 0)
+    x, rows, w = routing(1, 2, 2, h)
+    mats = (packed.gate_up, packed.down)
+    with pytest.raises(ValueError, match="unknown expert format"):
+        gpu_moe.moe_decode(x, rows, w, mats, "silu", fmt="int3", hidden=h, intermediate=i)
+    with pytest.raises(ValueError, match="tiles for H=200"):
+        gpu_moe.moe_decode(x, rows, w, mats, "silu", fmt="int8", group=32, hidden=h, intermediate=i)
+    with pytest.raises(ValueError, match="hidden=100"):
+        gpu_moe.moe_decode(x, rows, w, mats, "silu", fmt="int8", hidden=100, intermediate=i)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        gpu_moe.moe_decode(x, rows.float(), w, mats, "silu", fmt="int8", hidden=h, intermediate=i)
+    with pytest.raises(CadenzaError, match="activation"):
+        gpu_moe.moe_decode(x, rows, w, mats, "swiglu9", fmt="int8", hidden=h, intermediate=i)
+    with pytest.raises(ValueError, match="unknown route"):
+        gpu_moe.moe_decode(x, rows, w, mats, "silu", fmt="int8", hidden=h, intermediate=i, route="fast")
+    with pytest.raises(ValueError, match="powers of two"):
+        gpu_moe.Blocks(gu_rows=12)
+    if not gpu_moe.available("cpu"):
+        with pytest.raises(RuntimeError, match="cannot run"):
+            gpu_moe.moe_decode(x, rows, w, mats, "silu", fmt="int8", hidden=h, intermediate=i, route="triton")
+
+
+# --- dequantize_expert, expert_forward -----------------------------------------------------------------------------
+
+DEQUANT_CASES = [("bf16", 0), ("int8", 0), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)]
+
+
+@pytest.mark.parametrize("route", ["auto", "torch"])
+@pytest.mark.parametrize("fmt, group", DEQUANT_CASES)
+def test_dequantize_expert_exact(route, fmt, group):
+    for h, i, dtypes in ((200, 136, (torch.float32, torch.bfloat16, torch.float16)), (256, 384, (torch.float32,))):
+        packed = pack_layer(*experts(2, h, i, seed=h), fmt, group)
+        gu, dn = on(packed.gate_up[1], packed.down[1])
+        want = [m[1] for m in dequantize(packed)]
+        for dtype in dtypes:
+            got = gpu_moe.dequantize_expert(gu, dn, fmt, group, h, i, dtype, route=route, block_tiles=32)
+            for g, ref in zip(got, want, strict=True):
+                assert g.dtype == dtype and torch.equal(g.cpu(), ref.to(dtype)), (h, i, dtype)
+
+
+@needs_kernels
+def test_dequantize_into_strided_buffers():
+    h, i = 200, 136
+    packed = pack_layer(*experts(1, h, i), "int4", 64)
+    big = torch.zeros(2 * i, h + 8, device=DEVICE)
+    gate, up = big[:i, :h], big[i:, :h]  # rows h + 8 apart
+    dn = torch.zeros(h, i, device=DEVICE)
+    gpu_moe.dequantize_into(*on(packed.gate_up[0], packed.down[0]), "int4", 64, h, i, gate, up, dn)
+    want = [m[0] for m in dequantize(packed)]
+    for g, ref in zip((gate, up, dn), want, strict=True):
+        assert torch.equal(g.cpu(), ref)
+    assert not big[:, h:].any()  # nothing written past the view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_forward(dtype):
+    h, i, n = 200, 136, 5
+    packed = pack_layer(*experts(2, h, i), "int8", 32)
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ws = tuple(torch.empty(s, dtype=dtype, device=DEVICE) for s in ((i, h), (i, h), (h, i)))
+    y = gpu_moe.expert_forward(x.to(DEVICE), *on(packed.gate_up[1], packed.down[1]), "int8", 32, h, i, "gelu", ws)
+    assert y.dtype == torch.float32 and y.shape == (n, h)
+    gate, up, down = (m[1] for m in dequantize(packed))
+    if dtype == torch.float32:
+        ref = reference(x, torch.tensor([[0]] * n), torch.ones(n, 1), *(m[None] for m in (gate, up, down)), "gelu")
+        assert rel(y, ref) < FP32
+    else:  # the same bf16 operations as run_experts on the dequantized bf16 weights
+        g, u, d = (m.to(dtype).to(DEVICE) for m in (gate, up, down))
+        xd = x.to(DEVICE)
+        ref = ((act_fn("gelu")(xd @ g.T) * (xd @ u.T)) @ d.T).float()
+        assert torch.equal(y, ref)
+
+
+def test_dequantize_tiles_reference_matches_layout():
+    """The fallback's cropping of dequantize_tiles is the layer's own dequantize."""
+    h, i = 200, 136
+    packed = pack_layer(*experts(1, h, i), "int4", 32)
+    gate, up, down = gpu_moe.dequantize_expert(packed.gate_up[0], packed.down[0], "int4", 32, h, i, torch.float32,
+                                               route="torch")  # fmt: skip
+    assert torch.equal(down, dequantize_tiles(packed.down[0], "int4", 32, 256)[:h, :i])
+    assert torch.equal(gate, dequantize(packed)[0][0]) and torch.equal(up, dequantize(packed)[1][0])
+
+
+@pytest.mark.skipif(not _SUBPROCESS, reason="the kernels are tested in this process")
+def test_kernels_under_the_interpreter_in_a_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+
+
+# --- on the GPU: full-size shapes, CUDA graphs -----------------------------------------------------------------------
+
+GPU_SHAPES = [(4096, 14336, 3), (2048, 768, 16)]  # Mixtral 8x7B, Qwen3-30B-A3B: H, I, stacked rows
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h, i, r", GPU_SHAPES)
+@pytest.mark.parametrize("fmt", [None, "bf16", "int8", "int4"])
+def test_gpu_full_size_matches_fallback(h, i, r, fmt):
+    dev = torch.device("cuda")
+    group = {None: 0, "bf16": 0, "int8": 0, "int4": 64}[fmt]
+    if fmt is None:
+        mats, kw = random_plain(r, h, i, dev), {}
+    else:
+        mats, kw = random_tiled(r, fmt, group, h, i, dev), dict(fmt=fmt, group=group, hidden=h, intermediate=i)
+    for t, k in ((1, 2), (4, 2), (3, 8 if r >= 8 else r)):
+        x, rows, w = routing(t, k, r, h)
+        x, rows, w = x.to(dev).bfloat16(), rows.to(dev), w.to(dev)
+        fb = gpu_moe.moe_decode(x, rows, w, mats, "silu", **kw, route="torch")
+        y = gpu_moe.moe_decode(x, rows, w, mats, "silu", **kw)
+        y_fp32 = gpu_moe.moe_decode(x.float(), rows, w, mats, "silu", **kw)
+        fb_fp32 = gpu_moe.moe_decode(x.float(), rows, w, mats, "silu", **kw, route="torch")
+        assert rel(y_fp32, fb_fp32) < FP32, (t, k)
+        assert rel(y, fb) < BF16, (t, k)
+        assert torch.equal(y, gpu_moe.moe_decode(x, rows, w, mats, "silu", **kw))  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_gpu_cuda_graph_replay(fmt):
+    dev = torch.device("cuda")
+    h, i, r = 2048, 768, 16
+    if fmt is None:
+        mats, kw = random_plain(r, h, i, dev), {}
+    else:
+        mats, kw = random_tiled(r, fmt, 64, h, i, dev), dict(fmt=fmt, group=64, hidden=h, intermediate=i)
+    x, rows, w = (v.to(dev) for v in routing(4, 2, r, h, seed=5))
+    x = x.bfloat16()
+    gpu_moe.moe_decode(x, rows, w, mats, "silu", **kw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gpu_moe.moe_decode(x, rows, w, mats, "silu", **kw)
+    for seed in (6, 7):
+        x2, rows2, w2 = (v.to(dev) for v in routing(4, 2, r, h, seed=seed))
+        x.copy_(x2.bfloat16())
+        rows.copy_(rows2)
+        w.copy_(w2)
+        graph.replay()
+        assert torch.equal(y, gpu_moe.moe_decode(x, rows, w, mats, "silu", **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, group", [("bf16", 0), ("int8", 0), ("int4", 64)])
+def test_gpu_dequantize_full_size(fmt, group):
+    dev = torch.device("cuda")
+    h, i = 4096, 14336
+    gu, dn = random_tiled(1, fmt, group, h, i, dev)
+    got = gpu_moe.dequantize_expert(gu[0], dn[0], fmt, group, h, i, torch.bfloat16)
+    want = gpu_moe.dequantize_expert(gu[0], dn[0], fmt, group, h, i, torch.bfloat16, route="torch")
+    for g, ref in zip(got, want, strict=True):
+        assert torch.equal(g, ref)
