@@ -123,7 +123,10 @@ def test_graph_replay_with_experts_off_the_gpu(families, policy, small_buckets):
         got = fast.generate(prompt, GREEDY)
         assert got.token_ids == want.token_ids
         assert got.stats.decode_syncs == want.stats.decode_syncs > 0  # the host's layers still synchronise
-        assert got.stats.expert_work == want.stats.expert_work  # captured layers' work is counted on replay
+        work, want_work = got.stats.expert_work, want.stats.expert_work  # captured layers count on replay
+        if policy == "auto":  # the cost model's split follows measured times: only the total is fixed
+            work, want_work = sum(work.values()), sum(want_work.values())
+        assert work == want_work
         assert any(len(c.segments) > 1 for c in fast.engine.graphs.graphs.values())
         # a new placement re-captures (the resident tensors moved)
         before = fast.engine.graphs.captures
