@@ -15,6 +15,9 @@ import cadenza.graphs as graphs
 from cadenza import LLM, SamplingParams
 from cadenza.models.common import RowIndex, StaticStep
 from tests.conftest import budget_for, make_deepseek, make_mixtral
+from tests.test_olmoe import make_olmoe
+from tests.test_qwen2_moe import make_qwen2_moe
+from tests.test_qwen3_moe import make_qwen3_moe
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -36,10 +39,19 @@ def families(tmp_path_factory):
     return {
         "mixtral": make_mixtral(tmp_path_factory.mktemp("g-mixtral"))[0],
         "deepseek_v2": make_deepseek(tmp_path_factory.mktemp("g-dsv2"), version=2)[0],
+        # a shared expert, and sliding-window attention (a window shorter than the test's sequences)
+        "qwen2_moe": make_qwen2_moe(
+            tmp_path_factory.mktemp("g-qwen2"), use_sliding_window=True, sliding_window=6, max_window_layers=1
+        )[0],
+        "qwen3_moe": make_qwen3_moe(tmp_path_factory.mktemp("g-qwen3"))[0],
+        "olmoe": make_olmoe(tmp_path_factory.mktemp("g-olmoe"))[0],
     }
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+FAMILIES = ["mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_static_context_equals_eager_step(families, family):
     """Three sequences of different lengths in slots 2, 0, 1 (out of order) decode together, eagerly and through
     the static context, whose cache views end at a bucket past every row (one bucket, then the next)."""
@@ -87,7 +99,7 @@ def small_buckets(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_graph_replay_equals_eager_all_resident(families, family, small_buckets):
     path = families[family]
     fast, slow = _pair(path, dtype="float32", max_context=96, max_batch=3)
