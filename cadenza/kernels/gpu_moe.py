@@ -141,18 +141,24 @@ def _step_cols(n: int, cap: int) -> int:
 
 
 def default_blocks(fmt: str | None, hidden: int, intermediate: int, pairs: int, elem_bytes: int = 2) -> Blocks:
-    """Block sizes for a call: 512 bytes of each weight row per loop step (int4 1024 columns, one warp: its 32
-    threads hold 8 pieces x 4 rows; int8 512, bf16 256, four warps), and rows per program halved from 16
+    """Block sizes for a call: 512 bytes of each weight row per loop step with four warps (bf16: 256 columns;
+    int8 and int4: 256 columns and two warps, measured faster), and rows per program halved from 16
     (gate/up) and 8 (down) down to 4 while the grid has fewer than ~1024 programs (about 8 per SM of an H200's
     132, to keep enough loads in flight). cadenza.bench.gpu_kernel times these against other choices."""
     bpc = _BYTES_PER_COL[fmt] if fmt else elem_bytes
     cols = int(512 / bpc)
+    warps = 4
+    if fmt in ("int8", "int4"):
+        # measured on an H200 (a sweep of rows x cols x warps at T=1): 256 columns and 2 warps per program read
+        # int4 at 870 GB/s at Mixtral's shapes (1024 columns, 1 warp: 650) and 650 at Qwen3's (240), int8 at
+        # 2.8 TB/s and 1.6 TB/s (from 2.76 and 0.66)
+        cols, warps = 256, 2
     gu, dn = 16, 8
     while gu > 4 and pairs * 2 * intermediate / gu < 1024:
         gu //= 2
     while dn > 4 and pairs * hidden / dn < 1024:
         dn //= 2
-    return Blocks(gu, _step_cols(hidden, cols), dn, _step_cols(intermediate, cols), 1 if fmt == "int4" else 4)
+    return Blocks(gu, _step_cols(hidden, cols), dn, _step_cols(intermediate, cols), warps)
 
 
 # --- Triton: dot products of tile rows with a vector ---------------------------------------------------------------
