@@ -87,12 +87,7 @@ class SlotCache:
     def borrow(self) -> int:
         """A slot taken out of the cache for one use (a partly fetched expert): keyed by nothing, never a hit.
         `give_back(slot)` once the work reading it is queued."""
-        if self.free:
-            slot = self.free.pop()
-        else:
-            victim = self.policy.victim([k for k, s in self.where.items() if s not in self.in_use])
-            slot = self.where.pop(victim)
-            self.policy.forget(victim)
+        slot = self._vacant()
         self.in_use.add(slot)
         return slot
 
@@ -117,15 +112,18 @@ class SlotCache:
         self.free.append(slot)
 
     def _take(self, key) -> int:
-        """A slot for `key`: a free one, else the eviction policy's victim."""
-        if self.free:
-            slot = self.free.pop()
-        else:
-            victim = self.policy.victim([k for k, s in self.where.items() if s not in self.in_use])
-            slot = self.where.pop(victim)
-            self.policy.forget(victim)
+        """A slot for `key`."""
+        slot = self._vacant()
         self.where[key] = slot
         return slot
+
+    def _vacant(self) -> int:
+        """A free slot, else the eviction policy's victim among the slots not in use (forgotten by the cache)."""
+        if self.free:
+            return self.free.pop()
+        victim = self.policy.victim([k for k, s in self.where.items() if s not in self.in_use])
+        self.policy.forget(victim)
+        return self.where.pop(victim)
 
     def _fill(self, slot: int, host, stream=None) -> None:
         if not self.cuda:  # emulated GPU side: a plain copy
