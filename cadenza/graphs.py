@@ -8,11 +8,13 @@ their positions live in static device tensors written before each replay (`Atten
 the step reads a value back to the host.
 
 A MoE layer whose experts are all resident on the GPU runs inside the graph (the indexed decode kernels of
-cadenza.moe.gpu_side). A layer that needs the host in the middle of the step (experts on the CPU, fetched or
-prefetched) splits the step: the graph so far ends at the layer's expert call, the layer's offloaded forward runs
-eagerly on replay (its one synchronisation, the CPU's share, the fetches) into a static output, and the next graph
-starts after it. So a step is a list of segments, graphs and host calls, replayed in order; with every expert
-resident it is one graph.
+cadenza.moe.gpu_side), and so does a layer whose CPU share is launched from the stream (the cpu policy with the
+fused CPU kernel: cadenza.moe.streamed): its copies and its host function are graph nodes. A layer that needs the
+host to decide in the middle of the step (the fetch and auto policies: fetched or prefetched experts) splits it:
+the graph so far ends at the layer's expert call, the layer's offloaded forward runs eagerly on replay (its one
+synchronisation, the CPU's share, the fetches) into a static output, and the next graph starts after it. So a
+step is a list of segments, graphs and host calls, replayed in order; with every expert resident, or the CPU's
+share streamed, it is one graph.
 
 Replays need the captured tensors to stay where they are: a new placement (`Orchestra.apply`: resident stacks
 reallocated) drops every graph (`Orchestra.version`); swaps between steps rewrite rows in place and keep them.
@@ -114,7 +116,12 @@ class StepGraphs:
     def describe(self) -> str:
         if not self.enabled:
             return f"off: {self.reason}"
-        return "on (decode steps replayed as CUDA graphs; layers with experts off the GPU run between graphs)"
+        orch = self.orchestra
+        if orch is not None and orch.streamed is not None:
+            return "on (decode steps replayed as one CUDA graph each; CPU experts run from the stream inside it)"
+        return "on (decode steps replayed as CUDA graphs; layers with experts off the GPU run between graphs" + (
+            f": {orch.streamed_reason})" if orch is not None else "; with --offload-policy cpu, inside them)"
+        )
 
     def clear(self) -> None:
         self.graphs.clear()
@@ -148,7 +155,7 @@ class StepGraphs:
         cap.replay()
         if cap.counted is not None:
             counters = self.orchestra.counters
-            for name, value in cap.counted.__dict__.items():
+            for name, value in cap.counted.values().items():
                 setattr(counters, name, getattr(counters, name) + value)
         self.replays += 1
         cache.advance(rows, 1)

@@ -273,7 +273,9 @@ def test_quantized_and_resident_scenarios_plan():
     """D3 / D4: 24 GiB and every expert on the host, decode, then a 512-token prefill; R1: all resident."""
     for s in ("D3", "D4"):
         got = [(c.scenario, c.policy, c.budget, c.prompt_tokens, c.new_tokens) for c in plan_configs([s], [])]
-        assert got == [(s, "auto", 24, 64, 128), (s, "cpu", 0, 64, 128), (s, "auto", 24, 512, 1)]
+        assert got == [
+            (s, "auto", 24, 64, 128), (s, "cpu", 24, 64, 128), (s, "cpu", 0, 64, 128), (s, "auto", 24, 512, 1)
+        ]  # fmt: skip
     [r1] = plan_configs(["R1"], [])
     assert (r1.budget, r1.new_tokens) == ("all", 128)
 
@@ -286,7 +288,8 @@ def test_run_bench_d4_with_error_and_step_profile(tmp_path):
     data = json.loads(next(tmp_path.glob("D4-*.json")).read_text())
     assert "--profile-step" in data["command"]
     results = data["results"]
-    assert [r["cpu_experts"] for r in results] == ["int4"] * 3
+    assert [r["cpu_experts"] for r in results] == ["int4"] * 4
+    assert [r["cpu_launch"] == "stream" for r in results] == [False, True, True, False]
     for r in results:
         err = r["error_vs_bf16"]
         assert err["format"] == "int4" and 0 < err["relative_logit_error"] < 1 and 0 <= err["top1_agreement"] <= 1

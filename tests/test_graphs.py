@@ -169,3 +169,51 @@ def test_graph_replay_bf16_and_swaps(families):
     finally:
         fast.close()
         slow.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts", ["bf16", "int4"])
+def test_streamed_cpu_experts_make_one_graph(families, experts, small_buckets, monkeypatch):
+    """The cpu policy with the fused CPU kernel: each host layer's CPU share is a host function on the stream
+    (cadenza.moe.streamed), so a step is one graph with no synchronisation; it decodes what the synchronising
+    eager path decodes, eagerly and replayed, for one row and for rows of different lengths, and re-captures after
+    a re-plan."""
+    path = families["mixtral"]
+    kw = dict(dtype="bfloat16", max_context=96, max_batch=3, offload_policy="cpu", experts=experts, expert_cache=False)
+
+    def budget(residents: int) -> int:  # in this dtype and format
+        probe = LLM(path, device="cuda", **{**kw, "gpu_memory": "8GiB"})
+        p = probe.placement
+        probe.close()
+        return p.always_bytes + p.kv_bytes + p.workspace_bytes + residents * p.expert_bytes
+
+    kw["gpu_memory"] = budget(3)
+    fast = LLM(path, device="cuda", **kw)
+    eager = LLM(path, device="cuda", cuda_graphs=False, **kw)
+    monkeypatch.setenv("CADENZA_STREAM_CPU", "0")
+    slow = LLM(path, device="cuda", cuda_graphs=False, **kw)
+    try:
+        assert fast.orchestra.streamed is not None, fast.orchestra.streamed_reason
+        assert slow.orchestra.streamed is None and fast.placement.resident_count == 3
+        prompt = [3, 4, 5, 6, 7]
+        want = slow.generate(prompt, GREEDY)
+        for llm in (fast, eager):
+            got = llm.generate(prompt, GREEDY)
+            assert got.token_ids == want.token_ids
+            assert got.stats.decode_syncs == 0 < want.stats.decode_syncs
+            assert got.stats.expert_work == want.stats.expert_work and got.stats.expert_work["cpu"] > 0
+        g = fast.engine.graphs
+        assert g.replays >= 11 and all(len(c.segments) == 1 for c in g.graphs.values()), "one graph per step"
+        prompts = [[3, 4, 5, 6, 7], [8, 9], list(range(10, 30))]
+        assert _tokens(fast, prompts) == _tokens(slow, prompts)
+        before = g.captures
+        bigger = budget(6)
+        for llm in (fast, slow):
+            llm.replan(gpu_memory=bigger)
+        assert fast.orchestra.streamed is not None, fast.orchestra.streamed_reason
+        assert fast.placement.resident_count > 3, fast.placement.resident_count
+        assert _tokens(fast, [prompt]) == _tokens(slow, [prompt])
+        assert g.captures > before
+    finally:
+        for llm in (fast, eager, slow):
+            llm.close()

@@ -163,3 +163,20 @@ def test_cuda_offloaded_step_has_kernels_and_transfers(tmp_path):
     assert sum(r.wall_ms for r in p.layers) <= 1.25 * p.step.wall_ms
     assert engine_path.step.gpu_kernels_ms > 0 and engine_path.step.transfers_ms > 0
     json.dumps(p.as_dict())
+
+
+def test_streamed_cpu_experts_are_measured(tmp_path):
+    """CPU experts launched from the stream (bf16 experts, cpu policy: cadenza.moe.streamed) run outside every
+    traced thread; the profile takes their own perf_counter times: no synchronisation, CPU time measured."""
+    path, _ = make_mixtral(tmp_path / "m", num_local_experts=8, num_hidden_layers=LAYERS)
+    llm = LLM(path, device="cpu", dtype="bfloat16", gpu_memory=budget_for(path, 3, 0), offload_policy="cpu")
+    try:
+        if llm.orchestra.streamed is None:
+            pytest.skip(f"not streamed here: {llm.orchestra.streamed_reason}")
+        p = profile_decode(llm, PROMPT, steps=3, warmup=1)
+    finally:
+        llm.close()
+    check(p)
+    assert p.cpu_experts_source == "perf_counter"
+    assert all(r.cpu_experts_ms > 0 and r.syncs == 0 for r in p.steps)
+    assert p.step.cpu_experts_ms <= p.step.wall_ms

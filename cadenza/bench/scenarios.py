@@ -169,7 +169,13 @@ def plan_configs(
         elif s == "S1":
             out += [RunConfig("S1", "auto", b, prompt(64), new(64)) for b in budgets]
         elif s in EXPERT_FORMAT:
-            out += [RunConfig(s, "auto" if b else "cpu", b, prompt(64), new(128)) for b in QUANT_BUDGETS]
+            # 24 GiB with auto (CPU and link, a sync per host layer) and cpu (CPU only, launched from the stream)
+            out += [
+                RunConfig(s, pol, b, prompt(64), new(128))
+                for b in QUANT_BUDGETS
+                for pol in ("auto", "cpu")
+                if b or pol == "cpu"
+            ]
             out.append(RunConfig(s, "auto", QUANT_BUDGETS[0], prompt(QUANT_PREFILL), 1))
         elif s == "R1":
             out.append(RunConfig("R1", "auto", "all", prompt(64), new(128)))
@@ -385,6 +391,9 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         torch.cuda.empty_cache()
         result.skip(f"out of GPU memory: {str(e).splitlines()[0]}")
     out = {**result.as_dict(), **kv_cache_facts(cut.llm), "cuda_graphs": cut.llm.engine.graphs.describe()}
+    orch = cut.llm.orchestra
+    if orch is not None:  # how the decode layers hand the CPU its share (cadenza.moe.streamed)
+        out["cpu_launch"] = "stream" if orch.streamed is not None else f"host sync per layer ({orch.streamed_reason})"
     if args.profile_step and cfg.new_tokens > 1 and not out.get("skipped"):
         from cadenza.bench.step_profile import profile_decode
 

@@ -17,7 +17,9 @@ How each category is measured (all in ms; every table entry is the median over t
   layer's GPU time counts even when its kernels run after its host code has returned.
 - transfers: the same for memcpy / memset device intervals.
 - cpu_experts: the CPU worker's intervals in `LayerOffload._cpu_job`, which runs on the Orchestra's worker
-  thread. The profiler records only the thread that started it, unless started with
+  thread, or, where the CPU's share is launched from the stream (cadenza.moe.streamed), the jobs' own start and
+  end times (perf_counter's clock, read from their stats; the driver's callback thread is never traced). The
+  profiler records only the thread that started it, unless started with
   `_ExperimentalConfig(profile_all_threads=True)` (PyTorch >= 2.7): then `_cpu_job`, wrapped for the profiled
   steps with `record_function("cadenza.cpu_experts")`, shows up in the trace on the worker's thread. Without it
   (or with all_threads=False) the wrapper's own `perf_counter_ns` intervals are moved onto the profiler's clock:
@@ -511,6 +513,7 @@ def profile_decode(
         if cuda:
             torch.cuda.synchronize(device)
         kw = {"experimental_config": config} if config is not None else {}
+        t_profiled = time.perf_counter_ns()
         with profile(
             activities=activities, record_shapes=False, with_stack=False, profile_memory=False, with_flops=False,
             with_modules=False, **kw,
@@ -535,6 +538,9 @@ def profile_decode(
         for layer in patched:
             del layer._cpu_job
 
+    streamed = getattr(orch, "streamed", None)
+    if streamed is not None:  # jobs the CUDA stream ran on the driver's thread: their own perf_counter times
+        worker_ns += [iv for iv in streamed.intervals() if iv[0] >= t_profiled]
     trace = _read_trace(prof.profiler.kineto_results)
     if len(trace.steps) != steps:
         raise CadenzaError(f"The profiler recorded {len(trace.steps)} of {steps} steps; cannot split the step.")

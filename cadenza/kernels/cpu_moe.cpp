@@ -39,9 +39,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <vector>
 
 namespace {
@@ -667,24 +669,10 @@ int forward(int fmt, int group, int E, int H, int I, const Mat& mg, const Mat& m
   return 0;
 }
 
-}  // namespace
-
-extern "C" {
-
-// Bit 0: built with the AVX-512 kernels (always, else the library does not load); bit 1: this build can use
-// AVX512_BF16 (the caller still says whether the CPU has it); bit 2: the plain bf16 layout
-// (cadenza_moe_forward_plain).
-int cadenza_cpu_moe_features() { return 7; }
-
-// y [T, H] fp32 (accumulated into) += the routed experts' weighted outputs, for the experts e with mask[e] != 0,
-// from packed tiles. x [T, H]: fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); ids [T, k] int64; w [T, k] fp32.
-// use_bf16: the CPU has AVX512_BF16 (bf16 and int4 tiles then multiply with vdpbf16ps).
-int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip, const uint8_t* gu,
-                        int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
-                        int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, const void* x,
-                        int x_bf16, int T, const int64_t* ids, const float* w, int k, const uint8_t* mask, int act,
-                        int nthreads, int prefetch, int use_bf16, float* y) {
-  Mat mg, md;
+// Where a unit's rows are, for the tiled layout (gate/up tiles, down tiles of one layer).
+void packed_mats(int group, int Hp, int Ip, const uint8_t* gu, int64_t gu_expert_stride, int64_t gu_tile_bytes,
+                 int64_t gu_header_bytes, const uint8_t* dn, int64_t dn_expert_stride, int64_t dn_tile_bytes,
+                 int64_t dn_header_bytes, Mat& mg, Mat& md) {
   mg.base = gu;
   mg.expert_stride = gu_expert_stride;
   mg.tile_bytes = mg.unit_bytes = gu_tile_bytes;
@@ -699,16 +687,10 @@ int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip,
   md.K = md.ks = Ip;
   md.ng = group > 0 ? Ip / group : 1;
   md.units = Hp / ROWS;
-  return forward(fmt, group, E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
 }
 
-// The same step on the model's own stacked bf16 weights, read in place: gate, up [E, I, H], down [E, H, I],
-// row-major and contiguous; any H, I.
-int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down,
-                              const void* x, int x_bf16, int T, const int64_t* ids, const float* w, int k,
-                              const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y) {
-  if (H <= 0 || I <= 0) return -1;
-  Mat mg, md;
+// The same for a bf16 model's own stacked gate, up [E, I, H] and down [E, H, I].
+void plain_mats(int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down, Mat& mg, Mat& md) {
   mg.src[0] = reinterpret_cast<const uint8_t*>(gate);
   mg.src[1] = reinterpret_cast<const uint8_t*>(up);
   mg.nsrc = 2;
@@ -732,7 +714,144 @@ int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const u
   md.units = (H + ROWS - 1) / ROWS;
   md.unit_bytes = ROWS * md.row_bytes;
   // down: 4 rows at once, as tiles do (one row, or two, at a time measured 15-35% slower at one token)
+}
+
+struct Job {  // a layer's decode step for the stream (cadenza_job_*)
+  int fmt, group, E, H, I;
+  Mat mg, md;
+  const void* x;
+  int x_bf16, T;
+  const int64_t* ids;
+  const float* w;
+  int k;
+  const uint8_t* mask;
+  int act, nthreads, prefetch, use_bf16;
+  float* y;
+  int64_t* stats;
+  int ring;
+};
+
+int64_t monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bit 0: built with the AVX-512 kernels (always, else the library does not load); bit 1: this build can use
+// AVX512_BF16 (the caller still says whether the CPU has it); bit 2: the plain bf16 layout
+// (cadenza_moe_forward_plain); bit 3: stream jobs (cadenza_job_*).
+int cadenza_cpu_moe_features() { return 15; }
+
+// y [T, H] fp32 (accumulated into) += the routed experts' weighted outputs, for the experts e with mask[e] != 0,
+// from packed tiles. x [T, H]: fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); ids [T, k] int64; w [T, k] fp32.
+// use_bf16: the CPU has AVX512_BF16 (bf16 and int4 tiles then multiply with vdpbf16ps).
+int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip, const uint8_t* gu,
+                        int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
+                        int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, const void* x,
+                        int x_bf16, int T, const int64_t* ids, const float* w, int k, const uint8_t* mask, int act,
+                        int nthreads, int prefetch, int use_bf16, float* y) {
+  Mat mg, md;
+  packed_mats(group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn, dn_expert_stride,
+              dn_tile_bytes, dn_header_bytes, mg, md);
+  return forward(fmt, group, E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
+}
+
+// The same step on the model's own stacked bf16 weights, read in place: gate, up [E, I, H], down [E, H, I],
+// row-major and contiguous; any H, I.
+int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down,
+                              const void* x, int x_bf16, int T, const int64_t* ids, const float* w, int k,
+                              const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y) {
+  if (H <= 0 || I <= 0) return -1;
+  Mat mg, md;
+  plain_mats(H, I, gate, up, down, mg, md);
   return forward(BF16, 0, E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
+}
+
+// ---- a layer's CPU step as a job the CUDA stream runs (cadenza.moe.streamed) --------------------------------
+//
+// cadenza_job_new_* fix everything a decode step of one layer needs: the layer's weights, pinned staging buffers
+// the stream copies x, ids and w into (and y out of), the expert mask (mask[e] != 0: expert e is computed here,
+// i.e. not resident on the GPU; the caller rewrites it between steps when residents change), and a stats array.
+// cadenza_job_run(job) is a CUDA host function (cuLaunchHostFunc: void fn(void*)): it runs on the driver's
+// callback thread, in stream order, so the host never waits on the GPU mid-step; it calls no CUDA API. It sets y
+// to the sum over pairs routed to masked experts (zero when none is) and accounts in stats (int64):
+//   [0] calls  [1] tokens  [2] pairs computed here  [3] pairs left to the GPU  [4] experts computed here (summed
+//   over calls)  [5] busy ns  [6] last nonzero return code  [7] experts left to the GPU (summed)
+//   [8, 8 + E)  routed pairs per expert (all of them: the live popularity)
+//   [8 + E, 8 + E + 2 ring)  the last `ring` calls' [start, end) in CLOCK_MONOTONIC ns (Python's perf_counter_ns)
+// Stats only grow; a reader takes differences.
+
+void* cadenza_job_new_packed(int fmt, int group, int E, int H, int I, int Hp, int Ip, const uint8_t* gu,
+                             int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes,
+                             const uint8_t* dn, int64_t dn_expert_stride, int64_t dn_tile_bytes,
+                             int64_t dn_header_bytes, const void* x, int x_bf16, int T, const int64_t* ids,
+                             const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch,
+                             int use_bf16, float* y, int64_t* stats, int ring) {
+  Job* j = new Job{fmt, group, E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16,
+                   y, stats, ring};
+  packed_mats(group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn, dn_expert_stride,
+              dn_tile_bytes, dn_header_bytes, j->mg, j->md);
+  return j;
+}
+
+void* cadenza_job_new_plain(int E, int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down,
+                            const void* x, int x_bf16, int T, const int64_t* ids, const float* w, int k,
+                            const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y,
+                            int64_t* stats, int ring) {
+  if (H <= 0 || I <= 0) return nullptr;
+  Job* j = new Job{BF16, 0, E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16,
+                   y, stats, ring};
+  plain_mats(H, I, gate, up, down, j->mg, j->md);
+  return j;
+}
+
+void cadenza_job_free(void* j) { delete static_cast<Job*>(j); }
+
+void cadenza_job_run(void* p) {
+  Job& j = *static_cast<Job*>(p);
+  const int64_t t0 = monotonic_ns();
+  std::memset(j.y, 0, sizeof(float) * size_t(j.T) * j.H);
+  int64_t here = 0, there = 0, experts = 0, resident = 0;
+  std::vector<uint8_t> seen(j.E, 0);
+  int64_t* per_expert = j.stats + 8;
+  for (int64_t i = 0; i < int64_t(j.T) * j.k; ++i) {
+    const int64_t e = j.ids[i];
+    if (e < 0 || e >= j.E) continue;
+    ++per_expert[e];
+    if (!j.mask[e]) {
+      ++there;
+      if (!seen[e]) ++resident;
+      seen[e] = 1;
+    } else {
+      ++here;
+      if (!seen[e]) ++experts;
+      seen[e] = 1;
+    }
+  }
+  int rc = 0;
+  if (here)
+    rc = forward(j.fmt, j.group, j.E, j.H, j.I, j.mg, j.md, j.x, j.x_bf16, j.T, j.ids, j.w, j.k, j.mask, j.act,
+                 j.nthreads, j.prefetch, j.use_bf16, j.y);
+  const int64_t t1 = monotonic_ns();
+  int64_t* s = j.stats;
+  if (j.ring > 0) {
+    int64_t* slot = s + 8 + j.E + 2 * (s[0] % j.ring);
+    slot[0] = t0;
+    slot[1] = t1;
+  }
+  s[1] += j.T;
+  s[2] += here;
+  s[3] += there;
+  s[4] += experts;
+  s[5] += t1 - t0;
+  if (rc) s[6] = rc;
+  s[7] += resident;
+  std::atomic_thread_fence(std::memory_order_release);
+  s[0] += 1;  // last: a reader that sees the new count sees the rest
 }
 
 // Dequantizes tiles [t0, t1) of one packed matrix into bf16 rows out [4 (t1 - t0), K] (tile row order): the

@@ -48,6 +48,10 @@ __all__ = [
     "PlainExperts",
     "available",
     "default_mm_min_tokens",
+    "job_free",
+    "job_function",
+    "job_new",
+    "job_run",
     "dequantize",
     "dequantize_tiles",
     "moe_forward",
@@ -156,6 +160,13 @@ def _build() -> ctypes.CDLL:
     lib.cadenza_dequant_bf16.restype = i32
     lib.cadenza_dequant_bf16.argtypes = [i32, i32, ptr, i64, i64, i32, i64, i64, ptr, i32]
     lib.cadenza_cpu_moe_features.restype = i32
+    job = call + [ptr, i32]  # x .. y, then the stats array and its ring's length (cadenza.moe.streamed)
+    lib.cadenza_job_new_packed.restype = ptr
+    lib.cadenza_job_new_packed.argtypes = layer + job
+    lib.cadenza_job_new_plain.restype = ptr
+    lib.cadenza_job_new_plain.argtypes = [i32, i32, i32, ptr, ptr, ptr] + job
+    lib.cadenza_job_free.argtypes = [ptr]
+    lib.cadenza_job_run.argtypes = [ptr]
     return lib
 
 
@@ -298,34 +309,88 @@ def _call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y) -> tuple:
     )  # fmt: skip
 
 
-def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
-    mask = _mask(p.num_experts, experts)
+def _layer_args(p: PackedExperts) -> tuple:
+    """The packed entries' leading arguments: format, shapes, the gate/up and down matrices."""
     gu, dn = p.gate_up, p.down
     for m in (gu, dn):  # the kernel walks tiles by byte offsets from each expert's first tile
         if m.device.type != "cpu" or m.stride(2) != 1 or m.stride(1) != m.shape[2]:
             raise ValueError("packed experts must be CPU tensors with contiguous tiles (as pack_layer makes them)")
-    layer = (
+    return (
         FORMATS.index(p.fmt), p.group, p.num_experts, p.hidden, p.intermediate, p.hidden_pad, p.inter_pad,
         gu.data_ptr(), gu.stride(0), gu.shape[2], p.gu_header,
         dn.data_ptr(), dn.stride(0), dn.shape[2], p.dn_header,
     )  # fmt: skip
-    rc = lib.cadenza_moe_forward(*layer, *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y))
+
+
+def _plain_args(p: PlainExperts) -> tuple:
+    return p.num_experts, p.hidden, p.intermediate, p.gate.data_ptr(), p.up.data_ptr(), p.down.data_ptr()
+
+
+def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
+    mask = _mask(p.num_experts, experts)
+    rc = lib.cadenza_moe_forward(*_layer_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y))
     if rc != 0:
         raise RuntimeError(f"cadenza_moe_forward failed ({rc})")
 
 
 def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
     mask = _mask(p.num_experts, experts)
-    mats = (p.gate.data_ptr(), p.up.data_ptr(), p.down.data_ptr())
     rc = lib.cadenza_moe_forward_plain(
-        p.num_experts,
-        p.hidden,
-        p.intermediate,
-        *mats,
-        *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y),
+        *_plain_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y)
     )
     if rc != 0:
         raise RuntimeError(f"cadenza_moe_forward_plain failed ({rc})")
+
+
+# --- jobs: a layer's step with fixed buffers, run by whoever holds the pointer (cadenza.moe.streamed) ----------
+
+
+def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int, prefetch: int = 0) -> int:
+    """A job computing y [T, H] fp32 = the pairs of ids [T, k] routed to experts with mask[e] != 0, from x [T, H]
+    (fp32 or bf16) and w [T, k] fp32, whenever `job_run` (or a CUDA stream, through `job_function`) runs it. Every
+    tensor is read or written in place at each run, so the caller keeps them alive and fixed (pinned staging
+    buffers); stats: int64 [8 + E + 2 ring] (see cpu_moe.cpp). Returns the job's address; `job_free` frees it."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernel is unavailable: {_reason}")
+    if act not in ACT_CODES:
+        raise ValueError(f"activation {act!r} is not supported: use one of {', '.join(ACT_CODES)}")
+    tensors = {"x": x, "ids": ids, "w": w, "mask": mask, "y": y, "stats": stats}
+    want = {"ids": torch.int64, "w": torch.float32, "mask": torch.uint8, "y": torch.float32, "stats": torch.int64}
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype != want.get(name, t.dtype):
+            raise ValueError(f"job buffer {name} must be a contiguous CPU tensor of {want.get(name, 'its')} dtype")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    num_experts = layer.num_experts
+    if mask.numel() != num_experts or stats.numel() < 8 + num_experts + 2 * ring:
+        raise ValueError("mask must hold one entry per expert and stats 8 + E + 2 ring")
+    step = (
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], ids.data_ptr(), w.data_ptr(), ids.shape[1],
+        mask.data_ptr(), ACT_CODES[act], threads, prefetch, int(has_bf16_dot()), y.data_ptr(), stats.data_ptr(), ring,
+    )  # fmt: skip
+    if isinstance(layer, PlainExperts):
+        layer.check()
+        ptr = lib.cadenza_job_new_plain(*_plain_args(layer), *step)
+    else:
+        ptr = lib.cadenza_job_new_packed(*_layer_args(layer), *step)
+    if not ptr:
+        raise RuntimeError("cadenza_job_new failed")
+    return ptr
+
+
+def job_run(ptr: int) -> None:
+    """Runs a job now, on this thread (ctypes releases the GIL)."""
+    _lib.cadenza_job_run(ptr)
+
+
+def job_free(ptr: int) -> None:
+    _lib.cadenza_job_free(ptr)
+
+
+def job_function() -> int:
+    """The address of `void cadenza_job_run(void*)`, for cuLaunchHostFunc."""
+    return ctypes.cast(_load().cadenza_job_run, ctypes.c_void_p).value
 
 
 def _dequant_chunk(p: PackedExperts, which: str, e: int, t0: int, t1: int, buf, lib, threads) -> torch.Tensor:

@@ -36,6 +36,7 @@ from cadenza.moe.eviction import make_policy
 from cadenza.moe.experts import Experts, expert_order, offsets, run_experts
 from cadenza.moe.gpu_side import DECODE_MAX_TOKENS, ExpertLayout, decode_kernels_on
 from cadenza.moe.placement import Placement
+from cadenza.moe.streamed import StreamedCpu, unavailable_reason
 
 POLICIES = ("auto", "cpu", "fetch")
 
@@ -63,11 +64,19 @@ class ExpertCounters:
     cache_misses: int = 0  # fetched experts copied when needed
     split: int = 0  # (token, expert) pairs of experts shared by the CPU and the GPU (auto)
 
+    # folds in work counted elsewhere (the streamed jobs') before a snapshot: set by the Orchestra
+    pull: Callable[[ExpertCounters], None] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def values(self) -> dict:
+        if self.pull is not None:
+            self.pull(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "pull"}
+
     def snapshot(self) -> ExpertCounters:
-        return ExpertCounters(**self.__dict__)
+        return ExpertCounters(**self.values())
 
     def minus(self, other: ExpertCounters) -> ExpertCounters:
-        return ExpertCounters(**{k: v - getattr(other, k) for k, v in self.__dict__.items()})
+        return ExpertCounters(**{k: v - getattr(other, k) for k, v in self.values().items()})
 
     def prefetch_quality(self) -> dict[str, float | None]:
         """Precision (guessed experts that were used) and recall (needed experts that were guessed)."""
@@ -125,6 +134,8 @@ class LayerOffload:
         # the GPU side, for the decode kernels
         self.stacks: list[torch.Tensor] = []
         self.row_lut: torch.Tensor | None = None
+        # on the host, per expert: 1 where the CPU computes it (not resident), for the streamed decode's jobs
+        self.cpu_mask = torch.ones(experts.num_experts, dtype=torch.uint8)
         self.out: torch.Tensor | None = None  # pinned [T, H] buffer for the CPU's partial sum
         # the fused CPU kernel's view of the host experts (bf16 read in place, or the packed quantized layer), or
         # None: PyTorch's path
@@ -150,6 +161,7 @@ class LayerOffload:
         self.resident_rows[into] = r
         self.row_lut[out] = -1
         self.row_lut[into] = r
+        self.cpu_mask[out], self.cpu_mask[into] = 1, 0
 
     def place(self, residents: list[int]) -> None:
         self.stacks = []
@@ -159,6 +171,7 @@ class LayerOffload:
         for r, e in enumerate(residents):
             lut[e] = r
         self.row_lut = lut.to(dev)
+        self.cpu_mask = (lut < 0).to(torch.uint8)
         if not residents:
             return
         self.stacks = [
@@ -183,6 +196,8 @@ class LayerOffload:
             orch.counters.gpu += pairs
             orch.counters.gpu_bytes += min(pairs, self.experts.num_experts) * orch.expert_bytes  # (at most)
             return y if shared is None else y + shared()
+        if orch.streamed is not None and x.shape[0] <= DECODE_MAX_TOKENS:  # the CPU's share queued on the stream
+            return orch.streamed.forward(self, x, topk_ids, topk_weights, shared)
         if orch.recorder is not None:  # a CUDA graph in capture: the host's part runs between two graphs
             return orch.recorder.host(lambda: self.offloaded(x, topk_ids, topk_weights, shared, decode), x)
         return self.offloaded(x, topk_ids, topk_weights, shared, decode)
@@ -374,7 +389,11 @@ class Orchestra:
         # default: one core fewer than the machine has when a GPU is driven, so the main thread launching GPU
         # work never preempts one of the worker's threads (a GEMV waits for its slowest thread)
         self.worker = CpuWorker(cpu_threads or (max(1, physical_cores() - 1) if self.cuda else None))
-        self.counters = ExpertCounters()
+        self._counters = ExpertCounters(pull=self._collect)
+        # decode layers' CPU share launched from the stream (cpu policy; cadenza.moe.streamed), or None and why not
+        self.streamed: StreamedCpu | None = None
+        self.stream_cpu = os.environ.get("CADENZA_STREAM_CPU") != "0"  # (read once: replans keep the choice)
+        self.streamed_reason: str | None = "no placement applied yet"
         self.recorder = None  # cadenza.graphs.Recorder while a decode step is captured
         self.version = 0  # bumped by each apply(): captured steps refer to the resident tensors of one placement
         self.policy = "cpu"
@@ -422,6 +441,10 @@ class Orchestra:
             raise CadenzaError(f"Unknown offload policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
         self.placement, self.policy = placement, policy
         self.version += 1
+        if self.streamed is not None:
+            self.streamed.collect(self._counters)
+            self.streamed.close()
+            self.streamed = None
         for layer in self.layers:
             layer.place([])
         self.cache = None
@@ -435,6 +458,25 @@ class Orchestra:
             )
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        self.streamed_reason = unavailable_reason(self, policy)
+        if self.streamed_reason is None:
+            self.streamed = StreamedCpu(self)
+
+    @property
+    def counters(self) -> ExpertCounters:
+        """Where expert work went so far (the streamed jobs' work folded in at each read and snapshot)."""
+        self._collect(self._counters)
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: ExpertCounters) -> None:
+        self._collect(self._counters)  # what the jobs did up to now belongs to the counters being replaced
+        value.pull = self._collect
+        self._counters = value
+
+    def _collect(self, counters: ExpertCounters) -> None:
+        if self.streamed is not None:
+            self.streamed.collect(counters)
 
     def split(self, misses: list[int], counts: list[int]) -> tuple[list[int], list[int], dict[int, float]]:
         """Non-resident experts with tokens -> (fetch, compute on the CPU, {expert: share of its gate/up rows
@@ -587,6 +629,9 @@ class Orchestra:
     def close(self) -> None:
         """Stops the worker, drops the GPU side's copies (residents, fetch slots) and unregisters the page-locked
         host memory (idempotent)."""
+        if self.streamed is not None:
+            self.streamed.close()
+            self.streamed = None
         for layer in self.layers:
             layer.experts.offload = None
             layer.stacks, layer.row_lut = [], None

@@ -1,0 +1,188 @@
+"""CPU experts launched from the CUDA stream: decode steps whose host layers need no synchronisation.
+
+With the "cpu" policy nothing about a layer's experts is decided at run time: the residents are computed on the
+GPU side, every other routed expert on the CPU. So the host need not look at the routing in the middle of a step,
+and a layer's CPU share can be queued like any GPU work (ktransformers does the same):
+
+    main stream:  router -> ids, w ─┬──────────────────── residents (decode kernel, -1 rows skipped), shared ─┬─> y
+    side stream:                    └─> x, ids, w to pinned staging -> host function -> y_cpu to the GPU ───────┘
+
+The host function (`cuLaunchHostFunc`, run by the driver's callback thread in stream order) is the fused CPU
+kernel's job for the layer (`cadenza.kernels.cpu_moe.job_new`): it reads the staged ids and a per-layer mask of
+the experts not resident, computes them into a pinned buffer and returns; no CUDA call, no Python, no GIL. The
+copies and the host function are stream operations, so a CUDA graph captures them too: with every host layer
+streamed, a decode step is one graph (cadenza.graphs) and the host launches it and waits for nothing but the
+sampled token.
+
+The job counts what it did in an int64 stats array (calls, tokens, pairs per side, experts per side, busy time,
+routed pairs per expert, its last calls' start and end on perf_counter's clock); `collect` folds the differences
+into the Orchestra's counters and live popularity whenever they are read.
+
+Without CUDA (the emulated GPU side) the same job runs on the calling thread at the same point, so tests cover
+everything but the stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cadenza.kernels import cpu_moe
+
+RING = 64  # start/end times kept per layer (for the step profiler)
+_STATS = 8  # fixed stats fields before the per-expert counts (cpu_moe.cpp)
+
+
+def unavailable_reason(orch, policy: str) -> str | None:
+    """Why an Orchestra with this policy keeps the per-layer synchronisation for decode steps, or None."""
+    if not orch.stream_cpu:
+        return "turned off by CADENZA_STREAM_CPU=0"
+    if policy != "cpu":
+        return f"the {policy} policy decides per layer on the host which experts to fetch"
+    if not orch.cpu_kernel:
+        return "the fused CPU kernel is not in use for these experts"
+    if orch.cuda and _driver() is None:
+        return "the CUDA driver's cuLaunchHostFunc was not found"
+    return None
+
+
+_driver_fn = None
+
+
+def _driver():
+    """cuLaunchHostFunc(stream, fn, data) from the CUDA driver (always present where CUDA runs), or None."""
+    global _driver_fn
+    if _driver_fn is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
+        except (OSError, AttributeError):
+            return None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _driver_fn = fn
+    return _driver_fn
+
+
+@dataclass
+class _Staging:
+    """Pinned buffers for T tokens of one dtype, shared by every layer (the layers of a step run in turn)."""
+
+    x: torch.Tensor  # [T, H]
+    ids: torch.Tensor  # [T, k] int64
+    w: torch.Tensor  # [T, k] float32
+    y: torch.Tensor  # [T, H] float32: the CPU's sum
+    y_dev: torch.Tensor  # [T, H] float32 on the GPU side
+
+
+class StreamedCpu:
+    """One Orchestra's streamed decode layers: staging per (tokens, dtype), a job per (layer, tokens, dtype)."""
+
+    def __init__(self, orch):
+        self.orch = orch
+        self.cuda = orch.cuda
+        self.num_experts = orch.layers[0].experts.num_experts
+        width = _STATS + self.num_experts + 2 * RING
+        self.stats = torch.zeros(len(orch.layers), width, dtype=torch.int64)
+        self.seen = np.zeros((len(orch.layers), _STATS + self.num_experts), dtype=np.int64)
+        self.staging: dict[tuple, _Staging] = {}
+        self.jobs: dict[tuple, int] = {}
+        self.stream = torch.cuda.Stream(orch.device) if self.cuda else None
+        self.fn = cpu_moe.job_function()
+        self.launch = _driver() if self.cuda else None
+
+    def forward(self, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, shared):
+        """The layer's routed experts for a few tokens, residents on the GPU side and the rest on the CPU, with
+        nothing read back to the host: x [T, H], topk_ids / topk_weights [T, k] -> [T, H] (plus `shared()`)."""
+        st = self._staging(x.shape[0], topk_ids.shape[1], x.dtype)
+        job = self._job(layer, st)
+        ids, w = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
+        y_shared = shared() if shared is not None else None  # queued first: it overlaps the CPU's share
+        if self.cuda:
+            main = torch.cuda.current_stream(x.device)
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                st.x.copy_(x, non_blocking=True)
+                st.ids.copy_(ids, non_blocking=True)
+                st.w.copy_(w, non_blocking=True)
+                rc = self.launch(self.stream.cuda_stream, self.fn, job)
+                if rc != 0:
+                    raise RuntimeError(f"cuLaunchHostFunc failed ({rc})")
+                st.y_dev.copy_(st.y, non_blocking=True)
+        else:  # the emulated GPU side: the same job, here and now
+            st.x.copy_(x)
+            st.ids.copy_(ids)
+            st.w.copy_(w)
+            cpu_moe.job_run(job)
+        if layer.stacks:
+            y = layer.layout.decode(x, layer.row_lut[topk_ids], topk_weights, layer.stacks)
+        else:
+            y = torch.zeros_like(x)
+        if self.cuda:
+            main.wait_stream(self.stream)
+        y = y + st.y_dev.to(y.dtype)  # (the order of the offloaded path's sums, so both give the same bits)
+        return y if y_shared is None else y + y_shared
+
+    def _staging(self, t: int, k: int, dtype: torch.dtype) -> _Staging:
+        key = (t, k, dtype)
+        st = self.staging.get(key)
+        if st is None:
+            h, pin = self.orch.hidden, self.cuda
+
+            def host(*shape, dt=torch.float32):
+                return torch.zeros(*shape, dtype=dt, pin_memory=pin)
+
+            y = host(t, h)
+            y_dev = torch.zeros(t, h, dtype=torch.float32, device=self.orch.device) if self.cuda else y
+            st = self.staging[key] = _Staging(host(t, h, dt=dtype), host(t, k, dt=torch.int64), host(t, k), y, y_dev)
+        return st
+
+    def _job(self, layer, st: _Staging) -> int:
+        key = (layer.index, *st.ids.shape, st.x.dtype)
+        job = self.jobs.get(key)
+        if job is None:
+            job = self.jobs[key] = cpu_moe.job_new(
+                layer.kernel_layer, st.x, st.ids, st.w, layer.cpu_mask, layer.experts.hidden_act,
+                self.orch.worker.threads, st.y, self.stats[layer.index], RING,
+            )  # fmt: skip
+        return job
+
+    def collect(self, counters) -> None:
+        """Folds what the jobs did since the last call into `counters` (ExpertCounters) and live popularity."""
+        now = self.stats[:, : self.seen.shape[1]].numpy().copy()
+        d = now - self.seen
+        if not d[:, 0].any():
+            return
+        self.seen = now
+        failed = self.stats[:, 6].nonzero().view(-1).tolist()
+        if failed:
+            raise RuntimeError(f"the CPU expert job of layer {failed[0]} failed ({int(self.stats[failed[0], 6])})")
+        eb = self.orch.expert_bytes
+        counters.cpu += int(d[:, 2].sum())
+        counters.gpu += int(d[:, 3].sum())
+        counters.host_bytes += int(d[:, 4].sum()) * eb
+        counters.gpu_bytes += int(d[:, 7].sum()) * eb
+        counters.cpu_busy_s += float(d[:, 5].sum()) * 1e-9
+        for i in np.nonzero(d[:, 0])[0].tolist():
+            self.orch.live.observe(i, d[i, _STATS:].tolist(), int(d[i, 1]))
+
+    def intervals(self) -> list[tuple[int, int]]:
+        """The jobs' last runs, [start, end) in perf_counter ns (at most RING per layer), oldest first."""
+        out = []
+        e = self.num_experts
+        for row in self.stats:
+            n = int(row[0])
+            ring = row[_STATS + e :].view(RING, 2)
+            out += [tuple(ring[i % RING].tolist()) for i in range(max(0, n - RING), n)]
+        return sorted(out)
+
+    def close(self) -> None:
+        """Frees the jobs (after the device has finished every step that could run them)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.orch.device)
+        for job in self.jobs.values():
+            cpu_moe.job_free(job)
+        self.jobs.clear()
+        self.staging.clear()
