@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -287,6 +288,7 @@ class LLM:
         from cadenza.moe.costmodel import calibrate, load_cached, save_cached
 
         key = cost_model_key(self.device, orch)
+        self._tune_prefetch(key)  # first: the cost model measures the CPU as it will run
         cost = load_cached(cache_dir(), key)
         if cost is None:
             slot = None
@@ -300,6 +302,27 @@ class LLM:
                 orch.cache.clear()
                 save_cached(cache_dir(), cost)
         orch.cost = cost
+        orch.choose_streamed()  # auto streams its decode layers where the CPU is not much slower than the link
+
+    def _tune_prefetch(self, key: str) -> None:
+        """The fused CPU kernel's prefetch distance for decode calls: CADENZA_CPU_PREFETCH, or cached, or measured."""
+        orch = self.orchestra
+        forced = os.environ.get("CADENZA_CPU_PREFETCH")
+        if forced is not None:
+            if not forced.isdigit():
+                raise CadenzaError(f"CADENZA_CPU_PREFETCH={forced!r}: give a distance in bytes (0 turns it off).")
+            orch.cpu_prefetch = int(forced)
+            return
+        if not orch.cpu_kernel:
+            return
+        from cadenza.demo import cache_dir
+        from cadenza.moe.costmodel import load_prefetch, save_prefetch, tune_prefetch
+
+        value = load_prefetch(cache_dir(), key)
+        if value is None:
+            value = tune_prefetch(orch.cpu_run_one, orch.calibration_experts(), orch.hidden, self.dtype)
+            save_prefetch(cache_dir(), key, value)
+        orch.cpu_prefetch = value
 
     def close(self) -> None:
         """Stops the CPU worker and unpins host memory (also done when the LLM is collected); the LLM is unusable

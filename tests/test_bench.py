@@ -289,7 +289,9 @@ def test_run_bench_d4_with_error_and_step_profile(tmp_path):
     assert "--profile-step" in data["command"]
     results = data["results"]
     assert [r["cpu_experts"] for r in results] == ["int4"] * 4
-    assert [r["cpu_launch"] == "stream" for r in results] == [False, True, True, False]
+    for r in results:  # cpu streams its decode layers; auto where its measured CPU is not much slower than the link
+        assert r["cpu_launch"] == "stream" or r["policy"] == "auto" and "link's time" in r["cpu_launch"], r
+    assert [r["cpu_launch"] for r in results if r["policy"] == "cpu"] == ["stream"] * 2
     for r in results:
         err = r["error_vs_bf16"]
         assert err["format"] == "int4" and 0 < err["relative_logit_error"] < 1 and 0 <= err["top1_agreement"] <= 1

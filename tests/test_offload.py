@@ -3,6 +3,8 @@ model as the all-resident run; the slot cache, cost model and scheduler behave a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -177,3 +179,40 @@ def test_bf16_cpu_experts_run_in_the_fused_kernel(moe8):
     errs = {k: (g - want).abs().mean().item() for k, g in got.items()}
     assert all(e <= 0.03 * scale for e in errs.values()), errs
     assert errs["1"] <= 1.2 * errs["0"], errs
+
+
+def test_prefetch_distance_is_measured_and_cached(moe8, tmp_path, monkeypatch):
+    """tune_prefetch keeps "none" unless another distance is 5% faster; the LLM measures it once per machine and
+    shape (cached), and CADENZA_CPU_PREFETCH forces it (a bad value is refused with the fix)."""
+    import time as _time
+
+    from cadenza.moe import costmodel
+
+    def fake(slow: dict):
+        return lambda weights, x, pf: _time.sleep(slow.get(pf, 0.0))
+
+    experts = [()] * 3
+    assert costmodel.tune_prefetch(fake({0: 0.004, 2048: 0.001}), experts, 8, torch.float32) == 2048
+    assert costmodel.tune_prefetch(fake({0: 0.001, 2048: 0.001}), experts, 8, torch.float32) == 0
+    assert costmodel.tune_prefetch(fake({0: 0.001, 2048: 0.004}), experts, 8, torch.float32) == 0
+    costmodel.save_prefetch(tmp_path, "k", 2048)
+    assert costmodel.load_prefetch(tmp_path, "k") == 2048 and costmodel.load_prefetch(tmp_path, "other") is None
+
+    path = moe8[0]
+    monkeypatch.setenv("CADENZA_CACHE", str(tmp_path / "cache"))
+    llm = LLM(path, device="cpu", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")
+    try:
+        if llm.orchestra.cpu_kernel:  # measured and cached under the cost model's key
+            saved = json.loads((tmp_path / "cache" / "cpu_prefetch.json").read_text())
+            assert list(saved.values()) == [llm.orchestra.cpu_prefetch]
+    finally:
+        llm.close()
+    monkeypatch.setenv("CADENZA_CPU_PREFETCH", "4096")
+    llm = LLM(path, device="cpu", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")
+    try:
+        assert llm.orchestra.cpu_prefetch == 4096
+    finally:
+        llm.close()
+    monkeypatch.setenv("CADENZA_CPU_PREFETCH", "lots")
+    with pytest.raises(CadenzaError, match="CADENZA_CPU_PREFETCH"):
+        LLM(path, device="cpu", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")

@@ -257,14 +257,62 @@ def load_cached(cache_dir: Path, key: str) -> CostModel | None:
 
 
 def save_cached(cache_dir: Path, model: CostModel) -> None:
-    path = cost_model_path(cache_dir)
+    _update(cost_model_path(cache_dir), model.key, model.as_dict())
+
+
+PREFETCH_CANDIDATES = (0, 2048)  # bytes ahead the CPU kernel prefetches: none, or the best distance measured
+
+
+def tune_prefetch(
+    run: Callable[[Weights, torch.Tensor, int], None],
+    host_experts: Sequence[Weights],
+    hidden: int,
+    dtype: torch.dtype,
+    candidates: Sequence[int] = PREFETCH_CANDIDATES,
+    rounds: int = 3,
+) -> int:
+    """The CPU kernel's software prefetch distance for one-token calls, measured: `run(weights, x, prefetch)` over
+    experts spanning more than the last-level cache, each candidate in turn, `rounds` times; the fastest wins if it
+    beats the first candidate by 5% (on the H200 box's Xeon 2048 bytes read int4 experts 25-40% faster and bf16 5-35%;
+    on an AMD EPYC it slowed tiled bf16 by 20%: it is the machine's to say)."""
+    x = torch.randn(1, hidden, dtype=dtype)
+    run(host_experts[0], x, candidates[0])  # warm-up (thread pool)
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):
+        for pf in candidates:  # interleaved, so a slow spell of the machine hits every candidate
+            t0 = time.perf_counter()
+            for weights in host_experts:
+                run(weights, x, pf)
+            best[pf] = min(best[pf], time.perf_counter() - t0)
+    choice = min(candidates, key=best.__getitem__)
+    return choice if best[choice] < 0.95 * best[candidates[0]] else candidates[0]
+
+
+def prefetch_path(cache_dir: Path) -> Path:
+    return cache_dir / "cpu_prefetch.json"
+
+
+def load_prefetch(cache_dir: Path, key: str) -> int | None:
+    try:
+        value = json.loads(prefetch_path(cache_dir).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def save_prefetch(cache_dir: Path, key: str, value: int) -> None:
+    _update(prefetch_path(cache_dir), key, value)
+
+
+def _update(path: Path, key: str, value) -> None:
+    """Sets data[key] = value in the JSON object at path, atomically; a read-only cache is left alone."""
     try:
         data = json.loads(path.read_text()) if path.exists() else {}
         if not isinstance(data, dict):
             data = {}
     except (OSError, ValueError):
         data = {}
-    data[model.key] = model.as_dict()
+    data[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

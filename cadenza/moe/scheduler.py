@@ -321,8 +321,16 @@ class LayerOffload:
         if experts and use_kernel:  # all of the layer's CPU experts in one parallel pass
             from cadenza.kernels.cpu_moe import moe_forward
 
+            pf = self.orch.cpu_prefetch if x_h.shape[0] <= DECODE_MAX_TOKENS else 0
             y = moe_forward(
-                self.kernel_layer, x_h, ids_h, w_h, experts, self.experts.hidden_act, self.orch.worker.threads
+                self.kernel_layer,
+                x_h,
+                ids_h,
+                w_h,
+                experts,
+                self.experts.hidden_act,
+                self.orch.worker.threads,
+                prefetch=pf,
             )
             out.copy_(y)
         elif experts:
@@ -393,6 +401,9 @@ class Orchestra:
         # decode layers' CPU share launched from the stream (cpu policy; cadenza.moe.streamed), or None and why not
         self.streamed: StreamedCpu | None = None
         self.stream_cpu = os.environ.get("CADENZA_STREAM_CPU") != "0"  # (read once: replans keep the choice)
+        # the fused CPU kernel's software prefetch distance (bytes) for calls of a few tokens: measured on the
+        # machine at first use (LLM._calibrate, costmodel.tune_prefetch), CADENZA_CPU_PREFETCH forces it
+        self.cpu_prefetch = 0
         self.streamed_reason: str | None = "no placement applied yet"
         self.recorder = None  # cadenza.graphs.Recorder while a decode step is captured
         self.version = 0  # bumped by each apply(): captured steps refer to the resident tensors of one placement
@@ -441,10 +452,7 @@ class Orchestra:
             raise CadenzaError(f"Unknown offload policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
         self.placement, self.policy = placement, policy
         self.version += 1
-        if self.streamed is not None:
-            self.streamed.collect(self._counters)
-            self.streamed.close()
-            self.streamed = None
+        self._drop_streamed()
         for layer in self.layers:
             layer.place([])
         self.cache = None
@@ -458,9 +466,22 @@ class Orchestra:
             )
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self.streamed_reason = unavailable_reason(self, policy)
+        self.choose_streamed()
+
+    def choose_streamed(self) -> None:
+        """Decides whether decode layers launch the CPU's share from the stream (cadenza.moe.streamed): after each
+        placement, and once auto's cost model is known."""
+        self._drop_streamed()
+        self.streamed_reason = unavailable_reason(self, self.policy)
         if self.streamed_reason is None:
             self.streamed = StreamedCpu(self)
+        self.version += 1  # captured steps took the other path
+
+    def _drop_streamed(self) -> None:
+        if self.streamed is not None:
+            self.streamed.collect(self._counters)
+            self.streamed.close()
+            self.streamed = None
 
     @property
     def counters(self) -> ExpertCounters:
@@ -584,9 +605,10 @@ class Orchestra:
         self.counters.sync_wait_s += time.perf_counter() - t0
         return x_h, ids_h, w_h, guess_h
 
-    def cpu_run_one(self, weights, x: torch.Tensor) -> None:
+    def cpu_run_one(self, weights, x: torch.Tensor, prefetch: int | None = None) -> None:
         """One expert on the CPU as the CPU job computes it (for calibrating the cost model): through the kernel
-        module (the fused kernel, or for quantized experts its fallback), else PyTorch's products."""
+        module (the fused kernel, or for quantized experts its fallback), else PyTorch's products. prefetch: the
+        kernel's prefetch distance (default: the one in use for a few tokens)."""
         from cadenza.kernels.cpu_moe import moe_forward, plain_layer
 
         ids = torch.zeros(x.shape[0], 1, dtype=torch.int64)
@@ -602,7 +624,9 @@ class Orchestra:
             gate_up, down = weights
             packed = self.layers[0].experts.packed
             layer = dataclasses.replace(packed, num_experts=1, gate_up=gate_up[None], down=down[None])
-        moe_forward(layer, x, ids, w, [0], self.layout.act, self.worker.threads)
+        if prefetch is None:
+            prefetch = self.cpu_prefetch if x.shape[0] <= DECODE_MAX_TOKENS else 0
+        moe_forward(layer, x, ids, w, [0], self.layout.act, self.worker.threads, prefetch=prefetch)
 
     def gpu_run_one(self, weights, x: torch.Tensor) -> None:
         """One expert on the GPU side from a fetch slot's tensors, as a layer computes it (for calibration)."""
@@ -629,9 +653,7 @@ class Orchestra:
     def close(self) -> None:
         """Stops the worker, drops the GPU side's copies (residents, fetch slots) and unregisters the page-locked
         host memory (idempotent)."""
-        if self.streamed is not None:
-            self.streamed.close()
-            self.streamed = None
+        self._drop_streamed()
         for layer in self.layers:
             layer.experts.offload = None
             layer.stacks, layer.row_lut = [], None

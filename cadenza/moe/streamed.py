@@ -1,8 +1,10 @@
 """CPU experts launched from the CUDA stream: decode steps whose host layers need no synchronisation.
 
 With the "cpu" policy nothing about a layer's experts is decided at run time: the residents are computed on the
-GPU side, every other routed expert on the CPU. So the host need not look at the routing in the middle of a step,
-and a layer's CPU share can be queued like any GPU work (ktransformers does the same):
+GPU side, every other routed expert on the CPU. "auto" decodes the same way unless its cost model finds the link
+much faster than the CPU (`STREAM_MAX_CPU_OVER_LINK`); its many-token steps (prefill) keep fetching. So the host
+need not look at the routing in the middle of a step, and a layer's CPU share can be queued like any GPU work
+(ktransformers does the same):
 
     main stream:  router -> ids, w ─┬──────────────────── residents (decode kernel, -1 rows skipped), shared ─┬─> y
     side stream:                    └─> x, ids, w to pinned staging -> host function -> y_cpu to the GPU ───────┘
@@ -36,16 +38,36 @@ RING = 64  # start/end times kept per layer (for the step profiler)
 _STATS = 8  # fixed stats fields before the per-expert counts (cpu_moe.cpp)
 
 
+# auto streams its decode layers (every miss on the CPU, no host decision) unless the CPU takes more than this many
+# times the link's time for one expert at one token. Measured on the H200 box (CPU / link time per expert, decode
+# tok/s streamed vs auto's per-layer split): Mixtral int4 at 24 GiB 1.1x, 40.3 vs 35.0; Qwen3-30B-A3B bf16 at
+# 8 GiB 0.7x, 16.7 vs 13.6; Mixtral bf16 at 24 GiB 0.6x, 4.86 vs 2.98-5.26. The split can at best use both sides
+# at once, but pays a synchronisation per layer and shares DRAM between them; it wins only where the link is
+# clearly the faster side.
+STREAM_MAX_CPU_OVER_LINK = 1.5
+
+
 def unavailable_reason(orch, policy: str) -> str | None:
     """Why an Orchestra with this policy keeps the per-layer synchronisation for decode steps, or None."""
     if not orch.stream_cpu:
         return "turned off by CADENZA_STREAM_CPU=0"
-    if policy != "cpu":
-        return f"the {policy} policy decides per layer on the host which experts to fetch"
     if not orch.cpu_kernel:
         return "the fused CPU kernel is not in use for these experts"
     if orch.cuda and _driver() is None:
         return "the CUDA driver's cuLaunchHostFunc was not found"
+    if policy == "fetch":
+        return "the fetch policy copies each missing expert to the GPU, decided per layer on the host"
+    if policy == "auto":
+        if orch.prefetch_on:
+            return "speculative prefetch is on: auto fetches, deciding per layer on the host"
+        if orch.cost is None:
+            return "the auto policy has no cost model yet"
+        ratio = orch.cost.cpu_time(1) / max(orch.cost.fetch_time(1), 1e-12)
+        if ratio > STREAM_MAX_CPU_OVER_LINK:
+            return (
+                f"the CPU takes {ratio:.1f}x the link's time per expert: auto splits each layer's misses between "
+                "them, deciding per layer on the host"
+            )
     return None
 
 
@@ -145,7 +167,7 @@ class StreamedCpu:
         if job is None:
             job = self.jobs[key] = cpu_moe.job_new(
                 layer.kernel_layer, st.x, st.ids, st.w, layer.cpu_mask, layer.experts.hidden_act,
-                self.orch.worker.threads, st.y, self.stats[layer.index], RING,
+                self.orch.worker.threads, st.y, self.stats[layer.index], RING, prefetch=self.orch.cpu_prefetch,
             )  # fmt: skip
         return job
 
