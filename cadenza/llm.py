@@ -322,7 +322,7 @@ class LLM:
         if value is None:
             value = tune_prefetch(orch.cpu_run_one, orch.calibration_experts(), orch.hidden, self.dtype)
             save_prefetch(cache_dir(), key, value)
-        orch.cpu_prefetch = value
+        orch.cpu_prefetch, orch.cpu_one_s = value
 
     def close(self) -> None:
         """Stops the CPU worker and unpins host memory (also done when the LLM is collected); the LLM is unusable

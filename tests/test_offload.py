@@ -192,11 +192,13 @@ def test_prefetch_distance_is_measured_and_cached(moe8, tmp_path, monkeypatch):
         return lambda weights, x, pf: _time.sleep(slow.get(pf, 0.0))
 
     experts = [()] * 3
-    assert costmodel.tune_prefetch(fake({0: 0.004, 2048: 0.001}), experts, 8, torch.float32) == 2048
-    assert costmodel.tune_prefetch(fake({0: 0.001, 2048: 0.001}), experts, 8, torch.float32) == 0
-    assert costmodel.tune_prefetch(fake({0: 0.001, 2048: 0.004}), experts, 8, torch.float32) == 0
-    costmodel.save_prefetch(tmp_path, "k", 2048)
-    assert costmodel.load_prefetch(tmp_path, "k") == 2048 and costmodel.load_prefetch(tmp_path, "other") is None
+    pf, one = costmodel.tune_prefetch(fake({0: 0.004, 2048: 0.001}), experts, 8, torch.float32)
+    assert pf == 2048 and 0.001 <= one < 0.004
+    assert costmodel.tune_prefetch(fake({0: 0.001, 2048: 0.001}), experts, 8, torch.float32)[0] == 0
+    assert costmodel.tune_prefetch(fake({0: 0.001, 2048: 0.004}), experts, 8, torch.float32)[0] == 0
+    costmodel.save_prefetch(tmp_path, "k", (2048, 0.002))
+    assert costmodel.load_prefetch(tmp_path, "k") == (2048, 0.002)
+    assert costmodel.load_prefetch(tmp_path, "other") is None
 
     path = moe8[0]
     monkeypatch.setenv("CADENZA_CACHE", str(tmp_path / "cache"))
@@ -204,7 +206,8 @@ def test_prefetch_distance_is_measured_and_cached(moe8, tmp_path, monkeypatch):
     try:
         if llm.orchestra.cpu_kernel:  # measured and cached under the cost model's key
             saved = json.loads((tmp_path / "cache" / "cpu_prefetch.json").read_text())
-            assert list(saved.values()) == [llm.orchestra.cpu_prefetch]
+            assert [v["prefetch"] for v in saved.values()] == [llm.orchestra.cpu_prefetch]
+            assert llm.orchestra.cpu_one_s > 0
     finally:
         llm.close()
     monkeypatch.setenv("CADENZA_CPU_PREFETCH", "4096")

@@ -164,11 +164,15 @@ def test_reasons_it_is_off(path):
         assert (orch.streamed is None) == (orch.streamed_reason is not None)
         cost = orch.cost
         link = cost.fetch_time(1)
-        for cpu_over_link, streams in ((1.5, True), (2.5, False)):
-            orch.cost = dataclasses.replace(cost, cpu_s=(cpu_over_link * link, 0.0), alone_scale=1.0)
+        for cpu_over_link, streams in ((1.5, True), (2.5, False)):  # the CPU time measured with its prefetch
+            orch.cpu_one_s = cpu_over_link * link
             orch.choose_streamed()
             assert (orch.streamed is not None) == streams, orch.streamed_reason
         assert "2.5x the link's time" in orch.streamed_reason
+        orch.cpu_one_s = None  # not measured (CADENZA_CPU_PREFETCH forced): the cost model's
+        orch.cost = dataclasses.replace(cost, cpu_s=(3 * link, 0.0), alone_scale=1.0)
+        orch.choose_streamed()
+        assert orch.streamed is None and "3.0x" in orch.streamed_reason
         orch.cost = dataclasses.replace(cost, cpu_s=(0.5 * link, 0.0), alone_scale=1.0)
         orch.prefetch_on = True
         orch.choose_streamed()

@@ -270,11 +270,13 @@ def tune_prefetch(
     dtype: torch.dtype,
     candidates: Sequence[int] = PREFETCH_CANDIDATES,
     rounds: int = 3,
-) -> int:
+) -> tuple[int, float]:
     """The CPU kernel's software prefetch distance for one-token calls, measured: `run(weights, x, prefetch)` over
     experts spanning more than the last-level cache, each candidate in turn, `rounds` times; the fastest wins if it
-    beats the first candidate by 5% (on the H200 box's Xeon 2048 bytes read int4 experts 25-40% faster and bf16 5-35%;
-    on an AMD EPYC it slowed tiled bf16 by 20%: it is the machine's to say)."""
+    beats the first candidate by 5% (on the H200 box's Xeon 2048 bytes read int4 experts 25-40% faster and bf16
+    5-35%; on an AMD EPYC it slowed tiled bf16 by 20%: it is the machine's to say). Returns (distance, seconds per
+    expert at one token with it): a direct measure of the CPU's decode speed, steadier than the cost model's
+    line through 1, 16 and 128 tokens."""
     x = torch.randn(1, hidden, dtype=dtype)
     run(host_experts[0], x, candidates[0])  # warm-up (thread pool)
     best = dict.fromkeys(candidates, float("inf"))
@@ -285,23 +287,27 @@ def tune_prefetch(
                 run(weights, x, pf)
             best[pf] = min(best[pf], time.perf_counter() - t0)
     choice = min(candidates, key=best.__getitem__)
-    return choice if best[choice] < 0.95 * best[candidates[0]] else candidates[0]
+    if best[choice] >= 0.95 * best[candidates[0]]:
+        choice = candidates[0]
+    return choice, best[choice] / len(host_experts)
 
 
 def prefetch_path(cache_dir: Path) -> Path:
     return cache_dir / "cpu_prefetch.json"
 
 
-def load_prefetch(cache_dir: Path, key: str) -> int | None:
+def load_prefetch(cache_dir: Path, key: str) -> tuple[int, float] | None:
+    """(distance, seconds per expert at one token) measured earlier for this key, or None."""
     try:
-        value = json.loads(prefetch_path(cache_dir).read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
+        entry = json.loads(prefetch_path(cache_dir).read_text()).get(key)
+        value = (int(entry["prefetch"]), float(entry["cpu_one_s"]))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
-    return value if isinstance(value, int) and value >= 0 else None
+    return value if value[0] >= 0 and value[1] > 0 else None
 
 
-def save_prefetch(cache_dir: Path, key: str, value: int) -> None:
-    _update(prefetch_path(cache_dir), key, value)
+def save_prefetch(cache_dir: Path, key: str, value: tuple[int, float]) -> None:
+    _update(prefetch_path(cache_dir), key, {"prefetch": value[0], "cpu_one_s": value[1]})
 
 
 def _update(path: Path, key: str, value) -> None:

@@ -404,6 +404,7 @@ class Orchestra:
         # the fused CPU kernel's software prefetch distance (bytes) for calls of a few tokens: measured on the
         # machine at first use (LLM._calibrate, costmodel.tune_prefetch), CADENZA_CPU_PREFETCH forces it
         self.cpu_prefetch = 0
+        self.cpu_one_s: float | None = None  # one expert, one token, on the CPU with it (measured with it)
         self.streamed_reason: str | None = "no placement applied yet"
         self.recorder = None  # cadenza.graphs.Recorder while a decode step is captured
         self.version = 0  # bumped by each apply(): captured steps refer to the resident tensors of one placement

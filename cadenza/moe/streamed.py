@@ -38,8 +38,9 @@ RING = 64  # start/end times kept per layer (for the step profiler)
 _STATS = 8  # fixed stats fields before the per-expert counts (cpu_moe.cpp)
 
 
-# auto streams its decode layers (every miss on the CPU, no host decision) unless its cost model says the CPU takes
-# more than this many times the link's time for one expert at one token. Measured on the H200 box (decode tok/s,
+# auto streams its decode layers (every miss on the CPU, no host decision) unless the CPU takes more than this many
+# times the link's time for one expert at one token (the CPU's time as measured when tuning its prefetch, else the
+# cost model's). Measured on the H200 box (decode tok/s,
 # streamed vs auto's per-layer split): Qwen3-30B-A3B bf16 at 8 GiB 16.7 vs 13.6; Mixtral bf16 at 24 GiB 4.86 vs
 # 2.98-5.26; Mixtral int4 at 24 GiB 40.3 vs 35.0-37.1, where the calibration put the CPU at 1.9x the link but in
 # the step two int4 experts took 3.6 ms on the CPU against 3.4 ms over the link (the one-expert calibration is
@@ -63,7 +64,8 @@ def unavailable_reason(orch, policy: str) -> str | None:
             return "speculative prefetch is on: auto fetches, deciding per layer on the host"
         if orch.cost is None:
             return "the auto policy has no cost model yet"
-        ratio = orch.cost.cpu_time(1) / max(orch.cost.fetch_time(1), 1e-12)
+        cpu = orch.cpu_one_s if orch.cpu_one_s is not None else orch.cost.cpu_time(1)
+        ratio = cpu / max(orch.cost.fetch_time(1), 1e-12)
         if ratio > STREAM_MAX_CPU_OVER_LINK:
             return (
                 f"the CPU takes {ratio:.1f}x the link's time per expert: auto splits each layer's misses between "
