@@ -42,6 +42,9 @@ class Captured:
 
     ids: torch.Tensor  # [B, 1] token ids
     index: RowIndex  # rows and positions
+    # pinned [3, B]: ids, rows, starts of the next replay, and the event after their copy to the static inputs
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None  # [B, 1, V] float32
     segments: list = field(default_factory=list)  # torch.cuda.CUDAGraph or a host call, in order
     # what the captured layers add to the orchestra's counters per step (the Python that counts them does not run
@@ -136,11 +139,9 @@ class StepGraphs:
             self.version = version
         b = len(rows)
         starts = [cache.lengths[r] for r in rows]
-        end = min(cache.capacity, (max(starts) // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
-        if max(starts) + 1 > cache.capacity:
-            cache._grow(max(starts) + 1)  # (a reserved cache never grows; a CPU-sized one may)
+        if cache.ensure(max(starts) + 1):  # (a reserved cache never grows; a CPU-sized one may)
             self.clear()
-            end = min(cache.capacity, (max(starts) // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
+        end = min(cache.capacity, (max(starts) // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
         key = (b, end, id(cache))
         cap = self.graphs.pop(key, None)
         if cap is None:
@@ -148,10 +149,16 @@ class StepGraphs:
         self.graphs[key] = cap  # most recently used last
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
-        host = torch.tensor([ids, rows, starts], dtype=torch.int64).pin_memory()
-        cap.ids.copy_(host[0].view(b, 1), non_blocking=True)
-        cap.index.rows_t.copy_(host[1], non_blocking=True)
-        cap.index.starts_t.copy_(host[2], non_blocking=True)
+        if cap.host is None:
+            cap.host = torch.empty(3, b, dtype=torch.int64, pin_memory=True)
+            cap.copied = torch.cuda.Event()
+        else:
+            cap.copied.synchronize()  # the last replay's inputs have left the buffer (done long ago, in practice)
+        cap.host.numpy()[:] = (ids, rows, starts)
+        cap.ids.copy_(cap.host[0].view(b, 1), non_blocking=True)
+        cap.index.rows_t.copy_(cap.host[1], non_blocking=True)
+        cap.index.starts_t.copy_(cap.host[2], non_blocking=True)
+        cap.copied.record()
         cap.replay()
         if cap.counted is not None:
             counters = self.orchestra.counters

@@ -52,8 +52,7 @@ class Cache:
     def reserve(self) -> Cache:
         """Allocates the whole context now: under a GPU budget the cache must never grow (a growth copy would
         briefly hold two caches)."""
-        if self.capacity < self.max_length:
-            self._grow(self.max_length)
+        self.ensure(self.max_length)
         return self
 
     def reset(self, slots: Sequence[int] | None = None) -> None:
@@ -74,6 +73,14 @@ class Cache:
         old = list(self.lengths)
         for i, j in zip(dst, src, strict=True):
             self.lengths[i] = old[j]
+
+    def ensure(self, needed: int) -> bool:
+        """Makes room for `needed` positions per slot (a CadenzaError past the context); True if the buffers were
+        reallocated (views and CUDA graphs taken of the old ones are stale)."""
+        if needed <= self.capacity:
+            return False
+        self._grow(needed)
+        return True
 
     def _grow(self, needed: int) -> None:
         if needed > self.max_length:
@@ -104,8 +111,7 @@ class Cache:
         end hold stale values: the pass's mask hides them."""
         t = x.shape[2]
         end = ctx.end
-        if end > self.capacity:
-            self._grow(end)
+        self.ensure(end)
         buf = self.buffers[name][layer]
         if ctx.row_slice is not None:
             rows = buf[ctx.row_slice]
