@@ -10,6 +10,7 @@ capture are covered on the device (tests/test_graphs.py, `pytest -m gpu`).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -191,3 +192,27 @@ def test_reasons_it_is_off(path):
         assert fp32.orchestra.streamed is None and "fused CPU kernel" in fp32.orchestra.streamed_reason
     finally:
         fp32.close()
+
+
+def test_handoff_bench_needs_cuda():
+    from cadenza.bench import handoff
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the device test below runs it")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        handoff.main([])
+
+
+@pytest.mark.gpu
+def test_handoff_bench_on_the_device(tmp_path):
+    """`python -m cadenza.bench.handoff`: each variant adds a piece of the chain; an empty job costs time, and the
+    job's own time grows with the experts it computes."""
+    from cadenza.bench import handoff
+
+    out = tmp_path / "handoff.json"
+    assert handoff.main(["--layers", "8", "--out", str(out)]) == 0
+    rows = {(r["variant"], r["threads"], r["experts_on_cpu"]): r for r in json.loads(out.read_text())["results"]}
+    by_variant = {v: r["us_per_layer"] for (v, _, n), r in rows.items() if n == 0}
+    assert by_variant["kernels"] < by_variant["copies"] < by_variant["full"]
+    full = [r for (v, th, n), r in sorted(rows.items()) if v == "full" and th > 1]
+    assert full[0]["job_us_per_call"] < full[-1]["job_us_per_call"]
