@@ -111,6 +111,7 @@ class StreamedCpu:
         self.num_experts = orch.layers[0].experts.num_experts
         width = _STATS + self.num_experts + 2 * RING
         self.stats = torch.zeros(len(orch.layers), width, dtype=torch.int64)
+        self._stats = self.stats.numpy()  # the same memory, read without torch's dispatch
         self.seen = np.zeros((len(orch.layers), _STATS + self.num_experts), dtype=np.int64)
         self.staging: dict[tuple, _Staging] = {}
         self.jobs: dict[tuple, int] = {}
@@ -176,10 +177,10 @@ class StreamedCpu:
 
     def collect(self, counters) -> None:
         """Folds what the jobs did since the last call into `counters` (ExpertCounters) and live popularity."""
-        now = self.stats[:, : self.seen.shape[1]].numpy().copy()
-        d = now - self.seen
-        if not d[:, 0].any():
+        if np.array_equal(self._stats[:, 0], self.seen[:, 0]):  # no job ran since (the common case: cheap)
             return
+        now = self._stats[:, : self.seen.shape[1]].copy()
+        d = now - self.seen
         self.seen = now
         failed = self.stats[:, 6].nonzero().view(-1).tolist()
         if failed:
