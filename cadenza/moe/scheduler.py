@@ -31,6 +31,7 @@ from cadenza.models.common import act_fn
 from cadenza.moe.adaptive import LivePopularity, plan_swaps
 from cadenza.moe.cache import SlotCache
 from cadenza.moe.costmodel import CostModel
+from cadenza.moe.counters import ExpertCounters
 from cadenza.moe.cpu import CpuWorker, physical_cores
 from cadenza.moe.eviction import make_policy
 from cadenza.moe.experts import Experts, expert_order, offsets, run_experts
@@ -39,56 +40,6 @@ from cadenza.moe.placement import Placement
 from cadenza.moe.streamed import StreamedCpu, unavailable_reason
 
 POLICIES = ("auto", "cpu", "fetch")
-
-
-@dataclass
-class ExpertCounters:
-    """Where expert work went: (token, expert) pairs per side, and expert weight bytes read per side."""
-
-    gpu: int = 0
-    cpu: int = 0
-    fetched: int = 0
-    host_bytes: int = 0  # experts read from host memory: computed on the CPU or fetched
-    gpu_bytes: int = 0  # experts read from GPU memory: resident or fetched
-    syncs: int = 0  # GPU->host synchronisations
-    sync_wait_s: float = 0.0  # host time spent waiting in those synchronisations (the GPU's work before them)
-    cpu_busy_s: float = 0.0  # the CPU worker's time computing experts
-    cpu_wait_s: float = 0.0  # main-thread time waiting for the CPU worker after queueing the GPU's share
-    # speculative prefetch (the next layer's router applied to this layer's hidden state): experts copied ahead,
-    # how many of them the next layer used, and how many non-resident experts those layers needed
-    prefetch_issued: int = 0  # copies started on a guess
-    prefetch_guessed: int = 0  # guessed non-resident experts (copied now, or already in a slot)
-    prefetch_used: int = 0
-    prefetch_needed: int = 0
-    cache_hits: int = 0  # fetched experts found in a slot (fetched lately or prefetched)
-    cache_misses: int = 0  # fetched experts copied when needed
-    split: int = 0  # (token, expert) pairs of experts shared by the CPU and the GPU (auto)
-
-    # folds in work counted elsewhere (the streamed jobs') before a snapshot: set by the Orchestra
-    pull: Callable[[ExpertCounters], None] | None = dataclasses.field(default=None, repr=False, compare=False)
-
-    def values(self) -> dict:
-        if self.pull is not None:
-            self.pull(self)
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "pull"}
-
-    def snapshot(self) -> ExpertCounters:
-        return ExpertCounters(**self.values())
-
-    def minus(self, other: ExpertCounters) -> ExpertCounters:
-        return ExpertCounters(**{k: v - getattr(other, k) for k, v in self.values().items()})
-
-    def prefetch_quality(self) -> dict[str, float | None]:
-        """Precision (guessed experts that were used) and recall (needed experts that were guessed)."""
-        p = self.prefetch_used / self.prefetch_guessed if self.prefetch_guessed else None
-        r = self.prefetch_used / self.prefetch_needed if self.prefetch_needed else None
-        return {"precision": p, "recall": r}
-
-    def shares(self) -> dict[str, float]:
-        total = self.gpu + self.cpu + self.fetched + self.split
-        if not total:
-            return {"gpu": 0.0, "cpu": 0.0, "fetched": 0.0, "split": 0.0}
-        return {k: getattr(self, k) / total for k in ("gpu", "cpu", "fetched", "split")}
 
 
 def pin_host_memory(t: torch.Tensor) -> bool:
@@ -398,7 +349,8 @@ class Orchestra:
         # work never preempts one of the worker's threads (a GEMV waits for its slowest thread)
         self.worker = CpuWorker(cpu_threads or (max(1, physical_cores() - 1) if self.cuda else None))
         self._counters = ExpertCounters(pull=self._collect)
-        # decode layers' CPU share launched from the stream (cpu policy; cadenza.moe.streamed), or None and why not
+        # decode layers' CPU share launched from the stream (cpu, and auto where measured to pay; cadenza.moe.streamed),
+        # or None and why not
         self.streamed: StreamedCpu | None = None
         self.stream_cpu = os.environ.get("CADENZA_STREAM_CPU") != "0"  # (read once: replans keep the choice)
         # the fused CPU kernel's software prefetch distance (bytes) for calls of a few tokens: measured on the
