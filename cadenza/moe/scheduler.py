@@ -13,6 +13,10 @@ are also copied to the GPU. One MoE layer on the offloaded path:
    products on the GPU;
 4. the CPU's partial sum is copied back (asynchronously, from a pinned buffer) and added, then the shared part.
 
+A decode step of a few tokens under the cpu policy (and auto, where the CPU measured not much slower than the
+link) skips steps 1-2: nothing is decided, so the CPU's share is queued on the GPU's stream as a host function
+between copies (cadenza.moe.streamed) and the host never waits mid-step.
+
 With the "GPU side" on the CPU (device cpu and a budget), the same code runs for tests: the emulated mode.
 """
 
