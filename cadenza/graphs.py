@@ -122,8 +122,11 @@ class StepGraphs:
         orch = self.orchestra
         if orch is not None and orch.streamed is not None:
             return "on (decode steps replayed as one CUDA graph each; CPU experts run from the stream inside it)"
-        return "on (decode steps replayed as CUDA graphs; layers with experts off the GPU run between graphs" + (
-            f": {orch.streamed_reason})" if orch is not None else "; with --offload-policy cpu, inside them)"
+        if orch is not None:
+            return f"on (decode steps replayed as CUDA graphs; host layers run between graphs: {orch.streamed_reason})"
+        return (
+            "on (decode steps replayed as CUDA graphs; with experts on the CPU, one graph a step when their work is "
+            "launched from the stream: the cpu policy, and auto unless the CPU is much slower than the link)"
         )
 
     def clear(self) -> None:
