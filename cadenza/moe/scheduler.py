@@ -277,16 +277,8 @@ class LayerOffload:
             from cadenza.kernels.cpu_moe import moe_forward
 
             pf = self.orch.cpu_prefetch if x_h.shape[0] <= DECODE_MAX_TOKENS else 0
-            y = moe_forward(
-                self.kernel_layer,
-                x_h,
-                ids_h,
-                w_h,
-                experts,
-                self.experts.hidden_act,
-                self.orch.worker.threads,
-                prefetch=pf,
-            )
+            act, threads = self.experts.hidden_act, self.orch.worker.threads
+            y = moe_forward(self.kernel_layer, x_h, ids_h, w_h, experts, act, threads, prefetch=pf)
             out.copy_(y)
         elif experts:
             out.zero_()
