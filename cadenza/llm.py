@@ -51,6 +51,16 @@ def cost_model_key(device: torch.device, orch) -> str:
     )
 
 
+def _forced_prefetch() -> int | None:
+    """CADENZA_CPU_PREFETCH (bytes), or None when unset."""
+    forced = os.environ.get("CADENZA_CPU_PREFETCH")
+    if forced is None:
+        return None
+    if not forced.isdigit():
+        raise CadenzaError(f"CADENZA_CPU_PREFETCH={forced!r}: give a distance in bytes (0 turns it off).")
+    return int(forced)
+
+
 @dataclass
 class GenerationResult:
     """What `LLM.generate` returns for one prompt."""
@@ -184,6 +194,7 @@ class LLM:
             raise CadenzaError(f"cpu_threads={cpu_threads!r} is not valid. Use a whole number of at least 1.")
         if offload_policy not in POLICIES:
             raise CadenzaError(f"Unknown offload policy {offload_policy!r}. Use one of: {', '.join(POLICIES)}.")
+        self._forced_prefetch = _forced_prefetch()  # refused before any weight is read
         meta = build_meta(self.checkpoint)
         config = self.config = meta.config
         context = min(config.context_length, DEFAULT_MAX_CONTEXT)
@@ -307,11 +318,8 @@ class LLM:
     def _tune_prefetch(self, key: str) -> None:
         """The fused CPU kernel's prefetch distance for decode calls: CADENZA_CPU_PREFETCH, or cached, or measured."""
         orch = self.orchestra
-        forced = os.environ.get("CADENZA_CPU_PREFETCH")
-        if forced is not None:
-            if not forced.isdigit():
-                raise CadenzaError(f"CADENZA_CPU_PREFETCH={forced!r}: give a distance in bytes (0 turns it off).")
-            orch.cpu_prefetch = int(forced)
+        if self._forced_prefetch is not None:
+            orch.cpu_prefetch = self._forced_prefetch
             return
         if not orch.cpu_kernel:
             return

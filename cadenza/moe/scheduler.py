@@ -355,7 +355,9 @@ class Orchestra:
         self.cpu_one_s: float | None = None  # one expert, one token, on the CPU with it (measured with it)
         self.streamed_reason: str | None = "no placement applied yet"
         self.recorder = None  # cadenza.graphs.Recorder while a decode step is captured
-        self.version = 0  # bumped by each apply(): captured steps refer to the resident tensors of one placement
+        # bumped by each apply() (through choose_streamed): captured steps refer to the resident tensors of one
+        # placement and to one way of running the host's layers
+        self.version = 0
         self.policy = "cpu"
         self.cache: SlotCache | None = None
         self.cost: CostModel | None = None
@@ -400,7 +402,6 @@ class Orchestra:
         if policy not in POLICIES:
             raise CadenzaError(f"Unknown offload policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
         self.placement, self.policy = placement, policy
-        self.version += 1
         self._drop_streamed()
         for layer in self.layers:
             layer.place([])
@@ -424,7 +425,7 @@ class Orchestra:
         self.streamed_reason = unavailable_reason(self, self.policy)
         if self.streamed_reason is None:
             self.streamed = StreamedCpu(self)
-        self.version += 1  # captured steps took the other path
+        self.version += 1  # captured steps refer to the old residents, or took the other path
 
     def _drop_streamed(self) -> None:
         if self.streamed is not None:
