@@ -13,7 +13,6 @@ with row >= 0 of w * down(act(gate x) * up x). Bounds, relative Frobenius error 
 Interpreter tests pass large blocks (few programs: seconds, not minutes); one case runs the default blocks.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,33 +23,9 @@ import torch
 from cadenza.errors import CadenzaError
 from cadenza.kernels.layout import dequantize, dequantize_tiles, pack_layer
 from cadenza.models.common import act_fn
+from tests.interpreted import DEVICE, kernels_module  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_TRITON = importlib.util.find_spec("triton") is not None
-# Triton reads TRITON_INTERPRET when a kernel (its own library's included) is defined, and the first launch imports
-# a module that checks it. So the flag is on only while triton and a private copy of the kernels module are
-# imported: cadenza.kernels.gpu_moe itself stays uninterpreted, and the engine's CPU tests keep its fast torch
-# fallback (through the interpreter a small model's decode takes minutes). If something imported triton before
-# this file, the flag comes too late: the kernel tests then run in a fresh subprocess.
-_SUBPROCESS = False
-if _TRITON and DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    if "triton" in sys.modules:
-        _SUBPROCESS = True
-        from cadenza.kernels import gpu_moe
-    else:
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            import triton.experimental.gluon  # noqa: F401
-
-            _file = importlib.util.find_spec("cadenza.kernels.gpu_moe").origin
-            _name = "cadenza.kernels._gpu_moe_interpreted"
-            _spec = importlib.util.spec_from_file_location(_name, _file)
-            gpu_moe = sys.modules[_name] = importlib.util.module_from_spec(_spec)
-            _spec.loader.exec_module(gpu_moe)
-        finally:
-            del os.environ["TRITON_INTERPRET"]
-else:
-    from cadenza.kernels import gpu_moe
+gpu_moe, _SUBPROCESS = kernels_module("gpu_moe")
 
 from cadenza.bench.gpu_kernel import random_plain, random_tiled  # noqa: E402
 

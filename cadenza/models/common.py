@@ -44,7 +44,13 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the compute dtype, as the reference does.
+        # Normalise in fp32 whatever the compute dtype, as the reference does; on a GPU in one fused kernel.
+        if x.is_cuda:
+            from cadenza.kernels import gpu_fused  # imports Triton: only where a GPU computes
+
+            out = gpu_fused.rms_norm(x, self.weight, self.variance_epsilon)
+            if out is not None:
+                return out
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -219,6 +225,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, heads, T, D]; cos, sin: [T, d] or [B, 1, T, d] with d <= D (partial rotary leaves the rest as is)."""
+    if x.is_cuda:  # one fused kernel, the same values
+        from cadenza.kernels import gpu_fused
+
+        out = gpu_fused.rotary(x, cos, sin)
+        if out is not None:
+            return out
     d = cos.shape[-1]
     if d == x.shape[-1]:
         return x * cos + rotate_half(x) * sin

@@ -1,0 +1,43 @@
+"""Kernel modules for the Triton kernel tests: compiled on CUDA, else a private copy run by Triton's interpreter.
+
+Triton reads TRITON_INTERPRET when a kernel (its own library's included) is defined, and the first launch imports
+a module that checks it. So the flag is on only while triton and a private copy of a kernels module are imported:
+the package's own module stays uninterpreted, and the engine's CPU tests keep its fast torch fallback (through the
+interpreter a small model's decode takes minutes). If something imported triton before the first such copy, the
+flag comes too late: those kernel tests then run in a fresh subprocess (`subprocess` True).
+"""
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON = importlib.util.find_spec("triton") is not None
+_interpreted = False  # triton was first imported here, under the interpreter
+
+
+def kernels_module(name: str):
+    """(module, subprocess) for `cadenza.kernels.<name>`: interpreted on CPU-only machines where possible."""
+    global _interpreted
+    if not TRITON or DEVICE.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+        return importlib.import_module(f"cadenza.kernels.{name}"), False
+    if "triton" in sys.modules and not _interpreted:
+        return importlib.import_module(f"cadenza.kernels.{name}"), True
+    private = f"cadenza.kernels._{name}_interpreted"
+    if private in sys.modules:
+        return sys.modules[private], False
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.experimental.gluon  # noqa: F401
+
+        _interpreted = True
+        origin = importlib.util.find_spec(f"cadenza.kernels.{name}").origin
+        spec = importlib.util.spec_from_file_location(private, origin)
+        module = sys.modules[private] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+    return module, False
