@@ -10,6 +10,10 @@ both --layouts (default tiled,plain): "tiled" packed by `pack_layer`, "plain" th
 tensors read in place (`plain_layer`, no second copy); each result row names its layout. Consecutive calls use
 different experts. Weight bytes per second at one token are compared with the DRAM read bandwidth measured at the
 start (all threads summing a 4 GiB array). Writes JSON and prints a table.
+
+--peer kt-kernel also times ktransformers' CPU MoE operator on the same layer, routings, token counts and rotation
+(cadenza/bench/kt_kernel_peer.py); its rows say system "kt-kernel", cadenza's "cadenza", and "peer_comparison" sets
+each beside cadenza's fastest row of the same format and token count.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class Bench:
         )
         self.results: list[dict] = []
         self.errors: dict[str, float] = {}
+        self.outputs: dict[str, torch.Tensor] = {}  # label -> layer output on err_input (a peer's error reference)
         self.y_bf16: torch.Tensor | None = None
         self._stacked: list[torch.Tensor] | None = None
 
@@ -134,6 +139,7 @@ class Bench:
         med = statistics.median(times)
         self.results.append(
             {
+                "system": "cadenza",
                 "format": fmt,
                 "layout": layout,
                 "tokens": t,
@@ -175,6 +181,7 @@ class Bench:
         y = cpu_moe.moe_forward(
             packed, *self.err_input, None, act, self.threads, route="auto" if kernel_ok else "torch"
         )
+        self.outputs[label] = y
         if label == "bf16":
             self.y_bf16 = y
         elif self.y_bf16 is not None:
@@ -255,7 +262,7 @@ class Bench:
         return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m cadenza.bench.cpu_kernel", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", choices=sorted(SYNTHETIC_MODELS))
     ap.add_argument("--formats", default="bf16,int8,int4")
@@ -272,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-tokens", type=int, default=256, help="kernel vs mm at this many tokens (0: skip)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch paths (fallback and run_experts)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peer", choices=["kt-kernel"], default=None, help="also time this peer's CPU MoE operator")
+    ap.add_argument("--kt-methods", default="", help="kt-kernel methods (default: all whose format is in --formats)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     for f in formats:
@@ -281,6 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     for x in layouts:
         if x not in ("tiled", "plain"):
             ap.error(f"unknown layout {x!r}: use tiled, plain")
+    peer = None
+    if args.peer:  # before anything slow: a missing peer fails at once
+        from cadenza.bench import kt_kernel_peer as peer
+
+        try:
+            peer.selected(args.kt_methods, formats)
+            ext, peer_facts = peer.load()
+        except ValueError as e:
+            ap.error(str(e))
+        except peer.Unavailable as e:
+            print(f"kt-kernel peer unavailable: {e}. Fix: {peer.FIX}", file=sys.stderr)
+            return 2
 
     t_start = time.perf_counter()
     threads = args.threads or physical_cores()
@@ -335,30 +361,48 @@ def main(argv: list[str] | None = None) -> int:
         "results": bench.results,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
+    if peer is not None:
+        out["peer"] = {"name": args.peer, "status": "running"}
+        write(args.out, out)  # cadenza's rows survive a peer that dies
+        print(f"{args.peer}: building and timing ...", file=sys.stderr)
+        with peer.c_stdout_to_stderr():
+            out["peer"] = peer.run(bench, timed, ext, peer_facts) | {"name": args.peer, "status": "done"}
+        out["peer_comparison"] = peer.compare(bench.results, shape["hidden"], shape["intermediate"])
+        out["wall_s"] = round(time.perf_counter() - t_start, 1)
     print_table(out)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+    write(args.out, out)
     return 0
+
+
+def write(path: Path | None, out: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def print_table(out: dict) -> None:
     m = out["machine"]
     print(f"{m['cpu_model']}: {m['threads']} threads, DRAM read {m['dram_read_gb_s']} GB/s, flags {m['cpu_flags']}")
-    head = f"{'format':7} {'layout':6} {'T':>4} {'route':20} {'thr':>4} {'pf':>5} {'ms':>9} {'GB/s':>7} {'of DRAM':>8}"
+    head = f"{'system':9} {'format':7} {'layout':6} {'T':>4} {'route':20} {'thr':>4} {'pf':>5} {'ms':>9} {'GB/s':>7}"
+    head += f" {'of DRAM':>8}"
     print(head)
     for r in out["results"]:
         pf = r.get("prefetch", "")
         print(
-            f"{r['format']:7} {r['layout']:6} {r['tokens']:>4} {r['route']:20} {r['threads']:>4} {pf!s:>5} "
-            f"{r['ms_median']:>9.3f} {r['weight_gb_s']:>7.1f} {r['dram_fraction']:>8.2f}"
+            f"{r.get('system', 'cadenza'):9} {r['format']:7} {r['layout']:6} {r['tokens']:>4} {r['route']:20} "
+            f"{r['threads']:>4} {pf!s:>5} {r['ms_median']:>9.3f} {r['weight_gb_s']:>7.1f} {r['dram_fraction']:>8.2f}"
         )
     for fmt, s in out["summary"].items():
         ok = "meets" if s["meets_target"] else "misses"
         print(f"{fmt}: {s['t1_dram_fraction']:.2f} of DRAM at 1 token ({ok} the {TARGET} target)")
     if out["rel_err_vs_bf16"]:
         print("layer output error vs bf16 weights:", out["rel_err_vs_bf16"])
+    if "peer_comparison" in out:
+        from cadenza.bench.kt_kernel_peer import print_comparison
+
+        print("layer output error vs fp32 weights:", out["peer"]["rel_err_vs_fp32"])
+        print_comparison(out["peer_comparison"])
 
 
 if __name__ == "__main__":
