@@ -129,6 +129,28 @@ def test_decode_tiled(route, fmt, group, h, i, t, k, act):
     assert rel(y, reference(x, rows, w, *dequantize(packed), act)) < FP32
 
 
+# the interpreter runs this variant slowly (~1 min a case at TILED_CASES' sizes): small cases here, the rest on GPUs
+_BLOCKS = [(128, 256), (8, 128)]  # (rows, columns) per program: big, small
+INT4_ROWS_CASES = [(*c, *b) for c in TILED_CASES if c[0] == "int4" for b in _BLOCKS]
+if DEVICE.type != "cuda":
+    INT4_ROWS_CASES = [
+        ("int4", 32, 136, 200, 2, 1, "silu", *_BLOCKS[0]),  # 4 groups a piece; Ip = 256, I = 200: h zero-padded
+        ("int4", 128, 128, 128, 1, 2, "gelu", *_BLOCKS[1]),  # one group a piece
+    ]
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt, group, h, i, t, k, act, gu_rows, cols", INT4_ROWS_CASES)
+def test_decode_int4_rows_in_thread(fmt, group, h, i, t, k, act, gu_rows, cols):
+    """The int4 loop variant that holds a tile's 4 rows per thread equals the reference, in big and small blocks."""
+    packed = pack_layer(*experts(5, h, i), fmt, group)
+    x, rows, w = routing(t, k, 5, h)
+    blocks = gpu_moe.Blocks(gu_rows, cols, gu_rows, cols, warps=2, int4_rows=1)
+    kw = dict(fmt=fmt, group=group, hidden=h, intermediate=i, blocks=blocks)
+    y = gpu_moe.moe_decode(*on(x, rows, w), on(packed.gate_up, packed.down), act, **kw)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), act)) < FP32
+
+
 @needs_kernels
 def test_decode_default_blocks_int32_rows_bf16_x():
     """The default (small) blocks, int32 rows, bf16 activations and weights in bf16 (the model's dtype)."""

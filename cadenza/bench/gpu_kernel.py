@@ -39,6 +39,15 @@ FORMATS = ("plain-bf16", "int8", "int4")
 CONFIGS = {
     "int4": [(16, 8, 512, 1), (8, 8, 512, 1), (4, 4, 512, 1), (16, 16, 512, 1), (8, 8, 1024, 2), (16, 4, 512, 1)],
     "other": [(16, 8, 512, 4), (8, 8, 512, 4), (4, 4, 512, 4), (16, 16, 1024, 8), (32, 16, 256, 4), (8, 4, 1024, 2)],
+    # int4 with a tile's 4 rows in each thread (Blocks.int4_rows=1): a thread holds 4 words of BT tiles' rows
+    "int4-rows": [
+        (16, 8, 256, 2),
+        (16, 16, 256, 2),
+        (32, 16, 256, 4),
+        (8, 8, 512, 2),
+        (16, 8, 128, 1),
+        (32, 32, 256, 4),
+    ],  # fmt: skip
 }
 BYTES_PER_COL = {"plain-bf16": 2.0, "int8": 1.0, "int4": 0.5}
 ACT = "silu"
@@ -127,7 +136,10 @@ class Timer:
 def configs_for(fmt: str, gm) -> list:
     bpc = BYTES_PER_COL[fmt]
     cols = lambda b: max(128, int(b / bpc))
-    return [gm.Blocks(gu, cols(b), dn, cols(b), w) for gu, dn, b, w in CONFIGS["int4" if fmt == "int4" else "other"]]
+    out = [gm.Blocks(gu, cols(b), dn, cols(b), w) for gu, dn, b, w in CONFIGS["int4" if fmt == "int4" else "other"]]
+    if fmt == "int4":
+        out += [gm.Blocks(gu, cols(b), dn, cols(b), w, int4_rows=1) for gu, dn, b, w in CONFIGS["int4-rows"]]
+    return out
 
 
 def bench_decode(gm, shape: str, fmt: str, dims, tokens: list[int], timer: Timer, device, smoke: bool) -> list[dict]:
@@ -311,6 +323,7 @@ def print_table(out: dict) -> None:
     for r in out["best"]:
         b = r["best_blocks"]
         blocks = f"gu {b['gu_rows']}x{b['gu_cols']} dn {b['dn_rows']}x{b['dn_cols']} w{b['warps']}"
+        blocks += " rows-in-thread" if b.get("int4_rows") else ""
         of = f"{r['best_of_copy']:.2f}" if r["best_of_copy"] is not None else "-"
         print(
             f"{r['shape']:8} {r['format']:10} {r['tokens']:>3} {r['best_us']:>9.1f} {r['best_gb_s']:>7.1f} {of:>8}  "

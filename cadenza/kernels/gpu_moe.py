@@ -127,6 +127,7 @@ class Blocks:
     dn_rows: int = 8
     dn_cols: int = 512
     warps: int = 4
+    int4_rows: int = 0  # int4's inner loop: 0 rows across threads, 1 a tile's 4 rows in each thread (x read once)
 
     def __post_init__(self):
         pow2 = lambda n, lo: n >= lo and n & (n - 1) == 0
@@ -134,6 +135,8 @@ class Blocks:
             raise ValueError(f"{self}: rows must be powers of two >= 4, cols powers of two >= 128")
         if not (pow2(self.dn_cols, 128) and pow2(self.warps, 1)):
             raise ValueError(f"{self}: cols must be powers of two >= 128, warps a power of two")
+        if self.int4_rows not in (0, 1):
+            raise ValueError(f"{self}: int4_rows is 0 or 1")
 
 
 def _step_cols(n: int, cap: int) -> int:
@@ -272,6 +275,64 @@ def _dot_int4(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT:
 
 
 @triton.jit
+def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr):  # fmt: skip
+    """_dot_int4's values with a tile's 4 rows held by the same threads: word m of each row's 64-byte piece meets
+    the same two staged x values, so x (8 bytes a word, against the word's 4 bytes of weights) is loaded once for
+    4 rows, and a scale group's products are summed before its scale and zero point apply (one FMA pair a group,
+    not a plane). The sums over a piece's 16 words wait until the end."""
+    NP: tl.constexpr = BK // 128
+    GP: tl.constexpr = GROUP // 32  # planes per scale group (GROUP >= 32)
+    p = tl.arange(0, NP)[None, :, None]
+    m = tl.arange(0, 16)[None, None, :]
+    wi = w.to(tl.pointer_type(tl.int32))
+    ws = w.to(tl.pointer_type(tl.bfloat16))  # header: bf16 scales [4][NG], then uint8 zero points [4][NG]
+    off = t[:, None, None] * tbw + hbw + p * 64 + m  # word m of row 0's piece p; row r is 16 words on
+    xoff = p * 128 + m
+    tw = tl.where(tmask, t, 0)[:, None, None] * tbw
+    acc0 = tl.zeros([BT, NP, 16], tl.float32)
+    acc1 = tl.zeros([BT, NP, 16], tl.float32)
+    acc2 = tl.zeros([BT, NP, 16], tl.float32)
+    acc3 = tl.zeros([BT, NP, 16], tl.float32)
+    for it in range(n_iter):
+        ok = tmask[:, None, None] & (it * NP + p < K // 128)
+        wq = wi + off + it * (NP * 64)
+        w0, w1, w2, w3 = tl.load(wq, ok), tl.load(wq + 16, ok), tl.load(wq + 32, ok), tl.load(wq + 48, ok)
+        u0, u1, u2, u3 = w0 >> 16, w1 >> 16, w2 >> 16, w3 >> 16
+        xq = xs + xoff + it * (NP * 128)
+        for gi in tl.static_range(4 // GP):
+            q0 = tl.zeros([BT, NP, 16], tl.float32)
+            q1 = tl.zeros([BT, NP, 16], tl.float32)
+            q2 = tl.zeros([BT, NP, 16], tl.float32)
+            q3 = tl.zeros([BT, NP, 16], tl.float32)
+            sx = tl.zeros([1, NP, 16], tl.float32)
+            for j in tl.static_range(GP):
+                n = gi * GP + j
+                mk = 15 << (4 * n)
+                a0, a1 = tl.load(xq + 32 * n), tl.load(xq + 32 * n + 16)
+                sx += (a0 + a1) * ((38 + 4 * n) << 23).to(tl.float32, bitcast=True)  # 2^(4n - 89): unstaged
+                q0 += (w0 & mk).to(tl.float32, bitcast=True) * a0 + (u0 & mk).to(tl.float32, bitcast=True) * a1
+                q1 += (w1 & mk).to(tl.float32, bitcast=True) * a0 + (u1 & mk).to(tl.float32, bitcast=True) * a1
+                q2 += (w2 & mk).to(tl.float32, bitcast=True) * a0 + (u2 & mk).to(tl.float32, bitcast=True) * a1
+                q3 += (w3 & mk).to(tl.float32, bitcast=True) * a0 + (u3 & mk).to(tl.float32, bitcast=True) * a1
+            g = tl.minimum(((it * NP + p) * 128 + 32 * GP * gi) // GROUP, NG - 1)
+            sc = ws + tw * 2 + g
+            zp = w + tw * 4 + 8 * NG + g
+            z = (tl.load(zp).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            acc0 += tl.load(sc).to(tl.float32) * (q0 * 1152921504606846976.0 - z * sx)  # 2^60
+            z = (tl.load(zp + NG).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            acc1 += tl.load(sc + NG).to(tl.float32) * (q1 * 1152921504606846976.0 - z * sx)
+            z = (tl.load(zp + 2 * NG).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            acc2 += tl.load(sc + 2 * NG).to(tl.float32) * (q2 * 1152921504606846976.0 - z * sx)
+            z = (tl.load(zp + 3 * NG).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            acc3 += tl.load(sc + 3 * NG).to(tl.float32) * (q3 * 1152921504606846976.0 - z * sx)
+    r = tl.arange(0, 4)[None, :]
+    s0, s1 = tl.sum(tl.sum(acc0, 2), 1)[:, None], tl.sum(tl.sum(acc1, 2), 1)[:, None]
+    s2, s3 = tl.sum(tl.sum(acc2, 2), 1)[:, None], tl.sum(tl.sum(acc3, 2), 1)[:, None]
+    return tl.where(r == 0, s0, tl.where(r == 1, s1, tl.where(r == 2, s2, s3)))
+
+
+@triton.jit
 def _plane_scale(n):
     """2^(89 - 4n), the staged scale of plane n, built from its exponent bits (exact)."""
     return ((216 - 4 * n) << 23).to(tl.float32, bitcast=True)
@@ -290,11 +351,13 @@ def _stage_int4_kernel(x, xs, H, Hp, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dot_tiles(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, FMT: tl.constexpr, GROUP: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+               BT: tl.constexpr, BK: tl.constexpr, ROWS4: tl.constexpr):  # fmt: skip
     if FMT == 1:
         acc = _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
     elif FMT == 2:
         acc = _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP, BT, BK)
+    elif ROWS4:
+        acc = _dot_int4_rows(w, tbw, hbw, t, tmask, xr, K, n_iter, NG, GROUP, BT, BK)
     else:
         acc = _dot_int4(w, tbw, hbw, t, tmask, xr, K, n_iter, NG, GROUP, BT, BK)
     return acc
@@ -326,14 +389,15 @@ def _pair_row(rows, pair):
 
 @triton.jit
 def _tiled_gate_up_kernel(x, xstride, rows, h, hstride, gu, gu_stride, tbw, hbw, NG, H, Hp, Ip, k, ACT: tl.constexpr,
-                          FMT: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+                          FMT: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                          ROWS4: tl.constexpr):  # fmt: skip
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     tmask = t < Ip // 2
     n_iter = tl.where(live, tl.cdiv(Hp, BK), 0)
     xr = x + (pair // k).to(tl.int64) * xstride
-    acc = _dot_tiles(gu + e * gu_stride, tbw, hbw, t, tmask, xr, H, Hp, n_iter, NG, FMT, GROUP, BT, BK)
+    acc = _dot_tiles(gu + e * gu_stride, tbw, hbw, t, tmask, xr, H, Hp, n_iter, NG, FMT, GROUP, BT, BK, ROWS4)
     r = tl.arange(0, 4)[None, :]  # tile rows: gate 2j, gate 2j + 1, up 2j, up 2j + 1
     g0, g1 = tl.sum(tl.where(r == 0, acc, 0.0), 1), tl.sum(tl.where(r == 1, acc, 0.0), 1)
     u0, u1 = tl.sum(tl.where(r == 2, acc, 0.0), 1), tl.sum(tl.where(r == 3, acc, 0.0), 1)
@@ -352,14 +416,14 @@ def _tiled_gate_up_kernel(x, xstride, rows, h, hstride, gu, gu_stride, tbw, hbw,
 
 @triton.jit
 def _tiled_down_kernel(h, hstride, rows, wts, y, dn, dn_stride, tbw, hbw, NG, H, Hp, Ip, FMT: tl.constexpr,
-                       GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+                       GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, ROWS4: tl.constexpr):  # fmt: skip
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     tmask = t < Hp // 4
     n_iter = tl.where(live, tl.cdiv(Ip, BK), 0)
     hr = h + pair.to(tl.int64) * hstride
-    acc = _dot_tiles(dn + e * dn_stride, tbw, hbw, t, tmask, hr, Ip, Ip, n_iter, NG, FMT, GROUP, BT, BK)
+    acc = _dot_tiles(dn + e * dn_stride, tbw, hbw, t, tmask, hr, Ip, Ip, n_iter, NG, FMT, GROUP, BT, BK, ROWS4)
     wt = tl.where(live, tl.load(wts + pair).to(tl.float32), 0.0)
     o = 4 * t[:, None] + tl.arange(0, 4)[None, :]
     tl.store(y + pair.to(tl.int64) * H + o, acc * wt, mask=o < H)
@@ -587,6 +651,7 @@ def _tiled_decode(x, rows, wts, mats, code, fmt, group, geo, cfg, y_pair) -> Non
     f = _FMT_CODES[fmt]
     bk1, bk2 = _step_cols(geo.hp, cfg.gu_cols), _step_cols(geo.ip, cfg.dn_cols)
     bt1, bt2 = cfg.gu_rows // ROWS, cfg.dn_rows // ROWS
+    rows4 = fmt == "int4" and cfg.int4_rows == 1
     xin, hlen = x, geo.ip
     if fmt == "int4":
         hlen = _round_up(geo.ip, bk2)
@@ -595,11 +660,11 @@ def _tiled_decode(x, rows, wts, mats, code, fmt, group, geo, cfg, y_pair) -> Non
     hbuf = torch.empty(p, hlen, dtype=torch.float32, device=x.device)
     _tiled_gate_up_kernel[(p, triton.cdiv(hlen // 2, bt1))](
         xin, xin.shape[1], rows, hbuf, hlen, gu, gu.stride(0), geo.gu_tb // 4, geo.gu_hb // 4, geo.ng_h, h, geo.hp,
-        geo.ip, k, ACT=code, FMT=f, GROUP=group, BT=bt1, BK=bk1, num_warps=cfg.warps,
+        geo.ip, k, ACT=code, FMT=f, GROUP=group, BT=bt1, BK=bk1, ROWS4=rows4, num_warps=cfg.warps,
     )  # fmt: skip
     _tiled_down_kernel[(p, triton.cdiv(geo.hp // 4, bt2))](
         hbuf, hlen, rows, wts, y_pair, dn, dn.stride(0), geo.dn_tb // 4, geo.dn_hb // 4, geo.ng_i, h, geo.hp, geo.ip,
-        FMT=f, GROUP=group, BT=bt2, BK=bk2, num_warps=cfg.warps,
+        FMT=f, GROUP=group, BT=bt2, BK=bk2, ROWS4=rows4, num_warps=cfg.warps,
     )  # fmt: skip
 
 
