@@ -121,7 +121,10 @@ class StepGraphs:
             return f"off: {self.reason}"
         orch = self.orchestra
         if orch is not None and orch.streamed is not None:
-            return "on (decode steps replayed as one CUDA graph each; CPU experts run from the stream inside it)"
+            return (
+                "on (decode steps replayed as one CUDA graph each; CPU experts run from the stream inside it, started "
+                f"by {orch.streamed.launch_reason})"
+            )
         if orch is not None:
             return f"on (decode steps replayed as CUDA graphs; host layers run between graphs: {orch.streamed_reason})"
         return (

@@ -6,33 +6,41 @@ much faster than the CPU (`STREAM_MAX_CPU_OVER_LINK`); its many-token steps (pre
 need not look at the routing in the middle of a step, and a layer's CPU share can be queued like any GPU work
 (ktransformers does the same):
 
-    main stream:  router -> ids, w ─┬──────────────────── residents (decode kernel, -1 rows skipped), shared ─┬─> y
-    side stream:                    └─> x, ids, w to pinned staging -> host function -> y_cpu to the GPU ───────┘
+    main stream:  router -> ids, w ─┬──────────────────── shared, residents (decode kernel, -1 rows skipped) ─┬─> y
+    side stream:                    └─> x, ids, w to pinned staging -> the CPU's job -> y_cpu to the GPU ───────┘
 
-The host function (`cuLaunchHostFunc`, run by the driver's callback thread in stream order) is the fused CPU
-kernel's job for the layer (`cadenza.kernels.cpu_moe.job_new`): it reads the staged ids and a per-layer mask of
-the experts not resident, computes them into a pinned buffer and returns; no CUDA call, no Python, no GIL. The
-copies and the host function are stream operations, so a CUDA graph captures them too: with every host layer
-streamed, a decode step is one graph (cadenza.graphs) and the host launches it and waits for nothing but the
-sampled token.
+The CPU's job is the fused CPU kernel's job for the layer (`cadenza.kernels.cpu_moe.job_new`): it reads the staged
+ids and a per-layer mask of the experts not resident, computes them into a pinned buffer and returns; no CUDA call,
+no Python, no GIL. Two ways to start it from the stream (`choose_launch` picks, `StreamedCpu.launch_reason` says):
+
+- "worker" (where the driver's stream memory operations round-trip: `cadenza.kernels.handoff.probe`): a CPU thread
+  of this Orchestra spins on a word of mapped pinned memory; the stream writes the job's number into it
+  (cuStreamWriteValue32) and waits for the answer in it (cuStreamWaitValue32). x, ids and w are written by the GPU
+  straight into one pinned block through its mapping, the result comes back in one copy (`handoff.Block`);
+- "host_function": the job as a host function (cuLaunchHostFunc, run by the driver's callback thread), with its
+  inputs copied into pinned buffers one by one: the fallback, ~40 us a layer slower on the H200 box.
+
+Either way they are stream operations, so a CUDA graph captures them: with every host layer streamed, a decode step
+is one graph (cadenza.graphs) and the host launches it and waits for nothing but the sampled token.
 
 The job counts what it did in an int64 stats array (calls, tokens, pairs per side, experts per side, busy time,
 routed pairs per expert, its last calls' start and end on perf_counter's clock); `collect` folds the differences
 into the Orchestra's counters and live popularity whenever they are read.
 
-Without CUDA (the emulated GPU side) the same job runs on the calling thread at the same point, so tests cover
-everything but the stream.
+Without CUDA (the emulated GPU side, "inline") the same job runs on the calling thread at the same point, so tests
+cover everything but the stream.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cadenza.kernels import cpu_moe
+from cadenza.kernels import cpu_moe, handoff
 
 RING = 64  # start/end times kept per layer (for the step profiler)
 _STATS = 8  # fixed stats fields before the per-expert counts (cpu_moe.cpp)
@@ -47,6 +55,12 @@ _STATS = 8  # fixed stats fields before the per-expert counts (cpu_moe.cpp)
 # pessimistic for int4). The split can at best use both sides at once, but pays a synchronisation per layer and
 # shares DRAM between them; it should win only where the link is clearly the faster side.
 STREAM_MAX_CPU_OVER_LINK = 2.0
+
+# The worker's staging (handoff.Block): the GPU writes x, ids and w into the pinned block through its mapping (three
+# small kernels and no copy, fenced by the request) and reads the result back with one copy. Reading the result
+# through the mapping instead saves the copy node but has the adding kernel read host memory over PCIe:
+# `python -m cadenza.bench.handoff` measures the three combinations ("worker", "worker_copies", "worker_mapped").
+MAPPED_IN, MAPPED_OUT = True, False
 
 
 def unavailable_reason(orch, policy: str) -> str | None:
@@ -72,6 +86,19 @@ def unavailable_reason(orch, policy: str) -> str | None:
                 "them, deciding per layer on the host"
             )
     return None
+
+
+def choose_launch(cuda: bool, forced_host: bool, worker_problem: str | None) -> tuple[str, str]:
+    """How a streamed layer's CPU job is started, and why: "worker", "host_function" or "inline" (see the module's
+    docstring). forced_host: CADENZA_STREAM_CPU=host (a debugging switch); worker_problem: why the handoff worker
+    cannot run on the device (`handoff.probe`), or None."""
+    if not cuda:
+        return "inline", "no CUDA stream (the emulated GPU side): the job runs on the calling thread"
+    if forced_host:
+        return "host_function", "cuLaunchHostFunc, forced by CADENZA_STREAM_CPU=host"
+    if worker_problem is not None:
+        return "host_function", f"cuLaunchHostFunc: the handoff worker cannot be used ({worker_problem})"
+    return "worker", "a spinning CPU thread, asked with cuStreamWriteValue32 and awaited with cuStreamWaitValue32"
 
 
 _driver_fn = None
@@ -113,48 +140,68 @@ class StreamedCpu:
         self.stats = torch.zeros(len(orch.layers), width, dtype=torch.int64)
         self._stats = self.stats.numpy()  # the same memory, read without torch's dispatch
         self.seen = np.zeros((len(orch.layers), _STATS + self.num_experts), dtype=np.int64)
-        self.staging: dict[tuple, _Staging] = {}
+        self.staging: dict[tuple, _Staging | handoff.Block] = {}
         self.jobs: dict[tuple, int] = {}
+        self.slots: dict[tuple, int] = {}  # job key -> its slot in the handoff worker
         self.stream = torch.cuda.Stream(orch.device) if self.cuda else None
         self.fn = cpu_moe.job_function()
-        self.launch = _driver() if self.cuda else None
+        forced = os.environ.get("CADENZA_STREAM_CPU") == "host"
+        problem = handoff.probe(orch.device) if self.cuda and not forced else None
+        self.launch, self.launch_reason = choose_launch(self.cuda, forced, problem)
+        self.host_function = _driver() if self.launch == "host_function" else None
+        self.handoff: handoff.Worker | None = None
+        if self.launch == "worker":
+            self.memops = handoff.memops()
+            self.handoff = handoff.Worker(pinned=True)
+            with torch.cuda.device(orch.device):
+                self.word = self.memops.device_pointer(self.handoff.state)  # the worker's word, as the GPU sees it
 
     def forward(self, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, shared):
         """The layer's routed experts for a few tokens, residents on the GPU side and the rest on the CPU, with
         nothing read back to the host: x [T, H], topk_ids / topk_weights [T, k] -> [T, H] (plus `shared()`)."""
         st = self._staging(x.shape[0], topk_ids.shape[1], x.dtype)
-        job = self._job(layer, st)
-        ids, w = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
-        y_shared = shared() if shared is not None else None  # queued first: it overlaps the CPU's share
-        if self.cuda:
+        key, job = self._job(layer, st)
+        if self.launch == "inline":  # the emulated GPU side: the same job, here and now
+            st.x.copy_(x)
+            st.ids.copy_(topk_ids)
+            st.w.copy_(topk_weights)
+            cpu_moe.job_run(job)
+            y_cpu = st.y_dev
+        else:  # forked before the shared expert's kernels, so the CPU starts without waiting for them
             main = torch.cuda.current_stream(x.device)
             self.stream.wait_stream(main)
             with torch.cuda.stream(self.stream):
-                st.x.copy_(x, non_blocking=True)
-                st.ids.copy_(ids, non_blocking=True)
-                st.w.copy_(w, non_blocking=True)
-                rc = self.launch(self.stream.cuda_stream, self.fn, job)
-                if rc != 0:
-                    raise RuntimeError(f"cuLaunchHostFunc failed ({rc})")
-                st.y_dev.copy_(st.y, non_blocking=True)
-        else:  # the emulated GPU side: the same job, here and now
-            st.x.copy_(x)
-            st.ids.copy_(ids)
-            st.w.copy_(w)
-            cpu_moe.job_run(job)
+                if self.launch == "worker":
+                    st.put(x, topk_ids, topk_weights)
+                    self.memops.request(self.stream.cuda_stream, self.word, self._slot(key, job))
+                    y_cpu = st.fetch()
+                else:
+                    st.x.copy_(x, non_blocking=True)
+                    st.ids.copy_(topk_ids.to(torch.int64), non_blocking=True)
+                    st.w.copy_(topk_weights.to(torch.float32), non_blocking=True)
+                    rc = self.host_function(self.stream.cuda_stream, self.fn, job)
+                    if rc != 0:
+                        raise RuntimeError(f"cuLaunchHostFunc failed ({rc})")
+                    st.y_dev.copy_(st.y, non_blocking=True)
+                    y_cpu = st.y_dev
+        y_shared = shared() if shared is not None else None  # overlaps the CPU's share
         if layer.stacks:
             y = layer.layout.decode(x, layer.row_lut[topk_ids], topk_weights, layer.stacks)
         else:
             y = torch.zeros_like(x)
         if self.cuda:
             main.wait_stream(self.stream)
-        y = y + st.y_dev.to(y.dtype)  # (the order of the offloaded path's sums, so both give the same bits)
+        y = y + y_cpu.to(y.dtype)  # (the order of the offloaded path's sums, so both give the same bits)
         return y if y_shared is None else y + y_shared
 
-    def _staging(self, t: int, k: int, dtype: torch.dtype) -> _Staging:
+    def _staging(self, t: int, k: int, dtype: torch.dtype) -> _Staging | handoff.Block:
         key = (t, k, dtype)
         st = self.staging.get(key)
-        if st is None:
+        if st is None and self.launch == "worker":
+            st = self.staging[key] = handoff.Block(
+                t, k, self.orch.hidden, dtype, self.orch.device, self.memops, MAPPED_IN, MAPPED_OUT
+            )
+        elif st is None:
             h, pin = self.orch.hidden, self.cuda
 
             def host(*shape, dt=torch.float32):
@@ -165,7 +212,7 @@ class StreamedCpu:
             st = self.staging[key] = _Staging(host(t, h, dt=dtype), host(t, k, dt=torch.int64), host(t, k), y, y_dev)
         return st
 
-    def _job(self, layer, st: _Staging) -> int:
+    def _job(self, layer, st: _Staging | handoff.Block) -> tuple[tuple, int]:
         key = (layer.index, *st.ids.shape, st.x.dtype)
         job = self.jobs.get(key)
         if job is None:
@@ -173,7 +220,13 @@ class StreamedCpu:
                 layer.kernel_layer, st.x, st.ids, st.w, layer.cpu_mask, layer.experts.hidden_act,
                 self.orch.worker.threads, st.y, self.stats[layer.index], RING, prefetch=self.orch.cpu_prefetch,
             )  # fmt: skip
-        return job
+        return key, job
+
+    def _slot(self, key: tuple, job: int) -> int:
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = self.handoff.add(self.fn, job)
+        return slot
 
     def collect(self, counters) -> None:
         """Folds what the jobs did since the last call into `counters` (ExpertCounters) and live popularity."""
@@ -205,9 +258,13 @@ class StreamedCpu:
         return sorted(out)
 
     def close(self) -> None:
-        """Frees the jobs (after the device has finished every step that could run them)."""
+        """Stops the handoff worker and frees the jobs (after the device has finished every step that could ask
+        for them)."""
         if self.cuda:
             torch.cuda.synchronize(self.orch.device)
+        if self.handoff is not None:
+            self.handoff.close()
+            self.slots.clear()
         for job in self.jobs.values():
             cpu_moe.job_free(job)
         self.jobs.clear()
