@@ -1,9 +1,10 @@
 """The fused decode kernels (cadenza.kernels.gpu_fused) against PyTorch's spelling in cadenza.models.common.
 
 On CPU-only machines the Triton kernels run through Triton's interpreter (tests/interpreted.py); with CUDA the
-compiled kernels run, and the reference is computed on the CPU from the same inputs. Rotary is bit-exact (each
-product rounded where PyTorch rounds it); RMSNorm sums its squares in another order: fp32 within 2e-6 relative,
-bf16 / fp16 at most two steps of the output dtype apart (the normalised value is rounded, then the product).
+compiled kernels run, and the reference is computed on the CPU from the same inputs. Rotary in bf16 is bit-exact
+(each product rounded where PyTorch rounds it); in fp32 the GPU compiler may fuse a product into the sum (one
+rounding fewer), so there it is within 2 fp32 steps; RMSNorm sums its squares in another order: fp32 within 2e-6
+relative, bf16 / fp16 at most two steps of the output dtype apart (the normalised value is rounded, then the product).
 """
 
 import pytest
@@ -56,7 +57,7 @@ def test_rms_norm_strided_rows_and_mixed_weight_dtype():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("partial", [False, True])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_rotary_is_bit_exact(dtype, partial, per_row):
+def test_rotary_matches_reference(dtype, partial, per_row):
     b, n, t, d_head = 2, 3, 5, 64
     d = 32 if partial else d_head
     g = torch.Generator().manual_seed(1)
@@ -70,7 +71,10 @@ def test_rotary_is_bit_exact(dtype, partial, per_row):
     want = apply_rotary(x, cos, sin)
     got = gpu_fused.rotary(x.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE)).cpu()
     assert got.dtype == want.dtype
-    assert torch.equal(got, want)
+    if dtype == torch.float32 and DEVICE.type == "cuda":
+        torch.testing.assert_close(got, want, rtol=2.5e-7, atol=1e-7)
+    else:
+        assert torch.equal(got, want)
 
 
 def test_kernels_decline_what_they_do_not_cover():

@@ -145,16 +145,22 @@ def _step_cols(n: int, cap: int) -> int:
 
 def default_blocks(fmt: str | None, hidden: int, intermediate: int, pairs: int, elem_bytes: int = 2) -> Blocks:
     """Block sizes for a call: 512 bytes of each weight row per loop step with four warps (bf16: 256 columns;
-    int8 and int4: 256 columns and two warps, measured faster), and rows per program halved from 16
-    (gate/up) and 8 (down) down to 4 while the grid has fewer than ~1024 programs (about 8 per SM of an H200's
-    132, to keep enough loads in flight). cadenza.bench.gpu_kernel times these against other choices."""
+    int8: 256 columns and two warps, measured faster), and rows per program halved from 16 (gate/up) and 8
+    (down) down to 4 while the grid has fewer than ~1024 programs (about 8 per SM of an H200's 132, to keep
+    enough loads in flight); int4: the rows-in-thread loop with its own measured blocks.
+    cadenza.bench.gpu_kernel times these against other choices."""
+    if fmt == "int4":
+        # measured on an H200 (cadenza.bench.gpu_kernel, 2026-12-02): a tile's rows in each thread with 8 tiles of
+        # gate/up and 4 of down per program, 512 columns a step, 4 warps, was the fastest at 1-8 tokens at both
+        # Mixtral's shapes (T=1: 108 us for two experts, 1.78 TB/s; the rows-across-threads loop: 220 us) and
+        # Qwen3's (18 us against 28)
+        return Blocks(32, _step_cols(hidden, 512), 16, _step_cols(intermediate, 512), 4, int4_rows=1)
     bpc = _BYTES_PER_COL[fmt] if fmt else elem_bytes
     cols = int(512 / bpc)
     warps = 4
-    if fmt in ("int8", "int4"):
+    if fmt == "int8":
         # measured on an H200 (a sweep of rows x cols x warps at T=1): 256 columns and 2 warps per program read
-        # int4 at 870 GB/s at Mixtral's shapes (1024 columns, 1 warp: 650) and 650 at Qwen3's (240), int8 at
-        # 2.8 TB/s and 1.6 TB/s (from 2.76 and 0.66)
+        # int8 at 2.8 TB/s and 1.6 TB/s (from 2.76 and 0.66)
         cols, warps = 256, 2
     gu, dn = 16, 8
     while gu > 4 and pairs * 2 * intermediate / gu < 1024:
