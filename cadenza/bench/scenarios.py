@@ -8,6 +8,7 @@ copy at a time. Results are written after every configuration, so a run cut shor
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import time
 
@@ -15,8 +16,9 @@ import torch
 
 from cadenza.bench.report import BenchResult, plot_budget_sweep, result_path, write_results
 from cadenza.errors import CadenzaError
+from cadenza.moe.cpu import physical_cores
 
-SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "R1")
+SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "R1")
 DEFAULT_SCENARIOS = "D1,P1,S1"  # F1 and F2 run other models: ask for each alone
 D1_BUDGET_GIB = 24
 F1_BUDGET_GIB = 8  # qwen3-30b-a3b: 48 layers, 8 small experts per token: where per-call overhead shows
@@ -24,6 +26,7 @@ F1_MODEL = "qwen3-30b-a3b"
 F2_BUDGET_GIB = 6  # deepseek-v2-lite: MLA, a dense first layer, 2 shared + 6 of 64 routed experts per token
 F2_MODEL = "deepseek-v2-lite"
 F2_CPU_MODEL = "deepseek-v2-tiny"  # its layout at laptop size, for runs without CUDA
+F1_CPU_MODEL = "qwen3-tiny"
 R1_MODEL = "olmoe-1b-7b"  # every expert resident on the GPU: what is left is per-step overhead and HBM bandwidth
 # scenario -> (model, model without CUDA)
 SOLO = {
@@ -31,10 +34,13 @@ SOLO = {
     "F2": (F2_MODEL, F2_CPU_MODEL),
     "D3": ("mixtral-8x7b", None),
     "D4": ("mixtral-8x7b", None),
+    "F3": (F1_MODEL, F1_CPU_MODEL),
+    "F4": (F1_MODEL, F1_CPU_MODEL),
     "R1": (R1_MODEL, None),
 }
-EXPERT_FORMAT = {"D3": "int8", "D4": "int4"}  # scenarios measured with quantized experts
-QUANT_BUDGETS = (24, 0)  # D3 / D4: a 24 GiB GPU, and every expert on the host
+EXPERT_FORMAT = {"D3": "int8", "D4": "int4", "F3": "int8", "F4": "int4"}  # scenarios with quantized experts
+# their GPU budgets: D1's / F1's budget, and every expert on the host
+QUANT_BUDGETS = {"D3": (D1_BUDGET_GIB, 0), "D4": (D1_BUDGET_GIB, 0), "F3": (F1_BUDGET_GIB, 0), "F4": (F1_BUDGET_GIB, 0)}
 QUANT_PREFILL = 512
 D1_POLICIES = ("auto", "cpu", "fetch")
 P1_POLICIES = ("auto", "cpu")
@@ -62,8 +68,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--scenario",
         default=DEFAULT_SCENARIOS,
-        help=f"comma-separated scenarios (default {DEFAULT_SCENARIOS}); F1 (qwen3-30b-a3b, 8 GiB) and F2 "
-        "(deepseek-v2-lite, 6 GiB) each run on their own",
+        help=f"comma-separated scenarios (default {DEFAULT_SCENARIOS}); F1 (qwen3-30b-a3b, 8 GiB), F2 "
+        "(deepseek-v2-lite, 6 GiB), D3 / D4 (mixtral-8x7b, int8 / int4 experts, 24 GiB and 0), F3 / F4 "
+        "(qwen3-30b-a3b, int8 / int4 experts, 8 GiB and 0) and R1 each run on their own",
     )
     p.add_argument("--out", default="benchmarks/results", help="folder for the results (default benchmarks/results)")
     p.add_argument("--trials", type=int, default=3, help="measured trials after one warm-up; the median is reported")
@@ -85,6 +92,19 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="offload policies measured in D1 and P1 (default auto,cpu,fetch); 'none' runs only the D1 baseline",
     )
     p.add_argument("--tag", default=None, help="suffix for the result files, so split runs do not overwrite")
+    p.add_argument(
+        "--peer", action="append", default=None, metavar="NAME=PATH",
+        help="also measure a peer in the same run, into the same JSON: llama.cpp=PATH (PATH: its llama-bench). "
+        "D3 / D4 / F3 / F4 only: after cadenza's configurations, with cadenza's model freed, the same synthetic model "
+        "is written as a GGUF file (Q8_0 experts for int8, Q4_0 for int4), each configuration is run with "
+        "llama-bench -ngl 99 --n-cpu-moe N, N the fewest layers whose experts stay on the host for llama.cpp's "
+        "estimated GPU memory to fit the budget (0: every layer's), and the file is deleted",
+    )  # fmt: skip
+    p.add_argument(
+        "--peer-dir", default=None,
+        help="folder for the peer's GGUF file, which needs up to ~48 GiB of free disk for int8 Mixtral (default: the "
+        "system's temporary folder)",
+    )  # fmt: skip
     p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="speculative prefetch: auto (default: with the fetch policy), on or off")  # fmt: skip
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"], help="fetch-cache eviction policy")
@@ -169,14 +189,15 @@ def plan_configs(
         elif s == "S1":
             out += [RunConfig("S1", "auto", b, prompt(64), new(64)) for b in budgets]
         elif s in EXPERT_FORMAT:
-            # 24 GiB with auto (CPU and link, a sync per host layer) and cpu (CPU only, launched from the stream)
+            # the budget with auto (CPU and link, a sync per host layer) and cpu (CPU only, launched from the stream)
+            quant_budgets = QUANT_BUDGETS[s]
             out += [
                 RunConfig(s, pol, b, prompt(64), new(128))
-                for b in QUANT_BUDGETS
+                for b in quant_budgets
                 for pol in ("auto", "cpu")
                 if b or pol == "cpu"
             ]
-            out.append(RunConfig(s, "auto", QUANT_BUDGETS[0], prompt(QUANT_PREFILL), 1))
+            out.append(RunConfig(s, "auto", quant_budgets[0], prompt(QUANT_PREFILL), 1))
         elif s == "R1":
             out.append(RunConfig("R1", "auto", "all", prompt(64), new(128)))
     return out
@@ -212,6 +233,10 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
         parts += ["--experts", args.experts]
     if args.expert_group is not None:
         parts += ["--expert-group", str(args.expert_group)]
+    for peer in args.peer or []:
+        parts += ["--peer", peer]
+    if args.peer_dir is not None:
+        parts += ["--peer-dir", args.peer_dir]
     return shlex.join(parts)
 
 
@@ -288,6 +313,11 @@ def run_bench(args: argparse.Namespace) -> int:
             f"The longest request ({max_context} tokens) exceeds {model}'s context of "
             f"{ckpt.config['max_position_embeddings']}. Lower --prompt-tokens / --new-tokens."
         )
+    peer = None
+    if args.peer:  # a bad --peer is refused before anything is built
+        from cadenza.bench.llama_cpp_peer import peer_request
+
+        peer = peer_request(args.peer, args.peer_dir, scenarios[0], EXPERT_FORMAT.get(scenarios[0]), ckpt, configs)
     log = _Log()
     command = command_line(args, model, device)
     log(f"{command}\n  {model}: {ckpt.total_bytes / 1e9:.1f} GB bf16; {len(configs)} configurations, each 1 warm-up + "
@@ -310,6 +340,7 @@ def run_bench(args: argparse.Namespace) -> int:
         add("D1", _run_baseline(ckpt, all_configs, device, machine, log, args.seed))
     if not configs:
         return 0
+    add_row = add  # the peer's rows: without cadenza's quantization error
     expert_args = expert_kwargs(args)
     fmt = EXPERT_FORMAT.get(scenarios[0])
     if fmt is not None:  # D3 / D4 fix the format
@@ -337,6 +368,21 @@ def run_bench(args: argparse.Namespace) -> int:
             _run_config(cut, cfg, args, model, max_context, machine, add, log)
     finally:
         cut.close()
+    peer_error = None
+    if peer is not None:  # after cadenza's configurations, with its model freed: host memory and GPU are the peer's
+        del cut
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log(f"cadenza's model freed; host RSS {rss_gib()} GiB")
+        from cadenza.bench.llama_cpp_peer import LlamaCppPeer
+
+        try:
+            LlamaCppPeer(*peer, args.cpu_threads or physical_cores(), args.trials, machine, log).run(
+                scenarios[0], ckpt, fmt, configs, add_row
+            )
+        except CadenzaError as e:
+            peer_error = e  # its rows say skipped and why; the files are completed first
 
     for s in scenarios:
         write_results(files[s], command, machine, results[s], complete=True)
@@ -349,6 +395,8 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         if png:
             log(f"wrote {png}")
+    if peer_error is not None:
+        raise peer_error
     return 0
 
 

@@ -88,6 +88,24 @@ SYNTHETIC_MODELS["qwen3-30b-a3b"] = {  # Qwen/Qwen3-30B-A3B
     "bos_token_id": 151643,
     "eos_token_id": 151645,
 }
+# Qwen3-30B-A3B's layout at laptop size (q/k norms, head_dim apart from hidden / heads, many small experts, the
+# special tokens at the top of the vocabulary), for CPU runs and CI
+SYNTHETIC_MODELS["qwen3-tiny"] = {
+    **SYNTHETIC_MODELS["qwen3-30b-a3b"],
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "max_position_embeddings": 4096,
+    "bos_token_id": 1021,
+    "eos_token_id": 1023,
+}
 SYNTHETIC_MODELS["olmoe-1b-7b"] = {  # allenai/OLMoE-1B-7B-0924
     "architectures": ["OlmoeForCausalLM"],
     "model_type": "olmoe",
@@ -336,12 +354,21 @@ class SyntheticCheckpoint:
         """Yields (name, bf16 tensor). Routed experts are read-only views into shared pools (the loader copies
         them into their stacked storage); the other tensors are fresh copies, because a loader may keep a CPU
         tensor as it is, and pool views overlap: aliased weights would share bytes (and cache lines)."""
+        for name in self.tensors:
+            if names is None or name in names:
+                yield name, self.tensor(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, as `iter_tensors` yields it, without walking the others (a writer that wants them in its
+        own order, e.g. a GGUF file's, asks by name)."""
         if not self._pools:
             self._build_pools()
-        for name, info in self.tensors.items():
-            if names is None or name in names:
-                t = self._tensor(name, info.shape)
-                yield name, (t if name in self._expert_names or len(info.shape) == 1 else t.clone())
+        shape = self.tensors[name].shape
+        t = self._tensor(name, shape)
+        return t if name in self._expert_names or len(shape) == 1 else t.clone()
+
+    def is_routed_expert(self, name: str) -> bool:
+        return name in self._expert_names
 
 
 def _numel(shape: tuple[int, ...]) -> int:
