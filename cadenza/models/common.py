@@ -225,12 +225,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, heads, T, D]; cos, sin: [T, d] or [B, 1, T, d] with d <= D (partial rotary leaves the rest as is)."""
-    if x.is_cuda:  # one fused kernel, the same values
-        from cadenza.kernels import gpu_fused
-
-        out = gpu_fused.rotary(x, cos, sin)
-        if out is not None:
-            return out
     d = cos.shape[-1]
     if d == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
