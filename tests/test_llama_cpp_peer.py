@@ -226,15 +226,16 @@ def test_choose_n_cpu_moe():
     pick = lambda budget: choose_n_cpu_moe(budget, layers, 5, 1, 2)  # noqa: E731
     assert pick(None).n_cpu_moe == 0 and pick(10**9).n_cpu_moe == 0
     assert pick(48).n_cpu_moe == 0 and pick(48).total_bytes == 48  # 5 + 40 + 1 + 2: all on the GPU
-    # N = 1: 5 + 30 + 1 + 2 + 10 (the host layer's experts copied for a big batch) = 48 > 47; N = 2: 38
-    assert (pick(47).n_cpu_moe, pick(47).total_bytes) == (2, 38)
-    assert pick(38).n_cpu_moe == 2 and pick(37).n_cpu_moe == 3
+    # N = 1: 5 + 30 + 1 + 2 = 38 (no room kept for a host layer's experts: llama.cpp's compute buffer has none)
+    assert (pick(47).n_cpu_moe, pick(47).total_bytes) == (1, 38)
+    assert pick(38).n_cpu_moe == 1 and pick(37).n_cpu_moe == 2 and pick(28).n_cpu_moe == 2
     zero = pick(0)
     assert zero.n_cpu_moe == 4 and zero.expert_bytes == 0 and not zero.fits
-    small = pick(17)
+    assert pick(17).n_cpu_moe == 4 and pick(17).fits  # every expert on the host: 5 + 1 + 2
+    small = pick(7)
     assert small.n_cpu_moe == 4 and not small.fits  # nothing fits: every expert on the host, said so
-    uneven = choose_n_cpu_moe(27, [1, 20, 1, 1], 5, 0, 0)  # N = 0: 28; N = 1: 5 + 22 + 1 = 28
-    assert uneven.n_cpu_moe == 2 and uneven.total_bytes == 5 + 2 + 20  # staging: the largest host layer
+    uneven = choose_n_cpu_moe(27, [1, 20, 1, 1], 5, 0, 0)  # N = 0: 28; N = 1: 5 + 22 = 27
+    assert uneven.n_cpu_moe == 1 and uneven.total_bytes == 27
 
 
 def test_n_cpu_moe_for_the_benchmark_models():

@@ -10,10 +10,11 @@ expert on the host, N = layers):
   estimate = the non-expert weights on the GPU (all but token_embd, which llama.cpp keeps on the host)
            + the experts of the last L - N layers
            + the KV cache (f16 K and V of the test's context, padded to 256 tokens as llama.cpp pads it)
-           + a compute allowance: logits and activations of one micro-batch (min(512, context) tokens) and, when
-             N > 0, one layer's experts: llama.cpp copies host experts to the GPU for batches of 32 tokens and
-             more (its op offload), into the compute buffer, which is sized for the largest such batch even in a
-             decode test.
+           + a compute allowance: logits and activations of one micro-batch (min(512, context) tokens). No room
+             for a host layer's experts: llama.cpp copies them to the GPU for big batches (its op offload), but
+             not into a buffer sized for a whole layer (measured on the H200 box, Mixtral Q4_0 at N = 5: model
+             23227 MiB, KV 64, compute 389; an allowance of one layer's experts, 755 MiB, had put N one layer too
+             high, 23.1 GiB used of a 24 GiB budget).
 Each row records the estimate and the buffer sizes llama.cpp itself reports (a separate `-v` run of the same
 context size per budget: the log that -v turns on costs time per token, so the timed runs go without it).
 """
@@ -47,12 +48,10 @@ BENCH_TIMEOUT_S = 600  # one llama-bench run: a model load and 1 + trials tests
 DISK_MARGIN = GiB  # free space kept beyond the GGUF file
 KV_PAD = 256  # llama.cpp pads the context (and so the KV cache) to a multiple of 256 tokens
 MICRO_BATCH = 512  # llama-bench's default -ub
-OP_OFFLOAD_MIN_BATCH = 32  # batches at least this big run host experts on the GPU (ggml-cuda's offload rule)
 ESTIMATE_METHOD = (
     "smallest N with estimate <= budget (budget 0: N = layers); estimate = non-expert weights but token_embd + "
     "experts of layers N..L-1 + f16 KV cache of the context padded to 256 + compute allowance (4-byte logits and "
-    "activations of min(512, context) tokens, plus one layer's experts when N > 0: llama.cpp's op offload copies "
-    "them to the GPU for batches of 32+ tokens)"
+    "activations of min(512, context) tokens)"
 )
 
 
@@ -133,16 +132,14 @@ def choose_n_cpu_moe(
     compute_bytes: int,
 ) -> GpuEstimate:
     """The smallest N (experts of layers 0..N-1 on the host) whose GPU estimate fits `budget_bytes`; 0 means every
-    expert on the host (N = layers), None no limit (N = 0). `compute_bytes` excludes the op-offload copy of one
-    layer's experts, added here when N > 0. When nothing fits, N = layers and `fits` is False."""
+    expert on the host (N = layers), None no limit (N = 0). When nothing fits, N = layers and `fits` is False."""
     layers = len(expert_layer_bytes)
 
     def estimate(n: int) -> GpuEstimate:
-        staging = max(expert_layer_bytes[:n], default=0)
         experts = sum(expert_layer_bytes[n:])
-        total = weights_bytes + experts + kv_bytes + compute_bytes + staging
+        total = weights_bytes + experts + kv_bytes + compute_bytes
         fits = budget_bytes is None or total <= budget_bytes
-        return GpuEstimate(n, budget_bytes, weights_bytes, experts, kv_bytes, compute_bytes + staging, fits)
+        return GpuEstimate(n, budget_bytes, weights_bytes, experts, kv_bytes, compute_bytes, fits)
 
     if budget_bytes is None:
         return estimate(0)
