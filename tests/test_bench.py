@@ -401,3 +401,12 @@ def test_run_bench_f2_tiny_on_cpu(tmp_path):
         assert r["kv_bytes_per_token_decompressed"] == layers * heads * (32 + 16 + 32) * 2
     with pytest.raises(CadenzaError, match="F2"):
         run_bench(_args("--device", "cpu", "--scenario", "F2,D1", "--out", str(tmp_path)))
+
+
+def test_zerocopy_bench_needs_cuda():
+    from cadenza.bench import zerocopy
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the bench runs there")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        zerocopy.main([])
