@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
 import sys
 import threading
-from pathlib import Path
 
 import torch
 
+from cadenza.kernels import native
 from cadenza.kernels.layout import (
     DEFAULT_GROUP,
     FORMATS,
@@ -130,26 +129,7 @@ def _build_flags() -> list[str]:
 
 
 def _build() -> ctypes.CDLL:
-    from torch.utils.cpp_extension import load
-
-    from cadenza.demo import cache_dir
-
-    src = Path(__file__).with_name("cpu_moe.cpp")
-    flags = _build_flags()
-    key = "\n".join([src.read_text(), " ".join(flags), torch.__version__, _cpu_model(), " ".join(sorted(cpu_flags()))])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    build_dir = cache_dir() / "kernels" / digest
-    build_dir.mkdir(parents=True, exist_ok=True)
-    path = load(
-        name=f"cadenza_cpu_moe_{digest}",
-        sources=[str(src)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
-    lib = ctypes.CDLL(path)
+    lib = native.build("cpu_moe.cpp", _build_flags(), ["-fopenmp"], key=_cpu_model() + " ".join(sorted(cpu_flags())))
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.cadenza_moe_forward.restype = i32
     layer = [i32] * 7 + [ptr, i64, i64, i64] * 2  # format, shapes, gate_up and down matrices

@@ -56,24 +56,9 @@ from cadenza.kernels.layout import (
     _tile_bytes,
     dequantize_tiles,
 )
+from cadenza.kernels.triton_compat import MISSING as _MISSING
+from cadenza.kernels.triton_compat import tl, triton
 from cadenza.models.common import act_fn
-
-try:
-    import triton
-    import triton.language as tl
-
-    _MISSING: str | None = None
-except ImportError as err:  # the kernels below still parse; they are never launched
-
-    class _NoTriton:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton
-    _MISSING = f"Triton is not importable ({err})"
 
 __all__ = [
     "Blocks",

@@ -17,16 +17,16 @@ handoff.cpp states the protocol and why it holds across layers and graph replays
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import platform
 import sys
 import threading
 import time
 import weakref
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from cadenza.kernels import native
 
 DONE = 0x80000000  # the answer's bit (handoff.cpp)
 CU_STREAM_WAIT_VALUE_EQ = 1
@@ -43,26 +43,7 @@ _reason: str | None = None
 
 
 def _build() -> ctypes.CDLL:
-    from torch.utils.cpp_extension import load
-
-    from cadenza.demo import cache_dir
-
-    src = Path(__file__).with_name("handoff.cpp")
-    flags = ["-O2", "-pthread"]
-    key = "\n".join([src.read_text(), " ".join(flags), torch.__version__, platform.machine()])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    build_dir = cache_dir() / "kernels" / f"handoff-{digest}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    path = load(
-        name=f"cadenza_handoff_{digest}",
-        sources=[str(src)],
-        extra_cflags=flags,
-        extra_ldflags=["-pthread"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
-    lib = ctypes.CDLL(path)
+    lib = native.build("handoff.cpp", ["-O2", "-pthread"], ["-pthread"], key=platform.machine())
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.cadenza_handoff_start.restype = ptr
     lib.cadenza_handoff_start.argtypes = [ptr, i64, i64, i64, i64]
