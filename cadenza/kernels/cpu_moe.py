@@ -23,7 +23,6 @@ import functools
 import os
 import platform
 import sys
-import threading
 
 import torch
 
@@ -66,11 +65,6 @@ _CHUNK_BYTES = 16 << 20  # dequantized rows per torch.mm in the mm / torch route
 
 
 # --- the extension: build once per machine, load, detect -----------------------------------------------------------
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_reason: str | None = None
 
 
 @functools.cache
@@ -150,23 +144,12 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _reason
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            _reason = _unsupported()
-            if _reason is None:
-                try:
-                    _lib = _build()
-                except Exception as exc:  # a compiler or ninja problem: the fallback still works
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-                    _reason = f"the build failed: {first[:200]}"
-            if _reason is not None:
-                print(f"cadenza: the fused CPU expert kernel is off ({_reason}); using PyTorch.", file=sys.stderr)
-            _tried = True
-    return _lib
+def _notice(reason: str) -> None:
+    print(f"cadenza: the fused CPU expert kernel is off ({reason}); using PyTorch.", file=sys.stderr)
+
+
+_library = native.Library(_build, _unsupported, _notice)
+_load = _library.get
 
 
 def available() -> bool:
@@ -175,8 +158,7 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str | None:
-    _load()
-    return _reason
+    return _library.reason
 
 
 def default_mm_min_tokens() -> int | None:
@@ -232,7 +214,7 @@ def moe_forward(
         raise ValueError(f"x has {h} features, the experts {layer.hidden}")
     lib = _load() if route != "torch" else None
     if route == "kernel" and lib is None:
-        raise RuntimeError(f"the CPU kernel is unavailable: {_reason}")
+        raise RuntimeError(f"the CPU kernel is unavailable: {_library.reason}")
     if lib is None and route in ("auto", "kernel"):
         route = "torch"
     experts = list(range(layer.num_experts)) if experts is None else [int(e) for e in experts]
@@ -332,7 +314,7 @@ def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int,
     buffers); stats: int64 [8 + E + 2 ring] (see cpu_moe.cpp). Returns the job's address; `job_free` frees it."""
     lib = _load()
     if lib is None:
-        raise RuntimeError(f"the CPU kernel is unavailable: {_reason}")
+        raise RuntimeError(f"the CPU kernel is unavailable: {_library.reason}")
     if act not in ACT_CODES:
         raise ValueError(f"activation {act!r} is not supported: use one of {', '.join(ACT_CODES)}")
     tensors = {"x": x, "ids": ids, "w": w, "mask": mask, "y": y, "stats": stats}
@@ -361,11 +343,11 @@ def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int,
 
 def job_run(ptr: int) -> None:
     """Runs a job now, on this thread (ctypes releases the GIL)."""
-    _lib.cadenza_job_run(ptr)
+    _load().cadenza_job_run(ptr)
 
 
 def job_free(ptr: int) -> None:
-    _lib.cadenza_job_free(ptr)
+    _load().cadenza_job_free(ptr)
 
 
 def job_function() -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import platform
 import sys
-import threading
 import time
 import weakref
 
@@ -36,11 +35,6 @@ CU_STREAM_WAIT_VALUE_EQ = 1
 SPIN_S, NAP_S, DEEP_AFTER_S, DEEP_NAP_S = 0.05, 50e-6, 2.0, 1e-3
 PROBE_TIMEOUT_S = 5.0
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_reason: str | None = None
-
 
 def _build() -> ctypes.CDLL:
     lib = native.build("handoff.cpp", ["-O2", "-pthread"], ["-pthread"], key=platform.machine())
@@ -54,28 +48,17 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _reason
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            if sys.platform != "linux":
-                _reason = f"needs Linux, this is {sys.platform}"
-            else:
-                try:
-                    _lib = _build()
-                except Exception as exc:  # a compiler or ninja problem: the host function still works
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-                    _reason = f"the build failed: {first[:200]}"
-            _tried = True
-    return _lib
+def _unsupported() -> str | None:
+    return None if sys.platform == "linux" else f"needs Linux, this is {sys.platform}"
+
+
+_library = native.Library(_build, _unsupported)  # without it the host function still works
+_load = _library.get
 
 
 def unavailable_reason() -> str | None:
     """Why the worker extension cannot run here (builds it at first call), or None."""
-    _load()
-    return _reason
+    return _library.reason
 
 
 def noop_function() -> int:
@@ -99,7 +82,7 @@ class Worker:
     ):  # fmt: skip
         lib = _load()
         if lib is None:
-            raise RuntimeError(f"the handoff worker is unavailable: {_reason}")
+            raise RuntimeError(f"the handoff worker is unavailable: {_library.reason}")
         self._lib = lib
         self.state = torch.zeros(16, dtype=torch.int32, pin_memory=pinned)
         self.word = self.state.numpy().view(np.uint32)  # (the same memory)

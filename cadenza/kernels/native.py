@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,3 +35,43 @@ def build(source: str, cflags: list[str], ldflags: list[str], key: str = "") -> 
         verbose=False,
     )
     return ctypes.CDLL(path)
+
+
+class Library:
+    """A library built at first use, once per process and thread-safe: `get()` gives it, or None where `unsupported`
+    names a reason or the build fails (`reason` says which; `on_off` hears it once)."""
+
+    def __init__(
+        self,
+        build_fn: Callable[[], ctypes.CDLL],
+        unsupported: Callable[[], str | None] = lambda: None,
+        on_off: Callable[[str], None] | None = None,
+    ):
+        self._build, self._unsupported, self._on_off = build_fn, unsupported, on_off
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._reason: str | None = None
+        self._tried = False
+
+    def get(self) -> ctypes.CDLL | None:
+        if self._tried:
+            return self._lib
+        with self._lock:
+            if not self._tried:
+                self._reason = self._unsupported()
+                if self._reason is None:
+                    try:
+                        self._lib = self._build()
+                    except Exception as exc:  # a compiler or ninja problem: the callers' fallbacks still work
+                        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                        self._reason = f"the build failed: {first[:200]}"
+                if self._reason is not None and self._on_off is not None:
+                    self._on_off(self._reason)
+                self._tried = True
+        return self._lib
+
+    @property
+    def reason(self) -> str | None:
+        """Why the library is not available (building it first if need be), or None."""
+        self.get()
+        return self._reason
