@@ -10,6 +10,7 @@ flag comes too late: those kernel tests then run in a fresh subprocess (`subproc
 import importlib
 import importlib.util
 import os
+import subprocess
 import sys
 
 import torch
@@ -41,3 +42,11 @@ def kernels_module(name: str):
     finally:
         del os.environ["TRITON_INTERPRET"]
     return module, False
+
+
+def run_file_interpreted(path: str) -> None:
+    """Runs a test file in a fresh interpreter with TRITON_INTERPRET=1 (where triton came in too early here)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", path]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cadenza.models.common import RMSNorm
-from tests.interpreted import DEVICE, kernels_module
+from tests.interpreted import DEVICE, kernels_module, run_file_interpreted
 
 gpu_fused, _SUBPROCESS = kernels_module("gpu_fused")
 KERNELS = gpu_fused.available(DEVICE)
@@ -55,3 +55,8 @@ def test_rms_norm_strided_rows_and_mixed_weight_dtype():
 def test_kernels_decline_what_they_do_not_cover():
     x = torch.randn(2, 8, dtype=torch.float64)
     assert gpu_fused.rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-6) is None
+
+
+@pytest.mark.skipif(not _SUBPROCESS, reason="the kernels are tested in this process")
+def test_kernels_under_the_interpreter_in_a_subprocess():
+    run_file_interpreted(__file__)

@@ -13,17 +13,13 @@ with row >= 0 of w * down(act(gate x) * up x). Bounds, relative Frobenius error 
 Interpreter tests pass large blocks (few programs: seconds, not minutes); one case runs the default blocks.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from cadenza.errors import CadenzaError
 from cadenza.kernels.layout import dequantize, dequantize_tiles, pack_layer
 from cadenza.models.common import act_fn
-from tests.interpreted import DEVICE, kernels_module  # noqa: E402
+from tests.interpreted import DEVICE, kernels_module, run_file_interpreted  # noqa: E402
 
 gpu_moe, _SUBPROCESS = kernels_module("gpu_moe")
 
@@ -286,10 +282,7 @@ def test_dequantize_tiles_reference_matches_layout():
 
 @pytest.mark.skipif(not _SUBPROCESS, reason="the kernels are tested in this process")
 def test_kernels_under_the_interpreter_in_a_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    run_file_interpreted(__file__)
 
 
 # --- on the GPU: full-size shapes, CUDA graphs -----------------------------------------------------------------------
