@@ -34,15 +34,6 @@ from cadenza.kernels.layout import PackedExperts, _header_bytes
 GB = 1e9
 
 
-def _mapped(ops, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CUDA tensor aliasing pinned host tensor `t` through its device mapping."""
-    ptr = ops.device_pointer(t)
-    view = torch.as_tensor(handoff._Mapped(ptr, t.numel()), device=device)
-    if view.data_ptr() != ptr:
-        raise RuntimeError("the mapping could not be had as a CUDA tensor")
-    return view.view(t.shape)
-
-
 def _zero_copy(fmt, group, h, i, experts, geo, cfg, host, dev_copies, device) -> dict:
     out = {}
     per_expert = host[0][0].numel() + host[1][0].numel()
@@ -136,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         group = {"int4": 64, "int8": 0}[fmt]
         dev_copies = random_tiled(args.experts, fmt, group, h, i, device)
         pinned = tuple(m.cpu().pin_memory() for m in dev_copies)
-        host = tuple(_mapped(ops, m, device) for m in pinned)
+        host = tuple(handoff.device_view(ops, m, device) for m in pinned)
         geo = gm._tiled(*host, fmt, group, h, i)
         cfg = gm.default_blocks(fmt, h, i, 1)
         row = _zero_copy(fmt, group, h, i, args.experts, geo, cfg, host, dev_copies, device)

@@ -261,6 +261,19 @@ class _Mapped:
         self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "version": 2}
 
 
+def device_view(ops: MemOps, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned host tensor `t` (contiguous) as a CUDA tensor of `device` aliasing the same memory through its device
+    mapping: kernels read and write host memory through it. RuntimeError where that cannot be had."""
+    with torch.cuda.device(device):
+        ptr = ops.device_pointer(t)
+        # (device given: torch versions that would otherwise convert to the default device, the CPU, then leave a
+        # tensor already there as it is; one of another GPU would be copied, which the check sees)
+        view = torch.as_tensor(_Mapped(ptr, t.numel() * t.element_size()), device=device)
+    if view.device != device or view.data_ptr() != ptr:
+        raise RuntimeError(f"pinned memory could not be had as a tensor of {device}")
+    return view.view(t.dtype).view(t.shape)
+
+
 def write_by_kernel(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst = src, converted to dst's dtype, by an elementwise kernel. torch's copy_ between two CUDA tensors of one
     dtype is a device-to-device cudaMemcpy, which for a destination that is host memory seen through its mapping
@@ -321,14 +334,8 @@ class Block:
     def _mapping(self, ops: MemOps, device: torch.device) -> torch.Tensor | None:
         """The block as a uint8 CUDA tensor of `device` aliasing the host memory, or None."""
         try:
-            with torch.cuda.device(device):
-                ptr = ops.device_pointer(self.host)
-                # (device given: torch versions that would otherwise convert to the default device, the CPU, then
-                # leave a tensor already there as it is; one of another GPU would be copied, which the check sees)
-                view = torch.as_tensor(_Mapped(ptr, self.host.numel()), device=device)
+            view = device_view(ops, self.host, device)
         except (RuntimeError, TypeError, ValueError):
-            return None
-        if view.device != device or view.data_ptr() != ptr:
             return None
         self._keep = view
         return view
