@@ -473,7 +473,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             lines.append(
                 f"              expected share of expert work on the GPU: {d['placement']['expected_gpu_share']:.1%}"
             )
-    from cadenza.moe.costmodel import CostModel
+    from cadenza.moe.offload.costmodel import CostModel
 
     for key, entry in d["cost_models"].items():
         lines.append(f"cost model    {key}")

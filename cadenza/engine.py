@@ -273,7 +273,7 @@ class Engine:
         self.device, self.dtype = device, dtype
         self.max_context = max_context
         self.eos_token_ids = eos_token_ids
-        self.orchestra = orchestra  # cadenza.moe.scheduler.Orchestra when experts are offloaded
+        self.orchestra = orchestra  # cadenza.moe.offload.orchestra.Orchestra when experts are offloaded
         self.prefill_chunk = prefill_chunk  # bounds the activation workspace of long prompts
         self.max_batch = max_batch  # sequences whose cache is reserved on the GPU
         self._cache = None

@@ -9,10 +9,10 @@ the step reads a value back to the host.
 
 A MoE layer whose experts are all resident on the GPU runs inside the graph (the indexed decode kernels of
 cadenza.moe.gpu_side), and so does a layer whose CPU share is launched from the stream (the cpu policy with the
-fused CPU kernel: cadenza.moe.streamed): its copies and its host function are graph nodes. A layer that needs the
-host to decide in the middle of the step (the fetch and auto policies: fetched or prefetched experts) splits it:
-the graph so far ends at the layer's expert call, the layer's offloaded forward runs eagerly on replay (its one
-synchronisation, the CPU's share, the fetches) into a static output, and the next graph starts after it. So a
+fused CPU kernel: cadenza.moe.offload.streamed): its copies and its host function are graph nodes. A layer that
+needs the host to decide in the middle of the step (the fetch and auto policies: fetched or prefetched experts)
+splits it: the graph so far ends at the layer's expert call, the layer's offloaded forward runs eagerly on replay
+(its one synchronisation, the CPU's share, the fetches) into a static output, and the next graph starts after it. So a
 step is a list of segments, graphs and host calls, replayed in order; with every expert resident, or the CPU's
 share streamed, it is one graph.
 
@@ -24,6 +24,7 @@ emulated GPU side, a family whose rotary frequencies depend on the sequence's le
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -167,9 +168,7 @@ class StepGraphs:
         cap.copied.record()
         cap.replay()
         if cap.counted is not None:
-            counters = self.orchestra.counters
-            for name, value in cap.counted.values().items():
-                setattr(counters, name, getattr(counters, name) + value)
+            self.orchestra.counters.add(cap.counted)
         self.replays += 1
         cache.advance(rows, 1)
         return cap.logits[:, -1]
@@ -191,15 +190,12 @@ class StepGraphs:
             torch.cuda.synchronize(self.device)
             before = orch.counters.snapshot() if orch is not None else None
             rec = Recorder(self.pool)
-            if orch is not None:
-                orch.recorder = rec
             try:
-                rec.begin()
-                cap.logits = self.model(cap.ids, cache, last_only=True, static=static)
-                rec.end()
+                with orch.recording(rec) if orch is not None else contextlib.nullcontext():
+                    rec.begin()
+                    cap.logits = self.model(cap.ids, cache, last_only=True, static=static)
+                    rec.end()
             finally:
-                if orch is not None:
-                    orch.recorder = None
                 if rec.graph is not None:  # capture failed midway: leave the stream usable
                     rec.graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,9 +13,10 @@ from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
 from cadenza.models import build_meta, load_model, model_sizes, moe_layers, moe_routers
-from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size, plan
+from cadenza.moe.offload import calibration, planning
+from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
+from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
-from cadenza.moe.scheduler import POLICIES, Orchestra
 from cadenza.sampling import SamplingParams
 from cadenza.tokenizer import Tokenizer
 
@@ -24,41 +24,6 @@ Prompt = str | Sequence[int]
 
 DEFAULT_MAX_CONTEXT = 8192  # tokens, unless max_context says otherwise
 PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds the activation workspace
-
-
-def workspace_bytes(config, dtype: torch.dtype, max_context: int, chunk: int, margin: int) -> int:
-    """GPU activation memory for one prefill chunk: hidden states and attention projections, a few expert
-    intermediates, the [T, S] mask, logits, plus a margin (CUDA: cuBLAS workspaces, the allocator's rounding)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    h, i = config.hidden_size, config.intermediate_size
-    heads = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
-    per_token = (8 * h + 4 * i + 4 * heads) * elem
-    return chunk * per_token + chunk * max_context + 8 * config.vocab_size + margin
-
-
-def cost_model_key(device: torch.device, orch) -> str:
-    cpu = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "emulated"
-    kernel = " | fused CPU kernel" if orch.cpu_kernel else ""
-    return (
-        f"{cpu} | {gpu} | {orch.worker.threads} threads | expert {orch.hidden}x{orch.intermediate} "
-        f"{orch.format_name} | torch {torch.__version__}{kernel}"
-    )
-
-
-def _forced_prefetch() -> int | None:
-    """CADENZA_CPU_PREFETCH (bytes), or None when unset."""
-    forced = os.environ.get("CADENZA_CPU_PREFETCH")
-    if forced is None:
-        return None
-    if not forced.isdigit():
-        raise CadenzaError(f"CADENZA_CPU_PREFETCH={forced!r}: give a distance in bytes (0 turns it off).")
-    return int(forced)
 
 
 @dataclass
@@ -190,11 +155,8 @@ class LLM:
         self.checkpoint = checkpoint
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.checkpoint)
-        if cpu_threads is not None and (not isinstance(cpu_threads, int) or cpu_threads < 1):
-            raise CadenzaError(f"cpu_threads={cpu_threads!r} is not valid. Use a whole number of at least 1.")
-        if offload_policy not in POLICIES:
-            raise CadenzaError(f"Unknown offload policy {offload_policy!r}. Use one of: {', '.join(POLICIES)}.")
-        self._forced_prefetch = _forced_prefetch()  # refused before any weight is read
+        # refused before any weight is read (the environment's CADENZA_* overrides too)
+        options = OffloadOptions(offload_policy, prefetch, eviction, cpu_threads).with_env()
         meta = build_meta(self.checkpoint)
         config = self.config = meta.config
         context = min(config.context_length, DEFAULT_MAX_CONTEXT)
@@ -219,13 +181,11 @@ class LLM:
             self.model = load_model(
                 self.checkpoint, self.device, self.dtype, torch.device("cpu"), meta, experts=expert_format
             )
-            self.orchestra = Orchestra(
-                moe_layers(self.model), self.device, cpu_threads, moe_routers(self.model), eviction, prefetch
-            )
+            self.orchestra = Orchestra(moe_layers(self.model), self.device, options, moe_routers(self.model))
             # unpin host memory and stop the worker when this LLM is collected, even without close()
             weakref.finalize(self, self.orchestra.close)
-            self.orchestra.apply(planned, offload_policy)
-            self._calibrate()
+            self.orchestra.apply(planned)
+            calibration.calibrate(self.orchestra, self.device, self.dtype)
         else:
             if cpu_threads is not None:
                 torch.set_num_threads(cpu_threads)
@@ -254,20 +214,13 @@ class LLM:
         if gpu_memory is None:
             if self.device.type != "cuda":
                 raise CadenzaError("gpu_memory is needed for the emulated GPU side on device='cpu'.")
-            free, total = torch.cuda.mem_get_info(self.device)
-            # what is free plus what this process already holds (a re-plan reuses the GPU memory of the old
-            # placement), less room for the CUDA context and other users
-            held = torch.cuda.memory_reserved(self.device)
-            budget = max(0, free + held - max(GiB, total // 20))
+            budget = planning.default_budget(self.device)
         else:
             budget = parse_size(gpu_memory)
-        top_k = getattr(self.config, "num_experts_per_tok", 2)
-        slots = 0 if policy == "cpu" else max(2, top_k)
-        margin = 256 * 1024 * 1024 if self.device.type == "cuda" else 0
-        workspace = workspace_bytes(self.config, self.dtype, self.max_context, PREFILL_CHUNK, margin)
-        # the KV cache of max_batch sequences of the whole context is reserved
-        kv_tokens = self.max_context * self.max_batch
-        return plan(self.sizes, budget, kv_tokens, workspace, popularity, fetch_slots=slots)
+        return planning.plan_offload(
+            self.sizes, self.config, self.dtype, budget, policy, self.max_context, self.max_batch, PREFILL_CHUNK,
+            popularity, cuda=self.device.type == "cuda",
+        )  # fmt: skip
 
     def replan(self, gpu_memory=None, offload_policy: str | None = None) -> Placement:
         """Places the experts anew for another budget and/or policy, without reloading weights (between
@@ -280,7 +233,7 @@ class LLM:
         planned = self._plan(gpu_memory, policy)
         self.orchestra.apply(planned, policy)
         self.offload_policy = policy
-        self._calibrate()
+        calibration.calibrate(self.orchestra, self.device, self.dtype)
         return planned
 
     def adapt_placement(self, max_bytes: int = 2 * GiB) -> int:
@@ -289,48 +242,6 @@ class LLM:
         if self.orchestra is None:
             return 0
         return len(self.orchestra.adapt(max_bytes))
-
-    def _calibrate(self) -> None:
-        """Loads the cost model for `auto` from the cache, or measures it on this machine (first use)."""
-        orch = self.orchestra
-        if orch is None or orch.cost is not None:
-            return
-        from cadenza.demo import cache_dir
-        from cadenza.moe.costmodel import calibrate, load_cached, save_cached
-
-        key = cost_model_key(self.device, orch)
-        self._tune_prefetch(key)  # first: the cost model measures the CPU as it will run
-        cost = load_cached(cache_dir(), key)
-        if cost is None:
-            slot = None
-            if orch.cache is not None:
-                slot = orch.cache.weights(0)
-            cost = calibrate(
-                key, orch.calibration_experts(), orch.act, self.device, slot, cpu_run=orch.cpu_run_one,
-                gpu_run=orch.gpu_run_one, hidden=orch.hidden, dtype=self.dtype,
-            )  # fmt: skip
-            if orch.cache is not None:
-                orch.cache.clear()
-                save_cached(cache_dir(), cost)
-        orch.cost = cost
-        orch.choose_streamed()  # auto streams its decode layers where the CPU is not much slower than the link
-
-    def _tune_prefetch(self, key: str) -> None:
-        """The fused CPU kernel's prefetch distance for decode calls: CADENZA_CPU_PREFETCH, or cached, or measured."""
-        orch = self.orchestra
-        if self._forced_prefetch is not None:
-            orch.cpu_prefetch = self._forced_prefetch
-            return
-        if not orch.cpu_kernel:
-            return
-        from cadenza.demo import cache_dir
-        from cadenza.moe.costmodel import load_prefetch, save_prefetch, tune_prefetch
-
-        value = load_prefetch(cache_dir(), key)
-        if value is None:
-            value = tune_prefetch(orch.cpu_run_one, orch.calibration_experts(), orch.hidden, self.dtype)
-            save_prefetch(cache_dir(), key, value)
-        orch.cpu_prefetch, orch.cpu_one_s = value
 
     def close(self) -> None:
         """Stops the CPU worker and unpins host memory (also done when the LLM is collected); the LLM is unusable

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cadenza.moe.adaptive import LivePopularity, plan_swaps
+from cadenza.moe.offload.adaptive import LivePopularity, plan_swaps
 
 
 def test_live_popularity_decays_old_traffic():

@@ -96,7 +96,7 @@ def test_console_script_installed():
 
 
 def test_info_placement_and_cost_model(mixtral_dir, tmp_path):
-    from cadenza.moe.costmodel import CostModel, save_cached
+    from cadenza.moe.offload.costmodel import CostModel, save_cached
 
     cache = tmp_path / "cache"
     key = "Test CPU | Test GPU | 15 threads | expert 64x96 torch.float32 | torch x"

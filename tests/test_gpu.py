@@ -3,6 +3,8 @@ run, and peak allocated GPU memory stays under the budget."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -152,14 +154,14 @@ def test_cuda_adaptive_swaps_keep_results(tiny):
 
 
 def test_cuda_experts_shared_by_cpu_and_link_equal_reference(tiny):
-    from cadenza.moe.costmodel import CostModel
+    from cadenza.moe.offload.costmodel import CostModel
 
     path, want, tokens = tiny
     llm = LLM(path, device="cuda", dtype="float32", gpu_memory=budget(path, 7, 2), offload_policy="auto")
     try:
         eb = llm.orchestra.expert_bytes
         llm.orchestra.cost = CostModel("test", eb, cpu_s=(2e-3, 0.0), gpu_s=(0.0, 0.0), h2d_gb_s=eb / 1e-3 / 1e9)
-        llm.orchestra.split_experts = True
+        llm.orchestra.options = dataclasses.replace(llm.orchestra.options, split_experts=True)
         out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         assert out.token_ids == tokens and out.stats.expert_work["split"] > 0
         assert (llm.score(PROMPT) - want).abs().max().item() <= TOL

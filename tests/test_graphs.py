@@ -175,7 +175,7 @@ def test_graph_replay_bf16_and_swaps(families):
 @pytest.mark.parametrize("experts", ["bf16", "int4"])
 def test_streamed_cpu_experts_make_one_graph(families, experts, small_buckets, monkeypatch):
     """The cpu policy with the fused CPU kernel: each host layer's CPU share is a host function on the stream
-    (cadenza.moe.streamed), so a step is one graph with no synchronisation; it decodes what the synchronising
+    (cadenza.moe.offload.streamed), so a step is one graph with no synchronisation; it decodes what the synchronising
     eager path decodes, eagerly and replayed, for one row and for rows of different lengths, and re-captures after
     a re-plan."""
     path = families["mixtral"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cadenza.kernels import cpu_moe, handoff
-from cadenza.moe.streamed import choose_launch
+from cadenza.moe.offload.policy import choose_launch
 
 pytestmark = pytest.mark.skipif(
     handoff.unavailable_reason() is not None,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
-from cadenza.moe.cache import SlotCache
-from cadenza.moe.costmodel import CostModel, _fit_line
+from cadenza.moe.offload.cache import SlotCache
+from cadenza.moe.offload.costmodel import CostModel, _fit_line
 from tests.conftest import budget_for, make_mixtral
 
 TOL = 1e-4
@@ -186,7 +186,7 @@ def test_prefetch_distance_is_measured_and_cached(moe8, tmp_path, monkeypatch):
     shape (cached), and CADENZA_CPU_PREFETCH forces it (a bad value is refused with the fix)."""
     import time as _time
 
-    from cadenza.moe import costmodel
+    from cadenza.moe.offload import costmodel
 
     def fake(slow: dict):
         return lambda weights, x, pf: _time.sleep(slow.get(pf, 0.0))

@@ -4,11 +4,13 @@ placement (swaps follow traffic and change nothing in the output)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from cadenza import LLM, SamplingParams
-from cadenza.moe.costmodel import CostModel
+from cadenza.moe.offload.costmodel import CostModel
 from tests.conftest import budget_for, make_mixtral
 
 PROMPT = list(range(3, 40))
@@ -132,7 +134,7 @@ def test_experts_shared_by_cpu_and_link_equal_single_path(moe8):
     # the link twice as fast as the CPU per expert: one miss alone is best shared
     eb = llm.orchestra.expert_bytes
     llm.orchestra.cost = CostModel("test", eb, cpu_s=(2e-3, 0.0), gpu_s=(0.0, 0.0), h2d_gb_s=eb / 1e-3 / 1e9)
-    llm.orchestra.split_experts = True
+    llm.orchestra.options = dataclasses.replace(llm.orchestra.options, split_experts=True)
     out = llm.generate(PROMPT[:6], GREEDY)
     assert out.token_ids == want_tokens
     assert out.stats.expert_work["split"] > 0

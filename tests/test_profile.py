@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
-from cadenza.moe.eviction import LFU, LRFU, LRU, make_policy
+from cadenza.moe.offload.eviction import LFU, LRFU, LRU, make_policy
 from cadenza.moe.trace import ExpertTrace
 from cadenza.profile import read_prompts
 from tests.conftest import budget_for, prompt_ids
@@ -173,7 +173,7 @@ def test_lrfu_sits_between_lru_and_lfu():
 
 
 def test_slot_cache_uses_its_policy():
-    from cadenza.moe.cache import SlotCache
+    from cadenza.moe.offload.cache import SlotCache
 
     host = [
         (torch.full((3, 2), float(e)), torch.full((3, 2), float(e)), torch.full((2, 3), float(e))) for e in range(4)

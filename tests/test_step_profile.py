@@ -166,7 +166,7 @@ def test_cuda_offloaded_step_has_kernels_and_transfers(tmp_path):
 
 
 def test_streamed_cpu_experts_are_measured(tmp_path):
-    """CPU experts launched from the stream (bf16 experts, cpu policy: cadenza.moe.streamed) run outside every
+    """CPU experts launched from the stream (bf16 experts, cpu policy: cadenza.moe.offload.streamed) run outside every
     traced thread; the profile takes their own perf_counter times: no synchronisation, CPU time measured."""
     path, _ = make_mixtral(tmp_path / "m", num_local_experts=8, num_hidden_layers=LAYERS)
     llm = LLM(path, device="cpu", dtype="bfloat16", gpu_memory=budget_for(path, 3, 0), offload_policy="cpu")

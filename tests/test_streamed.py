@@ -1,4 +1,5 @@
-"""CPU experts launched from the stream (cadenza.moe.streamed): the cpu policy's decode layers without a host sync.
+"""CPU experts launched from the stream (cadenza.moe.offload.streamed): the cpu policy's decode layers without a host
+sync.
 
 CI (CPU): a job (`cpu_moe.job_new` / `job_run`, what the CUDA stream's host function runs) computes exactly what
 `moe_forward` computes for the masked experts and accounts for it; an emulated-GPU LLM with the streamed path
@@ -179,10 +180,10 @@ def test_reasons_it_is_off(path):
         orch.choose_streamed()
         assert orch.streamed is None and "3.0x" in orch.streamed_reason
         orch.cost = dataclasses.replace(cost, cpu_s=(0.5 * link, 0.0), alone_scale=1.0)
-        orch.prefetch_on = True
+        orch.options = dataclasses.replace(orch.options, prefetch=True)
         orch.choose_streamed()
         assert orch.streamed is None and "speculative prefetch" in orch.streamed_reason
-        orch.prefetch_on = None
+        orch.options = dataclasses.replace(orch.options, prefetch=None)
         auto.replan(gpu_memory=auto.placement.budget_bytes, offload_policy="fetch")  # a new policy re-decides
         assert orch.streamed is None and orch.streamed_reason.startswith("the fetch policy")
         auto.replan(gpu_memory=auto.placement.budget_bytes, offload_policy="cpu")

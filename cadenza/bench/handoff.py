@@ -1,7 +1,7 @@
 """`python -m cadenza.bench.handoff`: what it costs a decode layer to hand its CPU share over through the stream.
 
-A streamed layer (cadenza.moe.streamed) puts on a side stream: its inputs into pinned memory, the CPU job started
-from the stream, the result back; the main stream waits for it. This times that chain inside a CUDA graph of
+A streamed layer (cadenza.moe.offload.streamed) puts on a side stream: its inputs into pinned memory, the CPU job
+started from the stream, the result back; the main stream waits for it. This times that chain inside a CUDA graph of
 `--layers` layers (as a decode step replays it), with one small GPU kernel per layer standing in for the layer's GPU
 work, in variants that add one piece at a time. The host function (cuLaunchHostFunc, the fallback):
 
@@ -101,7 +101,7 @@ def measure(
 ) -> list[dict]:  # fmt: skip
     """The variants' rows (see the module's docstring); needs CUDA and the fused CPU kernel."""
     from cadenza.moe.cpu import physical_cores
-    from cadenza.moe.streamed import MAPPED_IN, MAPPED_OUT, _driver
+    from cadenza.moe.offload.streamed import MAPPED_IN, MAPPED_OUT, _driver
 
     if not torch.cuda.is_available() or not cpu_moe.available():
         raise SystemExit("the handoff benchmark needs a CUDA GPU and the fused CPU kernel")

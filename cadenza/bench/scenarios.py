@@ -440,7 +440,7 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         result.skip(f"out of GPU memory: {str(e).splitlines()[0]}")
     out = {**result.as_dict(), **kv_cache_facts(cut.llm), "cuda_graphs": cut.llm.engine.graphs.describe()}
     orch = cut.llm.orchestra
-    if orch is not None:  # how the decode layers hand the CPU its share (cadenza.moe.streamed)
+    if orch is not None:  # how the decode layers hand the CPU its share (cadenza.moe.offload.streamed)
         out["cpu_launch"] = "stream" if orch.streamed is not None else f"host sync per layer ({orch.streamed_reason})"
         if orch.streamed is not None:  # how the stream hands a layer over: the worker thread or a host function
             out["cpu_handoff"] = {"launch": orch.streamed.launch, "reason": orch.streamed.launch_reason}

@@ -17,7 +17,7 @@ How each category is measured (all in ms; every table entry is the median over t
   layer's GPU time counts even when its kernels run after its host code has returned.
 - transfers: the same for memcpy / memset device intervals.
 - cpu_experts: the CPU worker's intervals in `LayerOffload._cpu_job`, which runs on the Orchestra's worker
-  thread, or, where the CPU's share is launched from the stream (cadenza.moe.streamed), the jobs' own start and
+  thread, or, where the CPU's share is launched from the stream (cadenza.moe.offload.streamed), the jobs' own start and
   end times (perf_counter's clock, read from their stats; the driver's callback thread is never traced). The
   profiler records only the thread that started it, unless started with
   `_ExperimentalConfig(profile_all_threads=True)` (PyTorch >= 2.7): then `_cpu_job`, wrapped for the profiled

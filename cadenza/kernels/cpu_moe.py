@@ -134,7 +134,7 @@ def _build() -> ctypes.CDLL:
     lib.cadenza_dequant_bf16.restype = i32
     lib.cadenza_dequant_bf16.argtypes = [i32, i32, ptr, i64, i64, i32, i64, i64, ptr, i32]
     lib.cadenza_cpu_moe_features.restype = i32
-    job = call + [ptr, i32]  # x .. y, then the stats array and its ring's length (cadenza.moe.streamed)
+    job = call + [ptr, i32]  # x .. y, then the stats array and its ring's length (cadenza.moe.offload.streamed)
     lib.cadenza_job_new_packed.restype = ptr
     lib.cadenza_job_new_packed.argtypes = layer + job
     lib.cadenza_job_new_plain.restype = ptr
@@ -304,7 +304,7 @@ def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads
         raise RuntimeError(f"cadenza_moe_forward_plain failed ({rc})")
 
 
-# --- jobs: a layer's step with fixed buffers, run by whoever holds the pointer (cadenza.moe.streamed) ----------
+# --- jobs: a layer's step with fixed buffers, run by whoever holds the pointer (cadenza.moe.offload.streamed) ---
 
 
 def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int, prefetch: int = 0) -> int:

@@ -177,8 +177,8 @@ class Experts(nn.Module):
                 f"uses {self.hidden_act!r}. Run it with experts='bf16' (--experts bf16)."
             )
 
-    # Set by the scheduler when routed experts are offloaded (cadenza.moe.scheduler.LayerOffload); None: every
-    # expert's weights are in this module's parameters on the compute device.
+    # The layer's offloaded executor (cadenza.moe.offload.layer.LayerOffload), attached by the Orchestra that owns
+    # it and detached by its close(); None: every expert's weights are in this module's parameters.
     offload = None
 
     def forward(
@@ -241,6 +241,16 @@ def offsets(counts: list[int]) -> list[int]:
     return out
 
 
+def each_expert(order: torch.Tensor, counts: list[int], experts, k: int):
+    """The one walk over a layer's experts: for each e of `experts`, (e, pairs, tokens) where pairs are its (token,
+    slot) pairs (positions in the flattened [T, k] routing) and tokens their rows of x; order from `expert_order`,
+    counts [E] on the host (slices, no device sync)."""
+    starts = offsets(counts)
+    for e in experts:
+        pairs = order[starts[e] : starts[e] + counts[e]]
+        yield e, pairs, pairs // k
+
+
 def run_experts(
     x: torch.Tensor,
     k: int,
@@ -258,10 +268,7 @@ def run_experts(
     [I, H], up [I, H], down [H, I]) wherever expert e's weights are (a resident row, a fetched slot, host memory).
     """
     flat_w = topk_weights.reshape(-1)
-    starts = offsets(counts)
-    for e in experts:
-        pairs = order[starts[e] : starts[e] + counts[e]]
-        tokens = pairs // k
+    for e, pairs, tokens in each_expert(order, counts, experts, k):
         gate, up, down = weights_of(e)
         xe = x[tokens]  # [n, H]
         h = act(xe @ gate.T) * (xe @ up.T)  # [n, I]

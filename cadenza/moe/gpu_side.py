@@ -16,16 +16,12 @@ Shape legend: T tokens, k slots per token, H hidden, I intermediate, E experts, 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from cadenza.models.common import act_fn
-from cadenza.moe.experts import Experts, offsets, run_experts
-
-# Beyond this many tokens in a layer, experts go through `run` (matrix products); up to it, through `decode`.
-DECODE_MAX_TOKENS = 8
+from cadenza.moe.experts import Experts, each_expert, run_experts
 
 
 @dataclass(frozen=True)
@@ -78,10 +74,7 @@ class ExpertLayout:
         from cadenza.kernels.gpu_moe import expert_forward
 
         flat_w = topk_weights.reshape(-1)
-        starts = offsets(counts)
-        for e in experts:
-            pairs = order[starts[e] : starts[e] + counts[e]]
-            tokens = pairs // k
+        for e, pairs, tokens in each_expert(order, counts, experts, k):
             gate_up, down = weights_of(e)
             ye = expert_forward(x[tokens], gate_up, down, act=self.act, **self._tiled())  # fp32 [n, H]
             y.index_add_(0, tokens, (ye * flat_w[pairs, None]).to(y.dtype))
@@ -97,13 +90,13 @@ class ExpertLayout:
         return moe_decode(x, rows, topk_weights, tuple(stacks), self.act, **self._tiled())
 
 
-def decode_kernels_on(layout: ExpertLayout, device: torch.device) -> bool:
+def decode_kernels_on(layout: ExpertLayout, device: torch.device, gpu_kernel: bool = True) -> bool:
     """Whether the GPU side uses the indexed decode kernels for a few tokens. Quantized experts always do (on a CPU
     "GPU side" through the kernels' torch fallback, so the emulated mode runs the same path); plain experts do on
-    CUDA when Triton is there. CADENZA_GPU_KERNEL=0 turns them off for plain experts (the per-expert products)."""
+    CUDA when Triton is there, unless gpu_kernel is False (then: the per-expert products)."""
     if not layout.plain:
         return True
-    if device.type != "cuda" or os.environ.get("CADENZA_GPU_KERNEL") == "0":
+    if device.type != "cuda" or not gpu_kernel:
         return False
     from cadenza.kernels.gpu_moe import available
 

@@ -104,8 +104,8 @@ class LayerPacker:
     the next fills. `on_packed(index, layer)` (the disk cache's writer) runs in that thread after each layer.
 
     A packed layer's plain stacks are recycled: `take` hands them to the next layer's loading (the loader's
-    `alloc`), because filling fresh memory costs a page fault per 4 KiB: copies into new pages ran at 1.5 GB/s
-    against 13-19 GB/s into reused ones (2-core box)."""
+    `alloc`), because filling fresh memory costs a page fault per 4 KiB: copies into new pages run several times
+    slower than into reused ones."""
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ class CostModel:
     h2d_gb_s: float  # pinned host -> GPU copy bandwidth, GB/s
     # Learned while running (not cached): observed / calibrated CPU time, for CPU work alone and for CPU work
     # that shares DRAM with fetches. A CPU expert inside a decode step runs slower, and far more erratically,
-    # than in a calibration loop (on the benchmark box 5-8 ms against 4.2 ms calibrated for a Mixtral expert).
+    # than in a calibration loop.
     alone_scale: float = 1.0
     shared_scale: float | None = None  # None until observed: assume no slowdown, so the split gets tried
     # layer decisions since the last split: after EXPLORE_EVERY, one split is tried at the alone speed, so a
@@ -273,8 +273,8 @@ def tune_prefetch(
 ) -> tuple[int, float]:
     """The CPU kernel's software prefetch distance for one-token calls, measured: `run(weights, x, prefetch)` over
     experts spanning more than the last-level cache, each candidate in turn, `rounds` times; the fastest wins if it
-    beats the first candidate by 5% (on the H200 box's Xeon 2048 bytes read int4 experts 25-40% faster and bf16
-    5-35%; on an AMD EPYC it slowed tiled bf16 by 20%: it is the machine's to say). Returns (distance, seconds per
+    beats the first candidate by 5% (the best distance differs by machine and format, and some machines are slowed
+    by any: it is the machine's to say). Returns (distance, seconds per
     expert at one token with it): a direct measure of the CPU's decode speed, steadier than the cost model's
     line through 1, 16 and 128 tokens."""
     x = torch.randn(1, hidden, dtype=dtype)

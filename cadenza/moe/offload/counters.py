@@ -1,8 +1,8 @@
 """Where a model's expert work went: pairs and bytes per side, synchronisations, time in them, prefetch quality.
 
-The Orchestra keeps one `ExpertCounters` (cadenza.moe.scheduler); generations, the server's metrics and the
+The Orchestra keeps one `ExpertCounters` (cadenza.moe.offload.orchestra); generations, the server's metrics and the
 benchmarks take snapshots and differences. Work counted outside Python (the streamed CPU jobs' stats,
-cadenza.moe.streamed) is folded in through `pull` whenever the values are read.
+cadenza.moe.offload.streamed) is folded in through `pull` whenever the values are read.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class ExpertCounters:
 
     def minus(self, other: ExpertCounters) -> ExpertCounters:
         return ExpertCounters(**{k: v - getattr(other, k) for k, v in self.values().items()})
+
+    def add(self, other: ExpertCounters) -> None:
+        """Adds what `other` counted (a captured step's work, once per replay)."""
+        for name, value in other.values().items():
+            setattr(self, name, getattr(self, name) + value)
 
     def prefetch_quality(self) -> dict[str, float | None]:
         """Precision (guessed experts that were used) and recall (needed experts that were guessed)."""

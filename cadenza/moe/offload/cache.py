@@ -1,5 +1,5 @@
 """GPU slots for fetched experts: a cache keyed by (MoE layer, expert), filled over PCIe on a copy stream; which
-expert leaves a full cache is an eviction policy's choice (cadenza.moe.eviction: lru, lfu, lrfu).
+expert leaves a full cache is an eviction policy's choice (cadenza.moe.offload.eviction: lru, lfu, lrfu).
 
 Ordering is carried by events, never by host waits: a slot's copy waits (on the copy stream) for the last
 computation that read the slot, and the computation waits (on the compute stream) for the copy that filled it.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from cadenza.moe.eviction import EvictionPolicy, make_policy
+from cadenza.moe.offload.eviction import EvictionPolicy, make_policy
 
 
 class SlotCache:

@@ -2,7 +2,7 @@
 
 With the "cpu" policy nothing about a layer's experts is decided at run time: the residents are computed on the
 GPU side, every other routed expert on the CPU. "auto" decodes the same way unless its cost model finds the link
-much faster than the CPU (`STREAM_MAX_CPU_OVER_LINK`); its many-token steps (prefill) keep fetching. So the host
+much faster than the CPU (`policy.STREAM_MAX_CPU_OVER_LINK`); its many-token steps (prefill) keep fetching. So the host
 need not look at the routing in the middle of a step, and a layer's CPU share can be queued like any GPU work
 (ktransformers does the same):
 
@@ -18,7 +18,7 @@ no Python, no GIL. Two ways to start it from the stream (`choose_launch` picks, 
   (cuStreamWriteValue32) and waits for the answer in it (cuStreamWaitValue32). x, ids and w are written by the GPU
   straight into one pinned block through its mapping, the result comes back in one copy (`handoff.Block`);
 - "host_function": the job as a host function (cuLaunchHostFunc, run by the driver's callback thread), with its
-  inputs copied into pinned buffers one by one: the fallback, ~40 us a layer slower on the H200 box.
+  inputs copied into pinned buffers one by one: the fallback (slower per layer: `python -m cadenza.bench.handoff`).
 
 Either way they are stream operations, so a CUDA graph captures them: with every host layer streamed, a decode step
 is one graph (cadenza.graphs) and the host launches it and waits for nothing but the sampled token.
@@ -34,71 +34,23 @@ cover everything but the stream.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from cadenza.kernels import cpu_moe, handoff
+from cadenza.moe.offload.policy import choose_launch
 
 RING = 64  # start/end times kept per layer (for the step profiler)
 _STATS = 8  # fixed stats fields before the per-expert counts (cpu_moe.cpp)
 
-
-# auto streams its decode layers (every miss on the CPU, no host decision) unless the CPU takes more than this many
-# times the link's time for one expert at one token (the CPU's time as measured when tuning its prefetch, else the
-# cost model's). Measured on the H200 box (decode tok/s,
-# streamed vs auto's per-layer split): Qwen3-30B-A3B bf16 at 8 GiB 16.7 vs 13.6; Mixtral bf16 at 24 GiB 4.86 vs
-# 2.98-5.26; Mixtral int4 at 24 GiB 40.3 vs 35.0-37.1, where the calibration put the CPU at 1.9x the link but in
-# the step two int4 experts took 3.6 ms on the CPU against 3.4 ms over the link (the one-expert calibration is
-# pessimistic for int4). The split can at best use both sides at once, but pays a synchronisation per layer and
-# shares DRAM between them; it should win only where the link is clearly the faster side.
-STREAM_MAX_CPU_OVER_LINK = 2.0
 
 # The worker's staging (handoff.Block): the GPU writes x, ids and w into the pinned block through its mapping (three
 # small kernels and no copy, fenced by the request) and reads the result back with one copy. Reading the result
 # through the mapping instead saves the copy node but has the adding kernel read host memory over PCIe:
 # `python -m cadenza.bench.handoff` measures the three combinations ("worker", "worker_copies", "worker_mapped").
 MAPPED_IN, MAPPED_OUT = True, False
-
-
-def unavailable_reason(orch, policy: str) -> str | None:
-    """Why an Orchestra with this policy keeps the per-layer synchronisation for decode steps, or None."""
-    if not orch.stream_cpu:
-        return "turned off by CADENZA_STREAM_CPU=0"
-    if not orch.cpu_kernel:
-        return "the fused CPU kernel is not in use for these experts"
-    if orch.cuda and _driver() is None:
-        return "the CUDA driver's cuLaunchHostFunc was not found"
-    if policy == "fetch":
-        return "the fetch policy copies each missing expert to the GPU, decided per layer on the host"
-    if policy == "auto":
-        if orch.prefetch_on:
-            return "speculative prefetch is on: auto fetches, deciding per layer on the host"
-        if orch.cost is None:
-            return "the auto policy has no cost model yet"
-        cpu = orch.cpu_one_s if orch.cpu_one_s is not None else orch.cost.cpu_time(1)
-        ratio = cpu / max(orch.cost.fetch_time(1), 1e-12)
-        if ratio > STREAM_MAX_CPU_OVER_LINK:
-            return (
-                f"the CPU takes {ratio:.1f}x the link's time per expert: auto splits each layer's misses between "
-                "them, deciding per layer on the host"
-            )
-    return None
-
-
-def choose_launch(cuda: bool, forced_host: bool, worker_problem: str | None) -> tuple[str, str]:
-    """How a streamed layer's CPU job is started, and why: "worker", "host_function" or "inline" (see the module's
-    docstring). forced_host: CADENZA_STREAM_CPU=host (a debugging switch); worker_problem: why the handoff worker
-    cannot run on the device (`handoff.probe`), or None."""
-    if not cuda:
-        return "inline", "no CUDA stream (the emulated GPU side): the job runs on the calling thread"
-    if forced_host:
-        return "host_function", "cuLaunchHostFunc, forced by CADENZA_STREAM_CPU=host"
-    if worker_problem is not None:
-        return "host_function", f"cuLaunchHostFunc: the handoff worker cannot be used ({worker_problem})"
-    return "worker", "a spinning CPU thread, asked with cuStreamWriteValue32 and awaited with cuStreamWaitValue32"
 
 
 _driver_fn = None
@@ -116,6 +68,10 @@ def _driver():
         fn.restype = ctypes.c_int
         _driver_fn = fn
     return _driver_fn
+
+
+def driver_available() -> bool:
+    return _driver() is not None
 
 
 @dataclass
@@ -145,7 +101,7 @@ class StreamedCpu:
         self.slots: dict[tuple, int] = {}  # job key -> its slot in the handoff worker
         self.stream = torch.cuda.Stream(orch.device) if self.cuda else None
         self.fn = cpu_moe.job_function()
-        forced = os.environ.get("CADENZA_STREAM_CPU") == "host"
+        forced = orch.options.stream_cpu == "host"
         problem = handoff.probe(orch.device) if self.cuda and not forced else None
         self.launch, self.launch_reason = choose_launch(self.cuda, forced, problem)
         self.host_function = _driver() if self.launch == "host_function" else None

@@ -1,0 +1,67 @@
+"""Measuring this machine for an Orchestra at first use: the CPU kernel's prefetch distance, then the cost model.
+
+Both are cached on disk (under the cache folder), keyed by the machine, the thread count and the expert's shape and
+format, so later loads read them instead of measuring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cadenza.moe.offload import costmodel
+
+
+def cost_model_key(device: torch.device, orch) -> str:
+    cpu = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "emulated"
+    kernel = " | fused CPU kernel" if orch.cpu_kernel else ""
+    return (
+        f"{cpu} | {gpu} | {orch.worker.threads} threads | expert {orch.hidden}x{orch.intermediate} "
+        f"{orch.format_name} | torch {torch.__version__}{kernel}"
+    )
+
+
+def calibrate(orch, device: torch.device, dtype: torch.dtype) -> None:
+    """Gives `orch` its cost model for `auto` (cached, or measured here) after tuning the CPU kernel's prefetch
+    (first: the cost model measures the CPU as it will run), then re-decides whether decode layers stream."""
+    if orch.cost is not None:
+        return
+    from cadenza.paths import cache_dir
+
+    key = cost_model_key(device, orch)
+    tune_prefetch(orch, key, dtype)
+    cost = costmodel.load_cached(cache_dir(), key)
+    if cost is None:
+        slot = orch.cache.weights(0) if orch.cache is not None else None
+        cost = costmodel.calibrate(
+            key, orch.calibration_experts(), orch.act, device, slot, cpu_run=orch.cpu_run_one,
+            gpu_run=orch.gpu_run_one, hidden=orch.hidden, dtype=dtype,
+        )  # fmt: skip
+        if orch.cache is not None:
+            orch.cache.clear()
+            costmodel.save_cached(cache_dir(), cost)
+    orch.cost = cost
+    orch.choose_streamed()  # auto streams its decode layers where the CPU is not much slower than the link
+
+
+def tune_prefetch(orch, key: str, dtype: torch.dtype) -> None:
+    """The fused CPU kernel's prefetch distance for decode calls: the options' (CADENZA_CPU_PREFETCH), or cached,
+    or measured."""
+    forced = orch.options.cpu_prefetch
+    if forced is not None:
+        orch.cpu_prefetch = forced
+        return
+    if not orch.cpu_kernel:
+        return
+    from cadenza.paths import cache_dir
+
+    value = costmodel.load_prefetch(cache_dir(), key)
+    if value is None:
+        value = costmodel.tune_prefetch(orch.cpu_run_one, orch.calibration_experts(), orch.hidden, dtype)
+        costmodel.save_prefetch(cache_dir(), key, value)
+    orch.cpu_prefetch, orch.cpu_one_s = value

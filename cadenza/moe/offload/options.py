@@ -1,0 +1,78 @@
+"""How a user asked the offloaded experts to run: one dataclass that the CLI and `LLM` fill.
+
+Environment variables remain as documented overrides of the same fields (for debugging and the benchmarks), read in
+one place, `OffloadOptions.with_env`:
+
+| variable | field | values |
+| --- | --- | --- |
+| CADENZA_SPLIT_EXPERTS=1 | split_experts | let `auto` split one plain expert's rows between the CPU and the GPU |
+| CADENZA_STREAM_CPU=0 / host | stream_cpu | "off": every decode layer decides on the host; "host": start the CPU's share with cuLaunchHostFunc instead of the handoff worker |
+| CADENZA_CPU_KERNEL=0 | cpu_kernel | PyTorch's products instead of the fused CPU kernel (bf16 experts) |
+| CADENZA_GPU_KERNEL=0 | gpu_kernel | per-expert products instead of the indexed decode kernels (plain experts) |
+| CADENZA_CPU_PREFETCH=BYTES | cpu_prefetch | the CPU kernel's software prefetch distance, instead of measuring it |
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cadenza.errors import CadenzaError
+
+POLICIES = ("auto", "cpu", "fetch")
+STREAM_CPU = ("on", "off", "host")
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """policy: where a non-resident expert is computed ("auto": the cost model's choice per layer, "cpu", "fetch").
+    prefetch: guess the next layer's experts and copy them early (None: with the fetch policy only). eviction: which
+    fetched expert leaves a full fetch cache. cpu_threads: the CPU worker's threads (None: one per physical core,
+    less one when a GPU is driven). The rest are the switches the environment variables above override."""
+
+    policy: str = "auto"
+    prefetch: bool | None = None
+    eviction: str = "lru"
+    cpu_threads: int | None = None
+    split_experts: bool = False
+    stream_cpu: str = "on"
+    cpu_kernel: bool = True
+    gpu_kernel: bool = True
+    cpu_prefetch: int | None = None
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise CadenzaError(f"Unknown offload policy {self.policy!r}. Use one of: {', '.join(POLICIES)}.")
+        if self.stream_cpu not in STREAM_CPU:
+            raise CadenzaError(f"stream_cpu={self.stream_cpu!r} is not one of {', '.join(STREAM_CPU)}.")
+        t = self.cpu_threads
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
+            raise CadenzaError(f"cpu_threads={t!r} is not valid. Use a whole number of at least 1.")
+
+    def with_policy(self, policy: str) -> OffloadOptions:
+        return dataclasses.replace(self, policy=policy)
+
+    def with_env(self, env: Mapping[str, str] | None = None) -> OffloadOptions:
+        """These options with the CADENZA_* overrides of the module's table applied (a bad value is refused with
+        the fix, before any weight is read)."""
+        env = os.environ if env is None else env
+        changes: dict = {}
+        if env.get("CADENZA_SPLIT_EXPERTS") == "1":
+            changes["split_experts"] = True
+        stream = env.get("CADENZA_STREAM_CPU")
+        if stream == "0":
+            changes["stream_cpu"] = "off"
+        elif stream == "host":
+            changes["stream_cpu"] = "host"
+        if env.get("CADENZA_CPU_KERNEL") == "0":
+            changes["cpu_kernel"] = False
+        if env.get("CADENZA_GPU_KERNEL") == "0":
+            changes["gpu_kernel"] = False
+        forced = env.get("CADENZA_CPU_PREFETCH")
+        if forced is not None:
+            if not forced.isdigit():
+                raise CadenzaError(f"CADENZA_CPU_PREFETCH={forced!r}: give a distance in bytes (0 turns it off).")
+            changes["cpu_prefetch"] = int(forced)
+        return dataclasses.replace(self, **changes) if changes else self

@@ -1,0 +1,303 @@
+"""The state every offloaded layer shares: placement, fetch slots, CPU worker, cost model, counters.
+
+The decisions live in `policy`; the executors in `layer` (routing a call), `eager` (the host deciding) and
+`streamed` (the CPU's share queued on the stream). An Orchestra attaches a `LayerOffload` to each MoE layer's
+`Experts` and detaches them in `close()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from cadenza.errors import CadenzaError
+from cadenza.models.common import act_fn
+from cadenza.moe.cpu import CpuWorker, physical_cores
+from cadenza.moe.experts import Experts, run_experts
+from cadenza.moe.gpu_side import ExpertLayout, decode_kernels_on
+from cadenza.moe.offload import policy
+from cadenza.moe.offload.adaptive import LivePopularity, plan_swaps
+from cadenza.moe.offload.cache import SlotCache
+from cadenza.moe.offload.costmodel import CostModel
+from cadenza.moe.offload.counters import ExpertCounters
+from cadenza.moe.offload.eviction import make_policy
+from cadenza.moe.offload.host_memory import PinnedWeights, ToHost
+from cadenza.moe.offload.layer import LayerOffload
+from cadenza.moe.offload.options import POLICIES, OffloadOptions
+from cadenza.moe.offload.streamed import StreamedCpu, driver_available
+from cadenza.moe.placement import Placement
+
+__all__ = ["POLICIES", "Orchestra", "OffloadOptions", "host_tensors"]
+
+
+def host_tensors(experts: Experts) -> list[torch.Tensor]:
+    """The host tensors a layer's routed experts live in (plain stacks, or the packed tiles)."""
+    p = getattr(experts, "packed", None)
+    return [experts.gate, experts.up, experts.down] if p is None else [p.gate_up, p.down]
+
+
+class Orchestra:
+    """Shared by every offloaded layer: placement, slot cache, CPU worker, cost model, counters."""
+
+    def __init__(
+        self,
+        layers: list[Experts],
+        device: torch.device,
+        options: OffloadOptions | None = None,
+        routers: list[tuple[torch.Tensor, int] | None] | None = None,
+    ):
+        """options: how the user asked the experts to run (its policy is applied by `apply`). routers: per MoE
+        layer, (router weight [E, H], top_k) for the speculative prefetch that guesses a layer's experts from the
+        layer before (None: no guessing for that layer)."""
+        if not layers:
+            raise ValueError("no MoE layers to offload")
+        self.options = options or OffloadOptions()
+        make_policy(self.options.eviction)  # refuse an unknown name now
+        self.routers = routers or [None] * len(layers)
+        self._pending: dict[int, set[int]] = {}  # layer -> experts prefetched for it, not yet accounted
+        self.live = LivePopularity(len(layers), layers[0].num_experts)
+        self.device = device
+        self.cuda = device.type == "cuda"
+        first = layers[0]
+        self.hidden, self.intermediate = first.hidden_size, first.intermediate_size
+        self.layout = ExpertLayout.of(first)
+        # the compute dtype of plain experts (None for quantized ones: their products run in the activations' dtype)
+        self.dtype = first.gate.dtype if self.layout.plain else None
+        one = first.host_weights(0)
+        self.expert_parts = [(tuple(w.shape), w.dtype) for w in one]  # how one expert is stored (a fetch slot)
+        self.expert_bytes = sum(w.numel() * w.element_size() for w in one)  # as stored: what a use reads
+        self.layers = [LayerOffload(self, ex, i) for i, ex in enumerate(layers)]
+        self.decode_kernels = decode_kernels_on(self.layout, device, self.options.gpu_kernel)
+        # default: one core fewer than the machine has when a GPU is driven, so the main thread launching GPU
+        # work never preempts one of the worker's threads (a GEMV waits for its slowest thread)
+        threads = self.options.cpu_threads
+        self.worker = CpuWorker(threads or (max(1, physical_cores() - 1) if self.cuda else None))
+        self._counters = ExpertCounters(pull=self._collect)
+        # decode layers' CPU share launched from the stream (streamed.StreamedCpu), or None and why not
+        self.streamed: StreamedCpu | None = None
+        self.streamed_reason: str | None = "no placement applied yet"
+        # the fused CPU kernel's software prefetch distance (bytes) for calls of a few tokens (calibration.py), and
+        # one expert at one token on the CPU with it (None: not measured)
+        self.cpu_prefetch = 0
+        self.cpu_one_s: float | None = None
+        self.recorder = None  # cadenza.graphs.Recorder while a decode step is captured (`recording`)
+        # bumped by each apply() (through choose_streamed): captured steps refer to the resident tensors of one
+        # placement and to one way of running the host's layers
+        self.version = 0
+        self.cache: SlotCache | None = None
+        self.cost: CostModel | None = None
+        self.placement: Placement | None = None
+        self.to_host = ToHost(self.cuda)
+        self.host_memory = PinnedWeights([w for ex in layers for w in host_tensors(ex)], device) if self.cuda else None
+        for layer, ex in zip(self.layers, layers, strict=True):
+            ex.offload = layer
+        self.cpu_kernel = self._use_cpu_kernel()
+
+    @property
+    def policy(self) -> str:
+        return self.options.policy
+
+    @property
+    def pinned(self) -> bool:
+        """Whether every host expert is page-locked (fetches are DMA copies)."""
+        return self.host_memory is not None and self.host_memory.complete
+
+    def _use_cpu_kernel(self) -> bool:
+        """The fused CPU MoE kernel reads bf16 experts in place; other plain dtypes (and CPUs without AVX-512, with
+        a one-line notice from the kernel module) keep PyTorch's path. Quantized experts always go through the
+        kernel module (its torch fallback where the kernel cannot run)."""
+        from cadenza.kernels import cpu_moe
+
+        if not self.layout.plain:
+            for layer in self.layers:
+                layer.kernel_layer = layer.experts.packed
+            return cpu_moe.available() and self.options.cpu_kernel
+        if self.dtype != torch.bfloat16 or not self.options.cpu_kernel:
+            return False
+        if not cpu_moe.available() or self.layers[0].experts.hidden_act not in cpu_moe.ACT_CODES:
+            return False
+        for layer in self.layers:
+            ex = layer.experts
+            layer.kernel_layer = cpu_moe.plain_layer(ex.gate.data, ex.up.data, ex.down.data)
+        return True
+
+    def apply(self, placement: Placement, policy_name: str | None = None) -> None:
+        """Copies the placement's residents to the GPU side and sizes the slot cache; replaces any earlier plan.
+        policy_name: another offload policy from now on (None: keep the options')."""
+        if policy_name is not None:
+            if policy_name not in POLICIES:
+                raise CadenzaError(f"Unknown offload policy {policy_name!r}. Use one of: {', '.join(POLICIES)}.")
+            self.options = self.options.with_policy(policy_name)
+        self.placement = placement
+        self._drop_streamed()
+        for layer in self.layers:
+            layer.place([])
+        self.cache = None
+        if self.cuda:
+            torch.cuda.empty_cache()
+        for layer, residents in zip(self.layers, placement.resident, strict=True):
+            layer.place(residents)
+        if placement.fetch_slots > 0:
+            self.cache = SlotCache(
+                placement.fetch_slots, device=self.device, eviction=self.options.eviction, parts=self.expert_parts
+            )
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.choose_streamed()
+
+    def choose_streamed(self) -> None:
+        """Decides whether decode layers launch the CPU's share from the stream (policy.stream_unavailable): after
+        each placement, and once auto's cost model is known."""
+        self._drop_streamed()
+        self.streamed_reason = policy.stream_unavailable(
+            self.options, self.cpu_kernel, self.cuda, driver_available(), self.cost, self.cpu_one_s
+        )
+        if self.streamed_reason is None:
+            self.streamed = StreamedCpu(self)
+        self.version += 1  # captured steps refer to the old residents, or took the other path
+
+    def _drop_streamed(self) -> None:
+        if self.streamed is not None:
+            self.streamed.collect(self._counters)
+            self.streamed.close()
+            self.streamed = None
+
+    @contextlib.contextmanager
+    def recording(self, recorder):
+        """While a decode step is captured as CUDA graphs: host-deciding layers run through `recorder.host`, between
+        two graphs."""
+        self.recorder = recorder
+        try:
+            yield
+        finally:
+            self.recorder = None
+
+    @property
+    def counters(self) -> ExpertCounters:
+        """Where expert work went so far (the streamed jobs' work folded in at each read and snapshot)."""
+        self._collect(self._counters)
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: ExpertCounters) -> None:
+        self._collect(self._counters)  # what the jobs did up to now belongs to the counters being replaced
+        value.pull = self._collect
+        self._counters = value
+
+    def _collect(self, counters: ExpertCounters) -> None:
+        if self.streamed is not None:
+            self.streamed.collect(counters)
+
+    def guess_next(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The experts layer index+1's router would pick for this layer's hidden states x [T, H] (ids [T, k]),
+        computed on the GPU side so they reach the host with this layer's one synchronisation; None when there is
+        nothing to prefetch (policy.wants_guess)."""
+        nxt = index + 1
+        exists = nxt < len(self.layers)
+        if not policy.wants_guess(
+            policy.prefetch_on(self.options), self.cache is not None, exists, exists and self.routers[nxt] is not None,
+            x.shape[0], exists and self.layers[nxt].all_resident,
+        ):  # fmt: skip
+            return None
+        weight, top_k = self.routers[nxt]
+        return torch.topk(x @ weight.T, top_k, dim=-1).indices
+
+    def prefetch(self, layer: int, guess_h: torch.Tensor) -> None:
+        """Starts copying the guessed experts of `layer` into fetch slots (policy.prefetch_picks)."""
+        offload = self.layers[layer]
+        counts = torch.bincount(guess_h.reshape(-1), minlength=offload.experts.num_experts).tolist()
+        wanted = [e for e, n in enumerate(counts) if n and e not in offload.resident_rows]
+        issued = set()
+        for e in policy.prefetch_picks(counts, offload.resident_rows, self.cache.num_slots):
+            if self.cache.prefetch(layer, e, offload.host_weights(e)):
+                issued.add(e)
+        self.counters.prefetch_issued += len(issued)
+        guessed = issued | {e for e in wanted if (layer, e) in self.cache.where}
+        self.counters.prefetch_guessed += len(guessed)
+        self._pending[layer] = guessed
+
+    def account_prefetch(self, layer: int, misses: list[int]) -> None:
+        """Precision/recall bookkeeping once a layer's real experts are known."""
+        guessed = self._pending.pop(layer, None)
+        if guessed is None:
+            return
+        self.counters.prefetch_needed += len(misses)
+        self.counters.prefetch_used += len(guessed.intersection(misses))
+
+    def adapt(self, max_bytes: int, horizon: int = 2048) -> list:
+        """Between requests: exchanges resident experts for more popular non-resident ones of the same layer,
+        as live traffic asks (cadenza.moe.offload.adaptive), copying at most max_bytes. Returns the swaps made."""
+        if self.placement is None or self.cost is None:
+            return []
+        cost = self.cost
+        host_s = policy.host_seconds_per_expert(self.policy, cost)
+        resident = [sorted(layer.resident_rows) for layer in self.layers]
+        swaps = plan_swaps(
+            self.live.shares(), resident, host_s, cost.gpu_time(1), self.expert_bytes / (cost.h2d_gb_s * 1e9),
+            self.expert_bytes, max_bytes, horizon,
+        )  # fmt: skip
+        for sw in swaps:
+            self.layers[sw.layer].swap(sw.out, sw.into)
+        if swaps:  # (a swapped-in expert may also sit in a fetch slot: harmless, residents are looked up first)
+            resident = [sorted(layer.resident_rows) for layer in self.layers]
+            self.placement = dataclasses.replace(self.placement, resident=resident)
+        return swaps
+
+    def cpu_run_one(self, weights, x: torch.Tensor, prefetch: int | None = None) -> None:
+        """One expert on the CPU as the CPU job computes it (for calibrating the cost model): through the kernel
+        module (the fused kernel, or for quantized experts its fallback), else PyTorch's products. prefetch: the
+        kernel's prefetch distance (default: the one in use for a few tokens)."""
+        from cadenza.kernels.cpu_moe import moe_forward, plain_layer
+
+        ids = torch.zeros(x.shape[0], 1, dtype=torch.int64)
+        w = torch.ones(x.shape[0], 1)
+        if self.layout.plain and not self.cpu_kernel:
+            y = torch.zeros_like(x)
+            run_experts(x, 1, w, torch.arange(x.shape[0]), [x.shape[0]], [0], lambda e: weights, self.act, y)
+            return
+        if self.layout.plain:
+            gate, up, down = weights
+            layer = plain_layer(gate[None], up[None], down[None])
+        else:
+            gate_up, down = weights
+            packed = self.layers[0].experts.packed
+            layer = dataclasses.replace(packed, num_experts=1, gate_up=gate_up[None], down=down[None])
+        if prefetch is None:
+            prefetch = policy.cpu_prefetch_for(x.shape[0], self.cpu_prefetch)
+        moe_forward(layer, x, ids, w, [0], self.layout.act, self.worker.threads, prefetch=prefetch)
+
+    def gpu_run_one(self, weights, x: torch.Tensor) -> None:
+        """One expert on the GPU side from a fetch slot's tensors, as a layer computes it (for calibration)."""
+        n = x.shape[0]
+        y = torch.zeros_like(x)
+        w = torch.ones(n, 1, dtype=torch.float32, device=x.device)
+        self.layout.run(x, 1, w, torch.arange(n, device=x.device), [n], [0], lambda e: weights, y)
+
+    @property
+    def format_name(self) -> str:
+        """How experts are stored, for the cost model's key: the plain dtype, or the quantized format."""
+        return str(self.dtype) if self.layout.plain else self.layout.describe()
+
+    @property
+    def act(self):
+        return act_fn(self.layout.act)
+
+    def calibration_experts(self, max_bytes: int = 1_500_000_000) -> list:
+        """Experts from different layers, together larger than a CPU's last-level cache."""
+        n = max(3, min(len(self.layers), max_bytes // max(self.expert_bytes, 1)))
+        picks = [self.layers[(i * len(self.layers)) // n] for i in range(n)]
+        return [layer.host_weights(i % layer.experts.num_experts) for i, layer in enumerate(picks)]
+
+    def close(self) -> None:
+        """Stops the worker, drops the GPU side's copies (residents, fetch slots) and unregisters the page-locked
+        host memory (idempotent)."""
+        self._drop_streamed()
+        for layer in self.layers:
+            layer.experts.offload = None
+            layer.stacks, layer.row_lut = [], None
+        self.cache = None
+        self.worker.close()
+        if self.host_memory is not None:
+            self.host_memory.release()

@@ -1,0 +1,45 @@
+"""One planning function for every caller (`LLM`, `cadenza info`): the placement a budget gives a model.
+
+What every token needs (attention, norms, router, shared experts, embeddings), the KV cache of `max_batch` whole
+contexts and the activation workspace of one prefill chunk are reserved first; the fetch slots the policy needs
+next; routed experts fill the rest (cadenza.moe.placement.plan).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cadenza.moe.offload import policy
+from cadenza.moe.placement import Placement, plan
+
+CUDA_MARGIN = 256 * 1024 * 1024  # cuBLAS workspaces and the allocator's rounding, on a real GPU
+
+
+def workspace_bytes(config, dtype: torch.dtype, max_context: int, chunk: int, margin: int) -> int:
+    """GPU activation memory for one prefill chunk: hidden states and attention projections, a few expert
+    intermediates, the [T, S] mask, logits, plus a margin."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    h, i = config.hidden_size, config.intermediate_size
+    heads = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    per_token = (8 * h + 4 * i + 4 * heads) * elem
+    return chunk * per_token + chunk * max_context + 8 * config.vocab_size + margin
+
+
+def plan_offload(
+    sizes, config, dtype: torch.dtype, budget_bytes: int, policy_name: str, max_context: int, max_batch: int,
+    chunk: int, popularity=None, cuda: bool = True,
+) -> Placement:  # fmt: skip
+    """The placement of a model (`sizes`: models.model_sizes) in a GPU budget of `budget_bytes` under an offload
+    policy, for `max_batch` sequences of `max_context` tokens prefilled in chunks of `chunk`; popularity: a
+    [layers][experts] matrix (a `cadenza profile` file) or None (even). cuda: a real GPU (keeps a margin)."""
+    slots = policy.fetch_slots(policy_name, getattr(config, "num_experts_per_tok", 2))
+    workspace = workspace_bytes(config, dtype, max_context, chunk, CUDA_MARGIN if cuda else 0)
+    return plan(sizes, budget_bytes, max_context * max_batch, workspace, popularity, fetch_slots=slots)
+
+
+def default_budget(device: torch.device) -> int:
+    """The GPU's free memory plus what this process already holds (a re-plan reuses the old placement's memory),
+    less room for the CUDA context and other users."""
+    free, total = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_reserved(device)
+    return max(0, free + held - max(1 << 30, total // 20))

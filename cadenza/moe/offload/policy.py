@@ -1,0 +1,155 @@
+"""The whole offload decision for one MoE layer, as pure functions of what is known when it is taken.
+
+Where a routed expert is computed: resident on the GPU, on the CPU, or fetched into a GPU slot. The executors
+(`layer.LayerOffload`, `eager`, `streamed`) carry these decisions out; nothing here touches a tensor on a device, so
+tests read every decision without CUDA.
+
+- `route`: how a layer's call runs (all on the GPU; the CPU's share queued on the stream; the host deciding, between
+  two CUDA graphs or eagerly).
+- `split`: which non-resident experts are fetched and which the CPU computes (and, for `auto` with split experts on,
+  which experts both sides share by rows).
+- `fetch_slots`, `prefetch_on`, `wants_guess`, `prefetch_picks`: the fetch cache and speculative prefetch.
+- `stream_unavailable`, `choose_launch`: whether decode layers hand the CPU its share from the stream, and how.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from cadenza.moe.offload.options import OffloadOptions
+
+# Beyond this many tokens in a layer, experts go through per-expert matrix products; up to it, through the indexed
+# decode kernels (one launch per matrix for every (token, slot) pair).
+DECODE_MAX_TOKENS = 8
+
+# Beyond a few tokens a layer needs most of its experts anyway: no guessing.
+PREFETCH_MAX_TOKENS = 8
+
+# Streaming a decode layer's CPU share fixes the split (everything non-resident on the CPU), so `auto` streams only
+# where the CPU is not much slower than the link for one expert at one token; past this ratio it keeps deciding per
+# layer on the host, where it can fetch.
+STREAM_MAX_CPU_OVER_LINK = 2.0
+
+
+class Route(Enum):
+    GPU = "gpu"  # every routed expert of the call is resident: the decode kernels, no synchronisation
+    STREAMED = "streamed"  # the CPU's share queued on the GPU's stream (streamed.StreamedCpu)
+    BETWEEN_GRAPHS = "between_graphs"  # a graph is being captured: the host's part runs between two graphs
+    HOST = "host"  # the host reads the routing back and splits the misses (eager.offloaded)
+
+
+def uses_decode_kernels(tokens: int, decode_kernels: bool) -> bool:
+    return decode_kernels and tokens <= DECODE_MAX_TOKENS
+
+
+def route(tokens: int, decode_kernels: bool, all_resident: bool, streamed: bool, capturing: bool) -> Route:
+    """How a layer's call of `tokens` tokens runs. streamed: the orchestra streams decode layers; capturing: a CUDA
+    graph is being captured."""
+    if uses_decode_kernels(tokens, decode_kernels) and all_resident:
+        return Route.GPU
+    if streamed and tokens <= DECODE_MAX_TOKENS:
+        return Route.STREAMED
+    return Route.BETWEEN_GRAPHS if capturing else Route.HOST
+
+
+def split(
+    options: OffloadOptions, misses: list[int], counts: list[int], cost, have_cache: bool, plain: bool
+) -> tuple[list[int], list[int], dict[int, float]]:
+    """Non-resident experts with tokens -> (fetch, compute on the CPU, {expert: share of its gate/up rows fetched}
+    for experts both sides work on). cost: the CostModel (None before calibration); have_cache: fetch slots exist;
+    plain: experts stored unquantized (only those can be split by rows)."""
+    if not misses or not have_cache or options.policy == "cpu":
+        return [], list(misses), {}
+    if options.policy == "fetch" or cost is None:
+        return list(misses), [], {}
+    fetch, on_cpu = cost.split(misses, counts)
+    if not options.split_experts or not plain:
+        return fetch, on_cpu, {}
+    return cost.split_expert(fetch, on_cpu, counts)
+
+
+def split_rows(shares: dict[int, float], intermediate: int) -> dict[int, int]:
+    """{expert: r}: the GPU computes gate/up rows [0, r) (a multiple of 16), the CPU rows [r, I)."""
+    return {e: min(intermediate, int(g * intermediate) // 16 * 16) for e, g in shares.items()}
+
+
+def fetch_slots(policy: str, top_k: int) -> int:
+    """GPU slots kept for fetched experts: none under `cpu` (nothing is fetched), else at least one token's experts."""
+    return 0 if policy == "cpu" else max(2, top_k)
+
+
+def prefetch_on(options: OffloadOptions) -> bool:
+    """Speculative prefetch: as asked, by default with the fetch policy only (auto and cpu compute most misses on
+    the CPU, where a guessed copy is wasted link time)."""
+    return options.prefetch if options.prefetch is not None else options.policy == "fetch"
+
+
+def wants_guess(on: bool, have_cache: bool, next_layer_exists: bool, next_has_router: bool, tokens: int,
+                next_all_resident: bool) -> bool:  # fmt: skip
+    """Whether a layer computes the next layer's likely experts (for prefetch) with its hidden states."""
+    if not on or not have_cache or not next_layer_exists or not next_has_router:
+        return False
+    return tokens <= PREFETCH_MAX_TOKENS and not next_all_resident
+
+
+def prefetch_picks(counts: list[int], resident: set[int] | dict, num_slots: int) -> list[int]:
+    """The guessed non-resident experts to copy, most often guessed first, at most half the slots (so a wrong guess
+    cannot flush the cache)."""
+    wanted = sorted((e for e, n in enumerate(counts) if n and e not in resident), key=lambda e: -counts[e])
+    return wanted[: max(1, num_slots // 2)]
+
+
+def stream_unavailable(
+    options: OffloadOptions, cpu_kernel: bool, cuda: bool, driver: bool, cost, cpu_one_s: float | None
+) -> str | None:
+    """Why decode layers keep the per-layer synchronisation instead of streaming the CPU's share, or None.
+    cpu_kernel: the fused CPU kernel computes these experts; driver: the CUDA driver's cuLaunchHostFunc was found;
+    cost: the CostModel (None before calibration); cpu_one_s: one expert at one token on the CPU, measured."""
+    if options.stream_cpu == "off":
+        return "turned off by CADENZA_STREAM_CPU=0"
+    if not cpu_kernel:
+        return "the fused CPU kernel is not in use for these experts"
+    if cuda and not driver:
+        return "the CUDA driver's cuLaunchHostFunc was not found"
+    if options.policy == "fetch":
+        return "the fetch policy copies each missing expert to the GPU, decided per layer on the host"
+    if options.policy == "auto":
+        if prefetch_on(options):
+            return "speculative prefetch is on: auto fetches, deciding per layer on the host"
+        if cost is None:
+            return "the auto policy has no cost model yet"
+        cpu = cpu_one_s if cpu_one_s is not None else cost.cpu_time(1)
+        ratio = cpu / max(cost.fetch_time(1), 1e-12)
+        if ratio > STREAM_MAX_CPU_OVER_LINK:
+            return (
+                f"the CPU takes {ratio:.1f}x the link's time per expert: auto splits each layer's misses between "
+                "them, deciding per layer on the host"
+            )
+    return None
+
+
+def choose_launch(cuda: bool, forced_host: bool, worker_problem: str | None) -> tuple[str, str]:
+    """How a streamed layer's CPU job is started, and why: "worker" (a spinning CPU thread), "host_function"
+    (cuLaunchHostFunc) or "inline" (no CUDA stream: on the calling thread). forced_host: CADENZA_STREAM_CPU=host;
+    worker_problem: why the handoff worker cannot run on the device, or None."""
+    if not cuda:
+        return "inline", "no CUDA stream (the emulated GPU side): the job runs on the calling thread"
+    if forced_host:
+        return "host_function", "cuLaunchHostFunc, forced by CADENZA_STREAM_CPU=host"
+    if worker_problem is not None:
+        return "host_function", f"cuLaunchHostFunc: the handoff worker cannot be used ({worker_problem})"
+    return "worker", "a spinning CPU thread, asked with cuStreamWriteValue32 and awaited with cuStreamWaitValue32"
+
+
+def cpu_prefetch_for(tokens: int, distance: int) -> int:
+    """The CPU kernel's software prefetch distance for a call of `tokens` tokens: tuned for a few, off beyond."""
+    return distance if tokens <= DECODE_MAX_TOKENS else 0
+
+
+def host_seconds_per_expert(policy: str, cost) -> float:
+    """What one non-resident expert at one token costs under the policy (for exchanging residents)."""
+    if policy == "fetch":
+        return cost.fetch_time(1)
+    if policy == "auto":
+        return min(cost.cpu_time(1), cost.fetch_time(1))
+    return cost.cpu_time(1)

@@ -1,0 +1,116 @@
+"""The offload decision as pure functions (cadenza.moe.offload.policy, options): every branch read without CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cadenza.errors import CadenzaError
+from cadenza.moe.offload import policy
+from cadenza.moe.offload.costmodel import CostModel
+from cadenza.moe.offload.options import OffloadOptions
+from cadenza.moe.offload.policy import Route
+
+
+def cost(cpu_s: float, fetch_s: float) -> CostModel:
+    """A cost model whose CPU takes cpu_s per expert-token and whose link takes fetch_s per expert."""
+    return CostModel(key="test", cpu_s=(cpu_s, 0.0), h2d_gb_s=1.0 / fetch_s, expert_bytes=1_000_000_000,
+                     gpu_s=(0.0, 0.0), alone_scale=1.0)  # fmt: skip
+
+
+def test_route_each_way():
+    assert policy.route(1, True, True, False, False) is Route.GPU
+    assert policy.route(1, True, False, True, True) is Route.STREAMED  # streaming wins over capturing
+    assert policy.route(1, True, False, False, True) is Route.BETWEEN_GRAPHS
+    assert policy.route(1, True, False, False, False) is Route.HOST
+    many = policy.DECODE_MAX_TOKENS + 1
+    assert policy.route(many, True, True, True, False) is Route.HOST  # prefill never uses the decode kernels
+    assert policy.route(1, False, True, False, False) is Route.HOST  # no decode kernels: the host runs it
+
+
+def test_split_per_policy():
+    misses, counts = [1, 2], [0, 3, 1]
+    cm = cost(cpu_s=1.0, fetch_s=0.1)  # the link is much faster: auto fetches
+    cpu, fetch, auto = (OffloadOptions(policy=p) for p in ("cpu", "fetch", "auto"))
+    assert policy.split(cpu, misses, counts, cm, True, True) == ([], [1, 2], {})
+    assert policy.split(fetch, misses, counts, cm, True, True) == ([1, 2], [], {})
+    assert policy.split(auto, misses, counts, None, True, True) == ([1, 2], [], {})  # before calibration: fetch
+    assert policy.split(auto, misses, counts, cm, False, True) == ([], [1, 2], {})  # no fetch slots: the CPU
+    fetched, on_cpu, shares = policy.split(auto, misses, counts, cm, True, True)
+    assert sorted(fetched + on_cpu) == [1, 2] and shares == {}
+    assert fetched == cm.split(misses, counts)[0]
+
+
+def test_split_rows_are_multiples_of_16_within_the_matrix():
+    rows = policy.split_rows({3: 0.5, 4: 1.0, 5: 0.01}, 100)
+    assert rows == {3: 48, 4: 96, 5: 0} and all(r % 16 == 0 and r <= 100 for r in rows.values())
+
+
+def test_fetch_slots_and_prefetch_defaults():
+    assert policy.fetch_slots("cpu", 8) == 0
+    assert policy.fetch_slots("auto", 1) == 2 and policy.fetch_slots("fetch", 8) == 8
+    assert policy.prefetch_on(OffloadOptions(policy="fetch")) and not policy.prefetch_on(OffloadOptions())
+    assert policy.prefetch_on(OffloadOptions(policy="auto", prefetch=True))
+    assert not policy.prefetch_on(OffloadOptions(policy="fetch", prefetch=False))
+
+
+def test_guess_and_prefetch_picks():
+    assert policy.wants_guess(True, True, True, True, 1, False)
+    for i in range(4):  # each condition alone turns it off
+        args = [True, True, True, True]
+        args[i] = False
+        assert not policy.wants_guess(*args, 1, False)
+    assert not policy.wants_guess(True, True, True, True, policy.PREFETCH_MAX_TOKENS + 1, False)
+    assert not policy.wants_guess(True, True, True, True, 1, True)  # the next layer is all resident
+    counts = [0, 5, 1, 3, 2]
+    assert policy.prefetch_picks(counts, {3: 0}, num_slots=4) == [1, 4]  # most guessed first, half the slots
+    assert policy.prefetch_picks(counts, set(), num_slots=1) == [1]  # at least one
+
+
+def test_stream_unavailable_reasons():
+    auto = OffloadOptions()
+    fast_cpu = cost(cpu_s=0.1, fetch_s=0.1)
+    assert policy.stream_unavailable(auto, True, True, True, fast_cpu, None) is None
+    assert "CADENZA_STREAM_CPU=0" in policy.stream_unavailable(dataclasses.replace(auto, stream_cpu="off"), True,
+                                                                True, True, fast_cpu, None)  # fmt: skip
+    assert "fused CPU kernel" in policy.stream_unavailable(auto, False, True, True, fast_cpu, None)
+    assert "cuLaunchHostFunc" in policy.stream_unavailable(auto, True, True, False, fast_cpu, None)
+    assert policy.stream_unavailable(auto, True, False, False, fast_cpu, None) is None  # no CUDA: no driver needed
+    assert policy.stream_unavailable(auto.with_policy("fetch"), True, True, True, fast_cpu, None).startswith(
+        "the fetch policy"
+    )
+    assert "no cost model" in policy.stream_unavailable(auto, True, True, True, None, None)
+    assert "3.0x" in policy.stream_unavailable(auto, True, True, True, fast_cpu, 0.3)  # the measured CPU time wins
+    assert policy.stream_unavailable(auto.with_policy("cpu"), True, True, True, None, None) is None
+    prefetching = dataclasses.replace(auto, prefetch=True)
+    assert "speculative prefetch" in policy.stream_unavailable(prefetching, True, True, True, fast_cpu, None)
+
+
+def test_host_seconds_per_expert():
+    cm = cost(cpu_s=0.3, fetch_s=0.1)
+    assert policy.host_seconds_per_expert("cpu", cm) == pytest.approx(cm.cpu_time(1))
+    assert policy.host_seconds_per_expert("fetch", cm) == pytest.approx(cm.fetch_time(1))
+    assert policy.host_seconds_per_expert("auto", cm) == pytest.approx(min(cm.cpu_time(1), cm.fetch_time(1)))
+
+
+def test_options_from_the_environment():
+    env = {"CADENZA_SPLIT_EXPERTS": "1", "CADENZA_STREAM_CPU": "host", "CADENZA_CPU_KERNEL": "0",
+           "CADENZA_GPU_KERNEL": "0", "CADENZA_CPU_PREFETCH": "4096"}  # fmt: skip
+    o = OffloadOptions(policy="cpu").with_env(env)
+    assert (o.policy, o.split_experts, o.stream_cpu, o.cpu_kernel, o.gpu_kernel, o.cpu_prefetch) == (
+        "cpu",
+        True,
+        "host",
+        False,
+        False,
+        4096,
+    )
+    assert OffloadOptions().with_env({"CADENZA_STREAM_CPU": "0"}).stream_cpu == "off"
+    assert OffloadOptions().with_env({}) == OffloadOptions()
+    with pytest.raises(CadenzaError, match="CADENZA_CPU_PREFETCH"):
+        OffloadOptions().with_env({"CADENZA_CPU_PREFETCH": "lots"})
+    with pytest.raises(CadenzaError, match="Unknown offload policy"):
+        OffloadOptions(policy="gpu")
+    with pytest.raises(CadenzaError, match="cpu_threads"):
+        OffloadOptions(cpu_threads=0)
