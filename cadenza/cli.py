@@ -410,9 +410,10 @@ def offload_info(args: argparse.Namespace) -> dict:
     """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
     from cadenza.checkpoint import Checkpoint
     from cadenza.demo import cache_dir
-    from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype, workspace_bytes
+    from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype
     from cadenza.models import build_meta, model_sizes
-    from cadenza.moe.placement import load_popularity, parse_size, plan
+    from cadenza.moe.offload.planning import plan_offload
+    from cadenza.moe.placement import load_popularity, parse_size
 
     out: dict = {}
     ckpt = Checkpoint(args.model)
@@ -422,9 +423,9 @@ def offload_info(args: argparse.Namespace) -> dict:
     if args.gpu_memory is not None:
         context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
         pop = load_popularity(args.placement, sizes.num_moe_layers, sizes.num_experts) if args.placement else None
-        ws = workspace_bytes(meta.config, dtype, context, PREFILL_CHUNK, 256 * 1024 * 1024)
-        slots = max(2, getattr(meta.config, "num_experts_per_tok", 2))
-        placement = plan(sizes, parse_size(args.gpu_memory), context, ws, pop, fetch_slots=slots)
+        policy, batch = getattr(args, "offload_policy", "auto"), getattr(args, "max_batch", 1)
+        budget = parse_size(args.gpu_memory)
+        placement = plan_offload(sizes, meta.config, dtype, budget, policy, context, batch, PREFILL_CHUNK, pop)
         out["placement"] = {**placement.as_dict(), "summary": placement.summary()}
         if pop is not None:
             out["placement"]["expected_gpu_share"] = placement.expected_gpu_share(pop)

@@ -43,9 +43,16 @@ class GenerationResult:
     @classmethod
     def of(cls, prompt, gen: Generation) -> GenerationResult:
         return cls(
-            prompt if isinstance(prompt, str) else None, gen.prompt_token_ids, gen.text, gen.token_ids,
-            gen.finish_reason, gen.stats, gen.logprobs, gen.top_logprobs, gen.cumulative_logprob,
-        )  # fmt: skip
+            prompt if isinstance(prompt, str) else None,
+            gen.prompt_token_ids,
+            gen.text,
+            gen.token_ids,
+            gen.finish_reason,
+            gen.stats,
+            gen.logprobs,
+            gen.top_logprobs,
+            gen.cumulative_logprob,
+        )
 
     def as_dict(self) -> dict:
         out = {
@@ -197,9 +204,17 @@ class LLM:
         if not eos:
             eos = set(self.tokenizer.eos_token_ids)
         self.engine = Engine(
-            self.model, self.tokenizer, self.device, self.dtype, context, eos, self.orchestra, PREFILL_CHUNK,
-            max_batch, cuda_graphs,
-        )  # fmt: skip
+            self.model,
+            self.tokenizer,
+            self.device,
+            self.dtype,
+            context,
+            eos,
+            self.orchestra,
+            PREFILL_CHUNK,
+            max_batch,
+            cuda_graphs,
+        )
 
     # --- offloading ------------------------------------------------------------------------------------------
 
@@ -218,9 +233,17 @@ class LLM:
         else:
             budget = parse_size(gpu_memory)
         return planning.plan_offload(
-            self.sizes, self.config, self.dtype, budget, policy, self.max_context, self.max_batch, PREFILL_CHUNK,
-            popularity, cuda=self.device.type == "cuda",
-        )  # fmt: skip
+            self.sizes,
+            self.config,
+            self.dtype,
+            budget,
+            policy,
+            self.max_context,
+            self.max_batch,
+            PREFILL_CHUNK,
+            popularity,
+            cuda=self.device.type == "cuda",
+        )
 
     def replan(self, gpu_memory=None, offload_policy: str | None = None) -> Placement:
         """Places the experts anew for another budget and/or policy, without reloading weights (between

@@ -44,9 +44,11 @@ class CpuWorker:
         self.threads = threads or physical_cores()
         # OpenMP's thread count is per calling thread: set it inside the worker, not only in the main thread.
         self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="cadenza-cpu-experts", initializer=torch.set_num_threads,
+            max_workers=1,
+            thread_name_prefix="cadenza-cpu-experts",
+            initializer=torch.set_num_threads,
             initargs=(self.threads,),
-        )  # fmt: skip
+        )
 
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)

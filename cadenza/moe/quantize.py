@@ -38,8 +38,10 @@ class ExpertFormat:
         """Validates user values (LLM's experts / expert_group / expert_cache) with messages naming the allowed
         ones; group None takes the format's default (int8: per output channel, int4: 64)."""
         if experts not in FORMATS:
-            raise CadenzaError(f"experts={experts!r} is not a storage format for routed experts. Use one of: bf16 "
-                               "(as the checkpoint, in the compute dtype), int8 or int4.")  # fmt: skip
+            raise CadenzaError(
+                f"experts={experts!r} is not a storage format for routed experts. Use one of: bf16 "
+                "(as the checkpoint, in the compute dtype), int8 or int4."
+            )
         if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
             raise CadenzaError(f"expert_group={group!r} is not valid. Use a whole number (or leave it unset).")
         if experts == "bf16":

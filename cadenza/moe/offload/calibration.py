@@ -39,9 +39,16 @@ def calibrate(orch, device: torch.device, dtype: torch.dtype) -> None:
     if cost is None:
         slot = orch.cache.weights(0) if orch.cache is not None else None
         cost = costmodel.calibrate(
-            key, orch.calibration_experts(), orch.act, device, slot, cpu_run=orch.cpu_run_one,
-            gpu_run=orch.gpu_run_one, hidden=orch.hidden, dtype=dtype,
-        )  # fmt: skip
+            key,
+            orch.calibration_experts(),
+            orch.act,
+            device,
+            slot,
+            cpu_run=orch.cpu_run_one,
+            gpu_run=orch.gpu_run_one,
+            hidden=orch.hidden,
+            dtype=dtype,
+        )
         if orch.cache is not None:
             orch.cache.clear()
             costmodel.save_cached(cache_dir(), cost)

@@ -33,9 +33,13 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
     # experts already in a fetch slot (fetched lately, or prefetched) cost no copy: they go to the GPU
     cached = [e for e in misses if orch.cache is not None and (index, e) in orch.cache.where]
     fetch, on_cpu, shares = policy.split(
-        orch.options, [e for e in misses if e not in cached], counts, orch.cost, orch.cache is not None,
+        orch.options,
+        [e for e in misses if e not in cached],
+        counts,
+        orch.cost,
+        orch.cache is not None,
         layer.layout.plain,
-    )  # fmt: skip
+    )
     fetch = cached + fetch
     orch.account_prefetch(index, misses)
     inter = layer.experts.intermediate_size

@@ -197,9 +197,13 @@ class Orchestra:
         nxt = index + 1
         exists = nxt < len(self.layers)
         if not policy.wants_guess(
-            policy.prefetch_on(self.options), self.cache is not None, exists, exists and self.routers[nxt] is not None,
-            x.shape[0], exists and self.layers[nxt].all_resident,
-        ):  # fmt: skip
+            policy.prefetch_on(self.options),
+            self.cache is not None,
+            exists,
+            exists and self.routers[nxt] is not None,
+            x.shape[0],
+            exists and self.layers[nxt].all_resident,
+        ):
             return None
         weight, top_k = self.routers[nxt]
         return torch.topk(x @ weight.T, top_k, dim=-1).indices
@@ -235,9 +239,15 @@ class Orchestra:
         host_s = policy.host_seconds_per_expert(self.policy, cost)
         resident = [sorted(layer.resident_rows) for layer in self.layers]
         swaps = plan_swaps(
-            self.live.shares(), resident, host_s, cost.gpu_time(1), self.expert_bytes / (cost.h2d_gb_s * 1e9),
-            self.expert_bytes, max_bytes, horizon,
-        )  # fmt: skip
+            self.live.shares(),
+            resident,
+            host_s,
+            cost.gpu_time(1),
+            self.expert_bytes / (cost.h2d_gb_s * 1e9),
+            self.expert_bytes,
+            max_bytes,
+            horizon,
+        )
         for sw in swaps:
             self.layers[sw.layer].swap(sw.out, sw.into)
         if swaps:  # (a swapped-in expert may also sit in a fetch slot: harmless, residents are looked up first)

@@ -26,9 +26,17 @@ def workspace_bytes(config, dtype: torch.dtype, max_context: int, chunk: int, ma
 
 
 def plan_offload(
-    sizes, config, dtype: torch.dtype, budget_bytes: int, policy_name: str, max_context: int, max_batch: int,
-    chunk: int, popularity=None, cuda: bool = True,
-) -> Placement:  # fmt: skip
+    sizes,
+    config,
+    dtype: torch.dtype,
+    budget_bytes: int,
+    policy_name: str,
+    max_context: int,
+    max_batch: int,
+    chunk: int,
+    popularity=None,
+    cuda: bool = True,
+) -> Placement:
     """The placement of a model (`sizes`: models.model_sizes) in a GPU budget of `budget_bytes` under an offload
     policy, for `max_batch` sequences of `max_context` tokens prefilled in chunks of `chunk`; popularity: a
     [layers][experts] matrix (a `cadenza profile` file) or None (even). cuda: a real GPU (keeps a margin)."""

@@ -84,8 +84,9 @@ def prefetch_on(options: OffloadOptions) -> bool:
     return options.prefetch if options.prefetch is not None else options.policy == "fetch"
 
 
-def wants_guess(on: bool, have_cache: bool, next_layer_exists: bool, next_has_router: bool, tokens: int,
-                next_all_resident: bool) -> bool:  # fmt: skip
+def wants_guess(
+    on: bool, have_cache: bool, next_layer_exists: bool, next_has_router: bool, tokens: int, next_all_resident: bool
+) -> bool:
     """Whether a layer computes the next layer's likely experts (for prefetch) with its hidden states."""
     if not on or not have_cache or not next_layer_exists or not next_has_router:
         return False

@@ -173,9 +173,18 @@ class StreamedCpu:
         job = self.jobs.get(key)
         if job is None:
             job = self.jobs[key] = cpu_moe.job_new(
-                layer.kernel_layer, st.x, st.ids, st.w, layer.cpu_mask, layer.experts.hidden_act,
-                self.orch.worker.threads, st.y, self.stats[layer.index], RING, prefetch=self.orch.cpu_prefetch,
-            )  # fmt: skip
+                layer.kernel_layer,
+                st.x,
+                st.ids,
+                st.w,
+                layer.cpu_mask,
+                layer.experts.hidden_act,
+                self.orch.worker.threads,
+                st.y,
+                self.stats[layer.index],
+                RING,
+                prefetch=self.orch.cpu_prefetch,
+            )
         return key, job
 
     def _slot(self, key: tuple, job: int) -> int:
