@@ -25,7 +25,7 @@ from cadenza.sampling import Sampler, SamplingParams
 from cadenza.text import StopStrings
 
 if TYPE_CHECKING:
-    from cadenza.tokenizer import Tokenizer
+    from cadenza.text import Tokenizer
 
 
 @dataclass

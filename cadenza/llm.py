@@ -18,7 +18,7 @@ from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size, p
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.moe.scheduler import POLICIES, Orchestra
 from cadenza.sampling import SamplingParams
-from cadenza.tokenizer import Tokenizer
+from cadenza.text import Tokenizer
 
 Prompt = str | Sequence[int]
 

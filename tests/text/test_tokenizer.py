@@ -1,4 +1,4 @@
-"""cadenza.tokenizer against transformers' AutoTokenizer on the same (tiny, trained-in-test) tokenizer folders."""
+"""cadenza.text.Tokenizer against transformers' AutoTokenizer on the same (tiny, trained-in-test) tokenizer folders."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cadenza.errors import CadenzaError
-from cadenza.tokenizer import IncrementalDetokenizer, Tokenizer, write_byte_level_tokenizer
-from tests.tokenizer_files import CORPUS, SMALL_ALPHABET_CORPUS, write_bpe_tokenizer, write_sentencepiece_tokenizer
+from cadenza.text import IncrementalDetokenizer, Tokenizer, write_byte_level_tokenizer
+from tests.text.tokenizer_files import CORPUS, SMALL_ALPHABET_CORPUS, write_bpe_tokenizer, write_sentencepiece_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
