@@ -10,7 +10,7 @@ between added tokens when `legacy` is true), and decodes by joining pieces as it
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,55 +20,30 @@ from cadenza.errors import CadenzaError
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while buf[pos] & 0x80:
-        value, pos, shift = value | (buf[pos] & 0x7F) << shift, pos + 1, shift + 7
-    return value | buf[pos] << shift, pos + 1
-
-
-def _put_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    return bytes(out) + bytes([value])
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, start, payload start, end) of each top-level field of a protobuf message."""
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _varint(buf, pos)
-        payload = pos
-        if key & 7 == 0:  # varint
-            pos = _varint(buf, pos)[1]
-        elif key & 7 == 2:  # length-delimited
-            size, payload = _varint(buf, pos)
-            pos = payload + size
-        else:  # fixed64 / fixed32
-            pos += {1: 8, 5: 4}[key & 7]
-        yield key >> 3, start, payload, pos
-
-
-def plain_normalizer(proto: bytes) -> bytes:
-    """The model proto with a normalizer that only turns spaces into "▁", as transformers' converted tokenizers.
+def plain_normalizer(model_proto: bytes) -> bytes:
+    """The serialized model with a normalizer that only turns spaces into "▁", as transformers' converted tokenizers.
 
     transformers drops the model's normalization rule (e.g. nmt_nfkc), never collapses spaces, and prepends "▁"
-    only where its pre-tokenizer says (we do that ourselves). ModelProto field 3 is normalizer_spec; in it, fields
-    1 name, 2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces and 6 normalization_rule_tsv.
+    only where its pre-tokenizer says (the backend does that itself). Other normalizer settings are kept; a model
+    without a normalizer_spec is returned as it is.
     """
-    out = bytearray()
-    for field, start, payload, end in _proto_fields(proto):
-        if field != 3:
-            out += proto[start:end]
-            continue
-        inner = proto[payload:end]
-        kept = b"".join(inner[s:e] for f, s, _, e in _proto_fields(inner) if f not in (1, 2, 3, 4, 6))
-        kept += b"\x0a\x08identity\x18\x00\x20\x00"  # name "identity", add_dummy_prefix and remove_extra_... false
-        out += b"\x1a" + _put_varint(len(kept)) + kept
-    return bytes(out)
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except Exception as e:  # protobuf missing, or older than the protobuf that sentencepiece's module was built with
+        raise CadenzaError(
+            f"reading tokenizer.model needs the protobuf package, in a version that matches sentencepiece ({e}). "
+            "Run `pip install -U protobuf sentencepiece`."
+        ) from e
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_proto)
+    if model.HasField("normalizer_spec"):
+        spec = model.normalizer_spec
+        spec.ClearField("precompiled_charsmap")
+        spec.ClearField("normalization_rule_tsv")
+        spec.name = "identity"
+        spec.add_dummy_prefix = False
+        spec.remove_extra_whitespaces = False
+    return model.SerializeToString()
 
 
 class SentencePieceBackend:
@@ -83,7 +58,9 @@ class SentencePieceBackend:
 
         try:
             sp = spm.SentencePieceProcessor(model_proto=plain_normalizer(file.read_bytes()))
-        except Exception as e:  # sentencepiece raises RuntimeError/ValueError/IndexError for damaged files
+        except CadenzaError:  # protobuf itself is missing or too old: the file is not to blame
+            raise
+        except Exception as e:  # protobuf's DecodeError, sentencepiece's RuntimeError/ValueError/...: damaged file
             raise CadenzaError(
                 f"could not load {file}: {e}. Copy tokenizer.model again from the model's repository."
             ) from e
