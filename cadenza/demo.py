@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cadenza.tokenizer import Tokenizer, write_byte_level_tokenizer
+from cadenza.text import Tokenizer, write_byte_level_tokenizer
 
 DEMO_NAME = "demo-mixtral-v1"
 DEMO_LABEL = "built-in demo model (tiny Mixtral-shaped MoE, random weights: the text is gibberish)"

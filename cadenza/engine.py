@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from cadenza.errors import CadenzaError
-from cadenza.sampling import Sampler, SamplingParams, StopStrings
+from cadenza.sampling import Sampler, SamplingParams
+from cadenza.text import StopStrings
 
 if TYPE_CHECKING:
-    from cadenza.tokenizer import Tokenizer
+    from cadenza.text import Tokenizer
 
 
 @dataclass

@@ -18,7 +18,7 @@ from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.sampling import SamplingParams
-from cadenza.tokenizer import Tokenizer
+from cadenza.text import Tokenizer
 
 Prompt = str | Sequence[int]
 

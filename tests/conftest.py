@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tokenizer_files import write_bpe_tokenizer
+from tests.text.tokenizer_files import write_bpe_tokenizer
 
 VOCAB = 320  # tokenizer vocab <= model vocab
 

@@ -180,7 +180,7 @@ def test_chat_drops_old_turns_when_the_context_fills(mixtral_dir):
 
 def test_chat_without_template_says_so(mixtral_dir, tmp_path):
     from tests.conftest import VOCAB
-    from tests.tokenizer_files import write_bpe_tokenizer
+    from tests.text.tokenizer_files import write_bpe_tokenizer
 
     bare = shutil.copytree(mixtral_dir[0], tmp_path / "bare")
     write_bpe_tokenizer(bare, vocab_size=VOCAB, chat_template=False)

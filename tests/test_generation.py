@@ -16,7 +16,7 @@ from tests.test_olmoe import make_olmoe
 from tests.test_phimoe import longrope, make_phimoe
 from tests.test_qwen2_moe import make_qwen2_moe
 from tests.test_qwen3_moe import make_qwen3_moe
-from tests.tokenizer_files import write_bpe_tokenizer
+from tests.text.tokenizer_files import write_bpe_tokenizer
 
 MAKERS = {
     "mixtral": make_mixtral,

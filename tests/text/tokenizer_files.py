@@ -1,6 +1,6 @@
 """Tiny tokenizer folders for tests, trained in-process (no downloads), deterministic and fast.
 
-Import as `from tests.tokenizer_files import write_bpe_tokenizer, write_sentencepiece_tokenizer`.
+Import as `from tests.text.tokenizer_files import write_bpe_tokenizer, write_sentencepiece_tokenizer`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""cadenza.tokenizer against transformers' AutoTokenizer on the same (tiny, trained-in-test) tokenizer folders."""
+"""cadenza.text.Tokenizer against transformers' AutoTokenizer on the same (tiny, trained-in-test) tokenizer folders."""
 
 from __future__ import annotations
 
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from cadenza.errors import CadenzaError
-from cadenza.tokenizer import IncrementalDetokenizer, Tokenizer, write_byte_level_tokenizer
-from tests.tokenizer_files import CORPUS, SMALL_ALPHABET_CORPUS, write_bpe_tokenizer, write_sentencepiece_tokenizer
+from cadenza.text import IncrementalDetokenizer, Tokenizer, write_byte_level_tokenizer
+from tests.text.tokenizer_files import CORPUS, SMALL_ALPHABET_CORPUS, write_bpe_tokenizer, write_sentencepiece_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -163,6 +164,25 @@ def test_sentencepiece_normalization_rule_is_ignored_like_transformers(tmp_path:
     for text in ["the  cat  ", " x", "ｈｅｌｌｏ ｔｈｅ ①ﬁ", "\t\u3000x", *TEXTS[:10]]:
         assert ours.encode(text) == hf.encode(text), text
         assert ours.decode(ours.encode(text)) == hf.decode(hf.encode(text), skip_special_tokens=True)
+
+
+def test_plain_normalizer_drops_only_the_normalization(folders: dict[str, Path]) -> None:
+    from sentencepiece import sentencepiece_model_pb2
+
+    from cadenza.text.sentencepiece import plain_normalizer
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString((folders["spm"] / "tokenizer.model").read_bytes())
+    model.normalizer_spec.name, model.normalizer_spec.escape_whitespaces = "nmt_nfkc", False
+    model.normalizer_spec.precompiled_charsmap, model.normalizer_spec.normalization_rule_tsv = b"\x00", "41\t61"
+    plain = sentencepiece_model_pb2.ModelProto()
+    plain.ParseFromString(plain_normalizer(model.SerializeToString()))
+    spec = plain.normalizer_spec
+    assert (spec.name, spec.add_dummy_prefix, spec.remove_extra_whitespaces) == ("identity", False, False)
+    assert not spec.HasField("precompiled_charsmap") and not spec.HasField("normalization_rule_tsv")
+    assert not spec.escape_whitespaces and plain.pieces == model.pieces and plain.trainer_spec == model.trainer_spec
+    model.ClearField("normalizer_spec")  # nothing to change: the model is passed on as it is
+    assert plain_normalizer(model.SerializeToString()) == model.SerializeToString()
 
 
 def test_llama_style_tokenizer_json_matches_the_sentencepiece_folder(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -347,6 +367,19 @@ def test_damaged_files_are_clear_errors(folders: dict[str, Path], tmp_path: Path
     (tmp_path / "b" / "tokenizer.model").write_bytes(b"garbage")
     with pytest.raises(CadenzaError, match="tokenizer.model"):
         Tokenizer.from_dir(tmp_path / "b")
+
+
+def test_sentencepiece_without_protobuf_is_a_clear_error(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tokenizer.model is edited through sentencepiece's protobuf module: without it, say so, not "damaged file".
+    import sentencepiece
+
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)  # set once it was imported
+    with pytest.raises(CadenzaError, match="protobuf") as info:
+        Tokenizer.from_dir(folders["spm"])
+    assert "Copy tokenizer.model again" not in str(info.value)
 
 
 def test_no_chat_template_is_a_clear_error(folders: dict[str, Path], tmp_path: Path) -> None:
