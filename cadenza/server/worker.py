@@ -23,7 +23,7 @@ import torch
 from cadenza.engine import Batch, Request, Step
 from cadenza.errors import CadenzaError
 from cadenza.sampling import SamplingParams
-from cadenza.server.fields import APIError
+from cadenza.server.errors import APIError
 from cadenza.server.metrics import Metrics
 
 
