@@ -15,13 +15,16 @@ import json
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from cadenza.server.fields import APIError
+from cadenza.server.errors import APIError, invalid_request
 from cadenza.server.metrics import Metrics
 from cadenza.server.protocol import Context, Parsed, parse_chat, parse_completion
 from cadenza.server.responses import Output, Responder, TokenText
+from cadenza.server.schemas import ChatCompletionRequest, CompletionRequest
 from cadenza.server.worker import EngineWorker, Submission, shutting_down
 
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
@@ -76,7 +79,9 @@ class Gate:
         return APIError(message, status=401, code="invalid_api_key")
 
 
-async def _json_body(request: Request) -> dict:
+async def _read(request: Request, schema: type[BaseModel]):
+    """The body as `schema`. Read here rather than by FastAPI, which parses only bodies sent as application/json
+    (`curl -d` sends a form type); its failures go to the same handler as FastAPI's own."""
     raw = await request.body()
     try:
         body = json.loads(raw)
@@ -87,7 +92,10 @@ async def _json_body(request: Request) -> dict:
         ) from None
     if not isinstance(body, dict):
         raise APIError(f"The request body must be a JSON object; got {type(body).__name__}.")
-    return body
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False), body=body) from None
 
 
 async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
@@ -166,6 +174,10 @@ def create_app(llm, worker: EngineWorker, metrics: Metrics, ctx: Context, finger
     async def api_error(request: Request, e: APIError):
         return error_response(e)
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return error_response(invalid_request(e.errors()))
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         if e.status_code == 404:
@@ -200,12 +212,14 @@ def create_app(llm, worker: EngineWorker, metrics: Metrics, ctx: Context, finger
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        ctx.check_model({"model": model})
+        ctx.check_model(model)
         return card
 
     async def generate(request: Request, chat: bool):
-        body = await _json_body(request)
-        parsed: Parsed = (parse_chat if chat else parse_completion)(ctx, body)
+        if chat:
+            parsed: Parsed = parse_chat(ctx, await _read(request, ChatCompletionRequest))
+        else:
+            parsed = parse_completion(ctx, await _read(request, CompletionRequest))
         n = parsed.n
         sequences = [(ids, parsed.params[i * n + j]) for i, ids in enumerate(parsed.prompts) for j in range(n)]
         responder = Responder(parsed, chat, texts, fingerprint)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import signal
 import socket
 import sys
@@ -24,6 +25,19 @@ from cadenza.server.protocol import Context
 from cadenza.server.worker import EngineWorker
 
 SHUTDOWN_GRACE_S = 5.0
+log = logging.getLogger(__name__)
+
+
+def configure_logging() -> None:
+    """The server's lines (the address it listens on, engine failures) go to stderr as they are, unless the program
+    has set up logging itself; uvicorn's own --log-level does not hide them."""
+    logger = logging.getLogger("cadenza.server")
+    if logger.hasHandlers():
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -59,7 +73,7 @@ def _url(sock: socket.socket) -> str:
 
 class _Uvicorn(uvicorn.Server):
     """Tells the engine thread to stop as soon as the signal comes (from the loop: a signal handler must not
-    take the worker's lock), and prints the address once it listens."""
+    take the worker's lock), and logs the address once it listens."""
 
     def __init__(self, config: uvicorn.Config, worker: EngineWorker, ready_line: str):
         super().__init__(config)
@@ -70,7 +84,7 @@ class _Uvicorn(uvicorn.Server):
         self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started and not self.should_exit:
-            print(self.ready_line, file=sys.stderr, flush=True)
+            log.info(self.ready_line)
 
     def handle_exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
@@ -90,6 +104,7 @@ def serve(
 ) -> int:
     from cadenza import __version__
 
+    configure_logging()
     fp = fingerprint(llm, __version__)
     metrics = Metrics(model_name, llm.max_batch, max_queue, fp, __version__)
     worker = EngineWorker(llm, max_queue, metrics, adapt_bytes)
@@ -114,6 +129,6 @@ def serve(
         if worker.join(SHUTDOWN_GRACE_S):
             llm.close()
         else:
-            print("cadenza: the engine thread did not stop in time; exiting anyway.", file=sys.stderr)
-    print("cadenza: server stopped.", file=sys.stderr)
+            log.warning("cadenza: the engine thread did not stop in time; exiting anyway.")
+    log.info("cadenza: server stopped.")
     return 0

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
+import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,8 +22,10 @@ import torch
 from cadenza.engine import Batch, Request, Step
 from cadenza.errors import CadenzaError
 from cadenza.sampling import SamplingParams
-from cadenza.server.fields import APIError
+from cadenza.server.errors import APIError
 from cadenza.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 def shutting_down() -> APIError:
@@ -168,7 +169,7 @@ class EngineWorker:
         try:
             self._serve(live)
         except BaseException as e:  # the engine cannot go on (e.g. no clean batch could be made after a failure)
-            traceback.print_exc(file=sys.stderr)
+            log.exception("cadenza: the engine thread stopped after an internal error")
             error = APIError(
                 f"The engine stopped after an internal error ({type(e).__name__}: {e}); see the "
                 "server's log, and restart the server.",
@@ -215,7 +216,7 @@ class EngineWorker:
         try:
             swapped = self.llm.adapt_placement(self.adapt_bytes)
         except Exception:  # adaptation is an optimisation: never let it take the server down
-            traceback.print_exc(file=sys.stderr)
+            log.exception("cadenza: adaptive expert placement failed; it stays off from now on")
             self.adapt_bytes = None
             return
         with self.metrics.lock:
@@ -240,7 +241,7 @@ class EngineWorker:
         try:
             out = batch.step()
         except Exception as e:  # a bug or the device failing: fail what is in flight, start a clean batch
-            traceback.print_exc(file=sys.stderr)
+            log.exception("cadenza: an engine step failed; its sequences fail, and a clean batch takes over")
             error = APIError(f"The engine failed: {type(e).__name__}: {e}", status=500, type="server_error")
             for job in live.values():
                 job.deliver(Event(job.index, error=error))
