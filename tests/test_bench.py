@@ -21,7 +21,8 @@ from cadenza.bench.report import (
     roofline_fraction,
     write_results,
 )
-from cadenza.bench.scenarios import add_bench_parser, parse_budgets, parse_scenarios, plan_configs, run_bench
+from cadenza.bench.run import run_bench
+from cadenza.bench.scenarios import add_bench_parser, parse_budgets, parse_scenarios, plan_configs
 from cadenza.bench.synthetic import SyntheticCheckpoint
 from cadenza.errors import CadenzaError
 from cadenza.kernels import cpu_moe

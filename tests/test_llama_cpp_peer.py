@@ -36,7 +36,8 @@ from cadenza.bench.llama_cpp_peer import (
     peer_test,
 )
 from cadenza.bench.report import REQUIRED_KEYS
-from cadenza.bench.scenarios import add_bench_parser, plan_configs, run_bench
+from cadenza.bench.run import run_bench
+from cadenza.bench.scenarios import add_bench_parser, plan_configs
 from cadenza.bench.synthetic import SyntheticCheckpoint
 from cadenza.errors import CadenzaError
 
