@@ -27,8 +27,9 @@ from torch import nn
 from cadenza.errors import CadenzaError
 from cadenza.kv_cache import MLACache
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, AttentionContext, CausalLM, DecoderModel, RMSNorm, RotaryEmbedding
+from cadenza.models.common import MLP, AttentionContext, CausalLM, DecoderModel, RMSNorm
 from cadenza.models.mla import MultiHeadLatentAttention
+from cadenza.models.rope import RotaryEmbedding
 from cadenza.moe.experts import Experts
 from cadenza.moe.routing import softmax_group_topk
 
