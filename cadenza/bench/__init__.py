@@ -1,4 +1,4 @@
-"""Benchmark harness: synthetic full-size models, the transformers+accelerate baseline, BENCHMARKS.md's
+"""Benchmark harness: synthetic full-size models, the transformers+accelerate baseline, benchmarks/README.md's
 scenarios behind `cadenza bench`, and their JSON results."""
 
 from cadenza.bench.run import run_bench

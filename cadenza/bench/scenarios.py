@@ -1,4 +1,4 @@
-"""`cadenza bench`: the scenarios of BENCHMARKS.md on a synthetic full-size model, in one command.
+"""`cadenza bench`: the scenarios of benchmarks/README.md on a synthetic full-size model, in one command.
 
 The model is built once per run and re-planned between configurations (rebuilding 93 GB costs a minute). The
 transformers baseline runs first, before cadenza's copy of the model exists, and is freed: host memory holds one
@@ -54,9 +54,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "bench",
-        help="benchmark scenarios on a synthetic full-size model (see BENCHMARKS.md)",
-        description="Runs BENCHMARKS.md's scenarios (D1 decode, P1 prefill, S1 budget sweep) on a synthetic model "
-        "with a published model's shapes and random weights, and writes JSON results (and the S1 plot).",
+        help="benchmark scenarios on a synthetic full-size model (see benchmarks/README.md)",
+        description="Runs the scenarios of benchmarks/README.md (D1 decode, P1 prefill, S1 budget sweep) on a "
+        "synthetic model with a published model's shapes and random weights, and writes JSON results (and the S1 "
+        "plot).",
     )
     p.add_argument(
         "--model",

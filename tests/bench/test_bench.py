@@ -1,5 +1,5 @@
 """The benchmark harness on the CPU: synthetic checkpoints, the baseline's weight mapping, results files, the
-machine probe and a whole `cadenza bench` run on mixtral-tiny. Speed is never asserted here (BENCHMARKS.md)."""
+machine probe and a whole `cadenza bench` run on mixtral-tiny. Speed is never asserted here (benchmarks/README.md)."""
 
 from __future__ import annotations
 
