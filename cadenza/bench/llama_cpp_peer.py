@@ -12,9 +12,8 @@ expert on the host, N = layers):
            + the KV cache (f16 K and V of the test's context, padded to 256 tokens as llama.cpp pads it)
            + a compute allowance: logits and activations of one micro-batch (min(512, context) tokens). No room
              for a host layer's experts: llama.cpp copies them to the GPU for big batches (its op offload), but
-             not into a buffer sized for a whole layer (measured on the H200 box, Mixtral Q4_0 at N = 5: model
-             23227 MiB, KV 64, compute 389; an allowance of one layer's experts, 755 MiB, had put N one layer too
-             high, 23.1 GiB used of a 24 GiB budget).
+             not into a buffer sized for a whole layer (an allowance of one layer's experts had put N one layer
+             too high, under the budget it was meant to fill: benchmarks/README.md).
 Each row records the estimate and the buffer sizes llama.cpp itself reports (a separate `-v` run of the same
 context size per budget: the log that -v turns on costs time per token, so the timed runs go without it).
 """

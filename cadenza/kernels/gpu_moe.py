@@ -137,17 +137,16 @@ def default_blocks(fmt: str | None, hidden: int, intermediate: int, pairs: int, 
     enough loads in flight); int4: the rows-in-thread loop with its own measured blocks.
     cadenza.bench.gpu_kernel times these against other choices."""
     if fmt == "int4":
-        # measured on an H200 (cadenza.bench.gpu_kernel, 2026-12-02): a tile's rows in each thread with 8 tiles of
-        # gate/up and 4 of down per program, 512 columns a step, 4 warps, was the fastest at 1-8 tokens at both
-        # Mixtral's shapes (T=1: 108 us for two experts, 1.78 TB/s; the rows-across-threads loop: 220 us) and
-        # Qwen3's (18 us against 28)
+        # a tile's rows in each thread, 8 tiles of gate/up and 4 of down per program, 512 columns a step, 4 warps:
+        # the fastest of cadenza.bench.gpu_kernel's sweep at 1-8 tokens at Mixtral's and Qwen3's shapes (x is
+        # loaded once per tile; benchmarks/README.md, 2026-12-02)
         return Blocks(32, _step_cols(hidden, 512), 16, _step_cols(intermediate, 512), 4, int4_rows=1)
     bpc = _BYTES_PER_COL[fmt] if fmt else elem_bytes
     cols = int(512 / bpc)
     warps = 4
     if fmt == "int8":
-        # measured on an H200 (a sweep of rows x cols x warps at T=1): 256 columns and 2 warps per program read
-        # int8 at 2.8 TB/s and 1.6 TB/s (from 2.76 and 0.66)
+        # 256 columns and 2 warps per program: the fastest int8 reads in a sweep of rows x cols x warps at one
+        # token, for both kernels (benchmarks/README.md, numbers formerly in code comments)
         cols, warps = 256, 2
     gu, dn = 16, 8
     while gu > 4 and pairs * 2 * intermediate / gu < 1024:

@@ -1,6 +1,6 @@
 """The handoff worker: a CPU thread that runs a streamed layer's job when the CUDA stream asks for it.
 
-A host function (cuLaunchHostFunc) costs a decode layer ~35-45 us on the H200 box: the driver's callback thread is
+A host function (cuLaunchHostFunc) costs a decode layer tens of microseconds: the driver's callback thread is
 woken, runs the job, and signals back. Here the stream writes one word of mapped pinned memory
 (cuStreamWriteValue32), a thread spinning on that word runs the job, and the stream waits for the answer in the same
 word (cuStreamWaitValue32): both are stream memory operations, so a CUDA graph captures them like the host function.
