@@ -63,8 +63,10 @@ def quantize_many(pairs: list[tuple[torch.Tensor, torch.Tensor]], qtype: str, po
             raise ValueError(f"out must be a contiguous uint8 tensor of shape {shape}")
         blocks = x.reshape(-1, BLOCK)  # a view for contiguous sources (the synthetic pools' views are)
         dst = out.view(-1, width)
-        tasks += [(blocks[i : i + _CHUNK_BLOCKS], dst[i : i + _CHUNK_BLOCKS])
-                  for i in range(0, blocks.shape[0], _CHUNK_BLOCKS)]  # fmt: skip
+        tasks += [
+            (blocks[i : i + _CHUNK_BLOCKS], dst[i : i + _CHUNK_BLOCKS])
+            for i in range(0, blocks.shape[0], _CHUNK_BLOCKS)
+        ]
     if pool is None:
         for src, dst in tasks:
             fn(src, dst)

@@ -49,7 +49,7 @@ CONFIGS = {
         (64, 16, 256, 4),
         (32, 16, 512, 4),
         (64, 32, 512, 8),
-    ],  # fmt: skip  # fmt: skip
+    ],  # fmt: skip
 }
 BYTES_PER_COL = {"plain-bf16": 2.0, "int8": 1.0, "int4": 0.5}
 ACT = "silu"

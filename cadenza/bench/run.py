@@ -109,8 +109,10 @@ def run_bench(args: argparse.Namespace) -> int:
         peer = peer_request(args.peer, args.peer_dir, scenarios[0], EXPERT_FORMAT.get(scenarios[0]), ckpt, configs)
     log = _Log()
     command = command_line(args, model, device)
-    log(f"{command}\n  {model}: {ckpt.total_bytes / 1e9:.1f} GB bf16; {len(configs)} configurations, each 1 warm-up + "
-        f"{args.trials} trials{'; transformers baseline first' if baseline else ''}")  # fmt: skip
+    log(
+        f"{command}\n  {model}: {ckpt.total_bytes / 1e9:.1f} GB bf16; {len(configs)} configurations, each 1 warm-up + "
+        f"{args.trials} trials{'; transformers baseline first' if baseline else ''}"
+    )
     machine = machine_info(device)
     log(
         f"machine: {machine['gpu_name'] or 'no GPU'}, {machine['cpu_model']} ({machine['physical_cores']} cores); "
@@ -140,16 +142,23 @@ def run_bench(args: argparse.Namespace) -> int:
 
         log(f"{scenarios[0]}: {fmt} vs bf16 output error on {model} cut to {ERROR_LAYERS} layers ...")
         error = quantization_error(model, fmt, device, args.seed, ERROR_LAYERS, expert_args["expert_group"])
-        log(f"  relative logit error {error['relative_logit_error']:.4f}, top-1 agreement "
-            f"{error['top1_agreement']:.3f}")  # fmt: skip
+        log(
+            f"  relative logit error {error['relative_logit_error']:.4f}, top-1 agreement {error['top1_agreement']:.3f}"
+        )
         add = _with_error(add, error)
 
     log(f"building cadenza's model ({ckpt.total_bytes / 1e9:.1f} GB) on {device}; host RSS {rss_gib()} GiB ...")
     cut = CadenzaUnderTest(
-        ckpt, device, _first_fitting(configs, ckpt, device), max_context, args.cpu_threads,
-        prefetch={"auto": None, "on": True, "off": False}[args.prefetch], eviction=args.eviction,
-        cuda_graphs=not args.no_cuda_graphs, **expert_args,
-    )  # fmt: skip
+        ckpt,
+        device,
+        _first_fitting(configs, ckpt, device),
+        max_context,
+        args.cpu_threads,
+        prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
+        eviction=args.eviction,
+        cuda_graphs=not args.no_cuda_graphs,
+        **expert_args,
+    )
     ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
     log(f"built in {cut.load_s:.1f} s; host RSS {rss_gib()} GiB")
     try:
@@ -198,8 +207,10 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
     """Measures one cadenza configuration (or records why it was skipped) and hands the result to `add`."""
     from cadenza.bench.measure import SYSTEM, measure
 
-    log(f"{cfg.scenario} cadenza policy={cfg.policy} budget={cfg.budget} GiB, {cfg.prompt_tokens} -> "
-        f"{cfg.new_tokens} tokens")  # fmt: skip
+    log(
+        f"{cfg.scenario} cadenza policy={cfg.policy} budget={cfg.budget} GiB, {cfg.prompt_tokens} -> "
+        f"{cfg.new_tokens} tokens"
+    )
     ckpt = cut.ckpt
     result = BenchResult(
         scenario=cfg.scenario,
@@ -290,8 +301,10 @@ def _run_baseline(ckpt, configs, device: torch.device, machine: dict, log, seed:
     if reason:
         log(f"baseline skipped: {reason}")
         return skipped.skip(reason).as_dict()
-    log(f"D1 {SYSTEM}: building the transformers model ({ckpt.total_bytes / 1e9:.1f} GB), then "
-        f"{d1.prompt_tokens} -> {new_tokens} tokens (seconds per token) ...")  # fmt: skip
+    log(
+        f"D1 {SYSTEM}: building the transformers model ({ckpt.total_bytes / 1e9:.1f} GB), then "
+        f"{d1.prompt_tokens} -> {new_tokens} tokens (seconds per token) ..."
+    )
     try:
         return run_transformers_offload(ckpt, D1_BUDGET_GIB, prompt, new_tokens, trials=1, machine=machine)
     except CadenzaError as e:

@@ -93,26 +93,35 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--tag", default=None, help="suffix for the result files, so split runs do not overwrite")
     p.add_argument(
-        "--peer", action="append", default=None, metavar="NAME=PATH",
+        "--peer",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
         help="also measure a peer in the same run, into the same JSON: llama.cpp=PATH (PATH: its llama-bench). "
         "D3 / D4 / F3 / F4 only: after cadenza's configurations, with cadenza's model freed, the same synthetic model "
         "is written as a GGUF file (Q8_0 experts for int8, Q4_0 for int4), each configuration is run with "
         "llama-bench -ngl 99 --n-cpu-moe N, N the fewest layers whose experts stay on the host for llama.cpp's "
         "estimated GPU memory to fit the budget (0: every layer's), and the file is deleted",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--peer-dir", default=None,
+        "--peer-dir",
+        default=None,
         help="folder for the peer's GGUF file, which needs up to ~48 GiB of free disk for int8 Mixtral (default: the "
         "system's temporary folder)",
-    )  # fmt: skip
-    p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
-                   help="speculative prefetch: auto (default: with the fetch policy), on or off")  # fmt: skip
+    )
+    p.add_argument(
+        "--prefetch",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="speculative prefetch: auto (default: with the fetch policy), on or off",
+    )
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"], help="fetch-cache eviction policy")
     p.add_argument(
-        "--profile-step", action="store_true",
+        "--profile-step",
+        action="store_true",
         help="after each decode configuration, profile a few decode steps: GPU kernels, transfers, CPU experts and "
         "overhead, in total and per layer (with --no-cuda-graphs; graphs hide the layers)",
-    )  # fmt: skip
+    )
     from cadenza.cli import add_graph_args
 
     add_graph_args(p)
@@ -225,8 +234,9 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
     ):
         if value is not None:
             parts += [flag, str(value)]
-    parts += [flag for flag, on in (("--profile-step", args.profile_step), ("--no-cuda-graphs", args.no_cuda_graphs))
-              if on]  # fmt: skip
+    parts += [
+        flag for flag, on in (("--profile-step", args.profile_step), ("--no-cuda-graphs", args.no_cuda_graphs)) if on
+    ]
     if args.prefetch != "auto":
         parts += ["--prefetch", args.prefetch]
     if args.experts != "bf16":

@@ -191,9 +191,14 @@ def profile_decode(
         kw = {"experimental_config": config} if config is not None else {}
         t_profiled = time.perf_counter_ns()
         with profile(
-            activities=activities, record_shapes=False, with_stack=False, profile_memory=False, with_flops=False,
-            with_modules=False, **kw,
-        ) as prof:  # fmt: skip
+            activities=activities,
+            record_shapes=False,
+            with_stack=False,
+            profile_memory=False,
+            with_flops=False,
+            with_modules=False,
+            **kw,
+        ) as prof:
             for _ in range(steps):
                 before = _counts(orch)
                 counters.append({"layers": {}})

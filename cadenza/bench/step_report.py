@@ -111,10 +111,17 @@ class StepProfile:
 
         def line(name, r: Row):
             return fmt.format(
-                name, num(r.wall_ms), num(r.gpu_kernels_ms), num(r.transfers_ms), num(r.cpu_experts_ms),
-                num(r.overhead_ms), num(r.overhead_simple_ms), num(r.syncs, "g"), num(r.sync_wait_ms),
+                name,
+                num(r.wall_ms),
+                num(r.gpu_kernels_ms),
+                num(r.transfers_ms),
+                num(r.cpu_experts_ms),
+                num(r.overhead_ms),
+                num(r.overhead_simple_ms),
+                num(r.syncs, "g"),
+                num(r.sync_wait_ms),
                 num(r.launches, "g"),
-            )  # fmt: skip
+            )
 
         lines += [line(str(i), r) for i, r in enumerate(self.layers)]
         lines.append(line("outside", self.outside))

@@ -89,7 +89,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         warps = 4 if block <= 4096 else 8
         with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
             _rms_norm_kernel[(rows.shape[0],)](
-                rows, weight, out, rows.stride(0), out.stride(0), h, eps, EMU_X=_emu(x.dtype), EMU_O=_emu(out.dtype),
-                BLOCK=block, num_warps=warps,
-            )  # fmt: skip
+                rows,
+                weight,
+                out,
+                rows.stride(0),
+                out.stride(0),
+                h,
+                eps,
+                EMU_X=_emu(x.dtype),
+                EMU_O=_emu(out.dtype),
+                BLOCK=block,
+                num_warps=warps,
+            )
     return out.view(*x.shape[:-1], h)

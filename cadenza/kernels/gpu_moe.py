@@ -291,13 +291,49 @@ def _tiled_decode(x, rows, wts, mats, code, fmt, group, geo, cfg, y_pair) -> Non
         _stage_int4_kernel[(t, triton.cdiv(xin.shape[1], 128))](x, xin, h, xin.shape[1], BLOCK=128)
     hbuf = torch.empty(p, hlen, dtype=torch.float32, device=x.device)
     _tiled_gate_up_kernel[(p, triton.cdiv(hlen // 2, bt1))](
-        xin, xin.shape[1], rows, hbuf, hlen, gu, gu.stride(0), geo.gu_tb // 4, geo.gu_hb // 4, geo.ng_h, h, geo.hp,
-        geo.ip, k, ACT=code, FMT=f, GROUP=group, BT=bt1, BK=bk1, ROWS4=rows4, num_warps=cfg.warps,
-    )  # fmt: skip
+        xin,
+        xin.shape[1],
+        rows,
+        hbuf,
+        hlen,
+        gu,
+        gu.stride(0),
+        geo.gu_tb // 4,
+        geo.gu_hb // 4,
+        geo.ng_h,
+        h,
+        geo.hp,
+        geo.ip,
+        k,
+        ACT=code,
+        FMT=f,
+        GROUP=group,
+        BT=bt1,
+        BK=bk1,
+        ROWS4=rows4,
+        num_warps=cfg.warps,
+    )
     _tiled_down_kernel[(p, triton.cdiv(geo.hp // 4, bt2))](
-        hbuf, hlen, rows, wts, y_pair, dn, dn.stride(0), geo.dn_tb // 4, geo.dn_hb // 4, geo.ng_i, h, geo.hp, geo.ip,
-        FMT=f, GROUP=group, BT=bt2, BK=bk2, ROWS4=rows4, num_warps=cfg.warps,
-    )  # fmt: skip
+        hbuf,
+        hlen,
+        rows,
+        wts,
+        y_pair,
+        dn,
+        dn.stride(0),
+        geo.dn_tb // 4,
+        geo.dn_hb // 4,
+        geo.ng_i,
+        h,
+        geo.hp,
+        geo.ip,
+        FMT=f,
+        GROUP=group,
+        BT=bt2,
+        BK=bk2,
+        ROWS4=rows4,
+        num_warps=cfg.warps,
+    )
 
 
 def dequantize_into(
@@ -337,14 +373,44 @@ def dequantize_into(
     with torch.cuda.device(gate_up.device) if gate_up.device.type == "cuda" else nullcontext():
         grid = (triton.cdiv(geo.ip // 2, block_tiles), triton.cdiv(geo.hp, block_cols))
         _dequant_kernel[grid](
-            gate_up, geo.gu_tb, geo.gu_hb, geo.ip // 2, geo.hp, geo.ng_h, gate_out, up_out, gate_out.stride(0), i, h,
-            GU=True, FMT=f, GROUP=group, EMU_RNE=emu(gate_out), BT=block_tiles, BK=block_cols,
-        )  # fmt: skip
+            gate_up,
+            geo.gu_tb,
+            geo.gu_hb,
+            geo.ip // 2,
+            geo.hp,
+            geo.ng_h,
+            gate_out,
+            up_out,
+            gate_out.stride(0),
+            i,
+            h,
+            GU=True,
+            FMT=f,
+            GROUP=group,
+            EMU_RNE=emu(gate_out),
+            BT=block_tiles,
+            BK=block_cols,
+        )
         grid = (triton.cdiv(geo.hp // 4, block_tiles), triton.cdiv(geo.ip, block_cols))
         _dequant_kernel[grid](
-            down, geo.dn_tb, geo.dn_hb, geo.hp // 4, geo.ip, geo.ng_i, down_out, down_out, down_out.stride(0), h, i,
-            GU=False, FMT=f, GROUP=group, EMU_RNE=emu(down_out), BT=block_tiles, BK=block_cols,
-        )  # fmt: skip
+            down,
+            geo.dn_tb,
+            geo.dn_hb,
+            geo.hp // 4,
+            geo.ip,
+            geo.ng_i,
+            down_out,
+            down_out,
+            down_out.stride(0),
+            h,
+            i,
+            GU=False,
+            FMT=f,
+            GROUP=group,
+            EMU_RNE=emu(down_out),
+            BT=block_tiles,
+            BK=block_cols,
+        )
 
 
 def dequantize_expert(

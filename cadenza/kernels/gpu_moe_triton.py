@@ -133,8 +133,7 @@ def _dot_int4(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT:
 
 
 @triton.jit
-def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr):  # fmt: skip
+def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """_dot_int4's values with a tile's 4 rows held by the same threads: word m of each row's 64-byte piece meets
     the same two staged x values, so x (8 bytes a word, against the word's 4 bytes of weights) is loaded once for
     4 rows, and a scale group's products are summed before its scale and zero point apply (one FMA pair a group,
@@ -208,8 +207,23 @@ def _stage_int4_kernel(x, xs, H, Hp, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dot_tiles(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, FMT: tl.constexpr, GROUP: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, ROWS4: tl.constexpr):  # fmt: skip
+def _dot_tiles(
+    w,
+    tbw,
+    hbw,
+    t,
+    tmask,
+    xr,
+    n_x,
+    K,
+    n_iter,
+    NG,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    ROWS4: tl.constexpr,
+):
     if FMT == 1:
         acc = _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
     elif FMT == 2:
@@ -246,9 +260,28 @@ def _pair_row(rows, pair):
 
 
 @triton.jit
-def _tiled_gate_up_kernel(x, xstride, rows, h, hstride, gu, gu_stride, tbw, hbw, NG, H, Hp, Ip, k, ACT: tl.constexpr,
-                          FMT: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                          ROWS4: tl.constexpr):  # fmt: skip
+def _tiled_gate_up_kernel(
+    x,
+    xstride,
+    rows,
+    h,
+    hstride,
+    gu,
+    gu_stride,
+    tbw,
+    hbw,
+    NG,
+    H,
+    Hp,
+    Ip,
+    k,
+    ACT: tl.constexpr,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    ROWS4: tl.constexpr,
+):
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -273,8 +306,26 @@ def _tiled_gate_up_kernel(x, xstride, rows, h, hstride, gu, gu_stride, tbw, hbw,
 
 
 @triton.jit
-def _tiled_down_kernel(h, hstride, rows, wts, y, dn, dn_stride, tbw, hbw, NG, H, Hp, Ip, FMT: tl.constexpr,
-                       GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, ROWS4: tl.constexpr):  # fmt: skip
+def _tiled_down_kernel(
+    h,
+    hstride,
+    rows,
+    wts,
+    y,
+    dn,
+    dn_stride,
+    tbw,
+    hbw,
+    NG,
+    H,
+    Hp,
+    Ip,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    ROWS4: tl.constexpr,
+):
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -333,9 +384,25 @@ def _plain_down_kernel(h, rows, wts, y, down, H, INTER, BR: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _dequant_kernel(src, tb, hb, n_tiles, K, NG, out0, out1, ld, n_rows, n_cols, GU: tl.constexpr,
-                    FMT: tl.constexpr, GROUP: tl.constexpr, EMU_RNE: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr):  # fmt: skip
+def _dequant_kernel(
+    src,
+    tb,
+    hb,
+    n_tiles,
+    K,
+    NG,
+    out0,
+    out1,
+    ld,
+    n_rows,
+    n_cols,
+    GU: tl.constexpr,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    EMU_RNE: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Tiles t of a matrix with K padded columns -> rows of out0 (down: row 4t + r; gate_up: gate row 2t + r)
     and out1 (gate_up: up row 2t + r - 2), cropped to n_rows x n_cols; the values of dequantize_tiles, rounded
     once. Columns are [blocks of GS][GS], GS one scale's span, so scales load once per row and block."""

@@ -77,9 +77,13 @@ class Worker:
     (`pinned=True`), plain memory where the tests write it themselves (`request`, `wait`)."""
 
     def __init__(
-        self, pinned: bool = False, spin_s: float = SPIN_S, nap_s: float = NAP_S, deep_after_s: float = DEEP_AFTER_S,
+        self,
+        pinned: bool = False,
+        spin_s: float = SPIN_S,
+        nap_s: float = NAP_S,
+        deep_after_s: float = DEEP_AFTER_S,
         deep_nap_s: float = DEEP_NAP_S,
-    ):  # fmt: skip
+    ):
         lib = _load()
         if lib is None:
             raise RuntimeError(f"the handoff worker is unavailable: {_library.reason}")
@@ -306,9 +310,16 @@ class Block:
     `mapped_out` say)."""
 
     def __init__(
-        self, t: int, k: int, h: int, dtype: torch.dtype, device: torch.device, ops: MemOps | None = None,
-        mapped_in: bool = True, mapped_out: bool = False,
-    ):  # fmt: skip
+        self,
+        t: int,
+        k: int,
+        h: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        ops: MemOps | None = None,
+        mapped_in: bool = True,
+        mapped_out: bool = False,
+    ):
         shapes = [(t, h), (t, k), (t, k), (t, h)]
         dtypes = [dtype, torch.int64, torch.float32, torch.float32]
         self.offsets, end = [], 0

@@ -163,9 +163,13 @@ class DeepseekV2TopkRouter(nn.Module):
         """x [T, H] -> topk_weights [T, k] float32, topk_ids [T, k]."""
         c = self.config
         return softmax_group_topk(
-            self.router_logits(x), c.num_experts_per_tok, c.topk_method, c.n_group, c.topk_group,
+            self.router_logits(x),
+            c.num_experts_per_tok,
+            c.topk_method,
+            c.n_group,
+            c.topk_group,
             c.routed_scaling_factor,
-        )  # fmt: skip
+        )
 
 
 class DeepseekV2Moe(nn.Module):

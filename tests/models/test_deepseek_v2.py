@@ -23,8 +23,16 @@ from tests.conftest import (
 from tests.test_cli import cli
 
 TOL = 1e-4
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
-        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8, "rope_theta": 10000.0}  # fmt: skip
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.8,
+    "rope_theta": 10000.0,
+}
 
 
 def make_v2(path, seed: int = 0, **overrides):
@@ -78,8 +86,15 @@ def test_score_matches_transformers(tmp_path, name):
 def test_hub_style_config(tmp_path):
     """config.json as DeepSeek-V2-Lite's repository ships it (rope_theta + rope_scaling with "type": "yarn", no
     head_dim, the original code's extra keys) gives transformers' logits."""
-    rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-            "mscale": 0.707, "mscale_all_dim": 0.707}  # fmt: skip
+    rope = {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    }
     path, hf = make_v2(tmp_path / "hub", rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})
     edit_config(
         path,

@@ -26,8 +26,16 @@ from tests.models.test_deepseek_v2 import set_absorb
 
 TOL = 1e-4
 # DeepSeek-V3's own YaRN (mscale == mscale_all_dim), at tiny scale
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
-        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}  # fmt: skip
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "rope_theta": 10000.0,
+}
 
 
 def make_v3(path, seed: int = 0, **overrides):
