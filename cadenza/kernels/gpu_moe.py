@@ -1,3 +1,4 @@
+# Over 400 lines: one public entry point per use (decode, dequantize, prefill) with the checks and launches it owns.
 """Routed experts on the GPU: Triton kernels that read the CPU kernel's weight layouts as they are.
 
 A GPU copy of an expert is the same bytes as its host copy (rows of `gate_up` / `down` copied over), so these

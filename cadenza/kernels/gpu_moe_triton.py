@@ -1,3 +1,4 @@
+# Over 400 lines: the decode kernels and the per-format dot products they inline, which share one tile layout.
 """The Triton kernels of cadenza.kernels.gpu_moe, which launches them (its docstring: the layouts, the launches).
 
 The pair is the fastest grid axis, so pairs that share an expert read its rows at about the same time (from L2).
