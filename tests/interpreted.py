@@ -3,7 +3,8 @@
 Triton reads TRITON_INTERPRET when a kernel (its own library's included) is defined, and the first launch imports
 a module that checks it. So the flag is on only while triton and a private copy of a kernels module are imported:
 the package's own module stays uninterpreted, and the engine's CPU tests keep its fast torch fallback (through the
-interpreter a small model's decode takes minutes). If something imported triton before the first such copy, the
+interpreter a small model's decode takes minutes); the copy brings its own copies of the kernel modules it
+imports (gpu_moe's kernels live in gpu_moe_triton). If something imported triton before the first such copy, the
 flag comes too late: those kernel tests then run in a fresh subprocess (`subprocess` True).
 """
 
@@ -35,13 +36,33 @@ def kernels_module(name: str):
         import triton.experimental.gluon  # noqa: F401
 
         _interpreted = True
-        origin = importlib.util.find_spec(f"cadenza.kernels.{name}").origin
-        spec = importlib.util.spec_from_file_location(private, origin)
-        module = sys.modules[private] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = sys.modules[private] = _import_fresh(f"cadenza.kernels.{name}")
     finally:
         del os.environ["TRITON_INTERPRET"]
     return module, False
+
+
+def _import_fresh(full: str):
+    """`full` imported anew, with new copies of the GPU kernel modules it imports (cadenza.kernels.gpu_*: they
+    define Triton kernels, e.g. gpu_moe's in gpu_moe_triton), which are then taken out of sys.modules and the
+    package again: the package's own modules, imported before or after, stay uninterpreted."""
+    package = importlib.import_module(full.rpartition(".")[0])
+    fresh = lambda n: n.startswith("cadenza.kernels.gpu_")  # noqa: E731
+    saved = {n: m for n, m in sys.modules.items() if fresh(n)}
+    attrs = {n: getattr(package, n.rpartition(".")[2], None) for n in saved}
+    for n in saved:
+        del sys.modules[n]
+    try:
+        return importlib.import_module(full)
+    finally:
+        for n in [n for n in sys.modules if fresh(n)]:
+            del sys.modules[n]
+        sys.modules.update(saved)
+        for n in [n for n in vars(package) if fresh(f"{package.__name__}.{n}")]:
+            delattr(package, n)
+        for n, attr in attrs.items():
+            if attr is not None:
+                setattr(package, n.rpartition(".")[2], attr)
 
 
 def run_file_interpreted(path: str) -> None:

@@ -12,10 +12,10 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, budget_for, make_deepseek, make_mixtral, prompt_ids, reference_logits
-from tests.test_olmoe import make_olmoe
-from tests.test_phimoe import longrope, make_phimoe
-from tests.test_qwen2_moe import make_qwen2_moe
-from tests.test_qwen3_moe import make_qwen3_moe
+from tests.models.test_olmoe import make_olmoe
+from tests.models.test_phimoe import longrope, make_phimoe
+from tests.models.test_qwen2_moe import make_qwen2_moe
+from tests.models.test_qwen3_moe import make_qwen3_moe
 from tests.text.tokenizer_files import write_bpe_tokenizer
 
 MAKERS = {

@@ -9,7 +9,7 @@ import torch
 
 from cadenza import LLM, SamplingParams
 from tests.conftest import budget_for, make_deepseek, prompt_ids
-from tests.test_deepseek_v2 import set_absorb
+from tests.models.test_deepseek_v2 import set_absorb
 
 pytestmark = pytest.mark.gpu
 TOL = 1e-4

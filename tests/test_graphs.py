@@ -15,9 +15,9 @@ import cadenza.graphs as graphs
 from cadenza import LLM, SamplingParams
 from cadenza.models.common import RowIndex, StaticStep
 from tests.conftest import budget_for, make_deepseek, make_mixtral
-from tests.test_olmoe import make_olmoe
-from tests.test_qwen2_moe import make_qwen2_moe
-from tests.test_qwen3_moe import make_qwen3_moe
+from tests.models.test_olmoe import make_olmoe
+from tests.models.test_qwen2_moe import make_qwen2_moe
+from tests.models.test_qwen3_moe import make_qwen3_moe
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

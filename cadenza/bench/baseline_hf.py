@@ -186,7 +186,7 @@ def run_transformers_offload(
     """Builds the transformers model on the CPU from `ckpt`, dispatches it with a `gpu_budget_gib` GPU budget,
     measures greedy generation (one warm-up token, then `trials` requests of `new_tokens`), and frees it all.
 
-    Returns a BenchResult dict. Seconds per token: give it a few new tokens (BENCHMARKS.md: 8).
+    Returns a BenchResult dict. Seconds per token: give it a few new tokens (benchmarks/README.md: 8).
     """
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     reason = baseline_unavailable(device)
@@ -273,7 +273,7 @@ def run_transformers_offload(
             )
         result.notes += [
             f"built the transformers model in {build_s:.1f} s; {trials} trial(s) after a 1-token warm-up "
-            "(seconds per token: BENCHMARKS.md gives this baseline few tokens)",
+            "(seconds per token: benchmarks/README.md gives this baseline few tokens)",
             "host_bytes_per_token: every weight of the offloaded layers, copied each token; roofline_fraction "
             "uses the bytes a token needs (k experts of each layer, host vs GPU) as for cadenza",
             f"decode tok/s from streamer timestamps (tokens after the first); transformers "

@@ -137,8 +137,9 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
     heads, kv_heads = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
     n_experts = int(c["num_local_experts"] if mixtral else c["num_experts"])
     shape = lambda name: tuple(ckpt.tensors[name].shape)  # noqa: E731
-    out: list[GgufTensor] = [GgufTensor("token_embd.weight", shape("model.embed_tokens.weight"), "F16",
-                                        ("model.embed_tokens.weight",))]  # fmt: skip
+    out: list[GgufTensor] = [
+        GgufTensor("token_embd.weight", shape("model.embed_tokens.weight"), "F16", ("model.embed_tokens.weight",))
+    ]
 
     def one(gguf_name: str, src: str, qt: str, layer: int, rope_heads: int = 0) -> None:
         out.append(GgufTensor(gguf_name, shape(src), qt, (src,), layer, rope_heads))
@@ -156,8 +157,11 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
         one(blk + "ffn_norm.weight", hf + "post_attention_layernorm.weight", "F32", i)
         moe = hf + ("block_sparse_moe." if mixtral else "mlp.")
         one(blk + "ffn_gate_inp.weight", moe + "gate.weight", "F32", i)
-        projections = (("gate", "w1"), ("down", "w2"), ("up", "w3")) if mixtral else (
-            ("gate", "gate_proj"), ("down", "down_proj"), ("up", "up_proj"))  # fmt: skip
+        projections = (
+            (("gate", "w1"), ("down", "w2"), ("up", "w3"))
+            if mixtral
+            else (("gate", "gate_proj"), ("down", "down_proj"), ("up", "up_proj"))
+        )
         for kind, proj in projections:
             srcs = tuple(f"{moe}experts.{e}.{proj}.weight" for e in range(n_experts))
             out.append(GgufTensor(f"{blk}ffn_{kind}_exps.weight", (n_experts, *shape(srcs[0])), qtype, srcs, i))

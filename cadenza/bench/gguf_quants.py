@@ -7,7 +7,7 @@ them) with one fp16 scale `d` in front:
   tie), q = clamp(trunc(x / d + 8.5), 0, 15); byte j holds q[j] in its low nibble and q[j + 16] in its high one;
   x ~ d * (q - 8).
 Both multiply by the float32 reciprocal of the float32 scale (not by the fp16-rounded one), as ggml's reference
-quantizer and gguf-py's `gguf.quants` do; tests/test_llama_cpp_peer.py checks the bytes against gguf-py's.
+quantizer and gguf-py's `gguf.quants` do; tests/bench/test_llama_cpp_peer.py checks the bytes against gguf-py's.
 
 numpy (gguf.quants) takes minutes per GB; these run on all cores, a chunk of rows at a time, so the float32
 temporaries stay near the cache and host memory holds the output, never a float32 copy of a whole tensor.
@@ -63,8 +63,10 @@ def quantize_many(pairs: list[tuple[torch.Tensor, torch.Tensor]], qtype: str, po
             raise ValueError(f"out must be a contiguous uint8 tensor of shape {shape}")
         blocks = x.reshape(-1, BLOCK)  # a view for contiguous sources (the synthetic pools' views are)
         dst = out.view(-1, width)
-        tasks += [(blocks[i : i + _CHUNK_BLOCKS], dst[i : i + _CHUNK_BLOCKS])
-                  for i in range(0, blocks.shape[0], _CHUNK_BLOCKS)]  # fmt: skip
+        tasks += [
+            (blocks[i : i + _CHUNK_BLOCKS], dst[i : i + _CHUNK_BLOCKS])
+            for i in range(0, blocks.shape[0], _CHUNK_BLOCKS)
+        ]
     if pool is None:
         for src, dst in tasks:
             fn(src, dst)

@@ -40,7 +40,7 @@ CONFIGS = {
     "int4": [(16, 8, 512, 1), (8, 8, 512, 1), (4, 4, 512, 1), (16, 16, 512, 1), (8, 8, 1024, 2), (16, 4, 512, 1)],
     "other": [(16, 8, 512, 4), (8, 8, 512, 4), (4, 4, 512, 4), (16, 16, 1024, 8), (32, 16, 256, 4), (8, 4, 1024, 2)],
     # int4 with a tile's 4 rows in each thread (Blocks.int4_rows=1): a thread holds 4 words of BT tiles' rows
-    "int4-rows": [  # measured best first (H200, 2026-12-02), then larger programs
+    "int4-rows": [  # the fastest first (benchmarks/README.md, 2026-12-02), then larger programs
         (32, 16, 256, 4),
         (32, 32, 256, 4),
         (8, 8, 512, 2),
@@ -49,7 +49,7 @@ CONFIGS = {
         (64, 16, 256, 4),
         (32, 16, 512, 4),
         (64, 32, 512, 8),
-    ],  # fmt: skip  # fmt: skip
+    ],  # fmt: skip
 }
 BYTES_PER_COL = {"plain-bf16": 2.0, "int8": 1.0, "int4": 0.5}
 ACT = "silu"

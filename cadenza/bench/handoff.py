@@ -96,9 +96,14 @@ def _time(variant: str, c: SimpleNamespace) -> float:
 
 
 def measure(
-    hidden: int = 2048, inter: int = 768, experts: int = 8, k: int = 8, layers: int = 48, threads: int | None = None,
+    hidden: int = 2048,
+    inter: int = 768,
+    experts: int = 8,
+    k: int = 8,
+    layers: int = 48,
+    threads: int | None = None,
     replays: int = 30,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """The variants' rows (see the module's docstring); needs CUDA and the fused CPU kernel."""
     from cadenza.moe.cpu import physical_cores
     from cadenza.moe.offload.streamed import MAPPED_IN, MAPPED_OUT, _driver
@@ -114,12 +119,22 @@ def measure(
     gate, up = (torch.randn(experts, inter, hidden, generator=g).bfloat16() for _ in range(2))
     down = torch.randn(experts, hidden, inter, generator=g).bfloat16()
     c = SimpleNamespace(
-        layer=cpu_moe.plain_layer(gate, up, down), experts=experts, k=k, hidden=hidden, layers=layers,
-        replays=replays, mapped=(MAPPED_IN, MAPPED_OUT), side=torch.cuda.Stream(), launch=launch,
-        fn=cpu_moe.job_function(), y_dev=torch.zeros(1, hidden, device=dev), ops=handoff.memops(),
-        x=torch.randn(1, hidden, device=dev, dtype=torch.bfloat16), w=torch.full((1, k), 0.1, device=dev),
+        layer=cpu_moe.plain_layer(gate, up, down),
+        experts=experts,
+        k=k,
+        hidden=hidden,
+        layers=layers,
+        replays=replays,
+        mapped=(MAPPED_IN, MAPPED_OUT),
+        side=torch.cuda.Stream(),
+        launch=launch,
+        fn=cpu_moe.job_function(),
+        y_dev=torch.zeros(1, hidden, device=dev),
+        ops=handoff.memops(),
+        x=torch.randn(1, hidden, device=dev, dtype=torch.bfloat16),
+        w=torch.full((1, k), 0.1, device=dev),
         ids=torch.arange(k, device=dev).view(1, k) % experts,
-    )  # fmt: skip
+    )
     plan = [("kernels", threads, 0), ("copies", threads, 0), ("one_copy", threads, 0), ("full", threads, 0),
             ("full", 1, 0), ("full", threads, 1), ("full", 1, 1), ("full", threads, experts)]  # fmt: skip
     workers: dict[str, handoff.Worker] = {}
@@ -145,8 +160,11 @@ def measure(
         by = {(r["variant"], r["threads"], r["experts_on_cpu"]): r["us_per_layer"] for r in rows}
         host, worker_us = by[("full", threads, 0)], by[("worker", threads, 0)]
         verdict = "met" if worker_us <= TARGET_US else "missed"
-        print(f"empty job, per layer: host function {host:.1f} us, worker {worker_us:.1f} us (target <= "
-              f"{TARGET_US:.0f} us: {verdict})", flush=True)  # fmt: skip
+        print(
+            f"empty job, per layer: host function {host:.1f} us, worker {worker_us:.1f} us (target <= "
+            f"{TARGET_US:.0f} us: {verdict})",
+            flush=True,
+        )
     return rows
 
 
@@ -180,8 +198,11 @@ def _variant(variant: str, th: int, on_cpu: int, c: SimpleNamespace, worker: han
         if job is not None:
             cpu_moe.job_free(job)  # (a worker's slot for it stays, never asked for again)
     row.update(us_per_layer=round(us, 1), job_us_per_call=round(busy, 1) if calls else None)
-    print(f"{variant:14s} threads={th:2d} experts on the CPU={on_cpu}: {us:7.1f} us/layer"
-          + (f" (job {busy:.1f} us/call)" if calls else ""), flush=True)  # fmt: skip
+    print(
+        f"{variant:14s} threads={th:2d} experts on the CPU={on_cpu}: {us:7.1f} us/layer"
+        + (f" (job {busy:.1f} us/call)" if calls else ""),
+        flush=True,
+    )
     return row
 
 
@@ -199,8 +220,13 @@ def main(argv=None) -> int:
         from cadenza.bench.machine import git_commit, machine_info
 
         line = " ".join(sys.argv[1:] if argv is None else argv)
-        out = {"command": f"python -m cadenza.bench.handoff {line}", "commit": git_commit(), "args": vars(args),
-               "machine": machine_info(torch.device("cuda")), "results": rows}  # fmt: skip
+        out = {
+            "command": f"python -m cadenza.bench.handoff {line}",
+            "commit": git_commit(),
+            "args": vars(args),
+            "machine": machine_info(torch.device("cuda")),
+            "results": rows,
+        }
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0

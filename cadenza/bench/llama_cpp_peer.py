@@ -12,9 +12,8 @@ expert on the host, N = layers):
            + the KV cache (f16 K and V of the test's context, padded to 256 tokens as llama.cpp pads it)
            + a compute allowance: logits and activations of one micro-batch (min(512, context) tokens). No room
              for a host layer's experts: llama.cpp copies them to the GPU for big batches (its op offload), but
-             not into a buffer sized for a whole layer (measured on the H200 box, Mixtral Q4_0 at N = 5: model
-             23227 MiB, KV 64, compute 389; an allowance of one layer's experts, 755 MiB, had put N one layer too
-             high, 23.1 GiB used of a 24 GiB budget).
+             not into a buffer sized for a whole layer (an allowance of one layer's experts had put N one layer
+             too high, under the budget it was meant to fill: benchmarks/README.md).
 Each row records the estimate and the buffer sizes llama.cpp itself reports (a separate `-v` run of the same
 context size per budget: the log that -v turns on costs time per token, so the timed runs go without it).
 """
@@ -74,8 +73,10 @@ def parse_peers(values: list[str] | None) -> list[Peer]:
             raise CadenzaError(f"--peer {name} is given twice.")
         p = Path(path).expanduser()
         if not p.exists():
-            raise CadenzaError(f"--peer {name}: {p} does not exist. Build llama-bench (../shared/peers/"
-                               "build-llama-bench.sh) and give its path.")  # fmt: skip
+            raise CadenzaError(
+                f"--peer {name}: {p} does not exist. Build llama-bench (../shared/peers/"
+                "build-llama-bench.sh) and give its path."
+            )
         if not p.is_file() or not os.access(p, os.X_OK):
             raise CadenzaError(f"--peer {name}: {p} is not an executable file (chmod +x it, or give llama-bench).")
         out.append(Peer(name, p.resolve()))
@@ -170,9 +171,12 @@ def estimate_for(plan: GgufPlan, budget: float | str | None, n_ctx: int) -> GpuE
     budget_bytes = None if budget in (None, "all") else int(float(budget) * GiB)
     weights = plan.bytes_where(lambda t: not t.is_expert and t.name != "token_embd.weight")
     return choose_n_cpu_moe(
-        budget_bytes, plan.expert_bytes_per_layer(), weights, kv_cache_bytes(plan.config, n_ctx),
+        budget_bytes,
+        plan.expert_bytes_per_layer(),
+        weights,
+        kv_cache_bytes(plan.config, n_ctx),
         compute_bytes(plan.config, n_ctx),
-    )  # fmt: skip
+    )
 
 
 # --- the runs ------------------------------------------------------------------------------------------------------
@@ -245,11 +249,23 @@ class LlamaCppPeer:
 
     def _row(self, scenario, plan: GgufPlan, budget, prompt: int, new: int, nbytes: int, write_s: float) -> BenchResult:
         fmt = next(f for f, q in EXPERT_QTYPE.items() if q == plan.expert_qtype)
-        r = BenchResult(scenario=scenario, system=SYSTEM, model=plan.model, dtype="f16", cpu_experts=fmt,
-                        policy=None, gpu_budget_gib=budget, prompt_tokens=prompt, new_tokens=new,
-                        trials=self.trials, model_bytes=nbytes)  # fmt: skip
-        r.notes.append(f"GGUF written in {write_s:.1f} s: experts {plan.expert_qtype}, norms and routers F32, "
-                       "the other matrices F16; the same seeded weights as cadenza's model")  # fmt: skip
+        r = BenchResult(
+            scenario=scenario,
+            system=SYSTEM,
+            model=plan.model,
+            dtype="f16",
+            cpu_experts=fmt,
+            policy=None,
+            gpu_budget_gib=budget,
+            prompt_tokens=prompt,
+            new_tokens=new,
+            trials=self.trials,
+            model_bytes=nbytes,
+        )
+        r.notes.append(
+            f"GGUF written in {write_s:.1f} s: experts {plan.expert_qtype}, norms and routers F32, "
+            "the other matrices F16; the same seeded weights as cadenza's model"
+        )
         return r
 
     def _setup(self, path: Path, plan: GgufPlan, budget, n_ctx: int) -> tuple[GpuEstimate, dict]:
@@ -257,8 +273,10 @@ class LlamaCppPeer:
         a -v run of one token after n_ctx - 1 (the same weights, KV cache and compute buffer as the timed tests)."""
         est = estimate_for(plan, budget, n_ctx)
         argv = bench_command(self.peer.path, path, BenchTest(0, 1, n_ctx - 1), est.n_cpu_moe, self.threads, 1, True)
-        self.log(f"  budget {budget} GiB: --n-cpu-moe {est.n_cpu_moe} (estimate {est.total_bytes / GiB:.2f} GiB); "
-                 "buffer sizes from a -v run ...")  # fmt: skip
+        self.log(
+            f"  budget {budget} GiB: --n-cpu-moe {est.n_cpu_moe} (estimate {est.total_bytes / GiB:.2f} GiB); "
+            "buffer sizes from a -v run ..."
+        )
         run = run_llama_bench(argv, self.timeout_s)
         sizes = parse_buffer_sizes(run.stderr)
         reported = {"mib": sizes, "gpu_mib": device_mib(sizes), "n_ctx": n_ctx, "command": run.command}
@@ -279,8 +297,10 @@ class LlamaCppPeer:
         if test.gen:
             r.decode_tok_s_trials = [float(x) for x in t["samples_ts"]]
             r.decode_tok_s = statistics.median(r.decode_tok_s_trials)
-            r.notes.append(f"decode: llama-bench {test.label}, {test.gen} tokens after a {test.depth}-token context, "
-                           "random ids, no sampling; median of its repetitions")  # fmt: skip
+            r.notes.append(
+                f"decode: llama-bench {test.label}, {test.gen} tokens after a {test.depth}-token context, "
+                "random ids, no sampling; median of its repetitions"
+            )
             self._roofline(r, plan, est.n_cpu_moe)
         else:
             r.prefill_tok_s = statistics.median(float(x) for x in t["samples_ts"])
@@ -320,8 +340,22 @@ class LlamaCppPeer:
 
 
 # llama-bench's own fields kept in a row: its build, the box as it saw it, and what it ran with
-_KEPT_FIELDS = ("build_commit", "build_number", "backends", "gpu_info", "cpu_info", "n_threads", "n_gpu_layers",
-                "n_cpu_moe", "flash_attn", "n_batch", "n_ubatch", "type_k", "avg_ts", "stddev_ts")  # fmt: skip
+_KEPT_FIELDS = (
+    "build_commit",
+    "build_number",
+    "backends",
+    "gpu_info",
+    "cpu_info",
+    "n_threads",
+    "n_gpu_layers",
+    "n_cpu_moe",
+    "flash_attn",
+    "n_batch",
+    "n_ubatch",
+    "type_k",
+    "avg_ts",
+    "stddev_ts",
+)
 
 
 def _placement(config: dict, n_cpu_moe: int) -> dict:

@@ -1,5 +1,5 @@
 """cadenza under test: built once on a synthetic checkpoint, re-planned for each configuration, measured as
-BENCHMARKS.md says (batch 1, greedy, end-of-sequence ignored, one warm-up, then the median of the trials)."""
+benchmarks/README.md says (batch 1, greedy, end-of-sequence ignored, one warm-up, then the median of the trials)."""
 
 from __future__ import annotations
 

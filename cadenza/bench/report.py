@@ -1,4 +1,4 @@
-"""Benchmark results: one record per measured configuration, the JSON file of BENCHMARKS.md, the roofline
+"""Benchmark results: one record per measured configuration, the JSON file benchmarks/README.md describes, the roofline
 fraction, and the S1 plot (decode speed against GPU budget)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 GiB = 1 << 30
 
-# The keys BENCHMARKS.md asks of every result (null where they do not apply).
+# The keys every result has (benchmarks/README.md, Protocol) (null where they do not apply).
 REQUIRED_KEYS = (
     "scenario",
     "system",
@@ -142,7 +142,7 @@ def write_results(
     results: list[BenchResult | dict],
     complete: bool = True,
 ) -> Path:
-    """Writes BENCHMARKS.md's JSON: {"command", "commit", "machine", "complete", "results"}.
+    """Writes a run's JSON (benchmarks/README.md, Protocol): {"command", "commit", "machine", "complete", "results"}.
 
     Atomic (a temporary file renamed over the target), so a run killed mid-write leaves the previous version,
     never half a file. `complete` is False while a run is still adding results.

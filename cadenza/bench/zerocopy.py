@@ -138,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         print(fmt, row, flush=True)
         del dev_copies, host, pinned
     if args.out:
-        args.out.write_text(json.dumps({"command": " ".join(["python -m cadenza.bench.zerocopy", *sys.argv[1:]]),
-                                        "results": results}, indent=1))  # fmt: skip
+        args.out.write_text(
+            json.dumps(
+                {"command": " ".join(["python -m cadenza.bench.zerocopy", *sys.argv[1:]]), "results": results}, indent=1
+            )
+        )
     return 0
 
 

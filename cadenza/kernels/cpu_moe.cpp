@@ -701,8 +701,8 @@ void plain_mats(int H, int I, const uint16_t* gate, const uint16_t* up, const ui
   mg.units = (I + 1) / 2;
   mg.unit_bytes = ROWS * mg.row_bytes;
   // gate/up, up to 2 tokens: gate row 2j with up row 2j, then 2j + 1 with 2j + 1, two sequential streams (4 rows
-  // at once, 4 streams of one row each, measured ~20% slower at one token on a Zen 4); from 3 tokens 4 rows at once,
-  // where the reuse of each load of x counts more.
+  // at once, 4 streams of one row each, were slower at one token); from 3 tokens 4 rows at once, where the reuse
+  // of each load of x counts more.
   mg.rg = 2;
   mg.seq_nt = 2;
   md.src[0] = reinterpret_cast<const uint8_t*>(down);
@@ -713,7 +713,7 @@ void plain_mats(int H, int I, const uint16_t* gate, const uint16_t* up, const ui
   md.ks = round_up(I, 128);
   md.units = (H + ROWS - 1) / ROWS;
   md.unit_bytes = ROWS * md.row_bytes;
-  // down: 4 rows at once, as tiles do (one row, or two, at a time measured 15-35% slower at one token)
+  // down: 4 rows at once, as tiles do (one row, or two, at a time were slower at one token)
 }
 
 struct Job {  // a layer's decode step for the stream (cadenza_job_*)
@@ -771,7 +771,7 @@ int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const u
   return forward(BF16, 0, E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
 }
 
-// ---- a layer's CPU step as a job the CUDA stream runs (cadenza.moe.streamed) --------------------------------
+// ---- a layer's CPU step as a job the CUDA stream runs (cadenza.moe.offload.streamed) --------------------------------
 //
 // cadenza_job_new_* fix everything a decode step of one layer needs: the layer's weights, pinned staging buffers
 // the stream copies x, ids and w into (and y out of), the expert mask (mask[e] != 0: expert e is computed here,

@@ -266,9 +266,19 @@ def _mask(num_experts: int, experts: list[int]) -> ctypes.Array:
 def _call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y) -> tuple:
     """The kernel entries' common tail: x .. y."""
     return (
-        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], ids.data_ptr(), w.data_ptr(), ids.shape[1],
-        ctypes.addressof(mask), ACT_CODES[act], threads, prefetch, int(bf16_dot), y.data_ptr(),
-    )  # fmt: skip
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        x.shape[0],
+        ids.data_ptr(),
+        w.data_ptr(),
+        ids.shape[1],
+        ctypes.addressof(mask),
+        ACT_CODES[act],
+        threads,
+        prefetch,
+        int(bf16_dot),
+        y.data_ptr(),
+    )
 
 
 def _layer_args(p: PackedExperts) -> tuple:
@@ -278,10 +288,22 @@ def _layer_args(p: PackedExperts) -> tuple:
         if m.device.type != "cpu" or m.stride(2) != 1 or m.stride(1) != m.shape[2]:
             raise ValueError("packed experts must be CPU tensors with contiguous tiles (as pack_layer makes them)")
     return (
-        FORMATS.index(p.fmt), p.group, p.num_experts, p.hidden, p.intermediate, p.hidden_pad, p.inter_pad,
-        gu.data_ptr(), gu.stride(0), gu.shape[2], p.gu_header,
-        dn.data_ptr(), dn.stride(0), dn.shape[2], p.dn_header,
-    )  # fmt: skip
+        FORMATS.index(p.fmt),
+        p.group,
+        p.num_experts,
+        p.hidden,
+        p.intermediate,
+        p.hidden_pad,
+        p.inter_pad,
+        gu.data_ptr(),
+        gu.stride(0),
+        gu.shape[2],
+        p.gu_header,
+        dn.data_ptr(),
+        dn.stride(0),
+        dn.shape[2],
+        p.dn_header,
+    )
 
 
 def _plain_args(p: PlainExperts) -> tuple:
@@ -328,9 +350,21 @@ def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int,
     if mask.numel() != num_experts or stats.numel() < 8 + num_experts + 2 * ring:
         raise ValueError("mask must hold one entry per expert and stats 8 + E + 2 ring")
     step = (
-        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], ids.data_ptr(), w.data_ptr(), ids.shape[1],
-        mask.data_ptr(), ACT_CODES[act], threads, prefetch, int(has_bf16_dot()), y.data_ptr(), stats.data_ptr(), ring,
-    )  # fmt: skip
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        x.shape[0],
+        ids.data_ptr(),
+        w.data_ptr(),
+        ids.shape[1],
+        mask.data_ptr(),
+        ACT_CODES[act],
+        threads,
+        prefetch,
+        int(has_bf16_dot()),
+        y.data_ptr(),
+        stats.data_ptr(),
+        ring,
+    )
     if isinstance(layer, PlainExperts):
         layer.check()
         ptr = lib.cadenza_job_new_plain(*_plain_args(layer), *step)

@@ -1,12 +1,12 @@
 """Small fused GPU kernels for a decode step's elementwise work: RMSNorm in one launch.
 
-Why: at batch 1 a decode layer is ~60 tiny kernels, and inside a CUDA graph each still costs ~2 µs of launch gap
-on an H200 whatever it computes; PyTorch spells RMSNorm as ~8 kernels. This kernel computes the same values in one
-launch (the mean of squares in another summation order; on the H200 its bf16 outputs equalled PyTorch's).
+Why: at batch 1 a decode layer is dozens of tiny kernels, and inside a CUDA graph each still costs a launch gap
+whatever it computes; PyTorch spells RMSNorm as several kernels. This kernel computes the same values in one
+launch (the mean of squares in another summation order; on the GPU its bf16 outputs equalled PyTorch's).
 
 A fused rotary kernel, bit-exact against PyTorch under Triton's interpreter, differed by one bf16 step in some
-elements on the H200 and moved a bf16 model's logits (mean error 0.30 against 0.11): it was taken out until that
-is understood. The reference is PyTorch's spelling in `cadenza.models.common` (RMSNorm), which calls this on CUDA
+elements on the GPU and moved a bf16 model's logits measurably (benchmarks/README.md): it was taken out until
+that is understood. The reference is PyTorch's spelling in `cadenza.models.common` (RMSNorm), which calls this on CUDA
 tensors and computes its own where it returns None. The kernels run on CUDA tensors, or on CPU tensors through
 Triton's interpreter when TRITON_INTERPRET=1 was set before this module was imported (the tests do that).
 
@@ -89,7 +89,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         warps = 4 if block <= 4096 else 8
         with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
             _rms_norm_kernel[(rows.shape[0],)](
-                rows, weight, out, rows.stride(0), out.stride(0), h, eps, EMU_X=_emu(x.dtype), EMU_O=_emu(out.dtype),
-                BLOCK=block, num_warps=warps,
-            )  # fmt: skip
+                rows,
+                weight,
+                out,
+                rows.stride(0),
+                out.stride(0),
+                h,
+                eps,
+                EMU_X=_emu(x.dtype),
+                EMU_O=_emu(out.dtype),
+                BLOCK=block,
+                num_warps=warps,
+            )
     return out.view(*x.shape[:-1], h)

@@ -1,5 +1,5 @@
 // cadenza's handoff worker: a CPU thread that runs a layer's CPU job when a CUDA stream asks for it by writing one
-// word of mapped pinned memory, and answers in the same word (cadenza.moe.streamed, cadenza.kernels.handoff).
+// word of mapped pinned memory, and answers in the same word (cadenza.moe.offload.streamed, cadenza.kernels.handoff).
 //
 // The protocol, one word per worker (`state`, host memory the GPU reaches through its mapping):
 //

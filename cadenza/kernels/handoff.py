@@ -1,6 +1,6 @@
 """The handoff worker: a CPU thread that runs a streamed layer's job when the CUDA stream asks for it.
 
-A host function (cuLaunchHostFunc) costs a decode layer ~35-45 us on the H200 box: the driver's callback thread is
+A host function (cuLaunchHostFunc) costs a decode layer tens of microseconds: the driver's callback thread is
 woken, runs the job, and signals back. Here the stream writes one word of mapped pinned memory
 (cuStreamWriteValue32), a thread spinning on that word runs the job, and the stream waits for the answer in the same
 word (cuStreamWaitValue32): both are stream memory operations, so a CUDA graph captures them like the host function.
@@ -77,9 +77,13 @@ class Worker:
     (`pinned=True`), plain memory where the tests write it themselves (`request`, `wait`)."""
 
     def __init__(
-        self, pinned: bool = False, spin_s: float = SPIN_S, nap_s: float = NAP_S, deep_after_s: float = DEEP_AFTER_S,
+        self,
+        pinned: bool = False,
+        spin_s: float = SPIN_S,
+        nap_s: float = NAP_S,
+        deep_after_s: float = DEEP_AFTER_S,
         deep_nap_s: float = DEEP_NAP_S,
-    ):  # fmt: skip
+    ):
         lib = _load()
         if lib is None:
             raise RuntimeError(f"the handoff worker is unavailable: {_library.reason}")
@@ -306,9 +310,16 @@ class Block:
     `mapped_out` say)."""
 
     def __init__(
-        self, t: int, k: int, h: int, dtype: torch.dtype, device: torch.device, ops: MemOps | None = None,
-        mapped_in: bool = True, mapped_out: bool = False,
-    ):  # fmt: skip
+        self,
+        t: int,
+        k: int,
+        h: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        ops: MemOps | None = None,
+        mapped_in: bool = True,
+        mapped_out: bool = False,
+    ):
         shapes = [(t, h), (t, k), (t, k), (t, h)]
         dtypes = [dtype, torch.int64, torch.float32, torch.float32]
         self.offsets, end = [], 0

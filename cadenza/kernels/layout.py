@@ -269,7 +269,7 @@ def pack_layer(
     items += [(x, "down", r0, min(hp, r0 + dn_step)) for x in range(e) for r0 in range(0, hp, dn_step)]
 
     def work(todo: list[tuple[int, str, int, int]]) -> None:
-        # one intra-op thread: the ops are small, and OpenMP teams of several threads per op measured 2-10x
+        # one intra-op thread: the ops are small, and OpenMP teams of several threads per op were several times
         # slower (a busy machine makes their barriers spin). This sets this thread's OpenMP team only.
         torch.set_num_threads(1)
         packer = _ChunkPacker(fmt, group, max(2 * gu_step * hp, dn_step * ip))
@@ -288,8 +288,7 @@ def pack_layer(
 
 
 # Weights per chunk: 2 MB of fp32 scratch, in a core's L2 on server CPUs, so the ~10 elementwise passes of a chunk
-# stay out of DRAM; larger than that costs the same, much smaller lets torch's per-call overhead show (measured on
-# a 2-core box: 1.5-1.8 GB/s of bf16 input per thread from 256 Ki to 2 Mi weights per chunk).
+# stay out of DRAM; larger than that costs the same, much smaller lets torch's per-call overhead show.
 _CHUNK_ELEMENTS = 1 << 19
 
 

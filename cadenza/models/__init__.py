@@ -193,8 +193,9 @@ def load_model(
         else:
             writer = store.writer(len(layers)) if store is not None else None
             progress = Progress(f"quantizing routed experts to {fmt.fmt}", len(layers))
-            packer = LayerPacker(layers, fmt.fmt, fmt.group, on_packed=writer.write if writer else None,
-                                 progress=progress)  # fmt: skip
+            packer = LayerPacker(
+                layers, fmt.fmt, fmt.group, on_packed=writer.write if writer else None, progress=progress
+            )
     try:
         with torch.no_grad():
             for name, tensor in read_weights(checkpoint, names, dtype):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from cadenza.errors import CadenzaError
-from cadenza.models.common import RopeParameters
+from cadenza.models.rope import RopeParameters
 
 _MISSING = object()
 

@@ -27,8 +27,9 @@ from torch import nn
 from cadenza.errors import CadenzaError
 from cadenza.kv_cache import MLACache
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, AttentionContext, CausalLM, DecoderModel, RMSNorm, RotaryEmbedding
+from cadenza.models.common import MLP, AttentionContext, CausalLM, DecoderModel, RMSNorm
 from cadenza.models.mla import MultiHeadLatentAttention
+from cadenza.models.rope import RotaryEmbedding
 from cadenza.moe.experts import Experts
 from cadenza.moe.routing import softmax_group_topk
 
@@ -162,9 +163,13 @@ class DeepseekV2TopkRouter(nn.Module):
         """x [T, H] -> topk_weights [T, k] float32, topk_ids [T, k]."""
         c = self.config
         return softmax_group_topk(
-            self.router_logits(x), c.num_experts_per_tok, c.topk_method, c.n_group, c.topk_group,
+            self.router_logits(x),
+            c.num_experts_per_tok,
+            c.topk_method,
+            c.n_group,
+            c.topk_group,
             c.routed_scaling_factor,
-        )  # fmt: skip
+        )
 
 
 class DeepseekV2Moe(nn.Module):

@@ -84,9 +84,14 @@ class DeepseekV3TopkRouter(DeepseekV2TopkRouter):
         """x [T, H] -> topk_weights [T, k] float32, topk_ids [T, k]."""
         c = self.config
         return sigmoid_group_topk(
-            self.router_logits(x), self.e_score_correction_bias, c.num_experts_per_tok, c.n_group, c.topk_group,
-            c.norm_topk_prob, c.routed_scaling_factor,
-        )  # fmt: skip
+            self.router_logits(x),
+            self.e_score_correction_bias,
+            c.num_experts_per_tok,
+            c.n_group,
+            c.topk_group,
+            c.norm_topk_prob,
+            c.routed_scaling_factor,
+        )
 
 
 class DeepseekV3MoE(DeepseekV2Moe):

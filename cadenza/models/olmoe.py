@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, RotaryEmbedding
+from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm
+from cadenza.models.rope import RotaryEmbedding
 from cadenza.moe.experts import Experts
 from cadenza.moe.routing import softmax_topk
 

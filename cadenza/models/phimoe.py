@@ -18,7 +18,8 @@ from torch import nn
 
 from cadenza.kv_cache import KVCache
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RopeParameters, RotaryEmbedding
+from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel
+from cadenza.models.rope import RopeParameters, RotaryEmbedding
 from cadenza.moe.experts import Experts
 
 

@@ -17,15 +17,8 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import (
-    MLP,
-    Attention,
-    AttentionContext,
-    CausalLM,
-    DecoderModel,
-    RMSNorm,
-    RotaryEmbedding,
-)
+from cadenza.models.common import MLP, Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm
+from cadenza.models.rope import RotaryEmbedding
 from cadenza.moe.experts import Experts
 from cadenza.moe.routing import softmax_topk
 

@@ -60,7 +60,7 @@ def make_mixtral(path: Path, **overrides) -> Path:
 def make_qwen3(path: Path) -> Path:
     from transformers import Qwen3MoeForCausalLM
 
-    from tests.test_qwen3_moe import tiny_qwen3_moe_config
+    from tests.models.test_qwen3_moe import tiny_qwen3_moe_config
 
     torch.manual_seed(1)
     cfg = tiny_qwen3_moe_config(hidden_size=128, moe_intermediate_size=128, head_dim=32, num_experts=8)

@@ -8,7 +8,7 @@ synchronisation; swaps keep the mask right; and the reasons it is off are report
 either launch (the handoff worker, the host function) decode replayed from CUDA graphs gives the synchronising eager
 path's tokens with no synchronisation; the worker's staging block, replayed from a graph, gives job_run's bits in
 each of its three ways of moving data; the handoff benchmark runs (also tests/test_graphs.py; the worker on its own:
-tests/test_handoff_worker.py).
+tests/kernels/test_handoff_worker.py).
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from cadenza.bench.llama_cpp_peer import (
     peer_test,
 )
 from cadenza.bench.report import REQUIRED_KEYS
-from cadenza.bench.scenarios import add_bench_parser, plan_configs, run_bench
+from cadenza.bench.run import run_bench
+from cadenza.bench.scenarios import add_bench_parser, plan_configs
 from cadenza.bench.synthetic import SyntheticCheckpoint
 from cadenza.errors import CadenzaError
 
@@ -92,11 +93,31 @@ def test_quantizer_refuses_rows_off_the_block():
 # --- the GGUF file ----------------------------------------------------------------------------------------------------
 
 # keys and tensor names as llama.cpp spells them (src/llama-arch.cpp)
-_HPARAMS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-            "attention.head_count_kv", "rope.dimension_count", "rope.freq_base", "attention.layer_norm_rms_epsilon",
-            "expert_count", "expert_used_count")  # fmt: skip
-_LAYER = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps",
-          "ffn_down_exps", "ffn_up_exps")  # fmt: skip
+_HPARAMS = (
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "rope.dimension_count",
+    "rope.freq_base",
+    "attention.layer_norm_rms_epsilon",
+    "expert_count",
+    "expert_used_count",
+)
+_LAYER = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate_inp",
+    "ffn_gate_exps",
+    "ffn_down_exps",
+    "ffn_up_exps",
+)
 
 
 def _field(reader, key):
@@ -152,10 +173,18 @@ def test_gguf_of_a_tiny_model_reads_back(tmp_path, model, fmt, arch):
     want = {"token_embd", "output_norm", "output"} | {f"blk.{i}.{n}" for i in range(layers) for n in per_layer}
     assert set(tensors) == {f"{n}.weight" for n in want}
     h, kv = c["hidden_size"], c["num_key_value_heads"] * head_dim
-    shapes = {"token_embd": [h, n_vocab], "output": [h, n_vocab], "blk.1.attn_q": [h, heads * head_dim],
-              "blk.1.attn_k": [h, kv], "blk.1.attn_output": [heads * head_dim, h], "blk.1.ffn_gate_inp": [h, n_experts],
-              "blk.1.ffn_gate_exps": [h, n_ff, n_experts], "blk.1.ffn_up_exps": [h, n_ff, n_experts],
-              "blk.1.ffn_down_exps": [n_ff, h, n_experts], "blk.1.attn_norm": [h]}  # fmt: skip
+    shapes = {
+        "token_embd": [h, n_vocab],
+        "output": [h, n_vocab],
+        "blk.1.attn_q": [h, heads * head_dim],
+        "blk.1.attn_k": [h, kv],
+        "blk.1.attn_output": [heads * head_dim, h],
+        "blk.1.ffn_gate_inp": [h, n_experts],
+        "blk.1.ffn_gate_exps": [h, n_ff, n_experts],
+        "blk.1.ffn_up_exps": [h, n_ff, n_experts],
+        "blk.1.ffn_down_exps": [n_ff, h, n_experts],
+        "blk.1.attn_norm": [h],
+    }
     for name, shape in shapes.items():
         assert tensors[f"{name}.weight"].shape.tolist() == shape, name
     qtype = {"int8": gguf.GGMLQuantizationType.Q8_0, "int4": gguf.GGMLQuantizationType.Q4_0}[fmt]
@@ -206,8 +235,9 @@ def test_interleaved_rope_matches_rotate_half():
     half = hd // 2
     hf = q * torch.cat([theta.cos()] * 2) + torch.cat([-q[:, half:], q[:, :half]], 1) * torch.cat([theta.sin()] * 2)
     p = (interleave_rope_halves(w, heads) @ x).view(heads, half, 2)
-    pairs = torch.stack([p[..., 0] * theta.cos() - p[..., 1] * theta.sin(),
-                         p[..., 0] * theta.sin() + p[..., 1] * theta.cos()], -1)  # fmt: skip
+    pairs = torch.stack(
+        [p[..., 0] * theta.cos() - p[..., 1] * theta.sin(), p[..., 0] * theta.sin() + p[..., 1] * theta.cos()], -1
+    )
     assert torch.allclose(pairs.view(heads, hd), interleave_rope_halves(hf.reshape(-1, 1), heads).view(heads, hd))
 
 
@@ -358,8 +388,9 @@ def _args(*argv: str) -> argparse.Namespace:
 def _stand_in(tmp_path, body: str):
     """An executable in place of llama-bench; `body` is Python with `argv` (its arguments) and `a(flag)`."""
     path = tmp_path / "llama-bench"
-    path.write_text(f"#!{sys.executable}\nimport json, os, sys\nargv = sys.argv[1:]\n"
-                    "a = lambda f: argv[argv.index(f) + 1]\n" + body)  # fmt: skip
+    path.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\nargv = sys.argv[1:]\na = lambda f: argv[argv.index(f) + 1]\n" + body
+    )
     path.chmod(0o755)
     return path
 
@@ -392,13 +423,26 @@ def test_not_enough_disk_says_how_much(tmp_path, monkeypatch):
     with pytest.raises(CadenzaError, match=r"needs 47\.\d GiB .* 3\.0 GiB are free.*--peer-dir"):
         llama_cpp_peer.check_disk(tmp_path, gguf_plan(SyntheticCheckpoint("mixtral-8x7b"), "int8").file_bytes_bound())
     with pytest.raises(CadenzaError, match="GiB are free"):
-        run_bench(_args("--device", "cpu", "--scenario", "D4", "--peer", "llama.cpp=/bin/true", "--model",
-                        "mixtral-8x7b", "--out", str(tmp_path / "out")))  # fmt: skip
+        run_bench(
+            _args(
+                "--device",
+                "cpu",
+                "--scenario",
+                "D4",
+                "--peer",
+                "llama.cpp=/bin/true",
+                "--model",
+                "mixtral-8x7b",
+                "--out",
+                str(tmp_path / "out"),
+            )
+        )
 
 
 def test_llama_bench_failure_shows_its_stderr(tmp_path):
-    binary = _stand_in(tmp_path, "print('llama_model_load: error loading model: bad tensor', file=sys.stderr)\n"
-                                 "sys.exit(1)\n")  # fmt: skip
+    binary = _stand_in(
+        tmp_path, "print('llama_model_load: error loading model: bad tensor', file=sys.stderr)\nsys.exit(1)\n"
+    )
     with pytest.raises(CadenzaError, match=r"exit status 1(.|\n)*error loading model: bad tensor"):
         run_llama_bench([str(binary), "-m", "x"], timeout_s=60)
     slow = _stand_in(tmp_path, "import time\nprint('loading', file=sys.stderr, flush=True)\ntime.sleep(30)\n")
@@ -427,9 +471,24 @@ def test_run_bench_f3_with_the_peer(tmp_path, monkeypatch, fails):
     binary = _stand_in(tmp_path, body)
     log = tmp_path / "argv.log"
     monkeypatch.setenv("STAND_IN_LOG", str(log))
-    args = _args("--device", "cpu", "--scenario", "F3", "--prompt-tokens", "8", "--new-tokens", "3", "--trials", "1",
-                 "--peer", f"llama.cpp={binary}", "--peer-dir", str(tmp_path / "gguf"),
-                 "--out", str(tmp_path / "o"))  # fmt: skip
+    args = _args(
+        "--device",
+        "cpu",
+        "--scenario",
+        "F3",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "3",
+        "--trials",
+        "1",
+        "--peer",
+        f"llama.cpp={binary}",
+        "--peer-dir",
+        str(tmp_path / "gguf"),
+        "--out",
+        str(tmp_path / "o"),
+    )
     if fails:
         with pytest.raises(CadenzaError, match="exit status 1(.|\n)*boom"):
             run_bench(args)

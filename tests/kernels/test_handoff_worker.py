@@ -182,9 +182,15 @@ def test_block_stages_in_one_piece():
 
 @pytest.mark.parametrize(
     ("src_dtype", "dst_dtype"),
-    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-     (torch.float16, torch.float16), (torch.int32, torch.int64), (torch.int64, torch.int64)],
-)  # fmt: skip
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.int32, torch.int64),
+        (torch.int64, torch.int64),
+    ],
+)
 def test_write_by_kernel_is_an_exact_copy(src_dtype, dst_dtype):
     """What the GPU writes through the block's mapping (kernels, not memcpy) is bit for bit what copy_ writes."""
     if src_dtype.is_floating_point:

@@ -72,11 +72,18 @@ def test_trace_counts_the_offloaded_path_too(mixtral_dir):
 
 def test_read_prompts_text_and_jsonl(tmp_path):
     f = tmp_path / "p.txt"
-    f.write_text('Hello there\n\n{"prompt": "Bonjour"}\n[{"role": "user", "content": "Hi"}]\n'
-                 '{"messages": [{"role": "user", "content": "Yo"}]}\n[not json\n')  # fmt: skip
+    f.write_text(
+        'Hello there\n\n{"prompt": "Bonjour"}\n[{"role": "user", "content": "Hi"}]\n'
+        '{"messages": [{"role": "user", "content": "Yo"}]}\n[not json\n'
+    )
     got = read_prompts(f)
-    assert got == ["Hello there", "Bonjour", [{"role": "user", "content": "Hi"}],
-                   [{"role": "user", "content": "Yo"}], "[not json"]  # fmt: skip
+    assert got == [
+        "Hello there",
+        "Bonjour",
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Yo"}],
+        "[not json",
+    ]
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(CadenzaError, match='"messages"'):
         read_prompts(tmp_path / "bad.jsonl")
@@ -92,8 +99,24 @@ def test_profile_command_writes_counts_heatmap_and_comparison(mixtral_dir, tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The cat sat on the mat\nOnce upon a time\n" + json.dumps([{"role": "user", "content": "Hi"}]))
     out = tmp_path / "pop.json"
-    r = cli("profile", "--model", str(path), "--prompts", str(prompts), "--out", str(out), "--max-tokens", "6",
-            "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--device", "cpu")  # fmt: skip
+    r = cli(
+        "profile",
+        "--model",
+        str(path),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     llm = LLM(path, device="cpu", dtype="float32")

@@ -274,8 +274,9 @@ def test_dequantize_tiles_reference_matches_layout():
     """The fallback's cropping of dequantize_tiles is the layer's own dequantize."""
     h, i = 200, 136
     packed = pack_layer(*experts(1, h, i), "int4", 32)
-    gate, up, down = gpu_moe.dequantize_expert(packed.gate_up[0], packed.down[0], "int4", 32, h, i, torch.float32,
-                                               route="torch")  # fmt: skip
+    gate, up, down = gpu_moe.dequantize_expert(
+        packed.gate_up[0], packed.down[0], "int4", 32, h, i, torch.float32, route="torch"
+    )
     assert torch.equal(down, dequantize_tiles(packed.down[0], "int4", 32, 256)[:h, :i])
     assert torch.equal(gate, dequantize(packed)[0][0]) and torch.equal(up, dequantize(packed)[1][0])
 

@@ -9,15 +9,8 @@ import json
 import pytest
 
 from cadenza import LLM, SamplingParams
-from cadenza.bench.step_profile import (
-    StepProfile,
-    _all_threads_config,
-    gaps,
-    merge,
-    overlap_ns,
-    profile_decode,
-    union_ns,
-)
+from cadenza.bench.step_attribution import gaps, merge, overlap_ns, union_ns
+from cadenza.bench.step_profile import StepProfile, _all_threads_config, profile_decode
 from cadenza.errors import CadenzaError
 from tests.conftest import budget_for, make_mixtral, prompt_ids
 

@@ -1,5 +1,5 @@
 """The benchmark harness on the CPU: synthetic checkpoints, the baseline's weight mapping, results files, the
-machine probe and a whole `cadenza bench` run on mixtral-tiny. Speed is never asserted here (BENCHMARKS.md)."""
+machine probe and a whole `cadenza bench` run on mixtral-tiny. Speed is never asserted here (benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from cadenza.bench.report import (
     roofline_fraction,
     write_results,
 )
-from cadenza.bench.scenarios import add_bench_parser, parse_budgets, parse_scenarios, plan_configs, run_bench
+from cadenza.bench.run import run_bench
+from cadenza.bench.scenarios import add_bench_parser, parse_budgets, parse_scenarios, plan_configs
 from cadenza.bench.synthetic import SyntheticCheckpoint
 from cadenza.errors import CadenzaError
 from cadenza.kernels import cpu_moe
@@ -75,9 +76,11 @@ def test_weight_scales(tiny):
     assert torch.equal(w["model.norm.weight"], torch.ones(256, dtype=torch.bfloat16))
     emb = w["model.embed_tokens.weight"].float()
     assert 0.015 < emb.std() < 0.025
-    for name, fan_in in (("model.layers.0.block_sparse_moe.experts.3.w1.weight", 256),
-                         ("model.layers.0.block_sparse_moe.experts.3.w2.weight", 512),
-                         ("model.layers.0.self_attn.q_proj.weight", 256)):  # fmt: skip
+    for name, fan_in in (
+        ("model.layers.0.block_sparse_moe.experts.3.w1.weight", 256),
+        ("model.layers.0.block_sparse_moe.experts.3.w2.weight", 512),
+        ("model.layers.0.self_attn.q_proj.weight", 256),
+    ):
         std = w[name].float().std().item()
         assert abs(std * fan_in**0.5 - 1) < 0.05, name
 
@@ -119,8 +122,16 @@ def test_per_token_bytes_of_a_device_map(tiny):
     transformers = pytest.importorskip("transformers")
     hf = getattr(transformers, tiny.architecture)(baseline_hf.hf_config(tiny))
     baseline_hf.fill_hf_model(hf, tiny, torch.bfloat16)
-    dm = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": "cpu",
-          "model.layers.3": "cpu", "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}  # fmt: skip
+    dm = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 0,
+        "model.layers.2": "cpu",
+        "model.layers.3": "cpu",
+        "model.norm": 0,
+        "model.rotary_emb": 0,
+        "lm_head": 0,
+    }
     b = baseline_hf._per_token_bytes(hf, dm, top_k=2, num_experts=8)
     layer = sum(p.numel() * 2 for n, p in hf.named_parameters() if n.startswith("model.layers.2."))
     experts = sum(p.numel() * 2 for n, p in hf.named_parameters() if n.startswith("model.layers.2.mlp.experts"))
@@ -144,8 +155,16 @@ def test_baseline_runner_control_flow(tiny, monkeypatch):
     import types
 
     pytest.importorskip("transformers")
-    dm = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": "cpu",
-          "model.layers.3": "cpu", "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}  # fmt: skip
+    dm = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 0,
+        "model.layers.2": "cpu",
+        "model.layers.3": "cpu",
+        "model.norm": 0,
+        "model.rotary_emb": 0,
+        "lm_head": 0,
+    }
     seen = {}
     fake = types.ModuleType("accelerate")
     fake.__version__ = "stub"
@@ -210,8 +229,10 @@ def test_write_results_schema(tmp_path):
 
 
 def test_plot_budget_sweep(tmp_path):
-    rows = [BenchResult("S1", "cadenza", "m", gpu_budget_gib=b, decode_tok_s=v, model_bytes=40 << 30)
-            for b, v in ((0, 5.0), (12, 6.0), ("all", 30.0))]  # fmt: skip
+    rows = [
+        BenchResult("S1", "cadenza", "m", gpu_budget_gib=b, decode_tok_s=v, model_bytes=40 << 30)
+        for b, v in ((0, 5.0), (12, 6.0), ("all", 30.0))
+    ]
     rows.append(BenchResult("S1", "cadenza", "m", gpu_budget_gib=48).skip("does not fit"))
     png = plot_budget_sweep(rows, tmp_path / "S1.png")
     if importlib.util.find_spec("matplotlib") is None:
@@ -283,8 +304,21 @@ def test_quantized_and_resident_scenarios_plan():
 
 def test_run_bench_d4_with_error_and_step_profile(tmp_path):
     """D4 on the CPU's tiny model: int4 experts, the int4-vs-bf16 error next to each result, a step profile."""
-    args = _args("--scenario", "D4", "--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "3", "--trials",
-                 "1", "--profile-step", "--out", str(tmp_path))  # fmt: skip
+    args = _args(
+        "--scenario",
+        "D4",
+        "--device",
+        "cpu",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "3",
+        "--trials",
+        "1",
+        "--profile-step",
+        "--out",
+        str(tmp_path),
+    )
     assert run_bench(args) == 0
     data = json.loads(next(tmp_path.glob("D4-*.json")).read_text())
     assert "--profile-step" in data["command"]
@@ -306,8 +340,20 @@ def test_run_bench_d4_with_error_and_step_profile(tmp_path):
 
 
 def test_run_bench_tiny_on_cpu(tmp_path, capsys):
-    args = _args("--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "4", "--trials", "1",
-                 "--budgets", "0,24,all", "--out", str(tmp_path))  # fmt: skip
+    args = _args(
+        "--device",
+        "cpu",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "4",
+        "--trials",
+        "1",
+        "--budgets",
+        "0,24,all",
+        "--out",
+        str(tmp_path),
+    )
     assert run_bench(args) == 0
     files = sorted(p.name for p in tmp_path.glob("*.json"))
     assert [f.split("-cpu-")[0] for f in files] == ["D1", "P1", "S1"]
@@ -340,8 +386,24 @@ def test_run_bench_refuses_bad_requests(tmp_path):
 
 
 def test_run_bench_policies_and_tag(tmp_path):
-    args = _args("--device", "cpu", "--scenario", "D1", "--policies", "cpu", "--tag", "b", "--prompt-tokens", "8",
-                 "--new-tokens", "3", "--trials", "1", "--out", str(tmp_path))  # fmt: skip
+    args = _args(
+        "--device",
+        "cpu",
+        "--scenario",
+        "D1",
+        "--policies",
+        "cpu",
+        "--tag",
+        "b",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "3",
+        "--trials",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     assert run_bench(args) == 0
     (f,) = tmp_path.glob("*.json")
     assert f.name.startswith("D1-cpu-") and f.name.endswith("-b.json")
@@ -385,8 +447,22 @@ def test_deepseek_tiny_builds_and_runs():
 
 
 def test_run_bench_f2_tiny_on_cpu(tmp_path):
-    args = _args("--device", "cpu", "--scenario", "F2", "--prompt-tokens", "8", "--new-tokens", "4",
-                 "--trials", "1", "--policies", "cpu,auto", "--out", str(tmp_path))  # fmt: skip
+    args = _args(
+        "--device",
+        "cpu",
+        "--scenario",
+        "F2",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "4",
+        "--trials",
+        "1",
+        "--policies",
+        "cpu,auto",
+        "--out",
+        str(tmp_path),
+    )
     assert run_bench(args) == 0
     (f,) = tmp_path.glob("*.json")
     doc = json.loads(f.read_text())

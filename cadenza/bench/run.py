@@ -1,0 +1,314 @@
+"""`cadenza bench`'s run: the transformers baseline, cadenza's configurations one after another on one built model,
+the peer's rows, each result written as soon as it is measured. What to run: cadenza.bench.scenarios."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from cadenza.bench.report import BenchResult, plot_budget_sweep, result_path, write_results
+from cadenza.bench.scenarios import (
+    D1_BUDGET_GIB,
+    EXPERT_FORMAT,
+    SOLO,
+    command_line,
+    parse_budgets,
+    parse_policies,
+    parse_scenarios,
+    plan_configs,
+    random_prompt,
+)
+from cadenza.errors import CadenzaError
+from cadenza.moe.cpu import physical_cores
+
+BASELINE_NEW_TOKENS = 8  # seconds per token: the transformers baseline decodes few tokens (benchmarks/README.md)
+PROFILE_STEPS = 8  # decode steps profiled per configuration (--profile-step)
+ERROR_LAYERS = 4  # D3 / D4 measure quantization error on the model's first layers (bf16 copy on the GPU)
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+class _Log:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[bench {time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
+
+
+def _describe(r: dict) -> str:
+    if r.get("skipped"):
+        return "  " + "; ".join(r["notes"])
+    parts = []
+    if r.get("decode_tok_s") is not None:
+        parts.append(f"decode {r['decode_tok_s']:.2f} tok/s")
+    if r.get("prefill_tok_s") is not None:
+        parts.append(f"prefill {r['prefill_tok_s']:.1f} tok/s, TTFT {r['ttft_s']:.3f} s")
+    if r.get("roofline_fraction") is not None:
+        parts.append(f"roofline {r['roofline_fraction']:.2f}")
+    if r.get("peak_gpu_mem_gib") is not None:
+        parts.append(f"peak GPU {r['peak_gpu_mem_gib']:.1f} GiB")
+    return "  -> " + ", ".join(parts)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value in (
+        ("--trials", args.trials),
+        ("--prompt-tokens", args.prompt_tokens),
+        ("--new-tokens", args.new_tokens),
+        ("--cpu-threads", args.cpu_threads),
+    ):
+        if value is not None and value < 1:
+            raise CadenzaError(f"{flag} {value} is not valid. Give a whole number of at least 1.")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """`cadenza bench`: measures the chosen scenarios and writes one JSON file per scenario. Returns 0."""
+    from cadenza.bench.baseline_hf import baseline_unavailable
+    from cadenza.bench.machine import machine_info, rss_gib
+    from cadenza.bench.measure import CadenzaUnderTest
+    from cadenza.bench.synthetic import SyntheticCheckpoint
+    from cadenza.cli import expert_kwargs
+    from cadenza.llm import resolve_device
+
+    _check_args(args)
+    scenarios = parse_scenarios(args.scenario)
+    budgets = parse_budgets(args.budgets)
+    device = resolve_device(args.device)
+    for s, (solo_model, _) in SOLO.items():
+        if s in scenarios and len(scenarios) > 1:
+            raise CadenzaError(f"{s} measures another model ({solo_model}): run --scenario {s} on its own.")
+    default, cpu_default = SOLO.get(scenarios[0], ("mixtral-8x7b", None))
+    model = args.model or (default if device.type == "cuda" else cpu_default or "mixtral-tiny")
+    ckpt = SyntheticCheckpoint(model, seed=args.seed)
+    baseline = args.baseline if args.baseline is not None else device.type == "cuda"
+    baseline = baseline and "D1" in scenarios
+    if args.baseline and baseline_unavailable(device):
+        raise CadenzaError(f"--baseline: {baseline_unavailable(device)}.")
+    all_configs = plan_configs(scenarios, budgets, args.prompt_tokens, args.new_tokens)
+    policies = parse_policies(args.policies)
+    configs = [c for c in all_configs if c.scenario == "S1" or c.policy in policies]
+    if not configs and not baseline:
+        raise CadenzaError("Nothing to measure: --policies none leaves no configuration and no baseline.")
+    max_context = max((c.prompt_tokens + c.new_tokens for c in configs), default=2)
+    if args.profile_step:  # the profile decodes a warm-up, an unprofiled and a profiled run after the prompt
+        max_context = max(max_context, max(c.prompt_tokens for c in configs) + 3 * PROFILE_STEPS + 1)
+    if max_context > ckpt.config["max_position_embeddings"]:
+        raise CadenzaError(
+            f"The longest request ({max_context} tokens) exceeds {model}'s context of "
+            f"{ckpt.config['max_position_embeddings']}. Lower --prompt-tokens / --new-tokens."
+        )
+    peer = None
+    if args.peer:  # a bad --peer is refused before anything is built
+        from cadenza.bench.llama_cpp_peer import peer_request
+
+        peer = peer_request(args.peer, args.peer_dir, scenarios[0], EXPERT_FORMAT.get(scenarios[0]), ckpt, configs)
+    log = _Log()
+    command = command_line(args, model, device)
+    log(
+        f"{command}\n  {model}: {ckpt.total_bytes / 1e9:.1f} GB bf16; {len(configs)} configurations, each 1 warm-up + "
+        f"{args.trials} trials{'; transformers baseline first' if baseline else ''}"
+    )
+    machine = machine_info(device)
+    log(
+        f"machine: {machine['gpu_name'] or 'no GPU'}, {machine['cpu_model']} ({machine['physical_cores']} cores); "
+        f"DRAM read {machine['dram_read_gb_s']} GB/s, pinned H2D {machine['pinned_h2d_gb_s']} GB/s, "
+        f"GPU read {machine['gpu_mem_bw_gb_s']} GB/s"
+    )
+    files = {s: result_path(args.out, s, machine["gpu_name"], tag=args.tag) for s in scenarios}
+    results: dict[str, list[dict]] = {s: [] for s in scenarios}
+
+    def add(scenario: str, result: dict) -> None:
+        results[scenario].append(result)
+        write_results(files[scenario], command, machine, results[scenario], complete=False)
+        log(_describe(result))
+
+    if baseline:
+        add("D1", _run_baseline(ckpt, all_configs, device, machine, log, args.seed))
+    if not configs:
+        return 0
+    add_row = add  # the peer's rows: without cadenza's quantization error
+    expert_args = expert_kwargs(args)
+    fmt = EXPERT_FORMAT.get(scenarios[0])
+    if fmt is not None:  # D3 / D4 fix the format
+        if args.experts not in ("bf16", fmt):
+            raise CadenzaError(f"{scenarios[0]} measures {fmt} experts; --experts {args.experts} contradicts it.")
+        expert_args["experts"] = fmt
+        from cadenza.bench.quant_error import quantization_error
+
+        log(f"{scenarios[0]}: {fmt} vs bf16 output error on {model} cut to {ERROR_LAYERS} layers ...")
+        error = quantization_error(model, fmt, device, args.seed, ERROR_LAYERS, expert_args["expert_group"])
+        log(
+            f"  relative logit error {error['relative_logit_error']:.4f}, top-1 agreement {error['top1_agreement']:.3f}"
+        )
+        add = _with_error(add, error)
+
+    log(f"building cadenza's model ({ckpt.total_bytes / 1e9:.1f} GB) on {device}; host RSS {rss_gib()} GiB ...")
+    cut = CadenzaUnderTest(
+        ckpt,
+        device,
+        _first_fitting(configs, ckpt, device),
+        max_context,
+        args.cpu_threads,
+        prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
+        eviction=args.eviction,
+        cuda_graphs=not args.no_cuda_graphs,
+        **expert_args,
+    )
+    ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
+    log(f"built in {cut.load_s:.1f} s; host RSS {rss_gib()} GiB")
+    try:
+        for cfg in configs:
+            _run_config(cut, cfg, args, model, max_context, machine, add, log)
+    finally:
+        cut.close()
+    peer_error = None
+    if peer is not None:  # after cadenza's configurations, with its model freed: host memory and GPU are the peer's
+        del cut
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log(f"cadenza's model freed; host RSS {rss_gib()} GiB")
+        from cadenza.bench.llama_cpp_peer import LlamaCppPeer
+
+        try:
+            LlamaCppPeer(*peer, args.cpu_threads or physical_cores(), args.trials, machine, log).run(
+                scenarios[0], ckpt, fmt, configs, add_row
+            )
+        except CadenzaError as e:
+            peer_error = e  # its rows say skipped and why; the files are completed first
+
+    for s in scenarios:
+        write_results(files[s], command, machine, results[s], complete=True)
+        log(f"wrote {files[s]}")
+    if "S1" in scenarios:
+        png = plot_budget_sweep(
+            results["S1"],
+            files["S1"].with_suffix(".png"),
+            title=f"{model} decode vs GPU budget ({machine['gpu_name'] or 'CPU only'})",
+        )
+        if png:
+            log(f"wrote {png}")
+    if peer_error is not None:
+        raise peer_error
+    return 0
+
+
+def _with_error(add, error: dict):
+    """`add` that records the format's measured output error next to every result."""
+    return lambda scenario, result: add(scenario, {**result, "error_vs_bf16": error})
+
+
+def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int, machine: dict, add, log) -> None:
+    """Measures one cadenza configuration (or records why it was skipped) and hands the result to `add`."""
+    from cadenza.bench.measure import SYSTEM, measure
+
+    log(
+        f"{cfg.scenario} cadenza policy={cfg.policy} budget={cfg.budget} GiB, {cfg.prompt_tokens} -> "
+        f"{cfg.new_tokens} tokens"
+    )
+    ckpt = cut.ckpt
+    result = BenchResult(
+        scenario=cfg.scenario,
+        system=SYSTEM,
+        model=model,
+        cpu_experts=cut.llm.expert_format.fmt,
+        policy=cfg.policy,
+        gpu_budget_gib=cfg.budget,
+        prompt_tokens=cfg.prompt_tokens,
+        new_tokens=cfg.new_tokens,
+        device=str(cut.device),
+        trials=args.trials,
+        model_bytes=ckpt.total_bytes,
+        max_context=max_context,
+    )
+    prompt = random_prompt(cfg.prompt_tokens, ckpt.config["vocab_size"], args.seed)
+    try:
+        measure(cut, cfg, result, prompt, args.trials, machine)
+    except CadenzaError as e:
+        result.skip(str(e))
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        result.skip(f"out of GPU memory: {str(e).splitlines()[0]}")
+    out = {**result.as_dict(), **kv_cache_facts(cut.llm), "cuda_graphs": cut.llm.engine.graphs.describe()}
+    orch = cut.llm.orchestra
+    if orch is not None:  # how the decode layers hand the CPU its share (cadenza.moe.offload.streamed)
+        out["cpu_launch"] = "stream" if orch.streamed is not None else f"host sync per layer ({orch.streamed_reason})"
+        if orch.streamed is not None:  # how the stream hands a layer over: the worker thread or a host function
+            out["cpu_handoff"] = {"launch": orch.streamed.launch, "reason": orch.streamed.launch_reason}
+    if args.profile_step and cfg.new_tokens > 1 and not out.get("skipped"):
+        from cadenza.bench.step_profile import profile_decode
+
+        graphs = cut.llm.engine.graphs.enabled
+        try:
+            prof = profile_decode(cut.llm, prompt, steps=PROFILE_STEPS, warmup=PROFILE_STEPS, eager=not graphs)
+        except CadenzaError as e:
+            out["step_profile"] = {"error": str(e)}
+            log(f"step profile failed: {e}")
+        else:
+            out["step_profile"] = prof.as_dict()
+            log("step profile" + (" (CUDA graphs: totals only)" if graphs else "") + "\n" + prof.table())
+    add(cfg.scenario, out)
+
+
+def kv_cache_facts(llm) -> dict:
+    """KV-cache bytes per token of context (all layers, compute dtype) as cadenza stores them, and for multi-head
+    latent attention (DeepSeek) what per-head keys and values would take instead."""
+    out = {"kv_bytes_per_token": llm.sizes.kv_bytes_per_token}
+    c = llm.config
+    if hasattr(c, "kv_lora_rank"):  # MLA: the cache holds the latent and the rope key, shared by every head
+        elem = torch.empty((), dtype=llm.dtype).element_size()
+        per_head = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim  # key + value of one head
+        out["kv_bytes_per_token_decompressed"] = c.num_hidden_layers * c.num_attention_heads * per_head * elem
+    return out
+
+
+def _first_fitting(configs, ckpt, device: torch.device):
+    """The configuration to build with: the first whose budget fits the GPU (placement is re-done per config)."""
+    if device.type != "cuda":
+        return configs[0]
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    for cfg in configs:
+        need = ckpt.total_bytes if cfg.budget == "all" else cfg.budget * (1 << 30)
+        if need < gpu_bytes:
+            return cfg
+    return configs[0]
+
+
+def _run_baseline(ckpt, configs, device: torch.device, machine: dict, log, seed: int) -> dict:
+    """D1's transformers+accelerate row: measured, or skipped with the reason."""
+    from cadenza.bench.baseline_hf import SYSTEM, baseline_unavailable, run_transformers_offload
+
+    d1 = next(c for c in configs if c.scenario == "D1")
+    new_tokens = min(BASELINE_NEW_TOKENS, d1.new_tokens)
+    prompt = random_prompt(d1.prompt_tokens, ckpt.config["vocab_size"], seed)  # the same prompt as cadenza's D1
+    skipped = BenchResult(
+        scenario="D1",
+        system=SYSTEM,
+        model=ckpt.name,
+        policy="device_map",
+        gpu_budget_gib=D1_BUDGET_GIB,
+        prompt_tokens=d1.prompt_tokens,
+        new_tokens=new_tokens,
+        device=str(device),
+        model_bytes=ckpt.total_bytes,
+    )
+    reason = baseline_unavailable(device)
+    if reason:
+        log(f"baseline skipped: {reason}")
+        return skipped.skip(reason).as_dict()
+    log(
+        f"D1 {SYSTEM}: building the transformers model ({ckpt.total_bytes / 1e9:.1f} GB), then "
+        f"{d1.prompt_tokens} -> {new_tokens} tokens (seconds per token) ..."
+    )
+    try:
+        return run_transformers_offload(ckpt, D1_BUDGET_GIB, prompt, new_tokens, trials=1, machine=machine)
+    except CadenzaError as e:
+        return skipped.skip(str(e)).as_dict()
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return skipped.skip(f"out of GPU memory: {str(e).splitlines()[0]}").as_dict()

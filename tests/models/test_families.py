@@ -1,0 +1,39 @@
+"""What every family must do alike, once per family: cadenza's greedy generation equals transformers' token for
+token (each family's tiny checkpoint as its own file builds it); family-specific tests stay in their files."""
+
+from __future__ import annotations
+
+import pytest
+
+from cadenza import LLM, SamplingParams
+from tests.conftest import make_mixtral, prompt_ids, reference_greedy
+from tests.models import test_deepseek_v2 as v2
+from tests.models import test_deepseek_v3 as v3
+from tests.models.test_olmoe import CONFIGS as OLMOE_CONFIGS
+from tests.models.test_olmoe import make_olmoe
+from tests.models.test_phimoe import longrope, make_phimoe
+from tests.models.test_qwen2_moe import make_qwen2_moe
+from tests.models.test_qwen3_moe import CONFIGS as QWEN3_CONFIGS
+from tests.models.test_qwen3_moe import make_qwen3_moe
+
+# family -> its tiny checkpoint for greedy generation: (folder, the fp32 transformers model)
+GREEDY_MODELS = {
+    "mixtral": lambda path: make_mixtral(path),
+    "qwen2_moe": lambda path: make_qwen2_moe(path, num_hidden_layers=3, mlp_only_layers=[0], num_experts=6),
+    "qwen3_moe": lambda path: make_qwen3_moe(path, **QWEN3_CONFIGS["top4-of-16-dense-layer-1"]),
+    "olmoe": lambda path: make_olmoe(path, num_hidden_layers=3, **OLMOE_CONFIGS["gqa2-top2-of-6-clip-normed"]),
+    "phimoe": lambda path: make_phimoe(path, rope_parameters=longrope(orig=48)),  # stays short throughout
+    "deepseek_v2": lambda path: v2.make_v2(path, q_lora_rank=24, rope_parameters=v2.YARN),
+    "deepseek_v3": lambda path: v3.make_v3(path, num_hidden_layers=4, first_k_dense_replace=2, rope_parameters=v3.YARN),
+}
+
+
+@pytest.mark.parametrize("family", list(GREEDY_MODELS))
+def test_greedy_generation_matches_transformers(tmp_path, family):
+    path, hf = GREEDY_MODELS[family](tmp_path / "gen")
+    ids = prompt_ids(10)
+    out = LLM(path, device="cpu", dtype="float32").generate(
+        ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    )
+    assert out.token_ids == reference_greedy(hf, ids, 32)
+    assert len(out.token_ids) == 32 and out.finish_reason == "length"
