@@ -409,10 +409,10 @@ def _count(n: int) -> str:
 def offload_info(args: argparse.Namespace) -> dict:
     """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
     from cadenza.checkpoint import Checkpoint
-    from cadenza.demo import cache_dir
     from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype, workspace_bytes
     from cadenza.models import build_meta, model_sizes
     from cadenza.moe.placement import load_popularity, parse_size, plan
+    from cadenza.paths import cache_dir
 
     out: dict = {}
     ckpt = Checkpoint(args.model)

@@ -295,8 +295,8 @@ class LLM:
         orch = self.orchestra
         if orch is None or orch.cost is not None:
             return
-        from cadenza.demo import cache_dir
         from cadenza.moe.costmodel import calibrate, load_cached, save_cached
+        from cadenza.paths import cache_dir
 
         key = cost_model_key(self.device, orch)
         self._tune_prefetch(key)  # first: the cost model measures the CPU as it will run
@@ -323,8 +323,8 @@ class LLM:
             return
         if not orch.cpu_kernel:
             return
-        from cadenza.demo import cache_dir
         from cadenza.moe.costmodel import load_prefetch, save_prefetch, tune_prefetch
+        from cadenza.paths import cache_dir
 
         value = load_prefetch(cache_dir(), key)
         if value is None:
