@@ -337,7 +337,7 @@ def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | N
     import torch
 
     from cadenza.checkpoint import Checkpoint
-    from cadenza.models import build_meta, expected_tensors
+    from cadenza.loader import build_meta, expected_tensors
     from cadenza.moe.experts import Experts
     from cadenza.moe.quantize import ExpertFormat
 
@@ -410,7 +410,7 @@ def offload_info(args: argparse.Namespace) -> dict:
     """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
     from cadenza.checkpoint import Checkpoint
     from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype, workspace_bytes
-    from cadenza.models import build_meta, model_sizes
+    from cadenza.loader import build_meta, model_sizes
     from cadenza.moe.placement import load_popularity, parse_size, plan
     from cadenza.paths import cache_dir
 

@@ -13,7 +13,7 @@ import torch
 from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
-from cadenza.models import build_meta, load_model, model_sizes, moe_layers, moe_routers
+from cadenza.loader import build_meta, load_model, model_sizes, moe_layers, moe_routers
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size, plan
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.moe.scheduler import POLICIES, Orchestra

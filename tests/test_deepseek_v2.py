@@ -153,7 +153,7 @@ def test_layer_kinds_follow_config(tmp_path):
     path, _ = make_v2(tmp_path / "kinds", num_hidden_layers=6, first_k_dense_replace=2)
     edit_config(path, moe_layer_freq=2)
     from cadenza.checkpoint import Checkpoint
-    from cadenza.models import build_meta
+    from cadenza.loader import build_meta
 
     layers = build_meta(Checkpoint(path)).model.layers
     sparse = [i for i, layer in enumerate(layers) if type(layer.mlp).__name__ == "DeepseekV2Moe"]

@@ -19,7 +19,7 @@ from tests.test_cli import cli
 
 def router_counts(llm, ids: list[int]) -> list[list[int]]:
     """A direct count from the router outputs: hook each MoE block's gate and recompute its top-k."""
-    from cadenza.models import moe_layers
+    from cadenza.loader import moe_layers
 
     layers = moe_layers(llm.model)
     counts = [[0] * layers[0].num_experts for _ in layers]

@@ -27,7 +27,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.checkpoint import Checkpoint
 from cadenza.kernels import cpu_moe, layout
-from cadenza.models import build_meta, expert_tensor_names, model_sizes, moe_layers
+from cadenza.loader import build_meta, expert_tensor_names, model_sizes, moe_layers
 from cadenza.moe import packed_store
 from cadenza.moe.experts import Experts
 from cadenza.moe.placement import plan
