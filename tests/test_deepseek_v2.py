@@ -12,6 +12,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli import describe
 from cadenza.kv_cache import MLACache
+from tests.cli.test_cli import cli
 from tests.conftest import (
     VOCAB,
     budget_for,
@@ -21,7 +22,6 @@ from tests.conftest import (
     reference_greedy,
     reference_logits,
 )
-from tests.test_cli import cli
 
 TOL = 1e-4
 GREEDY = dict(temperature=0, max_tokens=32, ignore_eos=True)

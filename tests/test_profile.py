@@ -11,8 +11,8 @@ from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.moe.eviction import LFU, LRFU, LRU, make_policy
 from cadenza.moe.trace import ExpertTrace
 from cadenza.profile import read_prompts
+from tests.cli.test_cli import cli
 from tests.conftest import budget_for, prompt_ids
-from tests.test_cli import cli
 
 # --- traces ---------------------------------------------------------------------------------------------------
 

@@ -32,8 +32,8 @@ from cadenza.moe import packed_store
 from cadenza.moe.experts import Experts
 from cadenza.moe.placement import plan
 from cadenza.moe.quantize import Progress
+from tests.cli.test_cli import cli
 from tests.conftest import edit_config, prompt_ids, save_hf_model, tiny_mixtral_config
-from tests.test_cli import cli
 
 EXACT = 1e-4
 BOUNDS = {"int8": (0.05, 0.9), "int4": (0.35, 0.55)}  # (relative logit error <, top-1 agreement >=)
