@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import zlib
@@ -35,6 +35,8 @@ from cadenza.moe.experts import Experts
 from cadenza.moe.quantize import Progress
 from cadenza.paths import experts_dir
 
+log = logging.getLogger(__name__)
+
 LAYOUT_VERSION = 1  # bump when cadenza.kernels.layout's bytes or this file format change
 MAGIC = b"CADENZA-PACKED\x00\x01"
 PIECE = 64 << 20  # bytes per checksummed piece of a layer file
@@ -46,7 +48,8 @@ class CacheProblem(Exception):
 
 
 def notice(text: str) -> None:
-    print(f"cadenza: {text}", file=sys.stderr, flush=True)
+    """A problem with the cache that costs the user time (packing again): they should see it."""
+    log.warning("%s", text)
 
 
 def _threads() -> int:
