@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
-from cadenza.cli import describe
+from cadenza.cli.info import describe
 from cadenza.kv_cache import MLACache
 from tests.cli.test_cli import cli
 from tests.conftest import (

@@ -10,7 +10,6 @@ import argparse
 import importlib
 import sys
 
-from cadenza.cli.info import describe
 from cadenza.errors import CadenzaError
 from cadenza.log import to_terminal
 
@@ -53,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-__all__ = ["build_parser", "describe", "main"]
+__all__ = ["build_parser", "main"]
