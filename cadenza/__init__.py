@@ -5,6 +5,7 @@ llm = LLM("path/to/checkpoint")          # a Hugging Face folder: config.json, *
 print(llm.generate("Hello", SamplingParams(temperature=0, max_tokens=32)).text)
 """
 
+import cadenza.log  # noqa: F401  (first: notices raised while the package loads reach stderr)
 from cadenza.errors import CadenzaError
 from cadenza.llm import LLM, GenerationResult  # noqa: E402
 from cadenza.sampling import SamplingParams

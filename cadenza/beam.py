@@ -22,17 +22,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cadenza.generation import Generation
 from cadenza.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from cadenza.engine import Engine, Generation
+    from cadenza.engine import Engine
 
 NEG = -1.0e9  # the score of "not a candidate"
 
 
 def run_beam_search(engine: Engine, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None):
-    from cadenza.engine import Generation
-
     engine.check_prompt(prompt_ids)
     gen = gen if gen is not None else Generation(list(prompt_ids))
     stats = gen.stats

@@ -12,14 +12,11 @@ from pathlib import Path
 
 import torch
 
+from cadenza.paths import demo_dir
 from cadenza.text import Tokenizer, write_byte_level_tokenizer
 
 DEMO_NAME = "demo-mixtral-v1"
 DEMO_LABEL = "built-in demo model (tiny Mixtral-shaped MoE, random weights: the text is gibberish)"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CADENZA_CACHE", Path.home() / ".cache" / "cadenza")).expanduser()
 
 
 def demo_config(vocab_size: int, bos: int | None, eos: list[int]) -> dict:
@@ -61,7 +58,7 @@ def demo_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def demo_model_dir() -> Path:
     """The demo checkpoint folder, built on first use (atomically: a half-written folder is never left)."""
-    target = cache_dir() / DEMO_NAME
+    target = demo_dir(DEMO_NAME)
     if (target / "model.safetensors").exists():
         return target
     from safetensors.torch import save_file

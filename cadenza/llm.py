@@ -12,7 +12,7 @@ import torch
 from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
-from cadenza.models import build_meta, load_model, model_sizes, moe_layers, moe_routers
+from cadenza.loader import build_meta, load_model, model_sizes, moe_layers, moe_routers
 from cadenza.moe.offload import calibration, planning
 from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size

@@ -1,11 +1,10 @@
-"""`cadenza profile`: run a file of prompts, count which experts each token used per layer, and write the counts
-(the popularity file that `--placement` reads), a heatmap, and what popularity placement would keep on the GPU
-compared with even placement."""
+"""What `cadenza profile` does (the command is cadenza.cli.profile): run a file of prompts, count which experts
+each token used per layer, and write the counts (the popularity file that `--placement` reads), a heatmap, and what
+popularity placement would keep on the GPU compared with even placement."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from cadenza.errors import CadenzaError
@@ -151,18 +150,4 @@ def parse_budgets(values: list[str] | None) -> list[int] | None:
     return [parse_size(v) for item in values for v in item.split(",") if v.strip()]
 
 
-def main(args) -> int:
-    from cadenza.cli import _load, _sampling
-
-    prompts = read_prompts(args.prompts)
-    _sampling(args, None)
-    budgets = parse_budgets(args.budget)
-    llm = _load(args)
-    params = _sampling(args, llm)
-    report = run_profile(llm, prompts, params, Path(args.out), budgets)
-    print(summary(report), file=sys.stderr)
-    print(f"wrote {args.out} (use it with --placement {args.out})", file=sys.stderr)
-    return 0
-
-
-__all__ = ["main", "read_prompts", "run_profile"]
+__all__ = ["parse_budgets", "read_prompts", "run_profile", "summary"]

@@ -72,7 +72,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from cadenza.bench.machine import machine_info, rss_gib
     from cadenza.bench.measure import CadenzaUnderTest
     from cadenza.bench.synthetic import SyntheticCheckpoint
-    from cadenza.cli import expert_kwargs
+    from cadenza.cli.flags import expert_kwargs
     from cadenza.llm import resolve_device
 
     _check_args(args)

@@ -122,10 +122,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="after each decode configuration, profile a few decode steps: GPU kernels, transfers, CPU experts and "
         "overhead, in total and per layer (with --no-cuda-graphs; graphs hide the layers)",
     )
-    from cadenza.cli import add_graph_args
+    from cadenza.cli.flags import add_graph_args
 
     add_graph_args(p)
-    from cadenza.cli import add_expert_args
+    from cadenza.cli.flags import add_expert_args
 
     add_expert_args(p)  # synthetic models are never cached: --no-cache changes nothing here
     p.set_defaults(func=run_bench)

@@ -252,7 +252,7 @@ class SyntheticCheckpoint:
 
     def _collect_tensors(self) -> None:
         # The model itself says what it expects (the loader checks the same list), built on the meta device.
-        from cadenza.models import build_meta, expected_tensors
+        from cadenza.loader import build_meta, expected_tensors
         from cadenza.moe.experts import Experts
 
         model = build_meta(self)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import platform
 import sys
@@ -56,6 +57,8 @@ __all__ = [
     "pack_layer",
     "plain_layer",
 ]
+
+log = logging.getLogger(__name__)
 
 ROUTES = ("auto", "kernel", "mm", "torch")
 # activation name (config.json's hidden_act) -> the kernel's code
@@ -145,7 +148,7 @@ def _build() -> ctypes.CDLL:
 
 
 def _notice(reason: str) -> None:
-    print(f"cadenza: the fused CPU expert kernel is off ({reason}); using PyTorch.", file=sys.stderr)
+    log.warning("the fused CPU expert kernel is off (%s); using PyTorch.", reason)
 
 
 _library = native.Library(_build, _unsupported, _notice)

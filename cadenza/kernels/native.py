@@ -12,18 +12,18 @@ from pathlib import Path
 
 import torch
 
+from cadenza.paths import kernels_dir
+
 
 def build(source: str, cflags: list[str], ldflags: list[str], key: str = "") -> ctypes.CDLL:
     """Compiles `source` (a file beside this module) with `cflags` and links it with `ldflags`; `key` adds what
     else the binary depends on (a CPU's model and flags). Raises what the compiler or ninja raise."""
     from torch.utils.cpp_extension import load
 
-    from cadenza.demo import cache_dir
-
     src = Path(__file__).with_name(source)
     text = "\n".join([src.read_text(), " ".join(cflags), " ".join(ldflags), torch.__version__, key])
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    build_dir = cache_dir() / "kernels" / f"{src.stem}-{digest}"
+    build_dir = kernels_dir() / f"{src.stem}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     path = load(
         name=f"cadenza_{src.stem}_{digest}",

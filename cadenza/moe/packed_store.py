@@ -1,6 +1,6 @@
 """The disk cache of packed experts: a second start reads the int8 / int4 layers instead of packing them again.
 
-Where: `cadenza.demo.cache_dir()` / "experts" / <entry>/ (CADENZA_CACHE moves it), one file per MoE layer and a
+Where: `cadenza.paths.experts_dir()` / <entry>/ (CADENZA_CACHE moves it), one file per MoE layer and a
 meta.json. An entry is written into a temporary folder, meta.json last, then renamed into place: an entry either
 is whole or does not exist. Its name ends in a key over the checkpoint's identity (resolved path; each safetensors
 file's name, size and mtime_ns; config.json's contents), the format, the group and `LAYOUT_VERSION`, so a changed
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import zlib
@@ -33,6 +33,9 @@ import torch
 from cadenza.kernels.layout import PackedExperts, empty_packed
 from cadenza.moe.experts import Experts
 from cadenza.moe.quantize import Progress
+from cadenza.paths import experts_dir
+
+log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1  # bump when cadenza.kernels.layout's bytes or this file format change
 MAGIC = b"CADENZA-PACKED\x00\x01"
@@ -45,7 +48,8 @@ class CacheProblem(Exception):
 
 
 def notice(text: str) -> None:
-    print(f"cadenza: {text}", file=sys.stderr, flush=True)
+    """A problem with the cache that costs the user time (packing again): they should see it."""
+    log.warning("%s", text)
 
 
 def _threads() -> int:
@@ -98,9 +102,7 @@ class PackedStore:
         identity = checkpoint_identity(checkpoint)
         if identity is None:
             return None
-        from cadenza.demo import cache_dir
-
-        return cls(cache_dir() / "experts", identity, fmt, group)
+        return cls(experts_dir(), identity, fmt, group)
 
     def meta(self, num_layers: int, files: list[str], nbytes: int) -> dict:
         return {

@@ -10,6 +10,7 @@ experts, 47 GB as int8) loads into 128 GiB of host memory.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -21,7 +22,10 @@ import torch
 
 from cadenza.errors import CadenzaError
 from cadenza.kernels.layout import DEFAULT_GROUP, FORMATS, INT4_GROUPS, INT8_GROUPS, resolve_group
+from cadenza.log import PROGRESS
 from cadenza.moe.experts import Experts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,15 @@ class ExpertFormat:
 
 
 class Progress:
-    """A progress line on stderr for work of `total` steps: updated in place on a terminal, a line every ~10%
-    otherwise; silent unless the work has taken more than `after_s` seconds (tiny models print nothing)."""
+    """A progress line for work of `total` steps: updated in place on a terminal, a line every ~10% otherwise;
+    silent unless the work has taken more than `after_s` seconds (tiny models print nothing). Written to `stream`
+    when given, else logged (INFO, logger cadenza.moe.quantize): the CLI shows it, the Python API by default not."""
 
     def __init__(self, label: str, total: int, after_s: float = 1.0, stream=None):
         self.label, self.total, self.after_s = label, total, after_s
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.stream = stream
+        shown_on = stream if stream is not None else sys.stderr  # where a logged line lands with the CLI's handler
+        self.tty = bool(getattr(shown_on, "isatty", lambda: False)())
         self.start = time.perf_counter()
         self.shown = False
         self.last_decile = -1
@@ -85,18 +91,20 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         if not self.shown and elapsed < self.after_s:
             return
-        text = f"cadenza: {self.label}: layer {done}/{self.total}"
-        if self.tty:
-            self.stream.write(f"\r{text} ({elapsed:.0f} s)")
-            if done >= self.total:
-                self.stream.write("\n")
-        else:
+        if not self.tty:
             decile = done * 10 // max(1, self.total)
             if decile == self.last_decile:
                 return
             self.last_decile = decile
-            self.stream.write(f"{text} ({elapsed:.0f} s)\n")
-        self.stream.flush()
+        text = f"{self.label}: layer {done}/{self.total} ({elapsed:.0f} s)"
+        if self.stream is None:
+            log.info("%s", text, extra={PROGRESS: done >= self.total})
+        elif self.tty:
+            self.stream.write(f"\rcadenza: {text}" + ("\n" if done >= self.total else ""))
+        else:
+            self.stream.write(f"cadenza: {text}\n")
+        if self.stream is not None:
+            self.stream.flush()
         self.shown = True
 
 

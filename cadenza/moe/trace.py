@@ -17,7 +17,7 @@ from torch import nn
 
 class ExpertTrace:
     def __init__(self, model: nn.Module, keep_tokens: int = 0):
-        from cadenza.models import moe_layers
+        from cadenza.loader import moe_layers
 
         self.layers = moe_layers(model)
         self.num_experts = self.layers[0].num_experts if self.layers else 0

@@ -26,7 +26,7 @@ from cadenza.bench.scenarios import add_bench_parser, parse_budgets, parse_scena
 from cadenza.bench.synthetic import SyntheticCheckpoint
 from cadenza.errors import CadenzaError
 from cadenza.kernels import cpu_moe
-from cadenza.models import build_meta, expected_tensors, load_model
+from cadenza.loader import build_meta, expected_tensors, load_model
 
 CPU = torch.device("cpu")
 

@@ -11,15 +11,15 @@ from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.moe.offload.eviction import LFU, LRFU, LRU, make_policy
 from cadenza.moe.trace import ExpertTrace
 from cadenza.profile import read_prompts
+from tests.cli.test_cli import cli
 from tests.conftest import budget_for, prompt_ids
-from tests.test_cli import cli
 
 # --- traces ---------------------------------------------------------------------------------------------------
 
 
 def router_counts(llm, ids: list[int]) -> list[list[int]]:
     """A direct count from the router outputs: hook each MoE block's gate and recompute its top-k."""
-    from cadenza.models import moe_layers
+    from cadenza.loader import moe_layers
 
     layers = moe_layers(llm.model)
     counts = [[0] * layers[0].num_experts for _ in layers]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
-from cadenza.cli import describe
+from cadenza.cli.info import describe
 from cadenza.kv_cache import MLACache
+from tests.cli.test_cli import cli
 from tests.conftest import (
     VOCAB,
     budget_for,
@@ -20,7 +21,6 @@ from tests.conftest import (
     prompt_ids,
     reference_logits,
 )
-from tests.test_cli import cli
 
 TOL = 1e-4
 YARN = {
@@ -158,7 +158,7 @@ def test_layer_kinds_follow_config(tmp_path):
     path, _ = make_v2(tmp_path / "kinds", num_hidden_layers=6, first_k_dense_replace=2)
     edit_config(path, moe_layer_freq=2)
     from cadenza.checkpoint import Checkpoint
-    from cadenza.models import build_meta
+    from cadenza.loader import build_meta
 
     layers = build_meta(Checkpoint(path)).model.layers
     sparse = [i for i, layer in enumerate(layers) if type(layer.mlp).__name__ == "DeepseekV2Moe"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cadenza.checkpoint import Checkpoint
-from cadenza.models import load_model
+from cadenza.loader import load_model
 from tests.conftest import make_deepseek, prompt_ids
 
 CPU = torch.device("cpu")

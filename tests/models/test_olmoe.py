@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
-from cadenza.cli import describe
+from cadenza.cli.info import describe
 from tests.conftest import VOCAB, budget_for, edit_config, prompt_ids, reference_logits, save_hf_model
 
 TOL = 1e-4

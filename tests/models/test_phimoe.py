@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
-from cadenza.cli import describe
+from cadenza.cli.info import describe
 from cadenza.models.phimoe import sparsemixer
 from tests.conftest import VOCAB, budget_for, edit_config, prompt_ids, reference_greedy, reference_logits, save_hf_model
 

@@ -117,7 +117,7 @@ def test_adaptive_placement_follows_traffic_and_keeps_results(moe8):
 
 
 def test_routers_found_for_every_family_layer(moe8):
-    from cadenza.models import moe_layers, moe_routers
+    from cadenza.loader import moe_layers, moe_routers
 
     llm = LLM(moe8[0], device="cpu", dtype="float32")
     routers = moe_routers(llm.model)

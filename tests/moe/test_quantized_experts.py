@@ -27,13 +27,13 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.checkpoint import Checkpoint
 from cadenza.kernels import cpu_moe, layout
-from cadenza.models import build_meta, expert_tensor_names, model_sizes, moe_layers
+from cadenza.loader import build_meta, expert_tensor_names, model_sizes, moe_layers
 from cadenza.moe import packed_store
 from cadenza.moe.experts import Experts
 from cadenza.moe.placement import plan
 from cadenza.moe.quantize import Progress
+from tests.cli.test_cli import cli
 from tests.conftest import edit_config, prompt_ids, save_hf_model, tiny_mixtral_config
-from tests.test_cli import cli
 
 EXACT = 1e-4
 BOUNDS = {"int8": (0.05, 0.9), "int4": (0.35, 0.55)}  # (relative logit error <, top-1 agreement >=)

@@ -8,15 +8,19 @@ the conversation) and the session goes on; at the prompt, Ctrl-D or /quit leaves
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from dataclasses import replace
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from cadenza.engine import Generation
+from cadenza.cli.flags import add_engine_args, add_sampling_args, load, sampling
 from cadenza.errors import CadenzaError
-from cadenza.llm import LLM
-from cadenza.sampling import SamplingParams
+from cadenza.generation import Generation
+
+if TYPE_CHECKING:
+    from cadenza.llm import LLM
+    from cadenza.sampling import SamplingParams
 
 HELP = """commands:
   /reset         forget the conversation (the system message stays)
@@ -29,7 +33,7 @@ MIN_ANSWER = 16  # tokens an answer must have room for; older turns are dropped 
 
 
 class ChatSession:
-    """The conversation state and one turn's work; the terminal loop is `run`."""
+    """The conversation state and one turn's work; the terminal loop is `loop`."""
 
     def __init__(self, llm: LLM, params: SamplingParams, out: TextIO = sys.stdout, err: TextIO = sys.stderr):
         self.llm, self.params, self.out, self.err = llm, params, out, err
@@ -123,7 +127,7 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def run(llm: LLM, params: SamplingParams, system: str | None = None, stdin: TextIO = sys.stdin) -> int:
+def loop(llm: LLM, params: SamplingParams, system: str | None = None, stdin: TextIO = sys.stdin) -> int:
     """The terminal loop: reads a line, answers it, until /quit or end of input."""
     session = ChatSession(llm, params)
     session.system = system or None
@@ -158,3 +162,19 @@ def run(llm: LLM, params: SamplingParams, system: str | None = None, stdin: Text
             session.answer(line)
         except CadenzaError as e:
             sys.stderr.write(f"cadenza: {e}\n")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("chat", help="an interactive chat in the terminal (streams answers, keeps the history)")
+    add_engine_args(p)
+    p.add_argument("--system", default=None, help="a system message to start with")
+    add_sampling_args(p, 1024)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling(args, None)
+    llm = load(args)
+    params = sampling(args, llm)
+    return loop(llm, params, system=args.system)

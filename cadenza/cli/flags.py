@@ -1,0 +1,144 @@
+"""Flags that several commands share (model and engine, experts, CUDA graphs, sampling) and what they turn into:
+`load` gives the LLM, `sampling` the SamplingParams. `cadenza bench` adds some of them to its own parser."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_expert_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    """--experts and --expert-group (and --no-cache, for commands that load weights): how routed experts are
+    stored. `expert_kwargs` reads them back as LLM's keyword arguments."""
+    p.add_argument(
+        "--experts", default="bf16", choices=["bf16", "int8", "int4"],
+        help="routed experts stored as: bf16 (default: as the checkpoint, in the compute dtype), int8 (about half "
+        "the bytes) or int4 (about 0.27): faster on the CPU, more of them fit on the GPU, slightly less accurate",
+    )  # fmt: skip
+    p.add_argument(
+        "--expert-group", type=int, default=None, metavar="N",
+        help="columns per quantization scale: int8 0 (per output channel, default), 32, 64, 128; int4 32, 64 "
+        "(default), 128",
+    )  # fmt: skip
+    if cache:
+        p.add_argument(
+            "--no-cache", action="store_true",
+            help="neither read nor write the disk cache of quantized experts (~/.cache/cadenza/experts)",
+        )  # fmt: skip
+
+
+def expert_kwargs(args: argparse.Namespace) -> dict:
+    """LLM's experts / expert_group / expert_cache from the flags `add_expert_args` added."""
+    return {
+        "experts": args.experts,
+        "expert_group": args.expert_group,
+        "expert_cache": not getattr(args, "no_cache", False),
+    }
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a model (run, chat, profile, serve); `load` reads them back."""
+    p.add_argument("--model", "-m", help="checkpoint folder (config.json, *.safetensors, tokenizer files)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16 (default: checkpoint's)")
+    p.add_argument(
+        "--max-context", type=int, default=None, help="longest sequence in tokens (default: model's, at most 8192)"
+    )
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="GPU budget, e.g. 24GiB; 0 keeps every routed expert on the host (default: free GPU memory less a margin)",
+    )
+    p.add_argument(
+        "--offload-policy",
+        default="auto",
+        choices=["auto", "cpu", "fetch"],
+        help="non-resident experts: computed on the CPU, fetched to the GPU, or chosen by the cost model (default)",
+    )
+    p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
+    p.add_argument("--placement", default=None, help="popularity JSON (from `cadenza profile`) to choose residents")
+    p.add_argument(
+        "--max-batch", type=int, default=1,
+        help="sequences decoded together whose KV cache is reserved on the GPU (default 1)",
+    )  # fmt: skip
+    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
+                   help="which fetched expert leaves a full fetch cache (default lru)")  # fmt: skip
+    p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
+                   help="guess the next layer's experts and copy them early: auto (default) = with --offload-policy "
+                   "fetch only")  # fmt: skip
+    add_graph_args(p)
+    add_expert_args(p)
+
+
+def add_graph_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cuda-graphs", action="store_true",
+        help="run every decode step eagerly instead of replaying it as CUDA graphs (for debugging and comparison)",
+    )  # fmt: skip
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else as shown)")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=None, help="0 is greedy (default 1.0)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 0: off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (default 1: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's definition (default 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's definition (default 0)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    g.add_argument("--stop", action="append", default=[], help="stop before this text (repeat for several)")
+    g.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this token id")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def load(args: argparse.Namespace):
+    """The LLM the `add_engine_args` flags ask for; says on stderr where its experts went."""
+    from cadenza.llm import LLM
+
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_context=args.max_context,
+        gpu_memory=args.gpu_memory,
+        offload_policy=args.offload_policy,
+        cpu_threads=args.cpu_threads,
+        placement=args.placement,
+        max_batch=args.max_batch,
+        eviction=args.eviction,
+        prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
+        cuda_graphs=not args.no_cuda_graphs,
+        **expert_kwargs(args),
+    )
+    if llm.placement is not None:
+        print(f"cadenza: {llm.placement.summary()}", file=sys.stderr)
+    if llm.is_demo:
+        from cadenza.demo import DEMO_LABEL
+
+        print(f"cadenza: no --model given: running the {DEMO_LABEL}.", file=sys.stderr)
+    return llm
+
+
+def sampling(args: argparse.Namespace, llm, **extra):
+    """SamplingParams from the flags; unset ones come from the checkpoint's generation_config.json (llm None:
+    plain defaults, to refuse bad values before the weights load)."""
+    from cadenza.sampling import SamplingParams
+
+    given = {
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }  # fmt: skip
+    make = llm.default_params if llm is not None else SamplingParams
+    return make(
+        max_tokens=args.max_tokens,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        stop_token_ids=args.stop_token_id,
+        ignore_eos=args.ignore_eos,
+        **{k: v for k, v in given.items() if v is not None},
+        **extra,
+    )

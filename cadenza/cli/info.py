@@ -1,0 +1,191 @@
+"""`cadenza info`: a checkpoint's architecture and sizes from its headers, and what a run on this machine would do
+with it (placement for a budget, CUDA graphs, measured cost models), without loading the weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cadenza.cli.flags import add_expert_args
+from cadenza.errors import CadenzaError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("info", help="describe a checkpoint folder without loading its weights")
+    p.add_argument("--model", "-m", required=True, help="checkpoint folder")
+    p.add_argument("--gpu-memory", default=None, help="also show the placement for this GPU budget, e.g. 24GiB")
+    p.add_argument("--max-context", type=int, default=None, help="context the placement reserves KV cache for")
+    p.add_argument("--dtype", default=None, help="compute dtype for the placement (default: checkpoint's)")
+    p.add_argument("--placement", default=None, help="popularity JSON to choose residents by")
+    p.add_argument(
+        "--offload-policy",
+        default="auto",
+        choices=["auto", "cpu", "fetch"],
+        help="the policy the placement is for: cpu keeps no fetch slots (default auto)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=1, help="sequences whose KV cache the placement reserves (default 1)"
+    )
+    add_expert_args(p, cache=False)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+    return p
+
+
+def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | None = None) -> dict:
+    """Architecture and sizes of a checkpoint, from config.json and the safetensors headers only; expert bytes as
+    the routed experts would be stored with `experts` / `expert_group` (bf16: in the checkpoint's dtype)."""
+    import torch
+
+    from cadenza.checkpoint import Checkpoint
+    from cadenza.loader import build_meta, expected_tensors
+    from cadenza.moe.experts import Experts
+    from cadenza.moe.quantize import ExpertFormat
+
+    fmt = ExpertFormat.of(experts, expert_group)
+    ckpt = Checkpoint(model_dir)
+    model = build_meta(ckpt)
+    config = model.config
+    expert_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
+    expert_params = sum(m.num_parameters for _, m in expert_layers)
+    all_params = sum(
+        _numel(shape)
+        for name, shape in expected_tensors(model).items()
+        if not (config.tie_word_embeddings and name == "lm_head.weight")
+    )
+    first = expert_layers[0][1] if expert_layers else None
+    one_expert = first.expert_nbytes_as(fmt.fmt, fmt.group, ckpt.torch_dtype()) if first else 0
+    return {
+        "model": str(ckpt.path),
+        "architecture": ckpt.architecture,
+        "model_type": ckpt.config.get("model_type"),
+        "layers": config.num_hidden_layers,
+        "moe_layers": len(expert_layers),
+        "hidden_size": config.hidden_size,
+        "attention_heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "experts_per_layer": first.num_experts if first else 0,
+        "experts_per_token": getattr(config, "num_experts_per_tok", None),
+        "expert_intermediate_size": first.intermediate_size if first else None,
+        "parameters": all_params,
+        "expert_parameters": expert_params,
+        "non_expert_parameters": all_params - expert_params,
+        "experts_format": fmt.fmt,
+        "expert_group": fmt.group if fmt.packed else None,
+        "expert_bytes": one_expert,  # one routed expert, as stored in experts_format
+        "routed_expert_bytes": one_expert * sum(m.num_experts for _, m in expert_layers),
+        "kv_bytes_per_token": model.new_cache(1, ckpt.torch_dtype(), torch.device("meta")).nbytes_per_token(),
+        "checkpoint_bytes": ckpt.total_bytes,
+        "bytes_by_dtype": ckpt.bytes_by_dtype(),
+        "dtype": str(ckpt.torch_dtype()).removeprefix("torch."),
+        "shards": len(ckpt.files()),
+    }
+
+
+def _format_name(d: dict) -> str:
+    if d["expert_group"] is None:
+        return f"{d['experts_format']} ({d['dtype']})"
+    group = f"groups of {d['expert_group']}" if d["expert_group"] else "per output channel"
+    return f"{d['experts_format']} (scales {group})"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def offload_info(args: argparse.Namespace) -> dict:
+    """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
+    from cadenza.checkpoint import Checkpoint
+    from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype
+    from cadenza.loader import build_meta, model_sizes
+    from cadenza.moe.offload.planning import plan_offload
+    from cadenza.moe.placement import load_popularity, parse_size
+    from cadenza.paths import cache_dir
+
+    out: dict = {}
+    ckpt = Checkpoint(args.model)
+    meta = build_meta(ckpt)
+    dtype = resolve_dtype(args.dtype, ckpt)
+    sizes = model_sizes(meta, dtype, args.experts, args.expert_group)
+    if args.gpu_memory is not None:
+        context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
+        pop = load_popularity(args.placement, sizes.num_moe_layers, sizes.num_experts) if args.placement else None
+        if args.max_batch < 1:
+            raise CadenzaError(f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1.")
+        budget = parse_size(args.gpu_memory)
+        placement = plan_offload(
+            sizes, meta.config, dtype, budget, args.offload_policy, context, args.max_batch, PREFILL_CHUNK, pop
+        )
+        out["placement"] = {**placement.as_dict(), "summary": placement.summary()}
+        if pop is not None:
+            out["placement"]["expected_gpu_share"] = placement.expected_gpu_share(pop)
+    import torch
+
+    from cadenza.graphs import StepGraphs
+
+    cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out["cuda_graphs"] = StepGraphs(meta, cuda).describe()  # what a run on this machine would do
+    shape = f"expert {meta.config.hidden_size}x"
+    try:
+        models = json.loads((cache_dir() / "costmodel.json").read_text())
+    except (OSError, ValueError):
+        models = {}
+    out["cost_models"] = {k: v for k, v in models.items() if shape in k and "emulated" not in k}
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    d = describe(args.model, args.experts, args.expert_group)
+    d.update(offload_info(args))
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    share = d["expert_parameters"] / d["parameters"] if d["parameters"] else 0.0
+    lines = [
+        f"model         {d['model']}",
+        f"architecture  {d['architecture']} ({d['model_type']})",
+        f"layers        {d['layers']} ({d['moe_layers']} MoE), hidden {d['hidden_size']}, "
+        f"heads {d['attention_heads']} / {d['kv_heads']} KV, head_dim {d['head_dim']}",
+        f"experts       {d['experts_per_layer']} per layer, top-{d['experts_per_token']}, "
+        f"intermediate {d['expert_intermediate_size']}",
+        f"vocab         {d['vocab_size']}, context {d['max_position_embeddings']}, KV cache "
+        f"{d['kv_bytes_per_token'] / 1024:.1f} KiB per token ({d['dtype']})",
+        f"parameters    {_count(d['parameters'])}: experts {_count(d['expert_parameters'])} ({share:.1%}), "
+        f"non-expert {_count(d['non_expert_parameters'])}",
+        f"weights       {_gb(d['checkpoint_bytes'])} in {d['shards']} file(s): "
+        + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(d["bytes_by_dtype"].items())),
+        f"expert bytes  {_gb(d['routed_expert_bytes'])} routed experts as {_format_name(d)}, "
+        f"{d['expert_bytes'] / 1e6:.2f} MB per expert",
+    ]
+    lines.append(f"cuda graphs   {d['cuda_graphs']}")
+    if "placement" in d:
+        lines.append(f"placement     {d['placement']['summary']}")
+        if "expected_gpu_share" in d["placement"]:
+            lines.append(
+                f"              expected share of expert work on the GPU: {d['placement']['expected_gpu_share']:.1%}"
+            )
+    from cadenza.moe.offload.costmodel import CostModel
+
+    for key, entry in d["cost_models"].items():
+        lines.append(f"cost model    {key}")
+        cm = CostModel(**{**entry, "cpu_s": tuple(entry["cpu_s"]), "gpu_s": tuple(entry["gpu_s"])})
+        lines.append(f"              {cm.describe()}")
+    if not d["cost_models"]:
+        lines.append("cost model    not measured on this machine yet (measured at the first offloaded run)")
+    print("\n".join(lines))
+    return 0

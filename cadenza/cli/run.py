@@ -1,0 +1,80 @@
+"""`cadenza run`: one prompt's text streamed to stdout (or one JSON object), stats on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cadenza.cli.flags import add_engine_args, add_sampling_args, load, sampling
+from cadenza.errors import CadenzaError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("run", help="generate text for one prompt, streamed to stdout")
+    add_engine_args(p)
+    p.add_argument("--prompt", "-p", default=None, help="the prompt; '-' reads it from stdin")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system message")
+    add_sampling_args(p, 128)
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="report each token's log-probability and the N most likely alternatives (JSON output)",
+    )
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (needs temperature 0)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**penalty")
+    p.add_argument(
+        "--early-stopping",
+        default="false",
+        choices=["true", "false", "never"],
+        help="beam search: when to stop (transformers' definition; default false)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if prompt is None:
+        if args.model is not None:
+            raise CadenzaError("No prompt given. Pass --prompt TEXT (or --prompt - to read it from stdin).")
+        prompt = "Once upon a time"
+    beams = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    logprobs = {} if args.logprobs is None else {"logprobs": True, "top_logprobs": args.logprobs}
+    extra = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=beams, **logprobs)
+    sampling(args, None, **extra)
+    llm = load(args)
+    params = sampling(args, llm, **extra)
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = llm.chat_prompt(system + [{"role": "user", "content": prompt}])
+    elif args.system:
+        raise CadenzaError("--system goes with --chat (it is a chat message). Add --chat, or drop --system.")
+    if args.json:
+        result = llm.generate(prompt, params)
+        print(json.dumps({"model": str(llm.checkpoint.path), **result.as_dict()}, ensure_ascii=False))
+        return 0
+    if args.logprobs is not None:
+        result = llm.generate(prompt, params)
+        print(result.text)
+        alternatives = result.top_logprobs or [[] for _ in result.token_ids]
+        for tok, lp, alts in zip(result.token_ids, result.logprobs, alternatives, strict=True):
+            alt = ", ".join(f"{t}:{a:.3f}" for t, a in alts)
+            print(f"{tok}\t{lp:.4f}\t{alt}", file=sys.stderr)
+        return 0
+    from cadenza.engine import Generation
+
+    gen = Generation([])
+    for piece in llm.stream(prompt, params, gen):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"[{gen.finish_reason}] {gen.stats.summary()}", file=sys.stderr)
+    return 0

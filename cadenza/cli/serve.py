@@ -1,0 +1,69 @@
+"""`cadenza serve`: the OpenAI-compatible HTTP server (cadenza.server) on a model loaded from the engine flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cadenza.cli.flags import add_engine_args, load
+from cadenza.errors import CadenzaError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $CADENZA_API_KEY, else none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-queue", type=int, default=64,
+        help="sequences that may wait for a slot; beyond, requests get 429 (default 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: the checkpoint folder's)"
+    )
+    p.add_argument(
+        "--adapt-bytes", default="1GiB",
+        help="adaptive placement: resident experts exchanged for ones live traffic uses more, at most this many "
+        "bytes of copies at a time, between requests (default 1GiB)",
+    )  # fmt: skip
+    p.add_argument("--no-adaptive-placement", action="store_true", help="keep the placement fixed")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's logging, access log included at info (default info)",
+    )  # fmt: skip
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise CadenzaError(
+            f"`cadenza serve` needs FastAPI and uvicorn, which are not installed ({e}). Install them with: "
+            "pip install 'cadenza[serve]'  (or: pip install fastapi uvicorn)"
+        ) from None
+    if args.max_queue < 1:
+        raise CadenzaError(f"--max-queue {args.max_queue} is not valid. Use a whole number of at least 1.")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("CADENZA_API_KEY") or None
+    from cadenza.moe.placement import parse_size
+    from cadenza.server.serve import bind, serve
+
+    if not args.no_adaptive_placement:
+        parse_size(args.adapt_bytes)  # refuse a bad size before loading
+
+    sock = bind(args.host, args.port)  # before loading: a taken port fails at once
+    try:
+        llm = load(args)
+        name = args.served_model_name or Path(llm.checkpoint.path).name
+        adapt = None if args.no_adaptive_placement else parse_size(args.adapt_bytes)
+        return serve(llm, sock, name, api_key, args.max_queue, args.log_level, adapt)
+    finally:
+        sock.close()

@@ -1,0 +1,247 @@
+"""Filling a model from a checkpoint, and what the planner and the engine read off a model's shapes.
+
+The loader builds the model on the meta device (no memory), checks every expected tensor's presence and shape
+against the safetensors headers before reading any data, then reads shard by shard, each tensor landing in its
+parameter (routed experts into their stacked rows), so host memory holds one copy of the model. Block-fp8 weights
+(DeepSeek-V3) are dequantized to the compute dtype as they are read; tensors the model does not use (a checkpoint's
+multi-token-prediction layer) are never read. Quantized experts (`ExpertFormat` int8 / int4) are packed layer by
+layer as each layer's last expert tensor arrives (cadenza.moe.quantize), or read from the disk cache of packed
+experts (cadenza.moe.packed_store), in which case the checkpoint's expert tensors are not read at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cadenza.checkpoint import FP8_DTYPES, SCALE_SUFFIX, BlockFP8, Checkpoint, read_weights
+from cadenza.errors import CadenzaError
+from cadenza.models import family_of
+from cadenza.moe.experts import Experts
+from cadenza.moe.placement import ModelSizes
+from cadenza.moe.quantize import ExpertFormat, LayerPacker, Progress
+
+
+def build_meta(checkpoint: Checkpoint) -> nn.Module:
+    """The model with every parameter on the meta device: shapes only, no memory."""
+    config_cls, model_cls = family_of(checkpoint)
+    BlockFP8.from_config(checkpoint.config)  # a quantization cadenza cannot read fails here, before anything else
+    config = config_cls.from_hf(checkpoint.config)
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape for every parameter of the model (experts unstacked)."""
+    out: dict[str, tuple[int, ...]] = {}
+    expert_prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            out.update(module.checkpoint_shapes(f"{name}."))
+            expert_prefixes.append(f"{name}.")
+    for name, p in model.named_parameters():
+        if not any(name.startswith(pre) for pre in expert_prefixes):
+            out[name] = tuple(p.shape)
+    return out
+
+
+def check_tensors(model: nn.Module, checkpoint: Checkpoint) -> set[str]:
+    """Compares the model's expectations with the safetensors headers; returns the names to read."""
+    expected = expected_tensors(model)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        expected.pop("lm_head.weight", None)
+    missing = [n for n in expected if n not in checkpoint.tensors]
+    if missing:
+        raise CadenzaError(
+            f"{len(missing)} tensors this {checkpoint.architecture} model needs are missing from {checkpoint.path} "
+            f"(first: {missing[0]}). A shard is missing or from another model: download the repository again."
+        )
+    for name, shape in expected.items():
+        found = checkpoint.tensors[name].shape
+        if tuple(found) != shape:
+            raise CadenzaError(
+                f"Tensor {name} in {checkpoint.tensors[name].file.name} has shape {list(found)}, but config.json "
+                f"implies {list(shape)}. config.json and the weights come from different models or versions: "
+                "download both from the same repository revision."
+            )
+    return set(expected) | _fp8_scales(expected, checkpoint)
+
+
+def _fp8_scales(expected: dict[str, tuple[int, ...]], checkpoint: Checkpoint) -> set[str]:
+    """The block scales the checkpoint's fp8 tensors need, checked against the headers."""
+    quant = BlockFP8.from_config(checkpoint.config)
+    fp8 = [n for n in expected if checkpoint.tensors[n].dtype in FP8_DTYPES]
+    if fp8 and quant is None:
+        raise CadenzaError(
+            f"{len(fp8)} tensors in {checkpoint.path} are stored in fp8 (first: {fp8[0]}), but config.json has no "
+            "quantization_config saying how they are scaled. Download config.json again from the model's repository."
+        )
+    scales = set()
+    for name in fp8:
+        scale, want = quant.scale_name(name), quant.scale_shape(expected[name])
+        if scale not in checkpoint.tensors:
+            raise CadenzaError(
+                f"The fp8 tensor {name} has no block scales {scale} in {checkpoint.path}. A shard is missing or "
+                "from another version: download the repository again."
+            )
+        if tuple(checkpoint.tensors[scale].shape) != want:
+            raise CadenzaError(
+                f"Block scales {scale} have shape {list(checkpoint.tensors[scale].shape)}, but {list(expected[name])} "
+                f"weights in blocks of {list(quant.block)} need {list(want)}. config.json's weight_block_size does "
+                "not match the weights: download both from the same repository revision."
+            )
+        scales.add(scale)
+    return scales
+
+
+def _assign(
+    model: nn.Module,
+    name: str,
+    tensor: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    expert_device: torch.device,
+    alloc=None,
+) -> Experts | None:
+    """Puts one checkpoint tensor in its place; returns the Experts layer this tensor completed, if any. alloc:
+    how expert stacks are allocated (`Experts.load_checkpoint_tensor`)."""
+    module: nn.Module = model
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        module = getattr(module, part)
+        if isinstance(module, Experts):
+            done = module.load_checkpoint_tensor(".".join(parts[i + 1 :]), tensor, expert_device, dtype, alloc)
+            return module if done else None
+    target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+    if parts[-1] in getattr(module, "keep_float32", ()):  # e.g. DeepSeek-V3's routing bias, as the reference keeps it
+        target_dtype = torch.float32
+    param = nn.Parameter(tensor.to(device=device, dtype=target_dtype), requires_grad=False)
+    module.register_parameter(parts[-1], param)
+    return None
+
+
+def load_model(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    expert_device: torch.device | None = None,
+    model: nn.Module | None = None,
+    experts: ExpertFormat | None = None,
+) -> nn.Module:
+    """Builds the family's model (or takes `model`, built by `build_meta`) and fills it from the checkpoint, shard
+    by shard. Routed experts land on `expert_device` (default `device`): the host, when they are offloaded.
+
+    experts: how routed experts are stored (default plain, in `dtype`). int8 / int4 pack each layer in host memory
+    as soon as its expert tensors have arrived, while reading goes on, and keep the packed layers in the disk cache
+    (unless `experts.cache` is False): a later load with the same checkpoint, format and group reads them from
+    there and skips the checkpoint's expert tensors."""
+    model = model if model is not None else build_meta(checkpoint)
+    names = check_tensors(model, checkpoint)
+    fmt = experts or ExpertFormat()
+    layers = moe_layers(model)
+    packer = writer = None
+    if fmt.packed and layers:
+        where = expert_device or device
+        if where.type != "cpu":
+            raise CadenzaError(
+                f"Quantized ({fmt.fmt}) experts are packed in host memory, not on {where}: load them with "
+                "expert_device='cpu' (the offloading path does), or use experts='bf16'."
+            )
+        from cadenza.moe.packed_store import PackedStore
+
+        store = PackedStore.open(checkpoint, fmt.fmt, fmt.group) if fmt.cache else None
+        if store is not None and store.load(layers, dtype):
+            skip = expert_tensor_names(model)
+            names = {n for n in names if n.removesuffix(SCALE_SUFFIX) not in skip}
+        else:
+            writer = store.writer(len(layers)) if store is not None else None
+            progress = Progress(f"quantizing routed experts to {fmt.fmt}", len(layers))
+            packer = LayerPacker(layers, fmt.fmt, fmt.group, on_packed=writer.write if writer else None,
+                                 progress=progress)  # fmt: skip
+    try:
+        with torch.no_grad():
+            for name, tensor in read_weights(checkpoint, names, dtype):
+                alloc = packer.take if packer is not None else None
+                done = _assign(model, name, tensor, device, dtype, expert_device or device, alloc)
+                if done is not None and packer is not None:
+                    packer.submit(done)  # waits while the layer before is still packing
+            if packer is not None:
+                packer.finish()
+                packer = None
+            if getattr(model.config, "tie_word_embeddings", False):
+                model.lm_head.weight = model.model.embed_tokens.weight
+    except BaseException:
+        if packer is not None:
+            packer.abandon()
+        if writer is not None:
+            writer.abort()
+        raise
+    packed = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, Experts) and m.packed is not None)
+    left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(packed)]
+    left += [n for n, m in model.named_modules() if isinstance(m, Experts) and not m.complete]
+    if left:  # the headers promised these; reading did not deliver them
+        raise CadenzaError(
+            f"{len(left)} tensors could not be read from {checkpoint.path} (first: {left[0]}). A shard is "
+            "corrupt: download it again."
+        )
+    if writer is not None:
+        writer.commit()
+    return model.eval()
+
+
+def expert_tensor_names(model: nn.Module) -> set[str]:
+    """The checkpoint names of every routed expert's weights (`experts.{e}.{name}.weight` of each MoE layer)."""
+    out: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            out.update(module.checkpoint_shapes(f"{name}."))
+    return out
+
+
+def moe_layers(model: nn.Module) -> list[Experts]:
+    """The model's routed-expert modules, in layer order."""
+    return [m for m in model.modules() if isinstance(m, Experts)]
+
+
+def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, int] | None]:
+    """Per MoE layer (moe_layers' order): the router's weight [E, H] and the experts per token, for guessing a
+    layer's experts from another layer's hidden states (speculative prefetch); None where a family's router is
+    not a plain linear map."""
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    out: list[tuple[torch.Tensor, int] | None] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Experts):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0])
+        weight = getattr(getattr(parent, "gate", None), "weight", None)
+        k = getattr(parent, "top_k", None) or top_k
+        ok = isinstance(weight, torch.Tensor) and tuple(weight.shape) == (module.num_experts, module.hidden_size)
+        out.append((weight, int(k)) if ok and k else None)
+    return out
+
+
+def model_sizes(
+    model: nn.Module, dtype: torch.dtype, experts: str = "bf16", expert_group: int | None = None
+) -> ModelSizes:
+    """Byte sizes for the planner, from a (meta) model's shapes in the compute dtype, with routed experts stored
+    as `experts` ("bf16": plain in `dtype`; "int8" / "int4": packed, scale group `expert_group`): nothing is read."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    layers = moe_layers(model)
+    expert_params = sum(m.num_parameters for m in layers)
+    seen, total = set(), 0
+    for p in model.parameters():  # tied weights count once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and model.lm_head.weight is not model.model.embed_tokens.weight:
+        total -= model.lm_head.weight.numel()  # still separate on the meta model; tied at load
+    first = layers[0] if layers else None
+    return ModelSizes(
+        always_bytes=(total - expert_params) * elem,
+        kv_bytes_per_token=model.new_cache(1, dtype, torch.device("meta")).nbytes_per_token(),
+        expert_bytes=first.expert_nbytes_as(experts, expert_group, dtype) if first else 0,
+        num_moe_layers=len(layers),
+        num_experts=first.num_experts if first else 0,
+    )
