@@ -88,6 +88,19 @@ class Tokenizer:
             )
         return cls(backend, named, load_chat_template(folder, config), str(folder))
 
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], source: str) -> Tokenizer:
+        """The tokenizer a GGUF file describes; `metadata` maps its keys to plain values (see text.gguf_metadata).
+
+        `source` is the file's path, for error messages. Built as transformers' GGUF loader builds it.
+        """
+        from cadenza.text.gguf import build_gguf_tokenizer
+
+        tok, named = build_gguf_tokenizer(metadata, source)
+        names = {k: named.get(k) for k in _NAMED_TOKENS}
+        backend = TokenizerJsonBackend(tok, {}, names)
+        return cls(backend, names, metadata.get("tokenizer.chat_template"), source)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, the BOS/EOS the tokenizer's config adds."""
         return self._backend.encode(text, add_special_tokens)
