@@ -120,10 +120,17 @@ class Tokenizer:
         encoded with add_special_tokens=False, since templates write the BOS themselves.
         """
         if self.chat_template is None:
+            # A GGUF keeps its template in the metadata, a folder in tokenizer_config.json or chat_template.jinja.
+            gguf = self._source.endswith(".gguf")
+            where = (
+                "no tokenizer.chat_template in its metadata"
+                if gguf
+                else ("no chat_template in tokenizer_config.json and no chat_template.jinja")
+            )
             raise CadenzaError(
-                f"the checkpoint in {self._source} has no chat template (no chat_template in tokenizer_config.json "
-                "and no chat_template.jinja), so chat messages cannot be turned into a prompt. Use a checkpoint of "
-                "an instruction-tuned model that ships a chat template, or pass a plain text prompt instead."
+                f"the checkpoint in {self._source} has no chat template ({where}), so chat messages cannot be "
+                "turned into a prompt. Use a checkpoint of an instruction-tuned model that ships a chat template, "
+                "or pass a plain text prompt instead."
             )
         if self._chat is None:
             self._chat = ChatTemplate(self.chat_template, self._source)

@@ -18,7 +18,14 @@ gguf = pytest.importorskip("gguf")
 
 # Tokens appended to the trained vocabularies: a control token (special) and a user-defined one (matched whole, not
 # special). "<|endoftext|>" is there because transformers' GPT-2-based GGUF tokenizers add it when it is missing.
-EXTRA = [("<|im_start|>", CONTROL), ("<|endoftext|>", CONTROL), ("<think>", USER_DEFINED)]
+# "<｜end▁of▁sentence｜>" (DeepSeek's spelling) is outside the byte alphabet: a byte-level vocabulary respells it
+# and, as transformers does, does not make it special.
+EXTRA = [
+    ("<|im_start|>", CONTROL),
+    ("<|endoftext|>", CONTROL),
+    ("<think>", USER_DEFINED),
+    ("<｜end▁of▁sentence｜>", CONTROL),
+]
 GGUF_TEXTS = [
     *TEXTS,
     "<|im_start|>user\nhi 🙂<|endoftext|>\n",
@@ -26,6 +33,7 @@ GGUF_TEXTS = [
     "numbers 1234567 and 3.14159",
     "tabs\tand\r\nwindows lines",
     "  <|im_start|>  ",
+    "done<｜end▁of▁sentence｜>",
 ]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
 
@@ -108,7 +116,8 @@ CASES = {
     "qwen2": ("qwen2", lambda f: bpe_kv(f, "qwen2"), {}),
     "qwen2-bos": ("qwen2", lambda f: bpe_kv(f, "qwen2"), {"tokenizer.ggml.add_bos_token": True}),
     "llama-bpe": ("llama", lambda f: bpe_kv(f, "llama-bpe"), {"tokenizer.ggml.add_bos_token": True}),
-    "gpt-2": ("llama", lambda f: bpe_kv(f, "gpt-2"), {}),
+    **{pre: ("llama", lambda f, pre=pre: bpe_kv(f, pre), {}) for pre in ("gpt-2", "default", "olmo", "dbrx")},
+    **{pre: ("llama", lambda f, pre=pre: bpe_kv(f, pre), {}) for pre in ("qwen35", "tekken", "gpt-4o")},
 }
 
 
@@ -164,7 +173,7 @@ def test_gguf_chat_template(files: dict[str, Path]) -> None:
         messages, tokenize=False
     )
     spm, _ = load_both(files["spm"])
-    with pytest.raises(CadenzaError, match="no chat template"):
+    with pytest.raises(CadenzaError, match="no chat template .no tokenizer.chat_template in its metadata"):
         spm.apply_chat_template(messages)
 
 
