@@ -88,6 +88,19 @@ class Tokenizer:
             )
         return cls(backend, named, load_chat_template(folder, config), str(folder))
 
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], source: str) -> Tokenizer:
+        """The tokenizer a GGUF file describes; `metadata` maps its keys to plain values (see text.gguf_metadata).
+
+        `source` is the file's path, for error messages. Built as transformers' GGUF loader builds it.
+        """
+        from cadenza.text.gguf import build_gguf_tokenizer
+
+        tok, named = build_gguf_tokenizer(metadata, source)
+        names = {k: named.get(k) for k in _NAMED_TOKENS}
+        backend = TokenizerJsonBackend(tok, {}, names)
+        return cls(backend, names, metadata.get("tokenizer.chat_template"), source)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, the BOS/EOS the tokenizer's config adds."""
         return self._backend.encode(text, add_special_tokens)
@@ -107,10 +120,17 @@ class Tokenizer:
         encoded with add_special_tokens=False, since templates write the BOS themselves.
         """
         if self.chat_template is None:
+            # A GGUF keeps its template in the metadata, a folder in tokenizer_config.json or chat_template.jinja.
+            gguf = self._source.endswith(".gguf")
+            where = (
+                "no tokenizer.chat_template in its metadata"
+                if gguf
+                else ("no chat_template in tokenizer_config.json and no chat_template.jinja")
+            )
             raise CadenzaError(
-                f"the checkpoint in {self._source} has no chat template (no chat_template in tokenizer_config.json "
-                "and no chat_template.jinja), so chat messages cannot be turned into a prompt. Use a checkpoint of "
-                "an instruction-tuned model that ships a chat template, or pass a plain text prompt instead."
+                f"the checkpoint in {self._source} has no chat template ({where}), so chat messages cannot be "
+                "turned into a prompt. Use a checkpoint of an instruction-tuned model that ships a chat template, "
+                "or pass a plain text prompt instead."
             )
         if self._chat is None:
             self._chat = ChatTemplate(self.chat_template, self._source)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cadenza.errors import CadenzaError
 from cadenza.text.sentencepiece import BYTE_PIECE
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 _ADDED_TOKEN_FLAGS = ("special", "lstrip", "rstrip", "normalized", "single_word")
 # transformers' clean_up_tokenization_spaces replacements (only used by non-BPE models whose config asks for it).
@@ -27,16 +30,21 @@ class TokenizerJsonBackend:
     `named` maps bos_token/eos_token/unk_token/... to their text (None: not given); those tokens become special.
     """
 
-    def __init__(self, file: Path, config: dict[str, Any], named: dict[str, str | None]) -> None:
+    def __init__(self, file: Path | str | HFTokenizer, config: dict[str, Any], named: dict[str, str | None]) -> None:
+        """`file`: a tokenizer.json path, its text, or a tokenizer built in memory (e.g. from GGUF metadata)."""
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as HFTokenizer
 
-        try:
-            tok = HFTokenizer.from_file(str(file))
-        except Exception as e:  # the Rust side raises a plain Exception for any parse error
-            raise CadenzaError(
-                f"could not load {file}: {e}. Copy tokenizer.json again from the model's repository."
-            ) from e
+        if isinstance(file, HFTokenizer):
+            tok = file
+        else:
+            try:
+                tok = HFTokenizer.from_file(str(file)) if isinstance(file, Path) else HFTokenizer.from_str(file)
+            except Exception as e:  # the Rust side raises a plain Exception for any parse error
+                where = file if isinstance(file, Path) else "the tokenizer.json text"
+                raise CadenzaError(
+                    f"could not load {where}: {e}. Copy tokenizer.json again from the model's repository."
+                ) from e
         # As transformers does: tokens declared in tokenizer_config.json are (re-)added with the flags given there,
         # then the named tokens (bos/eos/unk/pad/...) are made special, so decode(skip_special_tokens=True) drops them.
         existing = {repr(t) for t in tok.get_added_tokens_decoder().values()}
