@@ -94,8 +94,8 @@ class Checkpoint:
             )
         if not self.path.is_dir():
             raise CadenzaError(
-                f"{self.path} is a file, not a model folder. Pass --model the folder that holds config.json and "
-                "the *.safetensors files."
+                f"{self.path} is a file, not a model folder or a .gguf file. Pass --model the folder that holds "
+                "config.json and the *.safetensors files, or a GGUF model file (NAME.gguf)."
             )
         self.config = self._read_json("config.json", required=True)
         self.generation_config = self._read_json("generation_config.json", required=False) or {}

@@ -12,13 +12,12 @@ import torch
 from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
-from cadenza.loader import build_meta, load_model, model_sizes, moe_layers, moe_routers
+from cadenza.loader import build_meta, load_model, model_sizes, moe_layers, moe_routers, open_checkpoint, open_tokenizer
 from cadenza.moe.offload import calibration, planning
 from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.sampling import SamplingParams
-from cadenza.text import Tokenizer
 
 Prompt = str | Sequence[int]
 
@@ -155,8 +154,8 @@ class LLM:
                 from cadenza.demo import demo_model_dir
 
                 model_dir = demo_model_dir()
-            checkpoint = Checkpoint(model_dir)
-            self.tokenizer = Tokenizer.from_dir(checkpoint.path)
+            checkpoint = open_checkpoint(model_dir)
+            self.tokenizer = open_tokenizer(checkpoint)
         else:  # a synthetic model (the bench): token ids in and out, no tokenizer
             self.tokenizer = None
         self.checkpoint = checkpoint
@@ -201,7 +200,7 @@ class LLM:
         gen_eos = self.checkpoint.generation_config.get("eos_token_id")
         if gen_eos is not None:
             eos |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
-        if not eos:
+        if not eos and self.tokenizer is not None:
             eos = set(self.tokenizer.eos_token_ids)
         self.engine = Engine(
             self.model,

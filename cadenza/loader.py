@@ -11,6 +11,8 @@ experts (cadenza.moe.packed_store), in which case the checkpoint's expert tensor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -20,6 +22,28 @@ from cadenza.models import family_of
 from cadenza.moe.experts import Experts
 from cadenza.moe.placement import ModelSizes
 from cadenza.moe.quantize import ExpertFormat, LayerPacker, Progress
+
+
+def open_checkpoint(path: str | Path):
+    """The one place that decides what a model source is: a GGUF file (or a folder holding one, or a split set)
+    opens as `GgufCheckpoint`, anything else as an HF folder (`Checkpoint`). Only headers are read."""
+    p = Path(path).expanduser()
+    from cadenza.formats.gguf import GgufCheckpoint, is_gguf
+
+    return GgufCheckpoint(p) if is_gguf(p) else Checkpoint(p)
+
+
+def open_tokenizer(checkpoint):
+    """The checkpoint's tokenizer: an HF folder's tokenizer files, or a GGUF's tokenizer.ggml.* metadata (None
+    when the GGUF carries no vocabulary: token ids in and out, as for synthetic models)."""
+    from cadenza.text import Tokenizer
+
+    metadata = getattr(checkpoint, "metadata", None)
+    if metadata is None:
+        return Tokenizer.from_dir(checkpoint.path)
+    if "tokenizer.ggml.model" not in metadata:
+        return None
+    return Tokenizer.from_gguf(metadata, str(checkpoint.path))
 
 
 def build_meta(checkpoint: Checkpoint) -> nn.Module:

@@ -13,7 +13,7 @@ from cadenza.errors import CadenzaError
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="describe a checkpoint folder without loading its weights")
-    p.add_argument("--model", "-m", required=True, help="checkpoint folder")
+    p.add_argument("--model", "-m", required=True, help="checkpoint folder or .gguf file")
     p.add_argument("--gpu-memory", default=None, help="also show the placement for this GPU budget, e.g. 24GiB")
     p.add_argument("--max-context", type=int, default=None, help="context the placement reserves KV cache for")
     p.add_argument("--dtype", default=None, help="compute dtype for the placement (default: checkpoint's)")
@@ -38,13 +38,12 @@ def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | N
     the routed experts would be stored with `experts` / `expert_group` (bf16: in the checkpoint's dtype)."""
     import torch
 
-    from cadenza.checkpoint import Checkpoint
-    from cadenza.loader import build_meta, expected_tensors
+    from cadenza.loader import build_meta, expected_tensors, open_checkpoint
     from cadenza.moe.experts import Experts
     from cadenza.moe.quantize import ExpertFormat
 
     fmt = ExpertFormat.of(experts, expert_group)
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_checkpoint(model_dir)
     model = build_meta(ckpt)
     config = model.config
     expert_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
@@ -83,6 +82,8 @@ def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | N
         "bytes_by_dtype": ckpt.bytes_by_dtype(),
         "dtype": str(ckpt.torch_dtype()).removeprefix("torch."),
         "shards": len(ckpt.files()),
+        # GGUF: bytes per stored type in each tensor group (experts / attention / other)
+        **({"gguf_types": ckpt.types_by_group()} if hasattr(ckpt, "types_by_group") else {}),
     }
 
 
@@ -110,15 +111,14 @@ def _count(n: int) -> str:
 
 def offload_info(args: argparse.Namespace) -> dict:
     """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
-    from cadenza.checkpoint import Checkpoint
     from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype
-    from cadenza.loader import build_meta, model_sizes
+    from cadenza.loader import build_meta, model_sizes, open_checkpoint
     from cadenza.moe.offload.planning import plan_offload
     from cadenza.moe.placement import load_popularity, parse_size
     from cadenza.paths import cache_dir
 
     out: dict = {}
-    ckpt = Checkpoint(args.model)
+    ckpt = open_checkpoint(args.model)
     meta = build_meta(ckpt)
     dtype = resolve_dtype(args.dtype, ckpt)
     sizes = model_sizes(meta, dtype, args.experts, args.expert_group)
@@ -172,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
         f"expert bytes  {_gb(d['routed_expert_bytes'])} routed experts as {_format_name(d)}, "
         f"{d['expert_bytes'] / 1e6:.2f} MB per expert",
     ]
+    for group, types in d.get("gguf_types", {}).items():
+        stored = ", ".join(f"{k} {_gb(v)}" for k, v in sorted(types.items()))
+        lines.append(f"gguf {group:<9}{stored}")
     lines.append(f"cuda graphs   {d['cuda_graphs']}")
     if "placement" in d:
         lines.append(f"placement     {d['placement']['summary']}")

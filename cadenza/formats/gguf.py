@@ -1,0 +1,275 @@
+"""A GGUF model file (llama.cpp's format) as a checkpoint: the same interface as `cadenza.checkpoint.Checkpoint`,
+so planning, `cadenza info` and the loader take it unchanged.
+
+Files are opened with `gguf.GGUFReader`, the reference reader that llama.cpp's own Python tools use: it
+memory-maps the file and parses only the header, so opening a 100 GB model reads a few MB (metadata, vocabulary,
+tensor directory), and tensor bytes are paged in when a tensor is read.
+
+The GGUF side is turned into the HF side that cadenza's families take (`gguf_arch`): metadata -> config.json,
+GGUF tensor names -> HF names, each layer's stacked experts (`blk.N.ffn_{gate,up,down}_exps`, [E, out, in]) ->
+`experts.{e}.*` rows, and the llama architecture's q/k rows put back in HF's rotary order (llama.cpp's converter
+interleaves the two halves of each head; see cadenza/bench/gguf_export.py). F32 / F16 / BF16 tensors are read as
+they are stored; block-quantized ones (Q8_0, Q4_K, ...) are dequantized with `gguf.quants` as they are read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cadenza.errors import CadenzaError
+from cadenza.formats.gguf_arch import hf_config, hf_name
+
+logger = logging.getLogger(__name__)
+
+_SPLIT = re.compile(r"(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
+_PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _gguf():
+    from cadenza.bench.gguf_export import import_gguf  # the package, even on a box without pyyaml
+
+    return import_gguf()
+
+
+@functools.cache
+def readable(type_name: str) -> bool:
+    """Whether cadenza can read tensors of this GGUF type: plain floats, or a block type `gguf.quants` dequantizes
+    (probed on one zero block, since gguf-py's list of implemented types changes between versions)."""
+    if type_name in _PLAIN:
+        return True
+    gguf = _gguf()
+    qtype = gguf.GGMLQuantizationType[type_name]
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return True
+
+
+def readable_types() -> list[str]:
+    return [t.name for t in _gguf().GGMLQuantizationType if readable(t.name)]
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether a model source is GGUF: a .gguf file, or a folder of them without config.json."""
+    if path.is_file():
+        return path.suffix == ".gguf"
+    return path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))
+
+
+def gguf_parts(path: Path) -> list[Path]:
+    """The files of a GGUF model: the file itself, or every part of a split set (`NAME-00001-of-0000N.gguf`, found
+    from any part); a folder must hold one model."""
+    if path.is_dir():
+        files = sorted(path.glob("*.gguf"))
+        firsts = [f for f in files if (m := _SPLIT.fullmatch(f.name)) is None or int(m["no"]) == 1]
+        if len(firsts) != 1:
+            raise CadenzaError(
+                f"{path} holds {len(firsts)} GGUF models ({', '.join(f.name for f in firsts[:4])}). Pass --model the "
+                "one .gguf file to run."
+            )
+        path = firsts[0]
+    m = _SPLIT.fullmatch(path.name)
+    if m is None:
+        return [path]
+    count = int(m["count"])
+    parts = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise CadenzaError(
+            f"{path.name} is one of {count} parts of a split GGUF, and {len(missing)} are missing from {path.parent}: "
+            f"{', '.join(missing[:5])}. Download every part into the same folder."
+        )
+    return parts
+
+
+def _open(file: Path):
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(file, "r")
+        size = file.stat().st_size
+        for t in reader.tensors:  # the reader trusts the directory; a cut-off download ends before its tensors
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} ends past the end of the file")
+    except CadenzaError:
+        raise
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError, ... on damaged files
+        raise CadenzaError(
+            f"{file} is not a readable GGUF file ({type(e).__name__}: {e}). The download may be incomplete or the "
+            "file is not GGUF: download it again."
+        ) from None
+    return reader
+
+
+def _metadata(reader) -> dict:
+    """GGUF key -> plain Python value (str, int, float, bool, list); the reader's own GGUF.* bookkeeping left out."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+@dataclass(frozen=True)
+class GgufTensorInfo:
+    """One HF tensor of a GGUF file: shape as HF has it (outermost first), GGUF type name, and where it comes
+    from (an expert's row of a stacked tensor when `expert` is set)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # GGUF type name: F32, F16, BF16, Q8_0, Q4_K, ...
+    file: Path
+    source: str  # the GGUF tensor's name
+    nbytes: int  # as stored in the file
+    expert: int | None = None
+    rope_heads: int = 0  # > 0: llama.cpp's interleaved q/k rows of this many heads, put back in HF order
+
+
+class GgufCheckpoint:
+    """A GGUF model: one file or a split set. Opening it reads only the headers (memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise CadenzaError(f"{self.path} does not exist. Pass --model a .gguf file or the folder holding it.")
+        self.parts = gguf_parts(self.path)
+        self.readers = [_open(p) for p in self.parts]
+        # the first part holds the model's metadata; later parts only their split.* keys
+        self.metadata = _metadata(self.readers[0])
+        self._raw = {t.name: (t, part) for r, part in zip(self.readers, self.parts, strict=True) for t in r.tensors}
+        shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, (t, _) in self._raw.items()}
+        self.config = hf_config(self.metadata, shapes, str(self.path))
+        self.architecture = self.config["architectures"][0]
+        self.generation_config: dict = {}
+        self.tensors = self._map_tensors(shapes)
+        self._warned = False
+
+    def _map_tensors(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, GgufTensorInfo]:
+        arch, cfg = self.architecture, self.config
+        if any(n.endswith("attn_k_b.weight") for n in shapes) and not any(
+            n.endswith("attn_kv_b.weight") for n in shapes
+        ):
+            raise CadenzaError(
+                f"{self.path} stores DeepSeek's attention with kv_b split into attn_k_b / attn_v_b (newer llama.cpp "
+                "converters), which this cadenza does not read yet. Use a GGUF with attn_kv_b, or the HF folder."
+            )
+        out: dict[str, GgufTensorInfo] = {}
+        bad: list[str] = []
+        for name, (t, part) in self._raw.items():
+            mapped = hf_name(arch, name)
+            if mapped is None:
+                continue
+            type_name, shape = t.tensor_type.name, shapes[name]
+            if not readable(type_name):
+                bad.append(f"{name} ({type_name})")
+                continue
+            if mapped.experts:
+                for e in range(shape[0]):
+                    n = mapped.name.format(e=e)
+                    out[n] = GgufTensorInfo(n, shape[1:], type_name, part, name, int(t.n_bytes) // shape[0], e)
+                continue
+            heads = 0
+            if arch == "MixtralForCausalLM" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = cfg["num_attention_heads"] if "attn_q" in name else cfg["num_key_value_heads"]
+            if name.endswith("ffn_gate_inp_shexp.weight") and len(shape) == 1:
+                shape = (1, shape[0])  # llama.cpp stores Qwen2-MoE's shared expert gate [1, H] as a vector
+            out[mapped.name] = GgufTensorInfo(mapped.name, shape, type_name, part, name, int(t.n_bytes), None, heads)
+        if bad:
+            raise CadenzaError(
+                f"{self.path} stores {len(bad)} tensors in types cadenza cannot read (first: {bad[0]}). Readable "
+                f"types: {', '.join(readable_types())}. Use a GGUF quantized to one of these (Q8_0, Q4_K_M, ...)."
+            )
+        return out
+
+    # --- facts for planning -------------------------------------------------------------------------------------
+
+    def torch_dtype(self) -> torch.dtype:
+        """The float type most of the plain tensors' bytes are in; bfloat16 when most bytes are block-quantized
+        (those are dequantized, and bf16 keeps their range)."""
+        by = self.bytes_by_dtype()
+        plain = {k: v for k, v in by.items() if k in _PLAIN}
+        if not plain or sum(plain.values()) * 2 < sum(by.values()):
+            return torch.bfloat16
+        return _PLAIN[max(plain, key=plain.get)]
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def types_by_group(self) -> dict[str, dict[str, int]]:
+        """Bytes per GGUF type in each group: routed experts, attention, other (embeddings, norms, routers, ...)."""
+        out: dict[str, dict[str, int]] = {"experts": {}, "attention": {}, "other": {}}
+        for t in self.tensors.values():
+            group = "experts" if t.expert is not None else "attention" if ".self_attn." in t.name else "other"
+            out[group][t.dtype] = out[group].get(t.dtype, 0) + t.nbytes
+        return out
+
+    # --- reading ------------------------------------------------------------------------------------------------
+
+    def files(self) -> list[Path]:
+        return list(self.parts)
+
+    def iter_tensors(self, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (name, tensor) in file order. A quantized stacked-experts tensor is dequantized one expert at a
+        time (float32, one expert's worth of memory), which the loader copies into its stack in the compute dtype."""
+        wanted: dict[str, list[GgufTensorInfo]] = {}
+        for info in self.tensors.values():
+            if names is None or info.name in names:
+                wanted.setdefault(info.source, []).append(info)
+        for source, (raw, _) in self._raw.items():
+            for info in sorted(wanted.get(source, ()), key=lambda i: i.expert or 0):
+                if info.expert is not None:
+                    if info.dtype not in _PLAIN:
+                        self._warn_dequantize(info.dtype)
+                    yield info.name, _tensor(raw, info.expert)  # the loader copies it into its stack
+                    continue
+                t = _tensor(raw, None)
+                if info.rope_heads:
+                    t = _unpermute_rope(t, info.rope_heads)
+                # a parameter must own its memory, not alias the read-only file mapping
+                yield info.name, t.reshape(info.shape).clone()
+
+    def _warn_dequantize(self, type_name: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "%s: this version of cadenza dequantizes GGUF experts (%s) to the compute dtype at load, so they take "
+                "bf16-size memory, not their GGUF size. Pass --experts int8 or --experts int4 to re-quantize them "
+                "for cadenza's kernels.",
+                self.path.name,
+                type_name,
+            )
+
+
+def _tensor(raw, expert: int | None) -> torch.Tensor:
+    """One GGUF tensor (or one expert's row of a stacked one) as a torch tensor: a view of the mapped file for
+    plain types, a float32 dequantized copy for block types."""
+    data = raw.data if expert is None else raw.data[expert]
+    name = raw.tensor_type.name
+    with warnings.catch_warnings():  # the mapping is read-only; callers copy before anything could write
+        warnings.simplefilter("ignore", UserWarning)
+        if name == "BF16":  # numpy has no bfloat16: the reader hands out raw bytes
+            return torch.from_numpy(np.asarray(data).view(np.int16)).view(torch.bfloat16)
+        if name in _PLAIN:
+            return torch.from_numpy(np.asarray(data))
+    gguf = _gguf()
+    return torch.from_numpy(gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType[name]))
+
+
+def _unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order -> HF's: within each head, rows (pair 0 first, pair 0 second, pair 1 first, ...)
+    become (first half, second half), undoing the interleave its converter applies."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

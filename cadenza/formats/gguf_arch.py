@@ -1,0 +1,240 @@
+"""GGUF architectures -> the Hugging Face config.json and tensor names cadenza's families take.
+
+Metadata keys are llama.cpp's (`{arch}.embedding_length`, `{arch}.expert_count`, ... as its converter writes
+them); transformers' GGUF loader (integrations/ggml.py) maps the same keys for llama and the Qwen MoE families and
+knows no deepseek2 or olmoe, so those follow llama.cpp's src/llama-model.cpp. Routing switches that a GGUF does not
+store are the ones llama.cpp hard-codes per architecture (Qwen3-MoE renormalises its top-k weights; Qwen2-MoE and
+OLMoE do not).
+
+Tensor names come from a small explicit table per family rather than `gguf.TensorNameMap` reversed: that map sends
+many HF spellings to one GGUF name, so reversing it is ambiguous, and the table shows in one screen which parameter
+each GGUF tensor fills.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cadenza.errors import CadenzaError
+
+SUPPORTED = ("llama (with experts: Mixtral)", "qwen2moe", "qwen3moe", "olmoe", "deepseek2")
+
+# GGUF names outside the blocks
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# per block, common to every family: GGUF suffix -> HF suffix after `model.layers.{i}.`
+_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    # dense MLP layers (DeepSeek's first layers, Qwen's mlp_only_layers)
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_DEEPSEEK = {
+    "attn_q_a.weight": "self_attn.q_a_proj.weight",
+    "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn_q_b.weight": "self_attn.q_b_proj.weight",
+    "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
+    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+}
+_EXPERT_KINDS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one GGUF architecture's MoE block is named on the HF side."""
+
+    moe: str  # the MoE block's attribute: "mlp" or Mixtral's "block_sparse_moe"
+    experts: tuple[str, str, str]  # HF names of the gate, up and down projections of one expert
+    shared: str | None = None  # the shared expert's attribute
+
+
+FAMILIES = {
+    "MixtralForCausalLM": Family("block_sparse_moe", ("w1", "w3", "w2")),
+    "Qwen2MoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
+    "Qwen3MoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "OlmoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "DeepseekV2ForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+    "DeepseekV3ForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """Where a GGUF tensor lands: one HF name, or (experts) a name pattern with `{e}` for each expert."""
+
+    name: str
+    experts: bool = False
+
+
+def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
+    """The HF parameter a GGUF tensor fills, or None for a tensor cadenza does not read (rope_freqs, ...)."""
+    if gguf_name in GLOBAL_NAMES:
+        return Mapped(GLOBAL_NAMES[gguf_name])
+    m = _BLOCK_RE.fullmatch(gguf_name)
+    if m is None:
+        return None
+    fam, layer, rest = FAMILIES[architecture], m.group(1), m.group(2)
+    pre = f"model.layers.{layer}."
+    if rest in _BLOCK:
+        return Mapped(pre + _BLOCK[rest])
+    if architecture.startswith("Deepseek") and rest in _DEEPSEEK:
+        return Mapped(pre + _DEEPSEEK[rest])
+    if rest == "ffn_gate_inp.weight":
+        return Mapped(f"{pre}{fam.moe}.gate.weight")
+    for kind, hf in zip(_EXPERT_KINDS, fam.experts, strict=True):
+        if rest == f"ffn_{kind}_exps.weight":
+            return Mapped(f"{pre}{fam.moe}.experts.{{e}}.{hf}.weight", experts=True)
+        if rest == f"ffn_{kind}_shexp.weight" and fam.shared:
+            return Mapped(f"{pre}{fam.moe}.{fam.shared}.{kind}_proj.weight")
+    if rest == "ffn_gate_inp_shexp.weight" and fam.shared == "shared_expert":
+        return Mapped(f"{pre}{fam.moe}.shared_expert_gate.weight")
+    return None
+
+
+def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+    """config.json's equivalent for a GGUF's metadata; shapes: GGUF tensor name -> shape (outermost first), for
+    the facts some files leave out of the metadata (vocabulary size, shared expert width)."""
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise CadenzaError(
+            f"{source} has no general.architecture key, so it is not a model GGUF cadenza can read. "
+            "Use a GGUF model file converted by llama.cpp's convert_hf_to_gguf.py."
+        )
+
+    def get(key: str, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        return max(value) if isinstance(value, list) and value else value  # per-layer arrays: the widest
+
+    def req(key: str):
+        value = get(key)
+        if value is None:
+            raise CadenzaError(
+                f"{source} has no {arch}.{key} metadata, which a {arch} model needs. The file is incomplete or was "
+                "written by an old converter: convert the model again with a current llama.cpp."
+            )
+        return value
+
+    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2"):
+        raise CadenzaError(
+            f"{source} holds a GGUF {arch!r} model, which cadenza does not run. Supported GGUF architectures: "
+            f"{', '.join(SUPPORTED)}. Use a GGUF of one of these, or the model's Hugging Face folder."
+        )
+    if not get("expert_count"):
+        raise CadenzaError(
+            f"{source} holds a dense {arch} model (no {arch}.expert_count). cadenza runs Mixture-of-Experts models "
+            "and offloads their experts; run dense models with llama.cpp or transformers."
+        )
+    heads = int(req("attention.head_count"))
+    embd = shapes.get("token_embd.weight")
+    cfg: dict = {
+        "hidden_size": int(req("embedding_length")),
+        "num_hidden_layers": int(req("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv") or heads),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "vocab_size": int(get("vocab_size") or (embd[0] if embd else req("vocab_size"))),
+        "num_experts_per_tok": int(req("expert_used_count")),
+        "tie_word_embeddings": "output.weight" not in shapes,
+    }
+    for key in ("eos_token_id", "bos_token_id"):
+        if isinstance(meta.get(f"tokenizer.ggml.{key}"), int):
+            cfg[key] = meta[f"tokenizer.ggml.{key}"]
+    experts, expert_ff = int(req("expert_count")), get("expert_feed_forward_length")
+    dense_ff = get("feed_forward_length")
+    if arch == "llama":
+        # llama.cpp writes Mixtral's expert width as feed_forward_length; newer converters also as expert_*
+        cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts)
+        cfg["intermediate_size"] = int(expert_ff or req("feed_forward_length"))
+    elif arch in ("qwen2moe", "qwen3moe"):
+        moe_ff = int(expert_ff or req("feed_forward_length"))
+        cfg.update(num_experts=experts, moe_intermediate_size=moe_ff, intermediate_size=int(dense_ff or moe_ff))
+        if get("attention.key_length"):
+            cfg["head_dim"] = int(get("attention.key_length"))
+        if arch == "qwen2moe":
+            shared = get("expert_shared_feed_forward_length") or shapes.get("blk.0.ffn_gate_shexp.weight", (0,))[0]
+            cfg.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe")
+            cfg.update(shared_expert_intermediate_size=int(shared), qkv_bias="blk.0.attn_q.bias" in shapes)
+            cfg["norm_topk_prob"] = bool(get("expert_weights_norm", False))
+        else:
+            cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+            cfg.update(
+                norm_topk_prob=bool(get("expert_weights_norm", True)), attention_bias="blk.0.attn_q.bias" in shapes
+            )
+    elif arch == "olmoe":
+        cfg.update(architectures=["OlmoeForCausalLM"], model_type="olmoe", num_experts=experts)
+        cfg.update(intermediate_size=int(expert_ff or req("feed_forward_length")), rms_norm_eps=cfg["rms_norm_eps"])
+        cfg["norm_topk_prob"] = bool(get("expert_weights_norm", False))
+        if get("attention.clamp_kqv"):
+            cfg["clip_qkv"] = float(get("attention.clamp_kqv"))
+    else:
+        cfg.update(_deepseek(get, req, heads, shapes))
+    scaling = _rope_scaling(get)
+    if scaling:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _deepseek(get, req, heads: int, shapes: dict) -> dict:
+    """DeepSeek-V2 / V3 (GGUF deepseek2): V3 when the router is sigmoid (expert_gating_func 2) or has the routing
+    bias exp_probs_b. Newer llama.cpp converters store MLA's per-head sizes as key_length_mla / value_length_mla."""
+    rope = int(req("rope.dimension_count"))
+    key = get("attention.key_length_mla") or req("attention.key_length")
+    value = get("attention.value_length_mla") or req("attention.value_length")
+    v3 = get("expert_gating_func") == 2 or any(n.endswith("exp_probs_b.bias") for n in shapes)
+    groups = int(get("expert_group_count") or 0) or None
+    cfg = {
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+        "num_key_value_heads": heads,  # MLA: every head reads the shared latent
+        "n_routed_experts": int(req("expert_count")),
+        "n_shared_experts": int(get("expert_shared_count", 0)),
+        "moe_intermediate_size": int(req("expert_feed_forward_length")),
+        "intermediate_size": int(req("feed_forward_length")),
+        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
+        "norm_topk_prob": bool(get("expert_weights_norm", v3)),
+        "q_lora_rank": int(get("attention.q_lora_rank") or 0) or None,
+        "kv_lora_rank": int(req("attention.kv_lora_rank")),
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": int(key) - rope,
+        "v_head_dim": int(value),
+        "n_group": groups,
+        "topk_group": int(get("expert_group_used_count") or 0) or groups,
+    }
+    if not v3:
+        cfg["topk_method"] = "group_limited_greedy" if groups and groups > 1 else "greedy"
+    return cfg
+
+
+def _rope_scaling(get) -> dict | None:
+    kind = get("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    out: dict = {"rope_type": kind, "factor": float(get("rope.scaling.factor", 1.0))}
+    if get("rope.scaling.original_context_length"):
+        out["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+    if kind == "yarn" and get("rope.scaling.yarn_log_multiplier"):
+        # llama.cpp's converter stores 0.1 * mscale_all_dim (DeepSeek's YaRN attention scale)
+        m = float(get("rope.scaling.yarn_log_multiplier")) / 0.1
+        out.update(mscale=m, mscale_all_dim=m)
+    return out

@@ -1,0 +1,187 @@
+"""Test helper: an HF checkpoint folder written as a GGUF file, as llama.cpp's converter lays it out.
+
+Tensor names come from gguf-py's own `TensorNameMap` (HF -> GGUF), not from cadenza's table, so a wrong entry in
+either shows; experts are stacked per layer; the llama arch's q/k rows are interleaved per head as the converter
+does. `qtype` quantizes every matrix whose rows split into whole blocks with `gguf.quants.quantize`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+ARCH = {
+    "mixtral": "llama",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "olmoe": "olmoe",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
+}
+
+
+def _theta(cfg: dict) -> float:
+    return float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+
+
+def metadata(cfg: dict) -> dict:
+    """{arch}.* keys (without the prefix) as llama.cpp's converter writes them for this config."""
+    mt = cfg["model_type"]
+    heads = cfg["num_attention_heads"]
+    m = {
+        "context_length": cfg["max_position_embeddings"],
+        "embedding_length": cfg["hidden_size"],
+        "block_count": cfg["num_hidden_layers"],
+        "attention.head_count": heads,
+        "attention.head_count_kv": cfg.get("num_key_value_heads") or heads,
+        "attention.layer_norm_rms_epsilon": float(cfg["rms_norm_eps"]),
+        "rope.freq_base": _theta(cfg),
+        "expert_used_count": cfg["num_experts_per_tok"],
+        "vocab_size": cfg["vocab_size"],
+    }
+    if mt == "mixtral":
+        m.update(feed_forward_length=cfg["intermediate_size"], expert_count=cfg["num_local_experts"])
+        m["rope.dimension_count"] = cfg["hidden_size"] // heads
+    elif mt in ("qwen2_moe", "qwen3_moe"):
+        m.update(
+            expert_count=(cfg.get("num_experts") or cfg["num_local_experts"]),
+            expert_feed_forward_length=cfg["moe_intermediate_size"],
+        )
+        m["feed_forward_length"] = cfg["intermediate_size"]
+        if mt == "qwen2_moe":
+            m["expert_shared_feed_forward_length"] = cfg["shared_expert_intermediate_size"]
+        else:
+            m["attention.key_length"] = m["attention.value_length"] = cfg["head_dim"]
+    elif mt == "olmoe":
+        m.update(
+            expert_count=(cfg.get("num_experts") or cfg["num_local_experts"]),
+            feed_forward_length=cfg["intermediate_size"],
+        )
+    else:  # deepseek
+        v3 = mt == "deepseek_v3"
+        m.update(
+            expert_count=cfg["n_routed_experts"],
+            expert_feed_forward_length=cfg["moe_intermediate_size"],
+            feed_forward_length=cfg["intermediate_size"],
+            expert_shared_count=cfg["n_shared_experts"],
+            leading_dense_block_count=cfg["first_k_dense_replace"],
+            expert_weights_scale=float(cfg["routed_scaling_factor"]),
+            expert_weights_norm=bool(cfg["norm_topk_prob"]),
+            expert_gating_func=2 if v3 else 1,
+        )
+        m["attention.kv_lora_rank"] = cfg["kv_lora_rank"]
+        if cfg.get("q_lora_rank"):
+            m["attention.q_lora_rank"] = cfg["q_lora_rank"]
+        m["attention.key_length"] = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+        m["attention.value_length"] = cfg["v_head_dim"]
+        m["rope.dimension_count"] = cfg["qk_rope_head_dim"]
+        if v3 and cfg.get("n_group"):
+            m.update(expert_group_count=cfg["n_group"], expert_group_used_count=cfg["topk_group"])
+    return m
+
+
+def interleave(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's q/k permutation: each head's two rotary halves interleaved row by row."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, GGUF name -> float32 array in GGUF layout) for an HF folder."""
+    import gguf
+
+    cfg = json.loads((folder / "config.json").read_text())
+    sd = {k: v.float().numpy() for k, v in load_file(folder / "model.safetensors").items()}
+    arch = ARCH[cfg["model_type"]]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
+    out: dict[str, np.ndarray] = {}
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    for name, w in sd.items():
+        parts = name.split(".")
+        if "experts" in parts and parts[parts.index("experts") + 1].isdigit():  # routed expert: stack per layer
+            i = parts.index("experts")
+            merged = ".".join(parts[: i + 1] + parts[i + 2 :])
+            stacks.setdefault(merged, {})[int(parts[i + 1])] = w
+            continue
+        if name.endswith("e_score_correction_bias"):
+            out[f"blk.{parts[2]}.exp_probs_b.bias"] = w
+            continue
+        g = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert g is not None, name
+        if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg["num_attention_heads"] if "attn_q" in g else cfg["num_key_value_heads"]
+            w = interleave(w, heads)
+        if g.endswith("ffn_gate_inp_shexp.weight"):
+            w = w.reshape(-1)  # llama.cpp keeps Qwen2-MoE's shared expert gate as a vector
+        out[g] = w
+    for merged, experts in stacks.items():
+        out[names.get_name(merged, try_suffixes=(".weight",))] = np.stack([experts[e] for e in sorted(experts)])
+    return cfg, out
+
+
+def _quantizable(name: str, w: np.ndarray, qtype) -> bool:
+    import gguf
+
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return w.ndim >= 2 and w.shape[-1] % block == 0 and "norm" not in name and "ffn_gate_inp" not in name
+
+
+def write_gguf(folder: Path, out: Path, qtype: str = "F32", extra: dict | None = None, drop: tuple = ()) -> Path:
+    """The HF checkpoint in `folder` as a GGUF file `out`; matrices in `qtype` (F32, F16, Q8_0, Q4_0, ...).
+    extra: more metadata keys (full names); drop: GGUF tensor names to leave out."""
+    import gguf
+
+    cfg, tensors = gguf_tensors(folder)
+    arch = ARCH[cfg["model_type"]]
+    w = gguf.GGUFWriter(out, arch)
+    for k, v in metadata(cfg).items():
+        key = f"{arch}.{k}"
+        if isinstance(v, bool):
+            w.add_bool(key, v)
+        elif isinstance(v, int):
+            w.add_uint32(key, v)
+        else:
+            w.add_float32(key, v)
+    w.add_uint32("tokenizer.ggml.eos_token_id", int(cfg["eos_token_id"]))
+    w.add_uint32("tokenizer.ggml.bos_token_id", int(cfg["bos_token_id"]))
+    for k, v in (extra or {}).items():
+        w.add_key_value(k, v[0], v[1])
+    qt = gguf.GGMLQuantizationType[qtype]
+    for name, t in tensors.items():
+        if name in drop:
+            continue
+        if qtype == "F32" or not _quantizable(name, t, qt):
+            w.add_tensor(name, t.astype(np.float32))
+        elif qtype == "F16":
+            w.add_tensor(name, t.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(t, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def dequantized_folder(folder: Path, out: Path, qtype: str) -> Path:
+    """The HF folder with every matrix `write_gguf` would quantize replaced by gguf.quants' round trip of it: the
+    reference a GGUF in `qtype` must equal. Blocks run along rows, so the q/k row interleave commutes with it."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    out.mkdir(parents=True, exist_ok=True)
+    sd = load_file(folder / "model.safetensors")
+    ref = {}
+    for name, t in sd.items():
+        a = t.float().numpy()
+        if _quantizable(name.replace("gate.weight", "ffn_gate_inp"), a, qt) and "layernorm" not in name:
+            a = gguf.quants.dequantize(gguf.quants.quantize(a, qt), qt)
+        ref[name] = torch.from_numpy(np.ascontiguousarray(a))
+    save_file(ref, out / "model.safetensors")
+    for f in folder.iterdir():  # config.json, tokenizer files
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    return out

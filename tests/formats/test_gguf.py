@@ -1,0 +1,175 @@
+"""GGUF files load as their HF checkpoints: tiny random models written by transformers, converted to GGUF as
+llama.cpp lays them out (tests/formats/gguf_files.py), score equal to transformers (F32) or to the HF model holding
+gguf-py's dequantized weights (Q8_0, Q4_0); damaged or unsupported files are refused with clear errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from cadenza import LLM, CadenzaError
+from tests.conftest import VOCAB, make_deepseek, make_mixtral, prompt_ids, reference_logits
+from tests.formats.gguf_files import dequantized_folder, write_gguf
+from tests.models.test_olmoe import make_olmoe
+from tests.models.test_qwen2_moe import make_qwen2_moe
+from tests.models.test_qwen3_moe import make_qwen3_moe
+
+TOL = 1e-4
+
+MAKERS = {
+    "mixtral": lambda p: make_mixtral(p),
+    "qwen2moe": lambda p: make_qwen2_moe(p),
+    # llama.cpp always renormalises Qwen3-MoE's top-k weights, as the published models do
+    "qwen3moe": lambda p: make_qwen3_moe(p, norm_topk_prob=True),
+    "olmoe": lambda p: make_olmoe(p),
+    "deepseek2-v2": lambda p: make_deepseek(p, version=2),
+    "deepseek2-v3": lambda p: make_deepseek(p, version=3),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> (HF folder, transformers model), made once."""
+    root = tmp_path_factory.mktemp("gguf-src")
+    return {name: make(root / name) for name, make in MAKERS.items()}
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_f32_gguf_matches_transformers(models, tmp_path, name):
+    folder, hf = models[name]
+    file = write_gguf(folder, tmp_path / f"{name}.gguf")
+    llm = LLM(file, device="cpu", dtype="float32")
+    assert llm.tokenizer is None  # no tokenizer.ggml.* in these files: token ids in and out
+    assert llm.checkpoint.architecture == hf.config.architectures[0]
+    ids = prompt_ids(16)
+    got = llm.score(ids)
+    assert got.shape == (16, VOCAB)
+    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_quantized_gguf_equals_dequantized_reference(models, tmp_path, name, qtype, caplog):
+    folder, _ = models[name]
+    file = write_gguf(folder, tmp_path / f"{name}-{qtype}.gguf", qtype)
+    ref = LLM(dequantized_folder(folder, tmp_path / "ref", qtype), device="cpu", dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="cadenza.formats.gguf"):
+        llm = LLM(file, device="cpu", dtype="float32")
+    notices = [r for r in caplog.records if "dequantizes GGUF experts" in r.getMessage()]
+    assert len(notices) == 1 and "--experts int8" in notices[0].getMessage()
+    assert llm.checkpoint.tensors["model.embed_tokens.weight"].dtype == qtype
+    ids = prompt_ids(12)
+    torch.testing.assert_close(llm.score(ids), ref.score(ids), rtol=0, atol=1e-5)
+
+
+def test_folder_and_tied_embeddings(models, tmp_path):
+    """A folder holding one .gguf opens as it; without output.weight the LM head is the embedding."""
+    folder, hf = make_qwen2_moe(tmp_path / "tied", tie_word_embeddings=True)
+    (tmp_path / "g").mkdir()
+    write_gguf(folder, tmp_path / "g" / "model.gguf", drop=("output.weight",))
+    llm = LLM(tmp_path / "g", device="cpu", dtype="float32")
+    assert llm.config.tie_word_embeddings
+    ids = prompt_ids(8)
+    assert (llm.score(ids) - reference_logits(hf, ids)).abs().max().item() <= TOL
+
+
+def test_split_files(models, tmp_path):
+    """NAME-00001-of-00002.gguf and its second part: every tensor found from the first; a missing part named."""
+    import gguf
+
+    folder, hf = models["mixtral"]
+    single = write_gguf(folder, tmp_path / "one.gguf")
+    reader = gguf.GGUFReader(single)
+    names = [t.name for t in reader.tensors]
+    half = len(names) // 2
+    a = write_gguf(folder, tmp_path / "m-00001-of-00002.gguf", drop=tuple(names[half:]))
+    write_gguf(folder, tmp_path / "m-00002-of-00002.gguf", drop=tuple(names[:half]))
+    ids = prompt_ids(8)
+    assert (LLM(a, device="cpu", dtype="float32").score(ids) - reference_logits(hf, ids)).abs().max() <= TOL
+    (tmp_path / "m-00002-of-00002.gguf").unlink()
+    with pytest.raises(CadenzaError, match="m-00002-of-00002.gguf"):
+        LLM(a, device="cpu", dtype="float32")
+
+
+def test_bad_files(models, tmp_path):
+    import gguf
+
+    folder, _ = models["mixtral"]
+    good = write_gguf(folder, tmp_path / "good.gguf")
+    data = good.read_bytes()
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CadenzaError, match=r"cut\.gguf.*download it again"):
+        LLM(cut, device="cpu")
+
+    magic = tmp_path / "magic.gguf"
+    magic.write_bytes(b"GGML" + data[4:])
+    with pytest.raises(CadenzaError, match=r"magic\.gguf is not a readable GGUF"):
+        LLM(magic, device="cpu")
+
+    other = write_gguf(
+        folder, tmp_path / "phi.gguf", extra={"general.architecture": ("phi2", gguf.GGUFValueType.STRING)}
+    )
+    with pytest.raises(CadenzaError, match=r"phi\.gguf.*'phi2'.*qwen3moe"):
+        LLM(other, device="cpu")
+
+    dense = write_gguf(folder, tmp_path / "dense.gguf", extra={"llama.expert_count": (0, gguf.GGUFValueType.UINT32)})
+    with pytest.raises(CadenzaError, match=r"dense\.gguf holds a dense llama model.*Mixture-of-Experts"):
+        LLM(dense, device="cpu")
+
+    text = tmp_path / "weights.txt"
+    text.write_text("x")
+    with pytest.raises(CadenzaError, match=r"a file, not a model folder or a \.gguf file"):
+        LLM(text, device="cpu")
+
+
+def test_unsupported_type(models, tmp_path):
+    """A tensor in a type gguf-py cannot dequantize (Q8_1 here) is refused, naming the readable types."""
+    import gguf
+
+    folder, _ = models["olmoe"]
+    file = write_gguf(folder, tmp_path / "q81.gguf", drop=("blk.0.attn_q.weight",))
+    w = gguf.GGUFWriter(tmp_path / "bad.gguf", "olmoe")
+    r = gguf.GGUFReader(file)
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k != "general.architecture":
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data)
+    q81 = gguf.GGMLQuantizationType.Q8_1
+    w.add_tensor("blk.0.attn_q.weight", torch.zeros(64, 2 * 40, dtype=torch.uint8).numpy(), raw_dtype=q81)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CadenzaError, match=r"bad\.gguf.*Q8_1.*Readable types: .*Q4_K"):
+        LLM(tmp_path / "bad.gguf", device="cpu")
+
+
+def test_info_describes_gguf(models, tmp_path):
+    from tests.cli.test_cli import cli
+
+    folder, hf = models["qwen3moe"]
+    file = write_gguf(folder, tmp_path / "q3.gguf", "Q8_0")
+    r = cli("info", "--model", str(file), "--json", "--gpu-memory", "1GiB")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["architecture"] == "Qwen3MoeForCausalLM"
+    assert d["gguf_types"]["experts"].keys() == {"Q8_0"} and "F32" in d["gguf_types"]["other"]
+    assert "placement" in d
+    text = cli("info", "--model", str(file))
+    assert text.returncode == 0, text.stderr
+    assert "Qwen3MoeForCausalLM" in text.stdout and "Q8_0" in text.stdout
+
+
+def test_hf_folder_with_stray_gguf_stays_hf(models, tmp_path):
+    """config.json decides: a HF folder that also holds a .gguf still loads as the HF folder."""
+    folder, _ = models["olmoe"]
+    copy = shutil.copytree(folder, tmp_path / "hf")
+    write_gguf(folder, copy / "x.gguf")
+    assert type(LLM(copy, device="cpu", dtype="float32").checkpoint).__name__ == "Checkpoint"
