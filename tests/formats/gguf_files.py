@@ -131,7 +131,8 @@ def _quantizable(name: str, w: np.ndarray, qtype) -> bool:
 
 def write_gguf(folder: Path, out: Path, qtype: str = "F32", extra: dict | None = None, drop: tuple = ()) -> Path:
     """The HF checkpoint in `folder` as a GGUF file `out`; matrices in `qtype` (F32, F16, Q8_0, Q4_0, ...).
-    extra: more metadata keys (full names); drop: GGUF tensor names to leave out."""
+    extra: more metadata keys (full names), as (value, GGUFValueType) or plain values (str, int, bool, lists, e.g.
+    tokenizer.ggml.*); drop: GGUF tensor names to leave out."""
     import gguf
 
     cfg, tensors = gguf_tensors(folder)
@@ -145,10 +146,23 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", extra: dict | None =
             w.add_uint32(key, v)
         else:
             w.add_float32(key, v)
-    w.add_uint32("tokenizer.ggml.eos_token_id", int(cfg["eos_token_id"]))
-    w.add_uint32("tokenizer.ggml.bos_token_id", int(cfg["bos_token_id"]))
+    extra = dict(extra or {})
+    for key in ("eos", "bos"):  # (unless the tokenizer metadata in extra names them)
+        if f"tokenizer.ggml.{key}_token_id" not in extra:
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", int(cfg[f"{key}_token_id"]))
     for k, v in (extra or {}).items():
-        w.add_key_value(k, v[0], v[1])
+        if isinstance(v, tuple):
+            w.add_key_value(k, v[0], v[1])
+        elif k == "tokenizer.ggml.scores":
+            w.add_array(k, [float(x) for x in v])
+        elif isinstance(v, list):
+            w.add_array(k, v)
+        elif isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+        else:
+            w.add_string(k, v)
     qt = gguf.GGMLQuantizationType[qtype]
     for name, t in tensors.items():
         if name in drop:

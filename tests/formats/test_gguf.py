@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError
+from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, make_deepseek, make_mixtral, prompt_ids, reference_logits
 from tests.formats.gguf_files import dequantized_folder, write_gguf
 from tests.models.test_olmoe import make_olmoe
@@ -173,3 +173,26 @@ def test_hf_folder_with_stray_gguf_stays_hf(models, tmp_path):
     copy = shutil.copytree(folder, tmp_path / "hf")
     write_gguf(folder, copy / "x.gguf")
     assert type(LLM(copy, device="cpu", dtype="float32").checkpoint).__name__ == "Checkpoint"
+
+
+def test_gguf_with_its_vocabulary_answers_like_the_hf_folder(tmp_path):
+    """A GGUF that carries its tokenizer (tokenizer.ggml.*) runs from text to text: the same greedy answer as the HF
+    folder it was written from, whose tokenizer.json is the same byte-level BPE."""
+    from tests.text.test_gguf_tokenizer import bpe_kv
+    from tests.text.tokenizer_files import write_bpe_tokenizer
+
+    # (llama.cpp always renormalises qwen3moe top-k weights, so the GGUF carries no switch for it)
+    folder, _ = make_qwen3_moe(tmp_path / "hf", vocab_size=VOCAB + 8, norm_topk_prob=True)
+    write_bpe_tokenizer(folder)  # the folder's own tokenizer.json
+    kv = bpe_kv(tmp_path / "tok", "gpt-2")  # the same training, as GGUF metadata (GPT-2 split: ByteLevel's)
+    kv["tokenizer.ggml.add_bos_token"] = True
+    file = write_gguf(folder, tmp_path / "m.gguf", extra=kv)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    from_gguf = LLM(file, device="cpu", dtype="float32")
+    from_hf = LLM(folder, device="cpu", dtype="float32")
+    prompt = "Hello world, the numbers 12 and 345."
+    assert from_gguf.tokenizer.encode(prompt) == from_hf.tokenizer.encode(prompt)
+    a, b = from_gguf.generate(prompt, params), from_hf.generate(prompt, params)
+    assert a.token_ids == b.token_ids and a.text == b.text and len(a.token_ids) == 12
+    messages = [{"role": "user", "content": "hi"}]
+    assert from_gguf.chat_prompt(messages)  # the GGUF's chat template renders
