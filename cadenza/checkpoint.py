@@ -81,7 +81,24 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-class Checkpoint:
+class TensorSizes:
+    """Sizes read from a checkpoint's table of tensors (`self.tensors`: name -> an entry with dtype and nbytes),
+    whatever the file format."""
+
+    tensors: dict
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+class Checkpoint(TensorSizes):
     """An HF model folder: `config.json`, `model.safetensors` or shards listed in `model.safetensors.index.json`,
     and `generation_config.json` when present. Opening it reads only JSON and safetensors headers."""
 
@@ -181,16 +198,6 @@ class Checkpoint:
         if not floats:
             return torch.bfloat16
         return SAFETENSORS_DTYPES[max(floats, key=floats.get)][0]
-
-    def bytes_by_dtype(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.tensors.values():
-            out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
-        return out
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
     # --- reading ------------------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cadenza.checkpoint import TensorSizes
 from cadenza.errors import CadenzaError
 from cadenza.formats.gguf_arch import hf_config, hf_name
 
@@ -131,7 +132,7 @@ class GgufTensorInfo:
     rope_heads: int = 0  # > 0: llama.cpp's interleaved q/k rows of this many heads, put back in HF order
 
 
-class GgufCheckpoint:
+class GgufCheckpoint(TensorSizes):
     """A GGUF model: one file or a split set. Opening it reads only the headers (memory-mapped)."""
 
     def __init__(self, path: str | Path):
@@ -197,16 +198,6 @@ class GgufCheckpoint:
         if not plain or sum(plain.values()) * 2 < sum(by.values()):
             return torch.bfloat16
         return _PLAIN[max(plain, key=plain.get)]
-
-    def bytes_by_dtype(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.tensors.values():
-            out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
-        return out
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
     def types_by_group(self) -> dict[str, dict[str, int]]:
         """Bytes per GGUF type in each group: routed experts, attention, other (embeddings, norms, routers, ...)."""

@@ -129,6 +129,25 @@ def _quantizable(name: str, w: np.ndarray, qtype) -> bool:
     return w.ndim >= 2 and w.shape[-1] % block == 0 and "norm" not in name and "ffn_gate_inp" not in name
 
 
+def add_plain(writer, key: str, value) -> None:
+    """One metadata key from a plain value: bool, int (uint32), float (float32), str, a list (tokenizer.ggml.scores
+    kept float), or (value, GGUFValueType)."""
+    if isinstance(value, tuple):
+        writer.add_key_value(key, value[0], value[1])
+    elif key == "tokenizer.ggml.scores":
+        writer.add_array(key, [float(x) for x in value])  # add_array picks a type per value: keep them float
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    elif isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        writer.add_string(key, value)
+
+
 def write_gguf(folder: Path, out: Path, qtype: str = "F32", extra: dict | None = None, drop: tuple = ()) -> Path:
     """The HF checkpoint in `folder` as a GGUF file `out`; matrices in `qtype` (F32, F16, Q8_0, Q4_0, ...).
     extra: more metadata keys (full names), as (value, GGUFValueType) or plain values (str, int, bool, lists, e.g.
@@ -139,30 +158,13 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", extra: dict | None =
     arch = ARCH[cfg["model_type"]]
     w = gguf.GGUFWriter(out, arch)
     for k, v in metadata(cfg).items():
-        key = f"{arch}.{k}"
-        if isinstance(v, bool):
-            w.add_bool(key, v)
-        elif isinstance(v, int):
-            w.add_uint32(key, v)
-        else:
-            w.add_float32(key, v)
+        add_plain(w, f"{arch}.{k}", v)
     extra = dict(extra or {})
     for key in ("eos", "bos"):  # (unless the tokenizer metadata in extra names them)
         if f"tokenizer.ggml.{key}_token_id" not in extra:
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", int(cfg[f"{key}_token_id"]))
-    for k, v in (extra or {}).items():
-        if isinstance(v, tuple):
-            w.add_key_value(k, v[0], v[1])
-        elif k == "tokenizer.ggml.scores":
-            w.add_array(k, [float(x) for x in v])
-        elif isinstance(v, list):
-            w.add_array(k, v)
-        elif isinstance(v, bool):
-            w.add_bool(k, v)
-        elif isinstance(v, int):
-            w.add_uint32(k, v)
-        else:
-            w.add_string(k, v)
+    for k, v in extra.items():
+        add_plain(w, k, v)
     qt = gguf.GGMLQuantizationType[qtype]
     for name, t in tensors.items():
         if name in drop:

@@ -10,6 +10,7 @@ import pytest
 from cadenza.errors import CadenzaError
 from cadenza.text import Tokenizer
 from cadenza.text.gguf import CONTROL, USER_DEFINED, gguf_metadata
+from tests.formats.gguf_files import add_plain
 from tests.text.test_tokenizer import TEXTS, random_texts, stream
 from tests.text.tokenizer_files import write_bpe_tokenizer, write_sentencepiece_tokenizer
 
@@ -50,16 +51,7 @@ def write_gguf(path: Path, arch: str, kv: dict, n_tokens: int) -> None:
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(10000.0)
     for key, value in kv.items():
-        if key == "tokenizer.ggml.scores":
-            writer.add_array(key, [float(v) for v in value])  # add_array picks a type per value: keep them float
-        elif isinstance(value, list):
-            writer.add_array(key, value)
-        elif isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_string(key, value)
+        add_plain(writer, key, value)
     import numpy as np
 
     writer.add_tensor("token_embd.weight", np.zeros((n_tokens, 8), dtype=np.float32))
