@@ -25,9 +25,7 @@ quantized) and written while the next one is made; memory holds about two tensor
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,33 +37,13 @@ import torch
 from cadenza.bench.gguf_quants import BLOCK_BYTES, quantize_many, quantized_nbytes, single_threaded_ops
 from cadenza.bench.synthetic import SyntheticCheckpoint
 from cadenza.errors import CadenzaError
+from cadenza.formats.gguf import import_gguf
 
 EXPERT_QTYPE = {"int8": "Q8_0", "int4": "Q4_0"}  # cadenza's expert format -> the GGUF block format it is measured as
 _ELEMENT_BYTES = {"F32": 4, "F16": 2}
 _FILE_TYPE = {"Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*: what the bulk of the file is
 _TOKEN_TYPE = {"normal": 1, "unknown": 2, "control": 3, "unused": 5, "byte": 6}
 _ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
-
-
-def import_gguf() -> types.ModuleType:
-    """The `gguf` package: from PyPI (`pip install gguf`) or llama.cpp's own gguf-py on PYTHONPATH.
-
-    gguf-py imports pyyaml at the top of a module that only reads model cards; a box without pyyaml still writes
-    files through a stand-in `yaml` that is removed again once gguf is imported."""
-    try:
-        import gguf
-    except ModuleNotFoundError as e:
-        if e.name != "yaml":
-            raise CadenzaError(
-                "The llama.cpp peer writes GGUF files with the gguf package: pip install gguf (or the bench extra), "
-                "or put llama.cpp's own gguf-py on PYTHONPATH (PYTHONPATH=<llama.cpp>/gguf-py)."
-            ) from e
-        sys.modules["yaml"] = types.ModuleType("yaml")
-        try:
-            import gguf
-        finally:
-            del sys.modules["yaml"]
-    return gguf
 
 
 @dataclass(frozen=True)

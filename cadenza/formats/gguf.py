@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
+import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import torch
 from cadenza.checkpoint import TensorSizes
 from cadenza.errors import CadenzaError
 from cadenza.formats.gguf_arch import hf_config, hf_name
+from cadenza.text.gguf import gguf_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +38,28 @@ _SPLIT = re.compile(r"(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _gguf():
-    from cadenza.bench.gguf_export import import_gguf  # the package, even on a box without pyyaml
+def import_gguf() -> types.ModuleType:
+    """The `gguf` package: from PyPI (`pip install gguf`) or llama.cpp's own gguf-py on PYTHONPATH.
 
-    return import_gguf()
+    gguf-py imports pyyaml at the top of a module that only reads model cards; a box without pyyaml still writes
+    files through a stand-in `yaml` that is removed again once gguf is imported."""
+    try:
+        import gguf
+    except ModuleNotFoundError as e:
+        if e.name != "yaml":
+            raise CadenzaError(
+                "GGUF files are read and written with the gguf package: pip install gguf, or put llama.cpp's own "
+                "gguf-py on PYTHONPATH (PYTHONPATH=<llama.cpp>/gguf-py)."
+            ) from e
+        sys.modules["yaml"] = types.ModuleType("yaml")
+        try:
+            import gguf
+        finally:
+            del sys.modules["yaml"]
+    return gguf
+
+
+_gguf = import_gguf
 
 
 @functools.cache
@@ -112,11 +133,6 @@ def _open(file: Path):
     return reader
 
 
-def _metadata(reader) -> dict:
-    """GGUF key -> plain Python value (str, int, float, bool, list); the reader's own GGUF.* bookkeeping left out."""
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
 @dataclass(frozen=True)
 class GgufTensorInfo:
     """One HF tensor of a GGUF file: shape as HF has it (outermost first), GGUF type name, and where it comes
@@ -142,7 +158,7 @@ class GgufCheckpoint(TensorSizes):
         self.parts = gguf_parts(self.path)
         self.readers = [_open(p) for p in self.parts]
         # the first part holds the model's metadata; later parts only their split.* keys
-        self.metadata = _metadata(self.readers[0])
+        self.metadata = gguf_metadata(self.readers[0])
         self._raw = {t.name: (t, part) for r, part in zip(self.readers, self.parts, strict=True) for t in r.tensors}
         shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, (t, _) in self._raw.items()}
         self.config = hf_config(self.metadata, shapes, str(self.path))
