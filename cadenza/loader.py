@@ -145,6 +145,11 @@ def _assign(
     return None
 
 
+def _expert_modules(model: nn.Module) -> list[tuple[str, Experts]]:
+    """(HF name prefix, module) of every routed-experts layer, in order."""
+    return [(f"{n}.", m) for n, m in model.named_modules() if isinstance(m, Experts)]
+
+
 def load_model(
     checkpoint: Checkpoint,
     device: torch.device,
@@ -174,15 +179,22 @@ def load_model(
             )
         from cadenza.moe.packed_store import PackedStore
 
-        store = PackedStore.open(checkpoint, fmt.fmt, fmt.group) if fmt.cache else None
-        if store is not None and store.load(layers, dtype):
+        # a GGUF whose expert blocks hold this format exactly: they are the packed layers (no cache needed)
+        exact = getattr(checkpoint, "repacks", lambda fmt, group: False)(fmt.fmt, fmt.group)
+        store = PackedStore.open(checkpoint, fmt.fmt, fmt.group) if fmt.cache and not exact else None
+        if exact:
+            for prefix, layer in _expert_modules(model):
+                layer.set_packed(checkpoint.packed_experts(prefix, layer), dtype)
+            skip = expert_tensor_names(model)
+            names = {n for n in names if n not in skip}
+        elif store is not None and store.load(layers, dtype):
             skip = expert_tensor_names(model)
             names = {n for n in names if n.removesuffix(SCALE_SUFFIX) not in skip}
         else:
             writer = store.writer(len(layers)) if store is not None else None
             progress = Progress(f"quantizing routed experts to {fmt.fmt}", len(layers))
-            packer = LayerPacker(layers, fmt.fmt, fmt.group, on_packed=writer.write if writer else None,
-                                 progress=progress)  # fmt: skip
+            on_packed = writer.write if writer else None
+            packer = LayerPacker(layers, fmt.fmt, fmt.group, on_packed=on_packed, progress=progress)
     try:
         with torch.no_grad():
             for name, tensor in read_weights(checkpoint, names, dtype):

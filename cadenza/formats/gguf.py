@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from cadenza.checkpoint import TensorSizes
 from cadenza.errors import CadenzaError
 from cadenza.formats.gguf_arch import hf_config, hf_name
 from cadenza.text.gguf import gguf_metadata
+
+if TYPE_CHECKING:
+    from cadenza.kernels.layout import PackedExperts
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +169,7 @@ class GgufCheckpoint(TensorSizes):
         self.architecture = self.config["architectures"][0]
         self.generation_config: dict = {}
         self.tensors = self._map_tensors(shapes)
-        self._warned = False
+        self._warned = self._warned_rerounded = False
 
     def _map_tensors(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, GgufTensorInfo]:
         arch, cfg = self.architecture, self.config
@@ -248,13 +252,57 @@ class GgufCheckpoint(TensorSizes):
                 # a parameter must own its memory, not alias the read-only file mapping
                 yield info.name, t.reshape(info.shape).clone()
 
+    # --- experts kept in their blocks ---------------------------------------------------------------------------
+
+    def repacks(self, fmt: str, group: int) -> bool:
+        """Whether the routed experts go into `fmt` / `group` from their blocks without rounding: Q8_0 (int8 codes
+        with an fp16 scale per 32 columns) into int8 experts with 32-column groups (1.125 bytes a weight against
+        Q8_0's 1.0625: the scale is stored as fp32)."""
+        types = {t.dtype for t in self.tensors.values() if t.expert is not None}
+        return fmt == "int8" and group == 32 and types == {"Q8_0"}
+
+    def packed_experts(self, prefix: str, layer) -> PackedExperts:
+        """The experts of one layer (`layer`: its Experts module, `prefix`: its HF name + ".") packed as int8 with
+        32-column groups from their Q8_0 blocks, one expert at a time. q * d is exact in float32, and packing a
+        group whose largest code is +-127 (what llama.cpp's and gguf-py's Q8_0 quantizers write) gives back the
+        same codes and d: the packed values equal the file's. Groups with other largest codes are re-rounded, and
+        said so once."""
+        from cadenza.kernels.layout import empty_packed, pack_layer
+
+        e_count, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        out = empty_packed("int8", 32, e_count, h, i)
+        names = (layer.gate_name, layer.up_name, layer.down_name)
+        for e in range(e_count):
+            mats = []
+            for n in names:
+                info = self.tensors[f"{prefix}{e}.{n}.weight"]
+                raw = self._raw[info.source][0]
+                self._count_rerounded(np.asarray(raw.data[e]))
+                mats.append(_tensor(raw, e))
+            one = pack_layer([mats[0]], [mats[1]], [mats[2]], "int8", 32)
+            out.gate_up[e].copy_(one.gate_up[0])
+            out.down[e].copy_(one.down[0])
+        return out
+
+    def _count_rerounded(self, blocks: np.ndarray) -> None:
+        codes = np.abs(blocks.reshape(-1, 34)[:, 2:].view(np.int8).astype(np.int16)).max(axis=1)
+        bad = int(np.count_nonzero((codes != 127) & (codes != 0)))
+        if bad and not self._warned_rerounded:
+            self._warned_rerounded = True
+            logger.warning(
+                "%s: %d Q8_0 blocks of an expert have no +-127 code, so packing them as int8 re-rounds them (a "
+                "quantization step at most); files written by llama.cpp's quantizer have none.",
+                self.path.name,
+                bad,
+            )
+
     def _warn_dequantize(self, type_name: str) -> None:
         if not self._warned:
             self._warned = True
             logger.warning(
                 "%s: this version of cadenza dequantizes GGUF experts (%s) to the compute dtype at load, so they take "
                 "bf16-size memory, not their GGUF size. Pass --experts int8 or --experts int4 to re-quantize them "
-                "for cadenza's kernels.",
+                "for cadenza's kernels (Q8_0 experts with --experts int8 --expert-group 32 are kept exactly).",
                 self.path.name,
                 type_name,
             )

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,34 @@ def test_gguf_with_its_vocabulary_answers_like_the_hf_folder(tmp_path):
     assert a.token_ids == b.token_ids and a.text == b.text and len(a.token_ids) == 12
     messages = [{"role": "user", "content": "hi"}]
     assert from_gguf.chat_prompt(messages)  # the GGUF's chat template renders
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3moe"])
+def test_q8_0_experts_kept_exactly_as_int8(models, tmp_path, name, caplog):
+    """Q8_0 experts with --experts int8 --expert-group 32 are packed from their blocks: the packed values equal the
+    file's dequantized ones bit for bit, nothing is dequantized to the compute dtype, and the model scores as the
+    dequantized reference run with the same int8 experts."""
+    import gguf
+
+    from cadenza.kernels.layout import dequantize
+    from cadenza.loader import moe_layers
+
+    folder, _ = models[name]
+    file = write_gguf(folder, tmp_path / f"{name}-Q8_0.gguf", "Q8_0")
+    with caplog.at_level(logging.WARNING, logger="cadenza.formats.gguf"):
+        llm = LLM(file, device="cpu", dtype="float32", experts="int8", expert_group=32)
+    assert not [r for r in caplog.records if "dequantizes" in r.getMessage() or "re-round" in r.getMessage()]
+    reader = gguf.GGUFReader(str(file))
+    raw = {t.name: t for t in reader.tensors}
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for index, layer in enumerate(moe_layers(llm.model)):
+        assert layer.packed is not None and (layer.packed.fmt, layer.packed.group) == ("int8", 32)
+        gate, up, down = dequantize(layer.packed)
+        blk = index + (llm.config.num_hidden_layers - len(moe_layers(llm.model)))
+        for got, part in ((gate, "gate"), (up, "up"), (down, "down")):
+            want = gguf.quants.dequantize(np.asarray(raw[f"blk.{blk}.ffn_{part}_exps.weight"].data), q8)
+            assert torch.equal(got.float(), torch.from_numpy(np.ascontiguousarray(want)))
+    ref = LLM(dequantized_folder(folder, tmp_path / "ref", "Q8_0"), device="cpu", dtype="float32", experts="int8",
+              expert_group=32, expert_cache=False)  # fmt: skip
+    ids = prompt_ids(12)
+    torch.testing.assert_close(llm.score(ids), ref.score(ids), rtol=0, atol=1e-5)
