@@ -178,3 +178,29 @@ def make_deepseek(path: Path, version: int = 2, seed: int = 0, **overrides):
                 b.normal_(0.0, 0.5)
     save_hf_model(model, path)
     return path, model
+
+
+def assert_hybrid_matches(path, policy, residents, slots, prompt, want_logits, want_tokens, new_tokens,
+                          pairs=None, side=None, tol=1e-4):  # fmt: skip
+    """Some experts off the (emulated) GPU under `policy`, `residents` of them resident (`slots` fetch slots when
+    the policy fetches): the same logits for `prompt` and the same greedy tokens from prompt[:6] as the all-resident
+    model. pairs: the (token, expert) pairs the generation must count; side: "policy" (work went to the policy's
+    own side: cpu or fetched), "either" (to the CPU or fetched), None (not checked)."""
+    from cadenza import LLM, SamplingParams
+
+    budget = budget_for(path, residents, 0 if policy == "cpu" else slots)
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget, offload_policy=policy)
+    try:
+        assert llm.placement.resident_count == residents
+        assert (llm.score(prompt) - want_logits).abs().max().item() <= tol
+        out = llm.generate(prompt[:6], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+        assert out.token_ids == want_tokens
+        work = out.stats.expert_work
+        if pairs is not None:
+            assert sum(work.values()) == pairs
+        if side == "policy":
+            assert work["cpu" if policy == "cpu" else "fetched"] > 0
+        elif side == "either":
+            assert work["cpu"] + work["fetched"] > 0
+    finally:
+        llm.close()

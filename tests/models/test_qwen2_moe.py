@@ -9,7 +9,15 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli.info import describe
-from tests.conftest import VOCAB, budget_for, edit_config, prompt_ids, reference_greedy, reference_logits, save_hf_model
+from tests.conftest import (
+    VOCAB,
+    assert_hybrid_matches,
+    edit_config,
+    prompt_ids,
+    reference_greedy,
+    reference_logits,
+    save_hf_model,
+)
 
 TOL = 1e-4
 GREEDY = dict(temperature=0, max_tokens=32, ignore_eos=True)
@@ -154,18 +162,8 @@ def mixed(tmp_path_factory):
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_single_device(mixed, policy):
     path, prompt, want_logits, want_tokens = mixed
-    budget = budget_for(path, 5, 0 if policy == "cpu" else 2)
-    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget, offload_policy=policy)
-    try:
-        assert llm.placement.resident_count == 5  # of 2 MoE layers x 8 experts
-        assert (llm.score(prompt) - want_logits).abs().max().item() <= TOL
-        out = llm.generate(prompt[:6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-        assert out.token_ids == want_tokens
-        work = out.stats.expert_work
-        assert sum(work.values()) == (6 + 7) * 2 * 2  # (prompt + decode steps) x MoE layers x top-2
-        assert work["cpu" if policy == "cpu" else "fetched"] > 0
-    finally:
-        llm.close()
+    # 5 of 2 MoE layers x 8 experts resident; (prompt + decode steps) x MoE layers x top-2 pairs
+    assert_hybrid_matches(path, policy, 5, 2, prompt, want_logits, want_tokens, 8, (6 + 7) * 2 * 2, "policy", TOL)
 
 
 @pytest.mark.parametrize("overrides", [dict(num_hidden_layers=3, mlp_only_layers=[1]), dict(tie_word_embeddings=True)])

@@ -9,7 +9,15 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.cli.info import describe
-from tests.conftest import VOCAB, budget_for, edit_config, prompt_ids, reference_greedy, reference_logits, save_hf_model
+from tests.conftest import (
+    VOCAB,
+    assert_hybrid_matches,
+    edit_config,
+    prompt_ids,
+    reference_greedy,
+    reference_logits,
+    save_hf_model,
+)
 
 TOL = 1e-4
 
@@ -141,19 +149,12 @@ def test_hybrid_equals_all_resident(qwen3_dir, policy):
     """Experts split between the emulated GPU and the host compute the same model; dense layers stay out of it."""
     path, _ = qwen3_dir
     prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     ref = LLM(path, device="cpu", dtype="float32")
-    want_logits, want_tokens = ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
-    slots = 0 if policy == "cpu" else 4  # fetching policies reserve top_k slots
-    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 5, slots), offload_policy=policy)
-    try:
-        assert llm.placement.resident_count == 5  # of 2 MoE layers x 16 experts
-        assert (llm.score(prompt) - want_logits).abs().max().item() <= TOL
-        out = llm.generate(prompt[:6], greedy)
-        assert out.token_ids == want_tokens
-        assert sum(out.stats.expert_work.values()) == (6 + 7) * 2 * 4  # (prompt + decode steps) x MoE layers x top-4
-    finally:
-        llm.close()
+    want_logits = ref.score(prompt)
+    want_tokens = ref.generate(prompt[:6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).token_ids
+    # 5 of 2 MoE layers x 16 experts resident; fetching policies reserve top_k = 4 slots; (prompt + decode steps) x
+    # MoE layers x top-4 pairs
+    assert_hybrid_matches(path, policy, 5, 4, prompt, want_logits, want_tokens, 8, (6 + 7) * 2 * 4, None, TOL)
 
 
 def test_info_counts(qwen3_dir, tmp_path):
