@@ -35,7 +35,7 @@ def configure_logging() -> None:
     if logger.hasHandlers():
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(logging.Formatter("cadenza: %(message)s"))  # as cadenza.log's handler writes them
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
@@ -114,7 +114,7 @@ def serve(
     config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     key = ", API key required" if api_key else ""
     ready = (
-        f"cadenza: serving '{model_name}' at {_url(sock)}/v1 (OpenAI-compatible{key}; {llm.max_batch} sequence(s) "
+        f"serving '{model_name}' at {_url(sock)}/v1 (OpenAI-compatible{key}; {llm.max_batch} sequence(s) "
         f"decode together, up to {max_queue} more wait)"
     )
     server = _Uvicorn(config, worker, ready)
@@ -129,6 +129,6 @@ def serve(
         if worker.join(SHUTDOWN_GRACE_S):
             llm.close()
         else:
-            log.warning("cadenza: the engine thread did not stop in time; exiting anyway.")
-    log.info("cadenza: server stopped.")
+            log.warning("the engine thread did not stop in time; exiting anyway.")
+    log.info("server stopped.")
     return 0

@@ -169,7 +169,7 @@ class EngineWorker:
         try:
             self._serve(live)
         except BaseException as e:  # the engine cannot go on (e.g. no clean batch could be made after a failure)
-            log.exception("cadenza: the engine thread stopped after an internal error")
+            log.exception("the engine thread stopped after an internal error")
             error = APIError(
                 f"The engine stopped after an internal error ({type(e).__name__}: {e}); see the "
                 "server's log, and restart the server.",
@@ -216,7 +216,7 @@ class EngineWorker:
         try:
             swapped = self.llm.adapt_placement(self.adapt_bytes)
         except Exception:  # adaptation is an optimisation: never let it take the server down
-            log.exception("cadenza: adaptive expert placement failed; it stays off from now on")
+            log.exception("adaptive expert placement failed; it stays off from now on")
             self.adapt_bytes = None
             return
         with self.metrics.lock:
@@ -241,7 +241,7 @@ class EngineWorker:
         try:
             out = batch.step()
         except Exception as e:  # a bug or the device failing: fail what is in flight, start a clean batch
-            log.exception("cadenza: an engine step failed; its sequences fail, and a clean batch takes over")
+            log.exception("an engine step failed; its sequences fail, and a clean batch takes over")
             error = APIError(f"The engine failed: {type(e).__name__}: {e}", status=500, type="server_error")
             for job in live.values():
                 job.deliver(Event(job.index, error=error))

@@ -454,7 +454,8 @@ def test_sigterm_during_a_stream_exits_cleanly(long_model, tmp_path):
                 pass
         assert s.proc.wait(10) == 0
         assert time.monotonic() - t0 < 10
-        assert "server stopped" in s.stderr() and "Traceback" not in s.stderr()
+        assert "cadenza: server stopped" in s.stderr() and "Traceback" not in s.stderr()
+        assert "cadenza: serving" in s.stderr() and "cadenza: cadenza:" not in s.stderr()  # one prefix a line
     finally:
         s.stop()
 
