@@ -63,16 +63,13 @@ def import_gguf() -> types.ModuleType:
     return gguf
 
 
-_gguf = import_gguf
-
-
 @functools.cache
 def readable(type_name: str) -> bool:
     """Whether cadenza can read tensors of this GGUF type: plain floats, or a block type `gguf.quants` dequantizes
     (probed on one zero block, since gguf-py's list of implemented types changes between versions)."""
     if type_name in _PLAIN:
         return True
-    gguf = _gguf()
+    gguf = import_gguf()
     qtype = gguf.GGMLQuantizationType[type_name]
     _, type_size = gguf.GGML_QUANT_SIZES[qtype]
     try:
@@ -83,7 +80,7 @@ def readable(type_name: str) -> bool:
 
 
 def readable_types() -> list[str]:
-    return [t.name for t in _gguf().GGMLQuantizationType if readable(t.name)]
+    return [t.name for t in import_gguf().GGMLQuantizationType if readable(t.name)]
 
 
 def is_gguf(path: Path) -> bool:
@@ -120,7 +117,7 @@ def gguf_parts(path: Path) -> list[Path]:
 
 
 def _open(file: Path):
-    gguf = _gguf()
+    gguf = import_gguf()
     try:
         reader = gguf.GGUFReader(file, "r")
         size = file.stat().st_size
@@ -319,7 +316,7 @@ def _tensor(raw, expert: int | None) -> torch.Tensor:
             return torch.from_numpy(np.asarray(data).view(np.int16)).view(torch.bfloat16)
         if name in _PLAIN:
             return torch.from_numpy(np.asarray(data))
-    gguf = _gguf()
+    gguf = import_gguf()
     return torch.from_numpy(gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType[name]))
 
 
