@@ -50,6 +50,12 @@ def build_meta(checkpoint: Checkpoint) -> nn.Module:
     """The model with every parameter on the meta device: shapes only, no memory."""
     config_cls, model_cls = family_of(checkpoint)
     BlockFP8.from_config(checkpoint.config)  # a quantization cadenza cannot read fails here, before anything else
+    quant = checkpoint.config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4" and not getattr(model_cls, "reads_mxfp4", 0):
+        raise CadenzaError(
+            f"config.json says {checkpoint.path} holds MXFP4 weights; cadenza reads MXFP4 in gpt-oss checkpoints only, "
+            f"not in a {checkpoint.architecture} model. Use the model's bf16 release."
+        )
     config = config_cls.from_hf(checkpoint.config)
     with torch.device("meta"):
         return model_cls(config)

@@ -33,7 +33,7 @@ import torch
 from cadenza.bench.machine import GB, GiB, cpu_facts, git_commit, measure_dram_read_gb_s
 from cadenza.bench.synthetic import SYNTHETIC_MODELS
 from cadenza.kernels import cpu_moe
-from cadenza.models.common import act_fn
+from cadenza.models.common import glu_fn
 from cadenza.moe.cpu import physical_cores
 from cadenza.moe.experts import expert_order, run_experts
 
@@ -228,7 +228,7 @@ class Bench:
         e, k = self.shape["experts"], self.shape["k"]
         stacked = self.stacked()
         eb = sum(w[0].numel() * w.element_size() for w in stacked)
-        fn = act_fn(self.shape["act"])
+        fn = glu_fn(self.shape["act"])
         weights = lambda j: (stacked[0][j], stacked[1][j], stacked[2][j])
         for t in self.tokens:
             rs, x = self.routes[t], self.xs[t]

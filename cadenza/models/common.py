@@ -37,6 +37,33 @@ def act_fn(name: str):
     return ACTIVATIONS[name]
 
 
+# gpt-oss's expert activation: gate clamped above, up clamped both sides at `limit`, glu = gate * sigmoid(alpha
+# gate), out = (up + 1) * glu. Its name carries the two constants, so every path that takes an activation by name
+# (kernels, the GPU side's layout) computes the same function.
+CLAMPED_SWIGLU = "clamped_swiglu"
+
+
+def clamped_swiglu_name(alpha: float, limit: float) -> str:
+    return f"{CLAMPED_SWIGLU}:{float(alpha)!r}:{float(limit)!r}"
+
+
+def glu_fn(name: str):
+    """The gated unit of an expert or MLP by activation name: h = glu(gate_out, up_out). Plain activations give
+    act(gate_out) * up_out; `clamped_swiglu_name(alpha, limit)` gives gpt-oss's clamped form."""
+    if name.startswith(CLAMPED_SWIGLU + ":"):
+        _, alpha_s, limit_s = name.split(":")
+        alpha, limit = float(alpha_s), float(limit_s)
+
+        def clamped(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            gate = gate.clamp(min=None, max=limit)
+            up = up.clamp(min=-limit, max=limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+        return clamped
+    act = act_fn(name)
+    return lambda gate, up: act(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -258,6 +285,7 @@ class DecoderModel(nn.Module):
     `rotary_emb`; every layer is called as layer(hidden_states, ctx)."""
 
     sliding_window: int | None = None
+    layer_windows: list[int | None] | None = None  # per layer, where layers differ (gpt-oss); else sliding_window
 
     def forward(
         self, input_ids: torch.Tensor, cache: Cache, rows: list[int] | None = None, static: StaticStep | None = None
@@ -273,8 +301,15 @@ class DecoderModel(nn.Module):
         else:
             rows = list(range(b)) if rows is None else list(rows)
             ctx = AttentionContext.build(cache, rows, t, self.rotary_emb, h.dtype, self.sliding_window)
-        for layer in self.layers:
-            h = layer(h, ctx)
+        if self.layer_windows is None:
+            for layer in self.layers:
+                h = layer(h, ctx)
+        else:  # one context per distinct window: masks are built once per pass
+            contexts = {self.sliding_window: ctx}
+            for layer, window in zip(self.layers, self.layer_windows, strict=True):
+                if window not in contexts:
+                    contexts[window] = ctx.for_window(window)
+                h = layer(h, contexts[window])
         if static is None:
             cache.advance(rows, t)
         return self.norm(h)

@@ -22,11 +22,15 @@ from torch import nn
 from cadenza.errors import CadenzaError
 from cadenza.kernels import layout
 from cadenza.kernels.layout import PackedExperts
-from cadenza.models.common import act_fn
+from cadenza.models.common import glu_fn
 
 
 class Experts(nn.Module):
-    """A layer's routed SwiGLU experts. Shapes: x [T, H], topk_ids / topk_weights [T, k] -> y [T, H]."""
+    """A layer's routed gated experts. Shapes: x [T, H], topk_ids / topk_weights [T, k] -> y [T, H].
+
+    Expert e computes down_e(glu(gate_e x + b_gate_e, up_e x + b_up_e)) + b_down_e: `glu` from the activation's
+    name (cadenza.models.common.glu_fn); the biases exist only with `bias=True` (gpt-oss), as parameters
+    gate_bias, up_bias [E, I] and down_bias [E, H]."""
 
     def __init__(
         self,
@@ -35,15 +39,20 @@ class Experts(nn.Module):
         intermediate_size: int,
         hidden_act: str,
         names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+        bias: bool = False,
     ):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.gate_name, self.up_name, self.down_name = names
-        self.act_fn = act_fn(hidden_act)
+        self.glu = glu_fn(hidden_act)
         self.hidden_act = hidden_act  # the name, for kernels that take the activation by name
+        self.bias = bias
         e, h, i = num_experts, hidden_size, intermediate_size
         for name, shape in ((self.gate_name, (e, i, h)), (self.up_name, (e, i, h)), (self.down_name, (e, h, i))):
             self.register_parameter(name, nn.Parameter(torch.empty(shape), requires_grad=False))
+        if bias:
+            for name, shape in (("gate_bias", (e, i)), ("up_bias", (e, i)), ("down_bias", (e, h))):
+                self.register_parameter(name, nn.Parameter(torch.empty(shape), requires_grad=False))
         self.packed: PackedExperts | None = None  # None: the experts are the stacked parameters
         self._filled: set[tuple[int, str]] = set()  # (expert, name) rows loaded so far
 
@@ -99,6 +108,14 @@ class Experts(nn.Module):
     # --- storage: plain stacked parameters, or packed int8 / int4 tiles ------------------------------------------
 
     @property
+    def plain_math(self) -> bool:
+        """Whether each expert is act(gate x) * (up x) through down with no biases: what the fused CPU and GPU
+        kernels compute. Other experts (gpt-oss's clamped, biased ones) take PyTorch's path everywhere."""
+        from cadenza.kernels.cpu_moe import ACT_CODES
+
+        return not self.bias and self.hidden_act in ACT_CODES
+
+    @property
     def expert_format(self) -> str:
         """How the experts are stored: "bf16" (plain stacked parameters, in the compute dtype), "int8" or "int4"."""
         return "bf16" if self.packed is None else self.packed.fmt
@@ -108,7 +125,7 @@ class Experts(nn.Module):
         """Bytes of one expert as stored (packed: weights, scales and padding, what a use of it reads)."""
         if self.packed is not None:
             return self.packed.expert_bytes
-        return sum(w[0].numel() * w.element_size() for w in (self.gate, self.up, self.down))
+        return sum(w.numel() * w.element_size() for w in self.weights_of(0))
 
     def expert_nbytes_as(self, fmt: str, group: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes one expert of this layer takes stored as `fmt`: "bf16" plain in `dtype`, "int8" / "int4" packed
@@ -119,15 +136,16 @@ class Experts(nn.Module):
 
     @property
     def num_parameters(self) -> int:
-        """Weights of all experts of the layer (gate, up and down), however they are stored."""
-        return 3 * self.num_experts * self.hidden_size * self.intermediate_size
+        """Weights of all experts of the layer (gate, up and down, and biases), however they are stored."""
+        biases = (2 * self.intermediate_size + self.hidden_size) if self.bias else 0
+        return self.num_experts * (3 * self.hidden_size * self.intermediate_size + biases)
 
     def host_weights(self, e: int) -> tuple[torch.Tensor, ...]:
         """The tensors that hold expert e: plain (gate [I, H], up [I, H], down [H, I]); packed (gate_up tiles
         [Ip / 2, tile bytes], down tiles [Hp / 4, tile bytes], uint8)."""
         if self.packed is not None:
             return self.packed.gate_up[e], self.packed.down[e]
-        return self.gate[e], self.up[e], self.down[e]
+        return self.weights_of(e)
 
     def quantize(self, fmt: str, group: int | None = None, threads: int | None = None) -> None:
         """Packs the loaded stacked experts (CPU) as `fmt` ("int8", "int4"; "bf16" keeps them plain: nothing to do)
@@ -171,10 +189,11 @@ class Experts(nn.Module):
     def _check_act(self) -> None:
         from cadenza.kernels.cpu_moe import ACT_CODES
 
-        if self.hidden_act not in ACT_CODES:
+        if not self.plain_math:
+            what = "biased experts" if self.bias else f"the activation {self.hidden_act.split(':')[0]!r}"
             raise CadenzaError(
-                f"Quantized experts need an activation the CPU kernel computes ({', '.join(ACT_CODES)}); this model "
-                f"uses {self.hidden_act!r}. Run it with experts='bf16' (--experts bf16)."
+                f"Quantized experts need what the CPU kernel computes (unbiased experts with {', '.join(ACT_CODES)}); "
+                f"this model has {what}. Run it with experts='bf16' (--experts bf16)."
             )
 
     # The layer's offloaded executor (cadenza.moe.offload.layer.LayerOffload), attached by the Orchestra that owns
@@ -199,7 +218,7 @@ class Experts(nn.Module):
         y = torch.zeros_like(x)
         order = expert_order(topk_ids)
         active = [e for e, n in enumerate(counts) if n]
-        run_experts(x, topk_ids.shape[1], topk_weights, order, counts, active, self.weights_of, self.act_fn, y)
+        run_experts(x, topk_ids.shape[1], topk_weights, order, counts, active, self.weights_of, self.glu, y)
         return y if shared is None else y + shared()
 
     def _packed_forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -219,7 +238,10 @@ class Experts(nn.Module):
         )  # float32
         return y.to(x.dtype)
 
-    def weights_of(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def weights_of(self, e: int) -> tuple[torch.Tensor, ...]:
+        """Expert e's plain tensors: gate, up, down, then (with biases) gate_bias, up_bias, down_bias."""
+        if self.bias:
+            return self.gate[e], self.up[e], self.down[e], self.gate_bias[e], self.up_bias[e], self.down_bias[e]
         return self.gate[e], self.up[e], self.down[e]
 
 
@@ -259,18 +281,25 @@ def run_experts(
     counts: list[int],
     experts: list[int],
     weights_of,
-    act,
+    glu,
     y: torch.Tensor,
 ) -> None:
-    """y += sum over the given experts of weight * SwiGLU_e(x) for the tokens routed to them.
+    """y += sum over the given experts of weight * expert_e(x) for the tokens routed to them.
 
     x, y [T, H]; topk_weights [T, k]; order from `expert_order`; counts [E] on the host; weights_of(e) -> (gate
-    [I, H], up [I, H], down [H, I]) wherever expert e's weights are (a resident row, a fetched slot, host memory).
+    [I, H], up [I, H], down [H, I][, gate_bias [I], up_bias [I], down_bias [H]]) wherever expert e's weights are (a
+    resident row, a fetched slot, host memory); glu(gate_out, up_out) -> h (`glu_fn`).
     """
     flat_w = topk_weights.reshape(-1)
     for e, pairs, tokens in each_expert(order, counts, experts, k):
-        gate, up, down = weights_of(e)
-        xe = x[tokens]  # [n, H]
-        h = act(xe @ gate.T) * (xe @ up.T)  # [n, I]
-        ye = (h @ down.T) * flat_w[pairs, None]  # [n, H], float32 through the routing weight
+        ye = expert_ffn(x[tokens], weights_of(e), glu) * flat_w[pairs, None]  # float32 through the routing weight
         y.index_add_(0, tokens, ye.to(y.dtype))
+
+
+def expert_ffn(xe: torch.Tensor, weights: tuple[torch.Tensor, ...], glu) -> torch.Tensor:
+    """One expert on its tokens xe [n, H] -> [n, H]: weights (gate, up, down[, biases]) as `run_experts` takes."""
+    if len(weights) == 6:
+        gate, up, down, b_gate, b_up, b_down = weights
+        return glu(xe @ gate.T + b_gate, xe @ up.T + b_up) @ down.T + b_down
+    gate, up, down = weights
+    return glu(xe @ gate.T, xe @ up.T) @ down.T

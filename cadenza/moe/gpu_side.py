@@ -20,27 +20,30 @@ from dataclasses import dataclass
 
 import torch
 
-from cadenza.models.common import act_fn
+from cadenza.models.common import glu_fn
 from cadenza.moe.experts import Experts, each_expert, run_experts
 
 
 @dataclass(frozen=True)
 class ExpertLayout:
     """What the GPU side needs to know to compute a layer's experts: the storage format ("plain": stacked gate,
-    up [., I, H] and down [., H, I] in the compute dtype; or a tiled "bf16", "int8", "int4" with its scale group),
-    the sizes and the activation's name."""
+    up [., I, H] and down [., H, I] in the compute dtype, then biases if the experts have them; or a tiled "bf16",
+    "int8", "int4" with its scale group), the sizes, the activation's name, and whether the experts are what the
+    fused kernels compute (`Experts.plain_math`; else PyTorch's products)."""
 
     fmt: str
     group: int
     hidden: int
     intermediate: int
     act: str
+    kernel_math: bool = True
 
     @classmethod
     def of(cls, experts: Experts) -> ExpertLayout:
         p = getattr(experts, "packed", None)
         if p is None:
-            return cls("plain", 0, experts.hidden_size, experts.intermediate_size, experts.hidden_act)
+            h, i = experts.hidden_size, experts.intermediate_size
+            return cls("plain", 0, h, i, experts.hidden_act, experts.plain_math)
         return cls(p.fmt, p.group, p.hidden, p.intermediate, experts.hidden_act)
 
     @property
@@ -69,7 +72,7 @@ class ExpertLayout:
         """y += each given expert's weighted output for its tokens (as `run_experts`); weights_of(e) -> the
         tensors holding expert e on this side (a resident row, a fetch slot)."""
         if self.plain:
-            run_experts(x, k, topk_weights, order, counts, experts, weights_of, act_fn(self.act), y)
+            run_experts(x, k, topk_weights, order, counts, experts, weights_of, glu_fn(self.act), y)
             return
         from cadenza.kernels.gpu_moe import expert_forward
 
@@ -96,7 +99,7 @@ def decode_kernels_on(layout: ExpertLayout, device: torch.device, gpu_kernel: bo
     CUDA when Triton is there, unless gpu_kernel is False (then: the per-expert products)."""
     if not layout.plain:
         return True
-    if device.type != "cuda" or not gpu_kernel:
+    if device.type != "cuda" or not gpu_kernel or not layout.kernel_math:
         return False
     from cadenza.kernels.gpu_moe import available
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cadenza.kernels import cpu_moe
-from cadenza.models.common import act_fn
+from cadenza.models.common import glu_fn
 from cadenza.moe.experts import expert_order, run_experts
 
 E, H, INTER = 8, 96, 80  # H, INTER: not multiples of the vector width or of the 128-column padding
@@ -47,7 +47,7 @@ def reference(gate, up, down, x, ids, w, experts=None, act="silu"):
     y = torch.zeros(x.shape[0], gate.shape[2])
     counts = torch.bincount(ids.reshape(-1), minlength=gate.shape[0]).tolist()
     chosen = [e for e in (range(gate.shape[0]) if experts is None else experts) if counts[e]]
-    fn = act_fn(act)
+    fn = glu_fn(act)
     run_experts(
         x.float(), ids.shape[1], w, expert_order(ids), counts, chosen, lambda e: (gate[e], up[e], down[e]), fn, y
     )

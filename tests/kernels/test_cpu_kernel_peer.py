@@ -17,7 +17,7 @@ import torch
 
 from cadenza.bench import cpu_kernel
 from cadenza.bench import kt_kernel_peer as kt
-from cadenza.models.common import act_fn
+from cadenza.models.common import glu_fn
 from cadenza.moe.experts import expert_order, run_experts
 
 ALL_FLAGS = set(kt.NEEDED_FLAGS)
@@ -115,7 +115,7 @@ def test_reference_is_the_layer():
     counts = torch.bincount(ids.reshape(-1), minlength=e).tolist()
     active = [j for j in range(e) if counts[j]]
     experts = lambda j: (gate[j].float(), up[j].float(), down[j].float())
-    run_experts(x.float(), k, w, expert_order(ids), counts, active, experts, act_fn("silu"), want)
+    run_experts(x.float(), k, w, expert_order(ids), counts, active, experts, glu_fn("silu"), want)
     got = kt.reference(x, ids, w, gate, up, down)
     assert kt.rel(got, want) < 1e-5
 

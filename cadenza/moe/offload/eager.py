@@ -38,7 +38,7 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
         counts,
         orch.cost,
         orch.cache is not None,
-        layer.layout.plain,
+        layer.layout.plain and layer.layout.kernel_math,  # rows split only for unbiased experts
     )
     fetch = cached + fetch
     orch.account_prefetch(index, misses)
@@ -72,7 +72,7 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
             if r:
                 gate, up, _ = orch.cache.weights(slot)
                 xe = x[tokens]
-                h_gpu = layer.experts.act_fn(xe @ gate[:r].T) * (xe @ up[:r].T)
+                h_gpu = layer.experts.glu(xe @ gate[:r].T, xe @ up[:r].T)
             halves[e] = (slot, pairs, tokens, h_gpu)
     if guess_h is not None:  # this layer's needed copies are queued: start the next layer's likely ones
         orch.prefetch(index + 1, guess_h)
@@ -138,7 +138,7 @@ def cpu_job(layer, x_h, k, w_h, ids_h, counts, experts, out, shared: bool, split
             xe = x_h[tokens]
             gate, up, _ = layer.host_weights(e)
             r = split[e]
-            h_cpu[e] = layer.experts.act_fn(xe @ gate[r:].T) * (xe @ up[r:].T)
+            h_cpu[e] = layer.experts.glu(xe @ gate[r:].T, xe @ up[r:].T)
     if experts and use_kernel:  # all of the layer's CPU experts in one parallel pass
         from cadenza.kernels.cpu_moe import moe_forward
 
@@ -148,7 +148,7 @@ def cpu_job(layer, x_h, k, w_h, ids_h, counts, experts, out, shared: bool, split
         out.copy_(y)
     elif experts:
         out.zero_()
-        run_experts(x_h, k, w_h, order, counts, experts, layer.host_weights, layer.experts.act_fn, out)
+        run_experts(x_h, k, w_h, order, counts, experts, layer.host_weights, layer.experts.glu, out)
     busy = time.perf_counter() - t0
     orch.counters.cpu_busy_s += busy
     inter = layer.experts.intermediate_size

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from cadenza.errors import CadenzaError
-from cadenza.models.common import act_fn
+from cadenza.models.common import glu_fn
 from cadenza.moe.cpu import CpuWorker, physical_cores
 from cadenza.moe.experts import Experts, run_experts
 from cadenza.moe.gpu_side import ExpertLayout, decode_kernels_on
@@ -116,7 +116,7 @@ class Orchestra:
             return cpu_moe.available() and self.options.cpu_kernel
         if self.dtype != torch.bfloat16 or not self.options.cpu_kernel:
             return False
-        if not cpu_moe.available() or self.layers[0].experts.hidden_act not in cpu_moe.ACT_CODES:
+        if not cpu_moe.available() or not self.layout.kernel_math:
             return False
         for layer in self.layers:
             ex = layer.experts
@@ -292,7 +292,7 @@ class Orchestra:
 
     @property
     def act(self):
-        return act_fn(self.layout.act)
+        return glu_fn(self.layout.act)
 
     def calibration_experts(self, max_bytes: int = 1_500_000_000) -> list:
         """Experts from different layers, together larger than a CPU's last-level cache."""

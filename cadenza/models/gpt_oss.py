@@ -1,0 +1,324 @@
+"""GPT-OSS (gpt-oss-20b, gpt-oss-120b), following transformers/models/gpt_oss/modeling_gpt_oss.py (same class and
+parameter names, except that the experts are stacked per matrix as everywhere in cadenza).
+
+What sets it apart:
+- attention sinks: a learned logit per head joins every query's softmax and takes its share of the probability
+  without contributing a value (`attend_with_sinks`); attention biases;
+- sliding-window layers (window 128) alternating with full ones (`layer_types`), YaRN rope;
+- a router with a bias, top-4, softmax over the chosen logits;
+- experts with biases and a clamped SwiGLU (`alpha`, `limit`, out = (up + 1) * gate * sigmoid(alpha gate)) whose
+  gate and up outputs are interleaved in one fused checkpoint tensor `gate_up_proj` [E, H, 2I];
+- the published experts in MXFP4 (`*_blocks`, `*_scales`: 4-bit e2m1 values in blocks of 32 sharing an e8m0
+  exponent); they are dequantized exactly to the compute dtype at load (`mxfp4.py`).
+
+Shape legend: B batch, T new tokens, S cached tokens, H hidden size, N query heads, K key/value heads, D head dim,
+E experts, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cadenza.errors import CadenzaError
+from cadenza.models.args import ModelArgs
+from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, clamped_swiglu_name
+from cadenza.models.mxfp4 import dequantize_mxfp4
+from cadenza.models.rope import RotaryEmbedding, apply_rotary
+from cadenza.moe.experts import Experts
+
+log = logging.getLogger(__name__)
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+# transformers' default rope for the family when config.json names none
+DEFAULT_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
+@dataclass
+class GptOssConfig(ModelArgs):
+    num_local_experts: int = 128
+    num_experts_per_tok: int = 4
+    sliding_window: int | None = 128
+    layer_types: list[str] = field(default_factory=list)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_bias: bool = True
+    mxfp4: bool = False  # the checkpoint's experts are MXFP4 blocks and scales
+
+    DEFAULT_ROPE_THETA: ClassVar[float] = 150000.0
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> GptOssConfig:
+        cfg = dict(cfg)
+        if not (cfg.get("rope_parameters") or cfg.get("rope_scaling")):
+            cfg["rope_parameters"] = {**DEFAULT_ROPE, "rope_theta": cfg.get("rope_theta", cls.DEFAULT_ROPE_THETA)}
+        fields: dict[str, Any] = cls.common_fields(cfg)
+        layers = fields["num_hidden_layers"]
+        types = cfg.get("layer_types") or [LAYER_TYPES[(i + 1) % 2 == 0] for i in range(layers)]
+        quant = cfg.get("quantization_config") or {}
+        config = cls(
+            **fields,
+            num_local_experts=cls.require(cfg, "num_local_experts"),
+            num_experts_per_tok=cls.require(cfg, "num_experts_per_tok"),
+            sliding_window=cfg.get("sliding_window"),
+            layer_types=list(types),
+            swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
+            attention_bias=bool(cfg.get("attention_bias", True)),
+            mxfp4=isinstance(quant, dict) and quant.get("quant_method") == "mxfp4",
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if len(self.layer_types) != self.num_hidden_layers or bad:
+            raise CadenzaError(
+                f"config.json's layer_types has {len(self.layer_types)} entries {sorted(set(bad)) or ''} for "
+                f"{self.num_hidden_layers} layers; it must name each layer {' or '.join(LAYER_TYPES)}. Correct "
+                "config.json (or remove layer_types for the family's alternating default)."
+            )
+        if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
+            raise CadenzaError(
+                f"config.json has sliding-attention layers but sliding_window={self.sliding_window!r}; it must be a "
+                "positive number of tokens (gpt-oss: 128). Correct config.json."
+            )
+        if not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise CadenzaError(
+                f"config.json routes each token to num_experts_per_tok={self.num_experts_per_tok} of "
+                f"num_local_experts={self.num_local_experts} experts; it must be between 1 and num_local_experts."
+            )
+        if self.mxfp4 and (self.hidden_size % 32 or self.intermediate_size % 32):
+            raise CadenzaError(
+                f"MXFP4 experts come in blocks of 32 weights, but hidden_size={self.hidden_size} and "
+                f"intermediate_size={self.intermediate_size} are not both multiples of 32: config.json does not match "
+                "the weights."
+            )
+
+    def window_of(self, layer_idx: int) -> int | None:
+        return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
+
+
+# --- attention ----------------------------------------------------------------------------------------------------
+
+# queries per chunk of the eager attention: bounds the [B, N, T, S] float32 scores of a long prefill
+_QUERY_CHUNK = 256
+
+
+def attend_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, scale: float, sinks: torch.Tensor
+) -> torch.Tensor:
+    """q [B, N, T, D], k and v [B, K, S, D], sinks [N] -> [B, N, T, D]: softmax over the scores and each head's sink
+    logit together, the sink's share dropped. In float32, queries in chunks."""
+    b, n, t, _ = q.shape
+    groups = n // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1).float()
+    v32 = v.repeat_interleave(groups, dim=1).float()
+    s = k.shape[2]
+    mask = ctx.mask
+    if mask is None and t > 1:  # plain causal from position 0 (`is_causal`)
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    sink = sinks.float().view(1, n, 1, 1)
+    out = []
+    for t0 in range(0, t, _QUERY_CHUNK):
+        t1 = min(t, t0 + _QUERY_CHUNK)
+        scores = (q[:, :, t0:t1].float() @ k.transpose(-1, -2)) * scale  # [B, N, t, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[..., t0:t1, :], float("-inf"))
+        combined = torch.cat((scores, sink.expand(b, n, t1 - t0, 1)), dim=-1)
+        probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+        out.append(probs @ v32)
+    return torch.cat(out, dim=2).to(v.dtype)
+
+
+class GptOssAttention(Attention):
+    """Grouped-query attention with biases, per-head sinks, and this layer's window (None: full)."""
+
+    def __init__(self, config: GptOssConfig, layer_idx: int):
+        super().__init__(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            layer_idx,
+            qkv_bias=config.attention_bias,
+            o_bias=config.attention_bias,
+        )
+        self.sliding_window = config.window_of(layer_idx)
+        self.sinks = nn.Parameter(torch.empty(config.num_attention_heads), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        k_all, v_all = ctx.cache.update(self.layer_idx, k, v, ctx)  # [B, K, S, D]
+        out = attend_with_sinks(q, k_all, v_all, ctx, self.scaling, self.sinks)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+# --- experts ------------------------------------------------------------------------------------------------------
+
+
+class GptOssExperts(Experts):
+    """The routed experts, stacked gate / up [E, I, H] and down [E, H, I] with their biases, filled from the
+    checkpoint's fused tensors: `gate_up_proj` [E, H, 2I] (gate and up outputs interleaved: column 2j is gate row j,
+    2j + 1 up row j) with `gate_up_proj_bias` [E, 2I], `down_proj` [E, I, H] with `down_proj_bias` [E, H]; in an
+    MXFP4 checkpoint `{gate_up,down}_proj_blocks` [E, rows, cols / 32, 16] and `_scales` [E, rows, cols / 32] instead
+    (rows: output features, gate/up interleaved the same way)."""
+
+    PARTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+    def __init__(self, config: GptOssConfig):
+        super().__init__(
+            config.num_local_experts,
+            config.hidden_size,
+            config.intermediate_size,
+            clamped_swiglu_name(config.swiglu_alpha, config.swiglu_limit),
+            bias=True,
+        )
+        self.mxfp4 = config.mxfp4
+        self._parts: set[str] = set()
+        self._pending: dict[str, torch.Tensor] = {}  # MXFP4 blocks waiting for their scales, or scales for blocks
+
+    def checkpoint_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        out = {f"{prefix}gate_up_proj_bias": (e, 2 * i), f"{prefix}down_proj_bias": (e, h)}
+        if self.mxfp4:
+            for name, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
+                out[f"{prefix}{name}_blocks"] = (e, rows, cols // 32, 16)
+                out[f"{prefix}{name}_scales"] = (e, rows, cols // 32)
+        else:
+            out.update({f"{prefix}gate_up_proj": (e, h, 2 * i), f"{prefix}down_proj": (e, i, h)})
+        return out
+
+    def load_checkpoint_tensor(self, rest, tensor, device, dtype, alloc=None) -> bool:
+        if self.packed is not None:
+            raise ValueError(f"expert tensor {rest} arrived after the layer was packed")
+        if rest.endswith(("_blocks", "_scales")):
+            base, _, kind = rest.rpartition("_")
+            other = f"{base}_{'scales' if kind == 'blocks' else 'blocks'}"
+            if other not in self._pending:
+                self._pending[rest] = tensor
+                return False
+            pair = (tensor, self._pending.pop(other))
+            blocks, scales = pair if kind == "blocks" else pair[::-1]
+            if base == "gate_up_proj":
+                log.info("gpt-oss: MXFP4 experts are dequantized to %s at load (exact)", dtype)
+            self._fill(base, blocks, device, dtype, alloc, scales)
+        else:
+            self._fill(rest, tensor, device, dtype, alloc)
+        return self.complete
+
+    def _fill(self, part, tensor, device, dtype, alloc, scales=None) -> None:
+        """One checkpoint part into the stacks, expert by expert (an MXFP4 part is dequantized one expert at a time,
+        so the temporaries stay one expert's size)."""
+        targets = {
+            "gate_up_proj": (self.gate_name, self.up_name),
+            "gate_up_proj_bias": ("gate_bias", "up_bias"),
+            "down_proj": (self.down_name,),
+            "down_proj_bias": ("down_bias",),
+        }[part]
+        stacks = []
+        for name in targets:
+            stacked = getattr(self, name)
+            if stacked.is_meta:
+                data = (alloc or _empty)(stacked.shape, dtype, device)
+                stacked = nn.Parameter(data, requires_grad=False)
+                self.register_parameter(name, stacked)
+            stacks.append(stacked.data)
+        for e in range(self.num_experts):
+            w = tensor[e] if scales is None else dequantize_mxfp4(tensor[e], scales[e], torch.float32)
+            if part == "gate_up_proj":  # [rows = 2I, H] from MXFP4, [H, 2I] in the plain checkpoint
+                w = w if scales is not None else w.T
+                stacks[0][e].copy_(w[0::2])
+                stacks[1][e].copy_(w[1::2])
+            elif part == "gate_up_proj_bias":
+                stacks[0][e].copy_(w[0::2])
+                stacks[1][e].copy_(w[1::2])
+            elif part == "down_proj":  # [H, I] from MXFP4, [I, H] in the plain checkpoint
+                stacks[0][e].copy_(w if scales is not None else w.T)
+            else:
+                stacks[0][e].copy_(w)
+        self._parts.add(part)
+
+    @property
+    def complete(self) -> bool:
+        return self.packed is not None or len(self._parts) == len(self.PARTS)
+
+
+def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class GptOssTopKRouter(nn.Module):
+    """logits = W x + b [T, E]; the top-k logits, softmaxed among themselves, weight the chosen experts."""
+
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(config.num_local_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> topk_weights [T, k] (x's dtype), topk_ids [T, k]."""
+        router_logits = F.linear(x, self.weight, self.bias)
+        top_values, topk_ids = torch.topk(router_logits, self.top_k, dim=-1)
+        return torch.softmax(top_values, dim=1, dtype=top_values.dtype), topk_ids
+
+
+class GptOssMLP(nn.Module):
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        self.router = GptOssTopKRouter(config)
+        self.experts = GptOssExperts(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, t, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)
+        topk_weights, topk_ids = self.router(x)
+        return self.experts(x, topk_ids, topk_weights.float()).reshape(b, t, h)
+
+
+class GptOssDecoderLayer(nn.Module):
+    def __init__(self, config: GptOssConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = GptOssAttention(config, layer_idx)
+        self.mlp = GptOssMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class GptOssModel(DecoderModel):
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        self.layer_windows = [config.window_of(i) for i in range(config.num_hidden_layers)]
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GptOssDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+
+
+class GptOssForCausalLM(CausalLM):
+    reads_mxfp4 = True  # the loader lets an MXFP4 quantization_config through: these experts read the blocks
+
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        self.config = config
+        self.model = GptOssModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

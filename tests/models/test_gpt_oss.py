@@ -1,0 +1,204 @@
+"""GPT-OSS computed by cadenza equals transformers' GptOssForCausalLM on tiny random checkpoints, plain and MXFP4."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza.models.mxfp4 import dequantize_mxfp4
+from tests.conftest import (
+    VOCAB,
+    assert_hybrid_matches,
+    edit_config,
+    prompt_ids,
+    reference_greedy,
+    reference_logits,
+    save_hf_model,
+)
+
+TOL = 1e-4
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 150000.0,
+}
+
+
+def make_gpt_oss(path, seed: int = 0, **overrides):
+    """A tiny random GptOssForCausalLM saved to `path` (fp32); returns (folder, the transformers model). The window
+    (5) is shorter than the prompts, so the sliding layers really slide."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=5,
+        max_position_embeddings=256,
+        pad_token_id=None,
+        bos_token_id=0,
+        eos_token_id=1,
+        rope_parameters=YARN,
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(GptOssConfig(**kw)).eval()
+    # wider than transformers' init so routing, sinks and the clamp (limit 7) all matter; biases away from zero
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            else:
+                p.copy_(0.3 * torch.randn_like(p) + (1.0 if "norm" in name else 0.0))
+    save_hf_model(model, path)
+    return path, model
+
+
+CONFIGS = {
+    "gqa-yarn-window5": {},
+    "no-attention-bias-top3": dict(attention_bias=False, num_experts_per_tok=3),
+    "all-full-attention": dict(layer_types=["full_attention"] * 4),
+    "tight-clamp": dict(swiglu_limit=0.5, swiglu_alpha=2.5),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_gpt_oss(tmp_path_factory.mktemp("gpt_oss"))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_score_matches_transformers(tmp_path, name):
+    path, hf = make_gpt_oss(tmp_path / name, **CONFIGS[name])
+    ids = prompt_ids(20)
+    got = LLM(path, device="cpu", dtype="float32").score(ids)
+    assert got.shape == (20, VOCAB)
+    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+
+
+def test_sinks_window_and_clamp_matter(base, tmp_path):
+    """Each of the family's differences changes the logits, so the configurations above test them."""
+    path, hf = base
+    ids = prompt_ids(20)
+    want = LLM(path, device="cpu", dtype="float32").score(ids)
+    for name, change in {
+        "window": dict(sliding_window=64),
+        "clamp": dict(swiglu_limit=0.2),
+        "layer types": dict(layer_types=["full_attention"] * 4),
+    }.items():
+        other = tmp_path / name.replace(" ", "-")
+        shutil.copytree(path, other)
+        edit_config(other, **change)
+        got = LLM(other, device="cpu", dtype="float32").score(ids)
+        assert (got - want).abs().max().item() > 1e-2, name
+    zeroed = LLM(path, device="cpu", dtype="float32")
+    for layer in zeroed.model.model.layers:
+        layer.self_attn.sinks.data.fill_(-1e4)  # a sink that takes no probability: plain softmax attention
+    assert (zeroed.score(ids) - want).abs().max().item() > 1e-2
+
+
+def test_greedy_generation_matches_transformers(base):
+    """Decoding with the KV cache past the window equals transformers' generate."""
+    path, hf = base
+    ids = prompt_ids(7, seed=2)
+    out = LLM(path, device="cpu", dtype="float32").generate(
+        ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
+    assert out.token_ids == reference_greedy(hf, ids, 12)
+
+
+def _to_mxfp4(path, dst, seed: int = 0):
+    """`path`'s checkpoint with its experts replaced by random MXFP4 blocks and scales, as the hub publishes gpt-oss
+    (blocks [E, rows, cols / 32, 16], scales [E, rows, cols / 32], rows the output features)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(path, dst)
+    tensors = load_file(str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, cols, rows = t.shape
+            out[f"{name}_blocks"] = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+            out[f"{name}_scales"] = torch.randint(122, 128, (e, rows, cols // 32), generator=g, dtype=torch.uint8)
+        else:
+            out[name] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_mxfp4_checkpoint_matches_transformers(base, tmp_path):
+    """An MXFP4 checkpoint: cadenza's exact dequantization at load gives transformers' logits (its own MXFP4 loader,
+    dequantizing)."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    path = _to_mxfp4(base[0], tmp_path / "mxfp4")
+    hf = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True))
+    ids = prompt_ids(16, seed=4)
+    got = LLM(path, device="cpu", dtype="float32").score(ids)
+    assert (got - reference_logits(hf.eval(), ids)).abs().max().item() <= TOL
+
+
+def test_mxfp4_dequantization_is_the_format():
+    """Nibbles low first, sign in bit 3, e2m1 magnitudes, a power-of-two scale per 32 values, written out by hand."""
+    blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)  # one row of one block
+    blocks[0, 0, 0] = 0x9 << 4 | 0x7  # value 0: +6, value 1: -0.5
+    blocks[0, 0, 15] = 0xA << 4 | 0x3  # value 30: +1.5, value 31: -1
+    w = dequantize_mxfp4(blocks, torch.tensor([[129]], dtype=torch.uint8))  # scale 2^2
+    assert w.shape == (1, 32)
+    assert w[0, :2].tolist() == [24.0, -2.0] and w[0, 30:].tolist() == [6.0, -4.0]
+    assert w[0, 2:30].abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+def test_hybrid_equals_single_device(base, policy):
+    """Some experts off the (emulated) GPU: every policy computes the all-resident model, biases and clamp included."""
+    path, _ = base
+    ids = prompt_ids(20, seed=5)
+    ref = LLM(path, device="cpu", dtype="float32")
+    want_logits = ref.score(ids)
+    want_tokens = ref.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
+    # 12 of 4 layers x 8 experts resident
+    assert_hybrid_matches(path, policy, 12, 2, ids, want_logits, want_tokens, 10, None, "either", TOL)
+
+
+def test_quantized_experts_are_refused_clearly(base):
+    with pytest.raises(CadenzaError, match="biased experts.*--experts bf16"):
+        LLM(base[0], device="cpu", dtype="float32", experts="int8")
+
+
+def test_config_mistakes_are_clear(base, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(base[0], bad)
+    edit_config(bad, layer_types=["full_attention", "sliding_attention"])
+    with pytest.raises(CadenzaError, match="layer_types has 2 entries"):
+        LLM(bad, device="cpu", dtype="float32")
+    edit_config(bad, layer_types=None, num_local_experts=None)
+    with pytest.raises(CadenzaError, match="num_local_experts"):
+        LLM(bad, device="cpu", dtype="float32")
+
+
+def test_mxfp4_elsewhere_is_refused(tmp_path):
+    from tests.conftest import make_mixtral
+
+    path, _ = make_mixtral(tmp_path / "mixtral")
+    edit_config(path, quantization_config={"quant_method": "mxfp4"})
+    with pytest.raises(CadenzaError, match="MXFP4 in gpt-oss checkpoints only"):
+        LLM(path, device="cpu", dtype="float32")
