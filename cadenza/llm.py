@@ -12,6 +12,7 @@ import torch
 from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
+from cadenza.generation import Step
 from cadenza.loader import build_meta, load_model, model_sizes, moe_layers, moe_routers, open_checkpoint, open_tokenizer
 from cadenza.moe.offload import calibration, planning
 from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
@@ -355,12 +356,18 @@ class LLM:
         """Yields text pieces as they are decoded; joined, they equal the full result's text (a stop string is
         never emitted, not even in part). Pass `gen` to receive token ids, finish reason and stats once the stream
         ends."""
+        for step in self.stream_steps(prompt, params, gen):
+            if step.text:
+                yield step.text
+
+    def stream_steps(
+        self, prompt: Prompt, params: SamplingParams | None = None, gen: Generation | None = None
+    ) -> Iterator[Step]:
+        """`stream`'s steps: each generated token's id, the text it made final, and on the last the finish reason."""
         ids = self._prompt_ids(prompt)
         gen = gen if gen is not None else Generation(ids)
         gen.prompt_token_ids = ids
-        for step in self.engine.generate(ids, params or SamplingParams(), gen):
-            if step.text:
-                yield step.text
+        yield from self.engine.generate(ids, params or SamplingParams(), gen)
 
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Teacher-forced logits: float32 tensor [len(token_ids), vocab_size]."""

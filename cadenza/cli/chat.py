@@ -3,7 +3,8 @@
 The answer streams as it is decoded; the conversation is kept and re-rendered with the checkpoint's chat template
 each turn (the oldest turns are dropped, with a notice, when it no longer fits the context). Commands: /reset,
 /system TEXT, /stats, /help, /quit. Ctrl-C while an answer streams stops that answer (the part shown so far stays in
-the conversation) and the session goes on; at the prompt, Ctrl-D or /quit leaves.
+the conversation) and the session goes on; at the prompt, Ctrl-D or /quit leaves. Where the chat format marks the
+model's reasoning (gpt-oss's analysis channel, think tags), it is shown on stderr and kept out of the conversation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 from cadenza.cli.flags import add_engine_args, add_sampling_args, load, sampling
 from cadenza.errors import CadenzaError
 from cadenza.generation import Generation
+from cadenza.text.reasoning import ReasoningSplitter
 
 if TYPE_CHECKING:
     from cadenza.llm import LLM
@@ -82,11 +84,18 @@ class ChatSession:
         if in_main:
             signal.signal(signal.SIGINT, on_sigint)
         try:
-            for piece in self.llm.stream(ids, params, gen):
-                self.out.write(piece)
-                self.out.flush()
+            splitter = ReasoningSplitter.for_tokenizer(self.llm.tokenizer)
+            for step in self.llm.stream_steps(ids, params, gen):
+                reasoning, piece = splitter.add(step.token_id, step.text) if splitter else ("", step.text)
+                if reasoning:
+                    self.err.write(reasoning)
+                    self.err.flush()
+                if piece:
+                    self.out.write(piece)
+                    self.out.flush()
                 if self.interrupted:
                     break
+            answer = splitter.answer if splitter else gen.text
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
@@ -95,8 +104,8 @@ class ChatSession:
             self.err.write("[stopped]\n")
         self.out.flush()
         self.last = gen
-        self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": gen.text}]
-        return gen.text
+        self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return answer
 
     def command(self, line: str) -> bool:
         """Handles a /command; False when the session should end."""

@@ -106,9 +106,9 @@ async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
         queue.put_nowait(DISCONNECTED)
 
 
-async def _collect(sub: Submission, request: Request) -> list[Output]:
+async def _collect(sub: Submission, request: Request, responder: Responder) -> list[Output]:
     """Waits for every sequence of a plain (not streamed) request."""
-    outputs = [Output() for _ in sub.jobs]
+    outputs = [responder.output() for _ in sub.jobs]
     left = len(outputs)
     watcher = asyncio.create_task(_watch_disconnect(request, sub.queue))
     try:
@@ -133,7 +133,7 @@ async def _collect(sub: Submission, request: Request) -> list[Output]:
 async def _stream(sub: Submission, responder: Responder):
     """Server-sent events: OpenAI's chunks, then `data: [DONE]`. A failure mid-stream is sent as an error event
     (the openai client raises it). If the client goes away, Starlette cancels this generator at its await."""
-    outputs = [Output() for _ in sub.jobs]
+    outputs = [responder.output() for _ in sub.jobs]
     left = len(outputs)
     try:
         for chunk in responder.opening():
@@ -227,7 +227,7 @@ def create_app(llm, worker: EngineWorker, metrics: Metrics, ctx: Context, finger
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(_stream(sub, responder), media_type="text/event-stream", headers=headers)
-        return JSONResponse(responder.body(await _collect(sub, request)))
+        return JSONResponse(responder.body(await _collect(sub, request, responder)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from cadenza.engine import Step
 from cadenza.server.protocol import Parsed
+from cadenza.text.reasoning import ReasoningSplitter
 
 
 class TokenText:
@@ -39,9 +40,20 @@ class Output:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     token_chars: int = 0  # streamed completions with logprobs: characters of the tokens' own texts so far
+    # chat answers of a format that marks reasoning: `text` is the answer, `reasoning` the rest; `last` the latest
+    # step's (reasoning, answer) pieces
+    splitter: ReasoningSplitter | None = None
+    reasoning: str = ""
+    last: tuple[str, str] = ("", "")
 
     def add(self, step: Step) -> None:
-        self.text += step.text
+        if self.splitter is not None:
+            self.last = self.splitter.add(step.token_id, step.text)
+            self.reasoning += self.last[0]
+            self.text += self.last[1]
+        else:
+            self.last = ("", step.text)
+            self.text += step.text
         self.token_ids.append(step.token_id)
         if step.logprob is not None:
             self.logprobs.append(step.logprob)
@@ -59,6 +71,11 @@ class Responder:
         self.created = int(time.time())
         self.fingerprint = fingerprint
         self.object = "chat.completion" if chat else "text_completion"
+        self.reasoning = chat and ReasoningSplitter.for_tokenizer(texts.tokenizer) is not None
+
+    def output(self) -> Output:
+        """An empty result for one sequence; chat answers split off their reasoning where the format marks it."""
+        return Output(splitter=ReasoningSplitter.for_tokenizer(self.texts.tokenizer) if self.reasoning else None)
 
     def _head(self, chunk: bool) -> dict:
         obj = self.object + (".chunk" if chunk and self.chat else "")
@@ -107,6 +124,8 @@ class Responder:
                 )
             if self.chat:
                 message = {"role": "assistant", "content": out.text, "refusal": None}
+                if self.reasoning:  # vLLM's and DeepSeek's field for the reasoning text
+                    message["reasoning_content"] = out.reasoning
                 choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": out.finish_reason})
             else:
                 text = (self.parsed.echo[i // self.parsed.n] if self.parsed.echo else "") + out.text
@@ -161,8 +180,12 @@ class Responder:
             if not self.chat:
                 out.token_chars += len(lp["tokens"][0])
         if self.chat:
-            if step.text or want_lp:
-                delta = {"content": step.text}
+            reasoning, answer = out.last
+            if reasoning:
+                delta, rlp = {"reasoning_content": reasoning}, None if answer else lp
+                chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": rlp, "finish_reason": None}]))
+            if answer or (want_lp and not reasoning):
+                delta = {"content": answer}
                 chunks.append(self._chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}]))
             if step.finish_reason is not None:
                 chunks.append(

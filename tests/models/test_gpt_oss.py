@@ -202,3 +202,28 @@ def test_mxfp4_elsewhere_is_refused(tmp_path):
     edit_config(path, quantization_config={"quant_method": "mxfp4"})
     with pytest.raises(CadenzaError, match="MXFP4 in gpt-oss checkpoints only"):
         LLM(path, device="cpu", dtype="float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+@pytest.mark.parametrize("residents", [0, 12, 32])
+def test_cuda_equals_transformers(base, policy, residents):
+    """On a CUDA GPU, all resident or offloaded under each policy (CUDA graphs on by default): transformers' logits
+    and the CPU run's greedy tokens."""
+    from tests.conftest import budget_for
+
+    path, hf = base
+    ids = prompt_ids(20, seed=6)
+    want = reference_logits(hf, ids)
+    cpu = LLM(path, device="cpu", dtype="float32")
+    tokens = cpu.generate(ids[:6], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)).token_ids
+    slots = 0 if policy == "cpu" else 2
+    budget = "0" if residents == 0 and policy == "cpu" else budget_for(path, residents, slots, device="cuda")
+    llm = LLM(path, device="cuda", dtype="float32", gpu_memory=budget, offload_policy=policy)
+    try:
+        assert llm.placement.resident_count == residents
+        assert (llm.score(ids) - want).abs().max().item() <= TOL
+        out = llm.generate(ids[:6], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        assert out.token_ids == tokens
+    finally:
+        llm.close()
