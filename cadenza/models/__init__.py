@@ -27,6 +27,7 @@ ARCHITECTURES: dict[str, Family] = {
     "PhiMoEForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
     "DeepseekV2ForCausalLM": Family("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": Family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "Glm4MoeForCausalLM": Family("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM"),
 }
 
 
