@@ -15,6 +15,7 @@ import cadenza.graphs as graphs
 from cadenza import LLM, SamplingParams
 from cadenza.models.common import RowIndex, StaticStep
 from tests.conftest import budget_for, make_deepseek, make_mixtral
+from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
@@ -45,10 +46,16 @@ def families(tmp_path_factory):
         )[0],
         "qwen3_moe": make_qwen3_moe(tmp_path_factory.mktemp("g-qwen3"))[0],
         "olmoe": make_olmoe(tmp_path_factory.mktemp("g-olmoe"))[0],
+        # partial rotary (a quarter of each head) under a captured step, q/k norms, a float32 router
+        "glm4_moe": make_glm4_moe(
+            tmp_path_factory.mktemp("g-glm4"),
+            head_dim=32,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25},
+        )[0],
     }
 
 
-FAMILIES = ["mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

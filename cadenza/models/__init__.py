@@ -28,6 +28,7 @@ ARCHITECTURES: dict[str, Family] = {
     "DeepseekV2ForCausalLM": Family("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": Family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "GptOssForCausalLM": Family("gpt_oss", "GptOssConfig", "GptOssForCausalLM"),
+    "Glm4MoeForCausalLM": Family("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM"),
 }
 
 

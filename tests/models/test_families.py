@@ -9,6 +9,8 @@ from cadenza import LLM, SamplingParams
 from tests.conftest import make_mixtral, prompt_ids, reference_greedy
 from tests.models import test_deepseek_v2 as v2
 from tests.models import test_deepseek_v3 as v3
+from tests.models.test_glm4_moe import CONFIGS as GLM_CONFIGS
+from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_olmoe import CONFIGS as OLMOE_CONFIGS
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_phimoe import longrope, make_phimoe
@@ -25,6 +27,7 @@ GREEDY_MODELS = {
     "phimoe": lambda path: make_phimoe(path, rope_parameters=longrope(orig=48)),  # stays short throughout
     "deepseek_v2": lambda path: v2.make_v2(path, q_lora_rank=24, rope_parameters=v2.YARN),
     "deepseek_v3": lambda path: v3.make_v3(path, num_hidden_layers=4, first_k_dense_replace=2, rope_parameters=v3.YARN),
+    "glm4_moe": lambda path: make_glm4_moe(path, mtp=True, **GLM_CONFIGS["quarter-rotary-yarn-gqa4"]),
 }
 
 

@@ -206,7 +206,8 @@ class Orchestra:
         ):
             return None
         weight, top_k = self.routers[nxt]
-        return torch.topk(x @ weight.T, top_k, dim=-1).indices
+        # in the router's dtype: GLM-4.5 keeps its router weight in float32 (a no-op for the other families)
+        return torch.topk(x.to(weight.dtype) @ weight.T, top_k, dim=-1).indices
 
     def prefetch(self, layer: int, guess_h: torch.Tensor) -> None:
         """Starts copying the guessed experts of `layer` into fetch slots (policy.prefetch_picks)."""
