@@ -13,6 +13,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, budget_for, make_deepseek, make_mixtral, prompt_ids, reference_logits
 from tests.models.test_glm4_moe import make_glm4_moe
+from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_phimoe import longrope, make_phimoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
@@ -29,6 +30,7 @@ MAKERS = {
     "deepseek_v2": partial(make_deepseek, version=2),
     "deepseek_v3": partial(make_deepseek, version=3),
     "glm4_moe": make_glm4_moe,
+    "gpt_oss": make_gpt_oss,
 }
 
 

@@ -16,6 +16,7 @@ from cadenza import LLM, SamplingParams
 from cadenza.models.common import RowIndex, StaticStep
 from tests.conftest import budget_for, make_deepseek, make_mixtral
 from tests.models.test_glm4_moe import make_glm4_moe
+from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
@@ -52,10 +53,12 @@ def families(tmp_path_factory):
             head_dim=32,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25},
         )[0],
+        # attention sinks, and windowed layers (window 5) alternating with full ones: two masks per step
+        "gpt_oss": make_gpt_oss(tmp_path_factory.mktemp("g-gpt-oss"))[0],
     }
 
 
-FAMILIES = ["mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"]
+FAMILIES = ["mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

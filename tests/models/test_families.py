@@ -11,6 +11,7 @@ from tests.models import test_deepseek_v2 as v2
 from tests.models import test_deepseek_v3 as v3
 from tests.models.test_glm4_moe import CONFIGS as GLM_CONFIGS
 from tests.models.test_glm4_moe import make_glm4_moe
+from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_olmoe import CONFIGS as OLMOE_CONFIGS
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_phimoe import longrope, make_phimoe
@@ -28,6 +29,7 @@ GREEDY_MODELS = {
     "deepseek_v2": lambda path: v2.make_v2(path, q_lora_rank=24, rope_parameters=v2.YARN),
     "deepseek_v3": lambda path: v3.make_v3(path, num_hidden_layers=4, first_k_dense_replace=2, rope_parameters=v3.YARN),
     "glm4_moe": lambda path: make_glm4_moe(path, mtp=True, **GLM_CONFIGS["quarter-rotary-yarn-gqa4"]),
+    "gpt_oss": lambda path: make_gpt_oss(path),  # window 5: decoding slides past it
 }
 
 
