@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from cadenza.errors import CadenzaError
 
-SUPPORTED = ("llama (with experts: Mixtral)", "qwen2moe", "qwen3moe", "olmoe", "deepseek2")
+SUPPORTED = ("llama (with experts: Mixtral)", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss")
 
 # GGUF names outside the blocks
 GLOBAL_NAMES = {
@@ -34,6 +34,9 @@ _BLOCK = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_sinks.weight": "self_attn.sinks",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",  # gpt-oss's name for ffn_norm
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
@@ -63,6 +66,7 @@ class Family:
     moe: str  # the MoE block's attribute: "mlp" or Mixtral's "block_sparse_moe"
     experts: tuple[str, str, str]  # HF names of the gate, up and down projections of one expert
     shared: str | None = None  # the shared expert's attribute
+    router: str = "gate"  # the router's attribute in the MoE block
 
 
 FAMILIES = {
@@ -72,6 +76,8 @@ FAMILIES = {
     "OlmoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj")),
     "DeepseekV2ForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "DeepseekV3ForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+    # experts with biases (ffn_*_exps.bias), read expert by expert (fused_experts false in the config below)
+    "GptOssForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), router="router"),
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -97,11 +103,13 @@ def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
         return Mapped(pre + _BLOCK[rest])
     if architecture.startswith("Deepseek") and rest in _DEEPSEEK:
         return Mapped(pre + _DEEPSEEK[rest])
-    if rest == "ffn_gate_inp.weight":
-        return Mapped(f"{pre}{fam.moe}.gate.weight")
+    if rest in ("ffn_gate_inp.weight", "ffn_gate_inp.bias"):
+        return Mapped(f"{pre}{fam.moe}.{fam.router}.{rest.rpartition('.')[2]}")
     for kind, hf in zip(_EXPERT_KINDS, fam.experts, strict=True):
         if rest == f"ffn_{kind}_exps.weight":
             return Mapped(f"{pre}{fam.moe}.experts.{{e}}.{hf}.weight", experts=True)
+        if rest == f"ffn_{kind}_exps.bias":
+            return Mapped(f"{pre}{fam.moe}.experts.{{e}}.{kind}_bias", experts=True)
         if rest == f"ffn_{kind}_shexp.weight" and fam.shared:
             return Mapped(f"{pre}{fam.moe}.{fam.shared}.{kind}_proj.weight")
     if rest == "ffn_gate_inp_shexp.weight" and fam.shared == "shared_expert":
@@ -132,7 +140,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
             )
         return value
 
-    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2"):
+    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss"):
         raise CadenzaError(
             f"{source} holds a GGUF {arch!r} model, which cadenza does not run. Supported GGUF architectures: "
             f"{', '.join(SUPPORTED)}. Use a GGUF of one of these, or the model's Hugging Face folder."
@@ -186,10 +194,22 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
         cfg["norm_topk_prob"] = bool(get("expert_weights_norm", False))
         if get("attention.clamp_kqv"):
             cfg["clip_qkv"] = float(get("attention.clamp_kqv"))
+    elif arch == "gpt-oss":
+        if any(n.endswith("ffn_gate_up_exps.weight") for n in shapes):
+            raise CadenzaError(
+                f"{source} stores gpt-oss's gate and up experts fused (ffn_gate_up_exps), which this cadenza does not "
+                "read yet. Use a GGUF with separate ffn_gate_exps / ffn_up_exps (llama.cpp's default) or the HF folder."
+            )
+        cfg.update(architectures=["GptOssForCausalLM"], model_type="gpt_oss", num_local_experts=experts)
+        cfg.update(intermediate_size=int(expert_ff or req("feed_forward_length")), fused_experts=False)
+        cfg.update(head_dim=int(get("attention.key_length") or cfg["hidden_size"] // heads))
+        cfg.update(sliding_window=int(req("attention.sliding_window")), attention_bias="blk.0.attn_q.bias" in shapes)
     else:
         cfg.update(_deepseek(get, req, heads, shapes))
     scaling = _rope_scaling(get)
     if scaling:
+        if arch == "gpt-oss":  # the family's YaRN keeps its correction range unrounded (config.json's truncate)
+            scaling["truncate"] = False
         cfg["rope_scaling"] = scaling
     return cfg
 

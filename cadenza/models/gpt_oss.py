@@ -56,6 +56,9 @@ class GptOssConfig(ModelArgs):
     swiglu_limit: float = 7.0
     attention_bias: bool = True
     mxfp4: bool = False  # the checkpoint's experts are MXFP4 blocks and scales
+    # the checkpoint's experts are transformers' fused tensors; False: one tensor per expert and matrix, as a GGUF
+    # file stores them (cadenza.formats.gguf_arch writes this key into the config it derives)
+    fused_experts: bool = True
 
     DEFAULT_ROPE_THETA: ClassVar[float] = 150000.0
 
@@ -78,6 +81,7 @@ class GptOssConfig(ModelArgs):
             swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
             attention_bias=bool(cfg.get("attention_bias", True)),
             mxfp4=isinstance(quant, dict) and quant.get("quant_method") == "mxfp4",
+            fused_experts=bool(cfg.get("fused_experts", True)),
         )
         config.check()
         return config
@@ -176,7 +180,8 @@ class GptOssExperts(Experts):
     checkpoint's fused tensors: `gate_up_proj` [E, H, 2I] (gate and up outputs interleaved: column 2j is gate row j,
     2j + 1 up row j) with `gate_up_proj_bias` [E, 2I], `down_proj` [E, I, H] with `down_proj_bias` [E, H]; in an
     MXFP4 checkpoint `{gate_up,down}_proj_blocks` [E, rows, cols / 32, 16] and `_scales` [E, rows, cols / 32] instead
-    (rows: output features, gate/up interleaved the same way)."""
+    (rows: output features, gate/up interleaved the same way). A GGUF's experts come one per expert and matrix
+    (`{e}.gate_proj.weight` [I, H], `{e}.gate_bias` [I], ...), as the base class reads them."""
 
     PARTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 
@@ -188,12 +193,17 @@ class GptOssExperts(Experts):
             clamped_swiglu_name(config.swiglu_alpha, config.swiglu_limit),
             bias=True,
         )
-        self.mxfp4 = config.mxfp4
+        self.mxfp4, self.fused = config.mxfp4, config.fused_experts
         self._parts: set[str] = set()
         self._pending: dict[str, torch.Tensor] = {}  # MXFP4 blocks waiting for their scales, or scales for blocks
 
     def checkpoint_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        if not self.fused:
+            out = super().checkpoint_shapes(prefix)
+            for x in range(e):
+                out.update({f"{prefix}{x}.{kind}_bias": (n,) for kind, n in (("gate", i), ("up", i), ("down", h))})
+            return out
         out = {f"{prefix}gate_up_proj_bias": (e, 2 * i), f"{prefix}down_proj_bias": (e, h)}
         if self.mxfp4:
             for name, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
@@ -206,6 +216,8 @@ class GptOssExperts(Experts):
     def load_checkpoint_tensor(self, rest, tensor, device, dtype, alloc=None) -> bool:
         if self.packed is not None:
             raise ValueError(f"expert tensor {rest} arrived after the layer was packed")
+        if not self.fused:
+            return self._load_row(rest, tensor, device, dtype, alloc)
         if rest.endswith(("_blocks", "_scales")):
             base, _, kind = rest.rpartition("_")
             other = f"{base}_{'scales' if kind == 'blocks' else 'blocks'}"
@@ -253,8 +265,22 @@ class GptOssExperts(Experts):
                 stacks[0][e].copy_(w)
         self._parts.add(part)
 
+    def _load_row(self, rest, tensor, device, dtype, alloc) -> bool:
+        """One expert's matrix (`{e}.{name}.weight`) or bias (`{e}.{kind}_bias`), into row e of its stack."""
+        e_str, _, name = rest.partition(".")
+        name = name.removesuffix(".weight")
+        stacked = getattr(self, name)
+        if stacked.is_meta:
+            stacked = nn.Parameter((alloc or _empty)(stacked.shape, dtype, device), requires_grad=False)
+            self.register_parameter(name, stacked)
+        stacked.data[int(e_str)].copy_(tensor)
+        self._filled.add((int(e_str), name))
+        return self.complete
+
     @property
     def complete(self) -> bool:
+        if not self.fused:
+            return self.packed is not None or len(self._filled) == 6 * self.num_experts
         return self.packed is not None or len(self._parts) == len(self.PARTS)
 
 

@@ -21,6 +21,7 @@ ARCH = {
     "olmoe": "olmoe",
     "deepseek_v2": "deepseek2",
     "deepseek_v3": "deepseek2",
+    "gpt_oss": "gpt-oss",
 }
 
 
@@ -61,6 +62,14 @@ def metadata(cfg: dict) -> dict:
             expert_count=(cfg.get("num_experts") or cfg["num_local_experts"]),
             feed_forward_length=cfg["intermediate_size"],
         )
+    elif mt == "gpt_oss":
+        m.update(expert_count=cfg["num_local_experts"], expert_feed_forward_length=cfg["intermediate_size"])
+        m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
+        m["attention.sliding_window"] = cfg["sliding_window"]
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type") == "yarn":
+            m.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"])})
+            m["rope.scaling.original_context_length"] = rope["original_max_position_embeddings"]
     else:  # deepseek
         v3 = mt == "deepseek_v3"
         m.update(
@@ -96,7 +105,9 @@ def gguf_tensors(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     cfg = json.loads((folder / "config.json").read_text())
     sd = {k: v.float().numpy() for k, v in load_file(folder / "model.safetensors").items()}
     arch = ARCH[cfg["model_type"]]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
+    if arch == "gpt-oss":
+        sd = _gpt_oss_as_converted(sd)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], cfg["num_hidden_layers"])
     out: dict[str, np.ndarray] = {}
     stacks: dict[str, dict[int, np.ndarray]] = {}
     for name, w in sd.items():
@@ -122,11 +133,37 @@ def gguf_tensors(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return cfg, out
 
 
+def _gpt_oss_as_converted(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """gpt-oss's fused expert tensors as llama.cpp's converter splits them (the names its TensorNameMap takes):
+    gate_up_proj [E, H, 2I] -> gate_proj / up_proj [E, I, H] (even / odd columns), down_proj [E, I, H] -> [E, H, I],
+    the biases split the same way; the sinks get a .weight suffix."""
+    out = {}
+    for name, w in sd.items():
+        if name.endswith("experts.gate_up_proj"):
+            t = w.swapaxes(1, 2)
+            out[name.replace("gate_up_proj", "gate_proj.weight")] = np.ascontiguousarray(t[:, 0::2])
+            out[name.replace("gate_up_proj", "up_proj.weight")] = np.ascontiguousarray(t[:, 1::2])
+        elif name.endswith("experts.gate_up_proj_bias"):
+            out[name.replace("gate_up_proj_bias", "gate_proj.bias")] = np.ascontiguousarray(w[:, 0::2])
+            out[name.replace("gate_up_proj_bias", "up_proj.bias")] = np.ascontiguousarray(w[:, 1::2])
+        elif name.endswith("experts.down_proj"):
+            out[name + ".weight"] = np.ascontiguousarray(w.swapaxes(1, 2))
+        elif name.endswith("experts.down_proj_bias"):
+            out[name.replace("down_proj_bias", "down_proj.bias")] = w
+        elif name.endswith("self_attn.sinks"):
+            out[name + ".weight"] = w
+        else:
+            out[name] = w
+    return out
+
+
 def _quantizable(name: str, w: np.ndarray, qtype) -> bool:
     import gguf
 
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    return w.ndim >= 2 and w.shape[-1] % block == 0 and "norm" not in name and "ffn_gate_inp" not in name
+    return (
+        w.ndim >= 2 and w.shape[-1] % block == 0 and "norm" not in name and "ffn_gate_inp" not in name
+    ) and not name.endswith(".bias")  # gpt-oss's stacked expert biases [E, I] stay float, as the converter keeps them
 
 
 def add_plain(writer, key: str, value) -> None:

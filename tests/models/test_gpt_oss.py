@@ -216,3 +216,57 @@ def test_cuda_equals_transformers(base, policy, residents):
         assert out.token_ids == tokens
     finally:
         llm.close()
+
+
+# --- GGUF files (llama.cpp's gpt-oss layout) ----------------------------------------------------------------------
+
+
+def _gguf_reference(file, folder, dst, qtype):
+    """What a GGUF with quantized matrices must score like: the HF folder with gguf-py's round trip of each plain
+    matrix (`dequantized_folder`) and the GGUF's experts as gguf-py dequantizes them, put back in transformers' fused
+    layout (the expert biases stay float, as in the file)."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    from tests.formats.gguf_files import dequantized_folder
+
+    reader = gguf.GGUFReader(file)
+    deq = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    dequantized_folder(folder, dst, qtype)
+    source = load_file(str(folder / "model.safetensors"))
+    sd = load_file(str(dst / "model.safetensors"))
+    for name in list(sd):
+        if name.endswith("_bias") or ".router." in name:  # kept float in the file (ffn_gate_inp is never quantized)
+            sd[name] = source[name]
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            continue
+        layer = name.split(".")[2]
+        if name.endswith("down_proj"):  # GGUF [E, H, I] -> HF [E, I, H]
+            sd[name] = torch.from_numpy(deq[f"blk.{layer}.ffn_down_exps.weight"]).transpose(1, 2).contiguous()
+            continue
+        gate, up = (torch.from_numpy(deq[f"blk.{layer}.ffn_{k}_exps.weight"]) for k in ("gate", "up"))
+        fused = torch.stack((gate, up), dim=2).reshape(gate.shape[0], -1, gate.shape[2])  # rows interleaved
+        sd[name] = fused.transpose(1, 2).contiguous()
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("qtype", ["F32", "MXFP4", "Q8_0"])
+def test_gguf_matches_reference(base, tmp_path, qtype):
+    """A gpt-oss GGUF as llama.cpp's converter writes it (experts split and de-interleaved, biases per matrix, sinks,
+    the router's bias): F32 scores like transformers on the source; MXFP4 / Q8_0 experts like the HF model holding
+    gguf-py's dequantized weights."""
+    from tests.formats.gguf_files import write_gguf
+
+    folder, hf = base
+    file = write_gguf(folder, tmp_path / f"gpt-oss-{qtype}.gguf", qtype)
+    llm = LLM(file, device="cpu", dtype="float32")
+    assert llm.checkpoint.architecture == "GptOssForCausalLM"
+    ids = prompt_ids(16, seed=8)
+    got = llm.score(ids)
+    if qtype == "F32":
+        want = reference_logits(hf, ids)
+    else:
+        assert llm.checkpoint.tensors["model.layers.0.mlp.experts.0.gate_proj.weight"].dtype == qtype
+        want = LLM(_gguf_reference(file, folder, tmp_path / "ref", qtype), device="cpu", dtype="float32").score(ids)
+    assert (got - want).abs().max().item() <= TOL
