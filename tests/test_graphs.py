@@ -119,9 +119,14 @@ def test_graph_replay_equals_eager_all_resident(families, family, small_buckets)
         assert _tokens(fast, [prompts[0]]) == _tokens(slow, [prompts[0]])
         g = fast.engine.graphs
         assert g.captures >= 2 and g.replays >= 11  # 5 + 12 positions span more than one bucket of 8
-        assert all(len(c.segments) == 1 for c in g.graphs.values()), "all experts resident: one graph per step"
         fast_stats, slow_stats = fast.generate(prompts[0], GREEDY).stats, slow.generate(prompts[0], GREEDY).stats
-        assert fast_stats.decode_syncs == 0
+        if fast.orchestra.decode_kernels:
+            assert all(len(c.segments) == 1 for c in g.graphs.values()), "all experts resident: one graph per step"
+            assert fast_stats.decode_syncs == 0
+        else:  # gpt-oss: no decode kernel computes biased, clamped experts yet, so each layer's experts run between
+            # graph segments, decided on the host
+            assert all(len(c.segments) > 1 for c in g.graphs.values())
+            assert fast_stats.decode_syncs > 0
         assert fast_stats.expert_work == slow_stats.expert_work and fast_stats.decode_gpu_bytes > 0
         assert _tokens(fast, prompts) == _tokens(slow, prompts)  # batched rows of different lengths
         ids = prompts[2]
