@@ -270,7 +270,8 @@ def model_sizes(
     as `experts` ("bf16": plain in `dtype`; "int8" / "int4": packed, scale group `expert_group`): nothing is read."""
     elem = torch.empty((), dtype=dtype).element_size()
     layers = moe_layers(model)
-    expert_params = sum(m.num_parameters for m in layers)
+    # the elements the expert stacks hold (MXFP4 blocks hold two weights a byte: counted by what they occupy)
+    expert_params = sum(p.numel() for m in layers for p in m.parameters())
     seen, total = set(), 0
     for p in model.parameters():  # tied weights count once
         if id(p) not in seen:

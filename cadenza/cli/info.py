@@ -48,10 +48,11 @@ def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | N
     config = model.config
     expert_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
     expert_params = sum(m.num_parameters for _, m in expert_layers)
-    all_params = sum(
+    prefixes = tuple(f"{n}." for n, _ in expert_layers)  # experts count by their weights, not stored elements
+    all_params = expert_params + sum(
         _numel(shape)
         for name, shape in expected_tensors(model).items()
-        if not (config.tie_word_embeddings and name == "lm_head.weight")
+        if not (config.tie_word_embeddings and name == "lm_head.weight") and not name.startswith(prefixes)
     )
     first = expert_layers[0][1] if expert_layers else None
     one_expert = first.expert_nbytes_as(fmt.fmt, fmt.group, ckpt.torch_dtype()) if first else 0

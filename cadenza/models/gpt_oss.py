@@ -9,7 +9,7 @@ What sets it apart:
 - experts with biases and a clamped SwiGLU (`alpha`, `limit`, out = (up + 1) * gate * sigmoid(alpha gate)) whose
   gate and up outputs are interleaved in one fused checkpoint tensor `gate_up_proj` [E, H, 2I];
 - the published experts in MXFP4 (`*_blocks`, `*_scales`: 4-bit e2m1 values in blocks of 32 sharing an e8m0
-  exponent); they are dequantized exactly to the compute dtype at load (`mxfp4.py`).
+  exponent), kept so in memory and dequantized per use (`GptOssExperts`, `mxfp4.py`).
 
 Shape legend: B batch, T new tokens, S cached tokens, H hidden size, N query heads, K key/value heads, D head dim,
 E experts, I expert intermediate size.
@@ -28,7 +28,6 @@ from torch import nn
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
 from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, clamped_swiglu_name
-from cadenza.models.mxfp4 import dequantize_mxfp4
 from cadenza.models.rope import RotaryEmbedding, apply_rotary
 from cadenza.moe.experts import Experts
 
@@ -181,9 +180,15 @@ class GptOssExperts(Experts):
     2j + 1 up row j) with `gate_up_proj_bias` [E, 2I], `down_proj` [E, I, H] with `down_proj_bias` [E, H]; in an
     MXFP4 checkpoint `{gate_up,down}_proj_blocks` [E, rows, cols / 32, 16] and `_scales` [E, rows, cols / 32] instead
     (rows: output features, gate/up interleaved the same way). A GGUF's experts come one per expert and matrix
-    (`{e}.gate_proj.weight` [I, H], `{e}.gate_bias` [I], ...), as the base class reads them."""
+    (`{e}.gate_proj.weight` [I, H], `{e}.gate_bias` [I], ...), as the base class reads them.
+
+    MXFP4 experts stay MXFP4 in memory (`storage` "mxfp4"): the stacks are each matrix's blocks [E, rows, cols / 32,
+    16] and scales [E, rows, cols / 32] (uint8, the checkpoint's bytes, gate and up rows de-interleaved), 0.53 bytes a
+    weight wherever they are (host, GPU residents, fetch slots), and each use dequantizes its expert
+    (`cadenza.moe.experts.expert_ffn`): exact, at the cost of that dequantization until MXFP4 kernels exist."""
 
     PARTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    MXFP4_STACKS = ("gate_blocks", "gate_scales", "up_blocks", "up_scales", "down_blocks", "down_scales")
 
     def __init__(self, config: GptOssConfig):
         super().__init__(
@@ -194,8 +199,29 @@ class GptOssExperts(Experts):
             bias=True,
         )
         self.mxfp4, self.fused = config.mxfp4, config.fused_experts
+        self.storage = "mxfp4" if self.mxfp4 else "plain"
         self._parts: set[str] = set()
         self._pending: dict[str, torch.Tensor] = {}  # MXFP4 blocks waiting for their scales, or scales for blocks
+        if self.mxfp4:  # the blocks replace the plain stacks, which would never be filled
+            e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+            for name in (self.gate_name, self.up_name, self.down_name):
+                del self._parameters[name]
+            for name, rows, cols in (("gate", i, h), ("up", i, h), ("down", h, i)):
+                blocks = torch.empty(e, rows, cols // 32, 16, dtype=torch.uint8)
+                self.register_parameter(f"{name}_blocks", nn.Parameter(blocks, requires_grad=False))
+                scales = torch.empty(e, rows, cols // 32, dtype=torch.uint8)
+                self.register_parameter(f"{name}_scales", nn.Parameter(scales, requires_grad=False))
+
+    def stack_names(self) -> tuple[str, ...]:
+        if self.mxfp4:
+            return self.MXFP4_STACKS + ("gate_bias", "up_bias", "down_bias")
+        return super().stack_names()
+
+    def expert_nbytes_as(self, fmt: str, group: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+        if not (self.mxfp4 and fmt == "bf16"):
+            return super().expert_nbytes_as(fmt, group, dtype)
+        biases = (2 * self.intermediate_size + self.hidden_size) * torch.empty((), dtype=dtype).element_size()
+        return sum(getattr(self, n)[0].numel() for n in self.MXFP4_STACKS) + biases
 
     def checkpoint_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
@@ -226,16 +252,25 @@ class GptOssExperts(Experts):
                 return False
             pair = (tensor, self._pending.pop(other))
             blocks, scales = pair if kind == "blocks" else pair[::-1]
-            if base == "gate_up_proj":
-                log.info("gpt-oss: MXFP4 experts are dequantized to %s at load (exact)", dtype)
-            self._fill(base, blocks, device, dtype, alloc, scales)
+            self._fill_mxfp4(base, blocks, scales, device)
         else:
             self._fill(rest, tensor, device, dtype, alloc)
         return self.complete
 
-    def _fill(self, part, tensor, device, dtype, alloc, scales=None) -> None:
-        """One checkpoint part into the stacks, expert by expert (an MXFP4 part is dequantized one expert at a time,
-        so the temporaries stay one expert's size)."""
+    def _fill_mxfp4(self, part: str, blocks: torch.Tensor, scales: torch.Tensor, device) -> None:
+        """An MXFP4 part's blocks and scales into their stacks as they are (gate_up's rows split into gate and up)."""
+        halves = {"gate_up_proj": (("gate", 0, 2), ("up", 1, 2)), "down_proj": (("down", 0, 1),)}[part]
+        for name, first, step in halves:
+            for kind, src in (("blocks", blocks), ("scales", scales)):
+                stacked = getattr(self, f"{name}_{kind}")
+                if stacked.is_meta:
+                    stacked = nn.Parameter(torch.empty(stacked.shape, dtype=torch.uint8, device=device), False)
+                    self.register_parameter(f"{name}_{kind}", stacked)
+                stacked.data.copy_(src[:, first::step])
+        self._parts.add(part)
+
+    def _fill(self, part, tensor, device, dtype, alloc) -> None:
+        """One checkpoint part into the stacks, expert by expert."""
         targets = {
             "gate_up_proj": (self.gate_name, self.up_name),
             "gate_up_proj_bias": ("gate_bias", "up_bias"),
@@ -250,17 +285,16 @@ class GptOssExperts(Experts):
                 stacked = nn.Parameter(data, requires_grad=False)
                 self.register_parameter(name, stacked)
             stacks.append(stacked.data)
-        for e in range(self.num_experts):
-            w = tensor[e] if scales is None else dequantize_mxfp4(tensor[e], scales[e], torch.float32)
-            if part == "gate_up_proj":  # [rows = 2I, H] from MXFP4, [H, 2I] in the plain checkpoint
-                w = w if scales is not None else w.T
-                stacks[0][e].copy_(w[0::2])
-                stacks[1][e].copy_(w[1::2])
+        for e in range(self.num_experts):  # one expert at a time: the transposed temporaries stay small
+            w = tensor[e]
+            if part == "gate_up_proj":  # [H, 2I]: gate and up columns interleaved
+                stacks[0][e].copy_(w.T[0::2])
+                stacks[1][e].copy_(w.T[1::2])
             elif part == "gate_up_proj_bias":
                 stacks[0][e].copy_(w[0::2])
                 stacks[1][e].copy_(w[1::2])
-            elif part == "down_proj":  # [H, I] from MXFP4, [I, H] in the plain checkpoint
-                stacks[0][e].copy_(w if scales is not None else w.T)
+            elif part == "down_proj":  # [I, H]
+                stacks[0][e].copy_(w.T)
             else:
                 stacks[0][e].copy_(w)
         self._parts.add(part)

@@ -238,11 +238,18 @@ class Experts(nn.Module):
         )  # float32
         return y.to(x.dtype)
 
+    def stack_names(self) -> tuple[str, ...]:
+        """The stacked parameters that hold every expert (expert e is row e of each), in `expert_ffn`'s order:
+        gate, up, down, then (with biases) gate_bias, up_bias, down_bias."""
+        names = (self.gate_name, self.up_name, self.down_name)
+        return names + ("gate_bias", "up_bias", "down_bias") if self.bias else names
+
+    def stacks(self) -> list[torch.Tensor]:
+        return [getattr(self, n) for n in self.stack_names()]
+
     def weights_of(self, e: int) -> tuple[torch.Tensor, ...]:
-        """Expert e's plain tensors: gate, up, down, then (with biases) gate_bias, up_bias, down_bias."""
-        if self.bias:
-            return self.gate[e], self.up[e], self.down[e], self.gate_bias[e], self.up_bias[e], self.down_bias[e]
-        return self.gate[e], self.up[e], self.down[e]
+        """Expert e's plain tensors (`stack_names`' order), as `expert_ffn` takes them."""
+        return tuple(getattr(self, n)[e] for n in self.stack_names())
 
 
 def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -297,7 +304,13 @@ def run_experts(
 
 
 def expert_ffn(xe: torch.Tensor, weights: tuple[torch.Tensor, ...], glu) -> torch.Tensor:
-    """One expert on its tokens xe [n, H] -> [n, H]: weights (gate, up, down[, biases]) as `run_experts` takes."""
+    """One expert on its tokens xe [n, H] -> [n, H]: weights (gate, up, down[, biases]) as `run_experts` takes;
+    nine tensors are MXFP4 experts (blocks and scales of gate, up, down, then the biases), dequantized for this use."""
+    if len(weights) == 9:
+        from cadenza.models.mxfp4 import dequantize_mxfp4
+
+        mats = [dequantize_mxfp4(weights[j], weights[j + 1], xe.dtype) for j in (0, 2, 4)]
+        weights = (*mats, *weights[6:])
     if len(weights) == 6:
         gate, up, down, b_gate, b_up, b_down = weights
         return glu(xe @ gate.T + b_gate, xe @ up.T + b_up) @ down.T + b_down

@@ -145,6 +145,35 @@ def test_mxfp4_checkpoint_matches_transformers(base, tmp_path):
     assert (got - reference_logits(hf.eval(), ids)).abs().max().item() <= TOL
 
 
+@pytest.fixture(scope="module")
+def mxfp4(base, tmp_path_factory):
+    return _to_mxfp4(base[0], tmp_path_factory.mktemp("gpt-oss-mxfp4") / "m")
+
+
+def test_mxfp4_experts_stay_mxfp4(mxfp4):
+    """The experts are held as the checkpoint's blocks and scales (0.53 bytes a weight, plus the biases), and the
+    planner sizes them so."""
+    llm = LLM(mxfp4, device="cpu", dtype="float32")
+    experts = llm.model.model.layers[0].mlp.experts
+    assert experts.storage == "mxfp4" and experts.gate_blocks.dtype == torch.uint8
+    h, i = 64, 32
+    weights = 3 * h * i
+    assert experts.expert_nbytes == weights // 2 + weights // 32 + 4 * (2 * i + h)  # blocks, scales, fp32 biases
+    assert llm.sizes.expert_bytes == experts.expert_nbytes
+    assert not any(p.is_meta for p in llm.model.parameters())
+
+
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+def test_mxfp4_hybrid_equals_single_device(mxfp4, policy):
+    """MXFP4 experts resident on the (emulated) GPU, fetched into slots and computed on the CPU, all as blocks: the
+    all-resident model's logits and tokens."""
+    ids = prompt_ids(20, seed=9)
+    ref = LLM(mxfp4, device="cpu", dtype="float32")
+    want_logits = ref.score(ids)
+    want_tokens = ref.generate(ids[:6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).token_ids
+    assert_hybrid_matches(mxfp4, policy, 12, 2, ids, want_logits, want_tokens, 8, None, "either", TOL)
+
+
 def test_mxfp4_dequantization_is_the_format():
     """Nibbles low first, sign in bit 3, e2m1 magnitudes, a power-of-two scale per 32 values, written out by hand."""
     blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)  # one row of one block
@@ -270,3 +299,25 @@ def test_gguf_matches_reference(base, tmp_path, qtype):
         assert llm.checkpoint.tensors["model.layers.0.mlp.experts.0.gate_proj.weight"].dtype == qtype
         want = LLM(_gguf_reference(file, folder, tmp_path / "ref", qtype), device="cpu", dtype="float32").score(ids)
     assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+def test_cuda_mxfp4_equals_cpu(mxfp4, policy):
+    """MXFP4 experts on a CUDA GPU (residents and fetch slots hold blocks, dequantized per use): the CPU run's
+    logits and greedy tokens."""
+    from tests.conftest import budget_for
+
+    ids = prompt_ids(20, seed=10)
+    cpu = LLM(mxfp4, device="cpu", dtype="float32")
+    want = cpu.score(ids)
+    tokens = cpu.generate(ids[:6], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)).token_ids
+    budget = budget_for(mxfp4, 12, 0 if policy == "cpu" else 2, device="cuda")
+    llm = LLM(mxfp4, device="cuda", dtype="float32", gpu_memory=budget, offload_policy=policy)
+    try:
+        assert llm.placement.resident_count == 12
+        assert (llm.score(ids) - want).abs().max().item() <= TOL
+        out = llm.generate(ids[:6], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        assert out.token_ids == tokens
+    finally:
+        llm.close()

@@ -35,7 +35,7 @@ __all__ = ["POLICIES", "Orchestra", "OffloadOptions", "host_tensors"]
 def host_tensors(experts: Experts) -> list[torch.Tensor]:
     """The host tensors a layer's routed experts live in (plain stacks, or the packed tiles)."""
     p = getattr(experts, "packed", None)
-    return [experts.gate, experts.up, experts.down] if p is None else [p.gate_up, p.down]
+    return experts.stacks() if p is None else [p.gate_up, p.down]
 
 
 class Orchestra:
@@ -64,7 +64,7 @@ class Orchestra:
         self.hidden, self.intermediate = first.hidden_size, first.intermediate_size
         self.layout = ExpertLayout.of(first)
         # the compute dtype of plain experts (None for quantized ones: their products run in the activations' dtype)
-        self.dtype = first.gate.dtype if self.layout.plain else None
+        self.dtype = first.stacks()[-1].dtype if self.layout.plain else None  # (down, or a bias: compute dtype)
         one = first.host_weights(0)
         self.expert_parts = [(tuple(w.shape), w.dtype) for w in one]  # how one expert is stored (a fetch slot)
         self.expert_bytes = sum(w.numel() * w.element_size() for w in one)  # as stored: what a use reads
@@ -289,7 +289,10 @@ class Orchestra:
     @property
     def format_name(self) -> str:
         """How experts are stored, for the cost model's key: the plain dtype, or the quantized format."""
-        return str(self.dtype) if self.layout.plain else self.layout.describe()
+        if not self.layout.plain:
+            return self.layout.describe()
+        storage = getattr(self.layers[0].experts, "storage", "plain")  # gpt-oss keeps MXFP4 blocks
+        return str(self.dtype) if storage == "plain" else f"{storage}/{self.dtype}"
 
     @property
     def act(self):
