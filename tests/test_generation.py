@@ -12,6 +12,7 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, budget_for, make_deepseek, make_mixtral, prompt_ids, reference_logits
+from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_olmoe import make_olmoe
@@ -31,6 +32,7 @@ MAKERS = {
     "deepseek_v3": partial(make_deepseek, version=3),
     "glm4_moe": make_glm4_moe,
     "gpt_oss": make_gpt_oss,
+    "ernie4_5_moe": make_ernie,
 }
 
 

@@ -15,6 +15,7 @@ import cadenza.graphs as graphs
 from cadenza import LLM, SamplingParams
 from cadenza.models.common import RowIndex, StaticStep
 from tests.conftest import budget_for, make_deepseek, make_mixtral
+from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_olmoe import make_olmoe
@@ -55,10 +56,13 @@ def families(tmp_path_factory):
         )[0],
         # attention sinks, and windowed layers (window 5) alternating with full ones: two masks per step
         "gpt_oss": make_gpt_oss(tmp_path_factory.mktemp("g-gpt-oss"))[0],
+        # interleaved-pair rotary from float32 tables (per-row positions in the static step), biases everywhere,
+        # a float32 router with its routing bias, shared experts
+        "ernie4_5_moe": make_ernie(tmp_path_factory.mktemp("g-ernie"), use_bias=True)[0],
     }
 
 
-FAMILIES = ["mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss"]
+FAMILIES = ["mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -29,6 +29,7 @@ ARCHITECTURES: dict[str, Family] = {
     "DeepseekV3ForCausalLM": Family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "GptOssForCausalLM": Family("gpt_oss", "GptOssConfig", "GptOssForCausalLM"),
     "Glm4MoeForCausalLM": Family("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM"),
+    "Ernie4_5_MoeForCausalLM": Family("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM"),
 }
 
 

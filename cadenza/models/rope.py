@@ -185,3 +185,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         return x * cos + rotate_half(x) * sin
     rot, rest = x[..., :d], x[..., d:]
     return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1), (x2, x3), ... -> (-x1, x0), (-x3, x2), ...: rotate_half for features laid out as interleaved pairs."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary for heads whose rotary features come as interleaved pairs (x0, x1), (x2, x3)... (ERNIE-4.5): pair
+    i turns by frequency i. cos, sin are the usual tables ([T, d] or [B, 1, T, d], the d / 2 frequencies twice); each
+    frequency is repeated for its pair here, as transformers' ERNIE does. The arithmetic runs in the tables' dtype (a
+    family that keeps them float32 rotates in float32, as its reference) and the result has x's dtype. The features
+    past d pass through. Keys land in the cache in the checkpoint's layout, not regrouped."""
+    d = cos.shape[-1]
+    cos = cos[..., : d // 2].repeat_interleave(2, dim=-1)
+    sin = sin[..., : d // 2].repeat_interleave(2, dim=-1)
+    rot = x[..., :d]
+    out = (rot.to(cos.dtype) * cos + rotate_pairs(rot).to(cos.dtype) * sin).to(x.dtype)
+    return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)

@@ -72,3 +72,16 @@ def sigmoid_group_topk(
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * routed_scaling_factor, ids
+
+
+def softmax_biased_topk(
+    router_logits: torch.Tensor, e_score_correction_bias: torch.Tensor, top_k: int, norm_min: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERNIE-4.5's router: softmax over all experts in fp32; the choice uses the probabilities plus the
+    load-balancing bias `e_score_correction_bias` ([E] or [1, E]); the weights are the unbiased probabilities of the
+    chosen experts, renormalised to sum to 1 with the sum clamped below at `norm_min` (transformers'
+    Ernie4_5_MoeTopKRouter)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    ids = torch.topk(probs + e_score_correction_bias.float().reshape(-1), top_k, dim=-1).indices  # [T, k]
+    weights = probs.gather(1, ids)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp(min=norm_min), ids

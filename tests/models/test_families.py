@@ -9,6 +9,8 @@ from cadenza import LLM, SamplingParams
 from tests.conftest import make_mixtral, prompt_ids, reference_greedy
 from tests.models import test_deepseek_v2 as v2
 from tests.models import test_deepseek_v3 as v3
+from tests.models.test_ernie4_5_moe import CONFIGS as ERNIE_CONFIGS
+from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import CONFIGS as GLM_CONFIGS
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_gpt_oss import make_gpt_oss
@@ -30,6 +32,7 @@ GREEDY_MODELS = {
     "deepseek_v3": lambda path: v3.make_v3(path, num_hidden_layers=4, first_k_dense_replace=2, rope_parameters=v3.YARN),
     "glm4_moe": lambda path: make_glm4_moe(path, mtp=True, **GLM_CONFIGS["quarter-rotary-yarn-gqa4"]),
     "gpt_oss": lambda path: make_gpt_oss(path),  # window 5: decoding slides past it
+    "ernie4_5_moe": lambda path: make_ernie(path, mtp=True, **ERNIE_CONFIGS["yarn-head-dim-gqa4-top3"]),
 }
 
 
