@@ -147,6 +147,9 @@ class GgufTensorInfo:
     nbytes: int  # as stored in the file
     expert: int | None = None
     rope_heads: int = 0  # > 0: llama.cpp's interleaved q/k rows of this many heads, put back in HF order
+    # DeepSeek's kv_b_proj from newer converters' split form: `source` is attn_k_b [H, lora, nope] (kv_b's key rows,
+    # transposed), this names attn_v_b [H, v, lora]; the two are put back together as HF's [H (nope + v), lora]
+    v_b: str | None = None
 
 
 class GgufCheckpoint(TensorSizes):
@@ -170,16 +173,25 @@ class GgufCheckpoint(TensorSizes):
 
     def _map_tensors(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, GgufTensorInfo]:
         arch, cfg = self.architecture, self.config
-        if any(n.endswith("attn_k_b.weight") for n in shapes) and not any(
-            n.endswith("attn_kv_b.weight") for n in shapes
-        ):
-            raise CadenzaError(
-                f"{self.path} stores DeepSeek's attention with kv_b split into attn_k_b / attn_v_b (newer llama.cpp "
-                "converters), which this cadenza does not read yet. Use a GGUF with attn_kv_b, or the HF folder."
-            )
+        split_kv_b = not any(n.endswith("attn_kv_b.weight") for n in shapes)
         out: dict[str, GgufTensorInfo] = {}
         bad: list[str] = []
         for name, (t, part) in self._raw.items():
+            if split_kv_b and name.endswith("attn_k_b.weight"):
+                v_b = name.replace("attn_k_b", "attn_v_b")
+                if v_b not in shapes:
+                    raise CadenzaError(
+                        f"{self.path} has {name} but no {v_b}: the file is incomplete. Download it again."
+                    )
+                if not readable(t.tensor_type.name) or not readable(self._raw[v_b][0].tensor_type.name):
+                    bad.append(f"{name} ({t.tensor_type.name})")
+                    continue
+                (heads, lora, nope), v_dim = shapes[name], shapes[v_b][1]
+                hf = name.replace("blk.", "model.layers.").replace("attn_k_b.weight", "self_attn.kv_b_proj.weight")
+                nbytes = int(t.n_bytes) + int(self._raw[v_b][0].n_bytes)
+                shape = (heads * (nope + v_dim), lora)
+                out[hf] = GgufTensorInfo(hf, shape, t.tensor_type.name, part, name, nbytes, None, 0, v_b)
+                continue
             mapped = hf_name(arch, name)
             if mapped is None:
                 continue
@@ -244,6 +256,9 @@ class GgufCheckpoint(TensorSizes):
                     yield info.name, _tensor(raw, info.expert)  # the loader copies it into its stack
                     continue
                 t = _tensor(raw, None)
+                if info.v_b is not None:  # [H, lora, nope] and [H, v, lora] -> [H (nope + v), lora]
+                    v_b = _tensor(self._raw[info.v_b][0], None).reshape(t.shape[0], -1, t.shape[1])
+                    t = torch.cat((t.transpose(1, 2), v_b), dim=1)
                 if info.rope_heads:
                     t = _unpermute_rope(t, info.rope_heads)
                 # a parameter must own its memory, not alias the read-only file mapping

@@ -185,13 +185,23 @@ def add_plain(writer, key: str, value) -> None:
         writer.add_string(key, value)
 
 
-def write_gguf(folder: Path, out: Path, qtype: str = "F32", extra: dict | None = None, drop: tuple = ()) -> Path:
+def write_gguf(
+    folder: Path, out: Path, qtype: str = "F32", extra: dict | None = None, drop: tuple = (), split_kv_b: bool = False
+) -> Path:
     """The HF checkpoint in `folder` as a GGUF file `out`; matrices in `qtype` (F32, F16, Q8_0, Q4_0, ...).
     extra: more metadata keys (full names), as (value, GGUFValueType) or plain values (str, int, bool, lists, e.g.
-    tokenizer.ggml.*); drop: GGUF tensor names to leave out."""
+    tokenizer.ggml.*); drop: GGUF tensor names to leave out; split_kv_b: DeepSeek's attn_kv_b written as newer
+    converters do, split into attn_k_b [H, lora, nope] (transposed) and attn_v_b [H, v, lora]."""
     import gguf
 
     cfg, tensors = gguf_tensors(folder)
+    if split_kv_b:
+        for name in [n for n in tensors if n.endswith("attn_kv_b.weight")]:
+            kv_b = tensors.pop(name)
+            heads, nope = cfg["num_attention_heads"], cfg["qk_nope_head_dim"]
+            per_head = kv_b.reshape(heads, -1, kv_b.shape[-1])
+            tensors[name.replace("attn_kv_b", "attn_k_b")] = np.ascontiguousarray(per_head[:, :nope].swapaxes(1, 2))
+            tensors[name.replace("attn_kv_b", "attn_v_b")] = np.ascontiguousarray(per_head[:, nope:])
     arch = ARCH[cfg["model_type"]]
     w = gguf.GGUFWriter(out, arch)
     for k, v in metadata(cfg).items():

@@ -228,3 +228,33 @@ def test_q8_0_experts_kept_exactly_as_int8(models, tmp_path, name, caplog):
               expert_group=32, expert_cache=False)  # fmt: skip
     ids = prompt_ids(12)
     torch.testing.assert_close(llm.score(ids), ref.score(ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("name", ["deepseek2-v2", "deepseek2-v3"])
+def test_deepseek_split_kv_b(models, tmp_path, name, qtype):
+    """Newer llama.cpp converters split DeepSeek's attn_kv_b into attn_k_b (transposed) and attn_v_b: put back
+    together, F32 scores like transformers and Q8_0 like the same file written with attn_kv_b whole, on the
+    HF model holding gguf-py's round trip of the two halves."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    folder, hf = models[name]
+    file = write_gguf(folder, tmp_path / f"{name}-split.gguf", qtype, split_kv_b=True)
+    llm = LLM(file, device="cpu", dtype="float32")
+    assert llm.checkpoint.tensors["model.layers.0.self_attn.kv_b_proj.weight"].v_b == "blk.0.attn_v_b.weight"
+    ids = prompt_ids(12)
+    if qtype == "F32":
+        assert (llm.score(ids) - reference_logits(hf, ids)).abs().max().item() <= TOL
+        return
+    ref = dequantized_folder(folder, tmp_path / "ref", qtype)
+    sd = load_file(ref / "model.safetensors")
+    reader = gguf.GGUFReader(file)
+    deq = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
+    for key in [k for k in sd if k.endswith("kv_b_proj.weight")]:
+        layer = key.split(".")[2]
+        k_b, v_b = deq[f"blk.{layer}.attn_k_b.weight"], deq[f"blk.{layer}.attn_v_b.weight"]
+        sd[key] = torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(sd[key].shape).contiguous()
+    save_file(sd, ref / "model.safetensors")
+    want = LLM(ref, device="cpu", dtype="float32").score(ids)
+    torch.testing.assert_close(llm.score(ids), want, rtol=0, atol=1e-5)
