@@ -198,19 +198,32 @@ def load_model(
             names = {n for n in names if n.removesuffix(SCALE_SUFFIX) not in skip}
         else:
             writer = store.writer(len(layers)) if store is not None else None
-            progress = Progress(f"quantizing routed experts to {fmt.fmt}", len(layers))
             on_packed = writer.write if writer else None
-            packer = LayerPacker(layers, fmt.fmt, fmt.group, on_packed=on_packed, progress=progress)
+            packer = LayerPacker(layers, fmt.fmt, fmt.group, on_packed=on_packed)
+    # one line for reading (bytes and rate) and the packing that goes on meanwhile: on a terminal only when nothing
+    # is packed (a plain load is quick to redo), also in logs while packing (it can take minutes)
+    total = sum(_stored_nbytes(checkpoint, n) for n in names)
+    progress = Progress("reading weights", total, unit="bytes", terminal_only=packer is None, every_s=0.2)
+
+    def packed_note() -> str:
+        return f"; {packer.done}/{len(layers)} layers quantized to {fmt.fmt}" if packer is not None else ""
+
     try:
         with torch.no_grad():
+            read = 0
             for name, tensor in read_weights(checkpoint, names, dtype):
                 alloc = packer.take if packer is not None else None
                 done = _assign(model, name, tensor, device, dtype, expert_device or device, alloc)
                 if done is not None and packer is not None:
                     packer.submit(done)  # waits while the layer before is still packing
+                read += _stored_nbytes(checkpoint, name)
+                progress.update(min(read, total), packed_note(), final=False)
             if packer is not None:
                 packer.finish()
+                progress.update(total, packed_note(), final=True)
                 packer = None
+            else:
+                progress.update(total, final=True)
             if getattr(model.config, "tie_word_embeddings", False):
                 model.lm_head.weight = model.model.embed_tokens.weight
     except BaseException:
@@ -230,6 +243,12 @@ def load_model(
     if writer is not None:
         writer.commit()
     return model.eval()
+
+
+def _stored_nbytes(checkpoint, name: str) -> int:
+    """A tensor's bytes in the checkpoint's files (0 for one the table does not know)."""
+    info = checkpoint.tensors.get(name)
+    return int(getattr(info, "nbytes", 0) or 0)
 
 
 def expert_tensor_names(model: nn.Module) -> set[str]:

@@ -32,7 +32,7 @@ import torch
 
 from cadenza.kernels.layout import PackedExperts, empty_packed
 from cadenza.moe.experts import Experts
-from cadenza.moe.quantize import Progress
+from cadenza.moe.quantize import Progress, size_text
 from cadenza.paths import experts_dir
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,10 @@ class StoreWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(self.tmp, self.store.dir)
+            log.info(
+                "kept the %s experts in the disk cache for later loads: %s in %s (CADENZA_CACHE moves it, "
+                "--no-cache skips it)", self.store.fmt, size_text(meta["bytes"]), self.store.dir,
+            )  # fmt: skip
         except OSError as e:
             if self.store.dir.exists():  # another process wrote the same entry meanwhile: keep theirs
                 shutil.rmtree(self.tmp, ignore_errors=True)
