@@ -24,13 +24,20 @@ from cadenza.moe.placement import ModelSizes
 from cadenza.moe.quantize import ExpertFormat, LayerPacker, Progress
 
 
-def open_checkpoint(path: str | Path):
+def open_checkpoint(path: str | Path, download: bool = True):
     """The one place that decides what a model source is: a GGUF file (or a folder holding one, or a split set)
-    opens as `GgufCheckpoint`, anything else as an HF folder (`Checkpoint`). Only headers are read."""
-    p = Path(path).expanduser()
-    from cadenza.formats.gguf import GgufCheckpoint, is_gguf
+    opens as `GgufCheckpoint`, anything else as an HF folder (`Checkpoint`). Only headers are read.
 
-    return GgufCheckpoint(p) if is_gguf(p) else Checkpoint(p)
+    A string that is no existing path but a Hugging Face id (`ORG/NAME[@REVISION][:FILE]`, cadenza.hub) opens
+    its snapshot in the hub cache, downloaded first when missing (download False: the cache only); the checkpoint's
+    `hub_id` says which (None for a local path)."""
+    from cadenza.formats.gguf import GgufCheckpoint, is_gguf
+    from cadenza.hub import resolve
+
+    p, hub_id = resolve(path, download=download)
+    checkpoint = GgufCheckpoint(p) if is_gguf(p) else Checkpoint(p)
+    checkpoint.hub_id = hub_id
+    return checkpoint
 
 
 def open_tokenizer(checkpoint):
