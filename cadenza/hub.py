@@ -208,7 +208,7 @@ def pick_gguf(hub_id: HubId, ggufs: list[str]) -> list[str]:
     if hub_id.file is None:
         if len(models) == 1:
             return next(iter(models.values()))
-        return _choose_one(hub_id, models, f"{hub_id.repo_id} holds {len(models)} GGUF models and no config.json")
+        return _choose_one(hub_id, models, f"{hub_id.repo_id} holds only GGUF files, {len(models)} models")
     want = hub_id.file
     for parts in models.values():
         if want in parts:

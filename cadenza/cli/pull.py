@@ -13,7 +13,8 @@ from cadenza.hub import HubId, hub_cache_dir, snapshot
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "pull", help="download a Hugging Face model into the hub cache (what cadenza reads only), print its folder"
+        "pull",
+        help="download what cadenza reads of a Hugging Face model into the hub cache; print its folder (or .gguf file)",
     )
     p.add_argument(
         "id", metavar="ID",

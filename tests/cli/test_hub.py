@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.hub import HubId, choose_files, pick_gguf, resolve
@@ -78,6 +79,30 @@ def test_llm_takes_a_hub_id_from_the_cache(offline):
     # a revision by commit and by branch name find the same snapshot
     assert open_checkpoint(f"org/tiny@{COMMIT}").path == snap
     assert open_checkpoint("org/tiny@main").path == snap
+
+
+def test_gguf_repository_from_the_cache(tmp_path, mixtral_dir, monkeypatch):
+    from cadenza.formats.gguf import GgufCheckpoint
+    from tests.conftest import prompt_ids
+    from tests.formats.gguf_files import write_gguf
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_gguf(mixtral_dir[0], src / "tiny-F32.gguf")
+    write_gguf(mixtral_dir[0], src / "tiny-Q8_0.gguf", "Q8_0")
+    (src / "README.md").write_text("two quantizations")
+    snap = add_snapshot(tmp_path / "hub", "org/tiny-GGUF", src)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        CadenzaError, match=r"holds only GGUF files, 2 models: pick one with --model org/tiny-GGUF:FILE"
+    ):
+        open_checkpoint("org/tiny-GGUF")
+    ckpt = open_checkpoint("org/tiny-GGUF:q8_0")
+    assert isinstance(ckpt, GgufCheckpoint) and ckpt.path == snap / "tiny-Q8_0.gguf"
+    ids = prompt_ids(8)
+    got = LLM("org/tiny-GGUF:tiny-F32.gguf", device="cpu", dtype="float32").score(ids)
+    assert torch.equal(got, LLM(str(src / "tiny-F32.gguf"), device="cpu", dtype="float32").score(ids))
 
 
 def test_cli_run_and_pull_offline(hub):
@@ -181,7 +206,7 @@ def test_gguf_repositories():
     with pytest.raises(CadenzaError) as e:
         choose_files(HubId("o/m"), files)
     msg = str(e.value)
-    assert "holds 2 GGUF models" in msg and "--model o/m:FILE" in msg and "mmproj" not in msg
+    assert "holds only GGUF files, 2 models" in msg and "--model o/m:FILE" in msg and "mmproj" not in msg
     assert "o/m:Q4_K_M/m-Q4_K_M-00001-of-00002.gguf  (2 parts)" in msg and "o/m:m-Q8_0.gguf" in msg
     split = ["Q4_K_M/m-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/m-Q4_K_M-00002-of-00002.gguf"]
     assert pick_gguf(HubId("o/m", file="q4_k_m"), ggufs) == split  # a piece of the name, any case
