@@ -86,6 +86,7 @@ class TensorSizes:
     whatever the file format."""
 
     tensors: dict
+    hub_id = None  # the Hugging Face id (cadenza.hub.HubId) it was opened by, None for a local path
 
     def bytes_by_dtype(self) -> dict[str, int]:
         out: dict[str, int] = {}

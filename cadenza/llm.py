@@ -98,13 +98,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, checkpoint: Checkpoint) -> to
 
 
 class LLM:
-    """A Mixture-of-Experts model loaded from a Hugging Face checkpoint folder.
+    """A Mixture-of-Experts model loaded from a Hugging Face checkpoint folder, a GGUF file or a hub id.
 
-    >>> llm = LLM("path/to/Mixtral-8x7B-Instruct-v0.1")
+    >>> llm = LLM("mistralai/Mixtral-8x7B-Instruct-v0.1")  # or a local folder: LLM("path/to/Mixtral-8x7B...")
     >>> llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8)).text
 
-    model_dir: folder with config.json, *.safetensors and tokenizer files; None loads the built-in demo model
-    (small, random weights: it shows the engine working, its text is gibberish).
+    model_dir: folder with config.json, *.safetensors and tokenizer files, a .gguf file, or a Hugging Face id
+    "ORG/NAME", "ORG/NAME@REVISION", "ORG/NAME:FILE" (one GGUF model of a repository; cadenza.hub): a string that
+    is no existing path resolves to the hub cache (HF_HUB_CACHE / HF_HOME), what is missing downloaded first
+    (HF_TOKEN for gated models; HF_HUB_OFFLINE=1: the cache only). None loads the built-in demo model (small, random
+    weights: it shows the engine working, its text is gibberish).
     device: "auto" (CUDA when available), "cpu" or "cuda". dtype: compute dtype, default the checkpoint's.
     max_context: the longest sequence (prompt + output) in tokens; default the model's context, at most
     8192 (the KV cache for it is reserved on the GPU).

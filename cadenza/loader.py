@@ -24,13 +24,20 @@ from cadenza.moe.placement import ModelSizes
 from cadenza.moe.quantize import ExpertFormat, LayerPacker, Progress
 
 
-def open_checkpoint(path: str | Path):
+def open_checkpoint(path: str | Path, download: bool = True):
     """The one place that decides what a model source is: a GGUF file (or a folder holding one, or a split set)
-    opens as `GgufCheckpoint`, anything else as an HF folder (`Checkpoint`). Only headers are read."""
-    p = Path(path).expanduser()
-    from cadenza.formats.gguf import GgufCheckpoint, is_gguf
+    opens as `GgufCheckpoint`, anything else as an HF folder (`Checkpoint`). Only headers are read.
 
-    return GgufCheckpoint(p) if is_gguf(p) else Checkpoint(p)
+    A string that is no existing path but a Hugging Face id (`ORG/NAME[@REVISION][:FILE]`, cadenza.hub) opens
+    its snapshot in the hub cache, downloaded first when missing (download False: the cache only); the checkpoint's
+    `hub_id` says which (None for a local path)."""
+    from cadenza.formats.gguf import GgufCheckpoint, is_gguf
+    from cadenza.hub import resolve
+
+    p, hub_id = resolve(path, download=download)
+    checkpoint = GgufCheckpoint(p) if is_gguf(p) else Checkpoint(p)
+    checkpoint.hub_id = hub_id
+    return checkpoint
 
 
 def open_tokenizer(checkpoint):
@@ -198,19 +205,32 @@ def load_model(
             names = {n for n in names if n.removesuffix(SCALE_SUFFIX) not in skip}
         else:
             writer = store.writer(len(layers)) if store is not None else None
-            progress = Progress(f"quantizing routed experts to {fmt.fmt}", len(layers))
             on_packed = writer.write if writer else None
-            packer = LayerPacker(layers, fmt.fmt, fmt.group, on_packed=on_packed, progress=progress)
+            packer = LayerPacker(layers, fmt.fmt, fmt.group, on_packed=on_packed)
+    # one line for reading (bytes and rate) and the packing that goes on meanwhile: on a terminal only when nothing
+    # is packed (a plain load is quick to redo), also in logs while packing (it can take minutes)
+    total = sum(_stored_nbytes(checkpoint, n) for n in names)
+    progress = Progress("reading weights", total, unit="bytes", terminal_only=packer is None, every_s=0.2)
+
+    def packed_note() -> str:
+        return f"; {packer.done}/{len(layers)} layers quantized to {fmt.fmt}" if packer is not None else ""
+
     try:
         with torch.no_grad():
+            read = 0
             for name, tensor in read_weights(checkpoint, names, dtype):
                 alloc = packer.take if packer is not None else None
                 done = _assign(model, name, tensor, device, dtype, expert_device or device, alloc)
                 if done is not None and packer is not None:
                     packer.submit(done)  # waits while the layer before is still packing
+                read += _stored_nbytes(checkpoint, name)
+                progress.update(min(read, total), packed_note(), final=False)
             if packer is not None:
                 packer.finish()
+                progress.update(total, packed_note(), final=True)
                 packer = None
+            else:
+                progress.update(total, final=True)
             if getattr(model.config, "tie_word_embeddings", False):
                 model.lm_head.weight = model.model.embed_tokens.weight
     except BaseException:
@@ -230,6 +250,12 @@ def load_model(
     if writer is not None:
         writer.commit()
     return model.eval()
+
+
+def _stored_nbytes(checkpoint, name: str) -> int:
+    """A tensor's bytes in the checkpoint's files (0 for one the table does not know)."""
+    info = checkpoint.tensors.get(name)
+    return int(getattr(info, "nbytes", 0) or 0)
 
 
 def expert_tensor_names(model: nn.Module) -> set[str]:

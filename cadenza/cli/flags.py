@@ -39,8 +39,10 @@ def expert_kwargs(args: argparse.Namespace) -> dict:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model (run, chat, profile, serve); `load` reads them back."""
     p.add_argument(
-        "--model", "-m", help="checkpoint folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
-    )
+        "--model", "-m",
+        help="checkpoint folder (config.json, *.safetensors, tokenizer files), a .gguf file, or a Hugging Face id "
+        "ORG/NAME[@REVISION][:FILE] (downloaded to the hub cache when missing; FILE picks one GGUF model of a repo)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16 (default: checkpoint's)")
     p.add_argument(

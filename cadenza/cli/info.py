@@ -13,7 +13,11 @@ from cadenza.errors import CadenzaError
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="describe a checkpoint folder without loading its weights")
-    p.add_argument("--model", "-m", required=True, help="checkpoint folder or .gguf file")
+    p.add_argument(
+        "--model", "-m", required=True,
+        help="checkpoint folder, .gguf file, or Hugging Face id ORG/NAME[@REVISION][:FILE] already in the hub cache "
+        "(`cadenza pull ID` downloads it: info reads weights' headers, never downloads them)",
+    )  # fmt: skip
     p.add_argument("--gpu-memory", default=None, help="also show the placement for this GPU budget, e.g. 24GiB")
     p.add_argument("--max-context", type=int, default=None, help="context the placement reserves KV cache for")
     p.add_argument("--dtype", default=None, help="compute dtype for the placement (default: checkpoint's)")
@@ -33,9 +37,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | None = None) -> dict:
+def describe(
+    model_dir: str | Path, experts: str = "bf16", expert_group: int | None = None, download: bool = True
+) -> dict:
     """Architecture and sizes of a checkpoint, from config.json and the safetensors headers only; expert bytes as
-    the routed experts would be stored with `experts` / `expert_group` (bf16: in the checkpoint's dtype)."""
+    the routed experts would be stored with `experts` / `expert_group` (bf16: in the checkpoint's dtype). A hub id
+    is downloaded when missing unless `download` is False (then it must be in the hub cache)."""
     import torch
 
     from cadenza.loader import build_meta, expected_tensors, open_checkpoint
@@ -43,7 +50,7 @@ def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | N
     from cadenza.moe.quantize import ExpertFormat
 
     fmt = ExpertFormat.of(experts, expert_group)
-    ckpt = open_checkpoint(model_dir)
+    ckpt = open_checkpoint(model_dir, download=download)
     model = build_meta(ckpt)
     config = model.config
     expert_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
@@ -58,6 +65,7 @@ def describe(model_dir: str | Path, experts: str = "bf16", expert_group: int | N
     one_expert = first.expert_nbytes_as(fmt.fmt, fmt.group, ckpt.torch_dtype()) if first else 0
     return {
         "model": str(ckpt.path),
+        **({"hub_id": str(ckpt.hub_id)} if ckpt.hub_id else {}),
         "architecture": ckpt.architecture,
         "model_type": ckpt.config.get("model_type"),
         "layers": config.num_hidden_layers,
@@ -119,7 +127,7 @@ def offload_info(args: argparse.Namespace) -> dict:
     from cadenza.paths import cache_dir
 
     out: dict = {}
-    ckpt = open_checkpoint(args.model)
+    ckpt = open_checkpoint(args.model, download=False)
     meta = build_meta(ckpt)
     dtype = resolve_dtype(args.dtype, ckpt)
     sizes = model_sizes(meta, dtype, args.experts, args.expert_group)
@@ -151,7 +159,7 @@ def offload_info(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    d = describe(args.model, args.experts, args.expert_group)
+    d = describe(args.model, args.experts, args.expert_group, download=False)
     d.update(offload_info(args))
     if args.json:
         print(json.dumps(d, indent=2))

@@ -23,8 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="sequences that may wait for a slot; beyond, requests get 429 (default 64)",
     )  # fmt: skip
     p.add_argument(
-        "--served-model-name", default=None, help="the model's name in the API (default: the checkpoint folder's)"
-    )
+        "--served-model-name", default=None,
+        help="the model's name in the API (default: the Hugging Face id, else the checkpoint folder's name)",
+    )  # fmt: skip
     p.add_argument(
         "--adapt-bytes", default="1GiB",
         help="adaptive placement: resident experts exchanged for ones live traffic uses more, at most this many "
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # before loading: a taken port fails at once
     try:
         llm = load(args)
-        name = args.served_model_name or Path(llm.checkpoint.path).name
+        hub_id = getattr(llm.checkpoint, "hub_id", None)
+        name = args.served_model_name or (hub_id.repo_id if hub_id else Path(llm.checkpoint.path).name)
         adapt = None if args.no_adaptive_placement else parse_size(args.adapt_bytes)
         return serve(llm, sock, name, api_key, args.max_queue, args.log_level, adapt)
     finally:

@@ -32,7 +32,7 @@ import torch
 
 from cadenza.kernels.layout import PackedExperts, empty_packed
 from cadenza.moe.experts import Experts
-from cadenza.moe.quantize import Progress
+from cadenza.moe.quantize import Progress, size_text
 from cadenza.paths import experts_dir
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,14 @@ def checkpoint_identity(checkpoint) -> dict | None:
     return {"path": str(path), "files": files, "config": config}
 
 
+def _display_name(path: Path) -> str:
+    """A checkpoint folder's name for its cache entries: a Hugging Face cache snapshot
+    (models--ORG--NAME/snapshots/<commit>) goes by ORG--NAME, not by its commit hash."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--")
+    return path.name
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -94,7 +102,7 @@ class PackedStore:
         self.checkpoint_path = identity["path"]
         self.identity = _digest(identity)
         key = _digest({"identity": self.identity, "format": fmt, "group": group, "layout": LAYOUT_VERSION})[:20]
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(self.checkpoint_path).name)[:48] or "model"
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", _display_name(Path(self.checkpoint_path)))[:48] or "model"
         self.dir = root / f"{name}-{fmt}-g{group}-{key}"
 
     @classmethod
@@ -214,6 +222,10 @@ class StoreWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(self.tmp, self.store.dir)
+            log.info(
+                "kept the %s experts in the disk cache for later loads: %s in %s (CADENZA_CACHE moves it, "
+                "--no-cache skips it)", self.store.fmt, size_text(meta["bytes"]), self.store.dir,
+            )  # fmt: skip
         except OSError as e:
             if self.store.dir.exists():  # another process wrote the same entry meanwhile: keep theirs
                 shutil.rmtree(self.tmp, ignore_errors=True)

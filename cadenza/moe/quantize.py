@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -74,38 +75,81 @@ class ExpertFormat:
 
 
 class Progress:
-    """A progress line for work of `total` steps: updated in place on a terminal, a line every ~10% otherwise;
-    silent unless the work has taken more than `after_s` seconds (tiny models print nothing). Written to `stream`
-    when given, else logged (INFO, logger cadenza.moe.quantize): the CLI shows it, the Python API by default not."""
+    """A progress line for work of `total` steps: updated in place on a terminal (at most every `every_s`
+    seconds), a line every ~10% otherwise (`terminal_only`: nothing); silent unless the work has taken more than
+    `after_s` seconds (default 1, or CADENZA_PROGRESS_AFTER: tiny models print nothing). `unit` "layer" counts
+    layers, "bytes" bytes (with their rate). Written to `stream` when given, else logged (INFO, logger
+    cadenza.moe.quantize): the CLI shows it, the Python API by default not."""
 
-    def __init__(self, label: str, total: int, after_s: float = 1.0, stream=None):
-        self.label, self.total, self.after_s = label, total, after_s
-        self.stream = stream
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        after_s: float | None = None,
+        stream=None,
+        unit: str = "layer",
+        terminal_only: bool = False,
+        every_s: float = 0.0,
+    ):
+        self.label, self.total, self.unit = label, total, unit
+        self.after_s = after_s if after_s is not None else _progress_after()
+        self.stream, self.every_s = stream, every_s
         shown_on = stream if stream is not None else sys.stderr  # where a logged line lands with the CLI's handler
         self.tty = bool(getattr(shown_on, "isatty", lambda: False)())
+        self.quiet = terminal_only and not self.tty
         self.start = time.perf_counter()
         self.shown = False
         self.last_decile = -1
+        self.last_shown = 0.0
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, note: str = "", final: bool | None = None) -> None:
+        """`done` steps of `total`; `note` is appended to the line; `final` (default: done reaches total) ends
+        the line."""
+        final = done >= self.total if final is None else final
         elapsed = time.perf_counter() - self.start
-        if not self.shown and elapsed < self.after_s:
+        if self.quiet or (not self.shown and elapsed < self.after_s):
             return
         if not self.tty:
             decile = done * 10 // max(1, self.total)
-            if decile == self.last_decile:
+            if decile == self.last_decile and not final:
                 return
             self.last_decile = decile
-        text = f"{self.label}: layer {done}/{self.total} ({elapsed:.0f} s)"
+        elif self.shown and not final and elapsed - self.last_shown < self.every_s:
+            return
+        self.last_shown = elapsed
+        text = f"{self.label}: {self._count(done, elapsed)}{note} ({elapsed:.0f} s)"
         if self.stream is None:
-            log.info("%s", text, extra={PROGRESS: done >= self.total})
+            log.info("%s", text, extra={PROGRESS: final})
         elif self.tty:
-            self.stream.write(f"\rcadenza: {text}" + ("\n" if done >= self.total else ""))
+            self.stream.write(f"\rcadenza: {text}" + ("\n" if final else ""))
         else:
             self.stream.write(f"cadenza: {text}\n")
         if self.stream is not None:
             self.stream.flush()
         self.shown = True
+
+    def _count(self, done: int, elapsed: float) -> str:
+        if self.unit == "bytes":
+            rate = done / elapsed if elapsed > 0 else 0.0
+            return f"{size_text(done)} of {size_text(self.total)}, {size_text(rate)}/s"
+        return f"{self.unit} {done}/{self.total}"
+
+
+def size_text(n: float) -> str:
+    """Bytes for people: 950 kB, 12 MB, 3.4 GB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.0f} MB"
+    return f"{n / 1e3:.0f} kB"
+
+
+def _progress_after() -> float:
+    """Seconds of work before a progress line shows: CADENZA_PROGRESS_AFTER, default 1."""
+    try:
+        return float(os.environ.get("CADENZA_PROGRESS_AFTER", "1"))
+    except ValueError:
+        return 1.0
 
 
 class LayerPacker:
@@ -124,7 +168,6 @@ class LayerPacker:
         group: int,
         threads: int | None = None,
         on_packed: Callable[[int, Experts], None] | None = None,
-        progress: Progress | None = None,
     ):
         from cadenza.moe.cpu import physical_cores
 
@@ -132,7 +175,6 @@ class LayerPacker:
         self.fmt, self.group = fmt, group
         self.threads = threads or physical_cores()
         self.on_packed = on_packed
-        self.progress = progress
         self.done = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cadenza-packer")
         self._pending: Future | None = None
@@ -162,9 +204,7 @@ class LayerPacker:
         if self.on_packed is not None:
             self.on_packed(index, layer)
         with self._lock:
-            self.done += 1
-            if self.progress is not None:
-                self.progress.update(self.done)
+            self.done += 1  # the loader's progress line reads it
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None

@@ -488,12 +488,15 @@ def test_cli_run_int4_on_the_demo_model(cache):
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)["token_ids"]
     assert len(entries(cache)) == 1  # the demo model's packed experts
+    assert "kept the int4 experts in the disk cache for later loads: " in r.stderr
+    assert str(entries(cache)[0]) in r.stderr
     want = LLM(None, device="cpu", experts="int4").generate(
         "Hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     )
     assert got == want.token_ids
     again = cli(*args, "--no-cache")
     assert again.returncode == 0 and json.loads(again.stdout)["token_ids"] == got
+    assert "disk cache" not in again.stderr
 
 
 def test_cli_flags(mixtral):
