@@ -121,11 +121,12 @@ class LLM:
     are packed at load, layer by layer, and kept in a disk cache (`~/.cache/cadenza/experts`, see CADENZA_CACHE)
     that later loads read instead; expert_cache=False neither reads nor writes it.
 
-    Offloading (on a CUDA device): gpu_memory is the GPU budget ("24GiB"; 0: every routed expert on the host;
-    default: the GPU's free memory less a safety margin). What every token needs stays on the GPU; routed experts
-    fill the rest, most popular first (`placement`: a popularity JSON from `cadenza profile`), and the others are
-    computed on the CPU or fetched per `offload_policy` ("auto", "cpu", "fetch"), with `cpu_threads` threads
-    (default: physical cores). On device="cpu", a gpu_memory runs the same orchestration with the "GPU side"
+    Offloading (on a CUDA device): gpu_memory is the GPU budget: text with a unit ("24GiB", "24GB", "512MiB"; a bare
+    "24" is refused, as it would be 24 bytes), or an int, a number of bytes; 0 (or "0"): every routed expert on the
+    host; default: the GPU's free memory less a safety margin. What every token needs stays on the GPU; routed
+    experts fill the rest, most popular first (`placement`: a popularity JSON from `cadenza profile`), and the
+    others are computed on the CPU or fetched per `offload_policy` ("auto", "cpu", "fetch"), with `cpu_threads`
+    threads (default: physical cores). On device="cpu", a gpu_memory runs the same orchestration with the "GPU side"
     emulated on the CPU (for tests).
     """
 

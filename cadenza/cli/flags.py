@@ -49,7 +49,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu-memory",
         default=None,
-        help="GPU budget, e.g. 24GiB; 0 keeps every routed expert on the host (default: free GPU memory less a margin)",
+        help="GPU budget with a unit: 24GiB (or 24G), 24GB (10^9 bytes), 512MiB; 0 keeps every routed expert on "
+        "the host; a bare number such as 24 is refused (default: free GPU memory less a margin)",
     )
     p.add_argument(
         "--offload-policy",
@@ -98,7 +99,10 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def load(args: argparse.Namespace):
     """The LLM the `add_engine_args` flags ask for; says on stderr where its experts went."""
     from cadenza.llm import LLM
+    from cadenza.moe.placement import parse_size
 
+    if args.gpu_memory is not None:
+        parse_size(args.gpu_memory, "--gpu-memory")  # the message names the flag; 24 (no unit) is refused
     llm = LLM(
         args.model,
         device=args.device,

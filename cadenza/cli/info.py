@@ -14,7 +14,11 @@ from cadenza.errors import CadenzaError
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="describe a checkpoint folder without loading its weights")
     p.add_argument("--model", "-m", required=True, help="checkpoint folder or .gguf file")
-    p.add_argument("--gpu-memory", default=None, help="also show the placement for this GPU budget, e.g. 24GiB")
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="also show the placement for this GPU budget, e.g. 24GiB (24 alone is refused)",
+    )
     p.add_argument("--max-context", type=int, default=None, help="context the placement reserves KV cache for")
     p.add_argument("--dtype", default=None, help="compute dtype for the placement (default: checkpoint's)")
     p.add_argument("--placement", default=None, help="popularity JSON to choose residents by")
@@ -127,7 +131,7 @@ def offload_info(args: argparse.Namespace) -> dict:
         pop = load_popularity(args.placement, sizes.num_moe_layers, sizes.num_experts) if args.placement else None
         if args.max_batch < 1:
             raise CadenzaError(f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1.")
-        budget = parse_size(args.gpu_memory)
+        budget = parse_size(args.gpu_memory, "--gpu-memory")
         placement = plan_offload(
             sizes, meta.config, dtype, budget, args.offload_policy, context, args.max_batch, PREFILL_CHUNK, pop
         )
