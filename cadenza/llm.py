@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 
@@ -182,6 +185,17 @@ class LLM:
         self.offload_policy = offload_policy
         self._popularity = None
         offload = self.sizes.num_moe_layers > 0 and (self.device.type == "cuda" or gpu_memory is not None)
+        if placement is not None and not offload:
+            why = (
+                "the model has no MoE layers"
+                if self.sizes.num_moe_layers == 0
+                else f"this run has no GPU side (device {self.device.type}, and no gpu_memory / --gpu-memory)"
+            )
+            log.warning(
+                f"placement {str(placement)!r} (--placement) is ignored: it chooses which experts live on the GPU, "
+                f"and {why}. Run on a GPU (--device cuda), or give a GPU budget with --gpu-memory SIZE "
+                "(on device cpu that emulates the GPU side); or drop --placement."
+            )
         if offload:
             if placement is not None:
                 self._popularity = load_popularity(placement, self.sizes.num_moe_layers, self.sizes.num_experts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from cadenza.cli.flags import add_expert_args
@@ -154,6 +155,12 @@ def offload_info(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.placement is not None and args.gpu_memory is None:
+        print(
+            f"cadenza: --placement {args.placement} is ignored without --gpu-memory: it shows the placement and the "
+            "expected share of expert work on the GPU for a budget. Add --gpu-memory SIZE (e.g. 24GiB).",
+            file=sys.stderr,
+        )
     d = describe(args.model, args.experts, args.expert_group)
     d.update(offload_info(args))
     if args.json:
