@@ -188,10 +188,15 @@ class Engine:
         prefill_chunk: int = 2048,
         max_batch: int = 1,
         cuda_graphs: bool = True,
+        context_source: str = "",
+        context_fix: str = "",
     ):
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
         self.max_context = max_context
+        # for messages: where max_context comes from (the user's --max-context, the model's config) and how to
+        # raise it ("" when it cannot be raised)
+        self.context_source, self.context_fix = context_source, context_fix
         self.eos_token_ids = eos_token_ids
         self.orchestra = orchestra  # cadenza.moe.offload.orchestra.Orchestra when experts are offloaded
         self.prefill_chunk = prefill_chunk  # bounds the activation workspace of long prompts
@@ -246,9 +251,11 @@ class Engine:
         if not prompt_ids:
             raise CadenzaError("The prompt is empty (0 tokens). Give a prompt of at least one token.")
         if len(prompt_ids) >= self.max_context:
+            source = f" ({self.context_source})" if self.context_source else ""
+            fix = f", or {self.context_fix}" if self.context_fix else ""
             raise CadenzaError(
-                f"The prompt has {len(prompt_ids)} tokens, but the model's context is {self.max_context} tokens and "
-                "generation needs room for at least one more. Shorten the prompt."
+                f"The prompt has {len(prompt_ids)} tokens, but the context is {self.max_context} tokens{source} and "
+                f"generation needs room for at least one more. Shorten the prompt{fix}."
             )
         vocab = self.model.config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]

@@ -170,11 +170,7 @@ class LLM:
         options = OffloadOptions(offload_policy, prefetch, eviction, cpu_threads).with_env()
         meta = build_meta(self.checkpoint)
         config = self.config = meta.config
-        context = min(config.context_length, DEFAULT_MAX_CONTEXT)
-        if max_context is not None:
-            if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 2:
-                raise CadenzaError(f"max_context={max_context!r} is not a valid length. Use a whole number >= 2.")
-            context = min(config.context_length, max_context)
+        context, self.context_source, self._context_fix = self._context(max_context)
         self.max_context = context
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
@@ -229,7 +225,56 @@ class LLM:
             PREFILL_CHUNK,
             max_batch,
             cuda_graphs,
+            context_source=self.context_source,
+            context_fix=self._context_fix,
         )
+
+    def _context(self, max_context: int | None) -> tuple[int, str, str]:
+        """The context in tokens, where that limit comes from and how to raise it (for messages); says so when
+        max_context asks for more than the model's context."""
+        model = self.config.context_length
+        if getattr(self.checkpoint, "metadata", None) is not None:
+            source = "the GGUF file's context_length"
+        elif self.config.rope.rope_type == "dynamic":
+            source = "config.json's max_position_embeddings times its dynamic rope_scaling factor"
+        else:
+            source = "config.json's max_position_embeddings"
+        if max_context is None:
+            if model > DEFAULT_MAX_CONTEXT:
+                return (
+                    DEFAULT_MAX_CONTEXT,
+                    f"cadenza's default of {DEFAULT_MAX_CONTEXT}; the model allows {model}, per {source}",
+                    f"raise --max-context / max_context, up to the model's {model}",
+                )
+            return model, f"the model's context, from {source}", ""
+        if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 2:
+            raise CadenzaError(f"max_context={max_context!r} is not a valid length. Use a whole number >= 2.")
+        if max_context > model:
+            log.warning(
+                f"max_context {max_context} (--max-context) is beyond the model's context of {model} tokens "
+                f"({source}): using {model}."
+            )
+            return model, f"the model's context, from {source}; --max-context {max_context} was capped to it", ""
+        fix = f"raise --max-context / max_context, up to the model's {model}" if max_context < model else ""
+        return max_context, "set by --max-context / max_context", fix
+
+    def _room_notice(self, prompt_len: int, params: SamplingParams) -> str | None:
+        """A notice when the prompt plus max_tokens does not fit the context (the output then ends at the context
+        with finish_reason "length"); None when it fits."""
+        if prompt_len + params.max_tokens <= self.max_context or prompt_len >= self.max_context:
+            return None
+        room = self.max_context - prompt_len
+        fix = " or ".join(f for f in (self._context_fix, "shorten the prompt") if f)
+        return (
+            f"the prompt has {prompt_len} tokens and max_tokens (--max-tokens) asks for up to {params.max_tokens} "
+            f"more, but the context is {self.max_context} tokens ({self.context_source}): at most {room} will be "
+            f'generated (finish_reason "length"). To make room, {fix}; or lower max_tokens to {room} to silence this.'
+        )
+
+    def _check_room(self, prompt_ids: list[int], params: SamplingParams | None) -> None:
+        notice = self._room_notice(len(prompt_ids), params or SamplingParams())
+        if notice is not None:
+            log.warning(notice)
 
     # --- offloading ------------------------------------------------------------------------------------------
 
@@ -312,6 +357,7 @@ class LLM:
             if not isinstance(params, SamplingParams | None):
                 raise CadenzaError("One prompt takes one SamplingParams; pass a list of prompts for a list of params.")
             ids = self._prompt_ids(prompts)
+            self._check_room(ids, params)
             gen = Generation(ids)
             for _ in self.engine.generate(ids, params or SamplingParams(), gen):
                 pass
@@ -326,6 +372,13 @@ class LLM:
                 "all prompts, or a list of SamplingParams with one per prompt."
             )
         requests = [(self._prompt_ids(p), sp) for p, sp in zip(prompts, params, strict=True)]
+        cut = [i for i, (ids, sp) in enumerate(requests) if self._room_notice(len(ids), sp) is not None]
+        if cut:
+            ids, sp = requests[cut[0]]
+            log.warning(
+                f"{len(cut)} of the {len(requests)} prompts do not leave room for max_tokens in the context; the "
+                f"first, prompt {cut[0]}: {self._room_notice(len(ids), sp)}"
+            )
         gens = self.engine.generate_many(requests)
         return [GenerationResult.of(p, g) for p, g in zip(prompts, gens, strict=True)]
 
@@ -360,6 +413,7 @@ class LLM:
         """The assistant's answer to a conversation ([{"role": "user", "content": "..."}, ...]), rendered with the
         checkpoint's chat template with the generation prompt added."""
         ids = self.chat_prompt(messages, **extra)
+        self._check_room(ids, params)
         gen = Generation(ids)
         for _ in self.engine.generate(ids, params or SamplingParams(), gen):
             pass
@@ -380,6 +434,7 @@ class LLM:
     ) -> Iterator[Step]:
         """`stream`'s steps: each generated token's id, the text it made final, and on the last the finish reason."""
         ids = self._prompt_ids(prompt)
+        self._check_room(ids, params)
         gen = gen if gen is not None else Generation(ids)
         gen.prompt_token_ids = ids
         yield from self.engine.generate(ids, params or SamplingParams(), gen)

@@ -59,9 +59,11 @@ class ChatSession:
             cut = 2 if len(turns) > 2 else 1  # a user message and its answer
             turns, dropped = turns[cut:], dropped + cut
         if len(ids) + 1 >= self.llm.max_context:
+            engine = self.llm.engine
+            fix = f" (or start again and {engine.context_fix})" if engine.context_fix else ""
             raise CadenzaError(
                 f"This message needs {len(ids)} tokens with the chat template, but the context holds "
-                f"{self.llm.max_context}. Send a shorter message (or start with a larger --max-context)."
+                f"{self.llm.max_context} ({engine.context_source}). Send a shorter message{fix}."
             )
         if dropped:
             self.err.write(f"[dropped the {dropped} oldest message(s) to fit the context]\n")

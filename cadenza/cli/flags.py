@@ -44,7 +44,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16 (default: checkpoint's)")
     p.add_argument(
-        "--max-context", type=int, default=None, help="longest sequence in tokens (default: model's, at most 8192)"
+        "--max-context",
+        type=int,
+        default=None,
+        help="longest sequence in tokens, prompt + output (default: the model's, at most 8192; more than the "
+        "model's config.json max_position_embeddings is capped to it)",
     )
     p.add_argument(
         "--gpu-memory",
