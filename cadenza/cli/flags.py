@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -95,7 +96,11 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's definition (default 0)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's definition (default 0)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
-    g.add_argument("--stop", action="append", default=[], help="stop before this text (repeat for several)")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT",
+        help=r"stop before this text (repeat for several); \n, \t and \\ in it mean a newline, a tab and a "
+        r"backslash, so --stop '\n\n' stops at a blank line",
+    )  # fmt: skip
     g.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this token id")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
@@ -146,9 +151,19 @@ def sampling(args: argparse.Namespace, llm, **extra):
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
         seed=args.seed,
-        stop=args.stop,
+        stop=[unescape(s) for s in args.stop],
         stop_token_ids=args.stop_token_id,
         ignore_eos=args.ignore_eos,
         **{k: v for k, v in given.items() if v is not None},
         **extra,
     )
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """--stop's escapes: \\n, \\t and \\\\ become a newline, a tab and a backslash (a shell passes "\\n" as a
+    backslash and an n); any other backslash stays as it is. The CLI's only: the API and the server take text as
+    given."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
