@@ -20,6 +20,7 @@ from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.sampling import SamplingParams
+from cadenza.text.token_text import TokenText
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,17 @@ class GenerationResult:
     logprobs: list[float] | None = None  # per generated token (SamplingParams.logprobs)
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per generated token (SamplingParams.top_logprobs)
     cumulative_logprob: float | None = None  # beam search: the best beam's length-penalised score
+    # with logprobs (and a tokenizer): each generated token's own text, and the texts of its top_logprobs' ids
+    tokens: list[str] | None = None
+    top_tokens: list[list[str]] | None = None
 
     @classmethod
-    def of(cls, prompt, gen: Generation) -> GenerationResult:
+    def of(cls, prompt, gen: Generation, texts: TokenText | None = None) -> GenerationResult:
+        tokens = top_tokens = None
+        if texts is not None and gen.logprobs is not None:
+            tokens = [texts.text(t) for t in gen.token_ids]
+        if texts is not None and gen.top_logprobs is not None:
+            top_tokens = [[texts.text(t) for t, _ in row] for row in gen.top_logprobs]
         return cls(
             prompt if isinstance(prompt, str) else None,
             gen.prompt_token_ids,
@@ -55,6 +64,8 @@ class GenerationResult:
             gen.logprobs,
             gen.top_logprobs,
             gen.cumulative_logprob,
+            tokens,
+            top_tokens,
         )
 
     def as_dict(self) -> dict:
@@ -66,8 +77,14 @@ class GenerationResult:
         }
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
-        if self.top_logprobs is not None:
-            out["top_logprobs"] = [[[t, lp] for t, lp in row] for row in self.top_logprobs]
+        if self.tokens is not None:
+            out["tokens"] = self.tokens
+        if self.top_logprobs is not None:  # per alternative: [id, log-prob, its text] ([id, log-prob] without one)
+            rows = []
+            for i, row in enumerate(self.top_logprobs):
+                texts = self.top_tokens[i] if self.top_tokens is not None else None
+                rows.append([[t, lp, texts[j]] if texts else [t, lp] for j, (t, lp) in enumerate(row)])
+            out["top_logprobs"] = rows
         if self.cumulative_logprob is not None:
             out["cumulative_logprob"] = self.cumulative_logprob
         return out
@@ -154,6 +171,7 @@ class LLM:
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
         self.is_demo = model_dir is None and checkpoint is None
+        self._token_text: TokenText | None = None  # made at the first result with log-probs
         if checkpoint is None:
             if model_dir is None:
                 from cadenza.demo import demo_model_dir
@@ -361,7 +379,7 @@ class LLM:
             gen = Generation(ids)
             for _ in self.engine.generate(ids, params or SamplingParams(), gen):
                 pass
-            return GenerationResult.of(prompts, gen)
+            return GenerationResult.of(prompts, gen, self._texts())
         prompts = list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
@@ -380,7 +398,15 @@ class LLM:
                 f"first, prompt {cut[0]}: {self._room_notice(len(ids), sp)}"
             )
         gens = self.engine.generate_many(requests)
-        return [GenerationResult.of(p, g) for p, g in zip(prompts, gens, strict=True)]
+        return [GenerationResult.of(p, g, self._texts()) for p, g in zip(prompts, gens, strict=True)]
+
+    def _texts(self) -> TokenText | None:
+        """Token texts for log-probs (made once; None for a model without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        if self._token_text is None:
+            self._token_text = TokenText(self.tokenizer)
+        return self._token_text
 
     def default_params(self, **overrides) -> SamplingParams:
         """SamplingParams whose temperature, top_p, top_k, min_p and repetition_penalty default to the
@@ -417,7 +443,7 @@ class LLM:
         gen = Generation(ids)
         for _ in self.engine.generate(ids, params or SamplingParams(), gen):
             pass
-        return GenerationResult.of(None, gen)
+        return GenerationResult.of(None, gen, self._texts())
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, gen: Generation | None = None
