@@ -94,7 +94,8 @@ class Request:
     def finish(self, reason: str, engine: Engine) -> None:
         self.finished = True
         self.gen.finish_reason = reason
-        self.gen.stats.decode_s = time.perf_counter() - self.t_first
+        if self.t_first:  # 0: never admitted (cancelled while waiting), so no decode time
+            self.gen.stats.decode_s = time.perf_counter() - self.t_first
         counters = engine.orchestra.counters if engine.orchestra is not None else None
         if counters and self.at_start is not None:
             engine.expert_stats(self.gen.stats, self.at_start, self.at_decode or self.at_start, counters.snapshot())
@@ -283,10 +284,14 @@ class Engine:
             yield Step(gen.token_ids[-1] if gen.token_ids else -1, gen.text, gen.finish_reason)
             return
         batch = Batch(self, 1, min(self.max_context, len(prompt_ids) + params.max_tokens))
-        batch.add(prompt_ids, params, gen)
-        while len(batch):
-            for _, step in batch.step():
-                yield step
+        seq = batch.add(prompt_ids, params, gen)
+        try:
+            while len(batch):
+                for _, step in batch.step():
+                    yield step
+        finally:
+            if not seq.finished:  # the consumer stopped early (Ctrl-C in chat): the stats still count its tokens
+                seq.finish("abort", self)
 
     def generate_many(
         self, requests: Sequence[tuple[list[int], SamplingParams]], slots: int | None = None
