@@ -129,6 +129,15 @@ def offload_info(args: argparse.Namespace) -> dict:
     sizes = model_sizes(meta, dtype, args.experts, args.expert_group)
     if args.gpu_memory is not None:
         context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
+        if args.max_context is not None and args.max_context > meta.config.context_length:
+            gguf = getattr(ckpt, "metadata", None) is not None
+            source = "the GGUF file's context_length" if gguf else "config.json's max_position_embeddings"
+            print(
+                f"cadenza: --max-context {args.max_context} is beyond the model's context of "
+                f"{meta.config.context_length} tokens ({source}): the placement "
+                f"reserves KV cache for {context}.",
+                file=sys.stderr,
+            )
         pop = load_popularity(args.placement, sizes.num_moe_layers, sizes.num_experts) if args.placement else None
         if args.max_batch < 1:
             raise CadenzaError(f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1.")

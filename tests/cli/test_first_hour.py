@@ -166,6 +166,8 @@ def test_max_context_beyond_the_model_is_capped_with_a_notice(mixtral_dir):
     r = ok("run", "--model", path, "--prompt", "hi", "--max-tokens", "2", *GREEDY, "--max-context", "100000")
     assert "100000" in r.stderr and "model's context of 256 tokens" in r.stderr
     assert "max_position_embeddings" in r.stderr and "using 256" in r.stderr
+    r = ok("info", "--model", path, "--gpu-memory", "300MiB", "--max-context", "100000")
+    assert "model's context of 256 tokens" in r.stderr and "KV cache for 256" in r.stderr
 
 
 def test_prompt_plus_max_tokens_beyond_the_context_is_said(mixtral_dir, caplog):
