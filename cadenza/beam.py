@@ -13,6 +13,10 @@ Definitions (those of transformers' beam search, which the tests compare against
 - early_stopping=True stops once k hypotheses are finished; False stops when the best running beam, scored at
   its current length, can no longer beat the worst finished hypothesis; "never" scores it at the longest length
   allowed when length_penalty > 0 (the canonical search).
+
+With SamplingParams.logprobs, each beam carries its tokens' log-probabilities (the model's raw log_softmax, as
+sampling reports them: beam search processes no logits) and, with top_logprobs, the most likely alternatives at
+each of its positions; the returned (best) beam's become the Generation's.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ def run_beam_search(engine: Engine, prompt_ids: list[int], params: SamplingParam
     at_decode = counters.snapshot() if counters else None
 
     running = [[] for _ in range(k)]  # generated tokens per beam
+    # per beam, per generated token: its log-prob and the top alternatives (empty lists when not asked for)
+    n_top = params.top_logprobs if params.logprobs else 0
+    running_lp: list[list[tuple[float, list]]] = [[] for _ in range(k)]
+    finished_lp: list[list[tuple[float, list]]] = [[] for _ in range(k)]
     running_scores = torch.full((k,), NEG)
     running_scores[0] = 0.0  # only the first beam's continuations count at the first step (they are all equal)
     finished: list[list[int]] = [[] for _ in range(k)]
@@ -64,14 +72,25 @@ def run_beam_search(engine: Engine, prompt_ids: list[int], params: SamplingParam
     while True:
         steps += 1
         vocab = logits.shape[-1]
-        scores = torch.log_softmax(logits.float().cpu(), dim=-1) + running_scores[:, None]
+        token_lps = torch.log_softmax(logits.float().cpu(), dim=-1)
+        scores = token_lps + running_scores[:, None]
         top_scores, top_idx = torch.topk(scores.reshape(-1), keep)
         parents, tokens = (top_idx // vocab).tolist(), (top_idx % vocab).tolist()
+        if params.logprobs:
+            chosen = token_lps[top_idx // vocab, top_idx % vocab].tolist()
+            alts = [[] for _ in range(k)]
+            if n_top:
+                best_alts = torch.topk(token_lps, min(n_top, vocab), dim=-1)
+                alts = [list(zip(i, v, strict=True)) for i, v in zip(*_lists(best_alts), strict=True)]
+            grown = [running_lp[parents[i]] + [(chosen[i], alts[parents[i]])] for i in range(keep)]
+        else:
+            grown = [[] for _ in range(keep)]
         ends = torch.tensor([t in end_ids or steps >= budget for t in tokens])
 
         # the best continuations that go on
         go_on = torch.topk(top_scores + ends.float() * NEG, k).indices.tolist()
         new_running = [running[parents[i]] + [tokens[i]] for i in go_on]
+        new_running_lp = [grown[i] for i in go_on]
         running_scores = top_scores[go_on] + ends[go_on].float() * NEG
 
         # the finished hypotheses, if ending continuations beat them
@@ -83,9 +102,11 @@ def run_beam_search(engine: Engine, prompt_ids: list[int], params: SamplingParam
         cand = cand + (~(ends & first_k)).float() * NEG
         merged_scores = torch.cat((finished_scores, cand))
         merged = finished + [running[parents[i]] + [tokens[i]] for i in range(keep)]
+        merged_lp = finished_lp + grown
         merged_done = torch.cat((finished_done, ends & first_k))
         best = torch.topk(merged_scores, k).indices.tolist()
         finished = [merged[i] for i in best]
+        finished_lp = [merged_lp[i] for i in best]
         finished_scores, finished_done = merged_scores[best], merged_done[best]
 
         # can a running beam still beat the finished ones?
@@ -97,12 +118,15 @@ def run_beam_search(engine: Engine, prompt_ids: list[int], params: SamplingParam
         if not improvable or all_done_early or bool(ends.all()):
             break
         cache.reorder(rows, [parents[i] for i in go_on])
-        running = new_running
+        running, running_lp = new_running, new_running_lp
         logits = engine.decode([b[-1] for b in running], cache, rows)
 
     best_tokens = finished[0]
     gen.token_ids = list(best_tokens)
     gen.cumulative_logprob = float(finished_scores[0])
+    if params.logprobs:
+        gen.logprobs = [lp for lp, _ in finished_lp[0]]
+        gen.top_logprobs = [alts for _, alts in finished_lp[0]] if n_top else None
     ended_by_id = bool(best_tokens) and best_tokens[-1] in end_ids
     gen.finish_reason = "stop" if ended_by_id else "length"
     if engine.tokenizer is not None:
@@ -112,3 +136,8 @@ def run_beam_search(engine: Engine, prompt_ids: list[int], params: SamplingParam
     if counters:
         engine.expert_stats(stats, at_start, at_decode, counters.snapshot())
     return gen
+
+
+def _lists(top) -> tuple[list[list[int]], list[list[float]]]:
+    """torch.topk's (values, indices) over [k, n] -> (indices, values) as nested lists."""
+    return top.indices.tolist(), top.values.tolist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ class TensorInfo:
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """Reads only the JSON header of a .safetensors file."""
+    """Reads only the JSON header of a .safetensors file, and checks that the file is as long as the header says
+    (an interrupted download leaves a file that ends early: refused here, naming the file, not at the first read)."""
     try:
         with open(file, "rb") as f:
             raw = f.read(8)
@@ -68,16 +70,31 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             if n > 100_000_000:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+            size = os.fstat(f.fileno()).st_size
+        infos, end = {}, 0
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            infos[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], file)
+            end = max(end, int(meta["data_offsets"][1]))
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
         raise CadenzaError(
             f"{file} is not a readable safetensors file ({e}). The download may be incomplete or corrupt: "
             "download this file again from the model's repository."
         ) from None
-    infos = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        infos[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], file)
+    expected = 8 + n + end
+    if size != expected:
+        how = (
+            "is truncated: the download was probably interrupted"
+            if size < expected
+            else "is longer than its header says: it is damaged or was written by something else"
+        )
+        raise CadenzaError(
+            f"{file} {how}. Its header says the file holds {expected:,} bytes, but it has {size:,}. Download this "
+            "file again from the model's repository (delete it first if your download tool only resumes)."
+        )
     return infos
 
 
@@ -207,13 +224,19 @@ class Checkpoint(TensorSizes):
 
     def iter_tensors(self, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) shard by shard, so one shard's worth of file pages is in flight at a time."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         for file in self.files():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    if names is None or name in names:
-                        yield name, f.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                        if names is None or name in names:
+                            yield name, f.get_tensor(name)
+            except SafetensorError as e:  # changed on disk since it was opened, or damaged in a way sizes miss
+                raise CadenzaError(
+                    f"{file} could not be read ({e}). It is damaged or changed while loading: download this file "
+                    "again from the model's repository."
+                ) from None
 
 
 # --- quantized checkpoints ------------------------------------------------------------------------------------------

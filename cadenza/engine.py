@@ -94,7 +94,8 @@ class Request:
     def finish(self, reason: str, engine: Engine) -> None:
         self.finished = True
         self.gen.finish_reason = reason
-        self.gen.stats.decode_s = time.perf_counter() - self.t_first
+        if self.t_first:  # 0: never admitted (cancelled while waiting), so no decode time
+            self.gen.stats.decode_s = time.perf_counter() - self.t_first
         counters = engine.orchestra.counters if engine.orchestra is not None else None
         if counters and self.at_start is not None:
             engine.expert_stats(self.gen.stats, self.at_start, self.at_decode or self.at_start, counters.snapshot())
@@ -188,10 +189,15 @@ class Engine:
         prefill_chunk: int = 2048,
         max_batch: int = 1,
         cuda_graphs: bool = True,
+        context_source: str = "",
+        context_fix: str = "",
     ):
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
         self.max_context = max_context
+        # for messages: where max_context comes from (the user's --max-context, the model's config) and how to
+        # raise it ("" when it cannot be raised)
+        self.context_source, self.context_fix = context_source, context_fix
         self.eos_token_ids = eos_token_ids
         self.orchestra = orchestra  # cadenza.moe.offload.orchestra.Orchestra when experts are offloaded
         self.prefill_chunk = prefill_chunk  # bounds the activation workspace of long prompts
@@ -246,9 +252,11 @@ class Engine:
         if not prompt_ids:
             raise CadenzaError("The prompt is empty (0 tokens). Give a prompt of at least one token.")
         if len(prompt_ids) >= self.max_context:
+            source = f" ({self.context_source})" if self.context_source else ""
+            fix = f", or {self.context_fix}" if self.context_fix else ""
             raise CadenzaError(
-                f"The prompt has {len(prompt_ids)} tokens, but the model's context is {self.max_context} tokens and "
-                "generation needs room for at least one more. Shorten the prompt."
+                f"The prompt has {len(prompt_ids)} tokens, but the context is {self.max_context} tokens{source} and "
+                f"generation needs room for at least one more. Shorten the prompt{fix}."
             )
         vocab = self.model.config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
@@ -276,10 +284,14 @@ class Engine:
             yield Step(gen.token_ids[-1] if gen.token_ids else -1, gen.text, gen.finish_reason)
             return
         batch = Batch(self, 1, min(self.max_context, len(prompt_ids) + params.max_tokens))
-        batch.add(prompt_ids, params, gen)
-        while len(batch):
-            for _, step in batch.step():
-                yield step
+        seq = batch.add(prompt_ids, params, gen)
+        try:
+            while len(batch):
+                for _, step in batch.step():
+                    yield step
+        finally:
+            if not seq.finished:  # the consumer stopped early (Ctrl-C in chat): the stats still count its tokens
+                seq.finish("abort", self)
 
     def generate_many(
         self, requests: Sequence[tuple[list[int], SamplingParams]], slots: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.sampling import SamplingParams
+from cadenza.text.token_text import TokenText
+
+log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 
@@ -39,9 +43,17 @@ class GenerationResult:
     logprobs: list[float] | None = None  # per generated token (SamplingParams.logprobs)
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per generated token (SamplingParams.top_logprobs)
     cumulative_logprob: float | None = None  # beam search: the best beam's length-penalised score
+    # with logprobs (and a tokenizer): each generated token's own text, and the texts of its top_logprobs' ids
+    tokens: list[str] | None = None
+    top_tokens: list[list[str]] | None = None
 
     @classmethod
-    def of(cls, prompt, gen: Generation) -> GenerationResult:
+    def of(cls, prompt, gen: Generation, texts: TokenText | None = None) -> GenerationResult:
+        tokens = top_tokens = None
+        if texts is not None and gen.logprobs is not None:
+            tokens = [texts.text(t) for t in gen.token_ids]
+        if texts is not None and gen.top_logprobs is not None:
+            top_tokens = [[texts.text(t) for t, _ in row] for row in gen.top_logprobs]
         return cls(
             prompt if isinstance(prompt, str) else None,
             gen.prompt_token_ids,
@@ -52,6 +64,8 @@ class GenerationResult:
             gen.logprobs,
             gen.top_logprobs,
             gen.cumulative_logprob,
+            tokens,
+            top_tokens,
         )
 
     def as_dict(self) -> dict:
@@ -63,8 +77,14 @@ class GenerationResult:
         }
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
-        if self.top_logprobs is not None:
-            out["top_logprobs"] = [[[t, lp] for t, lp in row] for row in self.top_logprobs]
+        if self.tokens is not None:
+            out["tokens"] = self.tokens
+        if self.top_logprobs is not None:  # per alternative: [id, log-prob, its text] ([id, log-prob] without one)
+            rows = []
+            for i, row in enumerate(self.top_logprobs):
+                texts = self.top_tokens[i] if self.top_tokens is not None else None
+                rows.append([[t, lp, texts[j]] if texts else [t, lp] for j, (t, lp) in enumerate(row)])
+            out["top_logprobs"] = rows
         if self.cumulative_logprob is not None:
             out["cumulative_logprob"] = self.cumulative_logprob
         return out
@@ -124,11 +144,12 @@ class LLM:
     are packed at load, layer by layer, and kept in a disk cache (`~/.cache/cadenza/experts`, see CADENZA_CACHE)
     that later loads read instead; expert_cache=False neither reads nor writes it.
 
-    Offloading (on a CUDA device): gpu_memory is the GPU budget ("24GiB"; 0: every routed expert on the host;
-    default: the GPU's free memory less a safety margin). What every token needs stays on the GPU; routed experts
-    fill the rest, most popular first (`placement`: a popularity JSON from `cadenza profile`), and the others are
-    computed on the CPU or fetched per `offload_policy` ("auto", "cpu", "fetch"), with `cpu_threads` threads
-    (default: physical cores). On device="cpu", a gpu_memory runs the same orchestration with the "GPU side"
+    Offloading (on a CUDA device): gpu_memory is the GPU budget: text with a unit ("24GiB", "24GB", "512MiB"; a bare
+    "24" is refused, as it would be 24 bytes), or an int, a number of bytes; 0 (or "0"): every routed expert on the
+    host; default: the GPU's free memory less a safety margin. What every token needs stays on the GPU; routed
+    experts fill the rest, most popular first (`placement`: a popularity JSON from `cadenza profile`), and the
+    others are computed on the CPU or fetched per `offload_policy` ("auto", "cpu", "fetch"), with `cpu_threads`
+    threads (default: physical cores). On device="cpu", a gpu_memory runs the same orchestration with the "GPU side"
     emulated on the CPU (for tests).
     """
 
@@ -153,6 +174,7 @@ class LLM:
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
         self.is_demo = model_dir is None and checkpoint is None
+        self._token_text: TokenText | None = None  # made at the first result with log-probs
         if checkpoint is None:
             if model_dir is None:
                 from cadenza.demo import demo_model_dir
@@ -169,11 +191,7 @@ class LLM:
         options = OffloadOptions(offload_policy, prefetch, eviction, cpu_threads).with_env()
         meta = build_meta(self.checkpoint)
         config = self.config = meta.config
-        context = min(config.context_length, DEFAULT_MAX_CONTEXT)
-        if max_context is not None:
-            if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 2:
-                raise CadenzaError(f"max_context={max_context!r} is not a valid length. Use a whole number >= 2.")
-            context = min(config.context_length, max_context)
+        context, self.context_source, self._context_fix = self._context(max_context)
         self.max_context = context
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
@@ -184,6 +202,17 @@ class LLM:
         self.offload_policy = offload_policy
         self._popularity = None
         offload = self.sizes.num_moe_layers > 0 and (self.device.type == "cuda" or gpu_memory is not None)
+        if placement is not None and not offload:
+            why = (
+                "the model has no MoE layers"
+                if self.sizes.num_moe_layers == 0
+                else f"this run has no GPU side (device {self.device.type}, and no gpu_memory / --gpu-memory)"
+            )
+            log.warning(
+                f"placement {str(placement)!r} (--placement) is ignored: it chooses which experts live on the GPU, "
+                f"and {why}. Run on a GPU (--device cuda), or give a GPU budget with --gpu-memory SIZE "
+                "(on device cpu that emulates the GPU side); or drop --placement."
+            )
         if offload:
             if placement is not None:
                 self._popularity = load_popularity(placement, self.sizes.num_moe_layers, self.sizes.num_experts)
@@ -217,7 +246,56 @@ class LLM:
             PREFILL_CHUNK,
             max_batch,
             cuda_graphs,
+            context_source=self.context_source,
+            context_fix=self._context_fix,
         )
+
+    def _context(self, max_context: int | None) -> tuple[int, str, str]:
+        """The context in tokens, where that limit comes from and how to raise it (for messages); says so when
+        max_context asks for more than the model's context."""
+        model = self.config.context_length
+        if getattr(self.checkpoint, "metadata", None) is not None:
+            source = "the GGUF file's context_length"
+        elif self.config.rope.rope_type == "dynamic":
+            source = "config.json's max_position_embeddings times its dynamic rope_scaling factor"
+        else:
+            source = "config.json's max_position_embeddings"
+        if max_context is None:
+            if model > DEFAULT_MAX_CONTEXT:
+                return (
+                    DEFAULT_MAX_CONTEXT,
+                    f"cadenza's default of {DEFAULT_MAX_CONTEXT}; the model allows {model}, per {source}",
+                    f"raise --max-context / max_context, up to the model's {model}",
+                )
+            return model, f"the model's context, from {source}", ""
+        if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 2:
+            raise CadenzaError(f"max_context={max_context!r} is not a valid length. Use a whole number >= 2.")
+        if max_context > model:
+            log.warning(
+                f"max_context {max_context} (--max-context) is beyond the model's context of {model} tokens "
+                f"({source}): using {model}."
+            )
+            return model, f"the model's context, from {source}; --max-context {max_context} was capped to it", ""
+        fix = f"raise --max-context / max_context, up to the model's {model}" if max_context < model else ""
+        return max_context, "set by --max-context / max_context", fix
+
+    def _room_notice(self, prompt_len: int, params: SamplingParams) -> str | None:
+        """A notice when the prompt plus max_tokens does not fit the context (the output then ends at the context
+        with finish_reason "length"); None when it fits."""
+        if prompt_len + params.max_tokens <= self.max_context or prompt_len >= self.max_context:
+            return None
+        room = self.max_context - prompt_len
+        fix = " or ".join(f for f in (self._context_fix, "shorten the prompt") if f)
+        return (
+            f"the prompt has {prompt_len} tokens and max_tokens (--max-tokens) asks for up to {params.max_tokens} "
+            f"more, but the context is {self.max_context} tokens ({self.context_source}): at most {room} will be "
+            f'generated (finish_reason "length"). To make room, {fix}; or lower max_tokens to {room} to silence this.'
+        )
+
+    def _check_room(self, prompt_ids: list[int], params: SamplingParams | None) -> None:
+        notice = self._room_notice(len(prompt_ids), params or SamplingParams())
+        if notice is not None:
+            log.warning(notice)
 
     # --- offloading ------------------------------------------------------------------------------------------
 
@@ -300,10 +378,11 @@ class LLM:
             if not isinstance(params, SamplingParams | None):
                 raise CadenzaError("One prompt takes one SamplingParams; pass a list of prompts for a list of params.")
             ids = self._prompt_ids(prompts)
+            self._check_room(ids, params)
             gen = Generation(ids)
             for _ in self.engine.generate(ids, params or SamplingParams(), gen):
                 pass
-            return GenerationResult.of(prompts, gen)
+            return GenerationResult.of(prompts, gen, self._texts())
         prompts = list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
@@ -314,8 +393,23 @@ class LLM:
                 "all prompts, or a list of SamplingParams with one per prompt."
             )
         requests = [(self._prompt_ids(p), sp) for p, sp in zip(prompts, params, strict=True)]
+        cut = [i for i, (ids, sp) in enumerate(requests) if self._room_notice(len(ids), sp) is not None]
+        if cut:
+            ids, sp = requests[cut[0]]
+            log.warning(
+                f"{len(cut)} of the {len(requests)} prompts do not leave room for max_tokens in the context; the "
+                f"first, prompt {cut[0]}: {self._room_notice(len(ids), sp)}"
+            )
         gens = self.engine.generate_many(requests)
-        return [GenerationResult.of(p, g) for p, g in zip(prompts, gens, strict=True)]
+        return [GenerationResult.of(p, g, self._texts()) for p, g in zip(prompts, gens, strict=True)]
+
+    def _texts(self) -> TokenText | None:
+        """Token texts for log-probs (made once; None for a model without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        if self._token_text is None:
+            self._token_text = TokenText(self.tokenizer)
+        return self._token_text
 
     def default_params(self, **overrides) -> SamplingParams:
         """SamplingParams whose temperature, top_p, top_k, min_p and repetition_penalty default to the
@@ -348,10 +442,11 @@ class LLM:
         """The assistant's answer to a conversation ([{"role": "user", "content": "..."}, ...]), rendered with the
         checkpoint's chat template with the generation prompt added."""
         ids = self.chat_prompt(messages, **extra)
+        self._check_room(ids, params)
         gen = Generation(ids)
         for _ in self.engine.generate(ids, params or SamplingParams(), gen):
             pass
-        return GenerationResult.of(None, gen)
+        return GenerationResult.of(None, gen, self._texts())
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, gen: Generation | None = None
@@ -368,6 +463,7 @@ class LLM:
     ) -> Iterator[Step]:
         """`stream`'s steps: each generated token's id, the text it made final, and on the last the finish reason."""
         ids = self._prompt_ids(prompt)
+        self._check_room(ids, params)
         gen = gen if gen is not None else Generation(ids)
         gen.prompt_token_ids = ids
         yield from self.engine.generate(ids, params or SamplingParams(), gen)

@@ -27,3 +27,8 @@ def experts_dir() -> Path:
 def demo_dir(name: str) -> Path:
     """The built-in demo checkpoint `name`."""
     return cache_dir() / name
+
+
+def chat_history_file() -> Path:
+    """`cadenza chat`'s line history (arrow keys recall earlier lines), shared by every model."""
+    return cache_dir() / "chat_history"

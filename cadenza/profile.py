@@ -147,7 +147,7 @@ def summary(report: dict) -> str:
 def parse_budgets(values: list[str] | None) -> list[int] | None:
     if not values:
         return None
-    return [parse_size(v) for item in values for v in item.split(",") if v.strip()]
+    return [parse_size(v, "--budget") for item in values for v in item.split(",") if v.strip()]
 
 
 __all__ = ["parse_budgets", "read_prompts", "run_profile", "summary"]

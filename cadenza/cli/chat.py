@@ -5,11 +5,14 @@ each turn (the oldest turns are dropped, with a notice, when it no longer fits t
 /system TEXT, /stats, /help, /quit. Ctrl-C while an answer streams stops that answer (the part shown so far stays in
 the conversation) and the session goes on; at the prompt, Ctrl-D or /quit leaves. Where the chat format marks the
 model's reasoning (gpt-oss's analysis channel, think tags), it is shown on stderr and kept out of the conversation.
+On a terminal, lines are edited with readline (arrow keys, Ctrl-R) and kept in a history file in the cache folder
+(`chat_history`, see CADENZA_CACHE) from one session to the next.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from dataclasses import replace
@@ -32,6 +35,7 @@ HELP = """commands:
   /quit          leave (also Ctrl-D); Ctrl-C stops an answer that is streaming"""
 
 MIN_ANSWER = 16  # tokens an answer must have room for; older turns are dropped to keep it
+HISTORY_LINES = 1000  # lines the chat history file keeps
 
 
 class ChatSession:
@@ -59,9 +63,11 @@ class ChatSession:
             cut = 2 if len(turns) > 2 else 1  # a user message and its answer
             turns, dropped = turns[cut:], dropped + cut
         if len(ids) + 1 >= self.llm.max_context:
+            engine = self.llm.engine
+            fix = f" (or start again and {engine.context_fix})" if engine.context_fix else ""
             raise CadenzaError(
                 f"This message needs {len(ids)} tokens with the chat template, but the context holds "
-                f"{self.llm.max_context}. Send a shorter message (or start with a larger --max-context)."
+                f"{self.llm.max_context} ({engine.context_source}). Send a shorter message{fix}."
             )
         if dropped:
             self.err.write(f"[dropped the {dropped} oldest message(s) to fit the context]\n")
@@ -85,16 +91,18 @@ class ChatSession:
             signal.signal(signal.SIGINT, on_sigint)
         try:
             splitter = ReasoningSplitter.for_tokenizer(self.llm.tokenizer)
-            for step in self.llm.stream_steps(ids, params, gen):
-                reasoning, piece = splitter.add(step.token_id, step.text) if splitter else ("", step.text)
-                if reasoning:
-                    self.err.write(reasoning)
-                    self.err.flush()
-                if piece:
-                    self.out.write(piece)
-                    self.out.flush()
-                if self.interrupted:
-                    break
+            # closed when the loop stops early (Ctrl-C): that ends the request, and its stats count what it made
+            with contextlib.closing(self.llm.stream_steps(ids, params, gen)) as steps:
+                for step in steps:
+                    reasoning, piece = splitter.add(step.token_id, step.text) if splitter else ("", step.text)
+                    if reasoning:
+                        self.err.write(reasoning)
+                        self.err.flush()
+                    if piece:
+                        self.out.write(piece)
+                        self.out.flush()
+                    if self.interrupted:
+                        break
             answer = splitter.answer if splitter else gen.text
         finally:
             if in_main:
@@ -122,7 +130,9 @@ class ChatSession:
             if self.last is None:
                 self.err.write("[no answer yet]\n")
             else:
-                self.err.write(f"[{self.last.finish_reason or 'stopped'}] {self.last.stats.summary()}\n")
+                reason = self.last.finish_reason
+                reason = "stopped" if reason in (None, "abort") else reason  # abort: Ctrl-C stopped it
+                self.err.write(f"[{reason}] {self.last.stats.summary()}\n")
         elif name == "/help":
             self.err.write(HELP + "\n")
         else:
@@ -142,7 +152,40 @@ def loop(llm: LLM, params: SamplingParams, system: str | None = None, stdin: Tex
     session.system = system or None
     llm.chat_prompt([{"role": "user", "content": "hi"}])  # no template: say so now, not after the first question
     tty = stdin.isatty()
+    history = _line_editing() if tty else None
     sys.stderr.write("cadenza chat: type a message and press Enter; /help lists commands, /quit leaves.\n")
+    try:
+        return _read_loop(session, stdin, tty)
+    finally:
+        if history is not None:
+            history()
+
+
+def _line_editing():
+    """Line editing and history for a terminal (arrow keys, Ctrl-R), through Python's readline, the history kept
+    in the cache folder across sessions. Returns what saves the history, or None where readline is missing."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: input() still works, without editing
+        return None
+    from cadenza.paths import chat_history_file
+
+    file = chat_history_file()
+    with contextlib.suppress(OSError):  # none yet, or unreadable: start empty
+        readline.read_history_file(file)
+    readline.set_history_length(HISTORY_LINES)
+
+    def save() -> None:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(file)
+        except OSError as e:
+            sys.stderr.write(f"cadenza: the chat history could not be saved to {file} ({e})\n")
+
+    return save
+
+
+def _read_loop(session: ChatSession, stdin: TextIO, tty: bool) -> int:
     while True:
         try:
             if tty:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -46,12 +47,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16 (default: checkpoint's)")
     p.add_argument(
-        "--max-context", type=int, default=None, help="longest sequence in tokens (default: model's, at most 8192)"
+        "--max-context",
+        type=int,
+        default=None,
+        help="longest sequence in tokens, prompt + output (default: the model's, at most 8192; more than the "
+        "model's config.json max_position_embeddings is capped to it)",
     )
     p.add_argument(
         "--gpu-memory",
         default=None,
-        help="GPU budget, e.g. 24GiB; 0 keeps every routed expert on the host (default: free GPU memory less a margin)",
+        help="GPU budget with a unit: 24GiB (or 24G), 24GB (10^9 bytes), 512MiB; 0 keeps every routed expert on "
+        "the host; a bare number such as 24 is refused (default: free GPU memory less a margin)",
     )
     p.add_argument(
         "--offload-policy",
@@ -92,7 +98,11 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's definition (default 0)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], OpenAI's definition (default 0)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
-    g.add_argument("--stop", action="append", default=[], help="stop before this text (repeat for several)")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT",
+        help=r"stop before this text (repeat for several); \n, \t and \\ in it mean a newline, a tab and a "
+        r"backslash, so --stop '\n\n' stops at a blank line",
+    )  # fmt: skip
     g.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this token id")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
@@ -100,7 +110,10 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def load(args: argparse.Namespace):
     """The LLM the `add_engine_args` flags ask for; says on stderr where its experts went."""
     from cadenza.llm import LLM
+    from cadenza.moe.placement import parse_size
 
+    if args.gpu_memory is not None:
+        parse_size(args.gpu_memory, "--gpu-memory")  # the message names the flag; 24 (no unit) is refused
     llm = LLM(
         args.model,
         device=args.device,
@@ -140,9 +153,19 @@ def sampling(args: argparse.Namespace, llm, **extra):
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
         seed=args.seed,
-        stop=args.stop,
+        stop=[unescape(s) for s in args.stop],
         stop_token_ids=args.stop_token_id,
         ignore_eos=args.ignore_eos,
         **{k: v for k, v in given.items() if v is not None},
         **extra,
     )
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """--stop's escapes: \\n, \\t and \\\\ become a newline, a tab and a backslash (a shell passes "\\n" as a
+    backslash and an n); any other backslash stays as it is. The CLI's only: the API and the server take text as
+    given."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from cadenza.cli.flags import add_expert_args
@@ -18,7 +19,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="checkpoint folder, .gguf file, or Hugging Face id ORG/NAME[@REVISION][:FILE] already in the hub cache "
         "(`cadenza pull ID` downloads it: info reads weights' headers, never downloads them)",
     )  # fmt: skip
-    p.add_argument("--gpu-memory", default=None, help="also show the placement for this GPU budget, e.g. 24GiB")
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="also show the placement for this GPU budget, e.g. 24GiB (24 alone is refused)",
+    )
     p.add_argument("--max-context", type=int, default=None, help="context the placement reserves KV cache for")
     p.add_argument("--dtype", default=None, help="compute dtype for the placement (default: checkpoint's)")
     p.add_argument("--placement", default=None, help="popularity JSON to choose residents by")
@@ -133,10 +138,19 @@ def offload_info(args: argparse.Namespace) -> dict:
     sizes = model_sizes(meta, dtype, args.experts, args.expert_group)
     if args.gpu_memory is not None:
         context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
+        if args.max_context is not None and args.max_context > meta.config.context_length:
+            gguf = getattr(ckpt, "metadata", None) is not None
+            source = "the GGUF file's context_length" if gguf else "config.json's max_position_embeddings"
+            print(
+                f"cadenza: --max-context {args.max_context} is beyond the model's context of "
+                f"{meta.config.context_length} tokens ({source}): the placement "
+                f"reserves KV cache for {context}.",
+                file=sys.stderr,
+            )
         pop = load_popularity(args.placement, sizes.num_moe_layers, sizes.num_experts) if args.placement else None
         if args.max_batch < 1:
             raise CadenzaError(f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1.")
-        budget = parse_size(args.gpu_memory)
+        budget = parse_size(args.gpu_memory, "--gpu-memory")
         placement = plan_offload(
             sizes, meta.config, dtype, budget, args.offload_policy, context, args.max_batch, PREFILL_CHUNK, pop
         )
@@ -159,6 +173,12 @@ def offload_info(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.placement is not None and args.gpu_memory is None:
+        print(
+            f"cadenza: --placement {args.placement} is ignored without --gpu-memory: it shows the placement and the "
+            "expected share of expert work on the GPU for a budget. Add --gpu-memory SIZE (e.g. 24GiB).",
+            file=sys.stderr,
+        )
     d = describe(args.model, args.experts, args.expert_group, download=False)
     d.update(offload_info(args))
     if args.json:

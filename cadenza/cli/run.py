@@ -22,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="report each token's log-probability and the N most likely alternatives (JSON output)",
+        help="report each token's id, text and log-probability and the N most likely alternatives (0: none); "
+        "on stderr after the text, or in the --json object",
     )
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (needs temperature 0)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**penalty")
@@ -63,10 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.logprobs is not None:
         result = llm.generate(prompt, params)
         print(result.text)
-        alternatives = result.top_logprobs or [[] for _ in result.token_ids]
-        for tok, lp, alts in zip(result.token_ids, result.logprobs, alternatives, strict=True):
-            alt = ", ".join(f"{t}:{a:.3f}" for t, a in alts)
-            print(f"{tok}\t{lp:.4f}\t{alt}", file=sys.stderr)
+        print_logprobs(result, sys.stderr)
         return 0
     from cadenza.engine import Generation
 
@@ -78,3 +76,21 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     print(f"[{gen.finish_reason}] {gen.stats.summary()}", file=sys.stderr)
     return 0
+
+
+def print_logprobs(result, out) -> None:
+    """One line per generated token: id, its text (JSON-quoted, so spaces and newlines show), log-prob, then the
+    alternatives as `id "text" log-prob`."""
+    n = len(result.token_ids)
+    tokens = result.tokens or [None] * n
+    alternatives = result.top_logprobs or [[] for _ in range(n)]
+    alt_texts = result.top_tokens or [[None] * len(row) for row in alternatives]
+    print("id\ttoken\tlogprob\talternatives (id token logprob)", file=out)
+    for tok, text, lp, alts, names in zip(result.token_ids, tokens, result.logprobs, alternatives, alt_texts,
+                                          strict=True):  # fmt: skip
+        alt = ", ".join(f"{t} {_quoted(name)} {a:.3f}" for (t, a), name in zip(alts, names, strict=True))
+        print(f"{tok}\t{_quoted(text)}\t{lp:.4f}\t{alt}", file=out)
+
+
+def _quoted(text: str | None) -> str:
+    return "?" if text is None else json.dumps(text, ensure_ascii=False)

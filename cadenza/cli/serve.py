@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from cadenza.server.serve import bind, serve
 
     if not args.no_adaptive_placement:
-        parse_size(args.adapt_bytes)  # refuse a bad size before loading
+        parse_size(args.adapt_bytes, "--adapt-bytes")  # refuse a bad size before loading
 
     sock = bind(args.host, args.port)  # before loading: a taken port fails at once
     try:

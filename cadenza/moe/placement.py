@@ -48,28 +48,36 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE
 _SIZE_EXAMPLES = '"24GiB", "24G" (the same), "24GB" (10^9 bytes), "512MiB", "1.5GiB" or "0" (every expert on the host)'
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | int | float, name: str = "Memory size") -> int:
     """A memory size in bytes from "24GiB", "24 GiB", "24G" (== GiB), "24GB" (10^9), "512MiB", "1.5GiB", "0"...
 
-    Units are case-insensitive; a plain number is bytes (fractions of a byte are dropped). Raises CadenzaError
-    for text that is not a size, or for a negative size.
+    The rule: text needs a unit (case-insensitive; "B" for bytes), except "0", which needs none; a bare number
+    such as "24" is refused with the fix ("24GiB" or "24GB"), since it would mean 24 bytes and was surely meant as
+    GiB. An int or float (the Python API) is a number of bytes (fractions of a byte are dropped). Raises
+    CadenzaError for text that is not a size, or for a negative size; its message starts with `name` (the CLI
+    passes its flag, e.g. "--gpu-memory").
     """
     if isinstance(text, bool):  # bool is an int subclass; True is never meant as "1 byte"
-        raise CadenzaError(f"Memory size {text!r} is not a size. Give a number with a unit, e.g. {_SIZE_EXAMPLES}.")
+        raise CadenzaError(f"{name} {text!r} is not a size. Give a number with a unit, e.g. {_SIZE_EXAMPLES}.")
     if isinstance(text, int | float):
         if not math.isfinite(text) or text < 0:
             raise CadenzaError(
-                f"Memory size {text!r} is not a size: it must be a finite number of bytes, 0 or more. "
+                f"{name} {text!r} is not a size: it must be a finite number of bytes, 0 or more. "
                 f"Give e.g. {_SIZE_EXAMPLES}."
             )
         return int(text)
     stripped = str(text).strip()
     if stripped.startswith("-"):
-        raise CadenzaError(f"Memory size {text!r} is negative. Give a size of 0 or more, e.g. {_SIZE_EXAMPLES}.")
+        raise CadenzaError(f"{name} {text!r} is negative. Give a size of 0 or more, e.g. {_SIZE_EXAMPLES}.")
     match = _SIZE_RE.match(stripped)
     if match is None or match.group(2).lower() not in _UNITS:
-        raise CadenzaError(f"Memory size {text!r} is not a size I can read. Give e.g. {_SIZE_EXAMPLES}.")
+        raise CadenzaError(f"{name} {text!r} is not a size I can read. Give e.g. {_SIZE_EXAMPLES}.")
     number, unit = match.groups()
+    if not unit and Fraction(number) != 0:
+        raise CadenzaError(
+            f"{name} {text!r} has no unit, and a bare number would be bytes. Write {number}GiB (or {number}GB "
+            f"for 10^9 bytes), or {number}B if you mean bytes; sizes are e.g. {_SIZE_EXAMPLES}."
+        )
     # Fraction, not float: "3.2GiB" must give exactly floor(3.2 * 2^30), the value refusal messages promise.
     return math.floor(Fraction(number) * _UNITS[unit.lower()])
 

@@ -8,6 +8,7 @@ ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi"}]), a
 from cadenza.text.demo import write_byte_level_tokenizer
 from cadenza.text.detokenizer import IncrementalDetokenizer
 from cadenza.text.stops import StopStrings
+from cadenza.text.token_text import TokenText
 from cadenza.text.tokenizer import Tokenizer
 
-__all__ = ["IncrementalDetokenizer", "StopStrings", "Tokenizer", "write_byte_level_tokenizer"]
+__all__ = ["IncrementalDetokenizer", "StopStrings", "TokenText", "Tokenizer", "write_byte_level_tokenizer"]

@@ -220,5 +220,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(mixtral_dir, tmp_path):
         proc.kill()
     assert proc.returncode == 0, err
     assert "[stopped]" in err
-    generated = int(err.split("generated ")[1].split(" tok")[0])  # /stats on the stopped answer
+    stats = err.split("[stopped] prompt ")[1]  # /stats on the stopped answer
+    generated = int(stats.split("generated ")[1].split(" tok")[0])
     assert 0 < generated < 6000
+    assert float(stats.split("decode ")[1].split(" tok/s")[0]) > 0  # the rate of what was generated, not 0.00

@@ -246,7 +246,8 @@ def test_as_dict_is_json_and_summary_mentions_counts():
         (".5G", GiB // 2),
         ("0", 0),
         ("  0  ", 0),
-        ("1000", 1000),
+        ("1000B", 1000),
+        ("0.0", 0),
         ("2KiB", 2048),
         ("1TB", 10**12),
         (4096, 4096),
@@ -258,7 +259,9 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "24 XB", "lots", "1.2.3G", "-1", "-2GiB", -1, float("inf"), True, "1e9"])
+@pytest.mark.parametrize(
+    "text", ["", "GiB", "24 XB", "lots", "1.2.3G", "-1", "-2GiB", -1, float("inf"), True, "1e9", "24", "1000"]
+)
 def test_parse_size_errors_name_the_value_and_give_examples(text):
     with pytest.raises(CadenzaError) as exc:
         parse_size(text)

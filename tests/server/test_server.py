@@ -109,7 +109,7 @@ def narrow(long_model, tmp_path_factory):
         "--max-queue",
         "1",
         "--gpu-memory",
-        str(budget),
+        f"{budget}B",
     )
     yield s
     s.stop()
