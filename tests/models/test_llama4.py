@@ -197,6 +197,19 @@ def test_hub_multimodal_checkpoint(tmp_path):
     assert not any(n.startswith(("vision_model", "multi_modal")) for n, _ in llm.model.named_parameters())
 
 
+def test_bf16_equals_transformers(tmp_path):
+    """In bf16 the logits equal transformers' bit for bit (float32 rotary and L2 norms, the sigmoid in float32, the
+    scaled expert inputs rounded to bf16 as there)."""
+    from transformers import Llama4ForCausalLM
+
+    path, _ = make_llama4(tmp_path / "bf16", **CONFIGS["maverick-step2-no-qknorm-top2"])
+    hf = Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = prompt_ids(20)
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].float()
+    assert torch.equal(LLM(path, device="cpu", dtype="bfloat16").score(ids), want)
+
+
 def test_layer_kinds(tmp_path):
     path, _ = make_llama4(tmp_path / "kinds", **CONFIGS["maverick-step2-no-qknorm-top2"])
     layers = build_meta(open_checkpoint(path)).model.layers
