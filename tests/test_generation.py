@@ -15,6 +15,7 @@ from tests.conftest import VOCAB, budget_for, make_deepseek, make_mixtral, promp
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_gpt_oss import make_gpt_oss
+from tests.models.test_llama4 import make_llama4
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_phimoe import longrope, make_phimoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
@@ -33,6 +34,7 @@ MAKERS = {
     "glm4_moe": make_glm4_moe,
     "gpt_oss": make_gpt_oss,
     "ernie4_5_moe": make_ernie,
+    "llama4": make_llama4,
 }
 
 

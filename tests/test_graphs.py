@@ -18,6 +18,7 @@ from tests.conftest import budget_for, make_deepseek, make_mixtral
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_gpt_oss import make_gpt_oss
+from tests.models.test_llama4 import make_llama4
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
@@ -59,10 +60,16 @@ def families(tmp_path_factory):
         # interleaved-pair rotary from float32 tables (per-row positions in the static step), biases everywhere,
         # a float32 router with its routing bias, shared experts
         "ernie4_5_moe": make_ernie(tmp_path_factory.mktemp("g-ernie"), use_bias=True)[0],
+        # chunked rope layers (chunks of 8: per-row chunk masks in the static step), a NoPE layer whose queries scale
+        # by position, dense and MoE layers alternating, top-2 routing that scales the experts' inputs
+        "llama4": make_llama4(tmp_path_factory.mktemp("g-llama4"), **LLAMA4_GRAPHS)[0],
     }
 
 
-FAMILIES = ["mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe"]
+LLAMA4_GRAPHS = dict(interleave_moe_layer_step=2, num_experts_per_tok=2)
+FAMILIES = [
+    "mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe", "llama4"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -285,7 +285,9 @@ class DecoderModel(nn.Module):
     `rotary_emb`; every layer is called as layer(hidden_states, ctx)."""
 
     sliding_window: int | None = None
-    layer_windows: list[int | None] | None = None  # per layer, where layers differ (gpt-oss); else sliding_window
+    # per layer, where layers differ (gpt-oss's windows, Llama-4's chunks); else sliding_window. Each distinct value
+    # gets its context from `layer_context`
+    layer_windows: list[int | None] | None = None
 
     def forward(
         self, input_ids: torch.Tensor, cache: Cache, rows: list[int] | None = None, static: StaticStep | None = None
@@ -308,11 +310,16 @@ class DecoderModel(nn.Module):
             contexts = {self.sliding_window: ctx}
             for layer, window in zip(self.layers, self.layer_windows, strict=True):
                 if window not in contexts:
-                    contexts[window] = ctx.for_window(window)
+                    contexts[window] = self.layer_context(ctx, window)
                 h = layer(h, contexts[window])
         if static is None:
             cache.advance(rows, t)
         return self.norm(h)
+
+    def layer_context(self, ctx: AttentionContext, window: int | None) -> AttentionContext:
+        """The context of the layers whose `layer_windows` entry is `window` (ctx: the pass's, for
+        sliding_window): by default the causal mask narrowed to the last `window` positions."""
+        return ctx.for_window(window)
 
 
 class CausalLM(nn.Module):
