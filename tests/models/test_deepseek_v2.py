@@ -9,18 +9,20 @@ import json
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza import LLM
 from cadenza.cli.info import describe
 from cadenza.kv_cache import MLACache
 from tests.cli.test_cli import cli
 from tests.conftest import (
     VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
     budget_for,
     edit_config,
     make_deepseek,
     prompt_ids,
     reference_logits,
+    single_device_run,
 )
 
 TOL = 1e-4
@@ -174,22 +176,20 @@ def mixed(tmp_path_factory):
     path, _ = make_v2(
         tmp_path_factory.mktemp("mixed"), q_lora_rank=24, topk_method="group_limited_greedy", n_group=2, topk_group=1
     )
-    ref = LLM(path, device="cpu", dtype="float32")
     prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    return path, prompt, ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+    return path, prompt, single_device_run(path, prompt, 8)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_single_device(mixed, policy):
-    path, prompt, want_logits, want_tokens = mixed
+    path, prompt, want = mixed
     # 5 of 2 MoE layers x 8 experts resident; (prompt + decode steps) x MoE layers x top-2 pairs
-    assert_hybrid_matches(path, policy, 5, 2, prompt, want_logits, want_tokens, 8, (6 + 7) * 2 * 2, "policy", TOL)
+    assert_hybrid_matches(path, policy, 5, 2, prompt, 8, (6 + 7) * 2 * 2, "policy", TOL, want)
 
 
 def test_shared_experts_run_beside_the_routed_ones(mixed):
     """On the offloaded path the shared experts are handed to the seam, which queues them after the CPU's share."""
-    path, prompt, want_logits, _ = mixed
+    path, prompt, (want_logits, _) = mixed
     llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 0, 0), offload_policy="cpu")
     calls = []
     layer = llm.model.model.layers[1].mlp
@@ -235,7 +235,4 @@ def test_describe_and_cli_info(lite):
 def test_config_mistakes_are_clear(lite, tmp_path, changes, match):
     import shutil
 
-    path = shutil.copytree(lite[0], tmp_path / "bad")
-    edit_config(path, **changes)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(shutil.copytree(lite[0], tmp_path / "bad"), match, **changes)
