@@ -102,6 +102,14 @@ def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
         return hf_model(torch.tensor([ids])).logits[0].float()
 
 
+def max_logit_diff(path, hf_model, ids: list[int]) -> float:
+    """The largest difference between cadenza's float32 logits for `ids` (the checkpoint at `path`, on the CPU) and
+    transformers' (reference_logits)."""
+    from cadenza import LLM
+
+    return (LLM(path, device="cpu", dtype="float32").score(ids) - reference_logits(hf_model, ids)).abs().max().item()
+
+
 def reference_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     """transformers' greedy continuation of `ids`, exactly n tokens (end-of-sequence ignored)."""
     hf_model.generation_config.eos_token_id = None

@@ -20,22 +20,38 @@ from tests.conftest import (
     budget_for,
     edit_config,
     make_deepseek,
+    max_logit_diff,
     prompt_ids,
     reference_logits,
     single_device_run,
 )
 
 TOL = 1e-4
-YARN = {
-    "rope_type": "yarn",
-    "factor": 4.0,
-    "original_max_position_embeddings": 64,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1.0,
-    "mscale_all_dim": 0.8,
-    "rope_theta": 10000.0,
-}
+
+
+def tiny_yarn(mscale: float, mscale_all_dim: float) -> dict:
+    """YaRN rope parameters as DeepSeek's checkpoints set them, at tiny scale (4x past 64 positions)."""
+    return {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": mscale,
+        "mscale_all_dim": mscale_all_dim,
+        "rope_theta": 10000.0,
+    }
+
+
+def edit_to_hub_config(path, rope_parameters: dict, **keys) -> None:
+    """Rewrites config.json as DeepSeek's repositories ship it: rope_theta and rope_scaling (with "type") instead of
+    rope_parameters, no head_dim, moe_layer_freq, and the original code's other `keys`."""
+    rope = {k: v for k, v in rope_parameters.items() if k not in ("rope_type", "rope_theta")}
+    rope_scaling = {**rope, "type": rope_parameters["rope_type"]}
+    edit_config(path, rope_parameters=None, rope_theta=10000, rope_scaling=rope_scaling, head_dim=None, **keys)
+
+
+YARN = tiny_yarn(mscale=1.0, mscale_all_dim=0.8)
 
 
 def make_v2(path, seed: int = 0, **overrides):
@@ -48,6 +64,19 @@ def set_absorb(llm_or_model, value: bool | None) -> None:
     for m in model.modules():
         if hasattr(m, "absorb"):
             m.absorb = value
+
+
+def assert_every_path_matches(path, hf) -> None:
+    """cadenza's logits for 24 tokens equal transformers' with MLA's path chosen by token count, absorbed, and
+    decompressed."""
+    llm = LLM(path, device="cpu", dtype="float32")
+    ids = prompt_ids(24)
+    want = reference_logits(hf, ids)
+    for absorb in (None, True, False):
+        set_absorb(llm, absorb)
+        got = llm.score(ids)
+        assert got.shape == (24, VOCAB)
+        assert (got - want).abs().max().item() <= TOL, absorb
 
 
 CONFIGS = {
@@ -75,47 +104,17 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_v2(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    want = reference_logits(hf, ids)
-    for absorb in (None, True, False):
-        set_absorb(llm, absorb)
-        got = llm.score(ids)
-        assert got.shape == (24, VOCAB)
-        assert (got - want).abs().max().item() <= TOL, absorb
+    assert_every_path_matches(*make_v2(tmp_path / name, **CONFIGS[name]))
 
 
 def test_hub_style_config(tmp_path):
     """config.json as DeepSeek-V2-Lite's repository ships it (rope_theta + rope_scaling with "type": "yarn", no
     head_dim, the original code's extra keys) gives transformers' logits."""
-    rope = {
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 64,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 0.707,
-        "mscale_all_dim": 0.707,
-    }
-    path, hf = make_v2(tmp_path / "hub", rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})
-    edit_config(
-        path,
-        rope_parameters=None,
-        rope_theta=10000,
-        rope_scaling=rope,
-        head_dim=None,
-        qk_head_dim=None,
-        moe_layer_freq=1,
-        scoring_func="softmax",
-        aux_loss_alpha=0.001,
-        seq_aux=True,
-        n_group=1,
-        topk_group=1,
-    )
-    ids = prompt_ids(20)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    yarn = tiny_yarn(mscale=0.707, mscale_all_dim=0.707)
+    path, hf = make_v2(tmp_path / "hub", rope_parameters=yarn)
+    extra = dict(qk_head_dim=None, scoring_func="softmax", aux_loss_alpha=0.001, seq_aux=True, n_group=1, topk_group=1)
+    edit_to_hub_config(path, yarn, moe_layer_freq=1, **extra)
+    assert max_logit_diff(path, hf, prompt_ids(20)) <= TOL
 
 
 @pytest.fixture(scope="module")

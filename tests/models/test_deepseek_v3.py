@@ -14,31 +14,21 @@ import torch.nn.functional as F
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import (
-    VOCAB,
     assert_config_refused,
     assert_hybrid_matches,
     budget_for,
     edit_config,
     make_deepseek,
+    max_logit_diff,
     prompt_ids,
     reference_greedy,
     reference_logits,
     single_device_run,
 )
-from tests.models.test_deepseek_v2 import set_absorb
+from tests.models.test_deepseek_v2 import assert_every_path_matches, edit_to_hub_config, tiny_yarn
 
 TOL = 1e-4
-# DeepSeek-V3's own YaRN (mscale == mscale_all_dim), at tiny scale
-YARN = {
-    "rope_type": "yarn",
-    "factor": 4.0,
-    "original_max_position_embeddings": 64,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-    "rope_theta": 10000.0,
-}
+YARN = tiny_yarn(mscale=1.0, mscale_all_dim=1.0)  # DeepSeek-V3's own (mscale == mscale_all_dim)
 
 
 def make_v3(path, seed: int = 0, **overrides):
@@ -62,38 +52,16 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_v3(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    want = reference_logits(hf, ids)
-    for absorb in (None, True, False):
-        set_absorb(llm, absorb)
-        got = llm.score(ids)
-        assert got.shape == (24, VOCAB)
-        assert (got - want).abs().max().item() <= TOL, absorb
+    assert_every_path_matches(*make_v3(tmp_path / name, **CONFIGS[name]))
 
 
 def test_hub_style_config(tmp_path):
     """config.json as DeepSeek-V3's repository ships it: rope_scaling with "type", no rope_interleave (interleaved),
     the original code's topk_method / scoring_func, an MTP layer announced by num_nextn_predict_layers."""
-    rope = {k: v for k, v in YARN.items() if k not in ("rope_type", "rope_theta")}
     path, hf = make_v3(tmp_path / "hub", rope_parameters=YARN)
-    edit_config(
-        path,
-        rope_parameters=None,
-        rope_theta=10000,
-        rope_scaling={**rope, "type": "yarn"},
-        rope_interleave=None,
-        head_dim=None,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
-        num_nextn_predict_layers=1,
-        moe_layer_freq=1,
-        ep_size=1,
-    )
-    ids = prompt_ids(20)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    extra = dict(rope_interleave=None, topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=1)
+    edit_to_hub_config(path, YARN, moe_layer_freq=1, ep_size=1, **extra)
+    assert max_logit_diff(path, hf, prompt_ids(20)) <= TOL
 
 
 def test_routing_bias_stays_float32(tmp_path):

@@ -13,6 +13,7 @@ from tests.conftest import (
     assert_info_counts,
     edit_config,
     make_hf_model,
+    max_logit_diff,
     prompt_ids,
     reference_logits,
     tiny_config,
@@ -29,10 +30,6 @@ def make_olmoe(path, seed: int = 0, **overrides):
     return make_hf_model(
         path, tiny_config("Olmoe", kw, overrides), seed, lambda _, p: p.copy_(1.0 + 0.3 * torch.randn_like(p))
     )
-
-
-def max_diff(path, hf, ids) -> float:
-    return (LLM(path, device="cpu", dtype="float32").score(ids) - reference_logits(hf, ids)).abs().max().item()
 
 
 CONFIGS = {
@@ -101,7 +98,7 @@ def test_hub_style_config(tmp_path):
     rope = {"rope_type": "linear", "factor": 3.0, "rope_theta": 20000.0}
     path, hf = make_olmoe(tmp_path / "hub", rope_parameters=rope, num_key_value_heads=2)
     edit_config(path, rope_parameters=None, rope_theta=20000.0, rope_scaling={"type": "linear", "factor": 3.0})
-    assert max_diff(path, hf, prompt_ids(16)) <= TOL
+    assert max_logit_diff(path, hf, prompt_ids(16)) <= TOL
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
