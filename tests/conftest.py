@@ -188,6 +188,37 @@ def make_deepseek(path: Path, version: int = 2, seed: int = 0, **overrides):
     return save_hf_model(model, path), model
 
 
+def offloaded_llm(path, policy: str, residents: int, device: str = "cpu", **kw):
+    """A float32 LLM with `residents` experts resident under `policy`, on the emulated GPU side (device "cpu") or a
+    real one: two fetch slots, none under the cpu policy, whose budget is "0" when it keeps none resident."""
+    from cadenza import LLM
+
+    slots = 0 if policy == "cpu" else 2
+    gpu_memory = "0" if residents == 0 and policy == "cpu" else budget_for(path, residents, slots, device=device)
+    return LLM(path, device=device, dtype="float32", gpu_memory=gpu_memory, offload_policy=policy, **kw)
+
+
+def synced_layers(orchestra) -> int:
+    """The MoE layers that synchronise once per decode step: all but those all resident while the decode kernels
+    run (they need none)."""
+    return sum(1 for layer in orchestra.layers if not (layer.all_resident and orchestra.decode_kernels))
+
+
+def cuda_bf16_scores(path, prompt: list[int], experts: int):
+    """bf16 logits for `prompt` on the GPU: (all `experts` resident, every expert on the host under the cpu
+    policy)."""
+    from cadenza import LLM
+
+    full = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="8GiB")
+    assert full.placement.resident_count == experts
+    resident = full.score(prompt)
+    full.close()
+    llm = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")
+    offloaded = llm.score(prompt)
+    llm.close()
+    return resident, offloaded
+
+
 def single_device_run(path, prompt: list[int], new_tokens: int):
     """The all-resident CPU run the offloaded paths must equal: (its logits for `prompt`, its `new_tokens` greedy
     tokens from prompt[:6])."""
