@@ -110,6 +110,17 @@ def max_logit_diff(path, hf_model, ids: list[int]) -> float:
     return (LLM(path, device="cpu", dtype="float32").score(ids) - reference_logits(hf_model, ids)).abs().max().item()
 
 
+def assert_score_matches(path, hf_model, n: int = 24, tol: float = 1e-4) -> None:
+    """cadenza's float32 logits for n prompt tokens (the checkpoint at `path`, on the CPU) are [n, VOCAB] and within
+    `tol` of transformers'."""
+    from cadenza import LLM
+
+    ids = prompt_ids(n)
+    got = LLM(path, device="cpu", dtype="float32").score(ids)
+    assert got.shape == (n, VOCAB)
+    assert (got - reference_logits(hf_model, ids)).abs().max().item() <= tol
+
+
 def reference_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     """transformers' greedy continuation of `ids`, exactly n tokens (end-of-sequence ignored)."""
     hf_model.generation_config.eos_token_id = None

@@ -7,10 +7,10 @@ import torch
 
 from cadenza import LLM
 from tests.conftest import (
-    VOCAB,
     assert_config_refused,
     assert_hybrid_matches,
     assert_info_counts,
+    assert_score_matches,
     edit_config,
     make_hf_model,
     max_logit_diff,
@@ -54,10 +54,7 @@ def gqa_clip(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
     path, hf = make_olmoe(tmp_path / name, **CONFIGS[name])
-    ids = prompt_ids(24)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    assert_score_matches(path, hf, tol=TOL)
     if CONFIGS[name].get("tie_word_embeddings"):  # the tied checkpoint really has no lm_head to read
         assert "lm_head.weight" not in _tensor_names(path)
 

@@ -18,10 +18,10 @@ import torch
 from cadenza import LLM, SamplingParams
 from cadenza.models.phimoe import sparsemixer
 from tests.conftest import (
-    VOCAB,
     assert_config_refused,
     assert_hybrid_matches,
     assert_info_counts,
+    assert_score_matches,
     edit_config,
     make_hf_model,
     prompt_ids,
@@ -116,11 +116,7 @@ def phi(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_phimoe(tmp_path / name, **CONFIGS[name])
-    ids = prompt_ids(24)
-    got = score(path, ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    assert_score_matches(*make_phimoe(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.01, 0.2, 1.0])

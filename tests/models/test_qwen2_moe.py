@@ -9,9 +9,9 @@ import pytest
 from cadenza import LLM, SamplingParams
 from cadenza.cli.info import describe
 from tests.conftest import (
-    VOCAB,
     assert_config_refused,
     assert_hybrid_matches,
+    assert_score_matches,
     edit_config,
     make_hf_model,
     prompt_ids,
@@ -56,12 +56,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_qwen2_moe(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    got = llm.score(ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    assert_score_matches(*make_qwen2_moe(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 def test_layer_kinds_follow_config(tmp_path):

@@ -9,14 +9,13 @@ import pytest
 from cadenza import LLM, SamplingParams
 from cadenza.cli.info import describe
 from tests.conftest import (
-    VOCAB,
     assert_config_refused,
     assert_hybrid_matches,
+    assert_score_matches,
     edit_config,
     make_hf_model,
     prompt_ids,
     reference_greedy,
-    reference_logits,
     tiny_config,
 )
 
@@ -45,13 +44,6 @@ def make_qwen3_moe(path: Path, seed: int = 0, **overrides):
             p.uniform_(0.5, 1.5)
 
     return make_hf_model(path, tiny_qwen3_moe_config(**overrides), seed, vectors)
-
-
-def max_diff(path: Path, hf, n: int = 24) -> float:
-    ids = prompt_ids(n)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert got.shape == (n, VOCAB)
-    return (got - reference_logits(hf, ids)).abs().max().item()
 
 
 CONFIGS = {
@@ -89,8 +81,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_qwen3_moe(tmp_path / name, **CONFIGS[name])
-    assert max_diff(path, hf) <= TOL
+    assert_score_matches(*make_qwen3_moe(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 def test_hub_style_config(tmp_path):
@@ -109,7 +100,7 @@ def test_hub_style_config(tmp_path):
         sliding_window=4,  # ignored, as transformers ignores it: the prompt is longer than 4
         max_window_layers=1,
     )
-    assert max_diff(path, hf) <= TOL
+    assert_score_matches(path, hf, tol=TOL)
 
 
 @pytest.fixture(scope="module")
