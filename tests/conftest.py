@@ -29,25 +29,50 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def tiny_mixtral_config(**overrides):
-    from transformers import MixtralConfig
+# what every tiny test checkpoint shares; a family's builder adds its own arguments and may override these
+TINY_ARGS = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=1,
+)
 
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    kw.update(overrides)
-    return MixtralConfig(**kw)
+
+def tiny_config(family: str, defaults: dict, overrides: dict):
+    """transformers' `{family}Config` (family: "Mixtral", "Qwen3Moe", ...) from TINY_ARGS, then the family's
+    `defaults`, then a test's `overrides`."""
+    import transformers
+
+    return getattr(transformers, f"{family}Config")(**{**TINY_ARGS, **defaults, **overrides})
+
+
+def random_hf_model(config, seed: int = 0, vectors=None):
+    """transformers' *ForCausalLM for `config` (fp32, eval), seeded. Its matrices are widened from transformers'
+    tiny init (std 0.02) to N(0, 0.2) so that routing and logits are not degenerate; vectors(name, p), where given,
+    sets the 1-d parameters (norm weights, biases) in the same pass."""
+    import transformers
+
+    model_class = getattr(transformers, type(config).__name__.replace("Config", "ForCausalLM"))
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            elif vectors is not None:
+                vectors(name, p)
+    return model
+
+
+def tiny_mixtral_config(**overrides):
+    return tiny_config("Mixtral", dict(num_local_experts=4), overrides)
 
 
 def save_hf_model(model, path: Path, dtype: torch.dtype | None = None, **save_kw) -> Path:
@@ -60,25 +85,40 @@ def save_hf_model(model, path: Path, dtype: torch.dtype | None = None, **save_kw
     return path
 
 
+def make_hf_model(path: Path, config, seed: int = 0, vectors=None, dtype: torch.dtype | None = None, **save_kw):
+    """random_hf_model(config, seed, vectors) saved to `path` (see save_hf_model); returns (folder, the model)."""
+    model = random_hf_model(config, seed, vectors)
+    return save_hf_model(model, path, dtype=dtype, **save_kw), model
+
+
 def make_mixtral(path: Path, seed: int = 0, dtype: torch.dtype | None = None, save_kw: dict | None = None, **overrides):
     """A tiny random MixtralForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
-    from transformers import MixtralForCausalLM
-
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(tiny_mixtral_config(**overrides)).eval()
-    # transformers' init is tiny (std 0.02); widen it so routing and logits are not degenerate
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    save_hf_model(model, path, dtype=dtype, **(save_kw or {}))
-    return path, model
+    return make_hf_model(path, tiny_mixtral_config(**overrides), seed, dtype=dtype, **(save_kw or {}))
 
 
 def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
     """transformers' float32 logits [len(ids), V] for one teacher-forced pass."""
     with torch.no_grad():
         return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def max_logit_diff(path, hf_model, ids: list[int]) -> float:
+    """The largest difference between cadenza's float32 logits for `ids` (the checkpoint at `path`, on the CPU) and
+    transformers' (reference_logits)."""
+    from cadenza import LLM
+
+    return (LLM(path, device="cpu", dtype="float32").score(ids) - reference_logits(hf_model, ids)).abs().max().item()
+
+
+def assert_score_matches(path, hf_model, n: int = 24, tol: float = 1e-4) -> None:
+    """cadenza's float32 logits for n prompt tokens (the checkpoint at `path`, on the CPU) are [n, VOCAB] and within
+    `tol` of transformers'."""
+    from cadenza import LLM
+
+    ids = prompt_ids(n)
+    got = LLM(path, device="cpu", dtype="float32").score(ids)
+    assert got.shape == (n, VOCAB)
+    assert (got - reference_logits(hf_model, ids)).abs().max().item() <= tol
 
 
 def reference_greedy(hf_model, ids: list[int], n: int) -> list[int]:
@@ -125,16 +165,12 @@ def mixtral_dir(tmp_path_factory):
     return make_mixtral(tmp_path_factory.mktemp("mixtral"))
 
 
-def tiny_deepseek_kwargs(version: int, **overrides) -> dict:
-    """A tiny DeepSeek-V2 / V3 config's arguments: MLA with a latent of 16, 8 routed experts (top-2) and a shared
-    one, a dense first layer, 3 layers."""
+def tiny_deepseek_config(version: int, **overrides):
+    """A tiny DeepSeek-V2 / V3 config: MLA with a latent of 16, 8 routed experts (top-2) and a shared one, a dense
+    first layer, 3 layers."""
     kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
         moe_intermediate_size=32,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=4,
         kv_lora_rank=16,
         q_lora_rank=None if version == 2 else 24,
@@ -142,52 +178,107 @@ def tiny_deepseek_kwargs(version: int, **overrides) -> dict:
         qk_rope_head_dim=8,
         v_head_dim=12,
         n_routed_experts=8,
-        num_experts_per_tok=2,
         n_shared_experts=1,
         first_k_dense_replace=1,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=0,
-        eos_token_id=1,
     )
     if version == 3:
         kw.update(n_group=4, topk_group=2)
-    kw.update(overrides)
-    return kw
+    return tiny_config(f"DeepseekV{version}", kw, overrides)
 
 
 def make_deepseek(path: Path, version: int = 2, seed: int = 0, **overrides):
     """A tiny random DeepseekV2ForCausalLM (version 2) or DeepseekV3ForCausalLM (3) saved to `path`; returns
     (folder, the fp32 transformers model)."""
-    import transformers
-
-    name = f"DeepseekV{version}"
-    config = getattr(transformers, f"{name}Config")(**tiny_deepseek_kwargs(version, **overrides))
-    torch.manual_seed(seed)
-    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
-    # widen transformers' tiny init so routing is not degenerate; norm weights away from 1 and a routing bias
-    # large enough to change V3's choices, so that a wrong norm or a bias used in the wrong place shows
+    # norm weights away from 1 and a routing bias large enough to change V3's choices, so that a wrong norm or a
+    # bias used in the wrong place shows
+    model = random_hf_model(tiny_deepseek_config(version, **overrides), seed, lambda _, p: p.normal_(1.0, 0.1))
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(1.0, 0.1)
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.5)
-    save_hf_model(model, path)
-    return path, model
+    return save_hf_model(model, path), model
 
 
-def assert_hybrid_matches(path, policy, residents, slots, prompt, want_logits, want_tokens, new_tokens,
-                          pairs=None, side=None, tol=1e-4):  # fmt: skip
-    """Some experts off the (emulated) GPU under `policy`, `residents` of them resident (`slots` fetch slots when
-    the policy fetches): the same logits for `prompt` and the same greedy tokens from prompt[:6] as the all-resident
-    model. pairs: the (token, expert) pairs the generation must count; side: "policy" (work went to the policy's
-    own side: cpu or fetched), "either" (to the CPU or fetched), None (not checked)."""
+def offloaded_llm(path, policy: str, residents: int, device: str = "cpu", **kw):
+    """A float32 LLM with `residents` experts resident under `policy`, on the emulated GPU side (device "cpu") or a
+    real one: two fetch slots, none under the cpu policy, whose budget is "0" when it keeps none resident."""
+    from cadenza import LLM
+
+    slots = 0 if policy == "cpu" else 2
+    gpu_memory = "0" if residents == 0 and policy == "cpu" else budget_for(path, residents, slots, device=device)
+    return LLM(path, device=device, dtype="float32", gpu_memory=gpu_memory, offload_policy=policy, **kw)
+
+
+def synced_layers(orchestra) -> int:
+    """The MoE layers that synchronise once per decode step: all but those all resident while the decode kernels
+    run (they need none)."""
+    return sum(1 for layer in orchestra.layers if not (layer.all_resident and orchestra.decode_kernels))
+
+
+def cuda_bf16_scores(path, prompt: list[int], experts: int):
+    """bf16 logits for `prompt` on the GPU: (all `experts` resident, every expert on the host under the cpu
+    policy)."""
+    from cadenza import LLM
+
+    full = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="8GiB")
+    assert full.placement.resident_count == experts
+    resident = full.score(prompt)
+    full.close()
+    llm = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")
+    offloaded = llm.score(prompt)
+    llm.close()
+    return resident, offloaded
+
+
+def single_device_run(path, prompt: list[int], new_tokens: int):
+    """The all-resident CPU run the offloaded paths must equal: (its logits for `prompt`, its `new_tokens` greedy
+    tokens from prompt[:6])."""
     from cadenza import LLM, SamplingParams
 
+    ref = LLM(path, device="cpu", dtype="float32")
+    greedy = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    return ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+
+
+def assert_config_refused(path: Path, match: str, **changes) -> None:
+    """With config.json's `changes` (edit_config, in place), loading the checkpoint at `path` fails with a
+    CadenzaError matching `match`."""
+    from cadenza import LLM, CadenzaError
+
+    edit_config(path, **changes)
+    with pytest.raises(CadenzaError, match=match):
+        LLM(path, device="cpu", dtype="float32")
+
+
+def assert_info_counts(path, hf, architecture: str, model_type: str, layers: tuple, heads: tuple, tied=None) -> None:
+    """`cadenza info` on the checkpoint at `path` counts what transformers' model `hf` holds. layers: (layers, MoE
+    layers, experts per layer, experts per token); heads: (attention heads, KV heads, head dim); tied: (folder,
+    model) of the family with tied embeddings, which count once, as transformers' parameters() does."""
+    from cadenza.cli.info import describe
+
+    info = describe(path)
+    experts = sum(
+        layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel() for layer in hf.model.layers
+    )
+    assert info["architecture"] == architecture and info["model_type"] == model_type
+    assert (info["layers"], info["moe_layers"], info["experts_per_layer"], info["experts_per_token"]) == layers
+    assert (info["attention_heads"], info["kv_heads"], info["head_dim"]) == heads
+    assert info["parameters"] == sum(p.numel() for p in hf.parameters())
+    assert info["expert_parameters"] == experts
+    if tied is not None:
+        assert describe(tied[0])["parameters"] == sum(p.numel() for p in tied[1].parameters())
+
+
+def assert_hybrid_matches(path, policy, residents, slots, prompt, new_tokens, pairs=None, side=None, tol=1e-4,
+                          want=None):  # fmt: skip
+    """Some experts off the (emulated) GPU under `policy`, `residents` of them resident (`slots` fetch slots when
+    the policy fetches): the same logits for `prompt` and the same `new_tokens` greedy tokens from prompt[:6] as the
+    all-resident model (`want`: its single_device_run, made here when not given). pairs: the (token, expert) pairs
+    the generation must count; side: "policy" (work went to the policy's own side: cpu or fetched), "either" (to
+    the CPU or fetched), None (not checked)."""
+    from cadenza import LLM, SamplingParams
+
+    want_logits, want_tokens = single_device_run(path, prompt, new_tokens) if want is None else want
     budget = budget_for(path, residents, 0 if policy == "cpu" else slots)
     llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget, offload_policy=policy)
     try:

@@ -41,7 +41,9 @@ def test_rows_of_different_lengths_decode_together(model):
         torch.testing.assert_close(got[i], alone(model, prompts[i], extra[i]), atol=1e-5, rtol=1e-5)
 
 
-def test_contiguous_rows_and_equal_starts_batch_prefill(model):
+def check_equal_starts_batch_prefill(model) -> None:
+    """Two prompts of one length prefilled together into contiguous slots 1 and 2: each row's logits are the
+    prompt's alone (also for MLA's cache: tests/models/test_mla_cache.py)."""
     prompts = [prompt_ids(7, seed=4), prompt_ids(7, seed=5)]
     cache = model.new_cache(64, torch.float32, torch.device("cpu"), batch=3)
     logits = model(torch.tensor(prompts), cache, rows=[1, 2])
@@ -50,7 +52,8 @@ def test_contiguous_rows_and_equal_starts_batch_prefill(model):
         torch.testing.assert_close(logits[i], single[0], atol=1e-5, rtol=1e-5)
 
 
-def test_reorder_copies_rows(model):
+def check_reorder_copies_rows(model) -> None:
+    """A beam reorder copies one slot's history over another's: both rows then decode as that sequence alone."""
     a, b = prompt_ids(5, seed=6), prompt_ids(8, seed=7)
     cache = model.new_cache(64, torch.float32, torch.device("cpu"), batch=2)
     model(torch.tensor([a]), cache, rows=[0])
@@ -62,3 +65,11 @@ def test_reorder_copies_rows(model):
     want = alone(model, b, nxt)[0]
     torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_contiguous_rows_and_equal_starts_batch_prefill(model):
+    check_equal_starts_batch_prefill(model)
+
+
+def test_reorder_copies_rows(model):
+    check_reorder_copies_rows(model)

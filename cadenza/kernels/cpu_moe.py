@@ -407,6 +407,17 @@ def _dequant_chunk(p: PackedExperts, which: str, e: int, t0: int, t1: int, buf, 
     return out
 
 
+def _routed(ids: torch.Tensor, w: torch.Tensor, experts):
+    """For each of `experts` that some token is routed to: (the expert, the tokens routed to it, their weights
+    [n, 1]); ids and w [T, k]."""
+    flat_ids, flat_w = ids.view(-1), w.view(-1)
+    k = ids.shape[1]
+    for e in experts:
+        pairs = torch.nonzero(flat_ids == e).view(-1)
+        if pairs.numel():
+            yield e, pairs // k, flat_w[pairs, None]
+
+
 def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib=None, threads=None) -> None:
     """Per expert, chunks of its rows dequantized to `mm_dtype` and multiplied with torch.mm: the "mm" route in
     bf16 (matrix units), the "torch" fallback / reference in fp32."""
@@ -420,13 +431,7 @@ def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib
     buf = torch.empty(_CHUNK_BYTES // el, dtype=mm_dtype) if lib is not None else torch.empty(0, dtype=mm_dtype)
     xp = torch.zeros(x.shape[0], hp, dtype=mm_dtype)
     xp[:, : p.hidden] = x
-    flat_ids, flat_w = ids.view(-1), w.view(-1)
-    k = ids.shape[1]
-    for e in experts:
-        pairs = torch.nonzero(flat_ids == e).view(-1)
-        if pairs.numel() == 0:
-            continue
-        tokens = pairs // k
+    for e, tokens, weights in _routed(ids, w, experts):
         xe = xp[tokens]  # [n, Hp]
         n = xe.shape[0]
         hbuf = torch.empty(n, ip, dtype=mm_dtype)
@@ -440,7 +445,7 @@ def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib
             t1 = min(hp // ROWS, t0 + ct2)
             rows = _dequant_chunk(p, "down", e, t0, t1, buf, lib, threads)  # [4 (t1 - t0), Ip]
             ye[:, ROWS * t0 : ROWS * t1] = torch.mm(hbuf, rows.t()).float()
-        y.index_add_(0, tokens, ye[:, : p.hidden] * flat_w[pairs, None])
+        y.index_add_(0, tokens, ye[:, : p.hidden] * weights)
 
 
 def _plain_forward(p: PlainExperts, x, ids, w, experts, act, y, mm_dtype, lib=None, threads=None) -> None:
@@ -453,13 +458,7 @@ def _plain_forward(p: PlainExperts, x, ids, w, experts, act, y, mm_dtype, lib=No
     el = torch.finfo(mm_dtype).bits // 8
     c1 = max(1, _CHUNK_BYTES // (2 * h * el))  # gate and up rows per chunk
     c2 = max(1, _CHUNK_BYTES // (i * el))  # down rows per chunk
-    flat_ids, flat_w = ids.view(-1), w.view(-1)
-    k = ids.shape[1]
-    for e in experts:
-        pairs = torch.nonzero(flat_ids == e).view(-1)
-        if pairs.numel() == 0:
-            continue
-        tokens = pairs // k
+    for e, tokens, weights in _routed(ids, w, experts):
         xe = x[tokens].to(mm_dtype)  # [n, H]
         n = xe.shape[0]
         hbuf = torch.empty(n, i, dtype=mm_dtype)
@@ -472,4 +471,4 @@ def _plain_forward(p: PlainExperts, x, ids, w, experts, act, y, mm_dtype, lib=No
         for h0 in range(0, h, c2):
             h1 = min(h, h0 + c2)
             ye[:, h0:h1] = torch.mm(hbuf, p.down[e, h0:h1].to(mm_dtype).t()).float()
-        y.index_add_(0, tokens, ye * flat_w[pairs, None])
+        y.index_add_(0, tokens, ye * weights)

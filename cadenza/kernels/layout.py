@@ -183,13 +183,19 @@ def _quantize_rows(w: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor,
 
 def _tile_into(out: torch.Tensor, w: torch.Tensor, fmt: str, group: int) -> None:
     """w [R, K] (R, K multiples of 4 and 128) -> its tiles, written into out uint8 [R / 4, tile bytes]."""
-    r, k = w.shape
+    k = w.shape[1]
     data, scales = _quantize_rows(w, fmt, group)
     if data.data_ptr() % 8 or not data.is_contiguous():
         data = data.contiguous().clone()  # an unaligned view cannot be read as 8-byte words
-    nbytes = data.shape[1]
+    _write_tiles(out, data, scales, fmt, group, k)
+
+
+def _write_tiles(out: torch.Tensor, data: torch.Tensor, scales: list[torch.Tensor], fmt: str, group: int, k: int):
+    """Quantized rows data uint8 [R, row bytes] (contiguous, 8-byte aligned) and their scales -> out uint8 [R / 4,
+    tile bytes]: each tile's header (its rows' scales, zero-padded), then the 4 rows' 64-byte pieces interleaved."""
+    r, nbytes = data.shape
     hb = _header_bytes(fmt, group, k)
-    # the 4 rows' 64-byte pieces interleaved; moved as 8-byte words (a uint8 permute copy is slow)
+    # moved as 8-byte words (a uint8 permute copy is slow)
     body = out[:, hb:].view(torch.int64).view(r // ROWS, nbytes // 64, ROWS, 8)
     body.copy_(data.view(torch.int64).view(r // ROWS, ROWS, nbytes // 64, 8).transpose(1, 2))
     if hb:
@@ -370,18 +376,7 @@ class _ChunkPacker:
             data = self.words16[: r * k // 4].view(r, k // 4)
             data.view(-1).copy_(w32)  # int32 -> int16 keeps the low 16 bits: the word's bit pattern
             scales = [scale, z.to(torch.uint8)]
-        data = data.view(torch.uint8)
-        nbytes = data.shape[1]
-        hb = _header_bytes(fmt, self.group, k)
-        body = out[:, hb:].view(torch.int64).view(r // ROWS, nbytes // 64, ROWS, 8)
-        body.copy_(data.view(torch.int64).view(r // ROWS, ROWS, nbytes // 64, 8).transpose(1, 2))
-        if hb:
-            out[:, :hb] = 0
-            at = 0
-            for sc in scales:
-                part = sc.reshape(r // ROWS, -1).contiguous().view(torch.uint8)
-                out[:, at : at + part.shape[1]] = part
-                at += part.shape[1]
+        _write_tiles(out, data.view(torch.uint8), scales, fmt, self.group, k)
 
 
 def dequantize_tiles(tiles: torch.Tensor, fmt: str, group: int, k: int) -> torch.Tensor:

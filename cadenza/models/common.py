@@ -1,5 +1,5 @@
-"""Pieces every family shares: RMSNorm, attention with a KV cache, the dense MLP, and the decoder stack that runs
-them (rotary embeddings: cadenza.models.rope).
+"""Pieces every family shares: RMSNorm, attention with a KV cache, the dense MLP, the softmax top-k MoE block, the
+pre-norm decoder layer, and the decoder stack that runs them (rotary embeddings: cadenza.models.rope).
 
 Shape legend: B batch, T new tokens, S tokens in the cache (past + new), H hidden size, N query heads, K key/value
 heads, D head dim, V vocabulary.
@@ -7,8 +7,10 @@ heads, D head dim, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from torch import nn
 from cadenza.errors import CadenzaError
 from cadenza.kv_cache import Cache, KVCache
 from cadenza.models.rope import RotaryEmbedding, apply_rotary
+from cadenza.moe.routing import softmax_topk
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -220,17 +223,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
 class Attention(nn.Module):
     """Grouped-query attention with rotary embeddings and a KV cache (names as in transformers' *Attention)."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        layer_idx: int,
-        qkv_bias: bool = False,
-        o_bias: bool = False,
-    ):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool = False, o_bias: bool = False):
+        """config: the family's ModelArgs (hidden_size, num_attention_heads, num_key_value_heads, head_dim)."""
         super().__init__()
+        hidden_size, head_dim = config.hidden_size, config.head_dim
+        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = head_dim**-0.5
@@ -269,6 +266,68 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SparseMoeBlock(nn.Module):
+    """A layer's routed experts: the router `gate` picks each token's experts, the seam `experts(x, topk_ids,
+    topk_weights, shared)` runs them. The default route is softmax over every expert in fp32, top-k, renormalised
+    when `norm_topk_prob` says so (Mixtral always, Qwen-MoE and OLMoE by config); families with another router
+    override `route`, families with always-on experts `shared_output`."""
+
+    top_k: int
+    norm_topk_prob: bool = True
+
+    def __init__(
+        self,
+        config,
+        num_experts: int,
+        intermediate_size: int,
+        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+        gate: nn.Module | None = None,
+    ):
+        """config: the family's ModelArgs (hidden_size, hidden_act); names: the experts' three weights as the
+        checkpoint names them; gate: the router module (default a bias-free linear layer [E, H])."""
+        # imported here, not at the top: cadenza.moe.experts imports this module (act_fn)
+        from cadenza.moe.experts import Experts
+
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, num_experts, bias=False) if gate is None else gate
+        self.experts = Experts(num_experts, config.hidden_size, intermediate_size, config.hidden_act, names=names)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> topk_weights [T, k] float32, topk_ids [T, k]."""
+        return softmax_topk(self.gate(x), self.top_k, norm_topk_prob=self.norm_topk_prob)
+
+    def shared_output(self, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+        """The always-on experts' output for x ([T, H]) as a callable the seam runs on the GPU while the CPU works on
+        routed experts; None: the family has none."""
+        return None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, t, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)  # [B*T, H]
+        topk_weights, topk_ids = self.route(x)  # [B*T, k]
+        return self.experts(x, topk_ids, topk_weights, shared=self.shared_output(x)).reshape(b, t, h)
+
+
+class DecoderLayer(nn.Module):
+    """The pre-norm decoder layer: hidden + self_attn(input_layernorm(hidden)), then
+    hidden + mlp(post_attention_layernorm(hidden)). The feed-forward (dense MLP or MoE block) is registered under
+    `mlp_name`, the name its checkpoint tensors carry."""
+
+    mlp_name: ClassVar[str] = "mlp"
+
+    def __init__(self, config, self_attn: nn.Module, mlp: nn.Module, norm_class: type[nn.Module] = RMSNorm):
+        """config: the family's ModelArgs (hidden_size, rms_norm_eps); norm_class: RMSNorm or a family's own."""
+        super().__init__()
+        self.self_attn = self_attn
+        setattr(self, self.mlp_name, mlp)
+        self.input_layernorm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
+        return hidden_states + getattr(self, self.mlp_name)(self.post_attention_layernorm(hidden_states))
+
+
 # --- the decoder stack ------------------------------------------------------------------------------------------
 
 
@@ -281,13 +340,30 @@ class StaticStep:
 
 
 class DecoderModel(nn.Module):
-    """embed -> layers -> norm. A family's *Model subclasses this and builds `embed_tokens`, `layers`, `norm` and
-    `rotary_emb`; every layer is called as layer(hidden_states, ctx)."""
+    """embed -> layers -> norm. A family's *Model subclasses this, naming its decoder layer (called as
+    layer(hidden_states, ctx)) and, where they differ from the usual, its norm and rotary embedding."""
 
     sliding_window: int | None = None
     # per layer, where layers differ (gpt-oss's windows, Llama-4's chunks); else sliding_window. Each distinct value
     # gets its context from `layer_context`
     layer_windows: list[int | None] | None = None
+
+    def __init__(
+        self,
+        config,
+        layer_class: Callable[..., nn.Module],
+        norm_class: type[nn.Module] = RMSNorm,
+        rotary_class: type[RotaryEmbedding] = RotaryEmbedding,
+        rotary_dim: int | None = None,
+    ):
+        """config: the family's ModelArgs; layer_class(config, layer_idx) builds a layer; rotary_dim: the features
+        of each head that turn (default head_dim)."""
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        dim = config.head_dim if rotary_dim is None else rotary_dim
+        self.rotary_emb = rotary_class(config.rope, dim, config.max_position_embeddings)
 
     def forward(
         self, input_ids: torch.Tensor, cache: Cache, rows: list[int] | None = None, static: StaticStep | None = None
@@ -323,8 +399,14 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A decoder model and its LM head. `forward` returns float32 logits. Subclasses set `config` (ModelArgs),
-    `model` (a DecoderModel) and `lm_head`."""
+    """A decoder model and its LM head. `forward` returns float32 logits."""
+
+    def __init__(self, config, model: DecoderModel, lm_head_bias: bool = False):
+        """config: the family's ModelArgs; model: its DecoderModel, built from config."""
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=lm_head_bias)
 
     def new_cache(self, max_length: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> KVCache:
         """A KV cache for this model's attention (families with another cache layout override this)."""

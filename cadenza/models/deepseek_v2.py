@@ -17,6 +17,7 @@ DeepSeek-V3 (deepseek_v3.py) reuses all of this with another router.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,10 +28,8 @@ from torch import nn
 from cadenza.errors import CadenzaError
 from cadenza.kv_cache import MLACache
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, AttentionContext, CausalLM, DecoderModel, RMSNorm
+from cadenza.models.common import MLP, CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock
 from cadenza.models.mla import MultiHeadLatentAttention
-from cadenza.models.rope import RotaryEmbedding
-from cadenza.moe.experts import Experts
 from cadenza.moe.routing import softmax_group_topk
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -172,31 +171,21 @@ class DeepseekV2TopkRouter(nn.Module):
         )
 
 
-class DeepseekV2Moe(nn.Module):
+class DeepseekV2Moe(SparseMoeBlock):
     router_class: ClassVar[type[nn.Module]] = DeepseekV2TopkRouter
 
     def __init__(self, config: DeepseekV2Config):
-        super().__init__()
-        self.gate = self.router_class(config)
-        self.experts = Experts(
-            config.n_routed_experts,
-            config.hidden_size,
-            config.moe_intermediate_size,
-            config.hidden_act,
-            names=("gate_proj", "up_proj", "down_proj"),
-        )
+        super().__init__(config, config.n_routed_experts, config.moe_intermediate_size, gate=self.router_class(config))
         self.shared_experts = None
         if config.n_shared_experts:  # all shared experts as one wider MLP, as the checkpoint stores them
             shared_size = config.moe_intermediate_size * config.n_shared_experts
             self.shared_experts = MLP(config.hidden_size, shared_size, config.hidden_act)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, t, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)  # [B*T, H]
-        topk_weights, topk_ids = self.gate(x)  # [B*T, k]
-        shared = None if self.shared_experts is None else (lambda: self.shared_experts(x))
-        # the seam adds the shared experts' output, computed on the GPU while the CPU works on routed experts
-        return self.experts(x, topk_ids, topk_weights, shared=shared).reshape(b, t, h)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate(x)  # the router computes the weights itself
+
+    def shared_output(self, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+        return None if self.shared_experts is None else (lambda: self.shared_experts(x))
 
 
 class DeepseekV2Attention(MultiHeadLatentAttention):
@@ -206,45 +195,31 @@ class DeepseekV2Attention(MultiHeadLatentAttention):
         super().__init__(config, layer_idx, rope_interleave=True)
 
 
-class DeepseekV2DecoderLayer(nn.Module):
+class DeepseekV2DecoderLayer(DecoderLayer):
     attention_class: ClassVar[type[nn.Module]] = DeepseekV2Attention
     moe_class: ClassVar[type[nn.Module]] = DeepseekV2Moe
 
     def __init__(self, config: DeepseekV2Config, layer_idx: int):
-        super().__init__()
-        self.self_attn = self.attention_class(config, layer_idx)
         if config.is_sparse(layer_idx):
-            self.mlp: nn.Module = self.moe_class(config)
+            mlp: nn.Module = self.moe_class(config)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)  # DeepseekV2MLP
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)  # DeepseekV2MLP
+        super().__init__(config, self.attention_class(config, layer_idx), mlp)
 
 
 class DeepseekV2Model(DecoderModel):
     decoder_layer_class: ClassVar[type[nn.Module]] = DeepseekV2DecoderLayer
 
     def __init__(self, config: DeepseekV2Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # only the rotary part of each head turns
-        self.rotary_emb = RotaryEmbedding(config.rope, config.qk_rope_head_dim, config.max_position_embeddings)
+        super().__init__(config, self.decoder_layer_class, rotary_dim=config.qk_rope_head_dim)
 
 
 class DeepseekV2ForCausalLM(CausalLM):
     model_class: ClassVar[type[nn.Module]] = DeepseekV2Model
 
     def __init__(self, config: DeepseekV2Config):
-        super().__init__()
-        self.config = config
-        self.model = self.model_class(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        super().__init__(config, self.model_class(config))
 
     def new_cache(self, max_length: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> MLACache:
         """MLA's cache: the latent and the rotary key per position and layer, (kv_lora_rank + qk_rope_head_dim)

@@ -13,13 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm
-from cadenza.models.rope import RotaryEmbedding
-from cadenza.moe.experts import Experts
-from cadenza.moe.routing import softmax_topk
+from cadenza.models.common import Attention, CausalLM, DecoderLayer, DecoderModel, RMSNorm, SparseMoeBlock
 
 
 @dataclass
@@ -56,15 +52,7 @@ class OlmoeAttention(Attention):
     one norm over all heads together, not per head as in Qwen3; then optionally clipped."""
 
     def __init__(self, config: OlmoeConfig, layer_idx: int):
-        super().__init__(
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-            layer_idx,
-            qkv_bias=config.attention_bias,
-            o_bias=config.attention_bias,
-        )
+        super().__init__(config, layer_idx, qkv_bias=config.attention_bias, o_bias=config.attention_bias)
         self.clip_qkv = config.clip_qkv
         self.q_norm = RMSNorm(config.num_attention_heads * config.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(config.num_key_value_heads * config.head_dim, eps=config.rms_norm_eps)
@@ -84,49 +72,26 @@ class OlmoeAttention(Attention):
         return q, k, v
 
 
-class OlmoeSparseMoeBlock(nn.Module):
+class OlmoeSparseMoeBlock(SparseMoeBlock):
+    """Softmax over all E in fp32, top-k; the k weights are renormalised only with norm_topk_prob."""
+
     def __init__(self, config: OlmoeConfig):
-        super().__init__()
+        # transformers names the gate OlmoeTopKRouter; its one parameter lands at `mlp.gate.weight` all the same
+        super().__init__(config, config.num_experts, config.intermediate_size)
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        # transformers names this module OlmoeTopKRouter; its one parameter lands at `mlp.gate.weight` all the same
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size, config.hidden_act)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, t, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)  # [B*T, H]
-        router_logits = self.gate(x)  # [B*T, E]
-        # softmax over all E in fp32, top-k; the k weights are renormalised only with norm_topk_prob
-        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, norm_topk_prob=self.norm_topk_prob)
-        return self.experts(x, topk_ids, topk_weights).reshape(b, t, h)
 
 
-class OlmoeDecoderLayer(nn.Module):
+class OlmoeDecoderLayer(DecoderLayer):
     def __init__(self, config: OlmoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = OlmoeAttention(config, layer_idx)
-        self.mlp = OlmoeSparseMoeBlock(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        super().__init__(config, OlmoeAttention(config, layer_idx), OlmoeSparseMoeBlock(config))
 
 
 class OlmoeModel(DecoderModel):
     def __init__(self, config: OlmoeConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(OlmoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        super().__init__(config, OlmoeDecoderLayer)
 
 
 class OlmoeForCausalLM(CausalLM):
     def __init__(self, config: OlmoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = OlmoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        super().__init__(config, OlmoeModel(config))

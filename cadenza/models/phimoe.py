@@ -18,9 +18,8 @@ from torch import nn
 
 from cadenza.kv_cache import KVCache
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel
+from cadenza.models.common import Attention, CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock
 from cadenza.models.rope import RopeParameters, RotaryEmbedding
-from cadenza.moe.experts import Experts
 
 
 @dataclass
@@ -103,25 +102,15 @@ def sparsemixer(scores: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, 
     return torch.cat(weights, dim=-1), torch.cat(picks, dim=-1)
 
 
-class PhimoeSparseMoeBlock(nn.Module):
+class PhimoeSparseMoeBlock(SparseMoeBlock):
     def __init__(self, config: PhimoeConfig):
-        super().__init__()
+        super().__init__(config, config.num_local_experts, config.intermediate_size, names=("w1", "w3", "w2"))
         self.router_jitter_noise = config.router_jitter_noise
-        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.experts = Experts(
-            config.num_local_experts,
-            config.hidden_size,
-            config.intermediate_size,
-            config.hidden_act,
-            names=("w1", "w3", "w2"),
-        )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, t, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)  # [B*T, H]
-        router_logits = self.gate(x)  # [B*T, E], in the compute dtype as the reference keeps it
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        router_logits = self.gate(x)  # [T, E], in the compute dtype as the reference keeps it
         topk_weights, topk_ids = sparsemixer(router_logits, self.router_jitter_noise)
-        return self.experts(x, topk_ids, topk_weights.float()).reshape(b, t, h)
+        return topk_weights.float(), topk_ids
 
 
 # --- the decoder --------------------------------------------------------------------------------------------------
@@ -131,40 +120,22 @@ class PhimoeAttention(Attention):
     """Plain GQA attention; attention_bias puts a bias on all four projections, o_proj included."""
 
     def __init__(self, config: PhimoeConfig, layer_idx: int):
-        bias = config.attention_bias
-        super().__init__(
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-            layer_idx,
-            qkv_bias=bias,
-            o_bias=bias,
-        )
+        super().__init__(config, layer_idx, qkv_bias=config.attention_bias, o_bias=config.attention_bias)
 
 
-class PhimoeDecoderLayer(nn.Module):
+class PhimoeDecoderLayer(DecoderLayer):
+    mlp_name = "block_sparse_moe"
+
     def __init__(self, config: PhimoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = PhimoeAttention(config, layer_idx)
-        self.block_sparse_moe = PhimoeSparseMoeBlock(config)
+        attn, moe = PhimoeAttention(config, layer_idx), PhimoeSparseMoeBlock(config)
         # LayerNorm with weight and bias; its eps is config.rms_norm_eps, as in the reference
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.block_sparse_moe(self.post_attention_layernorm(hidden_states))
+        super().__init__(config, attn, moe, norm_class=nn.LayerNorm)
 
 
 class PhimoeModel(DecoderModel):
     def __init__(self, config: PhimoeConfig):
-        super().__init__()
+        super().__init__(config, PhimoeDecoderLayer, norm_class=nn.LayerNorm, rotary_class=PhimoeRotaryEmbedding)
         self.sliding_window = config.sliding_window
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(PhimoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = PhimoeRotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
 
 class PhimoeKVCache(KVCache):
@@ -188,10 +159,7 @@ class PhimoeKVCache(KVCache):
 
 class PhimoeForCausalLM(CausalLM):
     def __init__(self, config: PhimoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = PhimoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        super().__init__(config, PhimoeModel(config), lm_head_bias=config.lm_head_bias)
 
     def new_cache(self, max_length: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> KVCache:
         c = self.config

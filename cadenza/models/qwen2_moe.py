@@ -9,6 +9,7 @@ expert and dense MLPs are ordinary weights (always on the GPU); only the routed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,10 +18,15 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm
-from cadenza.models.rope import RotaryEmbedding
-from cadenza.moe.experts import Experts
-from cadenza.moe.routing import softmax_topk
+from cadenza.models.common import (
+    MLP,
+    Attention,
+    AttentionContext,
+    CausalLM,
+    DecoderLayer,
+    DecoderModel,
+    SparseMoeBlock,
+)
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -92,14 +98,7 @@ class Qwen2MoeAttention(Attention):
     `sliding_window` positions, the others the whole causal past."""
 
     def __init__(self, config: Qwen2MoeConfig, layer_idx: int):
-        super().__init__(
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-            layer_idx,
-            qkv_bias=config.qkv_bias,
-        )
+        super().__init__(config, layer_idx, qkv_bias=config.qkv_bias)
         sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
 
@@ -110,66 +109,38 @@ class Qwen2MoeAttention(Attention):
         return super().forward(x, ctx)
 
 
-class Qwen2MoeSparseMoeBlock(nn.Module):
+class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
     def __init__(self, config: Qwen2MoeConfig):
-        super().__init__()
+        super().__init__(config, config.num_experts, config.moe_intermediate_size)
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = Experts(
-            config.num_experts,
-            config.hidden_size,
-            config.moe_intermediate_size,
-            config.hidden_act,
-            names=("gate_proj", "up_proj", "down_proj"),
-        )
         # not routed: every token goes through it, so it lives with the always-on weights
         self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, t, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)  # [B*T, H]
-        router_logits = self.gate(x)  # [B*T, E]
-        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, norm_topk_prob=self.norm_topk_prob)
-
+    def shared_output(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         def shared_expert_output() -> torch.Tensor:  # [B*T, H]; gate [B*T, 1]
             return F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
-        # routed experts + the shared expert, which the seam runs on the GPU while the CPU works on routed ones
-        return self.experts(x, topk_ids, topk_weights, shared=shared_expert_output).reshape(b, t, h)
+        return shared_expert_output
 
 
-class Qwen2MoeDecoderLayer(nn.Module):
+class Qwen2MoeDecoderLayer(DecoderLayer):
     def __init__(self, config: Qwen2MoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = Qwen2MoeAttention(config, layer_idx)
         if config.is_sparse(layer_idx):
-            self.mlp: nn.Module = Qwen2MoeSparseMoeBlock(config)
+            mlp: nn.Module = Qwen2MoeSparseMoeBlock(config)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)  # Qwen2MoeMLP
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)  # Qwen2MoeMLP
+        super().__init__(config, Qwen2MoeAttention(config, layer_idx), mlp)
 
 
 class Qwen2MoeModel(DecoderModel):
     def __init__(self, config: Qwen2MoeConfig):
-        super().__init__()
+        super().__init__(config, Qwen2MoeDecoderLayer)
         # no model-wide window: the mask built per pass is plain causal, sliding layers narrow it themselves
         self.sliding_window = None
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
 
 class Qwen2MoeForCausalLM(CausalLM):
     def __init__(self, config: Qwen2MoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = Qwen2MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        super().__init__(config, Qwen2MoeModel(config))

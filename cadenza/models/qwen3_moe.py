@@ -18,9 +18,7 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm
-from cadenza.models.rope import RotaryEmbedding
-from cadenza.moe.experts import Experts
+from cadenza.models.common import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, RMSNorm, SparseMoeBlock
 from cadenza.moe.routing import softmax_topk
 
 
@@ -86,15 +84,8 @@ class Qwen3MoeAttention(Attention):
     """Attention with RMSNorm over each head's D features of q and k, applied before rotary."""
 
     def __init__(self, config: Qwen3MoeConfig, layer_idx: int):
-        super().__init__(
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-            layer_idx,
-            qkv_bias=config.attention_bias,
-            o_bias=config.attention_bias,  # transformers gives o_proj the same bias switch as q/k/v
-        )
+        # transformers gives o_proj the same bias switch as q/k/v
+        super().__init__(config, layer_idx, qkv_bias=config.attention_bias, o_bias=config.attention_bias)
         self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
 
@@ -111,56 +102,36 @@ class Qwen3MoeMLP(MLP):
     """The dense layers' SwiGLU MLP (mlp_only_layers, layers between sparse steps)."""
 
 
-class Qwen3MoeSparseMoeBlock(nn.Module):
+class Qwen3MoeSparseMoeBlock(SparseMoeBlock):
     def __init__(self, config: Qwen3MoeConfig):
-        super().__init__()
+        # gate: transformers' Qwen3MoeTopKRouter holds one [E, H] weight, checkpoint name mlp.gate.weight;
+        # experts: mlp.experts.{e}.gate_proj / up_proj / down_proj
+        super().__init__(config, config.num_experts, config.moe_intermediate_size)
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        # the router: transformers' Qwen3MoeTopKRouter holds one [E, H] weight, checkpoint name mlp.gate.weight
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = Experts(
-            config.num_experts, config.hidden_size, config.moe_intermediate_size, config.hidden_act
-        )  # checkpoint: mlp.experts.{e}.gate_proj / up_proj / down_proj
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, t, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)  # [B*T, H]
-        router_logits = self.gate(x)  # [B*T, E]
-        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.norm_topk_prob)  # [B*T, k]
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        router_logits = self.gate(x)  # [T, E]
+        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.norm_topk_prob)  # [T, k]
         # transformers rounds the routing weights to the compute dtype (a no-op in fp32); so do we
-        topk_weights = topk_weights.to(router_logits.dtype).float()
-        return self.experts(x, topk_ids, topk_weights).reshape(b, t, h)
+        return topk_weights.to(router_logits.dtype).float(), topk_ids
 
 
-class Qwen3MoeDecoderLayer(nn.Module):
+class Qwen3MoeDecoderLayer(DecoderLayer):
     def __init__(self, config: Qwen3MoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = Qwen3MoeAttention(config, layer_idx)
         if config.is_sparse(layer_idx):
-            self.mlp: nn.Module = Qwen3MoeSparseMoeBlock(config)
+            mlp: nn.Module = Qwen3MoeSparseMoeBlock(config)
         else:
-            self.mlp = Qwen3MoeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            mlp = Qwen3MoeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        super().__init__(config, Qwen3MoeAttention(config, layer_idx), mlp)
 
 
 class Qwen3MoeModel(DecoderModel):
     def __init__(self, config: Qwen3MoeConfig):
-        super().__init__()
+        super().__init__(config, Qwen3MoeDecoderLayer)
         self.sliding_window = config.sliding_window
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen3MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
 
 class Qwen3MoeForCausalLM(CausalLM):
     def __init__(self, config: Qwen3MoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = Qwen3MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        super().__init__(config, Qwen3MoeModel(config))

@@ -105,6 +105,18 @@ def test_unknown_synthetic_model():
 
 # --- the transformers baseline's weights (CPU part) -----------------------------------------------------------------
 
+# a device map of the tiny model: layers 0 and 1 on GPU 0, layers 2 and 3 offloaded to the host
+DEVICE_MAP = {
+    "model.embed_tokens": 0,
+    "model.layers.0": 0,
+    "model.layers.1": 0,
+    "model.layers.2": "cpu",
+    "model.layers.3": "cpu",
+    "model.norm": 0,
+    "model.rotary_emb": 0,
+    "lm_head": 0,
+}
+
 
 def test_transformers_model_gets_the_same_weights(tiny):
     transformers = pytest.importorskip("transformers")
@@ -122,16 +134,7 @@ def test_per_token_bytes_of_a_device_map(tiny):
     transformers = pytest.importorskip("transformers")
     hf = getattr(transformers, tiny.architecture)(baseline_hf.hf_config(tiny))
     baseline_hf.fill_hf_model(hf, tiny, torch.bfloat16)
-    dm = {
-        "model.embed_tokens": 0,
-        "model.layers.0": 0,
-        "model.layers.1": 0,
-        "model.layers.2": "cpu",
-        "model.layers.3": "cpu",
-        "model.norm": 0,
-        "model.rotary_emb": 0,
-        "lm_head": 0,
-    }
+    dm = dict(DEVICE_MAP)
     b = baseline_hf._per_token_bytes(hf, dm, top_k=2, num_experts=8)
     layer = sum(p.numel() * 2 for n, p in hf.named_parameters() if n.startswith("model.layers.2."))
     experts = sum(p.numel() * 2 for n, p in hf.named_parameters() if n.startswith("model.layers.2.mlp.experts"))
@@ -155,16 +158,7 @@ def test_baseline_runner_control_flow(tiny, monkeypatch):
     import types
 
     pytest.importorskip("transformers")
-    dm = {
-        "model.embed_tokens": 0,
-        "model.layers.0": 0,
-        "model.layers.1": 0,
-        "model.layers.2": "cpu",
-        "model.layers.3": "cpu",
-        "model.norm": 0,
-        "model.rotary_emb": 0,
-        "lm_head": 0,
-    }
+    dm = dict(DEVICE_MAP)
     seen = {}
     fake = types.ModuleType("accelerate")
     fake.__version__ = "stub"
@@ -269,10 +263,17 @@ def test_cpu_facts_counts_physical_cores():
 # --- the runner ----------------------------------------------------------------------------------------------------
 
 
-def _args(*argv: str) -> argparse.Namespace:
+def bench_args(*argv: str) -> argparse.Namespace:
+    """`cadenza bench` parsed from argv (also tests/bench/test_llama_cpp_peer.py)."""
     parser = argparse.ArgumentParser(prog="cadenza")
     add_bench_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["bench", *argv])
+
+
+def cpu_bench_args(out, new_tokens: int, *flags: str) -> argparse.Namespace:
+    """`cadenza bench` on the CPU: 8 prompt tokens, `new_tokens` new ones, one trial, JSON into `out`, then `flags`."""
+    common = ("--device", "cpu", "--prompt-tokens", "8", "--new-tokens", str(new_tokens), "--trials", "1")
+    return bench_args(*common, *flags, "--out", str(out))
 
 
 def test_scenario_plan():
@@ -304,21 +305,7 @@ def test_quantized_and_resident_scenarios_plan():
 
 def test_run_bench_d4_with_error_and_step_profile(tmp_path):
     """D4 on the CPU's tiny model: int4 experts, the int4-vs-bf16 error next to each result, a step profile."""
-    args = _args(
-        "--scenario",
-        "D4",
-        "--device",
-        "cpu",
-        "--prompt-tokens",
-        "8",
-        "--new-tokens",
-        "3",
-        "--trials",
-        "1",
-        "--profile-step",
-        "--out",
-        str(tmp_path),
-    )
+    args = cpu_bench_args(tmp_path, 3, "--scenario", "D4", "--profile-step")
     assert run_bench(args) == 0
     data = json.loads(next(tmp_path.glob("D4-*.json")).read_text())
     assert "--profile-step" in data["command"]
@@ -340,20 +327,7 @@ def test_run_bench_d4_with_error_and_step_profile(tmp_path):
 
 
 def test_run_bench_tiny_on_cpu(tmp_path, capsys):
-    args = _args(
-        "--device",
-        "cpu",
-        "--prompt-tokens",
-        "8",
-        "--new-tokens",
-        "4",
-        "--trials",
-        "1",
-        "--budgets",
-        "0,24,all",
-        "--out",
-        str(tmp_path),
-    )
+    args = cpu_bench_args(tmp_path, 4, "--budgets", "0,24,all")
     assert run_bench(args) == 0
     files = sorted(p.name for p in tmp_path.glob("*.json"))
     assert [f.split("-cpu-")[0] for f in files] == ["D1", "P1", "S1"]
@@ -377,33 +351,16 @@ def test_run_bench_tiny_on_cpu(tmp_path, capsys):
 
 def test_run_bench_refuses_bad_requests(tmp_path):
     with pytest.raises(CadenzaError, match="--baseline"):
-        run_bench(_args("--device", "cpu", "--baseline", "--out", str(tmp_path)))
+        run_bench(bench_args("--device", "cpu", "--baseline", "--out", str(tmp_path)))
     with pytest.raises(CadenzaError, match="mixtral-tiny"):
-        run_bench(_args("--device", "cpu", "--model", "nope", "--out", str(tmp_path)))
+        run_bench(bench_args("--device", "cpu", "--model", "nope", "--out", str(tmp_path)))
     with pytest.raises(CadenzaError, match="--trials"):
-        run_bench(_args("--device", "cpu", "--trials", "0", "--out", str(tmp_path)))
+        run_bench(bench_args("--device", "cpu", "--trials", "0", "--out", str(tmp_path)))
     assert not list(tmp_path.iterdir())  # refused before writing anything
 
 
 def test_run_bench_policies_and_tag(tmp_path):
-    args = _args(
-        "--device",
-        "cpu",
-        "--scenario",
-        "D1",
-        "--policies",
-        "cpu",
-        "--tag",
-        "b",
-        "--prompt-tokens",
-        "8",
-        "--new-tokens",
-        "3",
-        "--trials",
-        "1",
-        "--out",
-        str(tmp_path),
-    )
+    args = cpu_bench_args(tmp_path, 3, "--scenario", "D1", "--policies", "cpu", "--tag", "b")
     assert run_bench(args) == 0
     (f,) = tmp_path.glob("*.json")
     assert f.name.startswith("D1-cpu-") and f.name.endswith("-b.json")
@@ -411,9 +368,9 @@ def test_run_bench_policies_and_tag(tmp_path):
     assert [r["policy"] for r in doc["results"]] == ["cpu"]
     assert "--policies cpu --tag b" in doc["command"]
     with pytest.raises(CadenzaError, match="Nothing to measure"):
-        run_bench(_args("--device", "cpu", "--scenario", "D1", "--policies", "none", "--out", str(tmp_path)))
+        run_bench(bench_args("--device", "cpu", "--scenario", "D1", "--policies", "none", "--out", str(tmp_path)))
     with pytest.raises(CadenzaError, match="--policies"):
-        run_bench(_args("--device", "cpu", "--policies", "gpu", "--out", str(tmp_path)))
+        run_bench(bench_args("--device", "cpu", "--policies", "gpu", "--out", str(tmp_path)))
 
 
 # --- DeepSeek-V2-Lite (F2) -------------------------------------------------------------------------------------------
@@ -447,22 +404,7 @@ def test_deepseek_tiny_builds_and_runs():
 
 
 def test_run_bench_f2_tiny_on_cpu(tmp_path):
-    args = _args(
-        "--device",
-        "cpu",
-        "--scenario",
-        "F2",
-        "--prompt-tokens",
-        "8",
-        "--new-tokens",
-        "4",
-        "--trials",
-        "1",
-        "--policies",
-        "cpu,auto",
-        "--out",
-        str(tmp_path),
-    )
+    args = cpu_bench_args(tmp_path, 4, "--scenario", "F2", "--policies", "cpu,auto")
     assert run_bench(args) == 0
     (f,) = tmp_path.glob("*.json")
     doc = json.loads(f.read_text())
@@ -476,7 +418,7 @@ def test_run_bench_f2_tiny_on_cpu(tmp_path):
         assert r["kv_bytes_per_token"] == layers * (64 + 16) * 2  # MLA: latent + rope key, bf16
         assert r["kv_bytes_per_token_decompressed"] == layers * heads * (32 + 16 + 32) * 2
     with pytest.raises(CadenzaError, match="F2"):
-        run_bench(_args("--device", "cpu", "--scenario", "F2,D1", "--out", str(tmp_path)))
+        run_bench(bench_args("--device", "cpu", "--scenario", "F2,D1", "--out", str(tmp_path)))
 
 
 def test_zerocopy_bench_needs_cuda():

@@ -5,7 +5,6 @@ replays a canned answer (no speed is measured or asserted here)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -37,9 +36,10 @@ from cadenza.bench.llama_cpp_peer import (
 )
 from cadenza.bench.report import REQUIRED_KEYS
 from cadenza.bench.run import run_bench
-from cadenza.bench.scenarios import add_bench_parser, plan_configs
+from cadenza.bench.scenarios import plan_configs
 from cadenza.bench.synthetic import SyntheticCheckpoint
 from cadenza.errors import CadenzaError
+from tests.bench.test_bench import bench_args, cpu_bench_args
 
 GiB = 1 << 30
 
@@ -379,12 +379,6 @@ def test_parse_buffer_sizes():
 # --- the run ----------------------------------------------------------------------------------------------------------
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cadenza")
-    add_bench_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["bench", *argv])
-
-
 def _stand_in(tmp_path, body: str):
     """An executable in place of llama-bench; `body` is Python with `argv` (its arguments) and `a(flag)`."""
     path = tmp_path / "llama-bench"
@@ -399,7 +393,7 @@ def test_peer_argument_errors(tmp_path):
     out = tmp_path / "out"
     not_exec = tmp_path / "plain"
     not_exec.write_text("")
-    run = lambda *a: run_bench(_args("--device", "cpu", "--out", str(out), *a))  # noqa: E731
+    run = lambda *a: run_bench(bench_args("--device", "cpu", "--out", str(out), *a))  # noqa: E731
     with pytest.raises(CadenzaError, match="unknown peer"):
         run("--scenario", "F3", "--peer", "vllm=/bin/true")
     with pytest.raises(CadenzaError, match="NAME=PATH"):
@@ -424,7 +418,7 @@ def test_not_enough_disk_says_how_much(tmp_path, monkeypatch):
         llama_cpp_peer.check_disk(tmp_path, gguf_plan(SyntheticCheckpoint("mixtral-8x7b"), "int8").file_bytes_bound())
     with pytest.raises(CadenzaError, match="GiB are free"):
         run_bench(
-            _args(
+            bench_args(
                 "--device",
                 "cpu",
                 "--scenario",
@@ -471,23 +465,8 @@ def test_run_bench_f3_with_the_peer(tmp_path, monkeypatch, fails):
     binary = _stand_in(tmp_path, body)
     log = tmp_path / "argv.log"
     monkeypatch.setenv("STAND_IN_LOG", str(log))
-    args = _args(
-        "--device",
-        "cpu",
-        "--scenario",
-        "F3",
-        "--prompt-tokens",
-        "8",
-        "--new-tokens",
-        "3",
-        "--trials",
-        "1",
-        "--peer",
-        f"llama.cpp={binary}",
-        "--peer-dir",
-        str(tmp_path / "gguf"),
-        "--out",
-        str(tmp_path / "o"),
+    args = cpu_bench_args(
+        tmp_path / "o", 3, "--scenario", "F3", "--peer", f"llama.cpp={binary}", "--peer-dir", str(tmp_path / "gguf")
     )
     if fails:
         with pytest.raises(CadenzaError, match="exit status 1(.|\n)*boom"):

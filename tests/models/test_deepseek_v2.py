@@ -9,31 +9,49 @@ import json
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza import LLM
 from cadenza.cli.info import describe
 from cadenza.kv_cache import MLACache
 from tests.cli.test_cli import cli
 from tests.conftest import (
     VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
     budget_for,
     edit_config,
     make_deepseek,
+    max_logit_diff,
     prompt_ids,
     reference_logits,
+    single_device_run,
 )
 
 TOL = 1e-4
-YARN = {
-    "rope_type": "yarn",
-    "factor": 4.0,
-    "original_max_position_embeddings": 64,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1.0,
-    "mscale_all_dim": 0.8,
-    "rope_theta": 10000.0,
-}
+
+
+def tiny_yarn(mscale: float, mscale_all_dim: float) -> dict:
+    """YaRN rope parameters as DeepSeek's checkpoints set them, at tiny scale (4x past 64 positions)."""
+    return {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": mscale,
+        "mscale_all_dim": mscale_all_dim,
+        "rope_theta": 10000.0,
+    }
+
+
+def edit_to_hub_config(path, rope_parameters: dict, **keys) -> None:
+    """Rewrites config.json as DeepSeek's repositories ship it: rope_theta and rope_scaling (with "type") instead of
+    rope_parameters, no head_dim, moe_layer_freq, and the original code's other `keys`."""
+    rope = {k: v for k, v in rope_parameters.items() if k not in ("rope_type", "rope_theta")}
+    rope_scaling = {**rope, "type": rope_parameters["rope_type"]}
+    edit_config(path, rope_parameters=None, rope_theta=10000, rope_scaling=rope_scaling, head_dim=None, **keys)
+
+
+YARN = tiny_yarn(mscale=1.0, mscale_all_dim=0.8)
 
 
 def make_v2(path, seed: int = 0, **overrides):
@@ -46,6 +64,19 @@ def set_absorb(llm_or_model, value: bool | None) -> None:
     for m in model.modules():
         if hasattr(m, "absorb"):
             m.absorb = value
+
+
+def assert_every_path_matches(path, hf) -> None:
+    """cadenza's logits for 24 tokens equal transformers' with MLA's path chosen by token count, absorbed, and
+    decompressed."""
+    llm = LLM(path, device="cpu", dtype="float32")
+    ids = prompt_ids(24)
+    want = reference_logits(hf, ids)
+    for absorb in (None, True, False):
+        set_absorb(llm, absorb)
+        got = llm.score(ids)
+        assert got.shape == (24, VOCAB)
+        assert (got - want).abs().max().item() <= TOL, absorb
 
 
 CONFIGS = {
@@ -73,47 +104,17 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_v2(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    want = reference_logits(hf, ids)
-    for absorb in (None, True, False):
-        set_absorb(llm, absorb)
-        got = llm.score(ids)
-        assert got.shape == (24, VOCAB)
-        assert (got - want).abs().max().item() <= TOL, absorb
+    assert_every_path_matches(*make_v2(tmp_path / name, **CONFIGS[name]))
 
 
 def test_hub_style_config(tmp_path):
     """config.json as DeepSeek-V2-Lite's repository ships it (rope_theta + rope_scaling with "type": "yarn", no
     head_dim, the original code's extra keys) gives transformers' logits."""
-    rope = {
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 64,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 0.707,
-        "mscale_all_dim": 0.707,
-    }
-    path, hf = make_v2(tmp_path / "hub", rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})
-    edit_config(
-        path,
-        rope_parameters=None,
-        rope_theta=10000,
-        rope_scaling=rope,
-        head_dim=None,
-        qk_head_dim=None,
-        moe_layer_freq=1,
-        scoring_func="softmax",
-        aux_loss_alpha=0.001,
-        seq_aux=True,
-        n_group=1,
-        topk_group=1,
-    )
-    ids = prompt_ids(20)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    yarn = tiny_yarn(mscale=0.707, mscale_all_dim=0.707)
+    path, hf = make_v2(tmp_path / "hub", rope_parameters=yarn)
+    extra = dict(qk_head_dim=None, scoring_func="softmax", aux_loss_alpha=0.001, seq_aux=True, n_group=1, topk_group=1)
+    edit_to_hub_config(path, yarn, moe_layer_freq=1, **extra)
+    assert max_logit_diff(path, hf, prompt_ids(20)) <= TOL
 
 
 @pytest.fixture(scope="module")
@@ -174,22 +175,20 @@ def mixed(tmp_path_factory):
     path, _ = make_v2(
         tmp_path_factory.mktemp("mixed"), q_lora_rank=24, topk_method="group_limited_greedy", n_group=2, topk_group=1
     )
-    ref = LLM(path, device="cpu", dtype="float32")
     prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    return path, prompt, ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+    return path, prompt, single_device_run(path, prompt, 8)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_single_device(mixed, policy):
-    path, prompt, want_logits, want_tokens = mixed
+    path, prompt, want = mixed
     # 5 of 2 MoE layers x 8 experts resident; (prompt + decode steps) x MoE layers x top-2 pairs
-    assert_hybrid_matches(path, policy, 5, 2, prompt, want_logits, want_tokens, 8, (6 + 7) * 2 * 2, "policy", TOL)
+    assert_hybrid_matches(path, policy, 5, 2, prompt, 8, (6 + 7) * 2 * 2, "policy", TOL, want)
 
 
 def test_shared_experts_run_beside_the_routed_ones(mixed):
     """On the offloaded path the shared experts are handed to the seam, which queues them after the CPU's share."""
-    path, prompt, want_logits, _ = mixed
+    path, prompt, (want_logits, _) = mixed
     llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 0, 0), offload_policy="cpu")
     calls = []
     layer = llm.model.model.layers[1].mlp
@@ -235,7 +234,4 @@ def test_describe_and_cli_info(lite):
 def test_config_mistakes_are_clear(lite, tmp_path, changes, match):
     import shutil
 
-    path = shutil.copytree(lite[0], tmp_path / "bad")
-    edit_config(path, **changes)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(shutil.copytree(lite[0], tmp_path / "bad"), match, **changes)

@@ -14,29 +14,21 @@ import torch.nn.functional as F
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import (
-    VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
     budget_for,
     edit_config,
     make_deepseek,
+    max_logit_diff,
     prompt_ids,
     reference_greedy,
     reference_logits,
+    single_device_run,
 )
-from tests.models.test_deepseek_v2 import set_absorb
+from tests.models.test_deepseek_v2 import assert_every_path_matches, edit_to_hub_config, tiny_yarn
 
 TOL = 1e-4
-# DeepSeek-V3's own YaRN (mscale == mscale_all_dim), at tiny scale
-YARN = {
-    "rope_type": "yarn",
-    "factor": 4.0,
-    "original_max_position_embeddings": 64,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-    "rope_theta": 10000.0,
-}
+YARN = tiny_yarn(mscale=1.0, mscale_all_dim=1.0)  # DeepSeek-V3's own (mscale == mscale_all_dim)
 
 
 def make_v3(path, seed: int = 0, **overrides):
@@ -60,38 +52,16 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_v3(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    want = reference_logits(hf, ids)
-    for absorb in (None, True, False):
-        set_absorb(llm, absorb)
-        got = llm.score(ids)
-        assert got.shape == (24, VOCAB)
-        assert (got - want).abs().max().item() <= TOL, absorb
+    assert_every_path_matches(*make_v3(tmp_path / name, **CONFIGS[name]))
 
 
 def test_hub_style_config(tmp_path):
     """config.json as DeepSeek-V3's repository ships it: rope_scaling with "type", no rope_interleave (interleaved),
     the original code's topk_method / scoring_func, an MTP layer announced by num_nextn_predict_layers."""
-    rope = {k: v for k, v in YARN.items() if k not in ("rope_type", "rope_theta")}
     path, hf = make_v3(tmp_path / "hub", rope_parameters=YARN)
-    edit_config(
-        path,
-        rope_parameters=None,
-        rope_theta=10000,
-        rope_scaling={**rope, "type": "yarn"},
-        rope_interleave=None,
-        head_dim=None,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
-        num_nextn_predict_layers=1,
-        moe_layer_freq=1,
-        ep_size=1,
-    )
-    ids = prompt_ids(20)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    extra = dict(rope_interleave=None, topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=1)
+    edit_to_hub_config(path, YARN, moe_layer_freq=1, ep_size=1, **extra)
+    assert max_logit_diff(path, hf, prompt_ids(20)) <= TOL
 
 
 def test_routing_bias_stays_float32(tmp_path):
@@ -105,17 +75,15 @@ def test_routing_bias_stays_float32(tmp_path):
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     path, _ = make_v3(tmp_path_factory.mktemp("mixed"))
-    ref = LLM(path, device="cpu", dtype="float32")
     prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    return path, prompt, ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+    return path, prompt, single_device_run(path, prompt, 8)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_single_device(mixed, policy):
-    path, prompt, want_logits, want_tokens = mixed
+    path, prompt, want = mixed
     # 5 of 2 MoE layers x 8 experts resident
-    assert_hybrid_matches(path, policy, 5, 2, prompt, want_logits, want_tokens, 8, (6 + 7) * 2 * 2, None, TOL)
+    assert_hybrid_matches(path, policy, 5, 2, prompt, 8, (6 + 7) * 2 * 2, None, TOL, want)
 
 
 # --- block-fp8 checkpoints -------------------------------------------------------------------------------------------
@@ -244,10 +212,8 @@ def _broken_copy(fp8_dir, tmp_path, drop: str | None = None, reshape: str | None
     ],
 )
 def test_fp8_mistakes_are_clear(fp8_dir, tmp_path, quantization_config, match):
-    path = shutil.copytree(fp8_dir, tmp_path / "bad")
-    edit_config(path, quantization_config=quantization_config)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    bad = shutil.copytree(fp8_dir, tmp_path / "bad")
+    assert_config_refused(bad, match, quantization_config=quantization_config)
 
 
 def test_fp8_missing_or_misshapen_scales(fp8_dir, tmp_path):
@@ -268,7 +234,4 @@ def test_fp8_missing_or_misshapen_scales(fp8_dir, tmp_path):
     ],
 )
 def test_config_mistakes_are_clear(fp8_dir, tmp_path, changes, match):
-    path = shutil.copytree(fp8_dir, tmp_path / "bad")
-    edit_config(path, **changes)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(shutil.copytree(fp8_dir, tmp_path / "bad"), match, **changes)

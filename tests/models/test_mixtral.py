@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from cadenza import LLM, SamplingParams
-from tests.conftest import edit_config, make_mixtral, prompt_ids, reference_greedy, reference_logits
+from tests.conftest import (
+    assert_score_matches,
+    edit_config,
+    make_mixtral,
+    prompt_ids,
+    reference_greedy,
+    reference_logits,
+)
 
 TOL = 1e-4
 
@@ -61,13 +68,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_mixtral(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    got = llm.score(ids)
-    want = reference_logits(hf, ids)
-    assert got.shape == (24, 320)
-    assert (got - want).abs().max().item() <= TOL
+    assert_score_matches(*make_mixtral(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 def test_greedy_generation_sliding_window_past_window(tmp_path):

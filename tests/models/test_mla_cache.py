@@ -9,6 +9,8 @@ import torch
 from cadenza.checkpoint import Checkpoint
 from cadenza.loader import load_model
 from tests.conftest import make_deepseek, prompt_ids
+from tests.models.test_deepseek_v2 import set_absorb
+from tests.test_batch_cache import alone, check_equal_starts_batch_prefill, check_reorder_copies_rows
 
 CPU = torch.device("cpu")
 
@@ -21,20 +23,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(params=[None, True, False], ids=["auto", "absorbed", "decompressed"])
 def absorb(request, model):
-    for m in model.modules():
-        if hasattr(m, "absorb"):
-            m.absorb = request.param
+    set_absorb(model, request.param)
     yield request.param
-    for m in model.modules():
-        if hasattr(m, "absorb"):
-            m.absorb = None
-
-
-def alone(model, ids: list[int], extra: list[int]) -> torch.Tensor:
-    """Logits of each token of `extra` after prefilling `ids`, one sequence, one token at a time."""
-    cache = model.new_cache(64, torch.float32, CPU)
-    model(torch.tensor([ids]), cache)
-    return torch.stack([model(torch.tensor([[t]]), cache)[0, -1] for t in extra])
+    set_absorb(model, None)
 
 
 @torch.inference_mode()
@@ -53,24 +44,9 @@ def test_rows_of_different_lengths_decode_together(model, absorb):
 
 @torch.inference_mode()
 def test_equal_starts_batch_prefill(model, absorb):
-    prompts = [prompt_ids(7, seed=4), prompt_ids(7, seed=5)]
-    cache = model.new_cache(64, torch.float32, CPU, batch=3)
-    logits = model(torch.tensor(prompts), cache, rows=[1, 2])
-    for i, p in enumerate(prompts):
-        single = model(torch.tensor([p]), model.new_cache(64, torch.float32, CPU))
-        torch.testing.assert_close(logits[i], single[0], atol=1e-5, rtol=1e-5)
+    check_equal_starts_batch_prefill(model)
 
 
 @torch.inference_mode()
 def test_reorder_copies_rows(model, absorb):
-    a, b = prompt_ids(5, seed=6), prompt_ids(8, seed=7)
-    cache = model.new_cache(64, torch.float32, CPU, batch=2)
-    model(torch.tensor([a]), cache, rows=[0])
-    model(torch.tensor([b]), cache, rows=[1])
-    cache.reorder([0, 1], [1, 1])  # both rows now hold b's history
-    assert cache.lengths == [8, 8]
-    nxt = prompt_ids(1, seed=8)
-    got = model(torch.tensor([nxt, nxt]), cache, rows=[0, 1])[:, -1]
-    want = alone(model, b, nxt)[0]
-    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1], want, atol=1e-5, rtol=1e-5)
+    check_reorder_copies_rows(model)

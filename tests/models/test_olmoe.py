@@ -5,62 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
-from cadenza.cli.info import describe
+from cadenza import LLM
 from tests.conftest import (
-    VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
+    assert_info_counts,
+    assert_score_matches,
     edit_config,
+    make_hf_model,
+    max_logit_diff,
     prompt_ids,
     reference_logits,
-    save_hf_model,
+    tiny_config,
 )
 
 TOL = 1e-4
 
 
-def tiny_olmoe_config(**overrides):
-    from transformers import OlmoeConfig
-
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,  # OLMoE-1B-7B has no GQA
-        num_experts=8,
-        num_experts_per_tok=3,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        pad_token_id=None,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    kw.update(overrides)
-    return OlmoeConfig(**kw)
-
-
 def make_olmoe(path, seed: int = 0, **overrides):
     """A tiny random OlmoeForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
-    from transformers import OlmoeForCausalLM
-
-    torch.manual_seed(seed)
-    model = OlmoeForCausalLM(tiny_olmoe_config(**overrides)).eval()
-    # widen transformers' tiny init so routing is not degenerate; norm weights away from 1 so that a q_norm/k_norm
-    # mix-up (same shape without GQA) would show
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-    save_hf_model(model, path)
-    return path, model
-
-
-def max_diff(path, hf, ids) -> float:
-    return (LLM(path, device="cpu", dtype="float32").score(ids) - reference_logits(hf, ids)).abs().max().item()
+    # OLMoE-1B-7B has no GQA
+    kw = dict(intermediate_size=48, num_key_value_heads=4, num_experts=8, num_experts_per_tok=3, pad_token_id=None)
+    # norm weights away from 1 so that a q_norm/k_norm mix-up (same shape without GQA) would show
+    return make_hf_model(
+        path, tiny_config("Olmoe", kw, overrides), seed, lambda _, p: p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    )
 
 
 CONFIGS = {
@@ -85,10 +54,7 @@ def gqa_clip(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
     path, hf = make_olmoe(tmp_path / name, **CONFIGS[name])
-    ids = prompt_ids(24)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    assert_score_matches(path, hf, tol=TOL)
     if CONFIGS[name].get("tie_word_embeddings"):  # the tied checkpoint really has no lm_head to read
         assert "lm_head.weight" not in _tensor_names(path)
 
@@ -129,42 +95,22 @@ def test_hub_style_config(tmp_path):
     rope = {"rope_type": "linear", "factor": 3.0, "rope_theta": 20000.0}
     path, hf = make_olmoe(tmp_path / "hub", rope_parameters=rope, num_key_value_heads=2)
     edit_config(path, rope_parameters=None, rope_theta=20000.0, rope_scaling={"type": "linear", "factor": 3.0})
-    assert max_diff(path, hf, prompt_ids(16)) <= TOL
+    assert max_logit_diff(path, hf, prompt_ids(16)) <= TOL
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_single_device(gqa_clip, policy):
     """Some experts off the (emulated) GPU: every policy computes the all-resident model."""
-    path, _ = gqa_clip
-    ids = prompt_ids(20, seed=5)
-    ref = LLM(path, device="cpu", dtype="float32")
-    want_logits = ref.score(ids)
-    want_tokens = ref.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
     # 7 of 3 layers x 6 experts resident
-    assert_hybrid_matches(path, policy, 7, 2, ids, want_logits, want_tokens, 10, None, "either", TOL)
+    assert_hybrid_matches(gqa_clip[0], policy, 7, 2, prompt_ids(20, seed=5), 10, side="either", tol=TOL)
 
 
 def test_describe_counts(gqa_clip, tmp_path):
-    path, hf = gqa_clip
-    info = describe(path)
-    experts = sum(
-        layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel() for layer in hf.model.layers
-    )
-    assert info["architecture"] == "OlmoeForCausalLM" and info["model_type"] == "olmoe"
-    assert (info["layers"], info["moe_layers"], info["experts_per_layer"], info["experts_per_token"]) == (3, 3, 6, 2)
-    assert (info["attention_heads"], info["kv_heads"], info["head_dim"]) == (4, 2, 16)
-    assert info["parameters"] == sum(p.numel() for p in hf.parameters())
-    assert info["expert_parameters"] == experts
-    # tied embeddings count once, as transformers' parameters() does
-    tied_path, tied_hf = make_olmoe(tmp_path / "tied", tie_word_embeddings=True, num_hidden_layers=1)
-    assert describe(tied_path)["parameters"] == sum(p.numel() for p in tied_hf.parameters())
+    tied = make_olmoe(tmp_path / "tied", tie_word_embeddings=True, num_hidden_layers=1)
+    assert_info_counts(*gqa_clip, "OlmoeForCausalLM", "olmoe", layers=(3, 3, 6, 2), heads=(4, 2, 16), tied=tied)
 
 
 def test_missing_config_key_is_a_clear_error(gqa_clip, tmp_path):
     import shutil
 
-    bad = tmp_path / "bad"
-    shutil.copytree(gqa_clip[0], bad)
-    edit_config(bad, num_experts=None)
-    with pytest.raises(CadenzaError, match="num_experts"):
-        LLM(bad, device="cpu", dtype="float32")
+    assert_config_refused(shutil.copytree(gqa_clip[0], tmp_path / "bad"), "num_experts", num_experts=None)

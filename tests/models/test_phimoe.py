@@ -15,17 +15,19 @@ import shutil
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
-from cadenza.cli.info import describe
+from cadenza import LLM, SamplingParams
 from cadenza.models.phimoe import sparsemixer
 from tests.conftest import (
-    VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
+    assert_info_counts,
+    assert_score_matches,
     edit_config,
+    make_hf_model,
     prompt_ids,
     reference_greedy,
     reference_logits,
-    save_hf_model,
+    tiny_config,
 )
 
 TOL = 1e-4
@@ -45,49 +47,27 @@ def longrope(orig: int = ORIG, short_mscale: float = 1.1, long_mscale: float = 1
     }
 
 
-def tiny_phimoe_config(**overrides):
-    from transformers import PhimoeConfig
-
+def make_phimoe(path, seed: int = 0, **overrides):
+    """A tiny random PhimoeForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
     kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
         intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_local_experts=6,
-        num_experts_per_tok=2,
         max_position_embeddings=64,
-        rms_norm_eps=1e-5,
         # Phi-3.5-MoE's switches: biases everywhere, LongRoPE with mscales, router_jitter_noise 0.01
         attention_bias=True,
         lm_head_bias=True,
         rope_parameters=longrope(),
         pad_token_id=None,
-        bos_token_id=0,
-        eos_token_id=1,
     )
-    kw.update(overrides)
-    return PhimoeConfig(**kw)
 
+    # LayerNorm weights away from 1, biases away from 0
+    def vectors(name, p):
+        if "norm" in name and name.endswith("weight"):
+            p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        else:
+            p.normal_(0.0, 0.2)
 
-def make_phimoe(path, seed: int = 0, **overrides):
-    """A tiny random PhimoeForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
-    from transformers import PhimoeForCausalLM
-
-    torch.manual_seed(seed)
-    model = PhimoeForCausalLM(tiny_phimoe_config(**overrides)).eval()
-    # widen transformers' tiny init so routing is not degenerate; LayerNorm weights away from 1, biases away from 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.2)
-    save_hf_model(model, path)
-    return path, model
+    return make_hf_model(path, tiny_config("Phimoe", kw, overrides), seed, vectors)
 
 
 def rope_by_length(hf):
@@ -136,11 +116,7 @@ def phi(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_phimoe(tmp_path / name, **CONFIGS[name])
-    ids = prompt_ids(24)
-    got = score(path, ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    assert_score_matches(*make_phimoe(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.01, 0.2, 1.0])
@@ -226,34 +202,16 @@ def test_chunked_prefill_across_the_switch(phi):
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_single_device(phi, policy):
     """Some experts off the (emulated) GPU: every policy computes the all-resident model."""
-    path, _ = phi
-    ids = prompt_ids(20, seed=5)
-    ref = LLM(path, device="cpu", dtype="float32")
-    want_logits = ref.score(ids)
-    want_tokens = ref.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
     # 7 of 3 layers x 6 experts resident
-    assert_hybrid_matches(path, policy, 7, 2, ids, want_logits, want_tokens, 10, None, "either", TOL)
+    assert_hybrid_matches(phi[0], policy, 7, 2, prompt_ids(20, seed=5), 10, side="either", tol=TOL)
 
 
 def test_describe_counts(phi, tmp_path):
-    path, hf = phi
-    info = describe(path)
-    experts = sum(
-        layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel() for layer in hf.model.layers
-    )
-    assert info["architecture"] == "PhimoeForCausalLM" and info["model_type"] == "phimoe"
-    assert (info["layers"], info["moe_layers"], info["experts_per_layer"], info["experts_per_token"]) == (3, 3, 6, 2)
-    assert (info["attention_heads"], info["kv_heads"], info["head_dim"]) == (4, 2, 16)
-    assert info["parameters"] == sum(p.numel() for p in hf.parameters())  # biases and LayerNorm biases included
-    assert info["expert_parameters"] == experts
-    # tied embeddings count once (the LM head's bias still counts), as transformers' parameters() does
-    tied_path, tied_hf = make_phimoe(tmp_path / "tied", tie_word_embeddings=True, num_hidden_layers=1)
-    assert describe(tied_path)["parameters"] == sum(p.numel() for p in tied_hf.parameters())
+    # the parameters count biases and LayerNorm biases; with tied embeddings the LM head's bias still counts
+    tied = make_phimoe(tmp_path / "tied", tie_word_embeddings=True, num_hidden_layers=1)
+    assert_info_counts(*phi, "PhimoeForCausalLM", "phimoe", layers=(3, 3, 6, 2), heads=(4, 2, 16), tied=tied)
 
 
 def test_missing_config_key_is_a_clear_error(phi, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(phi[0], bad)
-    edit_config(bad, num_local_experts=None)
-    with pytest.raises(CadenzaError, match="num_local_experts"):
-        LLM(bad, device="cpu", dtype="float32")
+    bad = shutil.copytree(phi[0], tmp_path / "bad")
+    assert_config_refused(bad, "num_local_experts", num_local_experts=None)

@@ -5,18 +5,20 @@ windows, offloaded experts."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza import LLM, SamplingParams
 from cadenza.cli.info import describe
 from tests.conftest import (
-    VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
+    assert_score_matches,
     edit_config,
+    make_hf_model,
     prompt_ids,
     reference_greedy,
     reference_logits,
-    save_hf_model,
+    single_device_run,
+    tiny_config,
 )
 
 TOL = 1e-4
@@ -25,37 +27,16 @@ GREEDY = dict(temperature=0, max_tokens=32, ignore_eos=True)
 
 def make_qwen2_moe(path, seed: int = 0, **overrides):
     """A tiny random Qwen2MoeForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    sizes = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4)
 
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**kw)).eval()
-    # widen transformers' tiny init so routing is not degenerate; biases and norm weights away from 0 and 1 too,
-    # so that a missing q/k/v bias or a wrong norm shows in the logits
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1 or name.endswith("bias"):
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(1.0, 0.1)
-    save_hf_model(model, path)
-    return path, model
+    # biases and norm weights away from 0 and 1 too, so that a missing q/k/v bias or a wrong norm shows
+    def vectors(name, p):
+        if name.endswith("bias"):
+            p.normal_(0.0, 0.2)
+        else:
+            p.normal_(1.0, 0.1)
+
+    return make_hf_model(path, tiny_config("Qwen2Moe", sizes, overrides), seed, vectors)
 
 
 CONFIGS = {
@@ -75,12 +56,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_qwen2_moe(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    got = llm.score(ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    assert_score_matches(*make_qwen2_moe(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 def test_layer_kinds_follow_config(tmp_path):
@@ -153,17 +129,15 @@ def test_hub_style_config(tmp_path):
 def mixed(tmp_path_factory):
     """8 experts in layers 0 and 2, a dense layer 1; the all-resident logits and greedy tokens."""
     path, _ = make_qwen2_moe(tmp_path_factory.mktemp("mixed"), num_hidden_layers=3, mlp_only_layers=[1], num_experts=8)
-    ref = LLM(path, device="cpu", dtype="float32")
     prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    return path, prompt, ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+    return path, prompt, single_device_run(path, prompt, 8)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_single_device(mixed, policy):
-    path, prompt, want_logits, want_tokens = mixed
+    path, prompt, want = mixed
     # 5 of 2 MoE layers x 8 experts resident; (prompt + decode steps) x MoE layers x top-2 pairs
-    assert_hybrid_matches(path, policy, 5, 2, prompt, want_logits, want_tokens, 8, (6 + 7) * 2 * 2, "policy", TOL)
+    assert_hybrid_matches(path, policy, 5, 2, prompt, 8, (6 + 7) * 2 * 2, "policy", TOL, want)
 
 
 @pytest.mark.parametrize("overrides", [dict(num_hidden_layers=3, mlp_only_layers=[1]), dict(tie_word_embeddings=True)])
@@ -190,6 +164,4 @@ def test_describe_counts(tmp_path, overrides):
 )
 def test_config_mistakes_are_clear(tmp_path, changes, match):
     path, _ = make_qwen2_moe(tmp_path / "bad")
-    edit_config(path, **changes)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(path, match, **changes)

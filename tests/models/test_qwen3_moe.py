@@ -5,70 +5,45 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza import LLM, SamplingParams
 from cadenza.cli.info import describe
 from tests.conftest import (
-    VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
+    assert_score_matches,
     edit_config,
+    make_hf_model,
     prompt_ids,
     reference_greedy,
-    reference_logits,
-    save_hf_model,
+    tiny_config,
 )
 
 TOL = 1e-4
 
 
 def tiny_qwen3_moe_config(**overrides):
-    from transformers import Qwen3MoeConfig
-
     kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,  # the dense layers
-        moe_intermediate_size=32,
+        moe_intermediate_size=32,  # intermediate_size: the dense layers'
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=24,  # not hidden_size / heads (16), as in the real models (2048 / 32 heads, head_dim 128)
         num_experts=16,
         num_experts_per_tok=4,
-        max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         rms_norm_eps=1e-6,
-        bos_token_id=0,
-        eos_token_id=1,
     )
-    kw.update(overrides)
-    return Qwen3MoeConfig(**kw)
+    return tiny_config("Qwen3Moe", kw, overrides)
 
 
 def make_qwen3_moe(path: Path, seed: int = 0, **overrides):
     """A tiny random Qwen3MoeForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
-    from transformers import Qwen3MoeForCausalLM
 
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(**overrides)).eval()
-    # widen transformers' std-0.02 init so routing and logits are not degenerate; q/k norm weights (init 1) too,
-    # so a wrong norm cannot hide behind all-ones weights
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")) or name.endswith("bias"):
-                p.uniform_(0.5, 1.5)
-    save_hf_model(model, path)
-    return path, model
+    # q/k norm weights (init 1) away from 1, so a wrong norm cannot hide behind all-ones weights
+    def vectors(name, p):
+        if name.endswith(("q_norm.weight", "k_norm.weight")) or name.endswith("bias"):
+            p.uniform_(0.5, 1.5)
 
-
-def max_diff(path: Path, hf, n: int = 24) -> float:
-    ids = prompt_ids(n)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert got.shape == (n, VOCAB)
-    return (got - reference_logits(hf, ids)).abs().max().item()
+    return make_hf_model(path, tiny_qwen3_moe_config(**overrides), seed, vectors)
 
 
 CONFIGS = {
@@ -106,8 +81,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_qwen3_moe(tmp_path / name, **CONFIGS[name])
-    assert max_diff(path, hf) <= TOL
+    assert_score_matches(*make_qwen3_moe(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 def test_hub_style_config(tmp_path):
@@ -126,7 +100,7 @@ def test_hub_style_config(tmp_path):
         sliding_window=4,  # ignored, as transformers ignores it: the prompt is longer than 4
         max_window_layers=1,
     )
-    assert max_diff(path, hf) <= TOL
+    assert_score_matches(path, hf, tol=TOL)
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +123,9 @@ def test_hybrid_equals_all_resident(qwen3_dir, policy):
     """Experts split between the emulated GPU and the host compute the same model; dense layers stay out of it."""
     path, _ = qwen3_dir
     prompt = prompt_ids(20)
-    ref = LLM(path, device="cpu", dtype="float32")
-    want_logits = ref.score(prompt)
-    want_tokens = ref.generate(prompt[:6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).token_ids
     # 5 of 2 MoE layers x 16 experts resident; fetching policies reserve top_k = 4 slots; (prompt + decode steps) x
     # MoE layers x top-4 pairs
-    assert_hybrid_matches(path, policy, 5, 4, prompt, want_logits, want_tokens, 8, (6 + 7) * 2 * 4, None, TOL)
+    assert_hybrid_matches(path, policy, 5, 4, prompt, 8, (6 + 7) * 2 * 4, None, TOL)
 
 
 def test_info_counts(qwen3_dir, tmp_path):
@@ -184,7 +155,4 @@ def test_info_counts(qwen3_dir, tmp_path):
 def test_config_mistakes_are_clear(qwen3_dir, tmp_path, changes, match):
     import shutil
 
-    path = shutil.copytree(qwen3_dir[0], tmp_path / "bad")
-    edit_config(path, **changes)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(shutil.copytree(qwen3_dir[0], tmp_path / "bad"), match, **changes)

@@ -9,21 +9,26 @@ import pytest
 import torch
 
 from cadenza import LLM, SamplingParams
-from tests.conftest import budget_for, make_mixtral
+from tests.conftest import (
+    budget_for,
+    cuda_bf16_scores,
+    make_mixtral,
+    offloaded_llm,
+    reference_logits,
+    single_device_run,
+    synced_layers,
+)
 
 pytestmark = pytest.mark.gpu
 TOL = 1e-4
 PROMPT = list(range(3, 43))
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path, hf = make_mixtral(tmp_path_factory.mktemp("gpu-moe8"), num_local_experts=8, num_hidden_layers=3)
-    with torch.no_grad():
-        want = hf(torch.tensor([PROMPT])).logits[0].float()
-    ref = LLM(path, device="cpu", dtype="float32")
-    tokens = ref.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)).token_ids
-    return path, want, tokens
+    return path, reference_logits(hf, PROMPT), single_device_run(path, PROMPT, 16)[1]
 
 
 def budget(path, residents: int, slots: int, max_context: int | None = None) -> int:
@@ -34,19 +39,14 @@ def budget(path, residents: int, slots: int, max_context: int | None = None) -> 
 @pytest.mark.parametrize("residents", [0, 7, 24])
 def test_cuda_hybrid_equals_reference(tiny, policy, residents):
     path, want, tokens = tiny
-    slots = 0 if policy == "cpu" else 2
-    gpu_memory = "0" if residents == 0 and policy == "cpu" else budget(path, residents, slots)
-    llm = LLM(path, device="cuda", dtype="float32", gpu_memory=gpu_memory, offload_policy=policy)
+    llm = offloaded_llm(path, policy, residents, device="cuda")
     try:
         assert llm.orchestra.pinned, "host experts should be page-locked"
         assert llm.placement.resident_count == residents
         assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
-        out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        out = llm.generate(PROMPT[:6], GREEDY)
         assert out.token_ids == tokens
-        # one sync per decode step and MoE layer, except layers all resident (the decode kernels need none)
-        orch = llm.orchestra
-        host_layers = sum(1 for layer in orch.layers if not (layer.all_resident and orch.decode_kernels))
-        assert out.stats.decode_syncs == 15 * host_layers
+        assert out.stats.decode_syncs == 15 * synced_layers(llm.orchestra)  # 15 decode steps
     finally:
         llm.close()
 
@@ -56,13 +56,7 @@ def test_cuda_bf16_hybrid_close_to_resident(tiny):
     both within bf16 rounding of the fp32 reference on average (a router near-tie may flip in a later layer, so
     not elementwise), the hybrid no further off than the resident run."""
     path, want = tiny[0], tiny[1]
-    full = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="8GiB")
-    assert full.placement.resident_count == 24
-    resident = full.score(PROMPT)
-    full.close()
-    llm = LLM(path, device="cuda", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")
-    got = llm.score(PROMPT)
-    llm.close()
+    resident, got = cuda_bf16_scores(path, PROMPT, 24)
     scale = want.abs().max().item()
     err_resident, err_hybrid = ((x - want).abs().mean().item() for x in (resident, got))
     assert err_resident <= 0.03 * scale and err_hybrid <= 1.2 * err_resident + 1e-3 * scale
@@ -122,15 +116,13 @@ def test_cuda_prefetch_equals_reference(tiny, eviction):
     llm = LLM(path, device="cuda", dtype="float32", gpu_memory=budget(path, 7, 2), offload_policy="fetch",
               eviction=eviction)  # fmt: skip
     try:
-        out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        out = llm.generate(PROMPT[:6], GREEDY)
         assert out.token_ids == tokens
         assert out.stats.fetch_cache["prefetch_issued"] > 0
         assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
         # wrong guesses (a negated router) change nothing
         llm.orchestra.routers = [None if r is None else (-r[0], r[1]) for r in llm.orchestra.routers]
-        assert (
-            llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)).token_ids == tokens
-        )
+        assert llm.generate(PROMPT[:6], GREEDY).token_ids == tokens
     finally:
         llm.close()
 
@@ -140,14 +132,12 @@ def test_cuda_adaptive_swaps_keep_results(tiny):
     llm = LLM(path, device="cuda", dtype="float32", gpu_memory=budget(path, 7, 0), offload_policy="cpu")
     try:
         for _ in range(2):
-            llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+            llm.generate(PROMPT[:6], GREEDY)
         before = [list(r) for r in llm.placement.resident]
         llm.adapt_placement(max_bytes=4 * llm.orchestra.expert_bytes)
         assert llm.placement.resident_count == 7
         assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
-        assert (
-            llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)).token_ids == tokens
-        )
+        assert llm.generate(PROMPT[:6], GREEDY).token_ids == tokens
         assert before is not None
     finally:
         llm.close()
@@ -162,7 +152,7 @@ def test_cuda_experts_shared_by_cpu_and_link_equal_reference(tiny):
         eb = llm.orchestra.expert_bytes
         llm.orchestra.cost = CostModel("test", eb, cpu_s=(2e-3, 0.0), gpu_s=(0.0, 0.0), h2d_gb_s=eb / 1e-3 / 1e9)
         llm.orchestra.options = dataclasses.replace(llm.orchestra.options, split_experts=True)
-        out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        out = llm.generate(PROMPT[:6], GREEDY)
         assert out.token_ids == tokens and out.stats.expert_work["split"] > 0
         assert (llm.score(PROMPT) - want).abs().max().item() <= TOL
     finally:

@@ -11,7 +11,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.moe.offload.cache import SlotCache
 from cadenza.moe.offload.costmodel import CostModel, _fit_line
-from tests.conftest import budget_for, make_mixtral
+from tests.conftest import budget_for, make_mixtral, offloaded_llm
 
 TOL = 1e-4
 PROMPT = list(range(3, 40))
@@ -30,9 +30,7 @@ def moe8(tmp_path_factory):
 @pytest.mark.parametrize("residents", [0, 5, 13, 24])
 def test_hybrid_equals_single_device(moe8, policy, residents):
     path, want_logits, want_tokens = moe8
-    slots = 0 if policy == "cpu" else 2  # the cpu policy reserves no fetch slots
-    budget = "0" if residents == 0 and policy == "cpu" else budget_for(path, residents, slots)
-    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget, offload_policy=policy)
+    llm = offloaded_llm(path, policy, residents)
     try:
         assert llm.placement.resident_count == residents
         assert (llm.score(PROMPT) - want_logits).abs().max().item() <= TOL

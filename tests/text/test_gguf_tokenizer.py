@@ -11,7 +11,7 @@ from cadenza.errors import CadenzaError
 from cadenza.text import Tokenizer
 from cadenza.text.gguf import CONTROL, USER_DEFINED, gguf_metadata
 from tests.formats.gguf_files import add_plain
-from tests.text.test_tokenizer import TEXTS, random_texts, stream
+from tests.text.test_tokenizer import TEXTS, assert_same_vocabulary, random_texts, stream
 from tests.text.tokenizer_files import write_bpe_tokenizer, write_sentencepiece_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -131,11 +131,7 @@ def load_both(file: Path):
 
 @pytest.mark.parametrize("name", CASES)
 def test_gguf_loading_matches_transformers(files: dict[str, Path], name: str) -> None:
-    ours, hf = load_both(files[name])
-    assert ours.vocab_size == len(hf)
-    assert ours.bos_token_id == hf.bos_token_id
-    assert ours.eos_token_ids == [hf.eos_token_id]
-    assert ours.special_token_ids == {i for i, t in hf.added_tokens_decoder.items() if t.special}
+    assert_same_vocabulary(*load_both(files[name]))
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -60,13 +60,18 @@ def random_texts(count: int, seed: int = 0) -> list[str]:
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(count)]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_loading_matches_transformers(folders: dict[str, Path], kind: str) -> None:
-    ours, hf = load_both(folders[kind])
+def assert_same_vocabulary(ours, hf) -> None:
+    """cadenza's tokenizer has transformers' vocabulary size, BOS and EOS ids, and special tokens (also GGUF's:
+    tests/text/test_gguf_tokenizer.py)."""
     assert ours.vocab_size == len(hf)
     assert ours.bos_token_id == hf.bos_token_id
     assert ours.eos_token_ids == [hf.eos_token_id]
     assert ours.special_token_ids == {i for i, t in hf.added_tokens_decoder.items() if t.special}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loading_matches_transformers(folders: dict[str, Path], kind: str) -> None:
+    assert_same_vocabulary(*load_both(folders[kind]))
 
 
 def test_sentencepiece_folder_is_loaded_by_transformers_from_tokenizer_model(folders: dict[str, Path]) -> None:
