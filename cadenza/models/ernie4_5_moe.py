@@ -164,10 +164,7 @@ class Ernie4_5_MoeAttention(Attention):
 
     def __init__(self, config: Ernie4_5_MoeConfig, layer_idx: int):
         super().__init__(
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
+            config,
             layer_idx,
             qkv_bias=config.use_bias,
             o_bias=config.use_bias,
@@ -271,17 +268,10 @@ class Ernie4_5_MoeDecoderLayer(nn.Module):
 
 class Ernie4_5_MoeModel(DecoderModel):
     def __init__(self, config: Ernie4_5_MoeConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Ernie4_5_MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Ernie4_5_MoeRotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        super().__init__(config, Ernie4_5_MoeDecoderLayer, rotary_class=Ernie4_5_MoeRotaryEmbedding)
 
 
 class Ernie4_5_MoeForCausalLM(CausalLM):
     def __init__(self, config: Ernie4_5_MoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = Ernie4_5_MoeModel(config)
         # tied to the embeddings by default (the loader ties them); the bias, under use_bias, is the head's own
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.use_bias)
+        super().__init__(config, Ernie4_5_MoeModel(config), lm_head_bias=config.use_bias)

@@ -31,7 +31,6 @@ from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
 from cadenza.models.common import MLP, Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm
 from cadenza.models.deepseek_v2 import DeepseekV2Moe
-from cadenza.models.rope import RotaryEmbedding
 from cadenza.moe.routing import sigmoid_group_topk
 
 
@@ -134,10 +133,7 @@ class Glm4MoeAttention(Attention):
 
     def __init__(self, config: Glm4MoeConfig, layer_idx: int):
         super().__init__(
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
+            config,
             layer_idx,
             qkv_bias=config.attention_bias,
             o_bias=False,
@@ -215,18 +211,11 @@ class Glm4MoeDecoderLayer(nn.Module):
 
 class Glm4MoeModel(DecoderModel):
     def __init__(self, config: Glm4MoeConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        # num_hidden_layers only: the multi-token-prediction layers after them are not part of the model
-        self.layers = nn.ModuleList(Glm4MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # tables of int(head_dim * partial_rotary_factor) features: the rotary part of each head
-        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        # num_hidden_layers only: the multi-token-prediction layers after them are not part of the model; the
+        # rotary tables have int(head_dim * partial_rotary_factor) features, the rotary part of each head
+        super().__init__(config, Glm4MoeDecoderLayer)
 
 
 class Glm4MoeForCausalLM(CausalLM):
     def __init__(self, config: Glm4MoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = Glm4MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        super().__init__(config, Glm4MoeModel(config))

@@ -28,7 +28,7 @@ from torch import nn
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
 from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, clamped_swiglu_name
-from cadenza.models.rope import RotaryEmbedding, apply_rotary
+from cadenza.models.rope import apply_rotary
 from cadenza.moe.experts import Experts
 
 log = logging.getLogger(__name__)
@@ -151,10 +151,7 @@ class GptOssAttention(Attention):
 
     def __init__(self, config: GptOssConfig, layer_idx: int):
         super().__init__(
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
+            config,
             layer_idx,
             qkv_bias=config.attention_bias,
             o_bias=config.attention_bias,
@@ -366,19 +363,12 @@ class GptOssDecoderLayer(nn.Module):
 
 class GptOssModel(DecoderModel):
     def __init__(self, config: GptOssConfig):
-        super().__init__()
+        super().__init__(config, GptOssDecoderLayer)
         self.layer_windows = [config.window_of(i) for i in range(config.num_hidden_layers)]
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GptOssDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
 
 class GptOssForCausalLM(CausalLM):
     reads_mxfp4 = True  # the loader lets an MXFP4 quantization_config through: these experts read the blocks
 
     def __init__(self, config: GptOssConfig):
-        super().__init__()
-        self.config = config
-        self.model = GptOssModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        super().__init__(config, GptOssModel(config))

@@ -215,10 +215,7 @@ class Llama4TextAttention(Attention):
 
     def __init__(self, config: Llama4TextConfig, layer_idx: int):
         super().__init__(
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
+            config,
             layer_idx,
             qkv_bias=config.attention_bias,
             o_bias=config.attention_bias,
@@ -369,12 +366,8 @@ class Llama4TextDecoderLayer(nn.Module):
 
 class Llama4TextModel(DecoderModel):
     def __init__(self, config: Llama4TextConfig):
-        super().__init__()
+        super().__init__(config, Llama4TextDecoderLayer, rotary_class=Llama4TextRotaryEmbedding)
         self.layer_windows = [config.chunk_of(i) for i in range(config.num_hidden_layers)]  # chunks, not windows
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Llama4TextRotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
     def layer_context(self, ctx: AttentionContext, window: int | None) -> AttentionContext:
         """layer_windows holds each layer's attention chunk: the mask keeps a query to its own chunk."""
@@ -383,10 +376,7 @@ class Llama4TextModel(DecoderModel):
 
 class Llama4ForCausalLM(CausalLM):
     def __init__(self, config: Llama4TextConfig):
-        super().__init__()
-        self.config = config
-        self.model = Llama4TextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        super().__init__(config, Llama4TextModel(config))
 
 
 class Llama4ForConditionalGeneration(CausalLM):
@@ -395,7 +385,7 @@ class Llama4ForConditionalGeneration(CausalLM):
     their tensors are never read. Images are not supported."""
 
     def __init__(self, config: Llama4TextConfig):
-        super().__init__()
+        nn.Module.__init__(self)  # model and lm_head are the wrapped text model's (properties below)
         if config.tie_word_embeddings:
             raise CadenzaError(
                 "config.json's text_config ties the LM head to the embeddings, which no Llama-4 release does; cadenza "

@@ -256,7 +256,7 @@ def test_hybrid_equals_all_resident(ernie_dir, policy):
     stay out of it. 5 of 2 MoE layers x 16 experts resident; fetching policies reserve top_k = 4 slots;
     (prompt + decode steps) x MoE layers x top-4 pairs."""
     path, prompt, want_logits, want_tokens = ernie_dir
-    assert_hybrid_matches(path, policy, 5, 4, prompt, want_logits, want_tokens, 8, (6 + 7) * 2 * 4, None, TOL)
+    assert_hybrid_matches(path, policy, 5, 4, prompt, 8, (6 + 7) * 2 * 4, None, TOL, want=(want_logits, want_tokens))
 
 
 def test_hybrid_prefetch_in_bf16(ernie_dir):

@@ -171,7 +171,7 @@ def test_mxfp4_hybrid_equals_single_device(mxfp4, policy):
     ref = LLM(mxfp4, device="cpu", dtype="float32")
     want_logits = ref.score(ids)
     want_tokens = ref.generate(ids[:6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).token_ids
-    assert_hybrid_matches(mxfp4, policy, 12, 2, ids, want_logits, want_tokens, 8, None, "either", TOL)
+    assert_hybrid_matches(mxfp4, policy, 12, 2, ids, 8, None, "either", TOL, want=(want_logits, want_tokens))
 
 
 def test_mxfp4_dequantization_is_the_format():
@@ -194,7 +194,7 @@ def test_hybrid_equals_single_device(base, policy):
     want_logits = ref.score(ids)
     want_tokens = ref.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
     # 12 of 4 layers x 8 experts resident
-    assert_hybrid_matches(path, policy, 12, 2, ids, want_logits, want_tokens, 10, None, "either", TOL)
+    assert_hybrid_matches(path, policy, 12, 2, ids, 10, None, "either", TOL, want=(want_logits, want_tokens))
 
 
 def test_quantized_experts_are_refused_clearly(base):

@@ -234,7 +234,7 @@ def test_hybrid_equals_all_resident(llama4_dir, policy):
     """Experts split between the emulated GPU and the host compute the same model. 5 of 4 MoE layers x 16 experts
     resident; fetching policies reserve 2 slots; (prompt + decode steps) x MoE layers x top-2 pairs."""
     path, prompt, want_logits, want_tokens = llama4_dir
-    assert_hybrid_matches(path, policy, 5, 2, prompt, want_logits, want_tokens, 8, (6 + 7) * 4 * 2, None, TOL)
+    assert_hybrid_matches(path, policy, 5, 2, prompt, 8, (6 + 7) * 4 * 2, None, TOL, want=(want_logits, want_tokens))
 
 
 def test_hybrid_top1_with_shared_expert(tmp_path):
@@ -244,7 +244,7 @@ def test_hybrid_top1_with_shared_expert(tmp_path):
     prompt = prompt_ids(20)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     want_logits, want_tokens = ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
-    assert_hybrid_matches(path, "cpu", 5, 0, prompt, want_logits, want_tokens, 6, (6 + 5) * 4, "policy", TOL)
+    assert_hybrid_matches(path, "cpu", 5, 0, prompt, 6, (6 + 5) * 4, "policy", TOL, want=(want_logits, want_tokens))
 
 
 @pytest.mark.parametrize(
