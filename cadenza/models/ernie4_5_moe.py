@@ -35,7 +35,15 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, act_fn, attend
+from cadenza.models.common import (
+    Attention,
+    AttentionContext,
+    CausalLM,
+    DecoderLayer,
+    DecoderModel,
+    act_fn,
+    attend,
+)
 from cadenza.models.rope import RotaryEmbedding, apply_rotary_interleaved
 from cadenza.moe.experts import Experts
 from cadenza.moe.routing import softmax_biased_topk
@@ -250,20 +258,10 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
         return self.experts(x, topk_ids, topk_weights, shared=shared).reshape(b, t, h)
 
 
-class Ernie4_5_MoeDecoderLayer(nn.Module):
+class Ernie4_5_MoeDecoderLayer(DecoderLayer):
     def __init__(self, config: Ernie4_5_MoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = Ernie4_5_MoeAttention(config, layer_idx)
-        if config.is_sparse(layer_idx):
-            self.mlp: nn.Module = Ernie4_5_MoeSparseMoeBlock(config)
-        else:
-            self.mlp = Ernie4_5_MoeMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        mlp = Ernie4_5_MoeSparseMoeBlock(config) if config.is_sparse(layer_idx) else Ernie4_5_MoeMLP(config)
+        super().__init__(config, Ernie4_5_MoeAttention(config, layer_idx), mlp)
 
 
 class Ernie4_5_MoeModel(DecoderModel):

@@ -29,7 +29,7 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm
+from cadenza.models.common import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, RMSNorm
 from cadenza.models.deepseek_v2 import DeepseekV2Moe
 from cadenza.moe.routing import sigmoid_group_topk
 
@@ -193,20 +193,13 @@ class Glm4MoeMoE(DeepseekV2Moe):
     router_class = Glm4MoeTopkRouter
 
 
-class Glm4MoeDecoderLayer(nn.Module):
+class Glm4MoeDecoderLayer(DecoderLayer):
     def __init__(self, config: Glm4MoeConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = Glm4MoeAttention(config, layer_idx)
         if config.is_sparse(layer_idx):
-            self.mlp: nn.Module = Glm4MoeMoE(config)
+            mlp: nn.Module = Glm4MoeMoE(config)
         else:
-            self.mlp = Glm4MoeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            mlp = Glm4MoeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        super().__init__(config, Glm4MoeAttention(config, layer_idx), mlp)
 
 
 class Glm4MoeModel(DecoderModel):

@@ -27,7 +27,14 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, clamped_swiglu_name
+from cadenza.models.common import (
+    Attention,
+    AttentionContext,
+    CausalLM,
+    DecoderLayer,
+    DecoderModel,
+    clamped_swiglu_name,
+)
 from cadenza.models.rope import apply_rotary
 from cadenza.moe.experts import Experts
 
@@ -348,17 +355,9 @@ class GptOssMLP(nn.Module):
         return self.experts(x, topk_ids, topk_weights.float()).reshape(b, t, h)
 
 
-class GptOssDecoderLayer(nn.Module):
+class GptOssDecoderLayer(DecoderLayer):
     def __init__(self, config: GptOssConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = GptOssAttention(config, layer_idx)
-        self.mlp = GptOssMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        super().__init__(config, GptOssAttention(config, layer_idx), GptOssMLP(config))
 
 
 class GptOssModel(DecoderModel):

@@ -36,7 +36,15 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, Attention, AttentionContext, CausalLM, DecoderModel, RMSNorm, attend
+from cadenza.models.common import (
+    MLP,
+    Attention,
+    AttentionContext,
+    CausalLM,
+    DecoderLayer,
+    DecoderModel,
+    attend,
+)
 from cadenza.models.rope import RotaryEmbedding, apply_rotary_interleaved
 from cadenza.moe.experts import Experts
 
@@ -347,21 +355,17 @@ class Llama4TextMoe(nn.Module):
         return out.reshape(b, t, h)
 
 
-class Llama4TextDecoderLayer(nn.Module):
-    def __init__(self, config: Llama4TextConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = Llama4TextAttention(config, layer_idx)
-        self.is_moe_layer = layer_idx in config.moe_layers
-        if self.is_moe_layer:
-            self.feed_forward: nn.Module = Llama4TextMoe(config)
-        else:
-            self.feed_forward = Llama4TextMLP(config.hidden_size, config.intermediate_size_mlp, config.hidden_act)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+class Llama4TextDecoderLayer(DecoderLayer):
+    mlp_name = "feed_forward"
 
-    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.feed_forward(self.post_attention_layernorm(hidden_states))
+    def __init__(self, config: Llama4TextConfig, layer_idx: int):
+        is_moe_layer = layer_idx in config.moe_layers
+        if is_moe_layer:
+            ff: nn.Module = Llama4TextMoe(config)
+        else:
+            ff = Llama4TextMLP(config.hidden_size, config.intermediate_size_mlp, config.hidden_act)
+        super().__init__(config, Llama4TextAttention(config, layer_idx), ff)
+        self.is_moe_layer = is_moe_layer
 
 
 class Llama4TextModel(DecoderModel):
