@@ -53,13 +53,15 @@ def tiny_config(family: str, defaults: dict, overrides: dict):
     return getattr(transformers, f"{family}Config")(**{**TINY_ARGS, **defaults, **overrides})
 
 
-def random_hf_model(config, seed: int = 0, vectors=None):
-    """transformers' *ForCausalLM for `config` (fp32, eval), seeded. Its matrices are widened from transformers'
-    tiny init (std 0.02) to N(0, 0.2) so that routing and logits are not degenerate; vectors(name, p), where given,
-    sets the 1-d parameters (norm weights, biases) in the same pass."""
+def random_hf_model(config, seed: int = 0, vectors=None, model_class=None):
+    """transformers' *ForCausalLM for `config` (fp32, eval; model_class where the name does not follow from the
+    config's), seeded. Its matrices are widened from transformers' tiny init (std 0.02) to N(0, 0.2) so that routing
+    and logits are not degenerate; vectors(name, p), where given, sets the 1-d parameters (norm weights, biases) in
+    the same pass."""
     import transformers
 
-    model_class = getattr(transformers, type(config).__name__.replace("Config", "ForCausalLM"))
+    if model_class is None:
+        model_class = getattr(transformers, type(config).__name__.replace("Config", "ForCausalLM"))
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():
@@ -85,9 +87,11 @@ def save_hf_model(model, path: Path, dtype: torch.dtype | None = None, **save_kw
     return path
 
 
-def make_hf_model(path: Path, config, seed: int = 0, vectors=None, dtype: torch.dtype | None = None, **save_kw):
-    """random_hf_model(config, seed, vectors) saved to `path` (see save_hf_model); returns (folder, the model)."""
-    model = random_hf_model(config, seed, vectors)
+def make_hf_model(path: Path, config, seed: int = 0, vectors=None, dtype: torch.dtype | None = None, model_class=None,
+                  **save_kw):  # fmt: skip
+    """random_hf_model(config, seed, vectors, model_class) saved to `path` (see save_hf_model); returns (folder, the
+    model)."""
+    model = random_hf_model(config, seed, vectors, model_class)
     return save_hf_model(model, path, dtype=dtype, **save_kw), model
 
 
@@ -119,6 +123,31 @@ def assert_score_matches(path, hf_model, n: int = 24, tol: float = 1e-4) -> None
     got = LLM(path, device="cpu", dtype="float32").score(ids)
     assert got.shape == (n, VOCAB)
     assert (got - reference_logits(hf_model, ids)).abs().max().item() <= tol
+
+
+def cached_logits(llm, ids: list[int], prefill: int = 10, chunk: int = 6) -> torch.Tensor:
+    """[len(ids), V] float32 logits of the CPU LLM `llm` computed the way generation does: a prefill, a second chunk
+    attending to the cache (an explicit mask), then one token at a time."""
+    model = llm.model
+    cache = model.new_cache(64, torch.float32, torch.device("cpu"))
+    pieces = [ids[:prefill], ids[prefill : prefill + chunk]] + [[t] for t in ids[prefill + chunk :]]
+    with torch.inference_mode():
+        return torch.cat([model(torch.tensor([p]), cache)[0] for p in pieces])
+
+
+def assert_prefill_and_cached_decode_match(path, hf_model, n: int = 24, tol: float = 1e-4):
+    """assert_score_matches, and the same logits through the cache (cached_logits: prefill, a chunk, then one token
+    at a time); returns (the prompt ids, transformers' logits)."""
+    from cadenza import LLM
+
+    ids = prompt_ids(n)
+    want = reference_logits(hf_model, ids)
+    llm = LLM(path, device="cpu", dtype="float32")
+    got = llm.score(ids)
+    assert got.shape == (n, VOCAB)
+    assert (got - want).abs().max().item() <= tol
+    assert (cached_logits(llm, ids) - want).abs().max().item() <= tol
+    return ids, want
 
 
 def reference_greedy(hf_model, ids: list[int], n: int) -> list[int]:
@@ -207,6 +236,26 @@ def offloaded_llm(path, policy: str, residents: int, device: str = "cpu", **kw):
     slots = 0 if policy == "cpu" else 2
     gpu_memory = "0" if residents == 0 and policy == "cpu" else budget_for(path, residents, slots, device=device)
     return LLM(path, device=device, dtype="float32", gpu_memory=gpu_memory, offload_policy=policy, **kw)
+
+
+def assert_hybrid_prefetch_in_bf16(path, prompt: list[int], residents: int, slots: int, new_tokens: int = 4) -> None:
+    """In bf16 under the fetch policy, `residents` experts resident and `slots` fetch slots: the logits for `prompt`
+    equal the all-resident bf16 model's bit for bit, and generating `new_tokens` from prompt[:6] issues or guesses
+    some prefetch."""
+    from cadenza import LLM, SamplingParams
+
+    ref = LLM(path, device="cpu", dtype="bfloat16", gpu_memory="8GiB")
+    want, p = ref.score(prompt), ref.placement
+    ref.close()
+    budget = p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes
+    llm = LLM(path, device="cpu", dtype="bfloat16", gpu_memory=budget, offload_policy="fetch")
+    try:
+        assert llm.placement.resident_count == residents
+        assert torch.equal(llm.score(prompt), want)
+        llm.generate(prompt[:6], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+        assert llm.orchestra.counters.prefetch_issued + llm.orchestra.counters.prefetch_guessed > 0
+    finally:
+        llm.close()
 
 
 def synced_layers(orchestra) -> int:

@@ -14,18 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza import LLM
 from cadenza.cli.info import describe
 from cadenza.loader import build_meta, expected_tensors, open_checkpoint
 from cadenza.models import supported_architectures
 from cadenza.models.ernie4_5_moe import Ernie4_5_MoeConfig, Ernie4_5_MoeMLP, Ernie4_5_MoeSparseMoeBlock
 from tests.conftest import (
-    VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
+    assert_hybrid_prefetch_in_bf16,
+    assert_prefill_and_cached_decode_match,
     edit_config,
     prompt_ids,
     reference_logits,
     save_hf_model,
+    single_device_run,
+    tiny_config,
 )
 
 TOL = 1e-4
@@ -33,30 +37,20 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_pos
 
 
 def tiny_ernie_config(**overrides):
-    """ERNIE-4.5-21B-A3B's switches at tiny size: 8 routed experts (top-2) and 2 shared ones, the first layer dense
-    (moe_layer_start_index 1), tied embeddings, no biases, GQA 2:1."""
-    from transformers import Ernie4_5_MoeConfig as HfConfig
-
+    """ERNIE-4.5-21B-A3B's switches at tiny size: 8 routed experts (top-2: moe_k, which transformers also calls
+    num_experts_per_tok) and 2 shared ones, the first layer dense (moe_layer_start_index 1, intermediate_size 96),
+    tied embeddings, no biases, GQA 2:1."""
     kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,  # the dense layers
         moe_intermediate_size=32,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         moe_num_experts=8,
-        moe_k=2,
         moe_num_shared_experts=2,
         moe_layer_start_index=1,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-        bos_token_id=0,
-        eos_token_id=1,
     )
-    kw.update(overrides)
-    return HfConfig(**kw)
+    if "moe_k" in overrides:  # one name for the one key, not TINY_ARGS' num_experts_per_tok beside it
+        overrides["num_experts_per_tok"] = overrides.pop("moe_k")
+    return tiny_config("Ernie4_5_Moe", kw, overrides)
 
 
 def make_ernie(path: Path, seed: int = 0, mtp: bool = False, **overrides):
@@ -107,16 +101,6 @@ def add_mtp_tensors(path: Path) -> None:
     edit_config(path, num_nextn_predict_layers=1, multi_token_pred_lambda=0.3)
 
 
-def cached_logits(llm, ids: list[int], prefill: int = 10, chunk: int = 6) -> torch.Tensor:
-    """[len(ids), V] logits computed the way generation does: a prefill, a second chunk attending to the cache
-    (an explicit mask), then one token at a time."""
-    model = llm.model
-    cache = model.new_cache(64, torch.float32, torch.device("cpu"))
-    pieces = [ids[:prefill], ids[prefill : prefill + chunk]] + [[t] for t in ids[prefill + chunk :]]
-    with torch.inference_mode():
-        return torch.cat([model(torch.tensor([p]), cache)[0] for p in pieces])
-
-
 CONFIGS = {
     # ERNIE-4.5-21B-A3B: 2 shared experts, first layer dense, tied embeddings
     "21b-two-shared-tied": {},
@@ -142,14 +126,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prefill_and_cached_decode_match_transformers(tmp_path, name):
-    path, hf = make_ernie(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    want = reference_logits(hf, ids)
-    got = llm.score(ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - want).abs().max().item() <= TOL
-    assert (cached_logits(llm, ids) - want).abs().max().item() <= TOL
+    assert_prefill_and_cached_decode_match(*make_ernie(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 def test_routing_bias_is_used(tmp_path):
@@ -244,10 +221,8 @@ def ernie_dir(tmp_path_factory):
     path, _ = make_ernie(
         tmp_path_factory.mktemp("ernie4_5_moe"), mtp=True, moe_num_experts=16, moe_k=4, moe_num_shared_experts=1
     )
-    ref = LLM(path, device="cpu", dtype="float32")
     prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    return path, prompt, ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+    return path, prompt, single_device_run(path, prompt, 8)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
@@ -255,26 +230,15 @@ def test_hybrid_equals_all_resident(ernie_dir, policy):
     """Experts split between the emulated GPU and the host compute the same model; dense layers and shared experts
     stay out of it. 5 of 2 MoE layers x 16 experts resident; fetching policies reserve top_k = 4 slots;
     (prompt + decode steps) x MoE layers x top-4 pairs."""
-    path, prompt, want_logits, want_tokens = ernie_dir
-    assert_hybrid_matches(path, policy, 5, 4, prompt, 8, (6 + 7) * 2 * 4, None, TOL, want=(want_logits, want_tokens))
+    path, prompt, want = ernie_dir
+    assert_hybrid_matches(path, policy, 5, 4, prompt, 8, (6 + 7) * 2 * 4, None, TOL, want)
 
 
 def test_hybrid_prefetch_in_bf16(ernie_dir):
     """The fetch policy guesses the next layer's experts with its router weight, which stays float32 while the
     hidden states are bf16: the guess runs, and the offloaded model equals the all-resident one."""
-    path, prompt, _, _ = ernie_dir
-    ref = LLM(path, device="cpu", dtype="bfloat16", gpu_memory="8GiB")
-    want, p = ref.score(prompt), ref.placement
-    ref.close()
-    budget = p.always_bytes + p.kv_bytes + p.workspace_bytes + (5 + 4) * p.expert_bytes  # 5 resident, 4 slots
-    llm = LLM(path, device="cpu", dtype="bfloat16", gpu_memory=budget, offload_policy="fetch")
-    try:
-        assert llm.placement.resident_count == 5
-        assert torch.equal(llm.score(prompt), want)
-        llm.generate(prompt[:6], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        assert llm.orchestra.counters.prefetch_issued + llm.orchestra.counters.prefetch_guessed > 0
-    finally:
-        llm.close()
+    path, prompt, _ = ernie_dir
+    assert_hybrid_prefetch_in_bf16(path, prompt, 5, 4)  # 5 resident, top_k = 4 slots
 
 
 def test_info_counts_and_layer_kinds(ernie_dir, tmp_path):
@@ -312,7 +276,4 @@ def test_info_counts_and_layer_kinds(ernie_dir, tmp_path):
     ],
 )
 def test_config_mistakes_are_clear(ernie_dir, tmp_path, changes, match):
-    path = shutil.copytree(ernie_dir[0], tmp_path / "bad")
-    edit_config(path, **changes)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(shutil.copytree(ernie_dir[0], tmp_path / "bad"), match, **changes)

@@ -12,18 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza import LLM
 from cadenza.cli.info import describe
 from cadenza.loader import build_meta, expected_tensors, open_checkpoint
 from cadenza.models import supported_architectures
 from cadenza.models.glm4_moe import Glm4MoeConfig, Glm4MoeMLP, Glm4MoeMoE
 from tests.conftest import (
-    VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
+    assert_hybrid_prefetch_in_bf16,
+    assert_prefill_and_cached_decode_match,
     edit_config,
     prompt_ids,
+    random_hf_model,
     reference_logits,
     save_hf_model,
+    single_device_run,
+    tiny_config,
 )
 
 TOL = 1e-4
@@ -33,49 +38,28 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_pos
 def tiny_glm4_moe_config(**overrides):
     """GLM-4.5's switches at tiny size: q/k norms, q/k/v biases, half of each head rotary (transformers' default),
     head_dim 24 (not hidden / heads = 16; GLM-4.5: 5120 / 96 heads, head_dim 128), 8 routed experts (top-2) and a
-    shared one, one dense first layer, weights scaled by 2.5."""
-    from transformers import Glm4MoeConfig
-
+    shared one, one dense first layer (intermediate_size 96), weights scaled by 2.5."""
     kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,  # the dense layers
         moe_intermediate_size=32,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=24,
         n_routed_experts=8,
-        num_experts_per_tok=2,
         n_shared_experts=1,
         first_k_dense_replace=1,
         routed_scaling_factor=2.5,
         use_qk_norm=True,
         attention_bias=True,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=0,
-        eos_token_id=1,
     )
-    kw.update(overrides)
-    return Glm4MoeConfig(**kw)
+    return tiny_config("Glm4Moe", kw, overrides)
 
 
 def make_glm4_moe(path: Path, seed: int = 0, mtp: bool = False, **overrides):
     """A tiny random Glm4MoeForCausalLM saved to `path` (mtp: with a multi-token-prediction layer added, in a shard
     of its own, as the hub's checkpoints hold one); returns (folder, the fp32 transformers model)."""
-    from transformers import Glm4MoeForCausalLM
-
-    torch.manual_seed(seed)
-    model = Glm4MoeForCausalLM(tiny_glm4_moe_config(**overrides)).eval()
-    # widen transformers' std-0.02 init so routing is not degenerate; norm weights and biases away from 1 and 0 and a
-    # routing bias large enough to change the choice, so that a wrong norm or a bias used in the wrong place shows
+    # norm weights and biases away from 1 and 0 and a routing bias large enough to change the choice, so that a wrong
+    # norm or a bias used in the wrong place shows
+    model = random_hf_model(tiny_glm4_moe_config(**overrides), seed, lambda _, p: p.normal_(1.0, 0.1))
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(1.0, 0.1)
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.5)
@@ -112,16 +96,6 @@ def add_mtp_layer(path: Path) -> None:
     edit_config(path, num_nextn_predict_layers=1)
 
 
-def cached_logits(llm, ids: list[int], prefill: int = 10, chunk: int = 6) -> torch.Tensor:
-    """[len(ids), V] logits computed the way generation does: a prefill, a second chunk attending to the cache
-    (an explicit mask), then one token at a time."""
-    model = llm.model
-    cache = model.new_cache(64, torch.float32, torch.device("cpu"))
-    pieces = [ids[:prefill], ids[prefill : prefill + chunk]] + [[t] for t in ids[prefill + chunk :]]
-    with torch.inference_mode():
-        return torch.cat([model(torch.tensor([p]), cache)[0] for p in pieces])
-
-
 CONFIGS = {
     # GLM-4.5 / 4.6: q/k norms, biases, half rotary, one group (n_group=1), renormalised and scaled by 2.5
     "glm45-qk-norm-half-rotary": {},
@@ -149,14 +123,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prefill_and_cached_decode_match_transformers(tmp_path, name):
-    path, hf = make_glm4_moe(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    want = reference_logits(hf, ids)
-    got = llm.score(ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - want).abs().max().item() <= TOL
-    assert (cached_logits(llm, ids) - want).abs().max().item() <= TOL
+    assert_prefill_and_cached_decode_match(*make_glm4_moe(tmp_path / name, **CONFIGS[name]), tol=TOL)
 
 
 def test_hub_style_config_and_mtp_layer_skipped(tmp_path):
@@ -222,10 +189,8 @@ def test_router_stays_float32_as_transformers_keeps_it(tmp_path):
 def glm_dir(tmp_path_factory):
     """One shared tiny checkpoint (4 groups, top-4 of 16: enough experts to split) and its all-resident results."""
     path, _ = make_glm4_moe(tmp_path_factory.mktemp("glm4_moe"), mtp=True, **CONFIGS["groups-4-keep-2-no-norm-topk"])
-    ref = LLM(path, device="cpu", dtype="float32")
     prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    return path, prompt, ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+    return path, prompt, single_device_run(path, prompt, 8)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
@@ -233,26 +198,15 @@ def test_hybrid_equals_all_resident(glm_dir, policy):
     """Experts split between the emulated GPU and the host compute the same model; dense layers and shared experts
     stay out of it. 5 of 2 MoE layers x 16 experts resident; fetching policies reserve top_k = 4 slots;
     (prompt + decode steps) x MoE layers x top-4 pairs."""
-    path, prompt, want_logits, want_tokens = glm_dir
-    assert_hybrid_matches(path, policy, 5, 4, prompt, 8, (6 + 7) * 2 * 4, None, TOL, want=(want_logits, want_tokens))
+    path, prompt, want = glm_dir
+    assert_hybrid_matches(path, policy, 5, 4, prompt, 8, (6 + 7) * 2 * 4, None, TOL, want)
 
 
 def test_hybrid_prefetch_in_bf16(glm_dir):
     """The fetch policy guesses the next layer's experts with its router weight, which stays float32 while the
     hidden states are bf16: the guess runs, and the offloaded model equals the all-resident one."""
-    path, prompt, _, _ = glm_dir
-    ref = LLM(path, device="cpu", dtype="bfloat16", gpu_memory="8GiB")
-    want, p = ref.score(prompt), ref.placement
-    ref.close()
-    budget = p.always_bytes + p.kv_bytes + p.workspace_bytes + (5 + 4) * p.expert_bytes  # 5 resident, 4 slots
-    llm = LLM(path, device="cpu", dtype="bfloat16", gpu_memory=budget, offload_policy="fetch")
-    try:
-        assert llm.placement.resident_count == 5
-        assert torch.equal(llm.score(prompt), want)
-        llm.generate(prompt[:6], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        assert llm.orchestra.counters.prefetch_issued + llm.orchestra.counters.prefetch_guessed > 0
-    finally:
-        llm.close()
+    path, prompt, _ = glm_dir
+    assert_hybrid_prefetch_in_bf16(path, prompt, 5, 4)  # 5 resident, top_k = 4 slots
 
 
 def test_info_counts_and_layer_kinds(glm_dir):
@@ -285,7 +239,4 @@ def test_info_counts_and_layer_kinds(glm_dir):
     ],
 )
 def test_config_mistakes_are_clear(glm_dir, tmp_path, changes, match):
-    path = shutil.copytree(glm_dir[0], tmp_path / "bad")
-    edit_config(path, **changes)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(shutil.copytree(glm_dir[0], tmp_path / "bad"), match, **changes)

@@ -11,12 +11,14 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.models.mxfp4 import dequantize_mxfp4
 from tests.conftest import (
-    VOCAB,
+    assert_config_refused,
     assert_hybrid_matches,
+    assert_score_matches,
     edit_config,
+    make_hf_model,
     prompt_ids,
     reference_logits,
-    save_hf_model,
+    tiny_config,
 )
 
 TOL = 1e-4
@@ -31,40 +33,24 @@ YARN = {
 }
 
 
+def _vectors(name, p):
+    # biases away from zero (norm weights around 1), so that routing, sinks and the clamp (limit 7) all matter
+    p.copy_(0.3 * torch.randn_like(p) + (1.0 if "norm" in name else 0.0))
+
+
 def make_gpt_oss(path, seed: int = 0, **overrides):
     """A tiny random GptOssForCausalLM saved to `path` (fp32); returns (folder, the transformers model). The window
     (5) is shorter than the prompts, so the sliding layers really slide."""
-    from transformers import GptOssConfig, GptOssForCausalLM
-
     kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
         intermediate_size=32,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         num_local_experts=8,
-        num_experts_per_tok=2,
         sliding_window=5,
-        max_position_embeddings=256,
         pad_token_id=None,
-        bos_token_id=0,
-        eos_token_id=1,
         rope_parameters=YARN,
     )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = GptOssForCausalLM(GptOssConfig(**kw)).eval()
-    # wider than transformers' init so routing, sinks and the clamp (limit 7) all matter; biases away from zero
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.copy_(0.3 * torch.randn_like(p) + (1.0 if "norm" in name else 0.0))
-    save_hf_model(model, path)
-    return path, model
+    return make_hf_model(path, tiny_config("GptOss", kw, overrides), seed, _vectors)
 
 
 CONFIGS = {
@@ -82,11 +68,7 @@ def base(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_score_matches_transformers(tmp_path, name):
-    path, hf = make_gpt_oss(tmp_path / name, **CONFIGS[name])
-    ids = prompt_ids(20)
-    got = LLM(path, device="cpu", dtype="float32").score(ids)
-    assert got.shape == (20, VOCAB)
-    assert (got - reference_logits(hf, ids)).abs().max().item() <= TOL
+    assert_score_matches(*make_gpt_oss(tmp_path / name, **CONFIGS[name]), n=20, tol=TOL)
 
 
 def test_sinks_window_and_clamp_matter(base, tmp_path):
@@ -167,11 +149,7 @@ def test_mxfp4_experts_stay_mxfp4(mxfp4):
 def test_mxfp4_hybrid_equals_single_device(mxfp4, policy):
     """MXFP4 experts resident on the (emulated) GPU, fetched into slots and computed on the CPU, all as blocks: the
     all-resident model's logits and tokens."""
-    ids = prompt_ids(20, seed=9)
-    ref = LLM(mxfp4, device="cpu", dtype="float32")
-    want_logits = ref.score(ids)
-    want_tokens = ref.generate(ids[:6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).token_ids
-    assert_hybrid_matches(mxfp4, policy, 12, 2, ids, 8, None, "either", TOL, want=(want_logits, want_tokens))
+    assert_hybrid_matches(mxfp4, policy, 12, 2, prompt_ids(20, seed=9), 8, None, "either", TOL)
 
 
 def test_mxfp4_dequantization_is_the_format():
@@ -188,13 +166,8 @@ def test_mxfp4_dequantization_is_the_format():
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_single_device(base, policy):
     """Some experts off the (emulated) GPU: every policy computes the all-resident model, biases and clamp included."""
-    path, _ = base
-    ids = prompt_ids(20, seed=5)
-    ref = LLM(path, device="cpu", dtype="float32")
-    want_logits = ref.score(ids)
-    want_tokens = ref.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
     # 12 of 4 layers x 8 experts resident
-    assert_hybrid_matches(path, policy, 12, 2, ids, 10, None, "either", TOL, want=(want_logits, want_tokens))
+    assert_hybrid_matches(base[0], policy, 12, 2, prompt_ids(20, seed=5), 10, None, "either", TOL)
 
 
 def test_quantized_experts_are_refused_clearly(base):
@@ -203,23 +176,16 @@ def test_quantized_experts_are_refused_clearly(base):
 
 
 def test_config_mistakes_are_clear(base, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(base[0], bad)
-    edit_config(bad, layer_types=["full_attention", "sliding_attention"])
-    with pytest.raises(CadenzaError, match="layer_types has 2 entries"):
-        LLM(bad, device="cpu", dtype="float32")
-    edit_config(bad, layer_types=None, num_local_experts=None)
-    with pytest.raises(CadenzaError, match="num_local_experts"):
-        LLM(bad, device="cpu", dtype="float32")
+    bad = shutil.copytree(base[0], tmp_path / "bad")
+    assert_config_refused(bad, "layer_types has 2 entries", layer_types=["full_attention", "sliding_attention"])
+    assert_config_refused(bad, "num_local_experts", layer_types=None, num_local_experts=None)
 
 
 def test_mxfp4_elsewhere_is_refused(tmp_path):
     from tests.conftest import make_mixtral
 
     path, _ = make_mixtral(tmp_path / "mixtral")
-    edit_config(path, quantization_config={"quant_method": "mxfp4"})
-    with pytest.raises(CadenzaError, match="MXFP4 in gpt-oss checkpoints only"):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(path, "MXFP4 in gpt-oss checkpoints only", quantization_config={"quant_method": "mxfp4"})
 
 
 @pytest.mark.gpu

@@ -12,11 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza import LLM
 from cadenza.loader import build_meta, open_checkpoint
 from cadenza.models import supported_architectures
 from cadenza.models.llama4 import Llama4TextMLP, Llama4TextMoe
-from tests.conftest import VOCAB, assert_hybrid_matches, edit_config, prompt_ids, reference_logits, save_hf_model
+from tests.conftest import (
+    assert_config_refused,
+    assert_hybrid_matches,
+    assert_prefill_and_cached_decode_match,
+    edit_config,
+    make_hf_model,
+    prompt_ids,
+    reference_logits,
+    single_device_run,
+    tiny_config,
+)
 
 TOL = 1e-4
 LLAMA3_ROPE = {
@@ -29,18 +39,14 @@ LLAMA3_ROPE = {
 }
 
 
-def tiny_llama4_kwargs(**overrides) -> dict:
+def tiny_llama4_config(**overrides):
     """Llama-4 Scout's switches at tiny size: 4 layers, the 4th NoPE (full attention, temperature tuning with a
     floor_scale of 4 so that it changes the queries within the prompts), the others rope with q/k L2 norms and
     chunks of 8 positions (shorter than the prompts), every layer MoE with 8 experts (top-1) and a shared one."""
     kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
         intermediate_size=32,  # experts and the shared expert
         intermediate_size_mlp=96,  # dense layers
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         num_local_experts=8,
         num_experts_per_tok=1,
@@ -50,46 +56,19 @@ def tiny_llama4_kwargs(**overrides) -> dict:
         attn_temperature_tuning=True,
         floor_scale=4,
         attn_scale=0.5,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
         pad_token_id=None,
-        bos_token_id=0,
-        eos_token_id=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
-    kw.update(overrides)
-    return kw
-
-
-def _widen(model) -> None:
-    # transformers' init is tiny (std 0.02); widen it so routing and logits are not degenerate, norms away from 1
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(1.0, 0.1)
+    return tiny_config("Llama4Text", kw, overrides)
 
 
 def make_llama4(path: Path, seed: int = 0, **overrides):
-    """A tiny random Llama4ForCausalLM saved to `path` (fp32); returns (folder, the transformers model)."""
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    """A tiny random Llama4ForCausalLM saved to `path` (fp32), norm weights away from 1; returns (folder, the
+    transformers model)."""
+    from transformers import Llama4ForCausalLM
 
-    torch.manual_seed(seed)
-    model = Llama4ForCausalLM(Llama4TextConfig(**tiny_llama4_kwargs(**overrides))).eval()
-    _widen(model)
-    save_hf_model(model, path)
-    return path, model
-
-
-def cached_logits(llm, ids: list[int], prefill: int = 10, chunk: int = 6) -> torch.Tensor:
-    """[len(ids), V] logits computed the way generation does: a prefill, a second piece attending to the cache
-    (an explicit mask, across a chunk boundary), then one token at a time."""
-    model = llm.model
-    cache = model.new_cache(64, torch.float32, torch.device("cpu"))
-    pieces = [ids[:prefill], ids[prefill : prefill + chunk]] + [[t] for t in ids[prefill + chunk :]]
-    with torch.inference_mode():
-        return torch.cat([model(torch.tensor([p]), cache)[0] for p in pieces])
+    config = tiny_llama4_config(**overrides)
+    return make_hf_model(path, config, seed, lambda _, p: p.normal_(1.0, 0.1), model_class=Llama4ForCausalLM)
 
 
 def reference_cached(hf, ids: list[int], prefill: int = 10, chunk: int = 6) -> torch.Tensor:
@@ -127,13 +106,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prefill_and_cached_decode_match_transformers(tmp_path, name):
     path, hf = make_llama4(tmp_path / name, **CONFIGS[name])
-    llm = LLM(path, device="cpu", dtype="float32")
-    ids = prompt_ids(24)
-    want = reference_logits(hf, ids)
-    got = llm.score(ids)
-    assert got.shape == (24, VOCAB)
-    assert (got - want).abs().max().item() <= TOL
-    assert (cached_logits(llm, ids) - want).abs().max().item() <= TOL
+    ids, want = assert_prefill_and_cached_decode_match(path, hf, tol=TOL)
     assert (reference_cached(hf, ids) - want).abs().max().item() <= TOL  # transformers' own cache agrees
 
 
@@ -223,28 +196,22 @@ def test_layer_kinds(tmp_path):
 def llama4_dir(tmp_path_factory):
     """One shared tiny checkpoint (top-2 of 16 experts, MoE every layer) and its all-resident results."""
     path, _ = make_llama4(tmp_path_factory.mktemp("llama4"), num_local_experts=16, num_experts_per_tok=2)
-    ref = LLM(path, device="cpu", dtype="float32")
     prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    return path, prompt, ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
+    return path, prompt, single_device_run(path, prompt, 8)
 
 
 @pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
 def test_hybrid_equals_all_resident(llama4_dir, policy):
     """Experts split between the emulated GPU and the host compute the same model. 5 of 4 MoE layers x 16 experts
     resident; fetching policies reserve 2 slots; (prompt + decode steps) x MoE layers x top-2 pairs."""
-    path, prompt, want_logits, want_tokens = llama4_dir
-    assert_hybrid_matches(path, policy, 5, 2, prompt, 8, (6 + 7) * 4 * 2, None, TOL, want=(want_logits, want_tokens))
+    path, prompt, want = llama4_dir
+    assert_hybrid_matches(path, policy, 5, 2, prompt, 8, (6 + 7) * 4 * 2, None, TOL, want)
 
 
 def test_hybrid_top1_with_shared_expert(tmp_path):
     """Top-1 hands the shared expert to the seam (queued beside the offloaded experts): the same model."""
     path, _ = make_llama4(tmp_path / "top1", num_local_experts=16)
-    ref = LLM(path, device="cpu", dtype="float32")
-    prompt = prompt_ids(20)
-    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    want_logits, want_tokens = ref.score(prompt), ref.generate(prompt[:6], greedy).token_ids
-    assert_hybrid_matches(path, "cpu", 5, 0, prompt, 6, (6 + 5) * 4, "policy", TOL, want=(want_logits, want_tokens))
+    assert_hybrid_matches(path, "cpu", 5, 0, prompt_ids(20), 6, (6 + 5) * 4, "policy", TOL)
 
 
 @pytest.mark.parametrize(
@@ -261,7 +228,4 @@ def test_hybrid_top1_with_shared_expert(tmp_path):
     ],
 )
 def test_config_mistakes_are_clear(llama4_dir, tmp_path, changes, match):
-    path = shutil.copytree(llama4_dir[0], tmp_path / "bad")
-    edit_config(path, **changes)
-    with pytest.raises(CadenzaError, match=match):
-        LLM(path, device="cpu", dtype="float32")
+    assert_config_refused(shutil.copytree(llama4_dir[0], tmp_path / "bad"), match, **changes)
