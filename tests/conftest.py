@@ -178,6 +178,19 @@ def budget_for(path, residents: int, slots: int = 2, device: str = "cpu", max_co
     return p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes
 
 
+def write_two_shards(path: Path, main: dict, extra: dict) -> None:
+    """Replaces the folder's model.safetensors by two shards, `main`'s tensors then `extra`'s, and their
+    model.safetensors.index.json, as the hub's sharded checkpoints hold them."""
+    from safetensors.torch import save_file
+
+    (path / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": main, "model-00002-of-00002.safetensors": extra}
+    for file, tensors in shards.items():
+        save_file(tensors, path / file, metadata={"format": "pt"})
+    weight_map = {name: file for file, tensors in shards.items() for name in tensors}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def edit_config(path: Path, **changes) -> None:
     cfg = json.loads((path / "config.json").read_text())
     for k, v in changes.items():

@@ -30,6 +30,7 @@ from tests.conftest import (
     save_hf_model,
     single_device_run,
     tiny_config,
+    write_two_shards,
 )
 
 TOL = 1e-4
@@ -80,7 +81,7 @@ def add_mtp_tensors(path: Path) -> None:
     """Adds the MTP module as ERNIE-4.5's hub checkpoints store it (`model.mtp_block.0.*`, a decoder layer, with
     `model.mtp_emb_norm.0`, `model.mtp_hidden_norm.0` and `model.mtp_linear_proj.0`) in a second shard, and
     announces it as their config.json does."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cfg = json.loads((path / "config.json").read_text())
     n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
@@ -92,12 +93,7 @@ def add_mtp_tensors(path: Path) -> None:
         "model.mtp_hidden_norm.0.weight": torch.ones(h),
         "model.mtp_linear_proj.0.weight": torch.zeros(h, 2 * h),
     })  # fmt: skip
-    (path / "model.safetensors").unlink()
-    shards = {"model-00001-of-00002.safetensors": main, "model-00002-of-00002.safetensors": mtp}
-    for file, tensors in shards.items():
-        save_file(tensors, path / file, metadata={"format": "pt"})
-    weight_map = {name: file for file, tensors in shards.items() for name in tensors}
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_two_shards(path, main, mtp)
     edit_config(path, num_nextn_predict_layers=1, multi_token_pred_lambda=0.3)
 
 

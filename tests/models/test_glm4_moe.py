@@ -29,6 +29,7 @@ from tests.conftest import (
     save_hf_model,
     single_device_run,
     tiny_config,
+    write_two_shards,
 )
 
 TOL = 1e-4
@@ -72,7 +73,7 @@ def make_glm4_moe(path: Path, seed: int = 0, mtp: bool = False, **overrides):
 def add_mtp_layer(path: Path) -> None:
     """Appends GLM-4.5's MTP layer `model.layers.{num_hidden_layers}` (a whole decoder layer with its experts, plus
     eh_proj, enorm, hnorm and shared_head) in a second shard, and announces it as the hub's config.json does."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cfg = json.loads((path / "config.json").read_text())
     n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
@@ -87,12 +88,7 @@ def add_mtp_layer(path: Path) -> None:
         f"model.layers.{n}.shared_head.head.weight": torch.zeros(cfg["vocab_size"], h),
         f"model.layers.{n}.embed_tokens.weight": torch.zeros(cfg["vocab_size"], h),
     })  # fmt: skip
-    (path / "model.safetensors").unlink()
-    shards = {"model-00001-of-00002.safetensors": main, "model-00002-of-00002.safetensors": mtp}
-    for file, tensors in shards.items():
-        save_file(tensors, path / file, metadata={"format": "pt"})
-    weight_map = {name: file for file, tensors in shards.items() for name in tensors}
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_two_shards(path, main, mtp)
     edit_config(path, num_nextn_predict_layers=1)
 
 
