@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
-
-import torch
+from typing import TYPE_CHECKING
 
 from cadenza.errors import CadenzaError
 
 SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "R1")
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_SCENARIOS = "D1,P1,S1"  # F1 and F2 run other models: ask for each alone
 D1_BUDGET_GIB = 24
 F1_BUDGET_GIB = 8  # qwen3-30b-a3b: 48 layers, 8 small experts per token: where per-call overhead shows
@@ -49,8 +51,7 @@ DEFAULT_BUDGETS = "0,12,24,48,all"
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `cadenza bench` on the CLI's subparsers; its `func` is `run_bench` (cadenza.bench.run)."""
-    from cadenza.bench.run import run_bench
-    from cadenza.bench.synthetic import SYNTHETIC_MODELS
+    from cadenza.bench.models import SYNTHETIC_MODELS
 
     p = subparsers.add_parser(
         "bench",
@@ -128,8 +129,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     from cadenza.cli.flags import add_expert_args
 
     add_expert_args(p)  # synthetic models are never cached: --no-cache changes nothing here
-    p.set_defaults(func=run_bench)
+    p.set_defaults(func=_run_bench)
     return p
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from cadenza.bench.run import run_bench  # imports torch: only when the command runs
+
+    return run_bench(args)
 
 
 # --- what to run ---------------------------------------------------------------------------------------------------
@@ -214,6 +221,8 @@ def plan_configs(
 
 def random_prompt(n: int, vocab_size: int, seed: int = 0) -> list[int]:
     """Seeded random token ids, clear of the usual special ids (0-2)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed * 7919 + n)
     return torch.randint(3, vocab_size, (n,), generator=g).tolist()
 
