@@ -6,6 +6,37 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
+
+ADVANCED = "advanced (tuning and debugging; the defaults suit most runs)"
+
+
+def add_command(subparsers, name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand's parser whose --help is enough to use it: `help` on `cadenza --help`'s list, `description`
+    (what it does, in two sentences) above the flags, `examples` (command lines; a line starting with # is a
+    comment) below them."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(description, width=78),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def advanced(p: argparse.ArgumentParser):
+    """The parser's "advanced" argument group (made on first use): rare knobs, listed after the common flags
+    (`advanced_last` moves it behind groups made later)."""
+    for g in p._action_groups:
+        if g.title == ADVANCED:
+            return g
+    return p.add_argument_group(ADVANCED)
+
+
+def advanced_last(p: argparse.ArgumentParser) -> None:
+    """Moves the "advanced" group to the end of p's --help, after sampling and the command's own groups."""
+    p._action_groups.sort(key=lambda g: g.title == ADVANCED)  # stable: the others keep their order
 
 
 def add_expert_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
@@ -16,13 +47,13 @@ def add_expert_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
         help="routed experts stored as: bf16 (default: as the checkpoint, in the compute dtype), int8 (about half "
         "the bytes) or int4 (about 0.27): faster on the CPU, more of them fit on the GPU, slightly less accurate",
     )  # fmt: skip
-    p.add_argument(
+    advanced(p).add_argument(
         "--expert-group", type=int, default=None, metavar="N",
         help="columns per quantization scale: int8 0 (per output channel, default), 32, 64, 128; int4 32, 64 "
         "(default), 128",
     )  # fmt: skip
     if cache:
-        p.add_argument(
+        advanced(p).add_argument(
             "--no-cache", action="store_true",
             help="neither read nor write the disk cache of quantized experts (~/.cache/cadenza/experts)",
         )  # fmt: skip
@@ -65,23 +96,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "fetch"],
         help="non-resident experts: computed on the CPU, fetched to the GPU, or chosen by the cost model (default)",
     )
-    p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
     p.add_argument("--placement", default=None, help="popularity JSON (from `cadenza profile`) to choose residents")
     p.add_argument(
         "--max-batch", type=int, default=1,
         help="sequences decoded together whose KV cache is reserved on the GPU (default 1)",
     )  # fmt: skip
-    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
+    add_expert_args(p)
+    a = advanced(p)
+    a.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
+    a.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
                    help="which fetched expert leaves a full fetch cache (default lru)")  # fmt: skip
-    p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
+    a.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="guess the next layer's experts and copy them early: auto (default) = with --offload-policy "
                    "fetch only")  # fmt: skip
     add_graph_args(p)
-    add_expert_args(p)
 
 
 def add_graph_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    advanced(p).add_argument(
         "--no-cuda-graphs", action="store_true",
         help="run every decode step eagerly instead of replaying it as CUDA graphs (for debugging and comparison)",
     )  # fmt: skip

@@ -34,3 +34,36 @@ def test_help_imports_no_torch():
 def test_the_package_still_gives_llm_on_use():
     assert heavy_after("import cadenza") == []
     assert "torch" in heavy_after("from cadenza import LLM, SamplingParams, GenerationResult")
+
+
+def subcommand_helps() -> dict[str, str]:
+    import argparse
+
+    from cadenza.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: p.format_help() for name, p in sub.choices.items()}
+
+
+def test_every_command_has_a_description_examples_and_advanced_last():
+    helps = subcommand_helps()
+    assert set(helps) == set(COMMANDS)
+    for name, text in helps.items():
+        usage, _, rest = text.partition("\n\n")
+        description = rest.split("\n\n")[0]
+        assert not description.startswith(("options:", "positional")) and len(description) > 80, (name, description)
+        examples = text.split("\nexamples:\n")[1]
+        assert sum(line.startswith(f"  cadenza {name}") for line in examples.splitlines()) >= 1, (name, examples)
+        assert len([line for line in examples.splitlines() if not line.lstrip().startswith("#")]) >= 2, name
+        if "\nadvanced" in text:  # the rare knobs come after every other group
+            assert text.index("\nadvanced") > max(text.find("\noptions:"), text.find("\nsampling")), name
+            assert "--expert-group" in text.split("\nadvanced")[1], name
+
+
+def test_common_flags_come_before_the_rare_ones():
+    text = subcommand_helps()["run"]
+    advanced = text.split("\nadvanced")[1]
+    for flag in ("--eviction", "--prefetch", "--cpu-threads", "--no-cuda-graphs", "--expert-group", "--no-cache"):
+        assert f"  {flag}" in advanced, flag
+    for flag in ("--model", "--gpu-memory", "--experts", "--max-context", "--prompt"):
+        assert f"  {flag}" not in advanced, flag
