@@ -143,7 +143,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from cadenza.bench.run import run_bench  # imports torch: only when the command runs
+    from cadenza.cli.flags import check_flags
 
+    check_flags(args)
     return run_bench(args)
 
 

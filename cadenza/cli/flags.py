@@ -139,11 +139,56 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuses bad values of the shared flags, before anything loads, with messages that name the flags: LLM's own
+    messages name its Python parameters (expert_group=48), which a CLI user never typed. Flags a command lacks are
+    skipped."""
+    from cadenza.errors import CadenzaError
+
+    context = getattr(args, "max_context", None)
+    if context is not None and context < 2:
+        raise CadenzaError(
+            f"--max-context {context} is not a valid length. Use a whole number >= 2, or leave --max-context out "
+            "for the model's context (at most 8192)."
+        )
+    batch = getattr(args, "max_batch", 1)
+    if batch < 1:
+        raise CadenzaError(f"--max-batch {batch} is not valid. Use a whole number of at least 1 (default 1).")
+    threads = getattr(args, "cpu_threads", None)
+    if threads is not None and threads < 1:
+        raise CadenzaError(
+            f"--cpu-threads {threads} is not valid. Use a whole number of at least 1, or leave --cpu-threads out "
+            "for one per physical core."
+        )
+    group = getattr(args, "expert_group", None)
+    if group is None:
+        return
+    from cadenza.kernels.layout import DEFAULT_GROUP, INT4_GROUPS, INT8_GROUPS
+
+    experts = args.experts
+    if experts == "bf16":
+        if group != 0:
+            raise CadenzaError(
+                f"--expert-group {group} applies to quantized experts only. Add --experts int8 or --experts int4, "
+                "or leave --expert-group out."
+            )
+        return
+    allowed = {"int8": INT8_GROUPS, "int4": INT4_GROUPS}[experts]
+    if group not in allowed:
+        names = ", ".join(str(g) + (" (per output channel)" if g == 0 else "") for g in allowed)
+        default = DEFAULT_GROUP[experts] or "per output channel"
+        raise CadenzaError(
+            f"--expert-group {group} is not supported with --experts {experts}. Use one of: {names} (default "
+            f"{default}), or leave --expert-group out."
+        )
+
+
 def load(args: argparse.Namespace):
     """The LLM the `add_engine_args` flags ask for; says on stderr where its experts went."""
     from cadenza.llm import LLM
     from cadenza.moe.placement import parse_size
 
+    check_flags(args)
     if args.gpu_memory is not None:
         parse_size(args.gpu_memory, "--gpu-memory")  # the message names the flag; 24 (no unit) is refused
     llm = LLM(

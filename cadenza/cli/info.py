@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from cadenza.cli.flags import add_command, add_expert_args
+from cadenza.cli.flags import add_command, add_expert_args, check_flags
 from cadenza.errors import CadenzaError
 
 
@@ -185,6 +185,7 @@ def offload_info(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_flags(args)
     if args.placement is not None and args.gpu_memory is None:
         print(
             f"cadenza: --placement {args.placement} is ignored without --gpu-memory: it shows the placement and the "
