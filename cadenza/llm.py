@@ -90,6 +90,16 @@ class GenerationResult:
         return out
 
 
+def cpu_fallback_notice(device: str | torch.device, resolved: torch.device) -> None:
+    """One INFO line (the CLI shows it) when device "auto" found no CUDA GPU: a user who expected the GPU learns
+    why the run is slow. Logged as the weights start loading, so a refused option's error comes alone."""
+    if str(device) == "auto" and resolved.type == "cpu":
+        log.info(
+            f"device 'auto' (--device auto) found no CUDA GPU visible to PyTorch (torch {torch.__version__}): "
+            "running on the CPU, which is much slower"
+        )
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     name = str(device)
     if name == "auto":
@@ -217,6 +227,7 @@ class LLM:
             if placement is not None:
                 self._popularity = load_popularity(placement, self.sizes.num_moe_layers, self.sizes.num_experts)
             planned = self._plan(gpu_memory, offload_policy)  # refuses a too-small budget before reading weights
+            cpu_fallback_notice(device, self.device)
             self.model = load_model(
                 self.checkpoint, self.device, self.dtype, torch.device("cpu"), meta, experts=expert_format
             )
@@ -228,6 +239,7 @@ class LLM:
         else:
             if cpu_threads is not None:
                 torch.set_num_threads(cpu_threads)
+            cpu_fallback_notice(device, self.device)
             self.model = load_model(self.checkpoint, self.device, self.dtype, model=meta, experts=expert_format)
         eos = set(config.eos_token_id)
         gen_eos = self.checkpoint.generation_config.get("eos_token_id")

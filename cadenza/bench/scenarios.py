@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
-
-import torch
+from typing import TYPE_CHECKING
 
 from cadenza.errors import CadenzaError
 
 SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "R1")
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_SCENARIOS = "D1,P1,S1"  # F1 and F2 run other models: ask for each alone
 D1_BUDGET_GIB = 24
 F1_BUDGET_GIB = 8  # qwen3-30b-a3b: 48 layers, 8 small experts per token: where per-call overhead shows
@@ -49,15 +51,22 @@ DEFAULT_BUDGETS = "0,12,24,48,all"
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `cadenza bench` on the CLI's subparsers; its `func` is `run_bench` (cadenza.bench.run)."""
-    from cadenza.bench.run import run_bench
-    from cadenza.bench.synthetic import SYNTHETIC_MODELS
+    from cadenza.bench.models import SYNTHETIC_MODELS
+    from cadenza.cli.flags import add_command, add_expert_args, add_graph_args, advanced
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "bench",
         help="benchmark scenarios on a synthetic full-size model (see benchmarks/README.md)",
         description="Runs the scenarios of benchmarks/README.md (D1 decode, P1 prefill, S1 budget sweep) on a "
         "synthetic model with a published model's shapes and random weights, and writes JSON results (and the S1 "
-        "plot).",
+        "plot). Nothing is downloaded; without CUDA it runs a laptop-size model of the same layout.",
+        examples=[
+            "# the default scenarios D1, P1 and S1 on synthetic Mixtral-8x7B, results in benchmarks/results",
+            "cadenza bench",
+            "# int4 experts on Qwen3-30B-A3B's shapes, one trial, results elsewhere",
+            "cadenza bench --scenario F4 --trials 1 --out /tmp/bench",
+        ],
     )
     p.add_argument(
         "--model",
@@ -84,7 +93,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"S1's GPU budgets in GiB (default {DEFAULT_BUDGETS})")
     p.add_argument("--prompt-tokens", type=int, default=None, help="override every scenario's prompt length")
     p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")
-    p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU expert work (default: cadenza's)")
+    advanced(p).add_argument(
+        "--cpu-threads", type=int, default=None, help="threads for CPU expert work (default: cadenza's)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and the prompts (default 0)")
     p.add_argument(
         "--policies",
@@ -103,33 +114,39 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "llama-bench -ngl 99 --n-cpu-moe N, N the fewest layers whose experts stay on the host for llama.cpp's "
         "estimated GPU memory to fit the budget (0: every layer's), and the file is deleted",
     )
-    p.add_argument(
+    advanced(p).add_argument(
         "--peer-dir",
         default=None,
         help="folder for the peer's GGUF file, which needs up to ~48 GiB of free disk for int8 Mixtral (default: the "
         "system's temporary folder)",
     )
-    p.add_argument(
+    advanced(p).add_argument(
         "--prefetch",
         default="auto",
         choices=["auto", "on", "off"],
         help="speculative prefetch: auto (default: with the fetch policy), on or off",
     )
-    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"], help="fetch-cache eviction policy")
-    p.add_argument(
+    advanced(p).add_argument(
+        "--eviction", default="lru", choices=["lru", "lfu", "lrfu"], help="fetch-cache eviction policy"
+    )
+    advanced(p).add_argument(
         "--profile-step",
         action="store_true",
         help="after each decode configuration, profile a few decode steps: GPU kernels, transfers, CPU experts and "
         "overhead, in total and per layer (with --no-cuda-graphs; graphs hide the layers)",
     )
-    from cadenza.cli.flags import add_graph_args
-
     add_graph_args(p)
-    from cadenza.cli.flags import add_expert_args
-
     add_expert_args(p)  # synthetic models are never cached: --no-cache changes nothing here
-    p.set_defaults(func=run_bench)
+    p.set_defaults(func=_run_bench)
     return p
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from cadenza.bench.run import run_bench  # imports torch: only when the command runs
+    from cadenza.cli.flags import check_flags
+
+    check_flags(args)
+    return run_bench(args)
 
 
 # --- what to run ---------------------------------------------------------------------------------------------------
@@ -214,6 +231,8 @@ def plan_configs(
 
 def random_prompt(n: int, vocab_size: int, seed: int = 0) -> list[int]:
     """Seeded random token ids, clear of the usual special ids (0-2)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed * 7919 + n)
     return torch.randint(3, vocab_size, (n,), generator=g).tolist()
 

@@ -25,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    from cadenza.cli.flags import advanced_last
+
     for name in COMMANDS:
-        importlib.import_module(f"cadenza.cli.{name}").add_parser(sub)
+        advanced_last(importlib.import_module(f"cadenza.cli.{name}").add_parser(sub))
     return parser
 
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, TextIO
 
-from cadenza.cli.flags import add_engine_args, add_sampling_args, load, sampling
+from cadenza.cli.flags import add_command, add_engine_args, add_sampling_args, load, sampling
 from cadenza.errors import CadenzaError
 from cadenza.generation import Generation
 from cadenza.text.reasoning import ReasoningSplitter
@@ -217,7 +217,19 @@ def _read_loop(session: ChatSession, stdin: TextIO, tty: bool) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("chat", help="an interactive chat in the terminal (streams answers, keeps the history)")
+    p = add_command(
+        subparsers,
+        "chat",
+        help="an interactive chat in the terminal (streams answers, keeps the history)",
+        description="Loads a model and chats with it in the terminal through its chat template: each answer is "
+        "streamed, and the conversation is kept (oldest turns dropped when it outgrows --max-context). Type /help "
+        "in the chat for its commands; Ctrl-C stops an answer, Ctrl-D quits.",
+        examples=[
+            "cadenza chat -m mistralai/Mixtral-8x7B-Instruct-v0.1 --gpu-memory 24GiB",
+            "# int4 experts (about a quarter of the bytes) and a system message",
+            'cadenza chat -m Qwen/Qwen3-30B-A3B --experts int4 --system "Answer in one sentence."',
+        ],
+    )
     add_engine_args(p)
     p.add_argument("--system", default=None, help="a system message to start with")
     add_sampling_args(p, 1024)

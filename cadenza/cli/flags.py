@@ -6,6 +6,37 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
+
+ADVANCED = "advanced (tuning and debugging; the defaults suit most runs)"
+
+
+def add_command(subparsers, name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand's parser whose --help is enough to use it: `help` on `cadenza --help`'s list, `description`
+    (what it does, in two sentences) above the flags, `examples` (command lines; a line starting with # is a
+    comment) below them."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(description, width=78),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def advanced(p: argparse.ArgumentParser):
+    """The parser's "advanced" argument group (made on first use): rare knobs, listed after the common flags
+    (`advanced_last` moves it behind groups made later)."""
+    for g in p._action_groups:
+        if g.title == ADVANCED:
+            return g
+    return p.add_argument_group(ADVANCED)
+
+
+def advanced_last(p: argparse.ArgumentParser) -> None:
+    """Moves the "advanced" group to the end of p's --help, after sampling and the command's own groups."""
+    p._action_groups.sort(key=lambda g: g.title == ADVANCED)  # stable: the others keep their order
 
 
 def add_expert_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
@@ -16,13 +47,13 @@ def add_expert_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
         help="routed experts stored as: bf16 (default: as the checkpoint, in the compute dtype), int8 (about half "
         "the bytes) or int4 (about 0.27): faster on the CPU, more of them fit on the GPU, slightly less accurate",
     )  # fmt: skip
-    p.add_argument(
+    advanced(p).add_argument(
         "--expert-group", type=int, default=None, metavar="N",
         help="columns per quantization scale: int8 0 (per output channel, default), 32, 64, 128; int4 32, 64 "
         "(default), 128",
     )  # fmt: skip
     if cache:
-        p.add_argument(
+        advanced(p).add_argument(
             "--no-cache", action="store_true",
             help="neither read nor write the disk cache of quantized experts (~/.cache/cadenza/experts)",
         )  # fmt: skip
@@ -65,23 +96,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "fetch"],
         help="non-resident experts: computed on the CPU, fetched to the GPU, or chosen by the cost model (default)",
     )
-    p.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
     p.add_argument("--placement", default=None, help="popularity JSON (from `cadenza profile`) to choose residents")
     p.add_argument(
         "--max-batch", type=int, default=1,
         help="sequences decoded together whose KV cache is reserved on the GPU (default 1)",
     )  # fmt: skip
-    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
+    add_expert_args(p)
+    a = advanced(p)
+    a.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
+    a.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
                    help="which fetched expert leaves a full fetch cache (default lru)")  # fmt: skip
-    p.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
+    a.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                    help="guess the next layer's experts and copy them early: auto (default) = with --offload-policy "
                    "fetch only")  # fmt: skip
     add_graph_args(p)
-    add_expert_args(p)
 
 
 def add_graph_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    advanced(p).add_argument(
         "--no-cuda-graphs", action="store_true",
         help="run every decode step eagerly instead of replaying it as CUDA graphs (for debugging and comparison)",
     )  # fmt: skip
@@ -107,11 +139,56 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuses bad values of the shared flags, before anything loads, with messages that name the flags: LLM's own
+    messages name its Python parameters (expert_group=48), which a CLI user never typed. Flags a command lacks are
+    skipped."""
+    from cadenza.errors import CadenzaError
+
+    context = getattr(args, "max_context", None)
+    if context is not None and context < 2:
+        raise CadenzaError(
+            f"--max-context {context} is not a valid length. Use a whole number >= 2, or leave --max-context out "
+            "for the model's context (at most 8192)."
+        )
+    batch = getattr(args, "max_batch", 1)
+    if batch < 1:
+        raise CadenzaError(f"--max-batch {batch} is not valid. Use a whole number of at least 1 (default 1).")
+    threads = getattr(args, "cpu_threads", None)
+    if threads is not None and threads < 1:
+        raise CadenzaError(
+            f"--cpu-threads {threads} is not valid. Use a whole number of at least 1, or leave --cpu-threads out "
+            "for one per physical core."
+        )
+    group = getattr(args, "expert_group", None)
+    if group is None:
+        return
+    from cadenza.kernels.layout import DEFAULT_GROUP, INT4_GROUPS, INT8_GROUPS
+
+    experts = args.experts
+    if experts == "bf16":
+        if group != 0:
+            raise CadenzaError(
+                f"--expert-group {group} applies to quantized experts only. Add --experts int8 or --experts int4, "
+                "or leave --expert-group out."
+            )
+        return
+    allowed = {"int8": INT8_GROUPS, "int4": INT4_GROUPS}[experts]
+    if group not in allowed:
+        names = ", ".join(str(g) + (" (per output channel)" if g == 0 else "") for g in allowed)
+        default = DEFAULT_GROUP[experts] or "per output channel"
+        raise CadenzaError(
+            f"--expert-group {group} is not supported with --experts {experts}. Use one of: {names} (default "
+            f"{default}), or leave --expert-group out."
+        )
+
+
 def load(args: argparse.Namespace):
     """The LLM the `add_engine_args` flags ask for; says on stderr where its experts went."""
     from cadenza.llm import LLM
     from cadenza.moe.placement import parse_size
 
+    check_flags(args)
     if args.gpu_memory is not None:
         parse_size(args.gpu_memory, "--gpu-memory")  # the message names the flag; 24 (no unit) is refused
     llm = LLM(

@@ -8,12 +8,24 @@ import json
 import sys
 from pathlib import Path
 
-from cadenza.cli.flags import add_expert_args
+from cadenza.cli.flags import add_command, add_expert_args, check_flags
 from cadenza.errors import CadenzaError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("info", help="describe a checkpoint folder without loading its weights")
+    p = add_command(
+        subparsers,
+        "info",
+        help="describe a checkpoint folder without loading its weights",
+        description="Describes a checkpoint from its config and weights' headers, without loading the weights: "
+        "family, parameters, experts and their bytes in each --experts format. With --gpu-memory it also shows "
+        "which experts would sit on the GPU and the offload policy cadenza would choose.",
+        examples=[
+            "cadenza info -m ./Mixtral-8x7B-v0.1",
+            "# the placement for a 24 GiB GPU with int8 experts, as JSON",
+            "cadenza info -m mistralai/Mixtral-8x7B-v0.1 --gpu-memory 24GiB --experts int8 --json",
+        ],
+    )
     p.add_argument(
         "--model", "-m", required=True,
         help="checkpoint folder, .gguf file, or Hugging Face id ORG/NAME[@REVISION][:FILE] already in the hub cache "
@@ -173,6 +185,7 @@ def offload_info(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_flags(args)
     if args.placement is not None and args.gpu_memory is None:
         print(
             f"cadenza: --placement {args.placement} is ignored without --gpu-memory: it shows the placement and the "

@@ -7,12 +7,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from cadenza.cli.flags import add_engine_args, add_sampling_args, load, sampling
+from cadenza.cli.flags import add_command, add_engine_args, add_sampling_args, load, sampling
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "profile", help="count the experts a file of prompts uses: a popularity file for --placement"
+    p = add_command(
+        subparsers,
+        "profile",
+        help="count the experts a file of prompts uses: a popularity file for --placement",
+        description="Runs a file of prompts like your workload and counts how often each expert is routed to, "
+        "writing a popularity JSON (and a heatmap) that --placement uses to keep the busiest experts on the GPU. "
+        "It also compares that placement with an even one at a few GPU budgets.",
+        examples=[
+            "cadenza profile -m Qwen/Qwen3-30B-A3B --prompts prompts.txt --out popularity.json",
+            "# then: the profiled experts stay on the GPU",
+            'cadenza run -m Qwen/Qwen3-30B-A3B --placement popularity.json --gpu-memory 12GiB -p "Hi"',
+        ],
     )
     add_engine_args(p)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line (or JSONL with chat messages)")

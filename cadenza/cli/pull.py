@@ -7,14 +7,24 @@ import argparse
 import sys
 from dataclasses import replace
 
+from cadenza.cli.flags import add_command
 from cadenza.errors import CadenzaError
 from cadenza.hub import HubId, hub_cache_dir, snapshot
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "pull",
         help="download what cadenza reads of a Hugging Face model into the hub cache; print its folder (or .gguf file)",
+        description="Downloads the files cadenza reads of a Hugging Face model (config, safetensors, tokenizer) into "
+        "the hub cache and prints the local folder, or the .gguf file. The other commands download on first use "
+        "too; pull does it ahead of time (set HF_TOKEN for gated models).",
+        examples=[
+            "cadenza pull Qwen/Qwen3-30B-A3B",
+            "# one GGUF model of a repository, by a piece of its file name",
+            "cadenza pull unsloth/Qwen3-30B-A3B-GGUF:Q4_K_M",
+        ],
     )
     p.add_argument(
         "id", metavar="ID",

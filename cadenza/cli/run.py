@@ -6,12 +6,25 @@ import argparse
 import json
 import sys
 
-from cadenza.cli.flags import add_engine_args, add_sampling_args, load, sampling
+from cadenza.cli.flags import add_command, add_engine_args, add_sampling_args, load, sampling
 from cadenza.errors import CadenzaError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("run", help="generate text for one prompt, streamed to stdout")
+    p = add_command(
+        subparsers,
+        "run",
+        help="generate text for one prompt, streamed to stdout",
+        description="Loads a model (routed experts split between the GPU and the host to fit --gpu-memory) and "
+        "generates text for one prompt, streamed to stdout with speed statistics on stderr. Without --model it runs "
+        "a small built-in demo model, so it works offline.",
+        examples=[
+            "# the built-in demo model: no download, no GPU needed",
+            'cadenza run --prompt "Hello"',
+            "# a Hugging Face model (downloaded once), 24 GiB of GPU memory, greedy, through its chat template",
+            'cadenza run -m Qwen/Qwen3-30B-A3B --gpu-memory 24GiB --chat --temperature 0 -p "What is an expert?"',
+        ],
+    )
     add_engine_args(p)
     p.add_argument("--prompt", "-p", default=None, help="the prompt; '-' reads it from stdin")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")

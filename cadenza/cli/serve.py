@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cadenza.cli.flags import add_engine_args, load
+from cadenza.cli.flags import add_command, add_engine_args, load
 from cadenza.errors import CadenzaError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    p = add_command(
+        subparsers,
+        "serve",
+        help="an OpenAI-compatible HTTP server (needs the serve extra)",
+        description="Loads a model and serves it over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, "
+        "/v1/models; streaming included), batching concurrent requests. Needs the serve extra: pip install "
+        "'cadenza[serve]'.",
+        examples=[
+            "cadenza serve -m Qwen/Qwen3-30B-A3B --gpu-memory 24GiB --max-batch 4 --port 8000",
+            "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+            """-d '{"model": "Qwen/Qwen3-30B-A3B", "messages": [{"role": "user", "content": "Hi"}]}'""",
+        ],
+    )
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")

@@ -126,7 +126,10 @@ def _build_flags() -> list[str]:
 
 
 def _build() -> ctypes.CDLL:
-    lib = native.build("cpu_moe.cpp", _build_flags(), ["-fopenmp"], key=_cpu_model() + " ".join(sorted(cpu_flags())))
+    lib = native.build(
+        "cpu_moe.cpp", _build_flags(), ["-fopenmp"], key=_cpu_model() + " ".join(sorted(cpu_flags())),
+        notice="compiling cadenza's CPU kernel (first use, ~30 s; cached for the next runs)...",
+    )  # fmt: skip
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.cadenza_moe_forward.restype = i32
     layer = [i32] * 7 + [ptr, i64, i64, i64] * 2  # format, shapes, gate_up and down matrices

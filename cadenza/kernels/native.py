@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +15,13 @@ import torch
 
 from cadenza.paths import kernels_dir
 
+log = logging.getLogger(__name__)
 
-def build(source: str, cflags: list[str], ldflags: list[str], key: str = "") -> ctypes.CDLL:
+
+def build(source: str, cflags: list[str], ldflags: list[str], key: str = "", notice: str | None = None) -> ctypes.CDLL:
     """Compiles `source` (a file beside this module) with `cflags` and links it with `ldflags`; `key` adds what
-    else the binary depends on (a CPU's model and flags). Raises what the compiler or ninja raise."""
+    else the binary depends on (a CPU's model and flags). `notice` is logged (INFO: the CLI shows it) before a
+    compile, not when the binary is already in the cache. Raises what the compiler or ninja raise."""
     from torch.utils.cpp_extension import load
 
     src = Path(__file__).with_name(source)
@@ -25,8 +29,11 @@ def build(source: str, cflags: list[str], ldflags: list[str], key: str = "") -> 
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     build_dir = kernels_dir() / f"{src.stem}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"cadenza_{src.stem}_{digest}"
+    if notice is not None and not (build_dir / f"{name}.so").exists():
+        log.info(notice)
     path = load(
-        name=f"cadenza_{src.stem}_{digest}",
+        name=name,
         sources=[str(src)],
         extra_cflags=cflags,
         extra_ldflags=ldflags,

@@ -132,7 +132,9 @@ def test_prompt_longer_than_context(mixtral_dir):
     assert "16" in str(e.value) and "Shorten" in str(e.value)
     long_prompt = "word " * 400  # far more than 16 tokens
     assert_cli_error(
-        ["run", "--model", str(mixtral_dir[0]), "--max-context", "16", "--prompt", long_prompt], "context", "Shorten"
+        ["run", "--model", str(mixtral_dir[0]), "--device", "cpu", "--max-context", "16", "--prompt", long_prompt],
+        "context",
+        "Shorten",
     )
 
 

@@ -191,9 +191,10 @@ def test_prompt_too_long_says_which_limit_applies(mixtral_dir, ckpt):
     path = str(mixtral_dir[0])
     long_prompt = "word " * 400  # far more than the model's 256 tokens
     words = ["context is 16 tokens", "set by --max-context", "Shorten the prompt", "up to the model's 256"]
-    refused("run", "--model", path, "--max-context", "16", "--prompt", long_prompt, words=words)
+    # --device cpu: these check the error paragraph, and --device auto adds its CPU notice above it
+    refused("run", "--model", path, "--device", "cpu", "--max-context", "16", "--prompt", long_prompt, words=words)
     words = ["context is 256 tokens", "the model's context"]
-    err = refused("run", "--model", path, "--prompt", long_prompt, words=words)
+    err = refused("run", "--model", path, "--device", "cpu", "--prompt", long_prompt, words=words)
     assert "config.json's max_position_embeddings" in err and "--max-context" not in err
     edit_config(ckpt, max_position_embeddings=10000)  # beyond cadenza's default of 8192
     llm = LLM(ckpt, device="cpu", dtype="float32")

@@ -1,0 +1,39 @@
+"""Bad values of the CLI's flags are refused with messages naming the flags a user typed (--expert-group 48), not
+LLM's Python parameters (expert_group=48): exit status 2, one paragraph, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "cadenza", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ["run", "-p", "hi", "--experts", "int8", "--expert-group", "48"],
+            ["--expert-group 48", "--experts int8", "128"],
+        ),
+        (["run", "-p", "hi", "--expert-group", "64"], ["--expert-group 64", "--experts int4"]),
+        (["chat", "--max-context", "1"], ["--max-context 1", ">= 2"]),
+        (["run", "-p", "hi", "--max-batch", "0"], ["--max-batch 0"]),
+        (["run", "-p", "hi", "--cpu-threads", "0"], ["--cpu-threads 0"]),
+        (["info", "-m", "nowhere", "--experts", "int4", "--expert-group", "48"], ["--expert-group 48", "32, 64, 128"]),
+        (["bench", "--experts", "int4", "--expert-group", "7"], ["--expert-group 7", "--experts int4"]),
+    ],
+)
+def test_flag_errors_name_the_flag(args, words):
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("cadenza: error: --"), r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+    for python_spelling in ("expert_group=", "max_context=", "max_batch=", "cpu_threads=", "experts='"):
+        assert python_spelling not in r.stderr, r.stderr
