@@ -511,7 +511,7 @@ def test_cli_flags(mixtral):
     plain = json.loads(cli("info", "--model", str(mixtral), "--json").stdout)
     assert plain["experts_format"] == "bf16" and plain["expert_bytes"] == 3 * 128 * 256 * 4  # fp32 checkpoint
     bad = cli("run", "--model", str(mixtral), "--prompt", "x", "--experts", "int4", "--expert-group", "16")
-    assert bad.returncode == 2 and "expert_group=16 is not supported for int4" in bad.stderr
+    assert bad.returncode == 2 and "--expert-group 16 is not supported with --experts int4" in bad.stderr
     bad = cli("run", "--model", str(mixtral), "--prompt", "x", "--experts", "fp8")
     assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr
     for command in ("chat", "serve", "profile", "bench"):
