@@ -150,6 +150,9 @@ class GgufTensorInfo:
     # DeepSeek's kv_b_proj from newer converters' split form: `source` is attn_k_b [H, lora, nope] (kv_b's key rows,
     # transposed), this names attn_v_b [H, v, lora]; the two are put back together as HF's [H (nope + v), lora]
     v_b: str | None = None
+    # gpt-oss's MXFP4 experts kept in their blocks: "blocks" or "scales" of the expert's matrix, in the HF
+    # checkpoint's MXFP4 layout (`_mxfp4_part`)
+    mxfp4: str | None = None
 
 
 class GgufCheckpoint(TensorSizes):
@@ -167,6 +170,11 @@ class GgufCheckpoint(TensorSizes):
         shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, (t, _) in self._raw.items()}
         self.config = hf_config(self.metadata, shapes, str(self.path))
         self.architecture = self.config["architectures"][0]
+        exps = [t.tensor_type.name for n, (t, _) in self._raw.items() if n.endswith("_exps.weight")]
+        # gpt-oss's MXFP4 experts stay MXFP4: the family keeps the blocks (models/gpt_oss.py)
+        self.mxfp4 = self.architecture == "GptOssForCausalLM" and bool(exps) and set(exps) == {"MXFP4"}
+        if self.mxfp4:
+            self.config["quantization_config"] = {"quant_method": "mxfp4"}
         self.generation_config: dict = {}
         self.tensors = self._map_tensors(shapes)
         self._warned = self._warned_rerounded = False
@@ -198,6 +206,19 @@ class GgufCheckpoint(TensorSizes):
             type_name, shape = t.tensor_type.name, shapes[name]
             if not readable(type_name):
                 bad.append(f"{name} ({type_name})")
+                continue
+            if mapped.experts and self.mxfp4 and name.endswith("_exps.weight"):
+                rows, cols = shape[1], shape[2]
+                base = mapped.name.rsplit(".", 2)[0]  # ...experts.{e}
+                kind = mapped.name.rsplit(".", 2)[1].removesuffix("_proj")  # gate / up / down
+                per = int(t.n_bytes) // shape[0]
+                for e in range(shape[0]):
+                    for piece, pshape, nb in (
+                        ("blocks", (rows, cols // 32, 16), per * 16 // 17),
+                        ("scales", (rows, cols // 32), per // 17),
+                    ):
+                        n = f"{base.format(e=e)}.{kind}_{piece}"
+                        out[n] = GgufTensorInfo(n, pshape, type_name, part, name, nb, e, mxfp4=piece)
                 continue
             if mapped.experts:
                 for e in range(shape[0]):
@@ -250,6 +271,9 @@ class GgufCheckpoint(TensorSizes):
                 wanted.setdefault(info.source, []).append(info)
         for source, (raw, _) in self._raw.items():
             for info in sorted(wanted.get(source, ()), key=lambda i: i.expert or 0):
+                if info.mxfp4 is not None:
+                    yield info.name, _mxfp4_part(raw, info.expert, info.mxfp4)
+                    continue
                 if info.expert is not None:
                     if info.dtype not in _PLAIN:
                         self._warn_dequantize(info.dtype)
@@ -333,6 +357,19 @@ def _tensor(raw, expert: int | None) -> torch.Tensor:
             return torch.from_numpy(np.asarray(data))
     gguf = import_gguf()
     return torch.from_numpy(gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType[name]))
+
+
+def _mxfp4_part(raw, expert: int, piece: str) -> torch.Tensor:
+    """One expert's MXFP4 matrix from ggml's blocks (per 32 values: the e8m0 scale byte, then 16 bytes whose low
+    nibbles are values 0-15 and high nibbles values 16-31) in the HF checkpoint's layout: scales [rows, groups], or
+    blocks [rows, groups, 16] with byte j holding values 2j (low nibble) and 2j + 1. The same bits, rearranged."""
+    data = torch.from_numpy(np.asarray(raw.data[expert]))
+    blocks = data.reshape(data.shape[0], -1, 17)
+    if piece == "scales":
+        return blocks[..., 0].clone()
+    qs = blocks[..., 1:]
+    values = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # [rows, groups, 32]: value k's nibble
+    return values[..., 0::2] | (values[..., 1::2] << 4)
 
 
 def _unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -229,11 +229,9 @@ class GptOssExperts(Experts):
 
     def checkpoint_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
-        if not self.fused:
-            out = super().checkpoint_shapes(prefix)
-            for x in range(e):
-                out.update({f"{prefix}{x}.{kind}_bias": (n,) for kind, n in (("gate", i), ("up", i), ("down", h))})
-            return out
+        if not self.fused:  # one tensor per expert and stack (a GGUF's), named after the stack
+            shapes = {n: tuple(getattr(self, n.removesuffix(".weight")).shape[1:]) for n in self._row_names()}
+            return {f"{prefix}{x}.{n}": shape for x in range(e) for n, shape in shapes.items()}
         out = {f"{prefix}gate_up_proj_bias": (e, 2 * i), f"{prefix}down_proj_bias": (e, h)}
         if self.mxfp4:
             for name, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
@@ -303,13 +301,20 @@ class GptOssExperts(Experts):
                 stacks[0][e].copy_(w)
         self._parts.add(part)
 
+    def _row_names(self) -> list[str]:
+        """A GGUF's per-expert tensor names (after `{e}.`): the plain matrices keep the HF `.weight` suffix."""
+        plain = (self.gate_name, self.up_name, self.down_name)
+        return [f"{n}.weight" if n in plain else n for n in self.stack_names()]
+
     def _load_row(self, rest, tensor, device, dtype, alloc) -> bool:
-        """One expert's matrix (`{e}.{name}.weight`) or bias (`{e}.{kind}_bias`), into row e of its stack."""
+        """One expert's matrix (`{e}.{name}.weight`), MXFP4 blocks or scales (`{e}.gate_blocks`, ...) or bias
+        (`{e}.gate_bias`, ...), into row e of its stack."""
         e_str, _, name = rest.partition(".")
         name = name.removesuffix(".weight")
         stacked = getattr(self, name)
         if stacked.is_meta:
-            stacked = nn.Parameter((alloc or _empty)(stacked.shape, dtype, device), requires_grad=False)
+            kind = torch.uint8 if name.endswith(("_blocks", "_scales")) else dtype
+            stacked = nn.Parameter((alloc or _empty)(stacked.shape, kind, device), requires_grad=False)
             self.register_parameter(name, stacked)
         stacked.data[int(e_str)].copy_(tensor)
         self._filled.add((int(e_str), name))
@@ -318,7 +323,7 @@ class GptOssExperts(Experts):
     @property
     def complete(self) -> bool:
         if not self.fused:
-            return self.packed is not None or len(self._filled) == 6 * self.num_experts
+            return self.packed is not None or len(self._filled) == len(self.stack_names()) * self.num_experts
         return self.packed is not None or len(self._parts) == len(self.PARTS)
 
 

@@ -262,7 +262,13 @@ def test_gguf_matches_reference(base, tmp_path, qtype):
     if qtype == "F32":
         want = reference_logits(hf, ids)
     else:
-        assert llm.checkpoint.tensors["model.layers.0.mlp.experts.0.gate_proj.weight"].dtype == qtype
+        experts = llm.model.model.layers[0].mlp.experts
+        if qtype == "MXFP4":  # kept in its blocks, rearranged into the HF layout (0.53 bytes a weight)
+            assert llm.checkpoint.tensors["model.layers.0.mlp.experts.0.gate_blocks"].dtype == qtype
+            assert experts.storage == "mxfp4" and experts.gate_blocks.dtype == torch.uint8
+        else:
+            assert llm.checkpoint.tensors["model.layers.0.mlp.experts.0.gate_proj.weight"].dtype == qtype
+            assert experts.storage == "plain"
         want = LLM(_gguf_reference(file, folder, tmp_path / "ref", qtype), device="cpu", dtype="float32").score(ids)
     assert (got - want).abs().max().item() <= TOL
 
