@@ -282,8 +282,11 @@ def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, int] | None]:
         if not isinstance(module, Experts):
             continue
         parent = model.get_submodule(name.rpartition(".")[0])
-        weight = getattr(getattr(parent, "gate", None), "weight", None)
-        k = getattr(parent, "top_k", None) or top_k
+        router = getattr(parent, "gate", None)
+        if router is None:  # gpt-oss and Llama-4 name it router (a bias, if any, is left out of the guess)
+            router = getattr(parent, "router", None)
+        weight = getattr(router, "weight", None)
+        k = getattr(parent, "top_k", None) or getattr(router, "top_k", None) or top_k
         ok = isinstance(weight, torch.Tensor) and tuple(weight.shape) == (module.num_experts, module.hidden_size)
         out.append((weight, int(k)) if ok and k else None)
     return out

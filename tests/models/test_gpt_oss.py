@@ -293,3 +293,12 @@ def test_cuda_mxfp4_equals_cpu(mxfp4, policy):
         assert out.token_ids == tokens
     finally:
         llm.close()
+
+
+def test_prefetch_guesses_with_the_router(base):
+    """The speculative prefetch finds gpt-oss's router (named `router`, not `gate`) and guesses with its weight."""
+    from cadenza.loader import build_meta, moe_routers, open_checkpoint
+
+    routers = moe_routers(build_meta(open_checkpoint(base[0])))
+    assert len(routers) == 4 and all(r is not None and r[1] == 2 for r in routers)
+    assert tuple(routers[0][0].shape) == (8, 64)
