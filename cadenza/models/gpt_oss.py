@@ -131,25 +131,28 @@ def attend_with_sinks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, scale: float, sinks: torch.Tensor
 ) -> torch.Tensor:
     """q [B, N, T, D], k and v [B, K, S, D], sinks [N] -> [B, N, T, D]: softmax over the scores and each head's sink
-    logit together, the sink's share dropped. In float32, queries in chunks."""
-    b, n, t, _ = q.shape
-    groups = n // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1).float()
-    v32 = v.repeat_interleave(groups, dim=1).float()
+    logit together, the sink's share dropped. In float32, queries in chunks; the G = N / K query heads that share a
+    key/value head are multiplied with it together (no copy of the cache per query head)."""
+    b, n, t, d = q.shape
+    kv = k.shape[1]
+    g = n // kv
+    k32, v32 = k.float(), v.float()  # (no copy when the cache is float32)
     s = k.shape[2]
     mask = ctx.mask
     if mask is None and t > 1:  # plain causal from position 0 (`is_causal`)
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-    sink = sinks.float().view(1, n, 1, 1)
+    sink = sinks.float().view(1, kv, g, 1, 1)
+    q5 = q.view(b, kv, g, t, d)
     out = []
     for t0 in range(0, t, _QUERY_CHUNK):
-        t1 = min(t, t0 + _QUERY_CHUNK)
-        scores = (q[:, :, t0:t1].float() @ k.transpose(-1, -2)) * scale  # [B, N, t, S]
-        if mask is not None:
-            scores = scores.masked_fill(~mask[..., t0:t1, :], float("-inf"))
-        combined = torch.cat((scores, sink.expand(b, n, t1 - t0, 1)), dim=-1)
+        tc = min(t, t0 + _QUERY_CHUNK) - t0
+        qc = q5[:, :, :, t0 : t0 + tc].float().reshape(b, kv, g * tc, d)
+        scores = ((qc @ k32.transpose(-1, -2)) * scale).view(b, kv, g, tc, s)
+        if mask is not None:  # [T, S] or [B, 1, T, S] -> broadcast over the heads of a group
+            scores = scores.masked_fill(~mask[..., t0 : t0 + tc, :].unsqueeze(-3), float("-inf"))
+        combined = torch.cat((scores, sink.expand(b, kv, g, tc, 1)), dim=-1)
         probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
-        out.append(probs @ v32)
+        out.append((probs.reshape(b, kv, g * tc, s) @ v32).view(b, n, tc, d))
     return torch.cat(out, dim=2).to(v.dtype)
 
 
