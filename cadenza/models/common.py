@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cache, cached_property
 from typing import ClassVar
 
 import torch
@@ -50,6 +50,7 @@ def clamped_swiglu_name(alpha: float, limit: float) -> str:
     return f"{CLAMPED_SWIGLU}:{float(alpha)!r}:{float(limit)!r}"
 
 
+@cache  # the executors look it up by name per layer call
 def glu_fn(name: str):
     """The gated unit of an expert or MLP by activation name: h = glu(gate_out, up_out). Plain activations give
     act(gate_out) * up_out; `clamped_swiglu_name(alpha, limit)` gives gpt-oss's clamped form."""

@@ -56,11 +56,13 @@ class Responder:
         self.created = int(time.time())
         self.fingerprint = fingerprint
         self.object = "chat.completion" if chat else "text_completion"
-        self.reasoning = chat and ReasoningSplitter.for_tokenizer(texts.tokenizer) is not None
+        # chat answers split off their reasoning where the format marks it: each sequence gets a fresh splitter
+        self._splitter = ReasoningSplitter.for_tokenizer(texts.tokenizer) if chat else None
+        self.reasoning = self._splitter is not None
 
     def output(self) -> Output:
-        """An empty result for one sequence; chat answers split off their reasoning where the format marks it."""
-        return Output(splitter=ReasoningSplitter.for_tokenizer(self.texts.tokenizer) if self.reasoning else None)
+        """An empty result for one sequence."""
+        return Output(splitter=self._splitter.fresh() if self._splitter is not None else None)
 
     def _head(self, chunk: bool) -> dict:
         obj = self.object + (".chunk" if chunk and self.chat else "")

@@ -43,6 +43,10 @@ class ReasoningSplitter:
                 return cls(kind, ids)
         return None
 
+    def fresh(self) -> ReasoningSplitter:
+        """A splitter for another answer in the same format (the marker ids are looked up once)."""
+        return ReasoningSplitter(self.kind, self.ids)
+
     def add(self, token_id: int, text: str) -> tuple[str, str]:
         marker = self.by_id.get(int(token_id))
         if self.kind == "think":
