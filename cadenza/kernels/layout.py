@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-FORMATS = ("bf16", "int8", "int4")
+from cadenza.kernels import blocks
+from cadenza.kernels.blocks import BLOCK_FORMATS
+
+FORMATS = ("bf16", "int8", "int4")  # what --experts quantizes to
+# every layout the kernels read (their format codes are indexes here): FORMATS, then the file block formats kept as
+# they are (cadenza.kernels.blocks); a layer whose down matrices differ from gate/up is named "gate_up+down"
+KERNEL_FORMATS = FORMATS + tuple(BLOCK_FORMATS)
 ROWS = 4  # rows per tile
 PAD = 128  # rows and columns are padded to multiples of this
 INT8_GROUPS = (0, 32, 64, 128)  # 0: one scale per output channel
@@ -42,8 +48,8 @@ class PackedExperts:
     down:    uint8 [E, Hp / 4, dn_tile_bytes]: tile j = down rows 4j .. 4j+3, Ip columns.
     """
 
-    fmt: str
-    group: int  # scale group in columns (0: per output channel; bf16: 0)
+    fmt: str  # a KERNEL_FORMATS name, or "gate_up+down" (block formats) where the two differ
+    group: int  # scale group in columns (0: per output channel; bf16: 0; block formats: gate/up's)
     num_experts: int
     hidden: int
     intermediate: int
@@ -63,6 +69,11 @@ class PackedExperts:
     @property
     def nbytes(self) -> int:
         return self.gate_up.numel() + self.down.numel()
+
+    def matrix_format(self, which: str) -> tuple[str, int]:
+        """(format, group) of the "gate_up" or "down" matrices."""
+        gu, dn = matrix_formats(self.fmt, self.group)
+        return gu if which == "gate_up" else dn
 
     @property
     def expert_bytes(self) -> int:
@@ -139,16 +150,29 @@ def plain_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> Pla
 # --- layout: quantize and tile (the kernel reads exactly this) ----------------------------------------------------
 
 
+def matrix_formats(fmt: str, group: int) -> tuple[tuple[str, int], tuple[str, int]]:
+    """A layer format -> ((format, group) of gate/up, of down): "q4_k+q6_k" names the two; block formats carry
+    their own group."""
+    gu, _, dn = fmt.partition("+")
+    dn = dn or gu
+    return (gu, BLOCK_FORMATS[gu].group if gu in BLOCK_FORMATS else group), (
+        dn,
+        BLOCK_FORMATS[dn].group if dn in BLOCK_FORMATS else group,
+    )
+
+
 def _header_bytes(fmt: str, group: int, k: int) -> int:
     if fmt == "bf16":
         return 0
+    if fmt in BLOCK_FORMATS:
+        return _round_up(ROWS * blocks.header_row_bytes(fmt, k), 64)
     ng = k // group if group else 1
     per_row = 4 * ng if fmt == "int8" else 3 * ng  # int8: fp32 scale; int4: bf16 scale + uint8 zero point
     return _round_up(ROWS * per_row, 64)
 
 
 def _tile_bytes(fmt: str, group: int, k: int) -> int:
-    per_row = {"bf16": 2 * k, "int8": k, "int4": k // 2}[fmt]
+    per_row = blocks.code_row_bytes(fmt, k) if fmt in BLOCK_FORMATS else {"bf16": 2 * k, "int8": k, "int4": k // 2}[fmt]
     return _header_bytes(fmt, group, k) + ROWS * per_row
 
 
@@ -216,7 +240,11 @@ def _padded(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def resolve_group(fmt: str, group: int | None) -> int:
-    """The scale group of a format (None: its default), or ValueError naming the allowed ones."""
+    """The scale group of a format (None: its default), or ValueError naming the allowed ones. Block formats (and
+    "gate_up+down" pairs of them) have their own: gate/up's."""
+    gu, _, dn = fmt.partition("+")
+    if gu in BLOCK_FORMATS and (dn or gu) in BLOCK_FORMATS:
+        return BLOCK_FORMATS[gu].group
     if fmt not in FORMATS:
         raise ValueError(f"unknown expert format {fmt!r}: use one of {', '.join(FORMATS)}")
     group = DEFAULT_GROUP[fmt] if group is None else group
@@ -230,17 +258,19 @@ def expert_nbytes(fmt: str, group: int | None, hidden: int, intermediate: int) -
     """Bytes one packed expert takes (`PackedExperts.expert_bytes`), from the shapes alone: nothing is packed."""
     group = resolve_group(fmt, group)
     hp, ip = _round_up(hidden, PAD), _round_up(intermediate, PAD)
-    return ip // 2 * _tile_bytes(fmt, group, hp) + hp // ROWS * _tile_bytes(fmt, group, ip)
+    (gf, gg), (df, dg) = matrix_formats(fmt, group)
+    return ip // 2 * _tile_bytes(gf, gg, hp) + hp // ROWS * _tile_bytes(df, dg, ip)
 
 
 def empty_packed(fmt: str, group: int | None, num_experts: int, hidden: int, intermediate: int) -> PackedExperts:
     """An uninitialised packed layer of these shapes (what `pack_layer` fills, or a cache file is read into)."""
     group = resolve_group(fmt, group)
     e, hp, ip = num_experts, _round_up(hidden, PAD), _round_up(intermediate, PAD)
-    gu = torch.empty(e, ip // 2, _tile_bytes(fmt, group, hp), dtype=torch.uint8)
-    dn = torch.empty(e, hp // ROWS, _tile_bytes(fmt, group, ip), dtype=torch.uint8)
+    (gf, gg), (df, dg) = matrix_formats(fmt, group)
+    gu = torch.empty(e, ip // 2, _tile_bytes(gf, gg, hp), dtype=torch.uint8)
+    dn = torch.empty(e, hp // ROWS, _tile_bytes(df, dg, ip), dtype=torch.uint8)
     return PackedExperts(
-        fmt, group, e, hidden, intermediate, gu, dn, _header_bytes(fmt, group, hp), _header_bytes(fmt, group, ip)
+        fmt, group, e, hidden, intermediate, gu, dn, _header_bytes(gf, gg, hp), _header_bytes(df, dg, ip)
     )
 
 
@@ -387,6 +417,8 @@ def dequantize_tiles(tiles: torch.Tensor, fmt: str, group: int, k: int) -> torch
     body = tiles[:, hb:]
     per_row = body.shape[1] // ROWS
     rows = body.reshape(n, per_row // 64, ROWS, 64).transpose(1, 2).reshape(n * ROWS, per_row)
+    if fmt in BLOCK_FORMATS:
+        return blocks.dequantize_rows(fmt, tiles[:, :hb], rows, k)
     if fmt == "bf16":
         return rows.contiguous().view(torch.bfloat16).float()
     ng = k // group if group else 1
@@ -409,9 +441,28 @@ def dequantize(packed: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, torch
     p = packed
     hp, ip, h, i = p.hidden_pad, p.inter_pad, p.hidden, p.intermediate
     gate, up, down = [], [], []
+    (gf, gg), (df, dg) = matrix_formats(p.fmt, p.group)
     for e in range(p.num_experts):
-        gu = dequantize_tiles(p.gate_up[e], p.fmt, p.group, hp).view(ip // 2, 2, 2, hp)
+        gu = dequantize_tiles(p.gate_up[e], gf, gg, hp).view(ip // 2, 2, 2, hp)
         gate.append(gu[:, 0].reshape(ip, hp)[:i, :h])
         up.append(gu[:, 1].reshape(ip, hp)[:i, :h])
-        down.append(dequantize_tiles(p.down[e], p.fmt, p.group, ip)[:h, :i])
+        down.append(dequantize_tiles(p.down[e], df, dg, ip)[:h, :i])
     return torch.stack(gate), torch.stack(up), torch.stack(down)
+
+
+def write_block_expert(out: PackedExperts, e: int, gate, up, down) -> None:
+    """Expert e of a block-format layer from its matrices' (codes, fields) (cadenza.kernels.blocks.from_gguf /
+    from_hf_mxfp4): gate, up [I, H] and down [H, I] codes, unpadded; their bits moved into tiles, nothing rounded."""
+    (gf, _), (df, _) = matrix_formats(out.fmt, out.group)
+    hp, ip = out.hidden_pad, out.inter_pad
+    gc, gfl = blocks.pad_fields(gf, *gate, ip, hp)
+    uc, ufl = blocks.pad_fields(gf, *up, ip, hp)
+    # tile j = gate rows 2j, 2j + 1, then up rows 2j, 2j + 1
+    codes = torch.stack((gc.view(ip // 2, 2, hp), uc.view(ip // 2, 2, hp)), dim=1).reshape(2 * ip, hp)
+    fields = [
+        torch.stack((a.view(ip // 2, 2, -1), b.view(ip // 2, 2, -1)), 1).reshape(2 * ip, -1)
+        for a, b in zip(gfl, ufl, strict=True)
+    ]
+    _write_tiles(out.gate_up[e], blocks.row_data(gf, codes), fields, gf, 0, hp)
+    dc, dfl = blocks.pad_fields(df, *down, hp, ip)
+    _write_tiles(out.down[e], blocks.row_data(df, dc), dfl, df, 0, ip)

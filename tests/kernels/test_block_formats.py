@@ -1,0 +1,86 @@
+"""Block formats (cadenza.kernels.blocks): GGUF's blocks moved into tiles read back as gguf-py dequantizes them,
+bit for bit; sizes per weight as the table in blocks.py says."""
+
+import numpy as np
+import pytest
+import torch
+
+from cadenza.kernels import blocks, layout
+from tests.kernels.block_data import random_blocks, reference
+
+pytest.importorskip("gguf")
+
+SHAPES = [(256, 512), (384, 768), (100, 256)]  # hidden, intermediate (100: rows padded past the matrix)
+
+
+def _layer(gu_type: str, dn_type: str, h: int, i: int, experts: int = 2, seed: int = 0):
+    fmt = blocks.BY_GGUF[gu_type] + ("" if gu_type == dn_type else "+" + blocks.BY_GGUF[dn_type])
+    out = layout.empty_packed(fmt, None, experts, h, i)
+    want = []
+    for e in range(experts):
+        raws = [
+            random_blocks(gu_type, i, h, seed + 3 * e),
+            random_blocks(gu_type, i, h, seed + 3 * e + 1),
+            random_blocks(dn_type, h, i, seed + 3 * e + 2),
+        ]
+        types = (gu_type, gu_type, dn_type)
+        cols = (h, h, i)
+        mats = [blocks.from_gguf(t, r, c) for t, r, c in zip(types, raws, cols, strict=True)]
+        layout.write_block_expert(out, e, *mats)
+        want.append([reference(t, r) for t, r in zip(types, raws, strict=True)])
+    return out, want
+
+
+@pytest.mark.parametrize("gu_type,dn_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("MXFP4", "MXFP4"), ("Q6_K", "Q4_K")])
+@pytest.mark.parametrize("h,i", [(256, 512), (512, 256)])
+def test_tiles_read_back_as_gguf_dequantizes(gu_type, dn_type, h, i):
+    packed, want = _layer(gu_type, dn_type, h, i)
+    gate, up, down = layout.dequantize(packed)
+    for e, (g, u, d) in enumerate(want):
+        assert torch.equal(gate[e], g) and torch.equal(up[e], u) and torch.equal(down[e], d)
+
+
+def test_padding_rows_and_columns_read_as_zero():
+    # MXFP4 rows of 2880 columns (gpt-oss) pad to 2944; rows 90 pad to 128
+    raw_g, raw_u = random_blocks("MXFP4", 90, 2880, 1), random_blocks("MXFP4", 90, 2880, 2)
+    raw_d = random_blocks("MXFP4", 2880, 96, 3)
+    out = layout.empty_packed("mxfp4", None, 1, 2880, 90 + 6)
+    layout.write_block_expert(
+        out,
+        0,
+        blocks.from_gguf("MXFP4", raw_g, 2880),
+        blocks.from_gguf("MXFP4", raw_u, 2880),
+        blocks.from_gguf("MXFP4", raw_d, 96),
+    )
+    gate, up, down = layout.dequantize(out)
+    assert torch.equal(gate[0][:90], reference("MXFP4", raw_g)) and torch.equal(down[0], reference("MXFP4", raw_d))
+    assert not gate[0][90:].any()
+    full = layout.dequantize_tiles(out.gate_up[0], "mxfp4", 32, out.hidden_pad)
+    assert not full[:, 2880:].any()  # padded columns
+
+
+def test_hf_mxfp4_equals_the_ggml_blocks():
+    from cadenza.models.mxfp4 import dequantize_mxfp4
+
+    g = torch.randint(0, 256, (64, 8, 16), dtype=torch.uint8)
+    s = torch.randint(115, 125, (64, 8), dtype=torch.uint8)
+    codes, fields = blocks.from_hf_mxfp4(g, s)
+    rows = blocks.row_data("mxfp4", codes)
+    header = torch.zeros(16, layout._header_bytes("mxfp4", 32, 256), dtype=torch.uint8)
+    header[:, : 4 * 8] = fields[0].reshape(16, 32)
+    got = blocks.dequantize_rows("mxfp4", header, rows, 256)
+    assert torch.equal(got, dequantize_mxfp4(g, s))
+
+
+@pytest.mark.parametrize(
+    "fmt,bytes_per_weight", [("q4_0", 0.5625), ("q4_k", 0.578125), ("mxfp4", 0.53125), ("q6_k", 1.0703125)]
+)
+def test_bytes_per_weight(fmt, bytes_per_weight):
+    h, i = 4096, 14336  # Mixtral: headers pad to 64 bytes per tile, a small share
+    got = layout.expert_nbytes(fmt, None, h, i) / (3 * h * i)
+    assert got == pytest.approx(bytes_per_weight, rel=2e-3)
+
+
+def test_unknown_gguf_type_is_refused():
+    with pytest.raises(ValueError, match="no block format keeps GGUF Q5_K"):
+        blocks.from_gguf("Q5_K", np.zeros((1, 176), np.uint8), 256)
