@@ -147,7 +147,8 @@ class LLM:
     prefetch: guess the next layer's experts with its router and start their copies early: True, False, or None
     (default: with the fetch policy only). cuda_graphs: replay decode steps as CUDA graphs where possible
     (default; `engine.graphs.describe()` says whether and why not); False runs every step eagerly.
-    experts: how routed experts are stored: "bf16" (default: as loaded, in the compute dtype), "int8" (symmetric,
+    experts: how routed experts are stored: "auto" (default: a GGUF's Q4_0 / Q4_K / Q6_K / MXFP4 expert blocks as
+    they are, read by cadenza's kernels; otherwise as "bf16"), "bf16" (in the compute dtype), "int8" (symmetric,
     one scale per output channel, or per `expert_group` columns: 32, 64, 128) or "int4" (scale and zero point per
     `expert_group` columns: 32, 64 (default) or 128). Quantized experts take about 1/2 (int8) or 0.27 (int4) of
     bf16's bytes, so more of them fit on the GPU and the CPU reads each faster, at a small loss of accuracy. They
@@ -178,7 +179,7 @@ class LLM:
         eviction: str = "lru",
         prefetch: bool | None = None,
         cuda_graphs: bool = True,
-        experts: str = "bf16",
+        experts: str = "auto",
         expert_group: int | None = None,
         expert_cache: bool = True,
     ):
@@ -200,6 +201,7 @@ class LLM:
         # refused before any weight is read (the environment's CADENZA_* overrides too)
         options = OffloadOptions(offload_policy, prefetch, eviction, cpu_threads).with_env()
         meta = build_meta(self.checkpoint)
+        expert_format = expert_format.resolve(self.checkpoint, meta)
         config = self.config = meta.config
         context, self.context_source, self._context_fix = self._context(max_context)
         self.max_context = context
@@ -207,7 +209,7 @@ class LLM:
             raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
         self.max_batch = max_batch
         self.expert_format = expert_format
-        self.sizes = model_sizes(meta, self.dtype, expert_format.fmt, expert_format.group)
+        self.sizes = model_sizes(meta, self.dtype, expert_format.fmt, expert_format.group, expert_format.layer_formats)
         self.orchestra: Orchestra | None = None
         self.offload_policy = offload_policy
         self._popularity = None

@@ -158,7 +158,7 @@ def _assign(
     return None
 
 
-def _expert_modules(model: nn.Module) -> list[tuple[str, Experts]]:
+def expert_layers(model: nn.Module) -> list[tuple[str, Experts]]:
     """(HF name prefix, module) of every routed-experts layer, in order."""
     return [(f"{n}.", m) for n, m in model.named_modules() if isinstance(m, Experts)]
 
@@ -193,11 +193,15 @@ def load_model(
         from cadenza.moe.packed_store import PackedStore
 
         # a GGUF whose expert blocks hold this format exactly: they are the packed layers (no cache needed)
-        exact = getattr(checkpoint, "repacks", lambda fmt, group: False)(fmt.fmt, fmt.group)
+        exact = fmt.fmt == "blocks" or getattr(checkpoint, "repacks", lambda fmt, group: False)(fmt.fmt, fmt.group)
         store = PackedStore.open(checkpoint, fmt.fmt, fmt.group) if fmt.cache and not exact else None
         if exact:
-            for prefix, layer in _expert_modules(model):
-                layer.set_packed(checkpoint.packed_experts(prefix, layer), dtype)
+            mods = expert_layers(model)
+            progress = Progress(f"moving {fmt.describe()} experts into place", len(mods), unit="layer")
+            for n, (prefix, layer) in enumerate(mods):
+                kept = fmt.layer_formats[n] if fmt.fmt == "blocks" else None
+                layer.set_packed(checkpoint.packed_experts(prefix, layer, kept), dtype)
+                progress.update(n + 1, final=n + 1 == len(mods))
             skip = expert_tensor_names(model)
             names = {n for n in names if n not in skip}
         elif store is not None and store.load(layers, dtype):
@@ -293,10 +297,15 @@ def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, int] | None]:
 
 
 def model_sizes(
-    model: nn.Module, dtype: torch.dtype, experts: str = "bf16", expert_group: int | None = None
+    model: nn.Module,
+    dtype: torch.dtype,
+    experts: str = "bf16",
+    expert_group: int | None = None,
+    layer_formats: tuple[str, ...] = (),
 ) -> ModelSizes:
     """Byte sizes for the planner, from a (meta) model's shapes in the compute dtype, with routed experts stored
-    as `experts` ("bf16": plain in `dtype`; "int8" / "int4": packed, scale group `expert_group`): nothing is read."""
+    as `experts` ("bf16": plain in `dtype`; "int8" / "int4": packed, scale group `expert_group`; "blocks": each
+    layer in its `layer_formats` block format, planned at the largest layer's expert size): nothing is read."""
     elem = torch.empty((), dtype=dtype).element_size()
     layers = moe_layers(model)
     # the elements the expert stacks hold (MXFP4 blocks hold two weights a byte: counted by what they occupy)
@@ -313,7 +322,13 @@ def model_sizes(
     return ModelSizes(
         always_bytes=(total - expert_params) * elem,
         kv_bytes_per_token=model.new_cache(1, dtype, torch.device("meta")).nbytes_per_token(),
-        expert_bytes=first.expert_nbytes_as(experts, expert_group, dtype) if first else 0,
+        expert_bytes=(
+            max(first.expert_nbytes_as(f, None, dtype) for f in layer_formats)
+            if experts == "blocks" and first
+            else first.expert_nbytes_as(experts, expert_group, dtype)
+            if first
+            else 0
+        ),
         num_moe_layers=len(layers),
         num_experts=first.num_experts if first else 0,
     )

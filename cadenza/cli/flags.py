@@ -43,8 +43,9 @@ def add_expert_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
     """--experts and --expert-group (and --no-cache, for commands that load weights): how routed experts are
     stored. `expert_kwargs` reads them back as LLM's keyword arguments."""
     p.add_argument(
-        "--experts", default="bf16", choices=["bf16", "int8", "int4"],
-        help="routed experts stored as: bf16 (default: as the checkpoint, in the compute dtype), int8 (about half "
+        "--experts", default="auto", choices=["auto", "bf16", "int8", "int4"],
+        help="routed experts stored as: auto (default: a GGUF's Q4_0/Q4_K/Q6_K/MXFP4 blocks as they are, else "
+        "bf16), bf16 (as the checkpoint, in the compute dtype), int8 (about half "
         "the bytes) or int4 (about 0.27): faster on the CPU, more of them fit on the GPU, slightly less accurate",
     )  # fmt: skip
     advanced(p).add_argument(
@@ -166,7 +167,7 @@ def check_flags(args: argparse.Namespace) -> None:
     from cadenza.kernels.layout import DEFAULT_GROUP, INT4_GROUPS, INT8_GROUPS
 
     experts = args.experts
-    if experts == "bf16":
+    if experts in ("bf16", "auto"):
         if group != 0:
             raise CadenzaError(
                 f"--expert-group {group} applies to quantized experts only. Add --experts int8 or --experts int4, "

@@ -55,7 +55,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def describe(
-    model_dir: str | Path, experts: str = "bf16", expert_group: int | None = None, download: bool = True
+    model_dir: str | Path, experts: str = "auto", expert_group: int | None = None, download: bool = True
 ) -> dict:
     """Architecture and sizes of a checkpoint, from config.json and the safetensors headers only; expert bytes as
     the routed experts would be stored with `experts` / `expert_group` (bf16: in the checkpoint's dtype). A hub id
@@ -69,6 +69,7 @@ def describe(
     fmt = ExpertFormat.of(experts, expert_group)
     ckpt = open_checkpoint(model_dir, download=download)
     model = build_meta(ckpt)
+    fmt = fmt.resolve(ckpt, model)
     config = model.config
     expert_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
     expert_params = sum(m.num_parameters for _, m in expert_layers)
@@ -79,7 +80,11 @@ def describe(
         if not (config.tie_word_embeddings and name == "lm_head.weight") and not name.startswith(prefixes)
     )
     first = expert_layers[0][1] if expert_layers else None
-    one_expert = first.expert_nbytes_as(fmt.fmt, fmt.group, ckpt.torch_dtype()) if first else 0
+    if fmt.fmt == "blocks":  # per layer: Q4_K_M files mix q4_k and q4_k+q6_k layers
+        per_layer = [m.expert_nbytes_as(f) for (_, m), f in zip(expert_layers, fmt.layer_formats, strict=True)]
+    else:
+        per_layer = [m.expert_nbytes_as(fmt.fmt, fmt.group, ckpt.torch_dtype()) for _, m in expert_layers]
+    one_expert = max(per_layer, default=0)
     return {
         "model": str(ckpt.path),
         **({"hub_id": str(ckpt.hub_id)} if ckpt.hub_id else {}),
@@ -99,10 +104,11 @@ def describe(
         "parameters": all_params,
         "expert_parameters": expert_params,
         "non_expert_parameters": all_params - expert_params,
-        "experts_format": fmt.fmt,
-        "expert_group": fmt.group if fmt.packed else None,
-        "expert_bytes": one_expert,  # one routed expert, as stored in experts_format
-        "routed_expert_bytes": one_expert * sum(m.num_experts for _, m in expert_layers),
+        "experts_format": fmt.describe(),
+        "expert_group": fmt.group if fmt.packed and fmt.fmt != "blocks" else None,
+        "expert_bytes": one_expert,  # one routed expert, as stored in experts_format (blocks: the largest layer's)
+        **({"expert_formats_per_layer": list(fmt.layer_formats)} if fmt.fmt == "blocks" else {}),
+        "routed_expert_bytes": sum(b * m.num_experts for b, (_, m) in zip(per_layer, expert_layers, strict=True)),
         "kv_bytes_per_token": model.new_cache(1, ckpt.torch_dtype(), torch.device("meta")).nbytes_per_token(),
         "checkpoint_bytes": ckpt.total_bytes,
         "bytes_by_dtype": ckpt.bytes_by_dtype(),
@@ -114,6 +120,8 @@ def describe(
 
 
 def _format_name(d: dict) -> str:
+    if "expert_formats_per_layer" in d:
+        return f"{d['experts_format']} (the file's blocks, kept as they are)"
     if d["expert_group"] is None:
         return f"{d['experts_format']} ({d['dtype']})"
     group = f"groups of {d['expert_group']}" if d["expert_group"] else "per output channel"
@@ -144,10 +152,13 @@ def offload_info(args: argparse.Namespace) -> dict:
     from cadenza.paths import cache_dir
 
     out: dict = {}
+    from cadenza.moe.quantize import ExpertFormat
+
     ckpt = open_checkpoint(args.model, download=False)
     meta = build_meta(ckpt)
     dtype = resolve_dtype(args.dtype, ckpt)
-    sizes = model_sizes(meta, dtype, args.experts, args.expert_group)
+    fmt = ExpertFormat.of(args.experts, args.expert_group).resolve(ckpt, meta)
+    sizes = model_sizes(meta, dtype, fmt.fmt, fmt.group, fmt.layer_formats)
     if args.gpu_memory is not None:
         context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
         if args.max_context is not None and args.max_context > meta.config.context_length:

@@ -297,12 +297,61 @@ class GgufCheckpoint(TensorSizes):
         types = {t.dtype for t in self.tensors.values() if t.expert is not None}
         return fmt == "int8" and group == 32 and types == {"Q8_0"}
 
-    def packed_experts(self, prefix: str, layer) -> PackedExperts:
-        """The experts of one layer (`layer`: its Experts module, `prefix`: its HF name + ".") packed as int8 with
-        32-column groups from their Q8_0 blocks, one expert at a time. q * d is exact in float32, and packing a
-        group whose largest code is +-127 (what llama.cpp's and gguf-py's Q8_0 quantizers write) gives back the
-        same codes and d: the packed values equal the file's. Groups with other largest codes are re-rounded, and
-        said so once."""
+    def kept_formats(self, layers) -> list[str] | None:
+        """Per routed-experts layer ((HF prefix, Experts module), in order), the block format that keeps its GGUF
+        blocks as they are ("q4_k", "q4_k+q6_k", ...: cadenza.kernels.blocks), or None when some layer cannot be
+        kept (a type without a block format, gate and up of different types, experts the CPU kernel does not
+        compute (biases, gpt-oss's clamped activation), or matrices not a whole number of blocks)."""
+        from cadenza.kernels.blocks import BLOCK_FORMATS, BY_GGUF
+
+        out = []
+        for prefix, layer in layers:
+            if not layer.plain_math:
+                return None
+            infos = [
+                self.tensors.get(f"{prefix}0.{n}.weight") for n in (layer.gate_name, layer.up_name, layer.down_name)
+            ]
+            if any(i is None or i.dtype not in BY_GGUF for i in infos) or infos[0].dtype != infos[1].dtype:
+                return None
+            gu, dn = BY_GGUF[infos[0].dtype], BY_GGUF[infos[2].dtype]
+            if layer.hidden_size % BLOCK_FORMATS[gu].align or layer.intermediate_size % BLOCK_FORMATS[dn].align:
+                return None
+            out.append(gu if gu == dn else f"{gu}+{dn}")
+        return out or None
+
+    def packed_experts(self, prefix: str, layer, fmt: str | None = None) -> PackedExperts:
+        """The experts of one layer (`layer`: its Experts module, `prefix`: its HF name + "."), from their blocks:
+        in `fmt`, a block format (`kept_formats`), their bits moved into tiles by a few threads; or (None) as int8
+        with 32-column groups from Q8_0 blocks (`_int8_from_q8_0`)."""
+        if fmt is None:
+            return self._int8_from_q8_0(prefix, layer)
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cadenza.kernels.blocks import from_gguf
+        from cadenza.kernels.layout import empty_packed, write_block_expert
+        from cadenza.moe.cpu import physical_cores
+
+        out = empty_packed(fmt, None, layer.num_experts, layer.hidden_size, layer.intermediate_size)
+        names = (layer.gate_name, layer.up_name, layer.down_name)
+        cols = (layer.hidden_size, layer.hidden_size, layer.intermediate_size)
+
+        def one(e: int) -> None:  # numpy and torch release the GIL in their array work: threads share the load
+            mats = []
+            for n, k in zip(names, cols, strict=True):
+                info = self.tensors[f"{prefix}{e}.{n}.weight"]
+                raw = np.asarray(self._raw[info.source][0].data[e])
+                mats.append(from_gguf(info.dtype, raw.reshape(raw.shape[0], -1), k))
+            write_block_expert(out, e, *mats)
+
+        with ThreadPoolExecutor(min(layer.num_experts, physical_cores())) as pool:
+            list(pool.map(one, range(layer.num_experts)))
+        return out
+
+    def _int8_from_q8_0(self, prefix: str, layer) -> PackedExperts:
+        """int8 experts with 32-column groups from Q8_0 blocks, one expert at a time. q * d is exact in float32,
+        and packing a group whose largest code is +-127 (what llama.cpp's and gguf-py's Q8_0 quantizers write)
+        gives back the same codes and d: the packed values equal the file's. Groups with other largest codes are
+        re-rounded, and said so once."""
         from cadenza.kernels.layout import empty_packed, pack_layer
 
         e_count, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
@@ -336,9 +385,10 @@ class GgufCheckpoint(TensorSizes):
         if not self._warned:
             self._warned = True
             logger.warning(
-                "%s: this version of cadenza dequantizes GGUF experts (%s) to the compute dtype at load, so they take "
-                "bf16-size memory, not their GGUF size. Pass --experts int8 or --experts int4 to re-quantize them "
-                "for cadenza's kernels (Q8_0 experts with --experts int8 --expert-group 32 are kept exactly).",
+                "%s: its routed experts (%s) are dequantized to the compute dtype at load, so they take bf16-size "
+                "memory, not their GGUF size. cadenza keeps Q4_0, Q4_K, Q6_K, Q8_0 and MXFP4 experts as they are "
+                "(--experts auto, the default) where every layer's experts are of those types and the kernels "
+                "compute the family's experts; --experts int8 or --experts int4 re-quantizes them instead.",
                 self.path.name,
                 type_name,
             )

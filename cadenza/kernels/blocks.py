@@ -11,6 +11,7 @@ Every format computes a weight as  code_value * scale[g] - min[g]  per group g o
 | q4_k   | q 0..15 (nib)  | 32    | d, dmin f16 per 256; sc, m u8 per 32          | d sc, dmin m               | 0.578 |
 | mxfp4  | e2m1 (nib)     | 32    | e u8 per 32                                   | 2^(e - 127), 0             | 0.531 |
 | q6_k   | q - 32 (byte)  | 16    | d f16 per 256; sc i8 per 16                   | d sc, 0                    | 1.070 |
+| q8_0   | q (byte)       | 32    | d f16 per 32                                  | d, 0                       | 1.0625|
 
 (GGUF files: Q4_0 0.5625, Q4_K 0.5625, MXFP4 0.531, Q6_K 0.820 bytes a weight.) "nib" codes sit in int4's word
 layout (per 128 columns, 16-bit word j holds column 32 n + j in nibble n), "byte" codes in int8's (one int8 per
@@ -56,6 +57,7 @@ BLOCK_FORMATS = {
     ),
     "mxfp4": BlockFormat("mxfp4", "nib", 32, (("e", torch.uint8, 32),), "MXFP4", 32),
     "q6_k": BlockFormat("q6_k", "byte", 16, (("d", torch.float16, SUPER), ("sc", torch.int8, 16)), "Q6_K", SUPER),
+    "q8_0": BlockFormat("q8_0", "byte", 32, (("d", torch.float16, 32),), "Q8_0", 32),
 }
 BY_GGUF = {f.gguf: f.name for f in BLOCK_FORMATS.values()}
 
@@ -82,64 +84,102 @@ def _nibbles_halves(qs: np.ndarray) -> np.ndarray:
     return np.concatenate((qs & 0x0F, qs >> 4), axis=-1)
 
 
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
 def from_gguf(gguf_type: str, raw: np.ndarray, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One matrix's GGUF blocks, raw uint8 [R, bytes per row] of rows of k columns -> (codes [R, k]: uint8 for nib
-    formats, int8 for byte ones; the header fields [R, n] in the format's order). The same bits, rearranged."""
-    r = raw.shape[0]
-    if gguf_type in ("Q4_0", "MXFP4"):
-        per = 18 if gguf_type == "Q4_0" else 17
-        b = raw.reshape(r, k // 32, per)
-        head, qs = (b[..., :2], b[..., 2:]) if gguf_type == "Q4_0" else (b[..., :1], b[..., 1:])
-        codes = torch.from_numpy(_nibbles_halves(qs).reshape(r, k))
-        field = (
-            _f16(head).reshape(r, k // 32) if gguf_type == "Q4_0" else torch.from_numpy(head.reshape(r, k // 32).copy())
-        )
-        return codes, [field]
-    ns = k // SUPER
-    if gguf_type == "Q4_K":
-        b = raw.reshape(r, ns, 144)
-        d, dmin = _f16(b[..., 0:2]).reshape(r, ns), _f16(b[..., 2:4]).reshape(r, ns)
-        s = b[..., 4:16].reshape(r, ns, 3, 4)
-        lo, hi, mix = s[:, :, 0], s[:, :, 1], s[:, :, 2]
-        sc = np.concatenate((lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)), axis=-1)
-        m = np.concatenate((hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)), axis=-1)
-        qs = b[..., 16:].reshape(r, ns, 4, 32)  # chunk j: sub-blocks 2j (low nibbles), 2j + 1 (high)
-        codes = torch.from_numpy(_nibbles_halves(qs).reshape(r, k))
-        return codes, [d, dmin, torch.from_numpy(sc.reshape(r, -1).copy()), torch.from_numpy(m.reshape(r, -1).copy())]
+    """One matrix's GGUF blocks, raw uint8 [R, bytes per row] of rows of k columns -> (row bytes [R, code bytes of
+    k rounded up to 128 columns] in the kernels' order, the header fields [R, n] in the format's order, zero past
+    k). The same bits, rearranged: mostly byte moves, so a 26 GB file repacks in seconds on a few cores."""
+    fmt = BY_GGUF.get(gguf_type)
+    if fmt is None:
+        raise ValueError(f"no block format keeps GGUF {gguf_type}")
+    r, kp = raw.shape[0], _round_up(k, 128)
     if gguf_type == "Q6_K":
-        b = raw.reshape(r, ns, 210)
-        ql = b[..., :128].reshape(r, ns, 2, 64)  # half h: values 128 h + 64 s + i from nibble s of byte i
-        qh = b[..., 128:192].reshape(r, ns, 2, 32)  # half h: values 128 h + 32 s + i from bits 2 s of byte i
-        low = np.concatenate((ql & 0x0F, ql >> 4), axis=-1)  # [r, ns, 2, 128]
-        high = np.concatenate([(qh >> (2 * s)) & 3 for s in range(4)], axis=-1)  # [r, ns, 2, 128]
-        q = (low | (high << 4)).astype(np.int16) - 32
-        sc = torch.from_numpy(b[..., 192:208].reshape(r, -1).copy().view(np.int8))
-        d = _f16(b[..., 208:210]).reshape(r, ns)
-        return torch.from_numpy(q.astype(np.int8).reshape(r, k)), [d, sc]
-    raise ValueError(f"no block format keeps GGUF {gguf_type}")
+        codes, fields = _q6_k(raw, k)
+        return codes.view(torch.uint8), fields
+    if gguf_type == "Q8_0":
+        b = raw.reshape(r, k // 32, 34)
+        codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).reshape(r, k))
+        return _padded_rows(fmt, codes.view(torch.int8), [_f16(b[..., :2]).reshape(r, -1)], kp)
+    if gguf_type == "Q4_K":
+        b = raw.reshape(r, k // SUPER, 144)
+        d, dmin = _f16(b[..., 0:2]).reshape(r, -1), _f16(b[..., 2:4]).reshape(r, -1)
+        sc, m = _q4_k_scales(b[..., 4:16])
+        # per 128 columns, two 32-byte chunks (sub-blocks 4p, 4p + 1 in the first's low and high nibbles, 4p + 2,
+        # 4p + 3 in the second's): 16-bit word j = first[j] | second[j] << 8 holds columns j, 32 + j, 64 + j, 96 + j
+        qs = b[..., 16:].reshape(r, k // 128, 2, 32).transpose(0, 1, 3, 2)
+        return torch.from_numpy(np.ascontiguousarray(qs).reshape(r, k // 2)), [d, dmin, sc, m]
+    per = 18 if gguf_type == "Q4_0" else 17  # Q4_0: fp16 d, 16 bytes; MXFP4: e8m0 byte, 16 bytes
+    b = raw.reshape(r, k // 32, per)
+    head, qs = (b[..., :2], b[..., 2:]) if gguf_type == "Q4_0" else (b[..., :1], b[..., 1:])
+    field = _f16(head).reshape(r, -1) if gguf_type == "Q4_0" else torch.from_numpy(head.reshape(r, -1).copy())
+    if k % 128:
+        codes = torch.from_numpy(_nibbles_halves(qs).reshape(r, k))
+        return _padded_rows(fmt, codes, [field], kp)
+    # block n of 4 holds value j (< 16) in qs_n[j]'s low nibble, j + 16 in its high one; word j needs value j of
+    # blocks 0, 1 in its low byte and of blocks 2, 3 in its high byte
+    q = qs.reshape(r, k // 128, 2, 2, 16)  # [.., byte of the word, block of the byte, j]
+    lo = (q[..., 0, :] & 0x0F) | (q[..., 1, :] << 4)  # values j < 16
+    hi = (q[..., 0, :] >> 4) | (q[..., 1, :] & 0xF0)  # values j + 16
+    words = np.concatenate((lo, hi), axis=-1).transpose(0, 1, 3, 2)  # [.., word j, low | high byte]
+    return torch.from_numpy(np.ascontiguousarray(words).reshape(r, k // 2)), [field]
+
+
+def _q4_k_scales(s: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's 12 bytes of 6-bit scales and mins per super-block [R, ns, 12] -> sc, m uint8 [R, 8 ns]."""
+    r = s.shape[0]
+    s = s.reshape(r, -1, 3, 4)
+    lo, hi, mix = s[:, :, 0], s[:, :, 1], s[:, :, 2]
+    sc = np.concatenate((lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)), axis=-1)
+    m = np.concatenate((hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)), axis=-1)
+    return torch.from_numpy(sc.reshape(r, -1).copy()), torch.from_numpy(m.reshape(r, -1).copy())
+
+
+def _q6_k(raw: np.ndarray, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    r, ns = raw.shape[0], k // SUPER
+    b = raw.reshape(r, ns, 210)
+    ql = b[..., :128].reshape(r, ns, 2, 64)  # half h: values 128 h + 64 s + i from nibble s of byte i
+    qh = b[..., 128:192].reshape(r, ns, 2, 32)  # half h: values 128 h + 32 s + i from bits 2 s of byte i
+    q = np.empty((r, ns, 2, 128), np.uint8)
+    q[..., :64] = ql & 0x0F
+    q[..., 64:] = ql >> 4
+    for s in range(4):
+        q[..., 32 * s : 32 * s + 32] |= ((qh >> (2 * s)) & 3) << 4
+    q -= 32  # wraps to the int8 code q - 32
+    sc = torch.from_numpy(b[..., 192:208].reshape(r, -1).copy().view(np.int8))
+    return torch.from_numpy(q.reshape(r, k)).view(torch.int8), [_f16(b[..., 208:210]).reshape(r, ns), sc]
 
 
 def from_hf_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """gpt-oss's MXFP4 (blocks uint8 [R, G, 16], byte j: values 2 j (low nibble), 2 j + 1; scales uint8 [R, G]) ->
-    mxfp4 codes [R, 32 G] and fields."""
+    mxfp4 row bytes and fields, as `from_gguf`."""
     r, g = scales.shape
     codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(r, g * 32)
-    return codes, [scales.contiguous()]
+    return _padded_rows("mxfp4", codes, [scales.contiguous()], _round_up(32 * g, 128))
 
 
-def pad_fields(fmt: str, codes: torch.Tensor, fields: list[torch.Tensor], rows: int, k: int):
-    """Codes and fields of a matrix padded to `rows` x `k` columns with zeros (weight 0)."""
-    r, c = codes.shape
-    if (r, c) == (rows, k):
-        return codes, fields
-    out = torch.zeros(rows, k, dtype=codes.dtype)
-    out[:r, :c] = codes
-    padded = []
-    for f, (_, dt, cols) in zip(fields, BLOCK_FORMATS[fmt].fields, strict=True):
-        p = torch.zeros(rows, k // cols, dtype=dt)
-        p[:r, : f.shape[1]] = f
-        padded.append(p)
-    return out, padded
+def _padded_rows(fmt: str, codes: torch.Tensor, fields: list[torch.Tensor], kp: int):
+    """Codes [R, k] and fields -> row bytes of kp columns and fields of kp columns (zeros past k)."""
+    r, k = codes.shape
+    if k < kp:
+        codes = torch.cat((codes, torch.zeros(r, kp - k, dtype=codes.dtype)), dim=1)
+        cols = [c for _, _, c in BLOCK_FORMATS[fmt].fields]
+        fields = [
+            torch.cat((f, torch.zeros(r, (kp - k) // c, dtype=f.dtype)), dim=1)
+            for f, c in zip(fields, cols, strict=True)
+        ]
+    return row_data(fmt, codes), fields
+
+
+def pad_rows(rows: torch.Tensor, fields: list[torch.Tensor], n: int):
+    """Row bytes and fields padded to n rows with zeros (weight 0)."""
+    r = rows.shape[0]
+    if r == n:
+        return rows, fields
+    pad = lambda t: torch.cat((t, torch.zeros(n - r, *t.shape[1:], dtype=t.dtype)))  # noqa: E731
+    return pad(rows), [pad(f) for f in fields]
 
 
 def row_data(fmt: str, codes: torch.Tensor) -> torch.Tensor:
@@ -172,6 +212,9 @@ def scales_and_mins(fmt: str, fields: list[torch.Tensor]) -> tuple[torch.Tensor,
     if fmt == "q4_0":
         d = fields[0].float()
         return d, 8.0 * d
+    if fmt == "q8_0":
+        d = fields[0].float()
+        return d, torch.zeros_like(d)
     if fmt == "mxfp4":
         e = fields[0].to(torch.int32)
         bits = torch.where(e > 0, e << 23, torch.full_like(e, 1 << 22))  # e8m0: 2^(e - 127), e = 0 a denormal

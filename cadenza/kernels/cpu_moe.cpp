@@ -20,6 +20,11 @@
 //   int8: a chunk is 64 columns per row; header: fp32 scales [4 rows][groups]; value = q * scale.
 //   int4: a chunk is 128 columns per row: 16-bit word j holds columns 32n + j in its nibbles n = 0..3;
 //         header: bf16 scales [4][groups], then uint8 zero points [4][groups]; value = (q - z) * scale.
+//   block formats (cadenza/kernels/blocks.py, a file's blocks kept as they are): q4_0, q4_k, mxfp4 hold int4's
+//         nibbles, q6_k int8's bytes; value = code_value * scale - min per group of 32 (q6_k: 16), where (scale,
+//         min) come from the header's fields (blocks.scales_and_mins) and code_value is the code (mxfp4: its e2m1
+//         value); q8_0 holds int8's bytes with an fp16 scale per 32. A layer's gate/up and down matrices may
+//         have different formats (Q4_K_M: q4_k and q6_k).
 // Headers are padded to 64 bytes. gate and up share one matrix: tile j is gate/up unit j, so one stream yields
 // h[2j], h[2j+1].
 //
@@ -48,7 +53,7 @@
 
 namespace {
 
-enum Fmt { BF16 = 0, INT8 = 1, INT4 = 2 };
+enum Fmt { BF16 = 0, INT8 = 1, INT4 = 2, Q4_0 = 3, Q4_K = 4, MXFP4 = 5, Q6_K = 6, Q8_0 = 7 };  // layout.KERNEL_FORMATS
 enum Act { SILU = 0, GELU_TANH = 1, GELU = 2, RELU = 3 };
 enum Stage { PAIR_SPLIT = 0, NATURAL = 1, HI_LO = 2 };
 
@@ -110,22 +115,76 @@ inline void prefetch_chunk(const uint8_t* p, int pf) {
   }
 }
 
-// A tile's scales: int8 reads its fp32 header in place; int4's bf16 scales are widened once per tile.
+inline bool nib_block(int fmt) { return fmt == Q4_0 || fmt == Q4_K || fmt == MXFP4; }
+
+// The 16 code values of a nibble: the code itself, or (mxfp4) its e2m1 value.
+struct Bases {
+  alignas(64) float q[16];
+  alignas(64) float e2m1[16];
+  Bases() {
+    const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    for (int i = 0; i < 16; ++i) {
+      q[i] = float(i);
+      e2m1[i] = i < 8 ? mag[i] : -mag[i - 8];
+    }
+  }
+};
+const Bases bases;
+
+// A tile's scales: int8 reads its fp32 header in place; int4's bf16 scales are widened once per tile; block
+// formats' fields become fp32 scale and min per (row, group), the products exact (d * sc: at most 17 bits).
 struct Scales {
   std::vector<float> buf;
   const float* sc = nullptr;
+  const float* mn = nullptr;
+  const float* base = bases.q;
   const uint8_t* z = nullptr;
   void load(int fmt, const uint8_t* tile, int ng) {
     if (fmt == INT8) {
       sc = reinterpret_cast<const float*>(tile);
-    } else if (fmt == INT4) {
-      const int n = ROWS * ng;
-      if (int(buf.size()) < n) buf.resize(n);
-      const uint16_t* h = reinterpret_cast<const uint16_t*>(tile);
-      for (int i = 0; i < n; ++i) buf[i] = bf16_to_f32(h[i]);
-      sc = buf.data();
-      z = tile + 2 * n;
+      return;
     }
+    if (fmt == BF16) return;
+    const int n = ROWS * ng;
+    if (int(buf.size()) < 2 * n) buf.resize(2 * n);
+    float* s = buf.data();
+    float* m = s + n;
+    sc = s;
+    mn = m;
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(tile);
+    if (fmt == INT4) {
+      for (int i = 0; i < n; ++i) s[i] = bf16_to_f32(h[i]);
+      z = tile + 2 * n;
+    } else if (fmt == Q8_0) {
+      for (int i = 0; i < n; ++i) s[i] = _cvtsh_ss(h[i]);
+    } else if (fmt == Q4_0) {
+      for (int i = 0; i < n; ++i) {
+        s[i] = _cvtsh_ss(h[i]);
+        m[i] = 8.0f * s[i];
+      }
+    } else if (fmt == MXFP4) {
+      for (int i = 0; i < n; ++i) {
+        const uint32_t e = tile[i], bits = e ? e << 23 : 1u << 22;  // 2^(e - 127); e = 0 is a denormal
+        std::memcpy(&s[i], &bits, 4);
+        m[i] = 0.0f;
+      }
+    } else if (fmt == Q4_K) {  // d, dmin fp16 [4][ng / 8]; sc, m uint8 [4][ng]
+      const int ns = ng / 8;
+      const uint16_t* dm = h + ROWS * ns;
+      const uint8_t* scb = reinterpret_cast<const uint8_t*>(dm + ROWS * ns);
+      for (int r = 0; r < ROWS; ++r)
+        for (int g = 0; g < ng; ++g) {
+          const int i = r * ng + g;
+          s[i] = _cvtsh_ss(h[r * ns + g / 8]) * float(scb[i]);
+          m[i] = _cvtsh_ss(dm[r * ns + g / 8]) * float(scb[n + i]);
+        }
+    } else if (fmt == Q6_K) {  // d fp16 [4][ng / 16]; sc int8 [4][ng] (groups of 16)
+      const int ns = ng / 16;
+      const int8_t* scb = reinterpret_cast<const int8_t*>(h + ROWS * ns);
+      for (int r = 0; r < ROWS; ++r)
+        for (int g = 0; g < ng; ++g) s[r * ng + g] = _cvtsh_ss(h[r * ns + g / 16]) * float(scb[r * ng + g]);
+    }
+    base = fmt == MXFP4 ? bases.e2m1 : bases.q;
   }
 };
 
@@ -325,7 +384,8 @@ void dot_int8(const Args& a, float out[ROWS][MAX_NT]) {
 // 4 bits are nibble s: column 32s + 2l (s < 4) or 32(s - 4) + 2l + 1, found in the pair-split row at 32s + l or
 // 32(s - 4) + 16 + l. vpermps picks by those 4 bits from the group's 16 values (q - z) * scale: unpacking is one
 // shift. Positions run 0,4,1,5,2,6,3,7 so that a 32-column group's two positions are neighbours.
-template <int NT, int G>
+// AFF (block formats, G = 32): the group's 16 values are base * scale - min (one rounding, as the reference).
+template <int NT, int G, bool AFF = false>
 void dot_int4_f32(const Args& a, float out[ROWS][MAX_NT]) {
   constexpr bool TWO = NT <= 2;
   constexpr int PER_GROUP = 2 * G / 32;  // positions per group
@@ -346,8 +406,13 @@ void dot_int4_f32(const Args& a, float out[ROWS][MAX_NT]) {
       const int s = (i >> 1) | ((i & 1) << 2);  // 0,4,1,5,2,6,3,7
       if (i % PER_GROUP == 0) {
         const int g = (c * 128 + 32 * (s & 3)) / G;
-        for (int r = 0; r < ROWS; ++r)
-          lut[r] = _mm512_mul_ps(_mm512_load_ps(luts.f32[z[r * ng + g]]), _mm512_set1_ps(sc[r * ng + g]));
+        for (int r = 0; r < ROWS; ++r) {
+          if constexpr (AFF)
+            lut[r] = _mm512_fmsub_ps(_mm512_load_ps(a.s->base), _mm512_set1_ps(sc[r * ng + g]),
+                                     _mm512_set1_ps(a.s->mn[r * ng + g]));
+          else
+            lut[r] = _mm512_mul_ps(_mm512_load_ps(luts.f32[z[r * ng + g]]), _mm512_set1_ps(sc[r * ng + g]));
+        }
       }
       const int off = c * 128 + 32 * (s & 3) + (s >> 2) * 16;
       __m512 xv[NT];
@@ -425,6 +490,7 @@ DotFn by_nt(int nt) {
 }
 template <int G> struct Int8G { template <int NT> struct F { static constexpr DotFn fn = dot_int8<NT, G>; }; };
 template <int G> struct Int4F { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, G>; }; };
+struct Nib32 { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, 32, true>; }; };
 template <int G, bool LO>
 struct Int4B { template <int NT> struct F { static constexpr DotFn fn = dot_int4_bf16<NT, G, LO>; }; };
 template <int RG> struct Bf16F { template <int NT> struct F { static constexpr DotFn fn = dot_bf16<NT, RG>; }; };
@@ -440,6 +506,9 @@ DotFn by_group(int group, int nt) {
 
 // The micro-kernel for a format, group size, token count, staging kind and (bf16) rows per pass.
 DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
+  if (nib_block(fmt)) return by_nt<Nib32::F>(nt);
+  if (fmt == Q6_K) return by_nt<Int8G<16>::F>(nt);
+  if (fmt == Q8_0) return by_nt<Int8G<32>::F>(nt);
   if (fmt == BF16) {
     if (kind != HI_LO) return rg == 2 ? by_nt<Bf16F<2>::F>(nt) : by_nt<Bf16F<4>::F>(nt);
     if (lo) return rg == 2 ? by_nt<Bf16D<true, 2>::F>(nt) : by_nt<Bf16D<true, 4>::F>(nt);
@@ -462,6 +531,7 @@ DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
 //     rows 2j, 2j + 1; down: rows 4j .. 4j + 3. Row i of expert e is at src + (e R + i) row_bytes; a row past R
 //     (the last unit of an odd I, or of an H not a multiple of 4) repeats row R - 1, and its output is dropped.
 struct Mat {
+  int fmt = BF16, group = 0;  // this matrix's format and scale group
   const uint8_t* base = nullptr;
   int64_t expert_stride = 0, tile_bytes = 0, header_bytes = 0;
   const uint8_t* src[2] = {nullptr, nullptr};
@@ -501,8 +571,9 @@ inline int token_block(int K) {
 
 // Applies unit j of expert e to n tokens (staged rows xrow(i)), calling emit(i, out[ROWS]) per token.
 template <class XRow, class Emit>
-inline void apply_unit(const Mat& m, int e, int64_t j, int fmt, int group, int kind, bool lo, Scales& s, int n,
-                       XRow xrow, Emit emit, int pf) {
+inline void apply_unit(const Mat& m, int e, int64_t j, int kind, bool lo, Scales& s, int n, XRow xrow, Emit emit,
+                       int pf) {
+  const int fmt = m.fmt, group = m.group;
   Args args{};
   const uint8_t* tile = m.unit(e, j, args);
   if (tile) s.load(fmt, tile, m.ng);
@@ -535,12 +606,18 @@ thread_local Buffers tls;
 
 // The step for either layout: mg the gate/up matrix (unit j: h[2j], h[2j + 1]), md the down matrix (unit j: y
 // rows 4j .. 4j + 3). Staged rows are mg.ks (x) and md.ks (h) long, zero past H and I.
-int forward(int fmt, int group, int E, int H, int I, const Mat& mg, const Mat& md, const void* x, int x_bf16, int T,
-            const int64_t* ids, const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch,
-            int use_bf16, float* y) {
+// How a matrix of this format wants its activations staged.
+inline int stage_kind(int fmt, int use_bf16) {
+  if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0) return NATURAL;
+  if (nib_block(fmt)) return PAIR_SPLIT;
+  return use_bf16 ? HI_LO : PAIR_SPLIT;
+}
+
+int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, int x_bf16, int T, const int64_t* ids,
+            const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y) {
   if (T <= 0) return 0;
   const int Hp = mg.ks, Ip = md.ks;
-  const int kind = fmt == INT8 ? NATURAL : use_bf16 ? HI_LO : PAIR_SPLIT;
+  const int kind = stage_kind(mg.fmt, use_bf16), kind_h = stage_kind(md.fmt, use_bf16);
   const bool lo1 = !x_bf16;  // bf16 inputs have no low part; h always has one
 
   // (token, slot) pairs of the computed experts, grouped by expert in token order.
@@ -623,14 +700,13 @@ int forward(int fmt, int group, int E, int H, int I, const Mat& mg, const Mat& m
             const int nb = std::min(tb1, n - tb);
             for (int64_t j = j0; j < j1; ++j) {
               apply_unit(
-                  mg, e, j, fmt, group, kind, lo1, s, nb,
-                  [&](int i) { return xs + int64_t(tok[p0 + tb + i]) * Hp; },
+                  mg, e, j, kind, lo1, s, nb, [&](int i) { return xs + int64_t(tok[p0 + tb + i]) * Hp; },
                   [&](int i, const float* o) {
                     float* hr = hb + int64_t(p0 + tb + i) * Ip;
-                    stage_put(kind, hr, Ip, 2 * j, 2 * j < I ? activate(o[0], act) * o[2] : 0.0f);
-                    stage_put(kind, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? activate(o[1], act) * o[3] : 0.0f);
+                    stage_put(kind_h, hr, Ip, 2 * j, 2 * j < I ? activate(o[0], act) * o[2] : 0.0f);
+                    stage_put(kind_h, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? activate(o[1], act) * o[3] : 0.0f);
                     if (j == n1 - 1)
-                      for (int64_t col = 2 * n1; col < Ip; ++col) stage_put(kind, hr, Ip, col, 0.0f);
+                      for (int64_t col = 2 * n1; col < Ip; ++col) stage_put(kind_h, hr, Ip, col, 0.0f);
                   },
                   prefetch);
             }
@@ -651,7 +727,7 @@ int forward(int fmt, int group, int E, int H, int I, const Mat& mg, const Mat& m
           for (int64_t j = q0; j < q1; ++j) {
             const int64_t row0 = j * ROWS;
             apply_unit(
-                md, e, j, fmt, group, kind, true, s, nb,
+                md, e, j, kind_h, true, s, nb,
                 [&](int i) { return hb + int64_t(p0 + tb + i) * Ip; },
                 [&](int i, const float* o) {
                   const int p = p0 + tb + i;
@@ -670,22 +746,26 @@ int forward(int fmt, int group, int E, int H, int I, const Mat& mg, const Mat& m
 }
 
 // Where a unit's rows are, for the tiled layout (gate/up tiles, down tiles of one layer).
-void packed_mats(int group, int Hp, int Ip, const uint8_t* gu, int64_t gu_expert_stride, int64_t gu_tile_bytes,
-                 int64_t gu_header_bytes, const uint8_t* dn, int64_t dn_expert_stride, int64_t dn_tile_bytes,
-                 int64_t dn_header_bytes, Mat& mg, Mat& md) {
+void packed_mats(int gu_fmt, int gu_group, int dn_fmt, int dn_group, int Hp, int Ip, const uint8_t* gu,
+                 int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
+                 int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, Mat& mg, Mat& md) {
+  mg.fmt = gu_fmt;
+  mg.group = gu_group;
+  md.fmt = dn_fmt;
+  md.group = dn_group;
   mg.base = gu;
   mg.expert_stride = gu_expert_stride;
   mg.tile_bytes = mg.unit_bytes = gu_tile_bytes;
   mg.header_bytes = gu_header_bytes;
   mg.K = mg.ks = Hp;
-  mg.ng = group > 0 ? Hp / group : 1;
+  mg.ng = gu_group > 0 ? Hp / gu_group : 1;
   mg.units = Ip / 2;
   md.base = dn;
   md.expert_stride = dn_expert_stride;
   md.tile_bytes = md.unit_bytes = dn_tile_bytes;
   md.header_bytes = dn_header_bytes;
   md.K = md.ks = Ip;
-  md.ng = group > 0 ? Ip / group : 1;
+  md.ng = dn_group > 0 ? Ip / dn_group : 1;
   md.units = Hp / ROWS;
 }
 
@@ -717,7 +797,7 @@ void plain_mats(int H, int I, const uint16_t* gate, const uint16_t* up, const ui
 }
 
 struct Job {  // a layer's decode step for the stream (cadenza_job_*)
-  int fmt, group, E, H, I;
+  int E, H, I;
   Mat mg, md;
   const void* x;
   int x_bf16, T;
@@ -749,15 +829,16 @@ int cadenza_cpu_moe_features() { return 15; }
 // y [T, H] fp32 (accumulated into) += the routed experts' weighted outputs, for the experts e with mask[e] != 0,
 // from packed tiles. x [T, H]: fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); ids [T, k] int64; w [T, k] fp32.
 // use_bf16: the CPU has AVX512_BF16 (bf16 and int4 tiles then multiply with vdpbf16ps).
-int cadenza_moe_forward(int fmt, int group, int E, int H, int I, int Hp, int Ip, const uint8_t* gu,
+int cadenza_moe_forward(int gu_fmt, int gu_group, int dn_fmt, int dn_group, int E, int H, int I, int Hp, int Ip,
+                        const uint8_t* gu,
                         int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
                         int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, const void* x,
                         int x_bf16, int T, const int64_t* ids, const float* w, int k, const uint8_t* mask, int act,
                         int nthreads, int prefetch, int use_bf16, float* y) {
   Mat mg, md;
-  packed_mats(group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn, dn_expert_stride,
-              dn_tile_bytes, dn_header_bytes, mg, md);
-  return forward(fmt, group, E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
+  packed_mats(gu_fmt, gu_group, dn_fmt, dn_group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn,
+              dn_expert_stride, dn_tile_bytes, dn_header_bytes, mg, md);
+  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
 }
 
 // The same step on the model's own stacked bf16 weights, read in place: gate, up [E, I, H], down [E, H, I],
@@ -768,7 +849,7 @@ int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const u
   if (H <= 0 || I <= 0) return -1;
   Mat mg, md;
   plain_mats(H, I, gate, up, down, mg, md);
-  return forward(BF16, 0, E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
+  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
 }
 
 // ---- a layer's CPU step as a job the CUDA stream runs (cadenza.moe.offload.streamed) --------------------------------
@@ -785,16 +866,16 @@ int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const u
 //   [8 + E, 8 + E + 2 ring)  the last `ring` calls' [start, end) in CLOCK_MONOTONIC ns (Python's perf_counter_ns)
 // Stats only grow; a reader takes differences.
 
-void* cadenza_job_new_packed(int fmt, int group, int E, int H, int I, int Hp, int Ip, const uint8_t* gu,
+void* cadenza_job_new_packed(int gu_fmt, int gu_group, int dn_fmt, int dn_group, int E, int H, int I, int Hp, int Ip,
+                             const uint8_t* gu,
                              int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes,
                              const uint8_t* dn, int64_t dn_expert_stride, int64_t dn_tile_bytes,
                              int64_t dn_header_bytes, const void* x, int x_bf16, int T, const int64_t* ids,
                              const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch,
                              int use_bf16, float* y, int64_t* stats, int ring) {
-  Job* j = new Job{fmt, group, E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16,
-                   y, stats, ring};
-  packed_mats(group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn, dn_expert_stride,
-              dn_tile_bytes, dn_header_bytes, j->mg, j->md);
+  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y, stats, ring};
+  packed_mats(gu_fmt, gu_group, dn_fmt, dn_group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn,
+              dn_expert_stride, dn_tile_bytes, dn_header_bytes, j->mg, j->md);
   return j;
 }
 
@@ -803,8 +884,7 @@ void* cadenza_job_new_plain(int E, int H, int I, const uint16_t* gate, const uin
                             const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y,
                             int64_t* stats, int ring) {
   if (H <= 0 || I <= 0) return nullptr;
-  Job* j = new Job{BF16, 0, E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16,
-                   y, stats, ring};
+  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y, stats, ring};
   plain_mats(H, I, gate, up, down, j->mg, j->md);
   return j;
 }
@@ -834,8 +914,8 @@ void cadenza_job_run(void* p) {
   }
   int rc = 0;
   if (here)
-    rc = forward(j.fmt, j.group, j.E, j.H, j.I, j.mg, j.md, j.x, j.x_bf16, j.T, j.ids, j.w, j.k, j.mask, j.act,
-                 j.nthreads, j.prefetch, j.use_bf16, j.y);
+    rc = forward(j.E, j.H, j.I, j.mg, j.md, j.x, j.x_bf16, j.T, j.ids, j.w, j.k, j.mask, j.act, j.nthreads,
+                 j.prefetch, j.use_bf16, j.y);
   const int64_t t1 = monotonic_ns();
   int64_t* s = j.stats;
   if (j.ring > 0) {
@@ -880,7 +960,7 @@ int cadenza_dequant_bf16(int fmt, int group, const uint8_t* tiles, int64_t tile_
         uint16_t* orow = o + int64_t(r) * K;
         if (fmt == BF16) {
           for (int c = 0; c < K / 32; ++c) std::memcpy(orow + c * 32, data + (c * ROWS + r) * 64, 64);
-        } else if (fmt == INT8) {
+        } else if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0) {
           for (int c = 0; c < K / 64; ++c)
             for (int q = 0; q < 4; ++q) {
               const int kk = c * 64 + 16 * q;
@@ -897,8 +977,13 @@ int cadenza_dequant_bf16(int fmt, int group, const uint8_t* tiles, int64_t tile_
               for (int n = 0; n < 4; ++n) {
                 const int kk = c * 128 + 32 * n + 16 * half, g = kk / group;
                 const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(4 * n)), low4);
-                const __m512i qz = _mm512_sub_epi32(q, _mm512_set1_epi32(s.z[r * ng + g]));
-                store(orow + kk, _mm512_mul_ps(_mm512_cvtepi32_ps(qz), _mm512_set1_ps(s.sc[r * ng + g])));
+                if (fmt == INT4) {
+                  const __m512i qz = _mm512_sub_epi32(q, _mm512_set1_epi32(s.z[r * ng + g]));
+                  store(orow + kk, _mm512_mul_ps(_mm512_cvtepi32_ps(qz), _mm512_set1_ps(s.sc[r * ng + g])));
+                } else {  // block formats: base[q] * scale - min
+                  const __m512 b = _mm512_permutexvar_ps(q, _mm512_load_ps(s.base));
+                  store(orow + kk, _mm512_fmsub_ps(b, _mm512_set1_ps(s.sc[r * ng + g]), _mm512_set1_ps(s.mn[r * ng + g])));
+                }
               }
             }
           }

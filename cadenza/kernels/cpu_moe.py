@@ -31,6 +31,7 @@ from cadenza.kernels import native
 from cadenza.kernels.layout import (
     DEFAULT_GROUP,
     FORMATS,
+    KERNEL_FORMATS,
     ROWS,
     PackedExperts,
     PlainExperts,
@@ -132,7 +133,7 @@ def _build() -> ctypes.CDLL:
     )  # fmt: skip
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.cadenza_moe_forward.restype = i32
-    layer = [i32] * 7 + [ptr, i64, i64, i64] * 2  # format, shapes, gate_up and down matrices
+    layer = [i32] * 9 + [ptr, i64, i64, i64] * 2  # formats and groups, shapes, gate_up and down matrices
     call = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, i32, i32, i32, ptr]  # x .. y
     lib.cadenza_moe_forward.argtypes = layer + call
     lib.cadenza_moe_forward_plain.restype = i32
@@ -293,9 +294,12 @@ def _layer_args(p: PackedExperts) -> tuple:
     for m in (gu, dn):  # the kernel walks tiles by byte offsets from each expert's first tile
         if m.device.type != "cpu" or m.stride(2) != 1 or m.stride(1) != m.shape[2]:
             raise ValueError("packed experts must be CPU tensors with contiguous tiles (as pack_layer makes them)")
+    (gf, gg), (df, dg) = p.matrix_format("gate_up"), p.matrix_format("down")
     return (
-        FORMATS.index(p.fmt),
-        p.group,
+        KERNEL_FORMATS.index(gf),
+        gg,
+        KERNEL_FORMATS.index(df),
+        dg,
         p.num_experts,
         p.hidden,
         p.intermediate,
@@ -400,12 +404,13 @@ def _dequant_chunk(p: PackedExperts, which: str, e: int, t0: int, t1: int, buf, 
     extension into `buf` (reused: a fresh buffer per chunk would page-fault at every call), else by torch."""
     tiles = getattr(p, which)[e]
     k = p.hidden_pad if which == "gate_up" else p.inter_pad
+    fmt, group = p.matrix_format(which)
     if lib is None or buf.dtype != torch.bfloat16:
-        return dequantize_tiles(tiles[t0:t1], p.fmt, p.group, k).to(buf.dtype)
+        return dequantize_tiles(tiles[t0:t1], fmt, group, k).to(buf.dtype)
     out = buf[: (t1 - t0) * ROWS * k].view((t1 - t0) * ROWS, k)
     header = p.gu_header if which == "gate_up" else p.dn_header
     lib.cadenza_dequant_bf16(
-        FORMATS.index(p.fmt), p.group, tiles.data_ptr(), tiles.shape[1], header, k, t0, t1, out.data_ptr(), threads
+        KERNEL_FORMATS.index(fmt), group, tiles.data_ptr(), tiles.shape[1], header, k, t0, t1, out.data_ptr(), threads
     )
     return out
 

@@ -451,18 +451,17 @@ def dequantize(packed: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def write_block_expert(out: PackedExperts, e: int, gate, up, down) -> None:
-    """Expert e of a block-format layer from its matrices' (codes, fields) (cadenza.kernels.blocks.from_gguf /
-    from_hf_mxfp4): gate, up [I, H] and down [H, I] codes, unpadded; their bits moved into tiles, nothing rounded."""
+    """Expert e of a block-format layer from its matrices' (row bytes, fields) (cadenza.kernels.blocks.from_gguf /
+    from_hf_mxfp4; columns already padded): gate, up of I rows, down of H rows; their bits moved into tiles."""
     (gf, _), (df, _) = matrix_formats(out.fmt, out.group)
     hp, ip = out.hidden_pad, out.inter_pad
-    gc, gfl = blocks.pad_fields(gf, *gate, ip, hp)
-    uc, ufl = blocks.pad_fields(gf, *up, ip, hp)
-    # tile j = gate rows 2j, 2j + 1, then up rows 2j, 2j + 1
-    codes = torch.stack((gc.view(ip // 2, 2, hp), uc.view(ip // 2, 2, hp)), dim=1).reshape(2 * ip, hp)
-    fields = [
-        torch.stack((a.view(ip // 2, 2, -1), b.view(ip // 2, 2, -1)), 1).reshape(2 * ip, -1)
-        for a, b in zip(gfl, ufl, strict=True)
-    ]
-    _write_tiles(out.gate_up[e], blocks.row_data(gf, codes), fields, gf, 0, hp)
-    dc, dfl = blocks.pad_fields(df, *down, hp, ip)
-    _write_tiles(out.down[e], blocks.row_data(df, dc), dfl, df, 0, ip)
+    g_rows, g_fields = blocks.pad_rows(*gate, ip)
+    u_rows, u_fields = blocks.pad_rows(*up, ip)
+
+    def pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # tile j: gate rows 2j, 2j + 1, up rows 2j, 2j + 1
+        return torch.stack((a.view(ip // 2, 2, -1), b.view(ip // 2, 2, -1)), dim=1).reshape(2 * ip, -1)
+
+    fields = [pairs(a, b) for a, b in zip(g_fields, u_fields, strict=True)]
+    _write_tiles(out.gate_up[e], pairs(g_rows, u_rows), fields, gf, 0, hp)
+    d_rows, d_fields = blocks.pad_rows(*down, hp)
+    _write_tiles(out.down[e], d_rows.contiguous(), d_fields, df, 0, ip)

@@ -32,20 +32,30 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ExpertFormat:
     """How routed experts are stored: `fmt` "bf16" (plain stacked parameters in the compute dtype), "int8" or
-    "int4" (packed tiles, scale group `group`: 0 = per output channel); `cache`: keep packed layers on disk."""
+    "int4" (packed tiles, scale group `group`: 0 = per output channel), "blocks" (a GGUF's own blocks kept,
+    `layer_formats` naming each layer's block format, cadenza.kernels.blocks), or "auto" until `resolve` picks
+    "blocks" where the file allows it and "bf16" elsewhere; `cache`: keep packed layers on disk."""
 
     fmt: str = "bf16"
     group: int = 0
     cache: bool = True
+    layer_formats: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, experts: str = "bf16", group: int | None = None, cache: bool = True) -> ExpertFormat:
+    def of(cls, experts: str = "auto", group: int | None = None, cache: bool = True) -> ExpertFormat:
         """Validates user values (LLM's experts / expert_group / expert_cache) with messages naming the allowed
         ones; group None takes the format's default (int8: per output channel, int4: 64)."""
+        if experts == "auto":
+            if group not in (None, 0):
+                raise CadenzaError(
+                    f"expert_group={group} applies to experts quantized at load. Use experts='int8' or 'int4' with "
+                    "it, or leave expert_group unset."
+                )
+            return cls("auto", 0, cache)
         if experts not in FORMATS:
             raise CadenzaError(
-                f"experts={experts!r} is not a storage format for routed experts. Use one of: bf16 "
-                "(as the checkpoint, in the compute dtype), int8 or int4."
+                f"experts={experts!r} is not a storage format for routed experts. Use one of: auto (default: a "
+                "GGUF's blocks as they are, else as the checkpoint), bf16 (in the compute dtype), int8 or int4."
             )
         if group is not None and (not isinstance(group, int) or isinstance(group, bool)):
             raise CadenzaError(f"expert_group={group!r} is not valid. Use a whole number (or leave it unset).")
@@ -71,7 +81,24 @@ class ExpertFormat:
 
     @property
     def packed(self) -> bool:
-        return self.fmt != "bf16"
+        return self.fmt not in ("bf16", "auto")
+
+    def resolve(self, checkpoint, model) -> ExpertFormat:
+        """ "auto" made concrete for this checkpoint and (meta) model: "blocks" when the checkpoint can keep every
+        routed-experts layer in its own block format (a GGUF of Q4_0 / Q4_K / Q6_K / MXFP4 experts), else "bf16"."""
+        if self.fmt != "auto":
+            return self
+        from cadenza.loader import expert_layers
+
+        kept = getattr(checkpoint, "kept_formats", lambda layers: None)(expert_layers(model))
+        if kept:
+            return ExpertFormat("blocks", 0, False, tuple(kept))
+        return ExpertFormat("bf16", 0, self.cache)
+
+    def describe(self) -> str:
+        if self.fmt != "blocks":
+            return self.fmt
+        return ", ".join(sorted(set(self.layer_formats)))  # e.g. "q4_k+q6_k"
 
 
 class Progress:

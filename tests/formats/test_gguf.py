@@ -55,16 +55,29 @@ def test_f32_gguf_matches_transformers(models, tmp_path, name):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_quantized_gguf_equals_dequantized_reference(models, tmp_path, name, qtype, caplog):
+    """Block-quantized experts are kept in their blocks by default (`--experts auto`), and dequantized at load with
+    one notice under `--experts bf16`: both score as the HF model holding gguf-py's dequantized weights."""
     folder, _ = models[name]
     file = write_gguf(folder, tmp_path / f"{name}-{qtype}.gguf", qtype)
     ref = LLM(dequantized_folder(folder, tmp_path / "ref", qtype), device="cpu", dtype="float32")
-    with caplog.at_level(logging.WARNING, logger="cadenza.formats.gguf"):
-        llm = LLM(file, device="cpu", dtype="float32")
-    notices = [r for r in caplog.records if "dequantizes GGUF experts" in r.getMessage()]
-    assert len(notices) == 1 and "--experts int8" in notices[0].getMessage()
-    assert llm.checkpoint.tensors["model.embed_tokens.weight"].dtype == qtype
     ids = prompt_ids(12)
-    torch.testing.assert_close(llm.score(ids), ref.score(ids), rtol=0, atol=1e-5)
+    want = ref.score(ids)
+    for experts in ("auto", "bf16"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cadenza.formats.gguf"):
+            llm = LLM(file, device="cpu", dtype="float32", experts=experts)
+        notices = [r for r in caplog.records if "are dequantized to the compute dtype" in r.getMessage()]
+        layers = [m for m in llm.model.modules() if hasattr(m, "packed") and m.__class__.__name__ == "Experts"]
+        if experts == "auto" and name == "olmoe":  # intermediate 48: its down matrices are F32 in the file
+            assert len(notices) == 1 and llm.expert_format.fmt == "bf16"
+        elif experts == "auto":
+            assert not notices and llm.expert_format.describe() == qtype.lower()
+            assert layers and all(m.packed is not None and m.packed.fmt == qtype.lower() for m in layers)
+        else:
+            assert len(notices) == 1 and "--experts auto" in notices[0].getMessage()
+            assert all(m.packed is None for m in layers)
+        assert llm.checkpoint.tensors["model.embed_tokens.weight"].dtype == qtype
+        torch.testing.assert_close(llm.score(ids), want, rtol=0, atol=1e-5)
 
 
 def test_folder_and_tied_embeddings(models, tmp_path):

@@ -31,7 +31,9 @@ def _layer(gu_type: str, dn_type: str, h: int, i: int, experts: int = 2, seed: i
     return out, want
 
 
-@pytest.mark.parametrize("gu_type,dn_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("MXFP4", "MXFP4"), ("Q6_K", "Q4_K")])
+@pytest.mark.parametrize(
+    "gu_type,dn_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("MXFP4", "MXFP4"), ("Q6_K", "Q4_K"), ("Q8_0", "Q8_0")]
+)
 @pytest.mark.parametrize("h,i", [(256, 512), (512, 256)])
 def test_tiles_read_back_as_gguf_dequantizes(gu_type, dn_type, h, i):
     packed, want = _layer(gu_type, dn_type, h, i)
@@ -64,8 +66,7 @@ def test_hf_mxfp4_equals_the_ggml_blocks():
 
     g = torch.randint(0, 256, (64, 8, 16), dtype=torch.uint8)
     s = torch.randint(115, 125, (64, 8), dtype=torch.uint8)
-    codes, fields = blocks.from_hf_mxfp4(g, s)
-    rows = blocks.row_data("mxfp4", codes)
+    rows, fields = blocks.from_hf_mxfp4(g, s)
     header = torch.zeros(16, layout._header_bytes("mxfp4", 32, 256), dtype=torch.uint8)
     header[:, : 4 * 8] = fields[0].reshape(16, 32)
     got = blocks.dequantize_rows("mxfp4", header, rows, 256)
@@ -73,7 +74,8 @@ def test_hf_mxfp4_equals_the_ggml_blocks():
 
 
 @pytest.mark.parametrize(
-    "fmt,bytes_per_weight", [("q4_0", 0.5625), ("q4_k", 0.578125), ("mxfp4", 0.53125), ("q6_k", 1.0703125)]
+    "fmt,bytes_per_weight",
+    [("q4_0", 0.5625), ("q4_k", 0.578125), ("mxfp4", 0.53125), ("q6_k", 1.0703125), ("q8_0", 1.0625)],
 )
 def test_bytes_per_weight(fmt, bytes_per_weight):
     h, i = 4096, 14336  # Mixtral: headers pad to 64 bytes per tile, a small share
@@ -84,3 +86,46 @@ def test_bytes_per_weight(fmt, bytes_per_weight):
 def test_unknown_gguf_type_is_refused():
     with pytest.raises(ValueError, match="no block format keeps GGUF Q5_K"):
         blocks.from_gguf("Q5_K", np.zeros((1, 176), np.uint8), 256)
+
+
+# --- the CPU kernel on block-format layers (AVX-512 machines; the torch routes everywhere) -------------------------
+
+from cadenza.kernels import cpu_moe  # noqa: E402
+from tests.kernels.test_cpu_kernel import EXACT, FALLBACK, MM, needs_kernel, rel, routing  # noqa: E402
+from tests.kernels.test_cpu_kernel import reference as layer_reference  # noqa: E402
+
+LAYERS = [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("MXFP4", "MXFP4"), ("Q6_K", "Q6_K"), ("Q6_K", "Q4_K"), ("Q8_0", "Q4_K")]
+
+
+@pytest.fixture(scope="module")
+def block_layers():
+    out = {}
+    for gu, dn in LAYERS:
+        packed, _ = _layer(gu, dn, 256, 512, experts=6, seed=7)
+        out[gu, dn] = packed, layout.dequantize(packed)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("types", LAYERS)
+def test_cpu_kernel_equals_reference(block_layers, types):
+    packed, (g, u, d) = block_layers[types]
+    for t in (1, 2, 5, 64):
+        for k in (1, 2):
+            x, ids, w = routing(t, k, e=6, h=256)
+            for experts in (None, [0, 2, 5]):
+                ref = layer_reference(g, u, d, x, ids, w, experts)
+                for xi in (x, x.bfloat16()):
+                    want = ref if xi is x else layer_reference(g, u, d, xi, ids, w, experts)
+                    y = cpu_moe.moe_forward(packed, xi, ids, w, experts, "silu", 2, route="kernel")
+                    assert rel(y, want) < EXACT, (types, t, k, experts, xi.dtype, rel(y, want))
+
+
+@pytest.mark.parametrize("types", LAYERS)
+def test_cpu_fallback_and_mm_routes(block_layers, types):
+    packed, (g, u, d) = block_layers[types]
+    for t, k in ((1, 2), (40, 2)):
+        x, ids, w = routing(t, k, e=6, h=256)
+        ref = layer_reference(g, u, d, x, ids, w)
+        assert rel(cpu_moe.moe_forward(packed, x, ids, w, route="torch"), ref) < FALLBACK
+        assert rel(cpu_moe.moe_forward(packed, x, ids, w, route="mm"), ref) < MM

@@ -1,0 +1,88 @@
+"""GGUF experts kept in their blocks (`--experts auto`): K-quant files (Q4_K experts with Q6_K down projections,
+as llama.cpp's Q4_K_M writes them; layers mixing q4_k and q4_k+q6_k) score as the same file dequantized at load
+(gguf-py's dequantizers: the reference), on the CPU and offloaded; `cadenza info` names each layer's format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cadenza import LLM
+from tests.conftest import prompt_ids
+from tests.formats.gguf_files import gguf_tensors, write_gguf
+from tests.kernels.block_data import random_blocks
+from tests.models.test_qwen3_moe import make_qwen3_moe
+
+pytest.importorskip("gguf")
+
+
+def write_kquant_gguf(folder, out, down_types=("Q6_K", "Q4_K"), gate_type="Q4_K"):
+    """`folder`'s model as GGUF with routed experts of random K-quant blocks (gate/up `gate_type`, layer l's down
+    projections down_types[l % len]) and every other tensor F32."""
+    import gguf
+
+    path = write_gguf(folder, out.with_suffix(".f32.gguf"))
+    reader = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(out, "qwen3moe")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(field.name, value)
+        else:
+            w.add_key_value(field.name, value, vtype)
+    for t in reader.tensors:
+        if "_exps" in t.name:
+            e, rows, cols = (int(d) for d in reversed(t.shape))
+            layer = int(t.name.split(".")[1])
+            qtype = down_types[layer % len(down_types)] if "down" in t.name else gate_type
+            raw = np.stack(
+                [random_blocks(qtype, rows, cols, seed=1000 * layer + 10 * i + hash(t.name) % 7) for i in range(e)]
+            )
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        else:
+            w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.unlink()
+    return out
+
+
+@pytest.fixture(scope="module")
+def kquant_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kq")
+    folder, _ = make_qwen3_moe(
+        root / "hf", hidden_size=256, moe_intermediate_size=256, intermediate_size=256, num_hidden_layers=2,
+        norm_topk_prob=True,
+    )  # fmt: skip
+    return write_kquant_gguf(folder, root / "m.gguf")
+
+
+def test_kquant_experts_kept_equal_dequantized(kquant_file):
+    ids = prompt_ids(10)
+    ref = LLM(kquant_file, device="cpu", dtype="float32", experts="bf16")
+    llm = LLM(kquant_file, device="cpu", dtype="float32")
+    assert llm.expert_format.fmt == "blocks"
+    assert list(llm.expert_format.layer_formats) == ["q4_k+q6_k", "q4_k"]
+    torch.testing.assert_close(llm.score(ids), ref.score(ids), rtol=0, atol=2e-5)
+    # offloaded: some experts on the "GPU side" (emulated on the CPU), the others computed by the CPU path
+    off = LLM(kquant_file, device="cpu", dtype="float32", gpu_memory="32.8MiB", offload_policy="cpu")
+    torch.testing.assert_close(off.score(ids), ref.score(ids), rtol=0, atol=2e-5)
+
+
+def test_info_names_each_layers_format(kquant_file):
+    from tests.cli.test_cli import cli
+
+    r = cli("info", "--model", str(kquant_file), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["expert_formats_per_layer"] == ["q4_k+q6_k", "q4_k"]
+    assert d["gguf_types"]["experts"].keys() == {"Q4_K", "Q6_K"}
+    assert d["expert_bytes"] > 0
