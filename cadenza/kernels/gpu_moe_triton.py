@@ -338,10 +338,10 @@ def _dot_tiles(
         acc = _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
     elif FMT == 2:
         acc = _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP, BT, BK)
-    elif FMT >= 4 and FMT <= 6:
-        acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT, BT, BK)
     elif FMT == 7:
         acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
+    elif FMT >= 4:  # q4_0, q4_k, mxfp4
+        acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT, BT, BK)
     elif ROWS4:
         acc = _dot_int4_rows(w, tbw, hbw, t, tmask, xr, K, n_iter, NG, GROUP, BT, BK)
     else:
