@@ -5,7 +5,9 @@ A GPU copy of an expert is the same bytes as its host copy (rows of `gate_up` / 
 kernels read both layouts that cadenza.kernels.layout defines, with no conversion:
 
 - plain: gate, up [R, I, H] and down [R, H, I], row-major, in the compute dtype (bf16, fp16, fp32);
-- tiled ("bf16", "int8", "int4"; `pack_layer`, byte layout in cpu_moe.cpp's header comment): gate_up
+- tiled ("bf16", "int8", "int4"; `pack_layer`, byte layout in cpu_moe.cpp's header comment; the block formats
+  "q4_0", "q4_k", "mxfp4", "q6_k" of cadenza.kernels.blocks, a layer's gate/up and down possibly in two of them,
+  "q4_k+q6_k": each launch reads its matrix's format): gate_up
   uint8 [R, Ip/2, gu_bytes], tile j = rows gate 2j, gate 2j+1, up 2j, up 2j+1 over Hp columns; down uint8
   [R, Hp/4, dn_bytes], tile j = rows 4j .. 4j+3 over Ip columns. A tile is its scales, then 64-byte pieces of its
   4 rows interleaved: 256 contiguous bytes per piece, which is what a warp reads in one go.
@@ -51,14 +53,15 @@ from cadenza.kernels.gpu_moe_triton import (
     _tiled_gate_up_kernel,
 )
 from cadenza.kernels.layout import (
-    FORMATS,
     INT4_GROUPS,
     INT8_GROUPS,
+    KERNEL_FORMATS,
     PAD,
     ROWS,
     _header_bytes,
     _round_up,
     _tile_bytes,
+    matrix_formats,
 )
 from cadenza.kernels.triton_compat import MISSING as _MISSING
 from cadenza.kernels.triton_compat import triton
@@ -74,8 +77,8 @@ __all__ = [
     "moe_decode",
 ]
 
-_FMT_CODES = {None: 0, "bf16": 1, "int8": 2, "int4": 3}
-_BYTES_PER_COL = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+_FMT_CODES = {None: 0, **{f: n + 1 for n, f in enumerate(KERNEL_FORMATS)}}  # the kernels' FMT
+_BYTES_PER_COL = {"bf16": 2.0, "int8": 1.0, "int4": 0.5, "q4_0": 0.5, "q4_k": 0.5, "mxfp4": 0.5, "q6_k": 1.0}
 _warned = False
 
 
@@ -142,6 +145,7 @@ def default_blocks(fmt: str | None, hidden: int, intermediate: int, pairs: int, 
         # the fastest of cadenza.bench.gpu_kernel's sweep at 1-8 tokens at Mixtral's and Qwen3's shapes (x is
         # loaded once per tile; benchmarks/README.md, 2026-12-02)
         return Blocks(32, _step_cols(hidden, 512), 16, _step_cols(intermediate, 512), 4, int4_rows=1)
+    fmt = fmt.partition("+")[0] if fmt else fmt  # a "gate_up+down" layer: sized by its gate/up format
     bpc = _BYTES_PER_COL[fmt] if fmt else elem_bytes
     cols = int(512 / bpc)
     warps = 4
@@ -159,8 +163,13 @@ def default_blocks(fmt: str | None, hidden: int, intermediate: int, pairs: int, 
 
 @dataclass(frozen=True)
 class _Tiled:
-    """A tiled layer's geometry, checked against the tensors: tile and header bytes, groups per row."""
+    """A tiled layer's geometry, checked against the tensors: each matrix's format and group (a "gate_up+down"
+    layer's differ), tile and header bytes, groups per row."""
 
+    gu_fmt: str
+    gu_group: int
+    dn_fmt: str
+    dn_group: int
     hp: int
     ip: int
     gu_tb: int
@@ -172,15 +181,21 @@ class _Tiled:
 
 
 def _tiled(gate_up: torch.Tensor, down: torch.Tensor, fmt: str, group: int, hidden, intermediate) -> _Tiled:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown expert format {fmt!r}: use one of {', '.join(FORMATS)} (or None: plain tensors)")
+    gu, plus, dn = fmt.partition("+") if isinstance(fmt, str) else (fmt, "", "")
+    quantized = {"bf16": (0,), "int8": INT8_GROUPS, "int4": INT4_GROUPS}
+    if gu not in KERNEL_FORMATS or (plus and (dn not in KERNEL_FORMATS or gu in quantized or dn in quantized)):
+        raise ValueError(
+            f"unknown expert format {fmt!r}: use one of {', '.join(KERNEL_FORMATS)}, a pair of block formats "
+            f'such as "q4_k+q6_k", or None: plain tensors'
+        )
     if hidden is None or intermediate is None:
         raise ValueError("tiled experts need hidden= and intermediate= (the unpadded H and I)")
-    if group not in {"bf16": (0,), "int8": INT8_GROUPS, "int4": INT4_GROUPS}[fmt]:
+    if gu in quantized and group not in quantized[gu]:
         raise ValueError(f"group {group} is not a {fmt} layout's group (see layout.pack_layer)")
+    (gf, gg), (df, dg) = matrix_formats(fmt, group)  # block formats: their own groups
     hp, ip = _round_up(hidden, PAD), _round_up(intermediate, PAD)
-    want_gu = (ip // 2, _tile_bytes(fmt, group, hp))
-    want_dn = (hp // ROWS, _tile_bytes(fmt, group, ip))
+    want_gu = (ip // 2, _tile_bytes(gf, gg, hp))
+    want_dn = (hp // ROWS, _tile_bytes(df, dg, ip))
     if tuple(gate_up.shape[-2:]) != want_gu or tuple(down.shape[-2:]) != want_dn:
         raise ValueError(
             f"{fmt} (group {group}) tiles for H={hidden}, I={intermediate} are gate_up [.., {want_gu[0]}, "
@@ -190,10 +205,9 @@ def _tiled(gate_up: torch.Tensor, down: torch.Tensor, fmt: str, group: int, hidd
     for name, m in (("gate_up", gate_up), ("down", down)):
         if m.dtype != torch.uint8 or m.stride(-1) != 1 or m.stride(-2) != m.shape[-1]:
             raise ValueError(f"{name} must be uint8 tiles with contiguous rows, got {m.dtype} strides {m.stride()}")
-    ng_h, ng_i = (hp // group, ip // group) if group else (1, 1)
-    return _Tiled(
-        hp, ip, want_gu[1], _header_bytes(fmt, group, hp), want_dn[1], _header_bytes(fmt, group, ip), ng_h, ng_i
-    )
+    ng_h, ng_i = hp // gg if gg else 1, ip // dg if dg else 1
+    hb_gu, hb_dn = _header_bytes(gf, gg, hp), _header_bytes(df, dg, ip)
+    return _Tiled(gf, gg, df, dg, hp, ip, want_gu[1], hb_gu, want_dn[1], hb_dn, ng_h, ng_i)
 
 
 def moe_decode(
@@ -215,9 +229,11 @@ def moe_decode(
     x [T, H] bf16 / fp16 / fp32; rows [T, k] int32 / int64: the row of `mats` for each (token, slot) pair, or -1
     to skip it (computed elsewhere; it adds 0); topk_weights [T, k]; act: a `cadenza.models.common.ACTIVATIONS`
     name. mats: plain (gate [R, I, H], up [R, I, H], down [R, H, I]) with fmt None, or tiled (gate_up
-    [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]) with fmt "bf16" / "int8" / "int4", its group, hidden=H and
-    intermediate=I. Fixed launches, no host synchronisation: CUDA-graph capturable (after a first eager call has
-    compiled the kernels for these shapes). blocks: work per program (default `default_blocks`). route: "auto"
+    [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]) with fmt a `layout.KERNEL_FORMATS` name ("bf16", "int8", "int4",
+    block formats "q4_0", "q4_k", "mxfp4", "q6_k") or a pair of block formats "gate_up+down" ("q4_k+q6_k"), its
+    group (block formats: their own, the argument is ignored), hidden=H and intermediate=I. Fixed launches, no
+    host synchronisation: CUDA-graph capturable (after a first eager call has compiled the kernels for these
+    shapes). blocks: work per program (default `default_blocks`). route: "auto"
     (Triton where `available`, else PyTorch), "triton", "torch" (the reference fallback, a loop over pairs).
     """
     act_fn(act)  # CadenzaError for an unknown activation
@@ -272,22 +288,24 @@ def moe_decode(
                 hbuf, rows, wts, y_pair, down, h, i, BR=cfg.dn_rows, BK=bk2, num_warps=cfg.warps
             )
         else:
-            _tiled_decode(x, rows, wts, mats, code, fmt, group, geo, cfg, y_pair)
+            _tiled_decode(x, rows, wts, mats, code, geo, cfg, y_pair)
     return y_pair.view(t, k, h).sum(1).to(x.dtype)
 
 
-def _tiled_decode(x, rows, wts, mats, code, fmt, group, geo, cfg, y_pair) -> None:
-    """The tiled launches. int4 reads x (and h) staged: _stage_int4_kernel for x, kernel 1 writes h so; both
-    zero-padded to whole loop steps, so the int4 loop loads them unmasked."""
+def _tiled_decode(x, rows, wts, mats, code, geo, cfg, y_pair) -> None:
+    """The tiled launches, each with its matrix's format. int4 reads x (and h) staged: _stage_int4_kernel for x,
+    kernel 1 writes h so; both zero-padded to whole loop steps, so the int4 loop loads them unmasked."""
     (t, h), k, p = x.shape, rows.shape[1], y_pair.shape[0]
     gu, dn = mats
-    f = _FMT_CODES[fmt]
+    f1, f2 = _FMT_CODES[geo.gu_fmt], _FMT_CODES[geo.dn_fmt]
     bk1, bk2 = _step_cols(geo.hp, cfg.gu_cols), _step_cols(geo.ip, cfg.dn_cols)
     bt1, bt2 = cfg.gu_rows // ROWS, cfg.dn_rows // ROWS
-    rows4 = fmt == "int4" and cfg.int4_rows == 1
+    rows4_1 = geo.gu_fmt == "int4" and cfg.int4_rows == 1
+    rows4_2 = geo.dn_fmt == "int4" and cfg.int4_rows == 1
     xin, hlen = x, geo.ip
-    if fmt == "int4":
+    if geo.dn_fmt == "int4":
         hlen = _round_up(geo.ip, bk2)
+    if geo.gu_fmt == "int4":
         xin = torch.empty(t, _round_up(geo.hp, bk1), dtype=torch.float32, device=x.device)
         _stage_int4_kernel[(t, triton.cdiv(xin.shape[1], 128))](x, xin, h, xin.shape[1], BLOCK=128)
     hbuf = torch.empty(p, hlen, dtype=torch.float32, device=x.device)
@@ -307,11 +325,12 @@ def _tiled_decode(x, rows, wts, mats, code, fmt, group, geo, cfg, y_pair) -> Non
         geo.ip,
         k,
         ACT=code,
-        FMT=f,
-        GROUP=group,
+        FMT=f1,
+        GROUP=geo.gu_group,
         BT=bt1,
         BK=bk1,
-        ROWS4=rows4,
+        ROWS4=rows4_1,
+        STAGE_H=geo.dn_fmt == "int4",
         num_warps=cfg.warps,
     )
     _tiled_down_kernel[(p, triton.cdiv(geo.hp // 4, bt2))](
@@ -328,11 +347,11 @@ def _tiled_decode(x, rows, wts, mats, code, fmt, group, geo, cfg, y_pair) -> Non
         h,
         geo.hp,
         geo.ip,
-        FMT=f,
-        GROUP=group,
+        FMT=f2,
+        GROUP=geo.dn_group,
         BT=bt2,
         BK=bk2,
-        ROWS4=rows4,
+        ROWS4=rows4_2,
         num_warps=cfg.warps,
     )
 
@@ -368,7 +387,6 @@ def dequantize_into(
         return
     if block_cols < PAD or block_cols & (block_cols - 1) or block_tiles & (block_tiles - 1):
         raise ValueError(f"block_cols must be a power of two >= {PAD}, block_tiles a power of two")
-    f = _FMT_CODES[fmt]
     block_cols = min(block_cols, _step_cols(max(geo.hp, geo.ip), block_cols))
     emu = lambda o: _INTERPRET and o.dtype == torch.bfloat16  # noqa: E731
     with torch.cuda.device(gate_up.device) if gate_up.device.type == "cuda" else nullcontext():
@@ -386,8 +404,8 @@ def dequantize_into(
             i,
             h,
             GU=True,
-            FMT=f,
-            GROUP=group,
+            FMT=_FMT_CODES[geo.gu_fmt],
+            GROUP=geo.gu_group,
             EMU_RNE=emu(gate_out),
             BT=block_tiles,
             BK=block_cols,
@@ -406,8 +424,8 @@ def dequantize_into(
             h,
             i,
             GU=False,
-            FMT=f,
-            GROUP=group,
+            FMT=_FMT_CODES[geo.dn_fmt],
+            GROUP=geo.dn_group,
             EMU_RNE=emu(down_out),
             BT=block_tiles,
             BK=block_cols,

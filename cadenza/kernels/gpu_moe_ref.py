@@ -1,9 +1,10 @@
 """The pure-torch reference of cadenza.kernels.gpu_moe, and its fallback where the Triton kernels do not run:
-per (token, slot) pair the expert in fp32, the tiled formats dequantized as `layout.dequantize_tiles` does."""
+per (token, slot) pair the expert in fp32, the tiled formats dequantized as `layout.dequantize_tiles` does (a
+"gate_up+down" layer's matrices each in its format)."""
 
 import torch
 
-from cadenza.kernels.layout import PAD, _round_up, dequantize_tiles
+from cadenza.kernels.layout import PAD, _round_up, dequantize_tiles, matrix_formats
 from cadenza.models.common import act_fn
 
 
@@ -33,8 +34,10 @@ def _decode_torch(x, rows, topk_weights, mats, act, fmt, group, hidden, intermed
 
 
 def _dequant_torch(gate_up, down, fmt, group, hidden, intermediate):
+    """One expert's fp32 gate, up [I, H] and down [H, I], each matrix read in its own format ("q4_k+q6_k")."""
     hp, ip = _round_up(hidden, PAD), _round_up(intermediate, PAD)
-    gu = dequantize_tiles(gate_up, fmt, group, hp).view(ip // 2, 2, 2, hp)
+    (gf, gg), (df, dg) = matrix_formats(fmt, group)
+    gu = dequantize_tiles(gate_up, gf, gg, hp).view(ip // 2, 2, 2, hp)
     gate = gu[:, 0].reshape(ip, hp)[:intermediate, :hidden]
     up = gu[:, 1].reshape(ip, hp)[:intermediate, :hidden]
-    return gate, up, dequantize_tiles(down, fmt, group, ip)[:hidden, :intermediate]
+    return gate, up, dequantize_tiles(down, df, dg, ip)[:hidden, :intermediate]

@@ -190,6 +190,115 @@ def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr
     return tl.where(r == 0, s0, tl.where(r == 1, s1, tl.where(r == 2, s2, s3)))
 
 
+# Block formats (cadenza.kernels.blocks): FMT 4 q4_0, 5 q4_k, 6 mxfp4 (4-bit codes in int4's word layout, group 32),
+# 7 q6_k (int8 codes in int8's layout, group 16). A weight is code_value * scale - min per (row, group), the pair
+# computed here from the tile's header fields ([field][row][values]) as exact fp32 products, applied per (row,
+# group) to partial sums: sum (v s - m) x = s sum v x - m sum x. x is read as it is (not staged).
+
+
+@triton.jit
+def _block_scale_min(tile, r, g, K, mask, FMT: tl.constexpr):
+    """fp32 (scale, min) of row r, group g of the tiles at `tile` (uint8 pointers, broadcastable against r and g),
+    from the header fields, as blocks.scales_and_mins computes them; K: the matrix's (padded) columns."""
+    NS = K // 256  # K-quant super-blocks per row
+    if FMT == 4:  # q4_0: d f16 per 32 -> (d, 8 d)
+        d = tl.load(tile.to(tl.pointer_type(tl.float16)) + r * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
+        s, mn = d, 8.0 * d
+    elif FMT == 5:  # q4_k: d, dmin f16 per 256, then sc, m u8 per 32 -> (d sc, dmin m)
+        NG = K // 32
+        hf = tile.to(tl.pointer_type(tl.float16))
+        d = tl.load(hf + r * NS + g // 8, mask=mask, other=0.0).to(tl.float32)
+        dmin = tl.load(hf + 4 * NS + r * NS + g // 8, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(tile + 16 * NS + r * NG + g, mask=mask, other=0).to(tl.float32)
+        m = tl.load(tile + 16 * NS + 4 * NG + r * NG + g, mask=mask, other=0).to(tl.float32)
+        s, mn = d * sc, dmin * m
+    elif FMT == 6:  # mxfp4: e u8 per 32 -> 2^(e - 127) (e = 0: the denormal 2^-127), 0
+        e = tl.load(tile + r * (K // 32) + g, mask=mask, other=0).to(tl.int32)
+        s = tl.where(e > 0, e << 23, 1 << 22).to(tl.float32, bitcast=True)
+        mn = s * 0.0
+    else:  # q6_k: d f16 per 256, sc i8 per 16 -> (d sc, 0)
+        d = tl.load(tile.to(tl.pointer_type(tl.float16)) + r * NS + g // 16, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(tile.to(tl.pointer_type(tl.int8)) + 8 * NS + r * (K // 16) + g, mask=mask, other=0)
+        s = d * sc.to(tl.float32)
+        mn = s * 0.0
+    return s, mn
+
+
+@triton.jit
+def _nib_value(q, FMT: tl.constexpr):
+    """Nibbles q (int32, 0..15) -> their fp32 code values: q itself, or for mxfp4 (FMT 6) its e2m1 value, built
+    from the bits: a = q & 7 >= 2 is 2^(a // 2 - 1) (1 + (a & 1) / 2), a < 2 is a / 2; bit 3 the sign."""
+    if FMT == 6:
+        a = q & 7
+        v = tl.where(a >= 2, (a << 22) + (126 << 23), (a & 1) * 0x3F000000).to(tl.float32, bitcast=True)
+        v = tl.where(q >= 8, -v, v)
+    else:
+        v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + q - 2^23, exact
+    return v
+
+
+@triton.jit
+def _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """q4_0, q4_k, mxfp4: int32 word m of a row's 64-byte piece (128 columns) holds, in nibble n of its low / high
+    half, columns 32 n + 2 m / 2 m + 1; plane n of a piece is one group (32 columns)."""
+    NP: tl.constexpr = BK // 128
+    p = tl.arange(0, NP)
+    r = tl.arange(0, 4)
+    m = tl.arange(0, 16)
+    wi = w.to(tl.pointer_type(tl.int32))
+    off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 64 + r[None, None, :, None] * 16
+    off = off + m[None, None, None, :]
+    tile = w + (t * tbw * 4)[:, None, None]  # [BT, 1, 1] tile starts (bytes)
+    r3 = r[None, None, :]
+    acc = tl.zeros([BT, NP, 4], tl.float32)
+    for it in range(n_iter):
+        pg = it * NP + p
+        ok = tmask[:, None, None] & (pg < K // 128)[None, :, None]
+        wv = tl.load(wi + off + it * (NP * 64), mask=ok[:, :, :, None], other=0)
+        for n in tl.static_range(4):
+            col = pg[:, None] * 128 + 32 * n + 2 * m[None, :]  # [NP, 16]
+            x0 = tl.load(xr + col, mask=col < n_x, other=0.0).to(tl.float32)
+            x1 = tl.load(xr + col + 1, mask=col + 1 < n_x, other=0.0).to(tl.float32)
+            v0 = _nib_value((wv >> (4 * n)) & 15, FMT)
+            v1 = _nib_value((wv >> (16 + 4 * n)) & 15, FMT)
+            qx = tl.sum(v0 * x0[None, :, None, :] + v1 * x1[None, :, None, :], 3)  # [BT, NP, 4]
+            s, mn = _block_scale_min(tile, r3, (pg * 4 + n)[None, :, None], K, ok, FMT)
+            if FMT == 6:
+                acc += s * qx
+            else:
+                sx = tl.sum(x0 + x1, 1)[None, :, None]
+                acc += s * qx - mn * sx
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: tl.constexpr):
+    """q6_k: int8 codes in int8's layout (byte b of word m of a row's 64-byte piece is column 4 m + b), group 16:
+    quarter pieces of 4 words, scale d sc."""
+    NQ: tl.constexpr = BK // 16  # quarter pieces (16 columns of a row, 4 words, one group) per step
+    qp = tl.arange(0, NQ)
+    r = tl.arange(0, 4)
+    m = tl.arange(0, 4)
+    wi = w.to(tl.pointer_type(tl.int32))
+    off = t[:, None, None, None] * tbw + hbw + (qp // 4 * 64 + qp % 4 * 4)[None, :, None, None]
+    off = off + r[None, None, :, None] * 16 + m[None, None, None, :]
+    tile = w + (t * tbw * 4)[:, None, None]
+    acc = tl.zeros([BT, NQ, 4], tl.float32)
+    for it in range(n_iter):
+        qg = it * NQ + qp
+        ok = tmask[:, None, None] & (qg < K // 16)[None, :, None]
+        wv = tl.load(wi + off + it * (NQ * 16), mask=ok[:, :, :, None], other=0)
+        col = qg[:, None] * 16 + 4 * m[None, :]
+        part = tl.zeros([BT, NQ, 4, 4], tl.float32)
+        for b in tl.static_range(4):  # (u ^ 0x80) | 2^23's bits = 2^23 + 128 + q
+            xb = tl.load(xr + col + b, mask=col + b < n_x, other=0.0).to(tl.float32)
+            q = (((wv >> (8 * b)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            part += q * xb[None, :, None, :]
+        s, _ = _block_scale_min(tile, r[None, None, :], qg[None, :, None], K, ok, 7)
+        acc += tl.sum(part, 3) * s
+    return tl.sum(acc, 1)
+
+
 @triton.jit
 def _plane_scale(n):
     """2^(89 - 4n), the staged scale of plane n, built from its exponent bits (exact)."""
@@ -229,6 +338,10 @@ def _dot_tiles(
         acc = _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
     elif FMT == 2:
         acc = _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP, BT, BK)
+    elif FMT == 7:
+        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
+    elif FMT >= 4:  # q4_0, q4_k, mxfp4
+        acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT, BT, BK)
     elif ROWS4:
         acc = _dot_int4_rows(w, tbw, hbw, t, tmask, xr, K, n_iter, NG, GROUP, BT, BK)
     else:
@@ -282,6 +395,7 @@ def _tiled_gate_up_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     ROWS4: tl.constexpr,
+    STAGE_H: tl.constexpr,
 ):
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
@@ -295,7 +409,7 @@ def _tiled_gate_up_kernel(
     u0, u1 = tl.sum(tl.where(r == 2, acc, 0.0), 1), tl.sum(tl.where(r == 3, acc, 0.0), 1)
     h0, h1 = _act(g0, ACT) * u0, _act(g1, ACT) * u1  # columns 2t, 2t + 1 of h
     hr = h + pair.to(tl.int64) * hstride
-    if FMT == 3:  # staged for the int4 down kernel (_stage_int4_kernel), zero-padded to hstride
+    if STAGE_H:  # staged for the int4 down kernel (_stage_int4_kernel), zero-padded to hstride
         n = t % 64 // 16
         at = t // 64 * 128 + n * 32 + t % 16
         pad = t < hstride // 2
@@ -423,12 +537,22 @@ def _dequant_kernel(
         q = tl.load((tile + hb + (c // 64) * 256 + r * 64 + c % 64).to(tl.pointer_type(tl.int8)), mask=ok)
         q = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         v = q * tl.load(tile.to(tl.pointer_type(tl.float32)) + r * NG + g, mask=okg)
-    else:  # int4: 128 columns per piece; 16-bit word c % 32 holds column c in nibble (c % 128) / 32
+    elif FMT == 3:  # int4: 128 columns per piece; 16-bit word c % 32 holds column c in nibble (c % 128) / 32
         wd = tl.load((tile + hb + (c // 128) * 256 + r * 64).to(tl.pointer_type(tl.int16)) + c % 32, mask=ok)
         q = (((wd.to(tl.int32) >> (4 * (c % 128 // 32))) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
         sc = tl.load(tile.to(tl.pointer_type(tl.bfloat16)) + r * NG + g, mask=okg).to(tl.float32)
         z = tl.load(tile + 8 * NG + r * NG + g, mask=okg).to(tl.int32)
         v = (q - (z | 0x4B000000).to(tl.float32, bitcast=True)) * sc  # 2^23 + q - (2^23 + z), exact
+    elif FMT == 7:  # q6_k: int8's layout, scale d sc per 16 columns
+        q = tl.load((tile + hb + (c // 64) * 256 + r * 64 + c % 64).to(tl.pointer_type(tl.int8)), mask=ok)
+        q = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        s, _ = _block_scale_min(tile, r, g, K, okg, FMT)
+        v = q * s
+    else:  # q4_0, q4_k, mxfp4: int4's layout, code value * scale - min per 32 columns
+        wd = tl.load((tile + hb + (c // 128) * 256 + r * 64).to(tl.pointer_type(tl.int16)) + c % 32, mask=ok)
+        q = _nib_value((wd.to(tl.int32) >> (4 * (c % 128 // 32))) & 15, FMT)
+        s, mn = _block_scale_min(tile, r, g, K, okg, FMT)
+        v = q * s - mn
     if EMU_RNE:  # bf16 output under the interpreter, which truncates: round to nearest even here (GPUs do)
         b = v.to(tl.int32, bitcast=True)
         v = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)

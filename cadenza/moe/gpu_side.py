@@ -1,6 +1,6 @@
 """How the GPU side computes a layer's routed experts, whatever format they are stored in.
 
-Two ways, per format (plain stacks in the compute dtype, or the tiled bf16 / int8 / int4 layout of
+Two ways, per format (plain stacks in the compute dtype, or the tiled bf16 / int8 / int4 / block-format layout of
 cadenza.kernels.layout, the same bytes as in host memory):
 
 - `run`: expert by expert, each expert's tokens through matrix products (quantized experts are dequantized to the
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cadenza.kernels.blocks import BLOCK_FORMATS
 from cadenza.models.common import glu_fn
 from cadenza.moe.experts import Experts, each_expert, run_experts
 
@@ -28,8 +29,9 @@ from cadenza.moe.experts import Experts, each_expert, run_experts
 class ExpertLayout:
     """What the GPU side needs to know to compute a layer's experts: the storage format ("plain": stacked gate,
     up [., I, H] and down [., H, I] in the compute dtype, then biases if the experts have them; or a tiled "bf16",
-    "int8", "int4" with its scale group), the sizes, the activation's name, and whether the experts are what the
-    fused kernels compute (`Experts.plain_math`; else PyTorch's products)."""
+    "int8", "int4" with its scale group, or a block format of cadenza.kernels.blocks, "q4_k" or a "gate_up+down"
+    pair such as "q4_k+q6_k", whose groups are its own), the sizes, the activation's name, and whether the
+    experts are what the fused kernels compute (`Experts.plain_math`; else PyTorch's products)."""
 
     fmt: str
     group: int
@@ -53,7 +55,8 @@ class ExpertLayout:
     def describe(self) -> str:
         if self.plain:
             return "plain"
-        return f"{self.fmt}" + (f"/g{self.group}" if self.group else "")
+        block = all(f in BLOCK_FORMATS for f in self.fmt.split("+"))  # groups fixed by the formats
+        return f"{self.fmt}" + (f"/g{self.group}" if self.group and not block else "")
 
     def _tiled(self) -> dict:
         return {"fmt": self.fmt, "group": self.group, "hidden": self.hidden, "intermediate": self.intermediate}

@@ -17,13 +17,15 @@ import pytest
 import torch
 
 from cadenza.errors import CadenzaError
-from cadenza.kernels.layout import dequantize, dequantize_tiles, pack_layer
+from cadenza.kernels import blocks as block_formats
+from cadenza.kernels.layout import dequantize, dequantize_tiles, empty_packed, pack_layer, write_block_expert
 from cadenza.models.common import act_fn
 from tests.interpreted import DEVICE, kernels_module, run_file_interpreted  # noqa: E402
 
 gpu_moe, _SUBPROCESS = kernels_module("gpu_moe")
 
 from cadenza.bench.gpu_kernel import random_plain, random_tiled  # noqa: E402
+from tests.kernels.block_data import random_blocks  # noqa: E402
 
 FP32, BF16 = 1e-5, 6e-3
 BIG = gpu_moe.Blocks(128, 256, 128, 256)  # few programs: fast under the interpreter
@@ -123,6 +125,65 @@ def test_decode_tiled(route, fmt, group, h, i, t, k, act):
     y = gpu_moe.moe_decode(*on(x, rows, w), on(packed.gate_up, packed.down), act, **kw)
     assert y.dtype == torch.float32 and y.shape == (t, h)
     assert rel(y, reference(x, rows, w, *dequantize(packed), act)) < FP32
+
+
+def block_layer(fmt, r, h, i, seed=0):
+    """A layer of r experts in a block format (or a "gate_up+down" pair) from random GGUF blocks."""
+    gf, _, df = fmt.partition("+")
+    gq, dq = block_formats.BLOCK_FORMATS[gf].gguf, block_formats.BLOCK_FORMATS[df or gf].gguf
+    out = empty_packed(fmt, None, r, h, i)
+    for e in range(r):
+        s = seed + 3 * e
+        gate, up = (block_formats.from_gguf(gq, random_blocks(gq, i, h, s + j), h) for j in (0, 1))
+        write_block_expert(out, e, gate, up, block_formats.from_gguf(dq, random_blocks(dq, h, i, s + 2), i))
+    return out
+
+
+BLOCK_CASES = [  # (fmt, H, I, T, k, act): I, H multiples of the format's blocks (32; K-quants 256)
+    ("q4_0", 256, 160, 2, 2, "silu"),  # Ip = 256: rows and columns of down padded
+    ("q4_k", 256, 512, 3, 2, "gelu"),
+    ("mxfp4", 2880, 96, 1, 3, "silu"),  # gpt-oss's H: Hp = 2944 (columns padded, groups past H zero), Ip = 128
+    ("mxfp4", 256, 160, 4, 2, "relu"),
+    ("q6_k", 256, 256, 2, 2, "gelu_pytorch_tanh"),  # groups of 16
+    ("q4_k+q6_k", 512, 1792, 2, 2, "silu"),  # Q4_K_M's pair, Mixtral's proportions (I = 3.5 H)
+    ("q6_k+q4_k", 256, 256, 1, 2, "silu"),
+]
+BLOCK_BIG = gpu_moe.Blocks(128, 1024, 128, 1024)  # few programs under the interpreter
+# the fallback (dequantize_tiles per matrix, as the dequantize tests check) on the small cases: nib, byte, a pair
+BLOCK_ROUTES = [(*c, "triton") for c in BLOCK_CASES] + [(*c, "torch") for c in BLOCK_CASES if c[1] * c[2] <= 256 * 256]
+
+
+@pytest.mark.parametrize("fmt, h, i, t, k, act, route", BLOCK_ROUTES)
+def test_decode_block_formats(fmt, h, i, t, k, act, route):
+    """Block-format layers (each matrix read in its own format) equal the reference: their weights as
+    layout.dequantize reads them; pairs with row -1 skipped."""
+    if route == "triton" and not KERNELS:
+        pytest.skip(WHY)
+    r = 3 if h * i > 256 * 512 else 5  # the large shapes: fewer experts to build
+    packed = block_layer(fmt, r, h, i)
+    x, rows, w = routing(t, k, r, h)
+    kw = dict(fmt=fmt, group=packed.group, hidden=h, intermediate=i, blocks=BLOCK_BIG, route=route)
+    y = gpu_moe.moe_decode(*on(x, rows, w), on(packed.gate_up, packed.down), act, **kw)
+    assert y.dtype == torch.float32 and y.shape == (t, h)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), act)) < FP32
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q4_k+q6_k", "mxfp4"])
+def test_decode_block_formats_small_blocks_bf16_x(fmt):
+    """Small blocks: 8 tiles a program, 128 columns a step (several steps, q6_k's 16-column groups across them);
+    bf16 x against the reference and the fallback."""
+    h, i = 256, 256
+    packed = block_layer(fmt, 3, h, i, seed=4)
+    x, rows, w = routing(1, 2, 3, h)
+    x = x.bfloat16()
+    kw = dict(fmt=fmt, group=packed.group, hidden=h, intermediate=i)
+    mats = on(packed.gate_up, packed.down)
+    y = gpu_moe.moe_decode(*on(x, rows, w), mats, "silu", **kw, blocks=gpu_moe.Blocks(32, 128, 32, 128, warps=2))
+    fb = gpu_moe.moe_decode(*on(x, rows, w), mats, "silu", **kw, route="torch")
+    assert y.dtype == torch.bfloat16
+    assert rel(y, reference(x, rows, w, *dequantize(packed), "silu")) < BF16
+    assert rel(y, fb) < BF16
 
 
 # the interpreter runs this variant slowly (~1 min a case at TILED_CASES' sizes): small cases here, the rest on GPUs
@@ -237,6 +298,40 @@ def test_dequantize_expert_exact(route, fmt, group):
                 assert g.dtype == dtype and torch.equal(g.cpu(), ref.to(dtype)), (h, i, dtype)
 
 
+@pytest.mark.parametrize("route", ["triton", "torch"])
+@pytest.mark.parametrize(
+    "fmt, h, i",
+    [("q4_0", 256, 160), ("q4_k", 256, 512), ("mxfp4", 2880, 96), ("q6_k", 512, 256), ("q4_k+q6_k", 256, 768)],
+)
+def test_dequantize_block_formats_exact(route, fmt, h, i):
+    """The prefill path's unpacking of block formats: exactly the layer's weights in fp32, and their one rounding
+    in bf16."""
+    if route == "triton" and not KERNELS:
+        pytest.skip(WHY)
+    packed = block_layer(fmt, 2, h, i, seed=7)
+    gu, dn = on(packed.gate_up[1], packed.down[1])
+    want = [m[1] for m in dequantize(packed)]
+    for dtype in (torch.float32, torch.bfloat16):
+        got = gpu_moe.dequantize_expert(gu, dn, fmt, packed.group, h, i, dtype, route=route, block_tiles=32)
+        for g, ref in zip(got, want, strict=True):
+            assert g.dtype == dtype and torch.equal(g.cpu(), ref.to(dtype)), (fmt, dtype)
+
+
+def test_block_format_geometry_is_checked_per_matrix():
+    """A "gate_up+down" layer's tiles are checked with each matrix's own tile bytes; a pair naming a non-block
+    format is refused."""
+    packed = block_layer("q4_k+q6_k", 1, 256, 256)
+    x, rows, w = routing(1, 1, 1, 256, skip=False)
+    mats = (packed.gate_up, packed.down)
+    kw = dict(group=32, hidden=256, intermediate=256, route="torch")
+    with pytest.raises(ValueError, match="tiles for H=256"):
+        gpu_moe.moe_decode(x, rows, w, mats, "silu", fmt="q4_k", **kw)  # down is q6_k: other tile bytes
+    with pytest.raises(ValueError, match="unknown expert format"):
+        gpu_moe.moe_decode(x, rows, w, mats, "silu", fmt="int4+q6_k", **kw)
+    y = gpu_moe.moe_decode(x, rows, w, mats, "silu", fmt="q4_k+q6_k", **kw)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), "silu")) < FP32
+
+
 @needs_kernels
 def test_dequantize_into_strided_buffers():
     h, i = 200, 136
@@ -348,3 +443,35 @@ def test_gpu_dequantize_full_size(fmt, group):
     want = gpu_moe.dequantize_expert(gu[0], dn[0], fmt, group, h, i, torch.bfloat16, route="torch")
     for g, ref in zip(got, want, strict=True):
         assert torch.equal(g, ref)
+
+
+GPU_BLOCK_SHAPES = [  # (fmt, H, I, stacked rows): Mixtral in Q4_K_M's pair, gpt-oss in MXFP4, Qwen3 in Q4_0 / Q6_K
+    ("q4_k+q6_k", 4096, 14336, 2),
+    ("mxfp4", 2880, 2880, 4),
+    ("q4_0", 2048, 768, 8),
+    ("q6_k", 2048, 768, 8),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, h, i, r", GPU_BLOCK_SHAPES)
+def test_gpu_block_formats_full_size(fmt, h, i, r):
+    """Block formats at full size with the default blocks: the kernels equal the fallback (fp32 and bf16 x), and
+    the dequantize kernel its values bit for bit."""
+    dev = torch.device("cuda")
+    packed = block_layer(fmt, r, h, i)
+    mats = (packed.gate_up.to(dev), packed.down.to(dev))
+    kw = dict(fmt=fmt, group=packed.group, hidden=h, intermediate=i)
+    for t, k in ((1, 2), (4, 2), (3, min(r, 8))):
+        x, rows, w = routing(t, k, r, h)
+        x, rows, w = x.to(dev), rows.to(dev), w.to(dev)
+        y = gpu_moe.moe_decode(x, rows, w, mats, "silu", **kw)
+        assert rel(y, gpu_moe.moe_decode(x, rows, w, mats, "silu", **kw, route="torch")) < FP32, (t, k)
+        xb = x.bfloat16()
+        yb = gpu_moe.moe_decode(xb, rows, w, mats, "silu", **kw)
+        assert rel(yb, gpu_moe.moe_decode(xb, rows, w, mats, "silu", **kw, route="torch")) < BF16, (t, k)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = gpu_moe.dequantize_expert(mats[0][1], mats[1][1], fmt, packed.group, h, i, dtype)
+        want = gpu_moe.dequantize_expert(mats[0][1], mats[1][1], fmt, packed.group, h, i, dtype, route="torch")
+        for g, ref in zip(got, want, strict=True):
+            assert torch.equal(g, ref), dtype
