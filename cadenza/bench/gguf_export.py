@@ -167,6 +167,12 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
         for kind, proj in projections:
             srcs = tuple(f"{moe}experts.{e}.{proj}.weight" for e in range(n_experts))
             kind_qtype = EXPERT_MIX.get(qtype, {}).get(kind, qtype)
+            row = shape(srcs[0])[-1]
+            if kind_qtype in K_BLOCK_BYTES and row % 256:
+                raise CadenzaError(
+                    f"{ckpt.name}'s {kind} projections have rows of {row} weights, not whole {kind_qtype} blocks of "
+                    "256: write it with int8 or int4 experts, or use a model whose rows are multiples of 256."
+                )
             out.append(GgufTensor(f"{blk}ffn_{kind}_exps.weight", (n_experts, *shape(srcs[0])), kind_qtype, srcs, i))
     out.append(GgufTensor("output_norm.weight", shape("model.norm.weight"), "F32", ("model.norm.weight",)))
     if "lm_head.weight" in ckpt.tensors:  # tied models have none: llama.cpp then reuses token_embd
