@@ -183,6 +183,8 @@ def _q4_0(src: torch.Tensor, dst: torch.Tensor) -> None:
 # - Q6_K (210 bytes per 256): 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales (one per 16
 #   weights), fp16 d; w = d * sc * (q - 32), q uniform in 0..63: std d * 18.48 * rms(sc); sc in +-{2..6} (rms 4.24).
 _K_CHUNK_BLOCKS = 1 << 14  # super-blocks per task: 2.3 / 3.4 MB
+_HEADERS = 4096  # distinct scale fields per tensor (a power of two)
+_HEADER = {"Q4_K": slice(0, 16), "Q6_K": slice(192, 210)}  # d, dmin, scales / scales, d
 _K_SPREAD = {"Q4_K": 4.61 * (116 / 3) ** 0.5, "Q6_K": 18.48 * 18**0.5}  # std of w / d
 
 
@@ -200,14 +202,21 @@ def random_kquant(out: torch.Tensor, qtype: str, std: float, seed: int, pool: Ex
         raise ValueError(f"out must be a contiguous uint8 tensor of whole {qtype} blocks ({width} bytes)")
     d = torch.tensor([kquant_d(qtype, std)], dtype=torch.float16).view(torch.uint8)
     blocks = out.view(-1, width)
-    fn = _random_q4_k if qtype == "Q4_K" else _random_q6_k
+    # the scale fields: _HEADERS of them made per call, each block taking one picked by two of its random bytes
+    header = _HEADER[qtype]
+    table = torch.empty(_HEADERS, width, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(seed % (1 << 63))
+    _random_bytes(table.view(-1), g)
+    (_random_q4_k if qtype == "Q4_K" else _random_q6_k)(table, d)
+    table = table[:, header].contiguous()
     tasks = [(i, blocks[i : i + _K_CHUNK_BLOCKS]) for i in range(0, blocks.shape[0], _K_CHUNK_BLOCKS)]
 
     def one(task) -> None:
         i, dst = task
-        g = torch.Generator().manual_seed((seed * 1_000_003 + i // _K_CHUNK_BLOCKS) % (1 << 63))
-        dst.random_(generator=g)  # the codes (and, until overwritten below, everything else)
-        fn(dst, d, g)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + 1 + i // _K_CHUNK_BLOCKS) % (1 << 63))
+        _random_bytes(dst.view(-1), g)  # the codes (and, until overwritten below, the scale fields)
+        pick = dst[:, header.start : header.start + 2].contiguous().view(torch.int16).view(-1)
+        dst[:, header] = table[(pick & (_HEADERS - 1)).long()]
 
     if pool is None:
         for task in tasks:
@@ -216,23 +225,39 @@ def random_kquant(out: torch.Tensor, qtype: str, std: float, seed: int, pool: Ex
         list(pool.map(one, tasks))
 
 
-def _random_q4_k(dst: torch.Tensor, d: torch.Tensor, g: torch.Generator) -> None:
-    n = dst.shape[0]
+def _random_bytes(flat: torch.Tensor, g: torch.Generator) -> None:
+    """Uniform random bytes into a contiguous uint8 tensor: 8 at a time as full-range int64 draws (six times the
+    bytes per second of uint8 draws), the unaligned rest one at a time."""
+    head = (-flat.storage_offset()) % 8
+    n = (flat.numel() - head) // 8 * 8
+    if n <= 0:
+        flat.random_(generator=g)
+        return
+    flat[head : head + n].view(torch.int64).random_(-(1 << 63), None, generator=g)  # from int64's min: all 64 bits
+    for rest in (flat[:head], flat[head + n :]):
+        if rest.numel():
+            rest.random_(generator=g)
+
+
+def _random_q4_k(dst: torch.Tensor, d: torch.Tensor) -> None:
+    """Scales of blocks whose bytes are random: each sub-block's scale picked by a random byte of the block's own
+    scale field (no second draw), then the field written over."""
+    pick = dst[:, 4:12] % 3  # a copy: dst is written below
+    sc = pick * 2 + 4  # 4, 6, 8 (uint8)
+    m = sc * 15 // 2  # 7.5 sc: the mean of q; at most 60
     dst[:, 0:2] = d
     dst[:, 2:4] = d  # dmin = d
-    sc = torch.randint(2, 5, (n, 8), generator=g, dtype=torch.int16) * 2  # 4, 6, 8
-    m = sc * 15 // 2  # 7.5 sc: the mean of q
     lo_sc, hi_sc, lo_m, hi_m = sc[:, :4], sc[:, 4:], m[:, :4], m[:, 4:]
     # ggml's get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scale) and 4-7 (min); 4-7 split into
     # a low nibble in bytes 8-11 (scale low, min high nibble) and their top 2 bits in the top bits of bytes 0-7
-    dst[:, 4:8] = (lo_sc | ((hi_sc >> 4) << 6)).to(torch.uint8)
-    dst[:, 8:12] = (lo_m | ((hi_m >> 4) << 6)).to(torch.uint8)
-    dst[:, 12:16] = ((hi_sc & 0xF) | ((hi_m & 0xF) << 4)).to(torch.uint8)
+    dst[:, 4:8] = lo_sc | ((hi_sc >> 4) << 6)
+    dst[:, 8:12] = lo_m | ((hi_m >> 4) << 6)
+    dst[:, 12:16] = (hi_sc & 0xF) | ((hi_m & 0xF) << 4)
 
 
-def _random_q6_k(dst: torch.Tensor, d: torch.Tensor, g: torch.Generator) -> None:
-    n = dst.shape[0]
-    sc = torch.randint(2, 7, (n, 16), generator=g, dtype=torch.int16)
-    sign = torch.randint(0, 2, (n, 16), generator=g, dtype=torch.int16) * 2 - 1
-    dst[:, 192:208] = (sc * sign).to(torch.int8).view(torch.uint8)
+def _random_q6_k(dst: torch.Tensor, d: torch.Tensor) -> None:
+    """Scales in +-{2..6}, from the random bytes of the block's own scale field (magnitude and sign)."""
+    r = dst[:, 192:208].view(torch.int8)
+    magnitude = (r.view(torch.uint8) & 0x7F) % 5 + 2
+    dst[:, 192:208] = torch.where(r < 0, -magnitude.view(torch.int8), magnitude.view(torch.int8)).view(torch.uint8)
     dst[:, 208:210] = d
