@@ -1,5 +1,9 @@
 """A synthetic checkpoint as a GGUF file llama.cpp loads: the same shapes and the same seeded bf16 weights as the
-model cadenza measures, with the routed experts in Q8_0 or Q4_0.
+model cadenza measures, with the routed experts in Q8_0 or Q4_0 (quantized from those weights), or Q4_K_M-like
+(`q4_k_m`: gate and up Q4_K, down Q6_K, as random blocks of the weights' scale: gguf_quants.random_kquant; K-quant
+quantization in Python is too slow for 45 B weights, and speed does not depend on the values). llama.cpp's own
+Q4_K_M gives only some layers' down projections Q6_K (its use_more_bits) and quantizes attention too; here every
+layer's are Q6_K, so the experts are a little larger than a real Q4_K_M file's.
 
 Tensor types (kept simple, and the same non-expert bytes cadenza keeps in bf16 on the GPU): routed experts in the
 requested block format; norms and routers (`ffn_gate_inp`) in F32, as llama.cpp's converter writes them; every other
@@ -26,6 +30,7 @@ quantized) and written while the next one is made; memory holds about two tensor
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,14 +39,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cadenza.bench.gguf_quants import BLOCK_BYTES, quantize_many, quantized_nbytes, single_threaded_ops
+from cadenza.bench.gguf_quants import (
+    BLOCK_BYTES,
+    K_BLOCK_BYTES,
+    quantize_many,
+    quantized_nbytes,
+    random_kquant,
+    single_threaded_ops,
+)
 from cadenza.bench.synthetic import SyntheticCheckpoint
 from cadenza.errors import CadenzaError
 from cadenza.formats.gguf import import_gguf
 
-EXPERT_QTYPE = {"int8": "Q8_0", "int4": "Q4_0"}  # cadenza's expert format -> the GGUF block format it is measured as
+# expert format -> the GGUF block format of the file's experts: cadenza's int8 / int4 measured as Q8_0 / Q4_0, and
+# q4_k_m (GGUF only: cadenza loads the file itself) for the G scenarios
+EXPERT_QTYPE = {"int8": "Q8_0", "int4": "Q4_0", "q4_k_m": "Q4_K_M"}
+# a mix's type per projection (gate, up, down); a plain block format is every projection's
+EXPERT_MIX = {"Q4_K_M": {"gate": "Q4_K", "up": "Q4_K", "down": "Q6_K"}}
 _ELEMENT_BYTES = {"F32": 4, "F16": 2}
-_FILE_TYPE = {"Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*: what the bulk of the file is
+_FILE_TYPE = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*: what the bulk of the file is
 _TOKEN_TYPE = {"normal": 1, "unknown": 2, "control": 3, "unused": 5, "byte": 6}
 _ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
 
@@ -52,7 +68,7 @@ class GgufTensor:
 
     name: str
     shape: tuple[int, ...]
-    qtype: str  # F32, F16, Q8_0, Q4_0
+    qtype: str  # F32, F16, Q8_0, Q4_0, Q4_K, Q6_K
     sources: tuple[str, ...]  # the checkpoint's tensors; several: the experts of a layer, stacked along dim 0
     layer: int | None = None
     rope_heads: int = 0  # > 0: interleave the two halves of each of this many heads' rows (llama's q and k)
@@ -69,6 +85,11 @@ class GgufTensor:
     @property
     def is_expert(self) -> bool:
         return "_exps." in self.name
+
+    @property
+    def is_random(self) -> bool:
+        """Random K-quant blocks of the weights' scale, not the checkpoint's weights."""
+        return self.qtype in K_BLOCK_BYTES
 
 
 @dataclass(frozen=True)
@@ -102,14 +123,17 @@ class GgufPlan:
 
 
 def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
-    """The tensors of `ckpt`'s GGUF with `expert_format` (int8 / int4) experts; refuses families llama.cpp's
+    """The tensors of `ckpt`'s GGUF with `expert_format` (int8 / int4 / q4_k_m) experts; refuses families llama.cpp's
     writer here does not know."""
     c = ckpt.config
     family = c.get("model_type")
     if family not in _ARCH:
         raise CadenzaError(f"The llama.cpp peer writes GGUF files for {', '.join(_ARCH)} models, not {family}.")
     if expert_format not in EXPERT_QTYPE:
-        raise CadenzaError(f"The llama.cpp peer measures int8 (Q8_0) and int4 (Q4_0) experts, not {expert_format}.")
+        raise CadenzaError(
+            f"GGUF files are written with int8 (Q8_0), int4 (Q4_0) or q4_k_m (Q4_K / Q6_K) experts, "
+            f"not {expert_format}."
+        )
     qtype = EXPERT_QTYPE[expert_format]
     mixtral = family == "mixtral"
     heads, kv_heads = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
@@ -142,7 +166,14 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
         )
         for kind, proj in projections:
             srcs = tuple(f"{moe}experts.{e}.{proj}.weight" for e in range(n_experts))
-            out.append(GgufTensor(f"{blk}ffn_{kind}_exps.weight", (n_experts, *shape(srcs[0])), qtype, srcs, i))
+            kind_qtype = EXPERT_MIX.get(qtype, {}).get(kind, qtype)
+            row = shape(srcs[0])[-1]
+            if kind_qtype in K_BLOCK_BYTES and row % 256:
+                raise CadenzaError(
+                    f"{ckpt.name}'s {kind} projections have rows of {row} weights, not whole {kind_qtype} blocks of "
+                    "256: write it with int8 or int4 experts, or use a model whose rows are multiples of 256."
+                )
+            out.append(GgufTensor(f"{blk}ffn_{kind}_exps.weight", (n_experts, *shape(srcs[0])), kind_qtype, srcs, i))
     out.append(GgufTensor("output_norm.weight", shape("model.norm.weight"), "F32", ("model.norm.weight",)))
     if "lm_head.weight" in ckpt.tensors:  # tied models have none: llama.cpp then reuses token_embd
         out.append(GgufTensor("output.weight", shape("lm_head.weight"), "F16", ("lm_head.weight",)))
@@ -250,6 +281,10 @@ def interleave_rope_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _materialize(ckpt: SyntheticCheckpoint, t: GgufTensor, pool: ThreadPoolExecutor):
     """The tensor's bytes as the numpy array gguf-py writes."""
+    if t.is_random:  # the synthetic weights' N(0, 1/fan_in) scale; seeded by the model's seed and the tensor's name
+        out = torch.empty((*t.shape[:-1], t.nbytes // _numel(t.shape[:-1])), dtype=torch.uint8)
+        random_kquant(out, t.qtype, t.shape[-1] ** -0.5, (ckpt.seed << 32) + zlib.crc32(t.name.encode()), pool)
+        return out.numpy()
     if t.qtype in _ELEMENT_BYTES:
         x = ckpt.tensor(t.sources[0])
         if t.rope_heads:

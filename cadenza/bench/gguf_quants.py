@@ -24,6 +24,8 @@ import torch
 
 BLOCK = 32  # weights per block, both formats
 BLOCK_BYTES = {"Q8_0": 2 + BLOCK, "Q4_0": 2 + BLOCK // 2}
+K_BLOCK = 256  # weights per K-quant super-block
+K_BLOCK_BYTES = {"Q4_K": 2 + 2 + 12 + K_BLOCK // 2, "Q6_K": K_BLOCK // 2 + K_BLOCK // 4 + K_BLOCK // 16 + 2}
 _CHUNK_BLOCKS = 1 << 15  # 1 Mi weights (4 MB as float32) per task
 
 
@@ -75,6 +77,10 @@ def quantize_many(pairs: list[tuple[torch.Tensor, torch.Tensor]], qtype: str, po
 
 
 def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[int, ...]:
+    if qtype in K_BLOCK_BYTES:
+        if shape[-1] % K_BLOCK:
+            raise ValueError(f"rows of {shape[-1]} weights do not split into {qtype} blocks of {K_BLOCK}")
+        return (*shape[:-1], shape[-1] // K_BLOCK * K_BLOCK_BYTES[qtype])
     if shape[-1] % BLOCK:
         raise ValueError(f"rows of {shape[-1]} weights do not split into blocks of {BLOCK}")
     return (*shape[:-1], shape[-1] // BLOCK * BLOCK_BYTES[qtype])
@@ -164,3 +170,94 @@ def _q4_0(src: torch.Tensor, dst: torch.Tensor) -> None:
     lo_nibbles = qu[:, :half].bitwise_or_(qu[:, half:].bitwise_left_shift_(4))  # in place: no 4 MB temporaries
     dst[:, :2] = _scale_bytes(d)
     dst[:, 2:] = lo_nibbles
+
+
+# --- K-quant blocks made up, not quantized --------------------------------------------------------------------------
+#
+# A Q4_K_M-like file of a full-size model (45 B weights) cannot be quantized in Python in minutes, and a benchmark of
+# speed needs only blocks of the right layout and a sane scale. So the codes are random bytes and the scales are
+# chosen so a block dequantizes to weights of mean ~0 and std `std` (the synthetic model's N(0, 1/fan_in)):
+# - Q4_K (144 bytes per 256 weights): fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) pairs for the 8 sub-blocks
+#   of 32, 128 bytes of nibbles; w = d * sc * q - dmin * m. With dmin = d, sc in {4, 6, 8} and m = 7.5 sc, a
+#   uniform q in 0..15 gives w = d sc (q - 7.5): mean 0, std d * 4.61 * rms(sc) (6.22).
+# - Q6_K (210 bytes per 256): 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales (one per 16
+#   weights), fp16 d; w = d * sc * (q - 32), q uniform in 0..63: std d * 18.48 * rms(sc); sc in +-{2..6} (rms 4.24).
+_K_CHUNK_BLOCKS = 1 << 14  # super-blocks per task: 2.3 / 3.4 MB
+_HEADERS = 4096  # distinct scale fields per tensor (a power of two)
+_HEADER = {"Q4_K": slice(0, 16), "Q6_K": slice(192, 210)}  # d, dmin, scales / scales, d
+_K_SPREAD = {"Q4_K": 4.61 * (116 / 3) ** 0.5, "Q6_K": 18.48 * 18**0.5}  # std of w / d
+
+
+def kquant_d(qtype: str, std: float) -> float:
+    """The fp16 super-block scale d whose blocks (as `random_kquant` makes them) have weights of std `std`."""
+    return float(torch.tensor(std / _K_SPREAD[qtype], dtype=torch.float16))
+
+
+def random_kquant(out: torch.Tensor, qtype: str, std: float, seed: int, pool: Executor | None = None) -> None:
+    """Fills `out` (contiguous uint8, rows of whole `qtype` super-blocks) with random blocks of weights of std
+    `std` (see above); the same seed gives the same bytes whatever the pool. With a pool, run it under
+    `single_threaded_ops()`."""
+    width = K_BLOCK_BYTES[qtype]
+    if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() % width:
+        raise ValueError(f"out must be a contiguous uint8 tensor of whole {qtype} blocks ({width} bytes)")
+    d = torch.tensor([kquant_d(qtype, std)], dtype=torch.float16).view(torch.uint8)
+    blocks = out.view(-1, width)
+    # the scale fields: _HEADERS of them made per call, each block taking one picked by two of its random bytes
+    header = _HEADER[qtype]
+    table = torch.empty(_HEADERS, width, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(seed % (1 << 63))
+    _random_bytes(table.view(-1), g)
+    (_random_q4_k if qtype == "Q4_K" else _random_q6_k)(table, d)
+    table = table[:, header].contiguous()
+    tasks = [(i, blocks[i : i + _K_CHUNK_BLOCKS]) for i in range(0, blocks.shape[0], _K_CHUNK_BLOCKS)]
+
+    def one(task) -> None:
+        i, dst = task
+        g = torch.Generator().manual_seed((seed * 1_000_003 + 1 + i // _K_CHUNK_BLOCKS) % (1 << 63))
+        _random_bytes(dst.view(-1), g)  # the codes (and, until overwritten below, the scale fields)
+        pick = dst[:, header.start : header.start + 2].contiguous().view(torch.int16).view(-1)
+        dst[:, header] = table[(pick & (_HEADERS - 1)).long()]
+
+    if pool is None:
+        for task in tasks:
+            one(task)
+    else:
+        list(pool.map(one, tasks))
+
+
+def _random_bytes(flat: torch.Tensor, g: torch.Generator) -> None:
+    """Uniform random bytes into a contiguous uint8 tensor: 8 at a time as full-range int64 draws (six times the
+    bytes per second of uint8 draws), the unaligned rest one at a time."""
+    head = (-flat.storage_offset()) % 8
+    n = (flat.numel() - head) // 8 * 8
+    if n <= 0:
+        flat.random_(generator=g)
+        return
+    flat[head : head + n].view(torch.int64).random_(-(1 << 63), None, generator=g)  # from int64's min: all 64 bits
+    for rest in (flat[:head], flat[head + n :]):
+        if rest.numel():
+            rest.random_(generator=g)
+
+
+def _random_q4_k(dst: torch.Tensor, d: torch.Tensor) -> None:
+    """Scales of blocks whose bytes are random: each sub-block's scale picked by a random byte of the block's own
+    scale field (no second draw), then the field written over."""
+    pick = dst[:, 4:12] % 3  # a copy: dst is written below
+    sc = pick * 2 + 4  # 4, 6, 8 (uint8)
+    m = sc * 15 // 2  # 7.5 sc: the mean of q; at most 60
+    dst[:, 0:2] = d
+    dst[:, 2:4] = d  # dmin = d
+    lo_sc, hi_sc, lo_m, hi_m = sc[:, :4], sc[:, 4:], m[:, :4], m[:, 4:]
+    # ggml's get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scale) and 4-7 (min); 4-7 split into
+    # a low nibble in bytes 8-11 (scale low, min high nibble) and their top 2 bits in the top bits of bytes 0-7
+    dst[:, 4:8] = lo_sc | ((hi_sc >> 4) << 6)
+    dst[:, 8:12] = lo_m | ((hi_m >> 4) << 6)
+    dst[:, 12:16] = (hi_sc & 0xF) | ((hi_m & 0xF) << 4)
+
+
+def _random_q6_k(dst: torch.Tensor, d: torch.Tensor) -> None:
+    """Scales in +-{2..6}, from the random bytes of the block's own scale field (magnitude and sign)."""
+    r = dst[:, 192:208].view(torch.int8)
+    magnitude = (r.view(torch.uint8) & 0x7F) % 5 + 2
+    dst[:, 192:208] = torch.where(r < 0, -magnitude.view(torch.int8), magnitude.view(torch.int8)).view(torch.uint8)
+    dst[:, 208:210] = d

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cadenza.bench.gguf_export import EXPERT_QTYPE, GgufPlan, gguf_plan, import_gguf, write_gguf
+from cadenza.bench.gguf_export import EXPERT_QTYPE, GgufPlan, WrittenGguf, gguf_plan, import_gguf, write_gguf
 from cadenza.bench.llama_bench import (
     BenchTest,
     bench_command,
@@ -93,7 +93,7 @@ def peer_request(
         raise CadenzaError(f"--peer: one peer per run ({', '.join(p.name for p in (peer, *more))} were given).")
     if expert_format is None:
         raise CadenzaError(
-            f"--peer {peer.name}: it is measured in the scenarios with quantized experts (D3, D4, F3, F4), "
+            f"--peer {peer.name}: it is measured in the scenarios with quantized experts (D3, D4, F3, F4, G1, G2), "
             f"not {scenario}."
         )
     if not configs:
@@ -188,6 +188,26 @@ def peer_test(prompt_tokens: int, new_tokens: int) -> BenchTest:
     return BenchTest(prompt_tokens, 0, 0) if new_tokens <= 1 else BenchTest(0, new_tokens, prompt_tokens)
 
 
+def gguf_name(plan: GgufPlan) -> str:
+    return f"cadenza-{plan.model}-{plan.expert_qtype}.gguf"
+
+
+def write_peer_gguf(folder: Path, ckpt, expert_format: str, what: str, log: Callable[[str], None]) -> WrittenGguf:
+    """Writes `ckpt` as a GGUF with `expert_format` experts into `folder` after checking its free disk; frees
+    `ckpt`'s pools. The caller deletes the file (gguf_name)."""
+    plan = gguf_plan(ckpt, expert_format)
+    check_disk(folder, plan.file_bytes_bound())
+    path = folder / gguf_name(plan)
+    log(f"{what}: writing {path} ({plan.tensor_bytes / GiB:.1f} GiB) ...")
+    try:
+        written = write_gguf(ckpt, path, expert_format, log=log)
+    except OSError as e:
+        raise CadenzaError(f"Writing the GGUF {path} failed: {e}") from e
+    rate = written.nbytes / max(written.seconds, 1e-9) / 1e9
+    log(f"  wrote {written.nbytes / GiB:.2f} GiB in {written.seconds:.1f} s ({rate:.2f} GB/s)")
+    return written
+
+
 def check_disk(folder: Path, need_bytes: int) -> None:
     """Refuses to start a GGUF that would not fit, saying how much it needs."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,36 +234,38 @@ class LlamaCppPeer:
     def run(self, scenario: str, ckpt, expert_format: str, configs: list, add: Callable[[str, dict], None]) -> None:
         """Writes the GGUF, measures every (budget, prompt, new tokens) of `configs` and hands `add` one row each;
         deletes the GGUF whatever happens. A llama-bench failure leaves rows marked skipped, then raises."""
-        plan = gguf_plan(ckpt, expert_format)
-        runs = list(dict.fromkeys((c.budget, c.prompt_tokens, c.new_tokens) for c in configs))
-        check_disk(self.folder, plan.file_bytes_bound())
-        path = self.folder / f"cadenza-{plan.model}-{plan.expert_qtype}.gguf"
-        self.log(f"{scenario} {SYSTEM}: writing {path} ({plan.tensor_bytes / GiB:.1f} GiB) ...")
-        failure: CadenzaError | None = None
         try:
-            try:
-                written = write_gguf(ckpt, path, expert_format, log=self.log)
-            except OSError as e:
-                raise CadenzaError(f"Writing the llama.cpp peer's GGUF {path} failed: {e}") from e
-            self.log(f"  wrote {written.nbytes / GiB:.2f} GiB in {written.seconds:.1f} s")
-            setups: dict[float | str, tuple[GpuEstimate, dict]] = {}
-            for budget, prompt, new in runs:
-                row = self._row(scenario, plan, budget, prompt, new, written.nbytes, written.seconds)
-                if failure is not None:
-                    add(scenario, row.skip(f"llama-bench failed earlier: {failure}").as_dict())
-                    continue
-                try:
-                    if budget not in setups:  # one --n-cpu-moe per budget, for its largest context
-                        n_ctx = max(peer_test(p, n).n_ctx for b, p, n in runs if b == budget)
-                        setups[budget] = self._setup(path, plan, budget, n_ctx)
-                    add(scenario, self._measure(path, plan, row, *setups[budget]))
-                except CadenzaError as e:
-                    failure = e
-                    self.log(f"  {e}")
-                    add(scenario, row.skip(str(e)).as_dict())
+            written = write_peer_gguf(self.folder, ckpt, expert_format, f"{scenario} {SYSTEM}", self.log)
+            self.measure_file(scenario, written, configs, add)
         finally:
+            path = self.folder / gguf_name(gguf_plan(ckpt, expert_format))
             path.unlink(missing_ok=True)
             self.log(f"  deleted {path}")
+
+    def measure_file(
+        self, scenario: str, written: WrittenGguf, configs: list, add: Callable[[str, dict], None]
+    ) -> None:
+        """Measures every (budget, prompt, new tokens) of `configs` on the GGUF `written` (left in place: the
+        caller deletes it) and hands `add` one row each. A llama-bench failure leaves rows marked skipped, then
+        raises."""
+        path, plan = written.path, written.plan
+        runs = list(dict.fromkeys((c.budget, c.prompt_tokens, c.new_tokens) for c in configs))
+        failure: CadenzaError | None = None
+        setups: dict[float | str, tuple[GpuEstimate, dict]] = {}
+        for budget, prompt, new in runs:
+            row = self._row(scenario, plan, budget, prompt, new, written.nbytes, written.seconds)
+            if failure is not None:
+                add(scenario, row.skip(f"llama-bench failed earlier: {failure}").as_dict())
+                continue
+            try:
+                if budget not in setups:  # one --n-cpu-moe per budget, for its largest context
+                    n_ctx = max(peer_test(p, n).n_ctx for b, p, n in runs if b == budget)
+                    setups[budget] = self._setup(path, plan, budget, n_ctx)
+                add(scenario, self._measure(path, plan, row, *setups[budget]))
+            except CadenzaError as e:
+                failure = e
+                self.log(f"  {e}")
+                add(scenario, row.skip(str(e)).as_dict())
         if failure is not None:
             raise CadenzaError(f"{SYSTEM} peer of {scenario}: {failure}")
 
@@ -262,9 +284,16 @@ class LlamaCppPeer:
             trials=self.trials,
             model_bytes=nbytes,
         )
+        types = "/".join(dict.fromkeys(t.qtype for t in plan.tensors if t.is_expert))
+        weights = (
+            "random blocks of the synthetic weights' scale for the experts, the seeded weights for the rest; the "
+            "file cadenza loaded"
+            if any(t.is_random for t in plan.tensors)
+            else "the same seeded weights as cadenza's model"
+        )
         r.notes.append(
-            f"GGUF written in {write_s:.1f} s: experts {plan.expert_qtype}, norms and routers F32, "
-            "the other matrices F16; the same seeded weights as cadenza's model"
+            f"GGUF written in {write_s:.1f} s: experts {plan.expert_qtype} ({types}), norms and routers F32, "
+            f"the other matrices F16; {weights}"
         )
         return r
 

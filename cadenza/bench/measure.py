@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,8 @@ class RunConfig:
 
 
 class CadenzaUnderTest:
-    """cadenza's LLM, loaded once from `ckpt`; `configure` re-places the experts for each configuration."""
+    """cadenza's LLM, loaded once from `ckpt`, or with cadenza's own loader from `gguf` (a file written from `ckpt`,
+    which still gives the shapes and weight bytes); `configure` re-places the experts for each configuration."""
 
     def __init__(
         self,
@@ -46,13 +48,15 @@ class CadenzaUnderTest:
         expert_group: int | None = None,
         expert_cache: bool = True,
         cuda_graphs: bool = True,
+        gguf: Path | None = None,
     ):
         from cadenza.llm import LLM
 
         self.ckpt, self.device, self.max_context = ckpt, device, max_context
         t0 = time.perf_counter()
+        source = {"model_dir": str(gguf)} if gguf is not None else {"checkpoint": ckpt}
         self.llm = LLM(
-            checkpoint=ckpt,
+            **source,
             device=str(device),
             gpu_memory=self.gpu_memory(first),
             offload_policy=first.policy,

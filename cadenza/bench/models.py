@@ -85,6 +85,8 @@ SYNTHETIC_MODELS["qwen3-tiny"] = {
     "bos_token_id": 1021,
     "eos_token_id": 1023,
 }
+# its layout with rows of whole K-quant blocks (256 weights: the experts' down projection too), for G2 without CUDA
+SYNTHETIC_MODELS["qwen3-tiny-256"] = {**SYNTHETIC_MODELS["qwen3-tiny"], "moe_intermediate_size": 256}
 SYNTHETIC_MODELS["olmoe-1b-7b"] = {  # allenai/OLMoE-1B-7B-0924
     "architectures": ["OlmoeForCausalLM"],
     "model_type": "olmoe",

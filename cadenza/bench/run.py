@@ -13,6 +13,8 @@ from cadenza.bench.report import BenchResult, plot_budget_sweep, result_path, wr
 from cadenza.bench.scenarios import (
     D1_BUDGET_GIB,
     EXPERT_FORMAT,
+    GGUF_EXPERTS,
+    GGUF_LOAD_TARGET_S,
     SOLO,
     command_line,
     parse_budgets,
@@ -69,8 +71,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """`cadenza bench`: measures the chosen scenarios and writes one JSON file per scenario. Returns 0."""
     from cadenza.bench.baseline_hf import baseline_unavailable
-    from cadenza.bench.machine import machine_info, rss_gib
-    from cadenza.bench.measure import CadenzaUnderTest
+    from cadenza.bench.machine import machine_info
     from cadenza.bench.synthetic import SyntheticCheckpoint
     from cadenza.cli.flags import expert_kwargs
     from cadenza.llm import resolve_device
@@ -106,7 +107,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.peer:  # a bad --peer is refused before anything is built
         from cadenza.bench.llama_cpp_peer import peer_request
 
-        peer = peer_request(args.peer, args.peer_dir, scenarios[0], EXPERT_FORMAT.get(scenarios[0]), ckpt, configs)
+        file_format = EXPERT_FORMAT.get(scenarios[0]) or GGUF_EXPERTS.get(scenarios[0])
+        peer = peer_request(args.peer, args.peer_dir, scenarios[0], file_format, ckpt, configs)
     log = _Log()
     command = command_line(args, model, device)
     log(
@@ -147,40 +149,22 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         add = _with_error(add, error)
 
-    log(f"building cadenza's model ({ckpt.total_bytes / 1e9:.1f} GB) on {device}; host RSS {rss_gib()} GiB ...")
-    cut = CadenzaUnderTest(
-        ckpt,
-        device,
-        _first_fitting(configs, ckpt, device),
-        max_context,
-        args.cpu_threads,
-        prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
-        eviction=args.eviction,
-        cuda_graphs=not args.no_cuda_graphs,
-        **expert_args,
-    )
-    ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
-    log(f"built in {cut.load_s:.1f} s; host RSS {rss_gib()} GiB")
-    try:
-        for cfg in configs:
-            _run_config(cut, cfg, args, model, max_context, machine, add, log)
-    finally:
-        cut.close()
-    peer_error = None
-    if peer is not None:  # after cadenza's configurations, with its model freed: host memory and GPU are the peer's
-        del cut
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        log(f"cadenza's model freed; host RSS {rss_gib()} GiB")
-        from cadenza.bench.llama_cpp_peer import LlamaCppPeer
+    gguf_format = GGUF_EXPERTS.get(scenarios[0])
+    written = None
+    if gguf_format is not None:  # G1 / G2: the file both systems load, written once (its folder: the peer's)
+        from cadenza.bench.llama_cpp_peer import write_peer_gguf
 
-        try:
-            LlamaCppPeer(*peer, args.cpu_threads or physical_cores(), args.trials, machine, log).run(
-                scenarios[0], ckpt, fmt, configs, add_row
-            )
-        except CadenzaError as e:
-            peer_error = e  # its rows say skipped and why; the files are completed first
+        folder = peer[1] if peer is not None else _gguf_folder(args.peer_dir)
+        written = write_peer_gguf(folder, ckpt, gguf_format, scenarios[0], log)
+    try:
+        _run_cadenza(args, ckpt, device, configs, expert_args, written, model, max_context, machine, add, log)
+        peer_error = None
+        if peer is not None:
+            peer_error = _run_peer(args, peer, ckpt, fmt, written, scenarios[0], configs, machine, add_row, log)
+    finally:
+        if written is not None:
+            written.path.unlink(missing_ok=True)
+            log(f"deleted {written.path}")
 
     for s in scenarios:
         write_results(files[s], command, machine, results[s], complete=True)
@@ -196,6 +180,92 @@ def run_bench(args: argparse.Namespace) -> int:
     if peer_error is not None:
         raise peer_error
     return 0
+
+
+def _gguf_folder(peer_dir: str | None):
+    import tempfile
+    from pathlib import Path
+
+    return Path(peer_dir or tempfile.gettempdir()).expanduser()
+
+
+def _run_cadenza(args, ckpt, device, configs, expert_args, written, model, max_context, machine, add, log) -> None:
+    """Builds cadenza's model (from the synthetic checkpoint, or with its loader from the GGUF `written`), measures
+    every configuration and frees the model (the peer runs after, with host memory and GPU to itself)."""
+    from cadenza.bench.machine import rss_gib
+    from cadenza.bench.measure import CadenzaUnderTest
+
+    first = _first_fitting(configs, ckpt, device)
+    what = (
+        f"loading {written.path}"
+        if written is not None
+        else f"building cadenza's model ({ckpt.total_bytes / 1e9:.1f} GB)"
+    )
+    log(f"{what} on {device} at {first.budget} GiB; host RSS {rss_gib()} GiB ...")
+    cut = CadenzaUnderTest(
+        ckpt,
+        device,
+        first,
+        max_context,
+        args.cpu_threads,
+        prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
+        eviction=args.eviction,
+        cuda_graphs=not args.no_cuda_graphs,
+        gguf=written.path if written is not None else None,
+        **expert_args,
+    )
+    ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
+    log(f"{'loaded' if written is not None else 'built'} in {cut.load_s:.1f} s; host RSS {rss_gib()} GiB")
+    if written is not None:
+        add = _with_gguf(add, written, cut, first.budget)
+    try:
+        for cfg in configs:
+            _run_config(cut, cfg, args, model, max_context, machine, add, log)
+    finally:
+        cut.close()
+    del cut
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log(f"cadenza's model freed; host RSS {rss_gib()} GiB")
+
+
+def _run_peer(args, peer, ckpt, fmt, written, scenario, configs, machine, add, log) -> CadenzaError | None:
+    """The peer's rows (after cadenza's, with its model freed: host memory and GPU are the peer's): on the GGUF
+    cadenza loaded (G1 / G2), else on one written from `ckpt` in `fmt` and deleted. Returns its failure, if any:
+    its rows say skipped and why, and the files are completed first."""
+    from cadenza.bench.llama_cpp_peer import LlamaCppPeer
+
+    runner = LlamaCppPeer(*peer, args.cpu_threads or physical_cores(), args.trials, machine, log)
+    try:
+        if written is not None:
+            runner.measure_file(scenario, written, configs, add)
+        else:
+            runner.run(scenario, ckpt, fmt, configs, add)
+    except CadenzaError as e:
+        return e
+    return None
+
+
+def _with_gguf(add, written, cut, budget):
+    """`add` that records the GGUF cadenza loaded, and how long loading it took, next to every cadenza result."""
+    plan = written.plan
+    types: dict[str, int] = {}
+    for t in plan.tensors:
+        types[t.qtype] = types.get(t.qtype, 0) + t.nbytes
+    facts = {
+        "gguf": {
+            "file": written.path.name,
+            "bytes": written.nbytes,
+            "bytes_by_type": types,
+            "expert_types": plan.expert_qtype,
+            "write_s": round(written.seconds, 3),
+            "load_s": round(cut.load_s, 3),  # LLM(path, ...) to ready to generate, the file just written (warm cache)
+            "load_budget_gib": budget,
+            "load_target_s": GGUF_LOAD_TARGET_S,
+        }
+    }
+    return lambda scenario, result: add(scenario, {**result, **facts})
 
 
 def _with_error(add, error: dict):

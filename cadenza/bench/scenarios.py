@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from cadenza.errors import CadenzaError
 
-SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "R1")
+SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "G1", "G2", "R1")
 if TYPE_CHECKING:
     import torch
 
@@ -28,6 +28,7 @@ F2_BUDGET_GIB = 6  # deepseek-v2-lite: MLA, a dense first layer, 2 shared + 6 of
 F2_MODEL = "deepseek-v2-lite"
 F2_CPU_MODEL = "deepseek-v2-tiny"  # its layout at laptop size, for runs without CUDA
 F1_CPU_MODEL = "qwen3-tiny"
+G2_CPU_MODEL = "qwen3-tiny-256"  # qwen3-tiny's experts have rows of 128: no whole K-quant blocks
 R1_MODEL = "olmoe-1b-7b"  # every expert resident on the GPU: what is left is per-step overhead and HBM bandwidth
 # scenario -> (model, model without CUDA)
 SOLO = {
@@ -37,11 +38,18 @@ SOLO = {
     "D4": ("mixtral-8x7b", None),
     "F3": (F1_MODEL, F1_CPU_MODEL),
     "F4": (F1_MODEL, F1_CPU_MODEL),
+    "G1": ("mixtral-8x7b", None),
+    "G2": (F1_MODEL, G2_CPU_MODEL),
     "R1": (R1_MODEL, None),
 }
 EXPERT_FORMAT = {"D3": "int8", "D4": "int4", "F3": "int8", "F4": "int4"}  # scenarios with quantized experts
 # their GPU budgets: D1's / F1's budget, and every expert on the host
 QUANT_BUDGETS = {"D3": (D1_BUDGET_GIB, 0), "D4": (D1_BUDGET_GIB, 0), "F3": (F1_BUDGET_GIB, 0), "F4": (F1_BUDGET_GIB, 0)}
+# scenarios measured on a GGUF file written once per run, which cadenza loads with its own loader (LLM(path)) and
+# llama.cpp (--peer) benchmarks as it is: the file's expert types (cadenza.bench.gguf_export), the budgets as above
+GGUF_EXPERTS = {"G1": "q4_k_m", "G2": "q4_k_m"}
+QUANT_BUDGETS |= {"G1": (D1_BUDGET_GIB, 0), "G2": (F1_BUDGET_GIB, 0)}
+GGUF_LOAD_TARGET_S = 30  # the issue's target: a 26 GB GGUF ready to generate, from a warm page cache, at 24 GiB
 QUANT_PREFILL = 512
 D1_POLICIES = ("auto", "cpu", "fetch")
 P1_POLICIES = ("auto", "cpu")
@@ -79,7 +87,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_SCENARIOS,
         help=f"comma-separated scenarios (default {DEFAULT_SCENARIOS}); F1 (qwen3-30b-a3b, 8 GiB), F2 "
         "(deepseek-v2-lite, 6 GiB), D3 / D4 (mixtral-8x7b, int8 / int4 experts, 24 GiB and 0), F3 / F4 "
-        "(qwen3-30b-a3b, int8 / int4 experts, 8 GiB and 0) and R1 each run on their own",
+        "(qwen3-30b-a3b, int8 / int4 experts, 8 GiB and 0), G1 / G2 (a Q4_K_M-like GGUF of mixtral-8x7b / "
+        "qwen3-30b-a3b loaded by cadenza, 24 / 8 GiB and 0) and R1 each run on their own",
     )
     p.add_argument("--out", default="benchmarks/results", help="folder for the results (default benchmarks/results)")
     p.add_argument("--trials", type=int, default=3, help="measured trials after one warm-up; the median is reported")
@@ -109,16 +118,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="NAME=PATH",
         help="also measure a peer in the same run, into the same JSON: llama.cpp=PATH (PATH: its llama-bench). "
-        "D3 / D4 / F3 / F4 only: after cadenza's configurations, with cadenza's model freed, the same synthetic model "
-        "is written as a GGUF file (Q8_0 experts for int8, Q4_0 for int4), each configuration is run with "
+        "D3 / D4 / F3 / F4 / G1 / G2 only: after cadenza's configurations, with cadenza's model freed, the same "
+        "synthetic model is written as a GGUF file (Q8_0 experts for int8, Q4_0 for int4; G1 / G2: the Q4_K_M-like "
+        "file cadenza loaded), each configuration is run with "
         "llama-bench -ngl 99 --n-cpu-moe N, N the fewest layers whose experts stay on the host for llama.cpp's "
         "estimated GPU memory to fit the budget (0: every layer's), and the file is deleted",
     )
     advanced(p).add_argument(
         "--peer-dir",
         default=None,
-        help="folder for the peer's GGUF file, which needs up to ~48 GiB of free disk for int8 Mixtral (default: the "
-        "system's temporary folder)",
+        help="folder for the peer's GGUF file (and G1 / G2's), which needs up to ~48 GiB of free disk for int8 Mixtral "
+        "(default: the system's temporary folder)",
     )
     advanced(p).add_argument(
         "--prefetch",
@@ -214,7 +224,7 @@ def plan_configs(
             out += [RunConfig("P1", pol, D1_BUDGET_GIB, n, 1) for n in prompts for pol in P1_POLICIES]
         elif s == "S1":
             out += [RunConfig("S1", "auto", b, prompt(64), new(64)) for b in budgets]
-        elif s in EXPERT_FORMAT:
+        elif s in QUANT_BUDGETS:
             # the budget with auto (CPU and link, a sync per host layer) and cpu (CPU only, launched from the stream)
             quant_budgets = QUANT_BUDGETS[s]
             out += [
