@@ -12,7 +12,7 @@ import torch
 
 from cadenza import LLM
 from tests.conftest import prompt_ids
-from tests.formats.gguf_files import gguf_tensors, write_gguf
+from tests.formats.gguf_files import write_gguf
 from tests.kernels.block_data import random_blocks
 from tests.models.test_qwen3_moe import make_qwen3_moe
 
