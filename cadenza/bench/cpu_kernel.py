@@ -69,6 +69,30 @@ class Pool:
         return self.data[off : off + n].view(rows, cols)
 
 
+def _block_format(fmt: str) -> bool:
+    from cadenza.kernels.blocks import BLOCK_FORMATS
+
+    return all(f in BLOCK_FORMATS for f in fmt.split("+"))
+
+
+def block_layer(fmt: str, shape: dict, seed: int):
+    """A layer of random GGUF blocks in block format `fmt` ("q4_k+q6_k": gate/up, down), as a GGUF loads."""
+    from cadenza.bench.gguf_quants import random_blocks
+    from cadenza.kernels import blocks, layout
+
+    e, h, i = shape["experts"], shape["hidden"], shape["intermediate"]
+    gu, _, dn = fmt.partition("+")
+    types = [blocks.BLOCK_FORMATS[f].gguf for f in (gu, gu, dn or gu)]
+    out = layout.empty_packed(fmt, None, e, h, i)
+    for x in range(e):
+        mats = [
+            blocks.from_gguf(t, random_blocks(t, r, c, seed + 3 * x + n), c)
+            for n, (t, r, c) in enumerate(zip(types, (i, i, h), (h, h, i), strict=True))
+        ]
+        layout.write_block_expert(out, x, *mats)
+    return out
+
+
 def timed(fn, seconds: float, min_calls: int, max_calls: int, warmup: int = 2) -> list[float]:
     """Call times (s) of fn(i) for i = 0, 1, ...: `warmup` calls, then until `seconds` and `min_calls`."""
     for i in range(warmup):
@@ -167,8 +191,14 @@ class Bench:
             packed = cpu_moe.plain_layer(*self.stacked())
             n_copies = max(1, math.ceil(a.rotate_gb * GB / packed.nbytes))
             copies = [packed] + [cpu_moe.plain_layer(*(m.clone() for m in self.stacked())) for _ in range(n_copies - 1)]
-        else:
+        elif fmt in cpu_moe.FORMATS:
             packed = cpu_moe.pack_layer(self.gate, self.up, self.down, fmt)
+            n_copies = max(1, math.ceil(a.rotate_gb * GB / packed.nbytes))
+            copies = [packed] + [
+                replace(packed, gate_up=packed.gate_up.clone(), down=packed.down.clone()) for _ in range(n_copies - 1)
+            ]
+        else:  # a file's block format: random blocks (its speed does not depend on the values)
+            packed = block_layer(fmt, sh, a.seed)
             n_copies = max(1, math.ceil(a.rotate_gb * GB / packed.nbytes))
             copies = [packed] + [
                 replace(packed, gate_up=packed.gate_up.clone(), down=packed.down.clone()) for _ in range(n_copies - 1)
@@ -289,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     for f in formats:
-        if f not in cpu_moe.FORMATS:
-            ap.error(f"unknown format {f!r}: use {', '.join(cpu_moe.FORMATS)}")
+        if f not in cpu_moe.FORMATS and not _block_format(f):
+            ap.error(f"unknown format {f!r}: use {', '.join(cpu_moe.FORMATS)} or block formats (q4_k+q6_k, mxfp4, ...)")
     layouts = [x for x in args.layouts.split(",") if x]
     for x in layouts:
         if x not in ("tiled", "plain"):

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 BLOCK = 32  # weights per block, both formats
@@ -261,3 +262,34 @@ def _random_q6_k(dst: torch.Tensor, d: torch.Tensor) -> None:
     magnitude = (r.view(torch.uint8) & 0x7F) % 5 + 2
     dst[:, 192:208] = torch.where(r < 0, -magnitude.view(torch.int8), magnitude.view(torch.int8)).view(torch.uint8)
     dst[:, 208:210] = d
+
+
+# --- random blocks of every type cadenza keeps (tests, the CPU kernel bench) -----------------------------------
+
+RANDOM_BLOCKS = {"Q4_0": (32, 18), "MXFP4": (32, 17), "Q4_K": (256, 144), "Q6_K": (256, 210), "Q8_0": (32, 34)}
+
+
+def _f16(rng: np.random.Generator, shape, lo: float, hi: float) -> np.ndarray:
+    return rng.uniform(lo, hi, shape).astype(np.float16).view(np.uint8).reshape(*shape, 2)
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0, scale: float = 0.02) -> np.ndarray:
+    """uint8 [rows, bytes per row]: random codes, scales near `scale` (so weights look like a model's)."""
+    rng = np.random.default_rng(seed)
+    per, size = RANDOM_BLOCKS[qtype]
+    n = (rows, cols // per)
+    if qtype in ("Q4_0", "Q8_0"):
+        d = _f16(rng, n, -scale / 8, scale / 8)
+        q = rng.integers(0, 256, (*n, size - 2), dtype=np.uint8)
+        b = np.concatenate((d, q), axis=-1)
+    elif qtype == "MXFP4":
+        e = rng.integers(118, 124, (*n, 1), dtype=np.uint8)
+        b = np.concatenate((e, rng.integers(0, 256, (*n, 16), dtype=np.uint8)), axis=-1)
+    elif qtype == "Q4_K":
+        d, dmin = _f16(rng, n, 0, scale / 64), _f16(rng, n, 0, scale / 64)
+        b = np.concatenate((d, dmin, rng.integers(0, 256, (*n, 140), dtype=np.uint8)), axis=-1)
+    else:  # Q6_K: ql, qh, int8 scales, d
+        body = rng.integers(0, 256, (*n, 192), dtype=np.uint8)
+        sc = rng.integers(-64, 64, (*n, 16)).astype(np.int8).view(np.uint8)
+        b = np.concatenate((body, sc, _f16(rng, n, 0, scale / 256)), axis=-1)
+    return np.ascontiguousarray(b.reshape(rows, -1))

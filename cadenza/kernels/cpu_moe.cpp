@@ -118,14 +118,21 @@ inline void prefetch_chunk(const uint8_t* p, int pf) {
 inline bool nib_block(int fmt) { return fmt == Q4_0 || fmt == Q4_K || fmt == MXFP4; }
 
 // The 16 code values of a nibble: the code itself, or (mxfp4) its e2m1 value.
+// As bf16 words, 32 entries (vpermw's 5-bit index: entries 16..31 repeat 0..15); every value is exact in bf16.
 struct Bases {
   alignas(64) float q[16];
   alignas(64) float e2m1[16];
+  alignas(64) uint16_t q16[32];
+  alignas(64) uint16_t e2m1_16[32];
   Bases() {
     const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
     for (int i = 0; i < 16; ++i) {
       q[i] = float(i);
       e2m1[i] = i < 8 ? mag[i] : -mag[i - 8];
+    }
+    for (int i = 0; i < 32; ++i) {
+      q16[i] = bf16_rne(q[i & 15]);
+      e2m1_16[i] = bf16_rne(e2m1[i & 15]);
     }
   }
 };
@@ -138,6 +145,7 @@ struct Scales {
   const float* sc = nullptr;
   const float* mn = nullptr;
   const float* base = bases.q;
+  const uint16_t* base16 = bases.q16;
   const uint8_t* z = nullptr;
   void load(int fmt, const uint8_t* tile, int ng) {
     if (fmt == INT8) {
@@ -155,36 +163,42 @@ struct Scales {
     if (fmt == INT4) {
       for (int i = 0; i < n; ++i) s[i] = bf16_to_f32(h[i]);
       z = tile + 2 * n;
-    } else if (fmt == Q8_0) {
-      for (int i = 0; i < n; ++i) s[i] = _cvtsh_ss(h[i]);
-    } else if (fmt == Q4_0) {
-      for (int i = 0; i < n; ++i) {
-        s[i] = _cvtsh_ss(h[i]);
-        m[i] = 8.0f * s[i];
+    } else if (fmt == Q8_0 || fmt == Q4_0) {  // d fp16 [4][ng]: 16 at a time (n is a multiple of 16)
+      const __m512 eight = _mm512_set1_ps(8.0f);
+      for (int i = 0; i < n; i += 16) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i)));
+        _mm512_storeu_ps(s + i, d);
+        _mm512_storeu_ps(m + i, fmt == Q4_0 ? _mm512_mul_ps(d, eight) : _mm512_setzero_ps());
       }
-    } else if (fmt == MXFP4) {
-      for (int i = 0; i < n; ++i) {
-        const uint32_t e = tile[i], bits = e ? e << 23 : 1u << 22;  // 2^(e - 127); e = 0 is a denormal
-        std::memcpy(&s[i], &bits, 4);
-        m[i] = 0.0f;
+    } else if (fmt == MXFP4) {  // 2^(e - 127) from the bits; e = 0 is the denormal 2^-127
+      for (int i = 0; i < n; i += 16) {
+        const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + i)));
+        const __mmask16 zero = _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512());
+        const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), zero, _mm512_set1_epi32(1 << 22));
+        _mm512_storeu_ps(s + i, _mm512_castsi512_ps(bits));
+        _mm512_storeu_ps(m + i, _mm512_setzero_ps());
       }
-    } else if (fmt == Q4_K) {  // d, dmin fp16 [4][ng / 8]; sc, m uint8 [4][ng]
+    } else if (fmt == Q4_K) {  // d, dmin fp16 [4][ng / 8]; sc, m uint8 [4][ng]: 8 groups per super-block
       const int ns = ng / 8;
       const uint16_t* dm = h + ROWS * ns;
       const uint8_t* scb = reinterpret_cast<const uint8_t*>(dm + ROWS * ns);
-      for (int r = 0; r < ROWS; ++r)
-        for (int g = 0; g < ng; ++g) {
-          const int i = r * ng + g;
-          s[i] = _cvtsh_ss(h[r * ns + g / 8]) * float(scb[i]);
-          m[i] = _cvtsh_ss(dm[r * ns + g / 8]) * float(scb[n + i]);
-        }
-    } else if (fmt == Q6_K) {  // d fp16 [4][ng / 16]; sc int8 [4][ng] (groups of 16)
+      for (int b = 0; b < ROWS * ns; ++b) {  // super-block b (row-major over rows): groups 8b .. 8b + 7
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(h[b])), dmin = _mm256_set1_ps(_cvtsh_ss(dm[b]));
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scb + 8 * b))));
+        const __m256 mc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scb + n + 8 * b))));
+        _mm256_storeu_ps(s + 8 * b, _mm256_mul_ps(d, sc));
+        _mm256_storeu_ps(m + 8 * b, _mm256_mul_ps(dmin, mc));
+      }
+    } else if (fmt == Q6_K) {  // d fp16 [4][ng / 16]; sc int8 [4][ng]: 16 groups of 16 per super-block
       const int ns = ng / 16;
       const int8_t* scb = reinterpret_cast<const int8_t*>(h + ROWS * ns);
-      for (int r = 0; r < ROWS; ++r)
-        for (int g = 0; g < ng; ++g) s[r * ng + g] = _cvtsh_ss(h[r * ns + g / 16]) * float(scb[r * ng + g]);
+      for (int b = 0; b < ROWS * ns; ++b) {
+        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scb + 16 * b))));
+        _mm512_storeu_ps(s + 16 * b, _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(h[b])), sc));
+      }
     }
     base = fmt == MXFP4 ? bases.e2m1 : bases.q;
+    base16 = fmt == MXFP4 ? bases.e2m1_16 : bases.q16;
   }
 };
 
@@ -477,6 +491,55 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_int4_bf16(const 
     for (int t = 0; t < NT; ++t) out[r][t] = hsum(tot[r][t]);
 }
 
+// Block formats (groups of 32) with vdpbf16ps: a nibble indexes the bf16 code values; per group
+// sum (v s - m) x = s sum v x - m sum x, where sum x (the group's x, as 16 lane pairs) is one dot product with ones
+// per token and group, shared by the tile's 4 rows (MIN: the format has a min; mxfp4 has none).
+template <int NT, bool LO, bool MIN>
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_blk_bf16(const Args& a, float out[ROWS][MAX_NT]) {
+  __m512 tot[ROWS][NT];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) tot[r][t] = _mm512_setzero_ps();
+  const float* sc = a.s->sc;
+  const float* mn = a.s->mn;
+  const int ng = a.ng, K = a.K;
+  const __m512i lut = _mm512_load_si512(a.s->base16);
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
+  const uint16_t* xs[NT];
+  for (int t = 0; t < NT; ++t) xs[t] = reinterpret_cast<const uint16_t*>(a.x[t]);
+  const uint8_t* p = a.data;
+  for (int c = 0; c < K / 128; ++c, p += 256) {
+    prefetch_chunk(p, a.pf);
+    __m512bh xh[4][NT], xl[4][NT];
+    __m512 xsum[4][NT];
+    for (int gi = 0; gi < 4; ++gi)
+      for (int t = 0; t < NT; ++t) {
+        xh[gi][t] = (__m512bh)_mm512_loadu_si512(xs[t] + c * 128 + 32 * gi);
+        if (LO) xl[gi][t] = (__m512bh)_mm512_loadu_si512(xs[t] + K + c * 128 + 32 * gi);
+        if constexpr (MIN) {
+          xsum[gi][t] = _mm512_dpbf16_ps(_mm512_setzero_ps(), ones, xh[gi][t]);
+          if (LO) xsum[gi][t] = _mm512_dpbf16_ps(xsum[gi][t], ones, xl[gi][t]);
+        }
+      }
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512i v = _mm512_loadu_si512(p + 64 * r);
+#pragma GCC unroll 4
+      for (int gi = 0; gi < 4; ++gi) {
+        const int g = r * ng + c * 4 + gi;
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4 * gi), lut);
+        const __m512 s = _mm512_set1_ps(sc[g]);
+        for (int t = 0; t < NT; ++t) {
+          __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, xh[gi][t]);
+          if (LO) acc = _mm512_dpbf16_ps(acc, w, xl[gi][t]);
+          tot[r][t] = _mm512_fmadd_ps(acc, s, tot[r][t]);
+          if constexpr (MIN) tot[r][t] = _mm512_fnmadd_ps(xsum[gi][t], _mm512_set1_ps(mn[g]), tot[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) out[r][t] = hsum(tot[r][t]);
+}
+
 using DotFn = void (*)(const Args&, float[ROWS][MAX_NT]);
 
 template <template <int> class F>
@@ -491,6 +554,8 @@ DotFn by_nt(int nt) {
 template <int G> struct Int8G { template <int NT> struct F { static constexpr DotFn fn = dot_int8<NT, G>; }; };
 template <int G> struct Int4F { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, G>; }; };
 struct Nib32 { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, 32, true>; }; };
+template <bool LO, bool MIN>
+struct NibB { template <int NT> struct F { static constexpr DotFn fn = dot_blk_bf16<NT, LO, MIN>; }; };
 template <int G, bool LO>
 struct Int4B { template <int NT> struct F { static constexpr DotFn fn = dot_int4_bf16<NT, G, LO>; }; };
 template <int RG> struct Bf16F { template <int NT> struct F { static constexpr DotFn fn = dot_bf16<NT, RG>; }; };
@@ -506,7 +571,12 @@ DotFn by_group(int group, int nt) {
 
 // The micro-kernel for a format, group size, token count, staging kind and (bf16) rows per pass.
 DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
-  if (nib_block(fmt)) return by_nt<Nib32::F>(nt);
+  if (nib_block(fmt)) {
+    if (kind != HI_LO) return by_nt<Nib32::F>(nt);
+    const bool min = fmt != MXFP4;
+    if (lo) return min ? by_nt<NibB<true, true>::F>(nt) : by_nt<NibB<true, false>::F>(nt);
+    return min ? by_nt<NibB<false, true>::F>(nt) : by_nt<NibB<false, false>::F>(nt);
+  }
   if (fmt == Q6_K) return by_nt<Int8G<16>::F>(nt);
   if (fmt == Q8_0) return by_nt<Int8G<32>::F>(nt);
   if (fmt == BF16) {
@@ -609,7 +679,6 @@ thread_local Buffers tls;
 // How a matrix of this format wants its activations staged.
 inline int stage_kind(int fmt, int use_bf16) {
   if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0) return NATURAL;
-  if (nib_block(fmt)) return PAIR_SPLIT;
   return use_bf16 ? HI_LO : PAIR_SPLIT;
 }
 
