@@ -137,7 +137,7 @@ def run_bench(args: argparse.Namespace) -> int:
     expert_args = expert_kwargs(args)
     fmt = EXPERT_FORMAT.get(scenarios[0])
     if fmt is not None:  # D3 / D4 fix the format
-        if args.experts not in ("bf16", fmt):
+        if args.experts not in ("auto", "bf16", fmt):
             raise CadenzaError(f"{scenarios[0]} measures {fmt} experts; --experts {args.experts} contradicts it.")
         expert_args["experts"] = fmt
         from cadenza.bench.quant_error import quantization_error

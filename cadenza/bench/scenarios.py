@@ -268,7 +268,7 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
     ]
     if args.prefetch != "auto":
         parts += ["--prefetch", args.prefetch]
-    if args.experts != "bf16":
+    if args.experts not in ("auto", "bf16"):
         parts += ["--experts", args.experts]
     if args.expert_group is not None:
         parts += ["--expert-group", str(args.expert_group)]

@@ -54,7 +54,7 @@
 namespace {
 
 enum Fmt { BF16 = 0, INT8 = 1, INT4 = 2, Q4_0 = 3, Q4_K = 4, MXFP4 = 5, Q6_K = 6, Q8_0 = 7 };  // layout.KERNEL_FORMATS
-enum Act { SILU = 0, GELU_TANH = 1, GELU = 2, RELU = 3 };
+enum Act { SILU = 0, GELU_TANH = 1, GELU = 2, RELU = 3, CLAMPED_SWIGLU = 4 };
 enum Stage { PAIR_SPLIT = 0, NATURAL = 1, HI_LO = 2 };
 
 constexpr int ROWS = 4;    // rows per tile
@@ -75,6 +75,25 @@ inline float activate(float g, int act) {
     default:
       return g > 0.0f ? g : 0.0f;
   }
+}
+
+// What gpt-oss's experts add to the plain ones (the entries' last argument; null: nothing): biases after gate, up
+// and down (fp32 [E, I], [E, I], [E, H], each may be null), and CLAMPED_SWIGLU's alpha and limit.
+struct Extra {
+  const float* gate_bias = nullptr;
+  const float* up_bias = nullptr;
+  const float* down_bias = nullptr;
+  float alpha = 0.0f, limit = 0.0f;
+};
+
+// h = the gated unit of gate output g and up output u.
+inline float glu(float g, float u, int act, const Extra& ex) {
+  if (act == CLAMPED_SWIGLU) {  // gpt-oss: (clamp(u) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit)
+    g = std::min(g, ex.limit);
+    u = std::max(-ex.limit, std::min(u, ex.limit));
+    return (u + 1.0f) * (g / (1.0f + std::exp(-ex.alpha * g)));
+  }
+  return activate(g, act) * u;
 }
 
 inline uint16_t bf16_rne(float f) {
@@ -683,7 +702,8 @@ inline int stage_kind(int fmt, int use_bf16) {
 }
 
 int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, int x_bf16, int T, const int64_t* ids,
-            const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y) {
+            const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y,
+            const Extra& ex) {
   if (T <= 0) return 0;
   const int Hp = mg.ks, Ip = md.ks;
   const int kind = stage_kind(mg.fmt, use_bf16), kind_h = stage_kind(md.fmt, use_bf16);
@@ -772,8 +792,15 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
                   mg, e, j, kind, lo1, s, nb, [&](int i) { return xs + int64_t(tok[p0 + tb + i]) * Hp; },
                   [&](int i, const float* o) {
                     float* hr = hb + int64_t(p0 + tb + i) * Ip;
-                    stage_put(kind_h, hr, Ip, 2 * j, 2 * j < I ? activate(o[0], act) * o[2] : 0.0f);
-                    stage_put(kind_h, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? activate(o[1], act) * o[3] : 0.0f);
+                    float g[2] = {o[0], o[1]}, u[2] = {o[2], o[3]};
+                    for (int c = 0; c < 2; ++c) {
+                      const int64_t col = 2 * j + c;
+                      if (col >= I) continue;
+                      if (ex.gate_bias) g[c] += ex.gate_bias[int64_t(e) * I + col];
+                      if (ex.up_bias) u[c] += ex.up_bias[int64_t(e) * I + col];
+                    }
+                    stage_put(kind_h, hr, Ip, 2 * j, 2 * j < I ? glu(g[0], u[0], act, ex) : 0.0f);
+                    stage_put(kind_h, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? glu(g[1], u[1], act, ex) : 0.0f);
                     if (j == n1 - 1)
                       for (int64_t col = 2 * n1; col < Ip; ++col) stage_put(kind_h, hr, Ip, col, 0.0f);
                   },
@@ -802,8 +829,9 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
                   const int p = p0 + tb + i;
                   float* yr = y + int64_t(tok[p]) * H;
                   const float wt = wp[p];
+                  const float* db = ex.down_bias ? ex.down_bias + int64_t(e) * H : nullptr;
                   for (int r = 0; r < ROWS; ++r)
-                    if (row0 + r < H) yr[row0 + r] += wt * o[r];
+                    if (row0 + r < H) yr[row0 + r] += wt * (db ? o[r] + db[row0 + r] : o[r]);
                 },
                 prefetch);
           }
@@ -878,6 +906,7 @@ struct Job {  // a layer's decode step for the stream (cadenza_job_*)
   float* y;
   int64_t* stats;
   int ring;
+  Extra ex;
 };
 
 int64_t monotonic_ns() {
@@ -903,22 +932,25 @@ int cadenza_moe_forward(int gu_fmt, int gu_group, int dn_fmt, int dn_group, int 
                         int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
                         int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, const void* x,
                         int x_bf16, int T, const int64_t* ids, const float* w, int k, const uint8_t* mask, int act,
-                        int nthreads, int prefetch, int use_bf16, float* y) {
+                        int nthreads, int prefetch, int use_bf16, float* y, const Extra* ex) {
   Mat mg, md;
   packed_mats(gu_fmt, gu_group, dn_fmt, dn_group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn,
               dn_expert_stride, dn_tile_bytes, dn_header_bytes, mg, md);
-  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
+  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y,
+                 ex ? *ex : Extra{});
 }
 
 // The same step on the model's own stacked bf16 weights, read in place: gate, up [E, I, H], down [E, H, I],
 // row-major and contiguous; any H, I.
 int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down,
                               const void* x, int x_bf16, int T, const int64_t* ids, const float* w, int k,
-                              const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y) {
+                              const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y,
+                              const Extra* ex) {
   if (H <= 0 || I <= 0) return -1;
   Mat mg, md;
   plain_mats(H, I, gate, up, down, mg, md);
-  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y);
+  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y,
+                 ex ? *ex : Extra{});
 }
 
 // ---- a layer's CPU step as a job the CUDA stream runs (cadenza.moe.offload.streamed) --------------------------------
@@ -941,8 +973,9 @@ void* cadenza_job_new_packed(int gu_fmt, int gu_group, int dn_fmt, int dn_group,
                              const uint8_t* dn, int64_t dn_expert_stride, int64_t dn_tile_bytes,
                              int64_t dn_header_bytes, const void* x, int x_bf16, int T, const int64_t* ids,
                              const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch,
-                             int use_bf16, float* y, int64_t* stats, int ring) {
-  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y, stats, ring};
+                             int use_bf16, float* y, const Extra* ex, int64_t* stats, int ring) {
+  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y, stats, ring,
+                   ex ? *ex : Extra{}};
   packed_mats(gu_fmt, gu_group, dn_fmt, dn_group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn,
               dn_expert_stride, dn_tile_bytes, dn_header_bytes, j->mg, j->md);
   return j;
@@ -951,9 +984,10 @@ void* cadenza_job_new_packed(int gu_fmt, int gu_group, int dn_fmt, int dn_group,
 void* cadenza_job_new_plain(int E, int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down,
                             const void* x, int x_bf16, int T, const int64_t* ids, const float* w, int k,
                             const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y,
-                            int64_t* stats, int ring) {
+                            const Extra* ex, int64_t* stats, int ring) {
   if (H <= 0 || I <= 0) return nullptr;
-  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y, stats, ring};
+  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y, stats, ring,
+                   ex ? *ex : Extra{}};
   plain_mats(H, I, gate, up, down, j->mg, j->md);
   return j;
 }
@@ -984,7 +1018,7 @@ void cadenza_job_run(void* p) {
   int rc = 0;
   if (here)
     rc = forward(j.E, j.H, j.I, j.mg, j.md, j.x, j.x_bf16, j.T, j.ids, j.w, j.k, j.mask, j.act, j.nthreads,
-                 j.prefetch, j.use_bf16, j.y);
+                 j.prefetch, j.use_bf16, j.y, j.ex);
   const int64_t t1 = monotonic_ns();
   int64_t* s = j.stats;
   if (j.ring > 0) {

@@ -64,6 +64,37 @@ log = logging.getLogger(__name__)
 ROUTES = ("auto", "kernel", "mm", "torch")
 # activation name (config.json's hidden_act) -> the kernel's code
 ACT_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2, "relu": 3}
+CLAMPED_SWIGLU_CODE = 4  # gpt-oss's gated unit, named "clamped_swiglu:ALPHA:LIMIT" (models.common.glu_fn)
+
+
+class _Extra(ctypes.Structure):
+    """cpu_moe.cpp's Extra: biases after gate, up and down, and the clamped SwiGLU's alpha and limit."""
+
+    _fields_ = [("gate_bias", ctypes.c_void_p), ("up_bias", ctypes.c_void_p), ("down_bias", ctypes.c_void_p),
+                ("alpha", ctypes.c_float), ("limit", ctypes.c_float)]  # fmt: skip
+
+
+def kernel_act(act: str) -> tuple[int, float, float] | None:
+    """(the kernel's activation code, alpha, limit) of an expert activation name, or None where it has none."""
+    if act in ACT_CODES:
+        return ACT_CODES[act], 0.0, 0.0
+    if act.startswith("clamped_swiglu:"):
+        _, alpha, limit = act.split(":")
+        return CLAMPED_SWIGLU_CODE, float(alpha), float(limit)
+    return None
+
+
+def _extra(act: str, biases) -> tuple[_Extra, tuple]:
+    """The Extra for an activation and biases (gate [E, I], up [E, I], down [E, H], each or all None), and the fp32
+    contiguous tensors it points into (keep them alive while the kernel may run)."""
+    _, alpha, limit = kernel_act(act)
+    held = tuple(None if b is None else b.detach().float().contiguous() for b in (biases or (None, None, None)))
+    if any(b is not None and b.device.type != "cpu" for b in held):
+        raise ValueError("expert biases for the CPU kernel must be CPU tensors")
+    ptrs = [None if b is None else b.data_ptr() for b in held]
+    return _Extra(*ptrs, alpha, limit), held
+
+
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 _CHUNK_BYTES = 16 << 20  # dequantized rows per torch.mm in the mm / torch routes (stays in the last-level cache)
 
@@ -134,14 +165,17 @@ def _build() -> ctypes.CDLL:
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.cadenza_moe_forward.restype = i32
     layer = [i32] * 9 + [ptr, i64, i64, i64] * 2  # formats and groups, shapes, gate_up and down matrices
-    call = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, i32, i32, i32, ptr]  # x .. y
+    call = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, i32, i32, i32, ptr, ptr]  # x .. y, the Extra
     lib.cadenza_moe_forward.argtypes = layer + call
     lib.cadenza_moe_forward_plain.restype = i32
     lib.cadenza_moe_forward_plain.argtypes = [i32, i32, i32, ptr, ptr, ptr] + call  # shapes, gate, up, down
     lib.cadenza_dequant_bf16.restype = i32
     lib.cadenza_dequant_bf16.argtypes = [i32, i32, ptr, i64, i64, i32, i64, i64, ptr, i32]
     lib.cadenza_cpu_moe_features.restype = i32
-    job = call + [ptr, i32]  # x .. y, then the stats array and its ring's length (cadenza.moe.offload.streamed)
+    job = call + [
+        ptr,
+        i32,
+    ]  # x .. y, the Extra, then the stats array and its ring's length (cadenza.moe.offload.streamed)
     lib.cadenza_job_new_packed.restype = ptr
     lib.cadenza_job_new_packed.argtypes = layer + job
     lib.cadenza_job_new_plain.restype = ptr
@@ -194,9 +228,13 @@ def moe_forward(
     mm_min_tokens: int | None = -1,
     prefetch: int = 0,
     bf16_dot: bool | None = None,
+    biases: tuple | None = None,
 ) -> torch.Tensor:
     """y [T, H] float32 = sum over (t, slot) with topk_ids[t, slot] in `experts` (None: all) of
     topk_weights[t, slot] * down(act(gate x_t) * up x_t).
+
+    act: an activation name (ACT_CODES), or "clamped_swiglu:ALPHA:LIMIT" (gpt-oss); biases: (gate [E, I], up [E, I],
+    down [E, H]) added after each product (gpt-oss; any may be None).
 
     layer: packed tiles (`pack_layer`) or a bf16 model's stacked tensors read in place (`plain_layer`), same
     semantics. x [T, H] float32 or bfloat16; topk_ids [T, k] int; topk_weights [T, k]; all on the CPU. threads: the
@@ -209,8 +247,10 @@ def moe_forward(
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
-    if act not in ACT_CODES:
-        raise ValueError(f"activation {act!r} is not supported: use one of {', '.join(ACT_CODES)}")
+    if kernel_act(act) is None:
+        raise ValueError(
+            f"activation {act!r} is not supported: use one of {', '.join(ACT_CODES)}, or clamped_swiglu:ALPHA:LIMIT"
+        )
     plain = isinstance(layer, PlainExperts)
     if plain:
         layer.check()  # the kernel reads these tensors' memory in place
@@ -233,11 +273,11 @@ def moe_forward(
         return y
     chunked = _plain_forward if plain else _chunked_forward
     if route == "torch":
-        chunked(layer, x, ids, w, experts, act, y, mm_dtype=torch.float32)
+        chunked(layer, x, ids, w, experts, act, y, mm_dtype=torch.float32, biases=biases)
         return y
     threads = threads or _default_threads()
     if route == "mm":
-        chunked(layer, x, ids, w, experts, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads)
+        chunked(layer, x, ids, w, experts, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads, biases=biases)
         return y
     big: list[int] = []
     if route == "auto":
@@ -249,9 +289,9 @@ def moe_forward(
     if small:
         bf16_dot = has_bf16_dot() if bf16_dot is None else bf16_dot
         kernel = _plain_kernel_forward if plain else _kernel_forward
-        kernel(lib, layer, x, ids, w, small, act, threads, prefetch, bf16_dot, y)
+        kernel(lib, layer, x, ids, w, small, act, threads, prefetch, bf16_dot, y, biases)
     if big:
-        chunked(layer, x, ids, w, big, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads)
+        chunked(layer, x, ids, w, big, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads, biases=biases)
     return y
 
 
@@ -270,8 +310,8 @@ def _mask(num_experts: int, experts: list[int]) -> ctypes.Array:
     return mask
 
 
-def _call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y) -> tuple:
-    """The kernel entries' common tail: x .. y."""
+def _call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y, extra) -> tuple:
+    """The kernel entries' common tail: x .. y, then the Extra."""
     return (
         x.data_ptr(),
         int(x.dtype == torch.bfloat16),
@@ -280,11 +320,12 @@ def _call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y) -> tuple:
         w.data_ptr(),
         ids.shape[1],
         ctypes.addressof(mask),
-        ACT_CODES[act],
+        kernel_act(act)[0],
         threads,
         prefetch,
         int(bf16_dot),
         y.data_ptr(),
+        ctypes.byref(extra),
     )
 
 
@@ -320,17 +361,21 @@ def _plain_args(p: PlainExperts) -> tuple:
     return p.num_experts, p.hidden, p.intermediate, p.gate.data_ptr(), p.up.data_ptr(), p.down.data_ptr()
 
 
-def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
+def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y, biases) -> None:
     mask = _mask(p.num_experts, experts)
-    rc = lib.cadenza_moe_forward(*_layer_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y))
+    extra, _held = _extra(act, biases)
+    rc = lib.cadenza_moe_forward(
+        *_layer_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y, extra)
+    )
     if rc != 0:
         raise RuntimeError(f"cadenza_moe_forward failed ({rc})")
 
 
-def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y) -> None:
+def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y, biases):
     mask = _mask(p.num_experts, experts)
+    extra, _held = _extra(act, biases)
     rc = lib.cadenza_moe_forward_plain(
-        *_plain_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y)
+        *_plain_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y, extra)
     )
     if rc != 0:
         raise RuntimeError(f"cadenza_moe_forward_plain failed ({rc})")
@@ -339,16 +384,23 @@ def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads
 # --- jobs: a layer's step with fixed buffers, run by whoever holds the pointer (cadenza.moe.offload.streamed) ---
 
 
-def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int, prefetch: int = 0) -> int:
+_JOB_HELD: dict[int, tuple] = {}  # job address -> the bias tensors its Extra points into, until job_free
+
+
+def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int, prefetch: int = 0, biases=None) -> int:
     """A job computing y [T, H] fp32 = the pairs of ids [T, k] routed to experts with mask[e] != 0, from x [T, H]
     (fp32 or bf16) and w [T, k] fp32, whenever `job_run` (or a CUDA stream, through `job_function`) runs it. Every
     tensor is read or written in place at each run, so the caller keeps them alive and fixed (pinned staging
-    buffers); stats: int64 [8 + E + 2 ring] (see cpu_moe.cpp). Returns the job's address; `job_free` frees it."""
+    buffers); stats: int64 [8 + E + 2 ring] (see cpu_moe.cpp); act and biases as `moe_forward` (the biases are
+    copied to fp32 once, held until `job_free`). Returns the job's address; `job_free` frees it."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the CPU kernel is unavailable: {_library.reason}")
-    if act not in ACT_CODES:
-        raise ValueError(f"activation {act!r} is not supported: use one of {', '.join(ACT_CODES)}")
+    if kernel_act(act) is None:
+        raise ValueError(
+            f"activation {act!r} is not supported: use one of {', '.join(ACT_CODES)}, or clamped_swiglu:ALPHA:LIMIT"
+        )
+    extra, held = _extra(act, biases)
     tensors = {"x": x, "ids": ids, "w": w, "mask": mask, "y": y, "stats": stats}
     want = {"ids": torch.int64, "w": torch.float32, "mask": torch.uint8, "y": torch.float32, "stats": torch.int64}
     for name, t in tensors.items():
@@ -367,11 +419,12 @@ def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int,
         w.data_ptr(),
         ids.shape[1],
         mask.data_ptr(),
-        ACT_CODES[act],
+        kernel_act(act)[0],
         threads,
         prefetch,
         int(has_bf16_dot()),
         y.data_ptr(),
+        ctypes.byref(extra),
         stats.data_ptr(),
         ring,
     )
@@ -382,6 +435,7 @@ def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int,
         ptr = lib.cadenza_job_new_packed(*_layer_args(layer), *step)
     if not ptr:
         raise RuntimeError("cadenza_job_new failed")
+    _JOB_HELD[ptr] = held
     return ptr
 
 
@@ -392,6 +446,7 @@ def job_run(ptr: int) -> None:
 
 def job_free(ptr: int) -> None:
     _load().cadenza_job_free(ptr)
+    _JOB_HELD.pop(ptr, None)
 
 
 def job_function() -> int:
@@ -426,13 +481,29 @@ def _routed(ids: torch.Tensor, w: torch.Tensor, experts):
             yield e, pairs // k, flat_w[pairs, None]
 
 
-def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib=None, threads=None) -> None:
+def _padded_biases(biases, ip: int, hp: int) -> tuple:
+    """(gate, up, down) biases as fp32 [E, Ip], [E, Ip], [E, Hp] (zeros past I, H), or Nones."""
+    out = []
+    for b, n in zip(biases or (None, None, None), (ip, ip, hp), strict=True):
+        if b is None:
+            out.append(None)
+            continue
+        full = torch.zeros(b.shape[0], n, dtype=torch.float32)
+        full[:, : b.shape[1]] = b.float()
+        out.append(full)
+    return tuple(out)
+
+
+def _chunked_forward(
+    p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib=None, threads=None, biases=None
+) -> None:
     """Per expert, chunks of its rows dequantized to `mm_dtype` and multiplied with torch.mm: the "mm" route in
     bf16 (matrix units), the "torch" fallback / reference in fp32."""
-    from cadenza.models.common import act_fn
+    from cadenza.models.common import glu_fn
 
-    fn = act_fn(act)
+    glu = glu_fn(act)
     hp, ip = p.hidden_pad, p.inter_pad
+    gb, ub, db = _padded_biases(biases, ip, hp)
     el = torch.finfo(mm_dtype).bits // 8
     ct1 = max(1, _CHUNK_BYTES // (ROWS * hp * el))  # tiles per chunk
     ct2 = max(1, _CHUNK_BYTES // (ROWS * ip * el))
@@ -447,21 +518,27 @@ def _chunked_forward(p: PackedExperts, x, ids, w, experts, act, y, mm_dtype, lib
             t1 = min(ip // 2, t0 + ct1)
             rows = _dequant_chunk(p, "gate_up", e, t0, t1, buf, lib, threads)  # [4 (t1 - t0), Hp]
             gu = torch.mm(xe, rows.t()).float().view(n, t1 - t0, 2, 2)  # [n, tiles, gate|up, 2]
-            hbuf[:, 2 * t0 : 2 * t1] = (fn(gu[:, :, 0]) * gu[:, :, 1]).reshape(n, -1).to(mm_dtype)
+            g, u = gu[:, :, 0].reshape(n, -1), gu[:, :, 1].reshape(n, -1)
+            g = g if gb is None else g + gb[e, 2 * t0 : 2 * t1]
+            u = u if ub is None else u + ub[e, 2 * t0 : 2 * t1]
+            hbuf[:, 2 * t0 : 2 * t1] = glu(g, u).to(mm_dtype)
         ye = torch.empty(n, hp, dtype=torch.float32)
         for t0 in range(0, hp // ROWS, ct2):
             t1 = min(hp // ROWS, t0 + ct2)
             rows = _dequant_chunk(p, "down", e, t0, t1, buf, lib, threads)  # [4 (t1 - t0), Ip]
             ye[:, ROWS * t0 : ROWS * t1] = torch.mm(hbuf, rows.t()).float()
+        if db is not None:
+            ye += db[e]
         y.index_add_(0, tokens, ye[:, : p.hidden] * weights)
 
 
-def _plain_forward(p: PlainExperts, x, ids, w, experts, act, y, mm_dtype, lib=None, threads=None) -> None:
+def _plain_forward(p: PlainExperts, x, ids, w, experts, act, y, mm_dtype, lib=None, threads=None, biases=None):
     """The "mm" and "torch" routes on plain bf16 experts: per expert, torch.mm on row chunks of its own tensors (bf16:
     the rows as they are, oneDNN / AMX; fp32: the chunk converted, the fallback / reference)."""
-    from cadenza.models.common import act_fn
+    from cadenza.models.common import glu_fn
 
-    fn = act_fn(act)
+    glu = glu_fn(act)
+    gb, ub, db = _padded_biases(biases, p.intermediate, p.hidden)
     h, i = p.hidden, p.intermediate
     el = torch.finfo(mm_dtype).bits // 8
     c1 = max(1, _CHUNK_BYTES // (2 * h * el))  # gate and up rows per chunk
@@ -474,9 +551,13 @@ def _plain_forward(p: PlainExperts, x, ids, w, experts, act, y, mm_dtype, lib=No
             i1 = min(i, i0 + c1)
             g = torch.mm(xe, p.gate[e, i0:i1].to(mm_dtype).t()).float()
             u = torch.mm(xe, p.up[e, i0:i1].to(mm_dtype).t()).float()
-            hbuf[:, i0:i1] = (fn(g) * u).to(mm_dtype)
+            g = g if gb is None else g + gb[e, i0:i1]
+            u = u if ub is None else u + ub[e, i0:i1]
+            hbuf[:, i0:i1] = glu(g, u).to(mm_dtype)
         ye = torch.empty(n, h, dtype=torch.float32)
         for h0 in range(0, h, c2):
             h1 = min(h, h0 + c2)
             ye[:, h0:h1] = torch.mm(hbuf, p.down[e, h0:h1].to(mm_dtype).t()).float()
+        if db is not None:
+            ye += db[e]
         y.index_add_(0, tokens, ye * weights)

@@ -77,7 +77,7 @@ def test_quantized_gguf_equals_dequantized_reference(models, tmp_path, name, qty
             assert len(notices) == 1 and "--experts auto" in notices[0].getMessage()
             assert all(m.packed is None for m in layers)
         assert llm.checkpoint.tensors["model.embed_tokens.weight"].dtype == qtype
-        torch.testing.assert_close(llm.score(ids), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(llm.score(ids), want, rtol=0, atol=1e-4)  # kernels: 16 bits of x per product
 
 
 def test_folder_and_tied_embeddings(models, tmp_path):

@@ -130,3 +130,56 @@ def test_cpu_fallback_and_mm_routes(block_layers, types):
         ref = layer_reference(g, u, d, x, ids, w)
         assert rel(cpu_moe.moe_forward(packed, x, ids, w, route="torch"), ref) < FALLBACK
         assert rel(cpu_moe.moe_forward(packed, x, ids, w, route="mm"), ref) < MM
+
+
+# --- gpt-oss's experts: biases and the clamped SwiGLU, on every route -----------------------------------------------
+
+GPT_OSS_ACT = "clamped_swiglu:1.702:7.0"
+
+
+def _biased_reference(g, u, d, biases, x, ids, w, act):
+    from cadenza.models.common import glu_fn
+    from cadenza.moe.experts import expert_order, run_experts
+
+    y = torch.zeros(x.shape[0], g.shape[2])
+    counts = torch.bincount(ids.reshape(-1), minlength=g.shape[0]).tolist()
+    chosen = [e for e in range(g.shape[0]) if counts[e]]
+    weights = lambda e: (g[e], u[e], d[e], *(b[e] for b in biases))  # noqa: E731
+    run_experts(x.float(), ids.shape[1], w, expert_order(ids), counts, chosen, weights, glu_fn(act), y)
+    return y
+
+
+@pytest.mark.parametrize("types", [("MXFP4", "MXFP4"), ("Q8_0", "Q4_K")])
+def test_biases_and_clamped_swiglu(block_layers, types):
+    """Biases after gate, up and down and gpt-oss's clamped unit (a large scale, so the clamps bite): the kernel (both
+    multiply paths), the mm and torch routes, and a job, against the engine's own expert_ffn."""
+    packed, (g, u, d) = block_layers[types]
+    gen = torch.Generator().manual_seed(5)
+    e, i, h = g.shape
+    biases = (torch.randn(e, i, generator=gen), torch.randn(e, i, generator=gen), torch.randn(e, h, generator=gen))
+    for t in (1, 3, 40):
+        x, ids, w = routing(t, 2, e=e, h=h)
+        x = x * 40  # gate / up outputs past the clamp of 7
+        ref = _biased_reference(g, u, d, biases, x, ids, w, GPT_OSS_ACT)
+        fallback = cpu_moe.moe_forward(packed, x, ids, w, act=GPT_OSS_ACT, route="torch", biases=biases)
+        assert rel(fallback, ref) < FALLBACK
+        mm = cpu_moe.moe_forward(packed, x, ids, w, act=GPT_OSS_ACT, route="mm", biases=biases)
+        assert rel(mm, ref) < MM
+        if cpu_moe.available():
+            for dot in (False, True) if cpu_moe.has_bf16_dot() else (False,):
+                y = cpu_moe.moe_forward(
+                    packed, x, ids, w, act=GPT_OSS_ACT, route="kernel", threads=2, bf16_dot=dot, biases=biases
+                )
+                assert rel(y, ref) < EXACT, (t, dot, rel(y, ref))
+    if cpu_moe.available():  # the stream's job form: biases held by the job
+        x, ids, w = routing(2, 2, e=e, h=h)
+        x = x * 40
+        y = torch.zeros(2, h)
+        mask = torch.ones(e, dtype=torch.uint8)
+        stats = torch.zeros(8 + e + 2, dtype=torch.int64)
+        ptr = cpu_moe.job_new(packed, x, ids, w.float(), mask, GPT_OSS_ACT, 2, y, stats, 1, biases=biases)
+        try:
+            cpu_moe.job_run(ptr)
+        finally:
+            cpu_moe.job_free(ptr)
+        assert rel(y, _biased_reference(g, u, d, biases, x, ids, w, GPT_OSS_ACT)) < EXACT
