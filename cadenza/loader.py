@@ -237,6 +237,10 @@ def load_model(
                 progress.update(total, final=True)
             if getattr(model.config, "tie_word_embeddings", False):
                 model.lm_head.weight = model.model.embed_tokens.weight
+            if (expert_device or device).type == "cpu":  # gpt-oss's host MXFP4 experts into the kernels' tiles
+                for _, layer in expert_layers(model):
+                    if getattr(layer, "storage", None) == "mxfp4" and layer.packed is None and layer.complete:
+                        layer.pack_blocks()
     except BaseException:
         if packer is not None:
             packer.abandon()

@@ -242,8 +242,8 @@ def moe_forward(
     caller. route: "auto" (kernel, and torch.mm for experts with at least `mm_min_tokens` tokens; -1: the machine's
     default, `default_mm_min_tokens()`), "kernel", "mm", or "torch" (the fallback; "auto" falls back to it where
     the kernel is unavailable). prefetch: software prefetch distance in bytes inside the kernel (0: none).
-    bf16_dot: bf16 weights (tiled or plain) and int4 tiles multiply with AVX512_BF16 dot products (None: where the
-    CPU has them; False: fp32 lanes).
+    bf16_dot: bf16 weights (tiled or plain) and 4-bit tiles multiply with AVX512_BF16 dot products (None: where the
+    CPU has them and x is bf16, whose products they compute exactly; False: fp32 lanes).
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
@@ -287,7 +287,8 @@ def moe_forward(
             big = [e for e in experts if counts[e] >= limit]
     small = [e for e in experts if e not in big]
     if small:
-        bf16_dot = has_bf16_dot() if bf16_dot is None else bf16_dot
+        # bf16 inputs multiply exactly with vdpbf16ps; fp32 ones would lose bits past 16 (hi + lo): fp32 lanes
+        bf16_dot = has_bf16_dot() and x.dtype == torch.bfloat16 if bf16_dot is None else bf16_dot
         kernel = _plain_kernel_forward if plain else _kernel_forward
         kernel(lib, layer, x, ids, w, small, act, threads, prefetch, bf16_dot, y, biases)
     if big:
@@ -422,7 +423,7 @@ def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int,
         kernel_act(act)[0],
         threads,
         prefetch,
-        int(has_bf16_dot()),
+        int(has_bf16_dot() and x.dtype == torch.bfloat16),
         y.data_ptr(),
         ctypes.byref(extra),
         stats.data_ptr(),

@@ -219,6 +219,23 @@ class GptOssExperts(Experts):
                 scales = torch.empty(e, rows, cols // 32, dtype=torch.uint8)
                 self.register_parameter(f"{name}_scales", nn.Parameter(scales, requires_grad=False))
 
+    def pack_blocks(self) -> None:
+        """The MXFP4 stacks (on the host) -> the kernels' mxfp4 tiles (cadenza.kernels.blocks: the same bits,
+        rearranged; 0.53 bytes a weight, rows and columns padded to 128), the stacks dropped: from then on the CPU
+        kernel and the packed layouts' GPU kernels compute these experts, biases and clamped SwiGLU included."""
+        from cadenza.kernels.blocks import from_hf_mxfp4
+        from cadenza.kernels.layout import empty_packed, write_block_expert
+
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        out = empty_packed("mxfp4", None, e, h, i)
+        for x in range(e):
+            mats = [
+                from_hf_mxfp4(getattr(self, f"{n}_blocks")[x], getattr(self, f"{n}_scales")[x])
+                for n in ("gate", "up", "down")
+            ]
+            write_block_expert(out, x, *mats)
+        self.set_packed(out)
+
     def stack_names(self) -> tuple[str, ...]:
         if self.mxfp4:
             return self.MXFP4_STACKS + ("gate_bias", "up_bias", "down_bias")
@@ -227,8 +244,11 @@ class GptOssExperts(Experts):
     def expert_nbytes_as(self, fmt: str, group: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
         if not (self.mxfp4 and fmt == "bf16"):
             return super().expert_nbytes_as(fmt, group, dtype)
+        from cadenza.kernels.layout import expert_nbytes
+
+        # host MXFP4 experts are repacked as mxfp4 tiles at load (`pack_blocks`): their size, with the biases
         biases = (2 * self.intermediate_size + self.hidden_size) * torch.empty((), dtype=dtype).element_size()
-        return sum(getattr(self, n)[0].numel() for n in self.MXFP4_STACKS) + biases
+        return expert_nbytes("mxfp4", None, self.hidden_size, self.intermediate_size) + biases
 
     def checkpoint_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size

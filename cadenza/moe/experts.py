@@ -116,6 +116,28 @@ class Experts(nn.Module):
         return not self.bias and self.hidden_act in ACT_CODES
 
     @property
+    def kernel_math(self) -> bool:
+        """Whether the CPU kernel and the packed layouts' GPU kernels compute these experts: plain ones, and
+        gpt-oss's (biases, clamped SwiGLU)."""
+        from cadenza.kernels.cpu_moe import kernel_act
+
+        return kernel_act(self.hidden_act) is not None
+
+    def kernel_biases(self) -> tuple[torch.Tensor, ...] | None:
+        """(gate, up, down) biases as fp32 host tensors for the CPU kernel (made once), or None without biases."""
+        if not self.bias:
+            return None
+        if getattr(self, "_kernel_biases", None) is None:
+            names = ("gate_bias", "up_bias", "down_bias")
+            self._kernel_biases = tuple(getattr(self, n).detach().float().cpu().contiguous() for n in names)
+        return self._kernel_biases
+
+    def weight_names(self) -> tuple[str, ...]:
+        """The stacked parameters holding the weights (the biases left out)."""
+        names = self.stack_names()
+        return names[:-3] if self.bias else names
+
+    @property
     def expert_format(self) -> str:
         """How the experts are stored: "bf16" (plain stacked parameters, in the compute dtype), "int8" or "int4"."""
         return "bf16" if self.packed is None else self.packed.fmt
@@ -124,7 +146,8 @@ class Experts(nn.Module):
     def expert_nbytes(self) -> int:
         """Bytes of one expert as stored (packed: weights, scales and padding, what a use of it reads)."""
         if self.packed is not None:
-            return self.packed.expert_bytes
+            biases = [getattr(self, n)[0] for n in ("gate_bias", "up_bias", "down_bias")] if self.bias else []
+            return self.packed.expert_bytes + sum(b.numel() * b.element_size() for b in biases)
         return sum(w.numel() * w.element_size() for w in self.weights_of(0))
 
     def expert_nbytes_as(self, fmt: str, group: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -144,7 +167,8 @@ class Experts(nn.Module):
         """The tensors that hold expert e: plain (gate [I, H], up [I, H], down [H, I]); packed (gate_up tiles
         [Ip / 2, tile bytes], down tiles [Hp / 4, tile bytes], uint8)."""
         if self.packed is not None:
-            return self.packed.gate_up[e], self.packed.down[e]
+            biases = (self.gate_bias[e], self.up_bias[e], self.down_bias[e]) if self.bias else ()
+            return self.packed.gate_up[e], self.packed.down[e], *biases
         return self.weights_of(e)
 
     def quantize(self, fmt: str, group: int | None = None, threads: int | None = None) -> None:
@@ -180,7 +204,7 @@ class Experts(nn.Module):
             )
         self._check_act()
         self.packed = packed
-        for name in (self.gate_name, self.up_name, self.down_name):
+        for name in self.weight_names():
             old = getattr(self, name)
             meta = torch.empty(old.shape, dtype=dtype or old.dtype, device="meta")
             self.register_parameter(name, nn.Parameter(meta, requires_grad=False))
@@ -189,10 +213,11 @@ class Experts(nn.Module):
     def _check_act(self) -> None:
         from cadenza.kernels.cpu_moe import ACT_CODES
 
-        if not self.plain_math:
-            what = "biased experts" if self.bias else f"the activation {self.hidden_act.split(':')[0]!r}"
+        if not self.kernel_math:
+            what = f"the activation {self.hidden_act!r}"
             raise CadenzaError(
-                f"Quantized experts need what the CPU kernel computes (unbiased experts with {', '.join(ACT_CODES)}); "
+                f"Quantized experts need what the CPU kernel computes ({', '.join(ACT_CODES)} or gpt-oss's clamped "
+                "SwiGLU); "
                 f"this model has {what}. Run it with experts='bf16' (--experts bf16)."
             )
 
@@ -234,8 +259,9 @@ class Experts(nn.Module):
         counts = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
         active = torch.nonzero(counts).view(-1).tolist()
         y = cpu_moe.moe_forward(
-            self.packed, x, topk_ids, topk_weights, active, self.hidden_act, torch.get_num_threads()
-        )  # float32
+            self.packed, x, topk_ids, topk_weights, active, self.hidden_act, torch.get_num_threads(),
+            biases=self.kernel_biases(),
+        )  # float32  # fmt: skip
         return y.to(x.dtype)
 
     def stack_names(self) -> tuple[str, ...]:

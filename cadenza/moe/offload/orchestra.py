@@ -35,7 +35,9 @@ __all__ = ["POLICIES", "Orchestra", "OffloadOptions", "host_tensors"]
 def host_tensors(experts: Experts) -> list[torch.Tensor]:
     """The host tensors a layer's routed experts live in (plain stacks, or the packed tiles)."""
     p = getattr(experts, "packed", None)
-    return experts.stacks() if p is None else [p.gate_up, p.down]
+    if p is None:
+        return experts.stacks()
+    return [p.gate_up, p.down] + ([experts.gate_bias, experts.up_bias, experts.down_bias] if experts.bias else [])
 
 
 class Orchestra:
@@ -271,13 +273,15 @@ class Orchestra:
         if self.layout.plain:
             gate, up, down = weights
             layer = plain_layer(gate[None], up[None], down[None])
-        else:
-            gate_up, down = weights
+        biases = None
+        if not self.layout.plain:
+            gate_up, down, *bias = weights  # gpt-oss: then the expert's gate, up and down biases
             packed = self.layers[0].experts.packed
             layer = dataclasses.replace(packed, num_experts=1, gate_up=gate_up[None], down=down[None])
+            biases = tuple(b[None].float() for b in bias) if bias else None
         if prefetch is None:
             prefetch = policy.cpu_prefetch_for(x.shape[0], self.cpu_prefetch)
-        moe_forward(layer, x, ids, w, [0], self.layout.act, self.worker.threads, prefetch=prefetch)
+        moe_forward(layer, x, ids, w, [0], self.layout.act, self.worker.threads, prefetch=prefetch, biases=biases)
 
     def gpu_run_one(self, weights, x: torch.Tensor) -> None:
         """One expert on the GPU side from a fetch slot's tensors, as a layer computes it (for calibration)."""

@@ -184,6 +184,7 @@ class StreamedCpu:
                 self.stats[layer.index],
                 RING,
                 prefetch=self.orch.cpu_prefetch,
+                biases=layer.experts.kernel_biases(),
             )
         return key, job
 
