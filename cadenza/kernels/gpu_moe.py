@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cadenza.kernels.cpu_moe import ACT_CODES
+from cadenza.kernels.cpu_moe import kernel_act
 from cadenza.kernels.gpu_moe_ref import _decode_torch, _dequant_torch
 from cadenza.kernels.gpu_moe_triton import (
     _INTERPRET,
@@ -65,7 +65,7 @@ from cadenza.kernels.layout import (
 )
 from cadenza.kernels.triton_compat import MISSING as _MISSING
 from cadenza.kernels.triton_compat import triton
-from cadenza.models.common import act_fn
+from cadenza.models.common import glu_fn
 
 __all__ = [
     "Blocks",
@@ -223,20 +223,24 @@ def moe_decode(
     intermediate: int | None = None,
     blocks: Blocks | None = None,
     route: str = "auto",
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """y [T, H] (x's dtype) = sum over slots j of topk_weights[t, j] * expert_{rows[t, j]}(x[t]), fp32 inside.
 
     x [T, H] bf16 / fp16 / fp32; rows [T, k] int32 / int64: the row of `mats` for each (token, slot) pair, or -1
     to skip it (computed elsewhere; it adds 0); topk_weights [T, k]; act: a `cadenza.models.common.ACTIVATIONS`
-    name. mats: plain (gate [R, I, H], up [R, I, H], down [R, H, I]) with fmt None, or tiled (gate_up
-    [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]) with fmt a `layout.KERNEL_FORMATS` name ("bf16", "int8", "int4",
-    block formats "q4_0", "q4_k", "mxfp4", "q6_k") or a pair of block formats "gate_up+down" ("q4_k+q6_k"), its
-    group (block formats: their own, the argument is ignored), hidden=H and intermediate=I. Fixed launches, no
-    host synchronisation: CUDA-graph capturable (after a first eager call has compiled the kernels for these
-    shapes). blocks: work per program (default `default_blocks`). route: "auto"
-    (Triton where `available`, else PyTorch), "triton", "torch" (the reference fallback, a loop over pairs).
+    name or gpt-oss's "clamped_swiglu:ALPHA:LIMIT" (`models.common.glu_fn`). mats: plain (gate [R, I, H], up
+    [R, I, H], down [R, H, I]) with fmt None, or tiled (gate_up [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]) with
+    fmt a `layout.KERNEL_FORMATS` name ("bf16", "int8", "int4", block formats "q4_0", "q4_k", "mxfp4", "q6_k") or a
+    pair of block formats "gate_up+down" ("q4_k+q6_k"), its group (block formats: their own, the argument is
+    ignored), hidden=H and intermediate=I. biases: None, or (gate_bias [R, I], up_bias [R, I], down_bias [R, H])
+    by the same rows as `mats` (any of them None), in x's dtype or fp32: an expert is then down(glu(gate x +
+    gate_bias, up x + up_bias)) + down_bias, weighted as a whole (fp32 inside). Fixed launches, no host
+    synchronisation: CUDA-graph capturable (after a first eager call has compiled the kernels for these shapes).
+    blocks: work per program (default `default_blocks`). route: "auto" (Triton where `available`, else PyTorch),
+    "triton", "torch" (the reference fallback, a loop over pairs).
     """
-    act_fn(act)  # CadenzaError for an unknown activation
+    glu_fn(act)  # CadenzaError for an unknown activation
     if x.dim() != 2 or rows.dim() != 2 or topk_weights.shape != rows.shape or rows.shape[0] != x.shape[0]:
         raise ValueError(
             f"want x [T, H], rows and weights [T, k]: {tuple(x.shape)}, {tuple(rows.shape)}, "
@@ -266,33 +270,59 @@ def moe_decode(
             raise ValueError(f"hidden={hidden} but x has {h} columns")
         geo = _tiled(mats[0], mats[1], fmt, group, hidden, intermediate)
         i = intermediate
+    r = mats[0].shape[0]
+    biases = _check_biases(biases, r, h, i, x)
     if t * k == 0:
         return x.new_zeros(t, h)
     if not _use_triton(x.device, route):
-        return _decode_torch(x, rows, topk_weights, mats, act, fmt, group, hidden, intermediate)
+        return _decode_torch(x, rows, topk_weights, mats, act, fmt, group, hidden, intermediate, biases)
 
     p = t * k
     x, rows, wts = x.contiguous(), rows.contiguous(), topk_weights.contiguous()
     cfg = blocks or default_blocks(fmt, h, i, p, mats[0].element_size())
     y_pair = torch.empty(p, h, dtype=torch.float32, device=x.device)
-    code = ACT_CODES[act]
+    act3 = kernel_act(act)  # (code, alpha, limit)
+    gb, ub, db = (y_pair if b is None else b for b in biases)  # an absent bias: never read (HAS_* False)
+    has = {"HAS_GB": biases[0] is not None, "HAS_UB": biases[1] is not None}
     with torch.cuda.device(x.device) if x.device.type == "cuda" else nullcontext():
         if geo is None:
             gate, up, down = (m.contiguous() for m in mats)
             hbuf = torch.empty(p, i, dtype=torch.float32, device=x.device)
             br, bk1, bk2 = cfg.gu_rows // 2, _step_cols(h, cfg.gu_cols), _step_cols(i, cfg.dn_cols)
             _plain_gate_up_kernel[(p, triton.cdiv(i, br))](
-                x, rows, hbuf, gate, up, h, i, k, ACT=code, BR=br, BK=bk1, num_warps=cfg.warps
-            )
+                x, rows, hbuf, gate, up, h, i, k, gb, ub, act3[1], act3[2], ACT=act3[0], BR=br, BK=bk1, **has,
+                num_warps=cfg.warps,
+            )  # fmt: skip
             _plain_down_kernel[(p, triton.cdiv(h, cfg.dn_rows))](
-                hbuf, rows, wts, y_pair, down, h, i, BR=cfg.dn_rows, BK=bk2, num_warps=cfg.warps
-            )
+                hbuf, rows, wts, y_pair, down, h, i, db, BR=cfg.dn_rows, BK=bk2, HAS_DB=biases[2] is not None,
+                num_warps=cfg.warps,
+            )  # fmt: skip
         else:
-            _tiled_decode(x, rows, wts, mats, code, geo, cfg, y_pair)
+            _tiled_decode(x, rows, wts, mats, act3, geo, cfg, y_pair, (gb, ub, db), has, biases[2] is not None, i)
     return y_pair.view(t, k, h).sum(1).to(x.dtype)
 
 
-def _tiled_decode(x, rows, wts, mats, code, geo, cfg, y_pair) -> None:
+def _check_biases(biases, r: int, h: int, i: int, x: torch.Tensor) -> tuple:
+    """(gate_bias, up_bias, down_bias), each None or a contiguous [r, I] / [r, I] / [r, H] float tensor on x's
+    device."""
+    if biases is None:
+        return (None, None, None)
+    if len(biases) != 3:
+        raise ValueError("biases are (gate_bias [R, I], up_bias [R, I], down_bias [R, H]), each possibly None")
+    out = []
+    for name, b, n in zip(("gate_bias", "up_bias", "down_bias"), biases, (i, i, h), strict=True):
+        if b is not None:
+            if tuple(b.shape) != (r, n) or not b.is_floating_point() or b.device != x.device:
+                raise ValueError(
+                    f"{name} must be a float [{r}, {n}] tensor on {x.device}, got {b.dtype} {tuple(b.shape)} on "
+                    f"{b.device}"
+                )
+            b = b.contiguous()
+        out.append(b)
+    return tuple(out)
+
+
+def _tiled_decode(x, rows, wts, mats, act3, geo, cfg, y_pair, bias_ptrs, has, has_db, inter) -> None:
     """The tiled launches, each with its matrix's format. int4 reads x (and h) staged: _stage_int4_kernel for x,
     kernel 1 writes h so; both zero-padded to whole loop steps, so the int4 loop loads them unmasked."""
     (t, h), k, p = x.shape, rows.shape[1], y_pair.shape[0]
@@ -324,13 +354,19 @@ def _tiled_decode(x, rows, wts, mats, code, geo, cfg, y_pair) -> None:
         geo.hp,
         geo.ip,
         k,
-        ACT=code,
+        bias_ptrs[0],
+        bias_ptrs[1],
+        inter,
+        act3[1],
+        act3[2],
+        ACT=act3[0],
         FMT=f1,
         GROUP=geo.gu_group,
         BT=bt1,
         BK=bk1,
         ROWS4=rows4_1,
         STAGE_H=geo.dn_fmt == "int4",
+        **has,
         num_warps=cfg.warps,
     )
     _tiled_down_kernel[(p, triton.cdiv(geo.hp // 4, bt2))](
@@ -347,11 +383,13 @@ def _tiled_decode(x, rows, wts, mats, code, geo, cfg, y_pair) -> None:
         h,
         geo.hp,
         geo.ip,
+        bias_ptrs[2],
         FMT=f2,
         GROUP=geo.dn_group,
         BT=bt2,
         BK=bk2,
         ROWS4=rows4_2,
+        HAS_DB=has_db,
         num_warps=cfg.warps,
     )
 
@@ -465,15 +503,31 @@ def expert_forward(
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     *,
     route: str = "auto",
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """One tiled expert on many tokens (prefill): x [n, H] -> down(act(gate x) * up x) [n, H] in fp32.
+    """One tiled expert on many tokens (prefill): x [n, H] -> down(act(gate x) * up x) [n, H] in fp32; with
+    biases = (gate_bias [I], up_bias [I], down_bias [H]) of this expert (any None), down(glu(gate x + gate_bias,
+    up x + up_bias)) + down_bias, glu of `act` as `models.common.glu_fn` (gpt-oss's "clamped_swiglu:A:L" too).
 
     Dequantizes to x's dtype (into `workspace` = (gate [I, H], up [I, H], down [H, I]) when given, so a caller
-    reuses one buffer), then three matmuls in x's dtype, as `cadenza.moe.experts.run_experts` computes."""
+    reuses one buffer), then three matmuls in x's dtype (biases cast to it), as `cadenza.moe.experts.expert_ffn`
+    computes."""
+    glu = glu_fn(act)
+    gb, ub, db = (None, None, None) if biases is None else biases
+    for name, b, n in (("gate_bias", gb, intermediate), ("up_bias", ub, intermediate), ("down_bias", db, hidden)):
+        if b is not None and tuple(b.shape) != (n,):
+            raise ValueError(f"{name} of one expert must be [{n}], got {tuple(b.shape)}")
     if workspace is None:
         gate, up, dn = dequantize_expert(gate_up, down, fmt, group, hidden, intermediate, x.dtype, route=route)
     else:
         gate, up, dn = workspace
         dequantize_into(gate_up, down, fmt, group, hidden, intermediate, gate, up, dn, route=route)
-    h = act_fn(act)(x @ gate.T) * (x @ up.T)
-    return (h @ dn.T).float()
+    g, u = x @ gate.T, x @ up.T
+    if gb is not None:
+        g = g + gb.to(x.dtype)
+    if ub is not None:
+        u = u + ub.to(x.dtype)
+    out = glu(g, u) @ dn.T
+    if db is not None:
+        out = out + db.to(x.dtype)
+    return out.float()

@@ -5,7 +5,7 @@ per (token, slot) pair the expert in fp32, the tiled formats dequantized as `lay
 import torch
 
 from cadenza.kernels.layout import PAD, _round_up, dequantize_tiles, matrix_formats
-from cadenza.models.common import act_fn
+from cadenza.models.common import glu_fn
 
 
 def _expert_fp32(mats, e, fmt, group, hidden, intermediate):
@@ -17,18 +17,21 @@ def _expert_fp32(mats, e, fmt, group, hidden, intermediate):
     )
 
 
-def _decode_torch(x, rows, topk_weights, mats, act, fmt, group, hidden, intermediate):
-    """The reference: per pair, the expert in fp32 (dequantized as layout.dequantize_tiles), masked by row >= 0."""
+def _decode_torch(x, rows, topk_weights, mats, act, fmt, group, hidden, intermediate, biases=(None, None, None)):
+    """The reference: per pair, the expert in fp32 (dequantized as layout.dequantize_tiles), its biases (gate [R, I],
+    up [R, I], down [R, H], each or all None) added in fp32, masked by row >= 0."""
     t, k = rows.shape
-    fn = act_fn(act)
+    glu = glu_fn(act)
     flat = rows.reshape(-1).long()
     live = flat >= 0
     wts = torch.where(live, topk_weights.reshape(-1).float(), 0.0)
     y_pair = []
     for p in range(t * k):
-        gate, up, down = _expert_fp32(mats, flat[p].clamp(min=0), fmt, group, hidden, intermediate)
+        e = flat[p].clamp(min=0)
+        gate, up, down = _expert_fp32(mats, e, fmt, group, hidden, intermediate)
+        gb, ub, db = (0.0 if b is None else b.index_select(0, e.view(1))[0].float() for b in biases)
         xp = x[p // k].float()
-        yp = down @ (fn(gate @ xp) * (up @ xp))
+        yp = down @ glu(gate @ xp + gb, up @ xp + ub) + db
         y_pair.append(torch.where(live[p], yp * wts[p], 0.0))
     return torch.stack(y_pair).view(t, k, -1).sum(1).to(x.dtype)
 

@@ -364,6 +364,30 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _glu(g, u, alpha, limit, ACT: tl.constexpr):
+    """The gated unit h = act(g) u; ACT 4 is gpt-oss's clamped SwiGLU (cpu_moe.CLAMPED_SWIGLU_CODE, models.common
+    .glu_fn): g' = min(g, limit), h = (clamp(u, -limit, limit) + 1) g' sigmoid(alpha g')."""
+    if ACT == 4:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        out = (uc + 1.0) * (gc * tl.sigmoid(alpha * gc))
+    else:
+        out = _act(g, ACT) * u
+    return out
+
+
+@triton.jit
+def _bias(b, e, n, idx, HAS: tl.constexpr):
+    """Row e's fp32 bias values at idx (zero at idx >= n), or 0 without a bias (HAS False). A skipped pair reads
+    row 0 (e clamped), which its zero weight drops."""
+    if HAS:  # noqa: SIM108 (a constexpr branch: the load is not compiled without a bias)
+        v = tl.load(b + e * n + idx, mask=idx < n, other=0.0).to(tl.float32)
+    else:
+        v = 0.0
+    return v
+
+
+@triton.jit
 def _pair_row(rows, pair):
     """(row as int64, clamped to 0; whether the pair is computed here)."""
     e = tl.load(rows + pair).to(tl.int64)
@@ -389,6 +413,11 @@ def _tiled_gate_up_kernel(
     Hp,
     Ip,
     k,
+    gb,
+    ub,
+    INTER,
+    alpha,
+    limit,
     ACT: tl.constexpr,
     FMT: tl.constexpr,
     GROUP: tl.constexpr,
@@ -396,7 +425,10 @@ def _tiled_gate_up_kernel(
     BK: tl.constexpr,
     ROWS4: tl.constexpr,
     STAGE_H: tl.constexpr,
+    HAS_GB: tl.constexpr,
+    HAS_UB: tl.constexpr,
 ):
+    """h[pair] = glu(gate x + gate_bias, up x + up_bias) of the pair's row (biases [R, INTER], each optional)."""
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -407,7 +439,13 @@ def _tiled_gate_up_kernel(
     r = tl.arange(0, 4)[None, :]  # tile rows: gate 2j, gate 2j + 1, up 2j, up 2j + 1
     g0, g1 = tl.sum(tl.where(r == 0, acc, 0.0), 1), tl.sum(tl.where(r == 1, acc, 0.0), 1)
     u0, u1 = tl.sum(tl.where(r == 2, acc, 0.0), 1), tl.sum(tl.where(r == 3, acc, 0.0), 1)
-    h0, h1 = _act(g0, ACT) * u0, _act(g1, ACT) * u1  # columns 2t, 2t + 1 of h
+    if HAS_GB:
+        g0 += _bias(gb, e, INTER, 2 * t, True)
+        g1 += _bias(gb, e, INTER, 2 * t + 1, True)
+    if HAS_UB:
+        u0 += _bias(ub, e, INTER, 2 * t, True)
+        u1 += _bias(ub, e, INTER, 2 * t + 1, True)
+    h0, h1 = _glu(g0, u0, alpha, limit, ACT), _glu(g1, u1, alpha, limit, ACT)  # columns 2t, 2t + 1 of h
     hr = h + pair.to(tl.int64) * hstride
     if STAGE_H:  # staged for the int4 down kernel (_stage_int4_kernel), zero-padded to hstride
         n = t % 64 // 16
@@ -435,12 +473,15 @@ def _tiled_down_kernel(
     H,
     Hp,
     Ip,
+    db,
     FMT: tl.constexpr,
     GROUP: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     ROWS4: tl.constexpr,
+    HAS_DB: tl.constexpr,
 ):
+    """y[pair] = (down h[pair] + down_bias) w[pair] (down_bias [R, H], optional)."""
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -450,11 +491,31 @@ def _tiled_down_kernel(
     acc = _dot_tiles(dn + e * dn_stride, tbw, hbw, t, tmask, hr, Ip, Ip, n_iter, NG, FMT, GROUP, BT, BK, ROWS4)
     wt = tl.where(live, tl.load(wts + pair).to(tl.float32), 0.0)
     o = 4 * t[:, None] + tl.arange(0, 4)[None, :]
+    if HAS_DB:
+        acc += _bias(db, e, H, o, True)
     tl.store(y + pair.to(tl.int64) * H + o, acc * wt, mask=o < H)
 
 
 @triton.jit
-def _plain_gate_up_kernel(x, rows, h, gate, up, H, INTER, k, ACT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+def _plain_gate_up_kernel(
+    x,
+    rows,
+    h,
+    gate,
+    up,
+    H,
+    INTER,
+    k,
+    gb,
+    ub,
+    alpha,
+    limit,
+    ACT: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    HAS_GB: tl.constexpr,
+    HAS_UB: tl.constexpr,
+):
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
     i = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -471,12 +532,14 @@ def _plain_gate_up_kernel(x, rows, h, gate, up, H, INTER, k, ACT: tl.constexpr, 
         ok = (i < INTER)[:, None] & (cc < H)[None, :]
         acc_g += tl.load(gate + off + it * BK, mask=ok, other=0.0).to(tl.float32) * xv
         acc_u += tl.load(up + off + it * BK, mask=ok, other=0.0).to(tl.float32) * xv
-    hv = _act(tl.sum(acc_g, 1), ACT) * tl.sum(acc_u, 1)
+    g = tl.sum(acc_g, 1) + _bias(gb, e, INTER, i, HAS_GB)
+    u = tl.sum(acc_u, 1) + _bias(ub, e, INTER, i, HAS_UB)
+    hv = _glu(g, u, alpha, limit, ACT)
     tl.store(h + pair.to(tl.int64) * INTER + i, hv, mask=i < INTER)
 
 
 @triton.jit
-def _plain_down_kernel(h, rows, wts, y, down, H, INTER, BR: tl.constexpr, BK: tl.constexpr):
+def _plain_down_kernel(h, rows, wts, y, down, H, INTER, db, BR: tl.constexpr, BK: tl.constexpr, HAS_DB: tl.constexpr):
     pair = tl.program_id(0)
     e, live = _pair_row(rows, pair)
     o = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -492,7 +555,8 @@ def _plain_down_kernel(h, rows, wts, y, down, H, INTER, BR: tl.constexpr, BK: tl
         ok = (o < H)[:, None] & (cc < INTER)[None, :]
         acc += tl.load(down + off + it * BK, mask=ok, other=0.0).to(tl.float32) * hv
     wt = tl.where(live, tl.load(wts + pair).to(tl.float32), 0.0)
-    tl.store(y + pair.to(tl.int64) * H + o, tl.sum(acc, 1) * wt, mask=o < H)
+    out = tl.sum(acc, 1) + _bias(db, e, H, o, HAS_DB)
+    tl.store(y + pair.to(tl.int64) * H + o, out * wt, mask=o < H)
 
 
 # --- Triton: dequantize one expert ---------------------------------------------------------------------------------

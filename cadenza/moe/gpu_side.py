@@ -46,7 +46,12 @@ class ExpertLayout:
         if p is None:
             h, i = experts.hidden_size, experts.intermediate_size
             return cls("plain", 0, h, i, experts.hidden_act, experts.plain_math)
-        return cls(p.fmt, p.group, p.hidden, p.intermediate, experts.hidden_act)
+        from cadenza.kernels.cpu_moe import kernel_act
+
+        # the kernels compute biases and the clamped SwiGLU too: only an activation they lack needs PyTorch's
+        return cls(
+            p.fmt, p.group, p.hidden, p.intermediate, experts.hidden_act, kernel_act(experts.hidden_act) is not None
+        )
 
     @property
     def plain(self) -> bool:
@@ -73,7 +78,8 @@ class ExpertLayout:
         y: torch.Tensor,
     ) -> None:
         """y += each given expert's weighted output for its tokens (as `run_experts`); weights_of(e) -> the
-        tensors holding expert e on this side (a resident row, a fetch slot)."""
+        tensors holding expert e on this side (a resident row, a fetch slot); tiled: (gate_up, down) or (gate_up,
+        down, gate_bias [I], up_bias [I], down_bias [H]) (a bias possibly None)."""
         if self.plain:
             run_experts(x, k, topk_weights, order, counts, experts, weights_of, glu_fn(self.act), y)
             return
@@ -81,19 +87,34 @@ class ExpertLayout:
 
         flat_w = topk_weights.reshape(-1)
         for e, pairs, tokens in each_expert(order, counts, experts, k):
-            gate_up, down = weights_of(e)
-            ye = expert_forward(x[tokens], gate_up, down, act=self.act, **self._tiled())  # fp32 [n, H]
+            gate_up, down, *biases = weights_of(e)
+            ye = expert_forward(
+                x[tokens], gate_up, down, act=self.act, **self._tiled(), biases=_biases(biases)
+            )  # fp32 [n, H]
             y.index_add_(0, tokens, (ye * flat_w[pairs, None]).to(y.dtype))
 
     def decode(
         self, x: torch.Tensor, rows: torch.Tensor, topk_weights: torch.Tensor, stacks: list[torch.Tensor]
     ) -> torch.Tensor:
-        """[T, H]: the pairs whose `rows` [T, k] entry names a row of `stacks` (-1: skipped), weighted and summed."""
+        """[T, H]: the pairs whose `rows` [T, k] entry names a row of `stacks` (-1: skipped), weighted and summed.
+        Tiled stacks: [gate_up, down] or [gate_up, down, gate_bias [R, I], up_bias [R, I], down_bias [R, H]] (a
+        bias possibly None)."""
         from cadenza.kernels.gpu_moe import moe_decode
 
         if self.plain:
             return moe_decode(x, rows, topk_weights, tuple(stacks), self.act)
-        return moe_decode(x, rows, topk_weights, tuple(stacks), self.act, **self._tiled())
+        gate_up, down, *biases = stacks
+        kw = self._tiled()
+        return moe_decode(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=_biases(biases))
+
+
+def _biases(biases: list) -> tuple | None:
+    """A tiled expert's trailing tensors -> moe_decode's / expert_forward's biases (None: there are none)."""
+    if not biases:
+        return None
+    if len(biases) != 3:
+        raise ValueError(f"tiled experts are gate_up, down and optionally 3 biases, got {2 + len(biases)} tensors")
+    return tuple(biases)
 
 
 def decode_kernels_on(layout: ExpertLayout, device: torch.device, gpu_kernel: bool = True) -> bool:

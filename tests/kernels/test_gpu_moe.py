@@ -475,3 +475,168 @@ def test_gpu_block_formats_full_size(fmt, h, i, r):
         want = gpu_moe.dequantize_expert(mats[0][1], mats[1][1], fmt, packed.group, h, i, dtype, route="torch")
         for g, ref in zip(got, want, strict=True):
             assert torch.equal(g, ref), dtype
+
+
+# --- biases and gpt-oss's clamped SwiGLU -----------------------------------------------------------------------------
+
+GPT_OSS_ACT = "clamped_swiglu:1.702:7.0"
+
+
+def random_biases(r, h, i, seed=9):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, i, generator=g), torch.randn(r, i, generator=g), torch.randn(r, h, generator=g)
+
+
+def biased_reference(x, rows, w, gate, up, down, biases, act):
+    """float64 y [T, H] = sum over live pairs of w * expert_ffn (the engine's reference for one biased expert)."""
+    from cadenza.models.common import glu_fn
+    from cadenza.moe.experts import expert_ffn
+
+    _, i, h = gate.shape
+    y = torch.zeros(x.shape[0], h, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(rows[t].tolist()):
+            if e >= 0:
+                b = [
+                    torch.zeros(n).double() if v is None else v[e].double()
+                    for v, n in zip(biases, (i, i, h), strict=True)
+                ]
+                ws = (gate[e].double(), up[e].double(), down[e].double(), *b)
+                y[t] += w[t, j].double() * expert_ffn(x[t : t + 1].double(), ws, glu_fn(act))[0]
+    return y
+
+
+def biased_layer(fmt, r, h, i):
+    """(gate_up, down, group, (gate, up, down) as the layer holds them) of an mxfp4 or int8 layer."""
+    packed = block_layer(fmt, r, h, i) if fmt == "mxfp4" else pack_layer(*experts(r, h, i), fmt, 32)
+    return packed.gate_up, packed.down, packed.group, dequantize(packed)
+
+
+BIAS_CASES = [  # (fmt, H, I, T, k, route): I padded (Ip 256), the clamps bite (x * 40)
+    ("mxfp4", 256, 160, 1, 3, "triton"),
+    ("mxfp4", 256, 160, 4, 2, "triton"),
+    ("mxfp4", 256, 160, 3, 2, "torch"),
+    ("int8", 200, 136, 2, 2, "triton"),
+    ("int8", 200, 136, 4, 2, "torch"),
+]
+
+
+@pytest.mark.parametrize("fmt, h, i, t, k, route", BIAS_CASES)
+def test_decode_biases_and_clamped_swiglu(fmt, h, i, t, k, route):
+    """Tiled experts with biases after gate, up and down and the clamped SwiGLU equal expert_ffn on the weights the
+    layer holds; pairs with row -1 add nothing (not even their down bias); one bias absent."""
+    if route == "triton" and not KERNELS:
+        pytest.skip(WHY)
+    r = 5
+    gu, dn, group, held = biased_layer(fmt, r, h, i)
+    biases = random_biases(r, h, i)
+    x, rows, w = routing(t, k, r, h)
+    x = x * 40
+    g0 = torch.einsum("rih,th->tri", held[0], x) + biases[0]
+    assert (g0 > 7).any() and (g0 < -7).any()  # the clamps bite
+    kw = dict(fmt=fmt, group=group, hidden=h, intermediate=i, blocks=BLOCK_BIG, route=route)
+    mats = on(gu, dn)
+    y = gpu_moe.moe_decode(*on(x, rows, w), mats, GPT_OSS_ACT, **kw, biases=tuple(on(*biases)))
+    assert y.dtype == torch.float32 and y.shape == (t, h)
+    assert rel(y, biased_reference(x, rows, w, *held, biases, GPT_OSS_ACT)) < FP32
+    part = (None, biases[1], biases[2])  # no gate bias; silu with up and down biases
+    y = gpu_moe.moe_decode(*on(x, rows, w), mats, "silu", **kw, biases=(None, *on(*part[1:])))
+    assert rel(y, biased_reference(x, rows, w, *held, part, "silu")) < FP32
+
+
+@pytest.mark.parametrize("route", ["triton", "torch"])
+def test_decode_plain_biases_and_clamped_swiglu(route):
+    if route == "triton" and not KERNELS:
+        pytest.skip(WHY)
+    h, i, r = 200, 136, 4
+    gate, up, down = experts(r, h, i)
+    biases = random_biases(r, h, i)
+    x, rows, w = routing(3, 2, r, h)
+    x = x * 40
+    y = gpu_moe.moe_decode(
+        *on(x, rows, w), on(gate, up, down), GPT_OSS_ACT, blocks=BIG, route=route, biases=tuple(on(*biases))
+    )
+    assert rel(y, biased_reference(x, rows, w, gate, up, down, biases, GPT_OSS_ACT)) < FP32
+
+
+@needs_kernels
+def test_decode_biases_bf16_x_and_biases():
+    """bf16 x and bf16 biases (the model's dtype): kernel against the fallback and the reference."""
+    h, i, r = 256, 160, 3
+    gu, dn, group, held = biased_layer("mxfp4", r, h, i)
+    biases = tuple(b.bfloat16() for b in random_biases(r, h, i))
+    x, rows, w = routing(2, 2, r, h)
+    x = (x * 40).bfloat16()
+    kw = dict(fmt="mxfp4", group=group, hidden=h, intermediate=i, biases=tuple(on(*biases)))
+    y = gpu_moe.moe_decode(*on(x, rows, w), on(gu, dn), GPT_OSS_ACT, **kw, blocks=BLOCK_BIG)
+    fb = gpu_moe.moe_decode(*on(x, rows, w), on(gu, dn), GPT_OSS_ACT, **kw, route="torch")
+    assert y.dtype == torch.bfloat16
+    assert rel(y, biased_reference(x, rows, w, *held, biases, GPT_OSS_ACT)) < BF16
+    assert rel(y, fb) < BF16
+
+
+def test_decode_rejects_bad_biases():
+    h, i = 200, 136
+    packed = pack_layer(*experts(2, h, i), "int8", 0)
+    x, rows, w = routing(1, 2, 2, h)
+    kw = dict(fmt="int8", hidden=h, intermediate=i, route="torch")
+    gb, ub, db = random_biases(2, h, i)
+    with pytest.raises(ValueError, match="down_bias must be"):
+        gpu_moe.moe_decode(x, rows, w, (packed.gate_up, packed.down), "silu", **kw, biases=(gb, ub, gb))
+    with pytest.raises(ValueError, match="biases are"):
+        gpu_moe.moe_decode(x, rows, w, (packed.gate_up, packed.down), "silu", **kw, biases=(gb, ub))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int8"])
+def test_expert_forward_biases_and_clamped_swiglu(fmt):
+    h, i, n = (256, 160, 5) if fmt == "mxfp4" else (200, 136, 5)
+    gu, dn, group, held = biased_layer(fmt, 2, h, i)
+    biases = random_biases(2, h, i)
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(3)) * 40
+    one = tuple(b[1] for b in biases)
+    y = gpu_moe.expert_forward(x.to(DEVICE), *on(gu[1], dn[1]), fmt, group, h, i, GPT_OSS_ACT, biases=tuple(on(*one)))
+    assert y.dtype == torch.float32 and y.shape == (n, h)
+    ref = biased_reference(x, torch.ones(n, 1, dtype=torch.long), torch.ones(n, 1), *held, biases, GPT_OSS_ACT)
+    assert rel(y, ref) < FP32
+
+
+def test_expert_layout_biased_tiled_experts():
+    """ExpertLayout.decode with 5-tensor stacks and run with 5-tensor experts (the package's own gpu_moe: the
+    fallback on a CPU) equal the reference; packed experts with the clamped unit are kernel math."""
+    from cadenza.moe.experts import expert_order
+    from cadenza.moe.gpu_side import ExpertLayout
+
+    h, i, r = 256, 160, 4
+    gu, dn, group, held = biased_layer("mxfp4", r, h, i)
+    biases = random_biases(r, h, i)
+    layout = ExpertLayout("mxfp4", group, h, i, GPT_OSS_ACT)
+    x, rows, w = routing(3, 2, r, h, skip=False)
+    x = x * 40
+    ref = biased_reference(x, rows, w, *held, biases, GPT_OSS_ACT)
+    assert rel(layout.decode(x, rows, w, [gu, dn, *biases]), ref) < FP32
+    y = torch.zeros(3, h)
+    counts = torch.bincount(rows.reshape(-1), minlength=r).tolist()
+    chosen = [e for e in range(r) if counts[e]]
+    weights_of = lambda e: (gu[e], dn[e], *(b[e] for b in biases))  # noqa: E731
+    layout.run(x, 2, w, expert_order(rows), counts, chosen, weights_of, y)
+    assert rel(y, ref) < FP32
+    y_plain = layout.decode(x, rows, w, [gu, dn])  # no biases: the unbiased expert
+    assert rel(y_plain, biased_reference(x, rows, w, *held, (None, None, None), GPT_OSS_ACT)) < FP32
+
+
+@pytest.mark.gpu
+def test_gpu_gpt_oss_biased_full_size():
+    """gpt-oss's shapes (H = I = 2880, mxfp4) with biases and the clamped unit: the kernels equal the fallback."""
+    dev = torch.device("cuda")
+    h, i, r = 2880, 2880, 4
+    packed = block_layer("mxfp4", r, h, i)
+    mats = (packed.gate_up.to(dev), packed.down.to(dev))
+    for dtype in (torch.float32, torch.bfloat16):
+        biases = tuple(b.to(dev, dtype) for b in random_biases(r, h, i))
+        kw = dict(fmt="mxfp4", group=packed.group, hidden=h, intermediate=i, biases=biases)
+        for t, k in ((1, 4), (4, 4)):
+            x, rows, w = (v.to(dev) for v in routing(t, k, r, h))
+            x = (x * 40).to(dtype)
+            y = gpu_moe.moe_decode(x, rows, w, mats, GPT_OSS_ACT, **kw)
+            fb = gpu_moe.moe_decode(x, rows, w, mats, GPT_OSS_ACT, **kw, route="torch")
+            assert rel(y, fb) < (FP32 if dtype == torch.float32 else BF16), (dtype, t)
