@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza import LLM, SamplingParams
 from cadenza.models.mxfp4 import dequantize_mxfp4
 from tests.conftest import (
     assert_config_refused,
