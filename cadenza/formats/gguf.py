@@ -335,16 +335,23 @@ class GgufCheckpoint(TensorSizes):
         names = (layer.gate_name, layer.up_name, layer.down_name)
         cols = (layer.hidden_size, layer.hidden_size, layer.intermediate_size)
 
-        def one(e: int) -> None:  # numpy and torch release the GIL in their array work: threads share the load
-            mats = []
-            for n, k in zip(names, cols, strict=True):
-                info = self.tensors[f"{prefix}{e}.{n}.weight"]
-                raw = np.asarray(self._raw[info.source][0].data[e])
-                mats.append(from_gguf(info.dtype, raw.reshape(raw.shape[0], -1), k))
-            write_block_expert(out, e, *mats)
+        def convert(job: tuple[int, int]):  # numpy and torch release the GIL in their array work
+            e, m = job
+            info = self.tensors[f"{prefix}{e}.{names[m]}.weight"]
+            raw = np.asarray(self._raw[info.source][0].data[e])
+            return from_gguf(info.dtype, raw.reshape(raw.shape[0], -1), cols[m])
 
-        with ThreadPoolExecutor(min(layer.num_experts, physical_cores())) as pool:
-            list(pool.map(one, range(layer.num_experts)))
+        def one(e: int) -> None:
+            write_block_expert(out, e, *pool.map(convert, [(e, m) for m in range(3)]))
+
+        # an expert's three matrices convert side by side, several experts at a time: every core has work even
+        # where a layer has fewer experts than the machine has cores (Mixtral's 8)
+        threads = physical_cores()
+        with (
+            ThreadPoolExecutor(threads) as pool,
+            ThreadPoolExecutor(max(1, min(layer.num_experts, threads // 3))) as outer,
+        ):
+            list(outer.map(one, range(layer.num_experts)))
         return out
 
     def _int8_from_q8_0(self, prefix: str, layer) -> PackedExperts:
