@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,12 +43,27 @@ class _Log:
         print(f"[bench {time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
 
 
+def results_dir(out: str | None) -> Path:
+    """Where results go: --out; by default ./benchmarks/results inside a cadenza checkout (where the results are
+    committed), else the cache's bench folder (not whatever folder the user stands in)."""
+    if out:
+        return Path(out)
+    here = Path.cwd()
+    if (here / "benchmarks" / "results").is_dir() and (here / "cadenza" / "bench").is_dir():
+        return here / "benchmarks" / "results"
+    from cadenza.paths import cache_dir
+
+    return cache_dir() / "bench"
+
+
 def _describe(r: dict) -> str:
     if r.get("skipped"):
         return "  " + "; ".join(r["notes"])
     parts = []
     if r.get("decode_tok_s") is not None:
-        parts.append(f"decode {r['decode_tok_s']:.2f} tok/s")
+        trials = r.get("decode_tok_s_trials") or []
+        spread = f" (trials {min(trials):.2f}-{max(trials):.2f})" if len(trials) > 1 else ""
+        parts.append(f"decode {r['decode_tok_s']:.2f} tok/s{spread}")
     if r.get("prefill_tok_s") is not None:
         parts.append(f"prefill {r['prefill_tok_s']:.1f} tok/s, TTFT {r['ttft_s']:.3f} s")
     if r.get("roofline_fraction") is not None:
@@ -121,7 +137,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"DRAM read {machine['dram_read_gb_s']} GB/s, pinned H2D {machine['pinned_h2d_gb_s']} GB/s, "
         f"GPU read {machine['gpu_mem_bw_gb_s']} GB/s"
     )
-    files = {s: result_path(args.out, s, machine["gpu_name"], tag=args.tag) for s in scenarios}
+    files = {s: result_path(results_dir(args.out), s, machine["gpu_name"], tag=args.tag) for s in scenarios}
     results: dict[str, list[dict]] = {s: [] for s in scenarios}
 
     def add(scenario: str, result: dict) -> None:

@@ -90,7 +90,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "(qwen3-30b-a3b, int8 / int4 experts, 8 GiB and 0), G1 / G2 (a Q4_K_M-like GGUF of mixtral-8x7b / "
         "qwen3-30b-a3b loaded by cadenza, 24 / 8 GiB and 0) and R1 each run on their own",
     )
-    p.add_argument("--out", default="benchmarks/results", help="folder for the results (default benchmarks/results)")
+    p.add_argument(
+        "--out", default=None,
+        help="folder for the results (default: benchmarks/results inside a cadenza checkout, else the cache's bench "
+        "folder, ~/.cache/cadenza/bench)",
+    )  # fmt: skip
     p.add_argument("--trials", type=int, default=3, help="measured trials after one warm-up; the median is reported")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument(
@@ -250,7 +254,9 @@ def random_prompt(n: int, vocab_size: int, seed: int = 0) -> list[int]:
 def command_line(args: argparse.Namespace, model: str, device: torch.device) -> str:
     """The run as one reproducible command (resolved defaults spelled out)."""
     parts = ["cadenza", "bench", "--model", model, "--scenario", args.scenario, "--device", device.type]
-    parts += ["--trials", str(args.trials), "--budgets", args.budgets, "--seed", str(args.seed), "--out", args.out]
+    parts += ["--trials", str(args.trials), "--budgets", args.budgets, "--seed", str(args.seed)]
+    if args.out:
+        parts += ["--out", args.out]
     if args.baseline is not None:
         parts.append("--baseline" if args.baseline else "--no-baseline")
     for flag, value in (

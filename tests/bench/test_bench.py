@@ -428,3 +428,24 @@ def test_zerocopy_bench_needs_cuda():
         pytest.skip("this machine has CUDA: the bench runs there")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         zerocopy.main([])
+
+
+def test_results_go_where_out_says_or_to_the_cache(tmp_path, monkeypatch):
+    """--out wins; without it, benchmarks/results only inside a cadenza checkout, else the cache's bench folder (not
+    whatever folder the user stands in)."""
+    from cadenza.bench.run import results_dir
+
+    monkeypatch.setenv("CADENZA_CACHE", str(tmp_path / "cache"))
+    assert results_dir(str(tmp_path / "x")) == tmp_path / "x"
+    monkeypatch.chdir(tmp_path)
+    assert results_dir(None) == tmp_path / "cache" / "bench"
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "cadenza" / "bench").mkdir(parents=True)
+    assert results_dir(None) == tmp_path / "benchmarks" / "results"
+
+
+def test_decode_line_reports_the_trials_spread():
+    from cadenza.bench.run import _describe
+
+    line = _describe({"decode_tok_s": 10.0, "decode_tok_s_trials": [4.0, 10.0, 16.0]})
+    assert "decode 10.00 tok/s (trials 4.00-16.00)" in line
