@@ -133,7 +133,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     advanced(p).add_argument(
         "--peer-dir",
         default=None,
-        help="folder for the peer's GGUF file (and G1 / G2 / O1 / Z1's), which needs up to ~62 GiB of free disk (O1) "
+        help="folder for the peer's GGUF file (and G1 / G2 / O1 / Z1's), which needs up to ~66 GiB of free disk (Z1) "
         "(default: the system's temporary folder)",
     )
     advanced(p).add_argument(
