@@ -45,6 +45,7 @@ from cadenza.bench.gguf_quants import (
     quantize_many,
     quantized_nbytes,
     random_kquant,
+    random_mxfp4,
     single_threaded_ops,
 )
 from cadenza.bench.synthetic import SyntheticCheckpoint
@@ -53,13 +54,18 @@ from cadenza.formats.gguf import import_gguf
 
 # expert format -> the GGUF block format of the file's experts: cadenza's int8 / int4 measured as Q8_0 / Q4_0, and
 # q4_k_m (GGUF only: cadenza loads the file itself) for the G scenarios
-EXPERT_QTYPE = {"int8": "Q8_0", "int4": "Q4_0", "q4_k_m": "Q4_K_M"}
+EXPERT_QTYPE = {"int8": "Q8_0", "int4": "Q4_0", "q4_k_m": "Q4_K_M", "mxfp4": "MXFP4"}
 # a mix's type per projection (gate, up, down); a plain block format is every projection's
 EXPERT_MIX = {"Q4_K_M": {"gate": "Q4_K", "up": "Q4_K", "down": "Q6_K"}}
 _ELEMENT_BYTES = {"F32": 4, "F16": 2}
-_FILE_TYPE = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*: what the bulk of the file is
+_FILE_TYPE = {
+    "Q8_0": 7,
+    "Q4_0": 2,
+    "Q4_K_M": 15,
+    "MXFP4": 38,
+}  # 38: MOSTLY_MXFP4_MOE  # llama.cpp's LLAMA_FTYPE_MOSTLY_*: what the bulk of the file is
 _TOKEN_TYPE = {"normal": 1, "unknown": 2, "control": 3, "unused": 5, "byte": 6}
-_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
+_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "glm4_moe": "glm4moe"}
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,8 @@ class GgufTensor:
 
     @property
     def is_random(self) -> bool:
-        """Random K-quant blocks of the weights' scale, not the checkpoint's weights."""
-        return self.qtype in K_BLOCK_BYTES
+        """Random K-quant or MXFP4 blocks of the weights' scale, not the checkpoint's weights."""
+        return self.qtype in K_BLOCK_BYTES or self.qtype == "MXFP4"
 
 
 @dataclass(frozen=True)
@@ -135,9 +141,14 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
             f"not {expert_format}."
         )
     qtype = EXPERT_QTYPE[expert_format]
-    mixtral = family == "mixtral"
+    mixtral, gpt_oss, glm = family == "mixtral", family == "gpt_oss", family == "glm4_moe"
+    if qtype == "MXFP4" and not gpt_oss:
+        raise CadenzaError(
+            f"MXFP4 experts are written for gpt-oss models only (llama.cpp reads them there), not {family}."
+        )
     heads, kv_heads = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
-    n_experts = int(c["num_local_experts"] if mixtral else c["num_experts"])
+    n_experts = int(c.get("num_local_experts") or c.get("num_experts") or c["n_routed_experts"])
+    dense_layers = int(c.get("first_k_dense_replace") or 0) if glm else 0
     shape = lambda name: tuple(ckpt.tensors[name].shape)  # noqa: E731
     out: list[GgufTensor] = [
         GgufTensor("token_embd.weight", shape("model.embed_tokens.weight"), "F16", ("model.embed_tokens.weight",))
@@ -146,19 +157,34 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
     def one(gguf_name: str, src: str, qt: str, layer: int, rope_heads: int = 0) -> None:
         out.append(GgufTensor(gguf_name, shape(src), qt, (src,), layer, rope_heads))
 
+    def some(gguf_name: str, src: str, qt: str, layer: int) -> None:  # a tensor the family may not have
+        if src in ckpt.tensors:
+            one(gguf_name, src, qt, layer)
+
     for i in range(int(c["num_hidden_layers"])):
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
         one(blk + "attn_norm.weight", hf + "input_layernorm.weight", "F32", i)
-        one(blk + "attn_q.weight", hf + "self_attn.q_proj.weight", "F16", i, heads if mixtral else 0)
-        one(blk + "attn_k.weight", hf + "self_attn.k_proj.weight", "F16", i, kv_heads if mixtral else 0)
-        one(blk + "attn_v.weight", hf + "self_attn.v_proj.weight", "F16", i)
+        for x in ("q", "k", "v"):
+            one(f"{blk}attn_{x}.weight", f"{hf}self_attn.{x}_proj.weight", "F16", i,
+                {"q": heads, "k": kv_heads}.get(x, 0) if mixtral else 0)  # fmt: skip
+            some(f"{blk}attn_{x}.bias", f"{hf}self_attn.{x}_proj.bias", "F32", i)
         one(blk + "attn_output.weight", hf + "self_attn.o_proj.weight", "F16", i)
-        if not mixtral:
-            one(blk + "attn_q_norm.weight", hf + "self_attn.q_norm.weight", "F32", i)
-            one(blk + "attn_k_norm.weight", hf + "self_attn.k_norm.weight", "F32", i)
-        one(blk + "ffn_norm.weight", hf + "post_attention_layernorm.weight", "F32", i)
+        some(blk + "attn_output.bias", hf + "self_attn.o_proj.bias", "F32", i)
+        some(blk + "attn_sinks.weight", hf + "self_attn.sinks", "F32", i)
+        some(blk + "attn_q_norm.weight", hf + "self_attn.q_norm.weight", "F32", i)
+        some(blk + "attn_k_norm.weight", hf + "self_attn.k_norm.weight", "F32", i)
+        # gpt-oss and GLM-4.5 name the norm before the MLP post_attention_norm in llama.cpp
+        norm = "post_attention_norm.weight" if gpt_oss or glm else "ffn_norm.weight"
+        one(blk + norm, hf + "post_attention_layernorm.weight", "F32", i)
+        if i < dense_layers:  # GLM-4.5's dense first layers
+            for kind in ("gate", "up", "down"):
+                one(f"{blk}ffn_{kind}.weight", f"{hf}mlp.{kind}_proj.weight", "F16", i)
+            continue
         moe = hf + ("block_sparse_moe." if mixtral else "mlp.")
-        one(blk + "ffn_gate_inp.weight", moe + "gate.weight", "F32", i)
+        router = moe + ("router." if gpt_oss else "gate.")
+        one(blk + "ffn_gate_inp.weight", router + "weight", "F32", i)
+        some(blk + "ffn_gate_inp.bias", router + "bias", "F32", i)
+        some(blk + "exp_probs_b.bias", router + "e_score_correction_bias", "F32", i)
         projections = (
             (("gate", "w1"), ("down", "w2"), ("up", "w3"))
             if mixtral
@@ -174,6 +200,10 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
                     "256: write it with int8 or int4 experts, or use a model whose rows are multiples of 256."
                 )
             out.append(GgufTensor(f"{blk}ffn_{kind}_exps.weight", (n_experts, *shape(srcs[0])), kind_qtype, srcs, i))
+            biases = tuple(f"{moe}experts.{e}.{kind}_bias" for e in range(n_experts))
+            if biases[0] in ckpt.tensors:  # gpt-oss's, stacked [E, rows] in F32 as the converter keeps them
+                out.append(GgufTensor(f"{blk}ffn_{kind}_exps.bias", (n_experts, *shape(biases[0])), "F32", biases, i))
+            some(f"{blk}ffn_{kind}_shexp.weight", f"{moe}shared_experts.{proj}.weight", "F16", i)
     out.append(GgufTensor("output_norm.weight", shape("model.norm.weight"), "F32", ("model.norm.weight",)))
     if "lm_head.weight" in ckpt.tensors:  # tied models have none: llama.cpp then reuses token_embd
         out.append(GgufTensor("output.weight", shape("lm_head.weight"), "F16", ("lm_head.weight",)))
@@ -196,18 +226,36 @@ def _add_hparams(w, plan: GgufPlan) -> None:
     w.add_feed_forward_length(int(c["intermediate_size"]))
     w.add_head_count(heads)
     w.add_head_count_kv(int(c["num_key_value_heads"]))
-    w.add_rope_dimension_count(head_dim)
+    # GLM-4.5 turns the first half of each head (partial_rotary_factor); the others all of it
+    w.add_rope_dimension_count(int(head_dim * float(c.get("partial_rotary_factor") or 1.0)))
     w.add_rope_freq_base(float(c["rope_theta"]))
     w.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
     if plan.arch == "llama":
         w.add_vocab_size(int(c["vocab_size"]))
         w.add_expert_count(int(c["num_local_experts"]))
     else:
-        w.add_expert_count(int(c["num_experts"]))
-        w.add_expert_feed_forward_length(int(c["moe_intermediate_size"]))
+        w.add_expert_count(int(c.get("num_experts") or c.get("num_local_experts") or c["n_routed_experts"]))
+        w.add_expert_feed_forward_length(int(c.get("moe_intermediate_size") or c["intermediate_size"]))
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_expert_used_count(int(c["num_experts_per_tok"]))
+    if plan.arch == "gpt-oss":  # llama.cpp's GptOssModel: sliding window (every other layer), YaRN
+        rope = c.get("rope_scaling") or {}
+        w.add_sliding_window(int(c["sliding_window"]))
+        w.add_rope_scaling_type(gguf_module().RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings", 4096)))
+    elif plan.arch == "glm4moe":  # llama.cpp's Glm4MoeModel (no multi-token-prediction layer: nextn 0)
+        w.add_expert_shared_count(int(c["n_shared_experts"]))
+        w.add_leading_dense_block_count(int(c["first_k_dense_replace"]))
+        w.add_expert_gating_func(gguf_module().ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_scale(float(c["routed_scaling_factor"]))
+        w.add_expert_weights_norm(bool(c["norm_topk_prob"]))
+        w.add_nextn_predict_layers(0)
+
+
+def gguf_module():
+    return import_gguf()
 
 
 def gpt2_byte_chars() -> list[str]:
@@ -283,10 +331,14 @@ def _materialize(ckpt: SyntheticCheckpoint, t: GgufTensor, pool: ThreadPoolExecu
     """The tensor's bytes as the numpy array gguf-py writes."""
     if t.is_random:  # the synthetic weights' N(0, 1/fan_in) scale; seeded by the model's seed and the tensor's name
         out = torch.empty((*t.shape[:-1], t.nbytes // _numel(t.shape[:-1])), dtype=torch.uint8)
-        random_kquant(out, t.qtype, t.shape[-1] ** -0.5, (ckpt.seed << 32) + zlib.crc32(t.name.encode()), pool)
+        seed = (ckpt.seed << 32) + zlib.crc32(t.name.encode())
+        if t.qtype == "MXFP4":
+            random_mxfp4(out, t.shape[-1] ** -0.5, seed, pool)
+        else:
+            random_kquant(out, t.qtype, t.shape[-1] ** -0.5, seed, pool)
         return out.numpy()
     if t.qtype in _ELEMENT_BYTES:
-        x = ckpt.tensor(t.sources[0])
+        x = ckpt.tensor(t.sources[0]) if len(t.sources) == 1 else torch.stack([ckpt.tensor(n) for n in t.sources])
         if t.rope_heads:
             x = interleave_rope_halves(x, t.rope_heads)
         return x.to(torch.float32 if t.qtype == "F32" else torch.float16).contiguous().numpy()

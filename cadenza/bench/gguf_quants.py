@@ -15,6 +15,7 @@ temporaries stay near the cache and host memory holds the output, never a float3
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor
@@ -84,7 +85,7 @@ def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[int, ...]:
         return (*shape[:-1], shape[-1] // K_BLOCK * K_BLOCK_BYTES[qtype])
     if shape[-1] % BLOCK:
         raise ValueError(f"rows of {shape[-1]} weights do not split into blocks of {BLOCK}")
-    return (*shape[:-1], shape[-1] // BLOCK * BLOCK_BYTES[qtype])
+    return (*shape[:-1], shape[-1] // BLOCK * (BLOCK_BYTES.get(qtype) or MXFP4_BYTES))
 
 
 @contextmanager
@@ -218,6 +219,42 @@ def random_kquant(out: torch.Tensor, qtype: str, std: float, seed: int, pool: Ex
         _random_bytes(dst.view(-1), g)  # the codes (and, until overwritten below, the scale fields)
         pick = dst[:, header.start : header.start + 2].contiguous().view(torch.int16).view(-1)
         dst[:, header] = table[(pick & (_HEADERS - 1)).long()]
+
+    if pool is None:
+        for task in tasks:
+            one(task)
+    else:
+        list(pool.map(one, tasks))
+
+
+MXFP4_BYTES = 17  # ggml's block_mxfp4: an e8m0 scale byte, then 16 bytes of 32 fp4 (e2m1) codes
+# ggml's kvalues_mxfp4 (the e2m1 values doubled; the scale is 2^(e - 128), half of e8m0's 2^(e - 127)): the rms of
+# a uniformly random code
+_MXFP4_CODE_RMS = ((0 + 1 + 4 + 9 + 16 + 36 + 64 + 144) / 8) ** 0.5
+
+
+def random_mxfp4(out: torch.Tensor, std: float, seed: int, pool: Executor | None = None) -> None:
+    """Fills `out` (contiguous uint8, whole 17-byte MXFP4 blocks) with random blocks of weights of std `std`:
+    uniform codes, and per block the e8m0 exponent below the wanted scale or the one above, picked by the block's
+    first random byte so that the mean square is std^2 (scales vary as trained blocks' do, within a factor 2).
+    Quantizing 115 G synthetic weights with gguf.quants (numpy) would take hours; speed does not depend on the values.
+    The same seed gives the same bytes whatever the pool. With a pool, run it under `single_threaded_ops()`."""
+    if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() % MXFP4_BYTES:
+        raise ValueError(f"out must be a contiguous uint8 tensor of whole MXFP4 blocks ({MXFP4_BYTES} bytes)")
+    target = std / _MXFP4_CODE_RMS  # the scale's wanted rms
+    low = math.floor(math.log2(target))
+    share_high = ((target / 2.0**low) ** 2 - 1) / 3  # (1 - p) s^2 + p (2 s)^2 = target^2
+    threshold = round(share_high * 256)
+    if not 1 <= 128 + low <= 253:
+        raise ValueError(f"std {std} is out of MXFP4's range")
+    blocks = out.view(-1, MXFP4_BYTES)
+    tasks = [(i, blocks[i : i + _CHUNK_BLOCKS]) for i in range(0, blocks.shape[0], _CHUNK_BLOCKS)]
+
+    def one(task) -> None:
+        i, dst = task
+        g = torch.Generator().manual_seed((seed * 1_000_003 + 1 + i // _CHUNK_BLOCKS) % (1 << 63))
+        _random_bytes(dst.view(-1), g)
+        dst[:, 0] = (dst[:, 0] < threshold).to(torch.uint8) + (128 + low)
 
     if pool is None:
         for task in tasks:

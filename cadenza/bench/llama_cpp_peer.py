@@ -93,8 +93,8 @@ def peer_request(
         raise CadenzaError(f"--peer: one peer per run ({', '.join(p.name for p in (peer, *more))} were given).")
     if expert_format is None:
         raise CadenzaError(
-            f"--peer {peer.name}: it is measured in the scenarios with quantized experts (D3, D4, F3, F4, G1, G2), "
-            f"not {scenario}."
+            f"--peer {peer.name}: it is measured in the scenarios with quantized experts (D3, D4, F3, F4, G1, G2, O1, "
+            f"Z1), not {scenario}."
         )
     if not configs:
         raise CadenzaError(f"--peer {peer.name}: --policies leaves no cadenza configuration to compare with.")

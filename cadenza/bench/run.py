@@ -167,7 +167,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     gguf_format = GGUF_EXPERTS.get(scenarios[0])
     written = None
-    if gguf_format is not None:  # G1 / G2: the file both systems load, written once (its folder: the peer's)
+    if gguf_format is not None:  # G1 / G2 / O1 / Z1: the file both systems load, written once (its folder: the peer's)
         from cadenza.bench.llama_cpp_peer import write_peer_gguf
 
         folder = peer[1] if peer is not None else _gguf_folder(args.peer_dir)
@@ -248,8 +248,8 @@ def _run_cadenza(args, ckpt, device, configs, expert_args, written, model, max_c
 
 def _run_peer(args, peer, ckpt, fmt, written, scenario, configs, machine, add, log) -> CadenzaError | None:
     """The peer's rows (after cadenza's, with its model freed: host memory and GPU are the peer's): on the GGUF
-    cadenza loaded (G1 / G2), else on one written from `ckpt` in `fmt` and deleted. Returns its failure, if any:
-    its rows say skipped and why, and the files are completed first."""
+    cadenza loaded (G1 / G2 / O1 / Z1), else on one written from `ckpt` in `fmt` and deleted. Returns its failure, if
+    any: its rows say skipped and why, and the files are completed first."""
     from cadenza.bench.llama_cpp_peer import LlamaCppPeer
 
     runner = LlamaCppPeer(*peer, args.cpu_threads or physical_cores(), args.trials, machine, log)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from cadenza.errors import CadenzaError
 
-SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "G1", "G2", "R1")
+SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "G1", "G2", "O1", "Z1", "R1")
 if TYPE_CHECKING:
     import torch
 
@@ -29,6 +29,8 @@ F2_MODEL = "deepseek-v2-lite"
 F2_CPU_MODEL = "deepseek-v2-tiny"  # its layout at laptop size, for runs without CUDA
 F1_CPU_MODEL = "qwen3-tiny"
 G2_CPU_MODEL = "qwen3-tiny-256"  # qwen3-tiny's experts have rows of 128: no whole K-quant blocks
+O1_MODEL = "gpt-oss-120b"  # 36 layers of 128 MXFP4 experts (top-4): a 61 GB file, mostly experts
+Z1_MODEL = "glm-4.5-air"  # 45 MoE layers of 128 experts (top-8) + a shared one; int4: bf16 does not fit the host
 R1_MODEL = "olmoe-1b-7b"  # every expert resident on the GPU: what is left is per-step overhead and HBM bandwidth
 # scenario -> (model, model without CUDA)
 SOLO = {
@@ -40,6 +42,8 @@ SOLO = {
     "F4": (F1_MODEL, F1_CPU_MODEL),
     "G1": ("mixtral-8x7b", None),
     "G2": (F1_MODEL, G2_CPU_MODEL),
+    "O1": (O1_MODEL, "gpt-oss-tiny"),
+    "Z1": (Z1_MODEL, "glm-4.5-air-tiny"),
     "R1": (R1_MODEL, None),
 }
 EXPERT_FORMAT = {"D3": "int8", "D4": "int4", "F3": "int8", "F4": "int4"}  # scenarios with quantized experts
@@ -47,8 +51,9 @@ EXPERT_FORMAT = {"D3": "int8", "D4": "int4", "F3": "int8", "F4": "int4"}  # scen
 QUANT_BUDGETS = {"D3": (D1_BUDGET_GIB, 0), "D4": (D1_BUDGET_GIB, 0), "F3": (F1_BUDGET_GIB, 0), "F4": (F1_BUDGET_GIB, 0)}
 # scenarios measured on a GGUF file written once per run, which cadenza loads with its own loader (LLM(path)) and
 # llama.cpp (--peer) benchmarks as it is: the file's expert types (cadenza.bench.gguf_export), the budgets as above
-GGUF_EXPERTS = {"G1": "q4_k_m", "G2": "q4_k_m"}
-QUANT_BUDGETS |= {"G1": (D1_BUDGET_GIB, 0), "G2": (F1_BUDGET_GIB, 0)}
+# O1: gpt-oss's MXFP4 experts (random blocks), Z1: GLM-4.5-Air's experts in Q4_0 (quantized from the weights)
+GGUF_EXPERTS = {"G1": "q4_k_m", "G2": "q4_k_m", "O1": "mxfp4", "Z1": "int4"}
+QUANT_BUDGETS |= {"G1": (D1_BUDGET_GIB, 0), "G2": (F1_BUDGET_GIB, 0), "O1": (D1_BUDGET_GIB, 0), "Z1": (D1_BUDGET_GIB,)}
 GGUF_LOAD_TARGET_S = 30  # the issue's target: a 26 GB GGUF ready to generate, from a warm page cache, at 24 GiB
 QUANT_PREFILL = 512
 D1_POLICIES = ("auto", "cpu", "fetch")
@@ -88,7 +93,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help=f"comma-separated scenarios (default {DEFAULT_SCENARIOS}); F1 (qwen3-30b-a3b, 8 GiB), F2 "
         "(deepseek-v2-lite, 6 GiB), D3 / D4 (mixtral-8x7b, int8 / int4 experts, 24 GiB and 0), F3 / F4 "
         "(qwen3-30b-a3b, int8 / int4 experts, 8 GiB and 0), G1 / G2 (a Q4_K_M-like GGUF of mixtral-8x7b / "
-        "qwen3-30b-a3b loaded by cadenza, 24 / 8 GiB and 0) and R1 each run on their own",
+        "qwen3-30b-a3b loaded by cadenza, 24 / 8 GiB and 0), O1 (a gpt-oss-120b GGUF, MXFP4 experts, 24 GiB and 0), "
+        "Z1 (a glm-4.5-air GGUF, Q4_0 experts, 24 GiB) and R1 each run on their own",
     )
     p.add_argument(
         "--out", default=None,
@@ -122,8 +128,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="NAME=PATH",
         help="also measure a peer in the same run, into the same JSON: llama.cpp=PATH (PATH: its llama-bench). "
-        "D3 / D4 / F3 / F4 / G1 / G2 only: after cadenza's configurations, with cadenza's model freed, the same "
-        "synthetic model is written as a GGUF file (Q8_0 experts for int8, Q4_0 for int4; G1 / G2: the Q4_K_M-like "
+        "D3 / D4 / F3 / F4 / G1 / G2 / O1 / Z1 only: after cadenza's configurations, with cadenza's model freed, the "
+        "same synthetic model is written as a GGUF file (Q8_0 experts for int8, Q4_0 for int4; G1 / G2 / O1 / Z1: the "
         "file cadenza loaded), each configuration is run with "
         "llama-bench -ngl 99 --n-cpu-moe N, N the fewest layers whose experts stay on the host for llama.cpp's "
         "estimated GPU memory to fit the budget (0: every layer's), and the file is deleted",
@@ -131,7 +137,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     advanced(p).add_argument(
         "--peer-dir",
         default=None,
-        help="folder for the peer's GGUF file (and G1 / G2's), which needs up to ~48 GiB of free disk for int8 Mixtral "
+        help="folder for the peer's GGUF file (and G1 / G2 / O1 / Z1's), which needs up to ~66 GiB of free disk (Z1) "
         "(default: the system's temporary folder)",
     )
     advanced(p).add_argument(

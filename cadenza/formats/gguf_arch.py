@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from cadenza.errors import CadenzaError
 
-SUPPORTED = ("llama (with experts: Mixtral)", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss")
+SUPPORTED = ("llama (with experts: Mixtral)", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe")
 
 # GGUF names outside the blocks
 GLOBAL_NAMES = {
@@ -78,6 +78,7 @@ FAMILIES = {
     "DeepseekV3ForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     # experts with biases (ffn_*_exps.bias), read expert by expert (fused_experts false in the config below)
     "GptOssForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), router="router"),
+    "Glm4MoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -102,6 +103,8 @@ def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
     if rest in _BLOCK:
         return Mapped(pre + _BLOCK[rest])
     if architecture.startswith("Deepseek") and rest in _DEEPSEEK:
+        return Mapped(pre + _DEEPSEEK[rest])
+    if architecture == "Glm4MoeForCausalLM" and rest == "exp_probs_b.bias":  # the routing bias, as DeepSeek-V3's
         return Mapped(pre + _DEEPSEEK[rest])
     if rest in ("ffn_gate_inp.weight", "ffn_gate_inp.bias"):
         return Mapped(f"{pre}{fam.moe}.{fam.router}.{rest.rpartition('.')[2]}")
@@ -140,7 +143,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
             )
         return value
 
-    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss"):
+    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe"):
         raise CadenzaError(
             f"{source} holds a GGUF {arch!r} model, which cadenza does not run. Supported GGUF architectures: "
             f"{', '.join(SUPPORTED)}. Use a GGUF of one of these, or the model's Hugging Face folder."
@@ -204,6 +207,8 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
         cfg.update(intermediate_size=int(expert_ff or req("feed_forward_length")), fused_experts=False)
         cfg.update(head_dim=int(get("attention.key_length") or cfg["hidden_size"] // heads))
         cfg.update(sliding_window=int(req("attention.sliding_window")), attention_bias="blk.0.attn_q.bias" in shapes)
+    elif arch == "glm4moe":
+        cfg.update(_glm4moe(get, req, cfg, shapes))
     else:
         cfg.update(_deepseek(get, req, heads, shapes))
     scaling = _rope_scaling(get)
@@ -244,6 +249,35 @@ def _deepseek(get, req, heads: int, shapes: dict) -> dict:
     if not v3:
         cfg["topk_method"] = "group_limited_greedy" if groups and groups > 1 else "greedy"
     return cfg
+
+
+def _glm4moe(get, req, cfg: dict, shapes: dict) -> dict:
+    """GLM-4.5 (GGUF glm4moe, llama.cpp's LLM_ARCH_GLM4_MOE): DeepSeek-V3's routing (sigmoid scores, the bias
+    exp_probs_b) with plain attention rotating the first rope.dimension_count features of each head. The converter
+    counts the multi-token-prediction layers in block_count (nextn_predict_layers, the last blocks); cadenza does not
+    run them, and their tensors are neither expected nor read."""
+    head_dim = int(get("attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    nextn = int(get("nextn_predict_layers") or 0)
+    groups = int(get("expert_group_count") or 1)
+    return {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "num_hidden_layers": cfg["num_hidden_layers"] - nextn,
+        "num_nextn_predict_layers": nextn,
+        "head_dim": head_dim,
+        "partial_rotary_factor": int(get("rope.dimension_count") or head_dim // 2) / head_dim,
+        "n_routed_experts": int(req("expert_count")),
+        "n_shared_experts": int(get("expert_shared_count", 0)),
+        "moe_intermediate_size": int(req("expert_feed_forward_length")),
+        "intermediate_size": int(req("feed_forward_length")),
+        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
+        "norm_topk_prob": bool(get("expert_weights_norm", False)),  # llama.cpp's default when the key is absent
+        "n_group": groups,
+        "topk_group": int(get("expert_group_used_count") or groups),
+        "use_qk_norm": "blk.0.attn_q_norm.weight" in shapes,
+        "attention_bias": "blk.0.attn_q.bias" in shapes,
+    }
 
 
 def _rope_scaling(get) -> dict | None:

@@ -131,3 +131,107 @@ def test_run_bench_g2_one_file_for_both_systems(tmp_path, monkeypatch):
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert {c[c.index("-m") + 1] for c in calls} == {str(folder / "cadenza-qwen3-tiny-256-Q4_K_M.gguf")}
     assert peer[1]["n_cpu_moe"] == 4  # every layer's experts on the host at 0
+
+
+# --- O1 / Z1: gpt-oss with MXFP4 experts, GLM-4.5-Air with Q4_0 experts ----------------------------------------------
+
+
+def test_random_mxfp4_blocks_dequantize_to_the_weights_scale():
+    from cadenza.bench.gguf_quants import MXFP4_BYTES, random_mxfp4
+
+    std = 2880**-0.5  # gpt-oss-120b's fan-in
+    out = torch.empty(64, 90 * MXFP4_BYTES, dtype=torch.uint8)  # 64 rows of 2880 weights
+    random_mxfp4(out, std, seed=3)
+    w = gguf.quants.dequantize(out.numpy(), gguf.GGMLQuantizationType.MXFP4)
+    assert w.shape == (64, 2880) and np.isfinite(w).all()
+    assert abs(w.std() / std - 1) < 0.05 and abs(w.mean()) < 0.02 * std
+    assert len(np.unique(out.view(-1, MXFP4_BYTES)[:, 0].numpy())) == 2  # two neighbouring exponents
+    again = torch.empty_like(out)
+    with single_threaded_ops(), ThreadPoolExecutor(2) as pool:
+        random_mxfp4(again, std, seed=3, pool=pool)
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize(
+    "model, fmt, arch, qtype, file_type",
+    [("gpt-oss-tiny", "mxfp4", "gpt-oss", "MXFP4", 38), ("glm-4.5-air-tiny", "int4", "glm4moe", "Q4_0", 2)],
+)
+def test_o1_z1_gguf_reads_back_and_cadenza_generates(tmp_path, model, fmt, arch, qtype, file_type):
+    ckpt = SyntheticCheckpoint(model)
+    c = ckpt.config
+    written = write_gguf(ckpt, tmp_path / "m.gguf", fmt, threads=2)
+    assert written.nbytes == (tmp_path / "m.gguf").stat().st_size <= written.plan.file_bytes_bound()
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert r.fields["general.architecture"].contents() == arch
+    assert r.fields["general.file_type"].contents() == file_type
+    tensors = {t.name: t for t in r.tensors}
+    types = gguf.GGMLQuantizationType
+    h, layers = c["hidden_size"], c["num_hidden_layers"]
+    n_ff = c.get("moe_intermediate_size") or c["intermediate_size"]
+    n_experts = c.get("num_local_experts") or c["n_routed_experts"]
+    dense = c.get("first_k_dense_replace", 0)
+    for i in range(dense, layers):
+        for kind, shape in (("gate", [h, n_ff]), ("up", [h, n_ff]), ("down", [n_ff, h])):
+            t = tensors[f"blk.{i}.ffn_{kind}_exps.weight"]
+            assert t.tensor_type == getattr(types, qtype) and t.shape.tolist() == [*shape, n_experts], t.name
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            assert abs(w.std() * shape[0] ** 0.5 - 1) < 0.1, t.name  # N(0, 1/fan_in), as the synthetic weights
+        assert tensors[f"blk.{i}.post_attention_norm.weight"].tensor_type == types.F32
+        assert tensors[f"blk.{i}.attn_q.bias"].tensor_type == types.F32  # both families have attention biases
+    if arch == "gpt-oss":
+        assert r.fields["gpt-oss.attention.sliding_window"].contents() == c["sliding_window"]
+        assert r.fields["gpt-oss.rope.scaling.factor"].contents() == 32.0
+        assert tensors["blk.0.attn_sinks.weight"].shape.tolist() == [c["num_attention_heads"]]
+        assert tensors["blk.0.ffn_gate_exps.bias"].shape.tolist() == [n_ff, n_experts]
+        assert tensors["blk.0.ffn_gate_inp.bias"].tensor_type == types.F32
+    else:
+        assert r.fields["glm4moe.leading_dense_block_count"].contents() == 1
+        assert r.fields["glm4moe.rope.dimension_count"].contents() == c["head_dim"] // 2  # partial rotary 0.5
+        assert r.fields["glm4moe.expert_shared_count"].contents() == 1
+        assert tensors["blk.0.ffn_gate.weight"].shape.tolist() == [h, c["intermediate_size"]]  # the dense layer
+        assert "blk.0.ffn_gate_exps.weight" not in tensors
+        assert tensors["blk.1.exp_probs_b.bias"].shape.tolist() == [n_experts]
+        assert tensors["blk.1.ffn_up_shexp.weight"].shape.tolist() == [h, n_ff]
+
+    from cadenza import LLM
+    from cadenza.sampling import SamplingParams
+
+    llm = LLM(str(tmp_path / "m.gguf"), device="cpu")
+    try:
+        assert llm.checkpoint.architecture == c["architectures"][0]
+        out = llm.generate([5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        assert out.stats.generated_tokens == 3 and all(0 <= t < c["vocab_size"] for t in out.token_ids)
+    finally:
+        llm.close()
+
+
+def test_mxfp4_experts_only_for_gpt_oss():
+    with pytest.raises(CadenzaError, match="MXFP4.*gpt-oss"):
+        gguf_plan(SyntheticCheckpoint("glm-4.5-air-tiny"), "mxfp4")
+
+
+def test_o1_z1_plans():
+    """O1: 24 GiB (auto, cpu) and every expert on the host (cpu), then a 512-token prefill at 24 GiB; Z1: 24 GiB."""
+    got = [(c.scenario, c.policy, c.budget, c.prompt_tokens, c.new_tokens) for c in plan_configs(["O1"], [])]
+    assert got == [
+        ("O1", "auto", 24, 64, 128), ("O1", "cpu", 24, 64, 128), ("O1", "cpu", 0, 64, 128), ("O1", "auto", 24, 512, 1),
+    ]  # fmt: skip
+    got = [(c.scenario, c.policy, c.budget, c.prompt_tokens, c.new_tokens) for c in plan_configs(["Z1"], [])]
+    assert got == [("Z1", "auto", 24, 64, 128), ("Z1", "cpu", 24, 64, 128), ("Z1", "auto", 24, 512, 1)]
+    from cadenza.bench.scenarios import GGUF_EXPERTS, SOLO
+
+    assert SOLO["O1"] == ("gpt-oss-120b", "gpt-oss-tiny") and SOLO["Z1"] == ("glm-4.5-air", "glm-4.5-air-tiny")
+    assert GGUF_EXPERTS["O1"] == "mxfp4" and GGUF_EXPERTS["Z1"] == "int4"
+
+
+@pytest.mark.parametrize("model", ["gpt-oss-120b", "glm-4.5-air"])
+def test_full_size_plans(model):
+    """The full-size files, from shapes alone: gpt-oss-120b's MXFP4 experts ~61 GB (4.25 bits a weight), GLM-4.5-Air's
+    Q4_0 experts ~40 GB (4.5 bits), each with its published parameter count."""
+    ckpt = SyntheticCheckpoint(model)
+    plan = gguf_plan(ckpt, "mxfp4" if model.startswith("gpt") else "int4")
+    matrices = [t for t in plan.tensors if t.is_expert and t.name.endswith(".weight")]
+    weights = sum(int(np.prod(t.shape)) for t in matrices)
+    assert sum(t.nbytes for t in matrices) == weights * (17 if model.startswith("gpt") else 18) // 32
+    assert weights == {"gpt-oss-120b": 36 * 3 * 128 * 2880 * 2880, "glm-4.5-air": 45 * 3 * 128 * 4096 * 1408}[model]
+    assert {"gpt-oss-120b": 116.8e9, "glm-4.5-air": 106.9e9}[model] == pytest.approx(ckpt.total_bytes / 2, rel=0.01)

@@ -22,6 +22,7 @@ ARCH = {
     "deepseek_v2": "deepseek2",
     "deepseek_v3": "deepseek2",
     "gpt_oss": "gpt-oss",
+    "glm4_moe": "glm4moe",
 }
 
 
@@ -70,6 +71,17 @@ def metadata(cfg: dict) -> dict:
         if rope.get("rope_type") == "yarn":
             m.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"])})
             m["rope.scaling.original_context_length"] = rope["original_max_position_embeddings"]
+    elif mt == "glm4_moe":  # llama.cpp's Glm4MoeModel.set_gguf_parameters
+        nextn = cfg.get("num_nextn_predict_layers") or 0
+        m.update(block_count=cfg["num_hidden_layers"] + nextn, nextn_predict_layers=nextn)
+        m.update(expert_count=cfg["n_routed_experts"], expert_feed_forward_length=cfg["moe_intermediate_size"])
+        m.update(feed_forward_length=cfg["intermediate_size"], expert_shared_count=cfg["n_shared_experts"])
+        m.update(leading_dense_block_count=cfg["first_k_dense_replace"], expert_gating_func=2)
+        m.update(
+            expert_weights_scale=float(cfg["routed_scaling_factor"]), expert_weights_norm=bool(cfg["norm_topk_prob"])
+        )
+        m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
+        m["rope.dimension_count"] = int(cfg["head_dim"] * cfg.get("partial_rotary_factor", 0.5))
     else:  # deepseek
         v3 = mt == "deepseek_v3"
         m.update(
@@ -107,7 +119,9 @@ def gguf_tensors(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     arch = ARCH[cfg["model_type"]]
     if arch == "gpt-oss":
         sd = _gpt_oss_as_converted(sd)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], cfg["num_hidden_layers"])
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    blocks = cfg["num_hidden_layers"] + (cfg.get("num_nextn_predict_layers") or 0)
+    names = gguf.get_tensor_name_map(model_arch, blocks)
     out: dict[str, np.ndarray] = {}
     stacks: dict[str, dict[int, np.ndarray]] = {}
     for name, w in sd.items():

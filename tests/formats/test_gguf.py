@@ -15,6 +15,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, make_deepseek, make_mixtral, prompt_ids, reference_logits
 from tests.formats.gguf_files import dequantized_folder, write_gguf
+from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
@@ -29,6 +30,7 @@ MAKERS = {
     "olmoe": lambda p: make_olmoe(p),
     "deepseek2-v2": lambda p: make_deepseek(p, version=2),
     "deepseek2-v3": lambda p: make_deepseek(p, version=3),
+    "glm4moe": lambda p: make_glm4_moe(p),
 }
 
 
