@@ -56,6 +56,14 @@ def results_dir(out: str | None) -> Path:
     return cache_dir() / "bench"
 
 
+def _expert_storage(llm) -> str:
+    """How the host experts are held: the layers' formats ("q4_k+q6_k", "mxfp4", "int4", "bf16"), as loaded."""
+    from cadenza.loader import expert_layers
+
+    formats = sorted({m.expert_format for _, m in expert_layers(llm.model)})
+    return ", ".join(formats) or llm.expert_format.fmt
+
+
 def _describe(r: dict) -> str:
     if r.get("skipped"):
         return "  " + "; ".join(r["notes"])
@@ -302,7 +310,7 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         scenario=cfg.scenario,
         system=SYSTEM,
         model=model,
-        cpu_experts=cut.llm.expert_format.fmt,
+        cpu_experts=_expert_storage(cut.llm),
         policy=cfg.policy,
         gpu_budget_gib=cfg.budget,
         prompt_tokens=cfg.prompt_tokens,
