@@ -78,7 +78,16 @@ __all__ = [
 ]
 
 _FMT_CODES = {None: 0, **{f: n + 1 for n, f in enumerate(KERNEL_FORMATS)}}  # the kernels' FMT
-_BYTES_PER_COL = {"bf16": 2.0, "int8": 1.0, "int4": 0.5, "q4_0": 0.5, "q4_k": 0.5, "mxfp4": 0.5, "q6_k": 1.0}
+_BYTES_PER_COL = {
+    "bf16": 2.0,
+    "int8": 1.0,
+    "int4": 0.5,
+    "q4_0": 0.5,
+    "q4_k": 0.5,
+    "mxfp4": 0.5,
+    "q6_k": 1.0,
+    "q8_0": 1.0,
+}
 _warned = False
 
 

@@ -191,9 +191,10 @@ def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr
 
 
 # Block formats (cadenza.kernels.blocks): FMT 4 q4_0, 5 q4_k, 6 mxfp4 (4-bit codes in int4's word layout, group 32),
-# 7 q6_k (int8 codes in int8's layout, group 16). A weight is code_value * scale - min per (row, group), the pair
-# computed here from the tile's header fields ([field][row][values]) as exact fp32 products, applied per (row,
-# group) to partial sums: sum (v s - m) x = s sum v x - m sum x. x is read as it is (not staged).
+# 7 q6_k (int8 codes in int8's layout, group 16), 8 q8_0 (int8 codes, group 32). A weight is code_value * scale -
+# min per (row, group), the pair computed here from the tile's header fields ([field][row][values]) as exact fp32
+# products, applied per (row, group) to partial sums: sum (v s - m) x = s sum v x - m sum x. x is read as it is
+# (not staged).
 
 
 @triton.jit
@@ -215,6 +216,9 @@ def _block_scale_min(tile, r, g, K, mask, FMT: tl.constexpr):
     elif FMT == 6:  # mxfp4: e u8 per 32 -> 2^(e - 127) (e = 0: the denormal 2^-127), 0
         e = tl.load(tile + r * (K // 32) + g, mask=mask, other=0).to(tl.int32)
         s = tl.where(e > 0, e << 23, 1 << 22).to(tl.float32, bitcast=True)
+        mn = s * 0.0
+    elif FMT == 8:  # q8_0: d f16 per 32 -> (d, 0)
+        s = tl.load(tile.to(tl.pointer_type(tl.float16)) + r * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
         mn = s * 0.0
     else:  # q6_k: d f16 per 256, sc i8 per 16 -> (d sc, 0)
         d = tl.load(tile.to(tl.pointer_type(tl.float16)) + r * NS + g // 16, mask=mask, other=0.0).to(tl.float32)
@@ -272,9 +276,9 @@ def _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr
 
 
 @triton.jit
-def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: tl.constexpr):
-    """q6_k: int8 codes in int8's layout (byte b of word m of a row's 64-byte piece is column 4 m + b), group 16:
-    quarter pieces of 4 words, scale d sc."""
+def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """q6_k (FMT 7) and q8_0 (8): int8 codes in int8's layout (byte b of word m of a row's 64-byte piece is column
+    4 m + b), in quarter pieces of 4 words (16 columns): q6_k's group, half of q8_0's; scale d sc or d."""
     NQ: tl.constexpr = BK // 16  # quarter pieces (16 columns of a row, 4 words, one group) per step
     qp = tl.arange(0, NQ)
     r = tl.arange(0, 4)
@@ -294,7 +298,8 @@ def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: t
             xb = tl.load(xr + col + b, mask=col + b < n_x, other=0.0).to(tl.float32)
             q = (((wv >> (8 * b)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             part += q * xb[None, :, None, :]
-        s, _ = _block_scale_min(tile, r[None, None, :], qg[None, :, None], K, ok, 7)
+        g = qg if FMT == 7 else qg // 2
+        s, _ = _block_scale_min(tile, r[None, None, :], g[None, :, None], K, ok, FMT)
         acc += tl.sum(part, 3) * s
     return tl.sum(acc, 1)
 
@@ -339,7 +344,9 @@ def _dot_tiles(
     elif FMT == 2:
         acc = _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP, BT, BK)
     elif FMT == 7:
-        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
+        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 7, BT, BK)
+    elif FMT == 8:
+        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 8, BT, BK)
     elif FMT >= 4:  # q4_0, q4_k, mxfp4
         acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT, BT, BK)
     elif ROWS4:
@@ -607,7 +614,7 @@ def _dequant_kernel(
         sc = tl.load(tile.to(tl.pointer_type(tl.bfloat16)) + r * NG + g, mask=okg).to(tl.float32)
         z = tl.load(tile + 8 * NG + r * NG + g, mask=okg).to(tl.int32)
         v = (q - (z | 0x4B000000).to(tl.float32, bitcast=True)) * sc  # 2^23 + q - (2^23 + z), exact
-    elif FMT == 7:  # q6_k: int8's layout, scale d sc per 16 columns
+    elif FMT >= 7:  # q6_k, q8_0: int8's layout, scale d sc per 16 columns or d per 32
         q = tl.load((tile + hb + (c // 64) * 256 + r * 64 + c % 64).to(tl.pointer_type(tl.int8)), mask=ok)
         q = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         s, _ = _block_scale_min(tile, r, g, K, okg, FMT)

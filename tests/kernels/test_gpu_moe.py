@@ -147,6 +147,8 @@ BLOCK_CASES = [  # (fmt, H, I, T, k, act): I, H multiples of the format's blocks
     ("q6_k", 256, 256, 2, 2, "gelu_pytorch_tanh"),  # groups of 16
     ("q4_k+q6_k", 512, 1792, 2, 2, "silu"),  # Q4_K_M's pair, Mixtral's proportions (I = 3.5 H)
     ("q6_k+q4_k", 256, 256, 1, 2, "silu"),
+    ("q8_0", 256, 160, 2, 2, "silu"),  # int8 codes, fp16 scale per 32
+    ("q8_0+q4_0", 256, 256, 3, 2, "silu"),
 ]
 BLOCK_BIG = gpu_moe.Blocks(128, 1024, 128, 1024)  # few programs under the interpreter
 # the fallback (dequantize_tiles per matrix, as the dequantize tests check) on the small cases: nib, byte, a pair
@@ -301,7 +303,14 @@ def test_dequantize_expert_exact(route, fmt, group):
 @pytest.mark.parametrize("route", ["triton", "torch"])
 @pytest.mark.parametrize(
     "fmt, h, i",
-    [("q4_0", 256, 160), ("q4_k", 256, 512), ("mxfp4", 2880, 96), ("q6_k", 512, 256), ("q4_k+q6_k", 256, 768)],
+    [
+        ("q4_0", 256, 160),
+        ("q4_k", 256, 512),
+        ("mxfp4", 2880, 96),
+        ("q6_k", 512, 256),
+        ("q4_k+q6_k", 256, 768),
+        ("q8_0", 256, 160),
+    ],  # fmt: skip
 )
 def test_dequantize_block_formats_exact(route, fmt, h, i):
     """The prefill path's unpacking of block formats: exactly the layer's weights in fp32, and their one rounding
@@ -450,6 +459,7 @@ GPU_BLOCK_SHAPES = [  # (fmt, H, I, stacked rows): Mixtral in Q4_K_M's pair, gpt
     ("mxfp4", 2880, 2880, 4),
     ("q4_0", 2048, 768, 8),
     ("q6_k", 2048, 768, 8),
+    ("q8_0", 2048, 768, 8),
 ]
 
 
