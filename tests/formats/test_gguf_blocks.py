@@ -86,3 +86,28 @@ def test_info_names_each_layers_format(kquant_file):
     assert d["expert_formats_per_layer"] == ["q4_k+q6_k", "q4_k"]
     assert d["gguf_types"]["experts"].keys() == {"Q4_K", "Q6_K"}
     assert d["expert_bytes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["cpu", "fetch", "auto"])
+@pytest.mark.parametrize("residents", [0, 6, 16])
+def test_cuda_kept_blocks_equal_cpu(kquant_file, policy, residents):
+    """On a CUDA GPU, the kept q4_k / q4_k+q6_k experts resident (Triton's block-format kernels), fetched, or on the
+    host (the CPU kernel), CUDA graphs on: the CPU run's logits and greedy tokens."""
+    from cadenza import SamplingParams
+    from tests.conftest import budget_for
+
+    ids = prompt_ids(12)
+    cpu = LLM(kquant_file, device="cpu", dtype="float32")
+    want = cpu.score(ids)
+    tokens = cpu.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
+    slots = 0 if policy == "cpu" else 2
+    budget = "0" if residents == 0 and policy == "cpu" else budget_for(kquant_file, residents, slots, device="cuda")
+    llm = LLM(kquant_file, device="cuda", dtype="float32", gpu_memory=budget, offload_policy=policy)
+    try:
+        assert llm.placement.resident_count == residents
+        torch.testing.assert_close(llm.score(ids).cpu(), want, rtol=0, atol=1e-4)
+        got = llm.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
+        assert got == tokens
+    finally:
+        llm.close()
