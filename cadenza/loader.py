@@ -202,7 +202,7 @@ def load_model(
                 kept = fmt.layer_formats[n] if fmt.fmt == "blocks" else None
                 layer.set_packed(checkpoint.packed_experts(prefix, layer, kept), dtype)
                 progress.update(n + 1, final=n + 1 == len(mods))
-            skip = expert_tensor_names(model)
+            skip = {n for n in expert_tensor_names(model) if not n.endswith("_bias")}  # biases are still read
             names = {n for n in names if n not in skip}
         elif store is not None and store.load(layers, dtype):
             skip = expert_tensor_names(model)

@@ -300,13 +300,13 @@ class GgufCheckpoint(TensorSizes):
     def kept_formats(self, layers) -> list[str] | None:
         """Per routed-experts layer ((HF prefix, Experts module), in order), the block format that keeps its GGUF
         blocks as they are ("q4_k", "q4_k+q6_k", ...: cadenza.kernels.blocks), or None when some layer cannot be
-        kept (a type without a block format, gate and up of different types, experts the CPU kernel does not
-        compute (biases, gpt-oss's clamped activation), or matrices not a whole number of blocks)."""
+        kept (a type without a block format, gate and up of different types, an activation the kernels do not
+        compute, or matrices not a whole number of blocks). Biases (gpt-oss) stay beside the blocks."""
         from cadenza.kernels.blocks import BLOCK_FORMATS, BY_GGUF
 
         out = []
         for prefix, layer in layers:
-            if not layer.plain_math:
+            if not layer.kernel_math:
                 return None
             infos = [
                 self.tensors.get(f"{prefix}0.{n}.weight") for n in (layer.gate_name, layer.up_name, layer.down_name)

@@ -276,6 +276,8 @@ def test_gguf_matches_reference(base, tmp_path, qtype):
         else:
             assert llm.checkpoint.tensors["model.layers.0.mlp.experts.0.gate_proj.weight"].dtype == qtype
             assert experts.storage == "plain"
+        # either way the kernels' tiles of the file's blocks, with the biases beside them
+        assert experts.packed is not None and experts.packed.fmt == qtype.lower() and experts.kernel_biases()
         want = LLM(_gguf_reference(file, folder, tmp_path / "ref", qtype), device="cpu", dtype="float32").score(ids)
     assert (got - want).abs().max().item() <= TOL
 
