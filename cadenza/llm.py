@@ -136,8 +136,8 @@ class LLM:
     model_dir: folder with config.json, *.safetensors and tokenizer files, a .gguf file, or a Hugging Face id
     "ORG/NAME", "ORG/NAME@REVISION", "ORG/NAME:FILE" (one GGUF model of a repository; cadenza.hub): a string that
     is no existing path resolves to the hub cache (HF_HUB_CACHE / HF_HOME), what is missing downloaded first
-    (HF_TOKEN for gated models; HF_HUB_OFFLINE=1: the cache only). None loads the built-in demo model (small, random
-    weights: it shows the engine working, its text is gibberish).
+    (HF_TOKEN for gated models; HF_HUB_OFFLINE=1: the cache only). None loads the built-in demo model (tiny, trained
+    on first use on a few paragraphs: it shows the engine working and tells one short story).
     device: "auto" (CUDA when available), "cpu" or "cuda". dtype: compute dtype, default the checkpoint's.
     max_context: the longest sequence (prompt + output) in tokens; default the model's context, at most
     8192 (the KV cache for it is reserved on the GPU).

@@ -63,12 +63,14 @@ def test_run_demo_model_without_model_flag(tmp_path):
     env = {"CADENZA_CACHE": str(tmp_path / "cache")}
     r = cli("run", "--max-tokens", "8", "--temperature", "0", "--ignore-eos", env=env)
     assert r.returncode == 0, r.stderr
-    assert "demo" in r.stderr and "random weights" in r.stderr
+    assert "demo" in r.stderr and "trained on a few paragraphs" in r.stderr
+    assert "building the demo model (first use" in r.stderr
     assert "[length]" in r.stderr
-    assert (tmp_path / "cache" / "demo-mixtral-v1" / "config.json").exists()
+    assert (tmp_path / "cache" / "demo-mixtral-v2" / "config.json").exists()
     # the second run reuses the folder and gives the same greedy text
     again = cli("run", "--max-tokens", "8", "--temperature", "0", "--ignore-eos", env=env)
     assert again.stdout == r.stdout
+    assert "building the demo model" not in again.stderr
 
 
 def test_info(mixtral_dir):
