@@ -49,7 +49,7 @@ DEMO_SHAPES = {
     "tie_word_embeddings": False,
 }
 # training: windows of WINDOW tokens (BOS first) from the text, BATCH a step, STEPS steps of AdamW, cosine decay
-WINDOW, BATCH, STEPS, LR = 64, 16, 150, 1e-2
+WINDOW, BATCH, STEPS, LR = 64, 16, 250, 1e-2
 THREADS = 2  # fixed, so the floating point sums (and the weights) do not depend on the machine's core count
 BUILD_SECONDS = 30  # about, on 2 unloaded cores: the first-use notice says so
 
