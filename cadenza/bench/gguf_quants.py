@@ -303,7 +303,14 @@ def _random_q6_k(dst: torch.Tensor, d: torch.Tensor) -> None:
 
 # --- random blocks of every type cadenza keeps (tests, the CPU kernel bench) -----------------------------------
 
-RANDOM_BLOCKS = {"Q4_0": (32, 18), "MXFP4": (32, 17), "Q4_K": (256, 144), "Q6_K": (256, 210), "Q8_0": (32, 34)}
+RANDOM_BLOCKS = {
+    "Q5_K": (256, 176),
+    "Q4_0": (32, 18),
+    "MXFP4": (32, 17),
+    "Q4_K": (256, 144),
+    "Q6_K": (256, 210),
+    "Q8_0": (32, 34),
+}
 
 
 def _f16(rng: np.random.Generator, shape, lo: float, hi: float) -> np.ndarray:
@@ -322,9 +329,9 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0, scale: float 
     elif qtype == "MXFP4":
         e = rng.integers(118, 124, (*n, 1), dtype=np.uint8)
         b = np.concatenate((e, rng.integers(0, 256, (*n, 16), dtype=np.uint8)), axis=-1)
-    elif qtype == "Q4_K":
+    elif qtype in ("Q4_K", "Q5_K"):
         d, dmin = _f16(rng, n, 0, scale / 64), _f16(rng, n, 0, scale / 64)
-        b = np.concatenate((d, dmin, rng.integers(0, 256, (*n, 140), dtype=np.uint8)), axis=-1)
+        b = np.concatenate((d, dmin, rng.integers(0, 256, (*n, size - 4), dtype=np.uint8)), axis=-1)
     else:  # Q6_K: ql, qh, int8 scales, d
         body = rng.integers(0, 256, (*n, 192), dtype=np.uint8)
         sc = rng.integers(-64, 64, (*n, 16)).astype(np.int8).view(np.uint8)

@@ -393,7 +393,7 @@ class GgufCheckpoint(TensorSizes):
             self._warned = True
             logger.warning(
                 "%s: its routed experts (%s) are dequantized to the compute dtype at load, so they take bf16-size "
-                "memory, not their GGUF size. cadenza keeps Q4_0, Q4_K, Q6_K, Q8_0 and MXFP4 experts as they are "
+                "memory, not their GGUF size. cadenza keeps Q4_0, Q4_K, Q5_K, Q6_K, Q8_0 and MXFP4 experts as they are "
                 "(--experts auto, the default) where every layer's experts are of those types and the kernels "
                 "compute the family's experts; --experts int8 or --experts int4 re-quantizes them instead.",
                 self.path.name,

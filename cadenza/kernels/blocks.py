@@ -12,14 +12,17 @@ Every format computes a weight as  code_value * scale[g] - min[g]  per group g o
 | mxfp4  | e2m1 (nib)     | 32    | e u8 per 32                                   | 2^(e - 127), 0             | 0.531 |
 | q6_k   | q - 32 (byte)  | 16    | d f16 per 256; sc i8 per 16                   | d sc, 0                    | 1.070 |
 | q8_0   | q (byte)       | 32    | d f16 per 32                                  | d, 0                       | 1.0625|
+| q5_k   | q 0..31 (ubyte)| 32    | d, dmin f16 per 256; sc, m u8 per 32          | d sc, dmin m               | 1.078 |
 
-(GGUF files: Q4_0 0.5625, Q4_K 0.5625, MXFP4 0.531, Q6_K 0.820 bytes a weight.) "nib" codes sit in int4's word
-layout (per 128 columns, 16-bit word j holds column 32 n + j in nibble n), "byte" codes in int8's (one int8 per
-column); code_value is the code itself, or for mxfp4 the e2m1 value of the nibble. Every product is exact in fp32
-(d sc has at most 17 significant bits), so q4_0 and q4_k weights are the one rounding of q s - m, and q6_k and
-mxfp4 weights are exact: what gguf-py's dequantizers compute. A header holds each field for the tile's 4 rows in
-turn ([field][row][values]), padded to 64 bytes. Rows and columns padded past the matrix hold zero codes and zero
-fields: weight 0.
+(GGUF files: Q4_0 0.5625, Q4_K 0.5625, MXFP4 0.531, Q6_K 0.820, Q5_K 0.6875 bytes a weight.) "nib" codes sit in
+int4's word layout (per 128 columns, 16-bit word j holds column 32 n + j in nibble n), "byte" codes in int8's (one
+int8 per column), "ubyte" the same bytes read unsigned; code_value is the code itself, or for mxfp4 the e2m1 value
+of the nibble. Every product is exact in fp32 (d sc has at most 17 significant bits), so q4_0, q4_k and q5_k
+weights are the one rounding of q s - m, and q6_k, q8_0 and mxfp4 weights are exact: what gguf-py's dequantizers
+compute. q5_k spends a byte on each 5-bit code (its kernels reuse the int8 loops): 1.078 bytes a weight against the
+file's 0.6875, so a Q5_K expert costs more to stream than its file suggests. A header holds each field for the
+tile's 4 rows in turn ([field][row][values]), padded to 64 bytes. Rows and columns padded past the matrix hold zero
+codes and zero fields: weight 0.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ SUPER = 256  # columns of a K-quant super-block
 @dataclass(frozen=True)
 class BlockFormat:
     name: str
-    codes: str  # "nib" (4-bit codes, int4's word layout) or "byte" (int8 codes)
+    codes: str  # "nib" (4-bit codes, int4's word layout), "byte" (int8 codes) or "ubyte" (uint8 codes)
     group: int  # columns per (scale, min)
     fields: tuple[tuple[str, torch.dtype, int], ...]  # (name, dtype, columns per value), header order
     gguf: str  # the GGUF tensor type it keeps
@@ -58,6 +61,14 @@ BLOCK_FORMATS = {
     "mxfp4": BlockFormat("mxfp4", "nib", 32, (("e", torch.uint8, 32),), "MXFP4", 32),
     "q6_k": BlockFormat("q6_k", "byte", 16, (("d", torch.float16, SUPER), ("sc", torch.int8, 16)), "Q6_K", SUPER),
     "q8_0": BlockFormat("q8_0", "byte", 32, (("d", torch.float16, 32),), "Q8_0", 32),
+    "q5_k": BlockFormat(
+        "q5_k",
+        "ubyte",
+        32,
+        (("d", torch.float16, SUPER), ("dmin", torch.float16, SUPER), ("sc", torch.uint8, 32), ("m", torch.uint8, 32)),
+        "Q5_K",
+        SUPER,
+    ),
 }
 BY_GGUF = {f.gguf: f.name for f in BLOCK_FORMATS.values()}
 
@@ -99,6 +110,15 @@ def from_gguf(gguf_type: str, raw: np.ndarray, k: int) -> tuple[torch.Tensor, li
     if gguf_type == "Q6_K":
         codes, fields = _q6_k(raw, k)
         return codes.view(torch.uint8), fields
+    if gguf_type == "Q5_K":  # d, dmin, 12 bytes of scales and mins as Q4_K's, 32 bytes of high bits, 128 of nibbles
+        b = raw.reshape(r, k // SUPER, 176)
+        d, dmin = _f16(b[..., 0:2]).reshape(r, -1), _f16(b[..., 2:4]).reshape(r, -1)
+        sc, m = _q4_k_scales(b[..., 4:16])
+        qh = b[..., 16:48][:, :, None, :]  # bit s of byte i: value i of sub-block s
+        low = _nibbles_halves(b[..., 48:].reshape(r, -1, 4, 32)).reshape(r, -1, 8, 32)  # sub-blocks 2j, 2j + 1
+        high = (qh >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1
+        codes = (low | (high << 4)).reshape(r, k)
+        return torch.from_numpy(np.ascontiguousarray(codes)), [d, dmin, sc, m]
     if gguf_type == "Q8_0":
         b = raw.reshape(r, k // 32, 34)
         codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).reshape(r, k))
@@ -185,7 +205,7 @@ def pad_rows(rows: torch.Tensor, fields: list[torch.Tensor], n: int):
 def row_data(fmt: str, codes: torch.Tensor) -> torch.Tensor:
     """Codes [R, K] -> row bytes [R, code_row_bytes] in the kernels' column order."""
     r, k = codes.shape
-    if BLOCK_FORMATS[fmt].codes == "byte":
+    if BLOCK_FORMATS[fmt].codes != "nib":
         return codes.contiguous().view(torch.uint8)
     q = codes.to(torch.int32).view(r, k // 128, 4, 32)
     words = q[:, :, 0] | (q[:, :, 1] << 4) | (q[:, :, 2] << 8) | (q[:, :, 3] << 12)
@@ -222,7 +242,7 @@ def scales_and_mins(fmt: str, fields: list[torch.Tensor]) -> tuple[torch.Tensor,
         return s, torch.zeros_like(s)
     per = SUPER // spec.group  # groups per super-block
     d = fields[0].float().repeat_interleave(per, dim=1)
-    if fmt == "q4_k":
+    if fmt in ("q4_k", "q5_k"):
         dmin = fields[1].float().repeat_interleave(per, dim=1)
         return d * fields[2].float(), dmin * fields[3].float()
     s = d * fields[1].float()
@@ -234,6 +254,8 @@ def code_values(fmt: str, rows: torch.Tensor, k: int) -> torch.Tensor:
     r = rows.shape[0]
     if BLOCK_FORMATS[fmt].codes == "byte":
         return rows.contiguous().view(torch.int8).float()
+    if BLOCK_FORMATS[fmt].codes == "ubyte":
+        return rows.contiguous().float()
     words = rows.contiguous().view(torch.int16).reshape(r, k // 128, 1, 32).to(torch.int32)
     shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=rows.device).view(1, 1, 4, 1)
     q = ((words >> shifts) & 15).reshape(r, k)

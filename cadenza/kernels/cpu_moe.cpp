@@ -53,7 +53,7 @@
 
 namespace {
 
-enum Fmt { BF16 = 0, INT8 = 1, INT4 = 2, Q4_0 = 3, Q4_K = 4, MXFP4 = 5, Q6_K = 6, Q8_0 = 7 };  // layout.KERNEL_FORMATS
+enum Fmt { BF16 = 0, INT8 = 1, INT4 = 2, Q4_0 = 3, Q4_K = 4, MXFP4 = 5, Q6_K = 6, Q8_0 = 7, Q5_K = 8 };  // layout.KERNEL_FORMATS
 enum Act { SILU = 0, GELU_TANH = 1, GELU = 2, RELU = 3, CLAMPED_SWIGLU = 4 };
 enum Stage { PAIR_SPLIT = 0, NATURAL = 1, HI_LO = 2 };
 
@@ -197,7 +197,7 @@ struct Scales {
         _mm512_storeu_ps(s + i, _mm512_castsi512_ps(bits));
         _mm512_storeu_ps(m + i, _mm512_setzero_ps());
       }
-    } else if (fmt == Q4_K) {  // d, dmin fp16 [4][ng / 8]; sc, m uint8 [4][ng]: 8 groups per super-block
+    } else if (fmt == Q4_K || fmt == Q5_K) {  // d, dmin fp16 [4][ng / 8]; sc, m uint8 [4][ng]: 8 groups a super-block
       const int ns = ng / 8;
       const uint16_t* dm = h + ROWS * ns;
       const uint8_t* scb = reinterpret_cast<const uint8_t*>(dm + ROWS * ns);
@@ -379,8 +379,9 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_bf16_dp(const Ar
     for (int t = 0; t < NT; ++t) out[r][t] = hsum(TWO ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t]);
 }
 
-// G: group size in columns, 0 = one scale per row (applied after the sum).
-template <int NT, int G>
+// G: group size in columns, 0 = one scale per row (applied after the sum). UMIN (q5_k): the bytes are unsigned
+// codes and a group's weights are q * scale - min (one rounding, as the reference).
+template <int NT, int G, bool UMIN = false>
 void dot_int8(const Args& a, float out[ROWS][MAX_NT]) {
   constexpr bool TWO = NT <= 2;
   __m512 a0[ROWS][NT], a1[ROWS][NT];
@@ -396,8 +397,13 @@ void dot_int8(const Args& a, float out[ROWS][MAX_NT]) {
       for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(a.x[t] + k);
       for (int r = 0; r < ROWS; ++r) {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 * r + 16 * q));
-        __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-        if constexpr (G > 0) w = _mm512_mul_ps(w, _mm512_set1_ps(sc[r * a.ng + k / G]));
+        __m512 w;
+        if constexpr (UMIN)
+          w = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(sc[r * a.ng + k / G]),
+                              _mm512_set1_ps(a.s->mn[r * a.ng + k / G]));
+        else
+          w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        if constexpr (G > 0 && !UMIN) w = _mm512_mul_ps(w, _mm512_set1_ps(sc[r * a.ng + k / G]));
         for (int t = 0; t < NT; ++t) {
           if (TWO && (q & 1))
             a1[r][t] = _mm512_fmadd_ps(w, xv[t], a1[r][t]);
@@ -571,6 +577,7 @@ DotFn by_nt(int nt) {
   }
 }
 template <int G> struct Int8G { template <int NT> struct F { static constexpr DotFn fn = dot_int8<NT, G>; }; };
+struct U8Min { template <int NT> struct F { static constexpr DotFn fn = dot_int8<NT, 32, true>; }; };
 template <int G> struct Int4F { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, G>; }; };
 struct Nib32 { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, 32, true>; }; };
 template <bool LO, bool MIN>
@@ -598,6 +605,7 @@ DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
   }
   if (fmt == Q6_K) return by_nt<Int8G<16>::F>(nt);
   if (fmt == Q8_0) return by_nt<Int8G<32>::F>(nt);
+  if (fmt == Q5_K) return by_nt<U8Min::F>(nt);
   if (fmt == BF16) {
     if (kind != HI_LO) return rg == 2 ? by_nt<Bf16F<2>::F>(nt) : by_nt<Bf16F<4>::F>(nt);
     if (lo) return rg == 2 ? by_nt<Bf16D<true, 2>::F>(nt) : by_nt<Bf16D<true, 4>::F>(nt);
@@ -697,7 +705,7 @@ thread_local Buffers tls;
 // rows 4j .. 4j + 3). Staged rows are mg.ks (x) and md.ks (h) long, zero past H and I.
 // How a matrix of this format wants its activations staged.
 inline int stage_kind(int fmt, int use_bf16) {
-  if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0) return NATURAL;
+  if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0 || fmt == Q5_K) return NATURAL;
   return use_bf16 ? HI_LO : PAIR_SPLIT;
 }
 
@@ -1063,13 +1071,17 @@ int cadenza_dequant_bf16(int fmt, int group, const uint8_t* tiles, int64_t tile_
         uint16_t* orow = o + int64_t(r) * K;
         if (fmt == BF16) {
           for (int c = 0; c < K / 32; ++c) std::memcpy(orow + c * 32, data + (c * ROWS + r) * 64, 64);
-        } else if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0) {
+        } else if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0 || fmt == Q5_K) {
           for (int c = 0; c < K / 64; ++c)
             for (int q = 0; q < 4; ++q) {
               const int kk = c * 64 + 16 * q;
               const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + (c * ROWS + r) * 64 + 16 * q));
-              const float sc = s.sc[r * ng + (group > 0 ? kk / group : 0)];
-              store(orow + kk, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(sc)));
+              const int g = r * ng + (group > 0 ? kk / group : 0);
+              if (fmt == Q5_K)
+                store(orow + kk, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(s.sc[g]),
+                                                 _mm512_set1_ps(s.mn[g])));
+              else
+                store(orow + kk, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(s.sc[g])));
             }
         } else {
           for (int c = 0; c < K / 128; ++c) {

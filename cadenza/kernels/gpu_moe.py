@@ -87,6 +87,7 @@ _BYTES_PER_COL = {
     "mxfp4": 0.5,
     "q6_k": 1.0,
     "q8_0": 1.0,
+    "q5_k": 1.0,
 }
 _warned = False
 

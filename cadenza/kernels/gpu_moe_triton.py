@@ -191,7 +191,8 @@ def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr
 
 
 # Block formats (cadenza.kernels.blocks): FMT 4 q4_0, 5 q4_k, 6 mxfp4 (4-bit codes in int4's word layout, group 32),
-# 7 q6_k (int8 codes in int8's layout, group 16), 8 q8_0 (int8 codes, group 32). A weight is code_value * scale -
+# 7 q6_k (int8 codes in int8's layout, group 16), 8 q8_0 (int8 codes, group 32), 9 q5_k (uint8 codes 0..31, group
+# 32, q4_k's fields). A weight is code_value * scale -
 # min per (row, group), the pair computed here from the tile's header fields ([field][row][values]) as exact fp32
 # products, applied per (row, group) to partial sums: sum (v s - m) x = s sum v x - m sum x. x is read as it is
 # (not staged).
@@ -205,14 +206,6 @@ def _block_scale_min(tile, r, g, K, mask, FMT: tl.constexpr):
     if FMT == 4:  # q4_0: d f16 per 32 -> (d, 8 d)
         d = tl.load(tile.to(tl.pointer_type(tl.float16)) + r * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
         s, mn = d, 8.0 * d
-    elif FMT == 5:  # q4_k: d, dmin f16 per 256, then sc, m u8 per 32 -> (d sc, dmin m)
-        NG = K // 32
-        hf = tile.to(tl.pointer_type(tl.float16))
-        d = tl.load(hf + r * NS + g // 8, mask=mask, other=0.0).to(tl.float32)
-        dmin = tl.load(hf + 4 * NS + r * NS + g // 8, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(tile + 16 * NS + r * NG + g, mask=mask, other=0).to(tl.float32)
-        m = tl.load(tile + 16 * NS + 4 * NG + r * NG + g, mask=mask, other=0).to(tl.float32)
-        s, mn = d * sc, dmin * m
     elif FMT == 6:  # mxfp4: e u8 per 32 -> 2^(e - 127) (e = 0: the denormal 2^-127), 0
         e = tl.load(tile + r * (K // 32) + g, mask=mask, other=0).to(tl.int32)
         s = tl.where(e > 0, e << 23, 1 << 22).to(tl.float32, bitcast=True)
@@ -220,11 +213,19 @@ def _block_scale_min(tile, r, g, K, mask, FMT: tl.constexpr):
     elif FMT == 8:  # q8_0: d f16 per 32 -> (d, 0)
         s = tl.load(tile.to(tl.pointer_type(tl.float16)) + r * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
         mn = s * 0.0
-    else:  # q6_k: d f16 per 256, sc i8 per 16 -> (d sc, 0)
+    elif FMT == 7:  # q6_k: d f16 per 256, sc i8 per 16 -> (d sc, 0)
         d = tl.load(tile.to(tl.pointer_type(tl.float16)) + r * NS + g // 16, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(tile.to(tl.pointer_type(tl.int8)) + 8 * NS + r * (K // 16) + g, mask=mask, other=0)
         s = d * sc.to(tl.float32)
         mn = s * 0.0
+    else:  # q4_k (5), q5_k (9): d, dmin f16 per 256, then sc, m u8 per 32 -> (d sc, dmin m)
+        NG = K // 32
+        hf = tile.to(tl.pointer_type(tl.float16))
+        d = tl.load(hf + r * NS + g // 8, mask=mask, other=0.0).to(tl.float32)
+        dmin = tl.load(hf + 4 * NS + r * NS + g // 8, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(tile + 16 * NS + r * NG + g, mask=mask, other=0).to(tl.float32)
+        m = tl.load(tile + 16 * NS + 4 * NG + r * NG + g, mask=mask, other=0).to(tl.float32)
+        s, mn = d * sc, dmin * m
     return s, mn
 
 
@@ -277,8 +278,9 @@ def _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr
 
 @triton.jit
 def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """q6_k (FMT 7) and q8_0 (8): int8 codes in int8's layout (byte b of word m of a row's 64-byte piece is column
-    4 m + b), in quarter pieces of 4 words (16 columns): q6_k's group, half of q8_0's; scale d sc or d."""
+    """q6_k (FMT 7), q8_0 (8) and q5_k (9): byte codes in int8's layout (byte b of word m of a row's 64-byte piece is
+    column 4 m + b), in quarter pieces of 4 words (16 columns): q6_k's group, half of the others'; scale d sc or d;
+    q5_k's bytes are unsigned and its groups subtract min * sum x."""
     NQ: tl.constexpr = BK // 16  # quarter pieces (16 columns of a row, 4 words, one group) per step
     qp = tl.arange(0, NQ)
     r = tl.arange(0, 4)
@@ -294,13 +296,20 @@ def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: 
         wv = tl.load(wi + off + it * (NQ * 16), mask=ok[:, :, :, None], other=0)
         col = qg[:, None] * 16 + 4 * m[None, :]
         part = tl.zeros([BT, NQ, 4, 4], tl.float32)
-        for b in tl.static_range(4):  # (u ^ 0x80) | 2^23's bits = 2^23 + 128 + q
+        xsum = tl.zeros([NQ, 4], tl.float32)
+        for b in tl.static_range(4):  # (u ^ 0x80) | 2^23's bits = 2^23 + 128 + q; unsigned: u | 2^23 = 2^23 + u
             xb = tl.load(xr + col + b, mask=col + b < n_x, other=0.0).to(tl.float32)
-            q = (((wv >> (8 * b)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            if FMT == 9:
+                q = (((wv >> (8 * b)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                xsum += xb
+            else:
+                q = (((wv >> (8 * b)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             part += q * xb[None, :, None, :]
         g = qg if FMT == 7 else qg // 2
-        s, _ = _block_scale_min(tile, r[None, None, :], g[None, :, None], K, ok, FMT)
+        s, mn = _block_scale_min(tile, r[None, None, :], g[None, :, None], K, ok, FMT)
         acc += tl.sum(part, 3) * s
+        if FMT == 9:
+            acc -= tl.sum(xsum, 1)[None, :, None] * mn
     return tl.sum(acc, 1)
 
 
@@ -347,6 +356,8 @@ def _dot_tiles(
         acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 7, BT, BK)
     elif FMT == 8:
         acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 8, BT, BK)
+    elif FMT == 9:
+        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 9, BT, BK)
     elif FMT >= 4:  # q4_0, q4_k, mxfp4
         acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT, BT, BK)
     elif ROWS4:
@@ -614,11 +625,14 @@ def _dequant_kernel(
         sc = tl.load(tile.to(tl.pointer_type(tl.bfloat16)) + r * NG + g, mask=okg).to(tl.float32)
         z = tl.load(tile + 8 * NG + r * NG + g, mask=okg).to(tl.int32)
         v = (q - (z | 0x4B000000).to(tl.float32, bitcast=True)) * sc  # 2^23 + q - (2^23 + z), exact
-    elif FMT >= 7:  # q6_k, q8_0: int8's layout, scale d sc per 16 columns or d per 32
+    elif FMT >= 7:  # q6_k, q8_0, q5_k: int8's layout, scale d sc per 16 columns or d per 32; q5_k unsigned, - min
         q = tl.load((tile + hb + (c // 64) * 256 + r * 64 + c % 64).to(tl.pointer_type(tl.int8)), mask=ok)
-        q = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        s, _ = _block_scale_min(tile, r, g, K, okg, FMT)
-        v = q * s
+        if FMT == 9:
+            q = ((q.to(tl.int32) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            q = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        s, mn = _block_scale_min(tile, r, g, K, okg, FMT)
+        v = q * s - mn
     else:  # q4_0, q4_k, mxfp4: int4's layout, code value * scale - min per 32 columns
         wd = tl.load((tile + hb + (c // 128) * 256 + r * 64).to(tl.pointer_type(tl.int16)) + c % 32, mask=ok)
         q = _nib_value((wd.to(tl.int32) >> (4 * (c % 128 // 32))) & 15, FMT)

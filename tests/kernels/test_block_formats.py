@@ -75,7 +75,14 @@ def test_hf_mxfp4_equals_the_ggml_blocks():
 
 @pytest.mark.parametrize(
     "fmt,bytes_per_weight",
-    [("q4_0", 0.5625), ("q4_k", 0.578125), ("mxfp4", 0.53125), ("q6_k", 1.0703125), ("q8_0", 1.0625)],
+    [
+        ("q4_0", 0.5625),
+        ("q4_k", 0.578125),
+        ("mxfp4", 0.53125),
+        ("q6_k", 1.0703125),
+        ("q8_0", 1.0625),
+        ("q5_k", 1.078125),
+    ],
 )
 def test_bytes_per_weight(fmt, bytes_per_weight):
     h, i = 4096, 14336  # Mixtral: headers pad to 64 bytes per tile, a small share
@@ -84,8 +91,8 @@ def test_bytes_per_weight(fmt, bytes_per_weight):
 
 
 def test_unknown_gguf_type_is_refused():
-    with pytest.raises(ValueError, match="no block format keeps GGUF Q5_K"):
-        blocks.from_gguf("Q5_K", np.zeros((1, 176), np.uint8), 256)
+    with pytest.raises(ValueError, match="no block format keeps GGUF Q3_K"):
+        blocks.from_gguf("Q3_K", np.zeros((1, 110), np.uint8), 256)
 
 
 # --- the CPU kernel on block-format layers (AVX-512 machines; the torch routes everywhere) -------------------------
@@ -94,7 +101,10 @@ from cadenza.kernels import cpu_moe  # noqa: E402
 from tests.kernels.test_cpu_kernel import EXACT, FALLBACK, MM, needs_kernel, rel, routing  # noqa: E402
 from tests.kernels.test_cpu_kernel import reference as layer_reference  # noqa: E402
 
-LAYERS = [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("MXFP4", "MXFP4"), ("Q6_K", "Q6_K"), ("Q6_K", "Q4_K"), ("Q8_0", "Q4_K")]
+LAYERS = [
+    ("Q4_0", "Q4_0"), ("Q4_K", "Q6_K"), ("MXFP4", "MXFP4"), ("Q6_K", "Q6_K"), ("Q6_K", "Q4_K"), ("Q8_0", "Q4_K"),
+    ("Q5_K", "Q6_K"), ("Q4_K", "Q5_K"),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,8 @@ BLOCK_CASES = [  # (fmt, H, I, T, k, act): I, H multiples of the format's blocks
     ("q6_k+q4_k", 256, 256, 1, 2, "silu"),
     ("q8_0", 256, 160, 2, 2, "silu"),  # int8 codes, fp16 scale per 32
     ("q8_0+q4_0", 256, 256, 3, 2, "silu"),
+    ("q5_k", 256, 512, 2, 2, "silu"),  # uint8 codes with q4_k's fields
+    ("q4_k+q5_k", 512, 256, 1, 2, "silu"),
 ]
 BLOCK_BIG = gpu_moe.Blocks(128, 1024, 128, 1024)  # few programs under the interpreter
 # the fallback (dequantize_tiles per matrix, as the dequantize tests check) on the small cases: nib, byte, a pair
@@ -310,6 +312,7 @@ def test_dequantize_expert_exact(route, fmt, group):
         ("q6_k", 512, 256),
         ("q4_k+q6_k", 256, 768),
         ("q8_0", 256, 160),
+        ("q5_k", 256, 512),
     ],  # fmt: skip
 )
 def test_dequantize_block_formats_exact(route, fmt, h, i):
@@ -460,6 +463,7 @@ GPU_BLOCK_SHAPES = [  # (fmt, H, I, stacked rows): Mixtral in Q4_K_M's pair, gpt
     ("q4_0", 2048, 768, 8),
     ("q6_k", 2048, 768, 8),
     ("q8_0", 2048, 768, 8),
+    ("q5_k+q6_k", 2048, 768, 8),
 ]
 
 
