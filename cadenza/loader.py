@@ -202,10 +202,10 @@ def load_model(
                 kept = fmt.layer_formats[n] if fmt.fmt == "blocks" else None
                 layer.set_packed(checkpoint.packed_experts(prefix, layer, kept), dtype)
                 progress.update(n + 1, final=n + 1 == len(mods))
-            skip = {n for n in expert_tensor_names(model) if not n.endswith("_bias")}  # biases are still read
+            skip = expert_weight_names(model)
             names = {n for n in names if n not in skip}
         elif store is not None and store.load(layers, dtype):
-            skip = expert_tensor_names(model)
+            skip = expert_weight_names(model)
             names = {n for n in names if n.removesuffix(SCALE_SUFFIX) not in skip}
         else:
             writer = store.writer(len(layers)) if store is not None else None
@@ -273,6 +273,11 @@ def expert_tensor_names(model: nn.Module) -> set[str]:
         if isinstance(module, Experts):
             out.update(module.checkpoint_shapes(f"{name}."))
     return out
+
+
+def expert_weight_names(model: nn.Module) -> set[str]:
+    """`expert_tensor_names` less the biases (gpt-oss): what packed or kept experts replace; biases are still read."""
+    return {n for n in expert_tensor_names(model) if not n.endswith("_bias")}
 
 
 def moe_layers(model: nn.Module) -> list[Experts]:

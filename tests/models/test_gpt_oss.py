@@ -180,6 +180,17 @@ def test_quantized_experts_run_with_biases(base):
     exact = LLM(base[0], device="cpu", dtype="float32").score(ids)
     got = LLM(base[0], device="cpu", dtype="float32", experts="int8", expert_group=32).score(ids)
     assert ((got - exact).norm() / exact.norm()).item() < 0.05
+    # offloaded: int8 tiles with their bias rows resident on the (emulated) GPU side, fetched, or on the CPU
+    probe = LLM(base[0], device="cpu", dtype="float32", experts="int8", expert_group=32, gpu_memory="8GiB")
+    p = probe.placement
+    probe.close()
+    budget = p.always_bytes + p.kv_bytes + p.workspace_bytes + (12 + 2) * p.expert_bytes
+    for policy in ("cpu", "fetch", "auto"):
+        off = LLM(base[0], device="cpu", dtype="float32", experts="int8", expert_group=32, gpu_memory=budget,
+                  offload_policy=policy)  # fmt: skip
+        assert 0 < off.placement.resident_count < 32  # some resident, the rest fetched or on the CPU
+        assert (off.score(ids) - got).abs().max().item() <= TOL
+        off.close()
 
 
 def test_config_mistakes_are_clear(base, tmp_path):
