@@ -135,8 +135,24 @@ class Timer:
         return statistics.median(times) / n
 
 
+def _is_block(fmt: str) -> bool:
+    from cadenza.bench.cpu_kernel import _block_format
+
+    return fmt not in FORMATS and _block_format(fmt)
+
+
+def block_tiles(r: int, fmt: str, hidden: int, inter: int, device, seed: int = 0):
+    """r rows of a block-format layer (a file's blocks, "q4_k+q6_k" for a pair) from random GGUF blocks, packed on
+    the CPU (cadenza.bench.cpu_kernel.block_layer) and moved to the device; its kernel arguments."""
+    from cadenza.bench.cpu_kernel import block_layer
+
+    p = block_layer(fmt, {"experts": r, "hidden": hidden, "intermediate": inter}, seed)
+    kw = {"fmt": fmt, "group": p.group, "hidden": hidden, "intermediate": inter}
+    return (p.gate_up.to(device), p.down.to(device)), kw
+
+
 def configs_for(fmt: str, gm) -> list:
-    bpc = BYTES_PER_COL[fmt]
+    bpc = BYTES_PER_COL.get(fmt) or gm._BYTES_PER_COL[fmt.partition("+")[0]]
     cols = lambda b: max(128, int(b / bpc))
     out = [gm.Blocks(gu, cols(b), dn, cols(b), w) for gu, dn, b, w in CONFIGS["int4" if fmt == "int4" else "other"]]
     if fmt == "int4":
@@ -149,6 +165,9 @@ def bench_decode(gm, shape: str, fmt: str, dims, tokens: list[int], timer: Timer
     if fmt == "plain-bf16":
         mats, kw = random_plain(n_rows, h, i, device), {}
         expert_bytes = 3 * h * i * 2
+    elif _is_block(fmt):
+        mats, kw = block_tiles(n_rows, fmt, h, i, device)
+        expert_bytes = (mats[0][0].numel() + mats[1][0].numel()) * mats[0].element_size()
     else:
         group = DEFAULT_GROUP[fmt]
         mats = random_tiled(n_rows, fmt, group, h, i, device)
@@ -197,8 +216,12 @@ def bench_prefill(gm, shape: str, fmt: str, dims, n: int, timer: Timer, device) 
 
         sec = timer(mm, 1, graph=False)
         return {"shape": shape, "format": fmt, "tokens": n, "us": round(sec * 1e6, 1), "tflop_s": flops / sec / 1e12}
-    group = DEFAULT_GROUP[fmt]
-    gu, dn = random_tiled(r, fmt, group, h, i, device)
+    if _is_block(fmt):
+        (gu, dn), kw = block_tiles(r, fmt, h, i, device)
+        group = kw["group"]
+    else:
+        group = DEFAULT_GROUP[fmt]
+        gu, dn = random_tiled(r, fmt, group, h, i, device)
     ws = (torch.empty(i, h, dtype=x.dtype, device=device), torch.empty(i, h, dtype=x.dtype, device=device))
     ws += (torch.empty(h, i, dtype=x.dtype, device=device),)
     j = [0]
@@ -245,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.shapes:
         shapes = {s: shapes[s] for s in args.shapes.split(",") if s}
     formats = [f for f in args.formats.split(",") if f]
-    bad = [f for f in formats if f not in FORMATS]
+    bad = [f for f in formats if f not in FORMATS and not _is_block(f)]
     if bad:
-        ap.error(f"unknown format {bad[0]!r}: use {', '.join(FORMATS)}")
+        ap.error(f"unknown format {bad[0]!r}: use {', '.join(FORMATS)} or block formats (q4_k+q6_k, mxfp4, ...)")
     tokens = [int(t) for t in (args.tokens or ("1,2" if args.smoke else "1,2,4,8")).split(",") if t]
     n_prefill = args.prefill_tokens if args.prefill_tokens is not None else (16 if args.smoke else 512)
 
