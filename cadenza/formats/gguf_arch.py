@@ -231,13 +231,7 @@ def _deepseek(get, req, heads: int, shapes: dict) -> dict:
         "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
         "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         "num_key_value_heads": heads,  # MLA: every head reads the shared latent
-        "n_routed_experts": int(req("expert_count")),
-        "n_shared_experts": int(get("expert_shared_count", 0)),
-        "moe_intermediate_size": int(req("expert_feed_forward_length")),
-        "intermediate_size": int(req("feed_forward_length")),
-        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
-        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
-        "norm_topk_prob": bool(get("expert_weights_norm", v3)),
+        **_routed_experts(get, req, norm_default=v3),
         "q_lora_rank": int(get("attention.q_lora_rank") or 0) or None,
         "kv_lora_rank": int(req("attention.kv_lora_rank")),
         "qk_rope_head_dim": rope,
@@ -249,6 +243,19 @@ def _deepseek(get, req, heads: int, shapes: dict) -> dict:
     if not v3:
         cfg["topk_method"] = "group_limited_greedy" if groups and groups > 1 else "greedy"
     return cfg
+
+
+def _routed_experts(get, req, norm_default: bool) -> dict:
+    """The DeepSeek-style routed and shared experts' keys DeepSeek-V2/V3 and GLM-4.5 share."""
+    return {
+        "n_routed_experts": int(req("expert_count")),
+        "n_shared_experts": int(get("expert_shared_count", 0)),
+        "moe_intermediate_size": int(req("expert_feed_forward_length")),
+        "intermediate_size": int(req("feed_forward_length")),
+        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
+        "norm_topk_prob": bool(get("expert_weights_norm", norm_default)),
+    }
 
 
 def _glm4moe(get, req, cfg: dict, shapes: dict) -> dict:
@@ -266,13 +273,7 @@ def _glm4moe(get, req, cfg: dict, shapes: dict) -> dict:
         "num_nextn_predict_layers": nextn,
         "head_dim": head_dim,
         "partial_rotary_factor": int(get("rope.dimension_count") or head_dim // 2) / head_dim,
-        "n_routed_experts": int(req("expert_count")),
-        "n_shared_experts": int(get("expert_shared_count", 0)),
-        "moe_intermediate_size": int(req("expert_feed_forward_length")),
-        "intermediate_size": int(req("feed_forward_length")),
-        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
-        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
-        "norm_topk_prob": bool(get("expert_weights_norm", False)),  # llama.cpp's default when the key is absent
+        **_routed_experts(get, req, norm_default=False),  # llama.cpp's default when the key is absent
         "n_group": groups,
         "topk_group": int(get("expert_group_used_count") or groups),
         "use_qk_norm": "blk.0.attn_q_norm.weight" in shapes,

@@ -48,27 +48,20 @@ class BlockFormat:
     align: int  # columns the matrix must be a multiple of (its blocks)
 
 
+# Q4_K's and Q5_K's header: d, dmin per super-block, 6-bit scale and min codes (a byte each) per 32
+K_FIELDS = (
+    ("d", torch.float16, SUPER),
+    ("dmin", torch.float16, SUPER),
+    ("sc", torch.uint8, 32),
+    ("m", torch.uint8, 32),
+)
 BLOCK_FORMATS = {
     "q4_0": BlockFormat("q4_0", "nib", 32, (("d", torch.float16, 32),), "Q4_0", 32),
-    "q4_k": BlockFormat(
-        "q4_k",
-        "nib",
-        32,
-        (("d", torch.float16, SUPER), ("dmin", torch.float16, SUPER), ("sc", torch.uint8, 32), ("m", torch.uint8, 32)),
-        "Q4_K",
-        SUPER,
-    ),
+    "q4_k": BlockFormat("q4_k", "nib", 32, K_FIELDS, "Q4_K", SUPER),
     "mxfp4": BlockFormat("mxfp4", "nib", 32, (("e", torch.uint8, 32),), "MXFP4", 32),
     "q6_k": BlockFormat("q6_k", "byte", 16, (("d", torch.float16, SUPER), ("sc", torch.int8, 16)), "Q6_K", SUPER),
     "q8_0": BlockFormat("q8_0", "byte", 32, (("d", torch.float16, 32),), "Q8_0", 32),
-    "q5_k": BlockFormat(
-        "q5_k",
-        "ubyte",
-        32,
-        (("d", torch.float16, SUPER), ("dmin", torch.float16, SUPER), ("sc", torch.uint8, 32), ("m", torch.uint8, 32)),
-        "Q5_K",
-        SUPER,
-    ),
+    "q5_k": BlockFormat("q5_k", "ubyte", 32, K_FIELDS, "Q5_K", SUPER),
 }
 BY_GGUF = {f.gguf: f.name for f in BLOCK_FORMATS.values()}
 

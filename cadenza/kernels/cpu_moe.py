@@ -74,6 +74,7 @@ class _Extra(ctypes.Structure):
                 ("alpha", ctypes.c_float), ("limit", ctypes.c_float)]  # fmt: skip
 
 
+@functools.lru_cache(maxsize=64)  # looked up at every call of a decode step
 def kernel_act(act: str) -> tuple[int, float, float] | None:
     """(the kernel's activation code, alpha, limit) of an expert activation name, or None where it has none."""
     if act in ACT_CODES:

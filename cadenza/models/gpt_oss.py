@@ -242,13 +242,8 @@ class GptOssExperts(Experts):
         return super().stack_names()
 
     def expert_nbytes_as(self, fmt: str, group: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
-        if not (self.mxfp4 and fmt == "bf16"):
-            return super().expert_nbytes_as(fmt, group, dtype)
-        from cadenza.kernels.layout import expert_nbytes
-
-        # host MXFP4 experts are repacked as mxfp4 tiles at load (`pack_blocks`): their size, with the biases
-        biases = (2 * self.intermediate_size + self.hidden_size) * torch.empty((), dtype=dtype).element_size()
-        return expert_nbytes("mxfp4", None, self.hidden_size, self.intermediate_size) + biases
+        # host MXFP4 experts become mxfp4 tiles at load (`pack_blocks`): that size, with the biases
+        return super().expert_nbytes_as("mxfp4" if self.mxfp4 and fmt == "bf16" else fmt, group, dtype)
 
     def checkpoint_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size

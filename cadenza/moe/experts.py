@@ -146,8 +146,7 @@ class Experts(nn.Module):
     def expert_nbytes(self) -> int:
         """Bytes of one expert as stored (packed: weights, scales and padding, what a use of it reads)."""
         if self.packed is not None:
-            biases = [getattr(self, n)[0] for n in ("gate_bias", "up_bias", "down_bias")] if self.bias else []
-            return self.packed.expert_bytes + sum(b.numel() * b.element_size() for b in biases)
+            return self.packed.expert_bytes + self._bias_nbytes(self.gate_bias.dtype if self.bias else None)
         return sum(w.numel() * w.element_size() for w in self.weights_of(0))
 
     def expert_nbytes_as(self, fmt: str, group: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -155,7 +154,13 @@ class Experts(nn.Module):
         with scale group `group` (None: the format's default). From shapes alone (works on the meta model)."""
         if fmt == "bf16":
             return self.num_parameters // self.num_experts * torch.empty((), dtype=dtype).element_size()
-        return layout.expert_nbytes(fmt, group, self.hidden_size, self.intermediate_size)
+        return layout.expert_nbytes(fmt, group, self.hidden_size, self.intermediate_size) + self._bias_nbytes(dtype)
+
+    def _bias_nbytes(self, dtype: torch.dtype | None) -> int:
+        """One expert's biases in `dtype` (they stay beside packed weights); 0 without biases."""
+        if not self.bias:
+            return 0
+        return (2 * self.intermediate_size + self.hidden_size) * torch.empty((), dtype=dtype).element_size()
 
     @property
     def num_parameters(self) -> int:
