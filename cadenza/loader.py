@@ -237,10 +237,8 @@ def load_model(
                 progress.update(total, final=True)
             if getattr(model.config, "tie_word_embeddings", False):
                 model.lm_head.weight = model.model.embed_tokens.weight
-            if (expert_device or device).type == "cpu":  # gpt-oss's host MXFP4 experts into the kernels' tiles
-                for _, layer in expert_layers(model):
-                    if getattr(layer, "storage", None) == "mxfp4" and layer.packed is None and layer.complete:
-                        layer.pack_blocks()
+            for layer in layers:
+                layer.loaded(on_host=(expert_device or device).type == "cpu")
     except BaseException:
         if packer is not None:
             packer.abandon()
@@ -328,16 +326,16 @@ def model_sizes(
     if tied and model.lm_head.weight is not model.model.embed_tokens.weight:
         total -= model.lm_head.weight.numel()  # still separate on the meta model; tied at load
     first = layers[0] if layers else None
+    if first is None:
+        expert_bytes = 0
+    elif experts == "blocks":
+        expert_bytes = max(first.expert_nbytes_as(f, None, dtype) for f in layer_formats)
+    else:
+        expert_bytes = first.expert_nbytes_as(experts, expert_group, dtype)
     return ModelSizes(
         always_bytes=(total - expert_params) * elem,
         kv_bytes_per_token=model.new_cache(1, dtype, torch.device("meta")).nbytes_per_token(),
-        expert_bytes=(
-            max(first.expert_nbytes_as(f, None, dtype) for f in layer_formats)
-            if experts == "blocks" and first
-            else first.expert_nbytes_as(experts, expert_group, dtype)
-            if first
-            else 0
-        ),
+        expert_bytes=expert_bytes,
         num_moe_layers=len(layers),
         num_experts=first.num_experts if first else 0,
     )

@@ -219,6 +219,10 @@ class GptOssExperts(Experts):
                 scales = torch.empty(e, rows, cols // 32, dtype=torch.uint8)
                 self.register_parameter(f"{name}_scales", nn.Parameter(scales, requires_grad=False))
 
+    def loaded(self, on_host: bool) -> None:
+        if on_host and self.mxfp4 and self.packed is None and self.complete:
+            self.pack_blocks()
+
     def pack_blocks(self) -> None:
         """The MXFP4 stacks (on the host) -> the kernels' mxfp4 tiles (cadenza.kernels.blocks: the same bits,
         rearranged; 0.53 bytes a weight, rows and columns padded to 128), the stacks dropped: from then on the CPU

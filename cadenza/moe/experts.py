@@ -215,6 +215,10 @@ class Experts(nn.Module):
             self.register_parameter(name, nn.Parameter(meta, requires_grad=False))
         self._filled.clear()
 
+    def loaded(self, on_host: bool) -> None:
+        """Called once the checkpoint's tensors are all read (`on_host`: the experts live in host memory): a family
+        whose stored form the kernels do not read as it is puts it into their layout here (gpt-oss's MXFP4)."""
+
     def _check_act(self) -> None:
         from cadenza.kernels.cpu_moe import ACT_CODES
 
