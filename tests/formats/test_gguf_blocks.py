@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cadenza import LLM
+from cadenza import LLM, SamplingParams
 from tests.conftest import prompt_ids
 from tests.formats.gguf_files import write_gguf
 from tests.kernels.block_data import random_blocks
@@ -72,9 +72,16 @@ def test_kquant_experts_kept_equal_dequantized(kquant_file):
     assert llm.expert_format.fmt == "blocks"
     assert list(llm.expert_format.layer_formats) == ["q4_k+q6_k", "q4_k"]
     torch.testing.assert_close(llm.score(ids), ref.score(ids), rtol=0, atol=2e-5)
-    # offloaded: some experts on the "GPU side" (emulated on the CPU), the others computed by the CPU path
-    off = LLM(kquant_file, device="cpu", dtype="float32", gpu_memory="32.8MiB", offload_policy="cpu")
-    torch.testing.assert_close(off.score(ids), ref.score(ids), rtol=0, atol=2e-5)
+    want = ref.generate(ids[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)).token_ids
+    # offloaded: some experts on the "GPU side" (emulated on the CPU), the others computed by the CPU path or
+    # fetched into slots sized for the larger layer's experts (q4_k+q6_k) and viewed as the other's (q4_k)
+    for policy in ("cpu", "fetch", "auto"):
+        off = LLM(kquant_file, device="cpu", dtype="float32", gpu_memory="32.8MiB", offload_policy=policy)
+        torch.testing.assert_close(off.score(ids), ref.score(ids), rtol=0, atol=2e-5)
+        out = off.generate(ids[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        assert out.token_ids == want
+        if policy == "fetch":
+            assert out.stats.expert_work["fetched"] > 0
 
 
 def test_info_names_each_layers_format(kquant_file):
@@ -94,7 +101,6 @@ def test_info_names_each_layers_format(kquant_file):
 def test_cuda_kept_blocks_equal_cpu(kquant_file, policy, residents):
     """On a CUDA GPU, the kept q4_k / q4_k+q6_k experts resident (Triton's block-format kernels), fetched, or on the
     host (the CPU kernel), CUDA graphs on: the CPU run's logits and greedy tokens."""
-    from cadenza import SamplingParams
     from tests.conftest import budget_for
 
     ids = prompt_ids(12)

@@ -7,6 +7,8 @@ computation that read the slot, and the computation waits (on the compute stream
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cadenza.moe.offload.eviction import EvictionPolicy, make_policy
@@ -15,7 +17,9 @@ from cadenza.moe.offload.eviction import EvictionPolicy, make_policy
 class SlotCache:
     """`num_slots` slots, each holding one expert as its tensors are stored: plain gate [I, H], up [I, H] and
     down [H, I] in the compute dtype (the default), or the `parts` given (quantized experts: their gate/up and
-    down tiles, uint8). `stacks[j][slot]` is part j of a slot; the stacks are what the GPU kernels index."""
+    down tiles, uint8). `stacks[j][slot]` is part j of a slot; the stacks are what the GPU kernels index. Where
+    layers store experts in different sizes (a GGUF's Q4_K and Q6_K layers), `parts` is the largest of each part,
+    flat, and `shaped(parts)` views the stacks as one layer's: the first bytes of each slot."""
 
     def __init__(
         self,
@@ -33,7 +37,9 @@ class SlotCache:
         self.cuda = device.type == "cuda"
         if parts is None:
             parts = [((intermediate, hidden), dtype), ((intermediate, hidden), dtype), ((hidden, intermediate), dtype)]
+        self.parts = tuple((tuple(shape), dt) for shape, dt in parts)
         self.stacks = [torch.empty(num_slots, *shape, dtype=dt, device=device) for shape, dt in parts]
+        self._views: dict[tuple, list[torch.Tensor]] = {self.parts: self.stacks}
         self.plain = len(self.stacks) == 3
         if self.plain:  # fill_rows (an expert shared with the CPU) reads plain rows
             self.gate, self.up, self.down = self.stacks
@@ -53,8 +59,22 @@ class SlotCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.stacks)
 
-    def weights(self, slot: int) -> tuple[torch.Tensor, ...]:
-        return tuple(s[slot] for s in self.stacks)
+    def shaped(self, parts=None) -> list[torch.Tensor]:
+        """The stacks viewed as holding experts stored as `parts` ((shape, dtype) per tensor; None: as built)."""
+        key = self.parts if parts is None else tuple((tuple(shape), dt) for shape, dt in parts)
+        views = self._views.get(key)
+        if views is None:
+            views = []
+            for s, (shape, dt) in zip(self.stacks, key, strict=True):
+                flat, n = s.view(self.num_slots, -1), math.prod(shape)
+                if dt != s.dtype or n > flat.shape[1]:
+                    raise ValueError(f"a slot holds {flat.shape[1]} {s.dtype} values, not {list(shape)} {dt}")
+                views.append(flat[:, :n].view(self.num_slots, *shape))
+            self._views[key] = views
+        return views
+
+    def weights(self, slot: int, parts=None) -> tuple[torch.Tensor, ...]:
+        return tuple(s[slot] for s in self.shaped(parts))
 
     def get(self, layer: int, expert: int, host: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> int:
         """The slot holding (layer, expert), copying it from `host` (gate, up, down) if it is not cached. The
@@ -126,14 +146,15 @@ class SlotCache:
         return self.where.pop(victim)
 
     def _fill(self, slot: int, host, stream=None) -> None:
+        slot_views = self.weights(slot, [(src.shape, src.dtype) for src in host])
         if not self.cuda:  # emulated GPU side: a plain copy
-            for dst, src in zip(self.weights(slot), host, strict=True):
+            for dst, src in zip(slot_views, host, strict=True):
                 dst.copy_(src)
             return
         stream = stream or self.copy_stream
         with torch.cuda.stream(stream):
             stream.wait_event(self.released[slot])  # the last reader of this slot is done
-            for dst, src in zip(self.weights(slot), host, strict=True):
+            for dst, src in zip(slot_views, host, strict=True):
                 dst.copy_(src, non_blocking=True)
             self.filled[slot].record(stream)
 

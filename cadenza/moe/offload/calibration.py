@@ -37,7 +37,7 @@ def calibrate(orch, device: torch.device, dtype: torch.dtype) -> None:
     tune_prefetch(orch, key, dtype)
     cost = costmodel.load_cached(cache_dir(), key)
     if cost is None:
-        slot = orch.cache.weights(0) if orch.cache is not None else None
+        slot = orch.cache.weights(0, orch.reference.parts) if orch.cache is not None else None
         cost = costmodel.calibrate(
             key,
             orch.calibration_experts(),

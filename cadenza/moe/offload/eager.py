@@ -92,7 +92,7 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
     if y_shared is not None:
         y = y + y_shared
 
-    c, eb = orch.counters, orch.expert_bytes
+    c, eb = orch.counters, layer.expert_bytes
     c.gpu += sum(counts[e] for e in resident)
     c.fetched += sum(counts[e] for e in fetch)
     c.cpu += sum(counts[e] for e in on_cpu)
@@ -115,9 +115,10 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
             for e, slot in slots.items():
                 lut[e] = slot
             rows = lut.to(x.device, non_blocking=True)[topk_ids]
-            y += layer.layout.decode(x, rows, topk_weights, cache.stacks)
+            y += layer.layout.decode(x, rows, topk_weights, cache.shaped(layer.parts))
         else:
-            layer.layout.run(x, k, topk_weights, order, counts, wave, lambda e, s=slots: cache.weights(s[e]), y)
+            weights = lambda e, s=slots: cache.weights(s[e], layer.parts)  # noqa: E731
+            layer.layout.run(x, k, topk_weights, order, counts, wave, weights, y)
         for slot in slots.values():
             cache.release(slot)
     orch.counters.cache_hits += cache.hits - hits0

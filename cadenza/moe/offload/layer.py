@@ -21,6 +21,9 @@ class LayerOffload:
     def __init__(self, orchestra, experts: Experts, index: int):
         self.orch, self.experts, self.index = orchestra, experts, index
         self.layout = ExpertLayout.of(experts)
+        one = experts.host_weights(0)
+        self.parts = tuple((tuple(w.shape), w.dtype) for w in one)  # how an expert is stored (a fetch slot's view)
+        self.expert_bytes = sum(w.numel() * w.element_size() for w in one)  # as stored: what a use reads
         self.resident_rows: dict[int, int] = {}
         # the residents' copies on the GPU side: one stack [R, ...] per tensor an expert is stored as (plain: gate,
         # up, down; quantized: gate/up tiles, down tiles), and each expert's row in them (-1: not resident), on

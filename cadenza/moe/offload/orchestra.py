@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import torch
 
@@ -30,6 +31,20 @@ from cadenza.moe.offload.streamed import StreamedCpu, driver_available
 from cadenza.moe.placement import Placement
 
 __all__ = ["POLICIES", "Orchestra", "OffloadOptions", "host_tensors"]
+
+
+def slot_parts(layers_parts: list[tuple]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """What a fetch slot holds: the layers' (shape, dtype) per tensor of an expert where every layer stores its
+    experts alike, else each tensor's largest, flat (a slot cache views it per layer)."""
+    first = layers_parts[0]
+    if all(p == first for p in layers_parts):
+        return list(first)
+    out = []
+    for j, (_, dt) in enumerate(first):
+        if any(p[j][1] != dt for p in layers_parts):
+            raise ValueError(f"expert tensor {j} is stored in different dtypes across layers")
+        out.append(((max(math.prod(p[j][0]) for p in layers_parts),), dt))
+    return out
 
 
 def host_tensors(experts: Experts) -> list[torch.Tensor]:
@@ -62,15 +77,17 @@ class Orchestra:
         self.live = LivePopularity(len(layers), layers[0].num_experts)
         self.device = device
         self.cuda = device.type == "cuda"
-        first = layers[0]
+        self.layers = [LayerOffload(self, ex, i) for i, ex in enumerate(layers)]
+        # layers may store experts in different formats (a GGUF's Q4_K_M mixes Q4_K and Q6_K): the largest layer's
+        # is what calibration measures, the cost model prices and the planner sizes
+        self.reference = max(self.layers, key=lambda layer: layer.expert_bytes)
+        first = self.reference.experts
         self.hidden, self.intermediate = first.hidden_size, first.intermediate_size
-        self.layout = ExpertLayout.of(first)
+        self.layout = self.reference.layout
         # the compute dtype of plain experts (None for quantized ones: their products run in the activations' dtype)
         self.dtype = first.stacks()[-1].dtype if self.layout.plain else None  # (down, or a bias: compute dtype)
-        one = first.host_weights(0)
-        self.expert_parts = [(tuple(w.shape), w.dtype) for w in one]  # how one expert is stored (a fetch slot)
-        self.expert_bytes = sum(w.numel() * w.element_size() for w in one)  # as stored: what a use reads
-        self.layers = [LayerOffload(self, ex, i) for i, ex in enumerate(layers)]
+        self.expert_parts = slot_parts([layer.parts for layer in self.layers])  # what a fetch slot holds
+        self.expert_bytes = self.reference.expert_bytes  # as stored: what a use reads
         self.decode_kernels = decode_kernels_on(self.layout, device, self.options.gpu_kernel)
         # default: one core fewer than the machine has when a GPU is driven, so the main thread launching GPU
         # work never preempts one of the worker's threads (a GEMV waits for its slowest thread)
@@ -276,7 +293,7 @@ class Orchestra:
         biases = None
         if not self.layout.plain:
             gate_up, down, *bias = weights  # gpt-oss: then the expert's gate, up and down biases
-            packed = self.layers[0].experts.packed
+            packed = self.reference.experts.packed
             layer = dataclasses.replace(packed, num_experts=1, gate_up=gate_up[None], down=down[None])
             biases = tuple(b[None].float() for b in bias) if bias else None
         if prefetch is None:
@@ -303,9 +320,11 @@ class Orchestra:
         return glu_fn(self.layout.act)
 
     def calibration_experts(self, max_bytes: int = 1_500_000_000) -> list:
-        """Experts from different layers, together larger than a CPU's last-level cache."""
-        n = max(3, min(len(self.layers), max_bytes // max(self.expert_bytes, 1)))
-        picks = [self.layers[(i * len(self.layers)) // n] for i in range(n)]
+        """Experts from different layers stored as the reference layer's, together larger than a CPU's last-level
+        cache."""
+        like = [layer for layer in self.layers if layer.parts == self.reference.parts]
+        n = max(3, min(len(like), max_bytes // max(self.expert_bytes, 1)))
+        picks = [like[(i * len(like)) // n] for i in range(n)]
         return [layer.host_weights(i % layer.experts.num_experts) for i, layer in enumerate(picks)]
 
     def close(self) -> None:

@@ -204,11 +204,11 @@ class StreamedCpu:
         failed = self.stats[:, 6].nonzero().view(-1).tolist()
         if failed:
             raise RuntimeError(f"the CPU expert job of layer {failed[0]} failed ({int(self.stats[failed[0], 6])})")
-        eb = self.orch.expert_bytes
+        eb = np.array([layer.expert_bytes for layer in self.orch.layers], dtype=np.int64)[: d.shape[0]]
         counters.cpu += int(d[:, 2].sum())
         counters.gpu += int(d[:, 3].sum())
-        counters.host_bytes += int(d[:, 4].sum()) * eb
-        counters.gpu_bytes += int(d[:, 7].sum()) * eb
+        counters.host_bytes += int((d[:, 4].astype(np.int64) * eb).sum())
+        counters.gpu_bytes += int((d[:, 7].astype(np.int64) * eb).sum())
         counters.cpu_busy_s += float(d[:, 5].sum()) * 1e-9
         for i in np.nonzero(d[:, 0])[0].tolist():
             self.orch.live.observe(i, d[i, _STATS:].tolist(), int(d[i, 1]))
