@@ -17,7 +17,7 @@ from cadenza.errors import CadenzaError
 from cadenza.models.common import glu_fn
 from cadenza.moe.cpu import CpuWorker, physical_cores
 from cadenza.moe.experts import Experts, run_experts
-from cadenza.moe.gpu_side import ExpertLayout, decode_kernels_on
+from cadenza.moe.gpu_side import decode_kernels_on
 from cadenza.moe.offload import policy
 from cadenza.moe.offload.adaptive import LivePopularity, plan_swaps
 from cadenza.moe.offload.cache import SlotCache
