@@ -124,6 +124,21 @@ inline void stage_put(int kind, float* row, int64_t n, int64_t i, float v) {
   }
 }
 
+// Sums of a HI_LO staged row (hi + lo, n columns) per group of 32 columns: the per-group sum of x that a block
+// format's min multiplies (sum (v s - m) x = s sum v x - m sum x), computed once per call, not per tile.
+__attribute__((target("avx512bw,avx512f"))) inline void group_sums(const float* row, int64_t n, float* out) {
+  const uint16_t* hl = reinterpret_cast<const uint16_t*>(row);
+  for (int64_t g = 0; g < n / 32; ++g) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t i = 32 * g; i < 32 * g + 32; i += 16)
+      for (const uint16_t* half : {hl, hl + n}) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half + i));
+        s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+      }
+    out[g] = _mm512_reduce_add_ps(s);
+  }
+}
+
 inline void prefetch_chunk(const uint8_t* p, int pf) {
   if (pf > 0) {
     const char* q = reinterpret_cast<const char*>(p) + pf;
@@ -135,6 +150,7 @@ inline void prefetch_chunk(const uint8_t* p, int pf) {
 }
 
 inline bool nib_block(int fmt) { return fmt == Q4_0 || fmt == Q4_K || fmt == MXFP4; }
+inline bool nib_min(int fmt) { return fmt == Q4_0 || fmt == Q4_K; }  // nibble formats whose weights have a min
 
 // The 16 code values of a nibble: the code itself, or (mxfp4) its e2m1 value.
 // As bf16 words, 32 entries (vpermw's 5-bit index: entries 16..31 repeat 0..15); every value is exact in bf16.
@@ -243,6 +259,7 @@ struct Args {  // one micro-kernel call: 4 rows' weights, K columns, NT staged r
   int64_t cs;                // bf16: bytes from one chunk of a row to its next (tiled 256, plain 64)
   int K, ks, ng, pf;         // K: columns summed; ks: staged row length (where a hi/lo row's lo half starts)
   const float* const* x;
+  const float* const* gs;    // block formats with a min: each token's sums of x per group of 32 (group_sums)
   const Scales* s;
 };
 
@@ -517,33 +534,30 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_int4_bf16(const 
 }
 
 // Block formats (groups of 32) with vdpbf16ps: a nibble indexes the bf16 code values; per group
-// sum (v s - m) x = s sum v x - m sum x, where sum x (the group's x, as 16 lane pairs) is one dot product with ones
-// per token and group, shared by the tile's 4 rows (MIN: the format has a min; mxfp4 has none).
+// sum (v s - m) x = s sum v x - m sum x, where the groups' sums of x come with the call (Args::gs), so a row's
+// min term is one short dot product over its groups, after its chunks (MIN: the format has a min; mxfp4 has
+// none). Few tokens get an accumulator per group position (NA of them): each row's sum is then NA short chains,
+// not one chain of a dependent FMA per group (latency-bound at one token).
 template <int NT, bool LO, bool MIN>
 __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_blk_bf16(const Args& a, float out[ROWS][MAX_NT]) {
-  __m512 tot[ROWS][NT];
+  constexpr int NA = NT <= 2 ? 2 : 1;
+  __m512 tot[ROWS][NT][NA];
   for (int r = 0; r < ROWS; ++r)
-    for (int t = 0; t < NT; ++t) tot[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < NT; ++t)
+      for (int i = 0; i < NA; ++i) tot[r][t][i] = _mm512_setzero_ps();
   const float* sc = a.s->sc;
-  const float* mn = a.s->mn;
   const int ng = a.ng, K = a.K;
   const __m512i lut = _mm512_load_si512(a.s->base16);
-  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
   const uint16_t* xs[NT];
   for (int t = 0; t < NT; ++t) xs[t] = reinterpret_cast<const uint16_t*>(a.x[t]);
   const uint8_t* p = a.data;
   for (int c = 0; c < K / 128; ++c, p += 256) {
     prefetch_chunk(p, a.pf);
     __m512bh xh[4][NT], xl[4][NT];
-    __m512 xsum[4][NT];
     for (int gi = 0; gi < 4; ++gi)
       for (int t = 0; t < NT; ++t) {
         xh[gi][t] = (__m512bh)_mm512_loadu_si512(xs[t] + c * 128 + 32 * gi);
         if (LO) xl[gi][t] = (__m512bh)_mm512_loadu_si512(xs[t] + K + c * 128 + 32 * gi);
-        if constexpr (MIN) {
-          xsum[gi][t] = _mm512_dpbf16_ps(_mm512_setzero_ps(), ones, xh[gi][t]);
-          if (LO) xsum[gi][t] = _mm512_dpbf16_ps(xsum[gi][t], ones, xl[gi][t]);
-        }
       }
     for (int r = 0; r < ROWS; ++r) {
       const __m512i v = _mm512_loadu_si512(p + 64 * r);
@@ -555,14 +569,27 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_blk_bf16(const A
         for (int t = 0; t < NT; ++t) {
           __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, xh[gi][t]);
           if (LO) acc = _mm512_dpbf16_ps(acc, w, xl[gi][t]);
-          tot[r][t] = _mm512_fmadd_ps(acc, s, tot[r][t]);
-          if constexpr (MIN) tot[r][t] = _mm512_fnmadd_ps(xsum[gi][t], _mm512_set1_ps(mn[g]), tot[r][t]);
+          tot[r][t][gi % NA] = _mm512_fmadd_ps(acc, s, tot[r][t][gi % NA]);
         }
       }
     }
   }
   for (int r = 0; r < ROWS; ++r)
-    for (int t = 0; t < NT; ++t) out[r][t] = hsum(tot[r][t]);
+    for (int t = 0; t < NT; ++t) {
+      __m512 sum = tot[r][t][0];
+      for (int i = 1; i < NA; ++i) sum = _mm512_add_ps(sum, tot[r][t][i]);
+      if constexpr (MIN) {  // minus sum over groups of min * (sum of x): ng is a multiple of 4
+        const float* mn = a.s->mn + r * ng;
+        const float* gs = a.gs[t];
+        __m512 m = _mm512_setzero_ps();
+        for (int g = 0; g < ng; g += 16) {
+          const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ng - g)) - 1u);
+          m = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mn + g), _mm512_maskz_loadu_ps(k, gs + g), m);
+        }
+        sum = _mm512_sub_ps(sum, m);
+      }
+      out[r][t] = hsum(sum);
+    }
 }
 
 using DotFn = void (*)(const Args&, float[ROWS][MAX_NT]);
@@ -599,7 +626,7 @@ DotFn by_group(int group, int nt) {
 DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
   if (nib_block(fmt)) {
     if (kind != HI_LO) return by_nt<Nib32::F>(nt);
-    const bool min = fmt != MXFP4;
+    const bool min = nib_min(fmt);
     if (lo) return min ? by_nt<NibB<true, true>::F>(nt) : by_nt<NibB<true, false>::F>(nt);
     return min ? by_nt<NibB<false, true>::F>(nt) : by_nt<NibB<false, false>::F>(nt);
   }
@@ -667,9 +694,9 @@ inline int token_block(int K) {
 }
 
 // Applies unit j of expert e to n tokens (staged rows xrow(i)), calling emit(i, out[ROWS]) per token.
-template <class XRow, class Emit>
-inline void apply_unit(const Mat& m, int e, int64_t j, int kind, bool lo, Scales& s, int n, XRow xrow, Emit emit,
-                       int pf) {
+template <class XRow, class GRow, class Emit>
+inline void apply_unit(const Mat& m, int e, int64_t j, int kind, bool lo, Scales& s, int n, XRow xrow, GRow grow,
+                       Emit emit, int pf) {
   const int fmt = m.fmt, group = m.group;
   Args args{};
   const uint8_t* tile = m.unit(e, j, args);
@@ -682,9 +709,14 @@ inline void apply_unit(const Mat& m, int e, int64_t j, int kind, bool lo, Scales
   for (int t0 = 0; t0 < n; t0 += MAX_NT) {
     const int nt = std::min(MAX_NT, n - t0);
     const float* xs[MAX_NT];
-    for (int i = 0; i < nt; ++i) xs[i] = xrow(t0 + i);
+    const float* gs[MAX_NT];
+    for (int i = 0; i < nt; ++i) {
+      xs[i] = xrow(t0 + i);
+      gs[i] = grow(t0 + i);
+    }
     float out[ROWS][MAX_NT];
     args.x = xs;
+    args.gs = gs;
     pick(fmt, group, nt, kind, lo, nt <= m.seq_nt ? m.rg : ROWS)(args, out);
     for (int i = 0; i < nt; ++i) {
       float o[ROWS];
@@ -696,7 +728,7 @@ inline void apply_unit(const Mat& m, int e, int64_t j, int kind, bool lo, Scales
 
 // Per-call work buffers, kept by the calling thread (the engine's CPU worker) so decode allocates nothing.
 struct Buffers {
-  std::vector<float> xs, h, wp;
+  std::vector<float> xs, h, wp, gx, gh;  // (gx, gh: group sums of the staged x and h, where a format needs them)
   std::vector<int32_t> tok;
 };
 thread_local Buffers tls;
@@ -748,6 +780,12 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
   b.h.resize(size_t(P) * Ip);
   float* xs = b.xs.data();
   float* hb = b.h.data();
+  // block formats with a min read the groups' sums of their activations (dot_blk_bf16)
+  const bool gsx = kind == HI_LO && nib_min(mg.fmt), gsh = kind_h == HI_LO && nib_min(md.fmt);
+  b.gx.resize(gsx ? size_t(T) * (Hp / 32) : 0);
+  b.gh.resize(gsh ? size_t(P) * (Ip / 32) : 0);
+  float* gx = b.gx.data();
+  float* gh = b.gh.data();
   const int32_t* tok = b.tok.data();
   const float* wp = b.wp.data();
 
@@ -780,6 +818,7 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
                                : static_cast<const float*>(x)[int64_t(t) * H + i];
         stage_put(kind, dst, Hp, i, v);
       }
+      if (gsx) group_sums(dst, Hp, gx + int64_t(t) * (Hp / 32));
     }  // implicit barrier
 
     // Phase 1: h[p] = act(gate x) * (up x) for this thread's cost range of (expert, unit) pairs; h is zero past I
@@ -798,6 +837,7 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
             for (int64_t j = j0; j < j1; ++j) {
               apply_unit(
                   mg, e, j, kind, lo1, s, nb, [&](int i) { return xs + int64_t(tok[p0 + tb + i]) * Hp; },
+                  [&](int i) { return gsx ? gx + int64_t(tok[p0 + tb + i]) * (Hp / 32) : nullptr; },
                   [&](int i, const float* o) {
                     float* hr = hb + int64_t(p0 + tb + i) * Ip;
                     float g[2] = {o[0], o[1]}, u[2] = {o[2], o[3]};
@@ -820,6 +860,10 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
       }
     }
 #pragma omp barrier
+    if (gsh) {
+#pragma omp for schedule(static)
+      for (int p = 0; p < P; ++p) group_sums(hb + int64_t(p) * Ip, Ip, gh + int64_t(p) * (Ip / 32));
+    }  // implicit barrier
 
     // Phase 2: this thread owns down rows [4 q0, 4 q1) of y: every expert, every token, no sharing.
     {
@@ -833,6 +877,7 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
             apply_unit(
                 md, e, j, kind_h, true, s, nb,
                 [&](int i) { return hb + int64_t(p0 + tb + i) * Ip; },
+                [&](int i) { return gsh ? gh + int64_t(p0 + tb + i) * (Ip / 32) : nullptr; },
                 [&](int i, const float* o) {
                   const int p = p0 + tb + i;
                   float* yr = y + int64_t(tok[p]) * H;
