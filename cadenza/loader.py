@@ -312,7 +312,7 @@ def model_sizes(
 ) -> ModelSizes:
     """Byte sizes for the planner, from a (meta) model's shapes in the compute dtype, with routed experts stored
     as `experts` ("bf16": plain in `dtype`; "int8" / "int4": packed, scale group `expert_group`; "blocks": each
-    layer in its `layer_formats` block format, planned at the largest layer's expert size): nothing is read."""
+    layer in its `layer_formats` block format, each layer planned at its own size): nothing is read."""
     elem = torch.empty((), dtype=dtype).element_size()
     layers = moe_layers(model)
     # the elements the expert stacks hold (MXFP4 blocks hold two weights a byte: counted by what they occupy)
@@ -326,10 +326,13 @@ def model_sizes(
     if tied and model.lm_head.weight is not model.model.embed_tokens.weight:
         total -= model.lm_head.weight.numel()  # still separate on the meta model; tied at load
     first = layers[0] if layers else None
+    per_layer: tuple[int, ...] = ()
     if first is None:
         expert_bytes = 0
     elif experts == "blocks":
-        expert_bytes = max(first.expert_nbytes_as(f, None, dtype) for f in layer_formats)
+        per_layer = tuple(m.expert_nbytes_as(f, None, dtype) for m, f in zip(layers, layer_formats, strict=True))
+        expert_bytes = max(per_layer)
+        per_layer = per_layer if len(set(per_layer)) > 1 else ()
     else:
         expert_bytes = first.expert_nbytes_as(experts, expert_group, dtype)
     return ModelSizes(
@@ -338,4 +341,5 @@ def model_sizes(
         expert_bytes=expert_bytes,
         num_moe_layers=len(layers),
         num_experts=first.num_experts if first else 0,
+        layer_expert_bytes=per_layer,
     )

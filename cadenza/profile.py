@@ -71,7 +71,7 @@ def default_budgets(llm) -> list[int]:
     """Budgets that keep about a quarter, half and three quarters of the experts resident."""
     base = llm._plan(10**6 * GiB, "cpu", popularity=None)  # everything fits: just the fixed sizes
     fixed = base.always_bytes + base.kv_bytes + base.workspace_bytes
-    experts = base.total_experts * base.expert_bytes
+    experts = base.expert_gpu_bytes  # every expert resident (layers may store them in different sizes)
     return [fixed + int(f * experts) for f in (0.25, 0.5, 0.75)]
 
 

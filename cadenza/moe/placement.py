@@ -99,8 +99,10 @@ class ModelSizes:
 
     always_bytes: non-expert weights that always live on the GPU (embeddings, attention, norms, routers, shared
     experts, dense layers, LM head). kv_bytes_per_token: KV cache bytes per token of context, all layers.
-    expert_bytes: one routed expert (gate + up + down), the same in every MoE layer. num_moe_layers: MoE layers,
-    numbered 0..num_moe_layers-1 by their ordinal among MoE layers. num_experts: routed experts per MoE layer.
+    expert_bytes: one routed expert (gate + up + down), the largest layer's (what a fetch slot holds).
+    num_moe_layers: MoE layers, numbered 0..num_moe_layers-1 by their ordinal among MoE layers. num_experts: routed
+    experts per MoE layer. layer_expert_bytes: one expert of each MoE layer where layers differ (a GGUF's Q4_K_M
+    keeps some layers' down projections in Q6_K, others in Q4_K); empty: expert_bytes in every layer.
     """
 
     always_bytes: int
@@ -108,12 +110,20 @@ class ModelSizes:
     expert_bytes: int
     num_moe_layers: int
     num_experts: int
+    layer_expert_bytes: tuple[int, ...] = ()
 
     def __post_init__(self):
         # Sizes come from code reading headers, not from users: a negative one is a bug, hence ValueError.
         for name in ("always_bytes", "kv_bytes_per_token", "expert_bytes", "num_moe_layers", "num_experts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelSizes.{name} must be >= 0, got {getattr(self, name)}")
+        lb = self.layer_expert_bytes
+        if lb and (len(lb) != self.num_moe_layers or min(lb) < 0 or max(lb) != self.expert_bytes):
+            raise ValueError(f"ModelSizes.layer_expert_bytes {lb} must give each layer, the largest expert_bytes")
+
+    def layer_bytes(self) -> list[int]:
+        """One expert's bytes in each MoE layer."""
+        return list(self.layer_expert_bytes) or [self.expert_bytes] * self.num_moe_layers
 
 
 @dataclass
@@ -126,8 +136,9 @@ class Placement:
     always_bytes: int
     kv_bytes: int
     workspace_bytes: int
-    expert_bytes: int
+    expert_bytes: int  # the largest layer's expert: what a fetch slot holds
     num_experts: int
+    layer_expert_bytes: tuple[int, ...] = ()  # per MoE layer where layers differ (ModelSizes.layer_expert_bytes)
     _sets: list[set[int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -150,7 +161,10 @@ class Placement:
     @property
     def expert_gpu_bytes(self) -> int:
         """GPU bytes of residents plus fetch slots."""
-        return (self.resident_count + self.fetch_slots) * self.expert_bytes
+        if not self.layer_expert_bytes:
+            return (self.resident_count + self.fetch_slots) * self.expert_bytes
+        resident = sum(len(ids) * b for ids, b in zip(self.resident, self.layer_expert_bytes, strict=True))
+        return resident + self.fetch_slots * self.expert_bytes
 
     @property
     def gpu_bytes(self) -> int:
@@ -259,16 +273,23 @@ def plan(
     total = num_layers * num_experts
 
     def placement(resident: list[list[int]], slots: int) -> Placement:
-        return Placement(resident, slots, budget_bytes, sizes.always_bytes, kv_bytes, workspace_bytes, eb, num_experts)
+        return Placement(
+            resident, slots, budget_bytes, sizes.always_bytes, kv_bytes, workspace_bytes, eb, num_experts,
+            sizes.layer_expert_bytes,
+        )  # fmt: skip
 
     if budget_bytes == 0:
         return placement([[] for _ in range(num_layers)], 0)
     if budget_bytes is not None and budget_bytes < required:
         raise CadenzaError(_too_small(budget_bytes, sizes, max_context, workspace_bytes, required))
     spare = None if budget_bytes is None else budget_bytes - required
-    if spare is None or eb == 0 or total * eb <= spare:
+    per_layer = sizes.layer_bytes()
+    if spare is None or eb == 0 or sum(per_layer) * num_experts <= spare:
         return placement([list(range(num_experts)) for _ in range(num_layers)], 0)
     slots = min(fetch_slots, spare // eb)
+    if sizes.layer_expert_bytes:
+        order = _fill_order(pop, num_layers, num_experts, fill)
+        return placement(_fit_bytes(order, per_layer, spare - slots * eb), slots)
     n = min(total, (spare - slots * eb) // eb)
     if pop is not None:
         chosen = _most_popular(pop, n)
@@ -302,6 +323,28 @@ def _most_popular(pop: list[list[float]], n: int) -> list[list[int]]:
     for layer, e in pairs[:n]:
         chosen[layer].append(e)
     return chosen
+
+
+def _fill_order(pop: list[list[float]] | None, num_layers: int, num_experts: int, fill: str) -> list[tuple[int, int]]:
+    """(layer, expert) pairs in the order they become resident: by popularity, else whole layers first to last,
+    else round-robin over the layers (`plan`'s three ways)."""
+    if pop is not None:
+        pairs = ((layer, e) for layer in range(num_layers) for e in range(num_experts))
+        return sorted(pairs, key=lambda le: (-pop[le[0]][le[1]], le[0], le[1]))
+    if fill == "layers":
+        return [(layer, e) for layer in range(num_layers) for e in range(num_experts)]
+    return [(layer, e) for e in range(num_experts) for layer in range(num_layers)]
+
+
+def _fit_bytes(order: list[tuple[int, int]], per_layer: list[int], room: int) -> list[list[int]]:
+    """Residents taken in `order` while their layer's expert still fits in `room` bytes (a larger layer's expert
+    that no longer fits leaves room for a smaller layer's)."""
+    chosen: list[list[int]] = [[] for _ in per_layer]
+    for layer, e in order:
+        if per_layer[layer] <= room:
+            chosen[layer].append(e)
+            room -= per_layer[layer]
+    return [sorted(ids) for ids in chosen]
 
 
 def _whole_layers(num_layers: int, num_experts: int, n: int) -> list[list[int]]:

@@ -77,6 +77,8 @@ def test_kquant_experts_kept_equal_dequantized(kquant_file):
     # fetched into slots sized for the larger layer's experts (q4_k+q6_k) and viewed as the other's (q4_k)
     for policy in ("cpu", "fetch", "auto"):
         off = LLM(kquant_file, device="cpu", dtype="float32", gpu_memory="32.8MiB", offload_policy=policy)
+        small, large = sorted(off.placement.layer_expert_bytes)  # planned at each layer's own size
+        assert small < large == off.placement.expert_bytes and off.placement.gpu_bytes <= 32.8 * 2**20
         torch.testing.assert_close(off.score(ids), ref.score(ids), rtol=0, atol=2e-5)
         out = off.generate(ids[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         assert out.token_ids == want

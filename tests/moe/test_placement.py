@@ -309,3 +309,47 @@ def test_load_popularity_errors_name_file_problem_and_fix(tmp_path, content, pro
         load_popularity(path, 2, 3)
     msg = str(exc.value)
     assert str(path) in msg and problem in msg and "cadenza profile" in msg and "--placement" in msg
+
+
+# --- layers whose experts differ in size (a GGUF's Q4_K_M: some down projections Q6_K, others Q4_K) ----------------
+
+MIXED = ModelSizes(
+    always_bytes=100 * MiB, kv_bytes_per_token=1024, expert_bytes=10 * MiB, num_moe_layers=4, num_experts=8,
+    layer_expert_bytes=(10 * MiB, 6 * MiB, 10 * MiB, 6 * MiB),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("fill", ["layers", "spread"])
+@pytest.mark.parametrize("slots", [0, 2])
+def test_mixed_layer_sizes_plan_each_layer_at_its_own_size(fill, slots):
+    budget = REQUIRED + 100 * MiB
+    p = plan(MIXED, budget, max_context=1024, workspace_bytes=5 * MiB, fetch_slots=slots, fill=fill)
+    sizes = MIXED.layer_bytes()
+    resident = sum(len(ids) * b for ids, b in zip(p.resident, sizes, strict=True))
+    assert p.fetch_slots == slots and p.expert_gpu_bytes == resident + slots * 10 * MiB
+    assert p.gpu_bytes <= budget
+    # nothing left out would still fit, and more experts are resident than planning every layer at 10 MiB gives
+    room = budget - p.gpu_bytes
+    assert all(len(ids) == 8 or b > room for ids, b in zip(p.resident, sizes, strict=True))
+    uniform = plan(SMALL, budget, max_context=1024, workspace_bytes=5 * MiB, fetch_slots=slots, fill=fill)
+    assert p.resident_count >= uniform.resident_count
+    if fill == "spread" or slots == 0:
+        assert p.resident_count > uniform.resident_count
+    if fill == "layers":  # whole layers first to last: 80 MiB of layer 0, then 6 MiB experts of layer 1
+        assert counts(p) == ([8, 3, 0, 0] if slots == 0 else [8, 0, 0, 0])
+
+
+def test_mixed_layer_sizes_follow_popularity_and_fit_everything():
+    pop = [[float(8 * layer + e) for e in range(8)] for layer in range(4)]  # the last layer most popular
+    p = plan(MIXED, REQUIRED + 48 * MiB, max_context=1024, workspace_bytes=5 * MiB, popularity=pop)
+    assert p.resident == [[], [], [], [0, 1, 2, 3, 4, 5, 6, 7]]  # 8 x 6 MiB: exactly the most popular layer
+    everything = plan(MIXED, REQUIRED + 256 * MiB, max_context=1024, workspace_bytes=5 * MiB, fetch_slots=2)
+    assert everything.resident_count == 32 and everything.fetch_slots == 0
+    assert everything.expert_gpu_bytes == 8 * (10 + 6 + 10 + 6) * MiB
+
+
+def test_layer_sizes_must_name_every_layer_and_the_largest():
+    with pytest.raises(ValueError):
+        ModelSizes(100, 0, 10, 2, 8, layer_expert_bytes=(10,))
+    with pytest.raises(ValueError):
+        ModelSizes(100, 0, 10, 2, 8, layer_expert_bytes=(6, 6))
