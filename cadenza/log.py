@@ -6,7 +6,8 @@ that is off, an unusable cache), INFO for progress. Two handlers show them:
 - the default one, installed with the package: WARNING and up, like `logging.lastResort` but with the prefix users
   know, and also while handlers that do not print (pytest's capture) sit on the root logger; it stays quiet when the
   application's own logging already prints to the terminal, so nothing shows twice;
-- `to_terminal()`, which the CLI calls: INFO and up, progress lines redrawn in place on a terminal.
+- `to_terminal()`, which the CLI calls: INFO and up (progress: on a terminal a tqdm bar instead, see
+  cadenza.moe.quantize.Progress).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import logging
 import sys
 
 ROOT = "cadenza"
-# `extra` key of a progress record: True on its last update (a terminal redraws the line in place until then)
-PROGRESS = "cadenza_progress"
 
 
 class TerminalHandler(logging.Handler):
@@ -33,13 +32,7 @@ class TerminalHandler(logging.Handler):
             return
         try:
             stream = sys.stderr
-            text = self.format(record)
-            done = getattr(record, PROGRESS, None)
-            tty = bool(getattr(stream, "isatty", lambda: False)())
-            if done is not None and tty:
-                stream.write(f"\r{text}" + ("\n" if done else ""))
-            else:
-                stream.write(text + "\n")
+            stream.write(self.format(record) + "\n")
             stream.flush()
         except Exception:
             self.handleError(record)

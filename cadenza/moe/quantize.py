@@ -23,7 +23,6 @@ import torch
 
 from cadenza.errors import CadenzaError
 from cadenza.kernels.layout import DEFAULT_GROUP, FORMATS, INT4_GROUPS, INT8_GROUPS, resolve_group
-from cadenza.log import PROGRESS
 from cadenza.moe.experts import Experts
 
 log = logging.getLogger(__name__)
@@ -102,11 +101,11 @@ class ExpertFormat:
 
 
 class Progress:
-    """A progress line for work of `total` steps: updated in place on a terminal (at most every `every_s`
-    seconds), a line every ~10% otherwise (`terminal_only`: nothing); silent unless the work has taken more than
-    `after_s` seconds (default 1, or CADENZA_PROGRESS_AFTER: tiny models print nothing). `unit` "layer" counts
-    layers, "bytes" bytes (with their rate). Written to `stream` when given, else logged (INFO, logger
-    cadenza.moe.quantize): the CLI shows it, the Python API by default not."""
+    """Progress of work of `total` steps: a tqdm bar on a terminal (redrawn at most every `every_s` seconds), a
+    log line every ~10% otherwise (`terminal_only`: nothing); silent unless the work has taken more than `after_s`
+    seconds (default 1, or CADENZA_PROGRESS_AFTER: tiny models print nothing). `unit` "layer" counts layers,
+    "bytes" bytes (with their rate). Written to `stream` when given, else to stderr where INFO records of
+    cadenza.moe.quantize are shown (the CLI shows them, the Python API by default not)."""
 
     def __init__(
         self,
@@ -124,10 +123,12 @@ class Progress:
         shown_on = stream if stream is not None else sys.stderr  # where a logged line lands with the CLI's handler
         self.tty = bool(getattr(shown_on, "isatty", lambda: False)())
         self.quiet = terminal_only and not self.tty
+        # the bar's terminal: the stream, or stderr where the logged lines would show (None: they would not)
+        self.bar_file = stream if stream is not None else (sys.stderr if log.isEnabledFor(logging.INFO) else None)
+        self.bar = None
         self.start = time.perf_counter()
         self.shown = False
         self.last_decile = -1
-        self.last_shown = 0.0
 
     def update(self, done: int, note: str = "", final: bool | None = None) -> None:
         """`done` steps of `total`; `note` is appended to the line; `final` (default: done reaches total) ends
@@ -136,24 +137,40 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         if self.quiet or (not self.shown and elapsed < self.after_s):
             return
-        if not self.tty:
-            decile = done * 10 // max(1, self.total)
-            if decile == self.last_decile and not final:
-                return
-            self.last_decile = decile
-        elif self.shown and not final and elapsed - self.last_shown < self.every_s:
+        if self.tty:
+            self._bar_update(done, note, final)
             return
-        self.last_shown = elapsed
+        decile = done * 10 // max(1, self.total)
+        if decile == self.last_decile and not final:
+            return
+        self.last_decile = decile
         text = f"{self.label}: {self._count(done, elapsed)}{note} ({elapsed:.0f} s)"
         if self.stream is None:
-            log.info("%s", text, extra={PROGRESS: final})
-        elif self.tty:
-            self.stream.write(f"\rcadenza: {text}" + ("\n" if final else ""))
+            log.info("%s", text)
         else:
             self.stream.write(f"cadenza: {text}\n")
-        if self.stream is not None:
             self.stream.flush()
         self.shown = True
+
+    def _bar_update(self, done: int, note: str, final: bool) -> None:
+        if self.bar_file is None:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            bytes_ = self.unit == "bytes"
+            self.bar = tqdm(
+                total=self.total, desc=f"cadenza: {self.label}", file=self.bar_file, leave=True,
+                unit="B" if bytes_ else f" {self.unit}s", unit_scale=bytes_, unit_divisor=1000,
+                mininterval=self.every_s, dynamic_ncols=True,
+            )  # fmt: skip
+            self.bar.start_t -= time.perf_counter() - self.start  # the work began before the bar showed
+        if note:
+            self.bar.set_postfix_str(note.strip(" ,;:"), refresh=False)
+        self.bar.update(done - self.bar.n)
+        self.shown = True
+        if final:
+            self.bar.close()
 
     def _count(self, done: int, elapsed: float) -> str:
         if self.unit == "bytes":

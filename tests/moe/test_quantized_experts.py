@@ -330,11 +330,13 @@ def test_progress_line():
     lines = plain.getvalue().splitlines()
     assert lines[0].startswith("cadenza: quantizing routed experts to int4: layer 1/32")
     assert lines[-1].startswith("cadenza: quantizing routed experts to int4: layer 32/32") and len(lines) == 11
-    tty = Tty()
+    tty = Tty()  # a terminal: a bar (tqdm's), redrawn in place and ended with a newline
     p = Progress("x", 3, after_s=0.0, stream=tty)
     for i in range(1, 4):
-        p.update(i)
-    assert tty.getvalue().count("\r") == 3 and tty.getvalue().endswith("\n") and "layer 3/3" in tty.getvalue()
+        p.update(i, note=", 5 MB")
+    text = tty.getvalue()
+    assert text.count("\r") >= 3 and text.endswith("\n") and "cadenza: x" in text and "3/3" in text
+    assert "5 MB" in text and "\n" not in text[:-1]
     quiet = io.StringIO()
     p = Progress("x", 3, after_s=60.0, stream=quiet)
     for i in range(1, 4):
