@@ -6,9 +6,14 @@ format, so later loads read them instead of measuring.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from cadenza.moe.offload import costmodel
+
+log = logging.getLogger(__name__)
 
 
 def cost_model_key(device: torch.device, orch) -> str:
@@ -34,9 +39,11 @@ def calibrate(orch, device: torch.device, dtype: torch.dtype) -> None:
     from cadenza.paths import cache_dir
 
     key = cost_model_key(device, orch)
+    t0 = time.perf_counter()
     tune_prefetch(orch, key, dtype)
     cost = costmodel.load_cached(cache_dir(), key)
     if cost is None:
+        log.info("measuring this machine's CPU and host-to-GPU link for the expert placement (once; cached)")
         slot = orch.cache.weights(0, orch.reference.parts) if orch.cache is not None else None
         cost = costmodel.calibrate(
             key,
@@ -52,6 +59,8 @@ def calibrate(orch, device: torch.device, dtype: torch.dtype) -> None:
         if orch.cache is not None:
             orch.cache.clear()
             costmodel.save_cached(cache_dir(), cost)
+    if time.perf_counter() - t0 > 1:
+        log.info("measured in %.1f s: %s", time.perf_counter() - t0, cost.describe())
     orch.cost = cost
     orch.choose_streamed()  # auto streams its decode layers where the CPU is not much slower than the link
 
