@@ -238,29 +238,28 @@ def _load(raw: bytes, schema: type[BaseModel]):
 def _check_json(body: dict) -> None:
     """Refuses values nested too deep and strings that are not valid Unicode (a lone UTF-16 surrogate such as
     "\\ud800", which JSON's escapes allow but no tokenizer or encoder takes), naming the field. Iterative: a
-    value's depth is bounded here, not by Python's stack."""
-    todo: list[tuple[object, tuple, int]] = [(body, (), 0)]
+    value's depth is bounded here, not by Python's stack; numbers (a long prompt of token ids) cost one test each."""
+    todo: list[tuple[dict | list, tuple, int]] = [(body, (), 0)]
     while todo:
         value, loc, depth = todo.pop()
-        if isinstance(value, str):
-            _check_text(value, loc)
-        elif isinstance(value, dict | list):
-            if depth >= MAX_JSON_DEPTH:
-                field = param_of(loc)
-                raise APIError(
-                    f"'{field}' nests arrays / objects more than {MAX_JSON_DEPTH} levels deep. Send a flatter value.",
-                    param=field,
-                )
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if isinstance(key, str):
-                    _check_text(key, loc)
+        if depth >= MAX_JSON_DEPTH:
+            field = param_of(loc)
+            raise APIError(
+                f"'{field}' nests arrays / objects more than {MAX_JSON_DEPTH} levels deep. Send a flatter value.",
+                param=field,
+            )
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and not key.isascii():
+                _check_text(key, loc)
+            if isinstance(item, str):
+                if not item.isascii():
+                    _check_text(item, (*loc, key))
+            elif isinstance(item, dict | list):
                 todo.append((item, (*loc, key), depth + 1))
 
 
 def _check_text(text: str, loc: tuple) -> None:
-    if text.isascii():
-        return
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -22,6 +22,7 @@ from pathlib import Path
 import uvicorn
 
 from cadenza.errors import CadenzaError
+from cadenza.log import TerminalHandler
 from cadenza.server.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 from cadenza.server.metrics import Metrics
 from cadenza.server.protocol import Context
@@ -70,11 +71,13 @@ def configure_logging(log_format: str = "text", log_level: str = "info") -> None
     debug."""
     logging.getLogger("cadenza.server.access").setLevel(logging.getLevelName(log_level.upper()))
     logger = logging.getLogger("cadenza.server")
-    if logger.hasHandlers():
-        return
+    chain = logging.getLogger().handlers + logging.getLogger("cadenza").handlers + logger.handlers
+    if any(not isinstance(h, TerminalHandler) for h in chain):
+        return  # the program's own logging
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())  # as cadenza.log's handler
-    logger.addHandler(handler)
+    logger.handlers = [handler]
+    logger.propagate = False  # not twice, and not as cadenza.log's plain lines
     logger.setLevel(logging.INFO)
 
 

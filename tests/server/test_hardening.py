@@ -371,3 +371,46 @@ def test_load_with_clients_leaving_while_queued(served):
     assert all(c.status in (200, 499) for c in leavers) and all(b"[DONE]" not in c.body for c in leavers)
     assert all(b.status == 200 and b"[DONE]" not in b.body for b in blockers)
     assert worker.waiting == 0 and metrics.waiting == 0 and not worker.inbox
+
+
+# --- the command line -----------------------------------------------------------------------------------------------
+
+
+def test_serve_flags_json_log_cors_limit_and_warning(llm, tmp_path):
+    """`cadenza serve` on all addresses without a key, JSON log lines, a 1 KiB body limit, one allowed origin."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "cadenza", "serve", "--model", str(llm.checkpoint.path), "--device", "cpu"]
+    cmd += ["--dtype", "float32", "--cpu-threads", "1", "--host", "0.0.0.0", "--port", "0", "--log-format", "json"]
+    cmd += ["--max-request-bytes", "1KiB", "--allowed-origins", "https://app.example.com"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ})
+    try:
+        deadline = time.monotonic() + 120
+        while not (m := re.search(r"serving .* at http://0\.0\.0\.0:(\d+)/v1", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{m.group(1)}", timeout=60, trust_env=False) as h:
+            origin = {"Origin": "https://app.example.com"}
+            r = h.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 2}, headers=origin)
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin["Origin"]
+            r = h.post(COMPLETIONS, json={"prompt": "x" * 2000})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+            assert h.post(COMPLETIONS, content="{}", headers={"Content-Type": "text/plain"}).status_code == 415
+            assert h.get("/health").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(x["level"] == "warning" and "without an API key" in x["message"] for x in lines), lines
+    requests = [x for x in lines if "request_id" in x]
+    assert [x["status"] for x in requests] == [200, 413, 415, 200], requests
+    first = requests[0]
+    assert first["path"] == COMPLETIONS and first["completion_tokens"] >= 1 and first["ttft_ms"] is not None
+    assert all(x["ts"].endswith("Z") for x in lines)
