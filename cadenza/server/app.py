@@ -43,6 +43,7 @@ ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health",
 # cannot make the server generate with a "simple" cross-site request (a form, or fetch with text/plain)
 JSON_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+PARSE_THREADS = 4
 MAX_JSON_DEPTH = 64  # arrays / objects inside each other; OpenAI's bodies need a handful
 DISCONNECTED = object()  # put in a request's queue when its client goes away
 CLIENT_CLOSED = 499  # the status logged and counted for a request whose client went away before its answer ended
@@ -164,6 +165,9 @@ class Gate:
                 await error_response(refusal)(scope, receive, counting_send)
             else:
                 await self.app(scope, bounded_receive, counting_send)
+        except asyncio.CancelledError:  # the server gave up on it (shutdown), or the client left under a server
+            info.disconnected = True  # that cancels the request's task
+            raise
         finally:
             status = logged_status(status, info.disconnected)
             self.metrics.request(endpoint, status)
@@ -376,9 +380,9 @@ def create_app(
     """The app. `allowed_origins`: web origins whose pages may call the server (CORS; none by default)."""
     app = FastAPI(title="cadenza", docs_url=None, redoc_url=None, openapi_url=None)
     texts = TokenText(llm.tokenizer)
-    # one thread: bodies are parsed, chat templates rendered and prompts tokenized off the event loop, one at a
-    # time (the tokenizer is not shared between threads)
-    parser = ThreadPoolExecutor(1, thread_name_prefix="cadenza-parse")
+    # bodies are parsed, chat templates rendered and prompts tokenized off the event loop, a few at a time (one
+    # huge prompt does not hold up the others)
+    parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="cadenza-parse")
     started = int(time.time())
     card = {
         "id": ctx.model_name,

@@ -231,6 +231,46 @@ def test_tokenizing_a_huge_prompt_does_not_stall_the_loop(served, monkeypatch):
     assert slow.status == 200
 
 
+def test_a_long_prompt_tokenizes_without_holding_the_loop(served, monkeypatch):
+    """A ~240 KB prompt takes the tokenizer a while; /health, asked once the encode has begun, answers in a fraction
+    of that time (the encode runs on a parsing thread and lets go of the GIL), and the ids are a plain encode's."""
+    import threading
+
+    backend = served.llm.tokenizer._backend
+    if not hasattr(backend, "tok"):
+        pytest.skip("not a tokenizer.json backend")
+    text = "Hello wörld, the quick brown fox jumps over 13 lazy dogs. " * 3900
+    t0 = time.monotonic()
+    plain = backend.tok.encode(text, add_special_tokens=True).ids
+    encode_s = time.monotonic() - t0
+    assert served.llm.tokenizer.encode(text) == plain
+
+    began, began_at = threading.Event(), []
+
+    class Watched:  # the Rust tokenizer, telling when an encode begins
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __getattr__(self, name):
+            if name.startswith("encode") and not began.is_set():
+                began_at.append(time.monotonic())
+                began.set()
+            return getattr(self.tok, name)
+
+    monkeypatch.setattr(backend, "tok", Watched(backend.tok))
+
+    async def scenario():
+        big = asyncio.create_task(Call(served.app, "POST", COMPLETIONS, {"prompt": text, "max_tokens": 1})())
+        await until(began.is_set, "the encode to begin")  # a loop held by the encode wakes only after it
+        health = await Call(served.app, "GET", "/health")()
+        health_s = time.monotonic() - began_at[0]
+        return await big, health, health_s
+
+    big, health, health_s = asyncio.run(scenario())
+    assert big.status == 400 and big.json()["error"]["code"] == "context_length_exceeded"
+    assert health.status == 200 and health_s < 0.5 * encode_s, (health_s, encode_s)
+
+
 # --- CORS, the log, the warning -----------------------------------------------------------------------------------
 
 
