@@ -454,3 +454,20 @@ def test_serve_flags_json_log_cors_limit_and_warning(llm, tmp_path):
     first = requests[0]
     assert first["path"] == COMPLETIONS and first["completion_tokens"] >= 1 and first["ttft_ms"] is not None
     assert all(x["ts"].endswith("Z") for x in lines)
+
+
+def test_batch_drops_a_cancelled_request_from_its_queue(llm):
+    """Batch.cancel on a queued sequence: it leaves the queue at once (finished, "abort"), never taking a slot."""
+    from cadenza import SamplingParams
+    from cadenza.engine import Batch
+    from tests.conftest import prompt_ids
+
+    batch = Batch(llm.engine, slots=1, length=64)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    first, queued = batch.add(prompt_ids(4), params), batch.add(prompt_ids(4), params)
+    batch.step()  # the first takes the one slot
+    batch.cancel(queued)
+    assert queued.finished and queued.gen.finish_reason == "abort" and not batch.waiting and queued.slot is None
+    batch.cancel(first)  # running: leaves at the next step
+    batch.step()
+    assert first.finished and batch.free == [0] and not batch.running
