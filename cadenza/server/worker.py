@@ -299,16 +299,16 @@ class EngineWorker:
                 job.deliver(Event(job.index, step=step))
         for request in [r for r in live if r.finished]:  # by their last step, or cancelled (no step)
             self._end(live.pop(request), request.gen.finish_reason or "abort")
-        with self.cond:
+        with self.cond:  # the gauge is set under the lock a cancel takes too, so it is never left stale
             for job in admitted:
                 self._unqueue(job)
-            waiting = self.waiting
+            with metrics.lock:
+                metrics.waiting = self.waiting
         orch = self.llm.orchestra
         counters = orch.counters.snapshot() if orch is not None else None
         fetching = orch is not None and orch.cache is not None
         with metrics.lock:
             metrics.running = len(self.batch.running)
-            metrics.waiting = waiting
             if counters is not None:
                 metrics.expert_work = {
                     "gpu": counters.gpu, "cpu": counters.cpu, "fetched": counters.fetched, "split": counters.split
