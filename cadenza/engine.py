@@ -121,7 +121,15 @@ class Batch:
         return seq
 
     def cancel(self, seq: Request) -> None:
+        """A running sequence leaves at the next step; a queued one leaves the queue now (finished, "abort"), so
+        that sequences behind it move up instead of it keeping its place until it reaches the front."""
         seq.cancelled = True
+        with self.lock:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:  # admitted already (or finished)
+                return
+        seq.finish("abort", self.engine)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)

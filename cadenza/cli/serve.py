@@ -45,8 +45,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-adaptive-placement", action="store_true", help="keep the placement fixed")
     p.add_argument(
+        "--max-request-bytes", default="4MiB",
+        help="largest request body accepted; larger ones get 413 (default 4MiB)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allowed-origins", default=None,
+        help="web origins whose pages may call the server (CORS), comma-separated, e.g. "
+        "https://app.example.com, or * for any (default: none)",
+    )  # fmt: skip
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn's logging, access log included at info (default info)",
+        help="logging level; one line a request at info (default info)",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-format", default="text", choices=["text", "json"],
+        help="the server's log lines as text or as JSON lines (default text)",
     )  # fmt: skip
     p.set_defaults(func=run)
     return p
@@ -71,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.no_adaptive_placement:
         parse_size(args.adapt_bytes, "--adapt-bytes")  # refuse a bad size before loading
+    max_request_bytes = parse_size(args.max_request_bytes, "--max-request-bytes")
+    if max_request_bytes < 1:
+        raise CadenzaError("--max-request-bytes 0 would refuse every request. Give a size such as 4MiB.")
+    origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()] or None
 
     sock = bind(args.host, args.port)  # before loading: a taken port fails at once
     try:
@@ -78,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
         hub_id = getattr(llm.checkpoint, "hub_id", None)
         name = args.served_model_name or (hub_id.repo_id if hub_id else Path(llm.checkpoint.path).name)
         adapt = None if args.no_adaptive_placement else parse_size(args.adapt_bytes)
-        return serve(llm, sock, name, api_key, args.max_queue, args.log_level, adapt)
+        return serve(
+            llm, sock, name, api_key, args.max_queue, args.log_level, adapt, max_request_bytes, origins,
+            args.log_format,
+        )  # fmt: skip
     finally:
         sock.close()

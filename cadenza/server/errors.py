@@ -17,6 +17,18 @@ REFUSED = "cadenza_refused"
 WRONG_TYPE = "cadenza_wrong_type"
 
 
+MAX_MESSAGE_CHARS = 1000  # an error message echoes the client's values: never more than this many characters
+MAX_PARAM_CHARS = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` if it is short, else its start and end with the middle left out (the end says how to fix it)."""
+    if len(text) <= limit:
+        return text
+    keep = limit - 40
+    return f"{text[: keep // 2]} ... ({len(text) - keep} characters left out) ... {text[len(text) - keep // 2 :]}"
+
+
 class APIError(Exception):
     """An error answered with `status` and OpenAI's body {"error": {"message", "type", "param", "code"}}."""
 
@@ -29,6 +41,8 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
     ):
+        message = clip(message, MAX_MESSAGE_CHARS)
+        param = None if param is None else clip(param, MAX_PARAM_CHARS)
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
         self.headers = headers

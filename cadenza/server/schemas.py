@@ -268,6 +268,18 @@ class ChatCompletionRequest(_Request):
                     )
         return messages
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_template_names(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in ("messages", "self"):  # the conversation itself comes from 'messages'
+            if kwargs and name in kwargs:
+                raise refuse(
+                    f"'chat_template_kwargs' cannot set '{name}': the template gets the conversation from "
+                    "'messages'. Leave it out of chat_template_kwargs.",
+                    f"chat_template_kwargs.{name}",
+                )
+        return kwargs
+
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:

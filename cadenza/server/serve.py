@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
+import json
 import logging
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import uvicorn
 
 from cadenza.errors import CadenzaError
-from cadenza.server.app import create_app
+from cadenza.log import TerminalHandler
+from cadenza.server.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 from cadenza.server.metrics import Metrics
 from cadenza.server.protocol import Context
 from cadenza.server.worker import EngineWorker
@@ -28,16 +32,67 @@ SHUTDOWN_GRACE_S = 5.0
 log = logging.getLogger(__name__)
 
 
-def configure_logging() -> None:
-    """The server's lines (the address it listens on, engine failures) go to stderr as they are, unless the program
-    has set up logging itself; uvicorn's own --log-level does not hide them."""
+def _timestamp(record: logging.LogRecord) -> str:
+    ms = int(record.msecs)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{ms:03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """`cadenza: message`; request lines (cadenza.server.access) with their UTC time first."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = record.getMessage()
+        if getattr(record, "request", None) is not None:
+            line = f"{_timestamp(record)} {line}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return f"cadenza: {line}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, and a request's fields (request_id, method, path, status,
+    prompt_tokens, completion_tokens, latency_ms, ttft_ms) or the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name}
+        fields = getattr(record, "request", None)
+        if fields is not None:
+            out.update(fields)
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(log_format: str = "text", log_level: str = "info") -> None:
+    """The server's lines (the address it listens on, engine failures, one line a request) go to stderr, as text
+    or JSON lines, unless the program has set up logging itself; request lines show at --log-level info or
+    debug."""
+    logging.getLogger("cadenza.server.access").setLevel(logging.getLevelName(log_level.upper()))
     logger = logging.getLogger("cadenza.server")
-    if logger.hasHandlers():
-        return
+    chain = logging.getLogger().handlers + logging.getLogger("cadenza").handlers + logger.handlers
+    if any(not isinstance(h, TerminalHandler) for h in chain):
+        return  # the program's own logging
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("cadenza: %(message)s"))  # as cadenza.log's handler writes them
-    logger.addHandler(handler)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())  # as cadenza.log's handler
+    logger.handlers = [handler]
+    logger.propagate = False  # not twice, and not as cadenza.log's plain lines
     logger.setLevel(logging.INFO)
+
+
+def exposure_warning(sock: socket.socket, api_key: str | None) -> str | None:
+    """The warning for a server that other machines can reach without a key, else None."""
+    if api_key:
+        return None
+    host = sock.getsockname()[0]
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            return None
+    return (
+        f"listening on {host}, which other machines can reach, without an API key: anyone who reaches the port "
+        "can generate. Pass --api-key (or set CADENZA_API_KEY), or listen on 127.0.0.1."
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -101,17 +156,26 @@ def serve(
     max_queue: int,
     log_level: str,
     adapt_bytes: int | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    allowed_origins: list[str] | None = None,
+    log_format: str = "text",
 ) -> int:
     from cadenza import __version__
 
-    configure_logging()
+    configure_logging(log_format, log_level)
+    warning = exposure_warning(sock, api_key)
+    if warning is not None:
+        log.warning(warning)
     fp = fingerprint(llm, __version__)
     metrics = Metrics(model_name, llm.max_batch, max_queue, fp, __version__)
     worker = EngineWorker(llm, max_queue, metrics, adapt_bytes)
     worker.start()
     ctx = Context(llm, model_name, max_queue)
-    app = create_app(llm, worker, metrics, ctx, fp, api_key)
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    app = create_app(llm, worker, metrics, ctx, fp, api_key, max_request_bytes, allowed_origins)
+    # cadenza logs each request itself (status 499 for a client gone, tokens, time to first token)
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+    )
     key = ", API key required" if api_key else ""
     ready = (
         f"serving '{model_name}' at {_url(sock)}/v1 (OpenAI-compatible{key}; {llm.max_batch} sequence(s) "

@@ -55,6 +55,7 @@ class Job:
         self.request: Request | None = None  # set by the engine thread when it joins the batch
         self.cancelled = False
         self.admitted = False  # has a slot (its first token came)
+        self.queued = True  # counted in the worker's `waiting` (guarded by its lock)
         self.done = False
         self.t_submit = time.perf_counter()
         self.t_last = 0.0
@@ -133,12 +134,34 @@ class EngineWorker:
         return Submission(self, jobs, queue)
 
     def cancel(self, jobs: list[Job]) -> None:
+        """The client is gone. A sequence still waiting leaves the queue at once (the `waiting` gauge and the
+        room left before 429 count it no more); one in the inbox never reaches the engine, one queued in the batch
+        is dropped by the engine thread before its next step, one decoding leaves at its next step."""
+        dropped = 0
         with self.cond:
             for job in jobs:
-                if not job.done and not job.cancelled:
-                    job.cancelled = True
+                if job.done or job.cancelled:
+                    continue
+                job.cancelled = True
+                self._unqueue(job)
+                if job in self.inbox:
+                    self.inbox.remove(job)
+                    job.done = True
+                    dropped += 1
+                else:
                     self.to_cancel.append(job)
             self.cond.notify()
+        if dropped:
+            with self.metrics.lock:
+                self.metrics.finished["abort"] += dropped
+
+    def _unqueue(self, job: Job) -> None:
+        """`job` no longer waits for a slot (admitted, cancelled or ended): once only. Holds self.cond."""
+        if job.queued:
+            job.queued = False
+            self.waiting -= 1
+            with self.metrics.lock:
+                self.metrics.waiting = self.waiting
 
     def shutdown(self) -> None:
         """Stops taking requests; at the end of the step under way, every sequence ends (its handler is told) and
@@ -249,7 +272,7 @@ class EngineWorker:
             live.clear()
             self.batch = Batch(self.llm.engine, slots=self.llm.max_batch)
             return
-        now, admitted = time.perf_counter(), 0
+        now, admitted = time.perf_counter(), []
         with metrics.lock:
             if decoding:
                 metrics.decode_steps += 1
@@ -261,7 +284,7 @@ class EngineWorker:
                     continue
                 if not job.admitted:
                     job.admitted = True
-                    admitted += 1
+                    admitted.append(job)
                     metrics.prompt_tokens += len(job.prompt_ids)
                     metrics.ttft.observe(now - job.t_submit)
                 else:
@@ -276,15 +299,16 @@ class EngineWorker:
                 job.deliver(Event(job.index, step=step))
         for request in [r for r in live if r.finished]:  # by their last step, or cancelled (no step)
             self._end(live.pop(request), request.gen.finish_reason or "abort")
-        with self.cond:
-            self.waiting -= admitted
-            waiting = self.waiting
+        with self.cond:  # the gauge is set under the lock a cancel takes too, so it is never left stale
+            for job in admitted:
+                self._unqueue(job)
+            with metrics.lock:
+                metrics.waiting = self.waiting
         orch = self.llm.orchestra
         counters = orch.counters.snapshot() if orch is not None else None
         fetching = orch is not None and orch.cache is not None
         with metrics.lock:
             metrics.running = len(self.batch.running)
-            metrics.waiting = waiting
             if counters is not None:
                 metrics.expert_work = {
                     "gpu": counters.gpu, "cpu": counters.cpu, "fetched": counters.fetched, "split": counters.split
@@ -301,7 +325,6 @@ class EngineWorker:
             return
         job.done = True
         with self.cond:
-            if not job.admitted:
-                self.waiting -= 1
+            self._unqueue(job)
         with self.metrics.lock:
             self.metrics.finished[reason] += 1

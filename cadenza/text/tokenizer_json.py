@@ -24,6 +24,9 @@ def _cleanup(text: str) -> str:
     return text
 
 
+LONG_TEXT = 8192  # characters from which encoding releases the GIL
+
+
 class TokenizerJsonBackend:
     """A `tokenizers.Tokenizer` loaded from tokenizer.json, adjusted the way transformers adjusts it on loading.
 
@@ -70,7 +73,11 @@ class TokenizerJsonBackend:
         return self.tok.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < LONG_TEXT:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # the same ids; encode_batch lets go of the GIL while it works (encode holds it: seconds for megabytes, with
+        # every other thread of the process, the server's event loop included, stopped)
+        return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         text = self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -112,12 +112,12 @@ def test_bad_request_names_field_problem_and_fix(client, path, body, param, code
 
 
 def test_loose_but_meaningful_values_are_accepted(client):
-    # 2.0 as an integer, ignored bookkeeping fields, "off" values of refused features, a body sent as a form type
+    # 2.0 as an integer, ignored bookkeeping fields, "off" values of refused features, a JSON type with a charset
     body = {"prompt": "Hello", "max_tokens": 2.0, "n": 1.0, "user": "u", "metadata": {}, "logit_bias": {}}
     r = client.post(COMPLETIONS, json={**body, "suffix": "", "best_of": 1, "stop": ["", "zz"], "top_k": -1})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2, r.text
-    form = {"Content-Type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
-    r = client.post(COMPLETIONS, content=json.dumps(body), headers=form)
+    charset = {"Content-Type": "application/json; charset=utf-8"}
+    r = client.post(COMPLETIONS, content=json.dumps(body), headers=charset)
     assert r.status_code == 200, r.text
     messages = [
         {"role": "developer", "content": "Be brief.", "name": "d"},
@@ -137,5 +137,6 @@ def test_unrecognised_field_lists_what_is_accepted(client):
 
 
 def test_body_that_is_not_a_json_object(client):
-    assert "not valid JSON" in error(client.post(COMPLETIONS, content=b"{nope"))["message"]
+    typed = {"Content-Type": "application/json"}
+    assert "not valid JSON" in error(client.post(COMPLETIONS, content=b"{nope", headers=typed))["message"]
     assert "JSON object; got list" in error(client.post(COMPLETIONS, json=[1]))["message"]
