@@ -19,17 +19,18 @@ int4's word layout (per 128 columns, 16-bit word j holds column 32 n + j in nibb
 int8 per column), "ubyte" the same bytes read unsigned; code_value is the code itself, or for mxfp4 the e2m1 value
 of the nibble. "6-bit" codes (q6_k, q = 0..63, value q - 32) take 96 bytes per 128 columns of a row: the low 4
 bits in int4's word layout (64 bytes), then the high 2 bits (32 bytes: byte j holds those of columns j, 32 + j,
-64 + j, 96 + j in bits 2 n, 2 n + 1; exactly GGUF's qh bytes of that half super-block, so repacking moves them
-unchanged). In a tile, a q6_k chunk is 384 bytes per 128 columns: the 4 rows' 64-byte low pieces, then their
-32-byte high pieces. A kernel builds a column's 6-bit index from one shift of each part and one bit select (the
-nibble's 4 bits, the high part's 2 at bits 4, 5), and looks q - 32 up in a 64-entry table (or adds the bits to
-2^23 in fp32): with nibble n of 32 words standing for 32 columns 32 n .. 32 n + 31 in order, exactly as the nib
-formats, the same staged activations serve both. Every product is exact in fp32 (d sc has at most 17 significant bits), so q4_0, q4_k and q5_k
-weights are the one rounding of q s - m, and q6_k, q8_0 and mxfp4 weights are exact: what gguf-py's dequantizers
-compute. q5_k spends a byte on each 5-bit code (its kernels reuse the int8 loops): 1.078 bytes a weight against the
-file's 0.6875, so a Q5_K expert costs more to stream than its file suggests. Other formats' chunks hold 64-byte
-pieces of the 4 rows (cadenza.kernels.layout). A header holds each field for the tile's 4 rows in turn ([field][row][values]), padded to 64 bytes. Rows and columns padded past the matrix hold zero
-codes and zero fields: weight 0.
+64 + j, 96 + j in bits 2 n, 2 n + 1: exactly GGUF's qh bytes of that half super-block, so repacking moves them
+unchanged). A kernel builds a column's 6-bit q from one shift of each part and one bit select (the nibble's 4
+bits, the high part's 2 at bits 4, 5), then looks q - 32 up in a 64-entry table (vpermt2w) or takes
+(2^23 + q) - (2^23 + 32) in fp32; nibble n of 32 words is columns 32 n .. 32 n + 31 in order, as in the nib
+formats, so both read the same staged activations. Every product is exact in fp32 (d sc has at most 17
+significant bits), so q4_0, q4_k and q5_k weights are the one rounding of q s - m, and q6_k, q8_0 and mxfp4 weights
+are exact: what gguf-py's dequantizers compute. q5_k spends a byte on each 5-bit code (its kernels reuse the int8
+loops): 1.078 bytes a weight against the file's 0.6875, so a Q5_K expert costs more to stream than its file
+suggests. A tile's chunks hold the same piece of each of its 4 rows one after another (cadenza.kernels.layout):
+64 bytes each, or for q6_k per 128 columns the 4 rows' 64 bytes of nibbles, then their 32 bytes of high bits (384
+bytes). A header holds each field for the tile's 4 rows in turn ([field][row][values]), padded to 64 bytes. Rows
+and columns padded past the matrix hold zero codes and zero fields: weight 0.
 """
 
 from __future__ import annotations

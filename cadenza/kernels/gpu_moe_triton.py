@@ -192,10 +192,10 @@ def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr
 
 # Block formats (cadenza.kernels.blocks): FMT 4 q4_0, 5 q4_k, 6 mxfp4 (4-bit codes in int4's word layout, group 32),
 # 7 q6_k (6-bit codes: per 128 columns the 4 rows' nibbles in int4's word layout, then their high bit pairs;
-# group 16), 8 q8_0 (int8 codes in int8's layout, group 32), 9 q5_k (uint8 codes 0..31, group 32, q4_k's fields). A weight is code_value * scale -
-# min per (row, group), the pair computed here from the tile's header fields ([field][row][values]) as exact fp32
-# products, applied per (row, group) to partial sums: sum (v s - m) x = s sum v x - m sum x. x is read as it is
-# (not staged).
+# group 16), 8 q8_0 (int8 codes in int8's layout, group 32), 9 q5_k (uint8 codes 0..31, group 32, q4_k's fields).
+# A weight is code_value * scale - min per (row, group), the pair computed here from the tile's header fields
+# ([field][row][values]) as exact fp32 products, applied per (row, group) to partial sums: sum (v s - m) x =
+# s sum v x - m sum x. x is read as it is (not staged).
 
 
 @triton.jit
