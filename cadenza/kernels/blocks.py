@@ -156,14 +156,6 @@ def from_gguf(gguf_type: str, raw: np.ndarray, k: int) -> tuple[torch.Tensor, li
     return torch.from_numpy(np.ascontiguousarray(words).reshape(r, k // 2)), [field]
 
 
-def _nib_words(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Two runs of 32 bytes, each holding values j (low nibble) and j + 64 (high nibble), of the first and second 32
-    values of 128 -> their 32 16-bit words in int4's layout (word j: values j, 32 + j, 64 + j, 96 + j), as bytes."""
-    lo = (first & 0x0F) | (second << 4)  # values j, 32 + j
-    hi = (first >> 4) | (second & 0xF0)  # values 64 + j, 96 + j
-    return np.stack((lo, hi), axis=-1)
-
-
 def _q4_k_scales(s: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K's 12 bytes of 6-bit scales and mins per super-block [R, ns, 12] -> sc, m uint8 [R, 8 ns]."""
     r = s.shape[0]
@@ -180,9 +172,13 @@ def _q6_k(raw: np.ndarray, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     bits of values j, 32 + j, 64 + j, 96 + j in byte j's bits 2 n: the nibbles become int4's words, qh stays."""
     r, ns = raw.shape[0], k // SUPER
     b = raw.reshape(r, ns, 210)
-    ql = b[..., :128].reshape(r, ns, 2, 2, 32)  # [.., half, first / second 32 bytes, j]
     out = np.empty((r, ns, 2, 96), np.uint8)
-    out[..., :64] = _nib_words(ql[..., 0, :], ql[..., 1, :]).reshape(r, ns, 2, 64)
+    # 8 bytes at a time: word j's low byte holds values j, 32 + j (low nibbles of ql[j], ql[32 + j]), its high byte
+    # 64 + j, 96 + j (their high nibbles)
+    ql = np.ascontiguousarray(b[..., :128]).view(np.uint64).reshape(r, ns, 2, 2, 4)
+    first, second, m = ql[..., 0, :], ql[..., 1, :], np.uint64(0x0F0F0F0F0F0F0F0F)
+    out[..., 0:64:2] = ((first & m) | ((second & m) << np.uint64(4))).view(np.uint8).reshape(r, ns, 2, 32)
+    out[..., 1:64:2] = (((first >> np.uint64(4)) & m) | (second & ~m)).view(np.uint8).reshape(r, ns, 2, 32)
     out[..., 64:] = b[..., 128:192].reshape(r, ns, 2, 32)
     sc = torch.from_numpy(b[..., 192:208].reshape(r, -1).copy().view(np.int8))
     return torch.from_numpy(out.reshape(r, 3 * k // 4)), [_f16(b[..., 208:210]).reshape(r, ns), sc]
