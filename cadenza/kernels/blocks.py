@@ -10,19 +10,27 @@ Every format computes a weight as  code_value * scale[g] - min[g]  per group g o
 | q4_0   | q 0..15 (nib)  | 32    | d f16 per 32                                  | d, 8 d                     | 0.5625|
 | q4_k   | q 0..15 (nib)  | 32    | d, dmin f16 per 256; sc, m u8 per 32          | d sc, dmin m               | 0.578 |
 | mxfp4  | e2m1 (nib)     | 32    | e u8 per 32                                   | 2^(e - 127), 0             | 0.531 |
-| q6_k   | q - 32 (byte)  | 16    | d f16 per 256; sc i8 per 16                   | d sc, 0                    | 1.070 |
+| q6_k   | q - 32 (6-bit) | 16    | d f16 per 256; sc i8 per 16                   | d sc, 0                    | 0.820 |
 | q8_0   | q (byte)       | 32    | d f16 per 32                                  | d, 0                       | 1.0625|
 | q5_k   | q 0..31 (ubyte)| 32    | d, dmin f16 per 256; sc, m u8 per 32          | d sc, dmin m               | 1.078 |
 
 (GGUF files: Q4_0 0.5625, Q4_K 0.5625, MXFP4 0.531, Q6_K 0.820, Q5_K 0.6875 bytes a weight.) "nib" codes sit in
 int4's word layout (per 128 columns, 16-bit word j holds column 32 n + j in nibble n), "byte" codes in int8's (one
 int8 per column), "ubyte" the same bytes read unsigned; code_value is the code itself, or for mxfp4 the e2m1 value
-of the nibble. Every product is exact in fp32 (d sc has at most 17 significant bits), so q4_0, q4_k and q5_k
-weights are the one rounding of q s - m, and q6_k, q8_0 and mxfp4 weights are exact: what gguf-py's dequantizers
-compute. q5_k spends a byte on each 5-bit code (its kernels reuse the int8 loops): 1.078 bytes a weight against the
-file's 0.6875, so a Q5_K expert costs more to stream than its file suggests. A header holds each field for the
-tile's 4 rows in turn ([field][row][values]), padded to 64 bytes. Rows and columns padded past the matrix hold zero
-codes and zero fields: weight 0.
+of the nibble. "6-bit" codes (q6_k, q = 0..63, value q - 32) take 96 bytes per 128 columns of a row: the low 4
+bits in int4's word layout (64 bytes), then the high 2 bits (32 bytes: byte j holds those of columns j, 32 + j,
+64 + j, 96 + j in bits 2 n, 2 n + 1: exactly GGUF's qh bytes of that half super-block, so repacking moves them
+unchanged). A kernel builds a column's 6-bit q from one shift of each part and one bit select (the nibble's 4
+bits, the high part's 2 at bits 4, 5), then looks q - 32 up in a 64-entry table (vpermt2w) or takes
+(2^23 + q) - (2^23 + 32) in fp32; nibble n of 32 words is columns 32 n .. 32 n + 31 in order, as in the nib
+formats, so both read the same staged activations. Every product is exact in fp32 (d sc has at most 17
+significant bits), so q4_0, q4_k and q5_k weights are the one rounding of q s - m, and q6_k, q8_0 and mxfp4 weights
+are exact: what gguf-py's dequantizers compute. q5_k spends a byte on each 5-bit code (its kernels reuse the int8
+loops): 1.078 bytes a weight against the file's 0.6875, so a Q5_K expert costs more to stream than its file
+suggests. A tile's chunks hold the same piece of each of its 4 rows one after another (cadenza.kernels.layout):
+64 bytes each, or for q6_k per 128 columns the 4 rows' 64 bytes of nibbles, then their 32 bytes of high bits (384
+bytes). A header holds each field for the tile's 4 rows in turn ([field][row][values]), padded to 64 bytes. Rows
+and columns padded past the matrix hold zero codes and zero fields: weight 0.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ SUPER = 256  # columns of a K-quant super-block
 @dataclass(frozen=True)
 class BlockFormat:
     name: str
-    codes: str  # "nib" (4-bit codes, int4's word layout), "byte" (int8 codes) or "ubyte" (uint8 codes)
+    codes: str  # "nib" (4-bit codes, int4's word layout), "q6" (6-bit: nibbles, then 2-bit high parts), "byte"
+    # (int8 codes) or "ubyte" (uint8 codes)
     group: int  # columns per (scale, min)
     fields: tuple[tuple[str, torch.dtype, int], ...]  # (name, dtype, columns per value), header order
     gguf: str  # the GGUF tensor type it keeps
@@ -59,7 +68,7 @@ BLOCK_FORMATS = {
     "q4_0": BlockFormat("q4_0", "nib", 32, (("d", torch.float16, 32),), "Q4_0", 32),
     "q4_k": BlockFormat("q4_k", "nib", 32, K_FIELDS, "Q4_K", SUPER),
     "mxfp4": BlockFormat("mxfp4", "nib", 32, (("e", torch.uint8, 32),), "MXFP4", 32),
-    "q6_k": BlockFormat("q6_k", "byte", 16, (("d", torch.float16, SUPER), ("sc", torch.int8, 16)), "Q6_K", SUPER),
+    "q6_k": BlockFormat("q6_k", "q6", 16, (("d", torch.float16, SUPER), ("sc", torch.int8, 16)), "Q6_K", SUPER),
     "q8_0": BlockFormat("q8_0", "byte", 32, (("d", torch.float16, 32),), "Q8_0", 32),
     "q5_k": BlockFormat("q5_k", "ubyte", 32, K_FIELDS, "Q5_K", SUPER),
 }
@@ -73,7 +82,15 @@ def header_row_bytes(fmt: str, k: int) -> int:
 
 
 def code_row_bytes(fmt: str, k: int) -> int:
-    return k // 2 if BLOCK_FORMATS[fmt].codes == "nib" else k
+    codes = BLOCK_FORMATS[fmt].codes
+    return k // 2 if codes == "nib" else 3 * k // 4 if codes == "q6" else k
+
+
+def chunk_pieces(fmt: str) -> tuple[int, ...]:
+    """Bytes of each piece of a row that a tile's chunk holds for its 4 rows in turn: q6_k's 128 columns are a
+    64-byte piece of nibbles and a 32-byte piece of high bits (a chunk: 4 x 64, then 4 x 32); every other format's
+    chunk is one 64-byte piece of each row."""
+    return (64, 32) if fmt in BLOCK_FORMATS and BLOCK_FORMATS[fmt].codes == "q6" else (64,)
 
 
 # --- GGUF blocks -> (codes, fields) ------------------------------------------------------------------------------
@@ -101,8 +118,7 @@ def from_gguf(gguf_type: str, raw: np.ndarray, k: int) -> tuple[torch.Tensor, li
         raise ValueError(f"no block format keeps GGUF {gguf_type}")
     r, kp = raw.shape[0], _round_up(k, 128)
     if gguf_type == "Q6_K":
-        codes, fields = _q6_k(raw, k)
-        return codes.view(torch.uint8), fields
+        return _q6_k(raw, k)
     if gguf_type == "Q5_K":  # d, dmin, 12 bytes of scales and mins as Q4_K's, 32 bytes of high bits, 128 of nibbles
         b = raw.reshape(r, k // SUPER, 176)
         d, dmin = _f16(b[..., 0:2]).reshape(r, -1), _f16(b[..., 2:4]).reshape(r, -1)
@@ -151,18 +167,21 @@ def _q4_k_scales(s: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _q6_k(raw: np.ndarray, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Q6_K's blocks (ql 128, qh 64, sc 16, d 2 bytes per 256) -> q6_k rows: per half super-block (128 columns),
+    ql's 64 bytes hold value i (< 64) in byte i's low nibble and 64 + i in its high one, qh's 32 bytes the high 2
+    bits of values j, 32 + j, 64 + j, 96 + j in byte j's bits 2 n: the nibbles become int4's words, qh stays."""
     r, ns = raw.shape[0], k // SUPER
     b = raw.reshape(r, ns, 210)
-    ql = b[..., :128].reshape(r, ns, 2, 64)  # half h: values 128 h + 64 s + i from nibble s of byte i
-    qh = b[..., 128:192].reshape(r, ns, 2, 32)  # half h: values 128 h + 32 s + i from bits 2 s of byte i
-    q = np.empty((r, ns, 2, 128), np.uint8)
-    q[..., :64] = ql & 0x0F
-    q[..., 64:] = ql >> 4
-    for s in range(4):
-        q[..., 32 * s : 32 * s + 32] |= ((qh >> (2 * s)) & 3) << 4
-    q -= 32  # wraps to the int8 code q - 32
+    out = np.empty((r, ns, 2, 96), np.uint8)
+    # 8 bytes at a time: word j's low byte holds values j, 32 + j (low nibbles of ql[j], ql[32 + j]), its high byte
+    # 64 + j, 96 + j (their high nibbles)
+    ql = np.ascontiguousarray(b[..., :128]).view(np.uint64).reshape(r, ns, 2, 2, 4)
+    first, second, m = ql[..., 0, :], ql[..., 1, :], np.uint64(0x0F0F0F0F0F0F0F0F)
+    out[..., 0:64:2] = ((first & m) | ((second & m) << np.uint64(4))).view(np.uint8).reshape(r, ns, 2, 32)
+    out[..., 1:64:2] = (((first >> np.uint64(4)) & m) | (second & ~m)).view(np.uint8).reshape(r, ns, 2, 32)
+    out[..., 64:] = b[..., 128:192].reshape(r, ns, 2, 32)
     sc = torch.from_numpy(b[..., 192:208].reshape(r, -1).copy().view(np.int8))
-    return torch.from_numpy(q.reshape(r, k)).view(torch.int8), [_f16(b[..., 208:210]).reshape(r, ns), sc]
+    return torch.from_numpy(out.reshape(r, 3 * k // 4)), [_f16(b[..., 208:210]).reshape(r, ns), sc]
 
 
 def from_hf_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -198,11 +217,18 @@ def pad_rows(rows: torch.Tensor, fields: list[torch.Tensor], n: int):
 def row_data(fmt: str, codes: torch.Tensor) -> torch.Tensor:
     """Codes [R, K] -> row bytes [R, code_row_bytes] in the kernels' column order."""
     r, k = codes.shape
-    if BLOCK_FORMATS[fmt].codes != "nib":
+    kind = BLOCK_FORMATS[fmt].codes
+    if kind not in ("nib", "q6"):
         return codes.contiguous().view(torch.uint8)
-    q = codes.to(torch.int32).view(r, k // 128, 4, 32)
-    words = q[:, :, 0] | (q[:, :, 1] << 4) | (q[:, :, 2] << 8) | (q[:, :, 3] << 12)
-    return words.to(torch.int16).reshape(r, k // 4).view(torch.uint8)
+    q = codes.to(torch.int32) + (32 if kind == "q6" else 0)  # q6: codes q - 32 -> q
+    n = q.view(r, k // 128, 4, 32)
+    words = (n[:, :, 0] & 15) | ((n[:, :, 1] & 15) << 4) | ((n[:, :, 2] & 15) << 8) | ((n[:, :, 3] & 15) << 12)
+    low = words.to(torch.int16).view(torch.uint8).reshape(r, k // 128, 64)
+    if kind == "nib":
+        return low.reshape(r, k // 2)
+    h = n >> 4
+    high = (h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)).to(torch.uint8)
+    return torch.cat((low, high), dim=2).reshape(r, 3 * k // 4)
 
 
 # --- reading tiles back (the reference) -----------------------------------------------------------------------------
@@ -244,13 +270,19 @@ def scales_and_mins(fmt: str, fields: list[torch.Tensor]) -> tuple[torch.Tensor,
 
 def code_values(fmt: str, rows: torch.Tensor, k: int) -> torch.Tensor:
     """Row bytes [R, code_row_bytes] -> fp32 code values [R, k] (the nibble's e2m1 value for mxfp4)."""
-    r = rows.shape[0]
-    if BLOCK_FORMATS[fmt].codes == "byte":
+    r, kind = rows.shape[0], BLOCK_FORMATS[fmt].codes
+    if kind == "byte":
         return rows.contiguous().view(torch.int8).float()
-    if BLOCK_FORMATS[fmt].codes == "ubyte":
+    if kind == "ubyte":
         return rows.contiguous().float()
-    words = rows.contiguous().view(torch.int16).reshape(r, k // 128, 1, 32).to(torch.int32)
     shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=rows.device).view(1, 1, 4, 1)
+    if kind == "q6":  # per 128 columns: 64 bytes of nibbles (int4's words), 32 of high bit pairs
+        parts = rows.contiguous().view(r, k // 128, 96)
+        words = parts[:, :, :64].contiguous().view(torch.int16).reshape(r, k // 128, 1, 32).to(torch.int32)
+        high = parts[:, :, 64:].to(torch.int32).reshape(r, k // 128, 1, 32)
+        q = ((words >> shifts) & 15) | (((high >> (shifts // 2)) & 3) << 4)
+        return (q - 32).reshape(r, k).float()
+    words = rows.contiguous().view(torch.int16).reshape(r, k // 128, 1, 32).to(torch.int32)
     q = ((words >> shifts) & 15).reshape(r, k)
     if fmt == "mxfp4":
         return e2m1_table(torch.float32, rows.device)[q.long()]

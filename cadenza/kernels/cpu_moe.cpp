@@ -21,7 +21,9 @@
 //   int4: a chunk is 128 columns per row: 16-bit word j holds columns 32n + j in its nibbles n = 0..3;
 //         header: bf16 scales [4][groups], then uint8 zero points [4][groups]; value = (q - z) * scale.
 //   block formats (cadenza/kernels/blocks.py, a file's blocks kept as they are): q4_0, q4_k, mxfp4 hold int4's
-//         nibbles, q6_k int8's bytes; value = code_value * scale - min per group of 32 (q6_k: 16), where (scale,
+//         nibbles; q6_k 6-bit codes, a chunk of 384 bytes per 128 columns (the 4 rows' 64 bytes of low nibbles
+//         in int4's words, then their 32 bytes of high bit pairs: byte j, columns 32n + j in bits 2n, 2n + 1),
+//         code value q - 32; value = code_value * scale - min per group of 32 (q6_k: 16), where (scale,
 //         min) come from the header's fields (blocks.scales_and_mins) and code_value is the code (mxfp4: its e2m1
 //         value); q8_0 holds int8's bytes with an fp16 scale per 32. A layer's gate/up and down matrices may
 //         have different formats (Q4_K_M: q4_k and q6_k).
@@ -31,10 +33,10 @@
 // Activations are staged per call (x by the threads, h by phase 1) in the form the weights want (a 64-byte piece
 // of a bf16 row is the same 32 columns in both layouts); a staged row is always 4 Hp (or 4 Ip) bytes, Hp, Ip: H, I
 // rounded up to 128, zero past H, I:
-//   pair-split fp32 (bf16, int4 without AVX512_BF16): per 32 columns, the 16 even ones then the 16 odd ones,
-//     because a 32-bit lane of bf16 (or of int4 words) holds an even and an odd column;
-//   natural fp32 (int8);
-//   bf16 hi, then bf16 lo = x - hi (bf16 and int4 with AVX512_BF16: vdpbf16ps multiplies the bf16 weights, or
+//   pair-split fp32 (bf16, int4, q6_k without AVX512_BF16): per 32 columns, the 16 even ones then the 16 odd
+//     ones, because a 32-bit lane of bf16 (or of int4 words) holds an even and an odd column;
+//   natural fp32 (int8, q8_0, q5_k);
+//   bf16 hi, then bf16 lo = x - hi (bf16, int4, q6_k with AVX512_BF16: vdpbf16ps multiplies the bf16 weights, or
 //     the exact small integers q - z, with hi and lo, which together carry 16 bits of each activation; lo is
 //     skipped when x arrives in bf16, as it does from a bf16 model).
 //
@@ -159,6 +161,7 @@ struct Bases {
   alignas(64) float e2m1[16];
   alignas(64) uint16_t q16[32];
   alignas(64) uint16_t e2m1_16[32];
+  alignas(64) uint16_t q6_16[64];  // q6_k: q - 32 for the 6-bit q (vpermt2w's table of two registers)
   Bases() {
     const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
     for (int i = 0; i < 16; ++i) {
@@ -169,6 +172,7 @@ struct Bases {
       q16[i] = bf16_rne(q[i & 15]);
       e2m1_16[i] = bf16_rne(e2m1[i & 15]);
     }
+    for (int i = 0; i < 64; ++i) q6_16[i] = bf16_rne(float(i - 32));
   }
 };
 const Bases bases;
@@ -436,6 +440,144 @@ void dot_int8(const Args& a, float out[ROWS][MAX_NT]) {
   }
 }
 
+// ---- q6_k: 6-bit codes (cadenza/kernels/blocks.py) -------------------------------------------------------------
+// A chunk is 384 bytes per 128 columns: the 4 rows' 64-byte pieces of low nibbles in int4's word layout (word j:
+// column 32n + j in nibble n), then their 32-byte pieces of high bit pairs (byte j: columns 32n + j in bits 2n,
+// 2n + 1). A column's 6-bit index q is one shift of each part and one bit select (vpternlog: the low 4 bits from
+// the nibbles, the rest from the high part, whose bits 4, 5 are the pair); its value q - 32 comes from a 64-entry
+// bf16 table (vpermt2w reads only the index's low 6 bits) or, on fp32 lanes, as (2^23 + q) - (2^23 + 32). The
+// scales are per 16 columns: a 16-lane result spans two groups, lanes 0-7 and 8-15.
+
+inline void prefetch_q6_chunk(const uint8_t* p, int pf) {
+  if (pf > 0) {
+    const char* q = reinterpret_cast<const char*>(p) + pf;
+    for (int i = 0; i < 384; i += 64) _mm_prefetch(q + i, _MM_HINT_T0);
+  }
+}
+
+// Row r's scales of groups g, g + 1 in lanes 0-7, 8-15.
+inline __m512 q6_scale_pair(const float* sc) {
+  return _mm512_mask_mov_ps(_mm512_set1_ps(sc[0]), __mmask16(0xFF00), _mm512_set1_ps(sc[1]));
+}
+
+// The high pair of nibble n moved to bits 4, 5 (lanes of 16 bits, each byte j zero-extended into word j).
+template <int N>
+__attribute__((always_inline)) inline __m512i q6_high16(__m512i h) {
+  if constexpr (N == 0) return _mm512_slli_epi16(h, 4);
+  else if constexpr (N == 1) return _mm512_slli_epi16(h, 2);
+  else if constexpr (N == 2) return h;
+  else return _mm512_srli_epi16(h, 2);
+}
+
+// q6_k with vdpbf16ps on bf16 activations (hi, and lo unless x arrived in bf16): nibble n of a row's 32 words
+// gives columns 32n .. 32n + 31 in order, as the staged rows hold them. Per (row, n, token) the two groups'
+// products sum exactly in fp32 (one or two vdpbf16ps from zero), then get their scales; small token counts
+// alternate two accumulators per (row, token).
+template <int N, int NT, bool LO>
+__attribute__((target("avx512bf16,avx512bw,avx512f"), always_inline)) inline void q6_bf16_nibble(
+    const __m512i (&v)[ROWS], const __m512i (&h)[ROWS], const uint16_t* const* xs, int at, int ks,
+    const float* sc, int ng, int g, __m512i lut0, __m512i lut1, __m512 (&t0)[ROWS][NT], __m512 (&t1)[ROWS][NT]) {
+  constexpr bool TWO = NT <= 2;
+  const __m512i low4 = _mm512_set1_epi16(0x0F);
+  __m512bh xh[NT], xl[NT];
+  for (int t = 0; t < NT; ++t) {
+    xh[t] = (__m512bh)_mm512_loadu_si512(xs[t] + at);
+    if (LO) xl[t] = (__m512bh)_mm512_loadu_si512(xs[t] + ks + at);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512i lo = N ? _mm512_srli_epi16(v[r], 4 * N) : v[r];
+    const __m512i idx = _mm512_ternarylogic_epi32(low4, lo, q6_high16<N>(h[r]), 0xCA);  // low4 ? lo : high
+    const __m512bh w = (__m512bh)_mm512_permutex2var_epi16(lut0, idx, lut1);
+    const __m512 s = q6_scale_pair(sc + r * ng + g);
+    for (int t = 0; t < NT; ++t) {
+      __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, xh[t]);
+      if (LO) acc = _mm512_dpbf16_ps(acc, w, xl[t]);
+      if (TWO && (N & 1))
+        t1[r][t] = _mm512_fmadd_ps(acc, s, t1[r][t]);
+      else
+        t0[r][t] = _mm512_fmadd_ps(acc, s, t0[r][t]);
+    }
+  }
+}
+
+template <int NT, bool LO>
+__attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_q6_bf16(const Args& a, float out[ROWS][MAX_NT]) {
+  __m512 t0[ROWS][NT], t1[ROWS][NT];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) t0[r][t] = t1[r][t] = _mm512_setzero_ps();
+  const float* sc = a.s->sc;
+  const int ng = a.ng, K = a.K;
+  const __m512i lut0 = _mm512_load_si512(bases.q6_16), lut1 = _mm512_load_si512(bases.q6_16 + 32);
+  const uint16_t* xs[NT];
+  for (int t = 0; t < NT; ++t) xs[t] = reinterpret_cast<const uint16_t*>(a.x[t]);
+  const uint8_t* p = a.data;
+  for (int c = 0; c < K / 128; ++c, p += 384) {
+    prefetch_q6_chunk(p, a.pf);
+    __m512i v[ROWS], h[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      v[r] = _mm512_loadu_si512(p + 64 * r);
+      h[r] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 256 + 32 * r)));
+    }
+    const int g = c * 8;  // the chunk's first group of 16 columns
+    q6_bf16_nibble<0, NT, LO>(v, h, xs, c * 128, a.ks, sc, ng, g, lut0, lut1, t0, t1);
+    q6_bf16_nibble<1, NT, LO>(v, h, xs, c * 128 + 32, a.ks, sc, ng, g + 2, lut0, lut1, t0, t1);
+    q6_bf16_nibble<2, NT, LO>(v, h, xs, c * 128 + 64, a.ks, sc, ng, g + 4, lut0, lut1, t0, t1);
+    q6_bf16_nibble<3, NT, LO>(v, h, xs, c * 128 + 96, a.ks, sc, ng, g + 6, lut0, lut1, t0, t1);
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) out[r][t] = hsum(NT <= 2 ? _mm512_add_ps(t0[r][t], t1[r][t]) : t0[r][t]);
+}
+
+// q6_k on fp32 lanes (pair-split staged activations, as dot_int4_f32): a 32-bit lane holds words 2l, 2l + 1, so
+// shifted right by 4s its low 4 bits are nibble s of word 2l (s < 4: column 32s + 2l) or s - 4 of word 2l + 1
+// (column 32(s - 4) + 2l + 1); the high bytes widened from 16 to 32 bits hold that column's pair at bit 2s. The
+// weight (q - 32) * scale is exact, as the reference's; lanes 0-7 and 8-15 are the two groups of 16 columns.
+template <int NT>
+void dot_q6_f32(const Args& a, float out[ROWS][MAX_NT]) {
+  constexpr bool TWO = NT <= 2;
+  __m512 a0[ROWS][NT], a1[ROWS][NT];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) a0[r][t] = a1[r][t] = _mm512_setzero_ps();
+  const float* sc = a.s->sc;
+  const int ng = a.ng;
+  const __m512i low4 = _mm512_set1_epi32(15), six = _mm512_set1_epi32(63), magic = _mm512_set1_epi32(0x4B000000);
+  const __m512 bias = _mm512_set1_ps(8388640.0f);  // 2^23 + 32
+  const uint8_t* p = a.data;
+  for (int c = 0; c < a.K / 128; ++c, p += 384) {
+    prefetch_q6_chunk(p, a.pf);
+    __m512i v[ROWS], h[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      v[r] = _mm512_loadu_si512(p + 64 * r);
+      h[r] = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 256 + 32 * r)));
+    }
+    __m512 s[ROWS];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int pos = (i >> 1) | ((i & 1) << 2);  // 0,4,1,5,2,6,3,7: a pair of groups' two positions together
+      if ((i & 1) == 0)
+        for (int r = 0; r < ROWS; ++r) s[r] = q6_scale_pair(sc + r * ng + c * 8 + 2 * (pos & 3));
+      const int off = c * 128 + 32 * (pos & 3) + (pos >> 2) * 16;
+      __m512 xv[NT];
+      for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(a.x[t] + off);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i lo = _mm512_srli_epi32(v[r], 4 * pos);
+        const __m512i hi = pos < 2 ? _mm512_slli_epi32(h[r], 4 - 2 * pos) : _mm512_srli_epi32(h[r], 2 * pos - 4);
+        const __m512i q = _mm512_ternarylogic_epi32(low4, lo, hi, 0xCA);          // low4 ? lo : hi
+        const __m512i f = _mm512_ternarylogic_epi32(q, six, magic, 0xEA);         // (q & 63) | 2^23's bits
+        const __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(f), bias), s[r]);
+        for (int t = 0; t < NT; ++t) {
+          if (TWO && (i & 1))
+            a1[r][t] = _mm512_fmadd_ps(w, xv[t], a1[r][t]);
+          else
+            a0[r][t] = _mm512_fmadd_ps(w, xv[t], a0[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < NT; ++t) out[r][t] = hsum(TWO ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t]);
+}
+
 // int4 on fp32 lanes (CPUs without AVX512_BF16). A 32-bit lane holds words 2l, 2l+1; shifted right by 4s its low
 // 4 bits are nibble s: column 32s + 2l (s < 4) or 32(s - 4) + 2l + 1, found in the pair-split row at 32s + l or
 // 32(s - 4) + 16 + l. vpermps picks by those 4 bits from the group's 16 values (q - z) * scale: unpacking is one
@@ -611,6 +753,9 @@ template <bool LO, bool MIN>
 struct NibB { template <int NT> struct F { static constexpr DotFn fn = dot_blk_bf16<NT, LO, MIN>; }; };
 template <int G, bool LO>
 struct Int4B { template <int NT> struct F { static constexpr DotFn fn = dot_int4_bf16<NT, G, LO>; }; };
+template <bool LO>
+struct Q6B { template <int NT> struct F { static constexpr DotFn fn = dot_q6_bf16<NT, LO>; }; };
+struct Q6F { template <int NT> struct F { static constexpr DotFn fn = dot_q6_f32<NT>; }; };
 template <int RG> struct Bf16F { template <int NT> struct F { static constexpr DotFn fn = dot_bf16<NT, RG>; }; };
 template <bool LO, int RG>
 struct Bf16D { template <int NT> struct F { static constexpr DotFn fn = dot_bf16_dp<NT, LO, RG>; }; };
@@ -630,7 +775,10 @@ DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
     if (lo) return min ? by_nt<NibB<true, true>::F>(nt) : by_nt<NibB<true, false>::F>(nt);
     return min ? by_nt<NibB<false, true>::F>(nt) : by_nt<NibB<false, false>::F>(nt);
   }
-  if (fmt == Q6_K) return by_nt<Int8G<16>::F>(nt);
+  if (fmt == Q6_K) {
+    if (kind != HI_LO) return by_nt<Q6F::F>(nt);
+    return lo ? by_nt<Q6B<true>::F>(nt) : by_nt<Q6B<false>::F>(nt);
+  }
   if (fmt == Q8_0) return by_nt<Int8G<32>::F>(nt);
   if (fmt == Q5_K) return by_nt<U8Min::F>(nt);
   if (fmt == BF16) {
@@ -737,8 +885,8 @@ thread_local Buffers tls;
 // rows 4j .. 4j + 3). Staged rows are mg.ks (x) and md.ks (h) long, zero past H and I.
 // How a matrix of this format wants its activations staged.
 inline int stage_kind(int fmt, int use_bf16) {
-  if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0 || fmt == Q5_K) return NATURAL;
-  return use_bf16 ? HI_LO : PAIR_SPLIT;
+  if (fmt == INT8 || fmt == Q8_0 || fmt == Q5_K) return NATURAL;
+  return use_bf16 ? HI_LO : PAIR_SPLIT;  // bf16, int4 and the nibble formats; q6_k (6-bit codes)
 }
 
 int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, int x_bf16, int T, const int64_t* ids,
@@ -1116,7 +1264,25 @@ int cadenza_dequant_bf16(int fmt, int group, const uint8_t* tiles, int64_t tile_
         uint16_t* orow = o + int64_t(r) * K;
         if (fmt == BF16) {
           for (int c = 0; c < K / 32; ++c) std::memcpy(orow + c * 32, data + (c * ROWS + r) * 64, 64);
-        } else if (fmt == INT8 || fmt == Q6_K || fmt == Q8_0 || fmt == Q5_K) {
+        } else if (fmt == Q6_K) {
+          // per 128 columns: row r's 32 words of nibbles at 64 r, its 32 bytes of high pairs at 256 + 32 r
+          for (int c = 0; c < K / 128; ++c)
+            for (int half = 0; half < 2; ++half) {
+              const uint8_t* lo = data + c * 384 + 64 * r + 32 * half;
+              const uint8_t* hi = data + c * 384 + 256 + 32 * r + 16 * half;
+              const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+              const __m512i hv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)));
+              for (int n = 0; n < 4; ++n) {
+                const int kk = c * 128 + 32 * n + 16 * half;
+                const __m512i q = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(4 * n)), low4),
+                    _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(hv, _mm512_set1_epi32(2 * n)),
+                                                       _mm512_set1_epi32(3)), 4));
+                const __m512 qf = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(32)));
+                store(orow + kk, _mm512_mul_ps(qf, _mm512_set1_ps(s.sc[r * ng + kk / 16])));
+              }
+            }
+        } else if (fmt == INT8 || fmt == Q8_0 || fmt == Q5_K) {
           for (int c = 0; c < K / 64; ++c)
             for (int q = 0; q < 4; ++q) {
               const int kk = c * 64 + 16 * q;

@@ -85,7 +85,7 @@ _BYTES_PER_COL = {
     "q4_0": 0.5,
     "q4_k": 0.5,
     "mxfp4": 0.5,
-    "q6_k": 1.0,
+    "q6_k": 0.75,  # 6-bit codes: 96 bytes per 128 columns
     "q8_0": 1.0,
     "q5_k": 1.0,
 }
@@ -157,7 +157,7 @@ def default_blocks(fmt: str | None, hidden: int, intermediate: int, pairs: int, 
         return Blocks(32, _step_cols(hidden, 512), 16, _step_cols(intermediate, 512), 4, int4_rows=1)
     fmt = fmt.partition("+")[0] if fmt else fmt  # a "gate_up+down" layer: sized by its gate/up format
     bpc = _BYTES_PER_COL[fmt] if fmt else elem_bytes
-    cols = int(512 / bpc)
+    cols = 1 << (int(512 / bpc).bit_length() - 1)  # a power of two (q6_k: 512 columns, 384 bytes)
     warps = 4
     if fmt == "int8":
         # 256 columns and 2 warps per program: the fastest int8 reads in a sweep of rows x cols x warps at one

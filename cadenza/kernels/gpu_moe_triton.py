@@ -191,11 +191,11 @@ def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr
 
 
 # Block formats (cadenza.kernels.blocks): FMT 4 q4_0, 5 q4_k, 6 mxfp4 (4-bit codes in int4's word layout, group 32),
-# 7 q6_k (int8 codes in int8's layout, group 16), 8 q8_0 (int8 codes, group 32), 9 q5_k (uint8 codes 0..31, group
-# 32, q4_k's fields). A weight is code_value * scale -
-# min per (row, group), the pair computed here from the tile's header fields ([field][row][values]) as exact fp32
-# products, applied per (row, group) to partial sums: sum (v s - m) x = s sum v x - m sum x. x is read as it is
-# (not staged).
+# 7 q6_k (6-bit codes: per 128 columns the 4 rows' nibbles in int4's word layout, then their high bit pairs;
+# group 16), 8 q8_0 (int8 codes in int8's layout, group 32), 9 q5_k (uint8 codes 0..31, group 32, q4_k's fields).
+# A weight is code_value * scale - min per (row, group), the pair computed here from the tile's header fields
+# ([field][row][values]) as exact fp32 products, applied per (row, group) to partial sums: sum (v s - m) x =
+# s sum v x - m sum x. x is read as it is (not staged).
 
 
 @triton.jit
@@ -277,10 +277,58 @@ def _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr
 
 
 @triton.jit
-def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """q6_k (FMT 7), q8_0 (8) and q5_k (9): byte codes in int8's layout (byte b of word m of a row's 64-byte piece is
-    column 4 m + b), in quarter pieces of 4 words (16 columns): q6_k's group, half of the others'; scale d sc or d;
-    q5_k's bytes are unsigned and its groups subtract min * sum x."""
+def _q6_value(wd, hb, n, hs):
+    """6-bit codes -> fp32 q - 32: the nibble of int32 words wd at bit 4 n (n may carry 16 for a word's high half)
+    with the high pair of hb at bit hs; 2^23 + q - (2^23 + 32), exact."""
+    q = ((wd >> (4 * n)) & 15) | (((hb >> hs) & 3) << 4)
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0
+
+
+@triton.jit
+def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: tl.constexpr):
+    """q6_k (FMT 7): a 128-column chunk is 384 bytes, the 4 rows' 64 bytes of nibbles (int32 word m: columns
+    32 n + 2 m, 32 n + 2 m + 1 in nibble n of its low, high half) then their 32 bytes of high pairs (16-bit word m:
+    the same columns' pairs at bits 2 n of its low, high byte). Plane n of a chunk is two groups of 16 columns:
+    m < 8 and m >= 8."""
+    NP: tl.constexpr = BK // 128
+    p = tl.arange(0, NP)
+    r = tl.arange(0, 4)
+    m = tl.arange(0, 16)
+    wi = w.to(tl.pointer_type(tl.int32))
+    wh = w.to(tl.pointer_type(tl.int16))
+    lo_off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 96 + r[None, None, :, None] * 16
+    lo_off = lo_off + m[None, None, None, :]
+    hi_off = (t * tbw * 2 + hbw * 2)[:, None, None, None] + p[None, :, None, None] * 192 + 128
+    hi_off = hi_off + r[None, None, :, None] * 16 + m[None, None, None, :]
+    tile = w + (t * tbw * 4)[:, None, None]  # [BT, 1, 1] tile starts (bytes)
+    r3 = r[None, None, :]
+    first = (m < 8)[None, None, None, :]
+    acc = tl.zeros([BT, NP, 4], tl.float32)
+    for it in range(n_iter):
+        pg = it * NP + p
+        ok = tmask[:, None, None] & (pg < K // 128)[None, :, None]
+        wv = tl.load(wi + lo_off + it * (NP * 96), mask=ok[:, :, :, None], other=0)
+        hv = tl.load(wh + hi_off + it * (NP * 192), mask=ok[:, :, :, None], other=0).to(tl.int32)
+        for n in tl.static_range(4):
+            col = pg[:, None] * 128 + 32 * n + 2 * m[None, :]  # [NP, 16]
+            x0 = tl.load(xr + col, mask=col < n_x, other=0.0).to(tl.float32)
+            x1 = tl.load(xr + col + 1, mask=col + 1 < n_x, other=0.0).to(tl.float32)
+            v0 = _q6_value(wv, hv, n, 2 * n)
+            v1 = _q6_value(wv, hv, n + 4, 8 + 2 * n)
+            prod = v0 * x0[None, :, None, :] + v1 * x1[None, :, None, :]  # [BT, NP, 4, 16]
+            q_a = tl.sum(tl.where(first, prod, 0.0), 3)  # group 8 pg + 2 n
+            q_b = tl.sum(tl.where(first, 0.0, prod), 3)  # group 8 pg + 2 n + 1
+            s_a, _ = _block_scale_min(tile, r3, (pg * 8 + 2 * n)[None, :, None], K, ok, 7)
+            s_b, _ = _block_scale_min(tile, r3, (pg * 8 + 2 * n + 1)[None, :, None], K, ok, 7)
+            acc += s_a * q_a + s_b * q_b
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """q8_0 (FMT 8) and q5_k (9): byte codes in int8's layout (byte b of word m of a row's 64-byte piece is column
+    4 m + b), in quarter pieces of 4 words (16 columns, half a group); scale d, or d sc with q5_k, whose bytes are
+    unsigned and whose groups subtract min * sum x."""
     NQ: tl.constexpr = BK // 16  # quarter pieces (16 columns of a row, 4 words, one group) per step
     qp = tl.arange(0, NQ)
     r = tl.arange(0, 4)
@@ -305,7 +353,7 @@ def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: 
             else:
                 q = (((wv >> (8 * b)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             part += q * xb[None, :, None, :]
-        g = qg if FMT == 7 else qg // 2
+        g = qg // 2
         s, mn = _block_scale_min(tile, r[None, None, :], g[None, :, None], K, ok, FMT)
         acc += tl.sum(part, 3) * s
         if FMT == 9:
@@ -353,11 +401,11 @@ def _dot_tiles(
     elif FMT == 2:
         acc = _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP, BT, BK)
     elif FMT == 7:
-        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 7, BT, BK)
+        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
     elif FMT == 8:
-        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 8, BT, BK)
+        acc = _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 8, BT, BK)
     elif FMT == 9:
-        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 9, BT, BK)
+        acc = _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 9, BT, BK)
     elif FMT >= 4:  # q4_0, q4_k, mxfp4
         acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT, BT, BK)
     elif ROWS4:
@@ -625,7 +673,14 @@ def _dequant_kernel(
         sc = tl.load(tile.to(tl.pointer_type(tl.bfloat16)) + r * NG + g, mask=okg).to(tl.float32)
         z = tl.load(tile + 8 * NG + r * NG + g, mask=okg).to(tl.int32)
         v = (q - (z | 0x4B000000).to(tl.float32, bitcast=True)) * sc  # 2^23 + q - (2^23 + z), exact
-    elif FMT >= 7:  # q6_k, q8_0, q5_k: int8's layout, scale d sc per 16 columns or d per 32; q5_k unsigned, - min
+    elif FMT == 7:  # q6_k: per 128 columns 384 bytes, row r's nibble words at 64 r, its high pairs at 256 + 32 r
+        at = tile + hb + (c // 128) * 384 + r * 64
+        wd = tl.load(at.to(tl.pointer_type(tl.int16)) + c % 32, mask=ok).to(tl.int32)
+        hi = tl.load(at + 256 - r * 32 + c % 32, mask=ok).to(tl.int32)
+        v = _q6_value(wd, hi, c % 128 // 32, 2 * (c % 128 // 32))
+        s, _ = _block_scale_min(tile, r, g, K, okg, FMT)
+        v = v * s
+    elif FMT >= 8:  # q8_0, q5_k: int8's layout, scale d per 32 columns; q5_k unsigned, - min
         q = tl.load((tile + hb + (c // 64) * 256 + r * 64 + c % 64).to(tl.pointer_type(tl.int8)), mask=ok)
         if FMT == 9:
             q = ((q.to(tl.int32) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0

@@ -7,7 +7,8 @@ reads a packed layer back in pure torch, the reference for the kernel's reading 
 in place (no second copy of the experts in host memory, and the GPU path keeps using the same tensors).
 
 Each matrix is tiles of 4 rows; a tile is a header (the rows' scales) then 64-byte pieces of its 4 rows
-interleaved, so a run of tiles is one sequential stream. Rows and columns are padded to multiples of 128. gate and
+interleaved (q6_k: per 128 columns the 4 rows' 64-byte pieces of nibbles, then their 32-byte pieces of high bits),
+so a run of tiles is one sequential stream. Rows and columns are padded to multiples of 128. gate and
 up share one matrix: tile j holds gate rows 2j, 2j+1 and up rows 2j, 2j+1. cpu_moe.cpp's header comment has the
 byte-level description.
 
@@ -216,12 +217,20 @@ def _tile_into(out: torch.Tensor, w: torch.Tensor, fmt: str, group: int) -> None
 
 def _write_tiles(out: torch.Tensor, data: torch.Tensor, scales: list[torch.Tensor], fmt: str, group: int, k: int):
     """Quantized rows data uint8 [R, row bytes] (contiguous, 8-byte aligned) and their scales -> out uint8 [R / 4,
-    tile bytes]: each tile's header (its rows' scales, zero-padded), then the 4 rows' 64-byte pieces interleaved."""
+    tile bytes]: each tile's header (its rows' scales, zero-padded), then the 4 rows' pieces interleaved per chunk
+    (64 bytes each; q6_k: a 64-byte and a 32-byte piece per 128 columns, blocks.chunk_pieces)."""
     r, nbytes = data.shape
     hb = _header_bytes(fmt, group, k)
+    pieces = blocks.chunk_pieces(fmt)
+    per = sum(pieces)  # bytes of a row per chunk
     # moved as 8-byte words (a uint8 permute copy is slow)
-    body = out[:, hb:].view(torch.int64).view(r // ROWS, nbytes // 64, ROWS, 8)
-    body.copy_(data.view(torch.int64).view(r // ROWS, ROWS, nbytes // 64, 8).transpose(1, 2))
+    body = out[:, hb:].view(torch.int64).view(r // ROWS, nbytes // per, ROWS * per // 8)
+    src = data.view(torch.int64).view(r // ROWS, ROWS, nbytes // per, per // 8)
+    at = 0
+    for size in pieces:
+        part = body[:, :, ROWS * at // 8 : ROWS * (at + size) // 8].unflatten(2, (ROWS, size // 8))
+        part.copy_(src[:, :, :, at // 8 : (at + size) // 8].transpose(1, 2))
+        at += size
     if hb:
         out[:, :hb] = 0
         at = 0
@@ -229,6 +238,20 @@ def _write_tiles(out: torch.Tensor, data: torch.Tensor, scales: list[torch.Tenso
             part = sc.reshape(r // ROWS, -1).contiguous().view(torch.uint8)
             out[:, at : at + part.shape[1]] = part
             at += part.shape[1]
+
+
+def tile_rows(fmt: str, body: torch.Tensor) -> torch.Tensor:
+    """Tiles' bodies uint8 [n, body bytes] (after their headers) -> their rows' bytes [4 n, row bytes]."""
+    n = body.shape[0]
+    pieces = blocks.chunk_pieces(fmt)
+    per = sum(pieces)
+    chunks = body.reshape(n, -1, ROWS * per)
+    parts, at = [], 0
+    for size in pieces:
+        parts.append(chunks[:, :, ROWS * at : ROWS * (at + size)].unflatten(2, (ROWS, size)))
+        at += size
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+    return rows.transpose(1, 2).reshape(n * ROWS, -1)
 
 
 def _padded(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -414,9 +437,7 @@ def dequantize_tiles(tiles: torch.Tensor, fmt: str, group: int, k: int) -> torch
     Pure torch on any device (a GPU can unpack fetched tiles with it): the reference for the kernel's reading."""
     n = tiles.shape[0]
     hb = _header_bytes(fmt, group, k)
-    body = tiles[:, hb:]
-    per_row = body.shape[1] // ROWS
-    rows = body.reshape(n, per_row // 64, ROWS, 64).transpose(1, 2).reshape(n * ROWS, per_row)
+    rows = tile_rows(fmt, tiles[:, hb:])
     if fmt in BLOCK_FORMATS:
         return blocks.dequantize_rows(fmt, tiles[:, :hb], rows, k)
     if fmt == "bf16":

@@ -79,7 +79,7 @@ def test_hf_mxfp4_equals_the_ggml_blocks():
         ("q4_0", 0.5625),
         ("q4_k", 0.578125),
         ("mxfp4", 0.53125),
-        ("q6_k", 1.0703125),
+        ("q6_k", 210 / 256),  # 6-bit codes: as the GGUF file
         ("q8_0", 1.0625),
         ("q5_k", 1.078125),
     ],
@@ -88,6 +88,16 @@ def test_bytes_per_weight(fmt, bytes_per_weight):
     h, i = 4096, 14336  # Mixtral: headers pad to 64 bytes per tile, a small share
     got = layout.expert_nbytes(fmt, None, h, i) / (3 * h * i)
     assert got == pytest.approx(bytes_per_weight, rel=2e-3)
+
+
+def test_q6_k_tiles_take_six_bits_a_code():
+    """q6_k keeps 6 bits a code: 96 code bytes per 128 columns of a row, plus the header (d f16 per 256, sc i8 per
+    16: 18 bytes per 256) padded to 64 bytes a tile; 210 / 256 bytes a weight where the header needs no padding."""
+    for k in (256, 768, 4096, 14336):
+        header = -(-4 * (k // 256 * 2 + k // 16) // 64) * 64
+        assert layout._tile_bytes("q6_k", 16, k) == header + 4 * 96 * k // 128
+    assert layout._tile_bytes("q6_k", 16, 4096) / (4 * 4096) == 210 / 256
+    assert blocks.code_row_bytes("q6_k", 4096) == 3072
 
 
 def test_unknown_gguf_type_is_refused():

@@ -190,6 +190,19 @@ def test_decode_block_formats_small_blocks_bf16_x(fmt):
     assert rel(y, fb) < BF16
 
 
+@needs_kernels
+def test_decode_q6_k_default_columns():
+    """q6_k's default step (512 columns, 384 bytes of a row) over two steps of the 6-bit layout."""
+    h, i = 1024, 256
+    cols = gpu_moe.default_blocks("q6_k", h, i, 1).gu_cols
+    assert cols == 512
+    packed = block_layer("q6_k", 2, h, i, seed=3)
+    x, rows, w = routing(2, 1, 2, h)
+    kw = dict(fmt="q6_k", group=packed.group, hidden=h, intermediate=i, blocks=gpu_moe.Blocks(128, cols, 128, cols))
+    y = gpu_moe.moe_decode(*on(x, rows, w), on(packed.gate_up, packed.down), "silu", **kw)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), "silu")) < FP32
+
+
 # the interpreter runs this variant slowly (~1 min a case at TILED_CASES' sizes): small cases here, the rest on GPUs
 _BLOCKS = [(128, 256), (8, 128)]  # (rows, columns) per program: big, small
 INT4_ROWS_CASES = [(*c, *b) for c in TILED_CASES if c[0] == "int4" for b in _BLOCKS]
