@@ -222,6 +222,8 @@ class Bench:
             nbytes = self.bytes_per_call(t, eb)
 
             def call(n, route, pf=0, th=self.threads, rs=rs, x=x, t=t):
+                if a.in_cache:  # the same experts every call: what the arithmetic alone sustains
+                    n = 0
                 ids, w = rs[n % len(rs)]
                 layer = copies[(n // max(1, e // k) if t == 1 else n) % len(copies)]  # new weights every call
                 cpu_moe.moe_forward(layer, x, ids, w, None, act, th, route=route, prefetch=pf)
@@ -303,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None, help="JSON results file")
     ap.add_argument("--threads", type=int, default=None, help="kernel and torch threads (default: physical cores)")
     ap.add_argument("--rotate-gb", type=float, default=1.2, help="packed weights rotated through per format")
+    ap.add_argument(
+        "--in-cache",
+        action="store_true",
+        help="every call the same experts (they stay in the caches if small enough, e.g. qwen3-30b-a3b's 8 at one "
+        "token): the kernel's compute rate per thread, to tell a compute-bound loop from a memory-bound one",
+    )
     ap.add_argument("--seconds", type=float, default=1.0, help="timing window per measurement")
     ap.add_argument("--dram-gib", type=float, default=4.0, help="array size of the DRAM read measurement")
     ap.add_argument("--prefetch", default="0,2048", help="software prefetch distances tried at one token (bytes)")
