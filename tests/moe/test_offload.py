@@ -217,3 +217,21 @@ def test_prefetch_distance_is_measured_and_cached(moe8, tmp_path, monkeypatch):
     monkeypatch.setenv("CADENZA_CPU_PREFETCH", "lots")
     with pytest.raises(CadenzaError, match="CADENZA_CPU_PREFETCH"):
         LLM(path, device="cpu", dtype="bfloat16", gpu_memory="0", offload_policy="cpu")
+
+
+def test_split_weighs_every_prefix_not_only_single_steps():
+    """A CPU that is slower while fetches share DRAM makes the first fetch alone look worse than none, yet fetching
+    most experts of a long prompt is far better: the split must find it (Qwen3's prefill on the H200 computed 148k
+    of 196k expert-token pairs on the CPU this way)."""
+    cm = CostModel("k", expert_bytes=3_500_000, cpu_s=(0.2e-3, 10e-6), gpu_s=(0.05e-3, 1e-6), h2d_gb_s=50.0)
+    for _ in range(30):
+        cm.observe_cpu(experts=1, tokens=32, seconds=1.5 * (0.2e-3 + 32 * 10e-6), shared=True)
+    misses, counts = list(range(100)), [32] * 100
+    fetch, cpu = cm.split(misses, counts)
+    alone, link = cm.cpu_time(32), cm.fetch_time(32)
+    span = max(len(cpu) * cm.cpu_time(32, shared=True), len(fetch) * link)
+    assert len(fetch) > 50 and span < 0.6 * 100 * alone
+    # no other number of fetched experts gives a shorter span
+    for k in range(101):
+        other = 100 * alone if k == 0 else max((100 - k) * cm.cpu_time(32, shared=True), k * link)
+        assert span <= other + 1e-12

@@ -66,27 +66,26 @@ class CostModel:
     def split(self, misses: list[int], counts: list[int]) -> tuple[list[int], list[int]]:
         """Non-resident experts of one layer -> (fetch, compute on the CPU), chosen so the layer's expert work
         ends soonest: the CPU works through its list while the copy engine streams the other experts' weights.
-        Greedy: start with everything on the CPU, move the expert that gains most from fetching while that
-        shortens the span (CPU time counted at its learned speed when sharing DRAM with fetches)."""
+        The experts are ranked by what fetching gains them; the split fetches the best prefix of that ranking
+        (CPU time counted at its learned speed when sharing DRAM with fetches). Every prefix is weighed, not only
+        while each step helps: once the CPU is slower when sharing, the first fetch alone can look worse than none
+        while fetching most of a long prompt's experts is far better."""
         alone = {e: self.cpu_time(counts[e]) for e in misses}
         explore = self.since_split >= self.EXPLORE_EVERY
         shared = alone if explore else {e: self.cpu_time(counts[e], shared=True) for e in misses}
         fetch = {e: self.fetch_time(counts[e]) for e in misses}
-        on_cpu, fetched = set(misses), []
-        fetch_total = 0.0
-        span = sum(alone.values())
-        while on_cpu:
-            e = max(on_cpu, key=lambda x: (alone[x] - fetch[x], -x))
-            rest = on_cpu - {e}
-            f = fetch_total + fetch[e]
-            new_span = max(sum(shared[x] for x in rest), f)
-            if new_span >= span:
-                break
-            on_cpu.remove(e)
-            fetched.append(e)
-            fetch_total, span = f, new_span
-        self.since_split = 0 if fetched and on_cpu else self.since_split + 1
-        return sorted(fetched), [e for e in misses if e in on_cpu]
+        ranked = sorted(misses, key=lambda x: (-(alone[x] - fetch[x]), x))
+        best_k, best = 0, sum(alone.values())
+        fetch_total, cpu_left = 0.0, sum(shared.values())
+        for k, e in enumerate(ranked, start=1):
+            fetch_total += fetch[e]
+            cpu_left -= shared[e]
+            span = max(cpu_left, fetch_total)
+            if span < best:
+                best_k, best = k, span
+        fetched = set(ranked[:best_k])
+        self.since_split = 0 if fetched and best_k < len(ranked) else self.since_split + 1
+        return sorted(fetched), [e for e in misses if e not in fetched]
 
     SPLIT_GAIN = 0.9  # split an expert only when the layer's span drops below this share of the unsplit one
 
