@@ -322,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
     if temp is not None or args.kl_from is not None:
         saved_path = Path(temp.name) if temp is not None else Path(args.kl_from)
         saved_header, saved = read_logprobs(saved_path)
-        if saved_header["tokens"] != targets:
+        same = (saved_header.get("context"), saved_header.get("stride")) == (context, stride)
+        if not same or saved_header["tokens"] != targets:
             raise CadenzaError(
                 f"{args.kl_from!r} (--kl-from) scored other tokens ({len(saved_header['tokens'])} of them, context "
                 f"{saved_header.get('context')}, stride {saved_header.get('stride')}) than this run ({len(targets)}, "
