@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+ROWS = 512  # positions per log_softmax in prompt_scores
+
 
 @dataclass
 class TokenScore:
@@ -25,20 +27,23 @@ class TokenScore:
 
 def prompt_scores(logits: torch.Tensor, token_ids: list[int], top: int = 0) -> list[TokenScore | None]:
     """logits [len(token_ids), V] of a teacher-forced pass (row i predicts token i + 1) -> one entry per token:
-    None for the first (nothing predicts it), then each token's TokenScore."""
-    if len(token_ids) < 2:
-        return [None] * len(token_ids)
-    logprobs = torch.log_softmax(logits[: len(token_ids) - 1].float(), dim=-1)
-    actual = torch.tensor(token_ids[1:], dtype=torch.long, device=logprobs.device)
-    chosen = logprobs.gather(1, actual[:, None])  # [T-1, 1]
-    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
-    chosen = chosen[:, 0].tolist()
-    if top > 0:
-        best = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)  # sorted, most likely first
-        tops = [list(zip(i, v, strict=True)) for i, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)]
-    else:
-        tops = [[] for _ in chosen]
-    return [None] + [TokenScore(lp, r, t) for lp, r, t in zip(chosen, ranks, tops, strict=True)]
+    None for the first (nothing predicts it), then each token's TokenScore. Rows go through log_softmax in float32
+    ROWS at a time, so a long prompt's scores need no second [T, V] float32 copy at once."""
+    out: list[TokenScore | None] = [None] * min(1, len(token_ids))
+    for start in range(0, len(token_ids) - 1, ROWS):
+        end = min(start + ROWS, len(token_ids) - 1)
+        logprobs = torch.log_softmax(logits[start:end].float(), dim=-1)
+        actual = torch.tensor(token_ids[start + 1 : end + 1], dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(1, actual[:, None])  # [rows, 1]
+        ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+        if top > 0:
+            best = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)  # sorted, most likely first
+            pairs = zip(best.indices.tolist(), best.values.tolist(), strict=True)
+            tops = [list(zip(i, v, strict=True)) for i, v in pairs]
+        else:
+            tops = [[] for _ in ranks]
+        out += [TokenScore(lp, r, t) for lp, r, t in zip(chosen[:, 0].tolist(), ranks, tops, strict=True)]
+    return out
 
 
 @dataclass
