@@ -184,7 +184,7 @@ class Responder:
             return [
                 self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]) for i in range(n)
             ]
-        if self.parsed.echo:
+        if self.parsed.echo and not self._scores_first:
             return [
                 self._chunk(
                     [
@@ -204,7 +204,9 @@ class Responder:
         """The chunks for one token: its text (if any became final, or if logprobs are asked for), and the finish
         reason on the last one. `out` already holds the step."""
         chunks = []
-        want_lp = self.parsed.logprobs is not None
+        if step.prompt_logprobs is not None and self._scores_first:
+            chunks.append(self._prompt_chunk(index, out))
+        want_lp = self.parsed.logprobs is not None and step.has_token
         lp = None
         if want_lp:
             top = [step.top_logprobs or []]
@@ -231,6 +233,25 @@ class Responder:
             choice = {"index": index, "text": step.text, "logprobs": lp, "finish_reason": step.finish_reason}
             chunks.append(self._chunk([choice]))
         return chunks
+
+    @property
+    def _scores_first(self) -> bool:
+        """A completions stream whose first chunk carries the prompt's log-probs (and the echo with them)."""
+        return not self.chat and (self.parsed.echo_logprobs or self.parsed.prompt_logprobs is not None)
+
+    def _prompt_chunk(self, index: int, out: Output) -> str:
+        """A stream's first chunk when the prompt was scored (it waits for the prefill): the echoed prompt with its
+        log-probs (echo + logprobs) and vLLM's prompt_logprobs, as the whole answer has them."""
+        prompt_ids = self.parsed.prompts[index // self.parsed.n]
+        choice = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
+        if self.parsed.echo:
+            choice["text"] = self.parsed.echo[index // self.parsed.n]
+        if self.parsed.echo_logprobs:
+            choice["logprobs"] = self._echoed_logprobs(prompt_ids, Output(prompt_logprobs=out.prompt_logprobs))
+            out.token_chars = sum(len(t) for t in choice["logprobs"]["tokens"])
+        if self.parsed.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self.prompt_logprobs(prompt_ids, out.prompt_logprobs)
+        return self._chunk([choice])
 
     def usage_chunk(self, outputs: list[Output]) -> str:
         return self._chunk([], self.usage(outputs))

@@ -215,14 +215,6 @@ class CompletionRequest(_Request):
                 "or add one of those.",
                 "max_tokens",
             )
-        if self.stream and (self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)):
-            param = "prompt_logprobs" if self.prompt_logprobs is not None else "echo"
-            raise refuse(
-                f"'{param}' with the prompt's log-probabilities is not supported on a stream. Send the request "
-                "without 'stream' (the prompt's scores come in one answer anyway).",
-                param,
-                "unsupported_parameter",
-            )
         return self
 
 

@@ -4,6 +4,8 @@ teacher-forced log-probs, equal to `LLM.score`'s and transformers' own."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -164,8 +166,6 @@ def test_prompt_logprobs_field(served):
         ({"prompt": "x", "prompt_logprobs": "2"}, "prompt_logprobs", "integer"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens", "scores the prompt only"),
         ({"prompt": "x", "max_tokens": -1}, "max_tokens", "at least 0"),
-        ({"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "echo", "not supported on a stream"),
-        ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not supported on a stream"),
     ],
 )
 def test_refused_values_name_the_field(served, body, param, words):
@@ -175,9 +175,29 @@ def test_refused_values_name_the_field(served, body, param, words):
     assert err["param"] == param and words in err["message"], err
 
 
-def test_echo_without_logprobs_and_max_tokens_zero_streams(served):
-    r = served[0].post(COMPLETIONS, json={"prompt": "Hi", "echo": True, "max_tokens": 0, "stream": True})
-    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in r.text
+def stream_choices(client, body) -> list[dict]:
+    r = client.post(COMPLETIONS, json={**body, "stream": True})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+    events = [line[6:] for line in r.text.split("\n\n") if line.startswith("data: ") and line != "data: [DONE]"]
+    return [c for e in events for c in json.loads(e)["choices"]]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_streams_equal_the_whole_answer(served, max_tokens):
+    """A stream's first chunk carries the echoed prompt with its log-probs (and prompt_logprobs), then the
+    generated tokens' follow: joined, they equal the whole answer."""
+    client = served[0]
+    body = {"prompt": TEXT, "echo": True, "logprobs": 2, "prompt_logprobs": 1, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    whole = client.post(COMPLETIONS, json=body).json()["choices"][0]
+    chunks = stream_choices(client, body)
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert chunks[0]["prompt_logprobs"] == whole["prompt_logprobs"] and chunks[-1]["finish_reason"] == "length"
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in chunks if c["logprobs"] for x in c["logprobs"][key]] == whole["logprobs"][key], key
+    # echo alone, scoring only: the prompt's text, then the end
+    chunks = stream_choices(client, {"prompt": "Hi", "echo": True, "max_tokens": 0})
+    assert "".join(c["text"] for c in chunks) == "Hi" and chunks[-1]["finish_reason"] == "length"
 
 
 def test_python_api(served):
