@@ -133,6 +133,11 @@ def test_lm_eval_loglikelihood_rolling(served):
     assert total < 0
 
 
+def generated(client) -> float:
+    line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("cadenza_generation_tokens_total"))
+    return float(line.split()[-1])
+
+
 def test_prompt_logprobs_field(served):
     client, llm, hf_model = served
     ids = llm.tokenizer.encode(TEXT)
@@ -152,8 +157,10 @@ def test_prompt_logprobs_field(served):
             assert row[str(a)]["logprob"] == pytest.approx(alp, abs=TOL)
             assert row[str(a)]["rank"] == k or a == t
     assert len(choice["text"]) > 0 and choice["logprobs"] is None
-    # score only, no echo
+    # score only, no echo: no token generated (nor counted)
+    before = generated(client)
     r = client.post(COMPLETIONS, json={"prompt": ids, "prompt_logprobs": 0, "max_tokens": 0})
+    assert generated(client) == before
     choice = r.json()["choices"][0]
     assert choice["text"] == "" and all(row is None or len(row) == 1 for row in choice["prompt_logprobs"])
 
