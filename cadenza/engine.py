@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from cadenza.errors import CadenzaError
-from cadenza.generation import Generation, GenerationStats, Step
+from cadenza.generation import NO_TOKEN, Generation, GenerationStats, Step
 from cadenza.sampling import Sampler, SamplingParams
+from cadenza.scoring import prompt_scores
 from cadenza.text import StopStrings
 
 if TYPE_CHECKING:
@@ -165,12 +166,20 @@ class Batch:
         counters = engine.orchestra.counters if engine.orchestra is not None else None
         seq.at_start = counters.snapshot() if counters else None
         seq.t_start = time.perf_counter()
-        logits = engine.forward(seq.prompt_ids, self.cache, last_only=True, rows=[seq.slot])[-1]
-        choice = seq.sampler.sample(logits)
+        top = seq.params.prompt_logprobs  # None: only the last position's logits are needed
+        logits = engine.forward(seq.prompt_ids, self.cache, last_only=top is None, rows=[seq.slot])
+        scores = None if top is None else prompt_scores(logits, seq.prompt_ids, top)
+        seq.gen.prompt_logprobs = scores
+        choice = seq.sampler.sample(logits[-1]) if seq.budget > 0 else None
         seq.t_first = time.perf_counter()
         seq.gen.stats.prefill_s = seq.t_first - seq.t_start
         seq.at_decode = counters.snapshot() if counters else None
-        step = seq.emit(choice, engine)
+        if choice is None:  # max_tokens 0: the prompt scored, nothing generated
+            seq.finish("length", engine)
+            step = Step(NO_TOKEN, "", "length")
+        else:
+            step = seq.emit(choice, engine)
+        step.prompt_logprobs = scores
         if seq.finished:
             self.free.append(seq.slot)
         else:

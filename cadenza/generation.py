@@ -5,6 +5,12 @@ needs no import of the engine at run time."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cadenza.scoring import TokenScore
+
+NO_TOKEN = -1  # a step without a token: max_tokens 0 (the prompt scored only)
 
 
 @dataclass
@@ -65,13 +71,20 @@ class GenerationStats:
 
 @dataclass
 class Step:
-    """One generated token: its id, the text it made final, and, on the last step, why generation ended."""
+    """One generated token: its id, the text it made final, and, on the last step, why generation ended.
+    With SamplingParams.prompt_logprobs the first step carries the prompt's scores; with max_tokens 0 that step
+    is the only one and has no token (token_id -1, NO_TOKEN)."""
 
     token_id: int
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last step
     logprob: float | None = None  # the token's log-probability under the model (SamplingParams.logprobs)
     top_logprobs: list[tuple[int, float]] | None = None  # the N most likely tokens and theirs (top_logprobs)
+    prompt_logprobs: list[TokenScore | None] | None = None  # per prompt token (None for the first)
+
+    @property
+    def has_token(self) -> bool:
+        return self.token_id != NO_TOKEN
 
 
 @dataclass
@@ -86,6 +99,7 @@ class Generation:
     logprobs: list[float] | None = None  # per generated token, when asked for
     top_logprobs: list[list[tuple[int, float]]] | None = None
     cumulative_logprob: float | None = None  # beam search: the best beam's length-penalised score
+    prompt_logprobs: list[TokenScore | None] | None = None  # SamplingParams.prompt_logprobs
 
 
-__all__ = ["Generation", "GenerationStats", "Step"]
+__all__ = ["NO_TOKEN", "Generation", "GenerationStats", "Step"]

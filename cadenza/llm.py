@@ -19,7 +19,8 @@ from cadenza.moe.offload import calibration, planning
 from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
-from cadenza.sampling import SamplingParams
+from cadenza.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from cadenza.scoring import PromptLogprobs, prompt_scores
 from cadenza.text.token_text import TokenText
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class GenerationResult:
     # with logprobs (and a tokenizer): each generated token's own text, and the texts of its top_logprobs' ids
     tokens: list[str] | None = None
     top_tokens: list[list[str]] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # SamplingParams.prompt_logprobs
 
     @classmethod
     def of(cls, prompt, gen: Generation, texts: TokenText | None = None) -> GenerationResult:
@@ -66,6 +68,9 @@ class GenerationResult:
             gen.cumulative_logprob,
             tokens,
             top_tokens,
+            None
+            if gen.prompt_logprobs is None
+            else PromptLogprobs.of(gen.prompt_token_ids, gen.prompt_logprobs, texts),
         )
 
     def as_dict(self) -> dict:
@@ -87,6 +92,8 @@ class GenerationResult:
             out["top_logprobs"] = rows
         if self.cumulative_logprob is not None:
             out["cumulative_logprob"] = self.cumulative_logprob
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs.as_dict()
         return out
 
 
@@ -482,6 +489,20 @@ class LLM:
         gen.prompt_token_ids = ids
         yield from self.engine.generate(ids, params or SamplingParams(), gen)
 
-    def score(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Teacher-forced logits: float32 tensor [len(token_ids), vocab_size]."""
+    def score(self, token_ids: Prompt) -> torch.Tensor:
+        """Teacher-forced logits: float32 tensor [len(token_ids), vocab_size] (row i predicts token i + 1). A
+        string is tokenized first."""
         return self.engine.score(self._prompt_ids(token_ids))
+
+    def prompt_logprobs(self, prompt: Prompt, top: int = 0) -> PromptLogprobs:
+        """How likely the model finds a text (a string or token ids): per token its log-probability given the
+        tokens before it (log_softmax of `score`'s float32 logits; None for the first token), its rank and the
+        `top` most likely alternatives (0 to MAX_TOP_LOGPROBS), with the tokens' texts.
+
+        >>> llm.prompt_logprobs("The capital of France is Paris", top=2).logprobs[-1]
+        """
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise CadenzaError(f"top={top!r} is not valid. Use a whole number from 0 to {MAX_TOP_LOGPROBS}.")
+        ids = self._prompt_ids(prompt)
+        scores = prompt_scores(self.score(ids), ids, top)
+        return PromptLogprobs.of(ids, scores, self._texts())

@@ -39,6 +39,8 @@ class SamplingParams:
     likely tokens at each position as well. `num_beams` > 1 asks for beam search, which is deterministic
     (temperature 0) and takes no penalties or stop strings; `length_penalty` and `early_stopping` mean what they
     mean in transformers (score / length**length_penalty; True, False or "never").
+    `prompt_logprobs` N (vLLM's) asks for each prompt token's log-probability, rank and N most likely alternatives,
+    from the prefill's logits; with it, max_tokens 0 scores the prompt and generates nothing.
 
     The first seven fields keep their historical order, so old positional uses still work.
     """
@@ -60,6 +62,7 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(what: str, fix: str) -> CadenzaError:
@@ -76,8 +79,17 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name}={getattr(self, name)!r}", "Use true or false.")
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad(f"max_tokens={self.max_tokens!r}", "Use a whole number of at least 1.")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise bad(
+                f"prompt_logprobs={self.prompt_logprobs!r}",
+                f"Use a whole number from 0 to {MAX_TOP_LOGPROBS}, or leave it unset.",
+            )
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt only
+        if not _is_int(self.max_tokens) or self.max_tokens < least:
+            fix = "Use a whole number of at least 1" + (" (0 only with prompt_logprobs)." if least else ".")
+            raise bad(f"max_tokens={self.max_tokens!r}", fix)
         self.temperature = number(
             "temperature", lambda v: v >= 0, "Use 0 for greedy decoding or a positive finite number."
         )
@@ -156,6 +168,11 @@ class SamplingParams:
                     f"num_beams={n} with {name}={value:g}",
                     f"Beam search takes no penalties: leave {name} at {neutral:g}, or use num_beams=1.",
                 )
+        if self.prompt_logprobs is not None:
+            raise bad(
+                f"num_beams={n} with prompt_logprobs={self.prompt_logprobs}",
+                "Beam search does not score the prompt: use LLM.prompt_logprobs, or num_beams=1.",
+            )
         if self.stop:
             raise bad(
                 f"num_beams={n} with stop={self.stop!r}",

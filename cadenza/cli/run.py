@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from cadenza.cli.flags import add_command, add_engine_args, add_sampling_args, load, sampling
@@ -38,6 +39,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="report each token's id, text and log-probability and the N most likely alternatives (0: none); "
         "on stderr after the text, or in the --json object",
     )
+    p.add_argument(
+        "--prompt-logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score the prompt: each prompt token's id, text, log-probability given the tokens before it, rank "
+        "and the N most likely alternatives (0: none); on stderr after the text, or in the --json object; with "
+        "--max-tokens 0 only the prompt is scored (the table goes to stdout)",
+    )
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (needs temperature 0)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**penalty")
     p.add_argument(
@@ -61,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = "Once upon a time"
     beams = {"true": True, "false": False, "never": "never"}[args.early_stopping]
     logprobs = {} if args.logprobs is None else {"logprobs": True, "top_logprobs": args.logprobs}
+    if args.prompt_logprobs is not None:
+        logprobs["prompt_logprobs"] = args.prompt_logprobs
     extra = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=beams, **logprobs)
     sampling(args, None, **extra)
     llm = load(args)
@@ -74,10 +86,16 @@ def run(args: argparse.Namespace) -> int:
         result = llm.generate(prompt, params)
         print(json.dumps({"model": str(llm.checkpoint.path), **result.as_dict()}, ensure_ascii=False))
         return 0
-    if args.logprobs is not None:
+    if args.logprobs is not None or args.prompt_logprobs is not None:
         result = llm.generate(prompt, params)
+        if not result.token_ids and result.prompt_logprobs is not None:  # --max-tokens 0: the scores are the output
+            print_prompt_logprobs(result.prompt_logprobs, sys.stdout)
+            return 0
         print(result.text)
-        print_logprobs(result, sys.stderr)
+        if result.prompt_logprobs is not None:
+            print_prompt_logprobs(result.prompt_logprobs, sys.stderr)
+        if args.logprobs is not None:
+            print_logprobs(result, sys.stderr)
         return 0
     from cadenza.engine import Generation
 
@@ -103,6 +121,26 @@ def print_logprobs(result, out) -> None:
                                           strict=True):  # fmt: skip
         alt = ", ".join(f"{t} {_quoted(name)} {a:.3f}" for (t, a), name in zip(alts, names, strict=True))
         print(f"{tok}\t{_quoted(text)}\t{lp:.4f}\t{alt}", file=out)
+
+
+def print_prompt_logprobs(scored, out) -> None:
+    """One line per prompt token: id, its text, log-prob given the tokens before it ('-' for the first), rank,
+    then the alternatives; a last line with their sum and the perplexity over the scored tokens."""
+    n = len(scored.token_ids)
+    tokens = scored.tokens or [None] * n
+    alt_texts = scored.top_tokens or [None if row is None else [None] * len(row) for row in scored.top_logprobs]
+    print("id\ttoken\tlogprob\trank\talternatives (id token logprob)", file=out)
+    for tok, text, lp, rank, alts, names in zip(scored.token_ids, tokens, scored.logprobs, scored.ranks,
+                                                scored.top_logprobs, alt_texts, strict=True):  # fmt: skip
+        if lp is None:
+            print(f"{tok}\t{_quoted(text)}\t-\t-\t", file=out)
+            continue
+        alt = ", ".join(f"{t} {_quoted(name)} {a:.3f}" for (t, a), name in zip(alts, names, strict=True))
+        print(f"{tok}\t{_quoted(text)}\t{lp:.4f}\t{rank}\t{alt}", file=out)
+    if n > 1:
+        print(
+            f"sum {scored.total:.4f} over {n - 1} tokens, perplexity {math.exp(-scored.total / (n - 1)):.4f}", file=out
+        )
 
 
 def _quoted(text: str | None) -> str:

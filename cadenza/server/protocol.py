@@ -30,6 +30,8 @@ class Parsed:
     include_usage: bool = False
     logprobs: int | None = None  # None: not asked for; else the number of alternatives per token
     echo: list[str] = field(default_factory=list)  # completions with echo: each prompt's text, put before its output
+    echo_logprobs: bool = False  # completions with echo and logprobs: the prompt's tokens lead the logprobs
+    prompt_logprobs: int | None = None  # completions: vLLM's prompt_logprobs (alternatives per prompt token)
 
 
 # --- the shared part of both endpoints -------------------------------------------------------------------------
@@ -169,11 +171,19 @@ def parse_completion(ctx: Context, req: CompletionRequest) -> Parsed:
     n, stream, include_usage = _n_and_stream(ctx, req, len(prompts))
     max_tokens = _max_tokens(ctx, prompts, req.max_tokens, "max_tokens", COMPLETIONS_MAX_TOKENS, "prompt")
     extra = {} if req.logprobs is None else {"logprobs": True, "top_logprobs": req.logprobs}
+    # the prompt is scored (its prefill keeps every position's logits) for echo + logprobs, prompt_logprobs, and
+    # max_tokens 0, with as many alternatives as the larger of the two asks for
+    echo_logprobs = bool(req.echo) and req.logprobs is not None
+    asked = [k for k in (req.logprobs if echo_logprobs else None, req.prompt_logprobs) if k is not None]
+    if asked or max_tokens == 0:
+        extra["prompt_logprobs"] = max(asked, default=0)
     params = _sampling(ctx, req, len(prompts), n, max_tokens, **extra)
     echoes = []
     if req.echo:
         echoes = [t if t is not None else ctx.tokenizer.decode(ids) for t, ids in zip(texts, prompts, strict=True)]
-    return Parsed(model, prompts, params, n, stream, include_usage, req.logprobs, echoes)
+    return Parsed(
+        model, prompts, params, n, stream, include_usage, req.logprobs, echoes, echo_logprobs, req.prompt_logprobs
+    )
 
 
 # --- /v1/chat/completions --------------------------------------------------------------------------------------

@@ -194,6 +194,9 @@ class CompletionRequest(_Request):
     best_of: Integer | None = None
     suffix: Annotated[Any, off("", "cadenza does not insert text between a prefix and a suffix.")] = None
     logprobs: Integer | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the number of alternatives per token
+    # vLLM's: per prompt token its log-prob, rank and this many alternatives (choices[i].prompt_logprobs)
+    prompt_logprobs: Integer | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: Integer | None = Field(None, ge=0)  # 0: score the prompt only (with echo or prompt_logprobs)
 
     @model_validator(mode="after")
     def _refused_combinations(self):
@@ -205,12 +208,12 @@ class CompletionRequest(_Request):
                 "best_of",
                 "unsupported_parameter",
             )
-        if self.echo and self.logprobs is not None:
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
             raise refuse(
-                "'echo' together with 'logprobs' is not supported (it needs the prompt's log-probabilities). "
-                "Drop one of them.",
-                "echo",
-                "unsupported_parameter",
+                "'max_tokens' 0 generates nothing and returns nothing: it scores the prompt only, with 'echo': true "
+                "(and 'logprobs' N for the prompt's log-probs) or 'prompt_logprobs' N. Ask for at least 1 token, "
+                "or add one of those.",
+                "max_tokens",
             )
         return self
 

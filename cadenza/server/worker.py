@@ -290,7 +290,7 @@ class EngineWorker:
                 else:
                     metrics.itl.observe(now - job.t_last)
                 job.t_last = now
-                metrics.generation_tokens += 1
+                metrics.generation_tokens += step.has_token  # max_tokens 0: the prompt scored, no token
                 if step.finish_reason is not None:
                     metrics.e2e.observe(now - job.t_submit)
         for request, step in out:

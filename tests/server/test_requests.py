@@ -68,7 +68,7 @@ def error(r, status: int = 400) -> dict:
         (CHAT, {"messages": [{"content": "x"}]}, "messages[0].role", None, "is required"),
         (CHAT, {"messages": [HI[0], "Hi"]}, "messages[1]", None, "must be an object"),
         # ranges, and the sampling ones SamplingParams refuses in its own words
-        (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens", None, "at least 1; got 0"),
+        (COMPLETIONS, {"prompt": "x", "max_tokens": -1}, "max_tokens", None, "at least 0; got -1"),
         (COMPLETIONS, {"prompt": "x", "logprobs": MAX_TOP_LOGPROBS + 1}, "logprobs", None, "at most"),
         (CHAT, {"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens", None, "at least 1"),
         (COMPLETIONS, {"prompt": "x", "top_p": 0}, "top_p", None, "top_p=0."),

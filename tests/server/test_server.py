@@ -332,7 +332,7 @@ def test_bad_requests_get_openai_errors(server, llm):
     assert_error(post("/v1/completions", {"prompt": "x", "n": 0}), 400, "n")
     assert_error(post("/v1/completions", {"prompt": [99999]}), 400, "prompt")
     assert_error(post("/v1/completions", {"prompt": "x", "max_token": 5}), 400, "max_token", "unrecognized_argument")
-    assert_error(post("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}), 400, "echo")
+    assert_error(post("/v1/completions", {"prompt": "x", "prompt_logprobs": -1}), 400, "prompt_logprobs")
     assert_error(post("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}), 400, "logit_bias")
     assert_error(post(chat, {"messages": hi, "model": "gpt-4"}), 404, "model", "model_not_found")
     assert_error(post(chat, {"messages": []}), 400, "messages")
