@@ -155,6 +155,11 @@ def check_flags(args: argparse.Namespace) -> None:
     batch = getattr(args, "max_batch", 1)
     if batch < 1:
         raise CadenzaError(f"--max-batch {batch} is not valid. Use a whole number of at least 1 (default 1).")
+    for flag in ("logprobs", "prompt_logprobs"):
+        n = getattr(args, flag, None)
+        if n is not None and not 0 <= n <= 20:
+            name = "--" + flag.replace("_", "-")
+            raise CadenzaError(f"{name} {n} is not valid. Use a whole number from 0 to 20, or leave {name} out.")
     threads = getattr(args, "cpu_threads", None)
     if threads is not None and threads < 1:
         raise CadenzaError(
@@ -221,6 +226,8 @@ def sampling(args: argparse.Namespace, llm, **extra):
     plain defaults, to refuse bad values before the weights load)."""
     from cadenza.sampling import SamplingParams
 
+    if llm is None:
+        check_flags(args)  # the flags' own names in the message, before SamplingParams names its parameters
     given = {
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty,

@@ -24,6 +24,8 @@ def cli(*args):
         (["chat", "--max-context", "1"], ["--max-context 1", ">= 2"]),
         (["run", "-p", "hi", "--max-batch", "0"], ["--max-batch 0"]),
         (["run", "-p", "hi", "--cpu-threads", "0"], ["--cpu-threads 0"]),
+        (["run", "-p", "hi", "--logprobs", "21"], ["--logprobs 21", "0 to 20"]),
+        (["run", "-p", "hi", "--prompt-logprobs", "-3"], ["--prompt-logprobs -3", "0 to 20"]),
         (["info", "-m", "nowhere", "--experts", "int4", "--expert-group", "48"], ["--expert-group 48", "32, 64, 128"]),
         (["bench", "--experts", "int4", "--expert-group", "7"], ["--expert-group 7", "--experts int4"]),
     ],
@@ -35,5 +37,5 @@ def test_flag_errors_name_the_flag(args, words):
     assert r.stderr.startswith("cadenza: error: --"), r.stderr
     for w in words:
         assert w in r.stderr, r.stderr
-    for python_spelling in ("expert_group=", "max_context=", "max_batch=", "cpu_threads=", "experts='"):
+    for python_spelling in ("expert_group=", "max_context=", "max_batch=", "cpu_threads=", "experts='", "logprobs="):
         assert python_spelling not in r.stderr, r.stderr
