@@ -13,7 +13,7 @@ import sys
 from cadenza.errors import CadenzaError
 from cadenza.log import to_terminal
 
-COMMANDS = ("run", "chat", "info", "pull", "profile", "serve", "bench")  # cadenza.cli.<name>, in the help's order
+COMMANDS = ("run", "chat", "batch", "info", "pull", "profile", "serve", "bench")  # cadenza.cli.<name>, help order
 
 
 def build_parser() -> argparse.ArgumentParser:
