@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cadenza.cli.flags import add_command, add_engine_args, add_sampling_args, advanced, load, sampling
+from cadenza.cli.flags import add_command, add_engine_args, add_sampling_args, advanced, check_flags, load, sampling
 from cadenza.errors import CadenzaError
 
 DEFAULT_MAX_BATCH = 16
@@ -60,6 +60,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from cadenza import jobs
 
+    if args.max_batch < 1:  # first: the default --sort-window follows from it
+        raise CadenzaError(
+            f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1 (default {DEFAULT_MAX_BATCH})."
+        )
+    check_flags(args)
     if args.sort_window is None:
         args.sort_window = SORT_WINDOWS * args.max_batch
     if args.sort_window < 1:
