@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1:  # first: the default --sort-window follows from it
         raise CadenzaError(
-            f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1 (default {DEFAULT_MAX_BATCH})."
+            f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1 "
+            f"(default {DEFAULT_MAX_BATCH})."
         )
     check_flags(args)
     if args.sort_window is None:
