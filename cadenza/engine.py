@@ -10,10 +10,11 @@ reorders the cache rows as beams are kept or dropped (`beam_search`).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -330,6 +331,41 @@ class Engine:
             while len(batch):
                 batch.step()
         return gens
+
+    def run_many(
+        self, requests: Iterable[tuple[object, list[int], SamplingParams]], slots: int, sort_window: int = 0
+    ) -> Iterator[tuple[object, Generation]]:
+        """Throughput mode: (tag, prompt ids, params) requests, read lazily from `requests`, run in one Batch of
+        `slots` slots that is refilled as sequences finish -> (tag, Generation) as each one finishes (not in input
+        order). With `sort_window` > 1, requests are read that many at a time and each window is admitted shortest
+        prompt first: every prompt is prefilled alone, so sorting saves no prefill padding, but a decode step's
+        attention spans the longest row of the step, so rows of similar lengths waste less of it. Memory stays
+        bounded: at most `slots` running plus one window waiting. Beam-search requests run alone, when read."""
+        source = iter(requests)
+        window: deque[tuple[object, list[int], SamplingParams]] = deque()
+        batch = Batch(self, slots, self.max_context)
+        tags: dict[int, object] = {}
+        exhausted = False
+        while True:
+            while not exhausted and len(batch) < slots:
+                if not window:
+                    window.extend(itertools.islice(source, max(1, sort_window)))
+                    if not window:
+                        exhausted = True
+                        break
+                    if sort_window > 1:
+                        window = deque(sorted(window, key=lambda r: len(r[1])))
+                tag, ids, params = window.popleft()
+                if params.num_beams > 1:
+                    yield tag, self.beam_search(ids, params, Generation(list(ids)))
+                    continue
+                seq = batch.add(ids, params, Generation(list(ids)))
+                tags[id(seq)] = tag
+            if not len(batch):
+                return
+            for seq, step in batch.step():
+                if step.finish_reason is not None:
+                    yield tags.pop(id(seq)), seq.gen
 
     @torch.inference_mode()
     def beam_search(self, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None) -> Generation:

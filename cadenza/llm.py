@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 
 DEFAULT_MAX_CONTEXT = 8192  # tokens, unless max_context says otherwise
+CPU_MAX_BATCH = 16  # sequences decoded together by a throughput job on the CPU, by default
+THROUGHPUT_WINDOW = 256  # prompts sorted by length together in generate(mode="throughput")
 PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds the activation workspace
 
 
@@ -390,11 +393,25 @@ class LLM:
         return not isinstance(prompts, str) and len(prompts) > 0 and not isinstance(prompts[0], int)
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        mode: str = "together",
     ) -> GenerationResult | list[GenerationResult]:
         """Generates for one prompt (a string or a list of token ids) -> one result, or for a list of prompts ->
         a list of results in the same order. A list runs together, one token per step for all of them
-        (`params` may then be one SamplingParams for all or one per prompt); greedy results equal each alone."""
+        (`params` may then be one SamplingParams for all or one per prompt); greedy results equal each alone.
+        mode="together" (default) starts every prompt of the list at once on the CPU (max_batch at a time on a
+        GPU); mode="throughput" runs the list as `generate_iter` does (max_batch, or 16 on the CPU, at a time,
+        shortest prompts of each window of 256 first) and returns the results in input order."""
+        if mode not in ("together", "throughput"):
+            raise CadenzaError(f'mode={mode!r} is not a generation mode. Use "together" (default) or "throughput".')
+        if mode == "throughput" and self._is_batch(prompts):
+            prompts = list(prompts)
+            out: list[GenerationResult | None] = [None] * len(prompts)
+            for i, result in self.generate_iter(prompts, params, sort_window=THROUGHPUT_WINDOW):
+                out[i] = result
+            return out
         if not self._is_batch(prompts):
             if not isinstance(params, SamplingParams | None):
                 raise CadenzaError("One prompt takes one SamplingParams; pass a list of prompts for a list of params.")
@@ -423,6 +440,59 @@ class LLM:
             )
         gens = self.engine.generate_many(requests)
         return [GenerationResult.of(p, g, self._texts()) for p, g in zip(prompts, gens, strict=True)]
+
+    def generate_iter(
+        self,
+        prompts: Iterable[Prompt],
+        params: SamplingParams | Iterable[SamplingParams] | None = None,
+        max_batch: int | None = None,
+        sort_window: int = 0,
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        """Throughput mode for many prompts (an offline job): yields (index, result) as each prompt finishes, which
+        is not input order; index is the prompt's position in `prompts`. `params` is one SamplingParams for all or
+        an iterable with one per prompt.
+
+        Prompts (and their params) are read lazily, as slots free up, and each result is handed over as soon as it
+        is done, so a job of any length (a generator reading a file) runs in bounded memory. `max_batch` sequences
+        decode together (default: this LLM's max_batch on a GPU, 16 on the CPU), refilled as they finish
+        (continuous batching). `sort_window` > 1 reads that many prompts at a time and starts each window's
+        shortest first (decode steps then span rows of similar lengths); results of a window may then finish
+        further out of order. Greedy results equal each prompt run alone.
+
+            for i, result in llm.generate_iter(prompts, SamplingParams(temperature=0, max_tokens=64)):
+                print(i, result.text)
+        """
+        if max_batch is None:
+            max_batch = self.max_batch if self.device.type == "cuda" else CPU_MAX_BATCH
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
+        if params is None or isinstance(params, SamplingParams):
+            each = itertools.repeat(params or SamplingParams())
+        else:
+            each = iter(params)
+        given: dict[int, Prompt] = {}  # prompts in flight, for their results
+        cut = 0
+
+        def requests():
+            nonlocal cut
+            for i, prompt in enumerate(prompts):
+                sp = next(each, None)
+                if not isinstance(sp, SamplingParams):
+                    raise CadenzaError(
+                        f"Prompt {i} has no SamplingParams (got {type(sp).__name__}). Pass one SamplingParams for all "
+                        "prompts, or one per prompt."
+                    )
+                ids = self._prompt_ids(prompt)
+                notice = self._room_notice(len(ids), sp)
+                if notice is not None:
+                    cut += 1
+                    if cut == 1:  # once: a job of thousands would repeat it thousands of times
+                        log.warning(f"prompt {i}: {notice} (later prompts cut by the context are not reported)")
+                given[i] = prompt
+                yield i, ids, sp
+
+        for i, gen in self.engine.run_many(requests(), max_batch, sort_window):
+            yield i, GenerationResult.of(given.pop(i), gen, self._texts())
 
     def _texts(self) -> TokenText | None:
         """Token texts for log-probs (made once; None for a model without a tokenizer)."""

@@ -13,16 +13,8 @@ import sys
 from cadenza.errors import CadenzaError
 from cadenza.log import to_terminal
 
-COMMANDS = (
-    "run",
-    "chat",
-    "info",
-    "pull",
-    "profile",
-    "perplexity",
-    "serve",
-    "bench",
-)  # cadenza.cli.<name>, in the help's order
+# cadenza.cli.<name>, in the help's order
+COMMANDS = ("run", "chat", "batch", "info", "pull", "profile", "perplexity", "serve", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,101 @@
+"""`cadenza batch`: an offline job, a JSONL file of prompts in, a JSONL file of results out (cadenza.jobs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cadenza.cli.flags import add_command, add_engine_args, add_sampling_args, advanced, check_flags, load, sampling
+from cadenza.errors import CadenzaError
+
+DEFAULT_MAX_BATCH = 16
+# --sort-window's default, in --max-batch's: results wait for the earlier ones of their window before they are
+# written, so a larger window loses more finished work to an interruption (and sorting only saves decode attention)
+SORT_WINDOWS = 4
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = add_command(
+        subparsers,
+        "batch",
+        help="run a JSONL file of prompts as one job, results to a JSONL file (resumable)",
+        description='Runs every request of a JSONL file (one per line: {"prompt": TEXT}, {"messages": [...]} '
+        'through the chat template, or {"prompt_token_ids": [...]}; optional "id", "metadata" and per-line '
+        "max_tokens, temperature, top_p, seed, stop) with continuous batching, for the most tokens per second over "
+        "the whole job. Results go to --out as JSON lines in input order, as soon as they are done; running the "
+        "same command again after an interruption runs only the prompts that --out lacks.",
+        examples=[
+            '# prompts.jsonl: {"id": "q1", "prompt": "The capital of France is", "max_tokens": 8}',
+            "cadenza batch -m Qwen/Qwen3-30B-A3B --prompts prompts.jsonl --out results.jsonl --temperature 0",
+            "# 32 sequences at a time, statistics as JSON on stdout at the end",
+            "cadenza batch -m DIR --prompts prompts.jsonl --out results.jsonl --max-batch 32 --json",
+        ],
+    )
+    add_engine_args(p)
+    for action in p._actions:
+        if action.dest == "max_batch":
+            action.default = DEFAULT_MAX_BATCH
+            action.help = (
+                f"sequences decoded together, refilled as they finish (default {DEFAULT_MAX_BATCH}); on a GPU their "
+                "KV cache is reserved out of the budget: lower it (or --max-context) if experts must fit"
+            )
+    p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="the requests, one JSON object per line")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the results, one JSON line per request")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace --out if it exists (default: keep its results and run only the remaining prompts)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the job's statistics as one JSON object on stdout")
+    add_sampling_args(p, 256)
+    advanced(p).add_argument(
+        "--sort-window", type=int, default=None, metavar="N",
+        help=f"start each N prompts shortest first (default {SORT_WINDOWS} x --max-batch; 1: input order): decode "
+        "steps then span rows of similar lengths",
+    )  # fmt: skip
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from cadenza import jobs
+
+    if args.max_batch < 1:  # first: the default --sort-window follows from it
+        raise CadenzaError(
+            f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1 "
+            f"(default {DEFAULT_MAX_BATCH})."
+        )
+    check_flags(args)
+    if args.sort_window is None:
+        args.sort_window = SORT_WINDOWS * args.max_batch
+    if args.sort_window < 1:
+        raise CadenzaError(f"--sort-window {args.sort_window} is not valid. Use a whole number of at least 1.")
+    sampling(args, None)  # bad flags refused before anything is read
+    requests = jobs.read_requests(args.prompts)
+    skip = jobs.resume_point(args.out, requests, args.overwrite)
+    stats = jobs.JobStats(total=len(requests), skipped=skip)
+    if skip < len(requests):
+        llm = load(args)
+        base = sampling(args, llm)
+        jobs.check_prompts(llm, args.prompts, requests[skip:])
+        if skip:
+            rest = len(requests) - skip
+            print(f"cadenza: {args.out} holds {skip} of the {len(requests)} results; running the other {rest}",
+                  file=sys.stderr)  # fmt: skip
+        progress = jobs.JobProgress(len(requests), skip)
+        try:
+            jobs.run_job(llm, requests, args.out, base, skip, args.max_batch, args.sort_window, stats, progress)
+        except KeyboardInterrupt:
+            progress.close()
+            done = skip + stats.written
+            print(
+                f"\ncadenza: interrupted: {done} of {len(requests)} results are in {args.out}; run the same command "
+                "again to run the rest",
+                file=sys.stderr,
+            )
+            return 130
+        progress.close()
+    print(f"cadenza: {stats.summary()}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"out": args.out, **stats.as_dict()}))
+    return 0
