@@ -15,7 +15,16 @@ from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
 from cadenza.generation import Step
-from cadenza.loader import build_meta, load_model, model_sizes, moe_layers, moe_routers, open_checkpoint, open_tokenizer
+from cadenza.loader import (
+    build_meta,
+    keep_dense_blocks,
+    load_model,
+    model_sizes,
+    moe_layers,
+    moe_routers,
+    open_checkpoint,
+    open_tokenizer,
+)
 from cadenza.moe.offload import calibration, planning
 from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
@@ -211,6 +220,7 @@ class LLM:
         # refused before any weight is read (the environment's CADENZA_* overrides too)
         options = OffloadOptions(offload_policy, prefetch, eviction, cpu_threads).with_env()
         meta = build_meta(self.checkpoint)
+        keep_dense_blocks(meta, self.checkpoint, self.device)  # a GGUF's attention weights, in their blocks on a GPU
         expert_format = expert_format.resolve(self.checkpoint, meta)
         config = self.config = meta.config
         context, self.context_source, self._context_fix = self._context(max_context)

@@ -68,6 +68,37 @@ def build_meta(checkpoint: Checkpoint) -> nn.Module:
         return model_cls(config)
 
 
+def keep_dense_blocks(model: nn.Module, checkpoint: Checkpoint, device: torch.device, force: bool = False) -> int:
+    """On a GPU, a GGUF's quantized attention projections stay in their blocks: BlockLinear modules
+    (cadenza.kernels.gpu_linear) take the meta model's Linear ones, their tiles on `device`, ~0.6 bytes a weight
+    against bf16's 2, which leaves the GPU budget to routed experts. force: on any device (tests); the
+    CADENZA_DENSE_BLOCKS=0 environment turns it off. Returns how many layers keep their blocks."""
+    import os
+
+    if not hasattr(checkpoint, "dense_blocks") or os.environ.get("CADENZA_DENSE_BLOCKS") == "0":
+        return 0
+    if device.type != "cuda" and not force:
+        return 0
+    from cadenza.kernels.gpu_linear import BlockLinear
+
+    kept = 0
+    weights = [n for n, _ in model.named_parameters() if n.endswith(".weight")]
+    for name, qtype in checkpoint.dense_blocks(weights).items():
+        parent_name, _, attr = name.removesuffix(".weight").rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        shape = (linear.out_features, linear.in_features) if isinstance(linear, nn.Linear) else None
+        if shape is None or tuple(checkpoint.tensors[name].shape) != shape:
+            continue  # check_tensors names the mismatch
+        layer = BlockLinear.from_gguf(qtype, checkpoint.block_rows(name), *shape)
+        layer.tiles = layer.tiles.to(device)
+        if linear.bias is not None:  # read with the other tensors
+            layer.bias = nn.Parameter(torch.empty(shape[0], device="meta"), requires_grad=False)
+        setattr(parent, attr, layer)
+        kept += 1
+    return kept
+
+
 def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor name -> shape for every parameter of the model (experts unstacked)."""
     out: dict[str, tuple[int, ...]] = {}
@@ -325,6 +356,8 @@ def model_sizes(
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and model.lm_head.weight is not model.model.embed_tokens.weight:
         total -= model.lm_head.weight.numel()  # still separate on the meta model; tied at load
+    # weights kept in their blocks on the GPU (keep_dense_blocks): their tiles' bytes
+    block_bytes = sum(b.numel() for n, b in model.named_buffers() if n.endswith(".tiles"))
     first = layers[0] if layers else None
     per_layer: tuple[int, ...] = ()
     if first is None:
@@ -336,7 +369,7 @@ def model_sizes(
     else:
         expert_bytes = first.expert_nbytes_as(experts, expert_group, dtype)
     return ModelSizes(
-        always_bytes=(total - expert_params) * elem,
+        always_bytes=(total - expert_params) * elem + block_bytes,
         kv_bytes_per_token=model.new_cache(1, dtype, torch.device("meta")).nbytes_per_token(),
         expert_bytes=expert_bytes,
         num_moe_layers=len(layers),

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 _SPLIT = re.compile(r"(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# the attention projections a GPU keeps in their blocks (dense_blocks)
+_ATTENTION_PROJECTION = re.compile(r"\.self_attn\.(q|k|v|o)_proj\.weight$")
 
 
 def import_gguf() -> types.ModuleType:
@@ -318,6 +320,30 @@ class GgufCheckpoint(TensorSizes):
                 return None
             out.append(gu if gu == dn else f"{gu}+{dn}")
         return out or None
+
+    # --- dense weights kept in their blocks (a GPU's attention projections: cadenza.kernels.gpu_linear) ---------
+
+    def dense_blocks(self, names) -> dict[str, str]:
+        """Of the HF weight names `names`, the attention projections a GPU can keep in their blocks, with their
+        GGUF types: a type gpu_linear keeps, stored as one matrix (not DeepSeek's split kv_b)."""
+        from cadenza.kernels.gpu_linear import KEPT
+
+        out = {}
+        for name in names:
+            info = self.tensors.get(name)
+            if info is None or info.expert is not None or info.v_b is not None or info.mxfp4 is not None:
+                continue
+            if _ATTENTION_PROJECTION.search(name) and info.dtype in KEPT and len(info.shape) == 2:
+                out[name] = info.dtype
+        return out
+
+    def block_rows(self, name: str) -> np.ndarray:
+        """A dense weight's blocks as stored, uint8 [rows, bytes a row], its rows in HF's order."""
+        info = self.tensors[name]
+        data = np.asarray(self._raw[info.source][0].data).reshape(info.shape[0], -1)
+        if info.rope_heads:
+            data = _unpermute_rope(torch.from_numpy(np.array(data)), info.rope_heads).numpy()
+        return data
 
     def packed_experts(self, prefix: str, layer, fmt: str | None = None) -> PackedExperts:
         """The experts of one layer (`layer`: its Experts module, `prefix`: its HF name + "."), from their blocks:

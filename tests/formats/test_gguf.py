@@ -273,3 +273,49 @@ def test_deepseek_split_kv_b(models, tmp_path, name, qtype):
     save_file(sd, ref / "model.safetensors")
     want = LLM(ref, device="cpu", dtype="float32").score(ids)
     torch.testing.assert_close(llm.score(ids), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2moe", "glm4moe"])  # rope-interleaved q/k; attention biases
+def test_attention_kept_in_blocks_scores_as_dequantized(models, tmp_path, name, monkeypatch):
+    """On a GPU, a GGUF's quantized attention projections stay in their blocks (loader.keep_dense_blocks, forced
+    here on the CPU, where BlockLinear multiplies the dequantized tiles): the same scores as the dequantized file,
+    and the always-on bytes the planner counts shrink by what the blocks save."""
+    from cadenza import loader
+    from cadenza.kernels.gpu_linear import BlockLinear
+
+    folder, _ = models[name]
+    file = write_gguf(folder, tmp_path / f"{name}-Q8_0.gguf", "Q8_0")
+    ids = prompt_ids(12)
+    plain = LLM(file, device="cpu", dtype="float32")
+    monkeypatch.setattr("cadenza.llm.keep_dense_blocks", lambda *a: loader.keep_dense_blocks(*a, force=True))
+    kept = LLM(file, device="cpu", dtype="float32")
+    layers = [m for m in kept.model.modules() if isinstance(m, BlockLinear)]
+    assert len(layers) == 4 * kept.config.num_hidden_layers and {m.fmt for m in layers} == {"q8_0"}
+    assert (kept.score(ids) - plain.score(ids)).abs().max().item() <= 1e-4
+    saved = sum(m.in_features * m.out_features * 4 - m.tiles.numel() for m in layers)  # fp32 weights -> tiles
+    assert plain.sizes.always_bytes - kept.sizes.always_bytes == saved
+    monkeypatch.setenv("CADENZA_DENSE_BLOCKS", "0")
+    off = LLM(file, device="cpu", dtype="float32")
+    assert not any(isinstance(m, BlockLinear) for m in off.model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_cuda_attention_in_blocks_equals_cpu(models, tmp_path, qtype):
+    """On a CUDA GPU the attention projections run from their blocks (Triton: decode rows and the dequantize route
+    of a prefill) with the experts offloaded, CUDA graphs on: the CPU run's scores and greedy tokens."""
+    from cadenza.kernels.gpu_linear import BlockLinear
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on the accelerator machine)")
+    folder, _ = models["mixtral"]
+    file = write_gguf(folder, tmp_path / f"mixtral-{qtype}.gguf", qtype)
+    ids = prompt_ids(12)
+    cpu = LLM(file, device="cpu", dtype="float32")
+    want = cpu.score(ids)
+    tokens = cpu.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
+    gpu = LLM(file, device="cuda", dtype="float32", gpu_memory="1GiB")
+    assert any(isinstance(m, BlockLinear) for m in gpu.model.modules())
+    assert (gpu.score(ids).cpu() - want).abs().max().item() <= 1e-3
+    out = gpu.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert out.token_ids == tokens

@@ -1,0 +1,119 @@
+"""Dense linear layers whose weight stays in a GGUF file's blocks (Q4_0, Q4_K, Q5_K, Q6_K, Q8_0) on the GPU, as tiles
+of the routed experts' layout (cadenza.kernels.layout): a Q4_K_M file's attention weights take ~0.6 bytes a weight
+there instead of bf16's 2, which leaves the GPU budget to routed experts. Own Triton launch because PyTorch has no
+product over these blocks; the dot products are the experts' (gpu_moe_triton._dot_tiles).
+
+A few tokens (decode) multiply the tiles directly, one program per token and block of tiles; more tokens
+dequantize the weight into a bf16 scratch (the experts' dequantize kernel) and use a matmul. The weights are the
+exact dequantized values of the file (the kernels compute code * scale - min in fp32), so a layer equals the
+dequantize-then-matmul reference up to summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cadenza.kernels import blocks
+from cadenza.kernels.gpu_moe import _FMT_CODES, _step_cols, available
+from cadenza.kernels.gpu_moe_triton import _INTERPRET, _dequant_kernel, _dot_tiles
+from cadenza.kernels.layout import PAD, ROWS, _header_bytes, _tile_bytes, _write_tiles, dequantize_tiles
+from cadenza.kernels.triton_compat import tl, triton
+
+# GGUF types kept as tiles for a dense weight (MXFP4 is an experts' type in the files cadenza reads)
+KEPT = {"Q4_0": "q4_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "Q8_0": "q8_0"}
+DECODE_MAX_TOKENS = 8  # up to this many rows of x, the tiles are multiplied directly
+
+
+@triton.jit
+def _linear_kernel(x, xstride, y, w, tbw, hbw, NG, N, K, Kp, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """y[token, o] = <row o of the tiles, x[token]> for the 4 BT rows of this program's tiles."""
+    tok = tl.program_id(0)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    tmask = t < (N + 3) // 4
+    acc = _dot_tiles(w, tbw, hbw, t, tmask, x + tok.to(tl.int64) * xstride, K, Kp, tl.cdiv(Kp, BK), NG, FMT, 0,
+                     BT, BK, False)  # fmt: skip
+    o = 4 * t[:, None] + tl.arange(0, 4)[None, :]
+    tl.store(y + tok.to(tl.int64) * N + o, acc, mask=o < N)
+
+
+class BlockLinear(nn.Module):
+    """y = x W^T (+ bias) with W [out_features, in_features] kept as `fmt` tiles (uint8 [ceil(out / 4), tile
+    bytes], a buffer: it moves with .to(device)). Built by `from_gguf`."""
+
+    def __init__(self, fmt: str, in_features: int, out_features: int, tiles: torch.Tensor, bias=None):
+        super().__init__()
+        self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
+        self.kp = -(-in_features // PAD) * PAD
+        self.group = blocks.BLOCK_FORMATS[fmt].group
+        want = (-(-out_features // ROWS), _tile_bytes(fmt, self.group, self.kp))
+        if tuple(tiles.shape) != want or tiles.dtype != torch.uint8:
+            raise ValueError(f"{fmt} tiles of a [{out_features}, {in_features}] weight are uint8 {want}, got "
+                             f"{tiles.dtype} {tuple(tiles.shape)}")  # fmt: skip
+        self.register_buffer("tiles", tiles.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_gguf(cls, gguf_type: str, raw, out_features: int, in_features: int, bias=None) -> BlockLinear:
+        """A weight's GGUF blocks (numpy uint8 [out_features, bytes a row]) -> the layer, on the CPU."""
+        fmt = KEPT[gguf_type]
+        rows, fields = blocks.from_gguf(gguf_type, raw, in_features)
+        rows, fields = blocks.pad_rows(rows, fields, -(-out_features // ROWS) * ROWS)
+        kp = -(-in_features // PAD) * PAD
+        group = blocks.BLOCK_FORMATS[fmt].group
+        tiles = torch.empty(rows.shape[0] // ROWS, _tile_bytes(fmt, group, kp), dtype=torch.uint8)
+        _write_tiles(tiles, rows, fields, fmt, group, kp)
+        return cls(fmt, in_features, out_features, tiles, bias)
+
+    @staticmethod
+    def nbytes_of(gguf_type: str, out_features: int, in_features: int) -> int:
+        """Bytes the layer's tiles take (for planning, from the shape alone)."""
+        fmt = KEPT[gguf_type]
+        kp = -(-in_features // PAD) * PAD
+        return -(-out_features // ROWS) * _tile_bytes(fmt, blocks.BLOCK_FORMATS[fmt].group, kp)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in] in fp32 (the reference; computed on each access)."""
+        w = dequantize_tiles(self.tiles, self.fmt, self.group, self.kp)
+        return w[: self.out_features, : self.in_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not available(x.device):
+            y = (x2.float() @ self.weight.to(x.device).T).to(x.dtype)
+        elif x2.shape[0] <= DECODE_MAX_TOKENS:
+            y = self._decode(x2).to(x.dtype)
+        else:
+            y = x2 @ self._dequantized(x.dtype).T
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        n, k, kp = self.out_features, self.in_features, self.kp
+        y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+        bk, bt = _step_cols(kp, 512), 4
+        hb, tb = _header_bytes(self.fmt, self.group, kp), self.tiles.shape[1]
+        grid = (x.shape[0], triton.cdiv(self.tiles.shape[0], bt))
+        _linear_kernel[grid](x, x.stride(0), y, self.tiles, tb // 4, hb // 4, kp // self.group, n, k, kp,
+                             FMT=_FMT_CODES[self.fmt], BT=bt, BK=bk)  # fmt: skip
+        return y
+
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype` on the tiles' device (the experts' dequantize kernel): a scratch the
+        size of one bf16 matrix, only while a prefill chunk runs through this layer."""
+        n, k, kp = self.out_features, self.in_features, self.kp
+        out = torch.empty(n, k, dtype=dtype, device=self.tiles.device)
+        bk = min(1024, _step_cols(kp, 1024))
+        grid = (triton.cdiv(self.tiles.shape[0], 4), triton.cdiv(kp, bk))
+        emu = _INTERPRET and dtype == torch.bfloat16  # the interpreter's bf16 stores truncate: rounded as a GPU does
+        _dequant_kernel[grid](self.tiles, self.tiles.shape[1], _header_bytes(self.fmt, self.group, kp),
+                              self.tiles.shape[0], kp, kp // self.group, out, out, out.stride(0), n, k, GU=False,
+                              FMT=_FMT_CODES[self.fmt], GROUP=self.group, EMU_RNE=emu, BT=4, BK=bk)  # fmt: skip
+        return out
