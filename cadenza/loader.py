@@ -69,7 +69,7 @@ def build_meta(checkpoint: Checkpoint) -> nn.Module:
 
 
 def keep_dense_blocks(model: nn.Module, checkpoint: Checkpoint, device: torch.device, force: bool = False) -> int:
-    """On a GPU, a GGUF's quantized attention projections stay in their blocks: BlockLinear modules
+    """On a GPU, a GGUF's quantized attention projections and LM head stay in their blocks: BlockLinear modules
     (cadenza.kernels.gpu_linear) take the meta model's Linear ones, their tiles on `device`, ~0.6 bytes a weight
     against bf16's 2, which leaves the GPU budget to routed experts. force: on any device (tests); the
     CADENZA_DENSE_BLOCKS=0 environment turns it off. Returns how many layers keep their blocks."""

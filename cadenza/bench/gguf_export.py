@@ -2,13 +2,16 @@
 model cadenza measures, with the routed experts in Q8_0 or Q4_0 (quantized from those weights), or Q4_K_M-like
 (`q4_k_m`: gate and up Q4_K, down Q6_K, as random blocks of the weights' scale: gguf_quants.random_kquant; K-quant
 quantization in Python is too slow for 45 B weights, and speed does not depend on the values). llama.cpp's own
-Q4_K_M gives only some layers' down projections Q6_K (its use_more_bits) and quantizes attention too; here every
-layer's are Q6_K, so the experts are a little larger than a real Q4_K_M file's.
+Q4_K_M gives only some layers' down projections Q6_K (its use_more_bits); here every layer's are Q6_K, so the
+experts are a little larger than a real Q4_K_M file's. Attention and the output matrix are quantized as Q4_K_M
+does (q, k, output of attention Q4_K; v and the LM head Q6_K; random blocks too), where their rows are whole
+super-blocks: both systems then hold what a real Q4_K_M file gives them.
 
-Tensor types (kept simple, and the same non-expert bytes cadenza keeps in bf16 on the GPU): routed experts in the
-requested block format; norms and routers (`ffn_gate_inp`) in F32, as llama.cpp's converter writes them; every other
-matrix (embedding, attention, output) in F16. llama-quantize's own Q4_0 mix would also quantize the embedding,
-attention and output; we keep them in 16 bits so both systems carry the same non-expert weights.
+Tensor types (int8 / int4 files: kept simple, the same non-expert bytes cadenza keeps in bf16 on the GPU): routed
+experts in the requested block format; norms and routers (`ffn_gate_inp`) in F32, as llama.cpp's converter writes
+them; every other matrix (embedding, attention, output) in F16 (q4_k_m: see above). llama-quantize's own Q4_0 mix
+would also quantize the embedding, attention and output; we keep them in 16 bits so both systems carry the same
+non-expert weights.
 
 Families (llama.cpp architecture names and tensor names from its src/llama-arch.cpp, models/llama.cpp and
 models/qwen3moe.cpp):
@@ -157,6 +160,9 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
     def one(gguf_name: str, src: str, qt: str, layer: int, rope_heads: int = 0) -> None:
         out.append(GgufTensor(gguf_name, shape(src), qt, (src,), layer, rope_heads))
 
+    def dense(src: str, k_type: str) -> str:  # a Q4_K_M file's type for a dense matrix, where it has whole blocks
+        return k_type if qtype == "Q4_K_M" and shape(src)[-1] % 256 == 0 else "F16"
+
     def some(gguf_name: str, src: str, qt: str, layer: int) -> None:  # a tensor the family may not have
         if src in ckpt.tensors:
             one(gguf_name, src, qt, layer)
@@ -165,10 +171,13 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
         one(blk + "attn_norm.weight", hf + "input_layernorm.weight", "F32", i)
         for x in ("q", "k", "v"):
-            one(f"{blk}attn_{x}.weight", f"{hf}self_attn.{x}_proj.weight", "F16", i,
+            src = f"{hf}self_attn.{x}_proj.weight"
+            one(f"{blk}attn_{x}.weight", src, dense(src, "Q6_K" if x == "v" else "Q4_K"), i,
                 {"q": heads, "k": kv_heads}.get(x, 0) if mixtral else 0)  # fmt: skip
             some(f"{blk}attn_{x}.bias", f"{hf}self_attn.{x}_proj.bias", "F32", i)
-        one(blk + "attn_output.weight", hf + "self_attn.o_proj.weight", "F16", i)
+        one(
+            blk + "attn_output.weight", hf + "self_attn.o_proj.weight", dense(hf + "self_attn.o_proj.weight", "Q4_K"), i
+        )
         some(blk + "attn_output.bias", hf + "self_attn.o_proj.bias", "F32", i)
         some(blk + "attn_sinks.weight", hf + "self_attn.sinks", "F32", i)
         some(blk + "attn_q_norm.weight", hf + "self_attn.q_norm.weight", "F32", i)
@@ -206,7 +215,9 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
             some(f"{blk}ffn_{kind}_shexp.weight", f"{moe}shared_experts.{proj}.weight", "F16", i)
     out.append(GgufTensor("output_norm.weight", shape("model.norm.weight"), "F32", ("model.norm.weight",)))
     if "lm_head.weight" in ckpt.tensors:  # tied models have none: llama.cpp then reuses token_embd
-        out.append(GgufTensor("output.weight", shape("lm_head.weight"), "F16", ("lm_head.weight",)))
+        out.append(
+            GgufTensor("output.weight", shape("lm_head.weight"), dense("lm_head.weight", "Q6_K"), ("lm_head.weight",))
+        )
     return GgufPlan(ckpt.name, _ARCH[family], qtype, dict(c), tuple(out))
 
 

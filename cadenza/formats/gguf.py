@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 _SPLIT = re.compile(r"(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# the attention projections a GPU keeps in their blocks (dense_blocks)
-_ATTENTION_PROJECTION = re.compile(r"\.self_attn\.(q|k|v|o)_proj\.weight$")
+# the dense weights a GPU keeps in their blocks (dense_blocks): attention projections and an untied LM head
+_ATTENTION_PROJECTION = re.compile(r"(\.self_attn\.(q|k|v|o)_proj|^lm_head)\.weight$")
 
 
 def import_gguf() -> types.ModuleType:
@@ -324,8 +324,8 @@ class GgufCheckpoint(TensorSizes):
     # --- dense weights kept in their blocks (a GPU's attention projections: cadenza.kernels.gpu_linear) ---------
 
     def dense_blocks(self, names) -> dict[str, str]:
-        """Of the HF weight names `names`, the attention projections a GPU can keep in their blocks, with their
-        GGUF types: a type gpu_linear keeps, stored as one matrix (not DeepSeek's split kv_b)."""
+        """Of the HF weight names `names`, the attention projections and LM head a GPU can keep in their blocks,
+        with their GGUF types: a type gpu_linear keeps, stored as one matrix (not DeepSeek's split kv_b)."""
         from cadenza.kernels.gpu_linear import KEPT
 
         out = {}

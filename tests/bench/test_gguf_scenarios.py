@@ -64,7 +64,10 @@ def test_q4_k_m_gguf_reads_back_and_cadenza_generates(tmp_path, model, arch):
             w = gguf.quants.dequantize(t.data, t.tensor_type)
             assert w.shape == (n_experts, shape[1], shape[0]) and np.isfinite(w).all()
             assert abs(w.std() * shape[0] ** 0.5 - 1) < 0.1, t.name  # N(0, 1/fan_in), as the synthetic weights
-    assert tensors["blk.0.attn_q.weight"].tensor_type == types.F16
+    # attention and the LM head as Q4_K_M quantizes them (where rows are whole super-blocks), the embedding F16
+    qkvo = [tensors[f"blk.0.attn_{x}.weight"].tensor_type for x in ("q", "k", "v", "output")]
+    assert qkvo == ([types.Q4_K, types.Q4_K, types.Q6_K, types.Q4_K] if h % 256 == 0 else [types.F16] * 4)
+    assert tensors["token_embd.weight"].tensor_type == types.F16
     assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == types.F32
     # the estimate for llama.cpp's --n-cpu-moe counts the K-quant bytes: 144 / 210 bytes per 256 weights
     per_layer = n_experts * h * n_ff // 256 * (2 * 144 + 210)
