@@ -50,6 +50,7 @@ class Request:
         self.stops = StopStrings(params.stop) if params.stop and self.detok is not None else None
         self.slot: int | None = None
         self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.prefilled = 0  # prompt tokens in the cache (Batch._prefill)
         self.finished = False
         self.cancelled = False
         self.t_start = self.t_first = 0.0
@@ -106,15 +107,25 @@ class Request:
 class Batch:
     """Sequences decoding together in the slots of one cache. `add` queues a sequence (from any thread); each
     `step()` admits queued sequences into free slots (prefilling each alone) and then advances every running
-    sequence by one token in one forward pass. Cancelled sequences leave at the next step."""
+    sequence by one token in one forward pass. Cancelled sequences leave at the next step.
 
-    def __init__(self, engine: Engine, slots: int, length: int | None = None):
+    prefill_per_step: at most this many prompt tokens are prefilled in one step (None: every admitted prompt
+    whole), the rest of a long prompt in the following steps, between the running sequences' decode steps: a long
+    prompt then delays the others' next token by one such chunk, not by its whole prefill (the server's
+    interleaved prefill). A prompt whose log-probs are asked for is prefilled whole."""
+
+    def __init__(self, engine: Engine, slots: int, length: int | None = None, prefill_per_step: int | None = None):
+        if prefill_per_step is not None and prefill_per_step < 1:
+            raise ValueError(f"prefill_per_step must be at least 1, got {prefill_per_step}")
         self.engine = engine
         self.cache = engine.cache_for(slots, length or engine.max_context)
         self.free = list(range(self.cache.batch))
         self.waiting: deque[Request] = deque()
+        self.prefilling: deque[Request] = deque()  # admitted (a slot each), their prompts partly prefilled
         self.running: list[Request] = []
         self.lock = threading.Lock()
+        self.prefill_per_step = prefill_per_step
+        self.max_prefill_step = 0  # the most prompt tokens one step has prefilled (the bound of a stall)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None) -> Request:
         seq = Request(self.engine, prompt_ids, params, gen)
@@ -134,7 +145,7 @@ class Batch:
         seq.finish("abort", self.engine)
 
     def __len__(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.prefilling) + len(self.running)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, Step]]:
@@ -150,7 +161,28 @@ class Batch:
             if seq.cancelled:
                 seq.finish("abort", engine)
                 continue
-            out.append((seq, self._admit(seq)))
+            self._start(seq)
+        budget = self.prefill_per_step if self.prefill_per_step is not None else float("inf")
+        done = 0
+        while self.prefilling and done < budget:
+            seq = self.prefilling[0]
+            if seq.cancelled:
+                self.prefilling.popleft()
+                seq.finish("abort", engine)
+                self.free.append(seq.slot)
+                continue
+            whole = seq.params.prompt_logprobs is not None or self.prefill_per_step is None
+            n = (
+                len(seq.prompt_ids) - seq.prefilled
+                if whole
+                else min(budget - done, len(seq.prompt_ids) - seq.prefilled)
+            )
+            step = self._prefill(seq, int(n))
+            done += n
+            if step is not None:
+                self.prefilling.popleft()
+                out.append((seq, step))
+        self.max_prefill_step = max(self.max_prefill_step, int(done))
         if decoding:
             logits = engine.decode([s.next_token for s in decoding], self.cache, [s.slot for s in decoding])
             for i, seq in enumerate(decoding):
@@ -160,15 +192,27 @@ class Batch:
                     self._leave(seq, None)
         return out
 
-    def _admit(self, seq: Request) -> Step:
-        engine = self.engine
+    def _start(self, seq: Request) -> None:
+        """Gives a queued sequence a slot; its prompt is prefilled by this and later steps (`_prefill`)."""
         seq.slot = self.free.pop(0)
         self.cache.reset([seq.slot])
-        counters = engine.orchestra.counters if engine.orchestra is not None else None
+        counters = self.engine.orchestra.counters if self.engine.orchestra is not None else None
         seq.at_start = counters.snapshot() if counters else None
         seq.t_start = time.perf_counter()
+        seq.prefilled = 0
+        self.prefilling.append(seq)
+
+    def _prefill(self, seq: Request, n: int) -> Step | None:
+        """Prefills the next n prompt tokens of `seq`; at the prompt's end samples its first token -> its Step
+        (None while prompt tokens remain)."""
+        engine = self.engine
         top = seq.params.prompt_logprobs  # None: only the last position's logits are needed
-        logits = engine.forward(seq.prompt_ids, self.cache, last_only=top is None, rows=[seq.slot])
+        part = seq.prompt_ids[seq.prefilled : seq.prefilled + n]
+        logits = engine.forward(part, self.cache, last_only=top is None, rows=[seq.slot])
+        seq.prefilled += n
+        if seq.prefilled < len(seq.prompt_ids):
+            return None
+        counters = engine.orchestra.counters if engine.orchestra is not None else None
         scores = None if top is None else prompt_scores(logits, seq.prompt_ids, top)
         seq.gen.prompt_logprobs = scores
         choice = seq.sampler.sample(logits[-1]) if seq.budget > 0 else None

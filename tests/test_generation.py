@@ -129,6 +129,33 @@ def test_batched_with_fewer_slots_than_prompts(mixtral):
     assert [g.token_ids for g in gens] == alone
 
 
+def test_interleaved_prefill_keeps_other_streams_going(mixtral):
+    """A long prompt admitted while another sequence decodes is prefilled 4 tokens a step (Batch's
+    prefill_per_step, the server's --prefill-chunk): the running sequence gets a token at every step meanwhile, no
+    step prefills more than 4 prompt tokens, and both results equal each run alone."""
+    from cadenza.engine import Batch
+
+    _, _, llm = mixtral
+    short, long_ = prompt_ids(3, seed=40), prompt_ids(30, seed=41)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [llm.generate(p, params).token_ids for p in (short, long_)]
+    batch = Batch(llm.engine, 2, prefill_per_step=4)
+    first = batch.add(short, params)
+    batch.step()  # the short prompt: prefilled (3 tokens) and its first token
+    second = batch.add(long_, params)
+    steps_until_first = 0
+    while not second.gen.token_ids:
+        out = batch.step()
+        steps_until_first += 1
+        assert any(seq is first for seq, _ in out)  # the running stream never waits a whole prefill
+    assert steps_until_first == 30 // 4 + 1 and batch.max_prefill_step == 4
+    while len(batch):
+        batch.step()
+    assert [first.gen.token_ids, second.gen.token_ids] == alone
+    with pytest.raises(ValueError, match="prefill_per_step"):
+        Batch(llm.engine, 1, prefill_per_step=0)
+
+
 def test_seeded_sampling_is_the_same_batched_or_alone(mixtral):
     _, _, llm = mixtral
     prompts = [prompt_ids(5, seed=30), prompt_ids(9, seed=31)]

@@ -35,6 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="sequences that may wait for a slot; beyond, requests get 429 (default 64)",
     )  # fmt: skip
     p.add_argument(
+        "--prefill-chunk", type=int, default=512, metavar="TOKENS",
+        help="prompt tokens prefilled per step between the running sequences' tokens: a long prompt delays other "
+        "streams by one chunk at a time, not its whole prefill (default 512; 0: each prompt whole)",
+    )  # fmt: skip
+    p.add_argument(
         "--served-model-name", default=None,
         help="the model's name in the API (default: the Hugging Face id, else the checkpoint folder's name)",
     )  # fmt: skip
@@ -78,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if args.max_queue < 1:
         raise CadenzaError(f"--max-queue {args.max_queue} is not valid. Use a whole number of at least 1.")
+    if args.prefill_chunk < 0:
+        raise CadenzaError(
+            f"--prefill-chunk {args.prefill_chunk} is not valid. Use a number of prompt tokens (default 512), or 0 "
+            "to prefill each prompt whole."
+        )
     api_key = args.api_key if args.api_key is not None else os.environ.get("CADENZA_API_KEY") or None
     from cadenza.moe.placement import parse_size
     from cadenza.server.serve import bind, serve
@@ -97,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         adapt = None if args.no_adaptive_placement else parse_size(args.adapt_bytes)
         return serve(
             llm, sock, name, api_key, args.max_queue, args.log_level, adapt, max_request_bytes, origins,
-            args.log_format,
+            args.log_format, args.prefill_chunk or None,
         )  # fmt: skip
     finally:
         sock.close()

@@ -42,10 +42,14 @@ def _escape(value: str) -> str:
 class Metrics:
     """Everything GET /metrics reports; `render()` is the response body."""
 
-    def __init__(self, model_name: str, max_batch: int, max_queue: int, fingerprint: str, version: str):
+    def __init__(
+        self, model_name: str, max_batch: int, max_queue: int, fingerprint: str, version: str, prefill_chunk=None
+    ):
         self.lock = threading.Lock()
         self.info = {"model": model_name, "version": version, "system_fingerprint": fingerprint}
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk = prefill_chunk  # --prefill-chunk (None: whole prompts)
+        self.max_prefill_step = 0  # the most prompt tokens one step prefilled: what a stream waited for at most
         self.requests: dict[tuple[str, int], int] = defaultdict(int)  # (endpoint, status) -> count
         self.finished: dict[str, int] = defaultdict(int)  # sequences by finish reason (stop, length, abort, error)
         self.prompt_tokens = 0
@@ -129,6 +133,18 @@ class Metrics:
                 "gauge",
                 "Cache slots: sequences decoded together at most (--max-batch).",
                 self.max_batch,
+            )
+            one(
+                "cadenza_prefill_chunk_tokens",
+                "gauge",
+                "Prompt tokens prefilled per step between decode steps (--prefill-chunk; 0: whole prompts).",
+                self.prefill_chunk or 0,
+            )
+            one(
+                "cadenza_max_prefill_step_tokens",
+                "gauge",
+                "The most prompt tokens one step prefilled so far: the longest a running stream waited on a prompt.",
+                self.max_prefill_step,
             )
             one(
                 "cadenza_max_queue",

@@ -159,6 +159,7 @@ def serve(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     allowed_origins: list[str] | None = None,
     log_format: str = "text",
+    prefill_chunk: int | None = None,
 ) -> int:
     from cadenza import __version__
 
@@ -167,8 +168,8 @@ def serve(
     if warning is not None:
         log.warning(warning)
     fp = fingerprint(llm, __version__)
-    metrics = Metrics(model_name, llm.max_batch, max_queue, fp, __version__)
-    worker = EngineWorker(llm, max_queue, metrics, adapt_bytes)
+    metrics = Metrics(model_name, llm.max_batch, max_queue, fp, __version__, prefill_chunk)
+    worker = EngineWorker(llm, max_queue, metrics, adapt_bytes, prefill_chunk)
     worker.start()
     ctx = Context(llm, model_name, max_queue)
     app = create_app(llm, worker, metrics, ctx, fp, api_key, max_request_bytes, allowed_origins)

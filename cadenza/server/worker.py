@@ -75,8 +75,12 @@ class Submission:
 class EngineWorker:
     ADAPT_EVERY_STEPS = 512  # under steady load there is no idle moment: adapt between steps this often
 
-    def __init__(self, llm, max_queue: int, metrics: Metrics, adapt_bytes: int | None = None):
+    def __init__(
+        self, llm, max_queue: int, metrics: Metrics, adapt_bytes: int | None = None, prefill_chunk: int | None = None
+    ):
         self.llm, self.max_queue, self.metrics = llm, max_queue, metrics
+        # prompt tokens prefilled per step, between the running sequences' tokens (None: a whole prompt at once)
+        self.prefill_chunk = prefill_chunk
         # adaptive placement: between steps, at most this many bytes of resident experts exchanged for ones live
         # traffic uses more (None: off; nothing to do without offloading)
         self.adapt_bytes = adapt_bytes if llm.orchestra is not None else None
@@ -177,11 +181,14 @@ class EngineWorker:
 
     # --- the engine thread -----------------------------------------------------------------------------------------
 
+    def _new_batch(self) -> Batch:
+        return Batch(self.llm.engine, slots=self.llm.max_batch, prefill_per_step=self.prefill_chunk)
+
     def _run(self) -> None:
         try:
             if self.llm.device.type == "cuda":  # a new thread starts on device 0
                 torch.cuda.set_device(self.llm.device)
-            self.batch = Batch(self.llm.engine, slots=self.llm.max_batch)
+            self.batch = self._new_batch()
         except BaseException as e:  # e.g. no GPU memory for the cache: reported by start()
             self.failed = e
             self.ready.set()
@@ -270,7 +277,7 @@ class EngineWorker:
                 job.deliver(Event(job.index, error=error))
                 self._end(job, "error")
             live.clear()
-            self.batch = Batch(self.llm.engine, slots=self.llm.max_batch)
+            self.batch = self._new_batch()
             return
         now, admitted = time.perf_counter(), []
         with metrics.lock:
@@ -309,6 +316,7 @@ class EngineWorker:
         fetching = orch is not None and orch.cache is not None
         with metrics.lock:
             metrics.running = len(self.batch.running)
+            metrics.max_prefill_step = self.batch.max_prefill_step
             if counters is not None:
                 metrics.expert_work = {
                     "gpu": counters.gpu, "cpu": counters.cpu, "fetched": counters.fetched, "split": counters.split

@@ -25,6 +25,7 @@ def cli(*args):
         (["run", "-p", "hi", "--max-batch", "0"], ["--max-batch 0"]),
         (["run", "-p", "hi", "--cpu-threads", "0"], ["--cpu-threads 0"]),
         (["run", "-p", "hi", "--logprobs", "21"], ["--logprobs 21", "0 to 20"]),
+        (["serve", "--prefill-chunk", "-1"], ["--prefill-chunk -1", "0"]),
         (["run", "-p", "hi", "--prompt-logprobs", "-3"], ["--prompt-logprobs -3", "0 to 20"]),
         (["info", "-m", "nowhere", "--experts", "int4", "--expert-group", "48"], ["--expert-group 48", "32, 64, 128"]),
         (["bench", "--experts", "int4", "--expert-group", "7"], ["--expert-group 7", "--experts int4"]),

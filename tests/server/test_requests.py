@@ -13,7 +13,7 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cadenza import LLM  # noqa: E402
+from cadenza import LLM, SamplingParams  # noqa: E402
 from cadenza.sampling import MAX_TOP_LOGPROBS  # noqa: E402
 from cadenza.server.app import create_app  # noqa: E402
 from cadenza.server.metrics import Metrics  # noqa: E402
@@ -140,3 +140,25 @@ def test_body_that_is_not_a_json_object(client):
     typed = {"Content-Type": "application/json"}
     assert "not valid JSON" in error(client.post(COMPLETIONS, content=b"{nope", headers=typed))["message"]
     assert "JSON object; got list" in error(client.post(COMPLETIONS, json=[1]))["message"]
+
+
+def test_prefill_chunk_bounds_each_steps_prompt_tokens(mixtral_dir):
+    """--prefill-chunk 4: prompts are prefilled 4 tokens a step between decode steps; /metrics says so, answers
+    are those of the whole-prefill server."""
+    llm = LLM(mixtral_dir[0], device="cpu", dtype="float32", cpu_threads=1, max_batch=2)
+    metrics = Metrics("m", llm.max_batch, 4, "fp", "v", prefill_chunk=4)
+    worker = EngineWorker(llm, max_queue=4, metrics=metrics, prefill_chunk=4)
+    worker.start()
+    app = create_app(llm, worker, metrics, Context(llm, "m", 4), "fp", api_key=None)
+    body = {"prompt": list(range(5, 35)), "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    want = llm.generate(list(range(5, 35)), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)).text
+    try:
+        with TestClient(app) as c:
+            r = c.post(COMPLETIONS, json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want
+            text = c.get("/metrics").text
+    finally:
+        worker.shutdown()
+        worker.join(5)
+    assert "cadenza_prefill_chunk_tokens 4" in text and "cadenza_max_prefill_step_tokens 4" in text
