@@ -340,6 +340,7 @@ def model_sizes(
     experts: str = "bf16",
     expert_group: int | None = None,
     layer_formats: tuple[str, ...] = (),
+    dense_blocks: dict[str, str] | None = None,
 ) -> ModelSizes:
     """Byte sizes for the planner, from a (meta) model's shapes in the compute dtype, with routed experts stored
     as `experts` ("bf16": plain in `dtype`; "int8" / "int4": packed, scale group `expert_group`; "blocks": each
@@ -356,8 +357,16 @@ def model_sizes(
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and model.lm_head.weight is not model.model.embed_tokens.weight:
         total -= model.lm_head.weight.numel()  # still separate on the meta model; tied at load
-    # weights kept in their blocks on the GPU (keep_dense_blocks): their tiles' bytes
+    # weights kept in their blocks on the GPU: replaced already (keep_dense_blocks: their tiles), or to be
+    # (dense_blocks, weight name -> GGUF type: `cadenza info` plans a GPU run without reading them)
     block_bytes = sum(b.numel() for n, b in model.named_buffers() if n.endswith(".tiles"))
+    if dense_blocks:
+        from cadenza.kernels.gpu_linear import BlockLinear
+
+        for name, qtype in dense_blocks.items():
+            w = model.get_parameter(name)
+            total -= w.numel()
+            block_bytes += BlockLinear.nbytes_of(qtype, *w.shape)
     first = layers[0] if layers else None
     per_layer: tuple[int, ...] = ()
     if first is None:

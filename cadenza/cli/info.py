@@ -158,7 +158,9 @@ def offload_info(args: argparse.Namespace) -> dict:
     meta = build_meta(ckpt)
     dtype = resolve_dtype(args.dtype, ckpt)
     fmt = ExpertFormat.of(args.experts, args.expert_group).resolve(ckpt, meta)
-    sizes = model_sizes(meta, dtype, fmt.fmt, fmt.group, fmt.layer_formats)
+    # a GPU keeps a GGUF's quantized attention and LM head in their blocks (loader.keep_dense_blocks)
+    dense = ckpt.dense_blocks([n for n, _ in meta.named_parameters()]) if hasattr(ckpt, "dense_blocks") else None
+    sizes = model_sizes(meta, dtype, fmt.fmt, fmt.group, fmt.layer_formats, dense)
     if args.gpu_memory is not None:
         context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
         if args.max_context is not None and args.max_context > meta.config.context_length:

@@ -295,6 +295,12 @@ def test_attention_kept_in_blocks_scores_as_dequantized(models, tmp_path, name, 
     assert (kept.score(ids) - plain.score(ids)).abs().max().item() <= 1e-4
     saved = sum(m.in_features * m.out_features * 4 - m.tiles.numel() for m in layers)  # fp32 weights -> tiles
     assert plain.sizes.always_bytes - kept.sizes.always_bytes == saved
+    # `cadenza info` plans a GPU run from the shapes alone: the same sizes
+    from cadenza.loader import build_meta, model_sizes
+
+    meta = build_meta(kept.checkpoint)
+    dense = kept.checkpoint.dense_blocks([n for n, _ in meta.named_parameters()])
+    assert model_sizes(meta, torch.float32, dense_blocks=dense).always_bytes == kept.sizes.always_bytes
     monkeypatch.setenv("CADENZA_DENSE_BLOCKS", "0")
     off = LLM(file, device="cpu", dtype="float32")
     assert not any(isinstance(m, BlockLinear) for m in off.model.modules())
