@@ -357,27 +357,29 @@ class GgufCheckpoint(TensorSizes):
         from cadenza.kernels.layout import empty_packed, write_block_expert
         from cadenza.moe.cpu import physical_cores
 
-        out = empty_packed(fmt, None, layer.num_experts, layer.hidden_size, layer.intermediate_size)
+        num = layer.num_experts
+        out = empty_packed(fmt, None, num, layer.hidden_size, layer.intermediate_size)
         names = (layer.gate_name, layer.up_name, layer.down_name)
         cols = (layer.hidden_size, layer.hidden_size, layer.intermediate_size)
 
-        def convert(job: tuple[int, int]):  # numpy and torch release the GIL in their array work
-            e, m = job
-            info = self.tensors[f"{prefix}{e}.{names[m]}.weight"]
-            raw = np.asarray(self._raw[info.source][0].data[e])
-            return from_gguf(info.dtype, raw.reshape(raw.shape[0], -1), cols[m])
+        def convert(job: tuple[int, int, int]):  # numpy and torch release the GIL in their array work
+            e0, e1, m = job  # experts [e0, e1) of matrix m: one stacked tensor's rows, converted in one go
+            info = self.tensors[f"{prefix}{e0}.{names[m]}.weight"]
+            raw = np.asarray(self._raw[info.source][0].data[e0:e1])
+            return from_gguf(info.dtype, raw.reshape(-1, raw.shape[-1]), cols[m])
 
-        def one(e: int) -> None:
-            write_block_expert(out, e, *pool.map(convert, [(e, m) for m in range(3)]))
+        def run(span: tuple[int, int]) -> None:
+            e0, e1 = span
+            write_block_expert(out, e0, *pool.map(convert, [(e0, e1, m) for m in range(3)]))
 
-        # an expert's three matrices convert side by side, several experts at a time: every core has work even
-        # where a layer has fewer experts than the machine has cores (Mixtral's 8)
+        # a run of experts' three matrices convert side by side, several runs at a time; runs of ~16 MB, so Python
+        # pays per run, not per small expert (Qwen3's 128 of 3 MB), and every core has work even where a layer has
+        # fewer experts than the machine has cores (Mixtral's 8)
         threads = physical_cores()
-        with (
-            ThreadPoolExecutor(threads) as pool,
-            ThreadPoolExecutor(max(1, min(layer.num_experts, threads // 3))) as outer,
-        ):
-            list(outer.map(one, range(layer.num_experts)))
+        step = max(1, min(num // max(1, threads // 3), (16 << 20) // max(1, out.expert_bytes)))
+        spans = [(e, min(num, e + step)) for e in range(0, num, step)]
+        with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(max(1, min(len(spans), threads // 3))) as outer:
+            list(outer.map(run, spans))
         return out
 
     def _int8_from_q8_0(self, prefix: str, layer) -> PackedExperts:

@@ -205,12 +205,17 @@ def _padded_rows(fmt: str, codes: torch.Tensor, fields: list[torch.Tensor], kp: 
     return row_data(fmt, codes), fields
 
 
-def pad_rows(rows: torch.Tensor, fields: list[torch.Tensor], n: int):
-    """Row bytes and fields padded to n rows with zeros (weight 0)."""
-    r = rows.shape[0]
+def pad_rows(rows: torch.Tensor, fields: list[torch.Tensor], n: int, matrices: int = 1):
+    """Row bytes and fields of `matrices` matrices stacked along the rows, each padded to n rows with zeros
+    (weight 0)."""
+    r = rows.shape[0] // matrices
     if r == n:
         return rows, fields
-    pad = lambda t: torch.cat((t, torch.zeros(n - r, *t.shape[1:], dtype=t.dtype)))  # noqa: E731
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        t = t.view(matrices, r, *t.shape[1:])
+        return torch.cat((t, torch.zeros(matrices, n - r, *t.shape[2:], dtype=t.dtype)), dim=1).flatten(0, 1)
+
     return pad(rows), [pad(f) for f in fields]
 
 

@@ -473,16 +473,19 @@ def dequantize(packed: PackedExperts) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def write_block_expert(out: PackedExperts, e: int, gate, up, down) -> None:
     """Expert e of a block-format layer from its matrices' (row bytes, fields) (cadenza.kernels.blocks.from_gguf /
-    from_hf_mxfp4; columns already padded): gate, up of I rows, down of H rows; their bits moved into tiles."""
+    from_hf_mxfp4; columns already padded): gate, up of I rows, down of H rows; their bits moved into tiles.
+    Experts e, e + 1, ... when the matrices hold several experts' rows one after another (whole large copies:
+    a GGUF's 128 small experts a layer convert at memory speed, not at Python's per-call pace)."""
     (gf, _), (df, _) = matrix_formats(out.fmt, out.group)
     hp, ip = out.hidden_pad, out.inter_pad
-    g_rows, g_fields = blocks.pad_rows(*gate, ip)
-    u_rows, u_fields = blocks.pad_rows(*up, ip)
+    n = down[0].shape[0] // out.hidden
+    g_rows, g_fields = blocks.pad_rows(*gate, ip, n)
+    u_rows, u_fields = blocks.pad_rows(*up, ip, n)
 
     def pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # tile j: gate rows 2j, 2j + 1, up rows 2j, 2j + 1
-        return torch.stack((a.view(ip // 2, 2, -1), b.view(ip // 2, 2, -1)), dim=1).reshape(2 * ip, -1)
+        return torch.stack((a.view(n * ip // 2, 2, -1), b.view(n * ip // 2, 2, -1)), dim=1).reshape(2 * n * ip, -1)
 
     fields = [pairs(a, b) for a, b in zip(g_fields, u_fields, strict=True)]
-    _write_tiles(out.gate_up[e], pairs(g_rows, u_rows), fields, gf, 0, hp)
-    d_rows, d_fields = blocks.pad_rows(*down, hp)
-    _write_tiles(out.down[e], d_rows.contiguous(), d_fields, df, 0, ip)
+    _write_tiles(out.gate_up[e : e + n].flatten(0, 1), pairs(g_rows, u_rows), fields, gf, 0, hp)
+    d_rows, d_fields = blocks.pad_rows(*down, hp, n)
+    _write_tiles(out.down[e : e + n].flatten(0, 1), d_rows.contiguous(), d_fields, df, 0, ip)

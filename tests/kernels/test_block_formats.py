@@ -42,6 +42,23 @@ def test_tiles_read_back_as_gguf_dequantizes(gu_type, dn_type, h, i):
         assert torch.equal(gate[e], g) and torch.equal(up[e], u) and torch.equal(down[e], d)
 
 
+@pytest.mark.parametrize("types, h, i", [(("Q8_0", "Q8_0"), 160, 96), (("Q4_K", "Q6_K"), 256, 512)])
+def test_a_run_of_experts_writes_as_each_alone(types, h, i):
+    """write_block_expert on several experts' rows at once (the GGUF loader's runs) equals one expert at a time,
+    padded rows and columns included (160 x 96 pad to 256 x 128)."""
+    gu, dn = types
+    one, _ = _layer(gu, dn, h, i, experts=3, seed=11)
+    raws = [[random_blocks(t, r, c, 11 + 3 * e + m) for m, (t, r, c) in enumerate(((gu, i, h), (gu, i, h), (dn, h, i)))]
+            for e in range(3)]  # fmt: skip
+    run = layout.empty_packed(one.fmt, None, 3, h, i)
+    mats = [
+        blocks.from_gguf(t, np.concatenate([r[m] for r in raws]), c)
+        for m, (t, c) in enumerate(((gu, h), (gu, h), (dn, i)))
+    ]
+    layout.write_block_expert(run, 0, *mats)
+    assert torch.equal(run.gate_up, one.gate_up) and torch.equal(run.down, one.down)
+
+
 def test_padding_rows_and_columns_read_as_zero():
     # MXFP4 rows of 2880 columns (gpt-oss) pad to 2944; rows 90 pad to 128
     raw_g, raw_u = random_blocks("MXFP4", 90, 2880, 1), random_blocks("MXFP4", 90, 2880, 2)
