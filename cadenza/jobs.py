@@ -229,12 +229,9 @@ class JobProgress:
         self.start = self.last = time.perf_counter()
         self.bar = None
         if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
+            from cadenza.log import terminal_bar
 
-            self.bar = tqdm(
-                total=total, initial=done, desc="cadenza: batch", unit=" prompts", file=self.stream,
-                dynamic_ncols=True, smoothing=0.1,
-            )  # fmt: skip
+            self.bar = terminal_bar(self.stream, total, "cadenza: batch", " prompts", initial=done, smoothing=0.1)
 
     def update(self, tokens: int) -> None:
         """One more prompt done; `tokens` generated so far by this run."""

@@ -38,6 +38,22 @@ class TerminalHandler(logging.Handler):
             self.handleError(record)
 
 
+def terminal_bar(file, total: int, desc: str, unit: str, **kw):
+    """A tqdm bar on the terminal `file`. A terminal that reports no size (some pseudo-terminals) gets 100 x 24:
+    tqdm would hide the bar there."""
+    import os
+
+    from tqdm import tqdm
+
+    try:
+        size = os.get_terminal_size(file.fileno())
+    except (AttributeError, OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    sized = size.columns > 0 and size.lines > 0
+    return tqdm(total=total, desc=desc, unit=unit, file=file, dynamic_ncols=sized, ncols=None if sized else 100,
+                nrows=None if sized else 24, **kw)  # fmt: skip
+
+
 def _terminal_streams() -> tuple:
     return (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
 

@@ -191,32 +191,20 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 class Progress:
-    """tqdm on a terminal when it is installed, else cadenza's own progress line; nothing when stderr is piped."""
+    """Windows scored: a tqdm bar on a terminal (cadenza.moe.quantize.Progress); nothing when stderr is piped."""
 
     def __init__(self, label: str, total: int):
-        self.bar = self.line = None
-        if not sys.stderr.isatty():
-            return
-        try:
-            from tqdm import tqdm
+        from cadenza.moe.quantize import Progress as Bar
 
-            self.bar = tqdm(total=total, desc=label, unit="window", leave=False, file=sys.stderr)
-        except ImportError:
-            from cadenza.moe.quantize import Progress as Line
-
-            self.line = Line(label, total, stream=sys.stderr, unit="window", terminal_only=True)
+        self.bar = Bar(label, total, after_s=0.0, stream=sys.stderr, unit="window", terminal_only=True)
         self.done = 0
 
     def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.line is not None:
-            self.done += 1
-            self.line.update(self.done)
+        self.done += 1
+        self.bar.update(self.done)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        pass  # the bar ends with its last window
 
 
 def score_text(llm, ids: list[int], spans, label: str, writer: LogprobWriter | None = None, baseline=None):

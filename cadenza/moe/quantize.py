@@ -156,13 +156,12 @@ class Progress:
         if self.bar_file is None:
             return
         if self.bar is None:
-            from tqdm import tqdm
+            from cadenza.log import terminal_bar
 
             bytes_ = self.unit == "bytes"
-            self.bar = tqdm(
-                total=self.total, desc=f"cadenza: {self.label}", file=self.bar_file, leave=True,
-                unit="B" if bytes_ else f" {self.unit}s", unit_scale=bytes_, unit_divisor=1000,
-                mininterval=self.every_s, dynamic_ncols=True,
+            self.bar = terminal_bar(
+                self.bar_file, self.total, f"cadenza: {self.label}", "B" if bytes_ else f" {self.unit}s",
+                leave=True, unit_scale=bytes_, unit_divisor=1000, mininterval=self.every_s,
             )  # fmt: skip
             self.bar.start_t -= time.perf_counter() - self.start  # the work began before the bar showed
         if note:
