@@ -12,11 +12,11 @@ Every format computes a weight as  code_value * scale[g] - min[g]  per group g o
 | mxfp4  | e2m1 (nib)     | 32    | e u8 per 32                                   | 2^(e - 127), 0             | 0.531 |
 | q6_k   | q - 32 (6-bit) | 16    | d f16 per 256; sc i8 per 16                   | d sc, 0                    | 0.820 |
 | q8_0   | q (byte)       | 32    | d f16 per 32                                  | d, 0                       | 1.0625|
-| q5_k   | q 0..31 (ubyte)| 32    | d, dmin f16 per 256; sc, m u8 per 32          | d sc, dmin m               | 1.078 |
+| q5_k   | q 0..31 (5-bit)| 32    | d, dmin f16 per 256; sc, m u8 per 32          | d sc, dmin m               | 0.703 |
 
 (GGUF files: Q4_0 0.5625, Q4_K 0.5625, MXFP4 0.531, Q6_K 0.820, Q5_K 0.6875 bytes a weight.) "nib" codes sit in
 int4's word layout (per 128 columns, 16-bit word j holds column 32 n + j in nibble n), "byte" codes in int8's (one
-int8 per column), "ubyte" the same bytes read unsigned; code_value is the code itself, or for mxfp4 the e2m1 value
+int8 per column); code_value is the code itself, or for mxfp4 the e2m1 value
 of the nibble. "6-bit" codes (q6_k, q = 0..63, value q - 32) take 96 bytes per 128 columns of a row: the low 4
 bits in int4's word layout (64 bytes), then the high 2 bits (32 bytes: byte j holds those of columns j, 32 + j,
 64 + j, 96 + j in bits 2 n, 2 n + 1: exactly GGUF's qh bytes of that half super-block, so repacking moves them
@@ -25,12 +25,15 @@ bits, the high part's 2 at bits 4, 5), then looks q - 32 up in a 64-entry table 
 (2^23 + q) - (2^23 + 32) in fp32; nibble n of 32 words is columns 32 n .. 32 n + 31 in order, as in the nib
 formats, so both read the same staged activations. Every product is exact in fp32 (d sc has at most 17
 significant bits), so q4_0, q4_k and q5_k weights are the one rounding of q s - m, and q6_k, q8_0 and mxfp4 weights
-are exact: what gguf-py's dequantizers compute. q5_k spends a byte on each 5-bit code (its kernels reuse the int8
-loops): 1.078 bytes a weight against the file's 0.6875, so a Q5_K expert costs more to stream than its file
-suggests. A tile's chunks hold the same piece of each of its 4 rows one after another (cadenza.kernels.layout):
-64 bytes each, or for q6_k per 128 columns the 4 rows' 64 bytes of nibbles, then their 32 bytes of high bits (384
-bytes). A header holds each field for the tile's 4 rows in turn ([field][row][values]), padded to 64 bytes. Rows
-and columns padded past the matrix hold zero codes and zero fields: weight 0.
+are exact: what gguf-py's dequantizers compute. "5-bit" codes (q5_k, q = 0..31) take 80 bytes per 128 columns
+of a row (0.6875 bytes a weight, as the file, plus the header's padding): the low 4 bits in int4's word layout (64
+bytes), then the 5th bits as 4 little-endian 32-bit words (16 bytes): word n's bit j is column 32 n + j's, so a
+kernel takes nibble n of the 32 words and word n as a 32-lane mask (bit j: lane j) and looks q up in a 32-entry
+table (vpermw's 5-bit index), or selects bit j of the broadcast word. A tile's chunks hold the same piece of each
+of its 4 rows one after another (cadenza.kernels.layout): 64 bytes each, or per 128 columns the 4 rows' 64 bytes
+of nibbles, then their high bits: q6_k's 32 bytes each (384 bytes a chunk), q5_k's 16 (320 bytes a chunk). A
+header holds each field for the tile's 4 rows in turn ([field][row][values]), padded to 64 bytes. Rows and columns
+padded past the matrix hold zero codes and zero fields: weight 0.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ SUPER = 256  # columns of a K-quant super-block
 @dataclass(frozen=True)
 class BlockFormat:
     name: str
-    codes: str  # "nib" (4-bit codes, int4's word layout), "q6" (6-bit: nibbles, then 2-bit high parts), "byte"
-    # (int8 codes) or "ubyte" (uint8 codes)
+    codes: str  # "nib" (4-bit codes, int4's word layout), "q6" (6-bit: nibbles, then 2-bit high parts), "q5"
+    # (5-bit: nibbles, then the 5th bits as 32-bit words) or "byte" (int8 codes)
     group: int  # columns per (scale, min)
     fields: tuple[tuple[str, torch.dtype, int], ...]  # (name, dtype, columns per value), header order
     gguf: str  # the GGUF tensor type it keeps
@@ -70,7 +73,7 @@ BLOCK_FORMATS = {
     "mxfp4": BlockFormat("mxfp4", "nib", 32, (("e", torch.uint8, 32),), "MXFP4", 32),
     "q6_k": BlockFormat("q6_k", "q6", 16, (("d", torch.float16, SUPER), ("sc", torch.int8, 16)), "Q6_K", SUPER),
     "q8_0": BlockFormat("q8_0", "byte", 32, (("d", torch.float16, 32),), "Q8_0", 32),
-    "q5_k": BlockFormat("q5_k", "ubyte", 32, K_FIELDS, "Q5_K", SUPER),
+    "q5_k": BlockFormat("q5_k", "q5", 32, K_FIELDS, "Q5_K", SUPER),
 }
 BY_GGUF = {f.gguf: f.name for f in BLOCK_FORMATS.values()}
 
@@ -83,14 +86,15 @@ def header_row_bytes(fmt: str, k: int) -> int:
 
 def code_row_bytes(fmt: str, k: int) -> int:
     codes = BLOCK_FORMATS[fmt].codes
-    return k // 2 if codes == "nib" else 3 * k // 4 if codes == "q6" else k
+    return {"nib": k // 2, "q6": 3 * k // 4, "q5": 5 * k // 8}.get(codes, k)
 
 
 def chunk_pieces(fmt: str) -> tuple[int, ...]:
     """Bytes of each piece of a row that a tile's chunk holds for its 4 rows in turn: q6_k's 128 columns are a
-    64-byte piece of nibbles and a 32-byte piece of high bits (a chunk: 4 x 64, then 4 x 32); every other format's
-    chunk is one 64-byte piece of each row."""
-    return (64, 32) if fmt in BLOCK_FORMATS and BLOCK_FORMATS[fmt].codes == "q6" else (64,)
+    64-byte piece of nibbles and a 32-byte piece of high bits (a chunk: 4 x 64, then 4 x 32), q5_k's a 64-byte and
+    a 16-byte piece (4 x 64, then 4 x 16); every other format's chunk is one 64-byte piece of each row."""
+    codes = BLOCK_FORMATS[fmt].codes if fmt in BLOCK_FORMATS else ""
+    return {"q6": (64, 32), "q5": (64, 16)}.get(codes, (64,))
 
 
 # --- GGUF blocks -> (codes, fields) ------------------------------------------------------------------------------
@@ -123,11 +127,15 @@ def from_gguf(gguf_type: str, raw: np.ndarray, k: int) -> tuple[torch.Tensor, li
         b = raw.reshape(r, k // SUPER, 176)
         d, dmin = _f16(b[..., 0:2]).reshape(r, -1), _f16(b[..., 2:4]).reshape(r, -1)
         sc, m = _q4_k_scales(b[..., 4:16])
-        qh = b[..., 16:48][:, :, None, :]  # bit s of byte i: value i of sub-block s
-        low = _nibbles_halves(b[..., 48:].reshape(r, -1, 4, 32)).reshape(r, -1, 8, 32)  # sub-blocks 2j, 2j + 1
-        high = (qh >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1
-        codes = (low | (high << 4)).reshape(r, k)
-        return torch.from_numpy(np.ascontiguousarray(codes)), [d, dmin, sc, m]
+        ns = k // SUPER
+        out = np.empty((r, ns, 2, 80), np.uint8)
+        # nibbles as Q4_K's (per 128 columns two 32-byte runs: columns j, 32 + j; 64 + j, 96 + j)
+        qs = b[..., 48:].reshape(r, ns, 2, 2, 32)
+        out[..., :64] = _words(qs[..., 0, :], qs[..., 1, :])
+        # bit s of qh byte i: column 32 s + i of the super-block -> 32-bit word s, bit i (little-endian bytes)
+        bits = (b[..., 16:48][:, :, None, :] >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1
+        out[..., 64:] = np.packbits(bits, axis=-1, bitorder="little").reshape(r, ns, 2, 16)
+        return torch.from_numpy(out.reshape(r, 5 * k // 8)), [d, dmin, sc, m]
     if gguf_type == "Q8_0":
         b = raw.reshape(r, k // 32, 34)
         codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).reshape(r, k))
@@ -231,7 +239,7 @@ def row_data(fmt: str, codes: torch.Tensor) -> torch.Tensor:
     """Codes [R, K] -> row bytes [R, code_row_bytes] in the kernels' column order."""
     r, k = codes.shape
     kind = BLOCK_FORMATS[fmt].codes
-    if kind not in ("nib", "q6"):
+    if kind not in ("nib", "q6", "q5"):
         return codes.contiguous().view(torch.uint8)
     q = codes.to(torch.int32) + (32 if kind == "q6" else 0)  # q6: codes q - 32 -> q
     n = q.view(r, k // 128, 4, 32)
@@ -239,6 +247,9 @@ def row_data(fmt: str, codes: torch.Tensor) -> torch.Tensor:
     low = words.to(torch.int16).view(torch.uint8).reshape(r, k // 128, 64)
     if kind == "nib":
         return low.reshape(r, k // 2)
+    if kind == "q5":  # word n's bit j: column 32 n + j's 5th bit, as 4 little-endian bytes of 8 bits
+        h = (n >> 4).view(r, k // 128, 16, 8) << torch.arange(8, dtype=torch.int32, device=codes.device)
+        return torch.cat((low, h.sum(-1).to(torch.uint8)), dim=2).reshape(r, 5 * k // 8)
     h = n >> 4
     high = (h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)).to(torch.uint8)
     return torch.cat((low, high), dim=2).reshape(r, 3 * k // 4)
@@ -286,8 +297,6 @@ def code_values(fmt: str, rows: torch.Tensor, k: int) -> torch.Tensor:
     r, kind = rows.shape[0], BLOCK_FORMATS[fmt].codes
     if kind == "byte":
         return rows.contiguous().view(torch.int8).float()
-    if kind == "ubyte":
-        return rows.contiguous().float()
     shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=rows.device).view(1, 1, 4, 1)
     if kind == "q6":  # per 128 columns: 64 bytes of nibbles (int4's words), 32 of high bit pairs
         parts = rows.contiguous().view(r, k // 128, 96)
@@ -295,6 +304,12 @@ def code_values(fmt: str, rows: torch.Tensor, k: int) -> torch.Tensor:
         high = parts[:, :, 64:].to(torch.int32).reshape(r, k // 128, 1, 32)
         q = ((words >> shifts) & 15) | (((high >> (shifts // 2)) & 3) << 4)
         return (q - 32).reshape(r, k).float()
+    if kind == "q5":  # per 128 columns: 64 bytes of nibbles, 16 of 5th bits (byte 4 n + m: columns 32 n + 8 m ..)
+        parts = rows.contiguous().view(r, k // 128, 80)
+        words = parts[:, :, :64].contiguous().view(torch.int16).reshape(r, k // 128, 1, 32).to(torch.int32)
+        bit = torch.arange(8, dtype=torch.int32, device=rows.device)
+        high = ((parts[:, :, 64:].to(torch.int32)[..., None] >> bit) & 1).reshape(r, k // 128, 4, 32)
+        return (((words >> shifts) & 15) | (high << 4)).reshape(r, k).float()
     words = rows.contiguous().view(torch.int16).reshape(r, k // 128, 1, 32).to(torch.int32)
     q = ((words >> shifts) & 15).reshape(r, k)
     if fmt == "mxfp4":

@@ -23,7 +23,9 @@
 //   block formats (cadenza/kernels/blocks.py, a file's blocks kept as they are): q4_0, q4_k, mxfp4 hold int4's
 //         nibbles; q6_k 6-bit codes, a chunk of 384 bytes per 128 columns (the 4 rows' 64 bytes of low nibbles
 //         in int4's words, then their 32 bytes of high bit pairs: byte j, columns 32n + j in bits 2n, 2n + 1),
-//         code value q - 32; value = code_value * scale - min per group of 32 (q6_k: 16), where (scale,
+//         code value q - 32; q5_k 5-bit codes, a chunk of 320 bytes per 128 columns (the 4 rows' 64 bytes of
+//         low nibbles in int4's words, then their 16 bytes of 5th bits: 32-bit word n, column 32n + j at bit j),
+//         code value q; value = code_value * scale - min per group of 32 (q6_k: 16), where (scale,
 //         min) come from the header's fields (blocks.scales_and_mins) and code_value is the code (mxfp4: its e2m1
 //         value); q8_0 holds int8's bytes with an fp16 scale per 32. A layer's gate/up and down matrices may
 //         have different formats (Q4_K_M: q4_k and q6_k).
@@ -33,10 +35,10 @@
 // Activations are staged per call (x by the threads, h by phase 1) in the form the weights want (a 64-byte piece
 // of a bf16 row is the same 32 columns in both layouts); a staged row is always 4 Hp (or 4 Ip) bytes, Hp, Ip: H, I
 // rounded up to 128, zero past H, I:
-//   pair-split fp32 (bf16, int4, q6_k without AVX512_BF16): per 32 columns, the 16 even ones then the 16 odd
+//   pair-split fp32 (bf16, int4, q6_k, q5_k without AVX512_BF16): per 32 columns, the 16 even ones then the 16 odd
 //     ones, because a 32-bit lane of bf16 (or of int4 words) holds an even and an odd column;
-//   natural fp32 (int8, q8_0, q5_k);
-//   bf16 hi, then bf16 lo = x - hi (bf16, int4, q6_k with AVX512_BF16: vdpbf16ps multiplies the bf16 weights, or
+//   natural fp32 (int8, q8_0);
+//   bf16 hi, then bf16 lo = x - hi (bf16, int4, q6_k, q5_k with AVX512_BF16: vdpbf16ps multiplies the bf16 weights, or
 //     the exact small integers q - z, with hi and lo, which together carry 16 bits of each activation; lo is
 //     skipped when x arrives in bf16, as it does from a bf16 model).
 //
@@ -152,7 +154,8 @@ inline void prefetch_chunk(const uint8_t* p, int pf) {
 }
 
 inline bool nib_block(int fmt) { return fmt == Q4_0 || fmt == Q4_K || fmt == MXFP4; }
-inline bool nib_min(int fmt) { return fmt == Q4_0 || fmt == Q4_K; }  // nibble formats whose weights have a min
+// nibble formats (and q5_k: nibbles and 5th bits) whose weights have a min
+inline bool nib_min(int fmt) { return fmt == Q4_0 || fmt == Q4_K || fmt == Q5_K; }
 
 // The 16 code values of a nibble: the code itself, or (mxfp4) its e2m1 value.
 // As bf16 words, 32 entries (vpermw's 5-bit index: entries 16..31 repeat 0..15); every value is exact in bf16.
@@ -162,6 +165,8 @@ struct Bases {
   alignas(64) uint16_t q16[32];
   alignas(64) uint16_t e2m1_16[32];
   alignas(64) uint16_t q6_16[64];  // q6_k: q - 32 for the 6-bit q (vpermt2w's table of two registers)
+  alignas(64) float q5[32];        // q5_k: the 5-bit q (fp32 lanes: two registers)
+  alignas(64) uint16_t q5_16[32];  // q5_k: the 5-bit q as bf16 (vpermw's 5-bit index)
   Bases() {
     const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
     for (int i = 0; i < 16; ++i) {
@@ -173,6 +178,10 @@ struct Bases {
       e2m1_16[i] = bf16_rne(e2m1[i & 15]);
     }
     for (int i = 0; i < 64; ++i) q6_16[i] = bf16_rne(float(i - 32));
+    for (int i = 0; i < 32; ++i) {
+      q5[i] = float(i);
+      q5_16[i] = bf16_rne(float(i));
+    }
   }
 };
 const Bases bases;
@@ -400,9 +409,8 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_bf16_dp(const Ar
     for (int t = 0; t < NT; ++t) out[r][t] = hsum(TWO ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t]);
 }
 
-// G: group size in columns, 0 = one scale per row (applied after the sum). UMIN (q5_k): the bytes are unsigned
-// codes and a group's weights are q * scale - min (one rounding, as the reference).
-template <int NT, int G, bool UMIN = false>
+// G: group size in columns, 0 = one scale per row (applied after the sum).
+template <int NT, int G>
 void dot_int8(const Args& a, float out[ROWS][MAX_NT]) {
   constexpr bool TWO = NT <= 2;
   __m512 a0[ROWS][NT], a1[ROWS][NT];
@@ -418,13 +426,8 @@ void dot_int8(const Args& a, float out[ROWS][MAX_NT]) {
       for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(a.x[t] + k);
       for (int r = 0; r < ROWS; ++r) {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 * r + 16 * q));
-        __m512 w;
-        if constexpr (UMIN)
-          w = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(sc[r * a.ng + k / G]),
-                              _mm512_set1_ps(a.s->mn[r * a.ng + k / G]));
-        else
-          w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-        if constexpr (G > 0 && !UMIN) w = _mm512_mul_ps(w, _mm512_set1_ps(sc[r * a.ng + k / G]));
+        __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        if constexpr (G > 0) w = _mm512_mul_ps(w, _mm512_set1_ps(sc[r * a.ng + k / G]));
         for (int t = 0; t < NT; ++t) {
           if (TWO && (q & 1))
             a1[r][t] = _mm512_fmadd_ps(w, xv[t], a1[r][t]);
@@ -583,8 +586,12 @@ void dot_q6_f32(const Args& a, float out[ROWS][MAX_NT]) {
 // 32(s - 4) + 16 + l. vpermps picks by those 4 bits from the group's 16 values (q - z) * scale: unpacking is one
 // shift. Positions run 0,4,1,5,2,6,3,7 so that a 32-column group's two positions are neighbours.
 // AFF (block formats, G = 32): the group's 16 values are base * scale - min (one rounding, as the reference).
-template <int NT, int G, bool AFF = false>
+// Q5 (q5_k, with AFF): chunks of 320 bytes, the 4 rows' 16 bytes of 5th bits after their nibbles (32-bit word n,
+// bit j: column 32n + j); position s's lane l takes bit 2l (s < 4) or 2l + 1 (s >= 4) of word s & 3 as a mask
+// that picks q + 16's value from a second register of 16 (bases.q5[16..31] * scale - min).
+template <int NT, int G, bool AFF = false, bool Q5 = false>
 void dot_int4_f32(const Args& a, float out[ROWS][MAX_NT]) {
+  constexpr int CB = Q5 ? 320 : 256;  // chunk bytes
   constexpr bool TWO = NT <= 2;
   constexpr int PER_GROUP = 2 * G / 32;  // positions per group
   __m512 a0[ROWS][NT], a1[ROWS][NT];
@@ -594,18 +601,30 @@ void dot_int4_f32(const Args& a, float out[ROWS][MAX_NT]) {
   const uint8_t* z = a.s->z;
   const int ng = a.ng;
   const uint8_t* p = a.data;
-  for (int c = 0; c < a.K / 128; ++c, p += 256) {
+  const __m512i even = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_slli_epi32(
+                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 1));
+  for (int c = 0; c < a.K / 128; ++c, p += CB) {
     prefetch_chunk(p, a.pf);
+    if (Q5 && a.pf > 0) _mm_prefetch(reinterpret_cast<const char*>(p) + a.pf + 256, _MM_HINT_T0);
     __m512i v[ROWS];
-    for (int r = 0; r < ROWS; ++r) v[r] = _mm512_loadu_si512(p + 64 * r);
-    __m512 lut[ROWS];
+    uint32_t hw[ROWS][4];
+    for (int r = 0; r < ROWS; ++r) {
+      v[r] = _mm512_loadu_si512(p + 64 * r);
+      if (Q5) std::memcpy(hw[r], p + 256 + 16 * r, 16);
+    }
+    __m512 lut[ROWS], lut2[ROWS];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const int s = (i >> 1) | ((i & 1) << 2);  // 0,4,1,5,2,6,3,7
       if (i % PER_GROUP == 0) {
         const int g = (c * 128 + 32 * (s & 3)) / G;
         for (int r = 0; r < ROWS; ++r) {
-          if constexpr (AFF)
+          if constexpr (Q5) {
+            lut[r] = _mm512_fmsub_ps(_mm512_load_ps(bases.q5), _mm512_set1_ps(sc[r * ng + g]),
+                                     _mm512_set1_ps(a.s->mn[r * ng + g]));
+            lut2[r] = _mm512_fmsub_ps(_mm512_load_ps(bases.q5 + 16), _mm512_set1_ps(sc[r * ng + g]),
+                                      _mm512_set1_ps(a.s->mn[r * ng + g]));
+          } else if constexpr (AFF)
             lut[r] = _mm512_fmsub_ps(_mm512_load_ps(a.s->base), _mm512_set1_ps(sc[r * ng + g]),
                                      _mm512_set1_ps(a.s->mn[r * ng + g]));
           else
@@ -616,7 +635,13 @@ void dot_int4_f32(const Args& a, float out[ROWS][MAX_NT]) {
       __m512 xv[NT];
       for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(a.x[t] + off);
       for (int r = 0; r < ROWS; ++r) {
-        const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * s), lut[r]);
+        const __m512i sh = _mm512_srli_epi32(v[r], 4 * s);
+        __m512 w = _mm512_permutexvar_ps(sh, lut[r]);
+        if constexpr (Q5) {
+          const __m512i sel = s < 4 ? even : _mm512_slli_epi32(even, 1);
+          const __mmask16 hk = _mm512_test_epi32_mask(_mm512_set1_epi32(int(hw[r][s & 3])), sel);
+          w = _mm512_mask_permutexvar_ps(w, hk, sh, lut2[r]);
+        }
         for (int t = 0; t < NT; ++t) {
           if (TWO && (i & 1))
             a1[r][t] = _mm512_fmadd_ps(w, xv[t], a1[r][t]);
@@ -679,9 +704,13 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_int4_bf16(const 
 // sum (v s - m) x = s sum v x - m sum x, where the groups' sums of x come with the call (Args::gs), so a row's
 // min term is one short dot product over its groups, after its chunks (MIN: the format has a min; mxfp4 has
 // none). Few tokens get an accumulator per group position (NA of them): each row's sum is then NA short chains,
-// not one chain of a dependent FMA per group (latency-bound at one token).
-template <int NT, bool LO, bool MIN>
+// not one chain of a dependent FMA per group (latency-bound at one token). Q5 (q5_k): chunks of 320 bytes, each
+// row's 16 bytes of 5th bits after the 4 rows' nibbles (32-bit word n: a 32-lane mask for columns 32n .. 32n + 31)
+// set the index's bit 4, and the table is q = 0..31 (bases.q5_16).
+template <int NT, bool LO, bool MIN, bool Q5 = false>
 __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_blk_bf16(const Args& a, float out[ROWS][MAX_NT]) {
+  constexpr int CB = Q5 ? 320 : 256;  // chunk bytes
+  const __m512i low4 = _mm512_set1_epi16(0x0F), bit4 = _mm512_set1_epi16(0x10);
   constexpr int NA = NT <= 2 ? 2 : 1;
   __m512 tot[ROWS][NT][NA];
   for (int r = 0; r < ROWS; ++r)
@@ -689,12 +718,13 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_blk_bf16(const A
       for (int i = 0; i < NA; ++i) tot[r][t][i] = _mm512_setzero_ps();
   const float* sc = a.s->sc;
   const int ng = a.ng, K = a.K;
-  const __m512i lut = _mm512_load_si512(a.s->base16);
+  const __m512i lut = _mm512_load_si512(Q5 ? bases.q5_16 : a.s->base16);
   const uint16_t* xs[NT];
   for (int t = 0; t < NT; ++t) xs[t] = reinterpret_cast<const uint16_t*>(a.x[t]);
   const uint8_t* p = a.data;
-  for (int c = 0; c < K / 128; ++c, p += 256) {
+  for (int c = 0; c < K / 128; ++c, p += CB) {
     prefetch_chunk(p, a.pf);
+    if (Q5 && a.pf > 0) _mm_prefetch(reinterpret_cast<const char*>(p) + a.pf + 256, _MM_HINT_T0);
     __m512bh xh[4][NT], xl[4][NT];
     for (int gi = 0; gi < 4; ++gi)
       for (int t = 0; t < NT; ++t) {
@@ -703,10 +733,15 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_blk_bf16(const A
       }
     for (int r = 0; r < ROWS; ++r) {
       const __m512i v = _mm512_loadu_si512(p + 64 * r);
+      uint32_t hw[4];
+      if (Q5) std::memcpy(hw, p + 256 + 16 * r, 16);
 #pragma GCC unroll 4
       for (int gi = 0; gi < 4; ++gi) {
         const int g = r * ng + c * 4 + gi;
-        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4 * gi), lut);
+        __m512i idx = _mm512_srli_epi16(v, 4 * gi);
+        if constexpr (Q5)  // low4 ? nibble : the 5th bit
+          idx = _mm512_ternarylogic_epi32(low4, idx, _mm512_maskz_mov_epi16(__mmask32(hw[gi]), bit4), 0xCA);
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, lut);
         const __m512 s = _mm512_set1_ps(sc[g]);
         for (int t = 0; t < NT; ++t) {
           __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, xh[gi][t]);
@@ -746,7 +781,9 @@ DotFn by_nt(int nt) {
   }
 }
 template <int G> struct Int8G { template <int NT> struct F { static constexpr DotFn fn = dot_int8<NT, G>; }; };
-struct U8Min { template <int NT> struct F { static constexpr DotFn fn = dot_int8<NT, 32, true>; }; };
+struct Q5F { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, 32, true, true>; }; };
+template <bool LO>
+struct Q5B { template <int NT> struct F { static constexpr DotFn fn = dot_blk_bf16<NT, LO, true, true>; }; };
 template <int G> struct Int4F { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, G>; }; };
 struct Nib32 { template <int NT> struct F { static constexpr DotFn fn = dot_int4_f32<NT, 32, true>; }; };
 template <bool LO, bool MIN>
@@ -780,7 +817,10 @@ DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
     return lo ? by_nt<Q6B<true>::F>(nt) : by_nt<Q6B<false>::F>(nt);
   }
   if (fmt == Q8_0) return by_nt<Int8G<32>::F>(nt);
-  if (fmt == Q5_K) return by_nt<U8Min::F>(nt);
+  if (fmt == Q5_K) {
+    if (kind != HI_LO) return by_nt<Q5F::F>(nt);
+    return lo ? by_nt<Q5B<true>::F>(nt) : by_nt<Q5B<false>::F>(nt);
+  }
   if (fmt == BF16) {
     if (kind != HI_LO) return rg == 2 ? by_nt<Bf16F<2>::F>(nt) : by_nt<Bf16F<4>::F>(nt);
     if (lo) return rg == 2 ? by_nt<Bf16D<true, 2>::F>(nt) : by_nt<Bf16D<true, 4>::F>(nt);
@@ -885,8 +925,8 @@ thread_local Buffers tls;
 // rows 4j .. 4j + 3). Staged rows are mg.ks (x) and md.ks (h) long, zero past H and I.
 // How a matrix of this format wants its activations staged.
 inline int stage_kind(int fmt, int use_bf16) {
-  if (fmt == INT8 || fmt == Q8_0 || fmt == Q5_K) return NATURAL;
-  return use_bf16 ? HI_LO : PAIR_SPLIT;  // bf16, int4 and the nibble formats; q6_k (6-bit codes)
+  if (fmt == INT8 || fmt == Q8_0) return NATURAL;
+  return use_bf16 ? HI_LO : PAIR_SPLIT;  // bf16, int4 and the nibble formats; q6_k, q5_k (6-, 5-bit codes)
 }
 
 int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, int x_bf16, int T, const int64_t* ids,
@@ -1282,17 +1322,30 @@ int cadenza_dequant_bf16(int fmt, int group, const uint8_t* tiles, int64_t tile_
                 store(orow + kk, _mm512_mul_ps(qf, _mm512_set1_ps(s.sc[r * ng + kk / 16])));
               }
             }
-        } else if (fmt == INT8 || fmt == Q8_0 || fmt == Q5_K) {
+        } else if (fmt == Q5_K) {
+          // per 128 columns: row r's 32 words of nibbles at 64 r, its 4 words of 5th bits at 256 + 16 r
+          for (int c = 0; c < K / 128; ++c) {
+            uint32_t hw[4];
+            std::memcpy(hw, data + c * 320 + 256 + 16 * r, 16);
+            for (int half = 0; half < 2; ++half) {
+              const uint8_t* lo = data + c * 320 + 64 * r + 32 * half;
+              const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+              for (int n = 0; n < 4; ++n) {
+                const int kk = c * 128 + 32 * n + 16 * half, g = r * ng + kk / 32;
+                const __m512i nib = _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(4 * n)), low4);
+                const __m512i q = _mm512_mask_or_epi32(nib, __mmask16(hw[n] >> (16 * half)), nib, _mm512_set1_epi32(16));
+                store(orow + kk,
+                      _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(s.sc[g]), _mm512_set1_ps(s.mn[g])));
+              }
+            }
+          }
+        } else if (fmt == INT8 || fmt == Q8_0) {
           for (int c = 0; c < K / 64; ++c)
             for (int q = 0; q < 4; ++q) {
               const int kk = c * 64 + 16 * q;
               const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + (c * ROWS + r) * 64 + 16 * q));
               const int g = r * ng + (group > 0 ? kk / group : 0);
-              if (fmt == Q5_K)
-                store(orow + kk, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(s.sc[g]),
-                                                 _mm512_set1_ps(s.mn[g])));
-              else
-                store(orow + kk, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(s.sc[g])));
+              store(orow + kk, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(s.sc[g])));
             }
         } else {
           for (int c = 0; c < K / 128; ++c) {

@@ -87,7 +87,7 @@ _BYTES_PER_COL = {
     "mxfp4": 0.5,
     "q6_k": 0.75,  # 6-bit codes: 96 bytes per 128 columns
     "q8_0": 1.0,
-    "q5_k": 1.0,
+    "q5_k": 0.625,  # 5-bit codes: 80 bytes per 128 columns
 }
 _warned = False
 

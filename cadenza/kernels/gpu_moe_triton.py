@@ -192,7 +192,8 @@ def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr
 
 # Block formats (cadenza.kernels.blocks): FMT 4 q4_0, 5 q4_k, 6 mxfp4 (4-bit codes in int4's word layout, group 32),
 # 7 q6_k (6-bit codes: per 128 columns the 4 rows' nibbles in int4's word layout, then their high bit pairs;
-# group 16), 8 q8_0 (int8 codes in int8's layout, group 32), 9 q5_k (uint8 codes 0..31, group 32, q4_k's fields).
+# group 16), 8 q8_0 (int8 codes in int8's layout, group 32), 9 q5_k (5-bit codes 0..31: per 128 columns the 4 rows'
+# nibbles in int4's word layout, then their 5th bits as 4 int32 words each; group 32, q4_k's fields).
 # A weight is code_value * scale - min per (row, group), the pair computed here from the tile's header fields
 # ([field][row][values]) as exact fp32 products, applied per (row, group) to partial sums: sum (v s - m) x =
 # s sum v x - m sum x. x is read as it is (not staged).
@@ -325,10 +326,52 @@ def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: t
 
 
 @triton.jit
+def _q5_value(wd, hw, n, hs):
+    """5-bit codes -> fp32 q: the nibble of int32 words wd at bit 4 n (n may carry 16 for a word's high half) with
+    the 5th bit of hw at bit hs; 2^23 + q - 2^23, exact."""
+    q = ((wd >> (4 * n)) & 15) | (((hw >> hs) & 1) << 4)
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: tl.constexpr):
+    """q5_k (FMT 9): a 128-column chunk is 320 bytes, the 4 rows' 64 bytes of nibbles (int32 word m: columns
+    32 n + 2 m, 32 n + 2 m + 1 in nibble n of its low, high half) then their 16 bytes of 5th bits (int32 word n:
+    column 32 n + j's at bit j). Plane n of a chunk is one group (32 columns), as in _dot_nib_blocks."""
+    NP: tl.constexpr = BK // 128
+    p = tl.arange(0, NP)
+    r = tl.arange(0, 4)
+    m = tl.arange(0, 16)
+    wi = w.to(tl.pointer_type(tl.int32))
+    lo_off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 80 + r[None, None, :, None] * 16
+    lo_off = lo_off + m[None, None, None, :]
+    hi_off = t[:, None, None] * tbw + hbw + p[None, :, None] * 80 + 64 + r[None, None, :] * 4  # [BT, NP, 4]
+    tile = w + (t * tbw * 4)[:, None, None]  # [BT, 1, 1] tile starts (bytes)
+    r3 = r[None, None, :]
+    bit = 2 * m[None, None, None, :]
+    acc = tl.zeros([BT, NP, 4], tl.float32)
+    for it in range(n_iter):
+        pg = it * NP + p
+        ok = tmask[:, None, None] & (pg < K // 128)[None, :, None]
+        wv = tl.load(wi + lo_off + it * (NP * 80), mask=ok[:, :, :, None], other=0)
+        for n in tl.static_range(4):
+            hv = tl.load(wi + hi_off + it * (NP * 80) + n, mask=ok, other=0)[:, :, :, None]
+            col = pg[:, None] * 128 + 32 * n + 2 * m[None, :]  # [NP, 16]
+            x0 = tl.load(xr + col, mask=col < n_x, other=0.0).to(tl.float32)
+            x1 = tl.load(xr + col + 1, mask=col + 1 < n_x, other=0.0).to(tl.float32)
+            v0 = _q5_value(wv, hv, n, bit)
+            v1 = _q5_value(wv, hv, n + 4, bit + 1)
+            qx = tl.sum(v0 * x0[None, :, None, :] + v1 * x1[None, :, None, :], 3)  # [BT, NP, 4]
+            s, mn = _block_scale_min(tile, r3, (pg * 4 + n)[None, :, None], K, ok, 9)
+            sx = tl.sum(x0 + x1, 1)[None, :, None]
+            acc += s * qx - mn * sx
+    return tl.sum(acc, 1)
+
+
+@triton.jit
 def _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """q8_0 (FMT 8) and q5_k (9): byte codes in int8's layout (byte b of word m of a row's 64-byte piece is column
-    4 m + b), in quarter pieces of 4 words (16 columns, half a group); scale d, or d sc with q5_k, whose bytes are
-    unsigned and whose groups subtract min * sum x."""
+    """q8_0 (FMT 8): byte codes in int8's layout (byte b of word m of a row's 64-byte piece is column 4 m + b), in
+    quarter pieces of 4 words (16 columns, half a group); scale d."""
     NQ: tl.constexpr = BK // 16  # quarter pieces (16 columns of a row, 4 words, one group) per step
     qp = tl.arange(0, NQ)
     r = tl.arange(0, 4)
@@ -344,20 +387,13 @@ def _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexp
         wv = tl.load(wi + off + it * (NQ * 16), mask=ok[:, :, :, None], other=0)
         col = qg[:, None] * 16 + 4 * m[None, :]
         part = tl.zeros([BT, NQ, 4, 4], tl.float32)
-        xsum = tl.zeros([NQ, 4], tl.float32)
-        for b in tl.static_range(4):  # (u ^ 0x80) | 2^23's bits = 2^23 + 128 + q; unsigned: u | 2^23 = 2^23 + u
+        for b in tl.static_range(4):  # (u ^ 0x80) | 2^23's bits = 2^23 + 128 + q
             xb = tl.load(xr + col + b, mask=col + b < n_x, other=0.0).to(tl.float32)
-            if FMT == 9:
-                q = (((wv >> (8 * b)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                xsum += xb
-            else:
-                q = (((wv >> (8 * b)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            q = (((wv >> (8 * b)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             part += q * xb[None, :, None, :]
         g = qg // 2
-        s, mn = _block_scale_min(tile, r[None, None, :], g[None, :, None], K, ok, FMT)
+        s, _ = _block_scale_min(tile, r[None, None, :], g[None, :, None], K, ok, FMT)
         acc += tl.sum(part, 3) * s
-        if FMT == 9:
-            acc -= tl.sum(xsum, 1)[None, :, None] * mn
     return tl.sum(acc, 1)
 
 
@@ -405,7 +441,7 @@ def _dot_tiles(
     elif FMT == 8:
         acc = _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 8, BT, BK)
     elif FMT == 9:
-        acc = _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 9, BT, BK)
+        acc = _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
     elif FMT >= 4:  # q4_0, q4_k, mxfp4
         acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT, BT, BK)
     elif ROWS4:
@@ -680,14 +716,18 @@ def _dequant_kernel(
         v = _q6_value(wd, hi, c % 128 // 32, 2 * (c % 128 // 32))
         s, _ = _block_scale_min(tile, r, g, K, okg, FMT)
         v = v * s
-    elif FMT >= 8:  # q8_0, q5_k: int8's layout, scale d per 32 columns; q5_k unsigned, - min
-        q = tl.load((tile + hb + (c // 64) * 256 + r * 64 + c % 64).to(tl.pointer_type(tl.int8)), mask=ok)
-        if FMT == 9:
-            q = ((q.to(tl.int32) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        else:
-            q = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    elif FMT == 9:  # q5_k: per 128 columns 320 bytes, row r's nibble words at 64 r, its 5th-bit words at 256 + 16 r
+        at = tile + hb + (c // 128) * 320
+        wd = tl.load((at + r * 64).to(tl.pointer_type(tl.int16)) + c % 32, mask=ok).to(tl.int32)
+        hw = tl.load((at + 256 + r * 16).to(tl.pointer_type(tl.int32)) + c % 128 // 32, mask=ok)
+        v = _q5_value(wd, hw, c % 128 // 32, c % 32)
         s, mn = _block_scale_min(tile, r, g, K, okg, FMT)
-        v = q * s - mn
+        v = v * s - mn
+    elif FMT == 8:  # q8_0: int8's layout, scale d per 32 columns
+        q = tl.load((tile + hb + (c // 64) * 256 + r * 64 + c % 64).to(tl.pointer_type(tl.int8)), mask=ok)
+        q = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        s, _ = _block_scale_min(tile, r, g, K, okg, FMT)
+        v = q * s
     else:  # q4_0, q4_k, mxfp4: int4's layout, code value * scale - min per 32 columns
         wd = tl.load((tile + hb + (c // 128) * 256 + r * 64).to(tl.pointer_type(tl.int16)) + c % 32, mask=ok)
         q = _nib_value((wd.to(tl.int32) >> (4 * (c % 128 // 32))) & 15, FMT)

@@ -7,8 +7,8 @@ reads a packed layer back in pure torch, the reference for the kernel's reading 
 in place (no second copy of the experts in host memory, and the GPU path keeps using the same tensors).
 
 Each matrix is tiles of 4 rows; a tile is a header (the rows' scales) then 64-byte pieces of its 4 rows
-interleaved (q6_k: per 128 columns the 4 rows' 64-byte pieces of nibbles, then their 32-byte pieces of high bits),
-so a run of tiles is one sequential stream. Rows and columns are padded to multiples of 128. gate and
+interleaved (q6_k, q5_k: per 128 columns the 4 rows' 64-byte pieces of nibbles, then their 32- or 16-byte pieces
+of high bits), so a run of tiles is one sequential stream. Rows and columns are padded to multiples of 128. gate and
 up share one matrix: tile j holds gate rows 2j, 2j+1 and up rows 2j, 2j+1. cpu_moe.cpp's header comment has the
 byte-level description.
 
@@ -218,7 +218,7 @@ def _tile_into(out: torch.Tensor, w: torch.Tensor, fmt: str, group: int) -> None
 def _write_tiles(out: torch.Tensor, data: torch.Tensor, scales: list[torch.Tensor], fmt: str, group: int, k: int):
     """Quantized rows data uint8 [R, row bytes] (contiguous, 8-byte aligned) and their scales -> out uint8 [R / 4,
     tile bytes]: each tile's header (its rows' scales, zero-padded), then the 4 rows' pieces interleaved per chunk
-    (64 bytes each; q6_k: a 64-byte and a 32-byte piece per 128 columns, blocks.chunk_pieces)."""
+    (64 bytes each; q6_k, q5_k: a 64-byte and a 32- or 16-byte piece per 128 columns, blocks.chunk_pieces)."""
     r, nbytes = data.shape
     hb = _header_bytes(fmt, group, k)
     pieces = blocks.chunk_pieces(fmt)

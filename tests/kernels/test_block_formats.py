@@ -98,7 +98,7 @@ def test_hf_mxfp4_equals_the_ggml_blocks():
         ("mxfp4", 0.53125),
         ("q6_k", 210 / 256),  # 6-bit codes: as the GGUF file
         ("q8_0", 1.0625),
-        ("q5_k", 1.078125),
+        ("q5_k", 180 / 256),  # 5-bit codes (160 / 256) and q4_k's header (20 / 256)
     ],
 )
 def test_bytes_per_weight(fmt, bytes_per_weight):
@@ -115,6 +115,17 @@ def test_q6_k_tiles_take_six_bits_a_code():
         assert layout._tile_bytes("q6_k", 16, k) == header + 4 * 96 * k // 128
     assert layout._tile_bytes("q6_k", 16, 4096) / (4 * 4096) == 210 / 256
     assert blocks.code_row_bytes("q6_k", 4096) == 3072
+
+
+def test_q5_k_tiles_take_five_bits_a_code():
+    """q5_k keeps 5 bits a code: 80 code bytes per 128 columns of a row (64 of nibbles, 16 of 5th bits), plus the
+    header (d, dmin f16 per 256, sc, m u8 per 32: 20 bytes per 256) padded to 64 bytes a tile."""
+    for k in (256, 768, 4096, 14336):
+        header = -(-4 * (k // 256 * 4 + k // 16) // 64) * 64
+        assert layout._tile_bytes("q5_k", 32, k) == header + 4 * 80 * k // 128
+    assert layout._tile_bytes("q5_k", 32, 4096) / (4 * 4096) == 180 / 256
+    assert blocks.code_row_bytes("q5_k", 4096) == 2560
+    assert blocks.chunk_pieces("q5_k") == (64, 16)
 
 
 def test_unknown_gguf_type_is_refused():

@@ -149,7 +149,7 @@ BLOCK_CASES = [  # (fmt, H, I, T, k, act): I, H multiples of the format's blocks
     ("q6_k+q4_k", 256, 256, 1, 2, "silu"),
     ("q8_0", 256, 160, 2, 2, "silu"),  # int8 codes, fp16 scale per 32
     ("q8_0+q4_0", 256, 256, 3, 2, "silu"),
-    ("q5_k", 256, 512, 2, 2, "silu"),  # uint8 codes with q4_k's fields
+    ("q5_k", 256, 512, 2, 2, "silu"),  # 5-bit codes with q4_k's fields
     ("q4_k+q5_k", 512, 256, 1, 2, "silu"),
 ]
 BLOCK_BIG = gpu_moe.Blocks(128, 1024, 128, 1024)  # few programs under the interpreter
@@ -173,7 +173,7 @@ def test_decode_block_formats(fmt, h, i, t, k, act, route):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["q4_k+q6_k", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["q4_k+q6_k", "mxfp4", "q5_k+q4_k"])
 def test_decode_block_formats_small_blocks_bf16_x(fmt):
     """Small blocks: 8 tiles a program, 128 columns a step (several steps, q6_k's 16-column groups across them);
     bf16 x against the reference and the fallback."""
