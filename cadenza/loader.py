@@ -11,6 +11,7 @@ experts (cadenza.moe.packed_store), in which case the checkpoint's expert tensor
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -73,8 +74,6 @@ def keep_dense_blocks(model: nn.Module, checkpoint: Checkpoint, device: torch.de
     (cadenza.kernels.gpu_linear) take the meta model's Linear ones, their tiles on `device`, ~0.6 bytes a weight
     against bf16's 2, which leaves the GPU budget to routed experts. force: on any device (tests); the
     CADENZA_DENSE_BLOCKS=0 environment turns it off. Returns how many layers keep their blocks."""
-    import os
-
     if not hasattr(checkpoint, "dense_blocks") or os.environ.get("CADENZA_DENSE_BLOCKS") == "0":
         return 0
     if device.type != "cuda" and not force:

@@ -52,6 +52,9 @@ class BlockLinear(nn.Module):
                              f"{tiles.dtype} {tuple(tiles.shape)}")  # fmt: skip
         self.register_buffer("tiles", tiles.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # the launches' geometry, fixed by the shape (computed once, not at every decode step)
+        self.header = _header_bytes(fmt, self.group, self.kp)
+        self.step_cols, self.dequant_cols = _step_cols(self.kp, 512), min(1024, _step_cols(self.kp, 1024))
 
     @classmethod
     def from_gguf(cls, gguf_type: str, raw, out_features: int, in_features: int, bias=None) -> BlockLinear:
@@ -98,11 +101,9 @@ class BlockLinear(nn.Module):
         x = x.contiguous()
         n, k, kp = self.out_features, self.in_features, self.kp
         y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
-        bk, bt = _step_cols(kp, 512), 4
-        hb, tb = _header_bytes(self.fmt, self.group, kp), self.tiles.shape[1]
-        grid = (x.shape[0], triton.cdiv(self.tiles.shape[0], bt))
-        _linear_kernel[grid](x, x.stride(0), y, self.tiles, tb // 4, hb // 4, kp // self.group, n, k, kp,
-                             FMT=_FMT_CODES[self.fmt], BT=bt, BK=bk)  # fmt: skip
+        grid = (x.shape[0], triton.cdiv(self.tiles.shape[0], 4))
+        _linear_kernel[grid](x, x.stride(0), y, self.tiles, self.tiles.shape[1] // 4, self.header // 4,
+                             kp // self.group, n, k, kp, FMT=_FMT_CODES[self.fmt], BT=4, BK=self.step_cols)  # fmt: skip
         return y
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -110,10 +111,10 @@ class BlockLinear(nn.Module):
         size of one bf16 matrix, only while a prefill chunk runs through this layer."""
         n, k, kp = self.out_features, self.in_features, self.kp
         out = torch.empty(n, k, dtype=dtype, device=self.tiles.device)
-        bk = min(1024, _step_cols(kp, 1024))
+        bk = self.dequant_cols
         grid = (triton.cdiv(self.tiles.shape[0], 4), triton.cdiv(kp, bk))
         emu = _INTERPRET and dtype == torch.bfloat16  # the interpreter's bf16 stores truncate: rounded as a GPU does
-        _dequant_kernel[grid](self.tiles, self.tiles.shape[1], _header_bytes(self.fmt, self.group, kp),
+        _dequant_kernel[grid](self.tiles, self.tiles.shape[1], self.header,
                               self.tiles.shape[0], kp, kp // self.group, out, out, out.stride(0), n, k, GU=False,
                               FMT=_FMT_CODES[self.fmt], GROUP=self.group, EMU_RNE=emu, BT=4, BK=bk)  # fmt: skip
         return out

@@ -11,15 +11,11 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
 
 from cadenza import LLM, SamplingParams  # noqa: E402
 from cadenza.sampling import MAX_TOP_LOGPROBS  # noqa: E402
-from cadenza.server.app import create_app  # noqa: E402
-from cadenza.server.metrics import Metrics  # noqa: E402
-from cadenza.server.protocol import Context  # noqa: E402
 from cadenza.server.schemas import IGNORED  # noqa: E402
-from cadenza.server.worker import EngineWorker  # noqa: E402
+from tests.server.serving import served_client  # noqa: E402
 
 HI = [{"role": "user", "content": "Hi"}]
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -29,16 +25,10 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 def client(mixtral_dir):
     threads = torch.get_num_threads()
     llm = LLM(mixtral_dir[0], device="cpu", dtype="float32", cpu_threads=1)
-    metrics = Metrics("m", llm.max_batch, 4, "fp", "v")
-    worker = EngineWorker(llm, max_queue=4, metrics=metrics)
-    worker.start()
-    app = create_app(llm, worker, metrics, Context(llm, "m", 4), "fp", api_key=None)
     try:
-        with TestClient(app) as c:
+        with served_client(llm, max_queue=4) as c:
             yield c
     finally:
-        worker.shutdown()
-        worker.join(5)
         torch.set_num_threads(threads)
 
 
@@ -146,19 +136,11 @@ def test_prefill_chunk_bounds_each_steps_prompt_tokens(mixtral_dir):
     """--prefill-chunk 4: prompts are prefilled 4 tokens a step between decode steps; /metrics says so, answers
     are those of the whole-prefill server."""
     llm = LLM(mixtral_dir[0], device="cpu", dtype="float32", cpu_threads=1, max_batch=2)
-    metrics = Metrics("m", llm.max_batch, 4, "fp", "v", prefill_chunk=4)
-    worker = EngineWorker(llm, max_queue=4, metrics=metrics, prefill_chunk=4)
-    worker.start()
-    app = create_app(llm, worker, metrics, Context(llm, "m", 4), "fp", api_key=None)
     body = {"prompt": list(range(5, 35)), "max_tokens": 5, "temperature": 0, "ignore_eos": True}
     want = llm.generate(list(range(5, 35)), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)).text
-    try:
-        with TestClient(app) as c:
-            r = c.post(COMPLETIONS, json=body)
-            assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["text"] == want
-            text = c.get("/metrics").text
-    finally:
-        worker.shutdown()
-        worker.join(5)
+    with served_client(llm, max_queue=4, prefill_chunk=4) as c:
+        r = c.post(COMPLETIONS, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+        text = c.get("/metrics").text
     assert "cadenza_prefill_chunk_tokens 4" in text and "cadenza_max_prefill_step_tokens 4" in text

@@ -12,16 +12,12 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
 
 from cadenza import LLM, SamplingParams  # noqa: E402
 from cadenza.errors import CadenzaError  # noqa: E402
 from cadenza.sampling import MAX_TOP_LOGPROBS  # noqa: E402
-from cadenza.server.app import create_app  # noqa: E402
-from cadenza.server.metrics import Metrics  # noqa: E402
-from cadenza.server.protocol import Context  # noqa: E402
-from cadenza.server.worker import EngineWorker  # noqa: E402
 from tests.conftest import reference_logits  # noqa: E402
+from tests.server.serving import served_client  # noqa: E402
 
 COMPLETIONS = "/v1/completions"
 TEXT = "The quick brown fox jumps over the lazy dog"
@@ -32,16 +28,10 @@ TOL = 1e-4
 def served(mixtral_dir):
     threads = torch.get_num_threads()
     llm = LLM(mixtral_dir[0], device="cpu", dtype="float32", cpu_threads=1, max_batch=2)
-    metrics = Metrics("m", llm.max_batch, 8, "fp", "v")
-    worker = EngineWorker(llm, max_queue=8, metrics=metrics)
-    worker.start()
-    app = create_app(llm, worker, metrics, Context(llm, "m", 8), "fp", api_key=None)
     try:
-        with TestClient(app) as c:
+        with served_client(llm, max_queue=8) as c:
             yield c, llm, mixtral_dir[1]
     finally:
-        worker.shutdown()
-        worker.join(5)
         torch.set_num_threads(threads)
 
 

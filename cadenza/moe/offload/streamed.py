@@ -94,6 +94,7 @@ class StreamedCpu:
         self.num_experts = orch.layers[0].experts.num_experts
         width = _STATS + self.num_experts + 2 * RING
         self.stats = torch.zeros(len(orch.layers), width, dtype=torch.int64)
+        self.expert_bytes = np.array([layer.expert_bytes for layer in orch.layers], dtype=np.int64)  # per layer
         self._stats = self.stats.numpy()  # the same memory, read without torch's dispatch
         self.seen = np.zeros((len(orch.layers), _STATS + self.num_experts), dtype=np.int64)
         self.staging: dict[tuple, _Staging | handoff.Block] = {}
@@ -204,7 +205,7 @@ class StreamedCpu:
         failed = self.stats[:, 6].nonzero().view(-1).tolist()
         if failed:
             raise RuntimeError(f"the CPU expert job of layer {failed[0]} failed ({int(self.stats[failed[0], 6])})")
-        eb = np.array([layer.expert_bytes for layer in self.orch.layers], dtype=np.int64)[: d.shape[0]]
+        eb = self.expert_bytes
         counters.cpu += int(d[:, 2].sum())
         counters.gpu += int(d[:, 3].sum())
         counters.host_bytes += int((d[:, 4].astype(np.int64) * eb).sum())
