@@ -93,14 +93,17 @@ def block_layer(fmt: str, shape: dict, seed: int):
     return out
 
 
-def timed(fn, seconds: float, min_calls: int, max_calls: int, warmup: int = 2) -> list[float]:
-    """Call times (s) of fn(i) for i = 0, 1, ...: `warmup` calls, then until `seconds` and `min_calls`."""
+def timed(fn, seconds: float, min_calls: int, max_calls: int, warmup: int = 2, gap: float = 0.0) -> list[float]:
+    """Call times (s) of fn(i) for i = 0, 1, ...: `warmup` calls, then until `seconds` and `min_calls`; `gap`
+    seconds idle (untimed) before each timed call."""
     for i in range(warmup):
         fn(i)
     times: list[float] = []
     t_end = time.perf_counter() + seconds
     i = warmup
     while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < t_end):
+        if gap:
+            time.sleep(gap)
         t0 = time.perf_counter()
         fn(i)
         times.append(time.perf_counter() - t0)
@@ -232,6 +235,10 @@ class Bench:
                 for pf in self.prefetches if t == 1 else self.prefetches[:1]:
                     times = timed(lambda n, pf=pf: call(n, "kernel", pf), seconds, 5, 10_000)
                     self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, **common)
+                    if a.gap_ms and t == 1:  # the same calls after an idle pause each: what a cold pool costs
+                        gap = a.gap_ms / 1e3
+                        times = timed(lambda n, pf=pf: call(n, "kernel", pf), seconds, 5, 10_000, gap=gap)
+                        self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, gap_ms=a.gap_ms, **common)
                 if t == 1 and self.logical != self.threads:  # hyper-threads: does streaming gain from them?
                     pf = self.prefetches[0]
                     times = timed(lambda n, pf=pf: call(n, "kernel", pf, self.logical), seconds, 5, 10_000)
@@ -312,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         "token): the kernel's compute rate per thread, to tell a compute-bound loop from a memory-bound one",
     )
     ap.add_argument("--seconds", type=float, default=1.0, help="timing window per measurement")
+    ap.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="also time one-token calls each after this idle pause (a decode step's GPU-only layers before the "
+        "CPU's): what waking the thread pool costs",
+    )
     ap.add_argument("--dram-gib", type=float, default=4.0, help="array size of the DRAM read measurement")
     ap.add_argument("--prefetch", default="0,2048", help="software prefetch distances tried at one token (bytes)")
     ap.add_argument("--prefill-tokens", type=int, default=256, help="kernel vs mm at this many tokens (0: skip)")
@@ -427,8 +441,9 @@ def print_table(out: dict) -> None:
     print(head)
     for r in out["results"]:
         pf = r.get("prefetch", "")
+        route = r["route"] + (f" after {r['gap_ms']:g} ms" if r.get("gap_ms") else "")
         print(
-            f"{r.get('system', 'cadenza'):9} {r['format']:7} {r['layout']:6} {r['tokens']:>4} {r['route']:20} "
+            f"{r.get('system', 'cadenza'):9} {r['format']:7} {r['layout']:6} {r['tokens']:>4} {route:20} "
             f"{r['threads']:>4} {pf!s:>5} {r['ms_median']:>9.3f} {r['weight_gb_s']:>7.1f} {r['dram_fraction']:>8.2f}"
         )
     for fmt, s in out["summary"].items():

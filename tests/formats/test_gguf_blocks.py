@@ -109,7 +109,9 @@ def test_cuda_kept_blocks_equal_cpu(kquant_file, policy, residents):
     cpu = LLM(kquant_file, device="cpu", dtype="float32")
     want = cpu.score(ids)
     tokens = cpu.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)).token_ids
-    slots = 0 if policy == "cpu" else 2
+    from cadenza.moe.offload.policy import fetch_slots
+
+    slots = fetch_slots(policy, cpu.config.num_experts_per_tok)  # what the policy reserves: max(2, top_k) or 0
     budget = "0" if residents == 0 and policy == "cpu" else budget_for(kquant_file, residents, slots, device="cuda")
     llm = LLM(kquant_file, device="cuda", dtype="float32", gpu_memory=budget, offload_policy=policy)
     try:
