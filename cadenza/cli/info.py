@@ -237,12 +237,14 @@ def run(args: argparse.Namespace) -> int:
             lines.append(
                 f"              expected share of expert work on the GPU: {d['placement']['expected_gpu_share']:.1%}"
             )
-    from cadenza.moe.offload.costmodel import CostModel
+    from cadenza.moe.offload.costmodel import from_dict
 
     for key, entry in d["cost_models"].items():
         lines.append(f"cost model    {key}")
-        cm = CostModel(**{**entry, "cpu_s": tuple(entry["cpu_s"]), "gpu_s": tuple(entry["gpu_s"])})
-        lines.append(f"              {cm.describe()}")
+        try:
+            lines.append(f"              {from_dict(entry).describe()}")
+        except (KeyError, TypeError, ValueError):
+            lines.append("              measured by an older cadenza: measured again at the next offloaded run")
     if not d["cost_models"]:
         lines.append("cost model    not measured on this machine yet (measured at the first offloaded run)")
     print("\n".join(lines))

@@ -102,16 +102,20 @@ def test_info_placement_and_cost_model(mixtral_dir, tmp_path):
 
     cache = tmp_path / "cache"
     key = "Test CPU | Test GPU | 15 threads | expert 64x96 torch.float32 | torch x"
-    save_cached(cache, CostModel(key, 73728, (1e-4, 1e-6), (2e-5, 1e-7), 50.0))
+    points = ((1, 1e-4), (16, 1.2e-4), (128, 2e-4))
+    save_cached(cache, CostModel(key, 73728, (1e-4, 1e-6), (2e-5, 1e-7), 50.0, cpu_points=points))
+    stale = "Test CPU | Test GPU | 15 threads | expert 64x96 torch.float32 | old"  # a line fit, no points
+    save_cached(cache, CostModel(stale, 73728, (1e-4, 1e-6), (2e-5, 1e-7), 50.0))
     path = str(mixtral_dir[0])
     r = cli("info", "--model", path, "--gpu-memory", "300MiB", "--json", env={"CADENZA_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["placement"]["budget_bytes"] == 300 * 2**20
     assert d["placement"]["resident_count"] == d["placement"]["total_experts"]  # the tiny model fits
-    assert list(d["cost_models"]) == [key]
+    assert list(d["cost_models"]) == [key, stale]
     text = cli("info", "--model", path, "--gpu-memory", "300MiB", env={"CADENZA_CACHE": str(cache)}).stdout
-    assert "placement" in text and "fetch beats CPU" in text
+    assert "placement" in text and "fetch beats CPU" in text and "0.10 ms at 1 token (0.12 at 16" in text
+    assert "measured by an older cadenza" in text
     small = cli("info", "--model", path, "--gpu-memory", "1MiB")
     assert small.returncode == 2 and "too small" in small.stderr
 

@@ -146,6 +146,29 @@ def test_split_uses_cpu_and_pcie_together_where_it_wins():
     assert cm.split(list(range(8)), [2000] * 8) == (list(range(8)), [])
 
 
+def test_cost_model_cpu_points_interpolate_and_round_trip(tmp_path):
+    """The CPU's time as measured at each token count, interpolated: a line through these points (the kernel's
+    flat start, the matrix units' slope) would put one token at several times its measured cost."""
+    from cadenza.moe.offload.costmodel import load_cached, save_cached
+
+    pts = ((1, 2e-3), (4, 3e-3), (16, 8e-3), (64, 20e-3), (128, 36e-3))
+    cm = CostModel("k", 116_000_000, _fit_line(pts), (0.1e-3, 1e-6), 54.0, cpu_points=pts)
+    assert _fit_line(pts[::2])[0] > 1.3 * 2e-3  # what a line through 1, 16 and 128 tokens said
+    assert cm.cpu_time(1) == pytest.approx(2e-3) and cm.cpu_time(16) == pytest.approx(8e-3)
+    assert cm.cpu_time(10) == pytest.approx(5.5e-3)  # halfway between 4 and 16 tokens
+    assert cm.cpu_time(256) == pytest.approx(36e-3 + 128 * 16e-3 / 64)  # the last segment's slope beyond
+    # observed 1.5x the calibration at 1 token, per expert: the learned scale follows
+    for _ in range(40):
+        cm.observe_cpu(experts=2, tokens=2, seconds=2 * 3e-3, shared=False)
+    assert cm.cpu_time(1) == pytest.approx(3e-3, rel=1e-3)
+    save_cached(tmp_path, cm)
+    back = load_cached(tmp_path, "k")
+    assert back.cpu_points == pts and back.cpu_time(1) == pytest.approx(2e-3)  # learned scales are not cached
+    assert "2.00 ms at 1 token (3.00 at 4, 8.00 at 16" in back.describe()
+    save_cached(tmp_path, CostModel("old", 1, (1e-3, 0.0), (0.0, 0.0), 1.0))  # a line fit from an older cadenza
+    assert load_cached(tmp_path, "old") is None  # measured again
+
+
 def test_fit_line():
     a, b = _fit_line([(1, 1.0 + 0.5), (10, 1.0 + 5.0), (100, 1.0 + 50.0)])
     assert abs(a - 1.0) < 1e-9 and abs(b - 0.5) < 1e-9

@@ -176,10 +176,10 @@ def test_reasons_it_is_off(path):
             assert (orch.streamed is not None) == streams, orch.streamed_reason
         assert "2.5x the link's time" in orch.streamed_reason
         orch.cpu_one_s = None  # not measured (CADENZA_CPU_PREFETCH forced): the cost model's
-        orch.cost = dataclasses.replace(cost, cpu_s=(3 * link, 0.0), alone_scale=1.0)
+        orch.cost = dataclasses.replace(cost, cpu_points=((1, 3 * link),), alone_scale=1.0)
         orch.choose_streamed()
         assert orch.streamed is None and "3.0x" in orch.streamed_reason
-        orch.cost = dataclasses.replace(cost, cpu_s=(0.5 * link, 0.0), alone_scale=1.0)
+        orch.cost = dataclasses.replace(cost, cpu_points=((1, 0.5 * link),), alone_scale=1.0)
         orch.options = dataclasses.replace(orch.options, prefetch=True)
         orch.choose_streamed()
         assert orch.streamed is None and "speculative prefetch" in orch.streamed_reason

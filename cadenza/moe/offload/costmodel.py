@@ -26,9 +26,15 @@ Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class CostModel:
     key: str
     expert_bytes: int
-    cpu_s: tuple[float, float]  # seconds = a + b * tokens, one expert on the CPU
+    cpu_s: tuple[float, float]  # seconds = a + b * tokens, one expert on the CPU (where cpu_points is empty)
     gpu_s: tuple[float, float]  # the same on the GPU
     h2d_gb_s: float  # pinned host -> GPU copy bandwidth, GB/s
+    # (tokens, seconds) of one expert as measured, interpolated between and extended along the last segment: the
+    # times are far from a line (the CPU's fused kernel below ~32 tokens, its matrix units above; the GPU's dots at
+    # a few tokens, a dequantized product beyond): a line through 1, 16 and 128 tokens put one token of a G1 expert
+    # at 9.6 ms on the box's CPU, where the engine's decode measured ~2.1 ms an expert
+    cpu_points: tuple[tuple[int, float], ...] = ()
+    gpu_points: tuple[tuple[int, float], ...] = ()
     # Learned while running (not cached): observed / calibrated CPU time, for CPU work alone and for CPU work
     # that shares DRAM with fetches. A CPU expert inside a decode step runs slower, and far more erratically,
     # than in a calibration loop.
@@ -41,8 +47,10 @@ class CostModel:
 
     def observe_cpu(self, experts: int, tokens: int, seconds: float, shared: bool) -> None:
         """Feeds one CPU job's measured time back (an exponential moving average of observed / predicted)."""
-        predicted = experts * self.cpu_s[0] + self.cpu_s[1] * tokens
-        if predicted <= 0 or experts == 0:
+        if experts == 0:
+            return
+        predicted = experts * self._cpu_base(tokens / experts)
+        if predicted <= 0:
             return
         r = seconds / predicted
         if shared:
@@ -50,12 +58,16 @@ class CostModel:
         else:
             self.alone_scale = 0.8 * self.alone_scale + 0.2 * r
 
+    def _cpu_base(self, n: float) -> float:
+        """One expert with n tokens on the CPU as calibrated (before the learned scales)."""
+        return _interpolate(self.cpu_points, n) if self.cpu_points else self.cpu_s[0] + self.cpu_s[1] * n
+
     def cpu_time(self, n: int, shared: bool = False) -> float:
         scale = self.shared_scale if shared and self.shared_scale is not None else self.alone_scale
-        return (self.cpu_s[0] + self.cpu_s[1] * n) * scale
+        return self._cpu_base(n) * scale
 
     def gpu_time(self, n: int) -> float:
-        return self.gpu_s[0] + self.gpu_s[1] * n
+        return _interpolate(self.gpu_points, n) if self.gpu_points else self.gpu_s[0] + self.gpu_s[1] * n
 
     def fetch_time(self, n: int) -> float:
         return self.expert_bytes / (self.h2d_gb_s * 1e9) + self.gpu_time(n)
@@ -131,9 +143,13 @@ class CostModel:
 
     def describe(self) -> str:
         cross = self.crossover_tokens()
+        at = [n for n, _ in self.cpu_points[1:]] or [128]
+        cpu = ", ".join(f"{1e3 * self.cpu_time(n):.2f} at {n}" for n in at)
+        at = [n for n, _ in self.gpu_points[1:]] or [2048]
+        gpu = ", ".join(f"{1e3 * self.gpu_time(n):.3f} at {n}" for n in at)
         return (
-            f"CPU expert {1e3 * self.cpu_time(1):.2f} ms at 1 token, +{1e6 * self.cpu_s[1]:.1f} us per token; "
-            f"GPU expert {1e3 * self.gpu_time(1):.3f} ms, +{1e6 * self.gpu_s[1]:.2f} us per token; "
+            f"CPU expert {1e3 * self.cpu_time(1):.2f} ms at 1 token ({cpu}); "
+            f"GPU expert {1e3 * self.gpu_time(1):.3f} ms ({gpu}); "
             f"host->GPU {self.h2d_gb_s:.1f} GB/s ({1e3 * self.expert_bytes / (self.h2d_gb_s * 1e9):.2f} ms per "
             f"expert); fetch beats CPU from {cross if cross else 'never (<=64k)'} tokens"
         )
@@ -141,9 +157,23 @@ class CostModel:
     def as_dict(self) -> dict:
         """What is cached: the calibration, not the scales learned in one run."""
         d = asdict(self)
+        d["cpu_points"] = [list(p) for p in self.cpu_points]
+        d["gpu_points"] = [list(p) for p in self.gpu_points]
         for learned in ("alone_scale", "shared_scale", "since_split"):
             d.pop(learned)
         return d
+
+
+def _interpolate(points: Sequence[tuple[int, float]], n: float) -> float:
+    """Seconds at n tokens from (tokens, seconds) measured at increasing token counts: the first below them,
+    linear between them, the last segment's slope (never negative) beyond them."""
+    if len(points) == 1 or n <= points[0][0]:
+        return points[0][1]
+    for (n0, t0), (n1, t1) in zip(points, points[1:], strict=False):
+        if n <= n1:
+            return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+    (n0, t0), (n1, t1) = points[-2], points[-1]
+    return t1 + max(0.0, (t1 - t0) / (n1 - n0)) * (n - n1)
 
 
 def _fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
@@ -175,8 +205,8 @@ def calibrate(
     act,
     device: torch.device,
     slot: Weights | None,
-    token_counts_cpu: Sequence[int] = (1, 16, 128),
-    token_counts_gpu: Sequence[int] = (1, 256, 2048),
+    token_counts_cpu: Sequence[int] = (1, 4, 16, 64, 128),
+    token_counts_gpu: Sequence[int] = (1, 8, 64, 256, 2048),
     cpu_run: Callable[[Weights, torch.Tensor], None] | None = None,
     gpu_run: Callable[[Weights, torch.Tensor], None] | None = None,
     hidden: int | None = None,
@@ -211,9 +241,10 @@ def calibrate(
         times.sort()
         cpu_points.append((n, times[len(times) // 2]))
     cpu_s = _fit_line(cpu_points)
+    points = tuple(cpu_points)
 
     if slot is None:
-        return CostModel(key, expert_bytes, cpu_s, (0.0, 0.0), 1e-9)
+        return CostModel(key, expert_bytes, cpu_s, (0.0, 0.0), 1e-9, cpu_points=points)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else nothing
 
@@ -229,7 +260,10 @@ def calibrate(
         x = torch.randn(n, hidden, dtype=dtype, device=device)
         run_gpu(slot, x)
         gpu_points.append((n, _time(lambda x=x: run_gpu(slot, x), sync, 3)))
-    return CostModel(key, expert_bytes, cpu_s, _fit_line(gpu_points), expert_bytes / h2d_s / 1e9)
+    h2d = expert_bytes / h2d_s / 1e9
+    return CostModel(
+        key, expert_bytes, cpu_s, _fit_line(gpu_points), h2d, cpu_points=points, gpu_points=tuple(gpu_points)
+    )
 
 
 def cost_model_path(cache_dir: Path) -> Path:
@@ -244,15 +278,29 @@ def load_cached(cache_dir: Path, key: str) -> CostModel | None:
     if not isinstance(entry, dict):
         return None
     try:
-        return CostModel(
-            key=entry["key"],
-            expert_bytes=int(entry["expert_bytes"]),
-            cpu_s=tuple(entry["cpu_s"]),
-            gpu_s=tuple(entry["gpu_s"]),
-            h2d_gb_s=float(entry["h2d_gb_s"]),
-        )
+        return from_dict(entry)
     except (KeyError, TypeError, ValueError):
-        return None  # an older or damaged entry: measure again
+        return None  # an older (no measured CPU points) or damaged entry: measure again
+
+
+def from_dict(entry: dict) -> CostModel:
+    """A cached entry (`CostModel.as_dict`) -> the model; KeyError / TypeError / ValueError if it is not one."""
+    points = tuple((int(n), float(s)) for n, s in entry["cpu_points"])
+    gpu = tuple((int(n), float(s)) for n, s in entry.get("gpu_points", ()))
+    for p in (points, gpu):
+        if any(b[0] <= a[0] for a, b in zip(p, p[1:], strict=False)):
+            raise ValueError("points must be measured at increasing token counts")
+    if not points:
+        raise ValueError("no CPU points: a line fit of an older cadenza")
+    return CostModel(
+        key=entry["key"],
+        expert_bytes=int(entry["expert_bytes"]),
+        cpu_s=tuple(entry["cpu_s"]),
+        gpu_s=tuple(entry["gpu_s"]),
+        h2d_gb_s=float(entry["h2d_gb_s"]),
+        cpu_points=points,
+        gpu_points=gpu,
+    )
 
 
 def save_cached(cache_dir: Path, model: CostModel) -> None:
