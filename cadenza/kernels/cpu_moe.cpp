@@ -1205,6 +1205,8 @@ int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const u
 //   [0] calls  [1] tokens  [2] pairs computed here  [3] pairs left to the GPU  [4] experts computed here (summed
 //   over calls)  [5] busy ns  [6] last nonzero return code  [7] experts left to the GPU (summed)
 //   [8, 8 + E)  routed pairs per expert (all of them: the live popularity)
+// An id e + E (E <= id < 2E) names expert e computed elsewhere (the GPU reading it from host memory): counted as
+// routed and left to the GPU, never computed here.
 //   [8 + E, 8 + E + 2 ring)  the last `ring` calls' [start, end) in CLOCK_MONOTONIC ns (Python's perf_counter_ns)
 // Stats only grow; a reader takes differences.
 
@@ -1243,10 +1245,12 @@ void cadenza_job_run(void* p) {
   std::vector<uint8_t> seen(j.E, 0);
   int64_t* per_expert = j.stats + 8;
   for (int64_t i = 0; i < int64_t(j.T) * j.k; ++i) {
-    const int64_t e = j.ids[i];
+    int64_t e = j.ids[i];
+    const bool elsewhere = e >= j.E && e < 2 * int64_t(j.E);
+    if (elsewhere) e -= j.E;
     if (e < 0 || e >= j.E) continue;
     ++per_expert[e];
-    if (!j.mask[e]) {
+    if (elsewhere || !j.mask[e]) {
       ++there;
       if (!seen[e]) ++resident;
       seen[e] = 1;

@@ -143,6 +143,70 @@ def test_emulated_streamed_equals_synchronising_path(path, fmt, dtype, monkeypat
         slow.close()
 
 
+def test_split_host_pairs_rule():
+    from cadenza.moe.offload.streamed import split_host_pairs
+
+    ids = torch.tensor([[5, 1, 7, 2], [0, 3, 4, 6], [2, 5, 1, 0]])
+    host = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    cpu, rows = split_host_pairs(ids, host, 0.5, 8)
+    # first floor(n / 2) host pairs of each token in routing order: 1 of 3, 0 of 0, 1 of 2
+    assert rows.dtype == torch.int32 and rows.tolist() == [[5, -1, -1, -1], [-1] * 4, [2, -1, -1, -1]]
+    assert cpu.tolist() == [[13, 1, 7, 2], [0, 3, 4, 6], [10, 5, 1, 0]]
+    assert split_host_pairs(ids, host, 1.0, 8)[1].tolist() == [[5, -1, 7, 2], [-1] * 4, [2, 5, -1, -1]]
+    assert split_host_pairs(ids, host, 0.0, 8)[0].tolist() == ids.tolist()
+
+
+def test_job_counts_pairs_taken_elsewhere():
+    layer = _layer("int4")
+    x, ids, w, y, stats = _buffers(1, torch.float32, 2)
+    mask = torch.ones(E, dtype=torch.uint8)
+    job = cpu_moe.job_new(layer, x, ids, w, mask, "silu", 2, y, stats, 2)
+    try:
+        x.copy_(torch.randn(1, H))
+        w.fill_(0.5)
+        ids.copy_(torch.tensor([[3, 1 + E]]))  # expert 1 taken by the GPU: counted, not computed
+        cpu_moe.job_run(job)
+        assert torch.equal(y, cpu_moe.moe_forward(layer, x, torch.tensor([[3, 1]]), w, [3], route="kernel", threads=2))
+        assert stats[2] == 1 and stats[3] == 1 and stats[4] == 1 and stats[7] == 1
+        assert stats[8 + 1] == 1 and stats[8 + 3] == 1
+    finally:
+        cpu_moe.job_free(job)
+
+
+@pytest.mark.parametrize("share", ["0.5", "1"])
+def test_emulated_zero_copy_share_equals_cpu_alone(path, share, monkeypatch):
+    """The GPU side taking a share of each token's host experts, read from their host tensors (on the emulated GPU
+    side: the tensors themselves), decodes what the CPU alone decodes."""
+    alone = _llm(path, "int4", "float32", residents=3)
+    monkeypatch.setenv("CADENZA_ZERO_COPY", share)
+    both = _llm(path, "int4", "float32", residents=3)
+    try:
+        assert both.orchestra.options.zero_copy == float(share) and both.orchestra.streamed is not None
+        prompts = [list(range(3, 9)), list(range(20, 31))]
+        want = alone.generate(prompts, GREEDY)
+        got = both.generate(prompts, GREEDY)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        one, ref = both.generate(prompts[0], GREEDY), alone.generate(prompts[0], GREEDY)
+        assert one.token_ids == ref.token_ids and one.stats.decode_syncs == 0
+        # fewer pairs on the CPU: at share 1 none at decode (the prompt's steps decide on the host)
+        assert one.stats.expert_work["cpu"] < ref.stats.expert_work["cpu"]
+        assert sum(one.stats.expert_work.values()) == sum(ref.stats.expert_work.values())
+        assert all(d is not None for d in both.orchestra.streamed.direct.values())
+    finally:
+        alone.close()
+        both.close()
+
+
+def test_zero_copy_share_is_checked(monkeypatch):
+    from cadenza import CadenzaError
+    from cadenza.moe.offload.options import OffloadOptions
+
+    for bad in ("2", "half", "-0.1"):
+        with pytest.raises(CadenzaError, match="CADENZA_ZERO_COPY"):
+            OffloadOptions().with_env({"CADENZA_ZERO_COPY": bad})
+    assert OffloadOptions().with_env({"CADENZA_ZERO_COPY": "0.25"}).zero_copy == 0.25
+
+
 def test_swaps_rewrite_the_mask(path, monkeypatch):
     fast = _llm(path, "int4", "float32", residents=5)
     monkeypatch.setenv("CADENZA_STREAM_CPU", "0")
@@ -341,3 +405,29 @@ def test_worker_block_in_a_graph_gives_job_run_bits(mapped_in, mapped_out):
         worker.close()
         cpu_moe.job_free(job)
         cpu_moe.job_free(ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts", ["bf16", "int4"])
+def test_zero_copy_share_in_graphs_on_the_device(path, experts, monkeypatch):
+    """The GPU reading a share of each token's host experts straight from pinned host memory (views through the
+    mapping) inside the decode graph, while the CPU computes the rest: the CPU-alone run's tokens, fewer CPU pairs."""
+    kw = dict(dtype="bfloat16", max_context=96, offload_policy="cpu", experts=experts, expert_cache=False)
+    probe = LLM(path, device="cuda", gpu_memory="8GiB", **kw)
+    p = probe.placement
+    probe.close()
+    kw["gpu_memory"] = p.always_bytes + p.kv_bytes + p.workspace_bytes + 3 * p.expert_bytes
+    alone = LLM(path, device="cuda", **kw)
+    monkeypatch.setenv("CADENZA_ZERO_COPY", "0.5")
+    both = LLM(path, device="cuda", **kw)
+    try:
+        prompt = [3, 4, 5, 6, 7]
+        want, got = alone.generate(prompt, GREEDY), both.generate(prompt, GREEDY)
+        streamed = both.orchestra.streamed
+        assert all(d is not None for d in streamed.direct.values()), streamed.zero_copy_reason
+        assert got.token_ids == want.token_ids and got.stats.decode_syncs == 0
+        assert got.stats.expert_work["cpu"] < want.stats.expert_work["cpu"]
+        assert both.engine.graphs.replays > 0
+    finally:
+        alone.close()
+        both.close()

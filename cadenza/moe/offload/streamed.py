@@ -29,6 +29,13 @@ into the Orchestra's counters and live popularity whenever they are read.
 
 Without CUDA (the emulated GPU side, "inline") the same job runs on the calling thread at the same point, so tests
 cover everything but the stream.
+
+Zero-copy share (`OffloadOptions.zero_copy`, CADENZA_ZERO_COPY=SHARE): of each token's n host pairs the GPU takes
+the first floor(share * n), in routing order, and computes them with the decode kernel reading the experts' tiles
+straight from pinned host memory through its mapping (no copy, no slot: the layer's host tensors are the kernel's
+stacks, indexed by expert id), while the CPU computes the others. The rule is computed on the device, so a graph
+replays it. A layer of Mixtral with two host experts then costs the longer of one expert on the CPU and one read
+over the link, not two on the CPU. The CPU's job sees a pair the GPU took as id + E: counted, not computed.
 """
 
 from __future__ import annotations
@@ -101,6 +108,8 @@ class StreamedCpu:
         self.jobs: dict[tuple, int] = {}
         self.slots: dict[tuple, int] = {}  # job key -> its slot in the handoff worker
         self.stream = torch.cuda.Stream(orch.device) if self.cuda else None
+        self.direct: dict[int, list | None] = {}  # layer -> its host tensors as zero-copy stacks (None: not had)
+        self.zero_copy_reason: str | None = None
         self.fn = cpu_moe.job_function()
         forced = orch.options.stream_cpu == "host"
         problem = handoff.probe(orch.device) if self.cuda and not forced else None
@@ -118,9 +127,14 @@ class StreamedCpu:
         nothing read back to the host: x [T, H], topk_ids / topk_weights [T, k] -> [T, H] (plus `shared()`)."""
         st = self._staging(x.shape[0], topk_ids.shape[1], x.dtype)
         key, job = self._job(layer, st)
+        direct = self._zero_copy_stacks(layer) if self.orch.options.zero_copy > 0 else None
+        ids_cpu, rows_direct = topk_ids, None
+        if direct is not None:
+            host = layer.row_lut[topk_ids] < 0
+            ids_cpu, rows_direct = split_host_pairs(topk_ids, host, self.orch.options.zero_copy, self.num_experts)
         if self.launch == "inline":  # the emulated GPU side: the same job, here and now
             st.x.copy_(x)
-            st.ids.copy_(topk_ids)
+            st.ids.copy_(ids_cpu)
             st.w.copy_(topk_weights)
             cpu_moe.job_run(job)
             y_cpu = st.y_dev
@@ -129,12 +143,12 @@ class StreamedCpu:
             self.stream.wait_stream(main)
             with torch.cuda.stream(self.stream):
                 if self.launch == "worker":
-                    st.put(x, topk_ids, topk_weights)
+                    st.put(x, ids_cpu, topk_weights)
                     self.memops.request(self.stream.cuda_stream, self.word, self._slot(key, job))
                     y_cpu = st.fetch()
                 else:
                     st.x.copy_(x, non_blocking=True)
-                    st.ids.copy_(topk_ids.to(torch.int64), non_blocking=True)
+                    st.ids.copy_(ids_cpu.to(torch.int64), non_blocking=True)
                     st.w.copy_(topk_weights.to(torch.float32), non_blocking=True)
                     rc = self.host_function(self.stream.cuda_stream, self.fn, job)
                     if rc != 0:
@@ -146,10 +160,35 @@ class StreamedCpu:
             y = layer.layout.decode(x, layer.row_lut[topk_ids], topk_weights, layer.stacks)
         else:
             y = torch.zeros_like(x)
+        if rows_direct is not None:  # the host experts the GPU took, read through the mapping
+            y = y + layer.layout.decode(x, rows_direct, topk_weights, direct)
         if self.cuda:
             main.wait_stream(self.stream)
         y = y + y_cpu.to(y.dtype)  # (the order of the offloaded path's sums, so both give the same bits)
         return y if y_shared is None else y + y_shared
+
+    def _zero_copy_stacks(self, layer) -> list | None:
+        """The layer's host tensors as the decode kernel's stacks (on CUDA: views through their device mapping), or
+        None where they cannot be had (then the CPU computes every host pair, and `zero_copy_reason` says why)."""
+        if layer.index in self.direct:
+            return self.direct[layer.index]
+        from cadenza.moe.offload.orchestra import host_tensors
+
+        stacks = None
+        tensors = host_tensors(layer.experts)
+        if not self.cuda:
+            stacks = tensors
+        elif self.orch.host_memory is None or not self.orch.host_memory.complete:
+            self.zero_copy_reason = "the host experts could not all be page-locked"
+        else:
+            try:
+                ops = self.memops if self.launch == "worker" else handoff.memops()
+                dev = self.orch.device
+                stacks = [None if t is None else handoff.device_view(ops, t.contiguous(), dev) for t in tensors]
+            except (RuntimeError, AttributeError) as e:
+                self.zero_copy_reason = f"the host experts could not be mapped for the GPU ({e})"
+        self.direct[layer.index] = stacks
+        return stacks
 
     def _staging(self, t: int, k: int, dtype: torch.dtype) -> _Staging | handoff.Block:
         key = (t, k, dtype)
@@ -236,3 +275,17 @@ class StreamedCpu:
             cpu_moe.job_free(job)
         self.jobs.clear()
         self.staging.clear()
+        self.direct.clear()
+
+
+def split_host_pairs(
+    topk_ids: torch.Tensor, host: torch.Tensor, share: float, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which host pairs the GPU computes reading host memory: the first floor(share * n) of each token's n host pairs
+    (host [T, k] bool), in routing order. -> (ids for the CPU's job, a taken pair's id + num_experts; rows [T, k]
+    int32 for the zero-copy decode, the expert's id where taken, else -1). Device ops only: a graph replays them."""
+    h = host.to(torch.int32)
+    take = host & (torch.cumsum(h, dim=1) <= torch.floor(h.sum(dim=1, keepdim=True) * share))
+    ids_cpu = torch.where(take, topk_ids + num_experts, topk_ids)
+    rows = torch.where(take, topk_ids, torch.full_like(topk_ids, -1)).to(torch.int32)
+    return ids_cpu, rows
