@@ -90,3 +90,12 @@ class PromptLogprobs:
                 )
             out["top_logprobs"] = rows
         return out
+
+
+def kl_and_agreement(base: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[float], list[bool]]:
+    """Per row of two models' log-probs [n, V] of the same positions: KL(base || this) = sum_v p_base (log p_base -
+    log p_this), summed in float64 (what llama.cpp's `llama-perplexity --kl-divergence` reports), and whether both
+    put the same token first."""
+    terms = base.exp().double() * (base.double() - logprobs.double())
+    kl = terms.sum(dim=-1).clamp_min(0).tolist()
+    return kl, (base.argmax(dim=-1) == logprobs.argmax(dim=-1)).tolist()

@@ -213,6 +213,8 @@ def score_text(llm, ids: list[int], spans, label: str, writer: LogprobWriter | N
     both pick the same most likely token."""
     import torch
 
+    from cadenza.scoring import kl_and_agreement
+
     nll, kl, same = [], [], []
     done = 0
     progress = Progress(label, len(spans))
@@ -231,10 +233,9 @@ def score_text(llm, ids: list[int], spans, label: str, writer: LogprobWriter | N
                         f"The baseline's log-probs have {base.shape[-1]} entries per token and this model's "
                         f"{logprobs.shape[-1]}: they come from different models."
                     )
-                # KL(base || this run) = sum_v p_base (log p_base - log p_this), in float64 for the sum
-                terms = base.exp().double() * (base.double() - logprobs.double())
-                kl.extend(terms.sum(dim=-1).clamp_min(0).tolist())
-                same.extend((base.argmax(dim=-1) == logprobs.argmax(dim=-1)).tolist())
+                k, s = kl_and_agreement(base, logprobs)
+                kl.extend(k)
+                same.extend(s)
             done += len(targets)
             progress.step()
     finally:

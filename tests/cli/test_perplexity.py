@@ -136,3 +136,27 @@ def test_run_prompt_logprobs(mixtral_dir):
     assert got["prompt_logprobs"]["top_logprobs"][1][0][:2] == pytest.approx(list(want.top_logprobs[1][0]), abs=1e-5)
     r = cli("run", "--model", path, *CPU, "-p", "Hi", "--prompt-logprobs", "1", "--max-tokens", "2")
     assert r.returncode == 0 and "id\ttoken\tlogprob\trank" in r.stderr
+
+
+def test_bench_perplexity_comparison_is_the_commands_math():
+    """The bench's quantization report (cadenza.bench.quant_error) states what `--baseline` states, computed the same
+    way: perplexities of both copies and the KL divergence per position, here against a direct computation."""
+    import math
+
+    import torch
+
+    from cadenza.bench.quant_error import perplexity_comparison
+
+    g = torch.Generator().manual_seed(0)
+    want = torch.randn(9, 50, generator=g)
+    got = want + 0.3 * torch.randn(9, 50, generator=g)
+    prompt = torch.randint(0, 50, (9,), generator=g).tolist()
+    out = perplexity_comparison(want, got, prompt)
+    p, q = torch.softmax(want[:-1].double(), -1), torch.softmax(got[:-1].double(), -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    nll = -torch.log_softmax(got[:-1].double(), -1)[range(8), prompt[1:]]
+    assert out["kl_divergence"]["mean"] == pytest.approx(kl.mean().item(), abs=1e-6)
+    assert out["kl_divergence"]["max"] == pytest.approx(kl.max().item(), abs=1e-6)
+    assert out["perplexity"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-4)
+    same = perplexity_comparison(want, want, prompt)
+    assert same["kl_divergence"]["max"] < 1e-9 and same["perplexity"] == same["baseline_perplexity"]
