@@ -38,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             action.default = DEFAULT_MAX_BATCH
             action.help = (
                 f"sequences decoded together, refilled as they finish (default {DEFAULT_MAX_BATCH}); on a GPU their "
-                "KV cache is reserved out of the budget: lower it (or --max-context) if experts must fit"
+                "KV cache is reserved out of the budget: `cadenza info --gpu-memory SIZE --throughput` says which "
+                "gives the most tokens per second"
             )
     p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="the requests, one JSON object per line")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the results, one JSON line per request")

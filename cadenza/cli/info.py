@@ -48,6 +48,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batch", type=int, default=1, help="sequences whose KV cache the placement reserves (default 1)"
     )
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="with --gpu-memory: the batch an offline job (cadenza batch) should run for prompts of --prompt-tokens "
+        "generating --max-tokens each, and the tokens per second a step's roofline gives it",
+    )
+    p.add_argument("--prompt-tokens", type=int, default=128, help="--throughput: tokens per prompt (default 128)")
+    p.add_argument("--max-tokens", type=int, default=128, help="--throughput: tokens generated each (default 128)")
     add_expert_args(p, cache=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -184,17 +192,74 @@ def offload_info(args: argparse.Namespace) -> dict:
             out["placement"]["expected_gpu_share"] = placement.expected_gpu_share(pop)
     import torch
 
-    from cadenza.graphs import StepGraphs
-
-    cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out["cuda_graphs"] = StepGraphs(meta, cuda).describe()  # what a run on this machine would do
     shape = f"expert {meta.config.hidden_size}x"
     try:
         models = json.loads((cache_dir() / "costmodel.json").read_text())
     except (OSError, ValueError):
         models = {}
     out["cost_models"] = {k: v for k, v in models.items() if shape in k and "emulated" not in k}
+    if getattr(args, "throughput", False):
+        out["throughput"] = throughput_info(args, meta, sizes, dtype, out["cost_models"])
+
+    from cadenza.graphs import StepGraphs
+
+    cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out["cuda_graphs"] = StepGraphs(meta, cuda).describe()  # what a run on this machine would do
     return out
+
+
+ASSUMED_H2D_GB_S = 25.0  # PCIe 4.0 x16's pinned copy rate, where no cost model was measured here
+ASSUMED_TOKEN_S = 1e-4  # a decode token's GPU and host work beside the transfers, where none was measured
+ASSUMED_STEP_S = 1e-2  # a decode step's cost whatever its batch (resident weights read, launches)
+ASSUMED_DRAM_GB_S = 80.0
+
+
+def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: dict) -> dict:
+    """`--throughput`: the batch plan (cadenza.moe.offload.throughput) for this model and budget, with the link
+    bandwidth and GPU times of the cost model measured here (per token: the largest-batch slope of its GPU expert
+    time; per step: its one-token time; each times top-k and the MoE layers), else assumed values, said so."""
+    from cadenza.llm import PREFILL_CHUNK
+    from cadenza.moe.offload import policy
+    from cadenza.moe.offload.costmodel import from_dict
+    from cadenza.moe.offload.planning import CUDA_MARGIN, workspace_bytes
+    from cadenza.moe.offload.throughput import plan_throughput
+    from cadenza.moe.placement import parse_size
+
+    if args.gpu_memory is None:
+        raise CadenzaError("--throughput plans a batch for a GPU budget. Add --gpu-memory SIZE (e.g. 24GiB).")
+    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            raise CadenzaError(f"{flag} {value} is not valid. Use a whole number of at least 1.")
+    context = args.prompt_tokens + args.max_tokens
+    k = getattr(meta.config, "num_experts_per_tok", 2)
+    h2d, per_token, per_step = ASSUMED_H2D_GB_S, ASSUMED_TOKEN_S, ASSUMED_STEP_S
+    source = "assumed: no cost model measured on this machine"
+    for key, entry in cost_models.items():
+        try:
+            cm = from_dict(entry)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if cm.h2d_gb_s > 1e-6 and len(cm.gpu_points) >= 2:
+            (n0, t0), (n1, t1) = cm.gpu_points[-2:]
+            per_token = max(0.0, (t1 - t0) / (n1 - n0)) * k * sizes.num_moe_layers
+            per_step = cm.gpu_time(1) * k * sizes.num_moe_layers
+            h2d, source = cm.h2d_gb_s, f"measured: {key}"
+            break
+    plan = plan_throughput(
+        sizes,
+        parse_size(args.gpu_memory, "--gpu-memory"),
+        workspace_bytes(meta.config, dtype, context, PREFILL_CHUNK, CUDA_MARGIN),
+        context,
+        k,
+        h2d,
+        per_token,
+        policy.fetch_slots("fetch", k),
+        source,
+        ASSUMED_DRAM_GB_S,
+        per_step,
+    )
+    return {**plan.as_dict(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+            "summary": plan.summary()}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -247,5 +312,12 @@ def run(args: argparse.Namespace) -> int:
             lines.append("              measured by an older cadenza: measured again at the next offloaded run")
     if not d["cost_models"]:
         lines.append("cost model    not measured on this machine yet (measured at the first offloaded run)")
+    if "throughput" in d:
+        t = d["throughput"]
+        lines.append(f"throughput    {t['prompt_tokens']} + {t['max_tokens']} tokens a prompt: {t['summary']}")
+        lines.append(
+            f"              run it: cadenza batch --max-batch {t['max_batch']} (KV cache on the GPU); with the KV "
+            f"cache on the host and attention on the CPU (not built) the same step could hold ~{t['host_kv_batch']}"
+        )
     print("\n".join(lines))
     return 0

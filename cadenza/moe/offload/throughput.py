@@ -1,0 +1,139 @@
+"""The batch size of an offline job (`cadenza batch`, `generate(mode="throughput")`): a roofline of one decode step.
+
+With many sequences decoding together, every layer's non-resident experts are wanted by some token at nearly every
+step, so a step moves them over the link once (the fetch path, whatever the batch) and the tokens per second grow
+with the batch until the link time is shared by enough tokens. The GPU's memory is split between the KV cache of the
+batch (each sequence's whole context) and resident experts (fewer bytes over the link): `plan_throughput` weighs
+every batch size, each with the residents its leftover memory holds, by
+
+    step(b) = link bytes(b) / link bandwidth + per-step time + b x per-token time,
+    link bytes(b) = sum over layers of non-resident experts x P(an expert is wanted by one of b tokens),
+
+P = 1 - (1 - k / E)^b under even routing, and picks the batch with the most tokens per second. The per-step time
+is what a step costs whatever its batch (reading the resident weights, launches); the per-token time what each row
+adds (its KV reads, expert products, sampling); both given by the caller (measured or assumed: the plan says
+which). This is the schedule cadenza runs today, KV cache on the GPU;
+MoE-Lightning's (KV cache in host memory, attention on the CPU) would lift the batch past the GPU's memory, and
+`host_kv_batch` says how far the same step time would let it go (not built).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from cadenza.errors import CadenzaError
+from cadenza.moe.placement import ModelSizes, format_size
+
+MAX_BATCH = 4096  # batches weighed at most (a decode step of more rows is a prefill-sized chunk)
+
+
+@dataclass(frozen=True)
+class ThroughputPlan:
+    max_batch: int
+    resident_experts: int
+    total_experts: int
+    kv_bytes: int  # the batch's KV cache on the GPU
+    link_bytes_per_step: int
+    step_s: float
+    tok_s: float  # modeled, generated tokens per second over the job's decode
+    link_bound_share: float  # of the step, the link's
+    h2d_gb_s: float
+    per_token_s: float
+    per_step_s: float
+    source: str  # where the bandwidth and times came from
+    host_kv_batch: int  # the batch a host-KV schedule could run at the same step time (the CPU reads the KV)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"batch {self.max_batch} (KV cache {format_size(self.kv_bytes)}), resident {self.resident_experts}/"
+            f"{self.total_experts} experts; a step moves {format_size(self.link_bytes_per_step)} over the link at "
+            f"{self.h2d_gb_s:.1f} GB/s ({self.source}): ~{self.step_s * 1e3:.0f} ms, ~{self.tok_s:.0f} tok/s "
+            f"(link {self.link_bound_share:.0%} of the step)"
+        )
+
+
+def plan_throughput(
+    sizes: ModelSizes,
+    budget_bytes: int,
+    workspace_bytes: int,
+    context_tokens: int,
+    top_k: int,
+    h2d_gb_s: float,
+    per_token_s: float,
+    fetch_slots: int,
+    source: str = "given",
+    dram_gb_s: float = 0.0,
+    per_step_s: float = 0.0,
+) -> ThroughputPlan:
+    """The batch with the most modeled tokens per second (module doc) for sequences of `context_tokens` (prompt +
+    new tokens) in a GPU budget of `budget_bytes`, of which `workspace_bytes` go to activations and `fetch_slots`
+    experts' bytes to fetch slots. dram_gb_s: the host's read bandwidth, for `host_kv_batch` (0: not given)."""
+    if context_tokens < 1 or top_k < 1 or h2d_gb_s <= 0 or per_token_s < 0 or per_step_s < 0:
+        raise ValueError("plan_throughput needs context_tokens, top_k >= 1, h2d_gb_s > 0, per-token/step times >= 0")
+    per_layer = sizes.layer_bytes()
+    total = sizes.num_experts * sizes.num_moe_layers
+    fixed = sizes.always_bytes + workspace_bytes + fetch_slots * sizes.expert_bytes
+    per_seq = context_tokens * sizes.kv_bytes_per_token
+    if budget_bytes - fixed < per_seq:
+        need = fixed + per_seq
+        raise CadenzaError(
+            f"--gpu-memory {format_size(budget_bytes)} is too small for one sequence of {context_tokens} tokens: the "
+            f"parts that must be on the GPU need {format_size(need)} (weights {format_size(sizes.always_bytes)}, "
+            f"workspace {format_size(workspace_bytes)}, fetch slots {format_size(fetch_slots * sizes.expert_bytes)}, "
+            f"KV cache {format_size(per_seq)}). Raise the budget or shorten the prompts / max_tokens."
+        )
+    e, k = sizes.num_experts, min(top_k, sizes.num_experts)
+    best = None
+    for b in range(1, MAX_BATCH + 1):
+        room = budget_bytes - fixed - b * per_seq
+        if room < 0:
+            break
+        residents = _even_residents(room, per_layer, e)
+        wanted = 1.0 - (1.0 - k / e) ** b if e else 0.0
+        link = sum((e - r) * size for r, size in zip(residents, per_layer, strict=True)) * wanted
+        step = link / (h2d_gb_s * 1e9) + per_step_s + b * per_token_s
+        rate = b / step if step > 0 else float("inf")
+        if best is None or rate > best[0] * 1.001:  # (the smallest batch within 0.1% of the best)
+            best = (rate, b, sum(residents), link, step)
+    rate, b, resident, link, step = best
+    link_s = link / (h2d_gb_s * 1e9)
+    host_b = b
+    if dram_gb_s > 0 and per_seq > 0:  # attention on the CPU: each step reads every sequence's KV once
+        host_b = max(b, int(link_s * dram_gb_s * 1e9 // per_seq))
+    return ThroughputPlan(
+        max_batch=b,
+        resident_experts=resident,
+        total_experts=total,
+        kv_bytes=b * per_seq,
+        link_bytes_per_step=int(link),
+        step_s=step,
+        tok_s=rate,
+        link_bound_share=link_s / step if step > 0 else 0.0,
+        h2d_gb_s=h2d_gb_s,
+        per_token_s=per_token_s,
+        per_step_s=per_step_s,
+        source=source,
+        host_kv_batch=host_b,
+    )
+
+
+def _even_residents(room: int, per_layer: list[int], experts: int) -> list[int]:
+    """Residents per layer when `room` bytes are spread evenly: whole rounds over the layers, then the first
+    layers one more each while the room lasts."""
+    out = [0] * len(per_layer)
+    round_bytes = sum(per_layer)
+    if round_bytes == 0:
+        return out
+    full = min(experts, room // round_bytes)
+    out = [full] * len(per_layer)
+    room -= full * round_bytes
+    if full < experts:
+        for i, size in enumerate(per_layer):
+            if size > room:
+                break
+            out[i] += 1
+            room -= size
+    return out

@@ -1,0 +1,84 @@
+"""The offline job's batch plan (cadenza.moe.offload.throughput): a pure function of sizes, budget and bandwidths,
+and `cadenza info --throughput`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cadenza import CadenzaError
+from cadenza.moe.offload.throughput import plan_throughput
+from cadenza.moe.placement import ModelSizes
+
+GiB = 2**30
+# Mixtral-8x7B-like with int4 experts: 32 layers of 8 experts of 90 MB, 128 KiB of KV cache a token
+MIXTRAL = ModelSizes(
+    always_bytes=3 * GiB, kv_bytes_per_token=128 * 1024, expert_bytes=90_000_000, num_moe_layers=32, num_experts=8
+)
+
+
+def plan(budget_gib=24, context=256, h2d=54.0, per_token=1e-4, per_step=0.01, **kw):
+    return plan_throughput(
+        MIXTRAL, int(budget_gib * GiB), GiB, context, 2, h2d, per_token, 2, per_step_s=per_step, **kw
+    )
+
+
+def test_the_batch_fills_the_gpu_with_kv_when_the_link_dominates():
+    p = plan()
+    # every step moves (nearly) every non-resident expert once: the batch is as large as the KV cache allows
+    room = 24 * GiB - 3 * GiB - GiB - 2 * 90_000_000
+    per_seq = 256 * 128 * 1024
+    assert p.max_batch > 0.8 * room // per_seq and p.kv_bytes == p.max_batch * per_seq
+    assert p.kv_bytes + p.resident_experts * 90_000_000 <= room
+    assert p.link_bound_share > 0.5 and p.tok_s == pytest.approx(p.max_batch / p.step_s)
+    assert p.link_bytes_per_step <= (256 - p.resident_experts) * 90_000_000
+    # its rate is the best of every batch: one more or one less sequence is not faster
+    assert "batch" in p.summary() and "tok/s" in p.summary()
+
+
+def test_the_link_and_the_tokens_share_the_step():
+    slow_link, fast_link = plan(h2d=10.0), plan(h2d=500.0)
+    assert slow_link.tok_s < fast_link.tok_s and slow_link.link_bound_share > fast_link.link_bound_share
+    heavy = plan(per_token=5e-3)  # each token costs more than its share of the link
+    assert heavy.tok_s < plan().tok_s and heavy.link_bound_share < 0.5 < plan().link_bound_share
+    # everything resident (48 GiB): no link time; the per-step cost is shared by as many rows as the KV cache holds
+    roomy = plan(budget_gib=48)
+    assert roomy.resident_experts == 256 and roomy.link_bytes_per_step == 0 and roomy.max_batch > 100
+
+
+def test_longer_sequences_hold_fewer_and_more_memory_holds_more():
+    short, long = plan(context=256), plan(context=2048)
+    assert long.max_batch < short.max_batch
+    # more memory is never slower (every smaller budget's choice is still open), and past the experts' bytes it
+    # keeps them all resident and grows the batch
+    rates = [plan(budget_gib=g).tok_s for g in (24, 26, 30, 36)]
+    assert rates == sorted(rates) and plan(budget_gib=36).max_batch > plan(budget_gib=30).max_batch
+
+
+def test_host_kv_batch_reports_what_cpu_attention_would_allow():
+    p = plan(dram_gb_s=100.0)
+    assert p.host_kv_batch >= p.max_batch
+    assert plan(dram_gb_s=0.0).host_kv_batch == plan().max_batch
+
+
+def test_a_budget_without_room_for_one_sequence_is_refused_with_the_numbers():
+    with pytest.raises(CadenzaError, match="too small for one sequence of 256 tokens"):
+        plan(budget_gib=4)
+    with pytest.raises(ValueError):
+        plan(h2d=0.0)
+
+
+def test_info_throughput(mixtral_dir):
+    from tests.cli.test_cli import cli
+
+    path = str(mixtral_dir[0])
+    r = cli("info", "--model", path, "--gpu-memory", "1GiB", "--throughput", "--json", "--max-tokens", "32")
+    assert r.returncode == 0, r.stderr
+    t = json.loads(r.stdout)["throughput"]
+    assert t["max_batch"] >= 1 and t["max_tokens"] == 32 and t["tok_s"] > 0
+    assert t["source"].startswith(("assumed", "measured"))
+    text = cli("info", "--model", path, "--gpu-memory", "1GiB", "--throughput").stdout
+    assert "throughput" in text and f"cadenza batch --max-batch {t['max_batch']}" in text
+    bad = cli("info", "--model", path, "--throughput")
+    assert bad.returncode != 0 and "--gpu-memory" in bad.stderr
