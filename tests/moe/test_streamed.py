@@ -173,13 +173,14 @@ def test_job_counts_pairs_taken_elsewhere():
         cpu_moe.job_free(job)
 
 
-@pytest.mark.parametrize("share", ["0.5", "1"])
-def test_emulated_zero_copy_share_equals_cpu_alone(path, share, monkeypatch):
+@pytest.mark.parametrize(("fmt", "dtype", "share"), [("int4", "float32", "0.5"), ("int4", "float32", "1"),
+                                                     ("bf16", "bfloat16", "0.5")])  # fmt: skip
+def test_emulated_zero_copy_share_equals_cpu_alone(path, fmt, dtype, share, monkeypatch):
     """The GPU side taking a share of each token's host experts, read from their host tensors (on the emulated GPU
     side: the tensors themselves), decodes what the CPU alone decodes."""
-    alone = _llm(path, "int4", "float32", residents=3)
+    alone = _llm(path, fmt, dtype, residents=3)
     monkeypatch.setenv("CADENZA_ZERO_COPY", share)
-    both = _llm(path, "int4", "float32", residents=3)
+    both = _llm(path, fmt, dtype, residents=3)
     try:
         assert both.orchestra.options.zero_copy == float(share) and both.orchestra.streamed is not None
         prompts = [list(range(3, 9)), list(range(20, 31))]

@@ -176,7 +176,11 @@ class StreamedCpu:
 
         stacks = None
         tensors = host_tensors(layer.experts)
-        if not self.cuda:
+        e = layer.experts.num_experts
+        shapes = [None if t is None else ((e, *t.shape[1:]), t.dtype) for t in tensors]
+        if shapes != [((e, *shape), dtype) for shape, dtype in layer.parts]:  # the residents' stacks, row for row
+            self.zero_copy_reason = "the host tensors are not stacks of the experts' parts"
+        elif not self.cuda:
             stacks = tensors
         elif self.orch.host_memory is None or not self.orch.host_memory.complete:
             self.zero_copy_reason = "the host experts could not all be page-locked"
