@@ -269,8 +269,8 @@ class Engine:
 
         self.graphs = StepGraphs(model, device, orchestra, cuda_graphs)  # decode steps (or why not: .reason)
         # While a decode step's CPU experts run, this thread would wait for the logits spinning in CUDA's default
-        # wait, on a core the expert kernel's threads (one a physical core) need: on the box, G1 at 24 GiB decoded
-        # 25.8 tok/s with the kernel on 15 threads against 19.6 on 16. It sleeps in a blocking event instead.
+        # wait, on a core the expert kernel's threads could use: it sleeps in a blocking event instead (tens of
+        # microseconds to wake, against steps of tens of milliseconds).
         self._step_done = torch.cuda.Event(blocking=True) if orchestra is not None and device.type == "cuda" else None
 
     def cache_for(self, slots: int, length: int):

@@ -332,6 +332,8 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
     orch = cut.llm.orchestra
     if orch is not None:  # how the decode layers hand the CPU its share (cadenza.moe.offload.streamed)
         out["cpu_launch"] = "stream" if orch.streamed is not None else f"host sync per layer ({orch.streamed_reason})"
+        # the expert kernel's threads and torch's intra-op threads in this process (rows differ by either)
+        out["threads"] = {"cpu_experts": orch.worker.threads, "torch": torch.get_num_threads()}
         if orch.streamed is not None:  # how the stream hands a layer over: the worker thread or a host function
             out["cpu_handoff"] = {"launch": orch.streamed.launch, "reason": orch.streamed.launch_reason}
             if orch.options.zero_copy > 0:  # CADENZA_ZERO_COPY: the GPU's share of each token's host experts
