@@ -336,9 +336,10 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         out["threads"] = {"cpu_experts": orch.worker.threads, "torch": torch.get_num_threads()}
         if orch.streamed is not None:  # how the stream hands a layer over: the worker thread or a host function
             out["cpu_handoff"] = {"launch": orch.streamed.launch, "reason": orch.streamed.launch_reason}
-            if orch.options.zero_copy > 0:  # CADENZA_ZERO_COPY: the GPU's share of each token's host experts
+            if orch.options.zero_copy != 0:  # CADENZA_ZERO_COPY: the GPU's share of each token's host experts
                 s = orch.streamed
-                out["zero_copy"] = {"share": orch.options.zero_copy, "unavailable": s.zero_copy_reason}
+                asked = "auto" if orch.options.zero_copy is None else orch.options.zero_copy
+                out["zero_copy"] = {"asked": asked, "share": orch.zero_copy_share, "unavailable": s.zero_copy_reason}
     if args.profile_step and cfg.new_tokens > 1 and not out.get("skipped"):
         from cadenza.bench.step_profile import profile_decode
 

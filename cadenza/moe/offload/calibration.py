@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from cadenza.moe.offload import costmodel
+from cadenza.moe.offload import costmodel, policy
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,18 @@ def calibrate(orch, device: torch.device, dtype: torch.dtype) -> None:
         log.info("measured in %.1f s: %s", time.perf_counter() - t0, cost.describe())
     orch.cost = cost
     orch.choose_streamed()  # auto streams its decode layers where the CPU is not much slower than the link
+    if orch.options.zero_copy is None and orch.streamed is not None:  # CADENZA_ZERO_COPY=auto
+        direct = orch.streamed.measure_direct(orch.reference, dtype)
+        cpu = orch.cpu_one_s if orch.cpu_one_s is not None else cost.cpu_time(1)
+        orch.zero_copy_share = policy.zero_copy_share(cpu, direct) if direct is not None else 0.0
+        orch.version += 1  # captured steps took the old share
+        log.info(
+            "zero-copy: one expert %.2f ms on the CPU, %s reading host memory from the GPU: the GPU takes %.0f%% of "
+            "each token's host experts",
+            cpu * 1e3,
+            f"{direct * 1e3:.2f} ms" if direct is not None else "unavailable",
+            100 * orch.zero_copy_share,
+        )
 
 
 def tune_prefetch(orch, key: str, dtype: torch.dtype) -> None:

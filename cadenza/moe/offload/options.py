@@ -10,7 +10,7 @@ one place, `OffloadOptions.with_env`:
 | CADENZA_CPU_KERNEL=0 | cpu_kernel | PyTorch's products instead of the fused CPU kernel (bf16 experts) |
 | CADENZA_GPU_KERNEL=0 | gpu_kernel | per-expert products instead of the indexed decode kernels (plain experts) |
 | CADENZA_CPU_PREFETCH=BYTES | cpu_prefetch | the CPU kernel's software prefetch distance, instead of measuring it |
-| CADENZA_ZERO_COPY=SHARE | zero_copy | in graph decode, the share (0-1) of each token's host experts the GPU computes reading their weights from pinned host memory while the CPU computes the rest (default 0: the CPU computes all) |
+| CADENZA_ZERO_COPY=SHARE / auto | zero_copy | in graph decode, the share (0-1) of each token's host experts the GPU computes reading their weights from pinned host memory while the CPU computes the rest; auto: the share at which both finish together, measured at load (default 0: the CPU computes all) |
 """  # noqa: E501
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class OffloadOptions:
     cpu_kernel: bool = True
     gpu_kernel: bool = True
     cpu_prefetch: int | None = None
-    zero_copy: float = 0.0
+    zero_copy: float | None = 0.0  # None: measured (auto)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -52,7 +52,7 @@ class OffloadOptions:
         t = self.cpu_threads
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise CadenzaError(f"cpu_threads={t!r} is not valid. Use a whole number of at least 1.")
-        if not 0.0 <= self.zero_copy <= 1.0:
+        if self.zero_copy is not None and not 0.0 <= self.zero_copy <= 1.0:
             raise CadenzaError(f"zero_copy={self.zero_copy!r} is not a share. Give a number from 0 to 1.")
 
     def with_policy(self, policy: str) -> OffloadOptions:
@@ -80,13 +80,16 @@ class OffloadOptions:
                 raise CadenzaError(f"CADENZA_CPU_PREFETCH={forced!r}: give a distance in bytes (0 turns it off).")
             changes["cpu_prefetch"] = int(forced)
         share = env.get("CADENZA_ZERO_COPY")
-        if share is not None:
+        if share == "auto":
+            changes["zero_copy"] = None
+        elif share is not None:
             try:
                 changes["zero_copy"] = float(share)
             except ValueError:
                 changes["zero_copy"] = -1.0  # refused below, with the fix
             if not 0.0 <= changes["zero_copy"] <= 1.0:
                 raise CadenzaError(
-                    f"CADENZA_ZERO_COPY={share!r}: give the GPU's share of each token's host experts, from 0 to 1."
+                    f"CADENZA_ZERO_COPY={share!r}: give the GPU's share of each token's host experts, from 0 to 1, "
+                    "or auto."
                 )
         return dataclasses.replace(self, **changes) if changes else self

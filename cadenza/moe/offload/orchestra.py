@@ -101,6 +101,9 @@ class Orchestra:
         # one expert at one token on the CPU with it (None: not measured)
         self.cpu_prefetch = 0
         self.cpu_one_s: float | None = None
+        # the GPU's share of each token's host experts, read from host memory in graph decode (streamed.py): the
+        # option's, or under "auto" measured by calibration (0 until then)
+        self.zero_copy_share = self.options.zero_copy or 0.0
         self.recorder = None  # cadenza.graphs.Recorder while a decode step is captured (`recording`)
         # bumped by each apply() (through choose_streamed): captured steps refer to the resident tensors of one
         # placement and to one way of running the host's layers

@@ -78,6 +78,14 @@ def fetch_slots(policy: str, top_k: int) -> int:
     return 0 if policy == "cpu" else max(2, top_k)
 
 
+def zero_copy_share(cpu_s: float, direct_s: float) -> float:
+    """The share of a token's host experts the GPU should compute reading host memory (the rest on the CPU) so both
+    finish together: n s direct_s = n (1 - s) cpu_s, from one expert's time on each side at one token."""
+    if cpu_s <= 0 or direct_s <= 0:
+        return 0.0
+    return cpu_s / (cpu_s + direct_s)
+
+
 def prefetch_on(options: OffloadOptions) -> bool:
     """Speculative prefetch: as asked, by default with the fetch policy only (auto and cpu compute most misses on
     the CPU, where a guessed copy is wasted link time)."""

@@ -30,7 +30,8 @@ into the Orchestra's counters and live popularity whenever they are read.
 Without CUDA (the emulated GPU side, "inline") the same job runs on the calling thread at the same point, so tests
 cover everything but the stream.
 
-Zero-copy share (`OffloadOptions.zero_copy`, CADENZA_ZERO_COPY=SHARE): of each token's n host pairs the GPU takes
+Zero-copy share (`Orchestra.zero_copy_share`: CADENZA_ZERO_COPY=SHARE, or auto: `measure_direct` and
+`policy.zero_copy_share` at calibration): of each token's n host pairs the GPU takes
 the first floor(share * n), in routing order, and computes them with the decode kernel reading the experts' tiles
 straight from pinned host memory through its mapping (no copy, no slot: the layer's host tensors are the kernel's
 stacks, indexed by expert id), while the CPU computes the others. The rule is computed on the device, so a graph
@@ -127,11 +128,12 @@ class StreamedCpu:
         nothing read back to the host: x [T, H], topk_ids / topk_weights [T, k] -> [T, H] (plus `shared()`)."""
         st = self._staging(x.shape[0], topk_ids.shape[1], x.dtype)
         key, job = self._job(layer, st)
-        direct = self._zero_copy_stacks(layer) if self.orch.options.zero_copy > 0 else None
+        share = self.orch.zero_copy_share
+        direct = self._zero_copy_stacks(layer) if share > 0 else None
         ids_cpu, rows_direct = topk_ids, None
         if direct is not None:
             host = layer.row_lut[topk_ids] < 0
-            ids_cpu, rows_direct = split_host_pairs(topk_ids, host, self.orch.options.zero_copy, self.num_experts)
+            ids_cpu, rows_direct = split_host_pairs(topk_ids, host, share, self.num_experts)
         if self.launch == "inline":  # the emulated GPU side: the same job, here and now
             st.x.copy_(x)
             st.ids.copy_(ids_cpu)
@@ -166,6 +168,29 @@ class StreamedCpu:
             main.wait_stream(self.stream)
         y = y + y_cpu.to(y.dtype)  # (the order of the offloaded path's sums, so both give the same bits)
         return y if y_shared is None else y + y_shared
+
+    def measure_direct(self, layer, dtype: torch.dtype, experts: int = 6) -> float | None:
+        """Seconds for the GPU side to compute one of `layer`'s experts at one token reading it from host memory
+        (the best of a few, each a different expert, so no cache holds it), or None where it cannot."""
+        import time
+
+        stacks = self._zero_copy_stacks(layer)
+        if stacks is None:
+            return None
+        dev, n = self.orch.device, layer.experts.num_experts
+        x = torch.randn(1, self.orch.hidden, dtype=dtype, device=dev)
+        w = torch.ones(1, 1, dtype=torch.float32, device=dev)
+        sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        layer.layout.decode(x, torch.zeros(1, 1, dtype=torch.int32, device=dev), w, stacks)  # compiled, warm
+        best = float("inf")
+        for e in range(1, min(n, experts + 1)):
+            rows = torch.full((1, 1), e, dtype=torch.int32, device=dev)
+            sync()
+            t0 = time.perf_counter()
+            layer.layout.decode(x, rows, w, stacks)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     def _zero_copy_stacks(self, layer) -> list | None:
         """The layer's host tensors as the decode kernel's stacks (on CUDA: views through their device mapping), or
