@@ -332,6 +332,7 @@ def test_streamed_decode_in_graphs_on_the_device(path, experts, launch, monkeypa
         assert streamed is not None, fast.orchestra.streamed_reason
         assert streamed.launch == launch, streamed.launch_reason
         assert eager.orchestra.streamed.launch == launch and slow.orchestra.streamed is None
+        assert fast.engine._step_done is not None  # decode waits for its logits asleep, not spinning a core
         prompt = [3, 4, 5, 6, 7]
         want = slow.generate(prompt, GREEDY)
         for llm in (fast, eager):
