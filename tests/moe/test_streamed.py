@@ -149,11 +149,16 @@ def test_split_host_pairs_rule():
     ids = torch.tensor([[5, 1, 7, 2], [0, 3, 4, 6], [2, 5, 1, 0]])
     host = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
     cpu, rows = split_host_pairs(ids, host, 0.5, 8)
-    # first floor(n / 2) host pairs of each token in routing order: 1 of 3, 0 of 0, 1 of 2
+    # equal speeds: half of each token's host pairs in routing order, the CPU keeping a tie (1 of 3, 0 of 0, 1 of 2)
     assert rows.dtype == torch.int32 and rows.tolist() == [[5, -1, -1, -1], [-1] * 4, [2, -1, -1, -1]]
     assert cpu.tolist() == [[13, 1, 7, 2], [0, 3, 4, 6], [10, 5, 1, 0]]
     assert split_host_pairs(ids, host, 1.0, 8)[1].tolist() == [[5, -1, 7, 2], [-1] * 4, [2, 5, -1, -1]]
     assert split_host_pairs(ids, host, 0.0, 8)[0].tolist() == ids.tolist()
+    # the GPU 1.38x slower than the CPU (share 0.42): of 2 host pairs it takes 1 (max(1.38, 1) < 2), of 1 none,
+    # of 3 one (max(1.38, 2) < max(2.76, 1))
+    one = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    taken = (split_host_pairs(ids, one, 0.42, 8)[1] >= 0).sum(dim=1).tolist()
+    assert taken == [1, 0, 1]
 
 
 def test_job_counts_pairs_taken_elsewhere():

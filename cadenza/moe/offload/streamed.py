@@ -31,12 +31,13 @@ Without CUDA (the emulated GPU side, "inline") the same job runs on the calling 
 cover everything but the stream.
 
 Zero-copy share (`Orchestra.zero_copy_share`: CADENZA_ZERO_COPY=SHARE, or auto: `measure_direct` and
-`policy.zero_copy_share` at calibration): of each token's n host pairs the GPU takes
-the first floor(share * n), in routing order, and computes them with the decode kernel reading the experts' tiles
-straight from pinned host memory through its mapping (no copy, no slot: the layer's host tensors are the kernel's
-stacks, indexed by expert id), while the CPU computes the others. The rule is computed on the device, so a graph
-replays it. A layer of Mixtral with two host experts then costs the longer of one expert on the CPU and one read
-over the link, not two on the CPU. The CPU's job sees a pair the GPU took as id + E: counted, not computed.
+`policy.zero_copy_share` at calibration): of each token's n host pairs the GPU takes the first m in routing order
+(m next to share * n, whichever ends the layer sooner: `split_host_pairs`) and computes them with the decode kernel
+reading the experts' tiles straight from pinned host memory through its mapping (no copy, no slot: the layer's host
+tensors are the kernel's stacks, indexed by expert id), while the CPU computes the others. The rule is computed on
+the device, so a graph replays it. A layer of Mixtral with two host experts then costs the longer of one expert on
+the CPU and one read over the link, not two on the CPU. The CPU's job sees a pair the GPU took as id + E:
+counted, not computed.
 """
 
 from __future__ import annotations
@@ -310,11 +311,20 @@ class StreamedCpu:
 def split_host_pairs(
     topk_ids: torch.Tensor, host: torch.Tensor, share: float, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which host pairs the GPU computes reading host memory: the first floor(share * n) of each token's n host pairs
-    (host [T, k] bool), in routing order. -> (ids for the CPU's job, a taken pair's id + num_experts; rows [T, k]
-    int32 for the zero-copy decode, the expert's id where taken, else -1). Device ops only: a graph replays them."""
+    """Which host pairs the GPU computes reading host memory: of each token's n host pairs (host [T, k] bool), the
+    first m in routing order, m the whole number next to share * n (below or above) whose slower side finishes
+    first, share being what the GPU would take of a divisible load (one expert costs the GPU (1 - share) / share of
+    the CPU's time): 2 pairs at share 0.42 -> 1, 1 pair -> 0. -> (ids for the CPU's job, a taken pair's id +
+    num_experts; rows [T, k] int32 for the zero-copy decode, the expert's id where taken, else -1). Device ops only:
+    a graph replays them."""
     h = host.to(torch.int32)
-    take = host & (torch.cumsum(h, dim=1) <= torch.floor(h.sum(dim=1, keepdim=True) * share))
+    n = h.sum(dim=1, keepdim=True).to(torch.float32)
+    lo = torch.floor(n * share)
+    hi = torch.minimum(lo + 1, n)
+    ratio = (1.0 - share) / share if share > 0 else float("inf")  # the GPU's time for one expert, in CPU times
+    cost = lambda m: torch.maximum(m * ratio, n - m)  # noqa: E731
+    m = torch.where(cost(hi) < cost(lo), hi, lo)
+    take = host & (torch.cumsum(h, dim=1) <= m)
     ids_cpu = torch.where(take, topk_ids + num_experts, topk_ids)
     rows = torch.where(take, topk_ids, torch.full_like(topk_ids, -1)).to(torch.int32)
     return ids_cpu, rows
