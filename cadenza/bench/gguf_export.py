@@ -57,11 +57,13 @@ from cadenza.formats.gguf import import_gguf
 
 # expert format -> the GGUF block format of the file's experts: cadenza's int8 / int4 measured as Q8_0 / Q4_0, and
 # q4_k_m (GGUF only: cadenza loads the file itself) for the G scenarios
-EXPERT_QTYPE = {"int8": "Q8_0", "int4": "Q4_0", "q4_k_m": "Q4_K_M", "mxfp4": "MXFP4"}
+# f16: the synthetic weights themselves, for a baseline the other formats are compared with (cadenza perplexity)
+EXPERT_QTYPE = {"int8": "Q8_0", "int4": "Q4_0", "q4_k_m": "Q4_K_M", "mxfp4": "MXFP4", "f16": "F16"}
 # a mix's type per projection (gate, up, down); a plain block format is every projection's
 EXPERT_MIX = {"Q4_K_M": {"gate": "Q4_K", "up": "Q4_K", "down": "Q6_K"}}
 _ELEMENT_BYTES = {"F32": 4, "F16": 2}
 _FILE_TYPE = {
+    "F16": 1,
     "Q8_0": 7,
     "Q4_0": 2,
     "Q4_K_M": 15,
@@ -140,7 +142,7 @@ def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
         raise CadenzaError(f"The llama.cpp peer writes GGUF files for {', '.join(_ARCH)} models, not {family}.")
     if expert_format not in EXPERT_QTYPE:
         raise CadenzaError(
-            f"GGUF files are written with int8 (Q8_0), int4 (Q4_0) or q4_k_m (Q4_K / Q6_K) experts, "
+            f"GGUF files are written with int8 (Q8_0), int4 (Q4_0), q4_k_m (Q4_K / Q6_K), mxfp4 or f16 experts, "
             f"not {expert_format}."
         )
     qtype = EXPERT_QTYPE[expert_format]

@@ -238,3 +238,34 @@ def test_full_size_plans(model):
     assert sum(t.nbytes for t in matrices) == weights * (17 if model.startswith("gpt") else 18) // 32
     assert weights == {"gpt-oss-120b": 36 * 3 * 128 * 2880 * 2880, "glm-4.5-air": 45 * 3 * 128 * 4096 * 1408}[model]
     assert {"gpt-oss-120b": 116.8e9, "glm-4.5-air": 106.9e9}[model] == pytest.approx(ckpt.total_bytes / 2, rel=0.01)
+
+
+def test_f16_experts_gguf_is_the_synthetic_model_and_perplexity_compares_int4_to_it(tmp_path):
+    """A synthetic model written with f16 experts (the baseline file for `cadenza perplexity`, which needs the GGUF's
+    vocabulary to read text) loads as the model cadenza builds from the same weights, to f16's rounding, and
+    `cadenza perplexity --experts int4 --baseline` reads it."""
+    from cadenza import LLM
+    from tests.cli.test_cli import cli
+
+    ckpt = SyntheticCheckpoint("mixtral-tiny")
+    written = write_gguf(ckpt, tmp_path / "m.gguf", "f16", threads=2)
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert r.fields["general.file_type"].contents() == 1  # LLAMA_FTYPE_MOSTLY_F16
+    assert {t.tensor_type for t in r.tensors if "_exps" in t.name} == {gguf.GGMLQuantizationType.F16}
+    ids = [5, 6, 7, 8, 9, 10]
+    direct = LLM(checkpoint=SyntheticCheckpoint("mixtral-tiny"), device="cpu", dtype="float32")
+    from_file = LLM(str(written.path), device="cpu", dtype="float32")
+    try:
+        want, got = direct.score(ids), from_file.score(ids)
+        assert (got - want).abs().max() < 5e-3 * want.abs().max()  # (f16 storage of the same weights)
+    finally:
+        direct.close()
+        from_file.close()
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 8)
+    out = cli("perplexity", "--model", str(written.path), "--file", str(text), "--experts", "int4", "--baseline",
+              "--device", "cpu", "--context", "32", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["experts"] == "int4" and res["baseline"]["experts"] == "bf16"
+    assert 0 < res["kl_divergence"]["mean"] < 1 and res["top1_agreement"]["percent"] > 0
