@@ -316,8 +316,9 @@ def run(args: argparse.Namespace) -> int:
         t = d["throughput"]
         lines.append(f"throughput    {t['prompt_tokens']} + {t['max_tokens']} tokens a prompt: {t['summary']}")
         lines.append(
-            f"              run it: cadenza batch --max-batch {t['max_batch']} (KV cache on the GPU); with the KV "
-            f"cache on the host and attention on the CPU (not built) the same step could hold ~{t['host_kv_batch']}"
+            f"              run it: cadenza batch --max-batch {t['max_batch']} --max-context "
+            f"{t['prompt_tokens'] + t['max_tokens']} (KV cache on the GPU); with the KV cache on the host and "
+            f"attention on the CPU (not built) the same step could hold ~{t['host_kv_batch']}"
         )
     print("\n".join(lines))
     return 0

@@ -78,7 +78,7 @@ def test_info_throughput(mixtral_dir):
     t = json.loads(r.stdout)["throughput"]
     assert t["max_batch"] >= 1 and t["max_tokens"] == 32 and t["tok_s"] > 0
     assert t["source"].startswith(("assumed", "measured"))
-    text = cli("info", "--model", path, "--gpu-memory", "1GiB", "--throughput").stdout
-    assert "throughput" in text and f"cadenza batch --max-batch {t['max_batch']}" in text
+    text = cli("info", "--model", path, "--gpu-memory", "1GiB", "--throughput", "--max-tokens", "32").stdout
+    assert "throughput" in text and f"cadenza batch --max-batch {t['max_batch']} --max-context 160" in text
     bad = cli("info", "--model", path, "--throughput")
     assert bad.returncode != 0 and "--gpu-memory" in bad.stderr
