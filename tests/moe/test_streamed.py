@@ -432,19 +432,24 @@ def test_worker_block_in_a_graph_gives_job_run_bits(mapped_in, mapped_out):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("experts", "share"), [("bf16", "0.5"), ("int4", "0.5"), ("int4", "auto")])
-def test_zero_copy_share_in_graphs_on_the_device(path, experts, share, monkeypatch):
+@pytest.mark.parametrize(
+    ("experts", "share", "residents"), [("bf16", "0.5", 3), ("int4", "0.5", 3), ("int4", "auto", 3), ("int4", "1", 0)]
+)
+def test_zero_copy_share_in_graphs_on_the_device(path, experts, share, residents, monkeypatch):
     """The GPU reading a share of each token's host experts straight from pinned host memory (views through the
     mapping) inside the decode graph, while the CPU computes the rest: the CPU-alone run's tokens, fewer CPU pairs."""
     kw = dict(dtype="bfloat16", max_context=96, offload_policy="cpu", experts=experts, expert_cache=False)
     probe = LLM(path, device="cuda", gpu_memory="8GiB", **kw)
     p = probe.placement
     probe.close()
-    kw["gpu_memory"] = p.always_bytes + p.kv_bytes + p.workspace_bytes + 3 * p.expert_bytes
+    kw["gpu_memory"] = p.always_bytes + p.kv_bytes + p.workspace_bytes + residents * p.expert_bytes
+    if residents == 0:
+        kw["gpu_memory"] = "0"  # every expert on the host, as G1 / G2's second rows
     alone = LLM(path, device="cuda", **kw)
     monkeypatch.setenv("CADENZA_ZERO_COPY", share)
     both = LLM(path, device="cuda", **kw)
-    assert both.orchestra.zero_copy_share >= 0.5 if share == "0.5" else 0 < both.orchestra.zero_copy_share < 1
+    s = both.orchestra.zero_copy_share
+    assert 0 < s < 1 if share == "auto" else s == float(share)
     try:
         prompt = [3, 4, 5, 6, 7]
         want, got = alone.generate(prompt, GREEDY), both.generate(prompt, GREEDY)
