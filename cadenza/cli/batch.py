@@ -30,16 +30,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "cadenza batch -m Qwen/Qwen3-30B-A3B --prompts prompts.jsonl --out results.jsonl --temperature 0",
             "# 32 sequences at a time, statistics as JSON on stdout at the end",
             "cadenza batch -m DIR --prompts prompts.jsonl --out results.jsonl --max-batch 32 --json",
+            "# as many as give the most tokens per second in 24 GiB, for prompts + outputs of up to 512 tokens",
+            "cadenza batch -m DIR --prompts p.jsonl --out r.jsonl --gpu-memory 24GiB --max-batch auto --max-context 512",  # noqa: E501
         ],
     )
     add_engine_args(p)
     for action in p._actions:
         if action.dest == "max_batch":
             action.default = DEFAULT_MAX_BATCH
+            action.type = _batch_size
             action.help = (
                 f"sequences decoded together, refilled as they finish (default {DEFAULT_MAX_BATCH}); on a GPU their "
-                "KV cache is reserved out of the budget: `cadenza info --gpu-memory SIZE --throughput` says which "
-                "gives the most tokens per second"
+                "KV cache is reserved out of the budget. auto: the batch with the most modeled tokens per second in "
+                "the budget for sequences of --max-context tokens (`cadenza info --throughput` shows the plan): give "
+                "--max-context as the longest prompt plus --max-tokens"
             )
     p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="the requests, one JSON object per line")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the results, one JSON line per request")
@@ -58,9 +62,60 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size: give a whole number or auto") from None
+
+
+def auto_batch(args: argparse.Namespace) -> int:
+    """--max-batch auto: the throughput plan's batch (cadenza.moe.offload.throughput) for sequences of --max-context
+    tokens (default: the model's, at most 8192) generating --max-tokens, in --gpu-memory (default: the free GPU
+    memory); without a GPU side to plan (the CPU alone), the default batch."""
+    import torch
+
+    from cadenza.cli.info import offload_info
+    from cadenza.llm import DEFAULT_MAX_CONTEXT
+    from cadenza.moe.placement import format_size
+
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    budget = args.gpu_memory
+    if budget is None and cuda:
+        from cadenza.moe.offload.planning import default_budget
+
+        budget = str(default_budget(torch.device("cuda", torch.cuda.current_device())))
+    if budget is None or budget in ("0", 0):
+        print(f"cadenza: --max-batch auto: no GPU budget to plan a batch in; {DEFAULT_MAX_BATCH} sequences",
+              file=sys.stderr)  # fmt: skip
+        return DEFAULT_MAX_BATCH
+    from cadenza.loader import open_checkpoint
+
+    open_checkpoint(args.model)  # a hub id the job needs anyway is downloaded now (the plan reads its headers)
+    context = args.max_context or DEFAULT_MAX_CONTEXT
+    new = max(1, min(args.max_tokens, context - 1))
+    info = argparse.Namespace(**{**vars(args), "gpu_memory": budget, "throughput": True, "placement": None,
+                                 "max_batch": 1, "max_context": context, "prompt_tokens": context - new,
+                                 "max_tokens": new})  # fmt: skip
+    plan = offload_info(info)["throughput"]
+    print(
+        f"cadenza: --max-batch auto: {plan['max_batch']} sequences of up to {context} tokens "
+        f"(KV cache {format_size(plan['kv_bytes'])}; modeled ~{plan['tok_s']:.0f} tok/s, {plan['source']})"
+        + ("" if args.max_context else "; give --max-context (longest prompt + --max-tokens) for a larger batch"),
+        file=sys.stderr,
+    )
+    args.max_context = context
+    return int(plan["max_batch"])
+
+
 def run(args: argparse.Namespace) -> int:
     from cadenza import jobs
 
+    if args.max_batch == "auto":
+        check_flags(args)  # (its own flags first: the plan reads --max-context and --gpu-memory)
+        args.max_batch = auto_batch(args)
     if args.max_batch < 1:  # first: the default --sort-window follows from it
         raise CadenzaError(
             f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1 "

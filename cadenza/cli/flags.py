@@ -153,7 +153,7 @@ def check_flags(args: argparse.Namespace) -> None:
             "for the model's context (at most 8192)."
         )
     batch = getattr(args, "max_batch", 1)
-    if batch < 1:
+    if batch != "auto" and batch < 1:  # (cadenza batch's auto is resolved into a number before loading)
         raise CadenzaError(f"--max-batch {batch} is not valid. Use a whole number of at least 1 (default 1).")
     for flag in ("logprobs", "prompt_logprobs"):
         n = getattr(args, flag, None)

@@ -64,6 +64,23 @@ def test_output_in_input_order_equal_to_single_runs(mixtral_dir, fresh):
     assert stats["generated_tokens"] == sum(r["completion_tokens"] for r in results)
 
 
+def test_auto_batch_is_planned_in_the_budget(mixtral_dir, fresh, tmp_path):
+    """--max-batch auto: the throughput plan's batch for sequences of --max-context tokens in --gpu-memory (here the
+    emulated GPU side); the results are the same as any batch's (greedy)."""
+    out = tmp_path / "auto.jsonl"
+    r = batch(mixtral_dir[0], fresh.prompts, out, "--max-batch", "auto", "--gpu-memory", "1GiB", "--max-context", "64")
+    assert r.returncode == 0, r.stderr
+    assert "--max-batch auto: " in r.stderr and " sequences of up to 64 tokens (KV cache " in r.stderr
+    planned = int(r.stderr.split("--max-batch auto: ")[1].split()[0])
+    assert planned > 2
+    got = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+    assert got == [json.loads(line)["token_ids"] for line in fresh.out.splitlines()]
+    cpu = batch(mixtral_dir[0], fresh.prompts, tmp_path / "cpu.jsonl", "--max-batch", "auto")
+    assert cpu.returncode == 0 and "no GPU budget to plan a batch in; 16 sequences" in cpu.stderr
+    bad = batch(mixtral_dir[0], fresh.prompts, tmp_path / "bad.jsonl", "--max-batch", "lots")
+    assert bad.returncode == 2 and "give a whole number or auto" in bad.stderr
+
+
 def test_piped_stderr_has_the_summary_only(fresh):
     lines = fresh.run.stderr.strip().splitlines()
     assert len(lines) == 1, fresh.run.stderr
