@@ -66,8 +66,8 @@ def calibrate(orch, device: torch.device, dtype: torch.dtype) -> None:
     if orch.options.zero_copy is None and orch.streamed is not None:  # CADENZA_ZERO_COPY=auto
         direct = orch.streamed.measure_direct(orch.reference, dtype)
         cpu = orch.cpu_one_s if orch.cpu_one_s is not None else cost.cpu_time(1)
+        # (no step is captured before the first decode: choose_streamed's new version covers this share too)
         orch.zero_copy_share = policy.zero_copy_share(cpu, direct) if direct is not None else 0.0
-        orch.version += 1  # captured steps took the old share
         log.info(
             "zero-copy: one expert %.2f ms on the CPU, %s reading host memory from the GPU: the GPU takes %.0f%% of "
             "each token's host experts",

@@ -43,6 +43,7 @@ counted, not computed.
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,10 +132,10 @@ class StreamedCpu:
         key, job = self._job(layer, st)
         share = self.orch.zero_copy_share
         direct = self._zero_copy_stacks(layer) if share > 0 else None
-        ids_cpu, rows_direct = topk_ids, None
-        if direct is not None:
-            host = layer.row_lut[topk_ids] < 0
-            ids_cpu, rows_direct = split_host_pairs(topk_ids, host, share, self.num_experts)
+        ids_cpu, rows, rows_direct = topk_ids, None, None
+        if direct is not None:  # (the residents' rows, -1 for a host expert, serve the split and the decode below)
+            rows = layer.row_lut[topk_ids]
+            ids_cpu, rows_direct = split_host_pairs(topk_ids, rows < 0, share, self.num_experts)
         if self.launch == "inline":  # the emulated GPU side: the same job, here and now
             st.x.copy_(x)
             st.ids.copy_(ids_cpu)
@@ -160,7 +161,8 @@ class StreamedCpu:
                     y_cpu = st.y_dev
         y_shared = shared() if shared is not None else None  # overlaps the CPU's share
         if layer.stacks:
-            y = layer.layout.decode(x, layer.row_lut[topk_ids], topk_weights, layer.stacks)
+            rows = layer.row_lut[topk_ids] if rows is None else rows
+            y = layer.layout.decode(x, rows, topk_weights, layer.stacks)
         else:
             y = torch.zeros_like(x)
         if rows_direct is not None:  # the host experts the GPU took, read through the mapping
@@ -173,8 +175,6 @@ class StreamedCpu:
     def measure_direct(self, layer, dtype: torch.dtype, experts: int = 6) -> float | None:
         """Seconds for the GPU side to compute one of `layer`'s experts at one token reading it from host memory
         (the best of a few, each a different expert, so no cache holds it), or None where it cannot."""
-        import time
-
         stacks = self._zero_copy_stacks(layer)
         if stacks is None:
             return None
