@@ -269,6 +269,7 @@ def device_view(ops: MemOps, t: torch.Tensor, device: torch.device) -> torch.Ten
     """Pinned host tensor `t` (contiguous) as a CUDA tensor of `device` aliasing the same memory through its device
     mapping: kernels read and write host memory through it. RuntimeError where that cannot be had."""
     with torch.cuda.device(device):
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" names the current one; views name it
         ptr = ops.device_pointer(t)
         # (device given: torch versions that would otherwise convert to the default device, the CPU, then leave a
         # tensor already there as it is; one of another GPU would be copied, which the check sees)
