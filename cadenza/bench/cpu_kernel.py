@@ -133,6 +133,7 @@ class Bench:
         self.args, self.shape, self.threads, self.logical, self.dram = args, shape, threads, logical, dram
         self.tokens = [int(t) for t in args.tokens.split(",") if t]
         self.prefetches = [int(p) for p in args.prefetch.split(",") if p] or [0]
+        self.sweep = [int(s) for s in args.thread_sweep.split(",") if s]
         e, k, h, i = shape["experts"], shape["k"], shape["hidden"], shape["intermediate"]
         pool = Pool(args.seed)
         self.gate = [pool.matrix(i, h) for _ in range(e)]
@@ -231,6 +232,13 @@ class Bench:
                 layer = copies[(n // max(1, e // k) if t == 1 else n) % len(copies)]  # new weights every call
                 cpu_moe.moe_forward(layer, x, ids, w, None, act, th, route=route, prefetch=pf)
 
+            def read(n, th, rs=rs):
+                if a.in_cache:
+                    n = 0
+                ids, _ = rs[n % len(rs)]
+                layer = copies[(n // max(1, e // k)) % len(copies)]
+                cpu_moe.read_spans(layer, torch.unique(ids).tolist(), th)
+
             if kernel_ok:
                 for pf in self.prefetches if t == 1 else self.prefetches[:1]:
                     times = timed(lambda n, pf=pf: call(n, "kernel", pf), seconds, 5, 10_000)
@@ -239,6 +247,15 @@ class Bench:
                         gap = a.gap_ms / 1e3
                         times = timed(lambda n, pf=pf: call(n, "kernel", pf), seconds, 5, 10_000, gap=gap)
                         self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, gap_ms=a.gap_ms, **common)
+                if t == 1 and layout == "tiled":  # the same bytes read with no arithmetic: the kernel's ceiling
+                    for th in self.sweep or [self.threads]:
+                        if th != self.threads:
+                            times = timed(lambda n, th=th: call(n, "kernel", self.prefetches[0], th), seconds, 5, 10_000)
+                            self.record(fmt, t, "kernel", times, nbytes, prefetch=self.prefetches[0], **common)
+                            self.results[-1]["threads"] = th
+                        times = timed(lambda n, th=th: read(n, th), seconds, 5, 10_000)
+                        self.record(fmt, t, "read", times, nbytes, **common)
+                        self.results[-1]["threads"] = th
                 if t == 1 and self.logical != self.threads:  # hyper-threads: does streaming gain from them?
                     pf = self.prefetches[0]
                     times = timed(lambda n, pf=pf: call(n, "kernel", pf, self.logical), seconds, 5, 10_000)
@@ -311,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", default="1,8,64", help="tokens per call (the layer's batch), comma-separated")
     ap.add_argument("--out", type=Path, default=None, help="JSON results file")
     ap.add_argument("--threads", type=int, default=None, help="kernel and torch threads (default: physical cores)")
+    ap.add_argument(
+        "--thread-sweep",
+        default="",
+        help="also time one-token calls, and reading the same tiles with no arithmetic ('read' rows), at these "
+        "thread counts (e.g. 1,2,4,8,16): where the kernel stops scaling, and how far below memory's rate it runs",
+    )
     ap.add_argument("--rotate-gb", type=float, default=1.2, help="packed weights rotated through per format")
     ap.add_argument(
         "--in-cache",

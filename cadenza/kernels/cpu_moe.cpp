@@ -1377,4 +1377,37 @@ int cadenza_dequant_bf16(int fmt, int group, const uint8_t* tiles, int64_t tile_
   return 0;
 }
 
+// A measurement, not a kernel: the bytes a one-token call reads (n spans: each routed expert's gate/up and down
+// tiles), split over nthreads in equal contiguous pieces and read with 64-byte loads and nothing else (one xor a
+// line), as fast as these threads can pull them from memory: the ceiling the kernel's arithmetic is measured against
+// (cadenza.bench.cpu_kernel's "read" rows). Returns the lines' xor, so that the loads are not optimised away.
+uint64_t cadenza_read_spans(const uint8_t* const* spans, const int64_t* bytes, int n, int nthreads) {
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += bytes[i] / 64;
+  if (nthreads <= 0) nthreads = omp_get_max_threads();
+  uint64_t out = 0;
+#pragma omp parallel num_threads(nthreads) reduction(^ : out)
+  {
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t l0 = total * id / nt, l1 = total * (id + 1) / nt;  // this thread's lines of the concatenation
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+    int64_t base = 0;
+    for (int i = 0; i < n && base < l1; ++i) {
+      const int64_t lines = bytes[i] / 64, a = std::max(l0, base), b = std::min(l1, base + lines);
+      const uint8_t* p = spans[i];
+      int64_t j = a - base;
+      for (; j + 1 < b - base; j += 2) {  // two independent chains: the loads, not the xor, set the pace
+        acc0 = _mm512_xor_si512(acc0, _mm512_loadu_si512(p + 64 * j));
+        acc1 = _mm512_xor_si512(acc1, _mm512_loadu_si512(p + 64 * (j + 1)));
+      }
+      if (j < b - base) acc0 = _mm512_xor_si512(acc0, _mm512_loadu_si512(p + 64 * j));
+      base += lines;
+    }
+    alignas(64) uint64_t lanes[8];
+    _mm512_store_si512(lanes, _mm512_xor_si512(acc0, acc1));
+    for (uint64_t v : lanes) out ^= v;
+  }
+  return out;
+}
+
 }  // extern "C"

@@ -183,6 +183,8 @@ def _build() -> ctypes.CDLL:
     lib.cadenza_job_new_plain.argtypes = [i32, i32, i32, ptr, ptr, ptr] + job
     lib.cadenza_job_free.argtypes = [ptr]
     lib.cadenza_job_run.argtypes = [ptr]
+    lib.cadenza_read_spans.restype = ctypes.c_uint64
+    lib.cadenza_read_spans.argtypes = [ptr, ptr, i32, i32]
     return lib
 
 
@@ -449,6 +451,19 @@ def job_run(ptr: int) -> None:
 def job_free(ptr: int) -> None:
     _load().cadenza_job_free(ptr)
     _JOB_HELD.pop(ptr, None)
+
+
+def read_spans(p: PackedExperts, experts: list[int], threads: int) -> int:
+    """Reads the tiles of `experts` (their gate/up, then down matrices) on `threads` threads, 64-byte loads and no
+    arithmetic: a one-token call's bytes at the rate memory gives them (cadenza.bench.cpu_kernel's ceiling for the
+    kernel). Returns the xor of the lines read."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernel is not available here ({unavailable_reason()})")
+    spans = [m[e] for e in experts for m in (p.gate_up, p.down)]
+    ptrs = (ctypes.c_void_p * len(spans))(*(s.data_ptr() for s in spans))
+    sizes = (ctypes.c_int64 * len(spans))(*(s.numel() for s in spans))
+    return lib.cadenza_read_spans(ptrs, sizes, len(spans), threads)
 
 
 def job_function() -> int:

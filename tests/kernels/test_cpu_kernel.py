@@ -325,3 +325,36 @@ def test_plain_layer_errors():
         cpu_moe.moe_forward(bad, torch.zeros(1, H), torch.zeros(1, 1).long(), torch.ones(1, 1))
     with pytest.raises(ValueError, match="PlainExperts"):
         cpu_moe.moe_forward((gate, up, down), torch.zeros(1, H), torch.zeros(1, 1).long(), torch.ones(1, 1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_spans_reads_every_line_once(layers, threads):
+    """The benchmark's read ceiling (cadenza_read_spans) touches exactly the chosen experts' tiles, each line once
+    over however many threads: its xor equals the bytes' xor computed here."""
+    packed, _ = layers["int4", 32]
+    experts = [3, 0, 5]
+    words = torch.cat([m[e].reshape(-1) for e in experts for m in (packed.gate_up, packed.down)]).view(torch.int64)
+    want = 0
+    for v in words.tolist():
+        want ^= v
+    assert cpu_moe.read_spans(packed, experts, threads) == want % (1 << 64)
+    assert cpu_moe.read_spans(packed, [1], threads) != cpu_moe.read_spans(packed, [2], threads)
+
+
+@needs_kernel
+def test_bench_thread_sweep_rows(tmp_path):
+    """`cpu_kernel --thread-sweep`: kernel and read rows at each thread count, for the same bytes per call."""
+    import json
+
+    from cadenza.bench import cpu_kernel
+
+    out = tmp_path / "k.json"
+    argv = ["--model", "mixtral-tiny", "--formats", "int4", "--tokens", "1", "--layouts", "tiled", "--seconds", "0.05"]
+    argv += ["--prefill-tokens", "0", "--no-torch", "--dram-gib", "0.05", "--threads", "2", "--thread-sweep", "1,2"]
+    assert cpu_kernel.main([*argv, "--prefetch", "0", "--rotate-gb", "0.01", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    got = {(r["route"], r["threads"]) for r in rows}
+    assert {("kernel", 1), ("kernel", 2), ("read", 1), ("read", 2)} <= got
+    assert len({r["weight_bytes_per_call"] for r in rows}) == 1
+    assert all(r["ms_median"] > 0 for r in rows)
