@@ -253,8 +253,12 @@ class Engine:
         cuda_graphs: bool = True,
         context_source: str = "",
         context_fix: str = "",
+        kv_cache: str = "gpu",
     ):
         self.model, self.tokenizer = model, tokenizer
+        # "host": every KV cache in host memory, decode attention on the CPU by cadenza's kernel (on a GPU: batches
+        # past the GPU's memory; no graphs)
+        self.kv_host = kv_cache == "host"
         self.device, self.dtype = device, dtype
         self.max_context = max_context
         # for messages: where max_context comes from (the user's --max-context, the model's config) and how to
@@ -267,7 +271,7 @@ class Engine:
         self._cache = None
         from cadenza.graphs import StepGraphs
 
-        self.graphs = StepGraphs(model, device, orchestra, cuda_graphs)  # decode steps (or why not: .reason)
+        self.graphs = StepGraphs(model, device, orchestra, cuda_graphs, self.kv_host)  # decode steps, or why not
         # While a decode step's CPU experts run, this thread would wait for the logits spinning in CUDA's default
         # wait, on a core the expert kernel's threads could use: it sleeps in a blocking event instead (tens of
         # microseconds to wake, against steps of tens of milliseconds).
@@ -277,6 +281,8 @@ class Engine:
         """A cache with `slots` sequences of up to `length` tokens. On the CPU it grows as it fills. On a GPU the
         cache of max_batch × the whole context is allocated once and reused (the placement budgeted it); a
         request needing more slots gets a cache of its own size, if the GPU has room for it."""
+        if self.kv_host:  # grows as it fills, like a CPU cache; attention reads it on the CPU
+            return self.model.new_cache(length, self.dtype, torch.device("cpu"), batch=slots).on_host(self.device)
         if self.device.type != "cuda":
             return self.model.new_cache(length, self.dtype, self.device, batch=slots)
         if self._cache is None:

@@ -92,8 +92,11 @@ class Recorder:
 class StepGraphs:
     """Captures and replays the decode steps of one model (`run`), or says why it cannot (`reason`)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, orchestra=None, enabled: bool = True):
+    def __init__(
+        self, model: nn.Module, device: torch.device, orchestra=None, enabled: bool = True, kv_host: bool = False
+    ):
         self.model, self.device, self.orchestra = model, device, orchestra
+        self.kv_host = kv_host
         self.graphs: dict[tuple[int, int], Captured] = {}
         self.pool = None
         self.version = None
@@ -106,6 +109,8 @@ class StepGraphs:
             return "turned off (--no-cuda-graphs)"
         if self.device.type != "cuda":
             return "no CUDA device (CPU execution, or the emulated GPU side)"
+        if self.kv_host:
+            return "the KV cache is in host memory (--kv-cache host): attention runs on the CPU between GPU kernels"
         if type(self.model).forward is not CausalLM.forward:
             return f"{type(self.model).__name__} has its own forward pass (LongRoPE's switch re-runs the sequence)"
         rotary = getattr(self.model.model, "rotary_emb", None)

@@ -7,6 +7,10 @@ batching), beams are reordered by copying rows (`reorder`) and a slot is recycle
 
 Buffers grow in chunks (a short CPU chat does not reserve gigabytes for a 32k-token context); `reserve` allocates
 the whole capacity once where the cache must never grow (under a GPU budget).
+
+A cache may live in host memory while the model runs on a GPU (`on_host`: the offline mode's big batches, whose KV
+cache would not fit the GPU): each pass's new keys and values are copied to the host as they are written, and
+attention reads them there, on the CPU (`cadenza.models.common.attend`), so only queries and outputs cross the link.
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ class Cache:
         self.lengths = [0] * batch
         self.capacity = 0
         self.buffers: dict[str, list[torch.Tensor]] = {name: [] for name in self.streams}
+        self.compute_device = self.device  # where the model's activations are (on_host: a GPU, or the CPU too)
+        self.hosted = False  # a host cache: decode attention by cadenza.models.common.host_attention
+
+    def on_host(self, compute_device: torch.device) -> Cache:
+        """This (CPU) cache serves a model running on `compute_device`: writes copy to the host, decode attention
+        runs on the CPU where the cache is (on a CPU model too: the same path, CPU to CPU)."""
+        if self.device.type != "cpu":
+            raise ValueError("a host cache is made on the CPU device")
+        self.compute_device = torch.device(compute_device)
+        self.hosted = True
+        return self
 
     # --- bookkeeping ---------------------------------------------------------------------------------------------
 
@@ -94,10 +109,20 @@ class Cache:
             old = self.buffers[name]
             # zeroed, not empty: masked-out positions still meet the values in the attention's product, and
             # uninitialised memory may hold NaN (0 * NaN = NaN)
-            new = [
-                torch.zeros((self.batch, heads, new_cap, dim), dtype=self.dtype, device=self.device)
-                for _ in range(self.num_layers)
-            ]
+            try:
+                new = [
+                    torch.zeros((self.batch, heads, new_cap, dim), dtype=self.dtype, device=self.device)
+                    for _ in range(self.num_layers)
+                ]
+            except (RuntimeError, MemoryError) as exc:
+                if self.device.type != "cpu" or ("alloc" not in str(exc).lower() and not isinstance(exc, MemoryError)):
+                    raise
+                per_token = self.nbytes_per_token()
+                raise CadenzaError(
+                    f"Host memory ran out growing the KV cache of {self.batch} sequences to {new_cap} tokens "
+                    f"({self.batch * new_cap * per_token / 2**30:.1f} GiB; {per_token / 1024:.0f} KiB a token). "
+                    "Run fewer sequences at once (--max-batch) or shorter ones (max_tokens, --max-context)."
+                ) from None
             for i, buf in enumerate(old):
                 new[i][:, :, :n] = buf[:, :, :n]
             self.buffers[name] = new
@@ -113,6 +138,8 @@ class Cache:
         end = ctx.end
         self.ensure(end)
         buf = self.buffers[name][layer]
+        if x.device != buf.device:  # a host cache: the pass's new positions cross the link, nothing else
+            x = x.to(buf.device)
         if ctx.row_slice is not None:
             rows = buf[ctx.row_slice]
             if ctx.start is not None:

@@ -6,7 +6,7 @@ import itertools
 import logging
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
 from cadenza.generation import Step
+from cadenza.kv_cache import KVCache
 from cadenza.loader import (
     build_meta,
     keep_dense_blocks,
@@ -162,6 +163,10 @@ class LLM:
     8192 (the KV cache for it is reserved on the GPU).
     max_batch: sequences decoded together whose KV cache is reserved on the GPU (default 1; each costs a full
     context of KV cache out of the GPU budget). Batched generation, beams and the server use up to this many.
+    kv_cache: where the KV cache lives on a GPU run: "gpu" (default; reserved in the budget, decode steps as CUDA
+    graphs) or "host" (host memory, growing as it fills; attention runs on the CPU, so the budget goes to experts
+    and a batch is bounded by host memory, not the GPU's: the offline mode's big batches; no CUDA graphs; not for
+    DeepSeek's MLA cache).
     eviction: which fetched expert leaves a full fetch cache: "lru" (default), "lfu" or "lrfu".
     prefetch: guess the next layer's experts with its router and start their copies early: True, False, or None
     (default: with the fetch policy only). cuda_graphs: replay decode steps as CUDA graphs where possible
@@ -201,8 +206,12 @@ class LLM:
         experts: str = "auto",
         expert_group: int | None = None,
         expert_cache: bool = True,
+        kv_cache: str = "gpu",
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
+        if kv_cache not in ("gpu", "host"):
+            raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
+        self.kv_cache = kv_cache
         self.is_demo = model_dir is None and checkpoint is None
         self._token_text: TokenText | None = None  # made at the first result with log-probs
         if checkpoint is None:
@@ -223,6 +232,12 @@ class LLM:
         keep_dense_blocks(meta, self.checkpoint, self.device)  # a GGUF's attention weights, in their blocks on a GPU
         expert_format = expert_format.resolve(self.checkpoint, meta)
         config = self.config = meta.config
+        if kv_cache == "host" and not isinstance(meta.new_cache(1, torch.float32, torch.device("meta")), KVCache):
+            raise CadenzaError(
+                f"kv_cache='host' (--kv-cache host) needs ordinary keys and values; {type(meta).__name__}'s attention "
+                "cache is its own (DeepSeek's MLA keeps a compressed latent, already a fraction of the size). "
+                "Use --kv-cache gpu."
+            )
         context, self.context_source, self._context_fix = self._context(max_context)
         self.max_context = context
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
@@ -282,6 +297,7 @@ class LLM:
             cuda_graphs,
             context_source=self.context_source,
             context_fix=self._context_fix,
+            kv_cache=kv_cache,
         )
 
     def _context(self, max_context: int | None) -> tuple[int, str, str]:
@@ -347,8 +363,11 @@ class LLM:
             budget = planning.default_budget(self.device)
         else:
             budget = parse_size(gpu_memory)
+        sizes = self.sizes
+        if self.kv_cache == "host":  # nothing of the cache on the GPU: the budget goes to experts
+            sizes = replace(sizes, kv_bytes_per_token=0)
         return planning.plan_offload(
-            self.sizes,
+            sizes,
             self.config,
             self.dtype,
             budget,

@@ -248,10 +248,11 @@ class Bench:
                         times = timed(lambda n, pf=pf: call(n, "kernel", pf), seconds, 5, 10_000, gap=gap)
                         self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, gap_ms=a.gap_ms, **common)
                 if t == 1 and layout == "tiled":  # the same bytes read with no arithmetic: the kernel's ceiling
+                    pf = self.prefetches[0]
                     for th in self.sweep or [self.threads]:
                         if th != self.threads:
-                            times = timed(lambda n, th=th: call(n, "kernel", self.prefetches[0], th), seconds, 5, 10_000)
-                            self.record(fmt, t, "kernel", times, nbytes, prefetch=self.prefetches[0], **common)
+                            times = timed(lambda n, th=th, pf=pf: call(n, "kernel", pf, th), seconds, 5, 10_000)
+                            self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, **common)
                             self.results[-1]["threads"] = th
                         times = timed(lambda n, th=th: read(n, th), seconds, 5, 10_000)
                         self.record(fmt, t, "read", times, nbytes, **common)

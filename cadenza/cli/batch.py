@@ -102,7 +102,8 @@ def auto_batch(args: argparse.Namespace) -> int:
     plan = offload_info(info)["throughput"]
     print(
         f"cadenza: --max-batch auto: {plan['max_batch']} sequences of up to {context} tokens "
-        f"(KV cache {format_size(plan['kv_bytes'])}; modeled ~{plan['tok_s']:.0f} tok/s, {plan['source']})"
+        f"(KV cache {format_size(plan['kv_bytes'])}{' in host memory' if plan['kv_on_host'] else ''}; "
+        f"modeled ~{plan['tok_s']:.0f} tok/s, {plan['source']})"
         + ("" if args.max_context else "; give --max-context (longest prompt + --max-tokens) for a larger batch"),
         file=sys.stderr,
     )

@@ -105,6 +105,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_expert_args(p)
     a = advanced(p)
     a.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
+    a.add_argument("--kv-cache", default="gpu", choices=["gpu", "host"],
+                   help="where the KV cache lives on a GPU run: gpu (default, in the budget) or host (host memory, "
+                   "attention on the CPU: big offline batches past the GPU's memory; no CUDA graphs)")  # fmt: skip
     a.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
                    help="which fetched expert leaves a full fetch cache (default lru)")  # fmt: skip
     a.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
@@ -210,6 +213,7 @@ def load(args: argparse.Namespace):
         eviction=args.eviction,
         prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
         cuda_graphs=not args.no_cuda_graphs,
+        kv_cache=args.kv_cache,
         **expert_kwargs(args),
     )
     if llm.placement is not None:

@@ -54,6 +54,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="with --gpu-memory: the batch an offline job (cadenza batch) should run for prompts of --prompt-tokens "
         "generating --max-tokens each, and the tokens per second a step's roofline gives it",
     )
+    p.add_argument(
+        "--kv-cache", default="gpu", choices=["gpu", "host"],
+        help="--throughput: plan for the KV cache on the GPU (default) or in host memory, attention on the CPU",
+    )  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=128, help="--throughput: tokens per prompt (default 128)")
     p.add_argument("--max-tokens", type=int, default=128, help="--throughput: tokens generated each (default 128)")
     add_expert_args(p, cache=False)
@@ -212,6 +216,19 @@ ASSUMED_H2D_GB_S = 25.0  # PCIe 4.0 x16's pinned copy rate, where no cost model 
 ASSUMED_TOKEN_S = 1e-4  # a decode token's GPU and host work beside the transfers, where none was measured
 ASSUMED_STEP_S = 1e-2  # a decode step's cost whatever its batch (resident weights read, launches)
 ASSUMED_DRAM_GB_S = 80.0
+HOST_MARGIN = 8 * 2**30  # host memory a host KV cache leaves to everything else (activations, the OS, buffers)
+
+
+def host_kv_room(sizes) -> int:
+    """Host memory a host KV cache may plan on: what is available now, less every routed expert (each lives once
+    in host memory once the model loads) and a margin; 0 where the available memory cannot be read (no bound)."""
+    from cadenza.moe.offload.host_memory import available_host_bytes
+
+    available = available_host_bytes()
+    if not available:
+        return 0
+    experts = sum(sizes.layer_bytes()) * sizes.num_experts
+    return max(1, available - experts - HOST_MARGIN)
 
 
 def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: dict) -> dict:
@@ -257,6 +274,8 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
         source,
         ASSUMED_DRAM_GB_S,
         per_step,
+        kv_on_host=args.kv_cache == "host",
+        host_bytes=host_kv_room(sizes),
     )
     return {**plan.as_dict(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
             "summary": plan.summary()}  # fmt: skip
@@ -315,10 +334,13 @@ def run(args: argparse.Namespace) -> int:
     if "throughput" in d:
         t = d["throughput"]
         lines.append(f"throughput    {t['prompt_tokens']} + {t['max_tokens']} tokens a prompt: {t['summary']}")
-        lines.append(
-            f"              run it: cadenza batch --max-batch {t['max_batch']} --max-context "
-            f"{t['prompt_tokens'] + t['max_tokens']} (KV cache on the GPU); with the KV cache on the host and "
-            f"attention on the CPU (not built) the same step could hold ~{t['host_kv_batch']}"
-        )
+        run = f"cadenza batch --max-batch {t['max_batch']} --max-context {t['prompt_tokens'] + t['max_tokens']}"
+        if t["kv_on_host"]:
+            lines.append(f"              run it: {run} --kv-cache host")
+        else:
+            lines.append(
+                f"              run it: {run} (KV cache on the GPU); with it in host memory and attention on the CPU "
+                f"the same step could hold ~{t['host_kv_batch']} (plan it: --kv-cache host)"
+            )
     print("\n".join(lines))
     return 0

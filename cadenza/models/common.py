@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cadenza.errors import CadenzaError
+from cadenza.kernels import cpu_attention
 from cadenza.kv_cache import Cache, KVCache
 from cadenza.models.rope import RotaryEmbedding, apply_rotary
 from cadenza.moe.routing import softmax_topk
@@ -158,7 +159,7 @@ class AttentionContext:
         cls, cache: Cache, rows: list[int], t: int, rotary: RotaryEmbedding, dtype: torch.dtype, window: int | None
     ) -> AttentionContext:
         starts = [cache.lengths[r] for r in rows]
-        device = cache.device
+        device = cache.compute_device  # the rotations apply to activations (a host cache: still on the GPU)
         if len(set(starts)) == 1:
             positions = torch.arange(starts[0], starts[0] + t, device=device)
         else:
@@ -208,17 +209,37 @@ def attention_mask(start: int, t: int, device: torch.device, sliding_window: int
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, scale: float) -> torch.Tensor:
-    """q [B, N, T, D], k and v [B, K, S, D] -> [B, N, T, Dv]."""
+    """q [B, N, T, D], k and v [B, K, S, D] -> [B, N, T, Dv]. Keys and values in host memory while q is on a GPU
+    (a host cache, `host_attention`): a decode step's attention runs on the CPU, a prefill chunk's on the GPU."""
+    if not ctx.cache.hosted:
+        return _attend(q, k, v, ctx.mask, ctx.is_causal, scale)
+    return host_attention(lambda *a: _attend(*a, ctx.is_causal, scale), q, k, v, ctx.mask, scale)
+
+
+def host_attention(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, sinks=None):
+    """Attention where k, v (a host cache's views) are in host memory and q on a GPU; fn(q, k, v, mask) computes it
+    on any one device. One query a row (decode) reads the whole cache for little arithmetic, so it runs on the CPU,
+    where the cache is (cadenza's kernel, else fn there), and only q and the output cross the link; a prefill chunk's
+    many queries do [T, S] work on a cache that is small next to it, which moves to the GPU. (mask: on the cache's
+    device, as the pass built it.)"""
+    if q.shape[2] == 1:
+        out = cpu_attention.decode(q, k, v, mask, scale, sinks)
+        if out is None:
+            out = fn(q.to(k.device), k, v, mask)
+        return out.to(q.device, q.dtype)
+    dev = q.device
+    return fn(q, k.to(dev), v.to(dev), None if mask is None else mask.to(dev))
+
+
+def _attend(q, k, v, mask: torch.Tensor | None, is_causal: bool, scale: float) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
-    if ctx.mask is not None and groups > 1 and q.is_cuda:
+    if mask is not None and groups > 1 and q.is_cuda:
         # CUDA's fused kernels take an explicit mask only without GQA: expand the KV heads (small next to the
         # [T, S] scores the fallback kernel would otherwise materialise per head)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         groups = 1
-    causal = ctx.is_causal and q.shape[2] > 1
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=ctx.mask, is_causal=causal, scale=scale, enable_gqa=groups > 1
-    )
+    causal = is_causal and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=groups > 1)
 
 
 class Attention(nn.Module):

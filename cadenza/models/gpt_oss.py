@@ -34,6 +34,7 @@ from cadenza.models.common import (
     DecoderLayer,
     DecoderModel,
     clamped_swiglu_name,
+    host_attention,
 )
 from cadenza.models.rope import apply_rotary
 from cadenza.moe.experts import Experts
@@ -132,16 +133,22 @@ def attend_with_sinks(
 ) -> torch.Tensor:
     """q [B, N, T, D], k and v [B, K, S, D], sinks [N] -> [B, N, T, D]: softmax over the scores and each head's sink
     logit together, the sink's share dropped. In float32, queries in chunks; the G = N / K query heads that share a
-    key/value head are multiplied with it together (no copy of the cache per query head)."""
+    key/value head are multiplied with it together (no copy of the cache per query head). A host cache: where
+    `host_attention` puts the work."""
+    if not ctx.cache.hosted:
+        return _attend_with_sinks(q, k, v, ctx.mask, scale, sinks)
+    return host_attention(lambda *a: _attend_with_sinks(*a, scale, sinks), q, k, v, ctx.mask, scale, sinks)
+
+
+def _attend_with_sinks(q, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor) -> torch.Tensor:
     b, n, t, d = q.shape
     kv = k.shape[1]
     g = n // kv
     k32, v32 = k.float(), v.float()  # (no copy when the cache is float32)
     s = k.shape[2]
-    mask = ctx.mask
     if mask is None and t > 1:  # plain causal from position 0 (`is_causal`)
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-    sink = sinks.float().view(1, kv, g, 1, 1)
+    sink = sinks.to(q.device).float().view(1, kv, g, 1, 1)
     q5 = q.view(b, kv, g, t, d)
     out = []
     for t0 in range(0, t, _QUERY_CHUNK):

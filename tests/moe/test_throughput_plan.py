@@ -62,6 +62,28 @@ def test_host_kv_batch_reports_what_cpu_attention_would_allow():
     assert plan(dram_gb_s=0.0).host_kv_batch == plan().max_batch
 
 
+def test_host_kv_plan_gives_the_budget_to_experts_and_pays_the_cpu_reads():
+    gpu, host = plan(), plan(dram_gb_s=100.0, kv_on_host=True)
+    # the cache costs the GPU nothing: the budget holds more residents (the same for every batch), the batch grows
+    room = 24 * GiB - 3 * GiB - GiB - 2 * 90_000_000
+    assert host.kv_on_host and not gpu.kv_on_host and "in host memory" in host.summary()
+    assert host.resident_experts == room // 90_000_000 > gpu.resident_experts
+    assert host.max_batch > gpu.max_batch and host.kv_bytes == host.max_batch * 256 * 128 * 1024
+    # each step reads every sequence's cache on the CPU: a slower DRAM means a slower step, and fewer tokens
+    per_seq_s = 256 * 128 * 1024 / 100e9
+    link_s = host.link_bytes_per_step / 54e9
+    assert host.step_s == pytest.approx(link_s + 0.01 + host.max_batch * (1e-4 + per_seq_s))
+    assert plan(dram_gb_s=10.0, kv_on_host=True).tok_s < host.tok_s
+    # a budget too small for one GPU-cache sequence still runs with the cache on the host
+    assert plan(budget_gib=4.2, context=40_000, dram_gb_s=100.0, kv_on_host=True).max_batch >= 1
+    # host memory bounds the batch, and one that cannot hold a sequence is refused with the numbers
+    assert plan(dram_gb_s=100.0, kv_on_host=True, host_bytes=10 * 256 * 128 * 1024).max_batch <= 10
+    with pytest.raises(CadenzaError, match="cannot hold the KV cache of one sequence of 256 tokens"):
+        plan(dram_gb_s=100.0, kv_on_host=True, host_bytes=1024)
+    with pytest.raises(ValueError, match="dram_gb_s"):
+        plan(kv_on_host=True)
+
+
 def test_a_budget_without_room_for_one_sequence_is_refused_with_the_numbers():
     with pytest.raises(CadenzaError, match="too small for one sequence of 256 tokens"):
         plan(budget_gib=4)
@@ -82,3 +104,7 @@ def test_info_throughput(mixtral_dir):
     assert "throughput" in text and f"cadenza batch --max-batch {t['max_batch']} --max-context 160" in text
     bad = cli("info", "--model", path, "--throughput")
     assert bad.returncode != 0 and "--gpu-memory" in bad.stderr
+    args = ("info", "--model", path, "--gpu-memory", "1GiB", "--throughput", "--max-tokens", "32", "--kv-cache", "host")
+    h = json.loads(cli(*args, "--json").stdout)["throughput"]
+    assert h["kv_on_host"] and h["max_batch"] >= t["max_batch"]
+    assert f"cadenza batch --max-batch {h['max_batch']} --max-context 160 --kv-cache host" in cli(*args).stdout

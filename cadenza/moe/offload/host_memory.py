@@ -12,6 +12,19 @@ from dataclasses import dataclass
 import torch
 
 
+def available_host_bytes() -> int:
+    """Host memory the kernel says is available now (MemAvailable: free plus reclaimable page cache); 0 where it
+    cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def pin_host_memory(t: torch.Tensor) -> bool:
     """Page-locks a CPU tensor in place (cudaHostRegister), so copies from it are DMA and need no staging copy.
     Unlike `pin_memory()`, this neither copies nor rounds the allocation up to a power of two. The caller must

@@ -12,9 +12,13 @@ every batch size, each with the residents its leftover memory holds, by
 P = 1 - (1 - k / E)^b under even routing, and picks the batch with the most tokens per second. The per-step time
 is what a step costs whatever its batch (reading the resident weights, launches); the per-token time what each row
 adds (its KV reads, expert products, sampling); both given by the caller (measured or assumed: the plan says
-which). This is the schedule cadenza runs today, KV cache on the GPU;
-MoE-Lightning's (KV cache in host memory, attention on the CPU) would lift the batch past the GPU's memory, and
-`host_kv_batch` says how far the same step time would let it go (not built).
+which).
+
+With the KV cache in host memory (`kv_on_host`, `--kv-cache host`: attention on the CPU, as MoE-Lightning runs it)
+the batch costs the GPU nothing, every batch gets the same residents, and each step adds the CPU's read of every
+sequence's KV cache, b x context x KV bytes a token / DRAM bandwidth (not overlapped with the link: cadenza runs
+them one after the other today); the batch is bounded by host memory instead. `host_kv_batch` says, for the
+GPU-cache plan, how large a batch that schedule could run in the same step time.
 """
 
 from __future__ import annotations
@@ -42,13 +46,15 @@ class ThroughputPlan:
     per_step_s: float
     source: str  # where the bandwidth and times came from
     host_kv_batch: int  # the batch a host-KV schedule could run at the same step time (the CPU reads the KV)
+    kv_on_host: bool = False  # the plan is for --kv-cache host (kv_bytes then in host memory)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         return (
-            f"batch {self.max_batch} (KV cache {format_size(self.kv_bytes)}), resident {self.resident_experts}/"
+            f"batch {self.max_batch} (KV cache {format_size(self.kv_bytes)}"
+            f"{' in host memory' if self.kv_on_host else ''}), resident {self.resident_experts}/"
             f"{self.total_experts} experts; a step moves {format_size(self.link_bytes_per_step)} over the link at "
             f"{self.h2d_gb_s:.1f} GB/s ({self.source}): ~{self.step_s * 1e3:.0f} ms, ~{self.tok_s:.0f} tok/s "
             f"(link {self.link_bound_share:.0%} of the step)"
@@ -67,41 +73,57 @@ def plan_throughput(
     source: str = "given",
     dram_gb_s: float = 0.0,
     per_step_s: float = 0.0,
+    kv_on_host: bool = False,
+    host_bytes: int = 0,
 ) -> ThroughputPlan:
     """The batch with the most modeled tokens per second (module doc) for sequences of `context_tokens` (prompt +
     new tokens) in a GPU budget of `budget_bytes`, of which `workspace_bytes` go to activations and `fetch_slots`
-    experts' bytes to fetch slots. dram_gb_s: the host's read bandwidth, for `host_kv_batch` (0: not given)."""
+    experts' bytes to fetch slots. dram_gb_s: the host's read bandwidth, for `host_kv_batch` (0: not given).
+    kv_on_host: the KV cache in host memory, `host_bytes` of it at most (0: no bound), read by the CPU each step
+    (dram_gb_s needed)."""
     if context_tokens < 1 or top_k < 1 or h2d_gb_s <= 0 or per_token_s < 0 or per_step_s < 0:
         raise ValueError("plan_throughput needs context_tokens, top_k >= 1, h2d_gb_s > 0, per-token/step times >= 0")
+    if kv_on_host and dram_gb_s <= 0:
+        raise ValueError("plan_throughput with the KV cache on the host needs dram_gb_s > 0")
     per_layer = sizes.layer_bytes()
     total = sizes.num_experts * sizes.num_moe_layers
     fixed = sizes.always_bytes + workspace_bytes + fetch_slots * sizes.expert_bytes
     per_seq = context_tokens * sizes.kv_bytes_per_token
-    if budget_bytes - fixed < per_seq:
-        need = fixed + per_seq
+    gpu_seq = 0 if kv_on_host else per_seq  # what a sequence takes of the GPU budget
+    attn_s = per_seq / (dram_gb_s * 1e9) if kv_on_host else 0.0  # the CPU reading one sequence's cache, a step
+    most = MAX_BATCH
+    if kv_on_host and host_bytes > 0:
+        most = min(MAX_BATCH, host_bytes // per_seq) if per_seq else MAX_BATCH
+        if most < 1:
+            raise CadenzaError(
+                f"Host memory ({format_size(host_bytes)} available) cannot hold the KV cache of one sequence of "
+                f"{context_tokens} tokens ({format_size(per_seq)}). Shorten the prompts / max_tokens, or free memory."
+            )
+    if budget_bytes - fixed < gpu_seq or budget_bytes < fixed:
+        need = fixed + gpu_seq
         raise CadenzaError(
             f"--gpu-memory {format_size(budget_bytes)} is too small for one sequence of {context_tokens} tokens: the "
             f"parts that must be on the GPU need {format_size(need)} (weights {format_size(sizes.always_bytes)}, "
             f"workspace {format_size(workspace_bytes)}, fetch slots {format_size(fetch_slots * sizes.expert_bytes)}, "
-            f"KV cache {format_size(per_seq)}). Raise the budget or shorten the prompts / max_tokens."
+            f"KV cache {format_size(gpu_seq)}). Raise the budget or shorten the prompts / max_tokens."
         )
     e, k = sizes.num_experts, min(top_k, sizes.num_experts)
     best = None
-    for b in range(1, MAX_BATCH + 1):
-        room = budget_bytes - fixed - b * per_seq
+    for b in range(1, most + 1):
+        room = budget_bytes - fixed - b * gpu_seq
         if room < 0:
             break
         residents = _even_residents(room, per_layer, e)
         wanted = 1.0 - (1.0 - k / e) ** b if e else 0.0
         link = sum((e - r) * size for r, size in zip(residents, per_layer, strict=True)) * wanted
-        step = link / (h2d_gb_s * 1e9) + per_step_s + b * per_token_s
+        step = link / (h2d_gb_s * 1e9) + per_step_s + b * (per_token_s + attn_s)
         rate = b / step if step > 0 else float("inf")
         if best is None or rate > best[0] * 1.001:  # (the smallest batch within 0.1% of the best)
             best = (rate, b, sum(residents), link, step)
     rate, b, resident, link, step = best
     link_s = link / (h2d_gb_s * 1e9)
     host_b = b
-    if dram_gb_s > 0 and per_seq > 0:  # attention on the CPU: each step reads every sequence's KV once
+    if not kv_on_host and dram_gb_s > 0 and per_seq > 0:  # attention on the CPU: each step reads each KV once
         host_b = max(b, int(link_s * dram_gb_s * 1e9 // per_seq))
     return ThroughputPlan(
         max_batch=b,
@@ -117,6 +139,7 @@ def plan_throughput(
         per_step_s=per_step_s,
         source=source,
         host_kv_batch=host_b,
+        kv_on_host=kv_on_host,
     )
 
 

@@ -1,0 +1,141 @@
+"""The KV cache in host memory (`kv_cache="host"`, `--kv-cache host`): attention on the CPU over the host cache
+while the rest of the model runs on the GPU; the same tokens as the GPU cache, the budget left to experts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cadenza import LLM, CadenzaError, SamplingParams
+from cadenza.kernels import cpu_attention
+from cadenza.kv_cache import KVCache
+from tests.conftest import budget_for, make_deepseek
+from tests.test_graphs import FAMILIES, families  # noqa: F401 (the module's fixture)
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
+PROMPTS = [[3, 4, 5, 6, 7], [8, 9], list(range(10, 30))]
+
+
+def _tokens(llm, prompts):
+    return [r.token_ids for r in llm.generate(prompts, GREEDY)]
+
+
+def test_bad_values_and_mla_are_refused(mixtral_dir, tmp_path):
+    with pytest.raises(CadenzaError, match="kv_cache='disk'.*Use gpu or host"):
+        LLM(mixtral_dir[0], device="cpu", kv_cache="disk")
+    path = make_deepseek(tmp_path / "dsv2", version=2)[0]
+    with pytest.raises(CadenzaError, match="needs ordinary keys and values.*MLA.*--kv-cache gpu"):
+        LLM(path, device="cpu", kv_cache="host")
+
+
+def test_host_cache_leaves_the_budget_to_experts_and_the_tokens_unchanged(mixtral_dir):
+    """On the emulated GPU side (device cpu) the placement leaves the KV cache out of the budget, so the same budget
+    holds more resident experts; the tokens are the GPU cache's."""
+    path = mixtral_dir[0]
+    budget = budget_for(path, 2, 0, max_context=96)
+    kw = dict(device="cpu", dtype="float32", gpu_memory=budget, offload_policy="cpu", max_context=96, max_batch=3)
+    gpu, host = LLM(path, **kw), LLM(path, kv_cache="host", **kw)
+    try:
+        assert gpu.placement.kv_bytes > 0 and host.placement.kv_bytes == 0
+        assert host.placement.resident_count > gpu.placement.resident_count
+        # (the residents differ, the sums are the same experts'; fp32 on one device: the same tokens)
+        assert _tokens(host, PROMPTS) == _tokens(gpu, PROMPTS)
+    finally:
+        gpu.close()
+        host.close()
+
+
+def test_cache_on_host_and_its_growth_failure(monkeypatch):
+    assert not KVCache(2, 3, 2, 8, 64, torch.float32, "cpu").hosted
+    cache = KVCache(2, 3, 2, 8, 64, torch.float32, "cpu").on_host(torch.device("cpu"))
+    assert cache.compute_device == torch.device("cpu") and cache.hosted
+    with pytest.raises(ValueError, match="on the CPU device"):
+        KVCache(2, 3, 2, 8, 64, torch.float32, "meta").on_host(torch.device("cpu"))
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(torch, "zeros", no_memory)
+    with pytest.raises(CadenzaError, match=r"Host memory ran out growing the KV cache of 3 sequences.*--max-batch"):
+        cache.ensure(10)
+    assert cache.capacity == 0  # nothing half-grown
+
+
+def test_batch_command_with_host_cache(mixtral_dir, tmp_path):
+    from tests.cli.test_cli import cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": p, "max_tokens": 4}) + "\n" for p in PROMPTS))
+    outs = []
+    for kv in ("gpu", "host"):
+        out = tmp_path / f"{kv}.jsonl"
+        r = cli("batch", "--model", str(mixtral_dir[0]), "--device", "cpu", "--dtype", "float32", "--prompts",
+                str(prompts), "--out", str(out), "--temperature", "0", "--kv-cache", kv)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs.append([json.loads(line)["token_ids"] for line in out.read_text().splitlines()])
+    assert outs[0] == outs[1] and len(outs[0]) == 3
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deepseek_v2"])
+def test_host_cache_path_on_the_cpu(families, family, monkeypatch):  # noqa: F811
+    """On the CPU the host cache takes the same path as on a GPU (decode attention by cadenza's kernel over the
+    cache's views, prefill by torch): the default path's tokens (fp32), for rows of different lengths, windows,
+    chunks and sinks."""
+    path = families[family]
+    kw = dict(device="cpu", dtype="float32", max_context=96)
+    plain, host = LLM(path, **kw), LLM(path, kv_cache="host", **kw)
+    real, answered = cpu_attention.decode, []
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        answered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_attention, "decode", counted)
+    try:
+        assert host.engine.cache_for(2, 32).hosted and not plain.engine.cache_for(2, 32).hosted
+        want = _tokens(plain, PROMPTS)
+        assert not answered  # the default path never comes here
+        assert _tokens(host, PROMPTS) == want
+        assert answered and all(answered) == cpu_attention.available()  # every decode step's layers, by the kernel
+        ids = PROMPTS[2]
+        assert torch.allclose(host.score(ids), plain.score(ids), atol=1e-5)
+    finally:
+        plain.close()
+        host.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deepseek_v2"])
+def test_host_cache_equals_gpu_cache_on_the_device(families, family):  # noqa: F811
+    """Keys and values copied to host memory as they are written, attention on the CPU (sinks, windows, chunks,
+    rows of different lengths), the rest on the GPU: the GPU cache's tokens and scores, eagerly (no graphs)."""
+    path = families[family]
+    kw = dict(device="cuda", dtype="float32", max_context=96, max_batch=3)
+    gpu, host = LLM(path, cuda_graphs=False, **kw), LLM(path, kv_cache="host", **kw)
+    try:
+        assert not host.engine.graphs.enabled and "host memory" in host.engine.graphs.reason
+        assert _tokens(host, PROMPTS) == _tokens(gpu, PROMPTS)
+        cache = host.engine.cache_for(2, 32)
+        assert cache.hosted and cache.device.type == "cpu" and cache.compute_device.type == "cuda"
+        ids = PROMPTS[2]
+        assert torch.allclose(host.score(ids), gpu.score(ids), atol=1e-5)
+    finally:
+        gpu.close()
+        host.close()
+
+
+@pytest.mark.gpu
+def test_host_cache_with_experts_off_the_gpu(families):  # noqa: F811
+    path = families["mixtral"]
+    budget = budget_for(path, 2, 0, device="cuda", max_context=96)
+    kw = dict(device="cuda", dtype="float32", gpu_memory=budget, offload_policy="cpu", max_context=96, max_batch=3)
+    gpu, host = LLM(path, cuda_graphs=False, **kw), LLM(path, kv_cache="host", **kw)
+    try:
+        assert host.placement.kv_bytes == 0 and host.placement.resident_count > gpu.placement.resident_count
+        assert _tokens(host, PROMPTS) == _tokens(gpu, PROMPTS)
+    finally:
+        gpu.close()
+        host.close()
