@@ -277,6 +277,14 @@ class Engine:
         # microseconds to wake, against steps of tens of milliseconds).
         self._step_done = torch.cuda.Event(blocking=True) if orchestra is not None and device.type == "cuda" else None
 
+    def set_batch(self, max_batch: int, kv_cache: str) -> None:
+        """Another batch size and KV cache place between requests: the reserved GPU cache is dropped (the next
+        request reserves the new size, or none with the cache on the host) and the graphs follow."""
+        self.max_batch = max_batch
+        self.kv_host = kv_cache == "host"
+        self._cache = None
+        self.graphs.set_kv_host(self.kv_host)
+
     def cache_for(self, slots: int, length: int):
         """A cache with `slots` sequences of up to `length` tokens. On the CPU it grows as it fills. On a GPU the
         cache of max_batch × the whole context is allocated once and reused (the placement budgeted it); a

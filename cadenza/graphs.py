@@ -97,6 +97,7 @@ class StepGraphs:
     ):
         self.model, self.device, self.orchestra = model, device, orchestra
         self.kv_host = kv_host
+        self._asked = enabled
         self.graphs: dict[tuple[int, int], Captured] = {}
         self.pool = None
         self.version = None
@@ -141,6 +142,12 @@ class StepGraphs:
     def clear(self) -> None:
         self.graphs.clear()
         self.pool = None
+
+    def set_kv_host(self, kv_host: bool) -> None:
+        """The KV cache moved (to host memory or back): whether graphs apply is decided anew, old captures dropped."""
+        self.kv_host = kv_host
+        self.reason = self._why_not(self._asked)
+        self.clear()
 
     def run(self, ids: list[int], cache, rows: list[int]) -> torch.Tensor:
         """One decode step: token ids[b] appended to cache slot rows[b] -> logits [B, V] float32 (a view of the

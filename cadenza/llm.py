@@ -209,7 +209,7 @@ class LLM:
         kv_cache: str = "gpu",
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
-        if kv_cache not in ("gpu", "host"):
+        if kv_cache not in ("gpu", "host"):  # (before the weights; the model's cache kind is checked once known)
             raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
         self.kv_cache = kv_cache
         self.is_demo = model_dir is None and checkpoint is None
@@ -232,12 +232,8 @@ class LLM:
         keep_dense_blocks(meta, self.checkpoint, self.device)  # a GGUF's attention weights, in their blocks on a GPU
         expert_format = expert_format.resolve(self.checkpoint, meta)
         config = self.config = meta.config
-        if kv_cache == "host" and not isinstance(meta.new_cache(1, torch.float32, torch.device("meta")), KVCache):
-            raise CadenzaError(
-                f"kv_cache='host' (--kv-cache host) needs ordinary keys and values; {type(meta).__name__}'s attention "
-                "cache is its own (DeepSeek's MLA keeps a compressed latent, already a fraction of the size). "
-                "Use --kv-cache gpu."
-            )
+        self._kv_hostable = isinstance(meta.new_cache(1, torch.float32, torch.device("meta")), KVCache)
+        self._check_kv_cache(kv_cache, type(meta).__name__)
         context, self.context_source, self._context_fix = self._context(max_context)
         self.max_context = context
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
@@ -379,14 +375,36 @@ class LLM:
             cuda=self.device.type == "cuda",
         )
 
-    def replan(self, gpu_memory=None, offload_policy: str | None = None) -> Placement:
-        """Places the experts anew for another budget and/or policy, without reloading weights (between
-        requests). Returns the new placement."""
+    def _check_kv_cache(self, kv_cache: str, model_name: str) -> None:
+        if kv_cache not in ("gpu", "host"):
+            raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
+        if kv_cache == "host" and not self._kv_hostable:
+            raise CadenzaError(
+                f"kv_cache='host' (--kv-cache host) needs ordinary keys and values; {model_name}'s attention cache is "
+                "its own (DeepSeek's MLA keeps a compressed latent, already a fraction of the size). "
+                "Use --kv-cache gpu."
+            )
+
+    def replan(
+        self, gpu_memory=None, offload_policy: str | None = None, max_batch: int | None = None, kv_cache=None
+    ) -> Placement:
+        """Places the experts anew for another budget and/or policy, and optionally another max_batch and KV cache
+        place (as the constructor's), without reloading weights (between requests). Returns the new placement."""
         if self.orchestra is None:
             raise CadenzaError("This model runs without offloading (device='cpu' and no gpu_memory): nothing to plan.")
         policy = offload_policy or self.offload_policy
         if policy not in POLICIES:
             raise CadenzaError(f"Unknown offload policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
+        if max_batch is not None or kv_cache is not None:
+            max_batch = self.max_batch if max_batch is None else max_batch
+            kv_cache = self.kv_cache if kv_cache is None else kv_cache
+            if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+                raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
+            self._check_kv_cache(kv_cache, type(self.model).__name__)
+            self.max_batch, self.kv_cache = max_batch, kv_cache
+            self.engine.set_batch(max_batch, kv_cache)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the dropped reserved cache, before the new placement fills the budget
         planned = self._plan(gpu_memory, policy)
         self.orchestra.apply(planned, policy)
         self.offload_policy = policy

@@ -24,8 +24,10 @@ from cadenza.bench.scenarios import (
     plan_configs,
     random_prompt,
 )
+from cadenza.bench.throughput_job import T_BUDGET_GIB, T_NEW_TOKENS, T_PROMPT_TOKENS, T_PROMPTS, job_prompts, run_job
 from cadenza.errors import CadenzaError
 from cadenza.moe.cpu import physical_cores
+from cadenza.moe.placement import GiB
 
 BASELINE_NEW_TOKENS = 8  # seconds per token: the transformers baseline decodes few tokens (benchmarks/README.md)
 PROFILE_STEPS = 8  # decode steps profiled per configuration (--profile-step)
@@ -110,6 +112,8 @@ def run_bench(args: argparse.Namespace) -> int:
     default, cpu_default = SOLO.get(scenarios[0], ("mixtral-8x7b", None))
     model = args.model or (default if device.type == "cuda" else cpu_default or "mixtral-tiny")
     ckpt = SyntheticCheckpoint(model, seed=args.seed)
+    if scenarios[0] in T_BUDGET_GIB:  # an offline job's throughput: its own flow (cadenza.bench.throughput_job)
+        return _run_throughput(args, scenarios[0], model, ckpt, device, expert_kwargs(args))
     baseline = args.baseline if args.baseline is not None else device.type == "cuda"
     baseline = baseline and "D1" in scenarios
     if args.baseline and baseline_unavailable(device):
@@ -203,6 +207,47 @@ def run_bench(args: argparse.Namespace) -> int:
             log(f"wrote {png}")
     if peer_error is not None:
         raise peer_error
+    return 0
+
+
+def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device, expert_args: dict) -> int:
+    """T1 / T2: one model built, the job run with the KV cache on the GPU and then on the host (throughput_job)."""
+    from cadenza.bench.machine import machine_info, rss_gib
+    from cadenza.llm import LLM
+
+    n = args.prompts or T_PROMPTS
+    p, m = args.prompt_tokens or T_PROMPT_TOKENS, args.new_tokens or T_NEW_TOKENS
+    # (the emulated GPU side: half the model's bytes, so some experts are off it)
+    budget = T_BUDGET_GIB[scenario] * GiB if device.type == "cuda" else ckpt.total_bytes // 2 + GiB
+    log = _Log()
+    command = command_line(args, model, device)
+    log(f"{command}\n  {model}: {ckpt.total_bytes / 1e9:.1f} GB bf16; {n} prompts of {p} tokens -> {m} each")
+    machine = machine_info(device)
+    log(
+        f"machine: {machine['gpu_name'] or 'no GPU'}, {machine['cpu_model']} ({machine['physical_cores']} cores); "
+        f"DRAM read {machine['dram_read_gb_s']} GB/s, pinned H2D {machine['pinned_h2d_gb_s']} GB/s"
+    )
+    path = result_path(results_dir(args.out), scenario, machine["gpu_name"], tag=args.tag)
+    rows: list[dict] = []
+
+    def add(s: str, row: dict) -> None:
+        rows.append({**row, "model": model, "device": str(device), "cpu_experts": None})
+        write_results(path, command, machine, rows, complete=False)
+        log(", ".join(f"{k}={row[k]}" for k in ("kv_cache", "max_batch", "throughput_tok_s", "roofline_fraction",
+                                                 "skipped") if k in row))  # fmt: skip
+
+    log(f"building cadenza's model on {device} at {budget / GiB:.1f} GiB; host RSS {rss_gib()} GiB ...")
+    llm = LLM(checkpoint=ckpt, device=str(device), gpu_memory=budget, offload_policy="auto", max_context=p + m,
+              cpu_threads=args.cpu_threads, cuda_graphs=not args.no_cuda_graphs, **expert_args)  # fmt: skip
+    ckpt.release()
+    storage = _expert_storage(llm)
+    try:
+        prompts = job_prompts(n, p, ckpt.config["vocab_size"], args.seed)
+        run_job(llm, scenario, prompts, m, budget, machine, lambda s, r: add(s, {**r, "cpu_experts": storage}), log)
+    finally:
+        llm.close()
+    write_results(path, command, machine, rows, complete=True)
+    log(f"wrote {path}")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from cadenza.errors import CadenzaError
 
-SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "G1", "G2", "O1", "Z1", "R1")
+SCENARIOS = ("D1", "P1", "S1", "F1", "F2", "D3", "D4", "F3", "F4", "G1", "G2", "O1", "Z1", "R1", "T1", "T2")
 if TYPE_CHECKING:
     import torch
 
@@ -45,6 +45,8 @@ SOLO = {
     "O1": (O1_MODEL, "gpt-oss-tiny"),
     "Z1": (Z1_MODEL, "glm-4.5-air-tiny"),
     "R1": (R1_MODEL, None),
+    "T1": ("mixtral-8x7b", None),  # offline jobs (cadenza.bench.throughput_job)
+    "T2": (F1_MODEL, F1_CPU_MODEL),
 }
 EXPERT_FORMAT = {"D3": "int8", "D4": "int4", "F3": "int8", "F4": "int4"}  # scenarios with quantized experts
 # their GPU budgets: D1's / F1's budget, and every expert on the host
@@ -94,7 +96,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "(deepseek-v2-lite, 6 GiB), D3 / D4 (mixtral-8x7b, int8 / int4 experts, 24 GiB and 0), F3 / F4 "
         "(qwen3-30b-a3b, int8 / int4 experts, 8 GiB and 0), G1 / G2 (a Q4_K_M-like GGUF of mixtral-8x7b / "
         "qwen3-30b-a3b loaded by cadenza, 24 / 8 GiB and 0), O1 (a gpt-oss-120b GGUF, MXFP4 experts, 24 GiB and 0), "
-        "Z1 (a glm-4.5-air GGUF, Q4_0 experts, 24 GiB) and R1 each run on their own",
+        "Z1 (a glm-4.5-air GGUF, Q4_0 experts, 24 GiB), R1, and T1 / T2 (an offline job's tokens per second: "
+        "mixtral-8x7b at 24 GiB / qwen3-30b-a3b at 8 GiB, the KV cache on the GPU then on the host) each run on "
+        "their own",
     )
     p.add_argument(
         "--out", default=None,
@@ -111,6 +115,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"S1's GPU budgets in GiB (default {DEFAULT_BUDGETS})")
     p.add_argument("--prompt-tokens", type=int, default=None, help="override every scenario's prompt length")
+    p.add_argument("--prompts", type=int, default=None, help="T1 / T2: prompts in the job (default 1024)")
     p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")
     advanced(p).add_argument(
         "--cpu-threads", type=int, default=None, help="threads for CPU expert work (default: cadenza's)"

@@ -212,25 +212,6 @@ def offload_info(args: argparse.Namespace) -> dict:
     return out
 
 
-ASSUMED_H2D_GB_S = 25.0  # PCIe 4.0 x16's pinned copy rate, where no cost model was measured here
-ASSUMED_TOKEN_S = 1e-4  # a decode token's GPU and host work beside the transfers, where none was measured
-ASSUMED_STEP_S = 1e-2  # a decode step's cost whatever its batch (resident weights read, launches)
-ASSUMED_DRAM_GB_S = 80.0
-HOST_MARGIN = 8 * 2**30  # host memory a host KV cache leaves to everything else (activations, the OS, buffers)
-
-
-def host_kv_room(sizes) -> int:
-    """Host memory a host KV cache may plan on: what is available now, less every routed expert (each lives once
-    in host memory once the model loads) and a margin; 0 where the available memory cannot be read (no bound)."""
-    from cadenza.moe.offload.host_memory import available_host_bytes
-
-    available = available_host_bytes()
-    if not available:
-        return 0
-    experts = sum(sizes.layer_bytes()) * sizes.num_experts
-    return max(1, available - experts - HOST_MARGIN)
-
-
 def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: dict) -> dict:
     """`--throughput`: the batch plan (cadenza.moe.offload.throughput) for this model and budget, with the link
     bandwidth and GPU times of the cost model measured here (per token: the largest-batch slope of its GPU expert
@@ -239,7 +220,7 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
     from cadenza.moe.offload import policy
     from cadenza.moe.offload.costmodel import from_dict
     from cadenza.moe.offload.planning import CUDA_MARGIN, workspace_bytes
-    from cadenza.moe.offload.throughput import plan_throughput
+    from cadenza.moe.offload.throughput import host_kv_room, plan_throughput, step_rates
     from cadenza.moe.placement import parse_size
 
     if args.gpu_memory is None:
@@ -249,31 +230,25 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
             raise CadenzaError(f"{flag} {value} is not valid. Use a whole number of at least 1.")
     context = args.prompt_tokens + args.max_tokens
     k = getattr(meta.config, "num_experts_per_tok", 2)
-    h2d, per_token, per_step = ASSUMED_H2D_GB_S, ASSUMED_TOKEN_S, ASSUMED_STEP_S
-    source = "assumed: no cost model measured on this machine"
+    models = []
     for key, entry in cost_models.items():
         try:
-            cm = from_dict(entry)
+            models.append((key, from_dict(entry)))
         except (KeyError, TypeError, ValueError):
             continue
-        if cm.h2d_gb_s > 1e-6 and len(cm.gpu_points) >= 2:
-            (n0, t0), (n1, t1) = cm.gpu_points[-2:]
-            per_token = max(0.0, (t1 - t0) / (n1 - n0)) * k * sizes.num_moe_layers
-            per_step = cm.gpu_time(1) * k * sizes.num_moe_layers
-            h2d, source = cm.h2d_gb_s, f"measured: {key}"
-            break
+    rates = step_rates(models, k, sizes.num_moe_layers)
     plan = plan_throughput(
         sizes,
         parse_size(args.gpu_memory, "--gpu-memory"),
         workspace_bytes(meta.config, dtype, context, PREFILL_CHUNK, CUDA_MARGIN),
         context,
         k,
-        h2d,
-        per_token,
+        rates.h2d_gb_s,
+        rates.per_token_s,
         policy.fetch_slots("fetch", k),
-        source,
-        ASSUMED_DRAM_GB_S,
-        per_step,
+        rates.source,
+        rates.dram_gb_s,
+        rates.per_step_s,
         kv_on_host=args.kv_cache == "host",
         host_bytes=host_kv_room(sizes),
     )

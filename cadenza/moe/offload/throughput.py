@@ -29,6 +29,51 @@ from cadenza.errors import CadenzaError
 from cadenza.moe.placement import ModelSizes, format_size
 
 MAX_BATCH = 4096  # batches weighed at most (a decode step of more rows is a prefill-sized chunk)
+ASSUMED_H2D_GB_S = 25.0  # PCIe 4.0 x16's pinned copy rate, where no cost model was measured here
+ASSUMED_TOKEN_S = 1e-4  # a decode token's GPU and host work beside the transfers, where none was measured
+ASSUMED_STEP_S = 1e-2  # a decode step's cost whatever its batch (resident weights read, launches)
+ASSUMED_DRAM_GB_S = 80.0
+
+
+@dataclass(frozen=True)
+class StepRates:
+    """What `plan_throughput` is given about the machine: the link, a decode step's fixed and per-token GPU time,
+    the host's read bandwidth, and where they came from."""
+
+    h2d_gb_s: float = ASSUMED_H2D_GB_S
+    per_token_s: float = ASSUMED_TOKEN_S
+    per_step_s: float = ASSUMED_STEP_S
+    dram_gb_s: float = ASSUMED_DRAM_GB_S
+    source: str = "assumed: no cost model measured on this machine"
+
+
+HOST_MARGIN = 8 * 2**30  # host memory a host KV cache leaves to everything else (activations, the OS, buffers)
+
+
+def host_kv_room(sizes: ModelSizes, loaded: bool = False) -> int:
+    """Host memory a host KV cache may plan on: what is available now, less every routed expert unless the model
+    is `loaded` (each then lives once in host memory already), less a margin; 0 where the available memory cannot be
+    read (no bound)."""
+    from cadenza.moe.offload.host_memory import available_host_bytes
+
+    available = available_host_bytes()
+    if not available:
+        return 0
+    experts = 0 if loaded else sum(sizes.layer_bytes()) * sizes.num_experts
+    return max(1, available - experts - HOST_MARGIN)
+
+
+def step_rates(cost_models, top_k: int, moe_layers: int) -> StepRates:
+    """The rates of the first usable cost model among `cost_models` ((key, CostModel) pairs): per token the
+    largest-batch slope of its GPU expert time, per step its one-token time, each times top-k and the MoE layers;
+    else the assumed rates, said so."""
+    for key, cm in cost_models:
+        if cm.h2d_gb_s > 1e-6 and len(cm.gpu_points) >= 2:
+            (n0, t0), (n1, t1) = cm.gpu_points[-2:]
+            per_token = max(0.0, (t1 - t0) / (n1 - n0)) * top_k * moe_layers
+            per_step = cm.gpu_time(1) * top_k * moe_layers
+            return StepRates(cm.h2d_gb_s, per_token, per_step, ASSUMED_DRAM_GB_S, f"measured: {key}")
+    return StepRates()
 
 
 @dataclass(frozen=True)
@@ -160,3 +205,32 @@ def _even_residents(room: int, per_layer: list[int], experts: int) -> list[int]:
             out[i] += 1
             room -= size
     return out
+
+
+def plan_for(llm, prompt_tokens: int, max_tokens: int, kv_cache: str, budget_bytes: int, dram_gb_s: float = 0.0):
+    """`plan_throughput` for a loaded LLM: its sizes, its calibrated cost model (else assumed rates), the host
+    memory left now (its experts already in it); dram_gb_s: a measured host read rate (0: assumed)."""
+    from cadenza.llm import PREFILL_CHUNK
+    from cadenza.moe.offload import policy
+    from cadenza.moe.offload.planning import CUDA_MARGIN, workspace_bytes
+
+    sizes, config = llm.sizes, llm.config
+    k = getattr(config, "num_experts_per_tok", 2)
+    cost = llm.orchestra.cost if llm.orchestra is not None else None
+    rates = step_rates([] if cost is None else [(cost.key, cost)], k, sizes.num_moe_layers)
+    context = prompt_tokens + max_tokens
+    return plan_throughput(
+        sizes,
+        budget_bytes,
+        workspace_bytes(config, llm.dtype, context, PREFILL_CHUNK, CUDA_MARGIN),
+        context,
+        k,
+        rates.h2d_gb_s,
+        rates.per_token_s,
+        policy.fetch_slots("fetch", k),
+        rates.source,
+        dram_gb_s or rates.dram_gb_s,
+        rates.per_step_s,
+        kv_on_host=kv_cache == "host",
+        host_bytes=host_kv_room(sizes, loaded=True),
+    )

@@ -1,0 +1,91 @@
+"""T1 / T2 (issue #22): an offline job's tokens per second, the way `cadenza batch` runs it. N prompts of P random
+tokens each generate M tokens (greedy, no early stop) through `generate(..., mode="throughput")`, once with the KV
+cache on the GPU and once in host memory (attention on the CPU), each at the batch the throughput plan chooses for
+the budget (`cadenza.moe.offload.throughput.plan_for`); the row's `throughput_tok_s` is generated tokens over the
+whole job's wall time, prefill included.
+
+Roofline of one decode step of B sequences (the issue's): the non-resident experts' bytes over the link once (what
+the plan counts as wanted by B tokens) plus, with the cache on the host, the CPU reading every sequence's cache once
+at its mean length (P + M / 2), at this machine's measured link and DRAM rates; `roofline_tok_s` = B / that time and
+`roofline_fraction` = throughput_tok_s / roofline_tok_s. The GPU's own work is outside it (the roofline is the data
+movement alone), so a compute-bound run shows as a low fraction."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cadenza.bench.scenarios import random_prompt
+from cadenza.moe.placement import GiB
+
+T_BUDGET_GIB = {"T1": 24, "T2": 8}
+T_PROMPTS, T_PROMPT_TOKENS, T_NEW_TOKENS = 1024, 128, 128
+KV_PLACES = ("gpu", "host")
+
+
+def job_prompts(n: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
+    return [random_prompt(tokens, vocab, seed * 100_003 + i) for i in range(n)]
+
+
+def roofline(plan, batch: int, mean_context: float, kv_per_token: int, kv_host: bool, machine: dict) -> dict:
+    """The step's data movement at this machine's measured rates (module doc)."""
+    h2d = machine.get("pinned_h2d_gb_s") or plan.h2d_gb_s
+    dram = machine.get("dram_read_gb_s") or 0.0
+    link_s = plan.link_bytes_per_step / (h2d * 1e9)
+    kv_bytes = batch * mean_context * kv_per_token if kv_host else 0.0
+    kv_s = kv_bytes / (dram * 1e9) if kv_host and dram > 0 else 0.0
+    step = link_s + kv_s
+    return {
+        "roofline_step_s": step,
+        "roofline_link_s": link_s,
+        "roofline_kv_read_s": kv_s,
+        "roofline_tok_s": batch / step if step > 0 else None,
+    }
+
+
+def run_job(llm, scenario: str, prompts: list[list[int]], new_tokens: int, budget_bytes: int, machine: dict, add, log):
+    """Measures the job with the KV cache on the GPU, then on the host; one row each, handed to `add`."""
+    from cadenza.moe.offload.throughput import plan_for
+    from cadenza.sampling import SamplingParams
+
+    n, p = len(prompts), len(prompts[0])
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    kv_per_token = llm.sizes.kv_bytes_per_token
+    for kv in KV_PLACES:
+        row = {"scenario": scenario, "system": "cadenza", "kv_cache": kv, "prompts": n, "prompt_tokens": p,
+               "new_tokens": new_tokens, "gpu_budget_gib": round(budget_bytes / GiB, 2)}  # fmt: skip
+        try:
+            plan = plan_for(llm, p, new_tokens, kv, budget_bytes, machine.get("dram_read_gb_s") or 0.0)
+            batch = min(plan.max_batch, n)
+            llm.replan(gpu_memory=budget_bytes, offload_policy="auto", max_batch=batch, kv_cache=kv)
+            log(f"{scenario} kv={kv}: batch {batch} (plan: {plan.summary()})")
+            llm.generate(
+                prompts[: min(batch, 4)],
+                SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+                mode="throughput",
+            )  # fmt: skip  (warm-up: kernels, the cache's first growth)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            results = llm.generate(prompts, params, mode="throughput")
+            seconds = time.perf_counter() - t0
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            add(scenario, {**row, "skipped": f"out of GPU memory: {str(e).splitlines()[0]}"})
+            continue
+        tokens = sum(len(r.token_ids) for r in results)
+        rate = tokens / seconds
+        roof = roofline(plan, batch, p + new_tokens / 2, kv_per_token, kv == "host", machine)
+        row.update(
+            max_batch=batch,
+            generated_tokens=tokens,
+            seconds=round(seconds, 3),
+            throughput_tok_s=round(rate, 2),
+            **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in roof.items()},
+            roofline_fraction=round(rate / roof["roofline_tok_s"], 3) if roof["roofline_tok_s"] else None,
+            plan=plan.as_dict(),
+            placement=llm.placement.summary() if llm.placement is not None else None,
+            cuda_graphs=llm.engine.graphs.describe(),
+        )
+        add(scenario, row)
