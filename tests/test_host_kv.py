@@ -96,8 +96,8 @@ def test_host_cache_path_on_the_cpu(families, family, monkeypatch):  # noqa: F81
     monkeypatch.setattr(cpu_attention, "decode", counted)
     try:
         assert host.engine.cache_for(2, 32).hosted and not plain.engine.cache_for(2, 32).hosted
-        want = _tokens(plain, PROMPTS)
-        assert not answered  # the default path never comes here
+        want = _tokens(plain, PROMPTS)  # (a CPU run's decode steps take the kernel too)
+        answered.clear()
         assert _tokens(host, PROMPTS) == want
         assert answered and all(answered) == cpu_attention.available()  # every decode step's layers, by the kernel
         ids = PROMPTS[2]

@@ -35,6 +35,7 @@ from cadenza.models.common import (
     DecoderModel,
     clamped_swiglu_name,
     host_attention,
+    reads_host_cache,
 )
 from cadenza.models.rope import apply_rotary
 from cadenza.moe.experts import Experts
@@ -135,7 +136,7 @@ def attend_with_sinks(
     logit together, the sink's share dropped. In float32, queries in chunks; the G = N / K query heads that share a
     key/value head are multiplied with it together (no copy of the cache per query head). A host cache: where
     `host_attention` puts the work."""
-    if not ctx.cache.hosted:
+    if not reads_host_cache(q, ctx):
         return _attend_with_sinks(q, k, v, ctx.mask, scale, sinks)
     return host_attention(lambda *a: _attend_with_sinks(*a, scale, sinks), q, k, v, ctx.mask, scale, sinks)
 
