@@ -139,3 +139,42 @@ def test_host_cache_with_experts_off_the_gpu(families):  # noqa: F811
     finally:
         gpu.close()
         host.close()
+
+
+def test_replan_moves_the_cache_between_requests(mixtral_dir):
+    path = mixtral_dir[0]
+    budget = budget_for(path, 2, 0, max_context=96)
+    kw = dict(device="cpu", dtype="float32", gpu_memory=budget, offload_policy="cpu", max_context=96, max_batch=3)
+    llm = LLM(path, **kw)
+    try:
+        want = _tokens(llm, PROMPTS)
+        before = llm.placement.resident_count
+        llm.replan(gpu_memory=budget, max_batch=4, kv_cache="host")
+        assert llm.kv_cache == "host" and llm.max_batch == 4 and llm.engine.kv_host
+        assert llm.placement.kv_bytes == 0 and llm.placement.resident_count > before
+        assert _tokens(llm, PROMPTS) == want
+        llm.replan(gpu_memory=budget, kv_cache="gpu", max_batch=3)
+        assert not llm.engine.kv_host and llm.placement.kv_bytes > 0 and llm.placement.resident_count == before
+        with pytest.raises(CadenzaError, match="kv_cache='ram'"):
+            llm.replan(kv_cache="ram", gpu_memory=budget)
+        with pytest.raises(CadenzaError, match="max_batch=0"):
+            llm.replan(max_batch=0, gpu_memory=budget)
+        assert llm.kv_cache == "gpu" and llm.max_batch == 3  # a refused change changes nothing
+    finally:
+        llm.close()
+
+
+@pytest.mark.gpu
+def test_replan_between_gpu_and_host_cache_on_the_device(families):  # noqa: F811
+    path = families["mixtral"]
+    llm = LLM(path, device="cuda", dtype="float32", max_context=96, max_batch=3)
+    try:
+        want = _tokens(llm, PROMPTS)
+        assert llm.engine.graphs.enabled
+        llm.replan(kv_cache="host", max_batch=4)
+        assert not llm.engine.graphs.enabled and _tokens(llm, PROMPTS) == want
+        llm.replan(kv_cache="gpu")
+        assert llm.engine.graphs.enabled, llm.engine.graphs.reason
+        assert _tokens(llm, PROMPTS) == want
+    finally:
+        llm.close()
