@@ -42,8 +42,8 @@ def _unsupported() -> str | None:
     return f"the CPU lacks {', '.join(missing)}" if missing else None
 
 
-def _notice(reason: str) -> None:
-    log.warning("the CPU attention kernel is off (%s); host-cache attention uses PyTorch.", reason)
+def _notice(reason: str) -> None:  # (speed only: the fallback computes the same)
+    log.info("the CPU attention kernel is off (%s); decode attention on the CPU uses PyTorch.", reason)
 
 
 _library = native.Library(_build, _unsupported, _notice)
