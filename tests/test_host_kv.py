@@ -3,6 +3,7 @@ while the rest of the model runs on the GPU; the same tokens as the GPU cache, t
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -22,6 +23,17 @@ def _tokens(llm, prompts):
     return [r.token_ids for r in llm.generate(prompts, GREEDY)]
 
 
+@contextlib.contextmanager
+def _gpu_and_host(path, gpu_kw: dict | None = None, **kw):
+    """The same model twice: the KV cache where the device keeps it, and in host memory; both closed after."""
+    a, b = LLM(path, **(gpu_kw or {}), **kw), LLM(path, kv_cache="host", **kw)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
 def test_bad_values_and_mla_are_refused(mixtral_dir, tmp_path):
     with pytest.raises(CadenzaError, match="kv_cache='disk'.*Use gpu or host"):
         LLM(mixtral_dir[0], device="cpu", kv_cache="disk")
@@ -36,15 +48,11 @@ def test_host_cache_leaves_the_budget_to_experts_and_the_tokens_unchanged(mixtra
     path = mixtral_dir[0]
     budget = budget_for(path, 2, 0, max_context=96)
     kw = dict(device="cpu", dtype="float32", gpu_memory=budget, offload_policy="cpu", max_context=96, max_batch=3)
-    gpu, host = LLM(path, **kw), LLM(path, kv_cache="host", **kw)
-    try:
+    with _gpu_and_host(path, **kw) as (gpu, host):
         assert gpu.placement.kv_bytes > 0 and host.placement.kv_bytes == 0
         assert host.placement.resident_count > gpu.placement.resident_count
         # (the residents differ, the sums are the same experts'; fp32 on one device: the same tokens)
         assert _tokens(host, PROMPTS) == _tokens(gpu, PROMPTS)
-    finally:
-        gpu.close()
-        host.close()
 
 
 def test_cache_on_host_and_its_growth_failure(monkeypatch):
@@ -85,7 +93,6 @@ def test_host_cache_path_on_the_cpu(families, family, monkeypatch):  # noqa: F81
     chunks and sinks."""
     path = families[family]
     kw = dict(device="cpu", dtype="float32", max_context=96)
-    plain, host = LLM(path, **kw), LLM(path, kv_cache="host", **kw)
     real, answered = cpu_attention.decode, []
 
     def counted(*a, **k):
@@ -94,7 +101,7 @@ def test_host_cache_path_on_the_cpu(families, family, monkeypatch):  # noqa: F81
         return out
 
     monkeypatch.setattr(cpu_attention, "decode", counted)
-    try:
+    with _gpu_and_host(path, **kw) as (plain, host):
         assert host.engine.cache_for(2, 32).hosted and not plain.engine.cache_for(2, 32).hosted
         want = _tokens(plain, PROMPTS)  # (a CPU run's decode steps take the kernel too)
         answered.clear()
@@ -102,9 +109,6 @@ def test_host_cache_path_on_the_cpu(families, family, monkeypatch):  # noqa: F81
         assert answered and all(answered) == cpu_attention.available()  # every decode step's layers, by the kernel
         ids = PROMPTS[2]
         assert torch.allclose(host.score(ids), plain.score(ids), atol=1e-5)
-    finally:
-        plain.close()
-        host.close()
 
 
 @pytest.mark.gpu
@@ -114,17 +118,13 @@ def test_host_cache_equals_gpu_cache_on_the_device(families, family):  # noqa: F
     rows of different lengths), the rest on the GPU: the GPU cache's tokens and scores, eagerly (no graphs)."""
     path = families[family]
     kw = dict(device="cuda", dtype="float32", max_context=96, max_batch=3)
-    gpu, host = LLM(path, cuda_graphs=False, **kw), LLM(path, kv_cache="host", **kw)
-    try:
+    with _gpu_and_host(path, {"cuda_graphs": False}, **kw) as (gpu, host):
         assert not host.engine.graphs.enabled and "host memory" in host.engine.graphs.reason
         assert _tokens(host, PROMPTS) == _tokens(gpu, PROMPTS)
         cache = host.engine.cache_for(2, 32)
         assert cache.hosted and cache.device.type == "cpu" and cache.compute_device.type == "cuda"
         ids = PROMPTS[2]
         assert torch.allclose(host.score(ids), gpu.score(ids), atol=1e-5)
-    finally:
-        gpu.close()
-        host.close()
 
 
 @pytest.mark.gpu
@@ -132,13 +132,9 @@ def test_host_cache_with_experts_off_the_gpu(families):  # noqa: F811
     path = families["mixtral"]
     budget = budget_for(path, 2, 0, device="cuda", max_context=96)
     kw = dict(device="cuda", dtype="float32", gpu_memory=budget, offload_policy="cpu", max_context=96, max_batch=3)
-    gpu, host = LLM(path, cuda_graphs=False, **kw), LLM(path, kv_cache="host", **kw)
-    try:
+    with _gpu_and_host(path, {"cuda_graphs": False}, **kw) as (gpu, host):
         assert host.placement.kv_bytes == 0 and host.placement.resident_count > gpu.placement.resident_count
         assert _tokens(host, PROMPTS) == _tokens(gpu, PROMPTS)
-    finally:
-        gpu.close()
-        host.close()
 
 
 def test_replan_moves_the_cache_between_requests(mixtral_dir):
