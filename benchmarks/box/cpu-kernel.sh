@@ -6,8 +6,10 @@ python3 -m cadenza.bench.cpu_kernel --model mixtral-8x7b --formats q4_k+q6_k,q4_
   --seconds 2 --layouts tiled --prefill-tokens 0 --no-torch --out "$OUT/cpu-kernel-blocks-mixtral.json" \
   > "$OUT/cpu-kernel.log" 2>&1
 tail -8 "$OUT/cpu-kernel.log"
+# (software prefetch distances too: if reads and arithmetic add up rather than overlap, a farther prefetch may help)
 python3 -m cadenza.bench.cpu_kernel --model mixtral-8x7b --formats q4_k+q6_k --tokens 1 --seconds 1 --layouts tiled \
-  --prefill-tokens 0 --no-torch --prefetch 0 --thread-sweep 1,2,4,8,12,16 --out "$OUT/cpu-kernel-sweep-mixtral.json" \
+  --prefill-tokens 0 --no-torch --prefetch 0,1024,4096,16384 --thread-sweep 1,2,4,8,12,16 \
+  --out "$OUT/cpu-kernel-sweep-mixtral.json" \
   > "$OUT/cpu-kernel-sweep.log" 2>&1
 grep -E "kernel|read" "$OUT/cpu-kernel-sweep.log" | tail -14
 python3 -m cadenza.bench.cpu_kernel --model qwen3-30b-a3b --formats q4_k,q6_k,q5_k,int4 --tokens 1 --seconds 1 \
