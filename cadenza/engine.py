@@ -22,6 +22,7 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.generation import NO_TOKEN, Generation, GenerationStats, Step
+from cadenza.micro_batches import MicroBatches
 from cadenza.sampling import Sampler, SamplingParams
 from cadenza.scoring import prompt_scores
 from cadenza.text import StopStrings
@@ -254,6 +255,7 @@ class Engine:
         context_source: str = "",
         context_fix: str = "",
         kv_cache: str = "gpu",
+        micro_batches: int = 1,
     ):
         self.model, self.tokenizer = model, tokenizer
         # "host": every KV cache in host memory, decode attention on the CPU by cadenza's kernel (on a GPU: batches
@@ -272,18 +274,22 @@ class Engine:
         from cadenza.graphs import StepGraphs
 
         self.graphs = StepGraphs(model, device, orchestra, cuda_graphs, self.kv_host)  # decode steps, or why not
+        self.micro = MicroBatches(micro_batches, device, orchestra)  # a host cache's decode steps, overlapped
         # While a decode step's CPU experts run, this thread would wait for the logits spinning in CUDA's default
         # wait, on a core the expert kernel's threads could use: it sleeps in a blocking event instead (tens of
         # microseconds to wake, against steps of tens of milliseconds).
         self._step_done = torch.cuda.Event(blocking=True) if orchestra is not None and device.type == "cuda" else None
 
-    def set_batch(self, max_batch: int, kv_cache: str) -> None:
+    def set_batch(self, max_batch: int, kv_cache: str, micro_batches: int = 1) -> None:
         """Another batch size and KV cache place between requests: the reserved GPU cache is dropped (the next
         request reserves the new size, or none with the cache on the host) and the graphs follow."""
         self.max_batch = max_batch
         self.kv_host = kv_cache == "host"
         self._cache = None
         self.graphs.set_kv_host(self.kv_host)
+        if micro_batches != self.micro.count:
+            self.micro.close()
+            self.micro = MicroBatches(micro_batches, self.device, self.orchestra)
 
     def cache_for(self, slots: int, length: int):
         """A cache with `slots` sequences of up to `length` tokens. On the CPU it grows as it fills. On a GPU the
@@ -325,6 +331,8 @@ class Engine:
         CUDA graph where possible (cadenza.graphs), else run eagerly."""
         if self.graphs.enabled:
             logits = self.graphs.run(token_ids, cache, rows)
+        elif self.kv_host and self.micro.applies(len(rows)):
+            logits = self.micro.decode(self.model, token_ids, cache, rows)
         else:
             ids = torch.tensor([[t] for t in token_ids], dtype=torch.long, device=self.device)
             logits = self.model(ids, cache, last_only=True, rows=rows)[:, -1]

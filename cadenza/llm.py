@@ -147,6 +147,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, checkpoint: Checkpoint) -> to
     raise CadenzaError(f"Unknown dtype {dtype!r}. Use one of: float32, float16, bfloat16 (or leave it unset).")
 
 
+def _check_micro_batches(micro_batches, kv_cache: str) -> None:
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise CadenzaError(f"micro_batches={micro_batches!r} (--micro-batches) is not valid. Use 1, 2, ...")
+    if micro_batches > 1 and kv_cache != "host":
+        raise CadenzaError(
+            f"micro_batches={micro_batches} (--micro-batches) overlaps the CPU's attention with the GPU's experts, "
+            "which needs the KV cache in host memory: add kv_cache='host' (--kv-cache host), or use 1."
+        )
+
+
 class LLM:
     """A Mixture-of-Experts model loaded from a Hugging Face checkpoint folder, a GGUF file or a hub id.
 
@@ -166,7 +176,9 @@ class LLM:
     kv_cache: where the KV cache lives on a GPU run: "gpu" (default; reserved in the budget, decode steps as CUDA
     graphs) or "host" (host memory, growing as it fills; attention runs on the CPU, so the budget goes to experts
     and a batch is bounded by host memory, not the GPU's: the offline mode's big batches; no CUDA graphs; not for
-    DeepSeek's MLA cache).
+    DeepSeek's MLA cache). micro_batches: with kv_cache="host", a decode step's batch split in this many
+    micro-batches decoded by their own threads, so that one's attention on the CPU overlaps another's experts on the
+    GPU (default 1: none; 2 is the usual choice; a step of fewer than 8 rows each is not split).
     eviction: which fetched expert leaves a full fetch cache: "lru" (default), "lfu" or "lrfu".
     prefetch: guess the next layer's experts with its router and start their copies early: True, False, or None
     (default: with the fetch policy only). cuda_graphs: replay decode steps as CUDA graphs where possible
@@ -207,11 +219,13 @@ class LLM:
         expert_group: int | None = None,
         expert_cache: bool = True,
         kv_cache: str = "gpu",
+        micro_batches: int = 1,
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
         if kv_cache not in ("gpu", "host"):  # (before the weights; the model's cache kind is checked once known)
             raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
-        self.kv_cache = kv_cache
+        _check_micro_batches(micro_batches, kv_cache)
+        self.kv_cache, self.micro_batches = kv_cache, micro_batches
         self.is_demo = model_dir is None and checkpoint is None
         self._token_text: TokenText | None = None  # made at the first result with log-probs
         if checkpoint is None:
@@ -294,6 +308,7 @@ class LLM:
             context_source=self.context_source,
             context_fix=self._context_fix,
             kv_cache=kv_cache,
+            micro_batches=micro_batches,
         )
 
     def _context(self, max_context: int | None) -> tuple[int, str, str]:
@@ -386,23 +401,32 @@ class LLM:
             )
 
     def replan(
-        self, gpu_memory=None, offload_policy: str | None = None, max_batch: int | None = None, kv_cache=None
+        self,
+        gpu_memory=None,
+        offload_policy: str | None = None,
+        max_batch: int | None = None,
+        kv_cache: str | None = None,
+        micro_batches: int | None = None,
     ) -> Placement:
-        """Places the experts anew for another budget and/or policy, and optionally another max_batch and KV cache
-        place (as the constructor's), without reloading weights (between requests). Returns the new placement."""
+        """Places the experts anew for another budget and/or policy, and optionally another max_batch, KV cache
+        place and micro_batches (as the constructor's), without reloading weights (between requests). Returns the
+        new placement."""
         if self.orchestra is None:
             raise CadenzaError("This model runs without offloading (device='cpu' and no gpu_memory): nothing to plan.")
         policy = offload_policy or self.offload_policy
         if policy not in POLICIES:
             raise CadenzaError(f"Unknown offload policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
-        if max_batch is not None or kv_cache is not None:
+        if max_batch is not None or kv_cache is not None or micro_batches is not None:
             max_batch = self.max_batch if max_batch is None else max_batch
             kv_cache = self.kv_cache if kv_cache is None else kv_cache
+            if micro_batches is None:  # (kept with a host cache; a GPU cache has none)
+                micro_batches = self.micro_batches if kv_cache == "host" else 1
             if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
                 raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
             self._check_kv_cache(kv_cache, type(self.model).__name__)
-            self.max_batch, self.kv_cache = max_batch, kv_cache
-            self.engine.set_batch(max_batch, kv_cache)
+            _check_micro_batches(micro_batches, kv_cache)
+            self.max_batch, self.kv_cache, self.micro_batches = max_batch, kv_cache, micro_batches
+            self.engine.set_batch(max_batch, kv_cache, micro_batches)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the dropped reserved cache, before the new placement fills the budget
         planned = self._plan(gpu_memory, policy)
@@ -421,6 +445,7 @@ class LLM:
     def close(self) -> None:
         """Stops the CPU worker and unpins host memory (also done when the LLM is collected); the LLM is unusable
         afterwards."""
+        self.engine.micro.close()
         if self.orchestra is not None:
             self.orchestra.close()
             self.orchestra = None

@@ -174,3 +174,47 @@ def test_replan_between_gpu_and_host_cache_on_the_device(families):  # noqa: F81
         assert _tokens(llm, PROMPTS) == want
     finally:
         llm.close()
+
+
+def test_micro_batches_decode_the_same_tokens(mixtral_dir):
+    """A step's rows as 2 micro-batches in threads (the orchestrated experts one layer call at a time): the tokens of
+    one batch, for rows of different lengths, with experts on the emulated GPU side and on the CPU."""
+    path = mixtral_dir[0]
+    budget = budget_for(path, 2, 0, max_context=96)
+    kw = dict(device="cpu", dtype="float32", gpu_memory=budget, offload_policy="cpu", max_context=96, max_batch=20)
+    prompts = [list(range(3, 3 + 1 + i % 7)) for i in range(19)]
+    one, two = LLM(path, kv_cache="host", **kw), LLM(path, kv_cache="host", micro_batches=2, **kw)
+    calls = []
+    real = two.engine.micro.decode
+    two.engine.micro.decode = lambda *a: calls.append(len(a[3])) or real(*a)
+    try:
+        assert _tokens(two, prompts) == _tokens(one, prompts)
+        assert calls and max(calls) == 19 and not two.orchestra.concurrent  # split while >= 16 rows decoded
+        assert two.engine.micro.count == 2
+    finally:
+        one.close()
+        two.close()
+
+
+def test_micro_batches_need_the_host_cache(mixtral_dir):
+    with pytest.raises(CadenzaError, match="micro_batches=2.*needs the KV cache in host memory.*--kv-cache host"):
+        LLM(mixtral_dir[0], device="cpu", micro_batches=2)
+    with pytest.raises(CadenzaError, match="micro_batches=0"):
+        LLM(mixtral_dir[0], device="cpu", kv_cache="host", micro_batches=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_micro_batches_on_the_device(families, offloaded):  # noqa: F811
+    """Two threads, two streams: one micro-batch's CPU attention beside the other's GPU work; the same tokens."""
+    path = families["mixtral"]
+    kw = dict(device="cuda", dtype="float32", max_context=96, max_batch=20, kv_cache="host")
+    if offloaded:
+        kw |= dict(gpu_memory=budget_for(path, 2, 2, device="cuda", max_context=96), offload_policy="auto")
+    prompts = [list(range(3, 3 + 1 + i % 7)) for i in range(19)]
+    one, two = LLM(path, **kw), LLM(path, micro_batches=2, **kw)
+    try:
+        assert _tokens(two, prompts) == _tokens(one, prompts)
+    finally:
+        one.close()
+        two.close()

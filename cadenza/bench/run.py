@@ -233,8 +233,8 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
     def add(s: str, row: dict) -> None:
         rows.append({**row, "model": model, "device": str(device), "cpu_experts": None})
         write_results(path, command, machine, rows, complete=False)
-        log(", ".join(f"{k}={row[k]}" for k in ("kv_cache", "max_batch", "throughput_tok_s", "roofline_fraction",
-                                                 "skipped") if k in row))  # fmt: skip
+        keys = ("kv_cache", "micro_batches", "max_batch", "throughput_tok_s", "roofline_fraction", "skipped")
+        log(", ".join(f"{k}={row[k]}" for k in keys if k in row))
 
     log(f"building cadenza's model on {device} at {budget / GiB:.1f} GiB; host RSS {rss_gib()} GiB ...")
     llm = LLM(checkpoint=ckpt, device=str(device), gpu_memory=budget, offload_policy="auto", max_context=p + m,

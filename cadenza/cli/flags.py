@@ -108,6 +108,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--kv-cache", default="gpu", choices=["gpu", "host"],
                    help="where the KV cache lives on a GPU run: gpu (default, in the budget) or host (host memory, "
                    "attention on the CPU: big offline batches past the GPU's memory; no CUDA graphs)")  # fmt: skip
+    a.add_argument("--micro-batches", type=int, default=1,
+                   help="with --kv-cache host: decode each step's batch as this many micro-batches in threads, one's "
+                   "CPU attention overlapping another's GPU experts (default 1: none)")  # fmt: skip
     a.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
                    help="which fetched expert leaves a full fetch cache (default lru)")  # fmt: skip
     a.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
@@ -214,6 +217,7 @@ def load(args: argparse.Namespace):
         prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
         cuda_graphs=not args.no_cuda_graphs,
         kv_cache=args.kv_cache,
+        micro_batches=args.micro_batches,
         **expert_kwargs(args),
     )
     if llm.placement is not None:

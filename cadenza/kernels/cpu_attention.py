@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 
 import torch
 
@@ -90,11 +91,19 @@ def decode(
     sk = None if sinks is None else sinks.detach().to("cpu", torch.float32).contiguous()
     dv = v.shape[-1]
     out = torch.empty(b, n, dv, dtype=torch.float32)
-    rc = lib.cadenza_decode_attention(
+    with _one_at_a_time:  # (micro-batches in threads: one team of threads on the cores, not two)
+        rc = _call(lib, b, n, k, v, d, dv, qf, lo, hi, sk, scale, out)
+    if rc != 0:
+        return None
+    return out.view(b, n, 1, dv)
+
+
+_one_at_a_time = threading.Lock()
+
+
+def _call(lib, b, n, k, v, d, dv, qf, lo, hi, sk, scale, out) -> int:
+    return lib.cadenza_decode_attention(
         b, n, k.shape[1], d, dv, qf.data_ptr(), k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), lo.data_ptr(), hi.data_ptr(),
         0 if sk is None else sk.data_ptr(), float(scale), torch.get_num_threads(), out.data_ptr(),
     )  # fmt: skip
-    if rc != 0:
-        return None
-    return out.view(b, n, 1, dv)

@@ -33,7 +33,7 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
     out = json.loads(path.read_text())
     assert out["complete"] and "--scenario T1" in out["command"]
     rows = out["results"]
-    assert [row["kv_cache"] for row in rows] == ["gpu", "host"]
+    assert [(row["kv_cache"], row["micro_batches"]) for row in rows] == [("gpu", 1), ("host", 1), ("host", 2)]
     for row in rows:
         assert row["generated_tokens"] == 5 * 3 and row["throughput_tok_s"] > 0 and row["max_batch"] >= 1
         assert row["plan"]["kv_on_host"] == (row["kv_cache"] == "host") and row["prompts"] == 5

@@ -89,6 +89,16 @@ class LayerOffload:
         shared: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         orch = self.orch
+        if not orch.concurrent:
+            return self._call(x, topk_ids, topk_weights, shared)
+        with orch.lock:  # another micro-batch's thread may want the layer: finish this call on its stream first
+            y = self._call(x, topk_ids, topk_weights, shared)
+            if x.is_cuda:
+                torch.cuda.current_stream(x.device).synchronize()
+            return y
+
+    def _call(self, x, topk_ids, topk_weights, shared) -> torch.Tensor:
+        orch = self.orch
         tokens = x.shape[0]
         how = policy.route(
             tokens, orch.decode_kernels, self.all_resident, orch.streamed is not None, orch.recorder is not None

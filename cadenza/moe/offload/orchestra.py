@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 
 import torch
 
@@ -105,6 +106,10 @@ class Orchestra:
         # option's, or under "auto" measured by calibration (0 until then)
         self.zero_copy_share = self.options.zero_copy or 0.0
         self.recorder = None  # cadenza.graphs.Recorder while a decode step is captured (`recording`)
+        # micro-batches decoding in threads (Engine, --micro-batches): one layer call at a time, each finished on
+        # its stream before the next starts (slots, staging buffers and counters are shared)
+        self.concurrent = False
+        self.lock = threading.Lock()
         # bumped by each apply() (through choose_streamed): captured steps refer to the resident tensors of one
         # placement and to one way of running the host's layers
         self.version = 0

@@ -1,0 +1,68 @@
+"""A decode step's batch as micro-batches in threads, so the CPU's and the GPU's work of different rows overlap.
+
+With the KV cache in host memory (`--kv-cache host`) a layer's attention runs on the CPU and its experts on the GPU
+(or fetched to it), one after the other for the whole batch: the GPU waits while the CPU attends and the CPU waits
+while the GPU computes. Split into micro-batches, each decoded by its own thread on its own CUDA stream, one
+micro-batch's attention on the CPU runs while another's experts run on the GPU (MoE-Lightning's CGOPipe, in its
+simplest form). The rows share the cache (each thread writes its own rows; the cache is grown first, so no thread
+reallocates it) and the offloaded layers (one layer call at a time, finished on its stream before the next: the
+Orchestra's lock); everything else a layer does belongs to its thread's stream.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import torch
+
+MIN_ROWS = 8  # per micro-batch: fewer rows are not worth a thread's handoff
+
+
+class MicroBatches:
+    def __init__(self, count: int, device: torch.device, orchestra=None):
+        self.count, self.device, self.orchestra = count, device, orchestra
+        self.cuda = device.type == "cuda"
+        self.streams = [torch.cuda.Stream(device) for _ in range(count)] if self.cuda else []
+        self.pool = ThreadPoolExecutor(count, thread_name_prefix="cadenza-mb") if count > 1 else None
+
+    def applies(self, rows: int) -> bool:
+        return self.pool is not None and rows >= self.count * MIN_ROWS
+
+    def decode(self, model, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
+        """One decode step of `rows` as `count` micro-batches -> logits [B, V], in the rows' order."""
+        n = len(rows)
+        cuts = [n * i // self.count for i in range(self.count + 1)]
+        parts = [(token_ids[a:b], rows[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+        cache.ensure(max(cache.lengths[r] for r in rows) + 1)  # grown here, never inside a thread
+        main = torch.cuda.current_stream(self.device) if self.cuda else None
+
+        def run(i: int) -> torch.Tensor:
+            ids_i, rows_i = parts[i]
+            with torch.inference_mode():  # (thread-local: the caller's does not reach this thread)
+                ids = torch.tensor([[t] for t in ids_i], dtype=torch.long, device=self.device)
+                if not self.cuda:
+                    return model(ids, cache, last_only=True, rows=rows_i)[:, -1]
+                stream = self.streams[i]
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    return model(ids, cache, last_only=True, rows=rows_i)[:, -1]
+
+        orch = self.orchestra
+        if orch is not None:
+            orch.concurrent = True
+        try:
+            futures = [self.pool.submit(run, i) for i in range(self.count)]
+            wait(futures)  # all of them, before the first failure is raised and the layers are shared again
+            outs = [f.result() for f in futures]
+        finally:
+            if orch is not None:
+                orch.concurrent = False
+        if self.cuda:
+            for s in self.streams:
+                main.wait_stream(s)
+        return torch.cat(outs)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
