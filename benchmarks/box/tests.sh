@@ -2,7 +2,10 @@
 source benchmarks/box/setup.sh
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 lscpu | grep -iE "numa|model name|mhz|socket" | tee "$OUT/lscpu.txt"
-(bash .peers/build-llama-bench.sh .peers/llama.cpp-src.tar.xz .peers > "$OUT/build.log" 2>&1; echo "build-rc=$?" >> "$OUT/build.log") &
+# (then llama-batched-bench from the same configured tree: T1 / T2's peer)
+(bash .peers/build-llama-bench.sh .peers/llama.cpp-src.tar.xz .peers > "$OUT/build.log" 2>&1 \
+  && cmake --build .peers/llama.cpp/build --target llama-batched-bench -j 8 >> "$OUT/build.log" 2>&1
+ echo "build-rc=$?" >> "$OUT/build.log") &
 build=$!
 timeout 380 python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.log" | tail -20

@@ -236,6 +236,7 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
         keys = ("kv_cache", "micro_batches", "max_batch", "throughput_tok_s", "roofline_fraction", "skipped")
         log(", ".join(f"{k}={row[k]}" for k in keys if k in row))
 
+    peer = _throughput_peer(args, scenario, expert_args, ckpt)  # refused before anything is built
     log(f"building cadenza's model on {device} at {budget / GiB:.1f} GiB; host RSS {rss_gib()} GiB ...")
     llm = LLM(checkpoint=ckpt, device=str(device), gpu_memory=budget, offload_policy="auto", max_context=p + m,
               cpu_threads=args.cpu_threads, cuda_graphs=not args.no_cuda_graphs, **expert_args)  # fmt: skip
@@ -246,9 +247,43 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
         run_job(llm, scenario, prompts, m, budget, machine, lambda s, r: add(s, {**r, "cpu_experts": storage}), log)
     finally:
         llm.close()
+    del llm
+    gc.collect()
+    if peer is not None:  # llama-batched-bench on the same model as a Q4_0 GGUF, cadenza's model freed first
+        from cadenza.bench import llama_batched
+        from cadenza.bench.llama_cpp_peer import write_peer_gguf
+
+        written = write_peer_gguf(peer[1], ckpt, "int4", f"{scenario} llama.cpp", log)
+        try:
+            threads = args.cpu_threads or physical_cores()
+            llama_batched.measure(peer[0].path, written, scenario, budget / GiB, p, m, threads, add, log)
+        finally:
+            written.path.unlink(missing_ok=True)
+            log(f"deleted {written.path}")
     write_results(path, command, machine, rows, complete=True)
     log(f"wrote {path}")
     return 0
+
+
+def _throughput_peer(args, scenario: str, expert_args: dict, ckpt):
+    """(peer, GGUF folder) for T1 / T2's --peer (PATH: llama-batched-bench), or None; refused unless the experts
+    are int4 (the peer's file has Q4_0 experts: the same bytes a weight)."""
+    if not args.peer:
+        return None
+    from cadenza.bench.gguf_export import gguf_plan, import_gguf
+    from cadenza.bench.llama_cpp_peer import check_disk, parse_peers
+
+    [peer, *more] = parse_peers(args.peer)
+    if more:
+        raise CadenzaError("--peer: one peer per run.")
+    if expert_args.get("experts") != "int4":
+        raise CadenzaError(
+            f"--peer {peer.name} in {scenario} compares int4 experts with llama.cpp's Q4_0: add --experts int4."
+        )
+    import_gguf()
+    folder = _gguf_folder(args.peer_dir)
+    check_disk(folder, gguf_plan(ckpt, "int4").file_bytes_bound())
+    return peer, folder
 
 
 def _gguf_folder(peer_dir: str | None):

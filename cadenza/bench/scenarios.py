@@ -137,7 +137,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "same synthetic model is written as a GGUF file (Q8_0 experts for int8, Q4_0 for int4; G1 / G2 / O1 / Z1: the "
         "file cadenza loaded), each configuration is run with "
         "llama-bench -ngl 99 --n-cpu-moe N, N the fewest layers whose experts stay on the host for llama.cpp's "
-        "estimated GPU memory to fit the budget (0: every layer's), and the file is deleted",
+        "estimated GPU memory to fit the budget (0: every layer's), and the file is deleted. T1 / T2 with --experts "
+        "int4: PATH is llama-batched-bench, run on a Q4_0 GGUF at 16-256 parallel sequences",
     )
     advanced(p).add_argument(
         "--peer-dir",

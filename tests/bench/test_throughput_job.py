@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -40,3 +41,42 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
     assert "host memory" in rows[1]["cuda_graphs"] or "no CUDA" in rows[1]["cuda_graphs"]
     bad = cli("bench", "--scenario", "T1,D1", "--device", "cpu")
     assert bad.returncode != 0 and "on its own" in bad.stderr
+
+
+def test_t1_with_llama_batched_bench(tmp_path):
+    """T1 --experts int4 --peer llama.cpp=PATH: llama-batched-bench on the same model as a Q4_0 GGUF, one row per
+    number of parallel sequences (its -c the sequences' whole KV), then the best; the file deleted after."""
+    pytest.importorskip("gguf")
+    from cadenza.bench.llama_batched import PARALLEL
+
+    stand_in = tmp_path / "llama-batched-bench"
+    stand_in.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\nargv = sys.argv[1:]\na = lambda f: int(argv[argv.index(f) + 1])\n"
+        "assert os.path.exists(argv[argv.index('-m') + 1]) and '--output-format' in argv\n"
+        "pl, pp, tg = a('-npl'), a('-npp'), a('-ntg')\n"
+        "assert a('-c') >= pl * (pp + tg)\n"
+        "if pl == 64: sys.exit('out of memory')\n"
+        "print('log line')\n"
+        "print(json.dumps({'pl': pl, 'pp': pp, 'tg': tg, 't': 1.0 + 100 / pl, 'speed_tg': 9.0, 'speed_pp': 99.0}))\n"
+    )
+    stand_in.chmod(0o755)
+    r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "4", "--prompt-tokens", "6", "--new-tokens",
+            "3", "--experts", "int4", "--out", str(tmp_path / "o"), "--peer", f"llama.cpp={stand_in}", "--peer-dir",
+            str(tmp_path / "gguf"))  # fmt: skip
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert not list((tmp_path / "gguf").iterdir())
+    rows = json.loads(next((tmp_path / "o").glob("T1-*.json")).read_text())["results"]
+    peer = [row for row in rows if row["system"] == "llama.cpp"]
+    measured = [row for row in peer if "summary" not in row]
+    assert [row["parallel"] for row in measured] == list(PARALLEL)
+    failed = [row for row in measured if row.get("skipped")]
+    assert len(failed) == 1 and "out of memory" in failed[0]["skipped"]
+    for row in measured:
+        if not row.get("skipped"):
+            pl = row["parallel"]
+            assert row["throughput_tok_s"] == pytest.approx(pl * 3 / (1.0 + 100 / pl), rel=1e-3)
+            assert row["expert_types"] and row["n_cpu_moe"] >= 0 and "--n-cpu-moe" in row["command"]
+    (best,) = [row for row in peer if "summary" in row]
+    assert best["parallel"] == max(PARALLEL)
+    bad = cli("bench", "--scenario", "T1", "--device", "cpu", "--peer", f"llama.cpp={stand_in}")
+    assert bad.returncode != 0 and "--experts int4" in bad.stderr
