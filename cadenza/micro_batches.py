@@ -28,11 +28,24 @@ class MicroBatches:
     def applies(self, rows: int) -> bool:
         return self.pool is not None and rows >= self.count * MIN_ROWS
 
+    def split(self, lengths: list[int]) -> list[list[int]]:
+        """The rows' indices per micro-batch, balanced by the cache each reads (a step's attention reads every
+        row's whole cache): longest first, each to the micro-batch with the least so far, as even in count as
+        possible; each micro-batch's indices in their order."""
+        n, k = len(lengths), self.count
+        cap = [n // k + (i < n % k) for i in range(k)]
+        parts: list[list[int]] = [[] for _ in range(k)]
+        load = [0] * k
+        for i in sorted(range(n), key=lambda i: -lengths[i]):
+            j = min((j for j in range(k) if len(parts[j]) < cap[j]), key=lambda j: load[j])
+            parts[j].append(i)
+            load[j] += lengths[i] + 1
+        return [sorted(p) for p in parts]
+
     def decode(self, model, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
         """One decode step of `rows` as `count` micro-batches -> logits [B, V], in the rows' order."""
-        n = len(rows)
-        cuts = [n * i // self.count for i in range(self.count + 1)]
-        parts = [(token_ids[a:b], rows[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+        groups = self.split([cache.lengths[r] for r in rows])
+        parts = [([token_ids[i] for i in g], [rows[i] for i in g]) for g in groups]
         cache.ensure(max(cache.lengths[r] for r in rows) + 1)  # grown here, never inside a thread
         main = torch.cuda.current_stream(self.device) if self.cuda else None
 
@@ -60,7 +73,9 @@ class MicroBatches:
         if self.cuda:
             for s in self.streams:
                 main.wait_stream(s)
-        return torch.cat(outs)
+        logits = torch.cat(outs)
+        order = torch.tensor([i for g in groups for i in g], device=logits.device)
+        return torch.empty_like(logits).index_copy_(0, order, logits)  # back in the rows' order
 
     def close(self) -> None:
         if self.pool is not None:

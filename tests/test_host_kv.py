@@ -218,3 +218,21 @@ def test_micro_batches_on_the_device(families, offloaded):  # noqa: F811
     finally:
         one.close()
         two.close()
+
+
+def test_micro_batches_balance_the_cache_they_read():
+    from cadenza.micro_batches import MicroBatches
+
+    mb = MicroBatches(2, torch.device("cpu"))
+    try:
+        parts = mb.split([100, 1, 1, 1, 50, 49])
+        assert sorted(i for p in parts for i in p) == list(range(6)) and [len(p) for p in parts] == [3, 3]
+        loads = [sum([100, 1, 1, 1, 50, 49][i] for i in p) for p in parts]
+        assert abs(loads[0] - loads[1]) <= 2  # 101 and 101, not rows 0-2 (102) against 3-5 (100) by luck
+        assert all(p == sorted(p) for p in parts)
+        assert not mb.applies(15) and mb.applies(16)
+    finally:
+        mb.close()
+    three = MicroBatches(3, torch.device("cpu"))
+    assert [len(p) for p in three.split([5] * 7)] == [3, 2, 2]
+    three.close()
