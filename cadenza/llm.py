@@ -147,6 +147,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, checkpoint: Checkpoint) -> to
     raise CadenzaError(f"Unknown dtype {dtype!r}. Use one of: float32, float16, bfloat16 (or leave it unset).")
 
 
+def _check_kv_place(kv_cache) -> None:
+    if kv_cache not in ("gpu", "host"):
+        raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
+
+
 def _check_micro_batches(micro_batches, kv_cache: str) -> None:
     if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
         raise CadenzaError(f"micro_batches={micro_batches!r} (--micro-batches) is not valid. Use 1, 2, ...")
@@ -222,8 +227,7 @@ class LLM:
         micro_batches: int = 1,
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
-        if kv_cache not in ("gpu", "host"):  # (before the weights; the model's cache kind is checked once known)
-            raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
+        _check_kv_place(kv_cache)  # (before the weights; the model's cache kind is checked once known)
         _check_micro_batches(micro_batches, kv_cache)
         self.kv_cache, self.micro_batches = kv_cache, micro_batches
         self.is_demo = model_dir is None and checkpoint is None
@@ -391,8 +395,7 @@ class LLM:
         )
 
     def _check_kv_cache(self, kv_cache: str, model_name: str) -> None:
-        if kv_cache not in ("gpu", "host"):
-            raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
+        _check_kv_place(kv_cache)
         if kv_cache == "host" and not self._kv_hostable:
             raise CadenzaError(
                 f"kv_cache='host' (--kv-cache host) needs ordinary keys and values; {model_name}'s attention cache is "

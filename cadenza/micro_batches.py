@@ -22,7 +22,7 @@ class MicroBatches:
     def __init__(self, count: int, device: torch.device, orchestra=None):
         self.count, self.device, self.orchestra = count, device, orchestra
         self.cuda = device.type == "cuda"
-        self.streams = [torch.cuda.Stream(device) for _ in range(count)] if self.cuda else []
+        self.streams = [torch.cuda.Stream(device) for _ in range(count)] if self.cuda and count > 1 else []
         self.pool = ThreadPoolExecutor(count, thread_name_prefix="cadenza-mb") if count > 1 else None
 
     def applies(self, rows: int) -> bool:
