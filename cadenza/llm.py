@@ -392,6 +392,7 @@ class LLM:
             PREFILL_CHUNK,
             popularity,
             cuda=self.device.type == "cuda",
+            micro_batches=self.micro_batches,
         )
 
     def _check_kv_cache(self, kv_cache: str, model_name: str) -> None:

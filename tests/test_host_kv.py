@@ -236,3 +236,20 @@ def test_micro_batches_balance_the_cache_they_read():
     three = MicroBatches(3, torch.device("cpu"))
     assert [len(p) for p in three.split([5] * 7)] == [3, 2, 2]
     three.close()
+
+
+def test_micro_batches_keep_a_layer_of_fetch_slots(mixtral_dir):
+    """Two micro-batches want the same layer's experts one after the other: slots for a whole layer, so the second
+    finds the first's fetches (tokens unchanged, fp32)."""
+    path = mixtral_dir[0]
+    budget = budget_for(path, 2, 4, max_context=96)
+    kw = dict(device="cpu", dtype="float32", gpu_memory=budget, offload_policy="auto", max_context=96, max_batch=20)
+    prompts = [list(range(3, 3 + 1 + i % 7)) for i in range(17)]
+    one, two = LLM(path, kv_cache="host", **kw), LLM(path, kv_cache="host", micro_batches=2, **kw)
+    try:
+        experts = two.config.num_local_experts
+        assert two.placement.fetch_slots == experts > one.placement.fetch_slots
+        assert _tokens(two, prompts) == _tokens(one, prompts)
+    finally:
+        one.close()
+        two.close()

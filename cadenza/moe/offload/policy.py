@@ -73,9 +73,11 @@ def split_rows(shares: dict[int, float], intermediate: int) -> dict[int, int]:
     return {e: min(intermediate, int(g * intermediate) // 16 * 16) for e, g in shares.items()}
 
 
-def fetch_slots(policy: str, top_k: int) -> int:
-    """GPU slots kept for fetched experts: none under `cpu` (nothing is fetched), else at least one token's experts."""
-    return 0 if policy == "cpu" else max(2, top_k)
+def fetch_slots(policy: str, top_k: int, layer_experts: int = 0) -> int:
+    """GPU slots kept for fetched experts: none under `cpu` (nothing is fetched), else at least one token's experts;
+    `layer_experts` (micro-batches): a whole layer's, so the second micro-batch finds the first one's fetches in
+    their slots instead of moving the layer over the link again."""
+    return 0 if policy == "cpu" else max(2, top_k, layer_experts)
 
 
 def zero_copy_share(cpu_s: float, direct_s: float) -> float:
