@@ -108,3 +108,14 @@ def test_info_throughput(mixtral_dir):
     h = json.loads(cli(*args, "--json").stdout)["throughput"]
     assert h["kv_on_host"] and h["max_batch"] >= t["max_batch"]
     assert f"cadenza batch --max-batch {h['max_batch']} --max-context 160 --kv-cache host" in cli(*args).stdout
+
+
+def test_micro_batches_hide_the_smaller_of_the_cpu_and_gpu_parts():
+    host = plan(dram_gb_s=100.0, kv_on_host=True)
+    both = plan(dram_gb_s=100.0, kv_on_host=True, micro_batches=2)
+    assert both.tok_s > host.tok_s
+    b = both.max_batch
+    gpu_s = both.link_bytes_per_step / 54e9 + 0.01 + b * 1e-4
+    cpu_s = b * 256 * 128 * 1024 / 100e9
+    assert both.step_s == pytest.approx(max(gpu_s, cpu_s) + min(gpu_s, cpu_s) / 2)
+    assert plan(micro_batches=2).step_s == pytest.approx(plan().step_s)  # a GPU cache: nothing to overlap

@@ -16,8 +16,9 @@ which).
 
 With the KV cache in host memory (`kv_on_host`, `--kv-cache host`: attention on the CPU, as MoE-Lightning runs it)
 the batch costs the GPU nothing, every batch gets the same residents, and each step adds the CPU's read of every
-sequence's KV cache, b x context x KV bytes a token / DRAM bandwidth (not overlapped with the link: cadenza runs
-them one after the other today); the batch is bounded by host memory instead. `host_kv_batch` says, for the
+sequence's KV cache, b x context x KV bytes a token / DRAM bandwidth, after the GPU's part (link, GPU time), or
+beside it with micro-batches (`micro_batches`: the larger part plus the smaller's share of one micro-batch, the
+pipeline's fill); the batch is bounded by host memory instead. `host_kv_batch` says, for the
 GPU-cache plan, how large a batch that schedule could run in the same step time.
 """
 
@@ -120,6 +121,7 @@ def plan_throughput(
     per_step_s: float = 0.0,
     kv_on_host: bool = False,
     host_bytes: int = 0,
+    micro_batches: int = 1,
 ) -> ThroughputPlan:
     """The batch with the most modeled tokens per second (module doc) for sequences of `context_tokens` (prompt +
     new tokens) in a GPU budget of `budget_bytes`, of which `workspace_bytes` go to activations and `fetch_slots`
@@ -161,7 +163,11 @@ def plan_throughput(
         residents = _even_residents(room, per_layer, e)
         wanted = 1.0 - (1.0 - k / e) ** b if e else 0.0
         link = sum((e - r) * size for r, size in zip(residents, per_layer, strict=True)) * wanted
-        step = link / (h2d_gb_s * 1e9) + per_step_s + b * (per_token_s + attn_s)
+        gpu_s = link / (h2d_gb_s * 1e9) + per_step_s + b * per_token_s
+        step = gpu_s + b * attn_s
+        if micro_batches > 1 and kv_on_host:  # one micro-batch's CPU attention beside another's GPU work
+            cpu_s = b * attn_s
+            step = max(gpu_s, cpu_s) + min(gpu_s, cpu_s) / micro_batches
         rate = b / step if step > 0 else float("inf")
         if best is None or rate > best[0] * 1.001:  # (the smallest batch within 0.1% of the best)
             best = (rate, b, sum(residents), link, step)
@@ -207,7 +213,9 @@ def _even_residents(room: int, per_layer: list[int], experts: int) -> list[int]:
     return out
 
 
-def plan_for(llm, prompt_tokens: int, max_tokens: int, kv_cache: str, budget_bytes: int, dram_gb_s: float = 0.0):
+def plan_for(
+    llm, prompt_tokens: int, max_tokens: int, kv_cache: str, budget_bytes: int, dram_gb_s: float = 0.0, micro: int = 1
+):
     """`plan_throughput` for a loaded LLM: its sizes, its calibrated cost model (else assumed rates), the host
     memory left now (its experts already in it); dram_gb_s: a measured host read rate (0: assumed)."""
     from cadenza.llm import PREFILL_CHUNK
@@ -227,10 +235,11 @@ def plan_for(llm, prompt_tokens: int, max_tokens: int, kv_cache: str, budget_byt
         k,
         rates.h2d_gb_s,
         rates.per_token_s,
-        policy.fetch_slots("fetch", k),
+        policy.fetch_slots("fetch", k, sizes.num_experts if micro > 1 else 0),
         rates.source,
         dram_gb_s or rates.dram_gb_s,
         rates.per_step_s,
         kv_on_host=kv_cache == "host",
         host_bytes=host_kv_room(sizes, loaded=True),
+        micro_batches=micro,
     )
