@@ -58,6 +58,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--kv-cache", default="gpu", choices=["gpu", "host"],
         help="--throughput: plan for the KV cache on the GPU (default) or in host memory, attention on the CPU",
     )  # fmt: skip
+    p.add_argument(
+        "--micro-batches", type=int, default=1,
+        help="--throughput --kv-cache host: plan with this many micro-batches overlapping the CPU's attention",
+    )  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=128, help="--throughput: tokens per prompt (default 128)")
     p.add_argument("--max-tokens", type=int, default=128, help="--throughput: tokens generated each (default 128)")
     add_expert_args(p, cache=False)
@@ -228,6 +232,11 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
     for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--max-tokens", args.max_tokens)):
         if value < 1:
             raise CadenzaError(f"{flag} {value} is not valid. Use a whole number of at least 1.")
+    if args.micro_batches < 1 or (args.micro_batches > 1 and args.kv_cache != "host"):
+        raise CadenzaError(
+            f"--micro-batches {args.micro_batches}: use 1, or 2 and more with --kv-cache host (the CPU's attention "
+            "they overlap)."
+        )
     context = args.prompt_tokens + args.max_tokens
     k = getattr(meta.config, "num_experts_per_tok", 2)
     models = []
@@ -245,15 +254,16 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
         k,
         rates.h2d_gb_s,
         rates.per_token_s,
-        policy.fetch_slots("fetch", k),
+        policy.fetch_slots("fetch", k, sizes.num_experts if args.micro_batches > 1 else 0),
         rates.source,
         rates.dram_gb_s,
         rates.per_step_s,
         kv_on_host=args.kv_cache == "host",
         host_bytes=host_kv_room(sizes),
+        micro_batches=args.micro_batches,
     )
     return {**plan.as_dict(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "summary": plan.summary()}  # fmt: skip
+            "micro_batches": args.micro_batches, "summary": plan.summary()}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -311,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"throughput    {t['prompt_tokens']} + {t['max_tokens']} tokens a prompt: {t['summary']}")
         run = f"cadenza batch --max-batch {t['max_batch']} --max-context {t['prompt_tokens'] + t['max_tokens']}"
         if t["kv_on_host"]:
-            lines.append(f"              run it: {run} --kv-cache host")
+            micro = f" --micro-batches {t['micro_batches']}" if t["micro_batches"] > 1 else ""
+            lines.append(f"              run it: {run} --kv-cache host{micro}")
         else:
             lines.append(
                 f"              run it: {run} (KV cache on the GPU); with it in host memory and attention on the CPU "

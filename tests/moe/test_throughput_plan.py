@@ -108,6 +108,11 @@ def test_info_throughput(mixtral_dir):
     h = json.loads(cli(*args, "--json").stdout)["throughput"]
     assert h["kv_on_host"] and h["max_batch"] >= t["max_batch"]
     assert f"cadenza batch --max-batch {h['max_batch']} --max-context 160 --kv-cache host" in cli(*args).stdout
+    m = json.loads(cli(*args, "--micro-batches", "2", "--json").stdout)["throughput"]
+    assert m["micro_batches"] == 2 and m["tok_s"] >= h["tok_s"]
+    assert "--kv-cache host --micro-batches 2" in cli(*args, "--micro-batches", "2").stdout
+    bad = cli("info", "--model", path, "--gpu-memory", "1GiB", "--throughput", "--micro-batches", "2")
+    assert bad.returncode != 0 and "--kv-cache host" in bad.stderr
 
 
 def test_micro_batches_hide_the_smaller_of_the_cpu_and_gpu_parts():
