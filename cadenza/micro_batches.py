@@ -57,7 +57,8 @@ class MicroBatches:
                     return model(ids, cache, last_only=True, rows=rows_i)[:, -1]
                 stream = self.streams[i]
                 stream.wait_stream(main)
-                with torch.cuda.stream(stream):
+                # (a thread starts on device 0: the current device, like the current stream, is per thread)
+                with torch.cuda.device(self.device), torch.cuda.stream(stream):
                     return model(ids, cache, last_only=True, rows=rows_i)[:, -1]
 
         orch = self.orchestra
