@@ -18,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.profiler import record_function
 
 from cadenza.errors import CadenzaError
 
 CHUNK = 256  # tokens added to every layer's buffers when they fill
+KV_COPY_SPAN = "cadenza.kv.copy"
 
 
 class Cache:
@@ -139,7 +141,8 @@ class Cache:
         self.ensure(end)
         buf = self.buffers[name][layer]
         if x.device != buf.device:  # a host cache: the pass's new positions cross the link, nothing else
-            x = x.to(buf.device)
+            with record_function(KV_COPY_SPAN):  # (a timeline's mark: cadenza.bench.timeline)
+                x = x.to(buf.device)
         if ctx.row_slice is not None:
             rows = buf[ctx.row_slice]
             if ctx.start is not None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
+from torch.profiler import record_function
 
 MIN_ROWS = 8  # per micro-batch: fewer rows are not worth a thread's handoff
+SPAN = "cadenza.microbatch"  # each thread's step, on a timeline (cadenza.bench.timeline)
 
 
 class MicroBatches:
@@ -51,7 +53,7 @@ class MicroBatches:
 
         def run(i: int) -> torch.Tensor:
             ids_i, rows_i = parts[i]
-            with torch.inference_mode():  # (thread-local: the caller's does not reach this thread)
+            with torch.inference_mode(), record_function(f"{SPAN}.{i}"):  # (inference mode is per thread)
                 ids = torch.tensor([[t] for t in ids_i], dtype=torch.long, device=self.device)
                 if not self.cuda:
                     return model(ids, cache, last_only=True, rows=rows_i)[:, -1]

@@ -244,7 +244,8 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
     storage = _expert_storage(llm)
     try:
         prompts = job_prompts(n, p, ckpt.config["vocab_size"], args.seed)
-        run_job(llm, scenario, prompts, m, budget, machine, lambda s, r: add(s, {**r, "cpu_experts": storage}), log)
+        tl = path.with_name(f"{path.stem}-timeline")
+        run_job(llm, scenario, prompts, m, budget, machine, lambda s, r: add(s, {**r, "cpu_experts": storage}), log, tl)
     finally:
         llm.close()
     del llm

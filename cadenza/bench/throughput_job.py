@@ -14,6 +14,7 @@ the GPU's work, and in two micro-batches that overlap them (`micro_batches`)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ T_PROMPTS, T_PROMPT_TOKENS, T_NEW_TOKENS = 1024, 128, 128
 # (KV cache place, micro-batches): the GPU cache (the batch the budget allows), the host cache, and the host cache
 # with two micro-batches overlapping one's CPU attention with the other's GPU work
 RUNS = (("gpu", 1), ("host", 1), ("host", 2))
+TIMELINE_STEPS = 3
 
 
 def job_prompts(n: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
@@ -47,8 +49,12 @@ def roofline(plan, batch: int, mean_context: float, kv_per_token: int, kv_host: 
     }
 
 
-def run_job(llm, scenario: str, prompts: list[list[int]], new_tokens: int, budget_bytes: int, machine: dict, add, log):
-    """Measures the job with the KV cache on the GPU, then on the host; one row each, handed to `add`."""
+def run_job(
+    llm, scenario: str, prompts: list[list[int]], new_tokens: int, budget_bytes: int, machine: dict, add, log,
+    timeline: Path | None = None,
+):  # fmt: skip
+    """Measures the job for each of RUNS; one row each, handed to `add`. timeline: where the micro-batched run's
+    timeline of TIMELINE_STEPS decode steps goes (JSON and PNG, cadenza.bench.timeline), or None."""
     from cadenza.moe.offload.throughput import plan_for
     from cadenza.sampling import SamplingParams
 
@@ -100,4 +106,10 @@ def run_job(llm, scenario: str, prompts: list[list[int]], new_tokens: int, budge
             placement=llm.placement.summary() if llm.placement is not None else None,
             cuda_graphs=llm.engine.graphs.describe(),
         )
+        if timeline is not None and micro > 1:
+            from cadenza.bench.timeline import record_timeline, write_timeline
+
+            tl = record_timeline(llm, prompts[:batch], TIMELINE_STEPS)
+            title = f"{scenario}: {batch} sequences, KV cache on the host, {micro} micro-batches"
+            row["timeline"] = [f.name for f in write_timeline(tl, timeline, title)]
         add(scenario, row)

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from cadenza.errors import CadenzaError
 from cadenza.kernels import cpu_attention
@@ -216,6 +217,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
     return host_attention(lambda *a: _attend(*a, ctx.is_causal, scale), q, k, v, ctx.mask, scale)
 
 
+CPU_ATTENTION_SPAN = "cadenza.attention.cpu"
+
+
 def reads_host_cache(q: torch.Tensor, ctx: AttentionContext) -> bool:
     """A host cache, or a CPU run's decode step (one query a row: cadenza's CPU kernel reads a bf16 cache at memory
     speed, ~12x torch's CPU attention on a 4k-token Mixtral layer)."""
@@ -229,9 +233,10 @@ def host_attention(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     many queries do [T, S] work on a cache that is small next to it, which moves to the GPU. (mask: on the cache's
     device, as the pass built it.)"""
     if q.shape[2] == 1:
-        out = cpu_attention.decode(q, k, v, mask, scale, sinks)
-        if out is None:
-            out = fn(q.to(k.device), k, v, mask)
+        with record_function(CPU_ATTENTION_SPAN):  # (a timeline's mark: cadenza.bench.timeline)
+            out = cpu_attention.decode(q, k, v, mask, scale, sinks)
+            if out is None:
+                out = fn(q.to(k.device), k, v, mask)
         return out.to(q.device, q.dtype)
     dev = q.device
     return fn(q, k.to(dev), v.to(dev), None if mask is None else mask.to(dev))

@@ -30,7 +30,7 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
     r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "5", "--prompt-tokens", "6",
             "--new-tokens", "3", "--out", str(tmp_path))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
-    (path,) = tmp_path.glob("T1-*.json")
+    (path,) = [f for f in tmp_path.glob("T1-*.json") if not f.stem.endswith("-timeline")]
     out = json.loads(path.read_text())
     assert out["complete"] and "--scenario T1" in out["command"]
     rows = out["results"]
@@ -39,6 +39,12 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
         assert row["generated_tokens"] == 5 * 3 and row["throughput_tok_s"] > 0 and row["max_batch"] >= 1
         assert row["plan"]["kv_on_host"] == (row["kv_cache"] == "host") and row["prompts"] == 5
     assert "host memory" in rows[1]["cuda_graphs"] or "no CUDA" in rows[1]["cuda_graphs"]
+    # the micro-batched run's timeline: the CPU attention's spans on the threads that ran them
+    (tl,) = tmp_path.glob("T1-*-timeline.json")
+    lanes = json.loads(tl.read_text())["lanes"]
+    kinds = {span[0] for spans in lanes.values() for span in spans}
+    assert "attention" in kinds and all(lane.startswith(("CPU thread", "GPU stream")) for lane in lanes)
+    assert rows[2]["timeline"][0] == tl.name
     bad = cli("bench", "--scenario", "T1,D1", "--device", "cpu")
     assert bad.returncode != 0 and "on its own" in bad.stderr
 
@@ -65,7 +71,8 @@ def test_t1_with_llama_batched_bench(tmp_path):
             str(tmp_path / "gguf"))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
     assert not list((tmp_path / "gguf").iterdir())
-    rows = json.loads(next((tmp_path / "o").glob("T1-*.json")).read_text())["results"]
+    (path,) = [f for f in (tmp_path / "o").glob("T1-*.json") if not f.stem.endswith("-timeline")]
+    rows = json.loads(path.read_text())["results"]
     peer = [row for row in rows if row["system"] == "llama.cpp"]
     measured = [row for row in peer if "summary" not in row]
     assert [row["parallel"] for row in measured] == list(PARALLEL)

@@ -8,11 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.profiler import record_function
 
 from cadenza.moe.experts import Experts
 from cadenza.moe.gpu_side import ExpertLayout
 from cadenza.moe.offload import eager, policy
 from cadenza.moe.offload.policy import Route
+
+EXPERTS_SPAN = "cadenza.experts"  # a micro-batch's layer call, on a timeline (cadenza.bench.timeline)
 
 
 class LayerOffload:
@@ -91,7 +94,7 @@ class LayerOffload:
         orch = self.orch
         if not orch.concurrent:
             return self._call(x, topk_ids, topk_weights, shared)
-        with orch.lock:  # another micro-batch's thread may want the layer: finish this call on its stream first
+        with orch.lock, record_function(EXPERTS_SPAN):  # another micro-batch may want the layer: finish this call first
             y = self._call(x, topk_ids, topk_weights, shared)
             if x.is_cuda:
                 torch.cuda.current_stream(x.device).synchronize()

@@ -1,0 +1,95 @@
+"""A timeline of a few decode steps of an offline job (#22's device test): which thread and which CUDA stream did
+what, and when, so that the overlap of the host cache's CPU attention with the GPU's work can be seen.
+
+`record_timeline(llm, prompts, steps)` decodes `steps` tokens for `prompts` under torch.profiler (every thread; CUDA
+activity on a GPU) and keeps: the spans cadenza marks (`cadenza.attention.cpu`: a decode step's attention on the
+CPU; `cadenza.experts`: a micro-batch's call of an offloaded layer, its GPU work included; `cadenza.kv.copy`: new
+keys and values to the host cache; `cadenza.microbatch.<i>`: a micro-batch's whole step), one lane per thread; and
+the GPU's kernels and copies, one lane per stream. `plot_timeline` draws them (matplotlib, the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+MARKS = ("cadenza.attention.cpu", "cadenza.experts", "cadenza.kv.copy", "cadenza.microbatch")
+COLORS = {"attention": "tab:orange", "experts": "tab:blue", "kv": "tab:green", "microbatch": "lightgray",
+          "kernel": "tab:purple", "copy": "tab:red"}  # fmt: skip
+TRANSFER_PREFIXES = ("Memcpy", "Memset", "memcpy", "memset")
+
+
+def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
+    """{"lanes": {lane: [[kind, name, start_ms, end_ms], ...]}, "span_ms": ...} for `steps` decode steps of
+    `prompts` (prefill included: its spans come first)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from cadenza.bench.step_profile import _all_threads_config
+    from cadenza.sampling import SamplingParams
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    config = _all_threads_config()
+    kw = {"experimental_config": config} if config is not None else {}
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    with profile(activities=activities, **kw) as prof:
+        llm.generate(prompts, params, mode="throughput")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    spans = []
+    for e in prof.profiler.kineto_results.events():
+        name = e.name()
+        if e.device_type() == DeviceType.CPU:
+            if name.startswith(MARKS):
+                kind = name.split(".")[1]
+                spans.append((f"CPU thread {e.start_thread_id()}", kind, name, e.start_ns(), e.end_ns()))
+        elif not getattr(e, "is_user_annotation", lambda: False)():
+            kind = "copy" if name.startswith(TRANSFER_PREFIXES) else "kernel"
+            spans.append((f"GPU stream {e.device_resource_id()}", kind, name, e.start_ns(), e.end_ns()))
+    if not spans:
+        return {"lanes": {}, "span_ms": 0.0}
+    t0 = min(s[3] for s in spans)
+    lanes: dict[str, list] = {}
+    for lane, kind, name, start, end in sorted(spans, key=lambda s: s[3]):
+        lanes.setdefault(lane, []).append([kind, name[:60], (start - t0) / 1e6, (end - t0) / 1e6])
+    return {"lanes": lanes, "span_ms": (max(s[4] for s in spans) - t0) / 1e6}
+
+
+def write_timeline(timeline: dict, path: Path, title: str) -> list[Path]:
+    """The timeline as JSON beside a PNG of it (when matplotlib is there); returns the files written."""
+    path = Path(path)
+    path.with_suffix(".json").write_text(json.dumps(timeline))
+    out = [path.with_suffix(".json")]
+    if plot_timeline(timeline, path.with_suffix(".png"), title):
+        out.append(path.with_suffix(".png"))
+    return out
+
+
+def plot_timeline(timeline: dict, path: Path, title: str) -> bool:
+    """One row per lane, spans as bars colored by kind; False without matplotlib (or nothing to draw)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lanes = timeline["lanes"]
+    if not lanes:
+        return False
+    names = sorted(lanes, key=lambda n: (not n.startswith("CPU"), n))
+    fig, ax = plt.subplots(figsize=(14, 1 + 0.5 * len(names)))
+    for row, lane in enumerate(names):
+        for kind, _, start, end in lanes[lane]:
+            ax.broken_barh([(start, max(end - start, 1e-3))], (row - 0.4, 0.8), color=COLORS.get(kind, "black"))
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("ms")
+    ax.set_title(title)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
+    ax.legend(handles, list(COLORS), loc="upper right", fontsize="small", ncols=len(COLORS))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
