@@ -142,7 +142,8 @@ class Cache:
         buf = self.buffers[name][layer]
         if x.device != buf.device:  # a host cache: the pass's new positions cross the link, nothing else
             with record_function(KV_COPY_SPAN):  # (a timeline's mark: cadenza.bench.timeline)
-                x = x.to(buf.device)
+                # through a page-locked buffer: the link's full speed (torch's host allocator keeps them)
+                x = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x)
         if ctx.row_slice is not None:
             rows = buf[ctx.row_slice]
             if ctx.start is not None:

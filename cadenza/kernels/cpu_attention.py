@@ -76,7 +76,8 @@ def decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, sinks: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """q [B, N, 1, D] (any device), k [B, K, S, D], v [B, K, S, Dv] CPU views (bf16 or fp32, last dimension
-    contiguous) -> out [B, N, 1, Dv] fp32 on the CPU; None where the kernel does not apply."""
+    contiguous) -> out [B, N, 1, Dv] fp32 on the CPU (page-locked when q is on a GPU); None where the kernel does
+    not apply."""
     lib = _library.get()
     b, n, t, d = q.shape
     if lib is None or t != 1 or k.dtype not in (torch.bfloat16, torch.float32) or v.dtype != k.dtype:
@@ -87,10 +88,12 @@ def decode(
     if ranges is None:
         return None
     lo, hi = ranges
-    qf = q.reshape(b, n, d).to("cpu", torch.float32).contiguous()
+    # (from a GPU through page-locked buffers, which the link fills and drains at full speed: torch's host allocator
+    # keeps them, and the output's copy back may then run asynchronously)
+    qf = torch.empty(b, n, d, dtype=torch.float32, pin_memory=q.is_cuda).copy_(q.reshape(b, n, d))
     sk = None if sinks is None else sinks.detach().to("cpu", torch.float32).contiguous()
     dv = v.shape[-1]
-    out = torch.empty(b, n, dv, dtype=torch.float32)
+    out = torch.empty(b, n, dv, dtype=torch.float32, pin_memory=q.is_cuda)
     with _one_at_a_time:  # (micro-batches in threads: one team of threads on the cores, not two)
         rc = _call(lib, b, n, k, v, d, dv, qf, lo, hi, sk, scale, out)
     if rc != 0:

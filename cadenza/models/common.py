@@ -237,7 +237,7 @@ def host_attention(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             out = cpu_attention.decode(q, k, v, mask, scale, sinks)
             if out is None:
                 out = fn(q.to(k.device), k, v, mask)
-        return out.to(q.device, q.dtype)
+        return out.to(q.device, q.dtype, non_blocking=out.is_pinned())
     dev = q.device
     return fn(q, k.to(dev), v.to(dev), None if mask is None else mask.to(dev))
 
