@@ -152,7 +152,7 @@ def _check_kv_place(kv_cache) -> None:
         raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
 
 
-def _check_micro_batches(micro_batches, kv_cache: str) -> None:
+def check_micro_batches(micro_batches, kv_cache: str) -> None:
     if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
         raise CadenzaError(f"micro_batches={micro_batches!r} (--micro-batches) is not valid. Use 1, 2, ...")
     if micro_batches > 1 and kv_cache != "host":
@@ -228,7 +228,7 @@ class LLM:
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
         _check_kv_place(kv_cache)  # (before the weights; the model's cache kind is checked once known)
-        _check_micro_batches(micro_batches, kv_cache)
+        check_micro_batches(micro_batches, kv_cache)
         self.kv_cache, self.micro_batches = kv_cache, micro_batches
         self.is_demo = model_dir is None and checkpoint is None
         self._token_text: TokenText | None = None  # made at the first result with log-probs
@@ -428,7 +428,7 @@ class LLM:
             if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
                 raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
             self._check_kv_cache(kv_cache, type(self.model).__name__)
-            _check_micro_batches(micro_batches, kv_cache)
+            check_micro_batches(micro_batches, kv_cache)
             self.max_batch, self.kv_cache, self.micro_batches = max_batch, kv_cache, micro_batches
             self.engine.set_batch(max_batch, kv_cache, micro_batches)
             if torch.cuda.is_available():

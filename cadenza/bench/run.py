@@ -45,6 +45,14 @@ class _Log:
         print(f"[bench {time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
 
 
+def _machine_line(machine: dict) -> str:
+    return (
+        f"machine: {machine['gpu_name'] or 'no GPU'}, {machine['cpu_model']} ({machine['physical_cores']} cores); "
+        f"DRAM read {machine['dram_read_gb_s']} GB/s, pinned H2D {machine['pinned_h2d_gb_s']} GB/s, "
+        f"GPU read {machine['gpu_mem_bw_gb_s']} GB/s"
+    )
+
+
 def results_dir(out: str | None) -> Path:
     """Where results go: --out; by default ./benchmarks/results inside a cadenza checkout (where the results are
     committed), else the cache's bench folder (not whatever folder the user stands in)."""
@@ -144,11 +152,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{args.trials} trials{'; transformers baseline first' if baseline else ''}"
     )
     machine = machine_info(device)
-    log(
-        f"machine: {machine['gpu_name'] or 'no GPU'}, {machine['cpu_model']} ({machine['physical_cores']} cores); "
-        f"DRAM read {machine['dram_read_gb_s']} GB/s, pinned H2D {machine['pinned_h2d_gb_s']} GB/s, "
-        f"GPU read {machine['gpu_mem_bw_gb_s']} GB/s"
-    )
+    log(_machine_line(machine))
     files = {s: result_path(results_dir(args.out), s, machine["gpu_name"], tag=args.tag) for s in scenarios}
     results: dict[str, list[dict]] = {s: [] for s in scenarios}
 
@@ -223,10 +227,7 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
     command = command_line(args, model, device)
     log(f"{command}\n  {model}: {ckpt.total_bytes / 1e9:.1f} GB bf16; {n} prompts of {p} tokens -> {m} each")
     machine = machine_info(device)
-    log(
-        f"machine: {machine['gpu_name'] or 'no GPU'}, {machine['cpu_model']} ({machine['physical_cores']} cores); "
-        f"DRAM read {machine['dram_read_gb_s']} GB/s, pinned H2D {machine['pinned_h2d_gb_s']} GB/s"
-    )
+    log(_machine_line(machine))
     path = result_path(results_dir(args.out), scenario, machine["gpu_name"], tag=args.tag)
     rows: list[dict] = []
 

@@ -220,11 +220,9 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
     """`--throughput`: the batch plan (cadenza.moe.offload.throughput) for this model and budget, with the link
     bandwidth and GPU times of the cost model measured here (per token: the largest-batch slope of its GPU expert
     time; per step: its one-token time; each times top-k and the MoE layers), else assumed values, said so."""
-    from cadenza.llm import PREFILL_CHUNK
-    from cadenza.moe.offload import policy
+    from cadenza.llm import check_micro_batches
     from cadenza.moe.offload.costmodel import from_dict
-    from cadenza.moe.offload.planning import CUDA_MARGIN, workspace_bytes
-    from cadenza.moe.offload.throughput import host_kv_room, plan_throughput, step_rates
+    from cadenza.moe.offload.throughput import host_kv_room, plan_job, step_rates
     from cadenza.moe.placement import parse_size
 
     if args.gpu_memory is None:
@@ -232,12 +230,7 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
     for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--max-tokens", args.max_tokens)):
         if value < 1:
             raise CadenzaError(f"{flag} {value} is not valid. Use a whole number of at least 1.")
-    if args.micro_batches < 1 or (args.micro_batches > 1 and args.kv_cache != "host"):
-        raise CadenzaError(
-            f"--micro-batches {args.micro_batches}: use 1, or 2 and more with --kv-cache host (the CPU's attention "
-            "they overlap)."
-        )
-    context = args.prompt_tokens + args.max_tokens
+    check_micro_batches(args.micro_batches, args.kv_cache)
     k = getattr(meta.config, "num_experts_per_tok", 2)
     models = []
     for key, entry in cost_models.items():
@@ -246,22 +239,9 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
         except (KeyError, TypeError, ValueError):
             continue
     rates = step_rates(models, k, sizes.num_moe_layers)
-    plan = plan_throughput(
-        sizes,
-        parse_size(args.gpu_memory, "--gpu-memory"),
-        workspace_bytes(meta.config, dtype, context, PREFILL_CHUNK, CUDA_MARGIN),
-        context,
-        k,
-        rates.h2d_gb_s,
-        rates.per_token_s,
-        policy.fetch_slots("fetch", k, sizes.num_experts if args.micro_batches > 1 else 0),
-        rates.source,
-        rates.dram_gb_s,
-        rates.per_step_s,
-        kv_on_host=args.kv_cache == "host",
-        host_bytes=host_kv_room(sizes),
-        micro_batches=args.micro_batches,
-    )
+    budget = parse_size(args.gpu_memory, "--gpu-memory")
+    plan = plan_job(sizes, meta.config, dtype, budget, args.prompt_tokens, args.max_tokens, rates, args.kv_cache,
+                    args.micro_batches, host_kv_room(sizes))  # fmt: skip
     return {**plan.as_dict(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
             "micro_batches": args.micro_batches, "summary": plan.summary()}  # fmt: skip
 

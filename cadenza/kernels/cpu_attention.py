@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import platform
-import sys
 import threading
 
 import torch
@@ -34,20 +31,11 @@ def _build() -> ctypes.CDLL:
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
 
 
-def _unsupported() -> str | None:
-    if os.environ.get("CADENZA_CPU_KERNEL", "1") == "0":
-        return "disabled by CADENZA_CPU_KERNEL=0"
-    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform != "linux":
-        return f"needs Linux on x86-64 with AVX-512, this is {sys.platform} on {platform.machine()}"
-    missing = [f for f in NEEDED_FLAGS if f not in cpu_moe.cpu_flags()]
-    return f"the CPU lacks {', '.join(missing)}" if missing else None
-
-
 def _notice(reason: str) -> None:  # (speed only: the fallback computes the same)
     log.info("the CPU attention kernel is off (%s); decode attention on the CPU uses PyTorch.", reason)
 
 
-_library = native.Library(_build, _unsupported, _notice)
+_library = native.Library(_build, lambda: cpu_moe.unsupported(NEEDED_FLAGS), _notice)
 
 
 def available() -> bool:

@@ -137,12 +137,13 @@ def has_bf16_dot() -> bool:
     return "avx512_bf16" in cpu_flags()
 
 
-def _unsupported() -> str | None:
+def unsupported(flags: tuple[str, ...] = _REQUIRED_FLAGS) -> str | None:
+    """Why cadenza's AVX-512 kernels (this one, cpu_attention) cannot run here, needing `flags`; None if they can."""
     if os.environ.get("CADENZA_CPU_KERNEL", "1") == "0":
         return "disabled by CADENZA_CPU_KERNEL=0"
     if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform != "linux":
         return f"needs Linux on x86-64 with AVX-512, this is {sys.platform} on {platform.machine()}"
-    missing = [f for f in _REQUIRED_FLAGS if f not in cpu_flags()]
+    missing = [f for f in flags if f not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     return None
@@ -192,7 +193,7 @@ def _notice(reason: str) -> None:
     log.warning("the fused CPU expert kernel is off (%s); using PyTorch.", reason)
 
 
-_library = native.Library(_build, _unsupported, _notice)
+_library = native.Library(_build, unsupported, _notice)
 _load = _library.get
 
 

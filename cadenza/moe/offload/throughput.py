@@ -24,7 +24,7 @@ GPU-cache plan, how large a batch that schedule could run in the same step time.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cadenza.errors import CadenzaError
 from cadenza.moe.placement import ModelSizes, format_size
@@ -213,33 +213,55 @@ def _even_residents(room: int, per_layer: list[int], experts: int) -> list[int]:
     return out
 
 
-def plan_for(
-    llm, prompt_tokens: int, max_tokens: int, kv_cache: str, budget_bytes: int, dram_gb_s: float = 0.0, micro: int = 1
-):
-    """`plan_throughput` for a loaded LLM: its sizes, its calibrated cost model (else assumed rates), the host
-    memory left now (its experts already in it); dram_gb_s: a measured host read rate (0: assumed)."""
+def plan_job(
+    sizes: ModelSizes,
+    config,
+    dtype,
+    budget_bytes: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    rates: StepRates,
+    kv_cache: str = "gpu",
+    micro_batches: int = 1,
+    host_bytes: int = 0,
+) -> ThroughputPlan:
+    """`plan_throughput` for a job of prompts of `prompt_tokens` generating `max_tokens`: the workspace of such a
+    sequence, the fetch slots the fetch path keeps (a whole layer's with micro-batches), the given rates. The one
+    planning call of `cadenza info --throughput`, `cadenza batch --max-batch auto` and the bench's T1 / T2."""
     from cadenza.llm import PREFILL_CHUNK
     from cadenza.moe.offload import policy
     from cadenza.moe.offload.planning import CUDA_MARGIN, workspace_bytes
 
-    sizes, config = llm.sizes, llm.config
     k = getattr(config, "num_experts_per_tok", 2)
-    cost = llm.orchestra.cost if llm.orchestra is not None else None
-    rates = step_rates([] if cost is None else [(cost.key, cost)], k, sizes.num_moe_layers)
     context = prompt_tokens + max_tokens
     return plan_throughput(
         sizes,
         budget_bytes,
-        workspace_bytes(config, llm.dtype, context, PREFILL_CHUNK, CUDA_MARGIN),
+        workspace_bytes(config, dtype, context, PREFILL_CHUNK, CUDA_MARGIN),
         context,
         k,
         rates.h2d_gb_s,
         rates.per_token_s,
-        policy.fetch_slots("fetch", k, sizes.num_experts if micro > 1 else 0),
+        policy.fetch_slots("fetch", k, sizes.num_experts if micro_batches > 1 else 0),
         rates.source,
-        dram_gb_s or rates.dram_gb_s,
+        rates.dram_gb_s,
         rates.per_step_s,
         kv_on_host=kv_cache == "host",
-        host_bytes=host_kv_room(sizes, loaded=True),
-        micro_batches=micro,
+        host_bytes=host_bytes,
+        micro_batches=micro_batches,
     )
+
+
+def plan_for(
+    llm, prompt_tokens: int, max_tokens: int, kv_cache: str, budget_bytes: int, dram_gb_s: float = 0.0, micro: int = 1
+) -> ThroughputPlan:
+    """`plan_job` for a loaded LLM: its calibrated cost model (else assumed rates), the host memory left now (its
+    experts already in it); dram_gb_s: a measured host read rate (0: assumed)."""
+    sizes = llm.sizes
+    k = getattr(llm.config, "num_experts_per_tok", 2)
+    cost = llm.orchestra.cost if llm.orchestra is not None else None
+    rates = step_rates([] if cost is None else [(cost.key, cost)], k, sizes.num_moe_layers)
+    if dram_gb_s:
+        rates = replace(rates, dram_gb_s=dram_gb_s)
+    room = host_kv_room(sizes, loaded=True)
+    return plan_job(sizes, llm.config, llm.dtype, budget_bytes, prompt_tokens, max_tokens, rates, kv_cache, micro, room)
