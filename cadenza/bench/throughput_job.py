@@ -4,10 +4,11 @@ on the GPU and in host memory (attention on the CPU), each at the batch the thro
 the budget (`cadenza.moe.offload.throughput.plan_for`); the row's `throughput_tok_s` is generated tokens over the
 whole job's wall time, prefill included.
 
-Roofline of one decode step of B sequences (the issue's): the non-resident experts' bytes over the link once (what
-the plan counts as wanted by B tokens) plus, with the cache on the host, the CPU reading every sequence's cache once
-at its mean length (P + M / 2), at this machine's measured link and DRAM rates; `roofline_tok_s` = B / that time and
-`roofline_fraction` = throughput_tok_s / roofline_tok_s. The GPU's own work is outside it (the roofline is the data
+Roofline of one decode step of B sequences (the issue's): the non-resident experts' bytes over the link once (those
+of the run's own placement that B tokens want, `throughput.link_bytes`: the plan's batch may exceed the job) plus,
+with the cache on the host, the CPU reading every sequence's cache once at its mean length (P + M / 2), at this
+machine's measured link and DRAM rates; `roofline_tok_s` = B / that time and `roofline_fraction` = throughput_tok_s
+/ roofline_tok_s. The GPU's own work is outside it (the roofline is the data
 movement alone), so a compute-bound run shows as a low fraction. The host cache runs twice: its CPU attention after
 the GPU's work, and in two micro-batches that overlap them (`micro_batches`)."""
 
@@ -33,11 +34,13 @@ def job_prompts(n: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
     return [random_prompt(tokens, vocab, seed * 100_003 + i) for i in range(n)]
 
 
-def roofline(plan, batch: int, mean_context: float, kv_per_token: int, kv_host: bool, machine: dict) -> dict:
-    """The step's data movement at this machine's measured rates (module doc)."""
-    h2d = machine.get("pinned_h2d_gb_s") or plan.h2d_gb_s
+def roofline(link: float, h2d: float, batch: int, mean_context: float, kv_per_token: int, kv_host: bool,
+             machine: dict) -> dict:  # fmt: skip
+    """The step's data movement (`link` bytes over the link, the host cache's reads) at this machine's measured
+    rates (h2d: the link's where the machine's was not measured; module doc)."""
+    h2d = machine.get("pinned_h2d_gb_s") or h2d
     dram = machine.get("dram_read_gb_s") or 0.0
-    link_s = plan.link_bytes_per_step / (h2d * 1e9)
+    link_s = link / (h2d * 1e9)
     kv_bytes = batch * mean_context * kv_per_token if kv_host else 0.0
     kv_s = kv_bytes / (dram * 1e9) if kv_host and dram > 0 else 0.0
     step = link_s + kv_s
@@ -55,7 +58,7 @@ def run_job(
 ):  # fmt: skip
     """Measures the job for each of RUNS; one row each, handed to `add`. timeline: where the micro-batched run's
     timeline of TIMELINE_STEPS decode steps goes (JSON and PNG, cadenza.bench.timeline), or None."""
-    from cadenza.moe.offload.throughput import plan_for
+    from cadenza.moe.offload.throughput import link_bytes, plan_for
     from cadenza.sampling import SamplingParams
 
     n, p = len(prompts), len(prompts[0])
@@ -94,7 +97,11 @@ def run_job(
             continue
         tokens = sum(len(r.token_ids) for r in results)
         rate = tokens / seconds
-        roof = roofline(plan, batch, p + new_tokens / 2, kv_per_token, kv == "host", machine)
+        # (the placement the run had, at the batch it ran: the plan's batch may be larger than the job)
+        residents = [len(ids) for ids in llm.placement.resident]
+        sizes = llm.sizes
+        link = link_bytes(sizes.layer_bytes(), residents, sizes.num_experts, llm.config.num_experts_per_tok, batch)
+        roof = roofline(link, plan.h2d_gb_s, batch, p + new_tokens / 2, kv_per_token, kv == "host", machine)
         row.update(
             max_batch=batch,
             generated_tokens=tokens,

@@ -110,7 +110,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "attention on the CPU: big offline batches past the GPU's memory; no CUDA graphs)")  # fmt: skip
     a.add_argument("--micro-batches", type=int, default=1,
                    help="with --kv-cache host: decode each step's batch as this many micro-batches in threads, one's "
-                   "CPU attention overlapping another's GPU experts (default 1: none)")  # fmt: skip
+                   "CPU attention overlapping another's GPU experts (default 1: none; measured slower so far: a big "
+                   "step's experts are launched from Python, and two threads take turns)")  # fmt: skip
     a.add_argument("--eviction", default="lru", choices=["lru", "lfu", "lrfu"],
                    help="which fetched expert leaves a full fetch cache (default lru)")  # fmt: skip
     a.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],

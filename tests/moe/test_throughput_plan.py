@@ -124,3 +124,14 @@ def test_micro_batches_hide_the_smaller_of_the_cpu_and_gpu_parts():
     cpu_s = b * 256 * 128 * 1024 / 100e9
     assert both.step_s == pytest.approx(max(gpu_s, cpu_s) + min(gpu_s, cpu_s) / 2)
     assert plan(micro_batches=2).step_s == pytest.approx(plan().step_s)  # a GPU cache: nothing to overlap
+
+
+def test_link_bytes_counts_each_layers_missing_experts_once_per_step_when_wanted():
+    from cadenza.moe.offload.throughput import link_bytes
+
+    # 2 layers of 8 experts (100 and 200 bytes each), 6 and 8 resident: 2 x 100 missing, wanted by 1 token with
+    # chance 2 / 8, by many tokens almost surely
+    assert link_bytes([100, 200], [6, 8], 8, 2, 1) == pytest.approx(200 * 0.25)
+    assert link_bytes([100, 200], [6, 8], 8, 2, 1000) == pytest.approx(200)
+    assert link_bytes([100, 200], [0, 0], 8, 2, 3) == pytest.approx(2400 * (1 - 0.75**3))
+    assert link_bytes([100], [8], 8, 2, 64) == 0

@@ -161,8 +161,7 @@ def plan_throughput(
         if room < 0:
             break
         residents = _even_residents(room, per_layer, e)
-        wanted = 1.0 - (1.0 - k / e) ** b if e else 0.0
-        link = sum((e - r) * size for r, size in zip(residents, per_layer, strict=True)) * wanted
+        link = link_bytes(per_layer, residents, e, k, b)
         gpu_s = link / (h2d_gb_s * 1e9) + per_step_s + b * per_token_s
         step = gpu_s + b * attn_s
         if micro_batches > 1 and kv_on_host:  # one micro-batch's CPU attention beside another's GPU work
@@ -192,6 +191,15 @@ def plan_throughput(
         host_kv_batch=host_b,
         kv_on_host=kv_on_host,
     )
+
+
+def link_bytes(per_layer: list[int], residents: list[int], experts: int, top_k: int, batch: int) -> float:
+    """Bytes a decode step of `batch` tokens moves over the link (module doc): per layer, its non-resident experts
+    (per_layer: an expert's bytes there) times the chance that one of the batch's tokens wants one."""
+    if not experts:
+        return 0.0
+    wanted = 1.0 - (1.0 - min(top_k, experts) / experts) ** batch
+    return sum((experts - r) * size for r, size in zip(residents, per_layer, strict=True)) * wanted
 
 
 def _even_residents(room: int, per_layer: list[int], experts: int) -> list[int]:
