@@ -696,6 +696,31 @@ def _dequant_kernel(
     tile = src + t.to(tl.int64) * tb
     g = (tl.program_id(1) * BK + gb * GS) // GS if GROUP else gb * 0  # [1, 1, blocks, 1]
     okg = (t < n_tiles) & (g < NG)
+    v = _tile_values(tile, hb, r, c, g, ok, okg, K, NG, FMT)
+    if EMU_RNE:  # bf16 output under the interpreter, which truncates: round to nearest even here (GPUs do)
+        v = _round_bf16(v)
+    v = v.to(out0.dtype.element_ty)
+    if GU:
+        row = 2 * t + r % 2
+        ok = ok & (row < n_rows) & (c < n_cols)
+        tl.store(out0 + row * ld + c, v, mask=ok & (r < 2))
+        tl.store(out1 + row * ld + c, v, mask=ok & (r >= 2))
+    else:
+        row = 4 * t + r
+        tl.store(out0 + row * ld + c, v, mask=ok & (row < n_rows) & (c < n_cols))
+
+
+@triton.jit
+def _round_bf16(v):
+    """fp32 values rounded to bf16's precision, to nearest even (still fp32)."""
+    b = v.to(tl.int32, bitcast=True)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_values(tile, hb, r, c, g, ok, okg, K, NG, FMT: tl.constexpr):
+    """The fp32 values of rows r, columns c (scale group g) of the tiles at `tile` (header hb bytes), as
+    layout.dequantize_tiles gives them; ok / okg mask the values / the scales (shapes broadcast together)."""
     if FMT == 1:  # bf16: 32 columns per 64-byte piece
         v = tl.load((tile + (c // 32) * 256 + r * 64).to(tl.pointer_type(tl.bfloat16)) + c % 32, mask=ok)
         v = v.to(tl.float32)
@@ -733,15 +758,4 @@ def _dequant_kernel(
         q = _nib_value((wd.to(tl.int32) >> (4 * (c % 128 // 32))) & 15, FMT)
         s, mn = _block_scale_min(tile, r, g, K, okg, FMT)
         v = q * s - mn
-    if EMU_RNE:  # bf16 output under the interpreter, which truncates: round to nearest even here (GPUs do)
-        b = v.to(tl.int32, bitcast=True)
-        v = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    v = v.to(out0.dtype.element_ty)
-    if GU:
-        row = 2 * t + r % 2
-        ok = ok & (row < n_rows) & (c < n_cols)
-        tl.store(out0 + row * ld + c, v, mask=ok & (r < 2))
-        tl.store(out1 + row * ld + c, v, mask=ok & (r >= 2))
-    else:
-        row = 4 * t + r
-        tl.store(out0 + row * ld + c, v, mask=ok & (row < n_rows) & (c < n_cols))
+    return v

@@ -7,9 +7,10 @@ cadenza.kernels.layout, the same bytes as in host memory):
   compute dtype first): the prefill path, where each expert has many tokens. Needs the per-expert token counts on
   the host.
 - `decode`: all (token, slot) pairs of a few tokens in a fixed number of launches of the indexed kernels of
-  cadenza.kernels.gpu_moe: a pair's expert is a row of a stacked tensor (the layer's residents, or the fetch slots),
-  -1 skips the pair. Nothing is read back to the host, so a layer whose experts are all resident runs without a
-  synchronisation (and can be captured in a CUDA graph).
+  cadenza.kernels.gpu_moe (of many tokens, with CADENZA_GROUPED_EXPERTS=1: gpu_grouped's grouped products): a
+  pair's expert is a row of a stacked tensor (the layer's residents, or the fetch slots), -1 skips the pair.
+  Nothing is read back to the host, so a layer whose experts are all resident runs without a synchronisation (and
+  can be captured in a CUDA graph).
 
 Shape legend: T tokens, k slots per token, H hidden, I intermediate, E experts, R stacked rows.
 """
@@ -23,6 +24,8 @@ import torch
 from cadenza.kernels.blocks import BLOCK_FORMATS
 from cadenza.models.common import glu_fn
 from cadenza.moe.experts import Experts, each_expert, run_experts
+
+GROUPED_FROM_TOKENS = 8  # past this many tokens, `decode` of tiled experts may run grouped (policy.DECODE_MAX_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,20 @@ class ExpertLayout:
             return moe_decode(x, rows, topk_weights, tuple(stacks), self.act)
         gate_up, down, *biases = stacks
         kw = self._tiled()
+        if x.shape[0] > GROUPED_FROM_TOKENS and self.grouped(x.device):
+            from cadenza.kernels.gpu_grouped import moe_grouped
+
+            return moe_grouped(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=_biases(biases))
         return moe_decode(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=_biases(biases))
+
+    def grouped(self, device: torch.device) -> bool:
+        """Whether `decode` of more than GROUPED_FROM_TOKENS tokens runs as one grouped product a matrix
+        (cadenza.kernels.gpu_grouped: tiled experts, CADENZA_GROUPED_EXPERTS=1, the Triton kernels on `device`)."""
+        if self.plain:
+            return False
+        from cadenza.kernels.gpu_grouped import enabled
+
+        return enabled(device)
 
 
 def _biases(biases: list) -> tuple | None:

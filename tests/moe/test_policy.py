@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from cadenza.errors import CadenzaError
 from cadenza.moe.offload import policy
@@ -27,6 +28,22 @@ def test_route_each_way():
     many = policy.DECODE_MAX_TOKENS + 1
     assert policy.route(many, True, True, True, False) is Route.HOST  # prefill never uses the decode kernels
     assert policy.route(1, False, True, False, False) is Route.HOST  # no decode kernels: the host runs it
+    # grouped products (gpu_grouped) take any number of tokens without the host: all resident, no read-back; with
+    # misses the host still splits them, but computes both sides' shares through the same launches
+    assert policy.route(many, True, True, True, False, grouped=True) is Route.GPU
+    assert policy.route(many, True, False, True, True, grouped=True) is Route.BETWEEN_GRAPHS
+    assert policy.uses_decode_kernels(many, True, grouped=True) and not policy.uses_decode_kernels(many, True)
+
+
+def test_grouped_products_are_off_unless_asked(monkeypatch):
+    from cadenza.kernels import gpu_grouped
+    from cadenza.moe.gpu_side import ExpertLayout
+
+    int4 = ExpertLayout("int4", 64, 256, 512, "silu")
+    monkeypatch.delenv(gpu_grouped.ENV, raising=False)
+    assert not int4.grouped(torch.device("cpu")) and not ExpertLayout("plain", 0, 8, 8, "silu").grouped("cpu")
+    monkeypatch.setenv(gpu_grouped.ENV, "1")  # asked, but the package's kernels do not run on the CPU
+    assert int4.grouped(torch.device("cpu")) == gpu_grouped.available(torch.device("cpu"))
 
 
 def test_split_per_policy():

@@ -24,6 +24,7 @@ class LayerOffload:
     def __init__(self, orchestra, experts: Experts, index: int):
         self.orch, self.experts, self.index = orchestra, experts, index
         self.layout = ExpertLayout.of(experts)
+        self.grouped = self.layout.grouped(orchestra.device)  # many tokens in a few launches, no read-back
         one = experts.host_weights(0)
         self.parts = tuple((tuple(w.shape), w.dtype) for w in one)  # how an expert is stored (a fetch slot's view)
         self.expert_bytes = sum(w.numel() * w.element_size() for w in one)  # as stored: what a use reads
@@ -104,7 +105,12 @@ class LayerOffload:
         orch = self.orch
         tokens = x.shape[0]
         how = policy.route(
-            tokens, orch.decode_kernels, self.all_resident, orch.streamed is not None, orch.recorder is not None
+            tokens,
+            orch.decode_kernels,
+            self.all_resident,
+            orch.streamed is not None,
+            orch.recorder is not None,
+            self.grouped,
         )
         if how is Route.GPU:  # nothing for the host to decide: no synchronisation
             y = self.decode_residents(x, topk_ids, topk_weights)
@@ -114,7 +120,7 @@ class LayerOffload:
             return y if shared is None else y + shared()
         if how is Route.STREAMED:
             return orch.streamed.forward(self, x, topk_ids, topk_weights, shared)
-        decode = policy.uses_decode_kernels(tokens, orch.decode_kernels)
+        decode = policy.uses_decode_kernels(tokens, orch.decode_kernels, self.grouped)
         if how is Route.BETWEEN_GRAPHS:
             return orch.recorder.host(lambda: eager.offloaded(self, x, topk_ids, topk_weights, shared, decode), x)
         return eager.offloaded(self, x, topk_ids, topk_weights, shared, decode)

@@ -38,14 +38,17 @@ class Route(Enum):
     HOST = "host"  # the host reads the routing back and splits the misses (eager.offloaded)
 
 
-def uses_decode_kernels(tokens: int, decode_kernels: bool) -> bool:
-    return decode_kernels and tokens <= DECODE_MAX_TOKENS
+def uses_decode_kernels(tokens: int, decode_kernels: bool, grouped: bool = False) -> bool:
+    """grouped: the layout computes any number of tokens in a fixed number of launches (gpu_side `grouped`)."""
+    return decode_kernels and (tokens <= DECODE_MAX_TOKENS or grouped)
 
 
-def route(tokens: int, decode_kernels: bool, all_resident: bool, streamed: bool, capturing: bool) -> Route:
+def route(
+    tokens: int, decode_kernels: bool, all_resident: bool, streamed: bool, capturing: bool, grouped: bool = False
+) -> Route:
     """How a layer's call of `tokens` tokens runs. streamed: the orchestra streams decode layers; capturing: a CUDA
-    graph is being captured."""
-    if uses_decode_kernels(tokens, decode_kernels) and all_resident:
+    graph is being captured; grouped: as in `uses_decode_kernels`."""
+    if uses_decode_kernels(tokens, decode_kernels, grouped) and all_resident:
         return Route.GPU
     if streamed and tokens <= DECODE_MAX_TOKENS:
         return Route.STREAMED

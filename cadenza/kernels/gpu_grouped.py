@@ -1,0 +1,205 @@
+"""A layer's routed experts for many tokens at once on the GPU: one grouped tensor-core product per matrix that
+reads the tiled layouts (cadenza.kernels.layout) as they are. Our own kernel because no library multiplies these
+tiles, and the alternative (each expert dequantized to bf16, then cuBLAS: `gpu_moe.expert_forward`) costs a
+dequantization per expert and a dozen launches per expert, which a step of hundreds of tokens pays on every layer.
+
+`moe_grouped` takes what `gpu_moe.moe_decode` takes (x [T, H], rows [T, k] of a stack, -1 skipping a pair, the
+routing weights, the stacked tiles) and computes the same y, with nothing read back to the host (a CUDA graph can
+capture it):
+
+  1. the T k pairs sorted by row (torch: argsort, counts by scatter_add, cumsum); blocks of BM pairs of one row,
+     each row's pairs padded to whole blocks, the block table [MAXB] (row, first sorted pair, pairs) from a
+     searchsorted over the rows' block counts; MAXB = ceil(P / BM) + min(R, P) bounds it from the shapes alone;
+  2. gate/up, grid (block, BT tiles): x rows of the block's pairs [BM, BK] times the tiles' values [4 BT, BK]
+     (`_tile_values`: the dequantize kernel's, in x's dtype) by tl.dot, fp32 accumulators over H; the raw gate and
+     up rows of each pair, [P, 2 Ip] fp32 in tile-row order (gate 2j, gate 2j + 1, up 2j, up 2j + 1);
+  3. torch: biases, the activation (`models.common.glu_fn`, in x's dtype: as `expert_forward` rounds), h [P, Ip];
+  4. down, the same kernel over h's rows [P, Hp] fp32; then the routing weight, the pairs back in token order and
+     y = sum over the k slots in fp32 (deterministic, no atomics), cast to x's dtype.
+
+Off unless CADENZA_GROUPED_EXPERTS=1 (`enabled`): written and checked through Triton's interpreter, its speed on a
+GPU not yet measured (benchmarks/box/host_step.py is the measurement to make).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+from cadenza.kernels.gpu_moe import _FMT_CODES, _tiled, available
+from cadenza.kernels.gpu_moe_triton import _INTERPRET, _round_bf16, _tile_values
+from cadenza.kernels.triton_compat import tl, triton
+from cadenza.models.common import glu_fn
+
+ENV = "CADENZA_GROUPED_EXPERTS"
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether steps of more than a few tokens use `moe_grouped` on `device` (CADENZA_GROUPED_EXPERTS=1 and the
+    Triton kernels run there)."""
+    return os.environ.get(ENV, "0") == "1" and available(device)
+
+
+@triton.jit
+def _grouped_kernel(
+    x,
+    ldx,
+    src,
+    blk_row,
+    blk_first,
+    blk_n,
+    w,
+    w_stride,
+    tb,
+    hb,
+    n_tiles,
+    K,
+    n_x,
+    NG,
+    out,
+    ldo,
+    FMT: tl.constexpr,
+    GROUP: tl.constexpr,
+    EMU_RNE: tl.constexpr,
+    F32: tl.constexpr,
+    BM: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """out[s, 4 t + r] = row r of tile t of stack row blk_row[b] . x[src[s]] for the block's sorted pairs s."""
+    b = tl.program_id(0)
+    n = tl.load(blk_n + b)
+    if n > 0:
+        row = tl.load(blk_row + b).to(tl.int64)
+        m = tl.arange(0, BM)
+        okm = m < n
+        s = tl.load(blk_first + b) + m
+        xr = tl.load(src + s, mask=okm, other=0).to(tl.int64)
+        GS: tl.constexpr = GROUP if GROUP else BK
+        t = (tl.program_id(1) * BT + tl.arange(0, BT))[:, None, None, None]
+        r = tl.arange(0, 4)[None, :, None, None]
+        gb = tl.arange(0, BK // GS)[None, None, :, None]
+        tile = w + row * w_stride + t.to(tl.int64) * tb
+        acc = tl.zeros([BM, 4 * BT], tl.float32)
+        for k0 in range(0, K, BK):
+            c = k0 + gb * GS + tl.arange(0, GS)[None, None, None, :]
+            ok = (t < n_tiles) & (c < K)
+            g = (k0 + gb * GS) // GS if GROUP else gb * 0
+            okg = (t < n_tiles) & (g < NG)
+            v = tl.where(ok, _tile_values(tile, hb, r, c, g, ok, okg, K, NG, FMT), 0.0)
+            if EMU_RNE:  # the interpreter's bf16 casts truncate; a GPU's round to nearest even
+                v = _round_bf16(v)
+            wv = tl.reshape(v, [4 * BT, BK])
+            cc = k0 + tl.arange(0, BK)
+            xv = tl.load(x + xr[:, None] * ldx + cc[None, :], mask=okm[:, None] & (cc[None, :] < n_x), other=0.0)
+            if F32:  # fp32 x; or bf16 x under the interpreter, whose bf16 products are not a GPU's (values rounded)
+                acc += tl.dot(xv.to(tl.float32), tl.trans(wv), input_precision="ieee")
+            else:
+                acc += tl.dot(xv, tl.trans(wv.to(x.dtype.element_ty)))
+        o = tl.program_id(1) * 4 * BT + tl.arange(0, 4 * BT)
+        mask = okm[:, None] & (o[None, :] < 4 * n_tiles)
+        tl.store(out + s[:, None].to(tl.int64) * ldo + o[None, :], acc, mask=mask)
+
+
+def block_table(rows: torch.Tensor, stack_rows: int, bm: int):
+    """(order, key, blk_row, blk_first, blk_n) for the pairs' rows [T, k]: `order` the pairs sorted by row (the
+    skipped ones, key `stack_rows`, last), and per block of at most `bm` pairs of one row its row, first sorted
+    position and pair count (0: an unused block). Torch ops only, nothing read back."""
+    r = stack_rows
+    key = rows.reshape(-1).long()
+    key = torch.where(key >= 0, key, r)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(r + 1, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+    counts[r] = 0  # skipped pairs: no blocks
+    first_pos = torch.cumsum(counts, 0) - counts
+    nblk = (counts + bm - 1) // bm
+    cum = torch.cumsum(nblk, 0)
+    p = key.numel()
+    maxb = -(-p // bm) + min(r, p)
+    b = torch.arange(maxb, device=key.device)
+    brow = torch.searchsorted(cum, b, right=True).clamp_(max=r)
+    j = b - (cum - nblk)[brow]
+    n = (counts[brow] - j * bm).clamp_(0, bm)
+    first = first_pos[brow] + j * bm
+    i32 = torch.int32
+    return order, key, brow.to(i32), first.to(i32), n.to(i32)
+
+
+def _launch(x, src, table, mat, tb, hb, n_tiles, k_cols, n_x, ng, fmt, group, out, bm, bt):
+    _, _, brow, first, n = table
+    bk = max(128, group)
+    emu = _INTERPRET and x.dtype == torch.bfloat16
+    grid = (brow.numel(), triton.cdiv(n_tiles, bt))
+    _grouped_kernel[grid](
+        x, x.stride(0), src, brow, first, n, mat, mat.stride(0), tb, hb, n_tiles, k_cols, n_x, ng, out, out.stride(0),
+        FMT=_FMT_CODES[fmt], GROUP=group, EMU_RNE=emu, F32=x.dtype == torch.float32 or emu, BM=bm, BT=bt, BK=bk,
+        num_warps=4,
+    )  # fmt: skip
+
+
+def block_m(pairs: int, stack_rows: int) -> int:
+    """Pairs per block: about a row's share of the pairs, 16 to 64 (tl.dot's smallest side is 16)."""
+    share = pairs / max(1, min(stack_rows, pairs))
+    return 16 if share <= 16 else 32 if share <= 32 else 64
+
+
+def moe_grouped(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    topk_weights: torch.Tensor,
+    mats: tuple[torch.Tensor, torch.Tensor],
+    act: str,
+    *,
+    fmt: str,
+    group: int,
+    hidden: int,
+    intermediate: int,
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
+    block_tiles: int = 16,
+) -> torch.Tensor:
+    """y [T, H] (x's dtype) = sum over slots j of topk_weights[t, j] * expert_{rows[t, j]}(x[t]) (module doc);
+    mats: tiled (gate_up [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]); biases: (gate [R, I], up [R, I],
+    down [R, H]), any None."""
+    gate_up, down = mats
+    geo = _tiled(gate_up, down, fmt, group, hidden, intermediate)
+    t, k = rows.shape
+    if x.dim() != 2 or x.shape != (t, hidden) or topk_weights.shape != rows.shape:
+        raise ValueError(f"want x [T, H], rows and weights [T, k]: {tuple(x.shape)}, {tuple(rows.shape)}")
+    if not available(x.device):
+        raise RuntimeError(f"the grouped expert kernel runs where the Triton kernels do, not on {x.device}")
+    r, p, h, i = gate_up.shape[0], t * k, hidden, intermediate
+    x = x.contiguous()
+    bm = block_m(p, r)
+    table = block_table(rows, r, bm)
+    order, key = table[0], table[1]
+    sorted_key = key[order]
+    valid = sorted_key < r
+    srow = sorted_key.clamp(max=r - 1)
+    dev = x.device
+    with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
+        raw = torch.empty(p, 2 * geo.ip, dtype=torch.float32, device=dev)
+        src = (order // k).to(torch.int32)
+        _launch(x, src, table, gate_up, geo.gu_tb, geo.gu_hb, geo.ip // 2, geo.hp, h, geo.ng_h, geo.gu_fmt,
+                geo.gu_group, raw, bm, block_tiles)  # fmt: skip
+        quad = raw.view(p, geo.ip // 2, 4)
+        gate = quad[:, :, :2].reshape(p, geo.ip)[:, :i].to(x.dtype)
+        up = quad[:, :, 2:].reshape(p, geo.ip)[:, :i].to(x.dtype)
+        gb, ub, db = biases if biases is not None else (None, None, None)
+        if gb is not None:
+            gate = gate + gb[srow].to(x.dtype)
+        if ub is not None:
+            up = up + ub[srow].to(x.dtype)
+        hid = torch.zeros(p, geo.ip, dtype=x.dtype, device=dev)
+        hid[:, :i] = glu_fn(act)(gate, up)
+        out = torch.empty(p, geo.hp, dtype=torch.float32, device=dev)
+        ident = torch.arange(p, dtype=torch.int32, device=dev)
+        _launch(hid, ident, table, down, geo.dn_tb, geo.dn_hb, geo.hp // 4, geo.ip, i, geo.ng_i, geo.dn_fmt,
+                geo.dn_group, out, bm, block_tiles)  # fmt: skip
+    ys = out[:, :h]
+    if db is not None:
+        ys = ys + db[srow].float()
+    ys = torch.where(valid[:, None], ys * topk_weights.reshape(-1)[order].float()[:, None], 0.0)
+    y_pair = torch.empty(p, h, dtype=torch.float32, device=dev).index_copy_(0, order, ys)
+    return y_pair.view(t, k, h).sum(1).to(x.dtype)

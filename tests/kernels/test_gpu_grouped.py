@@ -1,0 +1,187 @@
+"""The grouped expert kernel (cadenza.kernels.gpu_grouped) against the exact reference, like the decode kernels'
+tests (tests/kernels/test_gpu_moe.py: the reference, the bounds): without CUDA through Triton's interpreter on CPU
+tensors, with CUDA compiled, full-size shapes and a CUDA graph in the `gpu` tests."""
+
+import pytest
+import torch
+
+from cadenza.kernels.layout import dequantize, pack_layer
+from tests.interpreted import DEVICE, kernels_module
+from tests.kernels.test_gpu_moe import BF16, FP32, block_layer, experts, on, reference, rel, routing
+from tests.test_graphs import families  # noqa: F401 (the fixture)
+
+grouped, _SUBPROCESS = kernels_module("gpu_grouped")
+KERNELS = grouped.available(DEVICE) and not _SUBPROCESS
+needs_kernels = pytest.mark.skipif(not KERNELS, reason="Triton's interpreter (or a GPU) runs these kernels")
+
+
+def test_block_table_covers_every_pair_once_in_blocks_of_one_row():
+    rows = torch.tensor([[3, 0], [0, -1], [3, 1], [0, 3], [-1, -1], [1, 0]])
+    order, key, brow, first, n = grouped.block_table(rows, 4, 2)
+    flat = rows.reshape(-1)
+    assert torch.equal(key[order][: int((flat >= 0).sum())], flat[flat >= 0].sort().values)
+    seen = []
+    for b in range(brow.numel()):
+        if n[b] == 0:
+            continue
+        pos = list(range(int(first[b]), int(first[b]) + int(n[b])))
+        assert all(int(flat[order[s]]) == int(brow[b]) for s in pos) and 1 <= n[b] <= 2
+        seen += pos
+    assert sorted(seen) == list(range(int((flat >= 0).sum())))  # each valid pair in exactly one block
+    assert brow.numel() == -(-12 // 2) + 4  # the bound from the shapes
+
+
+CASES = [  # (fmt, group, H, I, T, k, act)
+    ("int4", 64, 256, 256, 12, 2, "silu"),
+    ("int4", 32, 200, 136, 21, 2, "gelu"),  # H, I not multiples of 128: padded columns and rows
+    ("int4", 128, 384, 200, 9, 3, "silu"),
+    ("int8", 32, 200, 136, 17, 2, "relu"),
+    ("bf16", 0, 256, 128, 10, 2, "silu"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt, group, h, i, t, k, act", CASES)
+def test_grouped_equals_the_reference(fmt, group, h, i, t, k, act):
+    packed = pack_layer(*experts(5, h, i), fmt, group)
+    x, rows, w = routing(t, k, 5, h)
+    kw = dict(fmt=fmt, group=group, hidden=h, intermediate=i, block_tiles=4)
+    y = grouped.moe_grouped(*on(x, rows, w), on(packed.gate_up, packed.down), act, **kw)
+    assert y.dtype == torch.float32 and y.shape == (t, h)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), act)) < FP32
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q4_k+q6_k", "q8_0", "mxfp4"])
+def test_grouped_block_formats(fmt):
+    h, i, t, k = (512, 256, 11, 2) if fmt == "q4_k+q6_k" else (256, 160, 11, 2)
+    packed = block_layer(fmt, 4, h, i)
+    x, rows, w = routing(t, k, 4, h)
+    kw = dict(fmt=fmt, group=packed.group, hidden=h, intermediate=i, block_tiles=4)
+    y = grouped.moe_grouped(*on(x, rows, w), on(packed.gate_up, packed.down), "silu", **kw)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), "silu")) < FP32
+
+
+@needs_kernels
+def test_grouped_bf16_x_biases_and_all_skipped():
+    h, i, t, k = 256, 256, 13, 2
+    packed = pack_layer(*experts(4, h, i), "int4", 64)
+    x, rows, w = routing(t, k, 4, h)
+    g = torch.Generator().manual_seed(5)
+    gb, ub, db = torch.randn(4, i, generator=g), torch.randn(4, i, generator=g), torch.randn(4, h, generator=g)
+    kw = dict(fmt="int4", group=64, hidden=h, intermediate=i, block_tiles=4)
+    mats = on(packed.gate_up, packed.down)
+    y = grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw, biases=tuple(on(gb, ub, db)))
+    gate, up, down = dequantize(packed)
+    want = torch.zeros(t, h, dtype=torch.float64)
+    for tt in range(t):
+        for j, e in enumerate(rows[tt].tolist()):
+            if e >= 0:
+                hv = torch.nn.functional.silu(gate[e].double() @ x[tt].double() + gb[e]) * (
+                    up[e].double() @ x[tt].double() + ub[e]
+                )
+                want[tt] += w[tt, j] * (down[e].double() @ hv + db[e])
+    assert rel(y, want) < FP32
+    yb = grouped.moe_grouped(*on(x.bfloat16(), rows, w), mats, "silu", **kw)
+    assert yb.dtype == torch.bfloat16 and rel(yb, reference(x, rows, w, gate, up, down, "silu")) < BF16 * 2
+    none = grouped.moe_grouped(*on(x, torch.full_like(rows, -1), w), mats, "silu", **kw)
+    assert torch.count_nonzero(none) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `pytest -m gpu` on the device)")
+@pytest.mark.parametrize("fmt, group", [("int4", 64), ("q4_k+q6_k", 0)])
+def test_gpu_grouped_full_size_and_graph(fmt, group):
+    """Mixtral's shapes, 256 tokens over 8 experts: equal to the per-expert path (dequantize, then cuBLAS in bf16),
+    and a captured replay equal to the eager call."""
+    from cadenza.kernels.gpu_moe import expert_forward
+
+    h, i, r, t, k = 4096, 14336, 8, 256, 2
+    if fmt == "int4":
+        packed = pack_layer(*experts(r, h, i), fmt, group)
+    else:
+        packed = block_layer(fmt, r, h, i)
+        group = packed.group
+    x, rows, w = routing(t, k, r, h, skip=False)
+    x, rows, w = x.cuda().bfloat16(), rows.cuda(), w.cuda()
+    mats = (packed.gate_up.cuda(), packed.down.cuda())
+    kw = dict(fmt=fmt, group=group, hidden=h, intermediate=i)
+    y = grouped.moe_grouped(x, rows, w, mats, "silu", **kw)
+    want = torch.zeros(t, h, dtype=torch.float32, device="cuda")
+    for e in range(r):
+        tok, slot = (rows == e).nonzero(as_tuple=True)
+        if tok.numel():
+            ye = expert_forward(x[tok], mats[0][e], mats[1][e], fmt, group, h, i, "silu")
+            want.index_add_(0, tok, ye * w[tok, slot, None])
+    assert rel(y, want) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = grouped.moe_grouped(x, rows, w, mats, "silu", **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_graph, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `pytest -m gpu` on the device)")
+@pytest.mark.parametrize("budget", ["8GiB", "some"])
+def test_gpu_engine_grouped_gives_the_per_expert_tokens(families, monkeypatch, budget):  # noqa: F811
+    """A batch of 19 decoding together (steps of more than 8 tokens), int4 experts, every expert resident or some
+    fetched: CADENZA_GROUPED_EXPERTS=1 gives the tokens of the per-expert products (fp32: both exact sums)."""
+    from cadenza import LLM, SamplingParams
+    from tests.conftest import budget_for
+
+    path = families["mixtral"]
+    gpu = budget_for(path, 2, 2, device="cuda", max_context=96) if budget == "some" else budget
+    kw = dict(device="cuda", dtype="float32", experts="int4", gpu_memory=gpu, max_context=96, max_batch=20)
+    prompts = [list(range(3, 3 + 1 + i % 7)) for i in range(19)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    tokens = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv(grouped.ENV, flag)
+        llm = LLM(path, **kw)
+        try:
+            assert llm.orchestra.layers[0].grouped == (flag == "1")
+            tokens.append([r.token_ids for r in llm.generate(prompts, params)])
+        finally:
+            llm.close()
+    assert tokens[0] == tokens[1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("policy", ["fetch", "cpu"])
+def test_engine_routes_big_steps_through_grouped_products(families, monkeypatch, policy):  # noqa: F811
+    """The emulated GPU side (device cpu and a budget) with the grouped products on (the interpreted kernel stands
+    in for the package's): steps of 12 tokens with some experts resident and the rest fetched (or computed on the
+    CPU) give the tokens of the per-expert products."""
+    import cadenza.kernels.gpu_grouped as package_grouped
+    from cadenza import LLM, SamplingParams
+    from cadenza.moe.gpu_side import ExpertLayout
+
+    path = families["mixtral"]
+    kw = dict(device="cpu", dtype="float32", experts="int4", max_context=64, max_batch=12)
+    probe = LLM(path, gpu_memory="8GiB", **kw)
+    p = probe.placement
+    probe.close()
+    kw |= dict(offload_policy=policy, gpu_memory=p.always_bytes + p.kv_bytes + p.workspace_bytes + 4 * p.expert_bytes)
+    prompts = [list(range(3, 3 + 1 + i % 5)) for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(a[0].shape[0])
+        return grouped.moe_grouped(*a, **k)
+
+    tokens = []
+    for on_ in (False, True):
+        if on_:
+            monkeypatch.setattr(ExpertLayout, "grouped", lambda self, device: not self.plain)
+            monkeypatch.setattr(package_grouped, "moe_grouped", counted)
+        llm = LLM(path, **kw)
+        try:
+            assert 0 < llm.placement.resident_count < llm.placement.total_experts
+            tokens.append([r.token_ids for r in llm.generate(prompts, params)])
+        finally:
+            llm.close()
+    assert tokens[0] == tokens[1]
+    assert calls and max(calls) > 8  # the big steps went through it
