@@ -24,7 +24,15 @@ from cadenza.bench.scenarios import (
     plan_configs,
     random_prompt,
 )
-from cadenza.bench.throughput_job import T_BUDGET_GIB, T_NEW_TOKENS, T_PROMPT_TOKENS, T_PROMPTS, job_prompts, run_job
+from cadenza.bench.throughput_job import (
+    T_BUDGET_GIB,
+    T_NEW_TOKENS,
+    T_PROMPT_TOKENS,
+    T_PROMPTS,
+    job_prompts,
+    parse_runs,
+    run_job,
+)
 from cadenza.errors import CadenzaError
 from cadenza.moe.cpu import physical_cores
 from cadenza.moe.placement import GiB
@@ -122,6 +130,8 @@ def run_bench(args: argparse.Namespace) -> int:
     ckpt = SyntheticCheckpoint(model, seed=args.seed)
     if scenarios[0] in T_BUDGET_GIB:  # an offline job's throughput: its own flow (cadenza.bench.throughput_job)
         return _run_throughput(args, scenarios[0], model, ckpt, device, expert_kwargs(args))
+    if args.runs is not None:
+        raise CadenzaError(f"--runs chooses T1 / T2's rows; --scenario {args.scenario} has none. Leave it out.")
     baseline = args.baseline if args.baseline is not None else device.type == "cuda"
     baseline = baseline and "D1" in scenarios
     if args.baseline and baseline_unavailable(device):
@@ -216,8 +226,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device, expert_args: dict) -> int:
     """T1 / T2: one model built, the job run with the KV cache on the GPU and then on the host (throughput_job)."""
-    from cadenza.bench.machine import machine_info, rss_gib
-    from cadenza.llm import LLM
+    from cadenza.bench.machine import machine_info
 
     n = args.prompts or T_PROMPTS
     p, m = args.prompt_tokens or T_PROMPT_TOKENS, args.new_tokens or T_NEW_TOKENS
@@ -238,19 +247,11 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
         log(", ".join(f"{k}={row[k]}" for k in keys if k in row))
 
     peer = _throughput_peer(args, scenario, expert_args, ckpt)  # refused before anything is built
-    log(f"building cadenza's model on {device} at {budget / GiB:.1f} GiB; host RSS {rss_gib()} GiB ...")
-    llm = LLM(checkpoint=ckpt, device=str(device), gpu_memory=budget, offload_policy="auto", max_context=p + m,
-              cpu_threads=args.cpu_threads, cuda_graphs=not args.no_cuda_graphs, **expert_args)  # fmt: skip
-    ckpt.release()
-    storage = _expert_storage(llm)
-    try:
-        prompts = job_prompts(n, p, ckpt.config["vocab_size"], args.seed)
-        tl = path.with_name(f"{path.stem}-timeline")
-        run_job(llm, scenario, prompts, m, budget, machine, lambda s, r: add(s, {**r, "cpu_experts": storage}), log, tl)
-    finally:
-        llm.close()
-    del llm
-    gc.collect()
+    runs = parse_runs(args.runs)
+    if runs:
+        _throughput_rows(args, scenario, ckpt, device, expert_args, budget, (n, p, m), machine, path, runs, add, log)
+    elif peer is None:
+        raise CadenzaError("--runs none measures only the peer: add --peer llama.cpp=PATH/llama-batched-bench.")
     if peer is not None:  # llama-batched-bench on the same model as a Q4_0 GGUF, cadenza's model freed first
         from cadenza.bench import llama_batched
         from cadenza.bench.llama_cpp_peer import write_peer_gguf
@@ -265,6 +266,28 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
     write_results(path, command, machine, rows, complete=True)
     log(f"wrote {path}")
     return 0
+
+
+def _throughput_rows(args, scenario, ckpt, device, expert_args, budget, job, machine, path, runs, add, log) -> None:
+    """cadenza's rows of T1 / T2: the model built once at the budget, then the job for each of `runs`."""
+    from cadenza.bench.machine import rss_gib
+    from cadenza.llm import LLM
+
+    n, p, m = job
+    log(f"building cadenza's model on {device} at {budget / GiB:.1f} GiB; host RSS {rss_gib()} GiB ...")
+    llm = LLM(checkpoint=ckpt, device=str(device), gpu_memory=budget, offload_policy="auto", max_context=p + m,
+              cpu_threads=args.cpu_threads, cuda_graphs=not args.no_cuda_graphs, **expert_args)  # fmt: skip
+    ckpt.release()
+    storage = _expert_storage(llm)
+    try:
+        prompts = job_prompts(n, p, ckpt.config["vocab_size"], args.seed)
+        tl = path.with_name(f"{path.stem}-timeline")
+        row = lambda s, r: add(s, {**r, "cpu_experts": storage})  # noqa: E731
+        run_job(llm, scenario, prompts, m, budget, machine, row, log, tl, runs)
+    finally:
+        llm.close()
+    del llm
+    gc.collect()
 
 
 def _throughput_peer(args, scenario: str, expert_args: dict, ckpt):

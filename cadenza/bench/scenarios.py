@@ -116,6 +116,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"S1's GPU budgets in GiB (default {DEFAULT_BUDGETS})")
     p.add_argument("--prompt-tokens", type=int, default=None, help="override every scenario's prompt length")
     p.add_argument("--prompts", type=int, default=None, help="T1 / T2: prompts in the job (default 1024)")
+    p.add_argument("--runs", default=None,
+                   help="T1 / T2: which of gpu,host,host2 (the KV cache on the GPU, on the host, on the host in two "
+                   "micro-batches) to measure (default all three); none: only --peer")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")
     advanced(p).add_argument(
         "--cpu-threads", type=int, default=None, help="threads for CPU expert work (default: cadenza's)"

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cadenza.bench.scenarios import random_prompt
+from cadenza.errors import CadenzaError
 from cadenza.moe.placement import GiB
 
 T_BUDGET_GIB = {"T1": 24, "T2": 8}
@@ -27,6 +28,24 @@ T_PROMPTS, T_PROMPT_TOKENS, T_NEW_TOKENS = 1024, 128, 128
 # (KV cache place, micro-batches): the GPU cache (the batch the budget allows), the host cache, and the host cache
 # with two micro-batches overlapping one's CPU attention with the other's GPU work
 RUNS = (("gpu", 1), ("host", 1), ("host", 2))
+RUN_NAMES = {"gpu": ("gpu", 1), "host": ("host", 1), "host2": ("host", 2)}  # --runs
+
+
+def parse_runs(text: str | None) -> tuple[tuple[str, int], ...]:
+    """--runs gpu,host,host2 (a subset, in that order; "none": only a peer) -> (KV cache place, micro-batches)s."""
+    if text is None:
+        return RUNS
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    bad = [n for n in names if n not in RUN_NAMES]
+    if bad or not names:
+        raise CadenzaError(
+            f"--runs {text!r}: use some of {', '.join(RUN_NAMES)} (comma-separated), or none to run only the peer."
+        )
+    return tuple(RUN_NAMES[n] for n in RUN_NAMES if n in names)
+
+
 TIMELINE_STEPS = 3
 
 
@@ -54,17 +73,18 @@ def roofline(link: float, h2d: float, batch: int, mean_context: float, kv_per_to
 
 def run_job(
     llm, scenario: str, prompts: list[list[int]], new_tokens: int, budget_bytes: int, machine: dict, add, log,
-    timeline: Path | None = None,
+    timeline: Path | None = None, runs: tuple[tuple[str, int], ...] = RUNS,
 ):  # fmt: skip
-    """Measures the job for each of RUNS; one row each, handed to `add`. timeline: where the micro-batched run's
-    timeline of TIMELINE_STEPS decode steps goes (JSON and PNG, cadenza.bench.timeline), or None."""
+    """Measures the job for each of `runs` (KV cache place, micro-batches); one row each, handed to `add`.
+    timeline: where the micro-batched run's timeline of TIMELINE_STEPS decode steps goes (JSON and PNG,
+    cadenza.bench.timeline), or None."""
     from cadenza.moe.offload.throughput import link_bytes, plan_for
     from cadenza.sampling import SamplingParams
 
     n, p = len(prompts), len(prompts[0])
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     kv_per_token = llm.sizes.kv_bytes_per_token
-    for kv, micro in RUNS:
+    for kv, micro in runs:
         row = {
             "scenario": scenario,
             "system": "cadenza",

@@ -91,3 +91,22 @@ def test_t1_with_llama_batched_bench(tmp_path):
     assert best["parallel"] == max(PARALLEL)
     bad = cli("bench", "--scenario", "T1", "--device", "cpu", "--peer", f"llama.cpp={stand_in}")
     assert bad.returncode != 0 and "--experts int4" in bad.stderr
+
+
+def test_runs_choose_the_rows(tmp_path):
+    from cadenza.bench.throughput_job import RUNS, parse_runs
+    from cadenza.errors import CadenzaError
+
+    assert parse_runs(None) == RUNS and parse_runs("none") == ()
+    assert parse_runs("host2,gpu") == (("gpu", 1), ("host", 2))
+    with pytest.raises(CadenzaError, match="gpu, host, host2"):
+        parse_runs("gpu,disk")
+    r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "3", "--prompt-tokens", "4",
+            "--new-tokens", "2", "--runs", "host", "--out", str(tmp_path))  # fmt: skip
+    assert r.returncode == 0, r.stderr + r.stdout
+    (path,) = [f for f in tmp_path.glob("T1-*.json") if not f.stem.endswith("-timeline")]
+    assert [row["kv_cache"] for row in json.loads(path.read_text())["results"]] == ["host"]
+    for bad, why in ((["--scenario", "T1", "--runs", "none"], "only the peer"), (["--scenario", "D1", "--runs", "gpu"],
+                     "has none")):  # fmt: skip
+        r = cli("bench", *bad, "--device", "cpu", "--out", str(tmp_path))
+        assert r.returncode != 0 and why in r.stderr
