@@ -34,6 +34,10 @@ from cadenza.kernels.triton_compat import tl, triton
 from cadenza.models.common import glu_fn
 
 ENV = "CADENZA_GROUPED_EXPERTS"
+# Blocks: 8 tiles (32 weight rows) by 128 columns a step, 8 warps, 16 or 32 pairs (`block_m`). Compiled for sm_90
+# here without a GPU (the tests do), these spill no registers for int4 / int8 / bf16 / q6_k / q8_0 / q4_0 / mxfp4 at
+# 32 pairs; q4_k and q5_k (their 6-bit scales unpacked per value) spill 32-128 bytes. Not yet timed on a GPU.
+BLOCK_TILES, BLOCK_K, WARPS = 8, 128, 8
 
 
 def enabled(device: torch.device) -> bool:
@@ -129,20 +133,20 @@ def block_table(rows: torch.Tensor, stack_rows: int, bm: int):
 
 def _launch(x, src, table, mat, tb, hb, n_tiles, k_cols, n_x, ng, fmt, group, out, bm, bt):
     _, _, brow, first, n = table
-    bk = max(128, group)
+    bk = max(BLOCK_K, group)
     emu = _INTERPRET and x.dtype == torch.bfloat16
     grid = (brow.numel(), triton.cdiv(n_tiles, bt))
     _grouped_kernel[grid](
         x, x.stride(0), src, brow, first, n, mat, mat.stride(0), tb, hb, n_tiles, k_cols, n_x, ng, out, out.stride(0),
         FMT=_FMT_CODES[fmt], GROUP=group, EMU_RNE=emu, F32=x.dtype == torch.float32 or emu, BM=bm, BT=bt, BK=bk,
-        num_warps=4,
+        num_warps=WARPS,
     )  # fmt: skip
 
 
 def block_m(pairs: int, stack_rows: int) -> int:
-    """Pairs per block: about a row's share of the pairs, 16 to 64 (tl.dot's smallest side is 16)."""
+    """Pairs per block: about a row's share of the pairs, 16 or 32 (tl.dot's smallest side is 16; 64 spills)."""
     share = pairs / max(1, min(stack_rows, pairs))
-    return 16 if share <= 16 else 32 if share <= 32 else 64
+    return 16 if share <= 16 else 32
 
 
 def moe_grouped(
@@ -157,7 +161,7 @@ def moe_grouped(
     hidden: int,
     intermediate: int,
     biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
-    block_tiles: int = 16,
+    block_tiles: int = BLOCK_TILES,
 ) -> torch.Tensor:
     """y [T, H] (x's dtype) = sum over slots j of topk_weights[t, j] * expert_{rows[t, j]}(x[t]) (module doc);
     mats: tiled (gate_up [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]); biases: (gate [R, I], up [R, I],

@@ -185,3 +185,47 @@ def test_engine_routes_big_steps_through_grouped_products(families, monkeypatch,
             llm.close()
     assert tokens[0] == tokens[1]
     assert calls and max(calls) > 8  # the big steps went through it
+
+
+_HOPPER = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from cadenza.kernels import gpu_grouped as g
+from cadenza.kernels.gpu_moe import _FMT_CODES
+
+def signature(xdt):
+    ptrs = {"x": f"*{xdt}", "src": "*i32", "blk_row": "*i32", "blk_first": "*i32", "blk_n": "*i32", "w": "*u8",
+            "out": "*fp32"}
+    ints = ("ldx", "w_stride", "tb", "hb", "n_tiles", "K", "n_x", "NG", "ldo")
+    const = ("FMT", "GROUP", "EMU_RNE", "F32", "BM", "BT", "BK")
+    return {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
+
+for fmt, group in (("int4", 64), ("bf16", 0), ("int8", 32), ("q4_k", 32), ("q6_k", 16), ("q5_k", 32)):
+    for xdt, bm in (("bf16", 16), ("bf16", 32), ("fp32", 16)):
+        const = dict(FMT=_FMT_CODES[fmt], GROUP=group, EMU_RNE=False, F32=xdt == "fp32", BM=bm, BT=g.BLOCK_TILES,
+                     BK=max(g.BLOCK_K, group))
+        src = triton.compiler.ASTSource(fn=g._grouped_kernel, signature=signature(xdt), constexprs=const)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": g.WARPS})
+        assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, (fmt, xdt, bm, k.metadata.shared)
+        print(fmt, xdt, bm, "ok")
+"""
+
+
+def test_grouped_kernel_compiles_for_hopper():
+    """Without a GPU: Triton compiles the kernel for sm_90 (its bundled ptxas), for each family of formats, bf16 and
+    fp32 x, both block heights, within an H200's shared memory (227 KiB a block). In a fresh process: this one's
+    Triton may be in interpreter mode."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    r = subprocess.run([sys.executable, "-c", _HOPPER], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(" ok") == 18
