@@ -23,7 +23,8 @@ TRANSFER_PREFIXES = ("Memcpy", "Memset", "memcpy", "memset")
 
 def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
     """{"lanes": {lane: [[kind, name, start_ms, end_ms], ...]}, "span_ms": ...} for `steps` decode steps of
-    `prompts` (prefill included: its spans come first)."""
+    `prompts` (from the first decode step's CPU attention on, where the cache is on the host; else the prefill's
+    spans come first)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -48,6 +49,11 @@ def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
         elif not getattr(e, "is_user_annotation", lambda: False)():
             kind = "copy" if name.startswith(TRANSFER_PREFIXES) else "kernel"
             spans.append((f"GPU stream {e.device_resource_id()}", kind, name, e.start_ns(), e.end_ns()))
+    # the decode steps only: from the first CPU attention (a host cache's prefill attends on the GPU), where there
+    # is one; the prefill's many kernels would make the file too large to fetch back (16 MiB)
+    decode = [s[3] for s in spans if s[2] == MARKS[0]]
+    if decode:
+        spans = [s for s in spans if s[4] >= min(decode)]
     if not spans:
         return {"lanes": {}, "span_ms": 0.0}
     t0 = min(s[3] for s in spans)
