@@ -34,10 +34,31 @@ from cadenza.kernels.triton_compat import tl, triton
 from cadenza.models.common import glu_fn
 
 ENV = "CADENZA_GROUPED_EXPERTS"
-# Blocks: 8 tiles (32 weight rows) by 128 columns a step, 8 warps, 16 or 32 pairs (`block_m`). Compiled for sm_90
-# here without a GPU (the tests do), these spill no registers for int4 / int8 / bf16 / q6_k / q8_0 / q4_0 / mxfp4 at
-# 32 pairs; q4_k and q5_k (their 6-bit scales unpacked per value) spill 32-128 bytes. Not yet timed on a GPU.
-BLOCK_TILES, BLOCK_K, WARPS = 8, 128, 8
+# Blocks: tiles (4 weight rows each) and columns a step, warps; pairs 16 or 32 (`block_m`). Compiled for sm_90 here
+# without a GPU (cuobjdump's register use and SASS size, 11 formats x 16 / 32 pairs): 8 x 128 x 4 warps has the
+# fewest instructions a weight but int4 spills 48-176 bytes; 8 x 64 x 8 spills nearly nothing with ~1.9x the
+# instructions; 16 x 128 x 4 is leaner still and spills ~1 KiB at int4 group 128. Not yet timed on a GPU:
+# CADENZA_GROUPED_BLOCKS=TILES,COLUMNS,WARPS overrides them for that measurement.
+BLOCKS_ENV = "CADENZA_GROUPED_BLOCKS"
+BLOCK_TILES, BLOCK_K, WARPS = 8, 128, 4
+
+
+def blocks() -> tuple[int, int, int]:
+    """(tiles, columns, warps): CADENZA_GROUPED_BLOCKS where set (checked), else the defaults above."""
+    text = os.environ.get(BLOCKS_ENV)
+    if not text:
+        return BLOCK_TILES, BLOCK_K, WARPS
+    try:
+        bt, bk, nw = (int(v) for v in text.split(","))
+    except ValueError:
+        bt = bk = nw = 0
+    pow2 = lambda n, lo: n >= lo and n & (n - 1) == 0  # noqa: E731
+    if not (pow2(bt, 4) and pow2(bk, 32) and pow2(nw, 1)):
+        raise ValueError(
+            f"{BLOCKS_ENV}={text!r}: give TILES,COLUMNS,WARPS, powers of two with tiles >= 4 and columns >= 32 "
+            f"(e.g. {BLOCK_TILES},{BLOCK_K},{WARPS}), or unset it."
+        )
+    return bt, bk, nw
 
 
 def enabled(device: torch.device) -> bool:
@@ -81,7 +102,7 @@ def _grouped_kernel(
         okm = m < n
         s = tl.load(blk_first + b) + m
         xr = tl.load(src + s, mask=okm, other=0).to(tl.int64)
-        GS: tl.constexpr = GROUP if GROUP else BK
+        GS: tl.constexpr = min(GROUP, BK) if GROUP else BK  # columns sharing a scale within a step
         t = (tl.program_id(1) * BT + tl.arange(0, BT))[:, None, None, None]
         r = tl.arange(0, 4)[None, :, None, None]
         gb = tl.arange(0, BK // GS)[None, None, :, None]
@@ -90,7 +111,7 @@ def _grouped_kernel(
         for k0 in range(0, K, BK):
             c = k0 + gb * GS + tl.arange(0, GS)[None, None, None, :]
             ok = (t < n_tiles) & (c < K)
-            g = (k0 + gb * GS) // GS if GROUP else gb * 0
+            g = (k0 + gb * GS) // GROUP if GROUP else gb * 0
             okg = (t < n_tiles) & (g < NG)
             v = tl.where(ok, _tile_values(tile, hb, r, c, g, ok, okg, K, NG, FMT), 0.0)
             if EMU_RNE:  # the interpreter's bf16 casts truncate; a GPU's round to nearest even
@@ -131,15 +152,14 @@ def block_table(rows: torch.Tensor, stack_rows: int, bm: int):
     return order, key, brow.to(i32), first.to(i32), n.to(i32)
 
 
-def _launch(x, src, table, mat, tb, hb, n_tiles, k_cols, n_x, ng, fmt, group, out, bm, bt):
+def _launch(x, src, table, mat, tb, hb, n_tiles, k_cols, n_x, ng, fmt, group, out, bm, bt, bk, nw):
     _, _, brow, first, n = table
-    bk = max(BLOCK_K, group)
     emu = _INTERPRET and x.dtype == torch.bfloat16
     grid = (brow.numel(), triton.cdiv(n_tiles, bt))
     _grouped_kernel[grid](
         x, x.stride(0), src, brow, first, n, mat, mat.stride(0), tb, hb, n_tiles, k_cols, n_x, ng, out, out.stride(0),
         FMT=_FMT_CODES[fmt], GROUP=group, EMU_RNE=emu, F32=x.dtype == torch.float32 or emu, BM=bm, BT=bt, BK=bk,
-        num_warps=WARPS,
+        num_warps=nw,
     )  # fmt: skip
 
 
@@ -161,7 +181,7 @@ def moe_grouped(
     hidden: int,
     intermediate: int,
     biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
-    block_tiles: int = BLOCK_TILES,
+    block_tiles: int | None = None,
 ) -> torch.Tensor:
     """y [T, H] (x's dtype) = sum over slots j of topk_weights[t, j] * expert_{rows[t, j]}(x[t]) (module doc);
     mats: tiled (gate_up [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]); biases: (gate [R, I], up [R, I],
@@ -176,6 +196,8 @@ def moe_grouped(
     r, p, h, i = gate_up.shape[0], t * k, hidden, intermediate
     x = x.contiguous()
     bm = block_m(p, r)
+    bt, bk, nw = blocks()
+    bt = block_tiles or bt
     table = block_table(rows, r, bm)
     order, key = table[0], table[1]
     sorted_key = key[order]
@@ -186,7 +208,7 @@ def moe_grouped(
         raw = torch.empty(p, 2 * geo.ip, dtype=torch.float32, device=dev)
         src = (order // k).to(torch.int32)
         _launch(x, src, table, gate_up, geo.gu_tb, geo.gu_hb, geo.ip // 2, geo.hp, h, geo.ng_h, geo.gu_fmt,
-                geo.gu_group, raw, bm, block_tiles)  # fmt: skip
+                geo.gu_group, raw, bm, bt, bk, nw)  # fmt: skip
         quad = raw.view(p, geo.ip // 2, 4)
         gate = quad[:, :, :2].reshape(p, geo.ip)[:, :i].to(x.dtype)
         up = quad[:, :, 2:].reshape(p, geo.ip)[:, :i].to(x.dtype)
@@ -200,7 +222,7 @@ def moe_grouped(
         out = torch.empty(p, geo.hp, dtype=torch.float32, device=dev)
         ident = torch.arange(p, dtype=torch.int32, device=dev)
         _launch(hid, ident, table, down, geo.dn_tb, geo.dn_hb, geo.hp // 4, geo.ip, i, geo.ng_i, geo.dn_fmt,
-                geo.dn_group, out, bm, block_tiles)  # fmt: skip
+                geo.dn_group, out, bm, bt, bk, nw)  # fmt: skip
     ys = out[:, :h]
     if db is not None:
         ys = ys + db[srow].float()

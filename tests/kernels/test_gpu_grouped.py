@@ -204,7 +204,7 @@ def signature(xdt):
 for fmt, group in (("int4", 64), ("bf16", 0), ("int8", 32), ("q4_k", 32), ("q6_k", 16), ("q5_k", 32)):
     for xdt, bm in (("bf16", 16), ("bf16", 32), ("fp32", 16)):
         const = dict(FMT=_FMT_CODES[fmt], GROUP=group, EMU_RNE=False, F32=xdt == "fp32", BM=bm, BT=g.BLOCK_TILES,
-                     BK=max(g.BLOCK_K, group))
+                     BK=g.BLOCK_K)
         src = triton.compiler.ASTSource(fn=g._grouped_kernel, signature=signature(xdt), constexprs=const)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": g.WARPS})
         assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, (fmt, xdt, bm, k.metadata.shared)
@@ -229,3 +229,16 @@ def test_grouped_kernel_compiles_for_hopper():
     r = subprocess.run([sys.executable, "-c", _HOPPER], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count(" ok") == 18
+
+
+def test_blocks_from_the_environment(monkeypatch):
+    from cadenza.kernels import gpu_grouped as package
+
+    monkeypatch.delenv(package.BLOCKS_ENV, raising=False)
+    assert package.blocks() == (package.BLOCK_TILES, package.BLOCK_K, package.WARPS)
+    monkeypatch.setenv(package.BLOCKS_ENV, "16,64,8")
+    assert package.blocks() == (16, 64, 8)
+    for bad in ("16,64", "3,64,4", "16,100,4", "a,b,c"):
+        monkeypatch.setenv(package.BLOCKS_ENV, bad)
+        with pytest.raises(ValueError, match="TILES,COLUMNS,WARPS"):
+            package.blocks()
