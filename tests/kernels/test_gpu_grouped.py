@@ -242,3 +242,16 @@ def test_blocks_from_the_environment(monkeypatch):
         monkeypatch.setenv(package.BLOCKS_ENV, bad)
         with pytest.raises(ValueError, match="TILES,COLUMNS,WARPS"):
             package.blocks()
+
+
+@needs_kernels
+@pytest.mark.parametrize("blocks", ["4,32,4", "4,64,4"])
+@pytest.mark.parametrize("fmt, group", [("int4", 128), ("int8", 128), ("q6_k", 0)])
+def test_grouped_steps_narrower_than_a_scale_group(monkeypatch, blocks, fmt, group):
+    monkeypatch.setenv(grouped.BLOCKS_ENV, blocks)
+    h, i, t, k = 256, 256, 10, 2
+    packed = block_layer(fmt, 4, h, i) if fmt == "q6_k" else pack_layer(*experts(4, h, i), fmt, group)
+    x, rows, w = routing(t, k, 4, h)
+    kw = dict(fmt=fmt, group=packed.group, hidden=h, intermediate=i)
+    y = grouped.moe_grouped(*on(x, rows, w), on(packed.gate_up, packed.down), "silu", **kw)
+    assert rel(y, reference(x, rows, w, *dequantize(packed), "silu")) < FP32
