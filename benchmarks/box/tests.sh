@@ -7,7 +7,7 @@ lscpu | grep -iE "numa|model name|mhz|socket" | tee "$OUT/lscpu.txt"
   && cmake --build .peers/llama.cpp/build --target llama-batched-bench -j 8 >> "$OUT/build.log" 2>&1
  echo "build-rc=$?" >> "$OUT/build.log") &
 build=$!
-timeout 380 python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
+timeout 450 python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.log" | tail -20
 wait $build
 tail -2 "$OUT/build.log"
