@@ -11,8 +11,10 @@ capture it):
      each row's pairs padded to whole blocks, the block table [MAXB] (row, first sorted pair, pairs) from a
      searchsorted over the rows' block counts; MAXB = ceil(P / BM) + min(R, P) bounds it from the shapes alone;
   2. gate/up, grid (block, BT tiles): x rows of the block's pairs [BM, BK] times the tiles' values [4 BT, BK]
-     (`_tile_values`: the dequantize kernel's, in x's dtype) by tl.dot, fp32 accumulators over H; the raw gate and
-     up rows of each pair, [P, 2 Ip] fp32 in tile-row order (gate 2j, gate 2j + 1, up 2j, up 2j + 1);
+     (`_tile_values`: the dequantize kernel's, in x's dtype; int4's layout, shared by q4_0 / q4_k / mxfp4, loads
+     each 16-bit word once for its four nibble planes, one tl.dot of 32 columns each) by tl.dot, fp32 accumulators
+     over H; the raw gate and up rows of each pair, [P, 2 Ip] fp32 in tile-row order (gate 2j, gate 2j + 1, up 2j,
+     up 2j + 1);
   3. torch: biases, the activation (`models.common.glu_fn`, in x's dtype: as `expert_forward` rounds), h [P, Ip];
   4. down, the same kernel over h's rows [P, Hp] fp32; then the routing weight, the pairs back in token order and
      y = sum over the k slots in fp32 (deterministic, no atomics), cast to x's dtype.
@@ -29,18 +31,18 @@ from contextlib import nullcontext
 import torch
 
 from cadenza.kernels.gpu_moe import _FMT_CODES, _tiled, available
-from cadenza.kernels.gpu_moe_triton import _INTERPRET, _round_bf16, _tile_values
+from cadenza.kernels.gpu_moe_triton import _INTERPRET, _block_scale_min, _nib_value, _round_bf16, _tile_values
 from cadenza.kernels.triton_compat import tl, triton
 from cadenza.models.common import glu_fn
 
 ENV = "CADENZA_GROUPED_EXPERTS"
 # Blocks: tiles (4 weight rows each) and columns a step, warps; pairs 16 or 32 (`block_m`). Compiled for sm_90 here
-# without a GPU (cuobjdump's register use and SASS size, 11 formats x 16 / 32 pairs): 8 x 128 x 4 warps has the
-# fewest instructions a weight but int4 spills 48-176 bytes; 8 x 64 x 8 spills nearly nothing with ~1.9x the
-# instructions; 16 x 128 x 4 is leaner still and spills ~1 KiB at int4 group 128. Not yet timed on a GPU:
+# without a GPU (cuobjdump's register use and SASS size, 11 formats x 16 / 32 pairs): 16 x 128 x 8 warps takes ~1.3
+# warp-instructions a weight (int4's layout: ~1.1, a word load serving four columns) and spills only at q5_k (40
+# bytes); 8 x 64 x 8 spills nothing with ~2.3x the instructions. Not yet timed on a GPU:
 # CADENZA_GROUPED_BLOCKS=TILES,COLUMNS,WARPS overrides them for that measurement.
 BLOCKS_ENV = "CADENZA_GROUPED_BLOCKS"
-BLOCK_TILES, BLOCK_K, WARPS = 8, 128, 4
+BLOCK_TILES, BLOCK_K, WARPS = 16, 128, 8
 
 
 def blocks() -> tuple[int, int, int]:
@@ -108,24 +110,51 @@ def _grouped_kernel(
         gb = tl.arange(0, BK // GS)[None, None, :, None]
         tile = w + row * w_stride + t.to(tl.int64) * tb
         acc = tl.zeros([BM, 4 * BT], tl.float32)
-        for k0 in range(0, K, BK):
-            c = k0 + gb * GS + tl.arange(0, GS)[None, None, None, :]
-            ok = (t < n_tiles) & (c < K)
-            g = (k0 + gb * GS) // GROUP if GROUP else gb * 0
-            okg = (t < n_tiles) & (g < NG)
-            v = tl.where(ok, _tile_values(tile, hb, r, c, g, ok, okg, K, NG, FMT), 0.0)
-            if EMU_RNE:  # the interpreter's bf16 casts truncate; a GPU's round to nearest even
-                v = _round_bf16(v)
-            wv = tl.reshape(v, [4 * BT, BK])
-            cc = k0 + tl.arange(0, BK)
-            xv = tl.load(x + xr[:, None] * ldx + cc[None, :], mask=okm[:, None] & (cc[None, :] < n_x), other=0.0)
-            if F32:  # fp32 x; or bf16 x under the interpreter, whose bf16 products are not a GPU's (values rounded)
-                acc += tl.dot(xv.to(tl.float32), tl.trans(wv), input_precision="ieee")
-            else:
-                acc += tl.dot(xv, tl.trans(wv.to(x.dtype.element_ty)))
+        if FMT >= 3 and FMT <= 6:  # int4's layout (int4, q4_0, q4_k, mxfp4): one word load serves four columns
+            t3 = (tl.program_id(1) * BT + tl.arange(0, BT))[:, None, None]
+            r3 = tl.arange(0, 4)[None, :, None]
+            tile3 = w + row * w_stride + t3.to(tl.int64) * tb
+            okt = t3 < n_tiles
+            j = tl.arange(0, 32)[None, None, :]
+            for k0 in range(0, K, 128):  # a piece: word j of a row's 64 bytes holds column 32 n + j in nibble n
+                at = (tile3 + hb + (k0 // 128) * 256 + r3 * 64).to(tl.pointer_type(tl.int16))
+                wd = tl.load(at + j, mask=okt, other=0).to(tl.int32)  # [BT, 4, 32]
+                for pn in tl.static_range(4):
+                    q = (wd >> (4 * pn)) & 15
+                    c0 = k0 + 32 * pn
+                    if FMT == 3:  # (q - z) s, the group's bf16 scale and u8 zero point
+                        sc = tl.load(tile3.to(tl.pointer_type(tl.bfloat16)) + r3 * NG + c0 // GROUP, mask=okt)
+                        z = tl.load(tile3 + 8 * NG + r3 * NG + c0 // GROUP, mask=okt, other=0).to(tl.int32)
+                        v = (q - z).to(tl.float32) * sc.to(tl.float32)
+                    else:
+                        sb, mn = _block_scale_min(tile3, r3, c0 // 32, K, okt, FMT)
+                        v = _nib_value(q, FMT) * sb - mn
+                    v = tl.where(okt, v, 0.0)
+                    acc = _dot_step(acc, x, ldx, xr, okm, n_x, c0 + tl.arange(0, 32), v, 4 * BT, 32, EMU_RNE, F32)
+        else:
+            for k0 in range(0, K, BK):
+                c = k0 + gb * GS + tl.arange(0, GS)[None, None, None, :]
+                ok = (t < n_tiles) & (c < K)
+                g = (k0 + gb * GS) // GROUP if GROUP else gb * 0
+                okg = (t < n_tiles) & (g < NG)
+                v = tl.where(ok, _tile_values(tile, hb, r, c, g, ok, okg, K, NG, FMT), 0.0)
+                acc = _dot_step(acc, x, ldx, xr, okm, n_x, k0 + tl.arange(0, BK), v, 4 * BT, BK, EMU_RNE, F32)
         o = tl.program_id(1) * 4 * BT + tl.arange(0, 4 * BT)
         mask = okm[:, None] & (o[None, :] < 4 * n_tiles)
         tl.store(out + s[:, None].to(tl.int64) * ldo + o[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _dot_step(acc, x, ldx, xr, okm, n_x, cc, v, ROWS: tl.constexpr, COLS: tl.constexpr, EMU_RNE: tl.constexpr,
+              F32: tl.constexpr):  # fmt: skip
+    """acc [BM, ROWS] + x's rows xr at columns cc [COLS] times the weight values v (ROWS x COLS in any shape)."""
+    if EMU_RNE:  # the interpreter's bf16 casts truncate; a GPU's round to nearest even
+        v = _round_bf16(v)
+    wv = tl.reshape(v, [ROWS, COLS])
+    xv = tl.load(x + xr[:, None] * ldx + cc[None, :], mask=okm[:, None] & (cc[None, :] < n_x), other=0.0)
+    if F32:  # fp32 x; or bf16 x under the interpreter, whose bf16 products are not a GPU's (values rounded)
+        return acc + tl.dot(xv.to(tl.float32), tl.trans(wv), input_precision="ieee")
+    return acc + tl.dot(xv, tl.trans(wv.to(x.dtype.element_ty)))
 
 
 def block_table(rows: torch.Tensor, stack_rows: int, bm: int):
