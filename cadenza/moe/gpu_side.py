@@ -25,8 +25,6 @@ from cadenza.kernels.blocks import BLOCK_FORMATS
 from cadenza.models.common import glu_fn
 from cadenza.moe.experts import Experts, each_expert, run_experts
 
-GROUPED_FROM_TOKENS = 8  # past this many tokens, `decode` of tiled experts may run grouped (policy.DECODE_MAX_TOKENS)
-
 
 @dataclass(frozen=True)
 class ExpertLayout:
@@ -97,25 +95,31 @@ class ExpertLayout:
             y.index_add_(0, tokens, (ye * flat_w[pairs, None]).to(y.dtype))
 
     def decode(
-        self, x: torch.Tensor, rows: torch.Tensor, topk_weights: torch.Tensor, stacks: list[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        topk_weights: torch.Tensor,
+        stacks: list[torch.Tensor],
+        grouped: bool = False,
     ) -> torch.Tensor:
         """[T, H]: the pairs whose `rows` [T, k] entry names a row of `stacks` (-1: skipped), weighted and summed.
         Tiled stacks: [gate_up, down] or [gate_up, down, gate_bias [R, I], up_bias [R, I], down_bias [R, H]] (a
-        bias possibly None)."""
+        bias possibly None). grouped: through gpu_grouped's products (the caller's choice, for many tokens where
+        `grouped(device)` holds: LayerOffload.decode_rows)."""
         from cadenza.kernels.gpu_moe import moe_decode
 
         if self.plain:
             return moe_decode(x, rows, topk_weights, tuple(stacks), self.act)
         gate_up, down, *biases = stacks
         kw = self._tiled()
-        if x.shape[0] > GROUPED_FROM_TOKENS and self.grouped(x.device):
+        if grouped:
             from cadenza.kernels.gpu_grouped import moe_grouped
 
             return moe_grouped(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=_biases(biases))
         return moe_decode(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=_biases(biases))
 
     def grouped(self, device: torch.device) -> bool:
-        """Whether `decode` of more than GROUPED_FROM_TOKENS tokens runs as one grouped product a matrix
+        """Whether `decode` may run this layout's calls of many tokens as one grouped product a matrix
         (cadenza.kernels.gpu_grouped: tiled experts, CADENZA_GROUPED_EXPERTS=1, the Triton kernels on `device`)."""
         if self.plain:
             return False

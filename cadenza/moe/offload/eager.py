@@ -115,7 +115,7 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
             for e, slot in slots.items():
                 lut[e] = slot
             rows = lut.to(x.device, non_blocking=True)[topk_ids]
-            y += layer.layout.decode(x, rows, topk_weights, cache.shaped(layer.parts))
+            y += layer.decode_rows(x, rows, topk_weights, cache.shaped(layer.parts))
         else:
             weights = lambda e, s=slots: cache.weights(s[e], layer.parts)  # noqa: E731
             layer.layout.run(x, k, topk_weights, order, counts, wave, weights, y)

@@ -83,7 +83,13 @@ class LayerOffload:
 
     def decode_residents(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The resident experts' share of a few tokens, in one launch per matrix (non-resident pairs skipped)."""
-        return self.layout.decode(x, self.row_lut[topk_ids], topk_weights, self.stacks)
+        return self.decode_rows(x, self.row_lut[topk_ids], topk_weights, self.stacks)
+
+    def decode_rows(self, x, rows, topk_weights, stacks) -> torch.Tensor:
+        """`layout.decode` of the pairs' rows of `stacks` (residents, fetch slots): grouped products past the decode
+        kernels' few tokens where this layer has them."""
+        grouped = self.grouped and x.shape[0] > policy.DECODE_MAX_TOKENS
+        return self.layout.decode(x, rows, topk_weights, stacks, grouped)
 
     def __call__(
         self,
