@@ -132,7 +132,8 @@ def test_gpu_engine_grouped_gives_the_per_expert_tokens(families, monkeypatch, b
     from tests.conftest import budget_for
 
     path = families["mixtral"]
-    gpu = budget_for(path, 2, 2, device="cuda", max_context=96) if budget == "some" else budget
+    gpu = budget_for(path, 2, 2, device="cuda", max_context=96, max_batch=20, experts="int4")
+    gpu = gpu if budget == "some" else budget
     kw = dict(device="cuda", dtype="float32", experts="int4", gpu_memory=gpu, max_context=96, max_batch=20)
     prompts = [list(range(3, 3 + 1 + i % 7)) for i in range(19)]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
