@@ -1,7 +1,9 @@
 """Where a decode step of a big batch goes with the KV cache on the GPU (eager and graphs) and on the host: a
 synthetic full-width Mixtral cut to LAYERS layers, int4 experts all resident (no link traffic: the step is the GPU's
 work, the CPU attention and the orchestration between them), B sequences, then the top ops of one profiled step.
-Usage: python3 benchmarks/box/host_step.py [LAYERS] [BATCH] [MICRO] (on the box: after `source setup.sh`)."""
+Usage: python3 benchmarks/box/host_step.py [LAYERS] [BATCH] [MICRO] (on the box: after `source setup.sh`).
+GROUPED="off;16,128,8;8,128,4" runs the jobs once per setting of the grouped expert kernel (off, or its blocks
+TILES,COLUMNS,WARPS) in this one process, so the checkpoint is built once."""
 
 import os
 import sys
@@ -64,14 +66,29 @@ def job(label: str, kv: str, micro_batches: int = 1, graphs: bool = True, rows: 
         llm.engine.graphs.reason = None
 
 
-tables = not os.environ.get("NO_TABLES")
-job("GPU cache, graphs", "gpu", tables=tables)
-if tables:
-    job("GPU cache, eager", "gpu", graphs=False)
-job("host cache", "host", tables=tables)
-if micro > 1:
-    job(f"host cache, {micro} micro-batches", "host", micro, tables=tables)
-job(f"GPU cache, graphs, {4 * batch} rows", "gpu", rows=4 * batch, tables=False)
-job(f"host cache, {4 * batch} rows", "host", rows=4 * batch, tables=False)
-if micro > 1:
-    job(f"host cache, {micro} micro-batches, {4 * batch} rows", "host", micro, rows=4 * batch, tables=False)
+def jobs(tag: str) -> None:
+    tables = not os.environ.get("NO_TABLES")
+    job(f"{tag}GPU cache, graphs", "gpu", tables=tables)
+    if tables:
+        job(f"{tag}GPU cache, eager", "gpu", graphs=False)
+    job(f"{tag}host cache", "host", tables=tables)
+    if micro > 1:
+        job(f"{tag}host cache, {micro} micro-batches", "host", micro, tables=tables)
+    job(f"{tag}GPU cache, graphs, {4 * batch} rows", "gpu", rows=4 * batch, tables=False)
+    job(f"{tag}host cache, {4 * batch} rows", "host", rows=4 * batch, tables=False)
+    if micro > 1:
+        job(f"{tag}host cache, {micro} micro-batches, {4 * batch} rows", "host", micro, rows=4 * batch, tables=False)
+
+
+if os.environ.get("GROUPED"):
+    from cadenza.kernels import gpu_grouped
+
+    for setting in os.environ["GROUPED"].split(";"):
+        os.environ[gpu_grouped.ENV] = "0" if setting == "off" else "1"
+        if setting != "off":
+            os.environ[gpu_grouped.BLOCKS_ENV] = setting
+        for layer in llm.orchestra.layers:  # as LayerOffload's init decides it
+            layer.grouped = layer.layout.grouped(torch.device(device))
+        jobs(f"grouped {setting}: ")
+else:
+    jobs("")

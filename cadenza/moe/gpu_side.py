@@ -7,7 +7,7 @@ cadenza.kernels.layout, the same bytes as in host memory):
   compute dtype first): the prefill path, where each expert has many tokens. Needs the per-expert token counts on
   the host.
 - `decode`: all (token, slot) pairs of a few tokens in a fixed number of launches of the indexed kernels of
-  cadenza.kernels.gpu_moe (of many tokens, with CADENZA_GROUPED_EXPERTS=1: gpu_grouped's grouped products): a
+  cadenza.kernels.gpu_moe (of many tokens: gpu_grouped's grouped products, unless CADENZA_GROUPED_EXPERTS=0): a
   pair's expert is a row of a stacked tensor (the layer's residents, or the fetch slots), -1 skips the pair.
   Nothing is read back to the host, so a layer whose experts are all resident runs without a synchronisation (and
   can be captured in a CUDA graph).
@@ -120,7 +120,7 @@ class ExpertLayout:
 
     def grouped(self, device: torch.device) -> bool:
         """Whether `decode` may run this layout's calls of many tokens as one grouped product a matrix
-        (cadenza.kernels.gpu_grouped: tiled experts, CADENZA_GROUPED_EXPERTS=1, the Triton kernels on `device`)."""
+        (cadenza.kernels.gpu_grouped: tiled experts, the Triton kernels on `device`, CADENZA_GROUPED_EXPERTS not 0)."""
         if self.plain:
             return False
         from cadenza.kernels.gpu_grouped import enabled
