@@ -23,6 +23,7 @@ from torch import nn
 from cadenza.errors import CadenzaError
 from cadenza.generation import NO_TOKEN, Generation, GenerationStats, Step
 from cadenza.micro_batches import MicroBatches
+from cadenza.moe.trace import padded
 from cadenza.sampling import Sampler, SamplingParams
 from cadenza.scoring import prompt_scores
 from cadenza.text import StopStrings
@@ -107,8 +108,9 @@ class Request:
 
 class Batch:
     """Sequences decoding together in the slots of one cache. `add` queues a sequence (from any thread); each
-    `step()` admits queued sequences into free slots (prefilling each alone) and then advances every running
-    sequence by one token in one forward pass. Cancelled sequences leave at the next step.
+    `step()` admits queued sequences into free slots (prefilling prompts of about one length together, longer or
+    odd ones alone) and then advances every running sequence by one token in one forward pass. Cancelled
+    sequences leave at the next step.
 
     prefill_per_step: at most this many prompt tokens are prefilled in one step (None: every admitted prompt
     whole), the rest of a long prompt in the following steps, between the running sequences' decode steps: a long
@@ -166,6 +168,15 @@ class Batch:
         budget = self.prefill_per_step if self.prefill_per_step is not None else float("inf")
         done = 0
         while self.prefilling and done < budget:
+            group = self._front_group(budget - done)
+            if len(group) > 1:
+                logits = engine.prefill_group([s.prompt_ids for s in group], self.cache, [s.slot for s in group])
+                for i, seq in enumerate(group):
+                    self.prefilling.popleft()
+                    seq.prefilled = len(seq.prompt_ids)
+                    done += seq.prefilled
+                    out.append((seq, self._first_token(seq, logits[i : i + 1], None)))
+                continue
             seq = self.prefilling[0]
             if seq.cancelled:
                 self.prefilling.popleft()
@@ -203,6 +214,26 @@ class Batch:
         seq.prefilled = 0
         self.prefilling.append(seq)
 
+    def _front_group(self, budget: float) -> list[Request]:
+        """The prompts at the front of `prefilling` that one pass prefills together (Engine.prefill_group): not
+        started, no prompt log-probs, whole within `budget` and the engine's prefill chunk once padded to the
+        longest, padding at most 1/8 of the pass (run_many's window sorted by length keeps neighbours close), and
+        all of one length for a model that pads none. Stops at the first prompt that does not fit, keeping order."""
+        cap = min(self.engine.prefill_chunk, budget)
+        pads = getattr(self.engine.model, "pads_prompts", False)
+        group: list[Request] = []
+        longest = real = 0
+        for seq in self.prefilling:
+            n = len(seq.prompt_ids)
+            if seq.cancelled or seq.prefilled or seq.params.prompt_logprobs is not None or n > cap:
+                break
+            top, rows = max(longest, n), len(group) + 1
+            if group and (rows * top > cap or (not pads and n != longest) or 8 * (rows * top - real - n) > rows * top):
+                break
+            group.append(seq)
+            longest, real = top, real + n
+        return group
+
     def _prefill(self, seq: Request, n: int) -> Step | None:
         """Prefills the next n prompt tokens of `seq`; at the prompt's end samples its first token -> its Step
         (None while prompt tokens remain)."""
@@ -213,6 +244,12 @@ class Batch:
         seq.prefilled += n
         if seq.prefilled < len(seq.prompt_ids):
             return None
+        return self._first_token(seq, logits, top)
+
+    def _first_token(self, seq: Request, logits: torch.Tensor, top: int | None) -> Step:
+        """The prompt of `seq` is in the cache, `logits` [T or 1, V] its last positions': scores the prompt (top:
+        its log-probs asked for), samples the first token -> its Step; the sequence runs on or leaves."""
+        engine = self.engine
         counters = engine.orchestra.counters if engine.orchestra is not None else None
         scores = None if top is None else prompt_scores(logits, seq.prompt_ids, top)
         seq.gen.prompt_logprobs = scores
@@ -325,6 +362,22 @@ class Engine:
             if not last_only or last:
                 out.append(logits)
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def prefill_group(self, prompts: list[list[int]], cache, rows: list[int]) -> torch.Tensor:
+        """Prompts prefilled together in one pass (slot rows[b] holds prompts[b], its cache emptied): each is
+        right-padded to the longest by repeating its last token; a row's padded positions change none of its own
+        (causal attention, per-token experts), their cache entries lie past the row's length (the mask hides them,
+        the row's next tokens overwrite them) -> logits [B, V] float32 of each prompt's last position. With experts
+        offloaded one pass streams the layer's missing experts once for all of them, not once a prompt."""
+        n = max(len(p) for p in prompts)
+        ids = torch.tensor([p + p[-1:] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        real = (torch.arange(n)[None, :] < torch.tensor([len(p) for p in prompts])[:, None]).reshape(-1)
+        with padded(real):  # routing statistics count the prompts' own tokens
+            logits = self.model(ids, cache, rows=rows, last=last)[:, 0]
+        for r, p in zip(rows, prompts, strict=True):
+            cache.lengths[r] = len(p)
+        return logits
 
     def decode(self, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
         """One decode step: token_ids[b] appended to cache slot rows[b] -> logits [B, V] float32. Replayed as a

@@ -431,8 +431,20 @@ class DecoderModel(nn.Module):
         return ctx.for_window(window)
 
 
+def last_positions(h: torch.Tensor, last_only: bool, last: torch.Tensor | None) -> torch.Tensor:
+    """h [B, T, H] -> the positions whose logits are asked for: all, the last, or row b's position last[b] (rows
+    of a padded pass, cadenza.engine's grouped prefill) -> [B, 1, H]."""
+    if last is not None:
+        return h[torch.arange(h.shape[0], device=h.device), last][:, None]
+    return h[:, -1:] if last_only else h
+
+
 class CausalLM(nn.Module):
     """A decoder model and its LM head. `forward` returns float32 logits."""
+
+    # Whether prompts of different lengths may be prefilled together, right-padded to the longest: true where a
+    # position's result depends on the positions before it only (causal attention, per-token experts).
+    pads_prompts = True
 
     def __init__(self, config, model: DecoderModel, lm_head_bias: bool = False):
         """config: the family's ModelArgs; model: its DecoderModel, built from config."""
@@ -453,10 +465,9 @@ class CausalLM(nn.Module):
         last_only: bool = False,
         rows: list[int] | None = None,
         static: StaticStep | None = None,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only); rows: the cache slots (default
-        0..B-1); static: see DecoderModel.forward."""
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only, or at row b's position last[b]
+        with `last`); rows: the cache slots (default 0..B-1); static: see DecoderModel.forward."""
         h = self.model(input_ids, cache, rows) if static is None else self.model(input_ids, cache, static=static)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(h).float()
+        return self.lm_head(last_positions(h, last_only, last)).float()

@@ -18,7 +18,7 @@ from torch import nn
 
 from cadenza.kv_cache import KVCache
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock
+from cadenza.models.common import Attention, CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock, last_positions
 from cadenza.models.rope import RopeParameters, RotaryEmbedding
 
 
@@ -165,10 +165,19 @@ class PhimoeForCausalLM(CausalLM):
         c = self.config
         return PhimoeKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_length, dtype, device)
 
+    # LongRoPE picks its factors by the pass's whole length: padding could cross the switch a prompt does not
+    pads_prompts = False
+
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False, rows: list[int] | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        last_only: bool = False,
+        rows: list[int] | None = None,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only); rows: the cache slots."""
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only, or at row b's position last[b]);
+        rows: the cache slots."""
         b, t = input_ids.shape
         rows = list(range(b)) if rows is None else list(rows)
         switch_at = self.model.rotary_emb.switch_at
@@ -177,7 +186,11 @@ class PhimoeForCausalLM(CausalLM):
             crossing = [0 < s <= switch_at < s + t for s in starts]
             if any(crossing) and cache.token_ids is not None:
                 if b > 1:  # rows cross at different steps: each goes alone (a rare, one-off pass per sequence)
-                    parts = [self.forward(input_ids[i : i + 1], cache, last_only, [r]) for i, r in enumerate(rows)]
+                    own = [None if last is None else last[i : i + 1] for i in range(b)]
+                    parts = [
+                        self.forward(input_ids[i : i + 1], cache, last_only, [r], o)
+                        for i, (r, o) in enumerate(zip(rows, own, strict=True))
+                    ]
                     return torch.cat(parts)
                 # The sequence passes the LongRoPE switch: keys cached with the short factors no longer fit. As
                 # the reference's generate (and Phi-3.5's own code) does, run the whole sequence again, all long.
@@ -185,5 +198,4 @@ class PhimoeForCausalLM(CausalLM):
                 cache.reset(rows)
             cache.remember(input_ids, rows)
         h = self.model(input_ids, cache, rows)
-        h = h[:, -1:] if last_only else h[:, -t:]
-        return self.lm_head(h).float()
+        return self.lm_head(last_positions(h[:, -t:], last_only, last)).float()

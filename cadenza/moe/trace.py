@@ -9,10 +9,36 @@ the per-token expert ids of the most recent tokens (a bounded ring per layer) fo
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 
 import torch
 from torch import nn
+
+# During a pass of right-padded prompts (cadenza.engine's grouped prefill): which of its B*T tokens are real. The
+# padding tokens are routed and computed like any (their results are thrown away), but routing statistics (traces,
+# the live popularity) count real tokens only, so they stay what each prompt alone gives.
+_REAL: ContextVar[torch.Tensor | None] = ContextVar("cadenza_real_tokens", default=None)
+
+
+@contextmanager
+def padded(real: torch.Tensor) -> Iterator[None]:
+    """Marks the pass inside as padded: real [B*T] bool on the host, True at the prompts' own tokens."""
+    token = _REAL.set(real)
+    try:
+        yield
+    finally:
+        _REAL.reset(token)
+
+
+def real_tokens(topk_ids: torch.Tensor) -> torch.Tensor:
+    """topk_ids [N, k] of the pass, less the padding's rows inside `padded` (as they are outside it)."""
+    real = _REAL.get()
+    if real is None or real.shape[0] != topk_ids.shape[0]:
+        return topk_ids
+    return topk_ids[real.to(topk_ids.device, non_blocking=True)]
 
 
 class ExpertTrace:
@@ -28,7 +54,7 @@ class ExpertTrace:
         self._handles = [m.register_forward_pre_hook(partial(self._record, i)) for i, m in enumerate(self.layers)]
 
     def _record(self, layer: int, module, args) -> None:
-        topk_ids = args[1]
+        topk_ids = real_tokens(args[1])
         flat = topk_ids.reshape(-1)
         counts = torch.bincount(flat, minlength=self.num_experts)
         if self._counts[layer] is None:

@@ -18,6 +18,7 @@ import torch
 
 from cadenza.moe.experts import each_expert, expert_order, run_experts
 from cadenza.moe.offload import policy
+from cadenza.moe.trace import real_tokens
 
 
 def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.Tensor:
@@ -26,7 +27,9 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
     guess = orch.guess_next(index, x)  # the next layer's likely experts, for prefetch (or None)
     x_h, ids_h, w_h, guess_h = orch.to_host(x, topk_ids, topk_weights, guess, orch.counters)
     counts = torch.bincount(ids_h.reshape(-1), minlength=layer.experts.num_experts).tolist()
-    orch.live.observe(index, counts, x_h.shape[0])
+    real = real_tokens(ids_h)  # the live popularity counts a padded pass's real tokens only
+    seen = counts if real is ids_h else torch.bincount(real.reshape(-1), minlength=len(counts)).tolist()
+    orch.live.observe(index, seen, real.shape[0])
     active = [e for e, n in enumerate(counts) if n]
     resident = [e for e in active if e in layer.resident_rows]
     misses = [e for e in active if e not in layer.resident_rows]
