@@ -1,13 +1,22 @@
-# Call 1: llama-bench built in the background (~5 min), `pytest -m gpu` meanwhile; both logs in $OUT.
+# Call 1: llama.cpp's peers (llama-bench, llama-batched-bench) ready, `pytest -m gpu` meanwhile; logs in $OUT.
+# The peers: .peers/llama-prebuilt.tar.xz (benchmarks/box/prebuild-llama.sh, built on the development machine) where
+# it runs here (it lists the GPU), else built from source in the background (~5 min of the call).
 source benchmarks/box/setup.sh
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-lscpu | grep -iE "numa|model name|mhz|socket" | tee "$OUT/lscpu.txt"
-# (then llama-batched-bench from the same configured tree: T1 / T2's peer)
-(bash .peers/build-llama-bench.sh .peers/llama.cpp-src.tar.xz .peers > "$OUT/build.log" 2>&1 \
-  && cmake --build .peers/llama.cpp/build --target llama-batched-bench -j 8 >> "$OUT/build.log" 2>&1
- echo "build-rc=$?" >> "$OUT/build.log") &
-build=$!
+lscpu | grep -iE "numa|model name|mhz|socket|flags" | tee "$OUT/lscpu.txt" | grep -v -i flags
+bin=.peers/llama.cpp/build/bin
+prebuilt=no
+if [ -f .peers/llama-prebuilt.tar.xz ]; then
+  mkdir -p .peers/llama.cpp/build && tar xJf .peers/llama-prebuilt.tar.xz -C .peers/llama.cpp/build
+  "$bin/llama-bench" --list-devices > "$OUT/prebuilt.log" 2>&1 && grep -q CUDA0 "$OUT/prebuilt.log" && prebuilt=yes
+fi
+echo "prebuilt peers: $prebuilt" | tee "$OUT/build.log"
+if [ $prebuilt = no ]; then
+  (bash .peers/build-llama-bench.sh .peers/llama.cpp-src.tar.xz .peers >> "$OUT/build.log" 2>&1 \
+    && cmake --build .peers/llama.cpp/build --target llama-batched-bench -j 8 >> "$OUT/build.log" 2>&1
+   echo "build-rc=$?" >> "$OUT/build.log") &
+fi
 timeout 450 python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.log" | tail -20
-wait $build
+wait
 tail -2 "$OUT/build.log"

@@ -111,6 +111,27 @@ def test_slot_cache_lru_order():
     assert (cache.hits, cache.misses) == (1, 3)
 
 
+def test_fetch_waves_of_half_the_slots_for_many_tokens(moe8, monkeypatch):
+    """A call of many tokens fetches in waves of half the slots (a copy into one half while the other's products
+    run: each wave's slots are released before the next wave's are taken); a few tokens, one wave of all the slots
+    (both taken, then both released); the same logits either way."""
+    path, want, _ = moe8
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 0, 2), offload_policy="fetch")
+    ops: list[str] = []
+    get, release = SlotCache.get, SlotCache.release
+    monkeypatch.setattr(SlotCache, "get", lambda self, *a: ops.append("g") or get(self, *a))
+    monkeypatch.setattr(SlotCache, "release", lambda self, s: ops.append("r") or release(self, s))
+    try:
+        assert llm.orchestra.cache.num_slots == 2
+        torch.testing.assert_close(llm.score(PROMPT), want, atol=TOL, rtol=TOL)  # 37 tokens a call
+        assert ops and "gg" not in "".join(ops)
+        ops.clear()
+        llm.score(PROMPT[:3])  # 3 tokens: top-2 of 8 experts, most layers fetch two
+        assert "ggrr" in "".join(ops)
+    finally:
+        llm.close()
+
+
 def test_cost_model_decisions():
     cm = CostModel("k", expert_bytes=352_000_000, cpu_s=(5.6e-3, 75e-6), gpu_s=(0.1e-3, 2e-6), h2d_gb_s=50.0)
     assert not cm.prefers_fetch(1)  # decode: compute the miss on the CPU

@@ -106,12 +106,17 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
 
 
 def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int], decode: bool, y) -> None:
-    """y += the fetched experts' share, copied into fetch slots in waves of at most the cache's slots."""
+    """y += the fetched experts' share, copied into fetch slots in waves of at most the cache's slots. A call of
+    many tokens takes waves of half the slots: a slot's copy waits for the last product that read it, so with waves
+    of all the slots each wave's copies wait for the previous wave's products (copy, compute, copy, ...), while
+    with halves the next wave copies into the other half as this one computes. A few tokens' products are short
+    next to a copy: there one wave of all the slots saves the launches."""
     orch = layer.orch
     cache = orch.cache
     hits0, misses0 = cache.hits, cache.misses
-    for i in range(0, len(fetch), cache.num_slots):
-        wave = fetch[i : i + cache.num_slots]
+    size = cache.num_slots if x.shape[0] <= policy.DECODE_MAX_TOKENS else max(1, cache.num_slots // 2)
+    for i in range(0, len(fetch), size):
+        wave = fetch[i : i + size]
         slots = {e: cache.get(layer.index, e, layer.host_weights(e)) for e in wave}
         if decode:
             lut = torch.full((layer.experts.num_experts,), -1, dtype=torch.int32)
