@@ -225,7 +225,7 @@ class Batch:
         longest = real = 0
         for seq in self.prefilling:
             n = len(seq.prompt_ids)
-            if seq.cancelled or seq.prefilled or seq.params.prompt_logprobs is not None or n > cap:
+            if seq.cancelled or seq.prefilled or seq.params.prompt_logprobs is not None or not 0 < n <= cap:
                 break
             top, rows = max(longest, n), len(group) + 1
             if group and (rows * top > cap or (not pads and n != longest) or 8 * (rows * top - real - n) > rows * top):
