@@ -369,11 +369,13 @@ class Engine:
         (causal attention, per-token experts), their cache entries lie past the row's length (the mask hides them,
         the row's next tokens overwrite them) -> logits [B, V] float32 of each prompt's last position. With experts
         offloaded one pass streams the layer's missing experts once for all of them, not once a prompt."""
-        n = max(len(p) for p in prompts)
+        lengths = [len(p) for p in prompts]
+        n = max(lengths)
         ids = torch.tensor([p + p[-1:] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        real = (torch.arange(n)[None, :] < torch.tensor([len(p) for p in prompts])[:, None]).reshape(-1)
-        with padded(real):  # routing statistics count the prompts' own tokens
+        last = torch.tensor([m - 1 for m in lengths], device=self.device)
+        # routing statistics count the prompts' own tokens (no mask where no prompt is padded: nothing to drop)
+        real = None if min(lengths) == n else (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).reshape(-1)
+        with padded(real):
             logits = self.model(ids, cache, rows=rows, last=last)[:, 0]
         for r, p in zip(rows, prompts, strict=True):
             cache.lengths[r] = len(p)

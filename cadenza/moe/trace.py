@@ -24,8 +24,9 @@ _REAL: ContextVar[torch.Tensor | None] = ContextVar("cadenza_real_tokens", defau
 
 
 @contextmanager
-def padded(real: torch.Tensor) -> Iterator[None]:
-    """Marks the pass inside as padded: real [B*T] bool on the host, True at the prompts' own tokens."""
+def padded(real: torch.Tensor | None) -> Iterator[None]:
+    """Marks the pass inside as padded: real [B*T] bool on the host, True at the prompts' own tokens (None: no
+    padding, every token counts)."""
     token = _REAL.set(real)
     try:
         yield
