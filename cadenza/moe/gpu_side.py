@@ -125,7 +125,7 @@ class ExpertLayout:
             return False
         from cadenza.kernels.gpu_grouped import enabled
 
-        return enabled(device)
+        return enabled(device, self.fmt)
 
 
 def _biases(biases: list) -> tuple | None:

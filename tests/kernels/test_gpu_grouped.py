@@ -90,14 +90,20 @@ def test_grouped_bf16_x_biases_and_all_skipped():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `pytest -m gpu` on the device)")
-@pytest.mark.parametrize("fmt, group", [("int4", 64), ("q4_k+q6_k", 0)])
-def test_gpu_grouped_full_size_and_graph(fmt, group):
-    """Mixtral's shapes, 256 tokens over 8 experts: equal to the per-expert path (dequantize, then cuBLAS in bf16),
-    and a captured replay equal to the eager call."""
+@pytest.mark.parametrize(
+    "fmt, group, h, i",
+    [("int4", 64, 4096, 14336), ("q4_k+q6_k", 0, 4096, 14336)]
+    # the formats not yet `checked` on a GPU (the engine keeps them one expert at a time), at full size and tiny
+    + [(f, g, h, i) for f, g in (("int8", 0), ("int8", 32), ("bf16", 0), ("q8_0", 0), ("q5_k", 0))
+       for h, i in ((4096, 14336), (256, 256) if f == "q5_k" else (64, 96))],
+)  # fmt: skip
+def test_gpu_grouped_full_size_and_graph(fmt, group, h, i):
+    """Mixtral's shapes (and a tiny model's), 256 tokens over 8 experts, bf16 x: equal to the per-expert path
+    (dequantize, then cuBLAS in bf16), and a captured replay equal to the eager call."""
     from cadenza.kernels.gpu_moe import expert_forward
 
-    h, i, r, t, k = 4096, 14336, 8, 256, 2
-    if fmt == "int4":
+    r, t, k = 8, 256, 2
+    if fmt in ("int4", "int8", "bf16"):
         packed = pack_layer(*experts(r, h, i), fmt, group)
     else:
         packed = block_layer(fmt, r, h, i)
