@@ -97,7 +97,7 @@ def run_job(
         }
         kw = dict(gpu_memory=budget_bytes, offload_policy="auto", kv_cache=kv, micro_batches=micro)
         try:
-            plan = plan_for(llm, p, new_tokens, kv, budget_bytes, machine.get("dram_read_gb_s") or 0.0, micro)
+            plan = plan_for(llm, p, new_tokens, kv, budget_bytes, machine.get("dram_read_gb_s") or 0.0, micro, n)
             batch = min(plan.max_batch, n)
             llm.replan(max_batch=batch, **kw)
             log(f"{scenario} kv={kv} micro-batches={micro}: batch {batch} (plan: {plan.summary()})")

@@ -71,10 +71,10 @@ def _batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a batch size: give a whole number or auto") from None
 
 
-def auto_batch(args: argparse.Namespace) -> int:
-    """--max-batch auto: the throughput plan's batch (cadenza.moe.offload.throughput) for sequences of --max-context
-    tokens (default: the model's, at most 8192) generating --max-tokens, in --gpu-memory (default: the free GPU
-    memory); without a GPU side to plan (the CPU alone), the default batch."""
+def auto_batch(args: argparse.Namespace, prompts: int = 0) -> int:
+    """--max-batch auto: the throughput plan's batch (cadenza.moe.offload.throughput) for `prompts` sequences
+    (0: many) of --max-context tokens (default: the model's, at most 8192) generating --max-tokens, in --gpu-memory
+    (default: the free GPU memory); without a GPU side to plan (the CPU alone), the default batch."""
     import torch
 
     from cadenza.cli.info import offload_info
@@ -98,7 +98,7 @@ def auto_batch(args: argparse.Namespace) -> int:
     new = max(1, min(args.max_tokens, context - 1))
     info = argparse.Namespace(**{**vars(args), "gpu_memory": budget, "throughput": True, "placement": None,
                                  "max_batch": 1, "max_context": context, "prompt_tokens": context - new,
-                                 "max_tokens": new})  # fmt: skip
+                                 "max_tokens": new, "job_prompts": prompts})  # fmt: skip
     plan = offload_info(info)["throughput"]
     print(
         f"cadenza: --max-batch auto: {plan['max_batch']} sequences of up to {context} tokens "
@@ -114,9 +114,12 @@ def auto_batch(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from cadenza import jobs
 
+    requests = None
     if args.max_batch == "auto":
         check_flags(args)  # (its own flags first: the plan reads --max-context and --gpu-memory)
-        args.max_batch = auto_batch(args)
+        requests = jobs.read_requests(args.prompts)  # the job's size: its rounds of a batch
+        rest = len(requests) - jobs.resume_point(args.out, requests, args.overwrite)
+        args.max_batch = auto_batch(args, rest) if rest else DEFAULT_MAX_BATCH  # (all done: nothing to plan)
     if args.max_batch < 1:  # first: the default --sort-window follows from it
         raise CadenzaError(
             f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1 "
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sort_window < 1:
         raise CadenzaError(f"--sort-window {args.sort_window} is not valid. Use a whole number of at least 1.")
     sampling(args, None)  # bad flags refused before anything is read
-    requests = jobs.read_requests(args.prompts)
+    requests = jobs.read_requests(args.prompts) if requests is None else requests
     skip = jobs.resume_point(args.out, requests, args.overwrite)
     stats = jobs.JobStats(total=len(requests), skipped=skip)
     if skip < len(requests):

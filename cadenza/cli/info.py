@@ -241,7 +241,7 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
     rates = step_rates(models, k, sizes.num_moe_layers)
     budget = parse_size(args.gpu_memory, "--gpu-memory")
     plan = plan_job(sizes, meta.config, dtype, budget, args.prompt_tokens, args.max_tokens, rates, args.kv_cache,
-                    args.micro_batches, host_kv_room(sizes))  # fmt: skip
+                    args.micro_batches, host_kv_room(sizes), getattr(args, "job_prompts", 0))  # fmt: skip
     return {**plan.as_dict(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
             "micro_batches": args.micro_batches, "summary": plan.summary()}  # fmt: skip
 

@@ -72,7 +72,7 @@ def test_auto_batch_is_planned_in_the_budget(mixtral_dir, fresh, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "--max-batch auto: " in r.stderr and " sequences of up to 64 tokens (KV cache " in r.stderr
     planned = int(r.stderr.split("--max-batch auto: ")[1].split()[0])
-    assert planned > 2
+    assert 2 < planned <= len(LINES)  # the job's prompts bound it (one round holds them all)
     got = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
     assert got == [json.loads(line)["token_ids"] for line in fresh.out.splitlines()]
     cpu = batch(mixtral_dir[0], fresh.prompts, tmp_path / "cpu.jsonl", "--max-batch", "auto")

@@ -135,3 +135,15 @@ def test_link_bytes_counts_each_layers_missing_experts_once_per_step_when_wanted
     assert link_bytes([100, 200], [6, 8], 8, 2, 1000) == pytest.approx(200)
     assert link_bytes([100, 200], [0, 0], 8, 2, 3) == pytest.approx(2400 * (1 - 0.75**3))
     assert link_bytes([100], [8], 8, 2, 64) == 0
+
+
+def test_a_job_of_n_prompts_takes_the_smallest_batch_of_its_rounds():
+    many = plan()
+    assert 512 < many.max_batch < 1024  # the KV cache holds ~630 sequences of 256 tokens
+    job = plan(prompts=1024)  # two rounds whatever the batch between 512 and 1023: 512 leaves the most to residents
+    assert job.max_batch == 512 and job.resident_experts > many.resident_experts
+    assert job.step_s < many.step_s and job.tok_s == pytest.approx(1024 / (2 * job.step_s))
+    few = plan(prompts=100)  # one round: every prompt at once, the batch bounded by the job
+    assert few.max_batch == 100 and few.tok_s == pytest.approx(100 / few.step_s)
+    with pytest.raises(ValueError, match="prompts"):
+        plan(prompts=-1)

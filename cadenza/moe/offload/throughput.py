@@ -9,7 +9,10 @@ every batch size, each with the residents its leftover memory holds, by
     step(b) = link bytes(b) / link bandwidth + per-step time + b x per-token time,
     link bytes(b) = sum over layers of non-resident experts x P(an expert is wanted by one of b tokens),
 
-P = 1 - (1 - k / E)^b under even routing, and picks the batch with the most tokens per second. The per-step time
+P = 1 - (1 - k / E)^b under even routing, and picks the batch with the most tokens per second. A job of N prompts
+(`prompts`) of one length runs in ceil(N / b) rounds of full steps, the last one part-full: its rate is
+N / (rounds x step(b)), so of the batches needing the same rounds the smallest wins (its KV cache leaves the most
+memory to residents), e.g. 512 rather than 644 for 1024 prompts. The per-step time
 is what a step costs whatever its batch (reading the resident weights, launches); the per-token time what each row
 adds (its KV reads, expert products, sampling); both given by the caller (measured or assumed: the plan says
 which).
@@ -122,12 +125,14 @@ def plan_throughput(
     kv_on_host: bool = False,
     host_bytes: int = 0,
     micro_batches: int = 1,
+    prompts: int = 0,
 ) -> ThroughputPlan:
     """The batch with the most modeled tokens per second (module doc) for sequences of `context_tokens` (prompt +
     new tokens) in a GPU budget of `budget_bytes`, of which `workspace_bytes` go to activations and `fetch_slots`
     experts' bytes to fetch slots. dram_gb_s: the host's read bandwidth, for `host_kv_batch` (0: not given).
     kv_on_host: the KV cache in host memory, `host_bytes` of it at most (0: no bound), read by the CPU each step
-    (dram_gb_s needed)."""
+    (dram_gb_s needed). prompts: the job's sequences (0: as many as any batch holds), which bound the batch and
+    count its rounds."""
     if context_tokens < 1 or top_k < 1 or h2d_gb_s <= 0 or per_token_s < 0 or per_step_s < 0:
         raise ValueError("plan_throughput needs context_tokens, top_k >= 1, h2d_gb_s > 0, per-token/step times >= 0")
     if kv_on_host and dram_gb_s <= 0:
@@ -138,9 +143,11 @@ def plan_throughput(
     per_seq = context_tokens * sizes.kv_bytes_per_token
     gpu_seq = 0 if kv_on_host else per_seq  # what a sequence takes of the GPU budget
     attn_s = per_seq / (dram_gb_s * 1e9) if kv_on_host else 0.0  # the CPU reading one sequence's cache, a step
-    most = MAX_BATCH
+    if prompts < 0:
+        raise ValueError("plan_throughput: prompts is a count (0: unbounded)")
+    most = min(MAX_BATCH, prompts) if prompts else MAX_BATCH
     if kv_on_host and host_bytes > 0:
-        most = min(MAX_BATCH, host_bytes // per_seq) if per_seq else MAX_BATCH
+        most = min(most, host_bytes // per_seq) if per_seq else most
         if most < 1:
             raise CadenzaError(
                 f"Host memory ({format_size(host_bytes)} available) cannot hold the KV cache of one sequence of "
@@ -168,6 +175,8 @@ def plan_throughput(
             cpu_s = b * attn_s
             step = max(gpu_s, cpu_s) + min(gpu_s, cpu_s) / micro_batches
         rate = b / step if step > 0 else float("inf")
+        if prompts:  # the job's rate: ceil(N / b) rounds of full steps, N sequences' tokens
+            rate = prompts / (-(-prompts // b) * step) if step > 0 else float("inf")
         if best is None or rate > best[0] * 1.001:  # (the smallest batch within 0.1% of the best)
             best = (rate, b, sum(residents), link, step)
     rate, b, resident, link, step = best
@@ -232,10 +241,12 @@ def plan_job(
     kv_cache: str = "gpu",
     micro_batches: int = 1,
     host_bytes: int = 0,
+    prompts: int = 0,
 ) -> ThroughputPlan:
-    """`plan_throughput` for a job of prompts of `prompt_tokens` generating `max_tokens`: the workspace of such a
-    sequence, the fetch slots the fetch path keeps (a whole layer's with micro-batches), the given rates. The one
-    planning call of `cadenza info --throughput`, `cadenza batch --max-batch auto` and the bench's T1 / T2."""
+    """`plan_throughput` for a job of `prompts` prompts (0: unknown, many) of `prompt_tokens` generating
+    `max_tokens`: the workspace of such a sequence, the fetch slots the fetch path keeps (a whole layer's with
+    micro-batches), the given rates. The one planning call of `cadenza info --throughput`, `cadenza batch
+    --max-batch auto` and the bench's T1 / T2."""
     from cadenza.llm import PREFILL_CHUNK
     from cadenza.moe.offload import policy
     from cadenza.moe.offload.planning import CUDA_MARGIN, workspace_bytes
@@ -257,14 +268,22 @@ def plan_job(
         kv_on_host=kv_cache == "host",
         host_bytes=host_bytes,
         micro_batches=micro_batches,
+        prompts=prompts,
     )
 
 
 def plan_for(
-    llm, prompt_tokens: int, max_tokens: int, kv_cache: str, budget_bytes: int, dram_gb_s: float = 0.0, micro: int = 1
+    llm,
+    prompt_tokens: int,
+    max_tokens: int,
+    kv_cache: str,
+    budget_bytes: int,
+    dram_gb_s: float = 0.0,
+    micro: int = 1,
+    prompts: int = 0,
 ) -> ThroughputPlan:
     """`plan_job` for a loaded LLM: its calibrated cost model (else assumed rates), the host memory left now (its
-    experts already in it); dram_gb_s: a measured host read rate (0: assumed)."""
+    experts already in it); dram_gb_s: a measured host read rate (0: assumed); prompts: the job's count (0: many)."""
     sizes = llm.sizes
     k = getattr(llm.config, "num_experts_per_tok", 2)
     cost = llm.orchestra.cost if llm.orchestra is not None else None
@@ -272,4 +291,6 @@ def plan_for(
     if dram_gb_s:
         rates = replace(rates, dram_gb_s=dram_gb_s)
     room = host_kv_room(sizes, loaded=True)
-    return plan_job(sizes, llm.config, llm.dtype, budget_bytes, prompt_tokens, max_tokens, rates, kv_cache, micro, room)
+    return plan_job(
+        sizes, llm.config, llm.dtype, budget_bytes, prompt_tokens, max_tokens, rates, kv_cache, micro, room, prompts
+    )
