@@ -119,10 +119,12 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
         wave = fetch[i : i + size]
         slots = {e: cache.get(layer.index, e, layer.host_weights(e)) for e in wave}
         if decode:
-            lut = torch.full((layer.experts.num_experts,), -1, dtype=torch.int32)
+            # the expert -> slot table built where x is, by fills: a table copied from pageable host memory
+            # synchronises the stream first, and a wave's sync left the GPU idle for the next wave's Python
+            lut = torch.full((layer.experts.num_experts,), -1, dtype=torch.int32, device=x.device)
             for e, slot in slots.items():
-                lut[e] = slot
-            rows = lut.to(x.device, non_blocking=True)[topk_ids]
+                lut.narrow(0, e, 1).fill_(slot)
+            rows = lut[topk_ids]
             y += layer.decode_rows(x, rows, topk_weights, cache.shaped(layer.parts))
         else:
             weights = lambda e, s=slots: cache.weights(s[e], layer.parts)  # noqa: E731
