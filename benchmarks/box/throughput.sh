@@ -8,6 +8,7 @@ peer=.peers/llama.cpp/build/bin/llama-batched-bench
 args=()
 [ "${EXPERTS:-int4}" = int4 ] && [ -x "$peer" ] && [ -z "${NO_PEER:-}" ] && args=(--peer "llama.cpp=$peer" --peer-dir /dev/shm)
 [ -n "${RUNS:-}" ] && args+=(--runs "$RUNS")  # gpu,host,host2 or none (the peer alone): one 10-minute call each
+[ -n "${PEER_PARALLEL:-}" ] && args+=(--peer-parallel "$PEER_PARALLEL")  # e.g. 16: one cadenza row and the peer in a call
 python3 -m cadenza bench --scenario "${SCENARIO:-T1}" --experts "${EXPERTS:-int4}" --prompts "${PROMPTS:-1024}" \
   --out "$OUT" --tag "${EXPERTS:-int4}" "${args[@]}" > "$OUT/${SCENARIO:-T1}-${EXPERTS:-int4}.log" 2>&1
 echo "rc=$?"

@@ -23,6 +23,21 @@ from cadenza.bench.llama_cpp_peer import SYSTEM, estimate_for
 from cadenza.errors import CadenzaError
 
 PARALLEL = (16, 32, 64, 128, 256)  # sequences at a time tried (its best is the peer's number)
+
+
+def parse_parallel(text: str | None) -> tuple[int, ...]:
+    """--peer-parallel 16,64 -> (16, 64); None: every PARALLEL setting. A CadenzaError names a bad entry."""
+    if text is None:
+        return PARALLEL
+    try:
+        out = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise CadenzaError(f"--peer-parallel {text!r}: give whole numbers of at least 1, comma-separated (e.g. 16,64).")
+    return out
+
+
 BATCH, MICRO_BATCH = 2048, 512
 TIMEOUT_S = 540
 

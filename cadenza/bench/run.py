@@ -248,6 +248,9 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
 
     peer = _throughput_peer(args, scenario, expert_args, ckpt)  # refused before anything is built
     runs = parse_runs(args.runs)
+    from cadenza.bench.llama_batched import parse_parallel
+
+    parallel = parse_parallel(getattr(args, "peer_parallel", None))
     if runs:
         _throughput_rows(args, scenario, ckpt, device, expert_args, budget, (n, p, m), machine, path, runs, add, log)
     elif peer is None:
@@ -259,7 +262,7 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
         written = write_peer_gguf(peer[1], ckpt, "int4", f"{scenario} llama.cpp", log)
         try:
             threads = args.cpu_threads or physical_cores()
-            llama_batched.measure(peer[0].path, written, scenario, budget / GiB, p, m, threads, add, log)
+            llama_batched.measure(peer[0].path, written, scenario, budget / GiB, p, m, threads, add, log, parallel)
         finally:
             written.path.unlink(missing_ok=True)
             log(f"deleted {written.path}")

@@ -119,6 +119,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--runs", default=None,
                    help="T1 / T2: which of gpu,host,host2 (the KV cache on the GPU, on the host, on the host in two "
                    "micro-batches) to measure (default all three); none: only --peer")  # fmt: skip
+    p.add_argument("--peer-parallel", default=None, metavar="B,B,..",
+                   help="T1 / T2: llama-batched-bench's parallel sequences (default 16,32,64,128,256)")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")
     advanced(p).add_argument(
         "--cpu-threads", type=int, default=None, help="threads for CPU expert work (default: cadenza's)"

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from cadenza import CadenzaError
 from cadenza.bench.throughput_job import roofline
 from tests.cli.test_cli import cli
 
@@ -110,3 +111,12 @@ def test_runs_choose_the_rows(tmp_path):
                      "has none")):  # fmt: skip
         r = cli("bench", *bad, "--device", "cpu", "--out", str(tmp_path))
         assert r.returncode != 0 and why in r.stderr
+
+
+def test_peer_parallel_settings_parse():
+    from cadenza.bench.llama_batched import PARALLEL, parse_parallel
+
+    assert parse_parallel(None) == PARALLEL and parse_parallel("16, 64") == (16, 64)
+    for bad in ("", "0", "16,many"):
+        with pytest.raises(CadenzaError, match="--peer-parallel"):
+            parse_parallel(bad)
