@@ -99,6 +99,25 @@ def test_guess_and_prefetch_picks():
     assert policy.prefetch_picks(counts, set(), num_slots=1) == [1]  # at least one
 
 
+def test_fetch_ahead_for_steps_that_want_the_whole_layer():
+    fetch, auto = OffloadOptions(policy="fetch"), OffloadOptions(policy="auto")
+    # top-2 of 8: 11 tokens leave an expert unused with chance 0.75^11 = 0.042; 10 tokens 0.056
+    assert policy.fetch_ahead(fetch, True, True, False, 11, 2, 8) and policy.fetch_ahead(
+        auto, True, True, False, 512, 2, 8
+    )
+    assert not policy.fetch_ahead(fetch, True, True, False, 10, 2, 8)
+    assert not policy.fetch_ahead(fetch, True, True, False, 1, 2, 8)  # decode: the guesses' business
+    # top-8 of 128 needs more: 0.9375^47 = 0.048
+    assert policy.fetch_ahead(fetch, True, True, False, 47, 8, 128) and not policy.fetch_ahead(
+        fetch, True, True, False, 46, 8, 128
+    )
+    assert not policy.fetch_ahead(OffloadOptions(policy="cpu"), True, True, False, 512, 2, 8)  # nothing fetched
+    assert not policy.fetch_ahead(OffloadOptions(policy="fetch", prefetch=False), True, True, False, 512, 2, 8)
+    assert not policy.fetch_ahead(fetch, False, True, False, 512, 2, 8)  # no slots
+    assert not policy.fetch_ahead(fetch, True, False, False, 512, 2, 8)  # the last layer
+    assert not policy.fetch_ahead(fetch, True, True, True, 512, 2, 8)  # the next layer is all resident
+
+
 def test_stream_unavailable_reasons():
     auto = OffloadOptions()
     fast_cpu = cost(cpu_s=0.1, fetch_s=0.1)

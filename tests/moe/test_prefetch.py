@@ -149,3 +149,23 @@ def test_split_expert_balances_the_two_sides():
     assert fetch == [] and cpu == [] and shares == {7: pytest.approx(0.25)}
     # two misses already one on each side: balanced, nothing gained by sharing
     assert cm.split_expert([1], [2], [0, 1, 1]) == ([1], [2], {})
+
+
+def test_big_steps_fetch_the_next_layer_ahead(moe8):
+    """A prefill of 37 tokens (top-2 of 8: every expert wanted) copies each next layer's first non-resident
+    experts once its own copies are queued; the next layer finds them cached, and the logits are unchanged. With
+    prefetch off, nothing is copied ahead."""
+    path, want_logits, _ = moe8
+    for prefetch in (None, False):
+        llm = offloaded(path, residents=0, offload_policy="fetch", prefetch=prefetch)
+        try:
+            c0 = dataclasses.replace(llm.orchestra.counters)
+            assert (llm.score(PROMPT) - want_logits).abs().max().item() <= 1e-4
+            c = llm.orchestra.counters
+            issued, used = c.prefetch_issued - c0.prefetch_issued, c.prefetch_used - c0.prefetch_used
+            if prefetch is None:  # layers 1 and 2 each get the 2 slots' worth ahead, and use them
+                assert issued == 4 and used == 4
+            else:
+                assert issued == 0
+        finally:
+            llm.close()

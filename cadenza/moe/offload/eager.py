@@ -79,6 +79,8 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
             halves[e] = (slot, pairs, tokens, h_gpu)
     if guess_h is not None:  # this layer's needed copies are queued: start the next layer's likely ones
         orch.prefetch(index + 1, guess_h)
+    else:  # (a big step: the next layer's experts, all wanted)
+        orch.fetch_ahead(index, x.shape[0], k)
     if job is not None:
         t0 = time.perf_counter()
         y_cpu, h_cpu = job.result()

@@ -250,6 +250,28 @@ class Orchestra:
         self.counters.prefetch_guessed += len(guessed)
         self._pending[layer] = guessed
 
+    def fetch_ahead(self, index: int, tokens: int, top_k: int) -> None:
+        """After layer `index` queued its copies: the next layer's non-resident experts, as many as the slots hold,
+        copied ahead when a step of `tokens` wants them all (policy.fetch_ahead), in the order its waves take them
+        (cached first, then by id). Each copy waits for the slot's last reader."""
+        nxt = index + 1
+        exists = nxt < len(self.layers)
+        if self.cache is None or not policy.fetch_ahead(
+            self.options, True, exists, exists and self.layers[nxt].all_resident, tokens, top_k,
+            self.layers[nxt].experts.num_experts if exists else 0,
+        ):  # fmt: skip
+            return
+        offload = self.layers[nxt]
+        wanted = [e for e in range(offload.experts.num_experts) if e not in offload.resident_rows]
+        issued = set()
+        for e in wanted[: self.cache.num_slots]:
+            if self.cache.prefetch(nxt, e, offload.host_weights(e)):
+                issued.add(e)
+        self.counters.prefetch_issued += len(issued)
+        guessed = {e for e in wanted[: self.cache.num_slots] if (nxt, e) in self.cache.where}
+        self.counters.prefetch_guessed += len(guessed)
+        self._pending[nxt] = guessed
+
     def account_prefetch(self, layer: int, misses: list[int]) -> None:
         """Precision/recall bookkeeping once a layer's real experts are known."""
         guessed = self._pending.pop(layer, None)

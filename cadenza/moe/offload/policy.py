@@ -8,7 +8,8 @@ tests read every decision without CUDA.
   two CUDA graphs or eagerly).
 - `split`: which non-resident experts are fetched and which the CPU computes (and, for `auto` with split experts on,
   which experts both sides share by rows).
-- `fetch_slots`, `prefetch_on`, `wants_guess`, `prefetch_picks`: the fetch cache and speculative prefetch.
+- `fetch_slots`, `prefetch_on`, `wants_guess`, `prefetch_picks`: the fetch cache and speculative prefetch;
+  `fetch_ahead`: a big step's next layer copied ahead (no guess needed: it wants nearly every expert).
 - `stream_unavailable`, `choose_launch`: whether decode layers hand the CPU its share from the stream, and how.
 """
 
@@ -24,6 +25,11 @@ DECODE_MAX_TOKENS = 8
 
 # Beyond a few tokens a layer needs most of its experts anyway: no guessing.
 PREFETCH_MAX_TOKENS = 8
+
+# A step whose tokens leave each expert of a layer unused with at most this chance (even routing) wants the whole
+# layer: its next layer's non-resident experts are copied ahead, into the fetch slots its own waves free, so the link
+# works through the layer boundary (the routing's read-back, the attention) instead of waiting for it.
+AHEAD_UNUSED = 0.05
 
 # Streaming a decode layer's CPU share fixes the split (everything non-resident on the CPU), so `auto` streams only
 # where the CPU is not much slower than the link for one expert at one token; past this ratio it keeps deciding per
@@ -104,6 +110,20 @@ def wants_guess(
     if not on or not have_cache or not next_layer_exists or not next_has_router:
         return False
     return tokens <= PREFETCH_MAX_TOKENS and not next_all_resident
+
+
+def fetch_ahead(
+    options: OffloadOptions, have_cache: bool, next_layer_exists: bool, next_all_resident: bool, tokens: int,
+    top_k: int, experts: int,
+) -> bool:  # fmt: skip
+    """Whether a layer, once its own copies are queued, starts copying the next layer's non-resident experts
+    (AHEAD_UNUSED): the policies that fetch (`fetch`, and `auto`, which fetches at such sizes), unless prefetch is
+    turned off."""
+    if options.prefetch is False or options.policy not in ("fetch", "auto") or not have_cache:
+        return False
+    if not next_layer_exists or next_all_resident or experts < 1:
+        return False
+    return (1.0 - min(top_k, experts) / experts) ** tokens <= AHEAD_UNUSED
 
 
 def prefetch_picks(counts: list[int], resident: set[int] | dict, num_slots: int) -> list[int]:
