@@ -109,6 +109,7 @@ def _grouped_kernel(
     NG,
     out,
     ldo,
+    n_s,
     FMT: tl.constexpr,
     GROUP: tl.constexpr,
     EMU_RNE: tl.constexpr,
@@ -117,14 +118,15 @@ def _grouped_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """out[s, 4 t + r] = row r of tile t of stack row blk_row[b] . x[src[s]] for the block's sorted pairs s."""
+    """out[s, 4 t + r] = row r of tile t of stack row blk_row[b] . x[src[s]] for the block's sorted pairs s (those
+    below n_s, out's rows)."""
     b = tl.program_id(0)
     n = tl.load(blk_n + b)
     if n > 0:
         row = tl.load(blk_row + b).to(tl.int64)
         m = tl.arange(0, BM)
-        okm = m < n
         s = tl.load(blk_first + b) + m
+        okm = (m < n) & (s < n_s)
         xr = tl.load(src + s, mask=okm, other=0).to(tl.int64)
         GS: tl.constexpr = min(GROUP, BK) if GROUP else BK  # columns sharing a scale within a step
         t = (tl.program_id(1) * BT + tl.arange(0, BT))[:, None, None, None]
@@ -209,8 +211,8 @@ def _launch(x, src, table, mat, tb, hb, n_tiles, k_cols, n_x, ng, fmt, group, ou
     grid = (brow.numel(), triton.cdiv(n_tiles, bt))
     _grouped_kernel[grid](
         x, x.stride(0), src, brow, first, n, mat, mat.stride(0), tb, hb, n_tiles, k_cols, n_x, ng, out, out.stride(0),
-        FMT=_FMT_CODES[fmt], GROUP=group, EMU_RNE=emu, F32=x.dtype == torch.float32 or emu, BM=bm, BT=bt, BK=bk,
-        num_warps=nw,
+        out.shape[0], FMT=_FMT_CODES[fmt], GROUP=group, EMU_RNE=emu, F32=x.dtype == torch.float32 or emu, BM=bm,
+        BT=bt, BK=bk, num_warps=nw,
     )  # fmt: skip
 
 
@@ -233,10 +235,14 @@ def moe_grouped(
     intermediate: int,
     biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
     block_tiles: int | None = None,
+    pairs: int | None = None,
 ) -> torch.Tensor:
     """y [T, H] (x's dtype) = sum over slots j of topk_weights[t, j] * expert_{rows[t, j]}(x[t]) (module doc);
     mats: tiled (gate_up [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]); biases: (gate [R, I], up [R, I],
-    down [R, H]), any None."""
+    down [R, H]), any None. pairs: the number of pairs that name a row (not -1), where the caller knows it without
+    a sync (a fetch wave of a few of the layer's experts): the activations between the two products are then
+    sized by it instead of by all T k pairs (the sorted order puts those pairs first). Too small a number is a
+    wrong answer, so it must be exact or None."""
     gate_up, down = mats
     geo = _tiled(gate_up, down, fmt, group, hidden, intermediate)
     t, k = rows.shape
@@ -245,38 +251,42 @@ def moe_grouped(
     if not available(x.device):
         raise RuntimeError(f"the grouped expert kernel runs where the Triton kernels do, not on {x.device}")
     r, p, h, i = gate_up.shape[0], t * k, hidden, intermediate
+    if pairs is not None and not 0 <= pairs <= p:
+        raise ValueError(f"pairs={pairs}: between 0 and the {p} (token, slot) pairs")
+    n = p if pairs is None else pairs  # the sorted pairs that name a row: the first n
     x = x.contiguous()
     bm = block_m(p, r)
     bt, bk, nw = blocks()
     bt = block_tiles or bt
     table = block_table(rows, r, bm)
     order, key = table[0], table[1]
-    sorted_key = key[order]
+    sorted_key = key[order[:n]]
     valid = sorted_key < r
     srow = sorted_key.clamp(max=r - 1)
     dev = x.device
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
-        raw = torch.empty(p, 2 * geo.ip, dtype=torch.float32, device=dev)
+        raw = torch.empty(n, 2 * geo.ip, dtype=torch.float32, device=dev)
         src = (order // k).to(torch.int32)
         _launch(x, src, table, gate_up, geo.gu_tb, geo.gu_hb, geo.ip // 2, geo.hp, h, geo.ng_h, geo.gu_fmt,
                 geo.gu_group, raw, bm, bt, bk, nw)  # fmt: skip
-        quad = raw.view(p, geo.ip // 2, 4)
-        gate = quad[:, :, :2].reshape(p, geo.ip)[:, :i].to(x.dtype)
-        up = quad[:, :, 2:].reshape(p, geo.ip)[:, :i].to(x.dtype)
+        quad = raw.view(n, geo.ip // 2, 4)
+        gate = quad[:, :, :2].reshape(n, geo.ip)[:, :i].to(x.dtype)
+        up = quad[:, :, 2:].reshape(n, geo.ip)[:, :i].to(x.dtype)
         gb, ub, db = biases if biases is not None else (None, None, None)
         if gb is not None:
             gate = gate + gb[srow].to(x.dtype)
         if ub is not None:
             up = up + ub[srow].to(x.dtype)
-        hid = torch.zeros(p, geo.ip, dtype=x.dtype, device=dev)
+        hid = torch.zeros(n, geo.ip, dtype=x.dtype, device=dev)
         hid[:, :i] = glu_fn(act)(gate, up)
-        out = torch.empty(p, geo.hp, dtype=torch.float32, device=dev)
-        ident = torch.arange(p, dtype=torch.int32, device=dev)
+        out = torch.empty(n, geo.hp, dtype=torch.float32, device=dev)
+        ident = torch.arange(n, dtype=torch.int32, device=dev)
         _launch(hid, ident, table, down, geo.dn_tb, geo.dn_hb, geo.hp // 4, geo.ip, i, geo.ng_i, geo.dn_fmt,
                 geo.dn_group, out, bm, bt, bk, nw)  # fmt: skip
     ys = out[:, :h]
     if db is not None:
         ys = ys + db[srow].float()
-    ys = torch.where(valid[:, None], ys * topk_weights.reshape(-1)[order].float()[:, None], 0.0)
-    y_pair = torch.empty(p, h, dtype=torch.float32, device=dev).index_copy_(0, order, ys)
+    ys = torch.where(valid[:, None], ys * topk_weights.reshape(-1)[order[:n]].float()[:, None], 0.0)
+    y_pair = torch.zeros(p, h, dtype=torch.float32, device=dev) if n < p else torch.empty(p, h, device=dev)
+    y_pair.index_copy_(0, order[:n], ys)
     return y_pair.view(t, k, h).sum(1).to(x.dtype)

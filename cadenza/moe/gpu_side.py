@@ -101,11 +101,13 @@ class ExpertLayout:
         topk_weights: torch.Tensor,
         stacks: list[torch.Tensor],
         grouped: bool = False,
+        pairs: int | None = None,
     ) -> torch.Tensor:
         """[T, H]: the pairs whose `rows` [T, k] entry names a row of `stacks` (-1: skipped), weighted and summed.
         Tiled stacks: [gate_up, down] or [gate_up, down, gate_bias [R, I], up_bias [R, I], down_bias [R, H]] (a
         bias possibly None). grouped: through gpu_grouped's products (the caller's choice, for many tokens where
-        `grouped(device)` holds: LayerOffload.decode_rows)."""
+        `grouped(device)` holds: LayerOffload.decode_rows); pairs: how many of `rows` name a row, where the host
+        knows it (gpu_grouped's `pairs`)."""
         from cadenza.kernels.gpu_moe import moe_decode
 
         if self.plain:
@@ -115,7 +117,8 @@ class ExpertLayout:
         if grouped:
             from cadenza.kernels.gpu_grouped import moe_grouped
 
-            return moe_grouped(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=_biases(biases))
+            b = _biases(biases)
+            return moe_grouped(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=b, pairs=pairs)
         return moe_decode(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=_biases(biases))
 
     def grouped(self, device: torch.device) -> bool:

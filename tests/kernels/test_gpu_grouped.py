@@ -63,6 +63,27 @@ def test_grouped_block_formats(fmt):
 
 
 @needs_kernels
+def test_grouped_sized_by_the_pairs_the_host_counted():
+    """`pairs` (a fetch wave's pairs, known on the host): the same sums with the activations sized by it; a count
+    past the pairs is refused, and one too small drops pairs without touching memory past the buffers."""
+    h, i, t, k = 256, 128, 14, 2
+    packed = pack_layer(*experts(4, h, i), "int4", 64)
+    x, rows, w = routing(t, k, 4, h)
+    rows = torch.where(rows >= 2, -1, rows)  # a wave of experts 0 and 1
+    kw = dict(fmt="int4", group=64, hidden=h, intermediate=i, block_tiles=4)
+    mats = on(packed.gate_up, packed.down)
+    n = int((rows >= 0).sum())
+    assert 0 < n < t * k
+    full = grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw)
+    sized = grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw, pairs=n)
+    assert torch.equal(sized, full) and rel(full, reference(x, rows, w, *dequantize(packed), "silu")) < FP32
+    short = grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw, pairs=n - 3)
+    assert short.shape == full.shape and not torch.equal(short, full)
+    with pytest.raises(ValueError, match="pairs"):
+        grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw, pairs=t * k + 1)
+
+
+@needs_kernels
 def test_grouped_bf16_x_biases_and_all_skipped():
     h, i, t, k = 256, 256, 13, 2
     packed = pack_layer(*experts(4, h, i), "int4", 64)
@@ -204,7 +225,7 @@ from cadenza.kernels.gpu_moe import _FMT_CODES
 def signature(xdt):
     ptrs = {"x": f"*{xdt}", "src": "*i32", "blk_row": "*i32", "blk_first": "*i32", "blk_n": "*i32", "w": "*u8",
             "out": "*fp32"}
-    ints = ("ldx", "w_stride", "tb", "hb", "n_tiles", "K", "n_x", "NG", "ldo")
+    ints = ("ldx", "w_stride", "tb", "hb", "n_tiles", "K", "n_x", "NG", "ldo", "n_s")
     const = ("FMT", "GROUP", "EMU_RNE", "F32", "BM", "BT", "BK")
     return {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
 

@@ -58,7 +58,7 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
     # (token, slot) pairs grouped by expert on the GPU side; counts from the host slice it without a sync
     order = expert_order(topk_ids) if (resident or fetch) and not decode or split else None
     if decode and resident:  # one launch per matrix for all the layer's resident experts
-        y = layer.decode_residents(x, topk_ids, topk_weights)
+        y = layer.decode_residents(x, topk_ids, topk_weights, sum(counts[e] for e in resident))
     else:
         y = torch.zeros_like(x)
         if resident:
@@ -127,7 +127,8 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
             for e, slot in slots.items():
                 lut.narrow(0, e, 1).fill_(slot)
             rows = lut[topk_ids]
-            y += layer.decode_rows(x, rows, topk_weights, cache.shaped(layer.parts))
+            pairs = sum(counts[e] for e in wave)  # (host-known: the grouped product sizes its activations by it)
+            y += layer.decode_rows(x, rows, topk_weights, cache.shaped(layer.parts), pairs)
         else:
             weights = lambda e, s=slots: cache.weights(s[e], layer.parts)  # noqa: E731
             layer.layout.run(x, k, topk_weights, order, counts, wave, weights, y)

@@ -81,15 +81,18 @@ class LayerOffload:
             for dst, src in zip((s[r] for s in self.stacks), self.host_weights(e), strict=True):
                 dst.copy_(src, non_blocking=True)
 
-    def decode_residents(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def decode_residents(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, pairs: int | None = None
+    ) -> torch.Tensor:
         """The resident experts' share of a few tokens, in one launch per matrix (non-resident pairs skipped)."""
-        return self.decode_rows(x, self.row_lut[topk_ids], topk_weights, self.stacks)
+        return self.decode_rows(x, self.row_lut[topk_ids], topk_weights, self.stacks, pairs)
 
-    def decode_rows(self, x, rows, topk_weights, stacks) -> torch.Tensor:
+    def decode_rows(self, x, rows, topk_weights, stacks, pairs: int | None = None) -> torch.Tensor:
         """`layout.decode` of the pairs' rows of `stacks` (residents, fetch slots): grouped products past the decode
-        kernels' few tokens where this layer has them."""
+        kernels' few tokens where this layer has them. pairs: how many of `rows` name a row, where the host knows
+        it (None: not known)."""
         grouped = self.grouped and x.shape[0] > policy.DECODE_MAX_TOKENS
-        return self.layout.decode(x, rows, topk_weights, stacks, grouped)
+        return self.layout.decode(x, rows, topk_weights, stacks, grouped, pairs if grouped else None)
 
     def __call__(
         self,
