@@ -5,6 +5,9 @@
 # With int4 experts, llama-batched-bench (built by tests.sh) runs after cadenza on the same model as a Q4_0 GGUF.
 source benchmarks/box/setup.sh
 peer=.peers/llama.cpp/build/bin/llama-batched-bench
+if [ ! -x "$peer" ] && [ -f .peers/llama-prebuilt.tar.xz ]; then  # a call without tests.sh before it (carry
+  mkdir -p .peers/llama.cpp/build && tar xJf .peers/llama-prebuilt.tar.xz -C .peers/llama.cpp/build  # replaces .peers)
+fi
 args=()
 [ "${EXPERTS:-int4}" = int4 ] && [ -x "$peer" ] && [ -z "${NO_PEER:-}" ] && args=(--peer "llama.cpp=$peer" --peer-dir /dev/shm)
 [ -n "${RUNS:-}" ] && args+=(--runs "$RUNS")  # gpu,host,host2 or none (the peer alone): one 10-minute call each
