@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from cadenza.text import Tokenizer
 
 
+DECODE_SPAN = "cadenza.decode"  # a decode step, for profiles and timelines
+
+
 class Request:
     """One request's decoding state inside a Batch."""
 
@@ -384,6 +387,10 @@ class Engine:
     def decode(self, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
         """One decode step: token_ids[b] appended to cache slot rows[b] -> logits [B, V] float32. Replayed as a
         CUDA graph where possible (cadenza.graphs), else run eagerly."""
+        with torch.profiler.record_function(DECODE_SPAN):  # (a timeline's mark: cadenza.bench.timeline)
+            return self._decode(token_ids, cache, rows)
+
+    def _decode(self, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
         if self.graphs.enabled:
             logits = self.graphs.run(token_ids, cache, rows)
         elif self.kv_host and self.micro.applies(len(rows)):

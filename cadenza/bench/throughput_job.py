@@ -47,6 +47,7 @@ def parse_runs(text: str | None) -> tuple[tuple[str, int], ...]:
 
 
 TIMELINE_STEPS = 3
+TIMELINE_ROWS = 128  # sequences in a run's timeline (a GPU-cache run's whole batch would profile ~30 prefill passes)
 
 
 def job_prompts(n: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
@@ -76,7 +77,7 @@ def run_job(
     timeline: Path | None = None, runs: tuple[tuple[str, int], ...] = RUNS,
 ):  # fmt: skip
     """Measures the job for each of `runs` (KV cache place, micro-batches); one row each, handed to `add`.
-    timeline: where the micro-batched run's timeline of TIMELINE_STEPS decode steps goes (JSON and PNG,
+    timeline: where each run's timeline of TIMELINE_STEPS decode steps goes (JSON and PNG, -<run> added to its name;
     cadenza.bench.timeline), or None."""
     from cadenza.moe.offload.throughput import link_bytes, plan_for
     from cadenza.sampling import SamplingParams
@@ -133,10 +134,13 @@ def run_job(
             placement=llm.placement.summary() if llm.placement is not None else None,
             cuda_graphs=llm.engine.graphs.describe(),
         )
-        if timeline is not None and micro > 1:
+        if timeline is not None:  # (at most TIMELINE_ROWS sequences: the prefill's events are recorded too)
             from cadenza.bench.timeline import record_timeline, write_timeline
 
-            tl = record_timeline(llm, prompts[:batch], TIMELINE_STEPS)
-            title = f"{scenario}: {batch} sequences, KV cache on the host, {micro} micro-batches"
-            row["timeline"] = [f.name for f in write_timeline(tl, timeline, title)]
+            rows = min(batch, TIMELINE_ROWS)
+            tl = record_timeline(llm, prompts[:rows], TIMELINE_STEPS)
+            where = "on the GPU" if kv == "gpu" else "on the host"
+            title = f"{scenario}: {rows} sequences, KV cache {where}, {micro} micro-batch{'es' if micro > 1 else ''}"
+            name = timeline.with_name(f"{timeline.name}-{kv}{micro}")
+            row["timeline"] = [f.name for f in write_timeline(tl, name, title)]
         add(scenario, row)

@@ -4,7 +4,8 @@ what, and when, so that the overlap of the host cache's CPU attention with the G
 `record_timeline(llm, prompts, steps)` decodes `steps` tokens for `prompts` under torch.profiler (every thread; CUDA
 activity on a GPU) and keeps: the spans cadenza marks (`cadenza.attention.cpu`: a decode step's attention on the
 CPU; `cadenza.experts`: a micro-batch's call of an offloaded layer, its GPU work included; `cadenza.kv.copy`: new
-keys and values to the host cache; `cadenza.microbatch.<i>`: a micro-batch's whole step), one lane per thread; and
+keys and values to the host cache; `cadenza.microbatch.<i>`: a micro-batch's whole step; `cadenza.decode`: a decode
+step, the engine's), one lane per thread; and
 the GPU's kernels and copies, one lane per stream. `plot_timeline` draws them (matplotlib, the `bench` extra).
 """
 
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-MARKS = ("cadenza.attention.cpu", "cadenza.experts", "cadenza.kv.copy", "cadenza.microbatch")
+MARKS = ("cadenza.attention.cpu", "cadenza.experts", "cadenza.kv.copy", "cadenza.microbatch", "cadenza.decode")
 COLORS = {"attention": "tab:orange", "experts": "tab:blue", "kv": "tab:green", "microbatch": "lightgray",
-          "kernel": "tab:purple", "copy": "tab:red"}  # fmt: skip
+          "decode": "gainsboro", "kernel": "tab:purple", "copy": "tab:red"}  # fmt: skip
 TRANSFER_PREFIXES = ("Memcpy", "Memset", "memcpy", "memset")
 
 
@@ -49,9 +50,9 @@ def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
         elif not getattr(e, "is_user_annotation", lambda: False)():
             kind = "copy" if name.startswith(TRANSFER_PREFIXES) else "kernel"
             spans.append((f"GPU stream {e.device_resource_id()}", kind, name, e.start_ns(), e.end_ns()))
-    # the decode steps only: from the first CPU attention (a host cache's prefill attends on the GPU), where there
-    # is one; the prefill's many kernels would make the file too large to fetch back (16 MiB)
-    decode = [s[3] for s in spans if s[2] == MARKS[0]]
+    # the decode steps only: from the first decode step's mark (or CPU attention: a host cache's prefill attends on
+    # the GPU); the prefill's many kernels would make the file too large to fetch back (16 MiB)
+    decode = [s[3] for s in spans if s[2] in (MARKS[0], MARKS[4])]
     if decode:
         spans = [s for s in spans if s[4] >= min(decode)]
     if not spans:
@@ -66,6 +67,7 @@ def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
 def write_timeline(timeline: dict, path: Path, title: str) -> list[Path]:
     """The timeline as JSON beside a PNG of it (when matplotlib is there); returns the files written."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # (a run's first file may be its timeline)
     path.with_suffix(".json").write_text(json.dumps(timeline))
     out = [path.with_suffix(".json")]
     if plot_timeline(timeline, path.with_suffix(".png"), title):

@@ -31,7 +31,7 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
     r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "5", "--prompt-tokens", "6",
             "--new-tokens", "3", "--out", str(tmp_path))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
-    (path,) = [f for f in tmp_path.glob("T1-*.json") if not f.stem.endswith("-timeline")]
+    (path,) = [f for f in tmp_path.glob("T1-*.json") if "-timeline" not in f.stem]
     out = json.loads(path.read_text())
     assert out["complete"] and "--scenario T1" in out["command"]
     rows = out["results"]
@@ -44,12 +44,15 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
         assert row["generated_tokens"] == 5 * 3 and row["throughput_tok_s"] > 0 and row["max_batch"] >= 1
         assert row["plan"]["kv_on_host"] == (row["kv_cache"] == "host") and row["prompts"] == 5
     assert "host memory" in rows[1]["cuda_graphs"] or "no CUDA" in rows[1]["cuda_graphs"]
-    # the micro-batched run's timeline: the CPU attention's spans on the threads that ran them
-    (tl,) = tmp_path.glob("T1-*-timeline.json")
-    lanes = json.loads(tl.read_text())["lanes"]
-    kinds = {span[0] for spans in lanes.values() for span in spans}
-    assert "attention" in kinds and all(lane.startswith(("CPU thread", "GPU stream")) for lane in lanes)
-    assert rows[2]["timeline"][0] == tl.name
+    # each run's timeline of its decode steps: the engine's step marks, and with the cache on the host the CPU
+    # attention's spans on the threads that ran them
+    for row, run in zip(rows, ("gpu1", "host1", "host2"), strict=True):
+        (tl,) = tmp_path.glob(f"T1-*-timeline-{run}.json")
+        assert row["timeline"][0] == tl.name
+        lanes = json.loads(tl.read_text())["lanes"]
+        kinds = {span[0] for spans in lanes.values() for span in spans}
+        assert "decode" in kinds and all(lane.startswith(("CPU thread", "GPU stream")) for lane in lanes)
+        assert "attention" in kinds or row["kv_cache"] == "gpu"  # (a CPU run attends there in both)
     bad = cli("bench", "--scenario", "T1,D1", "--device", "cpu")
     assert bad.returncode != 0 and "on its own" in bad.stderr
 
@@ -76,7 +79,7 @@ def test_t1_with_llama_batched_bench(tmp_path):
             str(tmp_path / "gguf"))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
     assert not list((tmp_path / "gguf").iterdir())
-    (path,) = [f for f in (tmp_path / "o").glob("T1-*.json") if not f.stem.endswith("-timeline")]
+    (path,) = [f for f in (tmp_path / "o").glob("T1-*.json") if "-timeline" not in f.stem]
     rows = json.loads(path.read_text())["results"]
     peer = [row for row in rows if row["system"] == "llama.cpp"]
     measured = [row for row in peer if "summary" not in row]
@@ -105,7 +108,7 @@ def test_runs_choose_the_rows(tmp_path):
     r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "3", "--prompt-tokens", "4",
             "--new-tokens", "2", "--runs", "host", "--out", str(tmp_path))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
-    (path,) = [f for f in tmp_path.glob("T1-*.json") if not f.stem.endswith("-timeline")]
+    (path,) = [f for f in tmp_path.glob("T1-*.json") if "-timeline" not in f.stem]
     assert [row["kv_cache"] for row in json.loads(path.read_text())["results"]] == ["host"]
     for bad, why in ((["--scenario", "T1", "--runs", "none"], "only the peer"), (["--scenario", "D1", "--runs", "gpu"],
                      "has none")):  # fmt: skip
