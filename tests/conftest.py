@@ -167,13 +167,15 @@ def prompt_ids(n: int, seed: int = 1, vocab: int = VOCAB) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
-def budget_for(path, residents: int, slots: int = 2, device: str = "cpu", max_context: int | None = None, **kw) -> int:
+def budget_for(
+    path, residents: int, slots: int = 2, device: str = "cpu", max_context: int | None = None, dtype="float32", **kw
+) -> int:
     """A GPU budget (bytes) that leaves room for `residents` experts plus `slots` fetch slots (the auto and fetch
     policies reserve max(2, top_k) slots; the cpu policy none), on the emulated GPU side or a real one; `kw`
     (max_batch, experts, ...) as the LLM under test gets them, since they size the KV cache and the workspace."""
     from cadenza import LLM
 
-    probe = LLM(path, device=device, dtype="float32", gpu_memory="8GiB", max_context=max_context, **kw)
+    probe = LLM(path, device=device, dtype=dtype, gpu_memory="8GiB", max_context=max_context, **kw)
     p = probe.placement
     probe.close()
     return p.always_bytes + p.kv_bytes + p.workspace_bytes + (residents + slots) * p.expert_bytes

@@ -46,6 +46,7 @@ ENV = "CADENZA_GROUPED_EXPERTS"
 # overrides them.
 BLOCKS_ENV = "CADENZA_GROUPED_BLOCKS"
 BLOCK_TILES, BLOCK_K, WARPS = 16, 128, 8
+MID_ROWS = 1024  # pairs a slice of the gated unit between the two products (bounds its gate / up copies)
 
 
 def blocks() -> tuple[int, int, int]:
@@ -165,7 +166,7 @@ def _grouped_kernel(
                 acc = _dot_step(acc, x, ldx, xr, okm, n_x, k0 + tl.arange(0, BK), v, 4 * BT, BK, EMU_RNE, F32)
         o = tl.program_id(1) * 4 * BT + tl.arange(0, 4 * BT)
         mask = okm[:, None] & (o[None, :] < 4 * n_tiles)
-        tl.store(out + s[:, None].to(tl.int64) * ldo + o[None, :], acc, mask=mask)
+        tl.store(out + s[:, None].to(tl.int64) * ldo + o[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -265,20 +266,28 @@ def moe_grouped(
     srow = sorted_key.clamp(max=r - 1)
     dev = x.device
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
-        raw = torch.empty(n, 2 * geo.ip, dtype=torch.float32, device=dev)
+        # the raw gate / up rows in x's dtype, rounded from the fp32 sums as expert_forward rounds them (fp32 under
+        # the interpreter, whose bf16 casts truncate): half the memory of fp32 rows, the largest of the call
+        raw_dtype = torch.float32 if _INTERPRET else x.dtype
+        raw = torch.empty(n, 2 * geo.ip, dtype=raw_dtype, device=dev)
         src = (order // k).to(torch.int32)
         _launch(x, src, table, gate_up, geo.gu_tb, geo.gu_hb, geo.ip // 2, geo.hp, h, geo.ng_h, geo.gu_fmt,
                 geo.gu_group, raw, bm, bt, bk, nw)  # fmt: skip
         quad = raw.view(n, geo.ip // 2, 4)
-        gate = quad[:, :, :2].reshape(n, geo.ip)[:, :i].to(x.dtype)
-        up = quad[:, :, 2:].reshape(n, geo.ip)[:, :i].to(x.dtype)
         gb, ub, db = biases if biases is not None else (None, None, None)
-        if gb is not None:
-            gate = gate + gb[srow].to(x.dtype)
-        if ub is not None:
-            up = up + ub[srow].to(x.dtype)
+        glu = glu_fn(act)
         hid = torch.zeros(n, geo.ip, dtype=x.dtype, device=dev)
-        hid[:, :i] = glu_fn(act)(gate, up)
+        for s0 in range(0, n, MID_ROWS):  # the gated unit in slices of pairs: its gate / up copies stay small
+            q, rows_s = quad[s0 : s0 + MID_ROWS], srow[s0 : s0 + MID_ROWS]
+            m = q.shape[0]
+            gate = q[:, :, :2].reshape(m, geo.ip)[:, :i].to(x.dtype)
+            up = q[:, :, 2:].reshape(m, geo.ip)[:, :i].to(x.dtype)
+            if gb is not None:
+                gate = gate + gb[rows_s].to(x.dtype)
+            if ub is not None:
+                up = up + ub[rows_s].to(x.dtype)
+            hid[s0 : s0 + m, :i] = glu(gate, up)
+        del raw, quad  # (freed before the down product's buffers)
         out = torch.empty(n, geo.hp, dtype=torch.float32, device=dev)
         ident = torch.arange(n, dtype=torch.int32, device=dev)
         _launch(hid, ident, table, down, geo.dn_tb, geo.dn_hb, geo.hp // 4, geo.ip, i, geo.ng_i, geo.dn_fmt,

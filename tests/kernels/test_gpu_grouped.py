@@ -63,7 +63,7 @@ def test_grouped_block_formats(fmt):
 
 
 @needs_kernels
-def test_grouped_sized_by_the_pairs_the_host_counted():
+def test_grouped_sized_by_the_pairs_the_host_counted(monkeypatch):
     """`pairs` (a fetch wave's pairs, known on the host): the same sums with the activations sized by it; a count
     past the pairs is refused, and one too small drops pairs without touching memory past the buffers."""
     h, i, t, k = 256, 128, 14, 2
@@ -77,6 +77,8 @@ def test_grouped_sized_by_the_pairs_the_host_counted():
     full = grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw)
     sized = grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw, pairs=n)
     assert torch.equal(sized, full) and rel(full, reference(x, rows, w, *dequantize(packed), "silu")) < FP32
+    monkeypatch.setattr(grouped, "MID_ROWS", 5)  # the gated unit in several slices of pairs: the same sums
+    assert torch.equal(grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw, pairs=n), full)
     short = grouped.moe_grouped(*on(x, rows, w), mats, "silu", **kw, pairs=n - 3)
     assert short.shape == full.shape and not torch.equal(short, full)
     with pytest.raises(ValueError, match="pairs"):
@@ -84,7 +86,8 @@ def test_grouped_sized_by_the_pairs_the_host_counted():
 
 
 @needs_kernels
-def test_grouped_bf16_x_biases_and_all_skipped():
+def test_grouped_bf16_x_biases_and_all_skipped(monkeypatch):
+    monkeypatch.setattr(grouped, "MID_ROWS", 7)  # the biases added slice by slice
     h, i, t, k = 256, 256, 13, 2
     packed = pack_layer(*experts(4, h, i), "int4", 64)
     x, rows, w = routing(t, k, 4, h)
@@ -222,21 +225,21 @@ from triton.backends.compiler import GPUTarget
 from cadenza.kernels import gpu_grouped as g
 from cadenza.kernels.gpu_moe import _FMT_CODES
 
-def signature(xdt):
+def signature(xdt, odt):
     ptrs = {"x": f"*{xdt}", "src": "*i32", "blk_row": "*i32", "blk_first": "*i32", "blk_n": "*i32", "w": "*u8",
-            "out": "*fp32"}
+            "out": f"*{odt}"}
     ints = ("ldx", "w_stride", "tb", "hb", "n_tiles", "K", "n_x", "NG", "ldo", "n_s")
     const = ("FMT", "GROUP", "EMU_RNE", "F32", "BM", "BT", "BK")
     return {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
 
 for fmt, group in (("int4", 64), ("bf16", 0), ("int8", 32), ("q4_k", 32), ("q6_k", 16), ("q5_k", 32)):
-    for xdt, bm in (("bf16", 16), ("bf16", 32), ("fp32", 16)):
+    for xdt, odt, bm in (("bf16", "bf16", 16), ("bf16", "fp32", 32), ("fp32", "fp32", 16)):  # gate/up's out: x's
         const = dict(FMT=_FMT_CODES[fmt], GROUP=group, EMU_RNE=False, F32=xdt == "fp32", BM=bm, BT=g.BLOCK_TILES,
                      BK=g.BLOCK_K)
-        src = triton.compiler.ASTSource(fn=g._grouped_kernel, signature=signature(xdt), constexprs=const)
+        src = triton.compiler.ASTSource(fn=g._grouped_kernel, signature=signature(xdt, odt), constexprs=const)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": g.WARPS})
         assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, (fmt, xdt, bm, k.metadata.shared)
-        print(fmt, xdt, bm, "ok")
+        print(fmt, xdt, odt, bm, "ok")
 """
 
 

@@ -90,6 +90,36 @@ def test_peak_gpu_memory_under_budget(tmp_path):
         del llm
 
 
+def test_peak_gpu_memory_under_budget_with_grouped_products(tmp_path):
+    """int4 experts in bf16 (a layout the grouped products take), a 2500-token prefill (a full 2048-token chunk:
+    4096 pairs through the grouped products of the resident, and of each fetch wave's, experts): peak allocated
+    memory stays under the budget, which counts no memory of the grouped kernel's own."""
+    path, _ = make_mixtral(
+        tmp_path / "big4",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_hidden_layers=4,
+        max_position_embeddings=8192,
+    )
+    prompt = [3 + (i * 7) % 300 for i in range(2500)]
+    for policy in ("fetch", "auto"):
+        gpu_memory = budget_for(path, 10, 2, device="cuda", max_context=4096, experts="int4", dtype="bfloat16")
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        llm = LLM(path, device="cuda", dtype="bfloat16", experts="int4", gpu_memory=gpu_memory, offload_policy=policy,
+                  max_context=4096)  # fmt: skip
+        assert llm.orchestra.layers[0].grouped
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= gpu_memory, f"{policy}: peak {peak} > budget {gpu_memory}"
+        llm.close()
+        del llm
+
+
 # --- batching, beams, prefetch and adaptive placement on the GPU ------------------------------------------------
 
 
