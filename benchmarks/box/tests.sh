@@ -16,7 +16,7 @@ if [ $prebuilt = no ]; then
     && cmake --build .peers/llama.cpp/build --target llama-batched-bench -j 8 >> "$OUT/build.log" 2>&1
    echo "build-rc=$?" >> "$OUT/build.log") &
 fi
-timeout 450 python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
+timeout 540 python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.log" | tail -20
 wait
 tail -2 "$OUT/build.log"
