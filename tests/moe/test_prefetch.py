@@ -169,3 +169,22 @@ def test_big_steps_fetch_the_next_layer_ahead(moe8):
                 assert issued == 0
         finally:
             llm.close()
+
+
+def test_no_fetch_ahead_while_micro_batches_share_the_layer(moe8):
+    """While micro-batches decode (orch.concurrent), the next micro-batch calls the same layer next and wants its
+    experts still in the slots: nothing is copied ahead then."""
+    llm = offloaded(moe8[0], residents=0, offload_policy="fetch")
+    orch = llm.orchestra
+    try:
+        before = orch.counters.prefetch_issued
+        orch.concurrent = True
+        orch.fetch_ahead(0, 512, 2)
+        assert orch.counters.prefetch_issued == before
+        orch.concurrent = False
+        orch.fetch_ahead(0, 512, 2)
+        assert orch.counters.prefetch_issued == before + orch.cache.num_slots
+        orch.fetch_ahead(len(orch.layers) - 1, 512, 2)  # the last layer has no next one
+        assert orch.counters.prefetch_issued == before + orch.cache.num_slots
+    finally:
+        llm.close()

@@ -253,10 +253,11 @@ class Orchestra:
     def fetch_ahead(self, index: int, tokens: int, top_k: int) -> None:
         """After layer `index` queued its copies: the next layer's non-resident experts, as many as the slots hold,
         copied ahead when a step of `tokens` wants them all (policy.fetch_ahead), in the order its waves take them
-        (cached first, then by id). Each copy waits for the slot's last reader."""
+        (cached first, then by id). Each copy waits for the slot's last reader. Not while micro-batches decode: the
+        next micro-batch calls this same layer next, and finds its experts in the slots only if nothing evicts them."""
         nxt = index + 1
         exists = nxt < len(self.layers)
-        if self.cache is None or not policy.fetch_ahead(
+        if self.cache is None or self.concurrent or not policy.fetch_ahead(
             self.options, True, exists, exists and self.layers[nxt].all_resident, tokens, top_k,
             self.layers[nxt].experts.num_experts if exists else 0,
         ):  # fmt: skip
