@@ -241,10 +241,13 @@ class Orchestra:
         offload = self.layers[layer]
         counts = torch.bincount(guess_h.reshape(-1), minlength=offload.experts.num_experts).tolist()
         wanted = [e for e, n in enumerate(counts) if n and e not in offload.resident_rows]
-        issued = set()
-        for e in policy.prefetch_picks(counts, offload.resident_rows, self.cache.num_slots):
-            if self.cache.prefetch(layer, e, offload.host_weights(e)):
-                issued.add(e)
+        self._copy_ahead(layer, policy.prefetch_picks(counts, offload.resident_rows, self.cache.num_slots), wanted)
+
+    def _copy_ahead(self, layer: int, picks: list[int], wanted: list[int]) -> None:
+        """Starts the copies of `picks` (experts of `layer`) into fetch slots and books them: the guess (`wanted`:
+        what the layer is expected to need, cached or copied now) is checked by `account_prefetch`."""
+        offload = self.layers[layer]
+        issued = {e for e in picks if self.cache.prefetch(layer, e, offload.host_weights(e))}
         self.counters.prefetch_issued += len(issued)
         guessed = issued | {e for e in wanted if (layer, e) in self.cache.where}
         self.counters.prefetch_guessed += len(guessed)
@@ -263,15 +266,8 @@ class Orchestra:
         ):  # fmt: skip
             return
         offload = self.layers[nxt]
-        wanted = [e for e in range(offload.experts.num_experts) if e not in offload.resident_rows]
-        issued = set()
-        for e in wanted[: self.cache.num_slots]:
-            if self.cache.prefetch(nxt, e, offload.host_weights(e)):
-                issued.add(e)
-        self.counters.prefetch_issued += len(issued)
-        guessed = {e for e in wanted[: self.cache.num_slots] if (nxt, e) in self.cache.where}
-        self.counters.prefetch_guessed += len(guessed)
-        self._pending[nxt] = guessed
+        missing = [e for e in range(offload.experts.num_experts) if e not in offload.resident_rows]
+        self._copy_ahead(nxt, missing[: self.cache.num_slots], missing[: self.cache.num_slots])
 
     def account_prefetch(self, layer: int, misses: list[int]) -> None:
         """Precision/recall bookkeeping once a layer's real experts are known."""
