@@ -62,11 +62,10 @@ def test_cuda_bf16_hybrid_close_to_resident(tiny):
     assert err_resident <= 0.03 * scale and err_hybrid <= 1.2 * err_resident + 1e-3 * scale
 
 
-def test_peak_gpu_memory_under_budget(tmp_path):
-    """A model whose experts (1.5 GB in fp32) do not fit the budget: peak allocated memory during a long
-    prefill (two chunks) and decode stays under it, for each policy."""
+def long_prefill_model(folder):
+    """A model whose experts (1.5 GB in fp32) do not fit the tests' budgets, and a prompt of two prefill chunks."""
     path, _ = make_mixtral(
-        tmp_path / "big",
+        folder,
         hidden_size=1024,
         intermediate_size=4096,
         num_attention_heads=8,
@@ -75,7 +74,13 @@ def test_peak_gpu_memory_under_budget(tmp_path):
         num_hidden_layers=4,
         max_position_embeddings=8192,
     )
-    prompt = [3 + (i * 7) % 300 for i in range(2500)]
+    return path, [3 + (i * 7) % 300 for i in range(2500)]
+
+
+def test_peak_gpu_memory_under_budget(tmp_path):
+    """A model whose experts (1.5 GB in fp32) do not fit the budget: peak allocated memory during a long
+    prefill (two chunks) and decode stays under it, for each policy."""
+    path, prompt = long_prefill_model(tmp_path / "big")
     for policy in ("cpu", "fetch", "auto"):
         gpu_memory = budget(path, 10, 0 if policy == "cpu" else 2, max_context=4096)
         torch.cuda.empty_cache()
@@ -94,17 +99,7 @@ def test_peak_gpu_memory_under_budget_with_grouped_products(tmp_path):
     """int4 experts in bf16 (a layout the grouped products take), a 2500-token prefill (a full 2048-token chunk:
     4096 pairs through the grouped products of the resident, and of each fetch wave's, experts): peak allocated
     memory stays under the budget, which counts no memory of the grouped kernel's own."""
-    path, _ = make_mixtral(
-        tmp_path / "big4",
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_hidden_layers=4,
-        max_position_embeddings=8192,
-    )
-    prompt = [3 + (i * 7) % 300 for i in range(2500)]
+    path, prompt = long_prefill_model(tmp_path / "big4")
     for policy in ("fetch", "auto"):
         gpu_memory = budget_for(path, 10, 2, device="cuda", max_context=4096, experts="int4", dtype="bfloat16")
         torch.cuda.empty_cache()
