@@ -296,6 +296,6 @@ def moe_grouped(
     if db is not None:
         ys = ys + db[srow].float()
     ys = torch.where(valid[:, None], ys * topk_weights.reshape(-1)[order[:n]].float()[:, None], 0.0)
-    y_pair = torch.zeros(p, h, dtype=torch.float32, device=dev) if n < p else torch.empty(p, h, device=dev)
+    y_pair = (torch.zeros if n < p else torch.empty)(p, h, dtype=torch.float32, device=dev)  # (pairs left out: 0)
     y_pair.index_copy_(0, order[:n], ys)
     return y_pair.view(t, k, h).sum(1).to(x.dtype)

@@ -25,7 +25,6 @@ import torch
 
 from cadenza.kernels import blocks
 from cadenza.kernels.blocks import BLOCK_FORMATS
-from cadenza.kernels.native import advise_huge_pages
 
 FORMATS = ("bf16", "int8", "int4")  # what --experts quantizes to
 # every layout the kernels read (their format codes are indexes here): FORMATS, then the file block formats kept as
@@ -293,8 +292,6 @@ def empty_packed(fmt: str, group: int | None, num_experts: int, hidden: int, int
     (gf, gg), (df, dg) = matrix_formats(fmt, group)
     gu = torch.empty(e, ip // 2, _tile_bytes(gf, gg, hp), dtype=torch.uint8)
     dn = torch.empty(e, hp // ROWS, _tile_bytes(df, dg, ip), dtype=torch.uint8)
-    for t in (gu, dn):
-        advise_huge_pages(t)
     return PackedExperts(
         fmt, group, e, hidden, intermediate, gu, dn, _header_bytes(gf, gg, hp), _header_bytes(df, dg, ip)
     )

@@ -82,28 +82,3 @@ class Library:
         """Why the library is not available (building it first if need be), or None."""
         self.get()
         return self._reason
-
-
-_MADV_HUGEPAGE = 14  # linux/mman.h
-
-
-def advise_huge_pages(t: torch.Tensor) -> bool:
-    """Asks Linux to back a large host tensor not yet touched with 2 MiB pages (madvise MADV_HUGEPAGE), where
-    `CADENZA_HUGE_PAGES=1` and the machine's transparent huge pages are in `madvise` mode (in `always` mode they
-    apply anyway). An experiment toggle: the CPU kernel streams gigabytes of tiles a token, and with 4 KiB pages
-    every 4 KiB is a TLB miss. Returns whether the advice was taken."""
-    import os
-    import sys
-
-    if os.environ.get("CADENZA_HUGE_PAGES", "0") != "1" or not sys.platform.startswith("linux") or t.is_cuda:
-        return False
-    n = t.numel() * t.element_size()
-    if n < (4 << 20):
-        return False
-    start = t.data_ptr() & ~4095
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    ok = libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(t.data_ptr() + n - start), _MADV_HUGEPAGE) == 0
-    if not ok:
-        log.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
-    return ok
