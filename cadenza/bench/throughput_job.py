@@ -14,6 +14,7 @@ the GPU's work, and in two micro-batches that overlap them (`micro_batches`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -134,13 +135,16 @@ def run_job(
             placement=llm.placement.summary() if llm.placement is not None else None,
             cuda_graphs=llm.engine.graphs.describe(),
         )
-        if timeline is not None:  # (at most TIMELINE_ROWS sequences: the prefill's events are recorded too)
+        name = timeline.with_name(f"{timeline.name}-{kv}{micro}") if timeline is not None else None
+        if name is not None:  # (named before it is written: the row is kept first, whatever befalls the profile)
+            plot = importlib.util.find_spec("matplotlib") is not None  # (the PNG is drawn where it is installed)
+            row["timeline"] = [name.with_suffix(s).name for s in (".json", ".png")[: 1 + plot]]
+        add(scenario, row)
+        if name is not None:  # (at most TIMELINE_ROWS sequences: the prefill's events are recorded too)
             from cadenza.bench.timeline import record_timeline, write_timeline
 
             rows = min(batch, TIMELINE_ROWS)
             tl = record_timeline(llm, prompts[:rows], TIMELINE_STEPS)
             where = "on the GPU" if kv == "gpu" else "on the host"
             title = f"{scenario}: {rows} sequences, KV cache {where}, {micro} micro-batch{'es' if micro > 1 else ''}"
-            name = timeline.with_name(f"{timeline.name}-{kv}{micro}")
-            row["timeline"] = [f.name for f in write_timeline(tl, name, title)]
-        add(scenario, row)
+            log(f"timeline: {', '.join(str(f) for f in write_timeline(tl, name, title))}")
