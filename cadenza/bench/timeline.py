@@ -94,7 +94,7 @@ def plot_timeline(timeline: dict, path: Path, title: str) -> bool:
         for kind, _, start, end in lanes[lane]:
             bars.setdefault(kind, []).append((start, max(end - start, 1e-3)))
         for kind, spans in bars.items():
-            ax.broken_barh(spans, (row - 0.4, 0.8), color=COLORS.get(kind, "black"))
+            ax.broken_barh(spans, (row - 0.4, 0.8), color=COLORS.get(kind, "black"), linewidth=0)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("ms")
     ax.set_title(title)
