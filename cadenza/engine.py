@@ -24,7 +24,7 @@ from cadenza.errors import CadenzaError
 from cadenza.generation import NO_TOKEN, Generation, GenerationStats, Step
 from cadenza.micro_batches import MicroBatches
 from cadenza.moe.trace import padded
-from cadenza.sampling import Sampler, SamplingParams
+from cadenza.sampling import Sampler, SamplingParams, batch_argmax
 from cadenza.scoring import prompt_scores
 from cadenza.text import StopStrings
 
@@ -200,8 +200,9 @@ class Batch:
         self.max_prefill_step = max(self.max_prefill_step, int(done))
         if decoding:
             logits = engine.decode([s.next_token for s in decoding], self.cache, [s.slot for s in decoding])
+            best = batch_argmax(logits, [s.sampler.plain_greedy for s in decoding])
             for i, seq in enumerate(decoding):
-                step = seq.emit(seq.sampler.sample(logits[i]), engine)
+                step = seq.emit(seq.sampler.sample(logits[i], best.get(i)), engine)
                 out.append((seq, step))
                 if seq.finished:
                     self._leave(seq, None)

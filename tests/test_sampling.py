@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from cadenza import CadenzaError, SamplingParams
-from cadenza.sampling import Sampler, TokenChoice
+from cadenza.sampling import Sampler, TokenChoice, batch_argmax
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0, -2.0, 1.5])
 
@@ -460,3 +460,24 @@ def test_cuda_sampling_distribution_and_logprobs():
     # the same seed gives the same tokens on the GPU
     a, b = Sampler(params), Sampler(params)
     assert [a(x) for _ in range(30)] == [b(x) for _ in range(30)]
+
+
+def test_batch_argmax_gives_each_plain_greedy_rows_own_choice():
+    """A decode step's plain-greedy rows take their tokens from one argmax of the batch: the same token each row's
+    own argmax gives (ties: the first index), rows with penalties or temperature left to their samplers."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g)
+    logits[1, 7] = logits[1, 30] = logits[1].max() + 1  # a tie: the first index wins, as torch.argmax of the row
+    samplers = [Sampler(SamplingParams(temperature=0)) for _ in range(6)]
+    samplers[2] = Sampler(SamplingParams(temperature=0, repetition_penalty=1.3), [4, 5])
+    samplers[4] = Sampler(SamplingParams(temperature=0.8, seed=3))
+    plain = [s.plain_greedy for s in samplers]
+    assert plain == [True, True, False, True, False, True]
+    best = batch_argmax(logits, plain)
+    assert sorted(best) == [0, 1, 3, 5] and best[1] == 7
+    for i, s in enumerate(samplers):
+        alone = Sampler(s.params, [4, 5] if i == 2 else ())
+        want = alone.sample(logits[i]).token_id
+        assert s.sample(logits[i], best.get(i)).token_id == want
+    assert batch_argmax(logits, [True] + [False] * 5) == {}  # one row: its own argmax is as cheap
+    assert batch_argmax(logits, [True] * 6) == {i: int(torch.argmax(logits[i])) for i in range(6)}
