@@ -12,6 +12,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.kernels import cpu_attention
 from cadenza.kv_cache import KVCache
+from cadenza.moe.offload.policy import fetch_slots
 from tests.conftest import budget_for, make_deepseek
 from tests.test_graphs import FAMILIES, families  # noqa: F401 (the module's fixture)
 
@@ -248,7 +249,11 @@ def test_micro_batches_keep_a_layer_of_fetch_slots(mixtral_dir):
     one, two = LLM(path, kv_cache="host", **kw), LLM(path, kv_cache="host", micro_batches=2, **kw)
     try:
         experts = two.config.num_local_experts
-        assert two.placement.fetch_slots == experts > one.placement.fetch_slots
+        assert two.placement.fetch_slots == experts
+        # (one's steps of up to 20 want every expert too: its slots are policy.AHEAD_BYTES's, at most a layer)
+        eb = one.placement.expert_bytes
+        assert one.placement.fetch_slots == fetch_slots("auto", 2, 0, 20, experts, eb) == experts
+        assert fetch_slots("auto", 2, experts, 1, experts, eb) == experts > fetch_slots("auto", 2, 0, 1, experts, eb)
         assert _tokens(two, prompts) == _tokens(one, prompts)
     finally:
         one.close()

@@ -118,6 +118,26 @@ def test_fetch_ahead_for_steps_that_want_the_whole_layer():
     assert not policy.fetch_ahead(fetch, True, True, True, 512, 2, 8)  # the next layer is all resident
 
 
+def test_big_steps_keep_slots_for_a_boundarys_copies_and_spread_the_residents():
+    mb = 1 << 20
+    # Mixtral's int4 experts (96 MB): 2 slots at small batches, 4 where steps want every expert (policy.AHEAD_BYTES
+    # is 160 MiB: two experts copied ahead per boundary, waves of half the slots); bf16 (352 MB) stays at 2
+    assert (
+        policy.fetch_slots("fetch", 2, 0, 10, 8, 96 * mb) == 2 and policy.fetch_slots("auto", 2, 0, 11, 8, 96 * mb) == 4
+    )
+    assert policy.fetch_slots("fetch", 2, 0, 512, 8, 352 * mb) == 2
+    # small experts: dozens (Qwen3-30B's 2.5 MB: 128), never more than a layer's; nothing under `cpu`
+    assert policy.fetch_slots("fetch", 8, 0, 512, 128, int(2.5 * mb)) == 128
+    assert policy.fetch_slots("fetch", 8, 0, 512, 128, 4 * mb) == 80
+    assert policy.fetch_slots("fetch", 8, 0, 46, 128, 4 * mb) == 8  # 46 tokens may leave an expert unused
+    assert policy.fetch_slots("cpu", 2, 0, 512, 8, 96 * mb) == 0
+    assert policy.fetch_slots("fetch", 2, 8, 1, 8, 96 * mb) == 8  # micro-batches: a layer's, whatever the batch
+    # where the residents go: spread when full steps want every expert and the policy fetches them
+    assert policy.placement_fill("fetch", 11, 2, 8) == "spread" == policy.placement_fill("auto", 512, 8, 128)
+    assert policy.placement_fill("auto", 10, 2, 8) == "layers" == policy.placement_fill("cpu", 512, 2, 8)
+    assert policy.placement_fill("fetch", 1, 2, 8) == "layers"
+
+
 def test_stream_unavailable_reasons():
     auto = OffloadOptions()
     fast_cpu = cost(cpu_s=0.1, fetch_s=0.1)

@@ -41,11 +41,13 @@ def plan_offload(
     """The placement of a model (`sizes`: models.model_sizes) in a GPU budget of `budget_bytes` under an offload
     policy, for `max_batch` sequences of `max_context` tokens prefilled in chunks of `chunk`; popularity: a
     [layers][experts] matrix (a `cadenza profile` file) or None (even). cuda: a real GPU (keeps a margin).
-    micro_batches > 1: fetch slots for a whole layer (policy.fetch_slots)."""
-    layer = sizes.num_experts if micro_batches > 1 else 0
-    slots = policy.fetch_slots(policy_name, getattr(config, "num_experts_per_tok", 2), layer)
+    micro_batches > 1: fetch slots for a whole layer; a `max_batch` whose steps want every expert: more slots and
+    residents spread over the layers (policy.fetch_slots, policy.placement_fill)."""
+    k, e = getattr(config, "num_experts_per_tok", 2), sizes.num_experts
+    slots = policy.fetch_slots(policy_name, k, e if micro_batches > 1 else 0, max_batch, e, sizes.expert_bytes)
     workspace = workspace_bytes(config, dtype, max_context, chunk, CUDA_MARGIN if cuda else 0)
-    return plan(sizes, budget_bytes, max_context * max_batch, workspace, popularity, fetch_slots=slots)
+    fill = policy.placement_fill(policy_name, max_batch, k, e)
+    return plan(sizes, budget_bytes, max_context * max_batch, workspace, popularity, fetch_slots=slots, fill=fill)
 
 
 def default_budget(device: torch.device) -> int:

@@ -31,6 +31,13 @@ PREFETCH_MAX_TOKENS = 8
 # works through the layer boundary (the routing's read-back, the attention) instead of waiting for it.
 AHEAD_UNUSED = 0.05
 
+# Such steps keep this many bytes of fetch slots beyond the usual (twice the bytes a boundary's ahead copies need: the
+# waves take half the slots each): a layer boundary idles the link ~2.3-3.5 ms (the routing's read-back, the
+# attention, the next layer's first wave set up in Python; T1's timeline on the H200, 2026-12-03), ~120-180 MB at
+# 52 GB/s. Mixtral's int4 experts (96 MB) get 4 slots instead of 2; small experts (Qwen3-30B's 2.5 MB) waves of
+# dozens instead of 4, which also spares the link a wave's Python each 0.2 ms.
+AHEAD_BYTES = 160 << 20
+
 # Streaming a decode layer's CPU share fixes the split (everything non-resident on the CPU), so `auto` streams only
 # where the CPU is not much slower than the link for one expert at one token; past this ratio it keeps deciding per
 # layer on the host, where it can fetch.
@@ -82,11 +89,36 @@ def split_rows(shares: dict[int, float], intermediate: int) -> dict[int, int]:
     return {e: min(intermediate, int(g * intermediate) // 16 * 16) for e, g in shares.items()}
 
 
-def fetch_slots(policy: str, top_k: int, layer_experts: int = 0) -> int:
+def fetch_slots(
+    policy: str, top_k: int, layer_experts: int = 0, batch: int = 0, experts: int = 0, expert_bytes: int = 0
+) -> int:
     """GPU slots kept for fetched experts: none under `cpu` (nothing is fetched), else at least one token's experts;
     `layer_experts` (micro-batches): a whole layer's, so the second micro-batch finds the first one's fetches in
-    their slots instead of moving the layer over the link again."""
-    return 0 if policy == "cpu" else max(2, top_k, layer_experts)
+    their slots instead of moving the layer over the link again. Steps of `batch` tokens that want every one of a
+    layer's `experts` (wants_all) under a fetching policy: 2 x AHEAD_BYTES of `expert_bytes` slots, at most a
+    layer's (a boundary copies ahead only the next layer's)."""
+    if policy == "cpu":
+        return 0
+    slots = max(2, top_k, layer_experts)
+    if policy in ("fetch", "auto") and expert_bytes > 0 and wants_all(batch, top_k, experts):
+        slots = max(slots, min(experts, 2 * -(-AHEAD_BYTES // expert_bytes)))
+    return slots
+
+
+def wants_all(tokens: int, top_k: int, experts: int) -> bool:
+    """Whether a step of `tokens` leaves each of a layer's `experts` unused with at most AHEAD_UNUSED chance (even
+    routing): then the whole layer is wanted, and only how its copies overlap matters."""
+    if experts < 1 or tokens < 1:
+        return False
+    return (1.0 - min(top_k, experts) / experts) ** tokens <= AHEAD_UNUSED
+
+
+def placement_fill(policy: str, batch: int, top_k: int, experts: int) -> str:
+    """Where residents go without a popularity matrix (placement.plan's `fill`): "spread" over the layers when
+    full steps of `batch` want every expert and the policy fetches them (every layer then has copies, so the link
+    never idles through a layer of residents; the T1 timeline showed 18 ms a step idle over Mixtral's 5 whole
+    resident layers), else "layers" (a whole resident layer skips its host decision at small batches)."""
+    return "spread" if policy in ("fetch", "auto") and wants_all(batch, top_k, experts) else "layers"
 
 
 def zero_copy_share(cpu_s: float, direct_s: float) -> float:
@@ -121,9 +153,9 @@ def fetch_ahead(
     turned off."""
     if options.prefetch is False or options.policy not in ("fetch", "auto") or not have_cache:
         return False
-    if not next_layer_exists or next_all_resident or experts < 1:
+    if not next_layer_exists or next_all_resident:
         return False
-    return (1.0 - min(top_k, experts) / experts) ** tokens <= AHEAD_UNUSED
+    return wants_all(tokens, top_k, experts)
 
 
 def prefetch_picks(counts: list[int], resident: set[int] | dict, num_slots: int) -> list[int]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from cadenza.errors import CadenzaError
+from cadenza.moe.offload import policy
 from cadenza.moe.placement import ModelSizes, format_size
 
 MAX_BATCH = 4096  # batches weighed at most (a decode step of more rows is a prefill-sized chunk)
@@ -164,7 +165,9 @@ def plan_throughput(
     e, k = sizes.num_experts, min(top_k, sizes.num_experts)
     best = None
     for b in range(1, most + 1):
-        room = budget_bytes - fixed - b * gpu_seq
+        # (more slots where steps of b want every expert: policy.AHEAD_BYTES, as the engine's placement gets them)
+        more = max(0, policy.fetch_slots("fetch", top_k, 0, b, e, sizes.expert_bytes) - fetch_slots)
+        room = budget_bytes - fixed - more * sizes.expert_bytes - b * gpu_seq
         if room < 0:
             break
         residents = _even_residents(room, per_layer, e)
@@ -248,7 +251,6 @@ def plan_job(
     micro-batches), the given rates. The one planning call of `cadenza info --throughput`, `cadenza batch
     --max-batch auto` and the bench's T1 / T2."""
     from cadenza.llm import PREFILL_CHUNK
-    from cadenza.moe.offload import policy
     from cadenza.moe.offload.planning import CUDA_MARGIN, workspace_bytes
 
     k = getattr(config, "num_experts_per_tok", 2)
