@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cadenza.kernels.layout import dequantize, pack_layer
+from cadenza.moe.offload.policy import fetch_slots
 from tests.interpreted import DEVICE, kernels_module
 from tests.kernels.test_gpu_moe import BF16, FP32, block_layer, experts, on, reference, rel, routing
 from tests.test_graphs import families  # noqa: F401 (the fixture)
@@ -194,7 +195,10 @@ def test_engine_routes_big_steps_through_grouped_products(families, monkeypatch,
     probe = LLM(path, gpu_memory="8GiB", **kw)
     p = probe.placement
     probe.close()
-    kw |= dict(offload_policy=policy, gpu_memory=p.always_bytes + p.kv_bytes + p.workspace_bytes + 4 * p.expert_bytes)
+    # (steps of 12 want every one of the 4 experts: `fetch` keeps its slots for them, policy.fetch_slots, first)
+    slots = fetch_slots(policy, 2, 0, 12, p.num_experts, p.expert_bytes)
+    base = p.always_bytes + p.kv_bytes + p.workspace_bytes
+    kw |= dict(offload_policy=policy, gpu_memory=base + (slots + 3) * p.expert_bytes)
     prompts = [list(range(3, 3 + 1 + i % 5)) for i in range(12)]
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     calls = []
