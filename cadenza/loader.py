@@ -246,8 +246,11 @@ def load_model(
     total = sum(_stored_nbytes(checkpoint, n) for n in names)
     progress = Progress("reading weights", total, unit="bytes", terminal_only=packer is None, every_s=0.2)
 
-    def packed_note() -> str:
-        return f"; {packer.done}/{len(layers)} layers quantized to {fmt.fmt}" if packer is not None else ""
+    def packed_note(final: bool = False) -> str:
+        if packer is None:
+            return ""
+        note = f"; {packer.done}/{len(layers)} layers quantized to {fmt.fmt}"
+        return note + (f" ({packer.timing()})" if final else "")
 
     try:
         with torch.no_grad():
@@ -261,7 +264,7 @@ def load_model(
                 progress.update(min(read, total), packed_note(), final=False)
             if packer is not None:
                 packer.finish()
-                progress.update(total, packed_note(), final=True)
+                progress.update(total, packed_note(final=True), final=True)
                 packer = None
             else:
                 progress.update(total, final=True)
