@@ -311,6 +311,7 @@ class Engine:
         self.orchestra = orchestra  # cadenza.moe.offload.orchestra.Orchestra when experts are offloaded
         self.prefill_chunk = prefill_chunk  # bounds the activation workspace of long prompts
         self.max_batch = max_batch  # sequences whose cache is reserved on the GPU
+        self.step_hook = None  # called before each decode step (a profiler's `step`: cadenza.bench.timeline)
         self._cache = None
         from cadenza.graphs import StepGraphs
 
@@ -388,6 +389,8 @@ class Engine:
     def decode(self, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
         """One decode step: token_ids[b] appended to cache slot rows[b] -> logits [B, V] float32. Replayed as a
         CUDA graph where possible (cadenza.graphs), else run eagerly."""
+        if self.step_hook is not None:
+            self.step_hook()
         with torch.profiler.record_function(DECODE_SPAN):  # (a timeline's mark: cadenza.bench.timeline)
             return self._decode(token_ids, cache, rows)
 

@@ -48,7 +48,7 @@ def parse_runs(text: str | None) -> tuple[tuple[str, int], ...]:
 
 
 TIMELINE_STEPS = 3
-TIMELINE_ROWS = 128  # sequences in a run's timeline (a GPU-cache run's whole batch would profile ~30 prefill passes)
+TIMELINE_ROWS = 512  # sequences in a run's timeline: its batch, up to this (the prefill is not recorded; T1: ~15 s)
 
 
 def job_prompts(n: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
@@ -140,7 +140,7 @@ def run_job(
             plot = importlib.util.find_spec("matplotlib") is not None  # (the PNG is drawn where it is installed)
             row["timeline"] = [name.with_suffix(s).name for s in (".json", ".png")[: 1 + plot]]
         add(scenario, row)
-        if name is not None:  # (at most TIMELINE_ROWS sequences: the prefill's events are recorded too)
+        if name is not None:  # (the run's batch, at most TIMELINE_ROWS sequences)
             from cadenza.bench.timeline import record_timeline, write_timeline
 
             rows = min(batch, TIMELINE_ROWS)

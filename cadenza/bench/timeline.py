@@ -24,10 +24,10 @@ TRANSFER_PREFIXES = ("Memcpy", "Memset", "memcpy", "memset")
 
 def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
     """{"lanes": {lane: [[kind, name, start_ms, end_ms], ...]}, "span_ms": ...} for `steps` decode steps of
-    `prompts` (from the first decode step's CPU attention on, where the cache is on the host; else the prefill's
-    spans come first)."""
+    `prompts`, from the second decode step on: the profiler records only those (a schedule stepped by the engine's
+    `step_hook`), so the prefill of a whole batch costs no events and the first step's warm-up is left out."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     from cadenza.bench.step_profile import _all_threads_config
     from cadenza.sampling import SamplingParams
@@ -35,9 +35,15 @@ def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     config = _all_threads_config()
     kw = {"experimental_config": config} if config is not None else {}
-    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
-    with profile(activities=activities, **kw) as prof:
-        llm.generate(prompts, params, mode="throughput")
+    # decode call 1 starts the warm-up, calls 2 .. steps + 1 are recorded, call steps + 2 ends the recording
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
+    engine = llm.engine
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1), **kw) as prof:
+        engine.step_hook = prof.step
+        try:
+            llm.generate(prompts, params, mode="throughput")
+        finally:
+            engine.step_hook = None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     spans = []
