@@ -76,11 +76,20 @@ def test_cuda_hybrid_equals_one_side(path, one_side, fmt, policy, residents):
         llm.close()
 
 
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    return make_mixtral(tmp_path_factory.mktemp("qhybrid1"), num_local_experts=8, num_hidden_layers=1)[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_cuda_bf16_activations_close_to_one_side(path, fmt):
+def test_cuda_bf16_activations_close_to_one_side(one_layer, fmt):
     """bf16 activations with quantized experts, all resident on the GPU vs all on the CPU: within bf16 rounding of
-    each other on average (the two sides round intermediate products differently)."""
+    each other on average (the two sides round intermediate products differently). One layer: through three, this
+    random model's routing turns bf16 rounding differences into different experts (int8's grouped products came out
+    0.134 off the CPU there, per call 0.24% off the per-expert products; other seeds: as near the fp32 logits as
+    the CPU), so the comparison would measure the model's chaos, not the sides."""
+    path = one_layer
     gpu = LLM(path, device="cuda", dtype="bfloat16", experts=fmt, expert_cache=False, gpu_memory="8GiB")
     cpu = LLM(path, device="cpu", dtype="bfloat16", experts=fmt, expert_cache=False)
     try:
