@@ -56,8 +56,8 @@ def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
         elif not getattr(e, "is_user_annotation", lambda: False)():
             kind = "copy" if name.startswith(TRANSFER_PREFIXES) else "kernel"
             spans.append((f"GPU stream {e.device_resource_id()}", kind, name, e.start_ns(), e.end_ns()))
-    # the decode steps only: from the first decode step's mark (or CPU attention: a host cache's prefill attends on
-    # the GPU); the prefill's many kernels would make the file too large to fetch back (16 MiB)
+    # from the first recorded step's mark (CPU attention, or the engine's decode span) on: what the profiler flushed
+    # before it (the warm-up's tail) is not a step's
     decode = [s[3] for s in spans if s[2] in (MARKS[0], MARKS[4])]
     if decode:
         spans = [s for s in spans if s[4] >= min(decode)]

@@ -30,6 +30,7 @@ PREFETCH_MAX_TOKENS = 8
 # layer: its next layer's non-resident experts are copied ahead, into the fetch slots its own waves free, so the link
 # works through the layer boundary (the routing's read-back, the attention) instead of waiting for it.
 AHEAD_UNUSED = 0.05
+FETCHING = ("fetch", "auto")  # the policies that fetch such steps' experts (`auto` does at these sizes)
 
 # Such steps keep this many bytes of fetch slots beyond the usual (twice the bytes a boundary's ahead copies need: the
 # waves take half the slots each): a layer boundary idles the link ~2.3-3.5 ms (the routing's read-back, the
@@ -100,7 +101,7 @@ def fetch_slots(
     if policy == "cpu":
         return 0
     slots = max(2, top_k, layer_experts)
-    if policy in ("fetch", "auto") and expert_bytes > 0 and wants_all(batch, top_k, experts):
+    if policy in FETCHING and expert_bytes > 0 and wants_all(batch, top_k, experts):
         slots = max(slots, min(experts, 2 * -(-AHEAD_BYTES // expert_bytes)))
     return slots
 
@@ -118,7 +119,7 @@ def placement_fill(policy: str, batch: int, top_k: int, experts: int) -> str:
     full steps of `batch` want every expert and the policy fetches them (every layer then has copies, so the link
     never idles through a layer of residents; the T1 timeline showed 18 ms a step idle over Mixtral's 5 whole
     resident layers), else "layers" (a whole resident layer skips its host decision at small batches)."""
-    return "spread" if policy in ("fetch", "auto") and wants_all(batch, top_k, experts) else "layers"
+    return "spread" if policy in FETCHING and wants_all(batch, top_k, experts) else "layers"
 
 
 def zero_copy_share(cpu_s: float, direct_s: float) -> float:
@@ -151,7 +152,7 @@ def fetch_ahead(
     """Whether a layer, once its own copies are queued, starts copying the next layer's non-resident experts
     (AHEAD_UNUSED): the policies that fetch (`fetch`, and `auto`, which fetches at such sizes), unless prefetch is
     turned off."""
-    if options.prefetch is False or options.policy not in ("fetch", "auto") or not have_cache:
+    if options.prefetch is False or options.policy not in FETCHING or not have_cache:
         return False
     if not next_layer_exists or next_all_resident:
         return False
