@@ -85,18 +85,25 @@ def one_layer(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_cuda_bf16_activations_close_to_one_side(one_layer, fmt):
     """bf16 activations with quantized experts, all resident on the GPU vs all on the CPU: within bf16 rounding of
-    each other on average (the two sides round intermediate products differently). One layer: through three, this
-    random model's routing turns bf16 rounding differences into different experts (int8's grouped products came out
-    0.134 off the CPU there, per call 0.24% off the per-expert products; other seeds: as near the fp32 logits as
-    the CPU), so the comparison would measure the model's chaos, not the sides."""
+    each other, row by row, but for the odd row whose router sees a near tie: there bf16's rounding picks another
+    expert on one side and that row's logits differ wholesale (on the H200, one layer: row 13 of 20 is 0.72 off the
+    fp32 logits on the CPU, as transformers' own bf16 model is, while the GPU side keeps fp32's choice; through three
+    layers such flips compound, so one layer). The whole-prompt norm would measure that tie; the rows' median, on
+    the scale of bf16's own error (the CPU side in bf16 against fp32: ~0.01 for int8, ~0.04 for int4), and a bound
+    on how many rows part measure the sides."""
     path = one_layer
+    exact = LLM(path, device="cpu", dtype="float32", experts=fmt, expert_cache=False)
+    ref = exact.score(PROMPT).float()
+    exact.close()
     gpu = LLM(path, device="cuda", dtype="bfloat16", experts=fmt, expert_cache=False, gpu_memory="8GiB")
     cpu = LLM(path, device="cpu", dtype="bfloat16", experts=fmt, expert_cache=False)
     try:
         a, b = gpu.score(PROMPT).float().cpu(), cpu.score(PROMPT).float()
-        rel = ((a - b).norm() / b.norm()).item()
-        assert rel < 0.02, rel
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+        rows = (a - b).norm(dim=-1) / b.norm(dim=-1)
+        bf16_error = ((b - ref).norm(dim=-1) / ref.norm(dim=-1)).median().item()
+        assert rows.median().item() <= 2 * bf16_error + 0.01, (rows, bf16_error)
+        assert (rows > 0.1).sum().item() <= 2, rows  # routing ties flipped by rounding, on one side or the other
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.85
     finally:
         gpu.close()
         cpu.close()
