@@ -35,6 +35,31 @@ if TYPE_CHECKING:
 DECODE_SPAN = "cadenza.decode"  # a decode step, for profiles and timelines
 
 
+class Passes:
+    """How many passes of each kind ("prefill", "decode", "mixed") the engine's batches ran and the seconds their
+    steps took (host clock; each kind's step ends in a read-back): where an offline job's time goes."""
+
+    def __init__(self):
+        self.count: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.count[kind] = self.count.get(kind, 0) + 1
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+
+    def snapshot(self) -> dict[str, tuple[int, float]]:
+        return {k: (n, self.seconds[k]) for k, n in self.count.items()}
+
+    def since(self, before: dict[str, tuple[int, float]]) -> dict[str, dict]:
+        """{kind: {"passes": n, "seconds": s}} of the passes after `before` (a snapshot)."""
+        out = {}
+        for k, n in self.count.items():
+            n0, s0 = before.get(k, (0, 0.0))
+            if n > n0:
+                out[k] = {"passes": n - n0, "seconds": round(self.seconds[k] - s0, 3)}
+        return out
+
+
 class Request:
     """One request's decoding state inside a Batch."""
 
@@ -120,7 +145,16 @@ class Batch:
     prompt then delays the others' next token by one such chunk, not by its whole prefill (the server's
     interleaved prefill). A prompt whose log-probs are asked for is prefilled whole."""
 
-    def __init__(self, engine: Engine, slots: int, length: int | None = None, prefill_per_step: int | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        slots: int,
+        length: int | None = None,
+        prefill_per_step: int | None = None,
+        mix: bool = False,
+    ):
+        """mix: a step that decodes and has whole prompts to prefill runs both as one pass (Engine.mixed), where
+        the engine can: with experts offloaded, the layer's missing experts then cross the link once for both."""
         if prefill_per_step is not None and prefill_per_step < 1:
             raise ValueError(f"prefill_per_step must be at least 1, got {prefill_per_step}")
         self.engine = engine
@@ -131,6 +165,7 @@ class Batch:
         self.running: list[Request] = []
         self.lock = threading.Lock()
         self.prefill_per_step = prefill_per_step
+        self.mix = mix
         self.max_prefill_step = 0  # the most prompt tokens one step has prefilled (the bound of a stall)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None) -> Request:
@@ -169,7 +204,13 @@ class Batch:
                 continue
             self._start(seq)
         budget = self.prefill_per_step if self.prefill_per_step is not None else float("inf")
+        if decoding and self.prefilling and self.mix and engine.mixes(len(decoding)):
+            # the pass's tokens within the prefill chunk, like a prefill pass's (the activation workspace)
+            group = self._front_group(min(budget, engine.prefill_chunk - len(decoding)))
+            if group:
+                return self._mixed_step(decoding, group)
         done = 0
+        t0 = time.perf_counter()
         while self.prefilling and done < budget:
             group = self._front_group(budget - done)
             if len(group) > 1:
@@ -198,15 +239,38 @@ class Batch:
                 self.prefilling.popleft()
                 out.append((seq, step))
         self.max_prefill_step = max(self.max_prefill_step, int(done))
+        if done:
+            engine.passes.add("prefill", time.perf_counter() - t0)
         if decoding:
+            t0 = time.perf_counter()
             logits = engine.decode([s.next_token for s in decoding], self.cache, [s.slot for s in decoding])
-            best = batch_argmax(logits, [s.sampler.plain_greedy for s in decoding])
-            for i, seq in enumerate(decoding):
-                step = seq.emit(seq.sampler.sample(logits[i], best.get(i)), engine)
-                out.append((seq, step))
-                if seq.finished:
-                    self._leave(seq, None)
+            self._emit(decoding, logits, out)
+            engine.passes.add("decode", time.perf_counter() - t0)
         return out
+
+    def _mixed_step(self, decoding: list[Request], group: list[Request]) -> list[tuple[Request, Step]]:
+        """The running sequences' next tokens and `group`'s prompts (the front of `prefilling`) in one pass."""
+        engine, out = self.engine, []
+        t0 = time.perf_counter()
+        tokens, rows = [s.next_token for s in decoding], [s.slot for s in decoding]
+        logits, first = engine.mixed(tokens, rows, [s.prompt_ids for s in group], [s.slot for s in group], self.cache)
+        for i, seq in enumerate(group):
+            self.prefilling.popleft()
+            seq.prefilled = len(seq.prompt_ids)
+            out.append((seq, self._first_token(seq, first[i : i + 1], None)))
+        self.max_prefill_step = max(self.max_prefill_step, sum(len(s.prompt_ids) for s in group))
+        self._emit(decoding, logits, out)
+        engine.passes.add("mixed", time.perf_counter() - t0)
+        return out
+
+    def _emit(self, decoding: list[Request], logits: torch.Tensor, out: list) -> None:
+        """Samples each decoding row's token from its logits row (plain greedy rows by one argmax), into `out`."""
+        best = batch_argmax(logits, [s.sampler.plain_greedy for s in decoding])
+        for i, seq in enumerate(decoding):
+            step = seq.emit(seq.sampler.sample(logits[i], best.get(i)), self.engine)
+            out.append((seq, step))
+            if seq.finished:
+                self._leave(seq, None)
 
     def _start(self, seq: Request) -> None:
         """Gives a queued sequence a slot; its prompt is prefilled by this and later steps (`_prefill`)."""
@@ -312,6 +376,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # bounds the activation workspace of long prompts
         self.max_batch = max_batch  # sequences whose cache is reserved on the GPU
         self.step_hook = None  # called before each decode step (a profiler's `step`: cadenza.bench.timeline)
+        self.passes = Passes()
         self._cache = None
         from cadenza.graphs import StepGraphs
 
@@ -374,17 +439,49 @@ class Engine:
         (causal attention, per-token experts), their cache entries lie past the row's length (the mask hides them,
         the row's next tokens overwrite them) -> logits [B, V] float32 of each prompt's last position. With experts
         offloaded one pass streams the layer's missing experts once for all of them, not once a prompt."""
-        lengths = [len(p) for p in prompts]
-        n = max(lengths)
-        ids = torch.tensor([p + p[-1:] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
-        last = torch.tensor([m - 1 for m in lengths], device=self.device)
-        # routing statistics count the prompts' own tokens (no mask where no prompt is padded: nothing to drop)
-        real = None if min(lengths) == n else (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).reshape(-1)
+        ids, last, real = self._padded(prompts)
         with padded(real):
             logits = self.model(ids, cache, rows=rows, last=last)[:, 0]
         for r, p in zip(rows, prompts, strict=True):
             cache.lengths[r] = len(p)
         return logits
+
+    def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """prompts right-padded to the longest (`prefill_group`) -> ids [B, T], each row's last real position [B],
+        and the real tokens' mask [B*T] for the routing statistics (None where no prompt is padded)."""
+        lengths = [len(p) for p in prompts]
+        n = max(lengths)
+        ids = torch.tensor([p + p[-1:] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        last = torch.tensor([m - 1 for m in lengths], device=self.device)
+        real = None if min(lengths) == n else (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).reshape(-1)
+        return ids, last, real
+
+    def mixes(self, rows: int) -> bool:
+        """Whether a decode step of `rows` sequences may take a prompt group's prefill into its pass (`mixed`):
+        the family's passes mix (CausalLM.mixes_passes) and the step is not a host cache's micro-batched one."""
+        return getattr(self.model, "mixes_passes", False) and not (self.kv_host and self.micro.applies(rows))
+
+    def mixed(
+        self, token_ids: list[int], rows: list[int], prompts: list[list[int]], prompt_rows: list[int], cache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step (token_ids[b] appended to slot rows[b]) and the prefill of `prompts` (into the emptied
+        slots prompt_rows, padded as `prefill_group` pads them) as one pass: each part's attention on its own,
+        every layer's experts once for both (CausalLM.forward_mixed) -> (logits [B, V] of the decode rows, logits
+        [P, V] of each prompt's last position), float32. Eager: the pass's shapes change with the prompts."""
+        if self.step_hook is not None:
+            self.step_hook()
+        ids, last, real = self._padded(prompts)
+        step = torch.tensor([[t] for t in token_ids], dtype=torch.long, device=self.device)
+        if real is not None:
+            real = torch.cat((torch.ones(len(token_ids), dtype=torch.bool), real))
+        with torch.profiler.record_function(DECODE_SPAN), padded(real):
+            logits, first = self.model.forward_mixed([(step, rows, None), (ids, prompt_rows, last)], cache)
+        for r, p in zip(prompt_rows, prompts, strict=True):
+            cache.lengths[r] = len(p)
+        if self._step_done is not None:
+            self._step_done.record()
+            self._step_done.synchronize()
+        return logits, first
 
     def decode(self, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
         """One decode step: token_ids[b] appended to cache slot rows[b] -> logits [B, V] float32. Replayed as a
@@ -484,7 +581,11 @@ class Engine:
         bounded: at most `slots` running plus one window waiting. Beam-search requests run alone, when read."""
         source = iter(requests)
         window: deque[tuple[object, list[int], SamplingParams]] = deque()
-        batch = Batch(self, slots, self.max_context)
+        # With experts offloaded, prompts are prefilled a chunk a step inside the decode steps' passes (Batch's mix):
+        # the layer's missing experts cross the link once for both, and admissions spread over the steps instead
+        # of whole batches prefilled apart, each pass streaming every expert again
+        mix = self.orchestra is not None and getattr(self.model, "mixes_passes", False)
+        batch = Batch(self, slots, self.max_context, prefill_per_step=self.prefill_chunk if mix else None, mix=mix)
         tags: dict[int, object] = {}
         exhausted = False
         while True:

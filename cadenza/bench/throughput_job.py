@@ -51,6 +51,19 @@ TIMELINE_STEPS = 3
 TIMELINE_ROWS = 512  # sequences in a run's timeline: its batch, up to this (the prefill is not recorded; T1: ~15 s)
 
 
+def ramp_steps(rows: int, prompt: int, chunk: int) -> int:
+    """Mixed steps before `rows` prompts of `prompt` tokens all run, each pass holding at most `chunk` tokens
+    (cadenza.engine's Batch with mix: a first pass prefills alone, then each step's decode rows leave the rest of
+    the chunk to the next prompts)."""
+    admitted, steps = min(rows, chunk // prompt), 0
+    while admitted < rows:
+        more = (chunk - admitted) // prompt
+        if more < 1:  # a chunk full of decode rows: the rest are prefilled in passes of their own
+            break
+        admitted, steps = min(rows, admitted + more), steps + 1
+    return steps
+
+
 def job_prompts(n: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
     return [random_prompt(tokens, vocab, seed * 100_003 + i) for i in range(n)]
 
@@ -110,9 +123,11 @@ def run_job(
             )  # fmt: skip  (warm-up: kernels, the cache's first growth)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            passes = llm.engine.passes.snapshot()
             t0 = time.perf_counter()
             results = llm.generate(prompts, params, mode="throughput")
             seconds = time.perf_counter() - t0
+            passes = llm.engine.passes.since(passes)
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             add(scenario, {**row, "skipped": f"out of GPU memory: {str(e).splitlines()[0]}"})
@@ -129,6 +144,7 @@ def run_job(
             generated_tokens=tokens,
             seconds=round(seconds, 3),
             throughput_tok_s=round(rate, 2),
+            passes=passes,  # {"prefill" | "decode" | "mixed": {"passes", "seconds"}}: where the job's time went
             **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in roof.items()},
             roofline_fraction=round(rate / roof["roofline_tok_s"], 3) if roof["roofline_tok_s"] else None,
             plan=plan.as_dict(),
@@ -144,7 +160,9 @@ def run_job(
             from cadenza.bench.timeline import record_timeline, write_timeline
 
             rows = min(batch, TIMELINE_ROWS)
-            tl = record_timeline(llm, prompts[:rows], TIMELINE_STEPS)
+            ramp = ramp_steps(rows, p, llm.engine.prefill_chunk) if llm.engine.orchestra is not None else 0
+            # the last mixed steps of the batch's start and the first full decode step after them
+            tl = record_timeline(llm, prompts[:rows], TIMELINE_STEPS, skip=max(1, ramp - TIMELINE_STEPS + 1))
             where = "on the GPU" if kv == "gpu" else "on the host"
             title = f"{scenario}: {rows} sequences, KV cache {where}, {micro} micro-batch{'es' if micro > 1 else ''}"
             log(f"timeline: {', '.join(str(f) for f in write_timeline(tl, name, title))}")

@@ -22,10 +22,10 @@ COLORS = {"attention": "tab:orange", "experts": "tab:blue", "kv": "tab:green", "
 TRANSFER_PREFIXES = ("Memcpy", "Memset", "memcpy", "memset")
 
 
-def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
+def record_timeline(llm, prompts: list[list[int]], steps: int, skip: int = 1) -> dict:
     """{"lanes": {lane: [[kind, name, start_ms, end_ms], ...]}, "span_ms": ...} for `steps` decode steps of
-    `prompts`, from the second decode step on: the profiler records only those (a schedule stepped by the engine's
-    `step_hook`), so the prefill of a whole batch costs no events and the first step's warm-up is left out."""
+    `prompts` after the first `skip` + 1 (a warm-up): the profiler records only those (a schedule stepped by the
+    engine's `step_hook`, which mixed steps call too), so the prefill of a whole batch costs no events."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -35,10 +35,10 @@ def record_timeline(llm, prompts: list[list[int]], steps: int) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     config = _all_threads_config()
     kw = {"experimental_config": config} if config is not None else {}
-    # decode call 1 starts the warm-up, calls 2 .. steps + 1 are recorded, call steps + 2 ends the recording
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
+    # decode calls 1 .. skip wait, the next warms up, the `steps` after it are recorded, one more ends the recording
+    params = SamplingParams(temperature=0.0, max_tokens=skip + steps + 3, ignore_eos=True)
     engine = llm.engine
-    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1), **kw) as prof:
+    with profile(activities=activities, schedule=schedule(wait=skip, warmup=1, active=steps, repeat=1), **kw) as prof:
         engine.step_hook = prof.step
         try:
             llm.generate(prompts, params, mode="throughput")

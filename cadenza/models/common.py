@@ -369,7 +369,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
+        return self.ffn_residual(self.attention_residual(hidden_states, ctx))
+
+    def attention_residual(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
+
+    def ffn_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The feed-forward half: per token, so tokens of several passes may go through it as one (`forward_mixed`)."""
         return hidden_states + getattr(self, self.mlp_name)(self.post_attention_layernorm(hidden_states))
 
 
@@ -437,6 +443,32 @@ class DecoderModel(nn.Module):
             cache.advance(rows, t)
         return self.norm(h)
 
+    def forward_mixed(self, parts: list[tuple[torch.Tensor, list[int]]], cache: Cache) -> list[torch.Tensor]:
+        """Several passes as one: parts[i] = (input_ids [B_i, T_i], cache rows) on disjoint rows -> hidden states
+        [B_i, T_i, H] each, equal to `forward` on each part. Each part's attention runs on its own (its own
+        positions and mask); the feed-forward halves take every part's tokens together, so a layer's experts are
+        fetched once for all of them (a decode step and a prompt's prefill: cadenza.engine's mixed step)."""
+        hs = [self.embed_tokens(ids) for ids, _ in parts]
+        ctxs = [
+            AttentionContext.build(cache, rows, ids.shape[1], self.rotary_emb, h.dtype, self.sliding_window)
+            for (ids, rows), h in zip(parts, hs, strict=True)
+        ]
+        windows = self.layer_windows or [self.sliding_window] * len(self.layers)
+        contexts = [{self.sliding_window: c} for c in ctxs]
+        for layer, window in zip(self.layers, windows, strict=True):
+            for own, c in zip(contexts, ctxs, strict=True):
+                if window not in own:
+                    own[window] = self.layer_context(c, window)
+            hs = [layer.attention_residual(h, own[window]) for h, own in zip(hs, contexts, strict=True)]
+            flat = layer.ffn_residual(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs])[None])[0]
+            hs = [
+                part.view(h.shape)
+                for part, h in zip(flat.split([h.shape[0] * h.shape[1] for h in hs]), hs, strict=True)
+            ]
+        for ids, rows in parts:
+            cache.advance(rows, ids.shape[1])
+        return [self.norm(h) for h in hs]
+
     def layer_context(self, ctx: AttentionContext, window: int | None) -> AttentionContext:
         """The context of the layers whose `layer_windows` entry is `window` (ctx: the pass's, for
         sliding_window): by default the causal mask narrowed to the last `window` positions."""
@@ -483,3 +515,19 @@ class CausalLM(nn.Module):
         with `last`); rows: the cache slots (default 0..B-1); static: see DecoderModel.forward."""
         h = self.model(input_ids, cache, rows) if static is None else self.model(input_ids, cache, static=static)
         return self.lm_head(last_positions(h, last_only, last)).float()
+
+    @property
+    def mixes_passes(self) -> bool:
+        """Whether `forward_mixed` computes what `forward` does for each part (families that override `forward`,
+        e.g. Phi-MoE's LongRoPE switch, do not take mixed passes)."""
+        return type(self).forward is CausalLM.forward and isinstance(self.model, DecoderModel)
+
+    def forward_mixed(
+        self, parts: list[tuple[torch.Tensor, list[int], torch.Tensor | None]], cache: Cache
+    ) -> list[torch.Tensor]:
+        """parts[i] = (input_ids [B_i, T_i], rows, last: row b's position whose logits are wanted, None: the last
+        position) -> logits [B_i, V] float32 each (DecoderModel.forward_mixed)."""
+        hs = self.model.forward_mixed([(ids, rows) for ids, rows, _ in parts], cache)
+        out = [last_positions(h, True, last)[:, 0] for h, (_, _, last) in zip(hs, parts, strict=True)]
+        sizes = [o.shape[0] for o in out]
+        return list(self.lm_head(torch.cat(out)).float().split(sizes))

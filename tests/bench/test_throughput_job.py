@@ -43,6 +43,10 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
         assert link_s >= 0 and (link_s == 0) == (resident == total)
         assert row["generated_tokens"] == 5 * 3 and row["throughput_tok_s"] > 0 and row["max_batch"] >= 1
         assert row["plan"]["kv_on_host"] == (row["kv_cache"] == "host") and row["prompts"] == 5
+        # where the job's time went: each generated token after a prompt's first came from a decode or mixed pass
+        passes = row["passes"]
+        assert set(passes) <= {"prefill", "decode", "mixed"} and all(p["seconds"] >= 0 for p in passes.values())
+        assert sum(passes[k]["passes"] for k in passes if k != "prefill") >= 3 - 1
     assert "host memory" in rows[1]["cuda_graphs"] or "no CUDA" in rows[1]["cuda_graphs"]
     # each run's timeline of its decode steps: the engine's step marks, and with the cache on the host the CPU
     # attention's spans on the threads that ran them
