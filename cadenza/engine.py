@@ -1,10 +1,11 @@
 """Prefill, then decode with the KV cache: the one token generator that the API, the CLI, chat, the server and
 the bench consume. Nothing else re-implements the decode loop.
 
-Sequences run in a `Batch`: each owns a slot of one slot cache; a new sequence is prefilled alone (in chunks),
-then every running sequence advances one token per step together, so their tokens cross each MoE layer at once
-and an expert's weights are read once per step for all of them (continuous batching: sequences join and leave
-between steps). A single `generate` is a batch of one. Beam search runs its beams as the rows of one batch and
+Sequences run in a `Batch`: each owns a slot of one slot cache; a new sequence is prefilled (in chunks, or in one
+padded pass with prompts of about its length), then every running sequence advances one token per step together,
+so their tokens cross each MoE layer at once and an expert's weights are read once per step for all of them
+(continuous batching: sequences join and leave between steps). An offline job with offloaded experts prefills its
+prompts inside the decode steps' passes (`Engine.mixed`). A single `generate` is a batch of one. Beam search runs its beams as the rows of one batch and
 reorders the cache rows as beams are kept or dropped (`beam_search`).
 """
 
@@ -576,7 +577,7 @@ class Engine:
         """Throughput mode: (tag, prompt ids, params) requests, read lazily from `requests`, run in one Batch of
         `slots` slots that is refilled as sequences finish -> (tag, Generation) as each one finishes (not in input
         order). With `sort_window` > 1, requests are read that many at a time and each window is admitted shortest
-        prompt first: every prompt is prefilled alone, so sorting saves no prefill padding, but a decode step's
+        prompt first: prompts of about one length are prefilled together with less padding, and a decode step's
         attention spans the longest row of the step, so rows of similar lengths waste less of it. Memory stays
         bounded: at most `slots` running plus one window waiting. Beam-search requests run alone, when read."""
         source = iter(requests)
