@@ -133,7 +133,7 @@ def test_interleaved_prefill_keeps_other_streams_going(mixtral):
     """A long prompt admitted while another sequence decodes is prefilled 4 tokens a step (Batch's
     prefill_per_step, the server's --prefill-chunk): the running sequence gets a token at every step meanwhile, no
     step prefills more than 4 prompt tokens, and both results equal each run alone."""
-    from cadenza.engine import Batch
+    from cadenza.batch import Batch
 
     _, _, llm = mixtral
     short, long_ = prompt_ids(3, seed=40), prompt_ids(30, seed=41)

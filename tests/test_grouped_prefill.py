@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cadenza import LLM, SamplingParams
-from cadenza.engine import Batch, Engine
+from cadenza.batch import Batch
+from cadenza.engine import Engine
 from tests.conftest import budget_for, prompt_ids
 from tests.models.test_families import GREEDY_MODELS
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cadenza import LLM, SamplingParams
-from cadenza.engine import Batch
+from cadenza.batch import Batch
 from tests.conftest import budget_for, prompt_ids
 from tests.models.test_families import GREEDY_MODELS
 

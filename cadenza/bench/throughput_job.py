@@ -53,7 +53,7 @@ TIMELINE_ROWS = 512  # sequences in a run's timeline: its batch, up to this (the
 
 def ramp_steps(rows: int, prompt: int, chunk: int) -> int:
     """Mixed steps before `rows` prompts of `prompt` tokens all run, each pass holding at most `chunk` tokens
-    (cadenza.engine's Batch with mix: a first pass prefills alone, then each step's decode rows leave the rest of
+    (cadenza.batch's Batch with mix: a first pass prefills alone, then each step's decode rows leave the rest of
     the chunk to the next prompts)."""
     admitted, steps = min(rows, chunk // prompt), 0
     while admitted < rows:

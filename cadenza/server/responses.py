@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from cadenza.engine import Step
+from cadenza.generation import Step
 from cadenza.scoring import TokenScore
 from cadenza.server.protocol import Parsed
 from cadenza.text.reasoning import ReasoningSplitter

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cadenza.engine import Batch, Request, Step
+from cadenza.batch import Batch, Request
 from cadenza.errors import CadenzaError
+from cadenza.generation import Step
 from cadenza.sampling import SamplingParams
 from cadenza.server.errors import APIError
 from cadenza.server.metrics import Metrics

@@ -459,7 +459,7 @@ def test_serve_flags_json_log_cors_limit_and_warning(llm, tmp_path):
 def test_batch_drops_a_cancelled_request_from_its_queue(llm):
     """Batch.cancel on a queued sequence: it leaves the queue at once (finished, "abort"), never taking a slot."""
     from cadenza import SamplingParams
-    from cadenza.engine import Batch
+    from cadenza.batch import Batch
     from tests.conftest import prompt_ids
 
     batch = Batch(llm.engine, slots=1, length=64)
