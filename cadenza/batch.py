@@ -128,6 +128,7 @@ class Batch:
         self.lock = threading.Lock()
         self.prefill_per_step = prefill_per_step
         self.mix = mix
+        self.last_rows = 0  # the last decode step's rows (with mix: a batch size gets a graph when it repeats)
         self.max_prefill_step = 0  # the most prompt tokens one step has prefilled (the bound of a stall)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, gen: Generation | None = None) -> Request:
@@ -205,7 +206,12 @@ class Batch:
             engine.passes.add("prefill", time.perf_counter() - t0)
         if decoding:
             t0 = time.perf_counter()
-            logits = engine.decode([s.next_token for s in decoding], self.cache, [s.slot for s in decoding])
+            # with mix, sizes change nearly every step while prompts join and leave (a batch's tail: one size a
+            # step as each group finishes); a graph captured for one replay costs more than the step it speeds
+            capture = not self.mix or len(decoding) == self.last_rows
+            tokens, rows = [s.next_token for s in decoding], [s.slot for s in decoding]
+            logits = engine.decode(tokens, self.cache, rows, capture=capture)
+            self.last_rows = len(decoding)
             self._emit(decoding, logits, out)
             engine.passes.add("decode", time.perf_counter() - t0)
         return out
@@ -221,6 +227,7 @@ class Batch:
             seq.prefilled = len(seq.prompt_ids)
             out.append((seq, self._first_token(seq, first[i : i + 1], None)))
         self.max_prefill_step = max(self.max_prefill_step, sum(len(s.prompt_ids) for s in group))
+        self.last_rows = len(decoding)
         self._emit(decoding, logits, out)
         engine.passes.add("mixed", time.perf_counter() - t0)
         return out

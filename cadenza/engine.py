@@ -196,16 +196,17 @@ class Engine:
             self._step_done.synchronize()
         return logits, first
 
-    def decode(self, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
+    def decode(self, token_ids: list[int], cache, rows: list[int], capture: bool = True) -> torch.Tensor:
         """One decode step: token_ids[b] appended to cache slot rows[b] -> logits [B, V] float32. Replayed as a
-        CUDA graph where possible (cadenza.graphs), else run eagerly."""
+        CUDA graph where possible (cadenza.graphs), else run eagerly. capture=False: a step whose graph is not
+        captured yet runs eagerly instead (a batch size that may not come again)."""
         if self.step_hook is not None:
             self.step_hook()
         with torch.profiler.record_function(DECODE_SPAN):  # (a timeline's mark: cadenza.bench.timeline)
-            return self._decode(token_ids, cache, rows)
+            return self._decode(token_ids, cache, rows, capture)
 
-    def _decode(self, token_ids: list[int], cache, rows: list[int]) -> torch.Tensor:
-        if self.graphs.enabled:
+    def _decode(self, token_ids: list[int], cache, rows: list[int], capture: bool = True) -> torch.Tensor:
+        if self.graphs.enabled and (capture or self.graphs.captured(cache, rows)):
             logits = self.graphs.run(token_ids, cache, rows)
         elif self.kv_host and self.micro.applies(len(rows)):
             logits = self.micro.decode(self.model, token_ids, cache, rows)

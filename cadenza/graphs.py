@@ -160,8 +160,8 @@ class StepGraphs:
         starts = [cache.lengths[r] for r in rows]
         if cache.ensure(max(starts) + 1):  # (a reserved cache never grows; a CPU-sized one may)
             self.clear()
-        end = min(cache.capacity, (max(starts) // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
-        key = (b, end, id(cache))
+        key = self._key(cache, rows)
+        end = key[1]
         cap = self.graphs.pop(key, None)
         if cap is None:
             cap = self._capture(b, end, cache, ids, rows, starts)
@@ -184,6 +184,15 @@ class StepGraphs:
         self.replays += 1
         cache.advance(rows, 1)
         return cap.logits[:, -1]
+
+    def _key(self, cache, rows: list[int]) -> tuple[int, int, int]:
+        """(batch, cache length bucket's end, cache): the captured step a step of `rows` replays."""
+        end = min(cache.capacity, (max(cache.lengths[r] for r in rows) // LENGTH_BUCKET + 1) * LENGTH_BUCKET)
+        return len(rows), end, id(cache)
+
+    def captured(self, cache, rows: list[int]) -> bool:
+        """Whether a step of `rows` would replay a graph already captured (nothing to capture first)."""
+        return getattr(self.orchestra, "version", None) == self.version and self._key(cache, rows) in self.graphs
 
     def _capture(self, b: int, end: int, cache, ids: list[int], rows: list[int], starts: list[int]) -> Captured:
         cap = Captured(torch.zeros(b, 1, dtype=torch.int64, device=self.device), RowIndex.static(b, self.device))

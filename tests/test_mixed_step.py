@@ -83,6 +83,36 @@ def test_offline_job_with_offloaded_experts_mixes(tmp_path, policy):
         llm.close()
 
 
+def test_mixing_batches_capture_a_graph_only_for_a_size_that_repeats(tmp_path, monkeypatch):
+    """With mix, the decode steps' sizes change as prompts join and groups finish: a size seen for the first time
+    runs eagerly (capture=False: a graph only if one is captured already), a size repeating is captured."""
+    from cadenza.engine import Engine
+
+    path, _ = GREEDY_MODELS["mixtral"](tmp_path / "m")
+    llm = LLM(path, device="cpu", dtype="float32")
+    seen: list[tuple[int, bool]] = []
+    real = Engine.decode
+
+    def spy(self, token_ids, cache, rows, capture=True):
+        seen.append((len(rows), capture))
+        return real(self, token_ids, cache, rows, capture)
+
+    monkeypatch.setattr(Engine, "decode", spy)
+    prompts = [prompt_ids(4, seed=130 + i) for i in range(5)]
+    sp = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 6, 6, 9, 9)]
+    batch = Batch(llm.engine, 5, 40, mix=True)
+    for p, s in zip(prompts, sp, strict=True):
+        batch.add(p, s)
+    while len(batch):
+        batch.step()
+    assert seen, "no decode steps"
+    last = 0
+    for rows, capture in seen:
+        assert capture == (rows == last), seen
+        last = rows
+    assert any(c for _, c in seen) and not all(c for _, c in seen)
+
+
 @pytest.mark.parametrize(("rows", "p", "want"), [(7, 4, 1), (30, 4, 8)])
 def test_ramp_steps_counts_the_batch_starts_mixed_steps(tmp_path, rows, p, want):
     """cadenza.bench.throughput_job.ramp_steps (where a T1 timeline starts recording) against a Batch: (7, 4): 6
