@@ -1,4 +1,5 @@
 # Call 1: llama.cpp's peers (llama-bench, llama-batched-bench) ready, `pytest -m gpu` meanwhile; logs in $OUT.
+# PROBE=1: then benchmarks/box/pack_speed.py (~1-2 minutes: why int4 loads pack slowly here).
 # The peers: .peers/llama-prebuilt.tar.xz (benchmarks/box/prebuild-llama.sh, built on the development machine) where
 # it runs here (it lists the GPU), else built from source in the background (~5 min of the call).
 source benchmarks/box/setup.sh
@@ -20,3 +21,4 @@ timeout 540 python3 -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider test
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.log" | tail -20
 wait
 tail -2 "$OUT/build.log"
+if [ -n "${PROBE:-}" ]; then timeout 240 python3 benchmarks/box/pack_speed.py > "$OUT/pack-speed.log" 2>&1; tail -12 "$OUT/pack-speed.log"; fi
