@@ -105,7 +105,8 @@ class Batch:
     prefill_per_step: at most this many prompt tokens are prefilled in one step (None: every admitted prompt
     whole), the rest of a long prompt in the following steps, between the running sequences' decode steps: a long
     prompt then delays the others' next token by one such chunk, not by its whole prefill (the server's
-    interleaved prefill). A prompt whose log-probs are asked for is prefilled whole."""
+    interleaved prefill). A prompt whose log-probs are asked for is prefilled whole. With `mix`, a step that has
+    both runs its prompt group and its decode rows as one pass (offline jobs: `Engine.run_many`)."""
 
     def __init__(
         self,
