@@ -8,4 +8,7 @@ for w in .whl/*.whl; do
   esac
   pip install -q --no-deps --target /tmp/site "$w" >/dev/null 2>&1
 done
-export PYTHONPATH=/tmp/site:$PWD CADENZA_CACHE=/tmp/czc
+# The cache (the compiled CPU kernel, ~30 s; the link and CPU measurements) in the checkout, git-ignored: the device
+# keeps a warm machine's ignored files between calls, and /tmp/czc was gone by the next call (session 16: every call
+# compiled the kernel again)
+export PYTHONPATH=/tmp/site:$PWD CADENZA_CACHE=$PWD/.czc
