@@ -192,11 +192,10 @@ class Batch:
                 self.free.append(seq.slot)
                 continue
             whole = seq.params.prompt_logprobs is not None or self.prefill_per_step is None
-            n = (
-                len(seq.prompt_ids) - seq.prefilled
-                if whole
-                else min(budget - done, len(seq.prompt_ids) - seq.prefilled)
-            )
+            left = len(seq.prompt_ids) - seq.prefilled
+            if self.mix and done and not whole and not seq.prefilled and budget - done < left <= engine.prefill_chunk:
+                break  # not split: it goes whole into the next step's pass, which can mix it with the decode rows
+            n = left if whole else min(budget - done, left)
             step = self._prefill(seq, int(n))
             done += n
             if step is not None:
