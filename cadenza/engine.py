@@ -191,9 +191,7 @@ class Engine:
             logits, first = self.model.forward_mixed([(step, rows, None), (ids, prompt_rows, last)], cache)
         for r, p in zip(prompt_rows, prompts, strict=True):
             cache.lengths[r] = len(p)
-        if self._step_done is not None:
-            self._step_done.record()
-            self._step_done.synchronize()
+        self._wait_step()
         return logits, first
 
     def decode(self, token_ids: list[int], cache, rows: list[int], capture: bool = True) -> torch.Tensor:
@@ -213,10 +211,14 @@ class Engine:
         else:
             ids = torch.tensor([[t] for t in token_ids], dtype=torch.long, device=self.device)
             logits = self.model(ids, cache, last_only=True, rows=rows)[:, -1]
+        self._wait_step()
+        return logits
+
+    def _wait_step(self) -> None:
+        """Waits for the step's GPU work in a blocking event (offloaded experts: see `_step_done`)."""
         if self._step_done is not None:
             self._step_done.record()
             self._step_done.synchronize()
-        return logits
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:

@@ -220,7 +220,7 @@ class LayerPacker:
         self.on_packed = on_packed
         self.done = 0
         self.pack_s = 0.0  # seconds the layers took to pack (on_packed's writing apart), and the reader waited
-        self.wait_s = 0.0  # for them: where a load's time goes (the H200 box read Mixtral at 0.65 GB/s, unexplained)
+        self.wait_s = 0.0  # for them: where a load's time goes (the H200 box: Mixtral packing-bound, Qwen3 not)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cadenza-packer")
         self._pending: Future | None = None
         self._lock = threading.Lock()
