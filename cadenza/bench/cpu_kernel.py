@@ -187,8 +187,12 @@ class Bench:
         """Weight bytes a call reads: every expert its tokens touch, once."""
         return int(statistics.mean(len(torch.unique(ids)) for ids, _ in self.routes[t]) * per_expert)
 
-    def run_format(self, fmt: str, kernel_ok: bool, layout: str = "tiled") -> None:
+    def run_format(self, fmt: str, kernel_ok: bool, layout: str = "tiled", activations: str = "exact") -> None:
+        """activations "int8": K-quant tiles take int8 activations (cpu_moe.default_int8_dot, through the
+        environment); the rows' format is then named FMT@int8, and its output error is taken against FMT's."""
         a, sh, seconds = self.args, self.shape, self.args.seconds
+        os.environ[cpu_moe.ACTIVATIONS_ENV] = activations
+        name = fmt if activations == "exact" else f"{fmt}@{activations}"  # the rows' format
         e, k, act = sh["experts"], sh["k"], sh["act"]
         t0 = time.perf_counter()
         if layout == "plain":  # bf16 only: the stacked tensors themselves (copies: clones of them)
@@ -210,14 +214,17 @@ class Bench:
         eb = packed.expert_bytes
         common = {"layout": layout, "expert_bytes": eb, "rotation_gb": round(n_copies * packed.nbytes / GB, 2)}
         common["pack_s"] = round(time.perf_counter() - t0, 1)
-        label = fmt if layout == "tiled" else f"{fmt}-{layout}"
+        label = name if layout == "tiled" else f"{name}-{layout}"
 
         y = cpu_moe.moe_forward(
             packed, *self.err_input, None, act, self.threads, route="auto" if kernel_ok else "torch"
         )
         self.outputs[label] = y
+        exact = self.outputs.get(label.replace(name, fmt, 1)) if activations != "exact" else None
         if label == "bf16":
             self.y_bf16 = y
+        elif exact is not None:  # int8 activations against the same tiles' exact products
+            self.errors[label] = round(((y - exact).norm() / exact.norm()).item(), 7)
         elif self.y_bf16 is not None:
             self.errors[label] = round(((y - self.y_bf16).norm() / self.y_bf16.norm()).item(), 7)
 
@@ -242,32 +249,32 @@ class Bench:
             if kernel_ok:
                 for pf in self.prefetches if t == 1 else self.prefetches[:1]:
                     times = timed(lambda n, pf=pf: call(n, "kernel", pf), seconds, 5, 10_000)
-                    self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, **common)
+                    self.record(name, t, "kernel", times, nbytes, prefetch=pf, **common)
                     if a.gap_ms and t == 1:  # the same calls after an idle pause each: what a cold pool costs
                         gap = a.gap_ms / 1e3
                         times = timed(lambda n, pf=pf: call(n, "kernel", pf), seconds, 5, 10_000, gap=gap)
-                        self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, gap_ms=a.gap_ms, **common)
+                        self.record(name, t, "kernel", times, nbytes, prefetch=pf, gap_ms=a.gap_ms, **common)
                 if t == 1 and layout == "tiled":  # the same bytes read with no arithmetic: the kernel's ceiling
                     pf = self.prefetches[0]
                     for th in self.sweep or [self.threads]:
                         if th != self.threads:
                             times = timed(lambda n, th=th, pf=pf: call(n, "kernel", pf, th), seconds, 5, 10_000)
-                            self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, **common)
+                            self.record(name, t, "kernel", times, nbytes, prefetch=pf, **common)
                             self.results[-1]["threads"] = th
                         times = timed(lambda n, th=th: read(n, th), seconds, 5, 10_000)
-                        self.record(fmt, t, "read", times, nbytes, **common)
+                        self.record(name, t, "read", times, nbytes, **common)
                         self.results[-1]["threads"] = th
                 if t == 1 and self.logical != self.threads:  # hyper-threads: does streaming gain from them?
                     pf = self.prefetches[0]
                     times = timed(lambda n, pf=pf: call(n, "kernel", pf, self.logical), seconds, 5, 10_000)
-                    self.record(fmt, t, "kernel", times, nbytes, prefetch=pf, **common)
+                    self.record(name, t, "kernel", times, nbytes, prefetch=pf, **common)
                     self.results[-1]["threads"] = self.logical
                 if t > 1:
                     times = timed(lambda n: call(n, "mm"), seconds, 3, 10_000)
-                    self.record(fmt, t, "mm", times, nbytes, **common)
+                    self.record(name, t, "mm", times, nbytes, **common)
             if t == 1 and not a.no_torch:  # the fallback dequantizes whole experts: a couple of calls
                 times = timed(lambda n: call(n, "torch"), 0.0, 2, 2, warmup=1)
-                self.record(fmt, t, "torch-fallback", times, nbytes, **common)
+                self.record(name, t, "torch-fallback", times, nbytes, **common)
             print(f"  {label} T={t} done", file=sys.stderr)
         if self.prefill and kernel_ok:  # many tokens per expert: where the matrix units (mm) overtake the kernel
             t = self.prefill
@@ -277,7 +284,7 @@ class Bench:
                 fn = lambda n, r=route, ids=ids, w=w: cpu_moe.moe_forward(
                     copies[n % len(copies)], self.xs[t], ids, w, None, act, self.threads, route=r
                 )
-                self.record(fmt, t, route, timed(fn, 0.0, 2, 2, warmup=1), nbytes, **common)
+                self.record(name, t, route, timed(fn, 0.0, 2, 2, warmup=1), nbytes, **common)
             print(f"  {label} T={t} done", file=sys.stderr)
 
     def run_pytorch(self) -> None:
@@ -355,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-tokens", type=int, default=256, help="kernel vs mm at this many tokens (0: skip)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch paths (fallback and run_experts)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--activations",
+        default="exact",
+        help="exact and/or int8 (comma-separated): K-quant tiles also timed on int8 activations (rows FMT@int8)",
+    )
     ap.add_argument("--peer", choices=["kt-kernel"], default=None, help="also time this peer's CPU MoE operator")
     ap.add_argument("--kt-methods", default="", help="kt-kernel methods (default: all whose format is in --formats)")
     return ap
@@ -368,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         if f not in cpu_moe.FORMATS and not _block_format(f):
             ap.error(f"unknown format {f!r}: use {', '.join(cpu_moe.FORMATS)} or block formats (q4_k+q6_k, mxfp4, ...)")
     layouts = [x for x in args.layouts.split(",") if x]
+    activations = [x for x in args.activations.split(",") if x]
+    if not set(activations) <= {"exact", "int8"}:
+        raise SystemExit(f"--activations {args.activations!r}: give exact and/or int8")
+    if "int8" in activations and not cpu_moe.has_int8_dot():
+        raise SystemExit("--activations int8 needs a CPU with AVX512-VNNI and AVX512_VBMI; this one lacks them")
     for x in layouts:
         if x not in ("tiled", "plain"):
             ap.error(f"unknown layout {x!r}: use tiled, plain")
@@ -419,8 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         for layout in layouts:
             if layout == "plain" and fmt != "bf16":
                 continue  # the plain layout is the model's own bf16 tensors
-            print(f"{fmt} {layout}: packing and timing ...", file=sys.stderr)
-            bench.run_format(fmt, kernel_ok, layout)
+            for acts in activations:
+                if acts == "int8" and not set(fmt.split("+")) & set(cpu_moe.INT8_FORMATS):
+                    continue  # no int8 kernel for these tiles
+                print(f"{fmt} {layout} {acts}: packing and timing ...", file=sys.stderr)
+                bench.run_format(fmt, kernel_ok, layout, acts)
     if not args.no_torch:
         print("PyTorch run_experts on bf16 ...", file=sys.stderr)
         bench.run_pytorch()

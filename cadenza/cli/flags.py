@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import textwrap
@@ -105,6 +106,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_expert_args(p)
     a = advanced(p)
     a.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
+    a.add_argument("--cpu-activations", default=None, choices=["exact", "int8"],
+                   help="K-quant experts (GGUF Q4_K, Q5_K, Q6_K) computed on the CPU: exact (default) multiplies the "
+                   "activations as they are; int8 quantizes them to 8 bits per 256 columns first, as llama.cpp does "
+                   "(integer dot products; ~1-3%% error on a layer's output). Default: $CADENZA_CPU_ACTIVATIONS, "
+                   "else exact")  # fmt: skip
     a.add_argument("--kv-cache", default="gpu", choices=["gpu", "host"],
                    help="where the KV cache lives on a GPU run: gpu (default, in the budget) or host (host memory, "
                    "attention on the CPU: big offline batches past the GPU's memory; no CUDA graphs)")  # fmt: skip
@@ -173,6 +179,15 @@ def check_flags(args: argparse.Namespace) -> None:
             f"--cpu-threads {threads} is not valid. Use a whole number of at least 1, or leave --cpu-threads out "
             "for one per physical core."
         )
+    acts = getattr(args, "cpu_activations", None)
+    if acts == "int8":
+        from cadenza.kernels import cpu_moe
+
+        if not cpu_moe.has_int8_dot():
+            raise CadenzaError(
+                "--cpu-activations int8 needs a CPU with AVX512-VNNI and AVX512_VBMI, which this one lacks. Leave "
+                "--cpu-activations out (exact)."
+            )
     group = getattr(args, "expert_group", None)
     if group is None:
         return
@@ -196,6 +211,15 @@ def check_flags(args: argparse.Namespace) -> None:
         )
 
 
+def apply_cpu_activations(args: argparse.Namespace) -> None:
+    """--cpu-activations, where given, becomes $CADENZA_CPU_ACTIVATIONS, which the CPU kernel's calls read
+    (cpu_moe.default_int8_dot), the stream's jobs included."""
+    if getattr(args, "cpu_activations", None):
+        from cadenza.kernels.cpu_moe import ACTIVATIONS_ENV
+
+        os.environ[ACTIVATIONS_ENV] = args.cpu_activations
+
+
 def load(args: argparse.Namespace):
     """The LLM the `add_engine_args` flags ask for; says on stderr where its experts went."""
     from cadenza.llm import LLM
@@ -204,6 +228,7 @@ def load(args: argparse.Namespace):
     check_flags(args)
     if args.gpu_memory is not None:
         parse_size(args.gpu_memory, "--gpu-memory")  # the message names the flag; 24 (no unit) is refused
+    apply_cpu_activations(args)
     llm = LLM(
         args.model,
         device=args.device,

@@ -59,7 +59,7 @@ namespace {
 
 enum Fmt { BF16 = 0, INT8 = 1, INT4 = 2, Q4_0 = 3, Q4_K = 4, MXFP4 = 5, Q6_K = 6, Q8_0 = 7, Q5_K = 8 };  // layout.KERNEL_FORMATS
 enum Act { SILU = 0, GELU_TANH = 1, GELU = 2, RELU = 3, CLAMPED_SWIGLU = 4 };
-enum Stage { PAIR_SPLIT = 0, NATURAL = 1, HI_LO = 2 };
+enum Stage { PAIR_SPLIT = 0, NATURAL = 1, HI_LO = 2, Q8 = 3 };  // Q8: cpu_moe_q8.h
 
 constexpr int ROWS = 4;    // rows per tile
 constexpr int MAX_NT = 4;  // tokens per micro-kernel call
@@ -195,6 +195,9 @@ struct Scales {
   const float* base = bases.q;
   const uint16_t* base16 = bases.q16;
   const uint8_t* z = nullptr;
+  std::vector<int16_t> sc16;  // load_q8 (cpu_moe_q8.h): integer group scales, rows ngp apart; ns super-blocks a row
+  int ngp = 0, ns = 0;
+  void load_q8(int fmt, const uint8_t* tile, int ng);
   void load(int fmt, const uint8_t* tile, int ng) {
     if (fmt == INT8) {
       sc = reinterpret_cast<const float*>(tile);
@@ -771,6 +774,8 @@ __attribute__((target("avx512bf16,avx512bw,avx512f"))) void dot_blk_bf16(const A
 
 using DotFn = void (*)(const Args&, float[ROWS][MAX_NT]);
 
+#include "cpu_moe_q8.h"
+
 template <template <int> class F>
 DotFn by_nt(int nt) {
   switch (nt) {
@@ -806,6 +811,7 @@ DotFn by_group(int group, int nt) {
 
 // The micro-kernel for a format, group size, token count, staging kind and (bf16) rows per pass.
 DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
+  if (kind == Q8) return fmt == Q6_K ? by_nt<Q8F<Q6_K>::F>(nt) : fmt == Q5_K ? by_nt<Q8F<Q5_K>::F>(nt) : by_nt<Q8F<Q4_K>::F>(nt);
   if (nib_block(fmt)) {
     if (kind != HI_LO) return by_nt<Nib32::F>(nt);
     const bool min = nib_min(fmt);
@@ -888,7 +894,12 @@ inline void apply_unit(const Mat& m, int e, int64_t j, int kind, bool lo, Scales
   const int fmt = m.fmt, group = m.group;
   Args args{};
   const uint8_t* tile = m.unit(e, j, args);
-  if (tile) s.load(fmt, tile, m.ng);
+  if (tile) {
+    if (kind == Q8)
+      s.load_q8(fmt, tile, m.ng);
+    else
+      s.load(fmt, tile, m.ng);
+  }
   args.K = m.K;
   args.ks = m.ks;
   args.ng = m.ng;
@@ -917,24 +928,30 @@ inline void apply_unit(const Mat& m, int e, int64_t j, int kind, bool lo, Scales
 // Per-call work buffers, kept by the calling thread (the engine's CPU worker) so decode allocates nothing.
 struct Buffers {
   std::vector<float> xs, h, wp, gx, gh;  // (gx, gh: group sums of the staged x and h, where a format needs them)
+  std::vector<uint8_t> x8, h8;           // Q8 rows of x and h
   std::vector<int32_t> tok;
 };
 thread_local Buffers tls;
 
-// The step for either layout: mg the gate/up matrix (unit j: h[2j], h[2j + 1]), md the down matrix (unit j: y
-// rows 4j .. 4j + 3). Staged rows are mg.ks (x) and md.ks (h) long, zero past H and I.
-// How a matrix of this format wants its activations staged.
-inline int stage_kind(int fmt, int use_bf16) {
+// How a matrix of this format (K columns) wants its activations staged. dot: bit 0, the CPU has AVX512_BF16; bit 1,
+// int8 activations for the formats that have them (cpu_moe_q8.h).
+inline int stage_kind(int fmt, int dot, int K) {
+  if ((dot & 2) && q8_fmt(fmt) && K % 256 == 0) return Q8;
   if (fmt == INT8 || fmt == Q8_0) return NATURAL;
-  return use_bf16 ? HI_LO : PAIR_SPLIT;  // bf16, int4 and the nibble formats; q6_k, q5_k (6-, 5-bit codes)
+  return (dot & 1) ? HI_LO : PAIR_SPLIT;  // bf16, int4 and the nibble formats; q6_k, q5_k (6-, 5-bit codes)
 }
 
+// The step for either layout: mg the gate/up matrix (unit j: h[2j], h[2j + 1]), md the down matrix (unit j: y
+// rows 4j .. 4j + 3). Staged rows are mg.ks (x) and md.ks (h) long, zero past H and I; Q8 rows (x8, h8) are
+// q8_row_bytes apart, quantized from fp32 rows (h: phase 1 writes h in fp32, then a pass quantizes it).
+
 int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, int x_bf16, int T, const int64_t* ids,
-            const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y,
+            const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch, int dot, float* y,
             const Extra& ex) {
   if (T <= 0) return 0;
   const int Hp = mg.ks, Ip = md.ks;
-  const int kind = stage_kind(mg.fmt, use_bf16), kind_h = stage_kind(md.fmt, use_bf16);
+  const int kind = stage_kind(mg.fmt, dot, mg.K), kind_h = stage_kind(md.fmt, dot, md.K);
+  const int put_h = kind_h == Q8 ? NATURAL : kind_h;  // how phase 1 writes h
   const bool lo1 = !x_bf16;  // bf16 inputs have no low part; h always has one
 
   // (token, slot) pairs of the computed experts, grouped by expert in token order.
@@ -974,6 +991,12 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
   b.gh.resize(gsh ? size_t(P) * (Ip / 32) : 0);
   float* gx = b.gx.data();
   float* gh = b.gh.data();
+  const int64_t rbx = q8_row_bytes(Hp), rbh = q8_row_bytes(Ip);
+  b.x8.resize(kind == Q8 ? size_t(T) * rbx : 0);
+  b.h8.resize(kind_h == Q8 ? size_t(P) * rbh : 0);
+  uint8_t* x8 = b.x8.data();
+  uint8_t* h8 = b.h8.data();
+  const int put_x = kind == Q8 ? NATURAL : kind;
   const int32_t* tok = b.tok.data();
   const float* wp = b.wp.data();
 
@@ -1000,13 +1023,14 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
 #pragma omp for schedule(static)
     for (int t = 0; t < T; ++t) {
       float* dst = xs + int64_t(t) * Hp;
-      for (int i = H; i < Hp; ++i) stage_put(kind, dst, Hp, i, 0.0f);
+      for (int i = H; i < Hp; ++i) stage_put(put_x, dst, Hp, i, 0.0f);
       for (int i = 0; i < H; ++i) {
         const float v = x_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[int64_t(t) * H + i])
                                : static_cast<const float*>(x)[int64_t(t) * H + i];
-        stage_put(kind, dst, Hp, i, v);
+        stage_put(put_x, dst, Hp, i, v);
       }
       if (gsx) group_sums(dst, Hp, gx + int64_t(t) * (Hp / 32));
+      if (kind == Q8) q8_quantize(dst, Hp, x8 + t * rbx);
     }  // implicit barrier
 
     // Phase 1: h[p] = act(gate x) * (up x) for this thread's cost range of (expert, unit) pairs; h is zero past I
@@ -1024,7 +1048,10 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
             const int nb = std::min(tb1, n - tb);
             for (int64_t j = j0; j < j1; ++j) {
               apply_unit(
-                  mg, e, j, kind, lo1, s, nb, [&](int i) { return xs + int64_t(tok[p0 + tb + i]) * Hp; },
+                  mg, e, j, kind, lo1, s, nb, [&](int i) {
+                    return kind == Q8 ? reinterpret_cast<const float*>(x8 + tok[p0 + tb + i] * rbx)
+                                      : xs + int64_t(tok[p0 + tb + i]) * Hp;
+                  },
                   [&](int i) { return gsx ? gx + int64_t(tok[p0 + tb + i]) * (Hp / 32) : nullptr; },
                   [&](int i, const float* o) {
                     float* hr = hb + int64_t(p0 + tb + i) * Ip;
@@ -1035,10 +1062,10 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
                       if (ex.gate_bias) g[c] += ex.gate_bias[int64_t(e) * I + col];
                       if (ex.up_bias) u[c] += ex.up_bias[int64_t(e) * I + col];
                     }
-                    stage_put(kind_h, hr, Ip, 2 * j, 2 * j < I ? glu(g[0], u[0], act, ex) : 0.0f);
-                    stage_put(kind_h, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? glu(g[1], u[1], act, ex) : 0.0f);
+                    stage_put(put_h, hr, Ip, 2 * j, 2 * j < I ? glu(g[0], u[0], act, ex) : 0.0f);
+                    stage_put(put_h, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? glu(g[1], u[1], act, ex) : 0.0f);
                     if (j == n1 - 1)
-                      for (int64_t col = 2 * n1; col < Ip; ++col) stage_put(kind_h, hr, Ip, col, 0.0f);
+                      for (int64_t col = 2 * n1; col < Ip; ++col) stage_put(put_h, hr, Ip, col, 0.0f);
                   },
                   prefetch);
             }
@@ -1052,6 +1079,10 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
 #pragma omp for schedule(static)
       for (int p = 0; p < P; ++p) group_sums(hb + int64_t(p) * Ip, Ip, gh + int64_t(p) * (Ip / 32));
     }  // implicit barrier
+    if (kind_h == Q8) {
+#pragma omp for schedule(static)
+      for (int p = 0; p < P; ++p) q8_quantize(hb + int64_t(p) * Ip, Ip, h8 + p * rbh);
+    }  // implicit barrier
 
     // Phase 2: this thread owns down rows [4 q0, 4 q1) of y: every expert, every token, no sharing.
     {
@@ -1064,7 +1095,10 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
             const int64_t row0 = j * ROWS;
             apply_unit(
                 md, e, j, kind_h, true, s, nb,
-                [&](int i) { return hb + int64_t(p0 + tb + i) * Ip; },
+                [&](int i) {
+                  return kind_h == Q8 ? reinterpret_cast<const float*>(h8 + (p0 + tb + i) * rbh)
+                                      : hb + int64_t(p0 + tb + i) * Ip;
+                },
                 [&](int i) { return gsh ? gh + int64_t(p0 + tb + i) * (Ip / 32) : nullptr; },
                 [&](int i, const float* o) {
                   const int p = p0 + tb + i;
@@ -1143,7 +1177,7 @@ struct Job {  // a layer's decode step for the stream (cadenza_job_*)
   const float* w;
   int k;
   const uint8_t* mask;
-  int act, nthreads, prefetch, use_bf16;
+  int act, nthreads, prefetch, dot;
   float* y;
   int64_t* stats;
   int ring;
@@ -1167,17 +1201,18 @@ int cadenza_cpu_moe_features() { return 15; }
 
 // y [T, H] fp32 (accumulated into) += the routed experts' weighted outputs, for the experts e with mask[e] != 0,
 // from packed tiles. x [T, H]: fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); ids [T, k] int64; w [T, k] fp32.
-// use_bf16: the CPU has AVX512_BF16 (bf16 and int4 tiles then multiply with vdpbf16ps).
+// dot: bit 0, the CPU has AVX512_BF16 (bf16 and 4-bit tiles then multiply with vdpbf16ps); bit 1, the K-quant
+// tiles (q4_k, q5_k, q6_k) multiply int8 activations with AVX512-VNNI (cpu_moe_q8.h; needs AVX512_VBMI too).
 int cadenza_moe_forward(int gu_fmt, int gu_group, int dn_fmt, int dn_group, int E, int H, int I, int Hp, int Ip,
                         const uint8_t* gu,
                         int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,
                         int64_t dn_expert_stride, int64_t dn_tile_bytes, int64_t dn_header_bytes, const void* x,
                         int x_bf16, int T, const int64_t* ids, const float* w, int k, const uint8_t* mask, int act,
-                        int nthreads, int prefetch, int use_bf16, float* y, const Extra* ex) {
+                        int nthreads, int prefetch, int dot, float* y, const Extra* ex) {
   Mat mg, md;
   packed_mats(gu_fmt, gu_group, dn_fmt, dn_group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn,
               dn_expert_stride, dn_tile_bytes, dn_header_bytes, mg, md);
-  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y,
+  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, dot, y,
                  ex ? *ex : Extra{});
 }
 
@@ -1185,12 +1220,12 @@ int cadenza_moe_forward(int gu_fmt, int gu_group, int dn_fmt, int dn_group, int 
 // row-major and contiguous; any H, I.
 int cadenza_moe_forward_plain(int E, int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down,
                               const void* x, int x_bf16, int T, const int64_t* ids, const float* w, int k,
-                              const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y,
+                              const uint8_t* mask, int act, int nthreads, int prefetch, int dot, float* y,
                               const Extra* ex) {
   if (H <= 0 || I <= 0) return -1;
   Mat mg, md;
   plain_mats(H, I, gate, up, down, mg, md);
-  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y,
+  return forward(E, H, I, mg, md, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, dot, y,
                  ex ? *ex : Extra{});
 }
 
@@ -1216,8 +1251,8 @@ void* cadenza_job_new_packed(int gu_fmt, int gu_group, int dn_fmt, int dn_group,
                              const uint8_t* dn, int64_t dn_expert_stride, int64_t dn_tile_bytes,
                              int64_t dn_header_bytes, const void* x, int x_bf16, int T, const int64_t* ids,
                              const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch,
-                             int use_bf16, float* y, const Extra* ex, int64_t* stats, int ring) {
-  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y, stats, ring,
+                             int dot, float* y, const Extra* ex, int64_t* stats, int ring) {
+  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, dot, y, stats, ring,
                    ex ? *ex : Extra{}};
   packed_mats(gu_fmt, gu_group, dn_fmt, dn_group, Hp, Ip, gu, gu_expert_stride, gu_tile_bytes, gu_header_bytes, dn,
               dn_expert_stride, dn_tile_bytes, dn_header_bytes, j->mg, j->md);
@@ -1226,10 +1261,10 @@ void* cadenza_job_new_packed(int gu_fmt, int gu_group, int dn_fmt, int dn_group,
 
 void* cadenza_job_new_plain(int E, int H, int I, const uint16_t* gate, const uint16_t* up, const uint16_t* down,
                             const void* x, int x_bf16, int T, const int64_t* ids, const float* w, int k,
-                            const uint8_t* mask, int act, int nthreads, int prefetch, int use_bf16, float* y,
+                            const uint8_t* mask, int act, int nthreads, int prefetch, int dot, float* y,
                             const Extra* ex, int64_t* stats, int ring) {
   if (H <= 0 || I <= 0) return nullptr;
-  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, use_bf16, y, stats, ring,
+  Job* j = new Job{E, H, I, {}, {}, x, x_bf16, T, ids, w, k, mask, act, nthreads, prefetch, dot, y, stats, ring,
                    ex ? *ex : Extra{}};
   plain_mats(H, I, gate, up, down, j->mg, j->md);
   return j;
@@ -1263,7 +1298,7 @@ void cadenza_job_run(void* p) {
   int rc = 0;
   if (here)
     rc = forward(j.E, j.H, j.I, j.mg, j.md, j.x, j.x_bf16, j.T, j.ids, j.w, j.k, j.mask, j.act, j.nthreads,
-                 j.prefetch, j.use_bf16, j.y, j.ex);
+                 j.prefetch, j.dot, j.y, j.ex);
   const int64_t t1 = monotonic_ns();
   int64_t* s = j.stats;
   if (j.ring > 0) {

@@ -137,6 +137,24 @@ def has_bf16_dot() -> bool:
     return "avx512_bf16" in cpu_flags()
 
 
+INT8_FORMATS = ("q4_k", "q5_k", "q6_k")  # the tiles with an int8-activation kernel (cpu_moe_q8.h)
+ACTIVATIONS_ENV = "CADENZA_CPU_ACTIVATIONS"
+
+
+def has_int8_dot() -> bool:
+    """Whether the CPU can run the int8-activation kernel (AVX512-VNNI and AVX512_VBMI)."""
+    return {"avx512_vnni", "avx512vbmi"} <= cpu_flags()
+
+
+def default_int8_dot() -> bool:
+    """Whether K-quant experts take int8 activations by default: CADENZA_CPU_ACTIVATIONS=int8 (approximate: 8 bits an
+    activation, as llama.cpp's CPU kernels) or exact (the default: bf16 or fp32 activations, exact products)."""
+    value = os.environ.get(ACTIVATIONS_ENV, "exact").strip().lower()
+    if value not in ("exact", "int8"):
+        raise ValueError(f"{ACTIVATIONS_ENV}={value!r}: use exact or int8")
+    return value == "int8" and has_int8_dot()
+
+
 def unsupported(flags: tuple[str, ...] = _REQUIRED_FLAGS) -> str | None:
     """Why cadenza's AVX-512 kernels (this one, cpu_attention) cannot run here, needing `flags`; None if they can."""
     if os.environ.get("CADENZA_CPU_KERNEL", "1") == "0":
@@ -232,6 +250,7 @@ def moe_forward(
     mm_min_tokens: int | None = -1,
     prefetch: int = 0,
     bf16_dot: bool | None = None,
+    int8_dot: bool | None = None,
     biases: tuple | None = None,
 ) -> torch.Tensor:
     """y [T, H] float32 = sum over (t, slot) with topk_ids[t, slot] in `experts` (None: all) of
@@ -247,7 +266,8 @@ def moe_forward(
     default, `default_mm_min_tokens()`), "kernel", "mm", or "torch" (the fallback; "auto" falls back to it where
     the kernel is unavailable). prefetch: software prefetch distance in bytes inside the kernel (0: none).
     bf16_dot: bf16 weights (tiled or plain) and 4-bit tiles multiply with AVX512_BF16 dot products (None: where the
-    CPU has them and x is bf16, whose products they compute exactly; False: fp32 lanes).
+    CPU has them and x is bf16, whose products they compute exactly; False: fp32 lanes). int8_dot: q4_k, q5_k and
+    q6_k tiles multiply activations quantized to int8 per 256 columns (approximate; None: `default_int8_dot()`).
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
@@ -293,8 +313,11 @@ def moe_forward(
     if small:
         # bf16 inputs multiply exactly with vdpbf16ps; fp32 ones would lose bits past 16 (hi + lo): fp32 lanes
         bf16_dot = has_bf16_dot() and x.dtype == torch.bfloat16 if bf16_dot is None else bf16_dot
+        int8_dot = default_int8_dot() if int8_dot is None else int8_dot
+        if int8_dot and not has_int8_dot():
+            raise RuntimeError("int8 activations need a CPU with AVX512-VNNI and AVX512_VBMI; this one lacks them")
         kernel = _plain_kernel_forward if plain else _kernel_forward
-        kernel(lib, layer, x, ids, w, small, act, threads, prefetch, bf16_dot, y, biases)
+        kernel(lib, layer, x, ids, w, small, act, threads, prefetch, int(bf16_dot) | int(int8_dot) << 1, y, biases)
     if big:
         chunked(layer, x, ids, w, big, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads, biases=biases)
     return y
@@ -315,8 +338,8 @@ def _mask(num_experts: int, experts: list[int]) -> ctypes.Array:
     return mask
 
 
-def _call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y, extra) -> tuple:
-    """The kernel entries' common tail: x .. y, then the Extra."""
+def _call_args(x, ids, w, mask, act, threads, prefetch, dot, y, extra) -> tuple:
+    """The kernel entries' common tail: x .. y, then the Extra. dot: bit 0 bf16 dot products, bit 1 int8 ones."""
     return (
         x.data_ptr(),
         int(x.dtype == torch.bfloat16),
@@ -328,7 +351,7 @@ def _call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y, extra) -> t
         kernel_act(act)[0],
         threads,
         prefetch,
-        int(bf16_dot),
+        int(dot),
         y.data_ptr(),
         ctypes.byref(extra),
     )
@@ -366,21 +389,19 @@ def _plain_args(p: PlainExperts) -> tuple:
     return p.num_experts, p.hidden, p.intermediate, p.gate.data_ptr(), p.up.data_ptr(), p.down.data_ptr()
 
 
-def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y, biases) -> None:
+def _kernel_forward(lib, p: PackedExperts, x, ids, w, experts, act, threads, prefetch, dot, y, biases) -> None:
     mask = _mask(p.num_experts, experts)
     extra, _held = _extra(act, biases)
-    rc = lib.cadenza_moe_forward(
-        *_layer_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y, extra)
-    )
+    rc = lib.cadenza_moe_forward(*_layer_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, dot, y, extra))
     if rc != 0:
         raise RuntimeError(f"cadenza_moe_forward failed ({rc})")
 
 
-def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads, prefetch, bf16_dot, y, biases):
+def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads, prefetch, dot, y, biases):
     mask = _mask(p.num_experts, experts)
     extra, _held = _extra(act, biases)
     rc = lib.cadenza_moe_forward_plain(
-        *_plain_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, bf16_dot, y, extra)
+        *_plain_args(p), *_call_args(x, ids, w, mask, act, threads, prefetch, dot, y, extra)
     )
     if rc != 0:
         raise RuntimeError(f"cadenza_moe_forward_plain failed ({rc})")
@@ -392,12 +413,15 @@ def _plain_kernel_forward(lib, p: PlainExperts, x, ids, w, experts, act, threads
 _JOB_HELD: dict[int, tuple] = {}  # job address -> the bias tensors its Extra points into, until job_free
 
 
-def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int, prefetch: int = 0, biases=None) -> int:
+def job_new(
+    layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int, prefetch: int = 0, biases=None, int8_dot=None
+) -> int:
     """A job computing y [T, H] fp32 = the pairs of ids [T, k] routed to experts with mask[e] != 0, from x [T, H]
     (fp32 or bf16) and w [T, k] fp32, whenever `job_run` (or a CUDA stream, through `job_function`) runs it. Every
     tensor is read or written in place at each run, so the caller keeps them alive and fixed (pinned staging
     buffers); stats: int64 [8 + E + 2 ring] (see cpu_moe.cpp); act and biases as `moe_forward` (the biases are
-    copied to fp32 once, held until `job_free`). Returns the job's address; `job_free` frees it."""
+    copied to fp32 once, held until `job_free`); int8_dot as `moe_forward`'s. Returns the job's address; `job_free`
+    frees it."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the CPU kernel is unavailable: {_library.reason}")
@@ -413,6 +437,9 @@ def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int,
             raise ValueError(f"job buffer {name} must be a contiguous CPU tensor of {want.get(name, 'its')} dtype")
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    int8_dot = default_int8_dot() if int8_dot is None else int8_dot
+    if int8_dot and not has_int8_dot():
+        raise RuntimeError("int8 activations need a CPU with AVX512-VNNI and AVX512_VBMI; this one lacks them")
     num_experts = layer.num_experts
     if mask.numel() != num_experts or stats.numel() < 8 + num_experts + 2 * ring:
         raise ValueError("mask must hold one entry per expert and stats 8 + E + 2 ring")
@@ -427,7 +454,7 @@ def job_new(layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int,
         kernel_act(act)[0],
         threads,
         prefetch,
-        int(has_bf16_dot() and x.dtype == torch.bfloat16),
+        int(has_bf16_dot() and x.dtype == torch.bfloat16) | int(int8_dot) << 1,
         y.data_ptr(),
         ctypes.byref(extra),
         stats.data_ptr(),

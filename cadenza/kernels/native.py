@@ -19,13 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def build(source: str, cflags: list[str], ldflags: list[str], key: str = "", notice: str | None = None) -> ctypes.CDLL:
-    """Compiles `source` (a file beside this module) with `cflags` and links it with `ldflags`; `key` adds what
-    else the binary depends on (a CPU's model and flags). `notice` is logged (INFO: the CLI shows it) before a
-    compile, not when the binary is already in the cache. Raises what the compiler or ninja raise."""
+    """Compiles `source` (a file beside this module, with the headers beside it) with `cflags` and links it with
+    `ldflags`; `key` adds what else the binary depends on (a CPU's model and flags). `notice` is logged (INFO: the
+    CLI shows it) before a compile, not when the binary is already in the cache. Raises what the compiler or ninja
+    raise."""
     from torch.utils.cpp_extension import load
 
     src = Path(__file__).with_name(source)
-    text = "\n".join([src.read_text(), " ".join(cflags), " ".join(ldflags), torch.__version__, key])
+    headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]  # what the sources may include
+    text = "\n".join([src.read_text(), *headers, " ".join(cflags), " ".join(ldflags), torch.__version__, key])
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     build_dir = kernels_dir() / f"{src.stem}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)

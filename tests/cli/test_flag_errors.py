@@ -40,3 +40,27 @@ def test_flag_errors_name_the_flag(args, words):
         assert w in r.stderr, r.stderr
     for python_spelling in ("expert_group=", "max_context=", "max_batch=", "cpu_threads=", "experts='", "logprobs="):
         assert python_spelling not in r.stderr, r.stderr
+
+
+def test_cpu_activations_flag(monkeypatch):
+    """--cpu-activations int8 becomes the kernel's default; a CPU without the instructions is told so first."""
+    import argparse
+
+    from cadenza.cli import flags
+    from cadenza.errors import CadenzaError
+    from cadenza.kernels import cpu_moe
+
+    p = argparse.ArgumentParser()
+    flags.add_engine_args(p)
+    args = p.parse_args(["--cpu-activations", "int8"])
+    monkeypatch.delenv(cpu_moe.ACTIVATIONS_ENV, raising=False)
+    monkeypatch.setattr(cpu_moe, "has_int8_dot", lambda: True)
+    flags.check_flags(args)
+    flags.apply_cpu_activations(args)
+    assert cpu_moe.default_int8_dot()
+    flags.apply_cpu_activations(p.parse_args([]))  # not given: the environment stays as it is
+    assert cpu_moe.default_int8_dot()
+    monkeypatch.setattr(cpu_moe, "has_int8_dot", lambda: False)
+    with pytest.raises(CadenzaError, match="--cpu-activations int8 needs a CPU with AVX512-VNNI"):
+        flags.check_flags(args)
+    assert not cpu_moe.default_int8_dot()  # the environment asks, the CPU cannot: exact

@@ -1,0 +1,204 @@
+// cpu_moe.cpp's int8-activation path for the K-quant tiles (q4_k, q5_k, q6_k): the activations are quantized to
+// int8 per 256 columns, as llama.cpp's q8_K does, and the products are integer dot products (vpmaddubsw on the
+// unsigned codes, vpdpwssd applying each group's integer scale), about half the instructions a weight of the
+// vdpbf16ps path. Approximate: each activation carries 8 bits (the weights' codes stay exact); the tests bound its
+// error against the exact path. Included by cpu_moe.cpp after its common definitions (Args, Scales, Fmt).
+//
+// A staged Q8 row of Kp columns (Kp a multiple of 256): int8 q [Kp], where per 256 columns dx = max |x| / 127 and
+// q = round(x * (127 / max |x|)) (to nearest even, in fp32), so x ~ q dx; then fp32 dx [Kp / 256]; then fp32 sums of
+// q dx per 16 columns [Kp / 16] and per 32 columns [Kp / 32] (integer sums times dx): what a group's offset or min
+// multiplies (q6_k: sum (q - 32) s x = s sum q x - 32 s sum x; q4_k, q5_k: minus min sum x).
+//
+// The tiles are the vdpbf16ps path's (cpu_moe.cpp's header): per 128 columns a row's 64 bytes hold 16-bit words j
+// with columns 32 n + j in nibble n. The low and high nibbles of the bytes, put in column order by one two-source
+// byte permute each (vpermt2b), give two registers of 64 codes in natural order; q5_k's 5th bits are a byte mask
+// of the same columns, q6_k's high pairs one variable shift of its 32 bytes. Each 16-bit lane of vpmaddubsw's
+// result is two neighbouring columns of one group, which vpdpwssd multiplies by that group's scale (int16: q4_k,
+// q5_k 6-bit, q6_k int8) into int32 sums per super-block (256 columns), scaled by d dx in fp32 per super-block.
+
+inline bool q8_fmt(int fmt) { return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K; }
+
+inline int64_t q8_row_bytes(int64_t Kp) { return (Kp + Kp / 64 + Kp / 4 + Kp / 8 + 63) / 64 * 64; }
+
+// x [Kp] fp32 -> a staged Q8 row (above). A block whose max is below 1e-30 stages as zeros (127 / max would overflow).
+inline void q8_quantize(const float* x, int64_t Kp, uint8_t* row) {
+  int8_t* q = reinterpret_cast<int8_t*>(row);
+  float* dx = reinterpret_cast<float*>(row + Kp);
+  float* s16 = dx + Kp / 256;
+  float* s32 = s16 + Kp / 16;
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b < Kp / 256; ++b) {
+    const float* xb = x + 256 * b;
+    __m512 mx = _mm512_setzero_ps();
+    for (int i = 0; i < 256; i += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xb + i), sign));
+    const float amax = _mm512_reduce_max_ps(mx);
+    const bool zero = !(amax >= 1e-30f);
+    const float d = zero ? 0.0f : amax / 127.0f;
+    const __m512 inv = _mm512_set1_ps(zero ? 0.0f : 127.0f / amax);
+    dx[b] = d;
+    int32_t sums[16];
+    for (int i = 0; i < 16; ++i) {
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * i), inv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 256 * b + 16 * i), _mm512_cvtsepi32_epi8(qi));
+      sums[i] = _mm512_reduce_add_epi32(qi);
+    }
+    for (int i = 0; i < 16; ++i) s16[16 * b + i] = float(sums[i]) * d;
+    for (int i = 0; i < 8; ++i) s32[8 * b + i] = float(sums[2 * i] + sums[2 * i + 1]) * d;
+  }
+}
+
+// A tile's fields for dot_q8: integer scales sc16 [ROWS][ngp] (a row padded by 8, which the kernel's 16-byte loads
+// may touch), super-block scales D [ROWS][ns] and per-group offsets M [ROWS][ng] (q4_k, q5_k: dmin m; q6_k: 32 d sc).
+inline void Scales::load_q8(int fmt, const uint8_t* tile, int ng) {
+  ns = fmt == Q6_K ? ng / 16 : ng / 8;
+  ngp = ng + 8;
+  if (int(sc16.size()) < ROWS * ngp) sc16.assign(ROWS * ngp, 0);
+  if (int(buf.size()) < ROWS * (ns + ng)) buf.resize(ROWS * (ns + ng));
+  float* d = buf.data();
+  float* m = d + ROWS * ns;
+  sc = d;  // (D)
+  mn = m;  // (M)
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(tile);
+  for (int i = 0; i < ROWS * ns; ++i) d[i] = _cvtsh_ss(h[i]);
+  if (fmt == Q6_K) {  // d fp16 [4][ns]; sc int8 [4][ng]: 16 groups of 16 a super-block
+    const int8_t* scb = reinterpret_cast<const int8_t*>(h + ROWS * ns);
+    for (int r = 0; r < ROWS; ++r)
+      for (int b = 0; b < ns; ++b) {
+        const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scb + r * ng + 16 * b));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc16.data() + r * ngp + 16 * b), _mm256_cvtepi8_epi16(s8));
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s8));
+        _mm512_storeu_ps(m + r * ng + 16 * b, _mm512_mul_ps(v, _mm512_set1_ps(32.0f * d[r * ns + b])));
+      }
+  } else {  // q4_k, q5_k: d, dmin fp16 [4][ns]; sc, m uint8 [4][ng]: 8 groups of 32 a super-block
+    const uint16_t* dm = h + ROWS * ns;
+    const uint8_t* scb = reinterpret_cast<const uint8_t*>(dm + ROWS * ns);
+    const uint8_t* mb = scb + ROWS * ng;
+    for (int r = 0; r < ROWS; ++r)
+      for (int b = 0; b < ns; ++b) {
+        const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scb + r * ng + 8 * b));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(sc16.data() + r * ngp + 8 * b), _mm_cvtepu8_epi16(s8));
+        const __m256 mv = _mm256_cvtepi32_ps(
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mb + r * ng + 8 * b))));
+        _mm256_storeu_ps(m + r * ng + 8 * b, _mm256_mul_ps(mv, _mm256_set1_ps(_cvtsh_ss(dm[r * ns + b]))));
+      }
+  }
+}
+
+// Index tables: the byte permutes that put a chunk's low (A) and high (B) nibbles in column order (A's even bytes
+// are columns 0..31, its odd bytes 64..95; B's even bytes 32..63, odd 96..127), and the word permutes that spread a
+// chunk's group scales over the 16-bit lanes of columns 0..63 and 64..127 (groups of 32: 16 lanes each; of 16: 8).
+struct Q8Tables {
+  alignas(64) uint8_t lo[64], hi[64];
+  alignas(64) uint16_t g32[2][32], g16[2][32];
+  alignas(64) uint16_t q6_shift[2][32];  // q6_k: where each half's high pairs sit (bits 0, 2 | 4, 6) -> bits 4, 5
+  Q8Tables() {
+    for (int i = 0; i < 64; ++i) {
+      lo[i] = uint8_t(i < 32 ? 2 * i : 64 + 2 * (i - 32));
+      hi[i] = uint8_t(lo[i] + 1);
+    }
+    for (int i = 0; i < 32; ++i) {
+      g32[0][i] = uint16_t(i / 16);
+      g32[1][i] = uint16_t(2 + i / 16);
+      g16[0][i] = uint16_t(i / 8);
+      g16[1][i] = uint16_t(4 + i / 8);
+      q6_shift[0][i] = i < 16 ? 4 : 2;  // left: columns 0..31 from bits 0, 1; 32..63 from bits 2, 3
+      q6_shift[1][i] = i < 16 ? 0 : 2;  // right: columns 64..95 from bits 4, 5; 96..127 from bits 6, 7
+    }
+  }
+};
+const Q8Tables q8t;
+
+// out[r][t] = <row r, x[t]> with x[t] a staged Q8 row. Rows go 4 at a time up to 2 tokens, 2 at a time above (the
+// int32 and fp32 accumulators of 4 rows x 4 tokens would not fit the 32 registers).
+template <int NT, int FMT>
+__attribute__((target("avx512vnni,avx512vbmi,avx512bw,avx512f"))) void dot_q8(const Args& a,
+                                                                             float out[ROWS][MAX_NT]) {
+  constexpr int RP = NT <= 2 ? ROWS : 2;
+  constexpr int CB = FMT == Q6_K ? 384 : FMT == Q5_K ? 320 : 256;  // chunk bytes
+  constexpr int GPC = FMT == Q6_K ? 8 : 4;                          // groups a chunk
+  const Scales& s = *a.s;
+  const int K = a.K, ks = a.ks, ng = a.ng, ngp = s.ngp, ns = s.ns;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30), five = _mm512_set1_epi8(0x10);
+  const __m512i plo = _mm512_load_si512(q8t.lo), phi = _mm512_load_si512(q8t.hi);
+  const __m512i g0 = _mm512_load_si512(FMT == Q6_K ? q8t.g16[0] : q8t.g32[0]);
+  const __m512i g1 = _mm512_load_si512(FMT == Q6_K ? q8t.g16[1] : q8t.g32[1]);
+  const __m512i sh0 = _mm512_load_si512(q8t.q6_shift[0]), sh1 = _mm512_load_si512(q8t.q6_shift[1]);
+  const int8_t* xq[NT];
+  const float* dx[NT];
+  const float* gs[NT];  // the token's sums per group of this format (16 or 32 columns)
+  for (int t = 0; t < NT; ++t) {
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(a.x[t]);
+    xq[t] = reinterpret_cast<const int8_t*>(row);
+    dx[t] = reinterpret_cast<const float*>(row + ks);
+    gs[t] = dx[t] + ks / 256 + (FMT == Q6_K ? 0 : ks / 16);
+  }
+  for (int r0 = 0; r0 < ROWS; r0 += RP) {
+    __m512 f[RP][NT];
+    for (int i = 0; i < RP; ++i)
+      for (int t = 0; t < NT; ++t) f[i][t] = _mm512_setzero_ps();
+    for (int sb = 0; sb < K / 256; ++sb) {
+      __m512i acc[RP][NT];
+      for (int i = 0; i < RP; ++i)
+        for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_si512();
+      for (int cc = 0; cc < 2; ++cc) {
+        const int c = 2 * sb + cc;
+        const uint8_t* p = a.data + int64_t(c) * CB;
+        if (r0 == 0) {
+          prefetch_chunk(p, a.pf);
+          if (FMT != Q4_K && a.pf > 0) _mm_prefetch(reinterpret_cast<const char*>(p) + a.pf + 256, _MM_HINT_T0);
+        }
+        __m512i x0[NT], x1[NT];
+        for (int t = 0; t < NT; ++t) {
+          x0[t] = _mm512_loadu_si512(xq[t] + c * 128);
+          x1[t] = _mm512_loadu_si512(xq[t] + c * 128 + 64);
+        }
+        for (int i = 0; i < RP; ++i) {
+          const int r = r0 + i;
+          const __m512i v = _mm512_loadu_si512(p + 64 * r);
+          const __m512i A = _mm512_and_si512(v, low4), B = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          __m512i c0 = _mm512_permutex2var_epi8(A, plo, B), c1 = _mm512_permutex2var_epi8(A, phi, B);
+          if constexpr (FMT == Q5_K) {  // 32-bit word n of the row's 16 bytes: columns 32 n + j at bit j
+            uint64_t k[2];
+            std::memcpy(k, p + 256 + 16 * r, 16);
+            c0 = _mm512_mask_add_epi8(c0, __mmask64(k[0]), c0, five);
+            c1 = _mm512_mask_add_epi8(c1, __mmask64(k[1]), c1, five);
+          } else if constexpr (FMT == Q6_K) {  // byte j: columns 32 n + j at bits 2 n, 2 n + 1
+            const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 256 + 32 * r)));
+            c0 = _mm512_ternarylogic_epi32(c0, _mm512_sllv_epi16(h, sh0), bits45, 0xF8);  // c0 | (h' & 0x30)
+            c1 = _mm512_ternarylogic_epi32(c1, _mm512_srlv_epi16(h, sh1), bits45, 0xF8);
+          }
+          const __m512i sv = _mm512_castsi128_si512(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sc16.data() + r * ngp + c * GPC)));
+          const __m512i s0 = _mm512_permutexvar_epi16(g0, sv), s1 = _mm512_permutexvar_epi16(g1, sv);
+          for (int t = 0; t < NT; ++t) {
+            acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], _mm512_maddubs_epi16(c0, x0[t]), s0);
+            acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], _mm512_maddubs_epi16(c1, x1[t]), s1);
+          }
+        }
+      }
+      for (int i = 0; i < RP; ++i)
+        for (int t = 0; t < NT; ++t) {
+          const float scale = s.sc[(r0 + i) * ns + sb] * dx[t][sb];
+          f[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][t]), _mm512_set1_ps(scale), f[i][t]);
+        }
+    }
+    for (int i = 0; i < RP; ++i)
+      for (int t = 0; t < NT; ++t) {  // minus sum over groups of M * (the group's sum of x): ng is a multiple of 8
+        const float* mr = s.mn + (r0 + i) * ng;
+        __m512 m = _mm512_setzero_ps();
+        for (int g = 0; g < ng; g += 16) {
+          const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ng - g)) - 1u);
+          m = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mr + g), _mm512_maskz_loadu_ps(k, gs[t] + g), m);
+        }
+        out[r0 + i][t] = hsum(_mm512_sub_ps(f[i][t], m));
+      }
+  }
+}
+
+template <int FMT>
+struct Q8F {
+  template <int NT>
+  struct F {
+    static constexpr DotFn fn = dot_q8<NT, FMT>;
+  };
+};
