@@ -442,6 +442,10 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         out["cpu_launch"] = "stream" if orch.streamed is not None else f"host sync per layer ({orch.streamed_reason})"
         # the expert kernel's threads and torch's intra-op threads in this process (rows differ by either)
         out["threads"] = {"cpu_experts": orch.worker.threads, "torch": torch.get_num_threads()}
+        from cadenza.kernels import cpu_moe
+
+        # K-quant experts on the CPU: int8 activations or exact products (CADENZA_CPU_ACTIVATIONS)
+        out["cpu_activations"] = "int8" if cpu_moe.default_int8_dot() else "exact"
         if orch.streamed is not None:  # how the stream hands a layer over: the worker thread or a host function
             out["cpu_handoff"] = {"launch": orch.streamed.launch, "reason": orch.streamed.launch_reason}
             if orch.options.zero_copy != 0:  # CADENZA_ZERO_COPY: the GPU's share of each token's host experts

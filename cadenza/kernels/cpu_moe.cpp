@@ -195,8 +195,8 @@ struct Scales {
   const float* base = bases.q;
   const uint16_t* base16 = bases.q16;
   const uint8_t* z = nullptr;
-  std::vector<int16_t> sc16;  // load_q8 (cpu_moe_q8.h): integer group scales, rows ngp apart; ns super-blocks a row
-  int ngp = 0, ns = 0;
+  std::vector<int16_t> sc16;  // load_q8 (cpu_moe_q8.h): integer group scales; ns super-blocks a row
+  int ns = 0;
   void load_q8(int fmt, const uint8_t* tile, int ng);
   void load(int fmt, const uint8_t* tile, int ng) {
     if (fmt == INT8) {

@@ -47,40 +47,45 @@ inline void q8_quantize(const float* x, int64_t Kp, uint8_t* row) {
   }
 }
 
-// A tile's fields for dot_q8: integer scales sc16 [ROWS][ngp] (a row padded by 8, which the kernel's 16-byte loads
-// may touch), super-block scales D [ROWS][ns] and per-group offsets M [ROWS][ng] (q4_k, q5_k: dmin m; q6_k: 32 d sc).
+// A tile's fields for dot_q8, as flat arrays over its rows' groups (row r's group g at r ng + g): integer scales sc16
+// (16 entries of slack after the last row: the kernel's 16-byte loads of a row's last chunk run past it), super-block
+// scales D [ROWS ns] and per-group offsets M (q4_k, q5_k: dmin m; q6_k: 32 d sc). A super-block is 8 groups (q6_k:
+// 16), so group G's super-block is G / 8 (G / 16) in the flat order too.
 inline void Scales::load_q8(int fmt, const uint8_t* tile, int ng) {
-  ns = fmt == Q6_K ? ng / 16 : ng / 8;
-  ngp = ng + 8;
-  if (int(sc16.size()) < ROWS * ngp) sc16.assign(ROWS * ngp, 0);
-  if (int(buf.size()) < ROWS * (ns + ng)) buf.resize(ROWS * (ns + ng));
+  const int per = fmt == Q6_K ? 16 : 8;  // groups a super-block
+  ns = ng / per;
+  const int n = ROWS * ng, nb = ROWS * ns;
+  if (int(sc16.size()) < n + 32) sc16.assign(n + 32, 0);
+  if (int(buf.size()) < nb + n + 16) buf.resize(nb + n + 16);
   float* d = buf.data();
-  float* m = d + ROWS * ns;
+  float* m = d + nb;
   sc = d;  // (D)
   mn = m;  // (M)
   const uint16_t* h = reinterpret_cast<const uint16_t*>(tile);
-  for (int i = 0; i < ROWS * ns; ++i) d[i] = _cvtsh_ss(h[i]);
-  if (fmt == Q6_K) {  // d fp16 [4][ns]; sc int8 [4][ng]: 16 groups of 16 a super-block
-    const int8_t* scb = reinterpret_cast<const int8_t*>(h + ROWS * ns);
-    for (int r = 0; r < ROWS; ++r)
-      for (int b = 0; b < ns; ++b) {
-        const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scb + r * ng + 16 * b));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc16.data() + r * ngp + 16 * b), _mm256_cvtepi8_epi16(s8));
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s8));
-        _mm512_storeu_ps(m + r * ng + 16 * b, _mm512_mul_ps(v, _mm512_set1_ps(32.0f * d[r * ns + b])));
-      }
-  } else {  // q4_k, q5_k: d, dmin fp16 [4][ns]; sc, m uint8 [4][ng]: 8 groups of 32 a super-block
-    const uint16_t* dm = h + ROWS * ns;
-    const uint8_t* scb = reinterpret_cast<const uint8_t*>(dm + ROWS * ns);
-    const uint8_t* mb = scb + ROWS * ng;
-    for (int r = 0; r < ROWS; ++r)
-      for (int b = 0; b < ns; ++b) {
-        const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scb + r * ng + 8 * b));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(sc16.data() + r * ngp + 8 * b), _mm_cvtepu8_epi16(s8));
-        const __m256 mv = _mm256_cvtepi32_ps(
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mb + r * ng + 8 * b))));
-        _mm256_storeu_ps(m + r * ng + 8 * b, _mm256_mul_ps(mv, _mm256_set1_ps(_cvtsh_ss(dm[r * ns + b]))));
-      }
+  const uint8_t* scb = reinterpret_cast<const uint8_t*>(h + (fmt == Q6_K ? 1 : 2) * nb);
+  int16_t* s16 = sc16.data();
+  for (int i = 0; i < nb; ++i) d[i] = _cvtsh_ss(h[i]);
+  for (int g = 0; g < n; g += 32) {  // widen the scales, 32 at a time (n is a multiple of 8)
+    const __mmask32 k = n - g >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (n - g)) - 1u);
+    const __m256i b = _mm256_maskz_loadu_epi8(k, scb + g);
+    _mm512_mask_storeu_epi16(s16 + g, k, fmt == Q6_K ? _mm512_cvtepi8_epi16(b) : _mm512_cvtepu8_epi16(b));
+  }
+  if (fmt == Q6_K) {  // M = 32 d sc: 16 groups are one super-block
+    for (int b = 0; b < nb; ++b) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scb + 16 * b))));
+      _mm512_storeu_ps(m + 16 * b, _mm512_mul_ps(v, _mm512_set1_ps(32.0f * d[b])));
+    }
+  } else {  // q4_k, q5_k: M = dmin m, dmin fp16 [ROWS ns] after d, m uint8 after sc; 16 groups: two super-blocks
+    const uint16_t* dm = h + nb;
+    const uint8_t* mb = scb + n;
+    for (int g = 0; g < n; g += 16) {
+      const int b = g / 8;
+      const float d1 = b + 1 < nb ? _cvtsh_ss(dm[b + 1]) : 0.0f;
+      const __m512 dmin = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(_cvtsh_ss(dm[b])), _mm512_set1_ps(d1));
+      const __mmask16 k = n - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - g)) - 1u);
+      const __m512 mv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, mb + g)));
+      _mm512_storeu_ps(m + g, _mm512_mul_ps(mv, dmin));
+    }
   }
 }
 
@@ -117,7 +122,7 @@ __attribute__((target("avx512vnni,avx512vbmi,avx512bw,avx512f"))) void dot_q8(co
   constexpr int CB = FMT == Q6_K ? 384 : FMT == Q5_K ? 320 : 256;  // chunk bytes
   constexpr int GPC = FMT == Q6_K ? 8 : 4;                          // groups a chunk
   const Scales& s = *a.s;
-  const int K = a.K, ks = a.ks, ng = a.ng, ngp = s.ngp, ns = s.ns;
+  const int K = a.K, ks = a.ks, ng = a.ng, ns = s.ns;
   const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30), five = _mm512_set1_epi8(0x10);
   const __m512i plo = _mm512_load_si512(q8t.lo), phi = _mm512_load_si512(q8t.hi);
   const __m512i g0 = _mm512_load_si512(FMT == Q6_K ? q8t.g16[0] : q8t.g32[0]);
@@ -168,7 +173,7 @@ __attribute__((target("avx512vnni,avx512vbmi,avx512bw,avx512f"))) void dot_q8(co
             c1 = _mm512_ternarylogic_epi32(c1, _mm512_srlv_epi16(h, sh1), bits45, 0xF8);
           }
           const __m512i sv = _mm512_castsi128_si512(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sc16.data() + r * ngp + c * GPC)));
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sc16.data() + r * ng + c * GPC)));
           const __m512i s0 = _mm512_permutexvar_epi16(g0, sv), s1 = _mm512_permutexvar_epi16(g1, sv);
           for (int t = 0; t < NT; ++t) {
             acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], _mm512_maddubs_epi16(c0, x0[t]), s0);
