@@ -106,11 +106,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_expert_args(p)
     a = advanced(p)
     a.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
-    a.add_argument("--cpu-activations", default=None, choices=["exact", "int8"],
-                   help="K-quant experts (GGUF Q4_K, Q5_K, Q6_K) computed on the CPU: exact (default) multiplies the "
-                   "activations as they are; int8 quantizes them to 8 bits per 256 columns first, as llama.cpp does "
-                   "(integer dot products; ~1-3%% error on a layer's output). Default: $CADENZA_CPU_ACTIVATIONS, "
-                   "else exact")  # fmt: skip
+    a.add_argument("--cpu-activations", default=None, choices=["auto", "exact", "int8"],
+                   help="K-quant experts (GGUF Q4_K, Q5_K, Q6_K) computed on the CPU: int8 quantizes the activations "
+                   "to 8 bits per 256 columns, as llama.cpp does, for integer dot products (faster; ~1.5%% error on "
+                   "a layer's output); exact multiplies them as they are; auto (default): int8 for bf16 and fp16 "
+                   "runs, exact for fp32. Default: $CADENZA_CPU_ACTIVATIONS, else auto")  # fmt: skip
     a.add_argument("--kv-cache", default="gpu", choices=["gpu", "host"],
                    help="where the KV cache lives on a GPU run: gpu (default, in the budget) or host (host memory, "
                    "attention on the CPU: big offline batches past the GPU's memory; no CUDA graphs)")  # fmt: skip

@@ -46,6 +46,8 @@ def test_cpu_activations_flag(monkeypatch):
     """--cpu-activations int8 becomes the kernel's default; a CPU without the instructions is told so first."""
     import argparse
 
+    import torch
+
     from cadenza.cli import flags
     from cadenza.errors import CadenzaError
     from cadenza.kernels import cpu_moe
@@ -59,7 +61,7 @@ def test_cpu_activations_flag(monkeypatch):
     flags.apply_cpu_activations(args)
     assert cpu_moe.default_int8_dot()
     flags.apply_cpu_activations(p.parse_args([]))  # not given: the environment stays as it is
-    assert cpu_moe.default_int8_dot()
+    assert cpu_moe.default_int8_dot(torch.float32)
     monkeypatch.setattr(cpu_moe, "has_int8_dot", lambda: False)
     with pytest.raises(CadenzaError, match="--cpu-activations int8 needs a CPU with AVX512-VNNI"):
         flags.check_flags(args)

@@ -107,13 +107,18 @@ def test_int8_job_equals_the_call(block_layers):
 def test_the_environment_chooses_the_default(block_layers, monkeypatch):
     packed, (g, u, d) = block_layers["Q4_K", "Q6_K"]
     x, ids, w = routing(2, 2, e=6, h=256)
+    xb = x.bfloat16()
+    exact, exact_b = exact_reference(g, u, d, x, ids, w), exact_reference(g, u, d, xb, ids, w)
+    quant, quant_b = q8_reference(g, u, d, x, ids, w), q8_reference(g, u, d, xb, ids, w)
+    monkeypatch.delenv(cpu_moe.ACTIVATIONS_ENV, raising=False)  # auto: int8 for bf16 activations, exact for fp32
+    assert rel(cpu_moe.moe_forward(packed, x, ids, w, route="kernel"), exact) < EXACT
+    assert rel(cpu_moe.moe_forward(packed, xb, ids, w, route="kernel"), quant_b) < BOUND
     monkeypatch.setenv(cpu_moe.ACTIVATIONS_ENV, "int8")
-    y = cpu_moe.moe_forward(packed, x, ids, w, route="kernel")
-    assert rel(y, q8_reference(g, u, d, x, ids, w)) < BOUND
+    assert rel(cpu_moe.moe_forward(packed, x, ids, w, route="kernel"), quant) < BOUND
     monkeypatch.setenv(cpu_moe.ACTIVATIONS_ENV, "exact")
-    assert rel(cpu_moe.moe_forward(packed, x, ids, w, route="kernel"), exact_reference(g, u, d, x, ids, w)) < EXACT
+    assert rel(cpu_moe.moe_forward(packed, xb, ids, w, route="kernel"), exact_b) < EXACT
     monkeypatch.setenv(cpu_moe.ACTIVATIONS_ENV, "int4")
-    with pytest.raises(ValueError, match="CADENZA_CPU_ACTIVATIONS='int4': use exact or int8"):
+    with pytest.raises(ValueError, match="CADENZA_CPU_ACTIVATIONS='int4': use auto, exact or int8"):
         cpu_moe.moe_forward(packed, x, ids, w, route="kernel")
 
 
