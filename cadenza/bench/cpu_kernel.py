@@ -188,8 +188,8 @@ class Bench:
         return int(statistics.mean(len(torch.unique(ids)) for ids, _ in self.routes[t]) * per_expert)
 
     def run_format(self, fmt: str, kernel_ok: bool, layout: str = "tiled", activations: str = "exact") -> None:
-        """activations "int8": K-quant tiles take int8 activations (cpu_moe.default_int8_dot, through the
-        environment); the rows' format is then named FMT@int8, and its output error is taken against FMT's."""
+        """activations "int8": the tiles of cpu_moe.INT8_FORMATS take int8 activations (cpu_moe.int8_bits, through
+        the environment); the rows' format is then named FMT@int8, and its output error is taken against FMT's."""
         a, sh, seconds = self.args, self.shape, self.args.seconds
         os.environ[cpu_moe.ACTIVATIONS_ENV] = activations
         name = fmt if activations == "exact" else f"{fmt}@{activations}"  # the rows' format

@@ -107,10 +107,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     a = advanced(p)
     a.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
     a.add_argument("--cpu-activations", default=None, choices=["auto", "exact", "int8"],
-                   help="K-quant experts (GGUF Q4_K, Q5_K, Q6_K) computed on the CPU: int8 quantizes the activations "
-                   "to 8 bits per 256 columns, as llama.cpp does, for integer dot products (faster; ~1.5%% error on "
-                   "a layer's output); exact multiplies them as they are; auto (default): int8 for bf16 and fp16 "
-                   "runs, exact for fp32. Default: $CADENZA_CPU_ACTIVATIONS, else auto")  # fmt: skip
+                   help="experts with integer codes (GGUF Q4_K, Q5_K, Q6_K, Q8_0; --experts int8) computed on the "
+                   "CPU: int8 quantizes the activations to 8 bits per 256 columns, as llama.cpp does, for integer dot "
+                   "products (faster; ~1.5%% error on a layer's output); exact multiplies them as they are; auto "
+                   "(default): int8 for K-quant experts in bf16 and fp16 runs, else exact. Default: "
+                   "$CADENZA_CPU_ACTIVATIONS, else auto")  # fmt: skip
     a.add_argument("--kv-cache", default="gpu", choices=["gpu", "host"],
                    help="where the KV cache lives on a GPU run: gpu (default, in the budget) or host (host memory, "
                    "attention on the CPU: big offline batches past the GPU's memory; no CUDA graphs)")  # fmt: skip
@@ -213,7 +214,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def apply_cpu_activations(args: argparse.Namespace) -> None:
     """--cpu-activations, where given, becomes $CADENZA_CPU_ACTIVATIONS, which the CPU kernel's calls read
-    (cpu_moe.default_int8_dot), the stream's jobs included."""
+    (cpu_moe.int8_bits), the stream's jobs included."""
     if getattr(args, "cpu_activations", None):
         from cadenza.kernels.cpu_moe import ACTIVATIONS_ENV
 

@@ -811,7 +811,11 @@ DotFn by_group(int group, int nt) {
 
 // The micro-kernel for a format, group size, token count, staging kind and (bf16) rows per pass.
 DotFn pick(int fmt, int group, int nt, int kind, bool lo, int rg) {
-  if (kind == Q8) return fmt == Q6_K ? by_nt<Q8F<Q6_K>::F>(nt) : fmt == Q5_K ? by_nt<Q8F<Q5_K>::F>(nt) : by_nt<Q8F<Q4_K>::F>(nt);
+  if (kind == Q8) {
+    if (fmt == INT8 || fmt == Q8_0)
+      return group == 0 ? by_nt<Q8W<0>::F>(nt) : by_group<Q8W<32>::F, Q8W<64>::F, Q8W<128>::F>(group, nt);
+    return fmt == Q6_K ? by_nt<Q8F<Q6_K>::F>(nt) : fmt == Q5_K ? by_nt<Q8F<Q5_K>::F>(nt) : by_nt<Q8F<Q4_K>::F>(nt);
+  }
   if (nib_block(fmt)) {
     if (kind != HI_LO) return by_nt<Nib32::F>(nt);
     const bool min = nib_min(fmt);
@@ -895,7 +899,7 @@ inline void apply_unit(const Mat& m, int e, int64_t j, int kind, bool lo, Scales
   Args args{};
   const uint8_t* tile = m.unit(e, j, args);
   if (tile) {
-    if (kind == Q8)
+    if (kind == Q8 && kquant_fmt(fmt))
       s.load_q8(fmt, tile, m.ng);
     else
       s.load(fmt, tile, m.ng);
@@ -934,9 +938,9 @@ struct Buffers {
 thread_local Buffers tls;
 
 // How a matrix of this format (K columns) wants its activations staged. dot: bit 0, the CPU has AVX512_BF16; bit 1,
-// int8 activations for the formats that have them (cpu_moe_q8.h).
+// int8 activations for K-quant tiles; bit 2, for int8 and q8_0 tiles (cpu_moe_q8.h).
 inline int stage_kind(int fmt, int dot, int K) {
-  if ((dot & 2) && q8_fmt(fmt) && K % 256 == 0) return Q8;
+  if (q8_fmt(fmt) && K % 256 == 0 && (dot & (kquant_fmt(fmt) ? 2 : 4))) return Q8;
   if (fmt == INT8 || fmt == Q8_0) return NATURAL;
   return (dot & 1) ? HI_LO : PAIR_SPLIT;  // bf16, int4 and the nibble formats; q6_k, q5_k (6-, 5-bit codes)
 }
@@ -1202,7 +1206,8 @@ int cadenza_cpu_moe_features() { return 15; }
 // y [T, H] fp32 (accumulated into) += the routed experts' weighted outputs, for the experts e with mask[e] != 0,
 // from packed tiles. x [T, H]: fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); ids [T, k] int64; w [T, k] fp32.
 // dot: bit 0, the CPU has AVX512_BF16 (bf16 and 4-bit tiles then multiply with vdpbf16ps); bit 1, the K-quant
-// tiles (q4_k, q5_k, q6_k) multiply int8 activations with AVX512-VNNI (cpu_moe_q8.h; needs AVX512_VBMI too).
+// tiles (q4_k, q5_k, q6_k) multiply int8 activations with AVX512-VNNI (cpu_moe_q8.h; needs AVX512_VBMI too); bit 2,
+// int8 and q8_0 tiles do.
 int cadenza_moe_forward(int gu_fmt, int gu_group, int dn_fmt, int dn_group, int E, int H, int I, int Hp, int Ip,
                         const uint8_t* gu,
                         int64_t gu_expert_stride, int64_t gu_tile_bytes, int64_t gu_header_bytes, const uint8_t* dn,

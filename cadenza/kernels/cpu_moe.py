@@ -137,8 +137,12 @@ def has_bf16_dot() -> bool:
     return "avx512_bf16" in cpu_flags()
 
 
-INT8_FORMATS = ("q4_k", "q5_k", "q6_k")  # the tiles with an int8-activation kernel (cpu_moe_q8.h)
+KQUANT_FORMATS = ("q4_k", "q5_k", "q6_k")
+INT8_FORMATS = KQUANT_FORMATS + ("int8", "q8_0")  # the tiles with an int8-activation kernel (cpu_moe_q8.h)
 ACTIVATIONS_ENV = "CADENZA_CPU_ACTIVATIONS"
+ACTIVATION_MODES = ("auto", "exact", "int8")
+# the kernel's `dot` bits: 1 bf16 dot products; 2 int8 activations for K-quant tiles; 4 for int8 and q8_0 tiles
+DOT_BF16, DOT_INT8_KQUANT, DOT_INT8_BYTES = 1, 2, 4
 
 
 def has_int8_dot() -> bool:
@@ -146,21 +150,37 @@ def has_int8_dot() -> bool:
     return {"avx512_vnni", "avx512vbmi"} <= cpu_flags()
 
 
-ACTIVATION_MODES = ("auto", "exact", "int8")
-
-
-def default_int8_dot(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether K-quant experts take int8 activations (of `dtype`) by default, as CADENZA_CPU_ACTIVATIONS says: int8
-    (approximate: 8 bits an activation per 256 columns, as llama.cpp's CPU kernels; measured 1.2x the exact path's
-    rate on the H200 box's Xeon, Mixtral Q4_K_M at one token), exact (the activations as they are, exact products),
-    or auto (the default): int8 for bf16 and fp16 activations, already rounded to 8 bits of mantissa, exact for fp32
-    ones (what the exactness tests and an fp32 run ask for). int8 needs AVX512-VNNI and VBMI: exact without them."""
+def activation_mode() -> str:
+    """CADENZA_CPU_ACTIVATIONS (auto, exact or int8; default auto), checked."""
     value = os.environ.get(ACTIVATIONS_ENV, "auto").strip().lower()
     if value not in ACTIVATION_MODES:
         raise ValueError(f"{ACTIVATIONS_ENV}={value!r}: use auto, exact or int8")
-    if value == "auto":
-        return dtype in (torch.bfloat16, torch.float16) and has_int8_dot()
-    return value == "int8" and has_int8_dot()
+    return value
+
+
+def int8_bits(int8_dot: bool | None, dtype: torch.dtype) -> int:
+    """The kernel's int8 `dot` bits for activations of `dtype`. int8_dot True: int8 activations for every tile format
+    that has them (INT8_FORMATS; approximate, 8 bits an activation per 256 columns, as llama.cpp's CPU kernels);
+    False: none; None: CADENZA_CPU_ACTIVATIONS: int8 as True, exact as False, auto (the default) int8 for the
+    K-quant tiles where the activations are bf16 or fp16 (measured on the H200 box's Xeon: 1.2x the exact path's
+    rate on Mixtral's Q4_K_M layer; int8 and q8_0 tiles keep the exact products until measured there) and none for
+    fp32 ones (what the exactness tests and an fp32 run ask for). Raises where int8 is asked and the CPU lacks it."""
+    if int8_dot is None:
+        mode = activation_mode()
+        if mode == "auto":
+            return DOT_INT8_KQUANT if dtype in (torch.bfloat16, torch.float16) and has_int8_dot() else 0
+        int8_dot = mode == "int8" and has_int8_dot()  # (asked where the CPU cannot: exact)
+    if int8_dot and not has_int8_dot():
+        raise RuntimeError("int8 activations need a CPU with AVX512-VNNI and AVX512_VBMI; this one lacks them")
+    return DOT_INT8_KQUANT | DOT_INT8_BYTES if int8_dot else 0
+
+
+def activations_label(dtype: torch.dtype) -> str:
+    """What the CPU kernel does with activations of `dtype` by default, in words (bench rows, `cadenza info`)."""
+    bits = int8_bits(None, dtype)
+    if bits == DOT_INT8_KQUANT | DOT_INT8_BYTES:
+        return "int8"
+    return "int8 for K-quant tiles" if bits else "exact"
 
 
 def unsupported(flags: tuple[str, ...] = _REQUIRED_FLAGS) -> str | None:
@@ -274,8 +294,8 @@ def moe_forward(
     default, `default_mm_min_tokens()`), "kernel", "mm", or "torch" (the fallback; "auto" falls back to it where
     the kernel is unavailable). prefetch: software prefetch distance in bytes inside the kernel (0: none).
     bf16_dot: bf16 weights (tiled or plain) and 4-bit tiles multiply with AVX512_BF16 dot products (None: where the
-    CPU has them and x is bf16, whose products they compute exactly; False: fp32 lanes). int8_dot: q4_k, q5_k and
-    q6_k tiles multiply activations quantized to int8 per 256 columns (approximate; None: `default_int8_dot()`).
+    CPU has them and x is bf16, whose products they compute exactly; False: fp32 lanes). int8_dot: the tiles of
+    INT8_FORMATS multiply activations quantized to int8 per 256 columns (approximate; None: `int8_bits`' default).
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
@@ -321,11 +341,9 @@ def moe_forward(
     if small:
         # bf16 inputs multiply exactly with vdpbf16ps; fp32 ones would lose bits past 16 (hi + lo): fp32 lanes
         bf16_dot = has_bf16_dot() and x.dtype == torch.bfloat16 if bf16_dot is None else bf16_dot
-        int8_dot = default_int8_dot(x.dtype) if int8_dot is None else int8_dot
-        if int8_dot and not has_int8_dot():
-            raise RuntimeError("int8 activations need a CPU with AVX512-VNNI and AVX512_VBMI; this one lacks them")
+        dot = int(bf16_dot) * DOT_BF16 | int8_bits(int8_dot, x.dtype)
         kernel = _plain_kernel_forward if plain else _kernel_forward
-        kernel(lib, layer, x, ids, w, small, act, threads, prefetch, int(bf16_dot) | int(int8_dot) << 1, y, biases)
+        kernel(lib, layer, x, ids, w, small, act, threads, prefetch, dot, y, biases)
     if big:
         chunked(layer, x, ids, w, big, act, y, mm_dtype=torch.bfloat16, lib=lib, threads=threads, biases=biases)
     return y
@@ -347,7 +365,7 @@ def _mask(num_experts: int, experts: list[int]) -> ctypes.Array:
 
 
 def _call_args(x, ids, w, mask, act, threads, prefetch, dot, y, extra) -> tuple:
-    """The kernel entries' common tail: x .. y, then the Extra. dot: bit 0 bf16 dot products, bit 1 int8 ones."""
+    """The kernel entries' common tail: x .. y, then the Extra. dot: the DOT_* bits."""
     return (
         x.data_ptr(),
         int(x.dtype == torch.bfloat16),
@@ -445,9 +463,7 @@ def job_new(
             raise ValueError(f"job buffer {name} must be a contiguous CPU tensor of {want.get(name, 'its')} dtype")
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
-    int8_dot = default_int8_dot(x.dtype) if int8_dot is None else int8_dot
-    if int8_dot and not has_int8_dot():
-        raise RuntimeError("int8 activations need a CPU with AVX512-VNNI and AVX512_VBMI; this one lacks them")
+    dot = int(has_bf16_dot() and x.dtype == torch.bfloat16) * DOT_BF16 | int8_bits(int8_dot, x.dtype)
     num_experts = layer.num_experts
     if mask.numel() != num_experts or stats.numel() < 8 + num_experts + 2 * ring:
         raise ValueError("mask must hold one entry per expert and stats 8 + E + 2 ring")
@@ -462,7 +478,7 @@ def job_new(
         kernel_act(act)[0],
         threads,
         prefetch,
-        int(has_bf16_dot() and x.dtype == torch.bfloat16) | int(int8_dot) << 1,
+        dot,
         y.data_ptr(),
         ctypes.byref(extra),
         stats.data_ptr(),

@@ -1,13 +1,15 @@
-// cpu_moe.cpp's int8-activation path for the K-quant tiles (q4_k, q5_k, q6_k): the activations are quantized to
-// int8 per 256 columns, as llama.cpp's q8_K does, and the products are integer dot products (vpmaddubsw on the
-// unsigned codes, vpdpwssd applying each group's integer scale), about half the instructions a weight of the
-// vdpbf16ps path. Approximate: each activation carries 8 bits (the weights' codes stay exact); the tests bound its
-// error against the exact path. Included by cpu_moe.cpp after its common definitions (Args, Scales, Fmt).
+// cpu_moe.cpp's int8-activation path: the activations are quantized to int8 per 256 columns, as llama.cpp's q8_K
+// does, and the products are integer dot products. K-quant tiles (q4_k, q5_k, q6_k): vpmaddubsw on the unsigned codes,
+// vpdpwssd applying each group's integer scale, about half the instructions a weight of the vdpbf16ps path. int8 and
+// q8_0 tiles: vpdpbusd on the codes flipped to unsigned (q + 128, the 128 taken back through the groups' sums of x),
+// 64 products an instruction against 16 a conversion and an FMA on fp32 lanes. Approximate: each activation carries
+// 8 bits (the weights' codes stay exact); the tests bound its error against the exact path. Included by cpu_moe.cpp
+// after its common definitions (Args, Scales, Fmt).
 //
 // A staged Q8 row of Kp columns (Kp a multiple of 256): int8 q [Kp], where per 256 columns dx = max |x| / 127 and
 // q = round(x * (127 / max |x|)) (to nearest even, in fp32), so x ~ q dx; then fp32 dx [Kp / 256]; then fp32 sums of
-// q dx per 16 columns [Kp / 16] and per 32 columns [Kp / 32] (integer sums times dx): what a group's offset or min
-// multiplies (q6_k: sum (q - 32) s x = s sum q x - 32 s sum x; q4_k, q5_k: minus min sum x).
+// q dx per 16, 32, 64 and 128 columns and over the row (Q8Row; integer sums times dx): what a group's offset or min
+// multiplies (q6_k: sum (q - 32) s x = s sum q x - 32 s sum x; q4_k, q5_k: minus min sum x; int8: minus 128 s sum x).
 //
 // The tiles are the vdpbf16ps path's (cpu_moe.cpp's header): per 128 columns a row's 64 bytes hold 16-bit words j
 // with columns 32 n + j in nibble n. The low and high nibbles of the bytes, put in column order by one two-source
@@ -16,9 +18,28 @@
 // result is two neighbouring columns of one group, which vpdpwssd multiplies by that group's scale (int16: q4_k,
 // q5_k 6-bit, q6_k int8) into int32 sums per super-block (256 columns), scaled by d dx in fp32 per super-block.
 
-inline bool q8_fmt(int fmt) { return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K; }
+inline bool kquant_fmt(int fmt) { return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K; }
+inline bool q8_fmt(int fmt) { return kquant_fmt(fmt) || fmt == INT8 || fmt == Q8_0; }
 
-inline int64_t q8_row_bytes(int64_t Kp) { return (Kp + Kp / 64 + Kp / 4 + Kp / 8 + 63) / 64 * 64; }
+inline int64_t q8_row_bytes(int64_t Kp) {
+  return (Kp + 4 * (Kp / 256 + Kp / 16 + Kp / 32 + Kp / 64 + Kp / 128 + 16) + 63) / 64 * 64;
+}
+
+struct Q8Row {  // where a staged row's parts are
+  const int8_t* q;
+  const float *dx, *s16, *s32, *s64, *s128;
+  float total;
+  Q8Row(const void* row, int64_t Kp) {
+    q = static_cast<const int8_t*>(row);
+    dx = reinterpret_cast<const float*>(q + Kp);
+    s16 = dx + Kp / 256;
+    s32 = s16 + Kp / 16;
+    s64 = s32 + Kp / 32;
+    s128 = s64 + Kp / 64;
+    total = s128[Kp / 128];
+  }
+  const float* sums(int cols) const { return cols == 16 ? s16 : cols == 32 ? s32 : cols == 64 ? s64 : s128; }
+};
 
 // x [Kp] fp32 -> a staged Q8 row (above). A block whose max is below 1e-30 stages as zeros (127 / max would overflow).
 inline void q8_quantize(const float* x, int64_t Kp, uint8_t* row) {
@@ -26,6 +47,9 @@ inline void q8_quantize(const float* x, int64_t Kp, uint8_t* row) {
   float* dx = reinterpret_cast<float*>(row + Kp);
   float* s16 = dx + Kp / 256;
   float* s32 = s16 + Kp / 16;
+  float* s64 = s32 + Kp / 32;
+  float* s128 = s64 + Kp / 64;
+  float total = 0.0f;
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < Kp / 256; ++b) {
     const float* xb = x + 256 * b;
@@ -44,7 +68,13 @@ inline void q8_quantize(const float* x, int64_t Kp, uint8_t* row) {
     }
     for (int i = 0; i < 16; ++i) s16[16 * b + i] = float(sums[i]) * d;
     for (int i = 0; i < 8; ++i) s32[8 * b + i] = float(sums[2 * i] + sums[2 * i + 1]) * d;
+    for (int i = 0; i < 4; ++i) s64[4 * b + i] = float(sums[4 * i] + sums[4 * i + 1] + sums[4 * i + 2] + sums[4 * i + 3]) * d;
+    int32_t half[2] = {0, 0};
+    for (int i = 0; i < 16; ++i) half[i / 8] += sums[i];
+    for (int i = 0; i < 2; ++i) s128[2 * b + i] = float(half[i]) * d;
+    total += float(half[0] + half[1]) * d;
   }
+  s128[Kp / 128] = total;
 }
 
 // A tile's fields for dot_q8, as flat arrays over its rows' groups (row r's group g at r ng + g): integer scales sc16
@@ -132,10 +162,10 @@ __attribute__((target("avx512vnni,avx512vbmi,avx512bw,avx512f"))) void dot_q8(co
   const float* dx[NT];
   const float* gs[NT];  // the token's sums per group of this format (16 or 32 columns)
   for (int t = 0; t < NT; ++t) {
-    const uint8_t* row = reinterpret_cast<const uint8_t*>(a.x[t]);
-    xq[t] = reinterpret_cast<const int8_t*>(row);
-    dx[t] = reinterpret_cast<const float*>(row + ks);
-    gs[t] = dx[t] + ks / 256 + (FMT == Q6_K ? 0 : ks / 16);
+    const Q8Row row(a.x[t], ks);
+    xq[t] = row.q;
+    dx[t] = row.dx;
+    gs[t] = row.sums(FMT == Q6_K ? 16 : 32);
   }
   for (int r0 = 0; r0 < ROWS; r0 += RP) {
     __m512 f[RP][NT];
@@ -199,6 +229,88 @@ __attribute__((target("avx512vnni,avx512vbmi,avx512bw,avx512f"))) void dot_q8(co
       }
   }
 }
+
+// int8 and q8_0 tiles (a chunk: 64 columns a row, in order; scales fp32 per row and group of G columns, G = 0 one per
+// row, from Scales::load): sum q s x = s (sum (q + 128) x - 128 sum x), vpdpbusd taking q + 128 = q ^ 0x80 unsigned.
+// G = 0 sums a super-block's 4 chunks in int32 (at most 4 x 4 x 255 x 127 a lane), then scales by dx.
+template <int NT, int G>
+__attribute__((target("avx512vnni,avx512bw,avx512f"))) void dot_q8w(const Args& a, float out[ROWS][MAX_NT]) {
+  constexpr int RP = NT <= 2 ? ROWS : 2;
+  const float* sc = a.s->sc;
+  const int K = a.K, ks = a.ks, ng = a.ng;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int8_t* xq[NT];
+  const float* dx[NT];
+  const float* gs[NT];
+  float total[NT];
+  for (int t = 0; t < NT; ++t) {
+    const Q8Row row(a.x[t], ks);
+    xq[t] = row.q;
+    dx[t] = row.dx;
+    gs[t] = row.sums(G > 0 ? G : 32);
+    total[t] = row.total;
+  }
+  for (int r0 = 0; r0 < ROWS; r0 += RP) {
+    __m512 f[RP][NT];
+    for (int i = 0; i < RP; ++i)
+      for (int t = 0; t < NT; ++t) f[i][t] = _mm512_setzero_ps();
+    for (int sb = 0; sb < K / 256; ++sb) {
+      __m512 d[NT];
+      for (int t = 0; t < NT; ++t) d[t] = _mm512_set1_ps(dx[t][sb]);
+      __m512i acc[RP][NT];
+      if constexpr (G == 0)
+        for (int i = 0; i < RP; ++i)
+          for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_si512();
+      for (int cc = 0; cc < 4; ++cc) {
+        const int c = 4 * sb + cc;
+        const uint8_t* p = a.data + int64_t(c) * 256;
+        if (r0 == 0) prefetch_chunk(p, a.pf);
+        __m512i x[NT];
+        for (int t = 0; t < NT; ++t) x[t] = _mm512_loadu_si512(xq[t] + 64 * c);
+        for (int i = 0; i < RP; ++i) {
+          const int r = r0 + i;
+          const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * r), flip);
+          if constexpr (G == 0) {
+            for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], u, x[t]);
+          } else {
+            const float* s = sc + r * ng + c * 64 / G;
+            const __m512 sv = G == 32 ? _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]))
+                                      : _mm512_set1_ps(s[0]);
+            for (int t = 0; t < NT; ++t) {
+              const __m512i v = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x[t]);
+              f[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(sv, d[t]), f[i][t]);
+            }
+          }
+        }
+      }
+      if constexpr (G == 0)
+        for (int i = 0; i < RP; ++i)
+          for (int t = 0; t < NT; ++t) f[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][t]), d[t], f[i][t]);
+    }
+    for (int i = 0; i < RP; ++i)
+      for (int t = 0; t < NT; ++t) {
+        const int r = r0 + i;
+        if constexpr (G == 0) {
+          out[r][t] = sc[r] * (hsum(f[i][t]) - 128.0f * total[t]);
+        } else {  // minus 128 sum over groups of s * (the group's sum of x)
+          __m512 m = _mm512_setzero_ps();
+          for (int g = 0; g < ng; g += 16) {
+            const __mmask16 k = ng - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ng - g)) - 1u);
+            m = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, sc + r * ng + g), _mm512_maskz_loadu_ps(k, gs[t] + g), m);
+          }
+          out[r][t] = hsum(_mm512_fnmadd_ps(m, _mm512_set1_ps(128.0f), f[i][t]));
+        }
+      }
+  }
+}
+
+template <int G>
+struct Q8W {
+  template <int NT>
+  struct F {
+    static constexpr DotFn fn = dot_q8w<NT, G>;
+  };
+};
 
 template <int FMT>
 struct Q8F {

@@ -59,10 +59,10 @@ def test_cpu_activations_flag(monkeypatch):
     monkeypatch.setattr(cpu_moe, "has_int8_dot", lambda: True)
     flags.check_flags(args)
     flags.apply_cpu_activations(args)
-    assert cpu_moe.default_int8_dot()
+    assert cpu_moe.int8_bits(None, torch.float32) == cpu_moe.DOT_INT8_KQUANT | cpu_moe.DOT_INT8_BYTES
     flags.apply_cpu_activations(p.parse_args([]))  # not given: the environment stays as it is
-    assert cpu_moe.default_int8_dot(torch.float32)
+    assert cpu_moe.activations_label(torch.float32) == "int8"
     monkeypatch.setattr(cpu_moe, "has_int8_dot", lambda: False)
     with pytest.raises(CadenzaError, match="--cpu-activations int8 needs a CPU with AVX512-VNNI"):
         flags.check_flags(args)
-    assert not cpu_moe.default_int8_dot()  # the environment asks, the CPU cannot: exact
+    assert cpu_moe.int8_bits(None, torch.bfloat16) == 0  # the environment asks, the CPU cannot: exact

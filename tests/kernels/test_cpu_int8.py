@@ -52,7 +52,10 @@ def q8_reference(gate, up, down, x, ids, w, experts=None, q8_gate_up=True, q8_do
 # A staged h can differ from the reference's in an element that sits at a rounding boundary (its fp32 sums differ
 # in the last bits), one step of its block: ~1e-4 of y. Far below the activations' own error (~1e-2), far above fp32's.
 BOUND = 1e-3
-LAYERS = [("Q4_K", "Q6_K"), ("Q5_K", "Q6_K"), ("Q6_K", "Q4_K"), ("Q4_K", "Q5_K"), ("Q8_0", "Q4_K"), ("Q4_K", "Q4_0")]
+LAYERS = [
+    ("Q4_K", "Q6_K"), ("Q5_K", "Q6_K"), ("Q6_K", "Q4_K"), ("Q4_K", "Q5_K"), ("Q8_0", "Q4_K"), ("Q4_K", "Q4_0"),
+    ("Q8_0", "Q8_0"), ("MXFP4", "Q8_0"),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def block_layers():
 @pytest.mark.parametrize("types", LAYERS)
 def test_int8_activations_equal_their_reference(block_layers, types):
     packed, (g, u, d) = block_layers[types]
-    gu_q8, dn_q8 = (fmt in ("Q4_K", "Q5_K", "Q6_K") for fmt in types)
+    gu_q8, dn_q8 = (fmt in ("Q4_K", "Q5_K", "Q6_K", "Q8_0") for fmt in types)
     worst = 0.0
     for t in (1, 2, 3, 5, 64):  # every micro-kernel token count, and token blocks
         for k in (1, 2):
@@ -117,6 +120,13 @@ def test_the_environment_chooses_the_default(block_layers, monkeypatch):
     assert rel(cpu_moe.moe_forward(packed, x, ids, w, route="kernel"), quant) < BOUND
     monkeypatch.setenv(cpu_moe.ACTIVATIONS_ENV, "exact")
     assert rel(cpu_moe.moe_forward(packed, xb, ids, w, route="kernel"), exact_b) < EXACT
+    packed8 = cpu_moe.pack_layer(*(m.float() for m in (g, u, d)), "int8", group=32)  # auto: int8 tiles stay exact
+    g8, u8, d8 = layout.dequantize(packed8)
+    monkeypatch.delenv(cpu_moe.ACTIVATIONS_ENV)
+    y8 = cpu_moe.moe_forward(packed8, xb, ids, w, route="kernel")
+    assert rel(y8, exact_reference(g8, u8, d8, xb, ids, w)) < EXACT
+    assert cpu_moe.activations_label(torch.bfloat16) == "int8 for K-quant tiles"
+    assert cpu_moe.activations_label(torch.float32) == "exact"
     monkeypatch.setenv(cpu_moe.ACTIVATIONS_ENV, "int4")
     with pytest.raises(ValueError, match="CADENZA_CPU_ACTIVATIONS='int4': use auto, exact or int8"):
         cpu_moe.moe_forward(packed, x, ids, w, route="kernel")
@@ -130,3 +140,35 @@ def test_q8_staging_reference():
     assert torch.equal(v[1, :256], torch.zeros(256))
     step = x.reshape(3, 2, 256).abs().amax(-1) / 127
     assert ((v - x).reshape(3, 2, 256).abs() <= step[..., None] / 2 + 1e-7).all()
+
+
+@needs_kernel
+@needs_int8
+@pytest.mark.parametrize("group", [0, 32, 64, 128])
+def test_int8_experts_take_int8_activations(group):
+    """cadenza's own int8 experts (`--experts int8`, a scale per row or per group): the same reference."""
+    from tests.kernels.test_cpu_kernel import weights
+
+    gate, up, down = weights(h=256, i=512)  # (columns a multiple of 256: else the exact path runs, test below)
+    packed = cpu_moe.pack_layer(gate, up, down, "int8", group=group)
+    g, u, d = layout.dequantize(packed)
+    e, h = gate.shape[0], gate.shape[2]
+    for t in (1, 2, 5, 40):
+        x, ids, w = routing(t, 2, e=e, h=h)
+        y = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 2, route="kernel", int8_dot=True)
+        assert rel(y, q8_reference(g, u, d, x, ids, w)) < BOUND, (group, t)
+        assert rel(y, exact_reference(g, u, d, x, ids, w)) < 0.05
+
+
+@needs_kernel
+@needs_int8
+def test_rows_not_a_multiple_of_256_stay_exact():
+    """A matrix whose (padded) columns are not a multiple of 256 keeps the exact products, int8 asked or not."""
+    from tests.kernels.test_cpu_kernel import weights
+
+    gate, up, down = weights()  # H 96, I 80: padded to 128
+    packed = cpu_moe.pack_layer(gate, up, down, "int8", group=32)
+    g, u, d = layout.dequantize(packed)
+    x, ids, w = routing(3, 2, e=gate.shape[0], h=gate.shape[2])
+    y = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 2, route="kernel", int8_dot=True)
+    assert rel(y, exact_reference(g, u, d, x, ids, w)) < EXACT
