@@ -145,13 +145,18 @@ LAYERS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def block_layers():
+def layers_of(pairs, seed: int) -> dict:
+    """(gate/up type, down type) -> (packed layer of 6 experts, 256 x 512, its dequantized matrices)."""
     out = {}
-    for gu, dn in LAYERS:
-        packed, _ = _layer(gu, dn, 256, 512, experts=6, seed=7)
+    for gu, dn in pairs:
+        packed, _ = _layer(gu, dn, 256, 512, experts=6, seed=seed)
         out[gu, dn] = packed, layout.dequantize(packed)
     return out
+
+
+@pytest.fixture(scope="module")
+def block_layers():
+    return layers_of(LAYERS, seed=7)
 
 
 @needs_kernel

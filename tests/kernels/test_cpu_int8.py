@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cadenza.kernels import cpu_moe, layout
-from tests.kernels.test_block_formats import _layer
+from tests.kernels.test_block_formats import layers_of
 from tests.kernels.test_cpu_kernel import EXACT, needs_kernel, rel, routing
 from tests.kernels.test_cpu_kernel import reference as exact_reference
 
@@ -60,11 +60,7 @@ LAYERS = [
 
 @pytest.fixture(scope="module")
 def block_layers():
-    out = {}
-    for gu, dn in LAYERS:
-        packed, _ = _layer(gu, dn, 256, 512, experts=6, seed=11)
-        out[gu, dn] = packed, layout.dequantize(packed)
-    return out
+    return layers_of(LAYERS, seed=11)
 
 
 @needs_kernel
