@@ -213,7 +213,21 @@ def offload_info(args: argparse.Namespace) -> dict:
 
     cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out["cuda_graphs"] = StepGraphs(meta, cuda).describe()  # what a run on this machine would do
+    out["cpu_activations"] = cpu_activations(fmt, dtype)
     return out
+
+
+def cpu_activations(fmt, dtype) -> str:
+    """How the CPU kernel would multiply this model's experts here (--cpu-activations), in words."""
+    from cadenza.kernels import cpu_moe
+
+    stored = {f for layer in (fmt.layer_formats or (fmt.fmt,)) for f in layer.split("+")}
+    label = cpu_moe.activations_label(dtype)
+    kinds = {"int8": cpu_moe.INT8_FORMATS, "int8 for K-quant tiles": cpu_moe.KQUANT_FORMATS}.get(label, ())
+    taking = sorted(stored & set(kinds))
+    if not taking:
+        return "exact (activations as they are)"
+    return f"int8 activations for the {', '.join(taking)} experts (--cpu-activations exact: as they are)"
 
 
 def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: dict) -> dict:
@@ -280,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
         stored = ", ".join(f"{k} {_gb(v)}" for k, v in sorted(types.items()))
         lines.append(f"gguf {group:<9}{stored}")
     lines.append(f"cuda graphs   {d['cuda_graphs']}")
+    lines.append(f"cpu products  {d['cpu_activations']}")
     if "placement" in d:
         lines.append(f"placement     {d['placement']['summary']}")
         if "expected_gpu_share" in d["placement"]:

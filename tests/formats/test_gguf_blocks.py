@@ -95,6 +95,17 @@ def test_info_names_each_layers_format(kquant_file):
     assert d["expert_formats_per_layer"] == ["q4_k+q6_k", "q4_k"]
     assert d["gguf_types"]["experts"].keys() == {"Q4_K", "Q6_K"}
     assert d["expert_bytes"] > 0
+    r = cli("info", "--model", str(kquant_file), "--dtype", "float32", "--json")
+    assert json.loads(r.stdout)["cpu_activations"].startswith("exact")  # an fp32 run: the exact products
+    from cadenza.kernels import cpu_moe
+
+    r = cli("info", "--model", str(kquant_file), "--dtype", "bfloat16", "--gpu-memory", "1GiB")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("cpu products"))
+    if cpu_moe.has_int8_dot():  # auto: int8 activations for the K-quant experts of a bf16 run
+        assert "int8 activations for the q4_k, q6_k experts" in line, line
+    else:
+        assert "exact" in line, line
 
 
 @pytest.mark.gpu
