@@ -221,10 +221,7 @@ def cpu_activations(fmt, dtype) -> str:
     """How the CPU kernel would multiply this model's experts here (--cpu-activations), in words."""
     from cadenza.kernels import cpu_moe
 
-    stored = {f for layer in (fmt.layer_formats or (fmt.fmt,)) for f in layer.split("+")}
-    label = cpu_moe.activations_label(dtype)
-    kinds = {"int8": cpu_moe.INT8_FORMATS, "int8 for K-quant tiles": cpu_moe.KQUANT_FORMATS}.get(label, ())
-    taking = sorted(stored & set(kinds))
+    taking = cpu_moe.int8_formats(fmt.layer_formats or (fmt.fmt,), dtype)
     if not taking:
         return "exact (activations as they are)"
     return f"int8 activations for the {', '.join(taking)} experts (--cpu-activations exact: as they are)"

@@ -175,6 +175,13 @@ def int8_bits(int8_dot: bool | None, dtype: torch.dtype) -> int:
     return DOT_INT8_KQUANT | DOT_INT8_BYTES if int8_dot else 0
 
 
+def int8_formats(formats, dtype: torch.dtype) -> list[str]:
+    """Which of the tile `formats` (names, "a+b" pairs split) take int8 activations of `dtype` by default."""
+    bits = int8_bits(None, dtype)
+    kinds = (KQUANT_FORMATS if bits & DOT_INT8_KQUANT else ()) + (("int8", "q8_0") if bits & DOT_INT8_BYTES else ())
+    return sorted({f for name in formats for f in name.split("+")} & set(kinds))
+
+
 def activations_label(dtype: torch.dtype) -> str:
     """What the CPU kernel does with activations of `dtype` by default, in words (bench rows, `cadenza info`)."""
     bits = int8_bits(None, dtype)

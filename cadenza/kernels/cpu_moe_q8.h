@@ -181,6 +181,7 @@ __attribute__((target("avx512vnni,avx512vbmi,avx512bw,avx512f"))) void dot_q8(co
         if (r0 == 0) {
           prefetch_chunk(p, a.pf);
           if (FMT != Q4_K && a.pf > 0) _mm_prefetch(reinterpret_cast<const char*>(p) + a.pf + 256, _MM_HINT_T0);
+          if (FMT == Q6_K && a.pf > 0) _mm_prefetch(reinterpret_cast<const char*>(p) + a.pf + 320, _MM_HINT_T0);
         }
         __m512i x0[NT], x1[NT];
         for (int t = 0; t < NT; ++t) {

@@ -16,7 +16,7 @@ from cadenza.moe.offload import costmodel, policy
 log = logging.getLogger(__name__)
 
 
-def cost_model_key(device: torch.device, orch) -> str:
+def cost_model_key(device: torch.device, orch, dtype: torch.dtype) -> str:
     cpu = "unknown cpu"
     try:
         with open("/proc/cpuinfo") as f:
@@ -24,7 +24,12 @@ def cost_model_key(device: torch.device, orch) -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "emulated"
-    kernel = " | fused CPU kernel" if orch.cpu_kernel else ""
+    kernel = ""
+    if orch.cpu_kernel:  # (int8 activations change the CPU's time: a model measured without them is not reused)
+        from cadenza.kernels.cpu_moe import int8_formats
+
+        int8 = int8_formats(orch.format_name.split("/")[:1], dtype)
+        kernel = " | fused CPU kernel" + (f", int8 activations for {'+'.join(int8)}" if int8 else "")
     return (
         f"{cpu} | {gpu} | {orch.worker.threads} threads | expert {orch.hidden}x{orch.intermediate} "
         f"{orch.format_name} | torch {torch.__version__}{kernel}"
@@ -38,7 +43,7 @@ def calibrate(orch, device: torch.device, dtype: torch.dtype) -> None:
         return
     from cadenza.paths import cache_dir
 
-    key = cost_model_key(device, orch)
+    key = cost_model_key(device, orch, dtype)
     t0 = time.perf_counter()
     tune_prefetch(orch, key, dtype)
     cost = costmodel.load_cached(cache_dir(), key)
