@@ -186,8 +186,8 @@ def check_flags(args: argparse.Namespace) -> None:
 
         if not cpu_moe.has_int8_dot():
             raise CadenzaError(
-                "--cpu-activations int8 needs a CPU with AVX512-VNNI and AVX512_VBMI, which this one lacks. Leave "
-                "--cpu-activations out (exact)."
+                "--cpu-activations int8 needs a CPU with AVX512-VNNI and AVX512_VBMI, which this one lacks. Use "
+                "--cpu-activations exact, or leave the flag out (auto: exact on this CPU)."
             )
     group = getattr(args, "expert_group", None)
     if group is None:
