@@ -225,6 +225,7 @@ class LLM:
         expert_cache: bool = True,
         kv_cache: str = "gpu",
         micro_batches: int = 1,
+        cpu_activations: str = "auto",
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
         _check_kv_place(kv_cache)  # (before the weights; the model's cache kind is checked once known)
@@ -245,7 +246,9 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.checkpoint)
         # refused before any weight is read (the environment's CADENZA_* overrides too)
-        options = OffloadOptions(offload_policy, prefetch, eviction, cpu_threads).with_env()
+        options = OffloadOptions(offload_policy, prefetch, eviction, cpu_threads, cpu_activations=cpu_activations)
+        options = options.with_env()
+        self.cpu_activations = options.cpu_activations
         meta = build_meta(self.checkpoint)
         keep_dense_blocks(meta, self.checkpoint, self.device)  # a GGUF's attention weights, in their blocks on a GPU
         expert_format = expert_format.resolve(self.checkpoint, meta)
@@ -292,6 +295,8 @@ class LLM:
                 torch.set_num_threads(cpu_threads)
             cpu_fallback_notice(device, self.device)
             self.model = load_model(self.checkpoint, self.device, self.dtype, model=meta, experts=expert_format)
+            for m in moe_layers(self.model):  # a CPU run's packed experts call the CPU kernel themselves
+                m.cpu_activations = options.cpu_activations
         eos = set(config.eos_token_id)
         gen_eos = self.checkpoint.generation_config.get("eos_token_id")
         if gen_eos is not None:

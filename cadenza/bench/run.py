@@ -445,7 +445,7 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         from cadenza.kernels import cpu_moe
 
         # K-quant experts on the CPU: int8 activations or exact products (CADENZA_CPU_ACTIVATIONS)
-        out["cpu_activations"] = cpu_moe.activations_label(cut.llm.dtype)
+        out["cpu_activations"] = cpu_moe.activations_label(cut.llm.dtype, orch.options.cpu_activations)
         if orch.streamed is not None:  # how the stream hands a layer over: the worker thread or a host function
             out["cpu_handoff"] = {"launch": orch.streamed.launch, "reason": orch.streamed.launch_reason}
             if orch.options.zero_copy != 0:  # CADENZA_ZERO_COPY: the GPU's share of each token's host experts

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import textwrap
@@ -212,15 +211,6 @@ def check_flags(args: argparse.Namespace) -> None:
         )
 
 
-def apply_cpu_activations(args: argparse.Namespace) -> None:
-    """--cpu-activations, where given, becomes $CADENZA_CPU_ACTIVATIONS, which the CPU kernel's calls read
-    (cpu_moe.int8_bits), the stream's jobs included."""
-    if getattr(args, "cpu_activations", None):
-        from cadenza.kernels.cpu_moe import ACTIVATIONS_ENV
-
-        os.environ[ACTIVATIONS_ENV] = args.cpu_activations
-
-
 def load(args: argparse.Namespace):
     """The LLM the `add_engine_args` flags ask for; says on stderr where its experts went."""
     from cadenza.llm import LLM
@@ -229,7 +219,6 @@ def load(args: argparse.Namespace):
     check_flags(args)
     if args.gpu_memory is not None:
         parse_size(args.gpu_memory, "--gpu-memory")  # the message names the flag; 24 (no unit) is refused
-    apply_cpu_activations(args)
     llm = LLM(
         args.model,
         device=args.device,
@@ -245,6 +234,7 @@ def load(args: argparse.Namespace):
         cuda_graphs=not args.no_cuda_graphs,
         kv_cache=args.kv_cache,
         micro_batches=args.micro_batches,
+        cpu_activations=args.cpu_activations or "auto",
         **expert_kwargs(args),
     )
     if llm.placement is not None:

@@ -150,41 +150,50 @@ def has_int8_dot() -> bool:
     return {"avx512_vnni", "avx512vbmi"} <= cpu_flags()
 
 
-def activation_mode() -> str:
-    """CADENZA_CPU_ACTIVATIONS (auto, exact or int8; default auto), checked."""
-    value = os.environ.get(ACTIVATIONS_ENV, "auto").strip().lower()
+def activation_mode(mode: str | bool | None = None) -> str:
+    """auto, exact or int8: `mode` as given (True: int8, False: exact), or CADENZA_CPU_ACTIVATIONS where None (default
+    auto); checked."""
+    if isinstance(mode, bool):
+        return "int8" if mode else "exact"
+    value = os.environ.get(ACTIVATIONS_ENV, "auto") if mode is None else mode
+    value = value.strip().lower()
     if value not in ACTIVATION_MODES:
-        raise ValueError(f"{ACTIVATIONS_ENV}={value!r}: use auto, exact or int8")
+        where = f"{ACTIVATIONS_ENV}={value!r}" if mode is None else f"cpu_activations={value!r}"
+        raise ValueError(f"{where}: use auto, exact or int8")
     return value
 
 
-def int8_bits(int8_dot: bool | None, dtype: torch.dtype) -> int:
-    """The kernel's int8 `dot` bits for activations of `dtype`. int8_dot True: int8 activations for every tile format
-    that has them (INT8_FORMATS; approximate, 8 bits an activation per 256 columns, as llama.cpp's CPU kernels);
-    False: none; None: CADENZA_CPU_ACTIVATIONS: int8 as True, exact as False, auto (the default) int8 for the
-    K-quant tiles where the activations are bf16 or fp16 (measured on the H200 box's Xeon: 1.2x the exact path's
-    rate on Mixtral's Q4_K_M layer; int8 and q8_0 tiles keep the exact products until measured there) and none for
-    fp32 ones (what the exactness tests and an fp32 run ask for). Raises where int8 is asked and the CPU lacks it."""
-    if int8_dot is None:
-        mode = activation_mode()
-        if mode == "auto":
-            return DOT_INT8_KQUANT if dtype in (torch.bfloat16, torch.float16) and has_int8_dot() else 0
-        int8_dot = mode == "int8" and has_int8_dot()  # (asked where the CPU cannot: exact)
-    if int8_dot and not has_int8_dot():
+def int8_bits(mode: str | bool | None, dtype: torch.dtype) -> int:
+    """The kernel's int8 `dot` bits for activations of `dtype` under `mode` (`activation_mode`'s). int8: int8
+    activations for every tile format that has them (INT8_FORMATS; approximate, 8 bits an activation per 256 columns,
+    as llama.cpp's CPU kernels); exact: none; auto (the default): int8 for the K-quant tiles where the activations
+    are bf16 or fp16 (measured on the H200 box's Xeon: 1.2x the exact path's rate on Mixtral's Q4_K_M layer; int8
+    and q8_0 tiles keep the exact products until measured there) and none for fp32 ones (what the exactness tests
+    and an fp32 run ask for). Raises where int8 is asked by value and the CPU lacks it; the environment's int8 on
+    such a CPU gives the exact products."""
+    asked = mode
+    mode = activation_mode(mode)
+    if mode == "auto":
+        return DOT_INT8_KQUANT if dtype in (torch.bfloat16, torch.float16) and has_int8_dot() else 0
+    if mode == "exact":
+        return 0
+    if not has_int8_dot():
+        if asked is None:
+            return 0
         raise RuntimeError("int8 activations need a CPU with AVX512-VNNI and AVX512_VBMI; this one lacks them")
-    return DOT_INT8_KQUANT | DOT_INT8_BYTES if int8_dot else 0
+    return DOT_INT8_KQUANT | DOT_INT8_BYTES
 
 
-def int8_formats(formats, dtype: torch.dtype) -> list[str]:
-    """Which of the tile `formats` (names, "a+b" pairs split) take int8 activations of `dtype` by default."""
-    bits = int8_bits(None, dtype)
+def int8_formats(formats, dtype: torch.dtype, mode: str | bool | None = None) -> list[str]:
+    """Which of the tile `formats` (names, "a+b" pairs split) take int8 activations of `dtype` under `mode`."""
+    bits = int8_bits(mode, dtype)
     kinds = (KQUANT_FORMATS if bits & DOT_INT8_KQUANT else ()) + (("int8", "q8_0") if bits & DOT_INT8_BYTES else ())
     return sorted({f for name in formats for f in name.split("+")} & set(kinds))
 
 
-def activations_label(dtype: torch.dtype) -> str:
-    """What the CPU kernel does with activations of `dtype` by default, in words (bench rows, `cadenza info`)."""
-    bits = int8_bits(None, dtype)
+def activations_label(dtype: torch.dtype, mode: str | bool | None = None) -> str:
+    """What the CPU kernel does with activations of `dtype` under `mode`, in words (bench rows)."""
+    bits = int8_bits(mode, dtype)
     if bits == DOT_INT8_KQUANT | DOT_INT8_BYTES:
         return "int8"
     return "int8 for K-quant tiles" if bits else "exact"
@@ -285,7 +294,7 @@ def moe_forward(
     mm_min_tokens: int | None = -1,
     prefetch: int = 0,
     bf16_dot: bool | None = None,
-    int8_dot: bool | None = None,
+    activations: str | bool | None = None,
     biases: tuple | None = None,
 ) -> torch.Tensor:
     """y [T, H] float32 = sum over (t, slot) with topk_ids[t, slot] in `experts` (None: all) of
@@ -301,8 +310,9 @@ def moe_forward(
     default, `default_mm_min_tokens()`), "kernel", "mm", or "torch" (the fallback; "auto" falls back to it where
     the kernel is unavailable). prefetch: software prefetch distance in bytes inside the kernel (0: none).
     bf16_dot: bf16 weights (tiled or plain) and 4-bit tiles multiply with AVX512_BF16 dot products (None: where the
-    CPU has them and x is bf16, whose products they compute exactly; False: fp32 lanes). int8_dot: the tiles of
-    INT8_FORMATS multiply activations quantized to int8 per 256 columns (approximate; None: `int8_bits`' default).
+    CPU has them and x is bf16, whose products they compute exactly; False: fp32 lanes). activations: "int8" (or
+    True): the tiles of INT8_FORMATS multiply activations quantized to int8 per 256 columns (approximate); "exact"
+    (False): as they are; "auto": `int8_bits`' rule; None: CADENZA_CPU_ACTIVATIONS, else auto.
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
@@ -348,7 +358,7 @@ def moe_forward(
     if small:
         # bf16 inputs multiply exactly with vdpbf16ps; fp32 ones would lose bits past 16 (hi + lo): fp32 lanes
         bf16_dot = has_bf16_dot() and x.dtype == torch.bfloat16 if bf16_dot is None else bf16_dot
-        dot = int(bf16_dot) * DOT_BF16 | int8_bits(int8_dot, x.dtype)
+        dot = int(bf16_dot) * DOT_BF16 | int8_bits(activations, x.dtype)
         kernel = _plain_kernel_forward if plain else _kernel_forward
         kernel(lib, layer, x, ids, w, small, act, threads, prefetch, dot, y, biases)
     if big:
@@ -447,13 +457,25 @@ _JOB_HELD: dict[int, tuple] = {}  # job address -> the bias tensors its Extra po
 
 
 def job_new(
-    layer, x, ids, w, mask, act: str, threads: int, y, stats, ring: int, prefetch: int = 0, biases=None, int8_dot=None
+    layer,
+    x,
+    ids,
+    w,
+    mask,
+    act: str,
+    threads: int,
+    y,
+    stats,
+    ring: int,
+    prefetch: int = 0,
+    biases=None,
+    activations=None,
 ) -> int:
     """A job computing y [T, H] fp32 = the pairs of ids [T, k] routed to experts with mask[e] != 0, from x [T, H]
     (fp32 or bf16) and w [T, k] fp32, whenever `job_run` (or a CUDA stream, through `job_function`) runs it. Every
     tensor is read or written in place at each run, so the caller keeps them alive and fixed (pinned staging
     buffers); stats: int64 [8 + E + 2 ring] (see cpu_moe.cpp); act and biases as `moe_forward` (the biases are
-    copied to fp32 once, held until `job_free`); int8_dot as `moe_forward`'s. Returns the job's address; `job_free`
+    copied to fp32 once, held until `job_free`); activations as `moe_forward`'s. Returns the job's address; `job_free`
     frees it."""
     lib = _load()
     if lib is None:
@@ -470,7 +492,7 @@ def job_new(
             raise ValueError(f"job buffer {name} must be a contiguous CPU tensor of {want.get(name, 'its')} dtype")
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
-    dot = int(has_bf16_dot() and x.dtype == torch.bfloat16) * DOT_BF16 | int8_bits(int8_dot, x.dtype)
+    dot = int(has_bf16_dot() and x.dtype == torch.bfloat16) * DOT_BF16 | int8_bits(activations, x.dtype)
     num_experts = layer.num_experts
     if mask.numel() != num_experts or stats.numel() < 8 + num_experts + 2 * ring:
         raise ValueError("mask must hold one entry per expert and stats 8 + E + 2 ring")

@@ -269,7 +269,7 @@ class Experts(nn.Module):
         active = torch.nonzero(counts).view(-1).tolist()
         y = cpu_moe.moe_forward(
             self.packed, x, topk_ids, topk_weights, active, self.hidden_act, torch.get_num_threads(),
-            biases=self.kernel_biases(),
+            biases=self.kernel_biases(), activations=getattr(self, "cpu_activations", None),
         )  # float32  # fmt: skip
         return y.to(x.dtype)
 

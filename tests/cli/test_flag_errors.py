@@ -43,10 +43,8 @@ def test_flag_errors_name_the_flag(args, words):
 
 
 def test_cpu_activations_flag(monkeypatch):
-    """--cpu-activations int8 becomes the kernel's default; a CPU without the instructions is told so first."""
+    """--cpu-activations reaches LLM's cpu_activations; int8 on a CPU without the instructions is refused first."""
     import argparse
-
-    import torch
 
     from cadenza.cli import flags
     from cadenza.errors import CadenzaError
@@ -55,14 +53,22 @@ def test_cpu_activations_flag(monkeypatch):
     p = argparse.ArgumentParser()
     flags.add_engine_args(p)
     args = p.parse_args(["--cpu-activations", "int8"])
-    monkeypatch.setenv(cpu_moe.ACTIVATIONS_ENV, "auto")  # (recorded: what apply_cpu_activations writes is undone)
     monkeypatch.setattr(cpu_moe, "has_int8_dot", lambda: True)
     flags.check_flags(args)
-    flags.apply_cpu_activations(args)
-    assert cpu_moe.int8_bits(None, torch.float32) == cpu_moe.DOT_INT8_KQUANT | cpu_moe.DOT_INT8_BYTES
-    flags.apply_cpu_activations(p.parse_args([]))  # not given: the environment stays as it is
-    assert cpu_moe.activations_label(torch.float32) == "int8"
+    seen = {}
+
+    class Fake:
+        placement, is_demo = None, False
+
+        def __init__(self, *a, **kw):
+            seen.update(kw)
+
+    monkeypatch.setattr("cadenza.llm.LLM", Fake)
+    flags.load(args)
+    assert seen["cpu_activations"] == "int8"
+    flags.load(p.parse_args([]))
+    assert seen["cpu_activations"] == "auto"
     monkeypatch.setattr(cpu_moe, "has_int8_dot", lambda: False)
     with pytest.raises(CadenzaError, match="--cpu-activations int8 needs a CPU with AVX512-VNNI"):
         flags.check_flags(args)
-    assert cpu_moe.int8_bits(None, torch.bfloat16) == 0  # the environment asks, the CPU cannot: exact
+    assert p.parse_args([]).cpu_activations is None  # not given: LLM's default (auto), the environment over it

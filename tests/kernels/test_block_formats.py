@@ -172,7 +172,7 @@ def test_cpu_kernel_equals_reference(block_layers, types):
                     want = ref if xi is x else layer_reference(g, u, d, xi, ids, w, experts)
                     for dot in (False, True) if cpu_moe.has_bf16_dot() else (False,):  # fp32 lanes, vdpbf16ps
                         y = cpu_moe.moe_forward(  # (the exact products: int8 activations, test_cpu_int8.py)
-                            packed, xi, ids, w, experts, "silu", 2, route="kernel", bf16_dot=dot, int8_dot=False
+                            packed, xi, ids, w, experts, "silu", 2, route="kernel", bf16_dot=dot, activations="exact"
                         )
                         assert rel(y, want) < EXACT, (types, t, k, experts, xi.dtype, dot, rel(y, want))
 

@@ -76,7 +76,7 @@ def test_int8_activations_equal_their_reference(block_layers, types):
             for experts in (None, [0, 2, 5]):
                 for xi in (x, x.bfloat16()):
                     want = q8_reference(g, u, d, xi, ids, w, experts, gu_q8, dn_q8)
-                    y = cpu_moe.moe_forward(packed, xi, ids, w, experts, "silu", 2, route="kernel", int8_dot=True)
+                    y = cpu_moe.moe_forward(packed, xi, ids, w, experts, "silu", 2, route="kernel", activations="int8")
                     assert rel(y, want) < BOUND, (types, t, k, experts, xi.dtype, rel(y, want))
                     worst = max(worst, rel(y, exact_reference(g, u, d, xi, ids, w, experts)))
     # the activations' 8 bits on random blocks (their scales and mins drawn at random: harsher than a model's)
@@ -89,11 +89,11 @@ def test_int8_activations_equal_their_reference(block_layers, types):
 def test_int8_job_equals_the_call(block_layers):
     packed, _ = block_layers["Q4_K", "Q6_K"]
     x, ids, w = routing(3, 2, e=6, h=256)
-    want = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 2, route="kernel", int8_dot=True)
+    want = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 2, route="kernel", activations="int8")
     y = torch.zeros(3, 256)
     mask = torch.ones(6, dtype=torch.uint8)
     stats = torch.zeros(8 + 6 + 2, dtype=torch.int64)
-    ptr = cpu_moe.job_new(packed, x, ids, w, mask, "silu", 2, y, stats, 1, int8_dot=True)
+    ptr = cpu_moe.job_new(packed, x, ids, w, mask, "silu", 2, y, stats, 1, activations="int8")
     try:
         cpu_moe.job_run(ptr)
     finally:
@@ -151,7 +151,7 @@ def test_int8_experts_take_int8_activations(group):
     e, h = gate.shape[0], gate.shape[2]
     for t in (1, 2, 5, 40):
         x, ids, w = routing(t, 2, e=e, h=h)
-        y = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 2, route="kernel", int8_dot=True)
+        y = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 2, route="kernel", activations="int8")
         assert rel(y, q8_reference(g, u, d, x, ids, w)) < BOUND, (group, t)
         assert rel(y, exact_reference(g, u, d, x, ids, w)) < 0.05
 
@@ -166,5 +166,5 @@ def test_rows_not_a_multiple_of_256_stay_exact():
     packed = cpu_moe.pack_layer(gate, up, down, "int8", group=32)
     g, u, d = layout.dequantize(packed)
     x, ids, w = routing(3, 2, e=gate.shape[0], h=gate.shape[2])
-    y = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 2, route="kernel", int8_dot=True)
+    y = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 2, route="kernel", activations="int8")
     assert rel(y, exact_reference(g, u, d, x, ids, w)) < EXACT

@@ -184,3 +184,9 @@ def test_options_from_the_environment():
         OffloadOptions(policy="gpu")
     with pytest.raises(CadenzaError, match="cpu_threads"):
         OffloadOptions(cpu_threads=0)
+    assert OffloadOptions(cpu_activations="exact").with_env({}).cpu_activations == "exact"
+    assert OffloadOptions().with_env({"CADENZA_CPU_ACTIVATIONS": "INT8"}).cpu_activations == "int8"
+    with pytest.raises(CadenzaError, match="CADENZA_CPU_ACTIVATIONS='int4': use auto, exact or int8"):
+        OffloadOptions().with_env({"CADENZA_CPU_ACTIVATIONS": "int4"})
+    with pytest.raises(CadenzaError, match="cpu_activations='int4' is not valid"):
+        OffloadOptions(cpu_activations="int4")

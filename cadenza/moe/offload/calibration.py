@@ -28,7 +28,7 @@ def cost_model_key(device: torch.device, orch, dtype: torch.dtype) -> str:
     if orch.cpu_kernel:  # (int8 activations change the CPU's time: a model measured without them is not reused)
         from cadenza.kernels.cpu_moe import int8_formats
 
-        int8 = int8_formats(orch.format_name.split("/")[:1], dtype)
+        int8 = int8_formats(orch.format_name.split("/")[:1], dtype, orch.options.cpu_activations)
         kernel = " | fused CPU kernel" + (f", int8 activations for {'+'.join(int8)}" if int8 else "")
     return (
         f"{cpu} | {gpu} | {orch.worker.threads} threads | expert {orch.hidden}x{orch.intermediate} "

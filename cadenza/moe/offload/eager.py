@@ -159,7 +159,10 @@ def cpu_job(layer, x_h, k, w_h, ids_h, counts, experts, out, shared: bool, split
         pf = policy.cpu_prefetch_for(x_h.shape[0], orch.cpu_prefetch)
         act, threads = layer.experts.hidden_act, orch.worker.threads
         biases = layer.experts.kernel_biases()
-        y = moe_forward(layer.kernel_layer, x_h, ids_h, w_h, experts, act, threads, prefetch=pf, biases=biases)
+        y = moe_forward(
+            layer.kernel_layer, x_h, ids_h, w_h, experts, act, threads, prefetch=pf, biases=biases,
+            activations=orch.options.cpu_activations,
+        )  # fmt: skip
         out.copy_(y)
     elif experts:
         out.zero_()

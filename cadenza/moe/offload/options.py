@@ -10,6 +10,7 @@ one place, `OffloadOptions.with_env`:
 | CADENZA_CPU_KERNEL=0 | cpu_kernel | PyTorch's products instead of the fused CPU kernel (bf16 experts) |
 | CADENZA_GPU_KERNEL=0 | gpu_kernel | per-expert products instead of the indexed decode kernels (plain experts) |
 | CADENZA_CPU_PREFETCH=BYTES | cpu_prefetch | the CPU kernel's software prefetch distance, instead of measuring it |
+| CADENZA_CPU_ACTIVATIONS=auto / exact / int8 | cpu_activations | how the CPU kernel multiplies experts with integer codes: int8 activations (cadenza.kernels.cpu_moe.int8_bits), the exact products, or auto (int8 for K-quant experts in bf16 / fp16 runs); read by the kernel's calls outside an offloaded run too |
 | CADENZA_ZERO_COPY=SHARE / auto | zero_copy | in graph decode, the share (0-1) of each token's host experts the GPU computes reading their weights from pinned host memory while the CPU computes the rest; auto: the share at which both finish together, measured at load (default 0: the CPU computes all) |
 """  # noqa: E501
 
@@ -43,6 +44,7 @@ class OffloadOptions:
     gpu_kernel: bool = True
     cpu_prefetch: int | None = None
     zero_copy: float | None = 0.0  # None: measured (auto)
+    cpu_activations: str = "auto"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -52,6 +54,8 @@ class OffloadOptions:
         t = self.cpu_threads
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise CadenzaError(f"cpu_threads={t!r} is not valid. Use a whole number of at least 1.")
+        if self.cpu_activations not in ("auto", "exact", "int8"):
+            raise CadenzaError(f"cpu_activations={self.cpu_activations!r} is not valid. Use auto, exact or int8.")
         if self.zero_copy is not None and not 0.0 <= self.zero_copy <= 1.0:
             raise CadenzaError(f"zero_copy={self.zero_copy!r} is not a share. Give a number from 0 to 1.")
 
@@ -92,4 +96,9 @@ class OffloadOptions:
                     f"CADENZA_ZERO_COPY={share!r}: give the GPU's share of each token's host experts, from 0 to 1, "
                     "or auto."
                 )
+        acts = env.get("CADENZA_CPU_ACTIVATIONS")
+        if acts is not None:
+            if acts.strip().lower() not in ("auto", "exact", "int8"):
+                raise CadenzaError(f"CADENZA_CPU_ACTIVATIONS={acts!r}: use auto, exact or int8 (or unset it).")
+            changes["cpu_activations"] = acts.strip().lower()
         return dataclasses.replace(self, **changes) if changes else self

@@ -325,7 +325,10 @@ class Orchestra:
             biases = tuple(b[None].float() for b in bias) if bias else None
         if prefetch is None:
             prefetch = policy.cpu_prefetch_for(x.shape[0], self.cpu_prefetch)
-        moe_forward(layer, x, ids, w, [0], self.layout.act, self.worker.threads, prefetch=prefetch, biases=biases)
+        moe_forward(
+            layer, x, ids, w, [0], self.layout.act, self.worker.threads, prefetch=prefetch, biases=biases,
+            activations=self.options.cpu_activations,
+        )  # fmt: skip
 
     def gpu_run_one(self, weights, x: torch.Tensor) -> None:
         """One expert on the GPU side from a fetch slot's tensors, as a layer computes it (for calibration)."""

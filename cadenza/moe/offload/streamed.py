@@ -255,6 +255,7 @@ class StreamedCpu:
                 RING,
                 prefetch=self.orch.cpu_prefetch,
                 biases=layer.experts.kernel_biases(),
+                activations=self.orch.options.cpu_activations,
             )
         return key, job
 
