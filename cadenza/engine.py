@@ -111,6 +111,12 @@ class Engine:
             self.micro.close()
             self.micro = MicroBatches(micro_batches, self.device, self.orchestra)
 
+    def _new_cache(self, length: int, slots: int):
+        """A cache on the model's device, or each layer's part on its GPU where the layers are split."""
+        cache = self.model.new_cache(length, self.dtype, self.device, batch=slots)
+        layer_devices = getattr(getattr(self.model, "model", None), "layer_devices", None)
+        return cache.place_layers(layer_devices) if layer_devices is not None else cache
+
     def cache_for(self, slots: int, length: int):
         """A cache with `slots` sequences of up to `length` tokens. On the CPU it grows as it fills. On a GPU the
         cache of max_batch × the whole context is allocated once and reused (the placement budgeted it); a
@@ -118,15 +124,15 @@ class Engine:
         if self.kv_host:  # grows as it fills, like a CPU cache; attention reads it on the CPU
             return self.model.new_cache(length, self.dtype, torch.device("cpu"), batch=slots).on_host(self.device)
         if self.device.type != "cuda":
-            return self.model.new_cache(length, self.dtype, self.device, batch=slots)
+            return self._new_cache(length, slots)
         if self._cache is None:
-            self._cache = self.model.new_cache(self.max_context, self.dtype, self.device, batch=self.max_batch)
+            self._cache = self._new_cache(self.max_context, self.max_batch)
             self._cache.reserve()
         if slots <= self._cache.batch:
             self._cache.reset()
             return self._cache
         try:
-            return self.model.new_cache(length, self.dtype, self.device, batch=slots).reserve()
+            return self._new_cache(length, slots).reserve()
         except torch.OutOfMemoryError:
             raise CadenzaError(
                 f"{slots} sequences of up to {length} tokens need more GPU memory for their KV cache than is free "

@@ -108,6 +108,8 @@ class StepGraphs:
     def _why_not(self, enabled: bool) -> str | None:
         if not enabled:
             return "turned off (--no-cuda-graphs)"
+        if getattr(getattr(self.model, "model", None), "layer_devices", None) is not None:
+            return "the layers are split over several GPUs (--gpus): decode steps run eagerly"
         if self.device.type != "cuda":
             return "no CUDA device (CPU execution, or the emulated GPU side)"
         if self.kv_host:

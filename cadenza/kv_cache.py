@@ -45,6 +45,19 @@ class Cache:
         self.buffers: dict[str, list[torch.Tensor]] = {name: [] for name in self.streams}
         self.compute_device = self.device  # where the model's activations are (on_host: a GPU, or the CPU too)
         self.hosted = False  # a host cache: decode attention by cadenza.models.common.host_attention
+        # per layer, the device its buffers live on: the layer's own where the layers are split over several GPUs
+        # (`place_layers`), else the cache's device
+        self.layer_devices = [self.device] * num_layers
+
+    def place_layers(self, devices: Sequence[torch.device]) -> Cache:
+        """Each layer's buffers on the device that computes the layer (layers split over several GPUs,
+        cadenza.layer_split); before the buffers are allocated."""
+        if len(devices) != self.num_layers:
+            raise ValueError(f"{len(devices)} devices for a cache of {self.num_layers} layers")
+        if self.capacity:
+            raise ValueError("place_layers comes before the cache's first allocation")
+        self.layer_devices = [torch.device(d) for d in devices]
+        return self
 
     def on_host(self, compute_device: torch.device) -> Cache:
         """This (CPU) cache serves a model running on `compute_device`: writes copy to the host, decode attention
@@ -81,11 +94,16 @@ class Cache:
         """Slot dst[i] becomes a copy of slot src[i] (read before any is written): beam search's reordering."""
         if list(dst) == list(src):
             return
-        d = torch.tensor(list(dst), device=self.device)
-        s = torch.tensor(list(src), device=self.device)
         n = max(self.lengths[i] for i in src)
+        index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device the buffers are on
         for bufs in self.buffers.values():
             for buf in bufs:
+                if buf.device not in index:
+                    index[buf.device] = (
+                        torch.tensor(list(dst), device=buf.device),
+                        torch.tensor(list(src), device=buf.device),
+                    )
+                d, s = index[buf.device]
                 buf[:, :, :n].index_copy_(0, d, buf[:, :, :n].index_select(0, s))
         old = list(self.lengths)
         for i, j in zip(dst, src, strict=True):
@@ -113,8 +131,8 @@ class Cache:
             # uninitialised memory may hold NaN (0 * NaN = NaN)
             try:
                 new = [
-                    torch.zeros((self.batch, heads, new_cap, dim), dtype=self.dtype, device=self.device)
-                    for _ in range(self.num_layers)
+                    torch.zeros((self.batch, heads, new_cap, dim), dtype=self.dtype, device=dev)
+                    for dev in self.layer_devices
                 ]
             except (RuntimeError, MemoryError) as exc:
                 if self.device.type != "cpu" or ("alloc" not in str(exc).lower() and not isinstance(exc, MemoryError)):

@@ -16,6 +16,7 @@ from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
 from cadenza.generation import Step
 from cadenza.kv_cache import KVCache
+from cadenza.layer_split import LayerSplit, budgets_for, edge_bytes, parse_devices
 from cadenza.loader import (
     build_meta,
     keep_dense_blocks,
@@ -26,8 +27,10 @@ from cadenza.loader import (
     open_checkpoint,
     open_tokenizer,
 )
+from cadenza.moe.devices import DeviceShare, merged
 from cadenza.moe.offload import calibration, planning
 from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
+from cadenza.moe.offload.stages import Stages
 from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.sampling import MAX_TOP_LOGPROBS, SamplingParams
@@ -203,6 +206,12 @@ class LLM:
     others are computed on the CPU or fetched per `offload_policy` ("auto", "cpu", "fetch"), with `cpu_threads`
     threads (default: physical cores). On device="cpu", a gpu_memory runs the same orchestration with the "GPU side"
     emulated on the CPU (for tests).
+
+    Several GPUs: devices=[0, 1] (or "0,1", ["cuda:0", "cuda:1"]) splits the layers in contiguous blocks, one a GPU
+    (a pipeline by layer: one small copy of the hidden state per boundary), each GPU's experts placed in its own
+    budget (gpu_memory: one size for each, or one per GPU: ["24GiB", "16GiB"] or "24GiB,16GiB"); the CPU computes
+    every GPU's host experts. Decode steps run eagerly (no CUDA graphs yet), the KV cache on the GPUs.
+    ["cpu", "cpu"] emulates the split on the CPU (for tests).
     """
 
     def __init__(
@@ -226,6 +235,7 @@ class LLM:
         kv_cache: str = "gpu",
         micro_batches: int = 1,
         cpu_activations: str = "auto",
+        devices=None,
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
         _check_kv_place(kv_cache)  # (before the weights; the model's cache kind is checked once known)
@@ -243,13 +253,15 @@ class LLM:
         else:  # a synthetic model (the bench): token ids in and out, no tokenizer
             self.tokenizer = None
         self.checkpoint = checkpoint
-        self.device = resolve_device(device)
+        self.devices = self._split_devices(devices, device, kv_cache)
+        self.device = self.devices[0] if self.devices else resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.checkpoint)
         # refused before any weight is read (the environment's CADENZA_* overrides too)
         options = OffloadOptions(offload_policy, prefetch, eviction, cpu_threads, cpu_activations=cpu_activations)
         options = options.with_env()
         self.cpu_activations = options.cpu_activations
         meta = build_meta(self.checkpoint)
+        self._edge_bytes = edge_bytes(meta, self.dtype)  # (before the blocks replace the LM head's weight)
         keep_dense_blocks(meta, self.checkpoint, self.device)  # a GGUF's attention weights, in their blocks on a GPU
         expert_format = expert_format.resolve(self.checkpoint, meta)
         config = self.config = meta.config
@@ -265,6 +277,10 @@ class LLM:
         self.orchestra: Orchestra | None = None
         self.offload_policy = offload_policy
         self._popularity = None
+        if self.devices and self.sizes.num_moe_layers == 0:
+            raise CadenzaError(
+                f"devices / --gpus splits the MoE layers over GPUs, and {model_dir} has none: use one GPU."
+            )
         offload = self.sizes.num_moe_layers > 0 and (self.device.type == "cuda" or gpu_memory is not None)
         if placement is not None and not offload:
             why = (
@@ -277,7 +293,24 @@ class LLM:
                 f"and {why}. Run on a GPU (--device cuda), or give a GPU budget with --gpu-memory SIZE "
                 "(on device cpu that emulates the GPU side); or drop --placement."
             )
-        if offload:
+        self.split: LayerSplit | None = None
+        if self.devices:
+            if placement is not None:
+                self._popularity = load_popularity(placement, self.sizes.num_moe_layers, self.sizes.num_experts)
+            shares = self._plan_split(gpu_memory, offload_policy)  # refuses too small budgets before reading weights
+            self.split = LayerSplit.of(meta, self.devices, [s.stop - s.first for s in shares])
+            self.split.apply(meta)  # (a GGUF's kept attention blocks move to their layers' GPUs too)
+            self.model = load_model(
+                self.checkpoint, self.device, self.dtype, torch.device("cpu"), meta, expert_format, self.split.device_of
+            )
+            self.orchestra = Stages(
+                moe_layers(self.model), self.devices, self.split.moe_ranges, options, moe_routers(self.model)
+            )
+            weakref.finalize(self, self.orchestra.close)
+            self.orchestra.apply(shares)
+            self.orchestra.calibrate(self.dtype)
+            log.info("layers split over %d devices: %s", len(self.devices), self.split.describe())
+        elif offload:
             if placement is not None:
                 self._popularity = load_popularity(placement, self.sizes.num_moe_layers, self.sizes.num_experts)
             planned = self._plan(gpu_memory, offload_policy)  # refuses a too-small budget before reading weights
@@ -373,9 +406,41 @@ class LLM:
     def placement(self) -> Placement | None:
         return self.orchestra.placement if self.orchestra is not None else None
 
+    @staticmethod
+    def _split_devices(devices, device, kv_cache: str) -> list[torch.device]:
+        """devices (several GPUs) checked against the other options; [] without a split."""
+        if devices is None:
+            return []
+        out = parse_devices(devices)
+        want = torch.device(device) if str(device) != "auto" else out[0]
+        if want.type != out[0].type or want.index not in (None, out[0].index):
+            raise CadenzaError(
+                f"device={device!r} and devices={[str(d) for d in out]} disagree: with several GPUs the first holds "
+                "the embeddings and takes the tokens. Leave device out (or 'auto')."
+            )
+        if kv_cache != "gpu":
+            raise CadenzaError(
+                "kv_cache='host' (--kv-cache host) with several GPUs is not supported: each GPU keeps its layers' KV "
+                "cache. Use --kv-cache gpu, or one GPU."
+            )
+        return out
+
+    def _plan_split(self, gpu_memory, policy: str, popularity="loaded") -> list[DeviceShare]:
+        """Several GPUs: each GPU's share (cadenza.moe.devices) for budgets and a policy; once the weights are
+        placed, for their split. popularity as `_plan`'s."""
+        popularity = self._popularity if isinstance(popularity, str) else popularity
+        counts = list(self.split.counts) if getattr(self, "split", None) is not None else None
+        return planning.plan_split(
+            self.sizes, self.config, self.dtype, budgets_for(gpu_memory, self.devices), policy, self.max_context,
+            self.max_batch, PREFILL_CHUNK, popularity, self.device.type == "cuda", self._edge_bytes, counts,
+        )  # fmt: skip
+
     def _plan(self, gpu_memory, policy: str, popularity="loaded") -> Placement:
-        """The placement for a budget and policy; popularity: "loaded" (the --placement file, if any), None (even
-        placement) or a [layers][experts] matrix."""
+        """The placement for a budget and policy (several GPUs: their shares as one, gpu_memory each GPU's);
+        popularity: "loaded" (the --placement file, if any), None (even placement) or a [layers][experts]
+        matrix."""
+        if self.devices:
+            return merged(self._plan_split(gpu_memory, policy, popularity))
         popularity = self._popularity if isinstance(popularity, str) else popularity
         if gpu_memory is None:
             if self.device.type != "cuda":
@@ -402,6 +467,8 @@ class LLM:
 
     def _check_kv_cache(self, kv_cache: str, model_name: str) -> None:
         _check_kv_place(kv_cache)
+        if self.devices:
+            self._split_devices(self.devices, "auto", kv_cache)
         if kv_cache == "host" and not self._kv_hostable:
             raise CadenzaError(
                 f"kv_cache='host' (--kv-cache host) needs ordinary keys and values; {model_name}'s attention cache is "
@@ -438,9 +505,12 @@ class LLM:
             self.engine.set_batch(max_batch, kv_cache, micro_batches)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the dropped reserved cache, before the new placement fills the budget
-        planned = self._plan(gpu_memory, policy)
+        planned = self._plan_split(gpu_memory, policy) if self.devices else self._plan(gpu_memory, policy)
         self.orchestra.apply(planned, policy)
         self.offload_policy = policy
+        if isinstance(self.orchestra, Stages):
+            self.orchestra.calibrate(self.dtype)
+            return self.orchestra.placement
         calibration.calibrate(self.orchestra, self.device, self.dtype)
         return planned
 

@@ -69,11 +69,14 @@ def build_meta(checkpoint: Checkpoint) -> nn.Module:
         return model_cls(config)
 
 
-def keep_dense_blocks(model: nn.Module, checkpoint: Checkpoint, device: torch.device, force: bool = False) -> int:
+def keep_dense_blocks(
+    model: nn.Module, checkpoint: Checkpoint, device: torch.device, force: bool = False, device_of=None
+) -> int:
     """On a GPU, a GGUF's quantized attention projections and LM head stay in their blocks: BlockLinear modules
     (cadenza.kernels.gpu_linear) take the meta model's Linear ones, their tiles on `device`, ~0.6 bytes a weight
     against bf16's 2, which leaves the GPU budget to routed experts. force: on any device (tests); the
-    CADENZA_DENSE_BLOCKS=0 environment turns it off. Returns how many layers keep their blocks."""
+    CADENZA_DENSE_BLOCKS=0 environment turns it off. device_of(name): each weight's device where the layers are
+    split over several GPUs (cadenza.layer_split). Returns how many layers keep their blocks."""
     if not hasattr(checkpoint, "dense_blocks") or os.environ.get("CADENZA_DENSE_BLOCKS") == "0":
         return 0
     if device.type != "cuda" and not force:
@@ -90,7 +93,7 @@ def keep_dense_blocks(model: nn.Module, checkpoint: Checkpoint, device: torch.de
         if shape is None or tuple(checkpoint.tensors[name].shape) != shape:
             continue  # check_tensors names the mismatch
         layer = BlockLinear.from_gguf(qtype, checkpoint.block_rows(name), *shape)
-        layer.tiles = layer.tiles.to(device)
+        layer.tiles = layer.tiles.to(device_of(name) if device_of is not None else device)
         if linear.bias is not None:  # read with the other tensors
             layer.bias = nn.Parameter(torch.empty(shape[0], device="meta"), requires_grad=False)
         setattr(parent, attr, layer)
@@ -200,6 +203,7 @@ def load_model(
     expert_device: torch.device | None = None,
     model: nn.Module | None = None,
     experts: ExpertFormat | None = None,
+    device_of=None,
 ) -> nn.Module:
     """Builds the family's model (or takes `model`, built by `build_meta`) and fills it from the checkpoint, shard
     by shard. Routed experts land on `expert_device` (default `device`): the host, when they are offloaded.
@@ -207,7 +211,8 @@ def load_model(
     experts: how routed experts are stored (default plain, in `dtype`). int8 / int4 pack each layer in host memory
     as soon as its expert tensors have arrived, while reading goes on, and keep the packed layers in the disk cache
     (unless `experts.cache` is False): a later load with the same checkpoint, format and group reads them from
-    there and skips the checkpoint's expert tensors."""
+    there and skips the checkpoint's expert tensors. device_of(name): each non-expert tensor's device where the
+    layers are split over several GPUs (cadenza.layer_split.LayerSplit.device_of); default `device`."""
     model = model if model is not None else build_meta(checkpoint)
     names = check_tensors(model, checkpoint)
     fmt = experts or ExpertFormat()
@@ -257,7 +262,8 @@ def load_model(
             read = 0
             for name, tensor in read_weights(checkpoint, names, dtype):
                 alloc = packer.take if packer is not None else None
-                done = _assign(model, name, tensor, device, dtype, expert_device or device, alloc)
+                dev = device_of(name) if device_of is not None else device
+                done = _assign(model, name, tensor, dev, dtype, expert_device or device, alloc)
                 if done is not None and packer is not None:
                     packer.submit(done)  # waits while the layer before is still packing
                 read += _stored_nbytes(checkpoint, name)

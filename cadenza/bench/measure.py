@@ -49,7 +49,9 @@ class CadenzaUnderTest:
         expert_cache: bool = True,
         cuda_graphs: bool = True,
         gguf: Path | None = None,
+        devices: str | None = None,
     ):
+        """devices: several GPUs (LLM's devices, `cadenza bench --gpus`), each with the configuration's budget."""
         from cadenza.llm import LLM
 
         self.ckpt, self.device, self.max_context = ckpt, device, max_context
@@ -68,6 +70,7 @@ class CadenzaUnderTest:
             expert_group=expert_group,
             expert_cache=expert_cache,
             cuda_graphs=cuda_graphs,
+            devices=devices,
         )
         self.load_s = time.perf_counter() - t0
 

@@ -344,6 +344,7 @@ def _run_cadenza(args, ckpt, device, configs, expert_args, written, model, max_c
         eviction=args.eviction,
         cuda_graphs=not args.no_cuda_graphs,
         gguf=written.path if written is not None else None,
+        devices=getattr(args, "gpus", None),
         **expert_args,
     )
     ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory
@@ -438,6 +439,8 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         result.skip(f"out of GPU memory: {str(e).splitlines()[0]}")
     out = {**result.as_dict(), **kv_cache_facts(cut.llm), "cuda_graphs": cut.llm.engine.graphs.describe()}
     orch = cut.llm.orchestra
+    if cut.llm.split is not None:  # several GPUs: each one's layers and experts (the budget is each GPU's)
+        out["gpus"] = [{"device": str(cut.llm.devices[s.device]), "summary": s.summary()} for s in orch.shares]
     if orch is not None:  # how the decode layers hand the CPU its share (cadenza.moe.offload.streamed)
         out["cpu_launch"] = "stream" if orch.streamed is not None else f"host sync per layer ({orch.streamed_reason})"
         # the expert kernel's threads and torch's intra-op threads in this process (rows differ by either)

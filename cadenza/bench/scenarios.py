@@ -108,6 +108,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=3, help="measured trials after one warm-up; the median is reported")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument(
+        "--gpus", default=None,
+        help="several GPUs (e.g. 0,1): cadenza splits the layers over them, each GPU with the budget of --budgets "
+        "(a row at 24 is 24 GiB on each); D1 / D4 beside a single GPU's rows: issue 'several GPUs'",
+    )  # fmt: skip
+    p.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -282,6 +287,7 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
         ("--cpu-threads", args.cpu_threads),
         ("--policies", None if args.policies == "auto,cpu,fetch" else args.policies),
         ("--tag", args.tag),
+        ("--gpus", getattr(args, "gpus", None)),
         ("--eviction", None if args.eviction == "lru" else args.eviction),
     ):
         if value is not None:

@@ -89,7 +89,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--gpu-memory",
         default=None,
         help="GPU budget with a unit: 24GiB (or 24G), 24GB (10^9 bytes), 512MiB; 0 keeps every routed expert on "
-        "the host; a bare number such as 24 is refused (default: free GPU memory less a margin)",
+        "the host; a bare number such as 24 is refused (default: free GPU memory less a margin). With --gpus: one "
+        "size for each GPU, or one per GPU (24GiB,16GiB)",
+    )
+    p.add_argument(
+        "--gpus",
+        default=None,
+        help="several GPUs of this machine, e.g. 0,1: the layers split in contiguous blocks, one a GPU, each GPU's "
+        "experts placed in its --gpu-memory (default: one GPU, --device)",
     )
     p.add_argument(
         "--offload-policy",
@@ -217,8 +224,9 @@ def load(args: argparse.Namespace):
     from cadenza.moe.placement import parse_size
 
     check_flags(args)
-    if args.gpu_memory is not None:
-        parse_size(args.gpu_memory, "--gpu-memory")  # the message names the flag; 24 (no unit) is refused
+    if args.gpu_memory is not None:  # the message names the flag; 24 (no unit) is refused
+        for size in args.gpu_memory.split(",") if getattr(args, "gpus", None) else [args.gpu_memory]:
+            parse_size(size.strip(), "--gpu-memory")
     llm = LLM(
         args.model,
         device=args.device,
@@ -235,8 +243,12 @@ def load(args: argparse.Namespace):
         kv_cache=args.kv_cache,
         micro_batches=args.micro_batches,
         cpu_activations=args.cpu_activations or "auto",
+        devices=getattr(args, "gpus", None),
         **expert_kwargs(args),
     )
+    if getattr(llm, "split", None) is not None:
+        for share in llm.orchestra.shares:
+            print(f"cadenza: {llm.devices[share.device]}: {share.summary().partition(': ')[2]}", file=sys.stderr)
     if llm.placement is not None:
         print(f"cadenza: {llm.placement.summary()}", file=sys.stderr)
     if llm.is_demo:

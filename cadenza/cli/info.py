@@ -34,8 +34,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--gpu-memory",
         default=None,
-        help="also show the placement for this GPU budget, e.g. 24GiB (24 alone is refused)",
+        help="also show the placement for this GPU budget, e.g. 24GiB (24 alone is refused); with --gpus one "
+        "for each GPU or one per GPU (24GiB,16GiB)",
     )
+    p.add_argument(
+        "--gpus", default=None,
+        help="with --gpu-memory: the placement over several GPUs (e.g. 0,1): each GPU's layers and experts",
+    )  # fmt: skip
     p.add_argument("--max-context", type=int, default=None, help="context the placement reserves KV cache for")
     p.add_argument("--dtype", default=None, help="compute dtype for the placement (default: checkpoint's)")
     p.add_argument("--placement", default=None, help="popularity JSON to choose residents by")
@@ -165,7 +170,6 @@ def offload_info(args: argparse.Namespace) -> dict:
     from cadenza.loader import build_meta, model_sizes, open_checkpoint
     from cadenza.moe.offload.planning import plan_offload
     from cadenza.moe.placement import load_popularity, parse_size
-    from cadenza.paths import cache_dir
 
     out: dict = {}
     from cadenza.moe.quantize import ExpertFormat
@@ -191,6 +195,9 @@ def offload_info(args: argparse.Namespace) -> dict:
         pop = load_popularity(args.placement, sizes.num_moe_layers, sizes.num_experts) if args.placement else None
         if args.max_batch < 1:
             raise CadenzaError(f"--max-batch {args.max_batch} is not valid. Use a whole number of at least 1.")
+        if getattr(args, "gpus", None):
+            split_info(args, out, meta, sizes, dtype, context, pop)
+            return _rest(args, out, meta, sizes, dtype, fmt)
         budget = parse_size(args.gpu_memory, "--gpu-memory")
         placement = plan_offload(
             sizes, meta.config, dtype, budget, args.offload_policy, context, args.max_batch, PREFILL_CHUNK, pop
@@ -198,7 +205,42 @@ def offload_info(args: argparse.Namespace) -> dict:
         out["placement"] = {**placement.as_dict(), "summary": placement.summary()}
         if pop is not None:
             out["placement"]["expected_gpu_share"] = placement.expected_gpu_share(pop)
+    return _rest(args, out, meta, sizes, dtype, fmt)
+
+
+def split_info(args, out: dict, meta, sizes, dtype, context: int, pop) -> None:
+    """--gpus: the layers' split and each GPU's placement (cadenza.moe.devices), as a run would make them; the
+    GPUs need not be on this machine."""
     import torch
+
+    from cadenza.layer_split import budgets_for, edge_bytes
+    from cadenza.llm import PREFILL_CHUNK
+    from cadenza.moe.devices import merged
+    from cadenza.moe.offload.planning import plan_split
+
+    names = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    if len(names) < 2:
+        raise CadenzaError(f"--gpus {args.gpus} names {len(names)} GPU; a split needs two or more (e.g. --gpus 0,1).")
+    budgets = budgets_for(args.gpu_memory, [torch.device("cuda", i) for i in range(len(names))])
+    shares = plan_split(
+        sizes, meta.config, dtype, budgets, args.offload_policy, context, args.max_batch, PREFILL_CHUNK, pop,
+        edge_bytes=edge_bytes(meta, dtype),
+    )  # fmt: skip
+    whole = merged(shares)
+    out["placement"] = {**whole.as_dict(), "summary": whole.summary()}
+    out["placement"]["gpus"] = [
+        {"gpu": names[s.device], "moe_layers": [s.first, s.stop], **s.placement.as_dict(), "summary": s.summary()}
+        for s in shares
+    ]
+    if pop is not None:
+        out["placement"]["expected_gpu_share"] = whole.expected_gpu_share(pop)
+
+
+def _rest(args, out: dict, meta, sizes, dtype, fmt) -> dict:
+    """What info adds after the placement: cost models, the throughput plan, graphs, the CPU's products."""
+    import torch
+
+    from cadenza.paths import cache_dir
 
     shape = f"expert {meta.config.hidden_size}x"
     try:
@@ -294,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
     lines.append(f"cpu products  {d['cpu_activations']}")
     if "placement" in d:
         lines.append(f"placement     {d['placement']['summary']}")
+        for g in d["placement"].get("gpus", []):
+            lines.append(f"              GPU {g['gpu']}: {g['summary'].partition(': ')[2]}")
         if "expected_gpu_share" in d["placement"]:
             lines.append(
                 f"              expected share of expert work on the GPU: {d['placement']['expected_gpu_share']:.1%}"

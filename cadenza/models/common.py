@@ -7,6 +7,7 @@ heads, D head dim, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache, cached_property
@@ -193,6 +194,19 @@ class AttentionContext:
             if window is not None:
                 mask &= k > q - window
         return replace(self, mask=mask, is_causal=mask is None and self.t > 1)
+
+    def to(self, device: torch.device) -> AttentionContext:
+        """This pass's context for layers on another device (layers split over several GPUs): its rotations, mask
+        and row index copied there, a few small tensors a pass."""
+        if self.cos.device == device:
+            return self
+        index = RowIndex(self.rows, self.starts, device)
+        for name in ("rows_t", "local_t", "starts_t"):  # made already (or a captured step's): moved, not rebuilt
+            made = self.index.__dict__.get(name)
+            if made is not None:
+                setattr(index, name, made.to(device))
+        mask = None if self.mask is None else self.mask.to(device)
+        return replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, index=index)
 
 
 def attention_mask(start: int, t: int, device: torch.device, sliding_window: int | None) -> torch.Tensor | None:
@@ -398,6 +412,9 @@ class DecoderModel(nn.Module):
     # per layer, where layers differ (gpt-oss's windows, Llama-4's chunks); else sliding_window. Each distinct value
     # gets its context from `layer_context`
     layer_windows: list[int | None] | None = None
+    # per layer, the device that holds it where the layers are split over several GPUs (cadenza.layer_split); the
+    # embeddings, the final norm and the LM head stay on the first, where tokens enter and logits leave
+    layer_devices: list[torch.device] | None = None
 
     def __init__(
         self,
@@ -430,7 +447,9 @@ class DecoderModel(nn.Module):
         else:
             rows = list(range(b)) if rows is None else list(rows)
             ctx = AttentionContext.build(cache, rows, t, self.rotary_emb, h.dtype, self.sliding_window)
-        if self.layer_windows is None:
+        if self.layer_devices is not None:
+            (h,) = self._run_split([h], [ctx], lambda layer, hs, cs: [layer(hs[0], cs[0])])
+        elif self.layer_windows is None:
             for layer in self.layers:
                 h = layer(h, ctx)
         else:  # one context per distinct window: masks are built once per pass
@@ -453,21 +472,54 @@ class DecoderModel(nn.Module):
             AttentionContext.build(cache, rows, ids.shape[1], self.rotary_emb, h.dtype, self.sliding_window)
             for (ids, rows), h in zip(parts, hs, strict=True)
         ]
-        windows = self.layer_windows or [self.sliding_window] * len(self.layers)
-        contexts = [{self.sliding_window: c} for c in ctxs]
-        for layer, window in zip(self.layers, windows, strict=True):
-            for own, c in zip(contexts, ctxs, strict=True):
-                if window not in own:
-                    own[window] = self.layer_context(c, window)
-            hs = [layer.attention_residual(h, own[window]) for h, own in zip(hs, contexts, strict=True)]
+
+        def mixed_layer(layer, hs, own):
+            hs = [layer.attention_residual(h, c) for h, c in zip(hs, own, strict=True)]
             flat = layer.ffn_residual(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs])[None])[0]
-            hs = [
+            return [
                 part.view(h.shape)
                 for part, h in zip(flat.split([h.shape[0] * h.shape[1] for h in hs]), hs, strict=True)
             ]
+
+        if self.layer_devices is not None:
+            hs = self._run_split(hs, ctxs, mixed_layer)
+        else:
+            windows = self.layer_windows or [self.sliding_window] * len(self.layers)
+            contexts = [{self.sliding_window: c} for c in ctxs]
+            for layer, window in zip(self.layers, windows, strict=True):
+                for own, c in zip(contexts, ctxs, strict=True):
+                    if window not in own:
+                        own[window] = self.layer_context(c, window)
+                hs = mixed_layer(layer, hs, [own[window] for own in contexts])
         for ids, rows in parts:
             cache.advance(rows, ids.shape[1])
         return [self.norm(h) for h in hs]
+
+    def _run_split(self, hs: list[torch.Tensor], ctxs: list[AttentionContext], run_layer) -> list[torch.Tensor]:
+        """The layers over the devices of `layer_devices`, each run of consecutive layers on one device with that
+        device current (Triton launches on the current device); the hidden states [B, T, H] cross at each boundary
+        (a small copy at decode) and come back to the pass's device. run_layer(layer, hs, contexts) -> hs."""
+        home = hs[0].device
+        windows = self.layer_windows or [self.sliding_window] * len(self.layers)
+        made: list[dict] = [{} for _ in ctxs]  # per pass: (window, device) -> context
+        i = 0
+        while i < len(self.layers):
+            device, stop = self.layer_devices[i], i + 1
+            while stop < len(self.layers) and self.layer_devices[stop] == device:
+                stop += 1
+            hs = [h.to(device) for h in hs]
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                for j in range(i, stop):
+                    own = []
+                    for c, m in zip(ctxs, made, strict=True):
+                        key = (windows[j], device)
+                        if key not in m:
+                            base = c if windows[j] == self.sliding_window else self.layer_context(c, windows[j])
+                            m[key] = base.to(device)
+                        own.append(m[key])
+                    hs = run_layer(self.layers[j], hs, own)
+            i = stop
+        return [h.to(home) for h in hs]
 
     def layer_context(self, ctx: AttentionContext, window: int | None) -> AttentionContext:
         """The context of the layers whose `layer_windows` entry is `window` (ctx: the pass's, for

@@ -200,7 +200,7 @@ def for_chunk(ctx: AttentionContext, chunk: int | None) -> AttentionContext:
 
 def query_positions(ctx: AttentionContext) -> torch.Tensor:
     """The new tokens' positions, shaped to scale q [B, N, T, D]: [1, 1, T, 1] or [B, 1, 1, 1] (per-row starts)."""
-    device = ctx.cache.compute_device  # the queries' (a host cache's own device is the CPU)
+    device = ctx.cos.device  # the queries' (a host cache's own device is the CPU; split layers: their GPU's)
     if ctx.start is not None:
         return torch.arange(ctx.start, ctx.start + ctx.t, device=device).view(1, 1, -1, 1)
     return ctx.index.starts_t.to(device).view(-1, 1, 1, 1)

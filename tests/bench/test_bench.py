@@ -359,6 +359,18 @@ def test_run_bench_refuses_bad_requests(tmp_path):
     assert not list(tmp_path.iterdir())  # refused before writing anything
 
 
+def test_run_bench_over_several_devices(tmp_path):
+    """--gpus: cadenza's layers split over the devices (two emulated ones here), each row says how."""
+    args = cpu_bench_args(tmp_path, 3, "--scenario", "D1", "--policies", "cpu", "--gpus", "cpu,cpu", "--budgets", "0")
+    assert run_bench(args) == 0
+    (f,) = tmp_path.glob("D1-*.json")
+    doc = json.loads(f.read_text())
+    assert "--gpus cpu,cpu" in doc["command"]
+    (row,) = doc["results"]
+    assert [g["device"] for g in row["gpus"]] == ["cpu", "cpu"] and row["decode_tok_s"] > 0
+    assert "split over several GPUs" in row["cuda_graphs"]
+
+
 def test_run_bench_policies_and_tag(tmp_path):
     args = cpu_bench_args(tmp_path, 3, "--scenario", "D1", "--policies", "cpu", "--tag", "b")
     assert run_bench(args) == 0

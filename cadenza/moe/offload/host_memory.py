@@ -33,7 +33,8 @@ def pin_host_memory(t: torch.Tensor) -> bool:
     if not torch.cuda.is_available():
         return False
     cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    # portable (1): pinned for every GPU's context, not only the current one's (layers split over several GPUs)
+    err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1)
     if int(err) != 0:
         cudart.cudaGetLastError()  # clear the sticky error, or the next kernel launch reports it
         return False

@@ -65,10 +65,12 @@ class Orchestra:
         device: torch.device,
         options: OffloadOptions | None = None,
         routers: list[tuple[torch.Tensor, int] | None] | None = None,
+        worker: CpuWorker | None = None,
     ):
         """options: how the user asked the experts to run (its policy is applied by `apply`). routers: per MoE
         layer, (router weight [E, H], top_k) for the speculative prefetch that guesses a layer's experts from the
-        layer before (None: no guessing for that layer)."""
+        layer before (None: no guessing for that layer). worker: another Orchestra's CPU worker to share (layers
+        split over several GPUs: one CPU computes every device's host experts; the owner closes it)."""
         if not layers:
             raise ValueError("no MoE layers to offload")
         self.options = options or OffloadOptions()
@@ -93,7 +95,8 @@ class Orchestra:
         # default: one core fewer than the machine has when a GPU is driven, so the main thread launching GPU
         # work never preempts one of the worker's threads (a GEMV waits for its slowest thread)
         threads = self.options.cpu_threads
-        self.worker = CpuWorker(threads or (max(1, physical_cores() - 1) if self.cuda else None))
+        self.owns_worker = worker is None
+        self.worker = worker or CpuWorker(threads or (max(1, physical_cores() - 1) if self.cuda else None))
         self._counters = ExpertCounters(pull=self._collect)
         # decode layers' CPU share launched from the stream (streamed.StreamedCpu), or None and why not
         self.streamed: StreamedCpu | None = None
@@ -365,6 +368,7 @@ class Orchestra:
             layer.experts.offload = None
             layer.stacks, layer.row_lut = [], None
         self.cache = None
-        self.worker.close()
+        if self.owns_worker:
+            self.worker.close()
         if self.host_memory is not None:
             self.host_memory.release()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from cadenza.moe.devices import DeviceShare, place_blocks, plan_devices
 from cadenza.moe.offload import policy
 from cadenza.moe.placement import Placement, plan
 
@@ -43,11 +44,42 @@ def plan_offload(
     [layers][experts] matrix (a `cadenza profile` file) or None (even). cuda: a real GPU (keeps a margin).
     micro_batches > 1: fetch slots for a whole layer; a `max_batch` whose steps want every expert: more slots and
     residents spread over the layers (policy.fetch_slots, policy.placement_fill)."""
+    slots, workspace, fill = _terms(
+        sizes, config, dtype, policy_name, max_context, max_batch, chunk, cuda, micro_batches
+    )
+    return plan(sizes, budget_bytes, max_context * max_batch, workspace, popularity, fetch_slots=slots, fill=fill)
+
+
+def _terms(sizes, config, dtype, policy_name, max_context, max_batch, chunk, cuda, micro_batches=1):
+    """(fetch slots, workspace bytes, fill) a device's plan reserves for this policy and batch."""
     k, e = getattr(config, "num_experts_per_tok", 2), sizes.num_experts
     slots = policy.fetch_slots(policy_name, k, e if micro_batches > 1 else 0, max_batch, e, sizes.expert_bytes)
     workspace = workspace_bytes(config, dtype, max_context, chunk, CUDA_MARGIN if cuda else 0)
-    fill = policy.placement_fill(policy_name, max_batch, k, e)
-    return plan(sizes, budget_bytes, max_context * max_batch, workspace, popularity, fetch_slots=slots, fill=fill)
+    return slots, workspace, policy.placement_fill(policy_name, max_batch, k, e)
+
+
+def plan_split(
+    sizes,
+    config,
+    dtype: torch.dtype,
+    budgets: list[int],
+    policy_name: str,
+    max_context: int,
+    max_batch: int,
+    chunk: int,
+    popularity=None,
+    cuda: bool = True,
+    edge_bytes: int = 0,
+    counts: list[int] | None = None,
+) -> list[DeviceShare]:
+    """`plan_offload` over several devices (cadenza.moe.devices): each device keeps its own workspace and fetch
+    slots within its budget; the first holds the `edge_bytes` (embeddings, LM head) too. counts: the MoE layers
+    each device holds already (a new plan once the weights are placed), else the split is chosen here."""
+    slots, workspace, fill = _terms(sizes, config, dtype, policy_name, max_context, max_batch, chunk, cuda)
+    args = (max_context * max_batch, workspace, popularity, slots, fill, edge_bytes)
+    if counts is not None:
+        return place_blocks(sizes, budgets, counts, *args)
+    return plan_devices(sizes, budgets, *args)
 
 
 def default_budget(device: torch.device) -> int:
