@@ -361,6 +361,8 @@ class GgufCheckpoint(TensorSizes):
         out = empty_packed(fmt, None, num, layer.hidden_size, layer.intermediate_size)
         names = (layer.gate_name, layer.up_name, layer.down_name)
         cols = (layer.hidden_size, layer.hidden_size, layer.intermediate_size)
+        if self._repack_whole(prefix, out, names, cols):
+            return out
 
         def convert(job: tuple[int, int, int]):  # numpy and torch release the GIL in their array work
             e0, e1, m = job  # experts [e0, e1) of matrix m: one stacked tensor's rows, converted in one go
@@ -381,6 +383,30 @@ class GgufCheckpoint(TensorSizes):
         with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(max(1, min(len(spans), threads // 3))) as outer:
             list(outer.map(run, spans))
         return out
+
+    def _repack_whole(self, prefix: str, out: PackedExperts, names: tuple, cols: tuple) -> bool:
+        """The layer's three stacked matrices moved into `out`'s tiles by repack.cpp, each in one call on every
+        core, where it moves their types (Q4_K, Q6_K) and no row or column needs padding; False: the caller's
+        path."""
+        from cadenza.kernels import repack
+        from cadenza.kernels.blocks import BY_GGUF
+        from cadenza.kernels.layout import matrix_formats
+        from cadenza.moe.cpu import physical_cores
+
+        (gf, _), (df, _) = matrix_formats(out.fmt, out.group)
+        infos = [self.tensors[f"{prefix}0.{n}.weight"] for n in names]
+        if out.hidden != out.hidden_pad or out.intermediate != out.inter_pad:
+            return False
+        for info, k, f in zip(infos, cols, (gf, gf, df), strict=True):
+            if BY_GGUF.get(info.dtype) != f or not repack.moves(info.dtype, k):
+                return False
+        threads = physical_cores()
+        for m, info in enumerate(infos):  # gate rows into tile slots 0, 1; up rows into 2, 3; down rows 0-3
+            raw = np.asarray(self._raw[info.source][0].data)
+            tiles = (out.gate_up if m < 2 else out.down).flatten(0, 1)
+            per, slot0 = (2, 2 * m) if m < 2 else (4, 0)
+            repack.repack_rows(info.dtype, raw.reshape(-1, raw.shape[-1]), cols[m], tiles, per, slot0, threads)
+        return True
 
     def _int8_from_q8_0(self, prefix: str, layer) -> PackedExperts:
         """int8 experts with 32-column groups from Q8_0 blocks, one expert at a time. q * d is exact in float32,

@@ -1,0 +1,52 @@
+"""A GGUF file's Q4_K and Q6_K expert rows moved into the kernels' tiles by repack.cpp, in one pass over the bytes
+on every core (numpy's passes in cadenza.kernels.blocks.from_gguf do the same at a fraction of the speed: they stay
+the reference, and the path for the other types, odd shapes, or where the library cannot be built)."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import numpy as np
+import torch
+
+from cadenza.kernels import blocks, native
+
+TYPES = {"Q4_K": 0, "Q6_K": 1}  # GGUF type -> repack.cpp's code
+
+
+def _build() -> ctypes.CDLL:
+    lib = native.build("repack.cpp", ["-O3", "-fopenmp"], ["-fopenmp"], key=platform.machine())
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.cadenza_repack_rows.restype = i32
+    lib.cadenza_repack_rows.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, i64, i32, i32, i32]
+    return lib
+
+
+_library = native.Library(_build)
+
+
+def moves(gguf_type: str, k: int) -> bool:
+    """Whether `repack_rows` moves rows of this type and length (else: blocks.from_gguf and the tile writers)."""
+    return gguf_type in TYPES and k % 256 == 0 and _library.get() is not None
+
+
+def repack_rows(
+    gguf_type: str, raw: np.ndarray, k: int, tiles: torch.Tensor, rows_per_tile: int, slot0: int, threads: int
+) -> None:
+    """raw uint8 [R, bytes per row] (rows of k columns, rows contiguous) -> rows of `tiles` (uint8 [T, tile bytes],
+    contiguous, the tiles of one matrix format): source row r into tile r // rows_per_tile, slot slot0 + r %
+    rows_per_tile, header and body as layout.py writes them."""
+    lib = _library.get()
+    fmt = blocks.BY_GGUF[gguf_type]
+    field = blocks.ROWS * blocks.header_row_bytes(fmt, k)
+    hb = (field + 63) // 64 * 64
+    r = raw.shape[0]
+    if not tiles.is_contiguous() or tiles.shape[0] * rows_per_tile < r or raw.strides[1] != 1:
+        raise ValueError("repack_rows wants contiguous tiles enough for the rows, and rows of contiguous bytes")
+    rc = lib.cadenza_repack_rows(
+        TYPES[gguf_type], raw.ctypes.data, raw.strides[0], r, k, tiles.data_ptr(), tiles.shape[1], hb, field,
+        rows_per_tile, slot0, threads,
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"repack.cpp does not move {gguf_type} rows of {k} columns")
