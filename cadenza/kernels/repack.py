@@ -16,7 +16,10 @@ TYPES = {"Q4_K": 0, "Q6_K": 1}  # GGUF type -> repack.cpp's code
 
 
 def _build() -> ctypes.CDLL:
-    lib = native.build("repack.cpp", ["-O3", "-fopenmp"], ["-fopenmp"], key=platform.machine())
+    lib = native.build(
+        "repack.cpp", ["-O3", "-fopenmp"], ["-fopenmp"], key=platform.machine(),
+        notice="compiling cadenza's GGUF block mover (first use, ~15 s; cached for the next runs)...",
+    )  # fmt: skip
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.cadenza_repack_rows.restype = i32
     lib.cadenza_repack_rows.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, i64, i32, i32, i32]
