@@ -14,6 +14,16 @@
 // Q6_K block (210 bytes / 256 columns): ql 128, qh 64, scales 16 (int8), d (fp16). Per 128 columns (half h): ql's
 // 64 bytes (first 32, second 32) become 64 bytes: even byte j = first[j] & 15 | (second[j] & 15) << 4, odd byte
 // j = first[j] >> 4 | second[j] & 0xF0; then qh's 32 bytes as they are. Header fields: d [256], sc [16].
+//
+// Q5_K block (176 bytes / 256 columns): d, dmin, 12 bytes of scales and mins (as Q4_K), qh 32, qs 128 (as Q4_K's).
+// Per 128 columns (half h): the nibbles as Q4_K's, then 16 bytes: for bit s = 4h .. 4h + 3 of qh's bytes, 4 bytes
+// whose bit t of byte q is bit s of qh[8q + t] (column 32 s + 8q + t's fifth bit). Header fields as Q4_K's.
+//
+// Q8_0 block (34 bytes / 32 columns): d (fp16), 32 int8 codes, which are the row's bytes in column order (64-byte
+// pieces: two blocks). Header: d [32].
+// Q4_0 block (18 bytes / 32 columns): d (fp16), 16 bytes (byte j: column j low, 16 + j high); MXFP4 (17 bytes): an
+// e8m0 scale byte, then the same. Per 128 columns (blocks n = 0..3), 16-bit word j (< 16) holds column j of blocks
+// 0, 1 (low byte: low nibbles) and 2, 3 (high byte); word 16 + j their columns 16 + j. Header: d or e [32].
 #include <omp.h>
 
 #include <cstdint>
@@ -21,34 +31,83 @@
 
 namespace {
 
-constexpr int Q4_K = 0, Q6_K = 1;
+constexpr int Q4_K = 0, Q6_K = 1, Q5_K = 2, Q8_0 = 3, Q4_0 = 4, MXFP4 = 5;
 
-inline void q4_k_row(const uint8_t* src, int64_t ns, uint8_t* tile, int64_t hb, int slot) {
-  const int64_t d_row = 2 * ns, sc_row = 8 * ns;
+// Q4_K's and Q5_K's header fields for super-block b: d, dmin as they are, 6-bit scales and mins unpacked
+inline void k_fields(const uint8_t* blk, const uint8_t* s, int64_t b, uint8_t* d, uint8_t* dmin, uint8_t* sc,
+                     uint8_t* m) {
+  std::memcpy(d + 2 * b, blk, 2);
+  std::memcpy(dmin + 2 * b, blk + 2, 2);
+  for (int j = 0; j < 4; ++j) {  // lo = s[0:4], hi = s[4:8], mix = s[8:12]
+    sc[8 * b + j] = s[j] & 0x3F;
+    sc[8 * b + 4 + j] = (s[8 + j] & 0x0F) | ((s[j] >> 2) & 0x30);
+    m[8 * b + j] = s[4 + j] & 0x3F;
+    m[8 * b + 4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30);
+  }
+}
+
+// two 32-byte runs of nibbles -> a 64-byte piece: byte 2j = first[j], 2j + 1 = second[j]
+inline void interleave(const uint8_t* first, const uint8_t* second, uint8_t* out) {
+  for (int j = 0; j < 32; ++j) {
+    out[2 * j] = first[j];
+    out[2 * j + 1] = second[j];
+  }
+}
+
+// Q4_K (qh null, 144-byte blocks, 64-byte chunk pieces) and Q5_K (176-byte blocks, a 16-byte piece of fifth bits)
+inline void k_row(const uint8_t* src, int64_t ns, uint8_t* tile, int64_t hb, int slot, bool q5) {
+  const int64_t d_row = 2 * ns, sc_row = 8 * ns, block = q5 ? 176 : 144, per = q5 ? 80 : 64;
   uint8_t* d = tile + slot * d_row;
   uint8_t* dmin = tile + 4 * d_row + slot * d_row;
   uint8_t* sc = tile + 8 * d_row + slot * sc_row;
   uint8_t* m = tile + 8 * d_row + 4 * sc_row + slot * sc_row;
   uint8_t* body = tile + hb;
   for (int64_t b = 0; b < ns; ++b) {
-    const uint8_t* blk = src + 144 * b;
-    std::memcpy(d + 2 * b, blk, 2);
-    std::memcpy(dmin + 2 * b, blk + 2, 2);
-    const uint8_t* s = blk + 4;  // lo = s[0:4], hi = s[4:8], mix = s[8:12]
-    for (int j = 0; j < 4; ++j) {
-      sc[8 * b + j] = s[j] & 0x3F;
-      sc[8 * b + 4 + j] = (s[8 + j] & 0x0F) | ((s[j] >> 2) & 0x30);
-      m[8 * b + j] = s[4 + j] & 0x3F;
-      m[8 * b + 4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30);
-    }
-    for (int half = 0; half < 2; ++half) {  // 128 columns: chunk 2b + half of the row, 4 rows x 64 bytes
-      const uint8_t* first = blk + 16 + 64 * half;
-      const uint8_t* second = first + 32;
-      uint8_t* out = body + (2 * b + half) * 256 + 64 * slot;
-      for (int j = 0; j < 32; ++j) {
-        out[2 * j] = first[j];
-        out[2 * j + 1] = second[j];
+    const uint8_t* blk = src + block * b;
+    k_fields(blk, blk + 4, b, d, dmin, sc, m);
+    const uint8_t* qs = blk + (q5 ? 48 : 16);
+    for (int half = 0; half < 2; ++half) {  // 128 columns: chunk 2b + half of the row
+      uint8_t* chunk = body + (2 * b + half) * 4 * per;
+      interleave(qs + 64 * half, qs + 64 * half + 32, chunk + 64 * slot);
+      if (!q5) continue;
+      const uint8_t* qh = blk + 16;
+      uint8_t* high = chunk + 256 + 16 * slot;
+      for (int s = 0; s < 4; ++s) {
+        const int bit = 4 * half + s;
+        for (int q = 0; q < 4; ++q) {
+          uint8_t v = 0;
+          for (int t = 0; t < 8; ++t) v |= ((qh[8 * q + t] >> bit) & 1) << t;
+          high[4 * s + q] = v;
+        }
       }
+    }
+  }
+}
+
+// Q8_0 (head 2, codes bytes), Q4_0 (head 2) and MXFP4 (head 1): 32 columns a block, one header field
+inline void small_row(int type, const uint8_t* src, int64_t k, uint8_t* tile, int64_t hb, int slot) {
+  const int head = type == MXFP4 ? 1 : 2, block = type == Q8_0 ? 34 : head + 16;
+  const int64_t nb = k / 32;
+  uint8_t* field = tile + slot * nb * head;
+  uint8_t* body = tile + hb;
+  for (int64_t n = 0; n < nb; ++n) std::memcpy(field + head * n, src + block * n, head);
+  if (type == Q8_0) {  // 64-byte pieces: blocks 2c, 2c + 1
+    for (int64_t c = 0; c < nb / 2; ++c) {
+      uint8_t* out = body + c * 256 + 64 * slot;
+      std::memcpy(out, src + block * 2 * c + 2, 32);
+      std::memcpy(out + 32, src + block * (2 * c + 1) + 2, 32);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < nb / 4; ++c) {  // 128 columns: blocks 4c .. 4c + 3
+    const uint8_t* q[4];
+    for (int i = 0; i < 4; ++i) q[i] = src + block * (4 * c + i) + head;
+    uint8_t* out = body + c * 256 + 64 * slot;
+    for (int j = 0; j < 16; ++j) {
+      out[2 * j] = (q[0][j] & 0x0F) | (q[1][j] << 4);  // columns j of blocks 0, 1
+      out[2 * j + 1] = (q[2][j] & 0x0F) | (q[3][j] << 4);  // of blocks 2, 3
+      out[2 * (16 + j)] = (q[0][j] >> 4) | (q[1][j] & 0xF0);  // columns 16 + j
+      out[2 * (16 + j) + 1] = (q[2][j] >> 4) | (q[3][j] & 0xF0);
     }
   }
 }
@@ -80,23 +139,28 @@ inline void q6_k_row(const uint8_t* src, int64_t ns, uint8_t* tile, int64_t hb, 
 
 extern "C" {
 
-// Rows [rows] of k columns of GGUF type `type` (0 Q4_K, 1 Q6_K), row r's blocks at src + r * src_stride, into
+// Rows [rows] of k columns of GGUF type `type` (0 Q4_K, 1 Q6_K, 2 Q5_K, 3 Q8_0, 4 Q4_0, 5 MXFP4), row r's blocks
+// at src + r * src_stride, into
 // tiles of tile_bytes (a header of hb bytes, its fields filling the first field_bytes of it); returns 0, or -1 for
 // a type or shape this file does not move (the caller's numpy path does).
 int cadenza_repack_rows(int type, const uint8_t* src, int64_t src_stride, int64_t rows, int64_t k, uint8_t* dst,
                         int64_t tile_bytes, int64_t hb, int64_t field_bytes, int rows_per_tile, int slot0,
                         int threads) {
-  if ((type != Q4_K && type != Q6_K) || k % 256 != 0 || rows_per_tile < 1 || slot0 + rows_per_tile > 4) return -1;
+  const int64_t align = type <= Q5_K ? 256 : 128;  // whole super-blocks; no padding to 128 columns
+  if (type < Q4_K || type > MXFP4 || k % align != 0 || rows_per_tile < 1 || slot0 + rows_per_tile > 4) return -1;
   const int64_t ns = k / 256;
 #pragma omp parallel for num_threads(threads) schedule(static, 16)
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* tile = dst + (r / rows_per_tile) * tile_bytes;
     const int slot = slot0 + static_cast<int>(r % rows_per_tile);
     if (slot == 0 && hb > field_bytes) std::memset(tile + field_bytes, 0, hb - field_bytes);
-    if (type == Q4_K) {
-      q4_k_row(src + r * src_stride, ns, tile, hb, slot);
+    const uint8_t* row = src + r * src_stride;
+    if (type == Q4_K || type == Q5_K) {
+      k_row(row, ns, tile, hb, slot, type == Q5_K);
+    } else if (type == Q6_K) {
+      q6_k_row(row, ns, tile, hb, slot);
     } else {
-      q6_k_row(src + r * src_stride, ns, tile, hb, slot);
+      small_row(type, row, k, tile, hb, slot);
     }
   }
   return 0;

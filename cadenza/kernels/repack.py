@@ -1,6 +1,7 @@
-"""A GGUF file's Q4_K and Q6_K expert rows moved into the kernels' tiles by repack.cpp, in one pass over the bytes
-on every core (numpy's passes in cadenza.kernels.blocks.from_gguf do the same at a fraction of the speed: they stay
-the reference, and the path for the other types, odd shapes, or where the library cannot be built)."""
+"""A GGUF file's expert rows (the block types the kernels keep) moved into the kernels' tiles by repack.cpp, in one
+pass over the bytes on every core (numpy's passes in cadenza.kernels.blocks.from_gguf do the same at a fraction of
+the speed: they stay the reference, and the path for rows that need padding, or where the library cannot be
+built)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from cadenza.kernels import blocks, native
 
-TYPES = {"Q4_K": 0, "Q6_K": 1}  # GGUF type -> repack.cpp's code
+TYPES = {"Q4_K": 0, "Q6_K": 1, "Q5_K": 2, "Q8_0": 3, "Q4_0": 4, "MXFP4": 5}  # GGUF type -> repack.cpp's code
 
 
 def _build() -> ctypes.CDLL:
@@ -31,7 +32,8 @@ _library = native.Library(_build)
 
 def moves(gguf_type: str, k: int) -> bool:
     """Whether `repack_rows` moves rows of this type and length (else: blocks.from_gguf and the tile writers)."""
-    return gguf_type in TYPES and k % 256 == 0 and _library.get() is not None
+    align = 256 if gguf_type.endswith("_K") else 128  # whole super-blocks; rows needing no padding to 128 columns
+    return gguf_type in TYPES and k % align == 0 and _library.get() is not None
 
 
 def repack_rows(

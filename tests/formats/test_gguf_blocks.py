@@ -134,26 +134,32 @@ def test_cuda_kept_blocks_equal_cpu(kquant_file, policy, residents):
         llm.close()
 
 
-@pytest.mark.parametrize("down_type", ["Q6_K", "Q4_K"])
-def test_repack_writes_the_tiles_numpy_writes(down_type):
-    """repack.cpp (the loader's path for Q4_K / Q6_K experts) moves the blocks' bits into the same tile bytes as
+@pytest.mark.parametrize(
+    "gate_type,down_type",
+    [("Q4_K", "Q6_K"), ("Q4_K", "Q4_K"), ("Q5_K", "Q6_K"), ("Q8_0", "Q8_0"), ("Q4_0", "Q4_0"), ("MXFP4", "MXFP4")],
+)
+def test_repack_writes_the_tiles_numpy_writes(gate_type, down_type):
+    """repack.cpp (the loader's path for expert blocks) moves the blocks' bits into the same tile bytes as
     blocks.from_gguf + layout.write_block_expert (the reference), header padding included."""
     from cadenza.kernels import repack
-    from cadenza.kernels.blocks import from_gguf
+    from cadenza.kernels.blocks import BY_GGUF, from_gguf
     from cadenza.kernels.layout import empty_packed, write_block_expert
 
-    assert repack.moves("Q4_K", 512) and repack.moves(down_type, 768), repack._library.reason
-    assert not repack.moves("Q4_K", 384) and not repack.moves("Q8_0", 512)  # numpy's path for those
+    assert repack.moves(gate_type, 512) and repack.moves(down_type, 768), repack._library.reason
+    assert not repack.moves("Q4_K", 384) and not repack.moves("Q8_0", 96)  # numpy's path for those
     e, h, i = 3, 512, 768
-    gate, up = (random_blocks("Q4_K", e * i, h, seed=s) for s in (1, 2))
+    gate, up = (random_blocks(gate_type, e * i, h, seed=s) for s in (1, 2))
     down = random_blocks(down_type, e * h, i, seed=3)
-    fmt = "q4_k+q6_k" if down_type == "Q6_K" else "q4_k"
+    gu, dn = BY_GGUF[gate_type], BY_GGUF[down_type]
+    fmt = gu if gu == dn else f"{gu}+{dn}"
     want = empty_packed(fmt, None, e, h, i)
-    write_block_expert(want, 0, from_gguf("Q4_K", gate, h), from_gguf("Q4_K", up, h), from_gguf(down_type, down, i))
+    write_block_expert(
+        want, 0, from_gguf(gate_type, gate, h), from_gguf(gate_type, up, h), from_gguf(down_type, down, i)
+    )
     got = empty_packed(fmt, None, e, h, i)
     got.gate_up.fill_(0xAB)  # (stale bytes: the padding must be written too)
     got.down.fill_(0xAB)
-    for m, (t, raw, k) in enumerate((("Q4_K", gate, h), ("Q4_K", up, h), (down_type, down, i))):
+    for m, (t, raw, k) in enumerate(((gate_type, gate, h), (gate_type, up, h), (down_type, down, i))):
         tiles = (got.gate_up if m < 2 else got.down).flatten(0, 1)
         per, slot0 = (2, 2 * m) if m < 2 else (4, 0)
         repack.repack_rows(t, raw, k, tiles, per, slot0, threads=2)
