@@ -1,9 +1,10 @@
 """A GGUF model file (llama.cpp's format) as a checkpoint: the same interface as `cadenza.checkpoint.Checkpoint`,
 so planning, `cadenza info` and the loader take it unchanged.
 
-Files are opened with `gguf.GGUFReader`, the reference reader that llama.cpp's own Python tools use: it
-memory-maps the file and parses only the header, so opening a 100 GB model reads a few MB (metadata, vocabulary,
-tensor directory), and tensor bytes are paged in when a tensor is read.
+Files are opened with cadenza's header reader (`gguf_reader.GgufReader`: gguf-py's GGUFReader, the reference that
+llama.cpp's own Python tools use, takes seconds over a large vocabulary; gguf-py's type tables and dequantizers are
+still used): the file is memory-mapped and only the header parsed, so opening a 100 GB model reads a few MB
+(metadata, vocabulary, tensor directory), and tensor bytes are paged in when a tensor is read.
 
 The GGUF side is turned into the HF side that cadenza's families take (`gguf_arch`): metadata -> config.json,
 GGUF tensor names -> HF names, each layer's stacked experts (`blk.N.ffn_{gate,up,down}_exps`, [E, out, in]) ->
@@ -31,7 +32,6 @@ import torch
 from cadenza.checkpoint import TensorSizes
 from cadenza.errors import CadenzaError
 from cadenza.formats.gguf_arch import hf_config, hf_name
-from cadenza.text.gguf import gguf_metadata
 
 if TYPE_CHECKING:
     from cadenza.kernels.layout import PackedExperts
@@ -119,13 +119,11 @@ def gguf_parts(path: Path) -> list[Path]:
 
 
 def _open(file: Path):
-    gguf = import_gguf()
+    import_gguf()  # (the type tables; a clear message where the package is missing)
+    from cadenza.formats.gguf_reader import GgufReader
+
     try:
-        reader = gguf.GGUFReader(file, "r")
-        size = file.stat().st_size
-        for t in reader.tensors:  # the reader trusts the directory; a cut-off download ends before its tensors
-            if t.data_offset + t.n_bytes > size:
-                raise ValueError(f"tensor {t.name} ends past the end of the file")
+        reader = GgufReader(file)  # (refuses a directory whose tensors end past the file: a cut-off download)
     except CadenzaError:
         raise
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError, ... on damaged files
@@ -167,7 +165,7 @@ class GgufCheckpoint(TensorSizes):
         self.parts = gguf_parts(self.path)
         self.readers = [_open(p) for p in self.parts]
         # the first part holds the model's metadata; later parts only their split.* keys
-        self.metadata = gguf_metadata(self.readers[0])
+        self.metadata = self.readers[0].metadata
         self._raw = {t.name: (t, part) for r, part in zip(self.readers, self.parts, strict=True) for t in r.tensors}
         shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, (t, _) in self._raw.items()}
         self.config = hf_config(self.metadata, shapes, str(self.path))
@@ -287,8 +285,10 @@ class GgufCheckpoint(TensorSizes):
                     t = torch.cat((t.transpose(1, 2), v_b), dim=1)
                 if info.rope_heads:
                     t = _unpermute_rope(t, info.rope_heads)
-                # a parameter must own its memory, not alias the read-only file mapping
-                yield info.name, t.reshape(info.shape).clone()
+                # a parameter must own its memory, not alias the read-only file mapping (a dequantized tensor
+                # already does)
+                aliases = info.dtype in _PLAIN
+                yield info.name, t.reshape(info.shape).clone() if aliases else t.reshape(info.shape)
 
     # --- experts kept in their blocks ---------------------------------------------------------------------------
 

@@ -326,3 +326,31 @@ def test_cuda_attention_in_blocks_equals_cpu(models, tmp_path, qtype):
     assert (gpu.score(ids).cpu() - want).abs().max().item() <= 1e-3
     out = gpu.generate(ids[:6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert out.token_ids == tokens
+
+
+@pytest.mark.parametrize(("name", "qtype"), [("mixtral", "Q4_0"), ("deepseek2-v3", "Q8_0"), ("qwen3moe", "F16")])
+def test_cadenza_reader_reads_what_gguf_py_reads(models, tmp_path, name, qtype):
+    """cadenza's header reader (formats/gguf_reader.py, written for speed) gives gguf-py's metadata values and
+    tensors: names, types, shapes, sizes, offsets and the bytes."""
+    import gguf
+
+    from cadenza.formats.gguf_reader import GgufReader
+    from cadenza.text.gguf import gguf_metadata
+
+    file = write_gguf(
+        models[name][0], tmp_path / "m.gguf", qtype,
+        extra={"test.floats": [0.5, -1.25], "test.flag": True, "test.words": ["a", "é", ""]},
+    )  # fmt: skip
+    ours, ref = GgufReader(file), gguf.GGUFReader(file)
+    assert ours.metadata == gguf_metadata(ref)
+    assert ours.metadata["test.words"] == ["a", "é", ""] and ours.metadata["test.flag"] is True
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors, strict=True):
+        assert (a.tensor_type, a.n_elements, a.n_bytes, a.data_offset) == (
+            b.tensor_type,
+            b.n_elements,
+            b.n_bytes,
+            b.data_offset,
+        )
+        assert a.shape.tolist() == b.shape.tolist() and a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+        assert np.array_equal(a.data, b.data)
