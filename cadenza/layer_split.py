@@ -64,6 +64,25 @@ def parse_devices(devices: Sequence[str | int | torch.device] | str) -> list[tor
     return out
 
 
+def split_devices(devices, device, kv_cache: str) -> list[torch.device]:
+    """LLM's devices (several GPUs) checked against its other options; [] without a split."""
+    if devices is None:
+        return []
+    out = parse_devices(devices)
+    want = torch.device(device) if str(device) != "auto" else out[0]
+    if want.type != out[0].type or want.index not in (None, out[0].index):
+        raise CadenzaError(
+            f"device={device!r} and devices={[str(d) for d in out]} disagree: with several GPUs the first holds "
+            "the embeddings and takes the tokens. Leave device out (or 'auto')."
+        )
+    if kv_cache != "gpu":
+        raise CadenzaError(
+            "kv_cache='host' (--kv-cache host) with several GPUs is not supported: each GPU keeps its layers' KV "
+            "cache. Use --kv-cache gpu, or one GPU."
+        )
+    return out
+
+
 def _visible() -> str:
     import os
 

@@ -16,7 +16,7 @@ from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
 from cadenza.generation import Step
 from cadenza.kv_cache import KVCache
-from cadenza.layer_split import LayerSplit, budgets_for, edge_bytes, parse_devices
+from cadenza.layer_split import LayerSplit, budgets_for, edge_bytes, split_devices
 from cadenza.loader import (
     build_meta,
     keep_dense_blocks,
@@ -253,7 +253,7 @@ class LLM:
         else:  # a synthetic model (the bench): token ids in and out, no tokenizer
             self.tokenizer = None
         self.checkpoint = checkpoint
-        self.devices = self._split_devices(devices, device, kv_cache)
+        self.devices = split_devices(devices, device, kv_cache)
         self.device = self.devices[0] if self.devices else resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.checkpoint)
         # refused before any weight is read (the environment's CADENZA_* overrides too)
@@ -406,25 +406,6 @@ class LLM:
     def placement(self) -> Placement | None:
         return self.orchestra.placement if self.orchestra is not None else None
 
-    @staticmethod
-    def _split_devices(devices, device, kv_cache: str) -> list[torch.device]:
-        """devices (several GPUs) checked against the other options; [] without a split."""
-        if devices is None:
-            return []
-        out = parse_devices(devices)
-        want = torch.device(device) if str(device) != "auto" else out[0]
-        if want.type != out[0].type or want.index not in (None, out[0].index):
-            raise CadenzaError(
-                f"device={device!r} and devices={[str(d) for d in out]} disagree: with several GPUs the first holds "
-                "the embeddings and takes the tokens. Leave device out (or 'auto')."
-            )
-        if kv_cache != "gpu":
-            raise CadenzaError(
-                "kv_cache='host' (--kv-cache host) with several GPUs is not supported: each GPU keeps its layers' KV "
-                "cache. Use --kv-cache gpu, or one GPU."
-            )
-        return out
-
     def _plan_split(self, gpu_memory, policy: str, popularity="loaded") -> list[DeviceShare]:
         """Several GPUs: each GPU's share (cadenza.moe.devices) for budgets and a policy; once the weights are
         placed, for their split. popularity as `_plan`'s."""
@@ -468,7 +449,7 @@ class LLM:
     def _check_kv_cache(self, kv_cache: str, model_name: str) -> None:
         _check_kv_place(kv_cache)
         if self.devices:
-            self._split_devices(self.devices, "auto", kv_cache)
+            split_devices(self.devices, "auto", kv_cache)
         if kv_cache == "host" and not self._kv_hostable:
             raise CadenzaError(
                 f"kv_cache='host' (--kv-cache host) needs ordinary keys and values; {model_name}'s attention cache is "
