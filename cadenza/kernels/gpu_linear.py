@@ -58,14 +58,21 @@ class BlockLinear(nn.Module):
 
     @classmethod
     def from_gguf(cls, gguf_type: str, raw, out_features: int, in_features: int, bias=None) -> BlockLinear:
-        """A weight's GGUF blocks (numpy uint8 [out_features, bytes a row]) -> the layer, on the CPU."""
+        """A weight's GGUF blocks (numpy uint8 [out_features, bytes a row]) -> the layer, on the CPU (moved by
+        repack.cpp where no row or column needs padding, else by numpy: the same bytes)."""
+        from cadenza.kernels import repack
+        from cadenza.moe.cpu import physical_cores
+
         fmt = KEPT[gguf_type]
-        rows, fields = blocks.from_gguf(gguf_type, raw, in_features)
-        rows, fields = blocks.pad_rows(rows, fields, -(-out_features // ROWS) * ROWS)
         kp = -(-in_features // PAD) * PAD
         group = blocks.BLOCK_FORMATS[fmt].group
-        tiles = torch.empty(rows.shape[0] // ROWS, _tile_bytes(fmt, group, kp), dtype=torch.uint8)
-        _write_tiles(tiles, rows, fields, fmt, group, kp)
+        tiles = torch.empty(-(-out_features // ROWS), _tile_bytes(fmt, group, kp), dtype=torch.uint8)
+        if out_features % ROWS == 0 and repack.moves(gguf_type, in_features):
+            repack.repack_rows(gguf_type, raw, in_features, tiles, ROWS, 0, physical_cores())
+        else:
+            rows, fields = blocks.from_gguf(gguf_type, raw, in_features)
+            rows, fields = blocks.pad_rows(rows, fields, tiles.shape[0] * ROWS)
+            _write_tiles(tiles, rows, fields, fmt, group, kp)
         return cls(fmt, in_features, out_features, tiles, bias)
 
     @staticmethod

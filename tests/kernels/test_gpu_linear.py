@@ -21,11 +21,12 @@ def _layer(qtype: str, n: int, k: int, seed: int):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_tiles_hold_the_files_weights_and_fewer_bytes(qtype):
-    layer, w = _layer(qtype, 10, 512, 3)  # 10 rows: the last tile padded
+@pytest.mark.parametrize("rows", [10, 12])  # 10: the last tile padded (numpy's path); 12: repack.cpp's
+def test_tiles_hold_the_files_weights_and_fewer_bytes(qtype, rows):
+    layer, w = _layer(qtype, rows, 512, 3)
     assert torch.equal(layer.weight, w)
     nbytes = layer.tiles.numel()
-    assert nbytes == gpu_linear.BlockLinear.nbytes_of(qtype, 10, 512) and nbytes < 10 * 512 * 2 * 0.75
+    assert nbytes == gpu_linear.BlockLinear.nbytes_of(qtype, rows, 512) and nbytes < rows * 512 * 2 * 0.75
 
 
 @needs_kernels
