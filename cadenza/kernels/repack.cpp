@@ -24,6 +24,10 @@
 // Q4_0 block (18 bytes / 32 columns): d (fp16), 16 bytes (byte j: column j low, 16 + j high); MXFP4 (17 bytes): an
 // e8m0 scale byte, then the same. Per 128 columns (blocks n = 0..3), 16-bit word j (< 16) holds column j of blocks
 // 0, 1 (low byte: low nibbles) and 2, 3 (high byte); word 16 + j their columns 16 + j. Header: d or e [32].
+//
+// `cadenza_dequant_rows` turns the same blocks into fp32 weights with gguf-py's arithmetic (its dequantize_blocks),
+// so the values are equal bit for bit: scale products that are exact in fp32 (an fp16 times a 6- or 8-bit code),
+// then one rounding per weight (Q4_K / Q5_K: code * scale - min; Q6_K: code * scale).
 #include <omp.h>
 
 #include <cstdint>
@@ -135,9 +139,103 @@ inline void q6_k_row(const uint8_t* src, int64_t ns, uint8_t* tile, int64_t hb, 
   }
 }
 
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    uint32_t m = man;
+    do {
+      ++e;
+      m <<= 1;
+    } while ((m & 0x400) == 0);
+    bits = sign | ((112 - e) << 23) | ((m & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline void dequant_k(const uint8_t* blk, bool q5, float* y) {  // Q4_K, Q5_K: one super-block -> 256 weights
+  const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+  const uint8_t* s = blk + 4;
+  const uint8_t* qh = blk + 16;
+  const uint8_t* qs = blk + (q5 ? 48 : 16);
+  for (int j = 0; j < 8; ++j) {  // sub-block j: nibble half j % 2 of the 32-byte run j / 2
+    const int sc = j < 4 ? s[j] & 0x3F : (s[8 + j - 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30);
+    const int m = j < 4 ? s[4 + j] & 0x3F : (s[8 + j - 4] >> 4) | ((s[j] >> 2) & 0x30);
+    const float scale = d * static_cast<float>(sc), mn = dmin * static_cast<float>(m);
+    const uint8_t* run = qs + 32 * (j / 2);
+    for (int i = 0; i < 32; ++i) {
+      int q = (run[i] >> (4 * (j % 2))) & 0x0F;
+      if (q5) q |= ((qh[i] >> j) & 1) << 4;
+      y[32 * j + i] = scale * static_cast<float>(q) - mn;
+    }
+  }
+}
+
+inline void dequant_q6_k(const uint8_t* blk, float* y) {
+  const uint8_t *ql = blk, *qh = blk + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+  const float d = half_to_float(blk + 208);
+  for (int h = 0; h < 2; ++h) {
+    for (int t = 0; t < 4; ++t) {  // 32 weights: ql run (t % 2) shifted by 4 (t / 2), qh shifted by 2t
+      for (int i = 0; i < 32; ++i) {
+        const int p = 128 * h + 32 * t + i;
+        const int lo = (ql[64 * h + 32 * (t % 2) + i] >> (4 * (t / 2))) & 0x0F;
+        const int hi = (qh[32 * h + i] >> (2 * t)) & 0x03;
+        const float scale = d * static_cast<float>(sc[p / 16]);
+        y[p] = scale * static_cast<float>((lo | (hi << 4)) - 32);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// Rows [rows] of k columns of GGUF type `type` (0 Q4_K, 1 Q6_K, 2 Q5_K, 3 Q8_0, 4 Q4_0) -> fp32 y [rows, k], as
+// gguf-py's dequantize gives them. Returns 0, or -1 for a type or length it does not take.
+int cadenza_dequant_rows(int type, const uint8_t* src, int64_t src_stride, int64_t rows, int64_t k, float* y,
+                         int threads) {
+  const int64_t align = type <= Q5_K ? 256 : 32;
+  if (type < Q4_K || type > Q4_0 || k % align != 0) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static, 16)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = src + r * src_stride;
+    float* out = y + r * k;
+    if (type == Q4_K || type == Q5_K) {
+      for (int64_t b = 0; b < k / 256; ++b) dequant_k(row + (type == Q5_K ? 176 : 144) * b, type == Q5_K, out + 256 * b);
+    } else if (type == Q6_K) {
+      for (int64_t b = 0; b < k / 256; ++b) dequant_q6_k(row + 210 * b, out + 256 * b);
+    } else {
+      const int block = type == Q8_0 ? 34 : 18;
+      for (int64_t b = 0; b < k / 32; ++b) {
+        const uint8_t* blk = row + block * b;
+        const float d = half_to_float(blk);
+        float* o = out + 32 * b;
+        if (type == Q8_0) {
+          for (int i = 0; i < 32; ++i) o[i] = static_cast<float>(static_cast<int8_t>(blk[2 + i])) * d;
+        } else {
+          for (int i = 0; i < 16; ++i) {
+            o[i] = d * static_cast<float>((blk[2 + i] & 0x0F) - 8);
+            o[16 + i] = d * static_cast<float>((blk[2 + i] >> 4) - 8);
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
 
 // Rows [rows] of k columns of GGUF type `type` (0 Q4_K, 1 Q6_K, 2 Q5_K, 3 Q8_0, 4 Q4_0, 5 MXFP4), row r's blocks
 // at src + r * src_stride, into

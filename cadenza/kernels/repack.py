@@ -24,6 +24,8 @@ def _build() -> ctypes.CDLL:
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.cadenza_repack_rows.restype = i32
     lib.cadenza_repack_rows.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, i64, i32, i32, i32]
+    lib.cadenza_dequant_rows.restype = i32
+    lib.cadenza_dequant_rows.argtypes = [i32, ptr, i64, i64, i64, ptr, i32]
     return lib
 
 
@@ -34,6 +36,30 @@ def moves(gguf_type: str, k: int) -> bool:
     """Whether `repack_rows` moves rows of this type and length (else: blocks.from_gguf and the tile writers)."""
     align = 256 if gguf_type.endswith("_K") else 128  # whole super-blocks; rows needing no padding to 128 columns
     return gguf_type in TYPES and k % align == 0 and _library.get() is not None
+
+
+DEQUANTIZED = ("Q4_K", "Q6_K", "Q5_K", "Q8_0", "Q4_0")  # what `dequantize` takes
+
+
+def dequantize(gguf_type: str, raw: np.ndarray, k: int, threads: int | None = None) -> torch.Tensor | None:
+    """raw uint8 [..., bytes per row] of rows of k columns -> fp32 [..., k], equal to gguf-py's dequantize bit
+    for bit (repack.cpp's comment says why), on `threads` cores (default: all physical ones); None for a type or
+    length it does not take, or where the library cannot be built (gguf-py's then)."""
+    align = 256 if gguf_type.endswith("_K") else 32
+    if gguf_type not in DEQUANTIZED or k % align or raw.strides[-1] != 1:
+        return None
+    lib = _library.get()
+    if lib is None:
+        return None
+    from cadenza.moe.cpu import physical_cores
+
+    rows = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1])
+    out = torch.empty(*raw.shape[:-1], k, dtype=torch.float32)
+    rc = lib.cadenza_dequant_rows(
+        TYPES[gguf_type], rows.ctypes.data, rows.strides[0], rows.shape[0], k, out.data_ptr(),
+        threads or physical_cores(),
+    )  # fmt: skip
+    return out if rc == 0 else None
 
 
 def repack_rows(

@@ -164,3 +164,21 @@ def test_repack_writes_the_tiles_numpy_writes(gate_type, down_type):
         per, slot0 = (2, 2 * m) if m < 2 else (4, 0)
         repack.repack_rows(t, raw, k, tiles, per, slot0, threads=2)
     assert torch.equal(got.gate_up, want.gate_up) and torch.equal(got.down, want.down)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0"])
+def test_native_dequantize_equals_gguf_py(qtype):
+    """repack.cpp's dequantizer (dense tensors and experts not kept in blocks) gives gguf-py's values bit for bit,
+    subnormal and zero scales included; lengths it does not take go back to gguf-py."""
+    from cadenza.kernels import repack
+    from tests.kernels.block_data import reference
+
+    raw = random_blocks(qtype, 37, 512, seed=7)
+    at = 208 if qtype == "Q6_K" else 0  # the first block's d
+    raw[:3, at : at + 2] = 0  # a zero d, and a subnormal one
+    raw[3:6, at : at + 2] = np.frombuffer(np.float16(3e-7).tobytes(), np.uint8)
+    got = repack.dequantize(qtype, raw, 512, threads=2)
+    assert got is not None and torch.equal(got, reference(qtype, raw))
+    stacked = raw.reshape(37, 1, -1)[:36].reshape(4, 9, -1)  # experts' stacks: [E, rows, bytes]
+    assert torch.equal(repack.dequantize(qtype, stacked, 512), reference(qtype, raw[:36]).reshape(4, 9, 512))
+    assert repack.dequantize("Q4_K", raw, 384) is None and repack.dequantize("Q2_K", raw, 512) is None
