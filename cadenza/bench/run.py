@@ -136,7 +136,7 @@ def run_bench(args: argparse.Namespace) -> int:
     baseline = baseline and "D1" in scenarios
     if args.baseline and baseline_unavailable(device):
         raise CadenzaError(f"--baseline: {baseline_unavailable(device)}.")
-    all_configs = plan_configs(scenarios, budgets, args.prompt_tokens, args.new_tokens)
+    all_configs = plan_configs(scenarios, budgets, args.prompt_tokens, args.new_tokens, args.budget)
     policies = parse_policies(args.policies)
     configs = [c for c in all_configs if c.scenario == "S1" or c.policy in policies]
     if not configs and not baseline:

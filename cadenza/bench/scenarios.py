@@ -119,6 +119,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="also measure transformers+accelerate offloading in D1 (default: on with CUDA)",
     )
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"S1's GPU budgets in GiB (default {DEFAULT_BUDGETS})")
+    p.add_argument(
+        "--budget", type=float, default=None,
+        help=f"the GPU budget in GiB of the scenarios that use {D1_BUDGET_GIB} (D1, P1, D3, D4, G1, O1, Z1; with "
+        "--gpus each GPU's): e.g. 48 to set one GPU beside two of 24",
+    )  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=None, help="override every scenario's prompt length")
     p.add_argument("--prompts", type=int, default=None, help="T1 / T2: prompts in the job (default 1024)")
     p.add_argument("--runs", default=None,
@@ -231,28 +236,33 @@ def plan_configs(
     budgets: list[float | str],
     prompt_tokens: int | None = None,
     new_tokens: int | None = None,
+    budget: float | None = None,
 ):
-    """The configurations of the chosen scenarios, in run order, with the overrides applied."""
+    """The configurations of the chosen scenarios, in run order, with the overrides applied (budget: in place of
+    D1_BUDGET_GIB)."""
     from cadenza.bench.measure import RunConfig
+
+    d1 = D1_BUDGET_GIB if budget is None else (int(budget) if float(budget).is_integer() else budget)
+    quant = {s: tuple(d1 if b == D1_BUDGET_GIB else b for b in bs) for s, bs in QUANT_BUDGETS.items()}
 
     prompt = lambda n: prompt_tokens or n
     new = lambda n: new_tokens or n
     out: list[RunConfig] = []
     for s in scenarios:
         if s == "D1":
-            out += [RunConfig("D1", pol, D1_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
+            out += [RunConfig("D1", pol, d1, prompt(64), new(128)) for pol in D1_POLICIES]
         elif s == "F1":
             out += [RunConfig("F1", pol, F1_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
         elif s == "F2":
             out += [RunConfig("F2", pol, F2_BUDGET_GIB, prompt(64), new(128)) for pol in D1_POLICIES]
         elif s == "P1":
             prompts = list(dict.fromkeys(prompt(n) for n in P1_PROMPTS))
-            out += [RunConfig("P1", pol, D1_BUDGET_GIB, n, 1) for n in prompts for pol in P1_POLICIES]
+            out += [RunConfig("P1", pol, d1, n, 1) for n in prompts for pol in P1_POLICIES]
         elif s == "S1":
             out += [RunConfig("S1", "auto", b, prompt(64), new(64)) for b in budgets]
-        elif s in QUANT_BUDGETS:
+        elif s in quant:
             # the budget with auto (CPU and link, a sync per host layer) and cpu (CPU only, launched from the stream)
-            quant_budgets = QUANT_BUDGETS[s]
+            quant_budgets = quant[s]
             out += [
                 RunConfig(s, pol, b, prompt(64), new(128))
                 for b in quant_budgets
@@ -288,6 +298,7 @@ def command_line(args: argparse.Namespace, model: str, device: torch.device) -> 
         ("--policies", None if args.policies == "auto,cpu,fetch" else args.policies),
         ("--tag", args.tag),
         ("--gpus", getattr(args, "gpus", None)),
+        ("--budget", getattr(args, "budget", None)),
         ("--eviction", None if args.eviction == "lru" else args.eviction),
     ):
         if value is not None:

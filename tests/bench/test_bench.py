@@ -299,6 +299,10 @@ def test_quantized_and_resident_scenarios_plan():
         assert got == [
             (s, "auto", 24, 64, 128), (s, "cpu", 24, 64, 128), (s, "cpu", 0, 64, 128), (s, "auto", 24, 512, 1)
         ]  # fmt: skip
+    d4 = [(c.policy, c.budget, c.new_tokens) for c in plan_configs(["D4", "D1"], [], budget=48)]
+    assert d4 == [("auto", 48, 128), ("cpu", 48, 128), ("cpu", 0, 128), ("auto", 48, 1)] + [
+        (p, 48, 128) for p in ("auto", "cpu", "fetch")
+    ]  # --budget: in place of the 24 GiB
     [r1] = plan_configs(["R1"], [])
     assert (r1.budget, r1.new_tokens) == ("all", 128)
 
