@@ -250,3 +250,21 @@ def test_cli_gpus_flag_and_info(mixtral4, monkeypatch, capsys):
     assert [g["gpu"] for g in gpus] == ["0", "1"] and [g["moe_layers"] for g in gpus] == [[0, 2], [2, 4]]
     assert out["placement"]["resident_count"] == sum(g["resident_count"] for g in gpus) == 32
     assert json.dumps(out)  # JSON-able
+
+
+def test_cadenza_run_over_two_emulated_devices(mixtral_dir):
+    """`cadenza run --gpus` end to end (devices "cpu" here): the same text as one device, each device's share on
+    stderr; a budget list that does not match the devices is refused with the flag's name."""
+    from tests.cli.test_cli import cli
+
+    path = str(mixtral_dir[0])
+    flags = ("--prompt", "Hello world", "--max-tokens", "8", "--temperature", "0", "--ignore-eos", "--dtype", "float32")
+    r = cli("run", "--model", path, "--device", "cpu", "--gpus", "cpu,cpu", "--gpu-memory", "8GiB", *flags)
+    assert r.returncode == 0, r.stderr
+    want = LLM(path, device="cpu", dtype="float32").generate(
+        "Hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    )
+    assert r.stdout == want.text + "\n"
+    assert "cadenza: cpu: MoE layers 0-" in r.stderr, r.stderr
+    bad = cli("run", "--model", path, "--gpus", "cpu,cpu", "--gpu-memory", "8GiB,8GiB,8GiB", *flags)
+    assert bad.returncode == 2 and "--gpu-memory gives 3 budgets for 2 GPUs" in bad.stderr, bad.stderr
