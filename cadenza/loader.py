@@ -69,14 +69,12 @@ def build_meta(checkpoint: Checkpoint) -> nn.Module:
         return model_cls(config)
 
 
-def keep_dense_blocks(
-    model: nn.Module, checkpoint: Checkpoint, device: torch.device, force: bool = False, device_of=None
-) -> int:
+def keep_dense_blocks(model: nn.Module, checkpoint: Checkpoint, device: torch.device, force: bool = False) -> int:
     """On a GPU, a GGUF's quantized attention projections and LM head stay in their blocks: BlockLinear modules
     (cadenza.kernels.gpu_linear) take the meta model's Linear ones, their tiles on `device`, ~0.6 bytes a weight
     against bf16's 2, which leaves the GPU budget to routed experts. force: on any device (tests); the
-    CADENZA_DENSE_BLOCKS=0 environment turns it off. device_of(name): each weight's device where the layers are
-    split over several GPUs (cadenza.layer_split). Returns how many layers keep their blocks."""
+    CADENZA_DENSE_BLOCKS=0 environment turns it off (layers split over several GPUs: LayerSplit.apply moves the tiles
+    to their layers' GPUs). Returns how many layers keep their blocks."""
     if not hasattr(checkpoint, "dense_blocks") or os.environ.get("CADENZA_DENSE_BLOCKS") == "0":
         return 0
     if device.type != "cuda" and not force:
@@ -93,7 +91,7 @@ def keep_dense_blocks(
         if shape is None or tuple(checkpoint.tensors[name].shape) != shape:
             continue  # check_tensors names the mismatch
         layer = BlockLinear.from_gguf(qtype, checkpoint.block_rows(name), *shape)
-        layer.tiles = layer.tiles.to(device_of(name) if device_of is not None else device)
+        layer.tiles = layer.tiles.to(device)
         if linear.bias is not None:  # read with the other tensors
             layer.bias = nn.Parameter(torch.empty(shape[0], device="meta"), requires_grad=False)
         setattr(parent, attr, layer)

@@ -40,10 +40,7 @@ def main() -> None:
                 out.gate_up.fill_(1)
                 out.down.fill_(1)
             t0 = time.perf_counter()
-            for m, (t, raw, k) in enumerate(mats):
-                tiles = (out.gate_up if m < 2 else out.down).flatten(0, 1)
-                per, slot0 = (2, 2 * m) if m < 2 else (4, 0)
-                repack.repack_rows(t, raw, k, tiles, per, slot0, threads)
+            repack.repack_layer(out, mats, threads)
             rate = total / 1e9 / (time.perf_counter() - t0)
             lines.append(f"repack.cpp {threads:2d} threads, {'fresh' if fresh else 'touched'} pages: {rate:.2f} GB/s")
     text = "\n".join(lines)

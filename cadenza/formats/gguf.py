@@ -400,12 +400,9 @@ class GgufCheckpoint(TensorSizes):
         for info, k, f in zip(infos, cols, (gf, gf, df), strict=True):
             if BY_GGUF.get(info.dtype) != f or not repack.moves(info.dtype, k):
                 return False
-        threads = physical_cores()
-        for m, info in enumerate(infos):  # gate rows into tile slots 0, 1; up rows into 2, 3; down rows 0-3
-            raw = np.asarray(self._raw[info.source][0].data)
-            tiles = (out.gate_up if m < 2 else out.down).flatten(0, 1)
-            per, slot0 = (2, 2 * m) if m < 2 else (4, 0)
-            repack.repack_rows(info.dtype, raw.reshape(-1, raw.shape[-1]), cols[m], tiles, per, slot0, threads)
+        raws = [np.asarray(self._raw[info.source][0].data) for info in infos]
+        mats = [(info.dtype, raw.reshape(-1, raw.shape[-1]), k) for info, raw, k in zip(infos, raws, cols, strict=True)]
+        repack.repack_layer(out, mats, physical_cores())
         return True
 
     def _int8_from_q8_0(self, prefix: str, layer) -> PackedExperts:

@@ -62,6 +62,16 @@ def dequantize(gguf_type: str, raw: np.ndarray, k: int, threads: int | None = No
     return out if rc == 0 else None
 
 
+def repack_layer(out, matrices, threads: int) -> None:
+    """A layer's stacked gate, up and down blocks into `out` (a layout.PackedExperts of their formats, no padding):
+    matrices = [(GGUF type, raw uint8 [E * rows, bytes a row], columns)] in that order. Gate rows go to tile slots
+    0, 1 of the gate/up tiles, up rows to 2, 3 (layout.py's pairing), down rows to slots 0-3 of the down tiles."""
+    for m, (gguf_type, raw, k) in enumerate(matrices):
+        tiles = (out.gate_up if m < 2 else out.down).flatten(0, 1)
+        per, slot0 = (2, 2 * m) if m < 2 else (4, 0)
+        repack_rows(gguf_type, raw, k, tiles, per, slot0, threads)
+
+
 def repack_rows(
     gguf_type: str, raw: np.ndarray, k: int, tiles: torch.Tensor, rows_per_tile: int, slot0: int, threads: int
 ) -> None:

@@ -159,10 +159,7 @@ def test_repack_writes_the_tiles_numpy_writes(gate_type, down_type):
     got = empty_packed(fmt, None, e, h, i)
     got.gate_up.fill_(0xAB)  # (stale bytes: the padding must be written too)
     got.down.fill_(0xAB)
-    for m, (t, raw, k) in enumerate(((gate_type, gate, h), (gate_type, up, h), (down_type, down, i))):
-        tiles = (got.gate_up if m < 2 else got.down).flatten(0, 1)
-        per, slot0 = (2, 2 * m) if m < 2 else (4, 0)
-        repack.repack_rows(t, raw, k, tiles, per, slot0, threads=2)
+    repack.repack_layer(got, [(gate_type, gate, h), (gate_type, up, h), (down_type, down, i)], threads=2)
     assert torch.equal(got.gate_up, want.gate_up) and torch.equal(got.down, want.down)
 
 
