@@ -113,9 +113,11 @@ class Engine:
 
     def _new_cache(self, length: int, slots: int):
         """A cache on the model's device, or each layer's part on its GPU where the layers are split."""
+        from cadenza.layer_split import layer_devices
+
         cache = self.model.new_cache(length, self.dtype, self.device, batch=slots)
-        layer_devices = getattr(getattr(self.model, "model", None), "layer_devices", None)
-        return cache.place_layers(layer_devices) if layer_devices is not None else cache
+        devices = layer_devices(self.model)
+        return cache.place_layers(devices) if devices is not None else cache
 
     def cache_for(self, slots: int, length: int):
         """A cache with `slots` sequences of up to `length` tokens. On the CPU it grows as it fills. On a GPU the

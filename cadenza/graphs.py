@@ -108,7 +108,9 @@ class StepGraphs:
     def _why_not(self, enabled: bool) -> str | None:
         if not enabled:
             return "turned off (--no-cuda-graphs)"
-        if getattr(getattr(self.model, "model", None), "layer_devices", None) is not None:
+        from cadenza.layer_split import layer_devices
+
+        if layer_devices(self.model) is not None:
             return "the layers are split over several GPUs (--gpus): decode steps run eagerly"
         if self.device.type != "cuda":
             return "no CUDA device (CPU execution, or the emulated GPU side)"

@@ -89,6 +89,12 @@ def _visible() -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
 
 
+def layer_devices(model: nn.Module) -> list[torch.device] | None:
+    """The devices of a causal LM's decoder layers where they are split over several (`LayerSplit.apply`), else
+    None."""
+    return getattr(getattr(model, "model", None), "layer_devices", None)
+
+
 def moe_positions(model: nn.Module) -> list[int]:
     """The decoder layer index of each MoE layer, in order."""
     return [i for i, layer in enumerate(model.model.layers) if any(isinstance(m, Experts) for m in layer.modules())]
