@@ -432,15 +432,22 @@ def main(argv: list[str] | None = None) -> int:
     shape = layer_shape(args.model)
     print(f"DRAM read {dram:.1f} GB/s; building a {args.model} layer {shape} ...", file=sys.stderr)
     bench = Bench(args, shape, threads, logical, dram)
-    for fmt in formats:
-        for layout in layouts:
-            if layout == "plain" and fmt != "bf16":
-                continue  # the plain layout is the model's own bf16 tensors
-            for acts in activations:
-                if acts == "int8" and not set(fmt.split("+")) & set(cpu_moe.INT8_FORMATS):
-                    continue  # no int8 kernel for these tiles
-                print(f"{fmt} {layout} {acts}: packing and timing ...", file=sys.stderr)
-                bench.run_format(fmt, kernel_ok, layout, acts)
+    before = os.environ.get(cpu_moe.ACTIVATIONS_ENV)  # run_format switches it; a caller in-process gets it back
+    try:
+        for fmt in formats:
+            for layout in layouts:
+                if layout == "plain" and fmt != "bf16":
+                    continue  # the plain layout is the model's own bf16 tensors
+                for acts in activations:
+                    if acts == "int8" and not set(fmt.split("+")) & set(cpu_moe.INT8_FORMATS):
+                        continue  # no int8 kernel for these tiles
+                    print(f"{fmt} {layout} {acts}: packing and timing ...", file=sys.stderr)
+                    bench.run_format(fmt, kernel_ok, layout, acts)
+    finally:
+        if before is None:
+            os.environ.pop(cpu_moe.ACTIVATIONS_ENV, None)
+        else:
+            os.environ[cpu_moe.ACTIVATIONS_ENV] = before
     if not args.no_torch:
         print("PyTorch run_experts on bf16 ...", file=sys.stderr)
         bench.run_pytorch()

@@ -352,7 +352,10 @@ def test_bench_thread_sweep_rows(tmp_path):
     out = tmp_path / "k.json"
     argv = ["--model", "mixtral-tiny", "--formats", "int4", "--tokens", "1", "--layouts", "tiled", "--seconds", "0.05"]
     argv += ["--prefill-tokens", "0", "--no-torch", "--dram-gib", "0.05", "--threads", "2", "--thread-sweep", "1,2"]
+    before = os.environ.get(cpu_moe.ACTIVATIONS_ENV)
     assert cpu_kernel.main([*argv, "--prefetch", "0", "--rotate-gb", "0.01", "--out", str(out)]) == 0
+    # the activations switch it sets per format is given back (a later `cadenza info` in the process inherited it)
+    assert os.environ.get(cpu_moe.ACTIVATIONS_ENV) == before
     rows = json.loads(out.read_text())["results"]
     got = {(r["route"], r["threads"]) for r in rows}
     assert {("kernel", 1), ("kernel", 2), ("read", 1), ("read", 2)} <= got
