@@ -3,14 +3,19 @@ Q4_K_M, every expert on the host) reading its experts at 51 GB/s inside decode s
 same kernel on the same kind of memory (repack.cpp's tiles, pinned) at 81.6 GB/s: a layer's two experts 4.48 ms in
 the engine against 2.85 ms alone.
 
-This writes a Mixtral-8x7B Q4_K_M GGUF cut to LAYERS layers into /dev/shm once, then per variant, in a fresh
-process (libgomp reads its environment at start): loads it with every expert on the host (policy cpu), decodes,
-and reports tok/s and the CPU share's GB/s from the engine's counters; then, in the same process with the engine
-idle, the loaded layers' own tiles through the kernel alone (the engine's threads and prefetch). Variants: the
-default; GOMP_SPINCOUNT=0 (OpenMP teams sleep at once: another team's spinning threads then cannot crowd the
-handoff worker's); OMP_WAIT_POLICY=passive; 14 CPU threads; CUDA graphs off. Writes $OUT/engine-gap.txt.
+This writes a Mixtral-8x7B Q4_K_M GGUF (LAYERS layers, default all 32: the engine's working set, 30 GB of tiles,
+where tile_memory.py rotated over 3.7 GB: the page tables of 30 GB in 4 KB pages may not stay in the caches) into
+/dev/shm once, then per variant, in a fresh process (libgomp reads its environment at start): loads it with every
+expert on the host (policy cpu), decodes, and reports tok/s and the CPU share's GB/s from the engine's counters;
+then, in the same process with the engine idle, the loaded layers' own tiles through the kernel alone (the engine's
+threads and prefetch). Variants: the default; GOMP_SPINCOUNT=0 (OpenMP teams sleep at once: another team's spinning
+threads then cannot crowd the handoff worker's); OMP_WAIT_POLICY=passive; 14 CPU threads; CUDA graphs off. Writes
+$OUT/engine-gap.txt.
 
-python3 benchmarks/box/engine_gap.py [LAYERS]   (~4 minutes at 8 layers; ENGINE_GAP_DEVICE=cpu: a smoke test of the
+If "alone" is slow too, the working set is the cause (then `tile_memory.py 32`, whose hugepage rows then matter);
+if only the engine is, something beside the handoff worker's team is.
+
+python3 benchmarks/box/engine_gap.py [LAYERS]   (~3 minutes at 32 layers; ENGINE_GAP_DEVICE=cpu: a smoke test of the
 script on a machine without a GPU, the GPU side emulated)"""
 
 import json
@@ -71,7 +76,7 @@ def child(argv: list[str]) -> None:
 
 
 def main() -> None:
-    layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+    layers = int(sys.argv[1]) if len(sys.argv) > 1 else 32
     from cadenza.bench.gguf_export import write_gguf
     from cadenza.bench.synthetic import SyntheticCheckpoint
 
