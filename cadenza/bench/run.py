@@ -445,6 +445,10 @@ def _run_config(cut, cfg, args: argparse.Namespace, model: str, max_context: int
         out["cpu_launch"] = "stream" if orch.streamed is not None else f"host sync per layer ({orch.streamed_reason})"
         # the expert kernel's threads and torch's intra-op threads in this process (rows differ by either)
         out["threads"] = {"cpu_experts": orch.worker.threads, "torch": torch.get_num_threads()}
+        # the CPU kernel's software prefetch distance for decode and its one-token time per expert, as calibrated
+        # (on the box the distance moved the kernel by up to 30%: benchmarks/results/2026-12-03-s19/tile-memory.txt)
+        one = None if orch.cpu_one_s is None else round(orch.cpu_one_s * 1e3, 3)
+        out["cpu_prefetch"] = {"bytes": orch.cpu_prefetch, "one_expert_ms": one}
         from cadenza.kernels import cpu_moe
 
         # K-quant experts on the CPU: int8 activations or exact products (CADENZA_CPU_ACTIVATIONS)

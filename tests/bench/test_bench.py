@@ -322,9 +322,14 @@ def test_run_bench_d4_with_error_and_step_profile(tmp_path):
         assert all(r["cpu_handoff"]["launch"] == "inline" for r in results if r["cpu_launch"] == "stream")
     else:  # no fused CPU kernel on this machine (no AVX-512): every layer keeps its host synchronisation, and says why
         assert all("fused CPU kernel is not in use" in r["cpu_launch"] for r in results), results
+    from cadenza.moe.offload.costmodel import PREFETCH_CANDIDATES
+
     for r in results:
         err = r["error_vs_bf16"]
         assert err["format"] == "int4" and 0 < err["relative_logit_error"] < 1 and 0 <= err["top1_agreement"] <= 1
+        # the calibrated prefetch distance and one expert's CPU time ride along (the distance: up to 30% of the rate)
+        one = r["cpu_prefetch"]["one_expert_ms"]
+        assert r["cpu_prefetch"]["bytes"] in PREFETCH_CANDIDATES and (one is None or one > 0), r["cpu_prefetch"]
     decode = [r for r in results if r["new_tokens"] > 1]
     assert all(r["step_profile"]["step"]["wall_ms"] > 0 for r in decode)
     assert all("no CUDA device" in r["cuda_graphs"] for r in results)
@@ -373,6 +378,7 @@ def test_run_bench_over_several_devices(tmp_path):
     (row,) = doc["results"]
     assert [g["device"] for g in row["gpus"]] == ["cpu", "cpu"] and row["decode_tok_s"] > 0
     assert "split over several GPUs" in row["cuda_graphs"]
+    assert row["cpu_prefetch"]["bytes"] >= 0  # the devices' one calibration
 
 
 def test_run_bench_policies_and_tag(tmp_path):

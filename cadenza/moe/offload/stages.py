@@ -114,6 +114,15 @@ class Stages:
         return self.orchestras[0].zero_copy_share
 
     @property
+    def cpu_prefetch(self) -> int:
+        """The CPU kernel's prefetch distance for decode (calibrated once per machine: every device has the same)."""
+        return self.orchestras[0].cpu_prefetch
+
+    @property
+    def cpu_one_s(self) -> float | None:
+        return self.orchestras[0].cpu_one_s
+
+    @property
     def expert_bytes(self) -> int:
         """The largest layer's expert as stored (Orchestra.expert_bytes)."""
         return max(o.expert_bytes for o in self.orchestras)
