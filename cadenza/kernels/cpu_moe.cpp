@@ -3,11 +3,11 @@
 //   y[t] += sum over (t, slot) routed to a computed expert e of  w[t, slot] * down_e( act(gate_e x_t) * up_e x_t )
 //
 // The weights are walked in units of 4 rows (a gate/up unit j: gate rows 2j, 2j+1 and up rows 2j, 2j+1, giving
-// h[2j], h[2j+1]; a down unit j: rows 4j .. 4j+3 of y). Phase 1 splits the (expert, gate/up unit) pairs over the
-// threads by cost; phase 2 splits the rows of y (the down matrices' output rows) over the threads, so no two
-// threads ever write the same y element (no atomics). Each thread streams a contiguous range of units, so at one
-// token a call is a run of GEMVs at DRAM bandwidth; with more tokens, each unit is applied to blocks of tokens
-// while it is in cache. Two layouts, one code path (struct Mat says where a unit's rows are):
+// h[2j], h[2j+1]; a down unit j: rows 4j .. 4j+3 of y). Phase 1 hands the (expert, gate/up unit) pairs to the
+// threads in runs; phase 2 hands out runs of rows of y (the down matrices' output rows), so no two threads ever
+// write the same y element (no atomics on y). A run is a share of what is left (`grab`: long contiguous reads
+// first, short ones at the end, so a preempted thread delays little), so at one token a call is a run of GEMVs at
+// DRAM bandwidth; with more tokens, each unit is applied to blocks of tokens while it is in cache. Two layouts, one code path (struct Mat says where a unit's rows are):
 //
 // Plain (cadenza_moe_forward_plain): a bf16 model's own stacked tensors, read in place: gate, up [E, I, H] and
 // down [E, H, I], row-major; row r of expert e's gate at gate + (e I + r) H. Any H and I: a row's last partial
@@ -949,6 +949,21 @@ inline int stage_kind(int fmt, int dot, int K) {
 // rows 4j .. 4j + 3). Staged rows are mg.ks (x) and md.ks (h) long, zero past H and I; Q8 rows (x8, h8) are
 // q8_row_bytes apart, quantized from fp32 rows (h: phase 1 writes h in fp32, then a pass quantizes it).
 
+// A run [lo, hi) of `total` blocks from the shared counter `next`: a 1 / (2 threads) share of what is left, at
+// least one block; false when none is left.
+inline bool grab(std::atomic<int64_t>& next, int64_t total, int threads, int64_t& lo, int64_t& hi) {
+  int64_t cur = next.load(std::memory_order_relaxed);
+  while (cur < total) {
+    const int64_t end = std::min(total, cur + std::max<int64_t>(1, (total - cur) / (2 * int64_t(threads))));
+    if (next.compare_exchange_weak(cur, end, std::memory_order_relaxed)) {
+      lo = cur;
+      hi = end;
+      return true;
+    }
+  }
+  return false;
+}
+
 int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, int x_bf16, int T, const int64_t* ids,
             const float* w, int k, const uint8_t* mask, int act, int nthreads, int prefetch, int dot, float* y,
             const Extra& ex) {
@@ -1004,23 +1019,26 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
   const int32_t* tok = b.tok.data();
   const float* wp = b.wp.data();
 
-  // Phase 1's units are (active expert, gate/up unit); cost = streaming the unit + its tokens' arithmetic.
+  // Both phases hand out runs of units from a counter, guided: each run a share of what is left (long sequential
+  // reads while much is left, short ones at the end), rather than a fixed share per thread. A thread the OS
+  // preempts (anything else runnable on a core: another process, a driver thread) then holds up one short run, not
+  // a fifteenth of the layer while the others wait at the barrier (a fixed share measured 6x slower with one busy
+  // process beside 16 threads on the box's 16 cores). Each output element is still computed by one thread in one
+  // order (phase 1: a unit's h columns; phase 2: a block's y rows, experts in turn), so the bits do not change.
+  // Runs are whole blocks: B1 gate/up units (16 h columns: a cache line of fp32 h), B2 down units (16 rows of y).
+  constexpr int64_t B1 = 8, B2 = 4;
   const int A = int(active.size());
   const int64_t n1 = mg.units;  // 2 of h each
-  std::vector<double> unit(A);
-  double total = 0;
-  for (int a = 0; a < A; ++a) {
-    unit[a] = double(mg.unit_bytes) / 6.0 + double(count[active[a]]) * ROWS * mg.K / 60.0;
-    total += unit[a] * double(n1);
-  }
+  const int64_t per1 = (n1 + B1 - 1) / B1, blocks1 = per1 * A;  // an expert's blocks, then the next's
   const int64_t n2 = md.units;  // 4 rows of y each
+  const int64_t blocks2 = (n2 + B2 - 1) / B2;
+  std::atomic<int64_t> next1{0}, next2{0};
   const int tb1 = token_block(Hp), tb2 = token_block(Ip);
   if (nthreads <= 0) nthreads = omp_get_max_threads();
-  nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, n1 * A)));
+  nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, blocks1)));
 
 #pragma omp parallel num_threads(nthreads)
   {
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     Scales s;
 
     // Stage x (zero-padded to Hp).
@@ -1037,45 +1055,41 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
       if (kind == Q8) q8_quantize(dst, Hp, x8 + t * rbx);
     }  // implicit barrier
 
-    // Phase 1: h[p] = act(gate x) * (up x) for this thread's cost range of (expert, unit) pairs; h is zero past I
+    // Phase 1: h[p] = act(gate x) * (up x), a run of (expert, units) at a time; h is zero past I
     // (tiled: zero rows give zeros; plain: repeated rows are dropped, the columns past the last unit cleared).
-    {
-      const double lo = total * id / nt, hi = total * (id + 1) / nt;
-      double cum = 0;
-      for (int a = 0; a < A; ++a) {
-        const double c = unit[a], span = c * double(n1);
-        if (cum + span > lo && cum < hi) {
-          const int64_t j0 = std::max<int64_t>(0, std::min<int64_t>(n1, int64_t(std::ceil((lo - cum) / c))));
-          const int64_t j1 = std::max<int64_t>(0, std::min<int64_t>(n1, int64_t(std::ceil((hi - cum) / c))));
-          const int e = active[a], n = count[e], p0 = start[e];
-          for (int tb = 0; tb < n; tb += tb1) {
-            const int nb = std::min(tb1, n - tb);
-            for (int64_t j = j0; j < j1; ++j) {
-              apply_unit(
-                  mg, e, j, kind, lo1, s, nb, [&](int i) {
-                    return kind == Q8 ? reinterpret_cast<const float*>(x8 + tok[p0 + tb + i] * rbx)
-                                      : xs + int64_t(tok[p0 + tb + i]) * Hp;
-                  },
-                  [&](int i) { return gsx ? gx + int64_t(tok[p0 + tb + i]) * (Hp / 32) : nullptr; },
-                  [&](int i, const float* o) {
-                    float* hr = hb + int64_t(p0 + tb + i) * Ip;
-                    float g[2] = {o[0], o[1]}, u[2] = {o[2], o[3]};
-                    for (int c = 0; c < 2; ++c) {
-                      const int64_t col = 2 * j + c;
-                      if (col >= I) continue;
-                      if (ex.gate_bias) g[c] += ex.gate_bias[int64_t(e) * I + col];
-                      if (ex.up_bias) u[c] += ex.up_bias[int64_t(e) * I + col];
-                    }
-                    stage_put(put_h, hr, Ip, 2 * j, 2 * j < I ? glu(g[0], u[0], act, ex) : 0.0f);
-                    stage_put(put_h, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? glu(g[1], u[1], act, ex) : 0.0f);
-                    if (j == n1 - 1)
-                      for (int64_t col = 2 * n1; col < Ip; ++col) stage_put(put_h, hr, Ip, col, 0.0f);
-                  },
-                  prefetch);
-            }
+    for (int64_t b0, b1; grab(next1, blocks1, nthreads, b0, b1);) {
+      for (int64_t b = b0; b < b1;) {  // the run, an expert at a time
+        const int a = int(b / per1);
+        const int64_t end = std::min(b1, (a + 1) * per1);
+        const int64_t j0 = (b - a * per1) * B1, j1 = std::min(n1, (end - a * per1) * B1);
+        b = end;
+        const int e = active[a], n = count[e], p0 = start[e];
+        for (int tb = 0; tb < n; tb += tb1) {
+          const int nb = std::min(tb1, n - tb);
+          for (int64_t j = j0; j < j1; ++j) {
+            apply_unit(
+                mg, e, j, kind, lo1, s, nb, [&](int i) {
+                  return kind == Q8 ? reinterpret_cast<const float*>(x8 + tok[p0 + tb + i] * rbx)
+                                    : xs + int64_t(tok[p0 + tb + i]) * Hp;
+                },
+                [&](int i) { return gsx ? gx + int64_t(tok[p0 + tb + i]) * (Hp / 32) : nullptr; },
+                [&](int i, const float* o) {
+                  float* hr = hb + int64_t(p0 + tb + i) * Ip;
+                  float g[2] = {o[0], o[1]}, u[2] = {o[2], o[3]};
+                  for (int c = 0; c < 2; ++c) {
+                    const int64_t col = 2 * j + c;
+                    if (col >= I) continue;
+                    if (ex.gate_bias) g[c] += ex.gate_bias[int64_t(e) * I + col];
+                    if (ex.up_bias) u[c] += ex.up_bias[int64_t(e) * I + col];
+                  }
+                  stage_put(put_h, hr, Ip, 2 * j, 2 * j < I ? glu(g[0], u[0], act, ex) : 0.0f);
+                  stage_put(put_h, hr, Ip, 2 * j + 1, 2 * j + 1 < I ? glu(g[1], u[1], act, ex) : 0.0f);
+                  if (j == n1 - 1)
+                    for (int64_t col = 2 * n1; col < Ip; ++col) stage_put(put_h, hr, Ip, col, 0.0f);
+                },
+                prefetch);
           }
         }
-        cum += span;
       }
     }
 #pragma omp barrier
@@ -1088,10 +1102,10 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
       for (int p = 0; p < P; ++p) q8_quantize(hb + int64_t(p) * Ip, Ip, h8 + p * rbh);
     }  // implicit barrier
 
-    // Phase 2: this thread owns down rows [4 q0, 4 q1) of y: every expert, every token, no sharing.
-    {
-      const int64_t q0 = n2 * id / nt, q1 = n2 * (id + 1) / nt;  // neighbours share at most a line of y
-      for (int a = 0; a < A && q0 < q1; ++a) {
+    // Phase 2: a run owns down rows [4 q0, 4 q1) of y: every expert, every token, no sharing.
+    for (int64_t b0, b1; grab(next2, blocks2, nthreads, b0, b1);) {
+      const int64_t q0 = b0 * B2, q1 = std::min(n2, b1 * B2);
+      for (int a = 0; a < A; ++a) {
         const int e = active[a], n = count[e], p0 = start[e];
         for (int tb = 0; tb < n; tb += tb2) {
           const int nb = std::min(tb2, n - tb);

@@ -106,6 +106,20 @@ def test_kernel_equals_reference(layers, key):
 
 
 @needs_kernel
+@pytest.mark.parametrize("key", [("bf16", 0), ("int8", 32), ("int4", 64)])
+def test_kernel_bits_do_not_depend_on_threads(layers, key):
+    """The threads take chunks of units from a counter (a preempted thread holds up one chunk): whichever thread
+    computes an output, it computes it in one order, so any thread count gives the same bits."""
+    packed, _ = layers[key]
+    for t, k in ((1, 2), (7, 2), (64, 6)):
+        x, ids, w = routing(t, k)
+        one = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", 1, route="kernel")
+        for threads in (2, 3, 5):
+            y = cpu_moe.moe_forward(packed, x, ids, w, None, "silu", threads, route="kernel")
+            assert torch.equal(y, one), (key, t, k, threads)
+
+
+@needs_kernel
 @pytest.mark.parametrize("key", [("bf16", 0), ("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)])
 def test_kernel_bf16_inputs_and_int4_paths(layers, key):
     """x in bf16 (the engine's dtype: int4 then skips the low half), and int4 on fp32 lanes (CPUs without
