@@ -29,3 +29,18 @@ def test_shared_cli_flags_import_no_command():
     loaded = loaded_after("import cadenza.cli.flags")  # what cadenza.bench imports for its own parser
     assert not any(m.startswith("cadenza.bench") for m in loaded), sorted(loaded)
     assert not {"cadenza.cli.run", "cadenza.cli.serve", "cadenza.cli.bench"} & loaded, sorted(loaded)
+
+
+def test_openmp_threads_sleep_by_default_only_where_a_gpu_is_and_libgomp_is_not_loaded():
+    import cadenza
+
+    env: dict[str, str] = {}
+    cadenza.openmp_wait_default(env, torch_loaded=False, gpu=True)
+    assert env == {"GOMP_SPINCOUNT": "0"}
+    for torch_loaded, gpu in ((True, True), (False, False), (True, False)):
+        env = {}
+        cadenza.openmp_wait_default(env, torch_loaded=torch_loaded, gpu=gpu)
+        assert env == {}, (torch_loaded, gpu)
+    env = {"GOMP_SPINCOUNT": "300000"}  # the user's own setting stays
+    cadenza.openmp_wait_default(env, torch_loaded=False, gpu=True)
+    assert env == {"GOMP_SPINCOUNT": "300000"}

@@ -3,10 +3,12 @@ of the routed experts' layout (cadenza.kernels.layout): a Q4_K_M file's attentio
 there instead of bf16's 2, which leaves the GPU budget to routed experts. Own Triton launch because PyTorch has no
 product over these blocks; the dot products are the experts' (gpu_moe_triton._dot_tiles).
 
-A few tokens (decode) multiply the tiles directly, one program per token and block of tiles; more tokens
-dequantize the weight into a bf16 scratch (the experts' dequantize kernel) and use a matmul. The weights are the
-exact dequantized values of the file (the kernels compute code * scale - min in fp32), so a layer equals the
-dequantize-then-matmul reference up to summation order.
+A few tokens (decode) multiply the tiles directly, one program per token, block of tiles and split of K: an
+attention projection has few rows (Mixtral's k_proj: 64 programs of 16 rows), too few programs to keep HBM busy, so
+K is split until a launch has ~PROGRAMS of them, and the splits' fp32 partial sums are added after (a fixed order).
+More tokens dequantize the weight into a bf16 scratch (the experts' dequantize kernel) and use a matmul. The
+weights are the exact dequantized values of the file (the kernels compute code * scale - min in fp32), so a layer
+equals the dequantize-then-matmul reference up to summation order.
 """
 
 from __future__ import annotations
@@ -23,18 +25,36 @@ from cadenza.kernels.triton_compat import tl, triton
 # GGUF types kept as tiles for a dense weight (MXFP4 is an experts' type in the files cadenza reads)
 KEPT = {"Q4_0": "q4_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "Q8_0": "q8_0"}
 DECODE_MAX_TOKENS = 8  # up to this many rows of x, the tiles are multiplied directly
+# programs a decode launch aims for (K split to reach it): ~16 per SM of an H200's 132, the experts' kernels' count
+PROGRAMS = 2048
+BLOCK_TILES = 4  # tiles (4 rows each) per decode program
+
+
+def k_splits(tiles: int, steps: int, tokens: int, programs: int = PROGRAMS) -> tuple[int, int]:
+    """(splits of K, loop steps each) for a decode launch over `tiles` tiles and `steps` loop steps of K: the
+    fewest splits that give `programs` programs, each split at least one step, none empty."""
+    blocks = -(-tiles // BLOCK_TILES) * tokens
+    want = max(1, min(steps, -(-programs // blocks)))
+    each = -(-steps // want)
+    return -(-steps // each), each
 
 
 @triton.jit
-def _linear_kernel(x, xstride, y, w, tbw, hbw, NG, N, K, Kp, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """y[token, o] = <row o of the tiles, x[token]> for the 4 BT rows of this program's tiles."""
+def _linear_kernel(
+    x, xstride, y, w, tbw, hbw, NG, N, K, Kp, T, EACH, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
+):
+    """y[split, token, o] = <row o of the tiles, x[token]> over split's EACH loop steps of K, for the 4 BT rows of
+    this program's tiles."""
     tok = tl.program_id(0)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
+    split = tl.program_id(2)
     tmask = t < (N + 3) // 4
-    acc = _dot_tiles(w, tbw, hbw, t, tmask, x + tok.to(tl.int64) * xstride, K, Kp, tl.cdiv(Kp, BK), NG, FMT, 0,
+    it0 = split * EACH
+    n_iter = tl.minimum(EACH, tl.cdiv(Kp, BK) - it0)
+    acc = _dot_tiles(w, tbw, hbw, t, tmask, x + tok.to(tl.int64) * xstride, K, Kp, n_iter, it0, NG, FMT, 0,
                      BT, BK, False)  # fmt: skip
     o = 4 * t[:, None] + tl.arange(0, 4)[None, :]
-    tl.store(y + tok.to(tl.int64) * N + o, acc, mask=o < N)
+    tl.store(y + (split * T + tok).to(tl.int64) * N + o, acc, mask=o < N)
 
 
 class BlockLinear(nn.Module):
@@ -104,14 +124,16 @@ class BlockLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, programs: int = PROGRAMS) -> torch.Tensor:
         x = x.contiguous()
-        n, k, kp = self.out_features, self.in_features, self.kp
-        y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
-        grid = (x.shape[0], triton.cdiv(self.tiles.shape[0], 4))
+        (t, k), n, kp = x.shape, self.out_features, self.kp
+        splits, each = k_splits(self.tiles.shape[0], triton.cdiv(kp, self.step_cols), t, programs)
+        y = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+        grid = (t, triton.cdiv(self.tiles.shape[0], BLOCK_TILES), splits)
         _linear_kernel[grid](x, x.stride(0), y, self.tiles, self.tiles.shape[1] // 4, self.header // 4,
-                             kp // self.group, n, k, kp, FMT=_FMT_CODES[self.fmt], BT=4, BK=self.step_cols)  # fmt: skip
-        return y
+                             kp // self.group, n, k, kp, t, each, FMT=_FMT_CODES[self.fmt], BT=BLOCK_TILES,
+                             BK=self.step_cols)  # fmt: skip
+        return y[0] if splits == 1 else y.sum(0)
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype` on the tiles' device (the experts' dequantize kernel): a scratch the

@@ -25,11 +25,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as when triton.ji
 
 # --- Triton: dot products of tile rows with a vector ---------------------------------------------------------------
 # Each returns [BT, 4] fp32: the 4 rows of tiles t [BT] (at w, uint8; tile stride tbw int32 words, body after hbw
-# words) dotted with x (xr, n_x valid values, zero past them) over K (padded) columns, in n_iter steps of BK.
+# words) dotted with x (xr, n_x valid values, zero past them) over K (padded) columns, in n_iter steps of BK from
+# step it0 (a split of K: gpu_linear's decode).
 
 
 @triton.jit
-def _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: tl.constexpr):
+def _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.constexpr, BK: tl.constexpr):
     NP: tl.constexpr = BK // 32  # 64-byte pieces per row and step; word m holds columns 2m (low half), 2m + 1
     p = tl.arange(0, NP)
     r = tl.arange(0, 4)
@@ -38,7 +39,7 @@ def _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: t
     off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 64 + r[None, None, :, None] * 16
     off = off + m[None, None, None, :]
     acc = tl.zeros([BT, NP, 4, 16], tl.float32)
-    for it in range(n_iter):
+    for it in range(it0, it0 + n_iter):
         pg = it * NP + p
         ok = tmask[:, None, None, None] & (pg < K // 32)[None, :, None, None]
         wv = tl.load(wi + off + it * (NP * 64), mask=ok, other=0)
@@ -50,7 +51,9 @@ def _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: t
 
 
 @triton.jit
-def _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+def _dot_int8(
+    w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, NG, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
+):
     NH: tl.constexpr = BK // 32  # half pieces (32 columns of a row, 8 words) per step: a scale group is >= 32
     hp = tl.arange(0, NH)
     r = tl.arange(0, 4)
@@ -60,7 +63,7 @@ def _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP: tl.constexpr
     off = t[:, None, None, None] * tbw + hbw + (hp // 2 * 64 + hp % 2 * 8)[None, :, None, None]
     off = off + r[None, None, :, None] * 16 + m[None, None, None, :]
     acc = tl.zeros([BT, NH, 4], tl.float32)
-    for it in range(n_iter):
+    for it in range(it0, it0 + n_iter):
         hg = it * NH + hp
         ok = tmask[:, None, None] & (hg < K // 32)[None, :, None]
         wv = tl.load(wi + off + it * (NH * 32), mask=ok[:, :, :, None], other=0)
@@ -77,7 +80,7 @@ def _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP: tl.constexpr
 
 
 @triton.jit
-def _dot_int4(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+def _dot_int4(w, tbw, hbw, t, tmask, xs, K, n_iter, it0, NG, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """int4: xs is x staged by _stage_int4 (or kernel 1's h): per 128 columns, plane n (columns 32n .. 32n + 31,
     one scale group) as its 16 even then 16 odd columns, times 2^(89 - 4n). Int32 word m of a row's 64-byte
     piece holds, in nibble n of its low / high half, columns 32n + 2m / 2m + 1; the nibble masked in place, read
@@ -97,7 +100,7 @@ def _dot_int4(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT:
     rg = tl.arange(0, 4)[None, None, :] * NG
     p3 = tl.arange(0, NP)[None, :, None]
     acc = tl.zeros([BT, NP, 4], tl.float32)
-    for it in range(n_iter):
+    for it in range(it0, it0 + n_iter):
         ok = tmask[:, None, None, None] & (it * NP + p < K // 128)
         wq = wi + off + it * (NP * 64)
         # no `other` (no zeroing): a masked-off word's nibbles are still finite denormals, met by a staged 0
@@ -134,7 +137,9 @@ def _dot_int4(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT:
 
 
 @triton.jit
-def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+def _dot_int4_rows(
+    w, tbw, hbw, t, tmask, xs, K, n_iter, it0, NG, GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
+):
     """_dot_int4's values with a tile's 4 rows held by the same threads: word m of each row's 64-byte piece meets
     the same two staged x values, so x (8 bytes a word, against the word's 4 bytes of weights) is loaded once for
     4 rows, and a scale group's products are summed before its scale and zero point apply (one FMA pair a group,
@@ -152,7 +157,7 @@ def _dot_int4_rows(w, tbw, hbw, t, tmask, xs, K, n_iter, NG, GROUP: tl.constexpr
     acc1 = tl.zeros([BT, NP, 16], tl.float32)
     acc2 = tl.zeros([BT, NP, 16], tl.float32)
     acc3 = tl.zeros([BT, NP, 16], tl.float32)
-    for it in range(n_iter):
+    for it in range(it0, it0 + n_iter):
         ok = tmask[:, None, None] & (it * NP + p < K // 128)
         wq = wi + off + it * (NP * 64)
         w0, w1, w2, w3 = tl.load(wq, ok), tl.load(wq + 16, ok), tl.load(wq + 32, ok), tl.load(wq + 48, ok)
@@ -244,7 +249,9 @@ def _nib_value(q, FMT: tl.constexpr):
 
 
 @triton.jit
-def _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+def _dot_nib_blocks(
+    w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
+):
     """q4_0, q4_k, mxfp4: int32 word m of a row's 64-byte piece (128 columns) holds, in nibble n of its low / high
     half, columns 32 n + 2 m / 2 m + 1; plane n of a piece is one group (32 columns)."""
     NP: tl.constexpr = BK // 128
@@ -257,7 +264,7 @@ def _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr
     tile = w + (t * tbw * 4)[:, None, None]  # [BT, 1, 1] tile starts (bytes)
     r3 = r[None, None, :]
     acc = tl.zeros([BT, NP, 4], tl.float32)
-    for it in range(n_iter):
+    for it in range(it0, it0 + n_iter):
         pg = it * NP + p
         ok = tmask[:, None, None] & (pg < K // 128)[None, :, None]
         wv = tl.load(wi + off + it * (NP * 64), mask=ok[:, :, :, None], other=0)
@@ -286,7 +293,7 @@ def _q6_value(wd, hb, n, hs):
 
 
 @triton.jit
-def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: tl.constexpr):
+def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.constexpr, BK: tl.constexpr):
     """q6_k (FMT 7): a 128-column chunk is 384 bytes, the 4 rows' 64 bytes of nibbles (int32 word m: columns
     32 n + 2 m, 32 n + 2 m + 1 in nibble n of its low, high half) then their 32 bytes of high pairs (16-bit word m:
     the same columns' pairs at bits 2 n of its low, high byte). Plane n of a chunk is two groups of 16 columns:
@@ -305,7 +312,7 @@ def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: t
     r3 = r[None, None, :]
     first = (m < 8)[None, None, None, :]
     acc = tl.zeros([BT, NP, 4], tl.float32)
-    for it in range(n_iter):
+    for it in range(it0, it0 + n_iter):
         pg = it * NP + p
         ok = tmask[:, None, None] & (pg < K // 128)[None, :, None]
         wv = tl.load(wi + lo_off + it * (NP * 96), mask=ok[:, :, :, None], other=0)
@@ -334,7 +341,7 @@ def _q5_value(wd, hw, n, hs):
 
 
 @triton.jit
-def _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: tl.constexpr):
+def _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.constexpr, BK: tl.constexpr):
     """q5_k (FMT 9): a 128-column chunk is 320 bytes, the 4 rows' 64 bytes of nibbles (int32 word m: columns
     32 n + 2 m, 32 n + 2 m + 1 in nibble n of its low, high half) then their 16 bytes of 5th bits (int32 word n:
     column 32 n + j's at bit j). Plane n of a chunk is one group (32 columns), as in _dot_nib_blocks."""
@@ -350,7 +357,7 @@ def _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: t
     r3 = r[None, None, :]
     bit = 2 * m[None, None, None, :]
     acc = tl.zeros([BT, NP, 4], tl.float32)
-    for it in range(n_iter):
+    for it in range(it0, it0 + n_iter):
         pg = it * NP + p
         ok = tmask[:, None, None] & (pg < K // 128)[None, :, None]
         wv = tl.load(wi + lo_off + it * (NP * 80), mask=ok[:, :, :, None], other=0)
@@ -369,7 +376,9 @@ def _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT: tl.constexpr, BK: t
 
 
 @triton.jit
-def _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+def _dot_byte_blocks(
+    w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
+):
     """q8_0 (FMT 8): byte codes in int8's layout (byte b of word m of a row's 64-byte piece is column 4 m + b), in
     quarter pieces of 4 words (16 columns, half a group); scale d."""
     NQ: tl.constexpr = BK // 16  # quarter pieces (16 columns of a row, 4 words, one group) per step
@@ -381,7 +390,7 @@ def _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT: tl.constexp
     off = off + r[None, None, :, None] * 16 + m[None, None, None, :]
     tile = w + (t * tbw * 4)[:, None, None]
     acc = tl.zeros([BT, NQ, 4], tl.float32)
-    for it in range(n_iter):
+    for it in range(it0, it0 + n_iter):
         qg = it * NQ + qp
         ok = tmask[:, None, None] & (qg < K // 16)[None, :, None]
         wv = tl.load(wi + off + it * (NQ * 16), mask=ok[:, :, :, None], other=0)
@@ -425,6 +434,7 @@ def _dot_tiles(
     n_x,
     K,
     n_iter,
+    it0,
     NG,
     FMT: tl.constexpr,
     GROUP: tl.constexpr,
@@ -433,21 +443,21 @@ def _dot_tiles(
     ROWS4: tl.constexpr,
 ):
     if FMT == 1:
-        acc = _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
+        acc = _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT, BK)
     elif FMT == 2:
-        acc = _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, NG, GROUP, BT, BK)
+        acc = _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, NG, GROUP, BT, BK)
     elif FMT == 7:
-        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
+        acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT, BK)
     elif FMT == 8:
-        acc = _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, 8, BT, BK)
+        acc = _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, 8, BT, BK)
     elif FMT == 9:
-        acc = _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, BT, BK)
+        acc = _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT, BK)
     elif FMT >= 4:  # q4_0, q4_k, mxfp4
-        acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, FMT, BT, BK)
+        acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, FMT, BT, BK)
     elif ROWS4:
-        acc = _dot_int4_rows(w, tbw, hbw, t, tmask, xr, K, n_iter, NG, GROUP, BT, BK)
+        acc = _dot_int4_rows(w, tbw, hbw, t, tmask, xr, K, n_iter, it0, NG, GROUP, BT, BK)
     else:
-        acc = _dot_int4(w, tbw, hbw, t, tmask, xr, K, n_iter, NG, GROUP, BT, BK)
+        acc = _dot_int4(w, tbw, hbw, t, tmask, xr, K, n_iter, it0, NG, GROUP, BT, BK)
     return acc
 
 
@@ -537,7 +547,7 @@ def _tiled_gate_up_kernel(
     tmask = t < Ip // 2
     n_iter = tl.where(live, tl.cdiv(Hp, BK), 0)
     xr = x + (pair // k).to(tl.int64) * xstride
-    acc = _dot_tiles(gu + e * gu_stride, tbw, hbw, t, tmask, xr, H, Hp, n_iter, NG, FMT, GROUP, BT, BK, ROWS4)
+    acc = _dot_tiles(gu + e * gu_stride, tbw, hbw, t, tmask, xr, H, Hp, n_iter, 0, NG, FMT, GROUP, BT, BK, ROWS4)
     r = tl.arange(0, 4)[None, :]  # tile rows: gate 2j, gate 2j + 1, up 2j, up 2j + 1
     g0, g1 = tl.sum(tl.where(r == 0, acc, 0.0), 1), tl.sum(tl.where(r == 1, acc, 0.0), 1)
     u0, u1 = tl.sum(tl.where(r == 2, acc, 0.0), 1), tl.sum(tl.where(r == 3, acc, 0.0), 1)
@@ -590,7 +600,7 @@ def _tiled_down_kernel(
     tmask = t < Hp // 4
     n_iter = tl.where(live, tl.cdiv(Ip, BK), 0)
     hr = h + pair.to(tl.int64) * hstride
-    acc = _dot_tiles(dn + e * dn_stride, tbw, hbw, t, tmask, hr, Ip, Ip, n_iter, NG, FMT, GROUP, BT, BK, ROWS4)
+    acc = _dot_tiles(dn + e * dn_stride, tbw, hbw, t, tmask, hr, Ip, Ip, n_iter, 0, NG, FMT, GROUP, BT, BK, ROWS4)
     wt = tl.where(live, tl.load(wts + pair).to(tl.float32), 0.0)
     o = 4 * t[:, None] + tl.arange(0, 4)[None, :]
     if HAS_DB:

@@ -48,6 +48,36 @@ def test_kernel_routes_equal_dequantized_weights(qtype, tokens):
     assert ((yb.float() - wantb).norm() / wantb.norm()).item() < 6e-3
 
 
+def test_k_splits_reach_the_programs_without_an_empty_split():
+    # Mixtral's k_proj at one token: 256 tiles, 8 steps of K -> 64 programs unsplit, 8 splits of one step
+    assert gpu_linear.k_splits(256, 8, 1, 2048) == (8, 1)
+    assert gpu_linear.k_splits(1024, 8, 1, 2048) == (8, 1)  # q_proj: 256 programs
+    assert gpu_linear.k_splits(8192, 8, 1, 2048) == (1, 8)  # 2048 programs already
+    assert gpu_linear.k_splits(8000, 8, 1, 2048) == (2, 4)  # Mixtral's lm_head: 2000 programs, split once
+    assert gpu_linear.k_splits(1024, 8, 8, 2048) == (1, 8)  # 8 tokens: 2048 programs
+    assert gpu_linear.k_splits(256, 7, 1, 2048) == (7, 1)
+    for tiles in (1, 3, 64, 300):
+        for steps in (1, 2, 5, 7, 28):
+            for programs in (1, 100, 2048):
+                splits, each = gpu_linear.k_splits(tiles, steps, 1, programs)
+                assert 1 <= splits <= steps and (splits - 1) * each < steps <= splits * each
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", TYPES)
+def test_split_k_decode_equals_the_unsplit_one(qtype):
+    n, k = 20, 2048  # 4 steps of K (q6_k's step: 512 columns; the others' 512 or 256)
+    layer, w = _layer(qtype, n, k, 11)
+    layer = layer.to(DEVICE)
+    x = torch.randn(2, k, dtype=torch.float32, device=DEVICE)
+    want = (x.double() @ w.double().to(DEVICE).T).float()
+    whole = layer._decode(x, programs=1)
+    for programs in (4, 8, 10**6):  # 2 splits of 2 steps; 4 of 1; as many as there are steps
+        y = layer._decode(x, programs=programs)
+        assert ((y - want).norm() / want.norm()).item() < 1e-5
+        torch.testing.assert_close(y, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_route_and_bias():
     layer, w = _layer("Q4_K", 8, 256, 9)
     layer.bias = torch.nn.Parameter(torch.randn(8), requires_grad=False)

@@ -1,0 +1,65 @@
+"""The decode product of a dense layer kept in GGUF blocks (cadenza.kernels.gpu_linear.BlockLinear) at one token,
+by how many programs a launch aims for (K split to reach them; 1: never split, session 19's kernel): microseconds a
+call and GB/s of its tiles, at Mixtral-8x7B's attention and head shapes. Random tile bytes (the timing does not
+depend on the values). Writes $OUT/linear-split.txt.
+
+python3 benchmarks/box/linear_split.py   (~20 s)"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from cadenza.kernels import blocks
+from cadenza.kernels.gpu_linear import PROGRAMS, BlockLinear
+from cadenza.kernels.layout import PAD, ROWS, _tile_bytes
+
+SHAPES = [  # (name, GGUF type, out, in)
+    ("q_proj / o_proj", "Q4_K", 4096, 4096),
+    ("k_proj", "Q4_K", 1024, 4096),
+    ("v_proj", "Q6_K", 1024, 4096),
+    ("lm_head", "Q6_K", 32000, 4096),
+]
+CALLS = 64
+
+
+def timed_us(layers: list[BlockLinear], x: torch.Tensor, programs: int) -> float:
+    layers[0]._decode(x, programs)  # compile
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(CALLS):
+            layers[i % len(layers)]._decode(x, programs)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / CALLS)
+    return best
+
+
+def main() -> None:
+    lines = [f"{'shape':16s} {'type':5s} {'programs':>8s} {'us':>7s} {'GB/s':>7s}"]
+    for name, gtype, n, k in SHAPES:
+        fmt = gtype.lower()
+        kp = -(-k // PAD) * PAD
+        shape = (-(-n // ROWS), _tile_bytes(fmt, blocks.BLOCK_FORMATS[fmt].group, kp))
+        # copies rotated through the calls: the GPU's 60 MB L2 would hold one small layer between calls
+        copies = max(1, int(4e8 // (shape[0] * shape[1])))
+        layers = [BlockLinear(fmt, k, n, torch.randint(0, 256, shape, dtype=torch.uint8)).cuda() for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for programs in (1, 512, PROGRAMS, 8192):
+            us = timed_us(layers, x, programs)
+            gb = shape[0] * shape[1] / us / 1e3
+            lines.append(f"{name:16s} {gtype:5s} {programs:8d} {us:7.1f} {gb:7.0f}")
+            print(lines[-1], flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "linear-split.txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
