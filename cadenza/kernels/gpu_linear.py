@@ -13,6 +13,8 @@ equals the dequantize-then-matmul reference up to summation order.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -25,8 +27,9 @@ from cadenza.kernels.triton_compat import tl, triton
 # GGUF types kept as tiles for a dense weight (MXFP4 is an experts' type in the files cadenza reads)
 KEPT = {"Q4_0": "q4_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "Q8_0": "q8_0"}
 DECODE_MAX_TOKENS = 8  # up to this many rows of x, the tiles are multiplied directly
-# programs a decode launch aims for (K split to reach it): ~16 per SM of an H200's 132, the experts' kernels' count
-PROGRAMS = 2048
+# programs a decode launch aims for (K split to reach it): ~16 per SM of an H200's 132, the experts' kernels' count;
+# CADENZA_LINEAR_PROGRAMS=N to try another (benchmarks/box/linear_split.py times the choices; 1: never split)
+PROGRAMS = int(os.environ.get("CADENZA_LINEAR_PROGRAMS", "2048"))
 BLOCK_TILES = 4  # tiles (4 rows each) per decode program
 
 
