@@ -5,7 +5,8 @@ product over these blocks; the dot products are the experts' (gpu_moe_triton._do
 
 A few tokens (decode) multiply the tiles directly, one program per token, block of tiles and split of K: an
 attention projection has few rows (Mixtral's k_proj: 64 programs of 16 rows), too few programs to keep HBM busy, so
-K is split until a launch has ~PROGRAMS of them, and the splits' fp32 partial sums are added after (a fixed order).
+K is split until a launch has PROGRAMS of them or every split is one loop step, and the splits' fp32 partial sums
+are added after (a fixed order).
 More tokens dequantize the weight into a bf16 scratch (the experts' dequantize kernel) and use a matmul. The
 weights are the exact dequantized values of the file (the kernels compute code * scale - min in fp32), so a layer
 equals the dequantize-then-matmul reference up to summation order.
@@ -27,9 +28,10 @@ from cadenza.kernels.triton_compat import tl, triton
 # GGUF types kept as tiles for a dense weight (MXFP4 is an experts' type in the files cadenza reads)
 KEPT = {"Q4_0": "q4_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "Q8_0": "q8_0"}
 DECODE_MAX_TOKENS = 8  # up to this many rows of x, the tiles are multiplied directly
-# programs a decode launch aims for (K split to reach it): ~16 per SM of an H200's 132, the experts' kernels' count;
-# CADENZA_LINEAR_PROGRAMS=N to try another (benchmarks/box/linear_split.py times the choices; 1: never split)
-PROGRAMS = int(os.environ.get("CADENZA_LINEAR_PROGRAMS", "2048"))
+# programs a decode launch aims for (K split to reach it). On the H200 (benchmarks/results/2026-12-04-s20,
+# linear-split.txt) a Mixtral layer's four projections took 96 us unsplit and 51-54 us from 512 programs up (8192 the
+# fastest by 0.1 us: every split of one loop step); CADENZA_LINEAR_PROGRAMS=N tries another (1: never split)
+PROGRAMS = int(os.environ.get("CADENZA_LINEAR_PROGRAMS", "8192"))
 BLOCK_TILES = 4  # tiles (4 rows each) per decode program
 
 
