@@ -26,11 +26,11 @@ CHOICES = sorted({1, 512, 1024, PROGRAMS, 4096, 8192})
 
 
 def timed_us(layers: list[BlockLinear], x: torch.Tensor, programs: int) -> float:
-    layers[0]._decode(x, programs)  # compile
+    layers[0]._decode(x, torch.bfloat16, programs)  # compile
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for i in range(CALLS):
-            layers[i % len(layers)]._decode(x, programs)
+            layers[i % len(layers)]._decode(x, torch.bfloat16, programs)
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

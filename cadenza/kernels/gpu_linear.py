@@ -21,7 +21,7 @@ from torch import nn
 
 from cadenza.kernels import blocks
 from cadenza.kernels.gpu_moe import _FMT_CODES, _step_cols, available
-from cadenza.kernels.gpu_moe_triton import _INTERPRET, _dequant_kernel, _dot_tiles
+from cadenza.kernels.gpu_moe_triton import _INTERPRET, _dequant_kernel, _dot_tiles, _round_bf16
 from cadenza.kernels.layout import PAD, ROWS, _header_bytes, _tile_bytes, _write_tiles, dequantize_tiles
 from cadenza.kernels.triton_compat import tl, triton
 
@@ -46,10 +46,25 @@ def k_splits(tiles: int, steps: int, tokens: int, programs: int = PROGRAMS) -> t
 
 @triton.jit
 def _linear_kernel(
-    x, xstride, y, w, tbw, hbw, NG, N, K, Kp, T, EACH, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
+    x,
+    xstride,
+    y,
+    w,
+    tbw,
+    hbw,
+    NG,
+    N,
+    K,
+    Kp,
+    T,
+    EACH,
+    FMT: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    EMU_RNE: tl.constexpr,
 ):
     """y[split, token, o] = <row o of the tiles, x[token]> over split's EACH loop steps of K, for the 4 BT rows of
-    this program's tiles."""
+    this program's tiles, stored in y's dtype (the layer's output itself where K is not split)."""
     tok = tl.program_id(0)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     split = tl.program_id(2)
@@ -58,8 +73,24 @@ def _linear_kernel(
     n_iter = tl.minimum(EACH, tl.cdiv(Kp, BK) - it0)
     acc = _dot_tiles(w, tbw, hbw, t, tmask, x + tok.to(tl.int64) * xstride, K, Kp, n_iter, it0, NG, FMT, 0,
                      BT, BK, False)  # fmt: skip
+    if EMU_RNE:  # bf16 output under the interpreter, which truncates: round to nearest even here (GPUs do)
+        acc = _round_bf16(acc)
     o = 4 * t[:, None] + tl.arange(0, 4)[None, :]
-    tl.store(y + (split * T + tok).to(tl.int64) * N + o, acc, mask=o < N)
+    tl.store(y + (split * T + tok).to(tl.int64) * N + o, acc.to(y.dtype.element_ty), mask=o < N)
+
+
+@triton.jit
+def _sum_splits_kernel(part, out, S, TN, EMU_RNE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = the sum of part[s, i] over the splits s in order (fp32), in out's dtype: the reduction and the
+    cast to the activations' dtype in one launch (a decode step runs four of these a layer)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < TN
+    acc = tl.load(part + i, mask=m, other=0.0)
+    for s in range(1, S):
+        acc += tl.load(part + s * TN + i, mask=m, other=0.0)
+    if EMU_RNE:
+        acc = _round_bf16(acc)
+    tl.store(out + i, acc.to(out.dtype.element_ty), mask=m)
 
 
 class BlockLinear(nn.Module):
@@ -122,23 +153,28 @@ class BlockLinear(nn.Module):
         if not available(x.device):
             y = (x2.float() @ self.weight.to(x.device).T).to(x.dtype)
         elif x2.shape[0] <= DECODE_MAX_TOKENS:
-            y = self._decode(x2).to(x.dtype)
+            y = self._decode(x2, x.dtype)
         else:
             y = x2 @ self._dequantized(x.dtype).T
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _decode(self, x: torch.Tensor, programs: int = PROGRAMS) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, dtype=torch.float32, programs: int = PROGRAMS) -> torch.Tensor:
+        """x [T, in] (T <= DECODE_MAX_TOKENS) -> [T, out] in `dtype`: one launch, or two where K is split."""
         x = x.contiguous()
         (t, k), n, kp = x.shape, self.out_features, self.kp
         splits, each = k_splits(self.tiles.shape[0], triton.cdiv(kp, self.step_cols), t, programs)
-        y = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+        out = torch.empty(t, n, dtype=dtype, device=x.device)
+        y = out[None] if splits == 1 else torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+        emu = _INTERPRET and dtype == torch.bfloat16
         grid = (t, triton.cdiv(self.tiles.shape[0], BLOCK_TILES), splits)
         _linear_kernel[grid](x, x.stride(0), y, self.tiles, self.tiles.shape[1] // 4, self.header // 4,
                              kp // self.group, n, k, kp, t, each, FMT=_FMT_CODES[self.fmt], BT=BLOCK_TILES,
-                             BK=self.step_cols)  # fmt: skip
-        return y[0] if splits == 1 else y.sum(0)
+                             BK=self.step_cols, EMU_RNE=emu and splits == 1)  # fmt: skip
+        if splits > 1:
+            _sum_splits_kernel[(triton.cdiv(t * n, 1024),)](y, out, splits, t * n, EMU_RNE=emu, BLOCK=1024)
+        return out
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype` on the tiles' device (the experts' dequantize kernel): a scratch the

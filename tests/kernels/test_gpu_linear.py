@@ -72,10 +72,13 @@ def test_split_k_decode_equals_the_unsplit_one(qtype):
     x = torch.randn(2, k, dtype=torch.float32, device=DEVICE)
     want = (x.double() @ w.double().to(DEVICE).T).float()
     whole = layer._decode(x, programs=1)
+    assert torch.equal(layer._decode(x, torch.bfloat16, 1), whole.bfloat16())
     for programs in (4, 8, 10**6):  # 2 splits of 2 steps; 4 of 1; as many as there are steps
         y = layer._decode(x, programs=programs)
         assert ((y - want).norm() / want.norm()).item() < 1e-5
         torch.testing.assert_close(y, whole, rtol=1e-5, atol=1e-5)
+        # bf16 out: the fp32 sum rounded once, in the same launch as the sum (or the product, unsplit)
+        assert torch.equal(layer._decode(x, torch.bfloat16, programs), y.bfloat16())
 
 
 def test_reference_route_and_bias():
