@@ -214,6 +214,40 @@ def test_gguf_with_its_vocabulary_answers_like_the_hf_folder(tmp_path):
     assert from_gguf.chat_prompt(messages)  # the GGUF's chat template renders
 
 
+def test_gguf_file_runs_from_the_cli_and_is_served(tmp_path):
+    """Issue 18's user: `cadenza run --model FILE.gguf` prints the same greedy text as the library, and a server
+    over the same file answers a chat request with the file's own chat template and tokenizer."""
+    from tests.cli.test_cli import cli
+    from tests.server.serving import served_client
+    from tests.text.test_gguf_tokenizer import bpe_kv
+
+    folder, _ = make_qwen3_moe(tmp_path / "hf", vocab_size=VOCAB + 8, norm_topk_prob=True)
+    kv = bpe_kv(tmp_path / "tok", "gpt-2")
+    kv["tokenizer.ggml.add_bos_token"] = True
+    kv["tokenizer.chat_template"] = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    file = write_gguf(folder, tmp_path / "Qwen3-tiny-Q8_0.gguf", "Q8_0", extra=kv)
+    r = cli("run", "--model", str(file), "--prompt", "Hello world", "--max-tokens", "8", "--temperature", "0",
+            "--ignore-eos", "--dtype", "float32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    llm = LLM(file, device="cpu", dtype="float32")
+    want = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert r.stdout == want.text + "\n" and len(want.token_ids) == 8
+    messages = [{"role": "user", "content": "hi there"}]
+    prompt = llm.chat_prompt(messages)  # token ids of the file's template, rendered
+    assert llm.tokenizer.decode(prompt).endswith("hi there\n<|assistant|>")
+    with served_client(llm, max_queue=4) as c:
+        body = {"model": "m", "messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        got = c.post("/v1/chat/completions", json=body)
+        assert got.status_code == 200, got.text
+        answer = got.json()
+    chat = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert answer["choices"][0]["message"]["content"] == chat.text
+    assert answer["usage"]["completion_tokens"] == 6
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen3moe"])
 def test_q8_0_experts_kept_exactly_as_int8(models, tmp_path, name, caplog):
     """Q8_0 experts with --experts int8 --expert-group 32 are packed from their blocks: the packed values equal the
