@@ -39,14 +39,21 @@ ACC4 = tl.constexpr(GPU_DOT == "acc4") if MISSING is None else GPU_DOT == "acc4"
 
 
 @triton.jit
+def _word_offsets(t, tbw, hbw, p, r, m, PIECE: tl.constexpr):
+    """[BT, NP, 4, 16] int32-word offsets, from tile t's body, of word m of row r in piece p of a loop step (a
+    piece: PIECE words, its 4 rows' 16 words side by side first)."""
+    off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * PIECE + r[None, None, :, None] * 16
+    return off + m[None, None, None, :]
+
+
+@triton.jit
 def _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.constexpr, BK: tl.constexpr):
     NP: tl.constexpr = BK // 32  # 64-byte pieces per row and step; word m holds columns 2m (low half), 2m + 1
     p = tl.arange(0, NP)
     r = tl.arange(0, 4)
     m = tl.arange(0, 16)
     wi = w.to(tl.pointer_type(tl.int32))
-    off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 64 + r[None, None, :, None] * 16
-    off = off + m[None, None, None, :]
+    off = _word_offsets(t, tbw, hbw, p, r, m, 64)
     acc = tl.zeros([BT, NP, 4, 16], tl.float32)
     for it in range(it0, it0 + n_iter):
         pg = it * NP + p
@@ -268,8 +275,7 @@ def _dot_nib_blocks(
     r = tl.arange(0, 4)
     m = tl.arange(0, 16)
     wi = w.to(tl.pointer_type(tl.int32))
-    off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 64 + r[None, None, :, None] * 16
-    off = off + m[None, None, None, :]
+    off = _word_offsets(t, tbw, hbw, p, r, m, 64)
     tile = w + (t * tbw * 4)[:, None, None]  # [BT, 1, 1] tile starts (bytes)
     r3 = r[None, None, :]
     acc = tl.zeros([BT, NP, 4], tl.float32)
@@ -304,8 +310,7 @@ def _dot_nib_blocks_acc4(
     r = tl.arange(0, 4)
     m = tl.arange(0, 16)
     wi = w.to(tl.pointer_type(tl.int32))
-    off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 64 + r[None, None, :, None] * 16
-    off = off + m[None, None, None, :]
+    off = _word_offsets(t, tbw, hbw, p, r, m, 64)
     tile = w + (t * tbw * 4)[:, None, None, None]  # [BT, 1, 1, 1] tile starts (bytes)
     r4 = r[None, None, :, None]
     acc = tl.zeros([BT, NP, 4, 16], tl.float32)
@@ -336,6 +341,15 @@ def _q6_value(wd, hb, n, hs):
 
 
 @triton.jit
+def _q6_k_offsets(t, tbw, hbw, p, r, m):
+    """[BT, NP, 4, 16] offsets of q6_k's nibble words (int32) and high-pair words (int16) in a loop step's chunks."""
+    lo_off = _word_offsets(t, tbw, hbw, p, r, m, 96)
+    hi_off = (t * tbw * 2 + hbw * 2)[:, None, None, None] + p[None, :, None, None] * 192 + 128
+    hi_off = hi_off + r[None, None, :, None] * 16 + m[None, None, None, :]
+    return lo_off, hi_off
+
+
+@triton.jit
 def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.constexpr, BK: tl.constexpr):
     """q6_k (FMT 7): a 128-column chunk is 384 bytes, the 4 rows' 64 bytes of nibbles (int32 word m: columns
     32 n + 2 m, 32 n + 2 m + 1 in nibble n of its low, high half) then their 32 bytes of high pairs (16-bit word m:
@@ -347,10 +361,7 @@ def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.constexpr, 
     m = tl.arange(0, 16)
     wi = w.to(tl.pointer_type(tl.int32))
     wh = w.to(tl.pointer_type(tl.int16))
-    lo_off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 96 + r[None, None, :, None] * 16
-    lo_off = lo_off + m[None, None, None, :]
-    hi_off = (t * tbw * 2 + hbw * 2)[:, None, None, None] + p[None, :, None, None] * 192 + 128
-    hi_off = hi_off + r[None, None, :, None] * 16 + m[None, None, None, :]
+    lo_off, hi_off = _q6_k_offsets(t, tbw, hbw, p, r, m)
     tile = w + (t * tbw * 4)[:, None, None]  # [BT, 1, 1] tile starts (bytes)
     r3 = r[None, None, :]
     first = (m < 8)[None, None, None, :]
@@ -385,10 +396,7 @@ def _dot_q6_k_acc4(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.conste
     m = tl.arange(0, 16)
     wi = w.to(tl.pointer_type(tl.int32))
     wh = w.to(tl.pointer_type(tl.int16))
-    lo_off = t[:, None, None, None] * tbw + hbw + p[None, :, None, None] * 96 + r[None, None, :, None] * 16
-    lo_off = lo_off + m[None, None, None, :]
-    hi_off = (t * tbw * 2 + hbw * 2)[:, None, None, None] + p[None, :, None, None] * 192 + 128
-    hi_off = hi_off + r[None, None, :, None] * 16 + m[None, None, None, :]
+    lo_off, hi_off = _q6_k_offsets(t, tbw, hbw, p, r, m)
     tile = w + (t * tbw * 4)[:, None, None, None]  # [BT, 1, 1, 1] tile starts (bytes)
     r4 = r[None, None, :, None]
     second = (m >= 8).to(tl.int32)[None, None, None, :]  # the column's group within a plane: 0 (m < 8) or 1
