@@ -399,7 +399,7 @@ def _dot_q6_k_acc4(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.conste
     lo_off, hi_off = _q6_k_offsets(t, tbw, hbw, p, r, m)
     tile = w + (t * tbw * 4)[:, None, None, None]  # [BT, 1, 1, 1] tile starts (bytes)
     r4 = r[None, None, :, None]
-    second = (m >= 8).to(tl.int32)[None, None, None, :]  # the column's group within a plane: 0 (m < 8) or 1
+    first = (m < 8)[None, None, None, :]  # the column's group within a plane: the first (m < 8) or the second
     acc = tl.zeros([BT, NP, 4, 16], tl.float32)
     for it in range(it0, it0 + n_iter):
         pg = it * NP + p
@@ -412,9 +412,10 @@ def _dot_q6_k_acc4(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.conste
             x1 = tl.load(xr + col + 1, mask=col + 1 < n_x, other=0.0).to(tl.float32)[None, :, None, :]
             v0 = _q6_value(wv, hv, n, 2 * n)
             v1 = _q6_value(wv, hv, n + 4, 8 + 2 * n)
-            g = (pg * 8 + 2 * n)[None, :, None, None] + second  # [1, NP, 1, 16]
-            sc, _ = _block_scale_min(tile, r4, g, K, ok, 7)  # [BT, NP, 4, 16]
-            acc += sc * (v0 * x0 + v1 * x1)
+            g = (pg * 8 + 2 * n)[None, :, None, None]
+            s_a, _ = _block_scale_min(tile, r4, g, K, ok, 7)  # [BT, NP, 4, 1]: two loads, as _dot_q6_k
+            s_b, _ = _block_scale_min(tile, r4, g + 1, K, ok, 7)
+            acc += tl.where(first, s_a, s_b) * (v0 * x0 + v1 * x1)
     return tl.sum(tl.sum(acc, 3), 1)
 
 
