@@ -12,6 +12,14 @@ one place, `OffloadOptions.with_env`:
 | CADENZA_CPU_PREFETCH=BYTES | cpu_prefetch | the CPU kernel's software prefetch distance, instead of measuring it |
 | CADENZA_CPU_ACTIVATIONS=auto / exact / int8 | cpu_activations | how the CPU kernel multiplies experts with integer codes: int8 activations (cadenza.kernels.cpu_moe.int8_bits), the exact products, or auto (int8 for K-quant experts in bf16 / fp16 runs); read by the kernel's calls outside an offloaded run too |
 | CADENZA_ZERO_COPY=SHARE / auto | zero_copy | in graph decode, the share (0-1) of each token's host experts the GPU computes reading their weights from pinned host memory while the CPU computes the rest; auto: the share at which both finish together, measured at load (default 0: the CPU computes all) |
+
+Read once where the kernels are imported, not fields (the benchmarks' choices between kernel variants):
+
+| variable | read by | values |
+| --- | --- | --- |
+| CADENZA_LINEAR_PROGRAMS=N | kernels/gpu_linear.py | programs a GGUF dense layer's decode launch aims for, splitting K (default 8192; 1: never split) |
+| CADENZA_GPU_DOT=reduce / acc4 | kernels/gpu_moe_triton.py | how the block formats' dot loops sum: per group across lanes (default) or once at the end |
+| GOMP_SPINCOUNT | libgomp | cadenza sets 0 where a GPU is present and it is unset (cadenza/__init__.py): OpenMP threads sleep between layers |
 """  # noqa: E501
 
 from __future__ import annotations
