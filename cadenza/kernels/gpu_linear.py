@@ -45,38 +45,47 @@ def k_splits(tiles: int, steps: int, tokens: int, programs: int = PROGRAMS) -> t
 
 
 @triton.jit
-def _linear_kernel(
-    x,
-    xstride,
-    y,
-    w,
-    tbw,
-    hbw,
-    NG,
-    N,
-    K,
-    Kp,
-    T,
-    EACH,
-    FMT: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    EMU_RNE: tl.constexpr,
-):
-    """y[split, token, o] = <row o of the tiles, x[token]> over split's EACH loop steps of K, for the 4 BT rows of
-    this program's tiles, stored in y's dtype (the layer's output itself where K is not split)."""
-    tok = tl.program_id(0)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
-    split = tl.program_id(2)
+def _linear_part(
+    xr, y, w, tbw, hbw, NG, N, K, Kp, T, NTOT, OFF, tok, pid, split, EACH,
+    FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, EMU_RNE: tl.constexpr,
+):  # fmt: skip
+    """y[split, tok, OFF + o] = <row o of the tiles, x[tok]> over split's EACH loop steps of K, for the 4 BT rows of
+    tile block `pid`, stored in y's dtype (the output itself where K is not split)."""
+    t = pid * BT + tl.arange(0, BT)
     tmask = t < (N + 3) // 4
     it0 = split * EACH
     n_iter = tl.minimum(EACH, tl.cdiv(Kp, BK) - it0)
-    acc = _dot_tiles(w, tbw, hbw, t, tmask, x + tok.to(tl.int64) * xstride, K, Kp, n_iter, it0, NG, FMT, 0,
-                     BT, BK, False)  # fmt: skip
+    acc = _dot_tiles(w, tbw, hbw, t, tmask, xr, K, Kp, n_iter, it0, NG, FMT, 0, BT, BK, False)
     if EMU_RNE:  # bf16 output under the interpreter, which truncates: round to nearest even here (GPUs do)
         acc = _round_bf16(acc)
     o = 4 * t[:, None] + tl.arange(0, 4)[None, :]
-    tl.store(y + (split * T + tok).to(tl.int64) * N + o, acc.to(y.dtype.element_ty), mask=o < N)
+    tl.store(y + (split * T + tok).to(tl.int64) * NTOT + OFF + o, acc.to(y.dtype.element_ty), mask=o < N)
+
+
+@triton.jit
+def _linear_kernel(
+    x, xstride, y, T, NTOT, K, Kp, EACH,
+    w0, tbw0, hbw0, ng0, n0, p0,
+    w1, tbw1, hbw1, ng1, n1, p1,
+    w2, tbw2, hbw2, ng2, n2,
+    FMT0: tl.constexpr, FMT1: tl.constexpr, FMT2: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    EMU_RNE: tl.constexpr,
+):  # fmt: skip
+    """Up to three layers that read the same x (an attention's q, k and v) in one launch: tile blocks [0, p0) are
+    layer 0's, the next p1 layer 1's, the rest layer 2's; their outputs side by side in y [splits, T, NTOT]."""
+    tok = tl.program_id(0)
+    pid = tl.program_id(1)
+    split = tl.program_id(2)
+    xr = x + tok.to(tl.int64) * xstride
+    if pid < p0:
+        _linear_part(xr, y, w0, tbw0, hbw0, ng0, n0, K, Kp, T, NTOT, 0, tok, pid, split, EACH, FMT0, BT, BK,
+                     EMU_RNE)  # fmt: skip
+    elif pid < p0 + p1:
+        _linear_part(xr, y, w1, tbw1, hbw1, ng1, n1, K, Kp, T, NTOT, n0, tok, pid - p0, split, EACH, FMT1, BT, BK,
+                     EMU_RNE)  # fmt: skip
+    else:
+        _linear_part(xr, y, w2, tbw2, hbw2, ng2, n2, K, Kp, T, NTOT, n0 + n1, tok, pid - p0 - p1, split, EACH, FMT2,
+                     BT, BK, EMU_RNE)  # fmt: skip
 
 
 @triton.jit
@@ -162,19 +171,27 @@ class BlockLinear(nn.Module):
 
     def _decode(self, x: torch.Tensor, dtype=torch.float32, programs: int = PROGRAMS) -> torch.Tensor:
         """x [T, in] (T <= DECODE_MAX_TOKENS) -> [T, out] in `dtype`: one launch, or two where K is split."""
-        x = x.contiguous()
-        (t, k), n, kp = x.shape, self.out_features, self.kp
-        splits, each = k_splits(self.tiles.shape[0], triton.cdiv(kp, self.step_cols), t, programs)
-        out = torch.empty(t, n, dtype=dtype, device=x.device)
-        y = out[None] if splits == 1 else torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
-        emu = _INTERPRET and dtype == torch.bfloat16
-        grid = (t, triton.cdiv(self.tiles.shape[0], BLOCK_TILES), splits)
-        _linear_kernel[grid](x, x.stride(0), y, self.tiles, self.tiles.shape[1] // 4, self.header // 4,
-                             kp // self.group, n, k, kp, t, each, FMT=_FMT_CODES[self.fmt], BT=BLOCK_TILES,
-                             BK=self.step_cols, EMU_RNE=emu and splits == 1)  # fmt: skip
-        if splits > 1:
-            _sum_splits_kernel[(triton.cdiv(t * n, 1024),)](y, out, splits, t * n, EMU_RNE=emu, BLOCK=1024)
-        return out
+        return decode_together((self,), x, dtype, programs)
+
+    @staticmethod
+    def project_together(layers: tuple, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The outputs ([..., out] each, x's dtype) of up to three layers that read the same x [..., in] (an
+        attention's q, k and v), in one decode launch where all are bias-free BlockLinears of one in_features on a
+        device the kernels run on and x has a few tokens; None otherwise (the caller runs them one by one)."""
+        first = layers[0]
+        if not (
+            1 <= len(layers) <= 3
+            and all(isinstance(layer, BlockLinear) and layer.bias is None for layer in layers)
+            and all(layer.in_features == first.in_features and layer.tiles.device == x.device for layer in layers)
+            and available(x.device)
+            and x.shape[-1] == first.in_features
+        ):
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        if not 0 < x2.shape[0] <= DECODE_MAX_TOKENS:
+            return None
+        out = decode_together(tuple(layers), x2, x.dtype).view(*x.shape[:-1], -1)
+        return tuple(out.split([layer.out_features for layer in layers], dim=-1))
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype` on the tiles' device (the experts' dequantize kernel): a scratch the
@@ -188,3 +205,33 @@ class BlockLinear(nn.Module):
                               self.tiles.shape[0], kp, kp // self.group, out, out, out.stride(0), n, k, GU=False,
                               FMT=_FMT_CODES[self.fmt], GROUP=self.group, EMU_RNE=emu, BT=4, BK=bk)  # fmt: skip
         return out
+
+
+def decode_together(
+    layers: tuple[BlockLinear, ...], x: torch.Tensor, dtype=torch.float32, programs: int = PROGRAMS
+) -> torch.Tensor:
+    """x [T, in] (T <= DECODE_MAX_TOKENS) through one to three BlockLinears of the same in_features -> their
+    outputs side by side, [T, sum of out_features] in `dtype`: one launch for all, and one more where K is split."""
+    x = x.contiguous()
+    (t, k), first = x.shape, layers[0]
+    kp, bk = first.kp, first.step_cols
+    tiles = [layer.tiles.shape[0] for layer in layers]
+    blocks_ = [triton.cdiv(n, BLOCK_TILES) for n in tiles]
+    splits, each = k_splits(sum(blocks_) * BLOCK_TILES, triton.cdiv(kp, bk), t, programs)
+    ntot = sum(layer.out_features for layer in layers)
+    out = torch.empty(t, ntot, dtype=dtype, device=x.device)
+    y = out[None] if splits == 1 else torch.empty(splits, t, ntot, dtype=torch.float32, device=x.device)
+    emu = _INTERPRET and dtype == torch.bfloat16
+    parts = list(layers) + [first] * (3 - len(layers))  # unused slots: never reached (their blocks count 0)
+    args = []
+    for i, layer in enumerate(parts):
+        args += [layer.tiles, layer.tiles.shape[1] // 4, layer.header // 4, kp // layer.group, layer.out_features]
+        if i < 2:
+            args.append(blocks_[i] if i < len(layers) else 0)
+    grid = (t, sum(blocks_), splits)
+    _linear_kernel[grid](x, x.stride(0), y, t, ntot, k, kp, each, *args, FMT0=_FMT_CODES[parts[0].fmt],
+                         FMT1=_FMT_CODES[parts[1].fmt], FMT2=_FMT_CODES[parts[2].fmt], BT=BLOCK_TILES, BK=bk,
+                         EMU_RNE=emu and splits == 1)  # fmt: skip
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(t * ntot, 1024),)](y, out, splits, t * ntot, EMU_RNE=emu, BLOCK=1024)
+    return out

@@ -295,12 +295,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q_proj(x), k_proj(x), v_proj(x) ([B, T, out] each): one decode launch where the three stay in a GGUF
+        file's blocks on a GPU (gpu_linear.BlockLinear.project_together), else one by one."""
+        together = getattr(self.q_proj, "project_together", None)
+        out = together((self.q_proj, self.k_proj, self.v_proj), x) if together is not None else None
+        return out if out is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, T, H] -> q [B, N, T, D], k and v [B, K, T, D]. Families with q/k norms override this."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         return q, k, v
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:

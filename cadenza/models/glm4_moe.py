@@ -148,9 +148,10 @@ class Glm4MoeAttention(Attention):
         if not self.use_qk_norm:
             return super().project(x)
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
+        q = self.q_norm(q.view(b, t, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, t, -1, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         return q, k, v
 
 

@@ -60,9 +60,8 @@ class OlmoeAttention(Attention):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, T, H] -> q [B, N, T, D], k and v [B, K, T, D]."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x))  # [B, T, N*D]
-        k = self.k_norm(self.k_proj(x))  # [B, T, K*D]
-        v = self.v_proj(x)  # [B, T, K*D]
+        q, k, v = self.qkv(x)
+        q, k = self.q_norm(q), self.k_norm(k)  # [B, T, N*D], [B, T, K*D]
         if self.clip_qkv is not None:  # the clip applies after the norms, as in the reference
             c = self.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)

@@ -81,6 +81,44 @@ def test_split_k_decode_equals_the_unsplit_one(qtype):
         assert torch.equal(layer._decode(x, torch.bfloat16, programs), y.bfloat16())
 
 
+@needs_kernels
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q5_K", "Q4_0"), ("Q6_K",), ("Q4_K", "Q6_K")])
+def test_layers_together_equal_each_alone(types):
+    """An attention's q, k, v in one launch (formats mixed as a Q4_K_M file mixes them) equal the layers one by one:
+    split or not, fp32 or bf16 out, and through project_together's views."""
+    k, rows = 2048, (20, 8, 12)
+    layers, refs = zip(*(_layer(q, rows[i], k, 20 + i) for i, q in enumerate(types)), strict=True)
+    layers = [layer.to(DEVICE) for layer in layers]
+    x = torch.randn(3, k, dtype=torch.float32, device=DEVICE)
+    want = torch.cat([(x.double() @ w.double().to(DEVICE).T).float() for w in refs], dim=-1)
+    for programs in (1, 8, 10**6):
+        y = gpu_linear.decode_together(tuple(layers), x, torch.float32, programs)
+        assert ((y - want).norm() / want.norm()).item() < 1e-5
+        assert torch.equal(gpu_linear.decode_together(tuple(layers), x, torch.bfloat16, programs), y.bfloat16())
+        alone = torch.cat([layer._decode(x, torch.float32, programs) for layer in layers], dim=-1)
+        torch.testing.assert_close(y, alone, rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16().view(1, 3, k)
+    outs = gpu_linear.BlockLinear.project_together(tuple(layers), xb)
+    assert [o.shape for o in outs] == [(1, 3, n) for n in rows[: len(types)]]
+    for o, layer in zip(outs, layers, strict=True):
+        assert o.dtype == torch.bfloat16
+        torch.testing.assert_close(o.float(), layer(xb).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_project_together_declines_what_it_cannot_fuse():
+    a, _ = _layer("Q4_K", 8, 256, 1)
+    b, _ = _layer("Q4_K", 8, 512, 2)
+    x = torch.randn(1, 256)
+    together = gpu_linear.BlockLinear.project_together
+    assert together((a, b), x) is None  # two in_features
+    assert together((a, torch.nn.Linear(256, 8)), x) is None
+    with_bias, _ = _layer("Q4_K", 8, 256, 3)
+    with_bias.bias = torch.nn.Parameter(torch.zeros(8), requires_grad=False)
+    assert together((a, with_bias), x) is None
+    assert together((a,), torch.randn(gpu_linear.DECODE_MAX_TOKENS + 1, 256)) is None
+    assert together((a, a, a, a), x) is None
+
+
 def test_reference_route_and_bias():
     layer, w = _layer("Q4_K", 8, 256, 9)
     layer.bias = torch.nn.Parameter(torch.randn(8), requires_grad=False)
