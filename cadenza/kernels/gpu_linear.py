@@ -91,7 +91,7 @@ def _linear_kernel(
 @triton.jit
 def _sum_splits_kernel(part, out, S, TN, EMU_RNE: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = the sum of part[s, i] over the splits s in order (fp32), in out's dtype: the reduction and the
-    cast to the activations' dtype in one launch (a decode step runs four of these a layer)."""
+    cast to the activations' dtype in one launch (a decode step runs two a layer: q, k, v together, then o)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < TN
     acc = tl.load(part + i, mask=m, other=0.0)
