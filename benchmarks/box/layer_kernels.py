@@ -1,12 +1,14 @@
 """What a decode step launches on the GPU, by kernel name: the GPU's share of a G1 step at 24 GiB was 10 ms for
 1436 kernels (45 a layer) in session 19, where reading its bytes takes ~2 ms; this names them.
 
-Writes a Mixtral-8x7B Q4_K_M GGUF of LAYERS layers (default 4) into /dev/shm, loads it with every expert on the GPU
-and then with every expert on the host (policy cpu), runs eager decode steps under torch.profiler and prints, per
-configuration: kernels a step and a layer, the step's time with CUDA graphs and without, and each kernel name's
-launches a layer and mean / total microseconds a step. Writes $OUT/layer-kernels.txt.
+Writes a Mixtral-8x7B (or MODEL's) Q4_K_M GGUF of LAYERS layers (default 4) into /dev/shm, loads it with every
+expert on the GPU and then with every expert on the host (policy cpu), runs eager decode steps under
+torch.profiler and prints, per configuration: kernels a step and a layer, the step's time with CUDA graphs and
+without, and each kernel name's launches a layer and mean / total microseconds a step. Writes
+$OUT/layer-kernels.txt.
 
-python3 benchmarks/box/layer_kernels.py [LAYERS]   (~1 minute)"""
+python3 benchmarks/box/layer_kernels.py [LAYERS] [MODEL]   (~1 minute; MODEL: mixtral-8x7b, or qwen3-30b-a3b for G2's
+shapes)"""
 
 import os
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 FILE = Path("/dev/shm/cadenza-layer-kernels-Q4_K_M.gguf")
+MODEL = sys.argv[2] if len(sys.argv) > 2 else "mixtral-8x7b"
 
 
 def steps_ms(step, token: int, n: int) -> float:
@@ -61,7 +64,8 @@ def profile(budget: str, policy: str, layers: int) -> list[str]:
     kernels = sum(c for k, (c, _) in by.items() if not k.startswith("[copy]")) / n
     busy = sum(t for _, t in by.values()) / n / 1e3
     lines = [
-        f"## {layers} layers, gpu_memory {budget}, policy {policy}: step {g:.2f} ms with graphs, {e:.2f} eager; "
+        f"## {MODEL}, {layers} layers, gpu_memory {budget}, policy {policy}: step {g:.2f} ms with graphs, "
+        f"{e:.2f} eager; "
         f"{kernels:.0f} kernels a step ({kernels / layers:.1f} a layer incl. the step's own), GPU busy {busy:.2f} ms",
         f"{'launches/layer':>14} {'mean us':>8} {'us/step':>8}  name",
     ]
@@ -78,7 +82,7 @@ def main() -> None:
     from cadenza.bench.synthetic import SyntheticCheckpoint
 
     if not FILE.exists():
-        write_gguf(SyntheticCheckpoint("mixtral-8x7b", seed=0, layers=layers), FILE, "q4_k_m")
+        write_gguf(SyntheticCheckpoint(MODEL, seed=0, layers=layers), FILE, "q4_k_m")
     out = []
     try:
         for budget, policy in (("80GiB", "auto"), ("0GiB", "cpu")):
