@@ -91,7 +91,8 @@ def main() -> None:
     finally:
         FILE.unlink(missing_ok=True)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "layer-kernels.txt").write_text("\n".join(out) + "\n")
+        name = "layer-kernels.txt" if MODEL == "mixtral-8x7b" else f"layer-kernels-{MODEL}.txt"
+        Path(os.environ["OUT"], name).write_text("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":
