@@ -1,8 +1,15 @@
-"""Small fused GPU kernels for a decode step's elementwise work: RMSNorm in one launch.
+"""Small fused GPU kernels for a decode step's elementwise work: RMSNorm and softmax top-k routing, one launch
+each.
 
 Why: at batch 1 a decode layer is dozens of tiny kernels, and inside a CUDA graph each still costs a launch gap
-whatever it computes; PyTorch spells RMSNorm as several kernels. This kernel computes the same values in one
-launch (the mean of squares in another summation order; on the GPU its bf16 outputs equalled PyTorch's).
+whatever it computes (on the H200 a few microseconds plus the gap before the next:
+benchmarks/results/2026-12-04-s20/layer-kernels.txt); PyTorch spells RMSNorm as several kernels and the router's
+softmax, top-k and renormalisation as five. RMSNorm computes the same values in one launch (the mean of squares in
+another summation order; on the GPU its bf16 outputs equalled PyTorch's). The router (Mixtral, Qwen-MoE, Qwen3-MoE,
+OLMoE, after its matmul) does cadenza.moe.routing.softmax_topk's arithmetic (fp32 softmax as exp(x - max) / sum,
+the k largest probabilities, lower index first among equal ones, then divided by their sum): the weights match to a
+few ulp (the exponential's implementation differs), the experts chosen except where two probabilities are within
+those ulp of each other.
 
 A fused rotary kernel, bit-exact against PyTorch under Triton's interpreter, differed by one bf16 step in some
 elements on the GPU and moved a bf16 model's logits measurably (benchmarks/README.md): it was taken out until
@@ -23,7 +30,7 @@ import torch
 from cadenza.kernels.triton_compat import MISSING as _MISSING
 from cadenza.kernels.triton_compat import tl, triton
 
-__all__ = ["available", "rms_norm"]
+__all__ = ["available", "rms_norm", "softmax_topk", "topk_fits"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -102,3 +109,65 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
                 num_warps=warps,
             )
     return out.view(*x.shape[:-1], h)
+
+
+# --- softmax top-k routing -----------------------------------------------------------------------------------------
+
+MAX_EXPERTS = 1024  # one program holds a token's logits in registers
+
+
+@triton.jit
+def _softmax_topk_kernel(
+    logits, stride, weights, ids, E, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr, NORM: tl.constexpr
+):
+    """Row `program_id` of logits [T, E] -> its k best softmax probabilities (weights [T, K] fp32, renormalised
+    when NORM) and their experts (ids [T, K] int64), best first."""
+    row = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BE)
+    x = tl.load(logits + row * stride + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    ex = tl.where(e < E, tl.exp(x - tl.max(x, 0)), 0.0)
+    p = tl.where(e < E, ex / tl.sum(ex, 0), -1.0)  # -1: never chosen
+    j = tl.arange(0, KP)
+    w = tl.zeros([KP], tl.float32)
+    chosen = tl.zeros([KP], tl.int64)
+    for i in tl.static_range(K):
+        best = tl.max(p, 0)
+        at = tl.min(tl.where(p == best, e, BE), 0)
+        w = tl.where(j == i, best, w)
+        chosen = tl.where(j == i, at.to(tl.int64), chosen)
+        p = tl.where(e == at, -2.0, p)
+    if NORM:
+        w = w / tl.sum(tl.where(j < K, w, 0.0), 0)
+    tl.store(weights + row * K + j, w, mask=j < K)
+    tl.store(ids + row * K + j, chosen, mask=j < K)
+
+
+def topk_fits(router_logits: torch.Tensor, top_k: int) -> bool:
+    """Whether the fused kernel takes these logits ([T, E] on a device it runs on, E within MAX_EXPERTS)."""
+    return (
+        router_logits.dim() == 2
+        and 0 < top_k <= router_logits.shape[1] <= MAX_EXPERTS
+        and router_logits.shape[0] > 0
+        and available(router_logits.device)
+    )
+
+
+def softmax_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, ids [T, k] int64) as cadenza.moe.routing.softmax_topk, in one launch."""
+    t, e = router_logits.shape
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
+        _softmax_topk_kernel[(t,)](
+            logits,
+            logits.stride(0),
+            weights,
+            ids,
+            e,
+            K=top_k,
+            KP=max(2, triton.next_power_of_2(top_k)),
+            BE=max(16, triton.next_power_of_2(e)),
+            NORM=norm_topk_prob,
+        )
+    return weights, ids

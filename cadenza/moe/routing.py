@@ -13,12 +13,12 @@ def softmax_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, keep the k largest, optionally renormalise them to sum to 1
     (Mixtral always renormalises; Qwen-MoE and OLMoE say so with `norm_topk_prob`). On a GPU: one fused launch
-    (cadenza.kernels.gpu_routing, the same arithmetic) instead of five."""
+    (cadenza.kernels.gpu_fused, the same arithmetic) instead of five."""
     if router_logits.is_cuda:
-        from cadenza.kernels import gpu_routing  # (imports Triton: only where a GPU runs the model)
+        from cadenza.kernels import gpu_fused  # (imports Triton: only where a GPU runs the model)
 
-        if gpu_routing.fits(router_logits, top_k):
-            return gpu_routing.softmax_topk(router_logits, top_k, norm_topk_prob)
+        if gpu_fused.topk_fits(router_logits, top_k):
+            return gpu_fused.softmax_topk(router_logits, top_k, norm_topk_prob)
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
     if norm_topk_prob:

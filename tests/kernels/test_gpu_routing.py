@@ -1,5 +1,5 @@
-"""The fused softmax top-k router (cadenza.kernels.gpu_routing) against cadenza.moe.routing.softmax_topk's PyTorch
-arithmetic (through Triton's interpreter on CPU-only machines, as tests/kernels/test_gpu_moe.py)."""
+"""The fused softmax top-k router (cadenza.kernels.gpu_fused.softmax_topk) against cadenza.moe.routing.softmax_topk's
+PyTorch arithmetic (through Triton's interpreter on CPU-only machines, as tests/kernels/test_gpu_moe.py)."""
 
 import pytest
 import torch
@@ -7,9 +7,9 @@ import torch
 from cadenza.moe import routing
 from tests.interpreted import DEVICE, kernels_module, run_file_interpreted
 
-gpu_routing, _SUBPROCESS = kernels_module("gpu_routing")
+gpu_fused, _SUBPROCESS = kernels_module("gpu_fused")
 needs_kernels = pytest.mark.skipif(
-    not gpu_routing.available(DEVICE), reason="the Triton kernels cannot run here (see test_gpu_moe.py)"
+    not gpu_fused.available(DEVICE), reason="the Triton kernels cannot run here (see test_gpu_moe.py)"
 )
 
 
@@ -26,7 +26,7 @@ def _torch_softmax_topk(logits, k, norm):
 def test_fused_router_equals_the_pytorch_arithmetic(experts, k, norm, dtype):
     g = torch.Generator().manual_seed(experts * 10 + k)
     logits = (torch.randn(5, experts, generator=g) * 2).to(dtype).to(DEVICE)
-    w, ids = gpu_routing.softmax_topk(logits, k, norm)
+    w, ids = gpu_fused.softmax_topk(logits, k, norm)
     want_w, want_ids = _torch_softmax_topk(logits, k, norm)
     assert w.dtype == torch.float32 and ids.dtype == torch.int64 and w.shape == ids.shape == (5, k)
     assert torch.equal(ids, want_ids)
@@ -38,12 +38,12 @@ def test_fused_router_equals_the_pytorch_arithmetic(experts, k, norm, dtype):
 @needs_kernels
 def test_equal_probabilities_go_lower_expert_first_and_a_strided_view_is_read():
     logits = torch.tensor([[0.5, 2.0, 2.0, -1.0, 2.0, 0.0]], device=DEVICE)
-    w, ids = gpu_routing.softmax_topk(logits, 3, True)
+    w, ids = gpu_fused.softmax_topk(logits, 3, True)
     assert ids.tolist() == [[1, 2, 4]]
     torch.testing.assert_close(w, torch.full((1, 3), 1 / 3, device=DEVICE))
     wide = torch.randn(4, 16, device=DEVICE)
     view = wide[:, ::2]  # rows of 8 with stride 2 between columns
-    w2, ids2 = gpu_routing.softmax_topk(view, 2, True)
+    w2, ids2 = gpu_fused.softmax_topk(view, 2, True)
     want_w, want_ids = _torch_softmax_topk(view, 2, True)
     assert torch.equal(ids2, want_ids)
     torch.testing.assert_close(w2, want_w, rtol=2e-6, atol=1e-7)
@@ -51,12 +51,12 @@ def test_equal_probabilities_go_lower_expert_first_and_a_strided_view_is_read():
 
 def test_fits_only_what_the_kernel_takes():
     x = torch.zeros(2, 8, device=DEVICE)
-    on = gpu_routing.available(DEVICE)
-    assert gpu_routing.fits(x, 2) == on
-    assert not gpu_routing.fits(x, 9) and not gpu_routing.fits(x, 0)
-    assert not gpu_routing.fits(torch.zeros(0, 8, device=DEVICE), 2)
-    assert not gpu_routing.fits(torch.zeros(2, gpu_routing.MAX_EXPERTS + 1, device=DEVICE), 2)
-    assert not gpu_routing.fits(torch.zeros(2, 3, 8, device=DEVICE), 2)
+    on = gpu_fused.available(DEVICE)
+    assert gpu_fused.topk_fits(x, 2) == on
+    assert not gpu_fused.topk_fits(x, 9) and not gpu_fused.topk_fits(x, 0)
+    assert not gpu_fused.topk_fits(torch.zeros(0, 8, device=DEVICE), 2)
+    assert not gpu_fused.topk_fits(torch.zeros(2, gpu_fused.MAX_EXPERTS + 1, device=DEVICE), 2)
+    assert not gpu_fused.topk_fits(torch.zeros(2, 3, 8, device=DEVICE), 2)
 
 
 def test_routing_takes_the_pytorch_path_off_the_gpu():
