@@ -18,18 +18,9 @@ k slots per token, P = T k pairs, H hidden, I intermediate, Hp / Ip: H / I padde
 
 import os
 
-from cadenza.kernels.triton_compat import MISSING, tl, triton
+from cadenza.kernels.triton_compat import tl, triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as when triton.jit defined the kernels below
-
-# How the K-quant and 4-bit block loops sum (CADENZA_GPU_DOT, read once here): "reduce" sums each group's products
-# across the lanes before scaling them (measured: Mixtral's Q4_K_M experts at 1.3 TB/s of the H200's 4.3, a cross-lane
-# reduction per 32 columns); "acc4" scales every product and sums across lanes once at the end. acc4 is the candidate
-# for the next box run (benchmarks/box/README.md); it stays opt-in until measured.
-GPU_DOT = os.environ.get("CADENZA_GPU_DOT", "reduce")
-if GPU_DOT not in ("reduce", "acc4"):
-    raise ValueError(f"CADENZA_GPU_DOT={GPU_DOT!r}: use reduce (the default) or acc4")
-ACC4 = tl.constexpr(GPU_DOT == "acc4") if MISSING is None else GPU_DOT == "acc4"
 
 
 # --- Triton: dot products of tile rows with a vector ---------------------------------------------------------------
@@ -300,39 +291,6 @@ def _dot_nib_blocks(
 
 
 @triton.jit
-def _dot_nib_blocks_acc4(
-    w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, FMT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
-):
-    """_dot_nib_blocks with every product scaled in place (scale and min loaded in the products' own 4-D shape)
-    and one cross-lane sum at the end (CADENZA_GPU_DOT=acc4)."""
-    NP: tl.constexpr = BK // 128
-    p = tl.arange(0, NP)
-    r = tl.arange(0, 4)
-    m = tl.arange(0, 16)
-    wi = w.to(tl.pointer_type(tl.int32))
-    off = _word_offsets(t, tbw, hbw, p, r, m, 64)
-    tile = w + (t * tbw * 4)[:, None, None, None]  # [BT, 1, 1, 1] tile starts (bytes)
-    r4 = r[None, None, :, None]
-    acc = tl.zeros([BT, NP, 4, 16], tl.float32)
-    for it in range(it0, it0 + n_iter):
-        pg = it * NP + p
-        ok = tmask[:, None, None, None] & (pg < K // 128)[None, :, None, None]
-        wv = tl.load(wi + off + it * (NP * 64), mask=ok, other=0)
-        for n in tl.static_range(4):
-            col = pg[:, None] * 128 + 32 * n + 2 * m[None, :]  # [NP, 16]
-            x0 = tl.load(xr + col, mask=col < n_x, other=0.0).to(tl.float32)[None, :, None, :]
-            x1 = tl.load(xr + col + 1, mask=col + 1 < n_x, other=0.0).to(tl.float32)[None, :, None, :]
-            v0 = _nib_value((wv >> (4 * n)) & 15, FMT)
-            v1 = _nib_value((wv >> (16 + 4 * n)) & 15, FMT)
-            sc, mn = _block_scale_min(tile, r4, (pg * 4 + n)[None, :, None, None], K, ok, FMT)  # [BT, NP, 4, 1]
-            if FMT == 6:
-                acc += sc * (v0 * x0 + v1 * x1)
-            else:
-                acc += sc * (v0 * x0 + v1 * x1) - mn * (x0 + x1)
-    return tl.sum(tl.sum(acc, 3), 1)
-
-
-@triton.jit
 def _q6_value(wd, hb, n, hs):
     """6-bit codes -> fp32 q - 32: the nibble of int32 words wd at bit 4 n (n may carry 16 for a word's high half)
     with the high pair of hb at bit hs; 2^23 + q - (2^23 + 32), exact."""
@@ -384,39 +342,6 @@ def _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.constexpr, 
             s_b, _ = _block_scale_min(tile, r3, (pg * 8 + 2 * n + 1)[None, :, None], K, ok, 7)
             acc += s_a * q_a + s_b * q_b
     return tl.sum(acc, 1)
-
-
-@triton.jit
-def _dot_q6_k_acc4(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT: tl.constexpr, BK: tl.constexpr):
-    """_dot_q6_k with every product scaled in place by its 16-column group's scale and one cross-lane sum at the
-    end (CADENZA_GPU_DOT=acc4)."""
-    NP: tl.constexpr = BK // 128
-    p = tl.arange(0, NP)
-    r = tl.arange(0, 4)
-    m = tl.arange(0, 16)
-    wi = w.to(tl.pointer_type(tl.int32))
-    wh = w.to(tl.pointer_type(tl.int16))
-    lo_off, hi_off = _q6_k_offsets(t, tbw, hbw, p, r, m)
-    tile = w + (t * tbw * 4)[:, None, None, None]  # [BT, 1, 1, 1] tile starts (bytes)
-    r4 = r[None, None, :, None]
-    first = (m < 8)[None, None, None, :]  # the column's group within a plane: the first (m < 8) or the second
-    acc = tl.zeros([BT, NP, 4, 16], tl.float32)
-    for it in range(it0, it0 + n_iter):
-        pg = it * NP + p
-        ok = tmask[:, None, None, None] & (pg < K // 128)[None, :, None, None]
-        wv = tl.load(wi + lo_off + it * (NP * 96), mask=ok, other=0)
-        hv = tl.load(wh + hi_off + it * (NP * 192), mask=ok, other=0).to(tl.int32)
-        for n in tl.static_range(4):
-            col = pg[:, None] * 128 + 32 * n + 2 * m[None, :]  # [NP, 16]
-            x0 = tl.load(xr + col, mask=col < n_x, other=0.0).to(tl.float32)[None, :, None, :]
-            x1 = tl.load(xr + col + 1, mask=col + 1 < n_x, other=0.0).to(tl.float32)[None, :, None, :]
-            v0 = _q6_value(wv, hv, n, 2 * n)
-            v1 = _q6_value(wv, hv, n + 4, 8 + 2 * n)
-            g = (pg * 8 + 2 * n)[None, :, None, None]
-            s_a, _ = _block_scale_min(tile, r4, g, K, ok, 7)  # [BT, NP, 4, 1]: two loads, as _dot_q6_k
-            s_b, _ = _block_scale_min(tile, r4, g + 1, K, ok, 7)
-            acc += tl.where(first, s_a, s_b) * (v0 * x0 + v1 * x1)
-    return tl.sum(tl.sum(acc, 3), 1)
 
 
 @triton.jit
@@ -533,16 +458,12 @@ def _dot_tiles(
         acc = _dot_bf16(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT, BK)
     elif FMT == 2:
         acc = _dot_int8(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, NG, GROUP, BT, BK)
-    elif FMT == 7 and ACC4:
-        acc = _dot_q6_k_acc4(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT, BK)
     elif FMT == 7:
         acc = _dot_q6_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT, BK)
     elif FMT == 8:
         acc = _dot_byte_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, 8, BT, BK)
     elif FMT == 9:
         acc = _dot_q5_k(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, BT, BK)
-    elif FMT >= 4 and ACC4:  # q4_0, q4_k, mxfp4
-        acc = _dot_nib_blocks_acc4(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, FMT, BT, BK)
     elif FMT >= 4:
         acc = _dot_nib_blocks(w, tbw, hbw, t, tmask, xr, n_x, K, n_iter, it0, FMT, BT, BK)
     elif ROWS4:

@@ -18,7 +18,6 @@ Read once where the kernels are imported, not fields (the benchmarks' choices be
 | variable | read by | values |
 | --- | --- | --- |
 | CADENZA_LINEAR_PROGRAMS=N | kernels/gpu_linear.py | programs a GGUF dense layer's decode launch aims for, splitting K (default 8192; 1: never split) |
-| CADENZA_GPU_DOT=reduce / acc4 | kernels/gpu_moe_triton.py | how the block formats' dot loops sum: per group across lanes (default) or once at the end |
 | GOMP_SPINCOUNT | libgomp | cadenza sets 0 where a GPU is present and it is unset (cadenza/__init__.py): OpenMP threads sleep between layers |
 """  # noqa: E501
 
