@@ -1,5 +1,5 @@
-"""Small fused GPU kernels for a decode step's elementwise work: RMSNorm and softmax top-k routing, one launch
-each.
+"""Small fused GPU kernels for a decode step's elementwise work: RMSNorm (alone, or after a residual sum), rotary
+embeddings of queries and keys, and softmax top-k routing, one launch each.
 
 Why: at batch 1 a decode layer is dozens of tiny kernels, and inside a CUDA graph each still costs a launch gap
 whatever it computes (on the H200 a few microseconds plus the gap before the next:
@@ -11,13 +11,19 @@ the k largest probabilities, lower index first among equal ones, then divided by
 few ulp (the exponential's implementation differs), the experts chosen except where two probabilities are within
 those ulp of each other.
 
-A fused rotary kernel, bit-exact against PyTorch under Triton's interpreter, differed by one bf16 step in some
-elements on the GPU and moved a bf16 model's logits measurably (benchmarks/README.md): it was taken out until
-that is understood. The reference is PyTorch's spelling in `cadenza.models.common` (RMSNorm), which calls this on CUDA
+Rotary embeddings of an attention's queries and keys take one launch for both instead of PyTorch's ten (a product,
+rotate_half's negation and concatenation, another product and a sum, per tensor), bit for bit: each product and the
+sum are rounded to the result dtype where PyTorch rounds them. The first version of this kernel (taken out in
+01d2a10) rounded with plain conversions and differed from PyTorch by a bf16 step in some elements on the H200 only:
+the compiler may turn a rounded product followed by a sum into one fused multiply-add (on sm_90 even in bf16), which
+skips a rounding. Here the launch turns that contraction off and bf16 rounds through integer bit operations, which
+no float rewrite can see through.
+The reference is PyTorch's spelling in `cadenza.models.common` (RMSNorm), which calls this on CUDA
 tensors and computes its own where it returns None. The kernels run on CUDA tensors, or on CPU tensors through
 Triton's interpreter when TRITON_INTERPRET=1 was set before this module was imported (the tests do that).
 
-Shape legend: R rows, H hidden.
+Shape legend: R rows, H hidden, B batch, N query heads, K key heads, T tokens, D head dim, d rotated dims (d <= D,
+even).
 """
 
 from __future__ import annotations
@@ -30,7 +36,16 @@ import torch
 from cadenza.kernels.triton_compat import MISSING as _MISSING
 from cadenza.kernels.triton_compat import tl, triton
 
-__all__ = ["available", "rms_norm", "softmax_topk", "topk_fits"]
+__all__ = [
+    "add_rms_norm",
+    "available",
+    "rms_norm",
+    "rms_norm_applies",
+    "rotary_qk",
+    "softmax_topk",
+    "sum_middle",
+    "topk_fits",
+]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -62,15 +77,51 @@ def _round(v, ty: tl.constexpr, EMU_RNE: tl.constexpr):
 
 
 @triton.jit
+def _normed(v, w, c, ok, H, eps, ty: tl.constexpr, oty: tl.constexpr, EMU_X: tl.constexpr, EMU_O: tl.constexpr):
+    """RMSNorm of the fp32 row v (the reference's arithmetic), in oty."""
+    r = 1.0 / tl.sqrt(tl.sum(v * v, 0) / H + eps)
+    n = _round(v * r, ty, EMU_X).to(tl.float32)  # x32.to(dtype), as the reference rounds it
+    y = tl.load(w + c, mask=ok, other=0.0).to(tl.float32) * n
+    return _round(y, oty, EMU_O)
+
+
+@triton.jit
 def _rms_norm_kernel(x, w, out, xs, os_, H, eps, EMU_X: tl.constexpr, EMU_O: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     ok = c < H
     v = tl.load(x + row * xs + c, mask=ok, other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(v * v, 0) / H + eps)
-    n = _round(v * r, x.dtype.element_ty, EMU_X).to(tl.float32)  # x32.to(dtype), as the reference rounds it
-    y = tl.load(w + c, mask=ok, other=0.0).to(tl.float32) * n
-    tl.store(out + row * os_ + c, _round(y, out.dtype.element_ty, EMU_O), mask=ok)
+    y = _normed(v, w, c, ok, H, eps, x.dtype.element_ty, out.dtype.element_ty, EMU_X, EMU_O)
+    tl.store(out + row * os_ + c, y, mask=ok)
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x, r, w, s, out, xs, rs, H, eps, EMU_X: tl.constexpr, EMU_O: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """s = x + r (rounded to x's dtype, as PyTorch's sum), out = RMSNorm(s): a residual sum and the next norm."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    ok = c < H
+    a = tl.load(x + row * xs + c, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(r + row * rs + c, mask=ok, other=0.0).to(tl.float32)
+    v = _round(a + b, s.dtype.element_ty, EMU_X)
+    tl.store(s + row * H + c, v, mask=ok)
+    y = _normed(v.to(tl.float32), w, c, ok, H, eps, s.dtype.element_ty, out.dtype.element_ty, EMU_X, EMU_O)
+    tl.store(out + row * H + c, y, mask=ok)
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the RMSNorm kernels take x [..., H] with this weight [H]."""
+    h = x.shape[-1]
+    return (
+        available(x.device)
+        and x.dtype in _DTYPES
+        and weight.dtype in _DTYPES
+        and weight.shape == (h,)
+        and weight.device == x.device
+        and h <= 65536
+    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -78,14 +129,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     program per row; None where the kernel does not apply (the caller computes the reference). The result's
     dtype is the reference's (weight * x-dtype values: PyTorch's promotion)."""
     h = x.shape[-1]
-    if (
-        not available(x.device)
-        or x.dtype not in _DTYPES
-        or weight.dtype not in _DTYPES
-        or weight.shape != (h,)
-        or weight.device != x.device
-        or h > 65536
-    ):
+    if not rms_norm_applies(x, weight):
         return None
     rows = x.reshape(-1, h)  # a view for the usual contiguous x
     if rows.stride(-1) != 1:
@@ -109,6 +153,162 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
                 num_warps=warps,
             )
     return out.view(*x.shape[:-1], h)
+
+
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x + r, RMSNorm(x + r)) in one launch (a decoder layer's residual sum and the norm after it): the sum in x's
+    dtype as PyTorch's, the norm as `rms_norm`; None where the kernel does not apply."""
+    h = x.shape[-1]
+    if r.shape != x.shape or r.dtype != x.dtype or r.device != x.device or not rms_norm_applies(x, weight):
+        return None
+    xr, rr = x.reshape(-1, h), r.reshape(-1, h)
+    if xr.stride(-1) != 1 or rr.stride(-1) != 1:
+        xr, rr = xr.contiguous(), rr.contiguous()
+    s = torch.empty(xr.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(xr.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if xr.shape[0]:
+        block = triton.next_power_of_2(h)
+        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+            _add_rms_norm_kernel[(xr.shape[0],)](
+                xr, rr, weight, s, out, xr.stride(0), rr.stride(0), h, eps, EMU_X=_emu(x.dtype),
+                EMU_O=_emu(out.dtype), BLOCK=block, num_warps=4 if block <= 4096 else 8,
+            )  # fmt: skip
+    return s.view(x.shape), out.view(x.shape)
+
+
+# --- sums of partial results ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sum_middle_kernel(part, out, S, B, N, EMU: tl.constexpr, BLOCK: tl.constexpr):
+    """out[a, b] = part[a, 0, b] + part[a, 1, b] + ... (fp32, in that order) in out's dtype; N = A B."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    base = i + (i // B) * (S - 1) * B  # a S B + b, for i = a B + b
+    acc = tl.load(part + base, mask=m, other=0.0)
+    for s in range(1, S):
+        acc += tl.load(part + base + s * B, mask=m, other=0.0)
+    tl.store(out + i, _round(acc, out.dtype.element_ty, EMU), mask=m)
+
+
+def sum_middle(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """part [A, S, B] (fp32, contiguous) summed over S in order and cast to dtype, [A, B], in one launch where
+    PyTorch takes two (the sum, the cast): the experts' per-slot outputs of a token, a split product's partial sums.
+    For a device the kernels run on (the caller checks)."""
+    a, s_, b = part.shape
+    out = torch.empty(a, b, dtype=dtype, device=part.device)
+    if out.numel():
+        with torch.cuda.device(part.device) if part.is_cuda else nullcontext():
+            _sum_middle_kernel[(triton.cdiv(a * b, 1024),)](part, out, s_, b, a * b, EMU=_emu(dtype), BLOCK=1024)
+    return out
+
+
+# --- rotary embeddings of queries and keys -------------------------------------------------------------------------
+
+
+@triton.jit
+def _rne_bf16(v):
+    """fp32 v rounded to the nearest bf16 value (ties to even), still as fp32, by integer operations: a float
+    conversion here could be folded into a fused multiply-add by the compiler, these cannot."""
+    b = v.to(tl.int32, bitcast=True)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rounded(v, ty: tl.constexpr, BF16: tl.constexpr):
+    """fp32 v rounded to the result dtype ty, as fp32 (exact in ty)."""
+    if BF16:
+        v = _rne_bf16(v)  # then exact in bf16: the conversions below change nothing
+    return v.to(ty).to(tl.float32)
+
+
+@triton.jit
+def _rotary_row(x, cos, sin, out, b, h, t, NH, T, sxb, sxh, sxt, scb, sct, D, HALF, BF16: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """Row (b, h, t) of x [B, NH, T, D] (any strides, unit last) rotated into out [B, NH, T, D] (contiguous)."""
+    c = tl.arange(0, BLOCK)
+    xr = x + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + t.to(tl.int64) * sxt
+    cr = b.to(tl.int64) * scb + t.to(tl.int64) * sct
+    d = 2 * HALF
+    v = tl.load(xr + c, mask=c < D, other=0.0)
+    lo = c < HALF
+    partner = tl.where(lo, c + HALF, c - HALF)  # rotate_half: -x[c + half] below half, x[c - half] above
+    pv = tl.load(xr + partner, mask=c < d, other=0.0).to(tl.float32)
+    pv = tl.where(lo, -pv, pv)
+    cv = tl.load(cos + cr + c, mask=c < d, other=0.0).to(tl.float32)
+    sv = tl.load(sin + cr + c, mask=c < d, other=0.0).to(tl.float32)
+    ty = out.dtype.element_ty
+    a = _rounded(v.to(tl.float32) * cv, ty, BF16)  # x * cos, rounded as PyTorch's product is
+    s = _rounded(pv * sv, ty, BF16)  # rotate_half(x) * sin, rounded
+    y = tl.where(c < d, _rounded(a + s, ty, BF16).to(ty), v.to(ty))
+    row = (b.to(tl.int64) * NH + h) * T + t
+    tl.store(out + row * D + c, y, mask=c < D)
+
+
+@triton.jit
+def _rotary_qk_kernel(
+    q, k, cos, sin, qo, ko, N, K, T, QROWS,
+    sqb, sqh, sqt, skb, skh, skt, scb, sct, D, HALF,
+    BF16: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program per row: q's QROWS = B N T rows first, then k's B K T rows."""
+    pid = tl.program_id(0)
+    if pid < QROWS:
+        r = pid // T
+        _rotary_row(q, cos, sin, qo, r // N, r % N, pid % T, N, T, sqb, sqh, sqt, scb, sct, D, HALF, BF16, BLOCK)
+    else:
+        r = (pid - QROWS) // T
+        _rotary_row(k, cos, sin, ko, r // K, r % K, pid % T, K, T, skb, skh, skt, scb, sct, D, HALF, BF16, BLOCK)
+
+
+def rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`cadenza.models.rope.apply_rotary` of q [B, N, T, D] and k [B, K, T, D] (any strides with a unit last one)
+    with cos, sin [T, d] or [B, 1, T, d] (d <= D, even; the features past d pass through), in one launch: new
+    contiguous tensors in the result dtype (x's and the tables' promoted). None where the kernel does not apply."""
+    d = cos.shape[-1]
+    ok = (
+        available(q.device)
+        and q.dim() == k.dim() == 4
+        and q.dtype == k.dtype
+        and q.dtype in _DTYPES
+        and cos.dtype == sin.dtype
+        and cos.dtype in _DTYPES
+        and cos.shape == sin.shape
+        and q.device == k.device == cos.device == sin.device
+    )
+    if not ok:
+        return None
+    (b, n, t, dd), kh = q.shape, k.shape[1]
+    if not (
+        k.shape == (b, kh, t, dd)
+        and d % 2 == 0
+        and 0 < d <= dd <= 4096
+        and cos.shape in ((t, d), (b, 1, t, d))
+        and q.stride(-1) == k.stride(-1) == 1
+    ):
+        return None
+    c4 = cos.view(1, 1, t, d) if cos.dim() == 2 else cos
+    s4 = sin.view(1, 1, t, d) if sin.dim() == 2 else sin
+    if c4.stride(-1) != 1 or s4.stride() != c4.stride():
+        c4, s4 = c4.contiguous(), s4.contiguous()
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    qo = torch.empty(b, n, t, dd, dtype=dtype, device=q.device)
+    ko = torch.empty(b, kh, t, dd, dtype=dtype, device=q.device)
+    rows = b * (n + kh) * t
+    if rows:
+        scb = c4.stride(0) if c4.shape[0] > 1 else 0
+        with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+            _rotary_qk_kernel[(rows,)](
+                q, k, c4, s4, qo, ko, n, kh, t, b * n * t,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), scb, c4.stride(2),
+                dd, d // 2, BF16=dtype == torch.bfloat16, BLOCK=triton.next_power_of_2(dd), num_warps=1,
+                enable_fp_fusion=False,
+            )  # fmt: skip
+    return qo, ko
 
 
 # --- softmax top-k routing -----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cadenza.kernels import blocks
+from cadenza.kernels.gpu_fused import sum_middle
 from cadenza.kernels.gpu_moe import _FMT_CODES, _step_cols, available
 from cadenza.kernels.gpu_moe_triton import _INTERPRET, _dequant_kernel, _dot_tiles, _round_bf16
 from cadenza.kernels.layout import PAD, ROWS, _header_bytes, _tile_bytes, _write_tiles, dequantize_tiles
@@ -86,20 +87,6 @@ def _linear_kernel(
     else:
         _linear_part(xr, y, w2, tbw2, hbw2, ng2, n2, K, Kp, T, NTOT, n0 + n1, tok, pid - p0 - p1, split, EACH, FMT2,
                      BT, BK, EMU_RNE)  # fmt: skip
-
-
-@triton.jit
-def _sum_splits_kernel(part, out, S, TN, EMU_RNE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = the sum of part[s, i] over the splits s in order (fp32), in out's dtype: the reduction and the
-    cast to the activations' dtype in one launch (a decode step runs two a layer: q, k, v together, then o)."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < TN
-    acc = tl.load(part + i, mask=m, other=0.0)
-    for s in range(1, S):
-        acc += tl.load(part + s * TN + i, mask=m, other=0.0)
-    if EMU_RNE:
-        acc = _round_bf16(acc)
-    tl.store(out + i, acc.to(out.dtype.element_ty), mask=m)
 
 
 class BlockLinear(nn.Module):
@@ -219,8 +206,10 @@ def decode_together(
     blocks_ = [triton.cdiv(n, BLOCK_TILES) for n in tiles]
     splits, each = k_splits(sum(blocks_) * BLOCK_TILES, triton.cdiv(kp, bk), t, programs)
     ntot = sum(layer.out_features for layer in layers)
-    out = torch.empty(t, ntot, dtype=dtype, device=x.device)
-    y = out[None] if splits == 1 else torch.empty(splits, t, ntot, dtype=torch.float32, device=x.device)
+    if splits == 1:  # the products straight into the output
+        y = torch.empty(1, t, ntot, dtype=dtype, device=x.device)
+    else:
+        y = torch.empty(splits, t, ntot, dtype=torch.float32, device=x.device)
     emu = _INTERPRET and dtype == torch.bfloat16
     parts = list(layers) + [first] * (3 - len(layers))  # unused slots: never reached (their blocks count 0)
     args = []
@@ -232,6 +221,6 @@ def decode_together(
     _linear_kernel[grid](x, x.stride(0), y, t, ntot, k, kp, each, *args, FMT0=_FMT_CODES[parts[0].fmt],
                          FMT1=_FMT_CODES[parts[1].fmt], FMT2=_FMT_CODES[parts[2].fmt], BT=BLOCK_TILES, BK=bk,
                          EMU_RNE=emu and splits == 1)  # fmt: skip
-    if splits > 1:
-        _sum_splits_kernel[(triton.cdiv(t * ntot, 1024),)](y, out, splits, t * ntot, EMU_RNE=emu, BLOCK=1024)
-    return out
+    if splits == 1:
+        return y[0]
+    return sum_middle(y.view(1, splits, t * ntot), dtype).view(t, ntot)  # the sum and the cast: one launch

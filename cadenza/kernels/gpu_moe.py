@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from cadenza.kernels.cpu_moe import kernel_act
+from cadenza.kernels.gpu_fused import sum_middle
 from cadenza.kernels.gpu_moe_ref import _decode_torch, _dequant_torch
 from cadenza.kernels.gpu_moe_triton import (
     _INTERPRET,
@@ -309,7 +310,7 @@ def moe_decode(
             )  # fmt: skip
         else:
             _tiled_decode(x, rows, wts, mats, act3, geo, cfg, y_pair, (gb, ub, db), has, biases[2] is not None, i)
-    return y_pair.view(t, k, h).sum(1).to(x.dtype)
+    return sum_middle(y_pair.view(t, k, h), x.dtype)  # the slots' sum and the cast in one launch
 
 
 def _check_biases(biases, r: int, h: int, i: int, x: torch.Tensor) -> tuple:

@@ -21,7 +21,7 @@ from torch.profiler import record_function
 from cadenza.errors import CadenzaError
 from cadenza.kernels import cpu_attention
 from cadenza.kv_cache import Cache, KVCache
-from cadenza.models.rope import RotaryEmbedding, apply_rotary
+from cadenza.models.rope import RotaryEmbedding, apply_rotary_qk
 from cadenza.moe.routing import softmax_topk
 
 ACTIVATIONS = {
@@ -89,6 +89,17 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x32.to(dtype)
+
+    def add_then_norm(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + r, self(x + r)): a residual sum and this norm of it, on a GPU in one fused kernel."""
+        if x.is_cuda:
+            from cadenza.kernels import gpu_fused
+
+            out = gpu_fused.add_rms_norm(x, r, self.weight, self.variance_epsilon)
+            if out is not None:
+                return out
+        s = x + r
+        return s, self(s)
 
 
 # --- attention ----------------------------------------------------------------------------------------------------
@@ -314,7 +325,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        q, k = apply_rotary_qk(q, k, ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.layer_idx, k, v, ctx)  # [B, K, S, D]
         return self.o_proj(attend(q, k_all, v_all, ctx, self.scaling).transpose(1, 2).reshape(b, t, -1))
 
@@ -391,7 +402,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        return self.ffn_residual(self.attention_residual(hidden_states, ctx))
+        norm = self.post_attention_layernorm
+        if type(norm) is not RMSNorm:  # a family's own norm: its forward, as written
+            return self.ffn_residual(self.attention_residual(hidden_states, ctx))
+        attn = self.self_attn(self.input_layernorm(hidden_states), ctx)
+        hidden_states, normed = norm.add_then_norm(hidden_states, attn)  # the residual sum and the norm: one launch
+        return hidden_states + getattr(self, self.mlp_name)(normed)
 
     def attention_residual(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         return hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)

@@ -37,7 +37,7 @@ from cadenza.models.common import (
     host_attention,
     reads_host_cache,
 )
-from cadenza.models.rope import apply_rotary
+from cadenza.models.rope import apply_rotary_qk
 from cadenza.moe.experts import Experts
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class GptOssAttention(Attention):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        q, k = apply_rotary_qk(q, k, ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.layer_idx, k, v, ctx)  # [B, K, S, D]
         out = attend_with_sinks(q, k_all, v_all, ctx, self.scaling, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -187,6 +187,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
 
+def apply_rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary of an attention's queries and keys; on a GPU in one fused launch (the same values: PyTorch spells
+    it as ten small kernels, each a launch gap in a decode step's graph)."""
+    if q.is_cuda:
+        from cadenza.kernels import gpu_fused  # imports Triton: only where a GPU computes
+
+        out = gpu_fused.rotary_qk(q, k, cos, sin)
+        if out is not None:
+            return out
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     """(x0, x1), (x2, x3), ... -> (-x1, x0), (-x3, x2), ...: rotate_half for features laid out as interleaved pairs."""
     return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
