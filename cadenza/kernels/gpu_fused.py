@@ -225,22 +225,34 @@ def _rounded(v, ty: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
-def _rotary_row(x, cos, sin, out, b, h, t, NH, T, sxb, sxh, sxt, scb, sct, D, HALF, BF16: tl.constexpr,
-                BLOCK: tl.constexpr):  # fmt: skip
-    """Row (b, h, t) of x [B, NH, T, D] (any strides, unit last) rotated into out [B, NH, T, D] (contiguous)."""
+def _head_normed(v, w, c, m, r, ty: tl.constexpr, EMU: tl.constexpr):
+    """RMSNorm's last two roundings (as _normed) for the values v at features c of a row whose factor is r."""
+    n = _round(v * r, ty, EMU).to(tl.float32)
+    return _round(tl.load(w + c, mask=m, other=0.0).to(tl.float32) * n, ty, EMU).to(tl.float32)
+
+
+@triton.jit
+def _rotary_row(x, cos, sin, out, w, eps, b, h, t, NH, T, sxb, sxh, sxt, scb, sct, D, HALF,
+                NORM: tl.constexpr, EMU_X: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Row (b, h, t) of x [B, NH, T, D] (any strides, unit last) rotated into out [B, NH, T, D] (contiguous); with
+    NORM first RMSNorm'd over its D features with weight w (Qwen3's and GLM-4.5's per-head q / k norms)."""
     c = tl.arange(0, BLOCK)
     xr = x + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + t.to(tl.int64) * sxt
     cr = b.to(tl.int64) * scb + t.to(tl.int64) * sct
     d = 2 * HALF
-    v = tl.load(xr + c, mask=c < D, other=0.0)
+    v = tl.load(xr + c, mask=c < D, other=0.0).to(tl.float32)
     lo = c < HALF
     partner = tl.where(lo, c + HALF, c - HALF)  # rotate_half: -x[c + half] below half, x[c - half] above
     pv = tl.load(xr + partner, mask=c < d, other=0.0).to(tl.float32)
+    if NORM:  # the norm of the row, then of the partners' values with the same factor
+        r = 1.0 / tl.sqrt(tl.sum(v * v, 0) / D + eps)
+        v = _head_normed(v, w, c, c < D, r, x.dtype.element_ty, EMU_X)
+        pv = _head_normed(pv, w, partner, c < d, r, x.dtype.element_ty, EMU_X)
     pv = tl.where(lo, -pv, pv)
     cv = tl.load(cos + cr + c, mask=c < d, other=0.0).to(tl.float32)
     sv = tl.load(sin + cr + c, mask=c < d, other=0.0).to(tl.float32)
     ty = out.dtype.element_ty
-    a = _rounded(v.to(tl.float32) * cv, ty, BF16)  # x * cos, rounded as PyTorch's product is
+    a = _rounded(v * cv, ty, BF16)  # x * cos, rounded as PyTorch's product is
     s = _rounded(pv * sv, ty, BF16)  # rotate_half(x) * sin, rounded
     y = tl.where(c < d, _rounded(a + s, ty, BF16).to(ty), v.to(ty))
     row = (b.to(tl.int64) * NH + h) * T + t
@@ -249,26 +261,30 @@ def _rotary_row(x, cos, sin, out, b, h, t, NH, T, sxb, sxh, sxt, scb, sct, D, HA
 
 @triton.jit
 def _rotary_qk_kernel(
-    q, k, cos, sin, qo, ko, N, K, T, QROWS,
+    q, k, cos, sin, qo, ko, qw, kw, eps, N, K, T, QROWS,
     sqb, sqh, sqt, skb, skh, skt, scb, sct, D, HALF,
-    BF16: tl.constexpr, BLOCK: tl.constexpr,
+    NORM: tl.constexpr, EMU_X: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program per row: q's QROWS = B N T rows first, then k's B K T rows."""
     pid = tl.program_id(0)
     if pid < QROWS:
         r = pid // T
-        _rotary_row(q, cos, sin, qo, r // N, r % N, pid % T, N, T, sqb, sqh, sqt, scb, sct, D, HALF, BF16, BLOCK)
+        _rotary_row(q, cos, sin, qo, qw, eps, r // N, r % N, pid % T, N, T, sqb, sqh, sqt, scb, sct, D, HALF,
+                    NORM, EMU_X, BF16, BLOCK)  # fmt: skip
     else:
         r = (pid - QROWS) // T
-        _rotary_row(k, cos, sin, ko, r // K, r % K, pid % T, K, T, skb, skh, skt, scb, sct, D, HALF, BF16, BLOCK)
+        _rotary_row(k, cos, sin, ko, kw, eps, r // K, r % K, pid % T, K, T, skb, skh, skt, scb, sct, D, HALF,
+                    NORM, EMU_X, BF16, BLOCK)  # fmt: skip
 
 
 def rotary_qk(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms: tuple | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`cadenza.models.rope.apply_rotary` of q [B, N, T, D] and k [B, K, T, D] (any strides with a unit last one)
     with cos, sin [T, d] or [B, 1, T, d] (d <= D, even; the features past d pass through), in one launch: new
-    contiguous tensors in the result dtype (x's and the tables' promoted). None where the kernel does not apply."""
+    contiguous tensors in the result dtype (x's and the tables' promoted). norms: (q weight [D], k weight [D], eps)
+    of an RMSNorm over each head's features before rotary (`rms_norm`'s arithmetic), weights of q's dtype or
+    narrower. None where the kernel does not apply."""
     d = cos.shape[-1]
     ok = (
         available(q.device)
@@ -280,6 +296,12 @@ def rotary_qk(
         and cos.shape == sin.shape
         and q.device == k.device == cos.device == sin.device
     )
+    if norms is not None:
+        qw, kw, eps = norms
+        ok = ok and all(
+            w.shape == (q.shape[-1],) and w.device == q.device and torch.promote_types(w.dtype, q.dtype) == q.dtype
+            for w in (qw, kw)
+        )
     if not ok:
         return None
     (b, n, t, dd), kh = q.shape, k.shape[1]
@@ -302,11 +324,12 @@ def rotary_qk(
     if rows:
         scb = c4.stride(0) if c4.shape[0] > 1 else 0
         with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+            qw, kw, eps = norms if norms is not None else (q, k, 0.0)  # without norms: never read
             _rotary_qk_kernel[(rows,)](
-                q, k, c4, s4, qo, ko, n, kh, t, b * n * t,
+                q, k, c4, s4, qo, ko, qw, kw, eps, n, kh, t, b * n * t,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), scb, c4.stride(2),
-                dd, d // 2, BF16=dtype == torch.bfloat16, BLOCK=triton.next_power_of_2(dd), num_warps=1,
-                enable_fp_fusion=False,
+                dd, d // 2, NORM=norms is not None, EMU_X=_emu(q.dtype), BF16=dtype == torch.bfloat16,
+                BLOCK=triton.next_power_of_2(dd), num_warps=1, enable_fp_fusion=False,
             )  # fmt: skip
     return qo, ko
 

@@ -313,8 +313,13 @@ class Attention(nn.Module):
         out = together((self.q_proj, self.k_proj, self.v_proj), x) if together is not None else None
         return out if out is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
 
+    def head_norms(self) -> tuple[nn.Module, nn.Module] | None:
+        """(q_norm, k_norm) over each head's features, applied after `project` and before rotary (Qwen3's,
+        GLM-4.5's), or None."""
+        return None
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, T, H] -> q [B, N, T, D], k and v [B, K, T, D]. Families with q/k norms override this."""
+        """x: [B, T, H] -> q [B, N, T, D], k and v [B, K, T, D] (before `head_norms`)."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x)
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -325,7 +330,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x)
-        q, k = apply_rotary_qk(q, k, ctx.cos, ctx.sin)
+        q, k = apply_rotary_qk(q, k, ctx.cos, ctx.sin, self.head_norms())
         k_all, v_all = ctx.cache.update(self.layer_idx, k, v, ctx)  # [B, K, S, D]
         return self.o_proj(attend(q, k_all, v_all, ctx, self.scaling).transpose(1, 2).reshape(b, t, -1))
 

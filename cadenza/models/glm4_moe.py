@@ -143,16 +143,8 @@ class Glm4MoeAttention(Attention):
             self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, T, H] -> q [B, N, T, D], k and v [B, K, T, D]."""
-        if not self.use_qk_norm:
-            return super().project(x)
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x)
-        q = self.q_norm(q.view(b, t, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.view(b, t, -1, self.head_dim)).transpose(1, 2)
-        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        return q, k, v
+    def head_norms(self) -> tuple[nn.Module, nn.Module] | None:
+        return (self.q_norm, self.k_norm) if self.use_qk_norm else None
 
 
 class Glm4MoeMLP(MLP):

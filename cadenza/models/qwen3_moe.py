@@ -89,14 +89,8 @@ class Qwen3MoeAttention(Attention):
         self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, T, H] -> q [B, N, T, D], k and v [B, K, T, D]."""
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x)
-        q = self.q_norm(q.view(b, t, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.view(b, t, -1, self.head_dim)).transpose(1, 2)
-        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        return q, k, v
+    def head_norms(self) -> tuple[nn.Module, nn.Module]:
+        return self.q_norm, self.k_norm
 
 
 class Qwen3MoeMLP(MLP):

@@ -188,16 +188,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def apply_rotary_qk(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms: tuple | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """apply_rotary of an attention's queries and keys; on a GPU in one fused launch (the same values: PyTorch spells
-    it as ten small kernels, each a launch gap in a decode step's graph)."""
+    """apply_rotary of an attention's queries and keys, after norms = (q_norm, k_norm) over each head's features
+    where given (Qwen3's, GLM-4.5's); on a GPU in one fused launch (PyTorch spells it as ten small kernels, and the
+    norms two more: each a launch gap in a decode step's graph)."""
     if q.is_cuda:
         from cadenza.kernels import gpu_fused  # imports Triton: only where a GPU computes
+        from cadenza.models.common import RMSNorm
 
-        out = gpu_fused.rotary_qk(q, k, cos, sin)
+        fused = norms is None or all(type(m) is RMSNorm for m in norms)
+        weights = None if norms is None else (norms[0].weight, norms[1].weight, norms[0].variance_epsilon)
+        same_eps = norms is None or norms[0].variance_epsilon == norms[1].variance_epsilon
+        out = gpu_fused.rotary_qk(q, k, cos, sin, weights) if fused and same_eps else None
         if out is not None:
             return out
+    if norms is not None:
+        q, k = norms[0](q), norms[1](k)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 

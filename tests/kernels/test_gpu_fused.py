@@ -104,6 +104,42 @@ def test_rotary_qk_equals_pytorch_bit_for_bit(dtype, tables, partial, per_row):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("partial", [False, True])
+def test_rotary_qk_with_head_norms_equals_norm_then_rotary(dtype, partial):
+    """Qwen3's / GLM-4.5's q and k norms folded into the launch: as RMSNorm then rotary, the norm being the norm
+    kernel's arithmetic (its sum of squares in another order than PyTorch's: a bf16 step at most here)."""
+    b, n, kh, t, d_head = 1, 8, 2, 3, 128
+    d = 64 if partial else d_head
+    g = torch.Generator().manual_seed(5 + partial)
+    q = (torch.randn(b, t, n, d_head, generator=g) * 4).to(dtype).to(DEVICE).transpose(1, 2)
+    k = (torch.randn(b, t, kh, d_head, generator=g) * 4).to(dtype).to(DEVICE).transpose(1, 2)
+    norms = []
+    for _ in range(2):
+        norm = RMSNorm(d_head, eps=1e-6)
+        norm.weight.data = (1 + 0.2 * torch.randn(d_head, generator=g)).to(dtype)
+        norms.append(norm.to(DEVICE))
+    emb = torch.rand(t, d // 2, generator=g) * 100
+    emb = torch.cat((emb, emb), dim=-1)
+    cos, sin = emb.cos().to(dtype).to(DEVICE), emb.sin().to(dtype).to(DEVICE)
+    weights = (norms[0].weight, norms[1].weight, 1e-6)
+    got_q, got_k = gpu_fused.rotary_qk(q, k, cos, sin, weights)
+    for got, x, norm in ((got_q, q, norms[0]), (got_k, k, norms[1])):
+        normed = gpu_fused.rms_norm(x, norm.weight, 1e-6)  # the norm kernel, then PyTorch's rotary
+        want = apply_rotary(normed, cos, sin)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+        else:  # the factor may differ in its last bit: an element a bf16 step away at most
+            step = (want.float().abs() * 2.0**-7).clamp(min=2.0**-30)
+            assert ((got.float() - want.float()).abs() <= step * 1.01).all()
+            assert (got == want).float().mean() > 0.99
+    # a norm weight wider than q's dtype is declined (the norm's output dtype would change)
+    if dtype == torch.bfloat16:
+        assert gpu_fused.rotary_qk(q, k, cos, sin, (weights[0].float(), weights[1], 1e-6)) is None
+
+
+@needs_kernels
 def test_rotary_qk_declines_what_it_does_not_cover():
     q = torch.randn(1, 2, 3, 8, device=DEVICE)
     cos = torch.randn(3, 8, device=DEVICE)
