@@ -20,18 +20,33 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def openmp_wait_default(environ, torch_loaded: bool, gpu: bool) -> None:
+# what cadenza put into its own environment at import (not the user): another program it starts, such as a peer that
+# `cadenza bench` measures beside it, gets the environment without these (`foreign_environment`)
+SET_AT_IMPORT: dict[str, str] = {}
+
+
+def openmp_wait_default(environ, torch_loaded: bool, gpu: bool, record: dict | None = None) -> None:
     """GOMP_SPINCOUNT=0 unless set, where a GPU is present and libgomp not yet loaded (it reads its environment
     once): the CPU kernel's OpenMP team and PyTorch's own then sleep as soon as their work ends, instead of spinning
     ~0.3 ms beside each other and the handoff worker between a decode step's layers. On the H200 box (16 cores,
     session 20) that took a Mixtral Q4_K_M decode with every expert on the host from 10.6 to 11.5 tok/s (the CPU's
     share 85.6 -> 93.5 GB/s). Not on a CPU-only machine: PyTorch's many short parallel regions there would each pay
-    a wake-up."""
-    if gpu and not torch_loaded:
-        environ.setdefault("GOMP_SPINCOUNT", "0")
+    a wake-up. record: where to note what was set."""
+    if gpu and not torch_loaded and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = "0"
+        if record is not None:
+            record["GOMP_SPINCOUNT"] = "0"
 
 
-openmp_wait_default(os.environ, "torch" in sys.modules, os.path.exists("/dev/nvidiactl"))
+def foreign_environment(environ=None) -> dict[str, str]:
+    """The environment (default os.environ) less what cadenza set for itself at import: for another program, which
+    should run as its own users run it (llama.cpp's OpenMP threads under GOMP_SPINCOUNT=0 decoded Qwen3-30B-A3B
+    ~30% slower on the box: session 21)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if SET_AT_IMPORT.get(k) != v}
+
+
+openmp_wait_default(os.environ, "torch" in sys.modules, os.path.exists("/dev/nvidiactl"), SET_AT_IMPORT)
 
 # LLM and co. import torch: they load on first use (PEP 562), so `cadenza --help` and `import cadenza.cli` stay fast
 _LAZY = {"LLM": "cadenza.llm", "GenerationResult": "cadenza.llm", "SamplingParams": "cadenza.sampling"}

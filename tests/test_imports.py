@@ -4,6 +4,7 @@ pull those in."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,5 +43,22 @@ def test_openmp_threads_sleep_by_default_only_where_a_gpu_is_and_libgomp_is_not_
         cadenza.openmp_wait_default(env, torch_loaded=torch_loaded, gpu=gpu)
         assert env == {}, (torch_loaded, gpu)
     env = {"GOMP_SPINCOUNT": "300000"}  # the user's own setting stays
-    cadenza.openmp_wait_default(env, torch_loaded=False, gpu=True)
-    assert env == {"GOMP_SPINCOUNT": "300000"}
+    record: dict[str, str] = {}
+    cadenza.openmp_wait_default(env, torch_loaded=False, gpu=True, record=record)
+    assert env == {"GOMP_SPINCOUNT": "300000"} and record == {}
+
+
+def test_a_peer_runs_without_what_cadenza_set_for_itself(monkeypatch):
+    """llama-bench beside cadenza gets the user's environment: GOMP_SPINCOUNT=0 set by cadenza's import is not
+    passed on (it slowed llama.cpp ~30% on the box), one the user set is."""
+    import cadenza
+    from cadenza.bench.llama_bench import run_llama_bench
+
+    probe = ["/bin/sh", "-c", 'echo "${GOMP_SPINCOUNT-unset} $OTHER"']
+    monkeypatch.setenv("OTHER", "kept")
+    monkeypatch.setitem(cadenza.SET_AT_IMPORT, "GOMP_SPINCOUNT", "0")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert run_llama_bench(probe, 30).stdout.split() == ["unset", "kept"]
+    monkeypatch.setenv("GOMP_SPINCOUNT", "500")  # the user's own value (not the one cadenza set): passed on
+    assert run_llama_bench(probe, 30).stdout.split() == ["500", "kept"]
+    assert os.environ["GOMP_SPINCOUNT"] == "500"  # cadenza's own environment is untouched

@@ -71,13 +71,19 @@ class BenchRun:
 
 
 def run_llama_bench(argv: list[str], timeout_s: float) -> BenchRun:
-    """Runs llama-bench; a failure (exit status, timeout, no such binary) is a CadenzaError with its stderr's end."""
+    """Runs llama-bench (or another llama.cpp tool) in the environment cadenza was started with, less what cadenza set
+    for itself (`cadenza.foreign_environment`: the peer runs as its users run it); a failure (exit status, timeout,
+    no such binary) is a CadenzaError with its stderr's end."""
     import time
+
+    from cadenza import foreign_environment
 
     command = shlex.join(argv)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+        p = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout_s, check=False, env=foreign_environment()
+        )
     except subprocess.TimeoutExpired as e:
         raise CadenzaError(
             f"llama-bench ran past {timeout_s:.0f} s and was stopped: {command}\n{stderr_tail(_text(e.stderr))}"

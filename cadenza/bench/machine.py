@@ -20,6 +20,12 @@ GB = 1e9  # bandwidths are in GB/s (10^9 bytes), as DRAM and PCIe are quoted
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
+def _peer_spincount() -> str | None:
+    from cadenza import foreign_environment
+
+    return foreign_environment().get("GOMP_SPINCOUNT")
+
+
 def machine_info(device: torch.device | str) -> dict:
     """The box's description and measured bandwidths; the CUDA fields are None on a CPU-only run."""
     device = torch.device(device)
@@ -35,6 +41,8 @@ def machine_info(device: torch.device | str) -> dict:
         "cpu_flags": cpu["flags"],
         "host_mem_gib": host_memory_gib(),
         "torch_threads": torch.get_num_threads(),
+        # the OpenMP wait policy cadenza ran under and the one a peer it starts gets (cadenza.foreign_environment)
+        "gomp_spincount": {"cadenza": os.environ.get("GOMP_SPINCOUNT"), "peers": _peer_spincount()},
         "dram_read_gb_s": round(measure_dram_read_gb_s(), 2),
         "pinned_h2d_gb_s": round(measure_pinned_h2d_gb_s(device), 2) if cuda else None,
         "gpu_mem_bw_gb_s": round(measure_gpu_read_gb_s(device), 1) if cuda else None,

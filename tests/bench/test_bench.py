@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -245,6 +246,10 @@ def test_machine_info_on_cpu():
     assert m["logical_cpus"] >= m["physical_cores"] >= 1 and m["host_mem_gib"] > 0
     assert m["torch"] == torch.__version__
     assert rss_gib() > 0
+    import cadenza  # the peers' OpenMP setting beside cadenza's: without what cadenza set itself
+
+    want = {"cadenza": os.environ.get("GOMP_SPINCOUNT"), "peers": cadenza.foreign_environment().get("GOMP_SPINCOUNT")}
+    assert m["gomp_spincount"] == want
 
 
 def test_cpu_facts_counts_physical_cores():
