@@ -1,4 +1,7 @@
-"""Why the box packs int4 experts at 0.67 GB/s with 16 threads (the load's timing line: 4.22 s a Mixtral layer)
+"""(Since session 21 `layout.pack_layer` quantizes fp32 / bf16 experts in pack.cpp, OpenMP threads without Python's
+GIL: this probe now times that path; set the torch path's question aside unless it is slow again.)
+
+Why the box packs int4 experts at 0.67 GB/s with 16 threads (the load's timing line: 4.22 s a Mixtral layer)
 when one thread of the development machine packs ~1.1 GB/s: `layout.pack_layer` on one Mixtral-shaped layer of 2
 experts (700 MB bf16) and one Qwen3-30B-shaped layer of 128 experts (1.2 GB), at 1-16 threads and three chunk
 sizes. If the rate stops growing past ~3 threads whatever the chunk, the Python threads queue on the GIL (~15-30

@@ -311,8 +311,9 @@ def pack_layer(
     fmt: "bf16"; "int8" (symmetric, fp32 scale per output channel, or per `group` columns: 32, 64, 128); "int4"
     (bf16 scale and 4-bit zero point per `group` columns: 32, 64 (default) or 128). Works in chunks of rows of
     about a million weights each, in reused buffers, so the temporary memory is a few tens of MB per thread; the
-    caller drops the stacked tensors after. threads: Python threads sharing the chunks, each running torch with one
-    intra-op thread (torch releases the GIL): the bytes are the same for any count.
+    caller drops the stacked tensors after. threads: the cores to use (pack.cpp's OpenMP threads for fp32 and bf16
+    sources; else Python threads sharing the chunks, each running torch with one intra-op thread): the bytes are the
+    same for any count and either path.
     """
     group = resolve_group(fmt, group)
     e, (i, h) = len(gate), tuple(gate[0].shape)
@@ -320,6 +321,11 @@ def pack_layer(
         shapes = f"gate {e} x {(i, h)}, up {len(up)} x {tuple(up[0].shape)}, down {len(down)} x {tuple(down[0].shape)}"
         raise ValueError(f"expert shapes disagree: {shapes}; want E x [I, H], E x [I, H], E x [H, I]")
     out = empty_packed(fmt, group, e, h, i)
+    from cadenza.kernels import pack
+
+    if pack.takes(fmt, [*gate, *up, *down]):  # pack.cpp: the same bytes in one pass a matrix on `threads` cores
+        pack.pack_into(out, gate, up, down, threads)
+        return out
     hp, ip = out.hidden_pad, out.inter_pad
     # work items: (expert, matrix, first row, last row) of the padded matrix; gate/up rows count gate rows
     gu_step = max(2, _CHUNK_ELEMENTS // (2 * hp) // 2 * 2)

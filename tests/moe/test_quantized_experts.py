@@ -26,7 +26,7 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.checkpoint import Checkpoint
-from cadenza.kernels import cpu_moe, layout
+from cadenza.kernels import cpu_moe, layout, pack
 from cadenza.loader import build_meta, expert_tensor_names, model_sizes, moe_layers
 from cadenza.moe import packed_store
 from cadenza.moe.experts import Experts
@@ -137,7 +137,9 @@ FORMATS = [("bf16", None), ("int8", 0), ("int8", 32), ("int8", 128), ("int4", 32
 
 @pytest.mark.parametrize("shape", [(3, 97, 33), (2, 256, 512), (2, 130, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pack_layer_equals_reference_bytes(shape, dtype, monkeypatch):
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_pack_layer_equals_reference_bytes(shape, dtype, path, monkeypatch):
+    """Both packers (pack.cpp for fp32 / bf16 sources, the chunked torch ops otherwise) write the reference's bytes."""
     e, h, i = shape
     g = torch.Generator().manual_seed(7)
     gate, up, down = (torch.randn(e, *s, generator=g).to(dtype) for s in ((i, h), (i, h), (h, i)))
@@ -145,12 +147,37 @@ def test_pack_layer_equals_reference_bytes(shape, dtype, monkeypatch):
     gate[0, 1] = -0.0
     down[-1, :, :5] = -0.0
     up[-1, 3] = -up[-1, 3].abs()  # an all-negative row
-    monkeypatch.setattr(layout, "_CHUNK_ELEMENTS", 4096)  # many chunks, odd remainders
+    # rounding ties: a scale of exactly 1 (int8: a 127 in the row; int4: 15 and no negative in the group) and halves
+    down[0, 1] = 0.0
+    down[0, 1, :5] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5])
+    up[0, 0] = 0.0
+    up[0, 0, :5] = torch.tensor([15.0, 0.5, 1.5, 2.5, 3.5])
+    if path == "native":
+        assert pack.takes("int4", [gate[0]]), pack._library.reason
+    else:
+        monkeypatch.setattr(pack, "takes", lambda fmt, matrices: False)
+        monkeypatch.setattr(layout, "_CHUNK_ELEMENTS", 4096)  # many chunks, odd remainders
     for fmt, group in FORMATS:
         want = reference_pack(gate, up, down, fmt, group)
         for threads in (1, 3):
             got = layout.pack_layer(gate, up, down, fmt, group, threads=threads)
             assert torch.equal(got.gate_up, want.gate_up) and torch.equal(got.down, want.down), (fmt, group, threads)
+    # per-expert matrices (a loader's views into its reads), one of them a row-strided view
+    wide = torch.zeros(i, h + 5, dtype=dtype)
+    wide[:, :h] = gate[1]
+    listed = layout.pack_layer([gate[0], wide[:, :h], *gate[2:]], list(up), list(down), "int4", 64, threads=2)
+    want = reference_pack(gate, up, down, "int4", 64)
+    assert torch.equal(listed.gate_up, want.gate_up) and torch.equal(listed.down, want.down)
+
+
+def test_pack_cpp_declines_what_it_does_not_read():
+    m = torch.zeros(4, 128)
+    assert not pack.takes("int4", [m.half()])  # fp16: the torch path
+    assert not pack.takes("int4", [m.t()])  # columns not contiguous
+    assert not pack.takes("q4_k", [m])  # block formats come from GGUF files (repack.cpp)
+    half = layout.pack_layer(m[None].half().expand(1, 4, 128), m[None].half().expand(1, 4, 128),
+                             m.t()[None].half().contiguous(), "int4", 64)  # fmt: skip
+    assert torch.equal(half.gate_up, layout.pack_layer(m[None], m[None], m.t()[None].contiguous(), "int4", 64).gate_up)
 
 
 @pytest.mark.parametrize("shape", [(3, 97, 33), (8, 4096, 14336), (128, 2048, 768), (64, 2048, 1408)])
