@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from typing import ClassVar
 
@@ -155,8 +155,10 @@ class AttentionContext:
     t: int = 1  # new tokens per row
     index: RowIndex | None = None
     static_end: int | None = None  # a captured decode step: cache views end here; rows and positions are in index
+    _gpu_masks: dict = field(init=False, repr=False, compare=False)  # sdpa_mask's, per (groups, dtype)
 
     def __post_init__(self) -> None:
+        self._gpu_masks = {}
         if self.index is None:
             self.index = RowIndex(self.rows, self.starts, self.cache.device)
         if self.static_end is not None:  # every value that changes between steps is in the index's tensors
@@ -193,6 +195,19 @@ class AttentionContext:
         cos, sin = rotary(index.starts_t[:, None, None], dtype)  # [B, 1, T=1, d]
         ctx = cls(cache, index.rows, index.starts, cos, sin, None, t=1, index=index, static_end=end)
         return ctx.for_window(window)
+
+    def sdpa_mask(self, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as a GPU's attention takes it, made once a pass for every layer: rows tiled for `groups` query
+        heads a KV head (attend_folded's), as the additive mask (0, -inf) in `dtype` that SDPA would make of the bool
+        one in every call (the same values; in a decode step's graph ~3 small kernels a layer fewer)."""
+        key = (groups, dtype)
+        if key not in self._gpu_masks:
+            mask = self.mask
+            if groups > 1:
+                mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            self._gpu_masks[key] = additive.masked_fill_(mask.logical_not(), float("-inf"))
+        return self._gpu_masks[key]
 
     def for_window(self, window: int | None) -> AttentionContext:
         """This pass's context with the causal mask narrowed to the last `window` positions (None: no window)."""
@@ -238,6 +253,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
     """q [B, N, T, D], k and v [B, K, S, D] -> [B, N, T, Dv]. Where the cache is in host memory (a host cache
     while q is on a GPU, or a CPU run's decode steps) `host_attention` places the work."""
     if not reads_host_cache(q, ctx):
+        if q.is_cuda and ctx.mask is not None:  # the pass's mask made once for every layer (sdpa_mask)
+            groups = q.shape[1] // k.shape[1]
+            mask = ctx.sdpa_mask(groups, q.dtype)
+            if groups > 1:
+                return attend_folded(q, k, v, mask, scale, folded=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return _attend(q, k, v, ctx.mask, ctx.is_causal, scale)
     return host_attention(lambda *a: _attend(*a, ctx.is_causal, scale), q, k, v, ctx.mask, scale)
 
@@ -276,7 +297,7 @@ def _attend(q, k, v, mask: torch.Tensor | None, is_causal: bool, scale: float) -
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=groups > 1)
 
 
-def attend_folded(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_folded(q, k, v, mask: torch.Tensor, scale: float, folded: bool = False) -> torch.Tensor:
     """Grouped-query attention with an explicit mask as plain attention: each KV head's G query heads become G x T
     query rows of that head (the mask's rows tiled G times), so nothing of the cache is copied. Expanding the KV
     heads instead (repeat_interleave) copied each layer's whole cache view twice a decode step: at T1's 512 rows
@@ -285,7 +306,9 @@ def attend_folded(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     kv = k.shape[1]
     g = n // kv
     qf = q.reshape(b, kv, g * t, d)  # head n = kv head n // g (repeat_interleave's order), row g * t + t'
-    mf = mask.repeat(g, 1) if mask.dim() == 2 else mask.repeat(1, 1, g, 1)  # [T, S] or [B, 1, T, S]
+    mf = mask  # tiled already where folded (AttentionContext.sdpa_mask)
+    if not folded:
+        mf = mask.repeat(g, 1) if mask.dim() == 2 else mask.repeat(1, 1, g, 1)  # [T, S] or [B, 1, T, S]
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale)
     return out.reshape(b, kv, g, t, -1).reshape(b, n, t, -1)
 

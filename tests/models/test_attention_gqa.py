@@ -3,11 +3,14 @@ folded form CUDA uses (each KV head's query heads as extra query rows) equals ex
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cadenza.models.common import _attend, attend_folded
+from cadenza.models.common import AttentionContext, _attend, attend_folded
 
 
 def expanded(q, k, v, mask, scale):
@@ -34,6 +37,25 @@ def test_folded_equals_expanded(n, kv, t, mask_dims):
     got = attend_folded(q, k, v, mask, 0.25)
     assert got.shape == (3, n, t, 16)
     torch.testing.assert_close(got, expanded(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "kv", "t", "mask_dims"), [(8, 2, 1, 4), (6, 3, 5, 2), (4, 4, 2, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_pass_mask_made_once_equals_the_bool_mask_each_call(n, kv, t, mask_dims, dtype):
+    """AttentionContext.sdpa_mask (what a GPU's layers share in a pass): tiled for the query heads and additive,
+    the same attention as SDPA on the bool mask, made once a context and anew for a replaced one."""
+    q, k, v, mask = case(3, n, kv, t, 17, 16, mask_dims, dtype=dtype)
+    ctx = AttentionContext(SimpleNamespace(device=torch.device("cpu")), [0, 1, 2], [0, 0, 0], None, None, mask, t=t)
+    g = n // kv
+    made = ctx.sdpa_mask(g, dtype)
+    assert made is ctx.sdpa_mask(g, dtype) and made.dtype == dtype
+    if g > 1:
+        got, want = attend_folded(q, k, v, made, 0.25, folded=True), attend_folded(q, k, v, mask, 0.25)
+    else:
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=made, scale=0.25)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+    assert torch.equal(got, want)
+    assert replace(ctx, mask=~mask)._gpu_masks == {}
 
 
 @pytest.mark.gpu
