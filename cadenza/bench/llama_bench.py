@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cadenza import foreign_environment
 from cadenza.errors import CadenzaError
 
 STDERR_TAIL_LINES = 25
@@ -75,8 +76,6 @@ def run_llama_bench(argv: list[str], timeout_s: float) -> BenchRun:
     for itself (`cadenza.foreign_environment`: the peer runs as its users run it); a failure (exit status, timeout,
     no such binary) is a CadenzaError with its stderr's end."""
     import time
-
-    from cadenza import foreign_environment
 
     command = shlex.join(argv)
     t0 = time.perf_counter()

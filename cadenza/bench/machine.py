@@ -13,17 +13,13 @@ from pathlib import Path
 
 import torch
 
+from cadenza import foreign_environment
+
 GiB = 1 << 30
 GB = 1e9  # bandwidths are in GB/s (10^9 bytes), as DRAM and PCIe are quoted
 
 # CPU features that decide which CPU expert kernels can run fast.
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def _peer_spincount() -> str | None:
-    from cadenza import foreign_environment
-
-    return foreign_environment().get("GOMP_SPINCOUNT")
 
 
 def machine_info(device: torch.device | str) -> dict:
@@ -42,7 +38,10 @@ def machine_info(device: torch.device | str) -> dict:
         "host_mem_gib": host_memory_gib(),
         "torch_threads": torch.get_num_threads(),
         # the OpenMP wait policy cadenza ran under and the one a peer it starts gets (cadenza.foreign_environment)
-        "gomp_spincount": {"cadenza": os.environ.get("GOMP_SPINCOUNT"), "peers": _peer_spincount()},
+        "gomp_spincount": {
+            "cadenza": os.environ.get("GOMP_SPINCOUNT"),
+            "peers": foreign_environment().get("GOMP_SPINCOUNT"),
+        },
         "dram_read_gb_s": round(measure_dram_read_gb_s(), 2),
         "pinned_h2d_gb_s": round(measure_pinned_h2d_gb_s(device), 2) if cuda else None,
         "gpu_mem_bw_gb_s": round(measure_gpu_read_gb_s(device), 1) if cuda else None,

@@ -67,22 +67,35 @@ def available(device: torch.device | str) -> bool:
 
 
 @triton.jit
+def _rne_bf16(v):
+    """fp32 v rounded to the nearest bf16 value (ties to even), still as fp32, by integer operations: a float
+    conversion here could be folded into a fused multiply-add by the compiler, these cannot."""
+    b = v.to(tl.int32, bitcast=True)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _round(v, ty: tl.constexpr, EMU_RNE: tl.constexpr):
     """fp32 v rounded to ty; under the interpreter, whose bf16 conversion truncates, to nearest even first (as GPUs
     round), so the conversion after it is exact."""
     if EMU_RNE:
-        b = v.to(tl.int32, bitcast=True)
-        v = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        v = _rne_bf16(v)
     return v.to(ty)
+
+
+@triton.jit
+def _scaled(v, w, c, ok, r, ty: tl.constexpr, oty: tl.constexpr, EMU_X: tl.constexpr, EMU_O: tl.constexpr):
+    """RMSNorm's last two roundings for the values v at features c of a row whose factor is r, in oty."""
+    n = _round(v * r, ty, EMU_X).to(tl.float32)  # x32.to(dtype), as the reference rounds it
+    y = tl.load(w + c, mask=ok, other=0.0).to(tl.float32) * n
+    return _round(y, oty, EMU_O)
 
 
 @triton.jit
 def _normed(v, w, c, ok, H, eps, ty: tl.constexpr, oty: tl.constexpr, EMU_X: tl.constexpr, EMU_O: tl.constexpr):
     """RMSNorm of the fp32 row v (the reference's arithmetic), in oty."""
     r = 1.0 / tl.sqrt(tl.sum(v * v, 0) / H + eps)
-    n = _round(v * r, ty, EMU_X).to(tl.float32)  # x32.to(dtype), as the reference rounds it
-    y = tl.load(w + c, mask=ok, other=0.0).to(tl.float32) * n
-    return _round(y, oty, EMU_O)
+    return _scaled(v, w, c, ok, r, ty, oty, EMU_X, EMU_O)
 
 
 @triton.jit
@@ -209,26 +222,11 @@ def sum_middle(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
-def _rne_bf16(v):
-    """fp32 v rounded to the nearest bf16 value (ties to even), still as fp32, by integer operations: a float
-    conversion here could be folded into a fused multiply-add by the compiler, these cannot."""
-    b = v.to(tl.int32, bitcast=True)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _rounded(v, ty: tl.constexpr, BF16: tl.constexpr):
     """fp32 v rounded to the result dtype ty, as fp32 (exact in ty)."""
     if BF16:
         v = _rne_bf16(v)  # then exact in bf16: the conversions below change nothing
     return v.to(ty).to(tl.float32)
-
-
-@triton.jit
-def _head_normed(v, w, c, m, r, ty: tl.constexpr, EMU: tl.constexpr):
-    """RMSNorm's last two roundings (as _normed) for the values v at features c of a row whose factor is r."""
-    n = _round(v * r, ty, EMU).to(tl.float32)
-    return _round(tl.load(w + c, mask=m, other=0.0).to(tl.float32) * n, ty, EMU).to(tl.float32)
 
 
 @triton.jit
@@ -246,8 +244,9 @@ def _rotary_row(x, cos, sin, out, w, eps, b, h, t, NH, T, sxb, sxh, sxt, scb, sc
     pv = tl.load(xr + partner, mask=c < d, other=0.0).to(tl.float32)
     if NORM:  # the norm of the row, then of the partners' values with the same factor
         r = 1.0 / tl.sqrt(tl.sum(v * v, 0) / D + eps)
-        v = _head_normed(v, w, c, c < D, r, x.dtype.element_ty, EMU_X)
-        pv = _head_normed(pv, w, partner, c < d, r, x.dtype.element_ty, EMU_X)
+        ty_x = x.dtype.element_ty
+        v = _scaled(v, w, c, c < D, r, ty_x, ty_x, EMU_X, EMU_X).to(tl.float32)
+        pv = _scaled(pv, w, partner, c < d, r, ty_x, ty_x, EMU_X, EMU_X).to(tl.float32)
     pv = tl.where(lo, -pv, pv)
     cv = tl.load(cos + cr + c, mask=c < d, other=0.0).to(tl.float32)
     sv = tl.load(sin + cr + c, mask=c < d, other=0.0).to(tl.float32)

@@ -254,11 +254,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
     while q is on a GPU, or a CPU run's decode steps) `host_attention` places the work."""
     if not reads_host_cache(q, ctx):
         if q.is_cuda and ctx.mask is not None:  # the pass's mask made once for every layer (sdpa_mask)
-            groups = q.shape[1] // k.shape[1]
-            mask = ctx.sdpa_mask(groups, q.dtype)
-            if groups > 1:
-                return attend_folded(q, k, v, mask, scale, folded=True)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            mask = ctx.sdpa_mask(q.shape[1] // k.shape[1], q.dtype)
+            return _attend(q, k, v, mask, False, scale, folded=True)
         return _attend(q, k, v, ctx.mask, ctx.is_causal, scale)
     return host_attention(lambda *a: _attend(*a, ctx.is_causal, scale), q, k, v, ctx.mask, scale)
 
@@ -288,11 +285,12 @@ def host_attention(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return fn(q, k.to(dev), v.to(dev), None if mask is None else mask.to(dev))
 
 
-def _attend(q, k, v, mask: torch.Tensor | None, is_causal: bool, scale: float) -> torch.Tensor:
+def _attend(q, k, v, mask: torch.Tensor | None, is_causal: bool, scale: float, folded: bool = False) -> torch.Tensor:
+    """folded: the mask is tiled for the query heads already (AttentionContext.sdpa_mask)."""
     groups = q.shape[1] // k.shape[1]
     if mask is not None and groups > 1 and q.is_cuda:
         # CUDA's fused kernels take an explicit mask only without GQA
-        return attend_folded(q, k, v, mask, scale)
+        return attend_folded(q, k, v, mask, scale, folded)
     causal = is_causal and q.shape[2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=groups > 1)
 

@@ -197,10 +197,12 @@ def apply_rotary_qk(
         from cadenza.kernels import gpu_fused  # imports Triton: only where a GPU computes
         from cadenza.models.common import RMSNorm
 
-        fused = norms is None or all(type(m) is RMSNorm for m in norms)
-        weights = None if norms is None else (norms[0].weight, norms[1].weight, norms[0].variance_epsilon)
-        same_eps = norms is None or norms[0].variance_epsilon == norms[1].variance_epsilon
-        out = gpu_fused.rotary_qk(q, k, cos, sin, weights) if fused and same_eps else None
+        if norms is None:
+            out = gpu_fused.rotary_qk(q, k, cos, sin)
+        elif all(type(m) is RMSNorm for m in norms) and norms[0].variance_epsilon == norms[1].variance_epsilon:
+            out = gpu_fused.rotary_qk(q, k, cos, sin, (norms[0].weight, norms[1].weight, norms[0].variance_epsilon))
+        else:  # a family's own norm: its forward, below
+            out = None
         if out is not None:
             return out
     if norms is not None:
