@@ -132,6 +132,11 @@ class GgufPlan:
     def bytes_where(self, keep: Callable[[GgufTensor], bool]) -> int:
         return sum(t.nbytes for t in self.tensors if keep(t))
 
+    def other_bytes(self) -> int:
+        """The non-expert tensors a decode token reads whole, as stored (attention, routers, norms, LM head; of the
+        embedding table one row, left out): both systems keep them in their blocks on the GPU."""
+        return self.bytes_where(lambda t: not t.is_expert and t.name != "token_embd.weight")
+
 
 def gguf_plan(ckpt: SyntheticCheckpoint, expert_format: str) -> GgufPlan:
     """The tensors of `ckpt`'s GGUF with `expert_format` (int8 / int4 / q4_k_m) experts; refuses families llama.cpp's

@@ -358,11 +358,11 @@ class LlamaCppPeer:
         experts, k = _num_experts(plan.config), int(plan.config["num_experts_per_tok"])
         host = sum(b * k // experts for b in per_layer[:n_cpu_moe])
         gpu = sum(b * k // experts for b in per_layer[n_cpu_moe:])
-        gpu += plan.bytes_where(lambda t: not t.is_expert and t.name != "token_embd.weight")
-        r.host_bytes_per_token, r.gpu_bytes_per_token = float(host), float(gpu)
+        gpu += plan.other_bytes()
         gpu_bw = self.machine.get("gpu_mem_bw_gb_s")
-        if gpu_bw is None:  # a run without CUDA: llama.cpp read everything from host memory too
-            host, gpu = host + gpu, 0.0
+        if gpu_bw is None:  # a run without CUDA: llama.cpp read everything from host memory (as cadenza's rows say)
+            host, gpu = host + gpu, 0
+        r.host_bytes_per_token, r.gpu_bytes_per_token = float(host), float(gpu)
         r.roofline_fraction = roofline_fraction(
             host, gpu, self.machine.get("dram_read_gb_s"), gpu_bw, 1.0 / r.decode_tok_s if r.decode_tok_s else None
         )

@@ -50,11 +50,15 @@ class CadenzaUnderTest:
         cuda_graphs: bool = True,
         gguf: Path | None = None,
         devices: str | None = None,
+        other_bytes: int | None = None,
     ):
-        """devices: several GPUs (LLM's devices, `cadenza bench --gpus`), each with the configuration's budget."""
+        """devices: several GPUs (LLM's devices, `cadenza bench --gpus`), each with the configuration's budget.
+        other_bytes: the non-expert bytes a decode token reads as loaded, where they differ from the checkpoint's
+        (a GGUF's blocks: `GgufPlan.other_bytes`); None: the checkpoint's."""
         from cadenza.llm import LLM
 
         self.ckpt, self.device, self.max_context = ckpt, device, max_context
+        self.other_bytes = ckpt.weight_bytes().other if other_bytes is None else other_bytes
         t0 = time.perf_counter()
         source = {"model_dir": str(gguf)} if gguf is not None else {"checkpoint": ckpt}
         self.llm = LLM(
@@ -198,7 +202,7 @@ def _record_bytes(result: BenchResult, stats: GenerationStats, cut: CadenzaUnder
             f"decode expert bytes per token {host_pt + expert_gpu_pt:.4g} differ from k per layer ({want})"
         )
     # The always-on weights (attention, routers, norms, LM head; one embedding row) are read every token too.
-    gpu_pt = expert_gpu_pt + wb.other
+    gpu_pt = expert_gpu_pt + cut.other_bytes
     gpu_bw = machine.get("gpu_mem_bw_gb_s")
     if cut.device.type != "cuda":  # no GPU: the "GPU side" is host memory too
         host_pt, gpu_pt, gpu_bw = host_pt + gpu_pt, 0.0, None

@@ -345,6 +345,7 @@ def _run_cadenza(args, ckpt, device, configs, expert_args, written, model, max_c
         cuda_graphs=not args.no_cuda_graphs,
         gguf=written.path if written is not None else None,
         devices=getattr(args, "gpus", None),
+        other_bytes=written.plan.other_bytes() if written is not None else None,
         **expert_args,
     )
     ckpt.release()  # the loader copied every tensor it keeps; the pools are ~1 GB of host memory

@@ -134,6 +134,19 @@ def test_run_bench_g2_one_file_for_both_systems(tmp_path, monkeypatch):
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert {c[c.index("-m") + 1] for c in calls} == {str(folder / "cadenza-qwen3-tiny-256-Q4_K_M.gguf")}
     assert peer[1]["n_cpu_moe"] == 4  # every layer's experts on the host at 0
+    # no GPU: a decode token reads its experts and the other weights from host memory, the other weights in the
+    # file's blocks in both systems (not the checkpoint's bf16)
+    plan = gguf_plan(SyntheticCheckpoint("qwen3-tiny-256"), "q4_k_m")
+    k, e = plan.config["num_experts_per_tok"], plan.config["num_experts"]
+    for r in cadenza:
+        s = r["engine_stats"]
+        # the emulated GPU side reads host memory too
+        experts = (s["decode_host_bytes"] + s["decode_gpu_bytes"]) / (s["generated_tokens"] - 1)
+        assert r["host_bytes_per_token"] == experts + plan.other_bytes()
+        assert r["gpu_bytes_per_token"] == 0
+    for r in peer:
+        assert r["host_bytes_per_token"] == sum(b * k // e for b in plan.expert_bytes_per_layer()) + plan.other_bytes()
+        assert r["gpu_bytes_per_token"] == 0
 
 
 # --- O1 / Z1: gpt-oss with MXFP4 experts, GLM-4.5-Air with Q4_0 experts ----------------------------------------------
