@@ -18,7 +18,9 @@ from cadenza.generation import Step
 from cadenza.kv_cache import KVCache
 from cadenza.layer_split import LayerSplit, budgets_for, edge_bytes, split_devices
 from cadenza.loader import (
+    EMBEDDING,
     build_meta,
+    embedding_on_host,
     keep_dense_blocks,
     load_model,
     model_sizes,
@@ -29,9 +31,10 @@ from cadenza.loader import (
 )
 from cadenza.moe.devices import DeviceShare, merged
 from cadenza.moe.offload import calibration, planning
+from cadenza.moe.offload.host_memory import embedding_to_host
 from cadenza.moe.offload.orchestra import POLICIES, OffloadOptions, Orchestra
 from cadenza.moe.offload.stages import Stages
-from cadenza.moe.placement import GiB, Placement, load_popularity, parse_size
+from cadenza.moe.placement import GiB, Placement, format_size, load_popularity, parse_size
 from cadenza.moe.quantize import ExpertFormat
 from cadenza.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from cadenza.scoring import PromptLogprobs, prompt_scores
@@ -273,7 +276,12 @@ class LLM:
             raise CadenzaError(f"max_batch={max_batch!r} is not valid. Use a whole number of at least 1.")
         self.max_batch = max_batch
         self.expert_format = expert_format
-        self.sizes = model_sizes(meta, self.dtype, expert_format.fmt, expert_format.group, expert_format.layer_formats)
+        # a GPU run's token embedding table stays in host memory (loader.embedding_on_host; not over several GPUs)
+        host_embedding = self.device.type == "cuda" and not self.devices and embedding_on_host(meta)
+        self.sizes = model_sizes(
+            meta, self.dtype, expert_format.fmt, expert_format.group, expert_format.layer_formats,
+            host_embedding=host_embedding,
+        )  # fmt: skip
         self.orchestra: Orchestra | None = None
         self.offload_policy = offload_policy
         self._popularity = None
@@ -315,9 +323,18 @@ class LLM:
                 self._popularity = load_popularity(placement, self.sizes.num_moe_layers, self.sizes.num_experts)
             planned = self._plan(gpu_memory, offload_policy)  # refuses a too-small budget before reading weights
             cpu_fallback_notice(device, self.device)
+            host = torch.device("cpu")
             self.model = load_model(
-                self.checkpoint, self.device, self.dtype, torch.device("cpu"), meta, experts=expert_format
-            )
+                self.checkpoint, self.device, self.dtype, host, meta, experts=expert_format,
+                device_of=(lambda n: host if n == EMBEDDING else self.device) if host_embedding else None,
+            )  # fmt: skip
+            if host_embedding:
+                pinned, why = embedding_to_host(self.model, self.device)
+                if pinned is not None:
+                    weakref.finalize(self, pinned.release)
+                else:
+                    extra = format_size(self.model.model.embed_tokens.weight.nbytes)
+                    log.warning(f"the token embedding table is on the GPU after all ({why}): {extra} more than planned")
             self.orchestra = Orchestra(moe_layers(self.model), self.device, options, moe_routers(self.model))
             # unpin host memory and stop the worker when this LLM is collected, even without close()
             weakref.finalize(self, self.orchestra.close)

@@ -99,6 +99,21 @@ def keep_dense_blocks(model: nn.Module, checkpoint: Checkpoint, device: torch.de
     return kept
 
 
+EMBEDDING = "model.embed_tokens.weight"
+HOST_EMBEDDING_ENV = "CADENZA_HOST_EMBEDDING"
+
+
+def embedding_on_host(model: nn.Module) -> bool:
+    """Whether a GPU run keeps the token embedding table in host memory, the GPU reading the rows it looks up
+    through the memory's device mapping (cadenza.moe.offload.host_memory.embedding_to_host): a token reads one row,
+    and the table (Qwen3-30B-A3B's 151936 x 2048 in bf16: 622 MB; DeepSeek-V3's 1.85 GB) leaves the GPU budget to
+    routed experts, as llama.cpp keeps it on the CPU. Not where the LM head is the same table (read whole every
+    token); CADENZA_HOST_EMBEDDING=0 keeps it on the GPU."""
+    if os.environ.get(HOST_EMBEDDING_ENV, "1") == "0":
+        return False
+    return not getattr(model.config, "tie_word_embeddings", False)
+
+
 def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor name -> shape for every parameter of the model (experts unstacked)."""
     out: dict[str, tuple[int, ...]] = {}
@@ -347,10 +362,12 @@ def model_sizes(
     expert_group: int | None = None,
     layer_formats: tuple[str, ...] = (),
     dense_blocks: dict[str, str] | None = None,
+    host_embedding: bool = False,
 ) -> ModelSizes:
     """Byte sizes for the planner, from a (meta) model's shapes in the compute dtype, with routed experts stored
     as `experts` ("bf16": plain in `dtype`; "int8" / "int4": packed, scale group `expert_group`; "blocks": each
-    layer in its `layer_formats` block format, each layer planned at its own size): nothing is read."""
+    layer in its `layer_formats` block format, each layer planned at its own size): nothing is read.
+    host_embedding: the token embedding table stays in host memory (`embedding_on_host`), not on the GPU."""
     elem = torch.empty((), dtype=dtype).element_size()
     layers = moe_layers(model)
     # the elements the expert stacks hold (MXFP4 blocks hold two weights a byte: counted by what they occupy)
@@ -363,6 +380,8 @@ def model_sizes(
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and model.lm_head.weight is not model.model.embed_tokens.weight:
         total -= model.lm_head.weight.numel()  # still separate on the meta model; tied at load
+    if host_embedding:
+        total -= model.model.embed_tokens.weight.numel()
     # weights kept in their blocks on the GPU: replaced already (keep_dense_blocks: their tiles), or to be
     # (dense_blocks, weight name -> GGUF type: `cadenza info` plans a GPU run without reading them)
     block_bytes = sum(b.numel() for n, b in model.named_buffers() if n.endswith(".tiles"))

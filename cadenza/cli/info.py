@@ -167,7 +167,7 @@ def _count(n: int) -> str:
 def offload_info(args: argparse.Namespace) -> dict:
     """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
     from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype
-    from cadenza.loader import build_meta, model_sizes, open_checkpoint
+    from cadenza.loader import build_meta, embedding_on_host, model_sizes, open_checkpoint
     from cadenza.moe.offload.planning import plan_offload
     from cadenza.moe.placement import load_popularity, parse_size
 
@@ -180,7 +180,9 @@ def offload_info(args: argparse.Namespace) -> dict:
     fmt = ExpertFormat.of(args.experts, args.expert_group).resolve(ckpt, meta)
     # a GPU keeps a GGUF's quantized attention and LM head in their blocks (loader.keep_dense_blocks)
     dense = ckpt.dense_blocks([n for n, _ in meta.named_parameters()]) if hasattr(ckpt, "dense_blocks") else None
-    sizes = model_sizes(meta, dtype, fmt.fmt, fmt.group, fmt.layer_formats, dense)
+    # and one GPU keeps the token embedding table in host memory (loader.embedding_on_host), as LLM plans it
+    host_embedding = not getattr(args, "gpus", None) and embedding_on_host(meta)
+    sizes = model_sizes(meta, dtype, fmt.fmt, fmt.group, fmt.layer_formats, dense, host_embedding)
     if args.gpu_memory is not None:
         context = min(meta.config.context_length, args.max_context or DEFAULT_MAX_CONTEXT)
         if args.max_context is not None and args.max_context > meta.config.context_length:

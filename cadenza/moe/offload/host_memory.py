@@ -1,7 +1,9 @@
-"""Host memory the GPU reads and writes: page-locked expert weights, and the staging of a layer's routing.
+"""Host memory the GPU reads and writes: page-locked expert weights, the token embedding table, and the staging of
+a layer's routing.
 
-Every routed expert lives once in host memory, page-locked in place so a fetch is a DMA copy; the host-deciding
-path reads one layer's hidden states, ids and weights back into pinned buffers with one synchronisation.
+Every routed expert lives once in host memory, page-locked in place so a fetch is a DMA copy; the token embedding
+table is page-locked and read by the GPU through its mapping (`embedding_to_host`); the host-deciding path reads one
+layer's hidden states, ids and weights back into pinned buffers with one synchronisation.
 """
 
 from __future__ import annotations
@@ -61,6 +63,38 @@ class PinnedWeights:
             for w in self.registered:
                 unpin_host_memory(w)
             self.registered = []
+
+
+def embedding_to_host(model, device: torch.device) -> tuple[PinnedWeights | None, str | None]:
+    """The token embedding table, loaded into host memory (`loader.embedding_on_host`), copied into an allocation
+    of its own (a loaded tensor may be a view of a read-only file mapping), page-locked in place and put back into
+    the model as a CUDA tensor of `device` aliasing it through its device mapping: the embedding's gather reads the
+    rows a step looks up over the link, inside CUDA graphs too. Returns (the pinned table, None), or where the
+    mapping cannot be had (None, why) with the table moved to `device` instead."""
+    from torch import nn
+
+    from cadenza.kernels import handoff
+
+    emb = model.model.embed_tokens
+    table = torch.empty(emb.weight.shape, dtype=emb.weight.dtype).copy_(emb.weight)
+    pinned = PinnedWeights([table], device)
+    ops, view, why = handoff.memops(), None, None
+    if not pinned.complete:
+        why = "the table could not be page-locked"
+    elif ops is None:
+        why = "the CUDA driver's cuMemHostGetDevicePointer was not found"
+    else:
+        try:
+            view = handoff.device_view(ops, table, device)
+        except (RuntimeError, AttributeError) as e:
+            why = f"the table could not be mapped for the GPU ({e})"
+    if view is None:
+        pinned.release()
+        emb.weight = nn.Parameter(table.to(device), requires_grad=False)
+        return None, why
+    emb.weight = nn.Parameter(view, requires_grad=False)
+    emb.host_table = table  # the memory the view reads, alive as long as the model
+    return pinned, None
 
 
 @dataclass
