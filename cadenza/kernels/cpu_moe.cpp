@@ -1037,22 +1037,31 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
   if (nthreads <= 0) nthreads = omp_get_max_threads();
   nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, blocks1)));
 
+  // Stage x (zero-padded to Hp), a row a token. A decode step's few rows are staged here, before the team starts:
+  // a row takes a few microseconds on one core, less than the barrier a shared loop ends with (with OpenMP's
+  // threads asleep between jobs, each barrier wakes some of them; a decode layer's job has ~0.3-0.5 ms in all).
+  auto stage = [&](int t) {
+    float* dst = xs + int64_t(t) * Hp;
+    for (int i = H; i < Hp; ++i) stage_put(put_x, dst, Hp, i, 0.0f);
+    for (int i = 0; i < H; ++i) {
+      const float v = x_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[int64_t(t) * H + i])
+                             : static_cast<const float*>(x)[int64_t(t) * H + i];
+      stage_put(put_x, dst, Hp, i, v);
+    }
+    if (gsx) group_sums(dst, Hp, gx + int64_t(t) * (Hp / 32));
+    if (kind == Q8) q8_quantize(dst, Hp, x8 + t * rbx);
+  };
+  constexpr int STAGE_HERE = 4;  // tokens
+  if (T <= STAGE_HERE)
+    for (int t = 0; t < T; ++t) stage(t);
+
 #pragma omp parallel num_threads(nthreads)
   {
     Scales s;
 
-    // Stage x (zero-padded to Hp).
+    if (T > STAGE_HERE) {
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; ++t) {
-      float* dst = xs + int64_t(t) * Hp;
-      for (int i = H; i < Hp; ++i) stage_put(put_x, dst, Hp, i, 0.0f);
-      for (int i = 0; i < H; ++i) {
-        const float v = x_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[int64_t(t) * H + i])
-                               : static_cast<const float*>(x)[int64_t(t) * H + i];
-        stage_put(put_x, dst, Hp, i, v);
-      }
-      if (gsx) group_sums(dst, Hp, gx + int64_t(t) * (Hp / 32));
-      if (kind == Q8) q8_quantize(dst, Hp, x8 + t * rbx);
+      for (int t = 0; t < T; ++t) stage(t);
     }  // implicit barrier
 
     // Phase 1: h[p] = act(gate x) * (up x), a run of (expert, units) at a time; h is zero past I
