@@ -332,6 +332,8 @@ class LLM:
                 pinned, why = embedding_to_host(self.model, self.device)
                 if pinned is not None:
                     weakref.finalize(self, pinned.release)
+                    table = format_size(self.model.model.embed_tokens.host_table.nbytes)
+                    log.info(f"token embedding table ({table}) in host memory, read by the GPU a row a token")
                 else:
                     extra = format_size(self.model.model.embed_tokens.weight.nbytes)
                     log.warning(f"the token embedding table is on the GPU after all ({why}): {extra} more than planned")
