@@ -33,6 +33,9 @@ from contextlib import nullcontext
 
 import torch
 
+# bf16 rounding to nearest even by integer operations: a float conversion could be folded into a fused multiply-add
+# by the compiler, these cannot
+from cadenza.kernels.gpu_moe_triton import _round_bf16
 from cadenza.kernels.triton_compat import MISSING as _MISSING
 from cadenza.kernels.triton_compat import tl, triton
 
@@ -67,19 +70,11 @@ def available(device: torch.device | str) -> bool:
 
 
 @triton.jit
-def _rne_bf16(v):
-    """fp32 v rounded to the nearest bf16 value (ties to even), still as fp32, by integer operations: a float
-    conversion here could be folded into a fused multiply-add by the compiler, these cannot."""
-    b = v.to(tl.int32, bitcast=True)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _round(v, ty: tl.constexpr, EMU_RNE: tl.constexpr):
     """fp32 v rounded to ty; under the interpreter, whose bf16 conversion truncates, to nearest even first (as GPUs
     round), so the conversion after it is exact."""
     if EMU_RNE:
-        v = _rne_bf16(v)
+        v = _round_bf16(v)
     return v.to(ty)
 
 
@@ -225,7 +220,7 @@ def sum_middle(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _rounded(v, ty: tl.constexpr, BF16: tl.constexpr):
     """fp32 v rounded to the result dtype ty, as fp32 (exact in ty)."""
     if BF16:
-        v = _rne_bf16(v)  # then exact in bf16: the conversions below change nothing
+        v = _round_bf16(v)  # then exact in bf16: the conversions below change nothing
     return v.to(ty).to(tl.float32)
 
 
