@@ -26,16 +26,17 @@ SET_AT_IMPORT: dict[str, str] = {}
 
 
 def openmp_wait_default(environ, torch_loaded: bool, gpu: bool, record: dict | None = None) -> None:
-    """GOMP_SPINCOUNT=0 unless set, where a GPU is present and libgomp not yet loaded (it reads its environment
-    once): the CPU kernel's OpenMP team and PyTorch's own then sleep as soon as their work ends, instead of spinning
-    ~0.3 ms beside each other and the handoff worker between a decode step's layers. On the H200 box (16 cores,
-    session 20) that took a Mixtral Q4_K_M decode with every expert on the host from 10.6 to 11.5 tok/s (the CPU's
-    share 85.6 -> 93.5 GB/s). Not on a CPU-only machine: PyTorch's many short parallel regions there would each pay
-    a wake-up. record: where to note what was set."""
+    """GOMP_SPINCOUNT=10000 unless set, where a GPU is present and libgomp not yet loaded (it reads its environment
+    once): the CPU kernel's OpenMP team spins ~0.5-1 ms after a job before it sleeps, so the next layer's job and its
+    barriers find it awake, and a pause longer than that (the GPU's resident layers, an idle server) costs no core.
+    The H200 box's sweep (session 23, engine_gap.py VARIANTS=spin, 0 ... 300000): Mixtral Q4_K_M with every expert on
+    the host decoded 11.38 tok/s at 0, 13.19 at 10000, 12.52 at libgomp's own 300000; Qwen3-30B-A3B at 8 GiB 56.85,
+    60.14, 62.93 (its ~0.4 ms layer jobs each woke a sleeping team at 0). Not on a CPU-only machine: nothing there
+    waits for a GPU between the CPU's parallel regions. record: where to note what was set."""
     if gpu and not torch_loaded and "GOMP_SPINCOUNT" not in environ:
-        environ["GOMP_SPINCOUNT"] = "0"
+        environ["GOMP_SPINCOUNT"] = "10000"
         if record is not None:
-            record["GOMP_SPINCOUNT"] = "0"
+            record["GOMP_SPINCOUNT"] = "10000"
 
 
 def foreign_environment(environ=None) -> dict[str, str]:

@@ -18,7 +18,7 @@ Read once where the kernels are imported, not fields (the benchmarks' choices be
 | variable | read by | values |
 | --- | --- | --- |
 | CADENZA_LINEAR_PROGRAMS=N | kernels/gpu_linear.py | programs a GGUF dense layer's decode launch aims for, splitting K (default 8192; 1: never split) |
-| GOMP_SPINCOUNT | libgomp | cadenza sets 0 where a GPU is present and it is unset (cadenza/__init__.py): OpenMP threads sleep between layers |
+| GOMP_SPINCOUNT | libgomp | cadenza sets 10000 where a GPU is present and it is unset (cadenza/__init__.py): OpenMP threads spin ~1 ms, then sleep |
 """  # noqa: E501
 
 from __future__ import annotations
