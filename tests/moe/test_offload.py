@@ -111,6 +111,74 @@ def test_slot_cache_lru_order():
     assert (cache.hits, cache.misses) == (1, 3)
 
 
+def stacked_host(n: int, shift: float = 0.0):
+    """n experts stored as quantized layers store them: rows of one tensor per part (gate/up tiles, down tiles)."""
+    gate_up = torch.arange(n * 6 * 8, dtype=torch.float32).view(n, 6, 8) + shift
+    down = -torch.arange(n * 4 * 3, dtype=torch.float32).view(n, 4, 3) - shift
+    return gate_up, down
+
+
+def test_slot_cache_copies_consecutive_experts_into_consecutive_slots_at_once(monkeypatch):
+    """A wave of a layer's experts that follow each other in host memory and get slots that follow each other is
+    copied as one copy a part; the slots hold each expert's bytes, the hits and misses count per expert."""
+    gate_up, down = stacked_host(8)
+    parts = [((6, 8), torch.float32), ((4, 3), torch.float32)]
+    cache = SlotCache(6, device=torch.device("cpu"), parts=parts)
+    copies = []
+    real = SlotCache._fill
+    monkeypatch.setattr(
+        SlotCache,
+        "_fill",
+        lambda self, slot, host, stream=None, n=1: copies.append((slot, n)) or real(self, slot, host, stream, n),
+    )
+    slots = cache.get_many(0, [2, 3, 4, 6], lambda e: (gate_up[e], down[e]))
+    assert slots == {2: 0, 3: 1, 4: 2, 6: 3} and copies == [(0, 3), (3, 1)]  # 5 is not in the wave: a new run
+    for e, s in slots.items():
+        assert torch.equal(cache.stacks[0][s], gate_up[e]) and torch.equal(cache.stacks[1][s], down[e])
+    cache.release_many(slots.values())
+    assert not cache.in_use
+    copies.clear()
+    again = cache.get_many(0, [3, 4, 5], lambda e: (gate_up[e], down[e]))  # 3, 4 hit; 5 fills slot 4
+    assert again == {3: 1, 4: 2, 5: 4} and copies == [(4, 1)] and (cache.hits, cache.misses) == (2, 5)
+    assert torch.equal(cache.stacks[0][4], gate_up[5])
+
+
+def test_slot_cache_copies_apart_what_is_not_one_run():
+    """Experts from separate allocations, a layer whose experts are smaller than the slots (a GGUF's Q4_K layer
+    in slots sized for its Q6_K one), slots that do not follow: each copied into its own slot, the right bytes."""
+    a, b = stacked_host(4), stacked_host(4, shift=1000.0)
+    wide = [((8, 8), torch.float32), ((4, 4), torch.float32)]  # wider slots: the layer's view is not contiguous
+    for parts in ([((6, 8), torch.float32), ((4, 3), torch.float32)], wide):
+        cache = SlotCache(4, device=torch.device("cpu"), parts=parts)
+        host = {0: (a[0][0], a[1][0]), 1: (b[0][1], b[1][1]), 2: (a[0][2], a[1][2]), 3: (a[0][3], a[1][3])}
+        slots = cache.get_many(0, [0, 1, 2, 3], host.get)
+        view = cache.shaped([((6, 8), torch.float32), ((4, 3), torch.float32)])
+        for e, s in slots.items():
+            assert torch.equal(view[0][s], host[e][0]) and torch.equal(view[1][s], host[e][1]), (parts, e)
+
+
+def test_slot_cache_fills_a_slot_taken_twice_in_one_wave_in_order():
+    """Prefetching more experts than free slots evicts within the same call: the later expert's bytes win."""
+    gate_up, down = stacked_host(4)
+    cache = SlotCache(2, device=torch.device("cpu"), parts=[((6, 8), torch.float32), ((4, 3), torch.float32)])
+    issued = cache.prefetch_many(0, [0, 1, 2], lambda e: (gate_up[e], down[e]))
+    assert issued == [0, 1, 2] and set(cache.where) == {(0, 1), (0, 2)}
+    s = cache.where[(0, 2)]
+    assert torch.equal(cache.stacks[0][s], gate_up[2]) and torch.equal(cache.stacks[0][cache.where[(0, 1)]], gate_up[1])
+
+
+def test_lru_victim_where_agrees_with_victim():
+    """The LRU's walk from the oldest key gives the victim the generic list would."""
+    from cadenza.moe.offload.eviction import LRU, EvictionPolicy
+
+    lru = LRU()
+    where = {(0, e): e for e in range(6)}
+    for key in [(0, 3), (0, 1), (0, 4), (0, 0), (0, 5), (0, 2), (0, 1)]:
+        lru.touch(key)
+    for in_use in (set(), {3}, {3, 4}, {0, 2, 3, 4, 5}):
+        assert lru.victim_where(where, in_use) == EvictionPolicy.victim_where(lru, where, in_use)
+
+
 def test_fetch_waves_of_half_the_slots_for_many_tokens(moe8, monkeypatch):
     """A call of many tokens fetches in waves of half the slots (a copy into one half while the other's products
     run: each wave's slots are released before the next wave's are taken); a few tokens, one wave of all the slots
@@ -118,9 +186,19 @@ def test_fetch_waves_of_half_the_slots_for_many_tokens(moe8, monkeypatch):
     path, want, _ = moe8
     llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 0, 2), offload_policy="fetch")
     ops: list[str] = []
-    get, release = SlotCache.get, SlotCache.release
-    monkeypatch.setattr(SlotCache, "get", lambda self, *a: ops.append("g") or get(self, *a))
-    monkeypatch.setattr(SlotCache, "release", lambda self, s: ops.append("r") or release(self, s))
+    get, release = SlotCache.get_many, SlotCache.release_many
+
+    def get_many(self, layer, experts, host_of):
+        ops.append("g" * len(experts))
+        return get(self, layer, experts, host_of)
+
+    def release_many(self, slots):
+        slots = list(slots)
+        ops.append("r" * len(slots))
+        return release(self, slots)
+
+    monkeypatch.setattr(SlotCache, "get_many", get_many)
+    monkeypatch.setattr(SlotCache, "release_many", release_many)
     try:
         assert llm.orchestra.cache.num_slots == 2
         torch.testing.assert_close(llm.score(PROMPT), want, atol=TOL, rtol=TOL)  # 37 tokens a call

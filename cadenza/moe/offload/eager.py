@@ -119,23 +119,37 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
     size = cache.num_slots if x.shape[0] <= policy.DECODE_MAX_TOKENS else max(1, cache.num_slots // 2)
     for i in range(0, len(fetch), size):
         wave = fetch[i : i + size]
-        slots = {e: cache.get(layer.index, e, layer.host_weights(e)) for e in wave}
+        slots = cache.get_many(layer.index, wave, layer.host_weights)
         if decode:
-            # the expert -> slot table built where x is, by fills: a table copied from pageable host memory
-            # synchronises the stream first, and a wave's sync left the GPU idle for the next wave's Python
+            # the expert -> slot table built where x is, a fill a run of experts in consecutive slots: a table
+            # copied from pageable host memory synchronises the stream first, and a wave's sync left the GPU idle
+            # for the next wave's Python
             lut = torch.full((layer.experts.num_experts,), -1, dtype=torch.int32, device=x.device)
-            for e, slot in slots.items():
-                lut.narrow(0, e, 1).fill_(slot)
+            for e, slot, n in _runs(slots):
+                if n == 1:
+                    lut.narrow(0, e, 1).fill_(slot)
+                else:
+                    torch.arange(slot, slot + n, dtype=torch.int32, device=x.device, out=lut.narrow(0, e, n))
             rows = lut[topk_ids]
             pairs = sum(counts[e] for e in wave)  # (host-known: the grouped product sizes its activations by it)
             y += layer.decode_rows(x, rows, topk_weights, cache.shaped(layer.parts), pairs)
         else:
             weights = lambda e, s=slots: cache.weights(s[e], layer.parts)  # noqa: E731
             layer.layout.run(x, k, topk_weights, order, counts, wave, weights, y)
-        for slot in slots.values():
-            cache.release(slot)
+        cache.release_many(slots.values())
     orch.counters.cache_hits += cache.hits - hits0
     orch.counters.cache_misses += cache.misses - misses0
+
+
+def _runs(slots: dict[int, int]) -> list[tuple[int, int, int]]:
+    """(first expert, its slot, n) for each run of `slots` (expert -> slot, in order) in which both go up by one."""
+    runs: list[list[int]] = []
+    for e, s in slots.items():
+        if runs and e == runs[-1][0] + runs[-1][2] and s == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([e, s, 1])
+    return [tuple(r) for r in runs]
 
 
 @torch.inference_mode()  # grad mode is per thread: the worker needs its own

@@ -23,6 +23,10 @@ class EvictionPolicy:
     def victim(self, keys) -> object:  # the key to evict among the cached `keys`
         raise NotImplementedError
 
+    def victim_where(self, where: dict, in_use: set) -> object:
+        """The victim among the keys of `where` (key -> slot) whose slot is not in `in_use`."""
+        return self.victim([k for k, s in where.items() if s not in in_use])
+
     def forget(self, key) -> None:  # `key` left the cache
         pass
 
@@ -43,6 +47,11 @@ class LRU(EvictionPolicy):
     def victim(self, keys):
         cached = set(keys)
         return next(k for k in self.order if k in cached)
+
+    def victim_where(self, where: dict, in_use: set) -> object:
+        # from the oldest: a big step's waves take hundreds of slots, and a list of every cached key per take cost
+        # O(slots) each
+        return next(k for k in self.order if k in where and where[k] not in in_use)
 
     def forget(self, key) -> None:
         self.order.pop(key, None)
