@@ -90,14 +90,17 @@ void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uin
     const int n = std::min(npos, S - j0);
     __m512 acc[16];
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    for (int jj = 0; jj < NPOS; ++jj) {  // a row at a time, in order
-      if (jj >= n) break;
-      const uint8_t* kr = k + int64_t(lo + j0 + jj) * ks * esize;
-      for (int c = 0; c < D; c += 16) {
-        const __mmask16 m = lanes(D - c);
-        const __m512 kv = load16(kr, c, bf16, m);
-        for (int g = 0; g < G; ++g)
-          acc[jj * G + g] = _mm512_fmadd_ps(loadf(q + g * D + c, m), kv, acc[jj * G + g]);
+    const uint8_t* k0 = k + int64_t(lo + j0) * ks * esize;
+    // columns outer: the G queries' 16 columns are loaded once into registers for the block's npos rows (rows
+    // inner took two loads a multiply-add, the load ports' limit); each sum still adds its columns in order
+    for (int c = 0; c < D; c += 16) {
+      const __mmask16 m = lanes(D - c);
+      __m512 qv[GT ? GT : MAX_G];
+      for (int g = 0; g < G; ++g) qv[g] = loadf(q + g * D + c, m);
+      for (int jj = 0; jj < NPOS; ++jj) {
+        if (jj >= n) break;
+        const __m512 kv = load16(k0 + int64_t(jj) * ks * esize, c, bf16, m);
+        for (int g = 0; g < G; ++g) acc[jj * G + g] = _mm512_fmadd_ps(qv[g], kv, acc[jj * G + g]);
       }
     }
     alignas(64) float r[16];
@@ -134,12 +137,13 @@ void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uin
     for (int j = 0; j < S; ++j) {
       const uint8_t* vr = v + int64_t(lo + j) * vs * esize;
       const float* p = sc.data() + j;  // p[g S]: head g's weight of row j
+      __m512 pv[GT ? GT : MAX_G];  // broadcast once a row for all the block's column pieces
+      for (int g = 0; g < G; ++g) pv[g] = _mm512_set1_ps(p[size_t(g) * S]);
       for (int ci = 0; ci < NPOS; ++ci) {
         if (ci >= nc) break;
         const int c = c0 + 16 * ci;
         const __m512 vv = load16(vr, c, bf16, lanes(Dv - c));
-        for (int g = 0; g < G; ++g)
-          acc[ci * G + g] = _mm512_fmadd_ps(_mm512_set1_ps(p[size_t(g) * S]), vv, acc[ci * G + g]);
+        for (int g = 0; g < G; ++g) acc[ci * G + g] = _mm512_fmadd_ps(pv[g], vv, acc[ci * G + g]);
       }
     }
     for (int ci = 0; ci < NPOS; ++ci) {
