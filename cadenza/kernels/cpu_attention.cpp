@@ -75,11 +75,13 @@ inline __m512 reduce16(const __m512 v[16]) {
 }
 
 // GT: the query heads per KV head as a constant (1, 2, 4, 8, 16: the accumulator arrays' indices are then constants
-// and they live in registers), or 0: G at run time (other group sizes; slower, the arrays in memory).
-template <int GT>
-void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uint8_t* v, int esize, bool bf16,
+// and they live in registers), or 0: G at run time (other group sizes; slower, the arrays in memory). BF16: the
+// cache's type as a constant, so the inner loops carry no branch on it.
+template <int GT, bool BF16>
+void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uint8_t* v, int esize, bool,
               int64_t ks, int64_t vs, int lo, int hi, const float* sinks, float scale, float* out,
               std::vector<float>& sc) {
+  constexpr bool bf16 = BF16;
   const int G = GT ? GT : G_;
   const int S = hi - lo;
   constexpr int NPOS = GT ? 16 / GT : 16;  // positions per block of 16 dot products (bounds the unrolled loops)
@@ -159,14 +161,15 @@ void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uin
 using HeadFn = void (*)(int, int, int, const float*, const uint8_t*, const uint8_t*, int, bool, int64_t, int64_t, int,
                         int, const float*, float, float*, std::vector<float>&);
 
+template <bool BF16>
 HeadFn head_fn(int G) {
   switch (G) {
-    case 1: return one_head<1>;
-    case 2: return one_head<2>;
-    case 4: return one_head<4>;
-    case 8: return one_head<8>;
-    case 16: return one_head<16>;
-    default: return one_head<0>;
+    case 1: return one_head<1, BF16>;
+    case 2: return one_head<2, BF16>;
+    case 4: return one_head<4, BF16>;
+    case 8: return one_head<8, BF16>;
+    case 16: return one_head<16, BF16>;
+    default: return one_head<0, BF16>;
   }
 }
 
@@ -187,7 +190,7 @@ int cadenza_decode_attention(int B, int N, int K, int D, int Dv, const float* q,
   if (nthreads <= 0) nthreads = omp_get_max_threads();
   const auto* kp = static_cast<const uint8_t*>(k);
   const auto* vp = static_cast<const uint8_t*>(v);
-  const HeadFn fn = head_fn(G);
+  const HeadFn fn = kv_bf16 ? head_fn<true>(G) : head_fn<false>(G);
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> sc;
