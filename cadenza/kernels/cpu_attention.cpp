@@ -78,10 +78,11 @@ inline __m512 reduce16(const __m512 v[16]) {
 // and they live in registers), or 0: G at run time (other group sizes; slower, the arrays in memory). BF16: the
 // cache's type as a constant, so the inner loops carry no branch on it.
 template <int GT, bool BF16>
-void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uint8_t* v, int esize, bool,
+void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uint8_t* v,
               int64_t ks, int64_t vs, int lo, int hi, const float* sinks, float scale, float* out,
               std::vector<float>& sc) {
   constexpr bool bf16 = BF16;
+  constexpr int esize = BF16 ? 2 : 4;
   const int G = GT ? GT : G_;
   const int S = hi - lo;
   constexpr int NPOS = GT ? 16 / GT : 16;  // positions per block of 16 dot products (bounds the unrolled loops)
@@ -158,7 +159,7 @@ void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uin
   }
 }
 
-using HeadFn = void (*)(int, int, int, const float*, const uint8_t*, const uint8_t*, int, bool, int64_t, int64_t, int,
+using HeadFn = void (*)(int, int, int, const float*, const uint8_t*, const uint8_t*, int64_t, int64_t, int,
                         int, const float*, float, float*, std::vector<float>&);
 
 template <bool BF16>
@@ -198,7 +199,7 @@ int cadenza_decode_attention(int B, int N, int K, int D, int Dv, const float* q,
     for (int64_t i = 0; i < int64_t(B) * K; ++i) {
       const int b = int(i / K), h = int(i % K);
       fn(G, D, Dv, q + (int64_t(b) * N + int64_t(h) * G) * D, kp + (b * kb + h * kh) * esize,
-               vp + (b * vb + h * vh) * esize, esize, kv_bf16 != 0, ks, vs, lo[b], hi[b],
+               vp + (b * vb + h * vh) * esize, ks, vs, lo[b], hi[b],
                sinks ? sinks + int64_t(h) * G : nullptr, scale, out + (int64_t(b) * N + int64_t(h) * G) * Dv, sc);
     }
   }

@@ -1038,8 +1038,8 @@ int forward(int E, int H, int I, const Mat& mg, const Mat& md, const void* x, in
   nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, blocks1)));
 
   // Stage x (zero-padded to Hp), a row a token. A decode step's few rows are staged here, before the team starts:
-  // a row takes a few microseconds on one core, less than the barrier a shared loop ends with (with OpenMP's
-  // threads asleep between jobs, each barrier wakes some of them; a decode layer's job has ~0.3-0.5 ms in all).
+  // a row takes a few microseconds on one core, less than the barrier a shared loop ends with (a decode layer's
+  // job has ~0.2-0.5 ms in all; a thread that slept past GOMP_SPINCOUNT pays a wake-up at each barrier).
   auto stage = [&](int t) {
     float* dst = xs + int64_t(t) * Hp;
     for (int i = H; i < Hp; ++i) stage_put(put_x, dst, Hp, i, 0.0f);
