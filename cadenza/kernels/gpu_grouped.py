@@ -1,7 +1,9 @@
+# Over 400 lines: the grouped kernel and the dequantize-first way share the call, its checks and its sums.
 """A layer's routed experts for many tokens at once on the GPU: one grouped tensor-core product per matrix that
 reads the tiled layouts (cadenza.kernels.layout) as they are. Our own kernel because no library multiplies these
 tiles, and the alternative (each expert dequantized to bf16, then cuBLAS: `gpu_moe.expert_forward`) costs a
-dequantization per expert and a dozen launches per expert, which a step of hundreds of tokens pays on every layer.
+dequantization per expert, which a step of a few tokens an expert pays on every layer (many tokens an expert: the
+second way below).
 
 `moe_grouped` takes what `gpu_moe.moe_decode` takes (x [T, H], rows [T, k] of a stack, -1 skipping a pair, the
 routing weights, the stacked tiles) and computes the same y, with nothing read back to the host (a CUDA graph can
@@ -19,6 +21,14 @@ capture it):
   4. down, the same kernel over h's rows [P, Hp] fp32; then the routing weight, the pairs back in token order and
      y = sum over the k slots in fp32 (deterministic, no atomics), cast to x's dtype.
 
+A step whose pairs per expert the host knows (`row_counts`: the offloaded layer read its routing back) and that
+has many of them (DEQUANT_PAIRS on average an expert) goes another way: its experts dequantized to x's dtype a
+chunk at a time (`gpu_moe.dequantize_rows`, one launch a matrix for the chunk), then tensor-core products of each
+expert's pairs (cuBLAS; torch._grouped_mm for a chunk of several experts). The grouped kernel dequantizes a weight
+once per block of 16-32 pairs and so ran T1's ~2150-token passes at ~52 TFLOPS; dequantizing once and multiplying
+in cuBLAS takes a ~2150-token pass of a Mixtral int4 layer from 26.8 to 5.4 ms (283 TFLOPS; benchmarks/box/big_step.py,
+results/2026-12-04-s24).
+
 On by default where the Triton kernels run (`enabled`; CADENZA_GROUPED_EXPERTS=0 turns it off): measured on the
 H200 (benchmarks/box/host_step.py, a full-width Mixtral layer, int4 experts all resident, 512 rows, graphs) at 11.0 ms
 a layer against 36.4 for the experts one at a time.
@@ -26,12 +36,14 @@ a layer against 36.4 for the experts one at a time.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 
-from cadenza.kernels.gpu_moe import _FMT_CODES, _tiled, available
+from cadenza.kernels.gpu_moe import _FMT_CODES, _tiled, available, dequantize_rows
 from cadenza.kernels.gpu_moe_triton import _INTERPRET, _block_scale_min, _nib_value, _round_bf16, _tile_values
 from cadenza.kernels.triton_compat import tl, triton
 from cadenza.models.common import glu_fn
@@ -47,6 +59,13 @@ ENV = "CADENZA_GROUPED_EXPERTS"
 BLOCKS_ENV = "CADENZA_GROUPED_BLOCKS"
 BLOCK_TILES, BLOCK_K, WARPS = 16, 128, 8
 MID_ROWS = 1024  # pairs a slice of the gated unit between the two products (bounds its gate / up copies)
+# Known counts: from this many pairs an active expert on average, dequantize then multiply (CADENZA_DEQUANT_PAIRS,
+# 0: never). Measured on the H200 (benchmarks/box/big_step.py, one int4 layer, bf16): against the grouped kernel
+# Mixtral 1.48x at 128 pairs an expert and 5.0x at 537; Qwen3-30B-A3B's small experts 0.52x at 11, 1.09x at 64 and
+# 1.51x at 125.
+DEQUANT_ENV = "CADENZA_DEQUANT_PAIRS"
+DEQUANT_PAIRS = 64
+DEQUANT_BYTES = 256 << 20  # the dequantized experts of one chunk (at least one expert): the planner reserves it
 
 
 def blocks() -> tuple[int, int, int]:
@@ -75,6 +94,37 @@ def blocks() -> tuple[int, int, int]:
 # products to 0.24%, and other seeds or fewer layers put both paths equally near the fp32 logits.)
 CHECKED_GATE_UP = frozenset({"int4", "q4_0", "q4_k", "mxfp4", "int8", "bf16", "q8_0", "q5_k"})
 CHECKED_DOWN = CHECKED_GATE_UP | {"q6_k"}
+
+
+def dequant_pairs() -> int:
+    """CADENZA_DEQUANT_PAIRS where set (checked), else DEQUANT_PAIRS."""
+    text = os.environ.get(DEQUANT_ENV)
+    if not text:
+        return DEQUANT_PAIRS
+    if not text.isdigit():
+        raise ValueError(
+            f"{DEQUANT_ENV}={text!r}: give a whole number of pairs an expert (e.g. {DEQUANT_PAIRS}; 0: never "
+            "dequantize first), or unset it."
+        )
+    return int(text)
+
+
+def dequant_workspace(hidden: int, intermediate: int, elem: int) -> int:
+    """Bytes of the dequantized experts one call holds at most (a chunk: DEQUANT_BYTES or one expert)."""
+    one = 3 * hidden * intermediate * elem
+    return max(1, DEQUANT_BYTES // one) * one if one <= DEQUANT_BYTES else one
+
+
+def dequantizes(row_counts, x: torch.Tensor) -> bool:
+    """Whether a call with these host-known pairs per stack row dequantizes its experts first (module doc): many
+    pairs an active expert, and no CUDA graph being captured (its products are sized on the host)."""
+    if row_counts is None:
+        return False
+    least = dequant_pairs()
+    active = [c for c in row_counts if c]
+    if least <= 0 or not active or sum(active) < least * len(active):
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def checked(fmt: str) -> bool:
@@ -238,13 +288,15 @@ def moe_grouped(
     biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
     block_tiles: int | None = None,
     pairs: int | None = None,
+    row_counts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """y [T, H] (x's dtype) = sum over slots j of topk_weights[t, j] * expert_{rows[t, j]}(x[t]) (module doc);
     mats: tiled (gate_up [R, Ip/2, gu_bytes], down [R, Hp/4, dn_bytes]); biases: (gate [R, I], up [R, I],
     down [R, H]), any None. pairs: the number of pairs that name a row (not -1), where the caller knows it without
     a sync (a fetch wave of a few of the layer's experts): the activations between the two products are then
     sized by it instead of by all T k pairs (the sorted order puts those pairs first). Too small a number is a
-    wrong answer, so it must be exact or None."""
+    wrong answer, so it must be exact or None. row_counts: the pairs of each stack row, where the host knows them
+    (exact too; they give `pairs`): many an expert, and the experts are dequantized first (module doc)."""
     gate_up, down = mats
     geo = _tiled(gate_up, down, fmt, group, hidden, intermediate)
     t, k = rows.shape
@@ -253,6 +305,11 @@ def moe_grouped(
     if not available(x.device):
         raise RuntimeError(f"the grouped expert kernel runs where the Triton kernels do, not on {x.device}")
     r, p, h, i = gate_up.shape[0], t * k, hidden, intermediate
+    if row_counts is not None:
+        row_counts = [int(c) for c in row_counts]
+        if len(row_counts) != r or min(row_counts, default=0) < 0 or pairs not in (None, sum(row_counts)):
+            raise ValueError(f"row_counts: one count of pairs (>= 0) for each of the {r} stack rows, summing to pairs")
+        pairs = sum(row_counts)
     if pairs is not None and not 0 <= pairs <= p:
         raise ValueError(f"pairs={pairs}: between 0 and the {p} (token, slot) pairs")
     n = p if pairs is None else pairs  # the sorted pairs that name a row: the first n
@@ -266,37 +323,112 @@ def moe_grouped(
     valid = sorted_key < r
     srow = sorted_key.clamp(max=r - 1)
     dev = x.device
+    gb, ub, db = biases if biases is not None else (None, None, None)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
-        # the raw gate / up rows in x's dtype, rounded from the fp32 sums as expert_forward rounds them (fp32 under
-        # the interpreter, whose bf16 casts truncate): half the memory of fp32 rows, the largest of the call
-        raw_dtype = torch.float32 if _INTERPRET else x.dtype
-        raw = torch.empty(n, 2 * geo.ip, dtype=raw_dtype, device=dev)
-        src = (order // k).to(torch.int32)
-        _launch(x, src, table, gate_up, geo.gu_tb, geo.gu_hb, geo.ip // 2, geo.hp, h, geo.ng_h, geo.gu_fmt,
-                geo.gu_group, raw, bm, bt, bk, nw)  # fmt: skip
-        quad = raw.view(n, geo.ip // 2, 4)
-        gb, ub, db = biases if biases is not None else (None, None, None)
-        glu = glu_fn(act)
-        hid = torch.zeros(n, geo.ip, dtype=x.dtype, device=dev)
-        for s0 in range(0, n, MID_ROWS):  # the gated unit in slices of pairs: its gate / up copies stay small
-            q, rows_s = quad[s0 : s0 + MID_ROWS], srow[s0 : s0 + MID_ROWS]
-            m = q.shape[0]
-            gate = q[:, :, :2].reshape(m, geo.ip)[:, :i].to(x.dtype)
-            up = q[:, :, 2:].reshape(m, geo.ip)[:, :i].to(x.dtype)
-            if gb is not None:
-                gate = gate + gb[rows_s].to(x.dtype)
-            if ub is not None:
-                up = up + ub[rows_s].to(x.dtype)
-            hid[s0 : s0 + m, :i] = glu(gate, up)
-        del raw, quad  # (freed before the down product's buffers)
-        out = torch.empty(n, geo.hp, dtype=torch.float32, device=dev)
-        ident = torch.arange(n, dtype=torch.int32, device=dev)
-        _launch(hid, ident, table, down, geo.dn_tb, geo.dn_hb, geo.hp // 4, geo.ip, i, geo.ng_i, geo.dn_fmt,
-                geo.dn_group, out, bm, bt, bk, nw)  # fmt: skip
-    ys = out[:, :h]
+        if dequantizes(row_counts, x):
+            ys = _dequantized(x, order[:n] // k, srow, row_counts, mats, act, fmt, group, h, i, (gb, ub))
+        else:
+            ys = _kernel_products(x, k, table, srow, n, mats, geo, act, i, (gb, ub), (bm, bt, bk, nw))
     if db is not None:
         ys = ys + db[srow].float()
     ys = torch.where(valid[:, None], ys * topk_weights.reshape(-1)[order[:n]].float()[:, None], 0.0)
     y_pair = (torch.zeros if n < p else torch.empty)(p, h, dtype=torch.float32, device=dev)  # (pairs left out: 0)
     y_pair.index_copy_(0, order[:n], ys)
     return y_pair.view(t, k, h).sum(1).to(x.dtype)
+
+
+def _kernel_products(x, k, table, srow, n, mats, geo, act, i, gate_up_biases, launch) -> torch.Tensor:
+    """The first n sorted pairs' expert outputs [n, H] fp32 (before the down bias) by the grouped kernel."""
+    (gate_up, down), (bm, bt, bk, nw), order = mats, launch, table[0]
+    dev, h = x.device, x.shape[1]
+    # the raw gate / up rows in x's dtype, rounded from the fp32 sums as expert_forward rounds them (fp32 under the
+    # interpreter, whose bf16 casts truncate): half the memory of fp32 rows, the largest of the call
+    raw = torch.empty(n, 2 * geo.ip, dtype=torch.float32 if _INTERPRET else x.dtype, device=dev)
+    src = (order // k).to(torch.int32)
+    _launch(x, src, table, gate_up, geo.gu_tb, geo.gu_hb, geo.ip // 2, geo.hp, h, geo.ng_h, geo.gu_fmt, geo.gu_group,
+            raw, bm, bt, bk, nw)  # fmt: skip
+    quad = raw.view(n, geo.ip // 2, 4)
+    gb, ub = gate_up_biases
+    glu = glu_fn(act)
+    hid = torch.zeros(n, geo.ip, dtype=x.dtype, device=dev)
+    for s0 in range(0, n, MID_ROWS):  # the gated unit in slices of pairs: its gate / up copies stay small
+        q, rows_s = quad[s0 : s0 + MID_ROWS], srow[s0 : s0 + MID_ROWS]
+        m = q.shape[0]
+        gate = q[:, :, :2].reshape(m, geo.ip)[:, :i].to(x.dtype)
+        up = q[:, :, 2:].reshape(m, geo.ip)[:, :i].to(x.dtype)
+        if gb is not None:
+            gate = gate + gb[rows_s].to(x.dtype)
+        if ub is not None:
+            up = up + ub[rows_s].to(x.dtype)
+        hid[s0 : s0 + m, :i] = glu(gate, up)
+    del raw, quad  # (freed before the down product's buffers)
+    out = torch.empty(n, geo.hp, dtype=torch.float32, device=dev)
+    ident = torch.arange(n, dtype=torch.int32, device=dev)
+    _launch(hid, ident, table, down, geo.dn_tb, geo.dn_hb, geo.hp // 4, geo.ip, i, geo.ng_i, geo.dn_fmt,
+            geo.dn_group, out, bm, bt, bk, nw)  # fmt: skip
+    return out[:, :h]
+
+
+def _chunks(row_counts: list[int], per: int) -> list[tuple[int, int]]:
+    """Runs [r0, r1) of at most `per` consecutive stack rows, each starting and ending at a row with pairs."""
+    out, r = [], 0
+    while r < len(row_counts):
+        if not row_counts[r]:
+            r += 1
+            continue
+        end = min(r + per, len(row_counts))
+        while not row_counts[end - 1]:
+            end -= 1
+        out.append((r, end))
+        r = end
+    return out
+
+
+def _dequantized(x, src, srow, row_counts, mats, act, fmt, group, h, i, gate_up_biases) -> torch.Tensor:
+    """The sorted pairs' expert outputs [n, H] fp32 (before the down bias): each chunk of experts dequantized to x's
+    dtype, then each expert's pairs through matrix products in x's dtype, as `gpu_moe.expert_forward` computes."""
+    gate_up, down = mats
+    gb, ub = gate_up_biases
+    dev, dt, n = x.device, x.dtype, src.numel()
+    chunks = _chunks(row_counts, max(1, DEQUANT_BYTES // (3 * h * i * x.element_size())))
+    width = max(r1 - r0 for r0, r1 in chunks)
+    gw, uw, dw = (torch.empty(width, *shape, dtype=dt, device=dev) for shape in ((i, h), (i, h), (h, i)))
+    counts = torch.zeros(len(row_counts), dtype=torch.int32, device=dev)
+    counts.scatter_add_(0, srow, torch.ones_like(srow, dtype=torch.int32))  # row_counts, where the products are
+    starts = list(itertools.accumulate(row_counts, initial=0))
+    xs, ys, glu = x[src], torch.empty(n, h, dtype=torch.float32, device=dev), glu_fn(act)
+    for r0, r1 in chunks:
+        c, a, b = r1 - r0, starts[r0], starts[r1]
+        dequantize_rows(gate_up[r0:r1], down[r0:r1], fmt, group, h, i, gw[:c], uw[:c], dw[:c])
+        offs = torch.cumsum(counts[r0:r1], 0, dtype=torch.int32) if c > 1 else None
+        each = row_counts[r0:r1]
+        gate, up = _by_expert(xs[a:b], gw[:c], each, offs), _by_expert(xs[a:b], uw[:c], each, offs)
+        if gb is not None:
+            gate = gate + gb[srow[a:b]].to(dt)
+        if ub is not None:
+            up = up + ub[srow[a:b]].to(dt)
+        ys[a:b] = _by_expert(glu(gate, up), dw[:c], each, offs)
+    return ys
+
+
+def _by_expert(a: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor | None) -> torch.Tensor:
+    """a's rows, consecutive by expert (`counts` of them for expert j, `offs` their running ends on a's device)
+    times w[j]^T (w [c, N, K]): [rows, N] in a's dtype. torch._grouped_mm where it multiplies a's dtype there, else
+    one product an expert."""
+    if w.shape[0] == 1:
+        return a @ w[0].T
+    if offs is not None and _grouped_mm_takes(a, w):
+        return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+    out, s = a.new_empty(a.shape[0], w.shape[1]), 0
+    for j, m in enumerate(counts):
+        if m:
+            torch.mm(a[s : s + m], w[j].T, out=out[s : s + m])
+            s += m
+    return out
+
+
+def _grouped_mm_takes(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm's reach: bf16, sizes in whole 16-byte pieces, and a Hopper (or newer) GPU or the CPU."""
+    if not hasattr(torch, "_grouped_mm") or a.dtype != torch.bfloat16 or a.shape[1] % 8 or w.shape[1] % 8:
+        return False
+    return a.device.type == "cpu" or torch.cuda.get_device_capability(a.device)[0] >= 9

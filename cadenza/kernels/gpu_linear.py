@@ -189,7 +189,7 @@ class BlockLinear(nn.Module):
         grid = (triton.cdiv(self.tiles.shape[0], 4), triton.cdiv(kp, bk))
         emu = _INTERPRET and dtype == torch.bfloat16  # the interpreter's bf16 stores truncate: rounded as a GPU does
         _dequant_kernel[grid](self.tiles, self.tiles.shape[1], self.header,
-                              self.tiles.shape[0], kp, kp // self.group, out, out, out.stride(0), n, k, GU=False,
+                              self.tiles.shape[0], kp, kp // self.group, out, out, out.stride(0), n, k, 0, 0, GU=False,
                               FMT=_FMT_CODES[self.fmt], GROUP=self.group, EMU_RNE=emu, BT=4, BK=bk)  # fmt: skip
         return out
 

@@ -74,6 +74,7 @@ __all__ = [
     "default_blocks",
     "dequantize_expert",
     "dequantize_into",
+    "dequantize_rows",
     "expert_forward",
     "moe_decode",
 ]
@@ -423,62 +424,71 @@ def dequantize_into(
     """Unpacks ONE expert's tiles (gate_up [Ip/2, gu_bytes], down [Hp/4, dn_bytes]) into gate_out, up_out [I, H]
     and down_out [H, I] (any float dtype, rows contiguous): the values of layout.dequantize_tiles, cropped, rounded
     once to the output dtype. One Triton launch per matrix where `available`, else PyTorch."""
+    if gate_up.dim() != 2:
+        raise ValueError("dequantize_into takes one expert's tiles ([tiles, bytes]); dequantize_rows takes stacks")
+    outs = (o.unsqueeze(0) for o in (gate_out, up_out, down_out))
+    dequantize_rows(
+        gate_up.unsqueeze(0), down.unsqueeze(0), fmt, group, hidden, intermediate, *outs, route=route,
+        block_tiles=block_tiles, block_cols=block_cols,
+    )  # fmt: skip
+
+
+def dequantize_rows(
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    fmt: str,
+    group: int,
+    hidden: int,
+    intermediate: int,
+    gate_out: torch.Tensor,
+    up_out: torch.Tensor,
+    down_out: torch.Tensor,
+    *,
+    route: str = "auto",
+    block_tiles: int = 4,
+    block_cols: int = 1024,
+) -> None:
+    """`dequantize_into` for n experts at once: stacked tiles gate_up [n, Ip/2, gu_bytes], down [n, Hp/4, dn_bytes]
+    (rows of a stack, any stride between them) into gate_out, up_out [n, I, H] and down_out [n, H, I] (rows
+    contiguous). One Triton launch per matrix for all n (a small expert's launch alone leaves the
+    GPU mostly idle), else PyTorch expert by expert."""
     geo = _tiled(gate_up, down, fmt, group, hidden, intermediate)
-    h, i = hidden, intermediate
+    h, i, n = hidden, intermediate, gate_up.shape[0]
     for name, o, shape in (("gate_out", gate_out, (i, h)), ("up_out", up_out, (i, h)), ("down_out", down_out, (h, i))):
-        if tuple(o.shape) != shape or o.stride(-1) != 1:
-            raise ValueError(f"{name} must be {list(shape)} with contiguous rows, got {tuple(o.shape)} {o.stride()}")
-    if gate_up.dim() != 2 or gate_out.stride(0) != up_out.stride(0) or gate_out.dtype != up_out.dtype:
-        raise ValueError("dequantize_into takes one expert's tiles ([tiles, bytes]) and like gate / up outputs")
+        if tuple(o.shape) != (n, *shape) or o.stride(-1) != 1:
+            want = f"[{n}, {shape[0]}, {shape[1]}] with contiguous rows"
+            raise ValueError(f"{name} must be {want}, got {tuple(o.shape)} {o.stride()}")
+    if gate_up.dim() != 3 or down.shape[0] != n or gate_out.stride() != up_out.stride():
+        raise ValueError(
+            "dequantize_rows takes n experts' stacked tiles ([n, tiles, bytes]) and like gate / up outputs"
+        )
+    if gate_out.dtype != up_out.dtype:
+        raise ValueError(f"gate_out and up_out differ in dtype: {gate_out.dtype}, {up_out.dtype}")
     if not _use_triton(gate_up.device, route):
-        for o, v in zip((gate_out, up_out, down_out), _dequant_torch(gate_up, down, fmt, group, h, i), strict=True):
-            o.copy_(v)
+        for j in range(n):
+            vals = _dequant_torch(gate_up[j], down[j], fmt, group, h, i)
+            for o, v in zip((gate_out[j], up_out[j], down_out[j]), vals, strict=True):
+                o.copy_(v)
+        return
+    if n == 0:
         return
     if block_cols < PAD or block_cols & (block_cols - 1) or block_tiles & (block_tiles - 1):
         raise ValueError(f"block_cols must be a power of two >= {PAD}, block_tiles a power of two")
     block_cols = min(block_cols, _step_cols(max(geo.hp, geo.ip), block_cols))
     emu = lambda o: _INTERPRET and o.dtype == torch.bfloat16  # noqa: E731
     with torch.cuda.device(gate_up.device) if gate_up.device.type == "cuda" else nullcontext():
-        grid = (triton.cdiv(geo.ip // 2, block_tiles), triton.cdiv(geo.hp, block_cols))
-        _dequant_kernel[grid](
-            gate_up,
-            geo.gu_tb,
-            geo.gu_hb,
-            geo.ip // 2,
-            geo.hp,
-            geo.ng_h,
-            gate_out,
-            up_out,
-            gate_out.stride(0),
-            i,
-            h,
-            GU=True,
-            FMT=_FMT_CODES[geo.gu_fmt],
-            GROUP=geo.gu_group,
-            EMU_RNE=emu(gate_out),
-            BT=block_tiles,
-            BK=block_cols,
-        )
-        grid = (triton.cdiv(geo.hp // 4, block_tiles), triton.cdiv(geo.ip, block_cols))
-        _dequant_kernel[grid](
-            down,
-            geo.dn_tb,
-            geo.dn_hb,
-            geo.hp // 4,
-            geo.ip,
-            geo.ng_i,
-            down_out,
-            down_out,
-            down_out.stride(0),
-            h,
-            i,
-            GU=False,
-            FMT=_FMT_CODES[geo.dn_fmt],
-            GROUP=geo.dn_group,
-            EMU_RNE=emu(down_out),
-            BT=block_tiles,
-            BK=block_cols,
-        )
+        for mat, tiles, cols, k_cols, ng, tb, hb, mfmt, mgroup, out0, out1, n_rows, n_cols, gu in (
+            (gate_up, geo.ip // 2, geo.hp, geo.hp, geo.ng_h, geo.gu_tb, geo.gu_hb, geo.gu_fmt, geo.gu_group,
+             gate_out, up_out, i, h, True),
+            (down, geo.hp // 4, geo.ip, geo.ip, geo.ng_i, geo.dn_tb, geo.dn_hb, geo.dn_fmt, geo.dn_group,
+             down_out, down_out, h, i, False),
+        ):  # fmt: skip
+            grid = (triton.cdiv(tiles, block_tiles), triton.cdiv(cols, block_cols), n)
+            _dequant_kernel[grid](
+                mat, tb, hb, tiles, k_cols, ng, out0, out1, out0.stride(1), n_rows, n_cols, mat.stride(0),
+                out0.stride(0), GU=gu, FMT=_FMT_CODES[mfmt], GROUP=mgroup, EMU_RNE=emu(out0), BT=block_tiles,
+                BK=block_cols,
+            )  # fmt: skip
 
 
 def dequantize_expert(

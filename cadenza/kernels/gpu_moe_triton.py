@@ -699,6 +699,8 @@ def _dequant_kernel(
     ld,
     n_rows,
     n_cols,
+    src_rs,
+    out_rs,
     GU: tl.constexpr,
     FMT: tl.constexpr,
     GROUP: tl.constexpr,
@@ -708,7 +710,12 @@ def _dequant_kernel(
 ):
     """Tiles t of a matrix with K padded columns -> rows of out0 (down: row 4t + r; gate_up: gate row 2t + r)
     and out1 (gate_up: up row 2t + r - 2), cropped to n_rows x n_cols; the values of dequantize_tiles, rounded
-    once. Columns are [blocks of GS][GS], GS one scale's span, so scales load once per row and block."""
+    once. Columns are [blocks of GS][GS], GS one scale's span, so scales load once per row and block. Grid axis 2:
+    the expert, src_rs bytes apart in the stack and out_rs elements apart in the outputs."""
+    e = tl.program_id(2).to(tl.int64)
+    src += e * src_rs
+    out0 += e * out_rs
+    out1 += e * out_rs
     GS: tl.constexpr = GROUP if GROUP else BK
     t = (tl.program_id(0) * BT + tl.arange(0, BT))[:, None, None, None]
     r = tl.arange(0, 4)[None, :, None, None]

@@ -101,13 +101,13 @@ class ExpertLayout:
         topk_weights: torch.Tensor,
         stacks: list[torch.Tensor],
         grouped: bool = False,
-        pairs: int | None = None,
+        row_counts: list[int] | None = None,
     ) -> torch.Tensor:
         """[T, H]: the pairs whose `rows` [T, k] entry names a row of `stacks` (-1: skipped), weighted and summed.
         Tiled stacks: [gate_up, down] or [gate_up, down, gate_bias [R, I], up_bias [R, I], down_bias [R, H]] (a
         bias possibly None). grouped: through gpu_grouped's products (the caller's choice, for many tokens where
-        `grouped(device)` holds: LayerOffload.decode_rows); pairs: how many of `rows` name a row, where the host
-        knows it (gpu_grouped's `pairs`)."""
+        `grouped(device)` holds: LayerOffload.decode_rows); row_counts: how many pairs name each row of the stacks,
+        where the host knows it (gpu_grouped's `row_counts`)."""
         from cadenza.kernels.gpu_moe import moe_decode
 
         if self.plain:
@@ -118,7 +118,8 @@ class ExpertLayout:
             from cadenza.kernels.gpu_grouped import moe_grouped
 
             b = _biases(biases)
-            return moe_grouped(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=b, pairs=pairs)
+            mats = (gate_up, down)
+            return moe_grouped(x, rows, topk_weights, mats, self.act, **kw, biases=b, row_counts=row_counts)
         return moe_decode(x, rows, topk_weights, (gate_up, down), self.act, **kw, biases=_biases(biases))
 
     def grouped(self, device: torch.device) -> bool:

@@ -58,7 +58,7 @@ def offloaded(layer, x, topk_ids, topk_weights, shared, decode: bool) -> torch.T
     # (token, slot) pairs grouped by expert on the GPU side; counts from the host slice it without a sync
     order = expert_order(topk_ids) if (resident or fetch) and not decode or split else None
     if decode and resident:  # one launch per matrix for all the layer's resident experts
-        y = layer.decode_residents(x, topk_ids, topk_weights, sum(counts[e] for e in resident))
+        y = layer.decode_residents(x, topk_ids, topk_weights, counts)
     else:
         y = torch.zeros_like(x)
         if resident:
@@ -131,8 +131,10 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
                 else:
                     torch.arange(slot, slot + n, dtype=torch.int32, device=x.device, out=lut.narrow(0, e, n))
             rows = lut[topk_ids]
-            pairs = sum(counts[e] for e in wave)  # (host-known: the grouped product sizes its activations by it)
-            y += layer.decode_rows(x, rows, topk_weights, cache.shaped(layer.parts), pairs)
+            row_counts = [0] * cache.num_slots  # (host-known: the grouped product sizes its work by them)
+            for e, slot in slots.items():
+                row_counts[slot] = counts[e]
+            y += layer.decode_rows(x, rows, topk_weights, cache.shaped(layer.parts), row_counts)
         else:
             weights = lambda e, s=slots: cache.weights(s[e], layer.parts)  # noqa: E731
             layer.layout.run(x, k, topk_weights, order, counts, wave, weights, y)

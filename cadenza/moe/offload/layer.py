@@ -82,17 +82,23 @@ class LayerOffload:
                 dst.copy_(src, non_blocking=True)
 
     def decode_residents(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, pairs: int | None = None
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, counts: list[int] | None = None
     ) -> torch.Tensor:
-        """The resident experts' share of a few tokens, in one launch per matrix (non-resident pairs skipped)."""
-        return self.decode_rows(x, self.row_lut[topk_ids], topk_weights, self.stacks, pairs)
+        """The resident experts' share of a few tokens, in one launch per matrix (non-resident pairs skipped).
+        counts: the pairs of each expert of the layer, where the host knows them."""
+        row_counts = None
+        if counts is not None:
+            row_counts = [0] * len(self.resident_rows)
+            for e, r in self.resident_rows.items():
+                row_counts[r] = counts[e]
+        return self.decode_rows(x, self.row_lut[topk_ids], topk_weights, self.stacks, row_counts)
 
-    def decode_rows(self, x, rows, topk_weights, stacks, pairs: int | None = None) -> torch.Tensor:
+    def decode_rows(self, x, rows, topk_weights, stacks, row_counts: list[int] | None = None) -> torch.Tensor:
         """`layout.decode` of the pairs' rows of `stacks` (residents, fetch slots): grouped products past the decode
-        kernels' few tokens where this layer has them. pairs: how many of `rows` name a row, where the host knows
-        it (None: not known)."""
+        kernels' few tokens where this layer has them. row_counts: how many pairs name each row of the stacks,
+        where the host knows it (None: not known)."""
         grouped = self.grouped and x.shape[0] > policy.DECODE_MAX_TOKENS
-        return self.layout.decode(x, rows, topk_weights, stacks, grouped, pairs if grouped else None)
+        return self.layout.decode(x, rows, topk_weights, stacks, grouped, row_counts if grouped else None)
 
     def __call__(
         self,

@@ -18,12 +18,16 @@ CUDA_MARGIN = 256 * 1024 * 1024  # cuBLAS workspaces and the allocator's roundin
 
 def workspace_bytes(config, dtype: torch.dtype, max_context: int, chunk: int, margin: int) -> int:
     """GPU activation memory for one prefill chunk: hidden states and attention projections, a few expert
-    intermediates, the [T, S] mask, logits, plus a margin."""
+    intermediates, the [T, S] mask, logits, plus a margin; on a real GPU (a margin) also the experts a big step
+    dequantizes at once (gpu_grouped.dequant_workspace)."""
+    from cadenza.kernels.gpu_grouped import dequant_workspace
+
     elem = torch.empty((), dtype=dtype).element_size()
     h, i = config.hidden_size, config.intermediate_size
     heads = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
     per_token = (8 * h + 4 * i + 4 * heads) * elem
-    return chunk * per_token + chunk * max_context + 8 * config.vocab_size + margin
+    dequant = dequant_workspace(h, getattr(config, "moe_intermediate_size", None) or i, elem) if margin else 0
+    return chunk * per_token + chunk * max_context + 8 * config.vocab_size + margin + dequant
 
 
 def plan_offload(
