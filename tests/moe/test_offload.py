@@ -118,12 +118,8 @@ def stacked_host(n: int, shift: float = 0.0):
     return gate_up, down
 
 
-def test_slot_cache_copies_consecutive_experts_into_consecutive_slots_at_once(monkeypatch):
-    """A wave of a layer's experts that follow each other in host memory and get slots that follow each other is
-    copied as one copy a part; the slots hold each expert's bytes, the hits and misses count per expert."""
-    gate_up, down = stacked_host(8)
-    parts = [((6, 8), torch.float32), ((4, 3), torch.float32)]
-    cache = SlotCache(6, device=torch.device("cpu"), parts=parts)
+def recorded_fills(monkeypatch) -> list[tuple[int, int]]:
+    """(first slot, experts) of each copy SlotCache makes from now on."""
     copies = []
     real = SlotCache._fill
     monkeypatch.setattr(
@@ -131,6 +127,16 @@ def test_slot_cache_copies_consecutive_experts_into_consecutive_slots_at_once(mo
         "_fill",
         lambda self, slot, host, stream=None, n=1: copies.append((slot, n)) or real(self, slot, host, stream, n),
     )
+    return copies
+
+
+def test_slot_cache_copies_consecutive_experts_into_consecutive_slots_at_once(monkeypatch):
+    """A wave of a layer's experts that follow each other in host memory and get slots that follow each other is
+    copied as one copy a part; the slots hold each expert's bytes, the hits and misses count per expert."""
+    gate_up, down = stacked_host(8)
+    parts = [((6, 8), torch.float32), ((4, 3), torch.float32)]
+    cache = SlotCache(6, device=torch.device("cpu"), parts=parts)
+    copies = recorded_fills(monkeypatch)
     slots = cache.get_many(0, [2, 3, 4, 6], lambda e: (gate_up[e], down[e]))
     assert slots == {2: 0, 3: 1, 4: 2, 6: 3} and copies == [(0, 3), (3, 1)]  # 5 is not in the wave: a new run
     for e, s in slots.items():
@@ -157,14 +163,32 @@ def test_slot_cache_copies_apart_what_is_not_one_run():
             assert torch.equal(view[0][s], host[e][0]) and torch.equal(view[1][s], host[e][1]), (parts, e)
 
 
-def test_slot_cache_fills_a_slot_taken_twice_in_one_wave_in_order():
-    """Prefetching more experts than free slots evicts within the same call: the later expert's bytes win."""
+def test_slot_cache_prefetches_what_its_slots_hold(monkeypatch):
+    """Prefetching more experts than slots issues the first ones that fit (never one evicting another of the same
+    call, a copy wasted) in one run; the slots hold their bytes."""
     gate_up, down = stacked_host(4)
     cache = SlotCache(2, device=torch.device("cpu"), parts=[((6, 8), torch.float32), ((4, 3), torch.float32)])
-    issued = cache.prefetch_many(0, [0, 1, 2], lambda e: (gate_up[e], down[e]))
-    assert issued == [0, 1, 2] and set(cache.where) == {(0, 1), (0, 2)}
-    s = cache.where[(0, 2)]
-    assert torch.equal(cache.stacks[0][s], gate_up[2]) and torch.equal(cache.stacks[0][cache.where[(0, 1)]], gate_up[1])
+    copies = recorded_fills(monkeypatch)
+    issued = cache.prefetch_many(0, [1, 0, 2], lambda e: (gate_up[e], down[e]))
+    assert issued == [1, 0] and cache.where == {(0, 0): 0, (0, 1): 1} and copies == [(0, 2)]
+    for e in (0, 1):
+        assert torch.equal(cache.stacks[0][cache.where[(0, e)]], gate_up[e])
+    assert cache.prefetch_many(0, [0, 1], lambda e: (gate_up[e], down[e])) == []  # cached already
+
+
+def test_slot_cache_gives_a_wave_its_victims_slots_in_ascending_order(monkeypatch):
+    """Victims whose slots come out in descending order (the oldest key in the higher slot) still take a wave of
+    consecutive experts as one copy: slots and experts are paired both ascending."""
+    gate_up, down = stacked_host(8)
+    cache = SlotCache(4, device=torch.device("cpu"), parts=[((6, 8), torch.float32), ((4, 3), torch.float32)])
+    host = lambda e: (gate_up[e], down[e])  # noqa: E731
+    for wave in ([0, 1, 2, 3], [3], [2], [0, 1]):  # least recently used now: expert 3 (slot 3), then 2 (slot 2)
+        cache.release_many(cache.get_many(0, wave, host).values())
+    copies = recorded_fills(monkeypatch)
+    slots = cache.get_many(1, [5, 4], host)
+    assert slots == {5: 3, 4: 2} and list(slots) == [5, 4] and copies == [(2, 2)]
+    assert torch.equal(cache.stacks[0][2], gate_up[4]) and torch.equal(cache.stacks[0][3], gate_up[5])
+    assert set(cache.where) == {(0, 0), (0, 1), (1, 4), (1, 5)}
 
 
 def test_lru_victim_where_agrees_with_victim():

@@ -90,20 +90,25 @@ class SlotCache:
         """`get` for several experts of one layer: expert -> slot, the missing ones copied from `host_of(e)` in
         runs (`_fill_runs`). `release_many` the slots once the work reading them is queued."""
         slots: dict[int, int] = {}
-        fills = []
+        missing = []
         for e in experts:
-            key = (layer, e)
-            slot = self.where.get(key)
-            if slot is not None:
-                self.hits += 1
-            else:
-                self.misses += 1
-                slot = self._take(key)
-                fills.append((slot, host_of(e)))
-            self.policy.touch(key)
+            slot = self.where.get((layer, e))
+            if slot is None:
+                if e not in missing:
+                    missing.append(e)
+                continue
+            self.hits += 1
+            self.policy.touch((layer, e))
             self.in_use.add(slot)
             slots[e] = slot
+        fills = []
+        for e, slot in self._assign(layer, missing, [self._vacant() for _ in missing]):
+            self.misses += 1
+            self.in_use.add(slot)
+            slots[e] = slot
+            fills.append((slot, host_of(e)))
         self._fill_runs(fills)
+        slots = {e: slots[e] for e in experts}  # (in the wave's order)
         if self.cuda:
             stream = torch.cuda.current_stream(self.device)
             for ev in {id(self.filled[s]): self.filled[s] for s in slots.values()}.values():
@@ -117,15 +122,15 @@ class SlotCache:
 
     def prefetch_many(self, layer: int, experts: list[int], host_of: Callable[[int], tuple]) -> list[int]:
         """`prefetch` for several experts of one layer, copied in runs on the prefetch stream: those issued."""
-        issued, fills = [], []
+        issued, taken = [], []
         for e in experts:
-            key = (layer, e)
-            if key in self.where or (not self.free and len(self.in_use) >= len(self.where)):
+            if (layer, e) in self.where or e in issued:
                 continue
-            slot = self._take(key)
-            fills.append((slot, host_of(e)))
-            self.policy.touch(key)
+            if not self.free and len(self.in_use) >= len(self.where):  # no slot left to take
+                break
             issued.append(e)
+            taken.append(self._vacant())
+        fills = [(slot, host_of(e)) for e, slot in self._assign(layer, issued, taken)]
         self._fill_runs(fills, self.prefetch_stream if self.cuda else None)
         return issued
 
@@ -156,11 +161,15 @@ class SlotCache:
         self.release(slot)
         self.free.append(slot)
 
-    def _take(self, key) -> int:
-        """A slot for `key`."""
-        slot = self._vacant()
-        self.where[key] = slot
-        return slot
+    def _assign(self, layer: int, experts: list[int], slots: list[int]) -> list[tuple[int, int]]:
+        """The taken `slots` given to `experts` both in ascending order, as (expert, slot), cached and touched in
+        that order: a layer's consecutive experts land in consecutive slots where the slots allow, one copy a run
+        (`_fill_runs`), and since the oldest are evicted first the next wave's victims are those runs again."""
+        pairs = list(zip(sorted(experts), sorted(slots), strict=True))
+        for e, slot in pairs:
+            self.where[(layer, e)] = slot
+            self.policy.touch((layer, e))
+        return pairs
 
     def _vacant(self) -> int:
         """A free slot, else the eviction policy's victim among the slots not in use (forgotten by the cache)."""
