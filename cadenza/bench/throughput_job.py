@@ -124,10 +124,13 @@ def run_job(
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             passes = llm.engine.passes.snapshot()
+            cache = getattr(llm.orchestra, "cache", None)
+            copies = cache.copies if cache is not None else 0
             t0 = time.perf_counter()
             results = llm.generate(prompts, params, mode="throughput")
             seconds = time.perf_counter() - t0
             passes = llm.engine.passes.since(passes)
+            copies = cache.copies - copies if cache is not None else 0
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             add(scenario, {**row, "skipped": f"out of GPU memory: {str(e).splitlines()[0]}"})
@@ -145,6 +148,8 @@ def run_job(
             seconds=round(seconds, 3),
             throughput_tok_s=round(rate, 2),
             passes=passes,  # {"prefill" | "decode" | "mixed": {"passes", "seconds"}}: where the job's time went
+            # fetched experts' copy runs (one copy a part each) a pass: session 24's T2 timeline counted ~11,200
+            copy_runs_per_pass=round(copies / max(1, sum(v["passes"] for v in passes.values())), 1),
             **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in roof.items()},
             roofline_fraction=round(rate / roof["roofline_tok_s"], 3) if roof["roofline_tok_s"] else None,
             plan=plan.as_dict(),

@@ -47,6 +47,7 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
         passes = row["passes"]
         assert set(passes) <= {"prefill", "decode", "mixed"} and all(p["seconds"] >= 0 for p in passes.values())
         assert sum(passes[k]["passes"] for k in passes if k != "prefill") >= 3 - 1
+        assert row["copy_runs_per_pass"] >= 0  # (the fetch slots' copies, where the run has slots)
     assert "host memory" in rows[1]["cuda_graphs"] or "no CUDA" in rows[1]["cuda_graphs"]
     # each run's timeline of its decode steps: the engine's step marks, and with the cache on the host the CPU
     # attention's spans on the threads that ran them

@@ -146,6 +146,7 @@ def test_slot_cache_copies_consecutive_experts_into_consecutive_slots_at_once(mo
     copies.clear()
     again = cache.get_many(0, [3, 4, 5], lambda e: (gate_up[e], down[e]))  # 3, 4 hit; 5 fills slot 4
     assert again == {3: 1, 4: 2, 5: 4} and copies == [(4, 1)] and (cache.hits, cache.misses) == (2, 5)
+    assert cache.copies == 3  # the runs copied, counted for the benchmarks
     assert torch.equal(cache.stacks[0][4], gate_up[5])
 
 

@@ -52,6 +52,7 @@ class SlotCache:
         self.free = list(range(num_slots - 1, -1, -1))
         self.hits = 0
         self.misses = 0
+        self.copies = 0  # runs of experts copied in (each one copy a part): what a step's copy calls cost
         self.in_use: set[int] = set()  # slots handed out by `get` and not yet released: never evicted
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
@@ -205,6 +206,7 @@ class SlotCache:
                 (v.narrow(0, slot, n), src.as_strided((n, *src.shape), (src.numel(), *src.stride())))
                 for v, src in zip(views, host, strict=True)
             ]
+        self.copies += 1
         if not self.cuda:  # emulated GPU side: a plain copy
             for dst, src in pairs:
                 dst.copy_(src)
