@@ -109,10 +109,16 @@ def dequant_pairs() -> int:
     return int(text)
 
 
-def dequant_workspace(hidden: int, intermediate: int, elem: int) -> int:
-    """Bytes of the dequantized experts one call holds at most (a chunk: DEQUANT_BYTES or one expert)."""
+def dequant_workspace(hidden: int, intermediate: int, elem: int, experts: int) -> int:
+    """Bytes of the dequantized experts one call holds at most: a chunk (`_chunk_rows`) of a layer's `experts`."""
     one = 3 * hidden * intermediate * elem
-    return max(1, DEQUANT_BYTES // one) * one if one <= DEQUANT_BYTES else one
+    return min(max(1, DEQUANT_BYTES // one), experts) * one
+
+
+def _chunk_rows(row_counts: list[int], one: int) -> int:
+    """Stack rows a chunk spans at most: DEQUANT_BYTES of experts of `one` bytes (at least one), and no more than
+    the rows with pairs (a wave's are one layer's experts), so `dequant_workspace` bounds the chunk."""
+    return min(max(1, DEQUANT_BYTES // one), sum(1 for c in row_counts if c))
 
 
 def dequantizes(row_counts, x: torch.Tensor) -> bool:
@@ -390,7 +396,7 @@ def _dequantized(x, src, srow, row_counts, mats, act, fmt, group, h, i, gate_up_
     gate_up, down = mats
     gb, ub = gate_up_biases
     dev, dt, n = x.device, x.dtype, src.numel()
-    chunks = _chunks(row_counts, max(1, DEQUANT_BYTES // (3 * h * i * x.element_size())))
+    chunks = _chunks(row_counts, _chunk_rows(row_counts, 3 * h * i * x.element_size()))
     width = max(r1 - r0 for r0, r1 in chunks)
     gw, uw, dw = (torch.empty(width, *shape, dtype=dt, device=dev) for shape in ((i, h), (i, h), (h, i)))
     counts = torch.zeros(len(row_counts), dtype=torch.int32, device=dev)

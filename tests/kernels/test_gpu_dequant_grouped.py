@@ -60,13 +60,16 @@ def test_dequant_workspace_is_a_chunk_or_one_expert(monkeypatch):
     from cadenza.moe.offload.planning import workspace_bytes
 
     one = 3 * 4096 * 14336 * 2  # Mixtral's expert in bf16: larger than a chunk
-    assert package.dequant_workspace(4096, 14336, 2) == one
+    assert package.dequant_workspace(4096, 14336, 2, 8) == one
     small = 3 * 2048 * 768 * 2  # Qwen3-30B-A3B's: as many as fit
-    assert package.dequant_workspace(2048, 768, 2) == (package.DEQUANT_BYTES // small) * small <= package.DEQUANT_BYTES
+    assert package.dequant_workspace(2048, 768, 2, 128) == (package.DEQUANT_BYTES // small) * small
+    assert package.dequant_workspace(64, 32, 2, 4) == 4 * 3 * 64 * 32 * 2  # a tiny model: its 4 experts
+    assert package._chunk_rows([0, 9, 0, 9, 9], 3 * 64 * 32 * 2) == 3  # no wider than the rows with pairs
+    assert package._chunk_rows([9] * 128, small) == package.DEQUANT_BYTES // small
     cfg = SimpleNamespace(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, vocab_size=1000,
                           num_attention_heads=32, num_key_value_heads=4, head_dim=128)  # fmt: skip
-    gpu, cpu = (workspace_bytes(cfg, torch.bfloat16, 64, 16, m) for m in (100, 0))
-    assert gpu - cpu - 100 == package.dequant_workspace(2048, 768, 2)  # reserved on a real GPU only (the margin)
+    gpu, cpu = (workspace_bytes(cfg, torch.bfloat16, 64, 16, m, 128) for m in (100, 0))
+    assert gpu - cpu - 100 == package.dequant_workspace(2048, 768, 2, 128)  # on a real GPU only (the margin)
 
 
 @needs_kernels

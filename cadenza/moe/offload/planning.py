@@ -16,17 +16,18 @@ from cadenza.moe.placement import Placement, plan
 CUDA_MARGIN = 256 * 1024 * 1024  # cuBLAS workspaces and the allocator's rounding, on a real GPU
 
 
-def workspace_bytes(config, dtype: torch.dtype, max_context: int, chunk: int, margin: int) -> int:
+def workspace_bytes(config, dtype: torch.dtype, max_context: int, chunk: int, margin: int, experts: int = 0) -> int:
     """GPU activation memory for one prefill chunk: hidden states and attention projections, a few expert
     intermediates, the [T, S] mask, logits, plus a margin; on a real GPU (a margin) also the experts a big step
-    dequantizes at once (gpu_grouped.dequant_workspace)."""
+    dequantizes at once (gpu_grouped.dequant_workspace, a chunk of a layer's `experts` routed experts)."""
     from cadenza.kernels.gpu_grouped import dequant_workspace
 
     elem = torch.empty((), dtype=dtype).element_size()
     h, i = config.hidden_size, config.intermediate_size
     heads = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
     per_token = (8 * h + 4 * i + 4 * heads) * elem
-    dequant = dequant_workspace(h, getattr(config, "moe_intermediate_size", None) or i, elem) if margin else 0
+    expert_i = getattr(config, "moe_intermediate_size", None) or i
+    dequant = dequant_workspace(h, expert_i, elem, experts) if margin else 0
     return chunk * per_token + chunk * max_context + 8 * config.vocab_size + margin + dequant
 
 
@@ -58,7 +59,7 @@ def _terms(sizes, config, dtype, policy_name, max_context, max_batch, chunk, cud
     """(fetch slots, workspace bytes, fill) a device's plan reserves for this policy and batch."""
     k, e = getattr(config, "num_experts_per_tok", 2), sizes.num_experts
     slots = policy.fetch_slots(policy_name, k, e if micro_batches > 1 else 0, max_batch, e, sizes.expert_bytes)
-    workspace = workspace_bytes(config, dtype, max_context, chunk, CUDA_MARGIN if cuda else 0)
+    workspace = workspace_bytes(config, dtype, max_context, chunk, CUDA_MARGIN if cuda else 0, e)
     return slots, workspace, policy.placement_fill(policy_name, max_batch, k, e)
 
 

@@ -258,7 +258,7 @@ def plan_job(
     return plan_throughput(
         sizes,
         budget_bytes,
-        workspace_bytes(config, dtype, context, PREFILL_CHUNK, CUDA_MARGIN),
+        workspace_bytes(config, dtype, context, PREFILL_CHUNK, CUDA_MARGIN, sizes.num_experts),
         context,
         k,
         rates.h2d_gb_s,
