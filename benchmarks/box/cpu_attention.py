@@ -6,7 +6,7 @@ attention at ~2.6 ms a layer with the q copy's wait for the GPU inside it; the k
 machine's 2 cores computed at its multiply-add limit (Qwen3's heads 9 GB/s, memory 50). Writes
 $OUT/cpu-attention.txt (stdout without $OUT).
 
-source benchmarks/box/setup.sh; python3 benchmarks/box/cpu_attention.py  (~30 s)"""
+source benchmarks/box/setup.sh; python3 benchmarks/box/cpu_attention.py  (~30 s; THREADS=1,2 on another machine)"""
 
 import os
 import time
@@ -36,7 +36,7 @@ def main() -> None:
     lines = []
     if not cpu_attention.available():
         raise SystemExit("the CPU attention kernel does not build on this machine")
-    for threads in (16, 15):
+    for threads in (int(t) for t in os.environ.get("THREADS", "16,15").split(",")):
         torch.set_num_threads(threads)
         for name, (n, kv, d, b, s) in SHAPES.items():
             k = torch.randn(b, kv, s, d).to(torch.bfloat16)
