@@ -41,6 +41,15 @@ inline __m512 load16(const void* p, int64_t i, bool bf16, __mmask16 m) {
 }
 
 constexpr int MAX_G = 16;  // query heads per KV head (accumulators in registers)
+// Key and value rows are prefetched this many positions ahead: each (row, head) reads two cold blocks of a few tens
+// of KB, and the hardware's prefetcher alone left one thread at ~7 GB/s against its 15.5 on a plain read (the
+// development machine's Xeon; 8 ahead took one thread 1.35-1.5x faster there, 4 and 16 about the same)
+constexpr int PREFETCH_ROWS = 8;
+
+// Every 64-byte line of `bytes` bytes at p, into the nearest cache.
+inline void prefetch_row(const uint8_t* p, int bytes) {
+  for (int c = 0; c < bytes; c += 64) _mm_prefetch(reinterpret_cast<const char*>(p + c), _MM_HINT_T0);
+}
 
 // e^x on 16 lanes (x <= 0 here): 2^n p(r), n = round(x / ln 2), r = x - n ln 2 in two parts, p Cephes' expf
 // polynomial; relative error ~1e-7. Below -87 the result is 0 or a denormal, as expf's.
@@ -94,6 +103,8 @@ void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uin
     __m512 acc[16];
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     const uint8_t* k0 = k + int64_t(lo + j0) * ks * esize;
+    for (int jj = 0; jj < npos && j0 + jj + PREFETCH_ROWS < S; ++jj)
+      prefetch_row(k0 + int64_t(jj + PREFETCH_ROWS) * ks * esize, D * esize);
     // columns outer: the G queries' 16 columns are loaded once into registers for the block's npos rows (rows
     // inner took two loads a multiply-add, the load ports' limit); each sum still adds its columns in order
     for (int c = 0; c < D; c += 16) {
@@ -111,6 +122,7 @@ void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uin
     for (int jj = 0; jj < n; ++jj)  // to the query heads' rows: s[g][j]
       for (int g = 0; g < G; ++g) sc[size_t(g) * S + j0 + jj] = r[jj * G + g];
   }
+  for (int j = 0; j < std::min(S, PREFETCH_ROWS); ++j) prefetch_row(v + int64_t(lo + j) * vs * esize, Dv * esize);
   // softmax per query head (the sink, where given, in the denominator only)
   for (int g = 0; g < G; ++g) {
     float* s = sc.data() + size_t(g) * S;
@@ -139,6 +151,7 @@ void one_head(int G_, int D, int Dv, const float* q, const uint8_t* k, const uin
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     for (int j = 0; j < S; ++j) {
       const uint8_t* vr = v + int64_t(lo + j) * vs * esize;
+      if (c0 == 0 && j + PREFETCH_ROWS < S) prefetch_row(vr + int64_t(PREFETCH_ROWS) * vs * esize, Dv * esize);
       const float* p = sc.data() + j;  // p[g S]: head g's weight of row j
       __m512 pv[GT ? GT : MAX_G];  // broadcast once a row for all the block's column pieces
       for (int g = 0; g < G; ++g) pv[g] = _mm512_set1_ps(p[size_t(g) * S]);
