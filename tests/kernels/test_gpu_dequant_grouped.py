@@ -99,29 +99,32 @@ def test_dequantize_rows_equals_one_expert_at_a_time(dtype):
         grouped.dequantize_rows(gu[1:4], dn[1:4], "int4", 32, h, i, outs[0].transpose(1, 2), *outs[1:])
 
 
-CASES = [  # (fmt, group, H, I, x dtype, experts a chunk)
-    ("int4", 64, 256, 256, torch.float32, 6),
-    ("int4", 32, 200, 136, torch.float32, 1),  # H, I not multiples of 128; a chunk an expert (Mixtral's case)
-    ("q4_k+q6_k", 0, 512, 256, torch.float32, 2),
-    ("int8", 32, 256, 128, torch.bfloat16, 3),  # bf16: torch._grouped_mm where it runs
+GPT_OSS_ACT = "clamped_swiglu:1.702:7.0"  # models.common.clamped_swiglu_name(1.702, 7.0): gpt-oss's experts
+CASES = [  # (fmt, group, H, I, x dtype, experts a chunk, activation)
+    ("int4", 64, 256, 256, torch.float32, 6, "silu"),
+    ("int4", 32, 200, 136, torch.float32, 1, "silu"),  # H, I not multiples of 128; a chunk an expert (Mixtral's)
+    ("q4_k+q6_k", 0, 512, 256, torch.float32, 2, "silu"),
+    ("int8", 32, 256, 128, torch.bfloat16, 3, "silu"),  # bf16: torch._grouped_mm where it runs
+    ("mxfp4", 0, 256, 160, torch.float32, 4, GPT_OSS_ACT),  # gpt-oss: MXFP4 blocks, biases, the clamped SwiGLU
 ]
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt, group, h, i, dtype, per", CASES)
-def test_dequantized_products_equal_the_grouped_kernel(monkeypatch, fmt, group, h, i, dtype, per):
+@pytest.mark.parametrize("fmt, group, h, i, dtype, per, act", CASES)
+def test_dequantized_products_equal_the_grouped_kernel(monkeypatch, fmt, group, h, i, dtype, per, act):
     """With the counts known and many pairs an expert, the chunked dequantize-and-multiply path gives the grouped
-    kernel's sums (and the exact reference's), with biases, skipped pairs and a stack row without pairs."""
+    kernel's sums (and the exact reference's, for SiLU), with biases, skipped pairs and a stack row without pairs."""
     monkeypatch.setenv(grouped.DEQUANT_ENV, "1")
     monkeypatch.setattr(grouped, "DEQUANT_BYTES", per * 3 * h * i * dtype.itemsize)
     r, t, k = 6, 23, 2
-    packed = block_layer(fmt, r, h, i) if "+" in fmt else pack_layer(*experts(r, h, i), fmt, group)
+    block = "+" in fmt or fmt == "mxfp4"
+    packed = block_layer(fmt, r, h, i) if block else pack_layer(*experts(r, h, i), fmt, group)
     x, rows, w = routing(t, k, r, h)
     rows = torch.where(rows == 2, -1, rows)  # row 2: no pairs (inside a chunk where chunks hold 3+ rows)
     g = torch.Generator().manual_seed(3)
     biases = tuple(on(*(torch.randn(r, n, generator=g) for n in (i, i, h))))
     kw = dict(fmt=fmt, group=packed.group, hidden=h, intermediate=i)
-    args = (*on(x.to(dtype), rows, w), on(packed.gate_up, packed.down), "silu")
+    args = (*on(x.to(dtype), rows, w), on(packed.gate_up, packed.down), act)
     calls = []
     real = grouped._dequantized
     monkeypatch.setattr(grouped, "_dequantized", lambda *a: calls.append(1) or real(*a))
@@ -131,9 +134,10 @@ def test_dequantized_products_equal_the_grouped_kernel(monkeypatch, fmt, group, 
     y_kernel = grouped.moe_grouped(*args, **kw, biases=biases)
     assert len(calls) == 1 and y.dtype == dtype
     assert rel(y, y_kernel) < (FP32 if dtype == torch.float32 else 2 * BF16)
-    plain = grouped.moe_grouped(*args, **kw, row_counts=counts)
-    tol = FP32 if dtype == torch.float32 else 2 * BF16
-    assert rel(plain, reference(x, rows, w, *dequantize(packed), "silu")) < tol
+    if act == "silu":
+        plain = grouped.moe_grouped(*args, **kw, row_counts=counts)
+        tol = FP32 if dtype == torch.float32 else 2 * BF16
+        assert rel(plain, reference(x, rows, w, *dequantize(packed), "silu")) < tol
 
 
 @needs_kernels
