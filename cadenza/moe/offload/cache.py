@@ -92,11 +92,10 @@ class SlotCache:
         runs (`_fill_runs`). `release_many` the slots once the work reading them is queued."""
         slots: dict[int, int] = {}
         missing = []
-        for e in experts:
+        for e in dict.fromkeys(experts):  # (each once)
             slot = self.where.get((layer, e))
             if slot is None:
-                if e not in missing:
-                    missing.append(e)
+                missing.append(e)
                 continue
             self.hits += 1
             self.policy.touch((layer, e))
@@ -124,8 +123,8 @@ class SlotCache:
     def prefetch_many(self, layer: int, experts: list[int], host_of: Callable[[int], tuple]) -> list[int]:
         """`prefetch` for several experts of one layer, copied in runs on the prefetch stream: those issued."""
         issued, taken = [], []
-        for e in experts:
-            if (layer, e) in self.where or e in issued:
+        for e in dict.fromkeys(experts):  # (each once)
+            if (layer, e) in self.where:
                 continue
             if not self.free and len(self.in_use) >= len(self.where):  # no slot left to take
                 break
@@ -181,9 +180,8 @@ class SlotCache:
         return self.where.pop(victim)
 
     def _fill_runs(self, fills: list[tuple[int, tuple]], stream=None) -> None:
-        """Copies each (slot, host tensors) of `fills` into its slot, in order (a slot taken twice is filled twice,
-        the later copy last): entries whose slots follow each other and whose host tensors follow each other in one
-        allocation (a layer's stacked experts) go as one copy a tensor."""
+        """Copies each (slot, host tensors) of `fills` into its slot: entries whose slots follow each other and whose
+        host tensors follow each other in one allocation (a layer's stacked experts) go as one copy a tensor."""
         i = 0
         while i < len(fills):
             j = i + 1

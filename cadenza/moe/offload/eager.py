@@ -131,9 +131,11 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
                 else:
                     torch.arange(slot, slot + n, dtype=torch.int32, device=x.device, out=lut.narrow(0, e, n))
             rows = lut[topk_ids]
-            row_counts = [0] * cache.num_slots  # (host-known: the grouped product sizes its work by them)
-            for e, slot in slots.items():
-                row_counts[slot] = counts[e]
+            row_counts = None
+            if layer.takes_counts(x.shape[0]):  # (host-known: the grouped product sizes its work by them)
+                row_counts = [0] * cache.num_slots
+                for e, slot in slots.items():
+                    row_counts[slot] = counts[e]
             y += layer.decode_rows(x, rows, topk_weights, cache.shaped(layer.parts), row_counts)
         else:
             weights = lambda e, s=slots: cache.weights(s[e], layer.parts)  # noqa: E731
@@ -144,9 +146,9 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
 
 
 def _runs(slots: dict[int, int]) -> list[tuple[int, int, int]]:
-    """(first expert, its slot, n) for each run of `slots` (expert -> slot, in order) in which both go up by one."""
+    """(first expert, its slot, n) for each run of `slots` (expert -> slot) in which both go up by one."""
     runs: list[list[int]] = []
-    for e, s in slots.items():
+    for e, s in sorted(slots.items()):
         if runs and e == runs[-1][0] + runs[-1][2] and s == runs[-1][1] + runs[-1][2]:
             runs[-1][2] += 1
         else:

@@ -87,7 +87,7 @@ class LayerOffload:
         """The resident experts' share of a few tokens, in one launch per matrix (non-resident pairs skipped).
         counts: the pairs of each expert of the layer, where the host knows them."""
         row_counts = None
-        if counts is not None:
+        if counts is not None and self.takes_counts(x.shape[0]):  # (a decode step's few tokens: not built)
             row_counts = [0] * len(self.resident_rows)
             for e, r in self.resident_rows.items():
                 row_counts[r] = counts[e]
@@ -97,8 +97,12 @@ class LayerOffload:
         """`layout.decode` of the pairs' rows of `stacks` (residents, fetch slots): grouped products past the decode
         kernels' few tokens where this layer has them. row_counts: how many pairs name each row of the stacks,
         where the host knows it (None: not known)."""
-        grouped = self.grouped and x.shape[0] > policy.DECODE_MAX_TOKENS
+        grouped = self.takes_counts(x.shape[0])
         return self.layout.decode(x, rows, topk_weights, stacks, grouped, row_counts if grouped else None)
+
+    def takes_counts(self, tokens: int) -> bool:
+        """Whether a call of `tokens` tokens goes through the grouped products, which use the host's counts."""
+        return self.grouped and tokens > policy.DECODE_MAX_TOKENS
 
     def __call__(
         self,
