@@ -120,16 +120,17 @@ def test_fetch_ahead_for_steps_that_want_the_whole_layer():
 
 def test_big_steps_keep_slots_for_a_boundarys_copies_and_spread_the_residents():
     mb = 1 << 20
-    # Mixtral's int4 experts (96 MB): 2 slots at small batches, 4 where steps want every expert (policy.AHEAD_BYTES
-    # is 160 MiB: two experts copied ahead per boundary, waves of half the slots); bf16 (352 MB) stays at 2
+    # Mixtral's int4 experts (96 MB): 2 slots at small batches, a whole layer's 8 where steps want every expert
+    # (policy.AHEAD_BYTES is 320 MiB: waves of half the slots, the next layer copied ahead into the half freed first);
+    # bf16 (352 MB) stays at 2
     assert (
-        policy.fetch_slots("fetch", 2, 0, 10, 8, 96 * mb) == 2 and policy.fetch_slots("auto", 2, 0, 11, 8, 96 * mb) == 4
+        policy.fetch_slots("fetch", 2, 0, 10, 8, 96 * mb) == 2 and policy.fetch_slots("auto", 2, 0, 11, 8, 96 * mb) == 8
     )
     assert policy.fetch_slots("fetch", 2, 0, 512, 8, 352 * mb) == 2
     # small experts: dozens (Qwen3-30B's 2.5 MB: 128), never more than a layer's; nothing under `cpu`
     assert policy.fetch_slots("fetch", 8, 0, 512, 128, int(2.5 * mb)) == 128
-    assert policy.fetch_slots("fetch", 8, 0, 512, 128, 4 * mb) == 80
-    assert policy.fetch_slots("fetch", 8, 0, 46, 128, 4 * mb) == 8  # 46 tokens may leave an expert unused
+    assert policy.fetch_slots("fetch", 8, 0, 512, 128, 8 * mb) == 80  # 2 x 320 MiB of 8 MiB experts
+    assert policy.fetch_slots("fetch", 8, 0, 46, 128, 8 * mb) == 8  # 46 tokens may leave an expert unused
     assert policy.fetch_slots("cpu", 2, 0, 512, 8, 96 * mb) == 0
     assert policy.fetch_slots("fetch", 2, 8, 1, 8, 96 * mb) == 8  # micro-batches: a layer's, whatever the batch
     # where the residents go: spread when full steps want every expert and the policy fetches them

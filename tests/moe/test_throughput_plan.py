@@ -66,11 +66,11 @@ def test_host_kv_batch_reports_what_cpu_attention_would_allow():
 def test_host_kv_plan_gives_the_budget_to_experts_and_pays_the_cpu_reads():
     gpu, host = plan(), plan(dram_gb_s=100.0, kv_on_host=True)
     # the cache costs the GPU nothing: the budget holds more residents (the same for every batch), the batch grows;
-    # steps that want every expert keep 4 slots of these 90 MB experts (policy.AHEAD_BYTES), not 2
+    # steps that want every expert keep a layer's 8 slots of these 90 MB experts (policy.AHEAD_BYTES), not 2
     assert (
-        fetch_slots("fetch", 2, 0, host.max_batch, 8, 90_000_000) == 4 == fetch_slots("fetch", 2, 0, 64, 8, 90_000_000)
+        fetch_slots("fetch", 2, 0, host.max_batch, 8, 90_000_000) == 8 == fetch_slots("fetch", 2, 0, 64, 8, 90_000_000)
     )
-    room = 24 * GiB - 3 * GiB - GiB - 4 * 90_000_000
+    room = 24 * GiB - 3 * GiB - GiB - 8 * 90_000_000
     assert host.kv_on_host and not gpu.kv_on_host and "in host memory" in host.summary()
     assert host.resident_experts == room // 90_000_000 > gpu.resident_experts
     assert host.max_batch > gpu.max_batch and host.kv_bytes == host.max_batch * 256 * 128 * 1024
@@ -157,7 +157,7 @@ def test_a_job_of_n_prompts_takes_the_smallest_batch_of_its_rounds():
 def test_a_big_batch_placement_spreads_residents_and_keeps_more_slots():
     """The engine's placement for a max_batch whose steps want every expert (a throughput job's): residents spread
     over the layers, as plan_throughput models them, so every layer has copies for the link (whole resident layers
-    left it idle: 18 ms a T1 step), and 4 slots of these experts; at batch 1, whole layers first and 2 slots."""
+    left it idle: 18 ms a T1 step), and a layer's 8 slots of these experts; at batch 1, whole layers first and 2 slots."""
     from types import SimpleNamespace
 
     import torch
@@ -169,7 +169,7 @@ def test_a_big_batch_placement_spreads_residents_and_keeps_more_slots():
     kw = dict(sizes=MIXTRAL, config=config, dtype=torch.bfloat16, budget_bytes=12 * GiB, max_context=256, chunk=512)
     small = plan_offload(**kw, policy_name="auto", max_batch=1)
     big = plan_offload(**kw, policy_name="auto", max_batch=64)
-    assert small.fetch_slots == 2 and big.fetch_slots == 4
+    assert small.fetch_slots == 2 and big.fetch_slots == 8
     counts = lambda p: [len(ids) for ids in p.resident]  # noqa: E731
     assert max(counts(big)) - min(counts(big)) <= 1 and sum(counts(big)) > 32
     assert counts(small)[0] == 8 and counts(small)[-1] == 0

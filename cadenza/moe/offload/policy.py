@@ -32,12 +32,13 @@ PREFETCH_MAX_TOKENS = 8
 AHEAD_UNUSED = 0.05
 FETCHING = ("fetch", "auto")  # the policies that fetch such steps' experts (`auto` does at these sizes)
 
-# Such steps keep this many bytes of fetch slots beyond the usual (twice the bytes a boundary's ahead copies need: the
-# waves take half the slots each): a layer boundary idles the link ~2.3-3.5 ms (the routing's read-back, the
-# attention, the next layer's first wave set up in Python; T1's timeline on the H200, 2026-12-03), ~120-180 MB at
-# 52 GB/s. Mixtral's int4 experts (96 MB) get 4 slots instead of 2; small experts (Qwen3-30B's 2.5 MB) waves of
-# dozens instead of 4, which also spares the link a wave's Python each 0.2 ms.
-AHEAD_BYTES = 160 << 20
+# Such steps keep this many bytes of fetch slots beyond the usual (waves take half the slots each, and the next layer
+# is copied ahead into the slots the first half frees). With 160 MiB (Mixtral's int4 experts, 96 MB: 4 slots) T1's
+# decode step on the H200 (2026-12-04) took 442 ms for 370 ms of copies at the link's full rate: each layer's ~7
+# fetched experts waited ~1.3 ms mid-layer for the first wave's products to free a slot and ~0.7 ms at the boundary
+# for the last wave's, 16% of the step. 320 MiB holds a whole Mixtral int4 layer (8 slots, 4 residents fewer: ~7 ms
+# more link a step); bf16 experts (352 MB) keep 2, small experts (Qwen3-30B's 2.5 MB) a layer's 128 as before.
+AHEAD_BYTES = 320 << 20
 
 # Streaming a decode layer's CPU share fixes the split (everything non-resident on the CPU), so `auto` streams only
 # where the CPU is not much slower than the link for one expert at one token; past this ratio it keeps deciding per
