@@ -243,7 +243,8 @@ def _run_throughput(args, scenario: str, model: str, ckpt, device: torch.device,
     def add(s: str, row: dict) -> None:
         rows.append({**row, "model": model, "device": str(device), "cpu_experts": None})
         write_results(path, command, machine, rows, complete=False)
-        keys = ("kv_cache", "micro_batches", "max_batch", "throughput_tok_s", "roofline_fraction", "skipped")
+        keys = ("generate_mode", "kv_cache", "micro_batches", "max_batch", "throughput_tok_s", "roofline_fraction",
+                "skipped")  # fmt: skip
         log(", ".join(f"{k}={row[k]}" for k in keys if k in row))
 
     peer = _throughput_peer(args, scenario, expert_args, ckpt)  # refused before anything is built

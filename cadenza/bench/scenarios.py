@@ -127,8 +127,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=None, help="override every scenario's prompt length")
     p.add_argument("--prompts", type=int, default=None, help="T1 / T2: prompts in the job (default 1024)")
     p.add_argument("--runs", default=None,
-                   help="T1 / T2: which of gpu,host,host2 (the KV cache on the GPU, on the host, on the host in two "
-                   "micro-batches) to measure (default all three); none: only --peer")  # fmt: skip
+                   help="T1 / T2: which of gpu,host,host2,batched (the KV cache on the GPU, on the host, on the host "
+                   "in two micro-batches; the latency mode's batched generate, the baseline) to measure (default all "
+                   "four); none: only --peer")  # fmt: skip
     p.add_argument("--peer-parallel", default=None, metavar="B,B,..",
                    help="T1 / T2: llama-batched-bench's parallel sequences (default 16,32,64,128,256)")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")

@@ -10,7 +10,11 @@ with the cache on the host, the CPU reading every sequence's cache once at its m
 machine's measured link and DRAM rates; `roofline_tok_s` = B / that time and `roofline_fraction` = throughput_tok_s
 / roofline_tok_s. The GPU's own work is outside it (the roofline is the data
 movement alone), so a compute-bound run shows as a low fraction. The host cache runs twice: its CPU attention after
-the GPU's work, and in two micro-batches that overlap them (`micro_batches`)."""
+the GPU's work, and in two micro-batches that overlap them (`micro_batches`).
+
+The issue's baseline, "cadenza's own batched generate with --max-batch as large as the budget allows", is its own
+row (`--runs batched`, `generate_mode` "together"): the latency mode's `generate(list)` (what `cadenza generate` and
+the server run), KV cache on the GPU, at the GPU-cache plan's batch."""
 
 from __future__ import annotations
 
@@ -26,14 +30,21 @@ from cadenza.moe.placement import GiB
 
 T_BUDGET_GIB = {"T1": 24, "T2": 8}
 T_PROMPTS, T_PROMPT_TOKENS, T_NEW_TOKENS = 1024, 128, 128
-# (KV cache place, micro-batches): the GPU cache (the batch the budget allows), the host cache, and the host cache
-# with two micro-batches overlapping one's CPU attention with the other's GPU work
-RUNS = (("gpu", 1), ("host", 1), ("host", 2))
-RUN_NAMES = {"gpu": ("gpu", 1), "host": ("host", 1), "host2": ("host", 2)}  # --runs
+# (KV cache place, micro-batches, generate mode): the GPU cache (the batch the budget allows), the host cache, the
+# host cache with two micro-batches overlapping one's CPU attention with the other's GPU work, and the latency mode's
+# batched generate at the GPU cache's batch (the issue's baseline)
+RUN_NAMES = {
+    "gpu": ("gpu", 1, "throughput"),
+    "host": ("host", 1, "throughput"),
+    "host2": ("host", 2, "throughput"),
+    "batched": ("gpu", 1, "together"),
+}  # --runs
+RUNS = tuple(RUN_NAMES.values())
 
 
-def parse_runs(text: str | None) -> tuple[tuple[str, int], ...]:
-    """--runs gpu,host,host2 (a subset, in that order; "none": only a peer) -> (KV cache place, micro-batches)s."""
+def parse_runs(text: str | None) -> tuple[tuple[str, int, str], ...]:
+    """--runs gpu,host,host2,batched (a subset, in that order; "none": only a peer) -> (KV cache place,
+    micro-batches, generate mode)s."""
     if text is None:
         return RUNS
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -88,9 +99,10 @@ def roofline(link: float, h2d: float, batch: int, mean_context: float, kv_per_to
 
 def run_job(
     llm, scenario: str, prompts: list[list[int]], new_tokens: int, budget_bytes: int, machine: dict, add, log,
-    timeline: Path | None = None, runs: tuple[tuple[str, int], ...] = RUNS,
+    timeline: Path | None = None, runs: tuple[tuple[str, int, str], ...] = RUNS,
 ):  # fmt: skip
-    """Measures the job for each of `runs` (KV cache place, micro-batches); one row each, handed to `add`.
+    """Measures the job for each of `runs` (KV cache place, micro-batches, generate mode); one row each, handed to
+    `add`.
     timeline: where each run's timeline of TIMELINE_STEPS decode steps goes (JSON and PNG, -<run> added to its name;
     cadenza.bench.timeline), or None."""
     from cadenza.moe.offload.throughput import link_bytes, plan_for
@@ -99,10 +111,11 @@ def run_job(
     n, p = len(prompts), len(prompts[0])
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     kv_per_token = llm.sizes.kv_bytes_per_token
-    for kv, micro in runs:
+    for kv, micro, mode in runs:
         row = {
             "scenario": scenario,
             "system": "cadenza",
+            "generate_mode": mode,
             "kv_cache": kv,
             "micro_batches": micro,
             "prompts": n,
@@ -115,19 +128,17 @@ def run_job(
             plan = plan_for(llm, p, new_tokens, kv, budget_bytes, machine.get("dram_read_gb_s") or 0.0, micro, n)
             batch = min(plan.max_batch, n)
             llm.replan(max_batch=batch, **kw)
-            log(f"{scenario} kv={kv} micro-batches={micro}: batch {batch} (plan: {plan.summary()})")
+            log(f"{scenario} kv={kv} micro-batches={micro} {mode}: batch {batch} (plan: {plan.summary()})")
             llm.generate(
-                prompts[: min(batch, 4)],
-                SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
-                mode="throughput",
-            )  # fmt: skip  (warm-up: kernels, the cache's first growth)
+                prompts[: min(batch, 4)], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), mode=mode
+            )  # (warm-up: kernels, the cache's first growth)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             passes = llm.engine.passes.snapshot()
             cache = getattr(llm.orchestra, "cache", None)
             copies = cache.copies if cache is not None else 0
             t0 = time.perf_counter()
-            results = llm.generate(prompts, params, mode="throughput")
+            results = llm.generate(prompts, params, mode=mode)
             seconds = time.perf_counter() - t0
             passes = llm.engine.passes.since(passes)
             copies = cache.copies - copies if cache is not None else 0
@@ -156,7 +167,8 @@ def run_job(
             placement=llm.placement.summary() if llm.placement is not None else None,
             cuda_graphs=llm.engine.graphs.describe(),
         )
-        name = timeline.with_name(f"{timeline.name}-{kv}{micro}") if timeline is not None else None
+        # (none for the batched row: its steps are the GPU-cache row's)
+        name = None if timeline is None or mode == "together" else timeline.with_name(f"{timeline.name}-{kv}{micro}")
         if name is not None:  # (named before it is written: the row is kept first, whatever befalls the profile)
             plot = importlib.util.find_spec("matplotlib") is not None  # (the PNG is drawn where it is installed)
             row["timeline"] = [name.with_suffix(s).name for s in (".json", ".png")[: 1 + plot]]

@@ -27,7 +27,7 @@ def test_roofline_is_the_link_plus_the_host_cache_reads():
     assert roofline(link, 25.0, 1, 10.0, 1, False, {})["roofline_link_s"] == pytest.approx(54e9 * 0.2 / 25e9)
 
 
-def test_t1_on_the_cpu_writes_both_rows(tmp_path):
+def test_t1_on_the_cpu_writes_every_row(tmp_path):
     r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "5", "--prompt-tokens", "6",
             "--new-tokens", "3", "--out", str(tmp_path))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
@@ -35,7 +35,10 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
     out = json.loads(path.read_text())
     assert out["complete"] and "--scenario T1" in out["command"]
     rows = out["results"]
-    assert [(row["kv_cache"], row["micro_batches"]) for row in rows] == [("gpu", 1), ("host", 1), ("host", 2)]
+    runs = [(row["kv_cache"], row["micro_batches"], row["generate_mode"]) for row in rows]
+    throughput = [("gpu", 1, "throughput"), ("host", 1, "throughput"), ("host", 2, "throughput")]
+    assert runs == [*throughput, ("gpu", 1, "together")]
+    assert rows[3]["max_batch"] == rows[0]["max_batch"]  # the baseline: the latency mode at the GPU cache's batch
     for row in rows:
         # the roofline's link bytes are the run's placement's (its non-resident experts at the batch it ran)
         link_s = row["roofline_link_s"]
@@ -51,7 +54,8 @@ def test_t1_on_the_cpu_writes_both_rows(tmp_path):
     assert "host memory" in rows[1]["cuda_graphs"] or "no CUDA" in rows[1]["cuda_graphs"]
     # each run's timeline of its decode steps: the engine's step marks, and with the cache on the host the CPU
     # attention's spans on the threads that ran them
-    for row, run in zip(rows, ("gpu1", "host1", "host2"), strict=True):
+    assert "timeline" not in rows[3]  # (the baseline's steps are the GPU-cache row's)
+    for row, run in zip(rows[:3], ("gpu1", "host1", "host2"), strict=True):
         (tl,) = tmp_path.glob(f"T1-*-timeline-{run}.json")
         assert row["timeline"][0] == tl.name
         lanes = json.loads(tl.read_text())["lanes"]
@@ -107,8 +111,9 @@ def test_runs_choose_the_rows(tmp_path):
     from cadenza.errors import CadenzaError
 
     assert parse_runs(None) == RUNS and parse_runs("none") == ()
-    assert parse_runs("host2,gpu") == (("gpu", 1), ("host", 2))
-    with pytest.raises(CadenzaError, match="gpu, host, host2"):
+    assert parse_runs("host2,gpu") == (("gpu", 1, "throughput"), ("host", 2, "throughput"))
+    assert parse_runs("batched") == (("gpu", 1, "together"),) and len(RUNS) == 4
+    with pytest.raises(CadenzaError, match="gpu, host, host2, batched"):
         parse_runs("gpu,disk")
     r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "3", "--prompt-tokens", "4",
             "--new-tokens", "2", "--runs", "host", "--out", str(tmp_path))  # fmt: skip

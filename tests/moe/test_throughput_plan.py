@@ -157,7 +157,8 @@ def test_a_job_of_n_prompts_takes_the_smallest_batch_of_its_rounds():
 def test_a_big_batch_placement_spreads_residents_and_keeps_more_slots():
     """The engine's placement for a max_batch whose steps want every expert (a throughput job's): residents spread
     over the layers, as plan_throughput models them, so every layer has copies for the link (whole resident layers
-    left it idle: 18 ms a T1 step), and a layer's 8 slots of these experts; at batch 1, whole layers first and 2 slots."""
+    left it idle: 18 ms a T1 step), and a layer's 8 slots of these experts; at batch 1, whole layers first and 2
+    slots."""
     from types import SimpleNamespace
 
     import torch
