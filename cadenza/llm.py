@@ -47,7 +47,7 @@ Prompt = str | Sequence[int]
 DEFAULT_MAX_CONTEXT = 8192  # tokens, unless max_context says otherwise
 CPU_MAX_BATCH = 16  # sequences decoded together by a throughput job on the CPU, by default
 THROUGHPUT_WINDOW = 256  # prompts sorted by length together in generate(mode="throughput")
-PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds the activation workspace
+PREFILL_CHUNK = 2048  # tokens a forward pass carries at most, by default (prefill_chunk): bounds the workspace
 
 
 @dataclass
@@ -158,6 +158,18 @@ def _check_kv_place(kv_cache) -> None:
         raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
 
 
+def check_prefill_chunk(prefill_chunk) -> int:
+    """prefill_chunk (--prefill-chunk): None -> PREFILL_CHUNK, else a whole number of tokens of at least 1."""
+    if prefill_chunk is None:
+        return PREFILL_CHUNK
+    if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+        raise CadenzaError(
+            f"prefill_chunk={prefill_chunk!r} (--prefill-chunk) is not valid. Use a whole number of tokens of at least "
+            f"1 (default {PREFILL_CHUNK})."
+        )
+    return prefill_chunk
+
+
 def check_micro_batches(micro_batches, kv_cache: str) -> None:
     if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
         raise CadenzaError(f"micro_batches={micro_batches!r} (--micro-batches) is not valid. Use 1, 2, ...")
@@ -190,6 +202,10 @@ class LLM:
     DeepSeek's MLA cache). micro_batches: with kv_cache="host", a decode step's batch split in this many
     micro-batches decoded by their own threads, so that one's attention on the CPU overlaps another's experts on the
     GPU (default 1: none; 2 is the usual choice; a step of fewer than 8 rows each is not split).
+    prefill_chunk: the most tokens one forward pass carries (a long prompt's chunks; in throughput mode the prompts
+    prefilled together with the decoding rows), default 2048; the GPU reserves activation memory for that many. An
+    offline job's passes that carry prompts each move the non-resident experts over the link once, so larger passes
+    move them fewer times, at the cost of the residents the workspace displaces.
     eviction: which fetched expert leaves a full fetch cache: "lru" (default), "lfu" or "lrfu".
     prefetch: guess the next layer's experts with its router and start their copies early: True, False, or None
     (default: with the fetch policy only). cuda_graphs: replay decode steps as CUDA graphs where possible
@@ -239,8 +255,10 @@ class LLM:
         micro_batches: int = 1,
         cpu_activations: str = "auto",
         devices=None,
+        prefill_chunk: int | None = None,
     ):
         expert_format = ExpertFormat.of(experts, expert_group, expert_cache)  # before anything is read
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         _check_kv_place(kv_cache)  # (before the weights; the model's cache kind is checked once known)
         check_micro_batches(micro_batches, kv_cache)
         self.kv_cache, self.micro_batches = kv_cache, micro_batches
@@ -363,7 +381,7 @@ class LLM:
             context,
             eos,
             self.orchestra,
-            PREFILL_CHUNK,
+            self.prefill_chunk,
             max_batch,
             cuda_graphs,
             context_source=self.context_source,
@@ -432,7 +450,7 @@ class LLM:
         counts = list(self.split.counts) if getattr(self, "split", None) is not None else None
         return planning.plan_split(
             self.sizes, self.config, self.dtype, budgets_for(gpu_memory, self.devices), policy, self.max_context,
-            self.max_batch, PREFILL_CHUNK, popularity, self.device.type == "cuda", self._edge_bytes, counts,
+            self.max_batch, self.prefill_chunk, popularity, self.device.type == "cuda", self._edge_bytes, counts,
         )  # fmt: skip
 
     def _plan(self, gpu_memory, policy: str, popularity="loaded") -> Placement:
@@ -459,7 +477,7 @@ class LLM:
             policy,
             self.max_context,
             self.max_batch,
-            PREFILL_CHUNK,
+            self.prefill_chunk,
             popularity,
             cuda=self.device.type == "cuda",
             micro_batches=self.micro_batches,

@@ -71,12 +71,14 @@ def test_mixed_logits_equal_separate_passes(tmp_path):
 @pytest.mark.parametrize("policy", ["cpu", "fetch"])
 def test_offline_job_with_offloaded_experts_mixes(tmp_path, policy):
     path, _ = GREEDY_MODELS["mixtral"](tmp_path / "m")
-    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 2), offload_policy=policy)
+    # passes of at most 20 tokens (prefill_chunk): the prompts join over several steps
+    llm = LLM(path, device="cpu", dtype="float32", gpu_memory=budget_for(path, 2), offload_policy=policy,
+              prefill_chunk=20)  # fmt: skip
     try:
+        assert llm.engine.prefill_chunk == 20
         prompts = [prompt_ids(n, seed=100 + i) for i, n in enumerate((7, 8, 8, 8, 3, 9, 6))]
         alone = [llm.generate(p, GREEDY).token_ids for p in prompts]
         before = llm.engine.passes.snapshot()
-        llm.engine.prefill_chunk = 20  # a pass of at most 20 tokens: the prompts join over several steps
         assert [r.token_ids for r in llm.generate(prompts, GREEDY, mode="throughput")] == alone
         kinds = llm.engine.passes.since(before)
         # only the first step prefills apart (no decode rows yet): no prompt is split to fill a step's budget

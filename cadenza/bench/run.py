@@ -132,6 +132,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return _run_throughput(args, scenarios[0], model, ckpt, device, expert_kwargs(args))
     if args.runs is not None:
         raise CadenzaError(f"--runs chooses T1 / T2's rows; --scenario {args.scenario} has none. Leave it out.")
+    if args.pass_tokens is not None:
+        raise CadenzaError(f"--prefill-chunk sets T1 / T2's passes; --scenario {args.scenario} has none. Leave it out.")
     baseline = args.baseline if args.baseline is not None else device.type == "cuda"
     baseline = baseline and "D1" in scenarios
     if args.baseline and baseline_unavailable(device):
@@ -280,7 +282,8 @@ def _throughput_rows(args, scenario, ckpt, device, expert_args, budget, job, mac
     n, p, m = job
     log(f"building cadenza's model on {device} at {budget / GiB:.1f} GiB; host RSS {rss_gib()} GiB ...")
     llm = LLM(checkpoint=ckpt, device=str(device), gpu_memory=budget, offload_policy="auto", max_context=p + m,
-              cpu_threads=args.cpu_threads, cuda_graphs=not args.no_cuda_graphs, **expert_args)  # fmt: skip
+              cpu_threads=args.cpu_threads, cuda_graphs=not args.no_cuda_graphs, prefill_chunk=args.pass_tokens,
+              **expert_args)  # fmt: skip
     ckpt.release()
     storage = _expert_storage(llm)
     try:

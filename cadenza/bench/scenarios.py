@@ -130,6 +130,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="T1 / T2: which of gpu,host,host2,batched (the KV cache on the GPU, on the host, on the host "
                    "in two micro-batches; the latency mode's batched generate, the baseline) to measure (default all "
                    "four); none: only --peer")  # fmt: skip
+    p.add_argument("--prefill-chunk", dest="pass_tokens", type=int, default=None, metavar="TOKENS",
+                   help="T1 / T2: the most tokens a pass carries, prompts and decoding rows together (default 2048; "
+                   "cadenza batch --prefill-chunk)")  # fmt: skip
     p.add_argument("--peer-parallel", default=None, metavar="B,B,..",
                    help="T1 / T2: llama-batched-bench's parallel sequences (default 16,32,64,128,256)")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")

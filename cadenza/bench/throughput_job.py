@@ -121,6 +121,7 @@ def run_job(
             "prompts": n,
             "prompt_tokens": p,
             "new_tokens": new_tokens,
+            "prefill_chunk": llm.prefill_chunk,
             "gpu_budget_gib": round(budget_bytes / GiB, 2),
         }
         kw = dict(gpu_memory=budget_bytes, offload_policy="auto", kv_cache=kv, micro_batches=micro)

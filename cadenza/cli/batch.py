@@ -58,6 +58,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=f"start each N prompts shortest first (default {SORT_WINDOWS} x --max-batch; 1: input order): decode "
         "steps then span rows of similar lengths",
     )  # fmt: skip
+    advanced(p).add_argument(
+        "--prefill-chunk", dest="pass_tokens", type=int, default=None, metavar="TOKENS",
+        help="the most tokens a forward pass carries, prompts being prefilled and decoding rows together (default "
+        "2048): each pass that carries prompts moves the non-resident experts over the link once, so larger passes "
+        "move them fewer times over the job, at more GPU memory for activations (fewer resident experts)",
+    )  # fmt: skip
     p.set_defaults(func=run)
     return p
 

@@ -244,6 +244,7 @@ def load(args: argparse.Namespace):
         micro_batches=args.micro_batches,
         cpu_activations=args.cpu_activations or "auto",
         devices=getattr(args, "gpus", None),
+        prefill_chunk=getattr(args, "pass_tokens", None),  # (cadenza batch's --prefill-chunk; serve's is its own)
         **expert_kwargs(args),
     )
     if getattr(llm, "split", None) is not None:

@@ -69,6 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=128, help="--throughput: tokens per prompt (default 128)")
     p.add_argument("--max-tokens", type=int, default=128, help="--throughput: tokens generated each (default 128)")
+    p.add_argument(
+        "--prefill-chunk", dest="pass_tokens", type=int, default=None, metavar="TOKENS",
+        help="plan for forward passes of at most this many tokens, as cadenza batch --prefill-chunk (default 2048)",
+    )  # fmt: skip
     add_expert_args(p, cache=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -166,7 +170,7 @@ def _count(n: int) -> str:
 
 def offload_info(args: argparse.Namespace) -> dict:
     """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
-    from cadenza.llm import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, resolve_dtype
+    from cadenza.llm import DEFAULT_MAX_CONTEXT, check_prefill_chunk, resolve_dtype
     from cadenza.loader import build_meta, embedding_on_host, model_sizes, open_checkpoint
     from cadenza.moe.offload.planning import plan_offload
     from cadenza.moe.placement import load_popularity, parse_size
@@ -201,8 +205,9 @@ def offload_info(args: argparse.Namespace) -> dict:
             split_info(args, out, meta, sizes, dtype, context, pop)
             return _rest(args, out, meta, sizes, dtype, fmt)
         budget = parse_size(args.gpu_memory, "--gpu-memory")
+        chunk = check_prefill_chunk(getattr(args, "pass_tokens", None))  # (cadenza batch's --prefill-chunk)
         placement = plan_offload(
-            sizes, meta.config, dtype, budget, args.offload_policy, context, args.max_batch, PREFILL_CHUNK, pop
+            sizes, meta.config, dtype, budget, args.offload_policy, context, args.max_batch, chunk, pop
         )
         out["placement"] = {**placement.as_dict(), "summary": placement.summary()}
         if pop is not None:
@@ -216,7 +221,7 @@ def split_info(args, out: dict, meta, sizes, dtype, context: int, pop) -> None:
     import torch
 
     from cadenza.layer_split import budgets_for, edge_bytes
-    from cadenza.llm import PREFILL_CHUNK
+    from cadenza.llm import check_prefill_chunk
     from cadenza.moe.devices import merged
     from cadenza.moe.offload.planning import plan_split
 
@@ -225,7 +230,8 @@ def split_info(args, out: dict, meta, sizes, dtype, context: int, pop) -> None:
         raise CadenzaError(f"--gpus {args.gpus} names {len(names)} GPU; a split needs two or more (e.g. --gpus 0,1).")
     budgets = budgets_for(args.gpu_memory, [torch.device("cuda", i) for i in range(len(names))])
     shares = plan_split(
-        sizes, meta.config, dtype, budgets, args.offload_policy, context, args.max_batch, PREFILL_CHUNK, pop,
+        sizes, meta.config, dtype, budgets, args.offload_policy, context, args.max_batch,
+        check_prefill_chunk(getattr(args, "pass_tokens", None)), pop,
         edge_bytes=edge_bytes(meta, dtype),
     )  # fmt: skip
     whole = merged(shares)
@@ -275,7 +281,7 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
     """`--throughput`: the batch plan (cadenza.moe.offload.throughput) for this model and budget, with the link
     bandwidth and GPU times of the cost model measured here (per token: the largest-batch slope of its GPU expert
     time; per step: its one-token time; each times top-k and the MoE layers), else assumed values, said so."""
-    from cadenza.llm import check_micro_batches
+    from cadenza.llm import check_micro_batches, check_prefill_chunk
     from cadenza.moe.offload.costmodel import from_dict
     from cadenza.moe.offload.throughput import host_kv_room, plan_job, step_rates
     from cadenza.moe.placement import parse_size
@@ -295,10 +301,11 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
             continue
     rates = step_rates(models, k, sizes.num_moe_layers)
     budget = parse_size(args.gpu_memory, "--gpu-memory")
+    chunk = check_prefill_chunk(getattr(args, "pass_tokens", None))
     plan = plan_job(sizes, meta.config, dtype, budget, args.prompt_tokens, args.max_tokens, rates, args.kv_cache,
-                    args.micro_batches, host_kv_room(sizes), getattr(args, "job_prompts", 0))  # fmt: skip
+                    args.micro_batches, host_kv_room(sizes), getattr(args, "job_prompts", 0), chunk)  # fmt: skip
     return {**plan.as_dict(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "micro_batches": args.micro_batches, "summary": plan.summary()}  # fmt: skip
+            "micro_batches": args.micro_batches, "prefill_chunk": chunk, "summary": plan.summary()}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -358,6 +365,10 @@ def run(args: argparse.Namespace) -> int:
         t = d["throughput"]
         lines.append(f"throughput    {t['prompt_tokens']} + {t['max_tokens']} tokens a prompt: {t['summary']}")
         run = f"cadenza batch --max-batch {t['max_batch']} --max-context {t['prompt_tokens'] + t['max_tokens']}"
+        from cadenza.llm import PREFILL_CHUNK
+
+        if t["prefill_chunk"] != PREFILL_CHUNK:
+            run += f" --prefill-chunk {t['prefill_chunk']}"
         if t["kv_on_host"]:
             micro = f" --micro-batches {t['micro_batches']}" if t["micro_batches"] > 1 else ""
             lines.append(f"              run it: {run} --kv-cache host{micro}")

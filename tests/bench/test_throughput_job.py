@@ -36,6 +36,7 @@ def test_t1_on_the_cpu_writes_every_row(tmp_path):
     assert out["complete"] and "--scenario T1" in out["command"]
     rows = out["results"]
     runs = [(row["kv_cache"], row["micro_batches"], row["generate_mode"]) for row in rows]
+    assert all(row["prefill_chunk"] == 2048 for row in rows)  # (the default)
     throughput = [("gpu", 1, "throughput"), ("host", 1, "throughput"), ("host", 2, "throughput")]
     assert runs == [*throughput, ("gpu", 1, "together")]
     assert rows[3]["max_batch"] == rows[0]["max_batch"]  # the baseline: the latency mode at the GPU cache's batch
@@ -116,12 +117,13 @@ def test_runs_choose_the_rows(tmp_path):
     with pytest.raises(CadenzaError, match="gpu, host, host2, batched"):
         parse_runs("gpu,disk")
     r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "3", "--prompt-tokens", "4",
-            "--new-tokens", "2", "--runs", "host", "--out", str(tmp_path))  # fmt: skip
+            "--new-tokens", "2", "--runs", "host", "--prefill-chunk", "8", "--out", str(tmp_path))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
     (path,) = [f for f in tmp_path.glob("T1-*.json") if "-timeline" not in f.stem]
-    assert [row["kv_cache"] for row in json.loads(path.read_text())["results"]] == ["host"]
+    rows = json.loads(path.read_text())["results"]
+    assert [(row["kv_cache"], row["prefill_chunk"]) for row in rows] == [("host", 8)]
     for bad, why in ((["--scenario", "T1", "--runs", "none"], "only the peer"), (["--scenario", "D1", "--runs", "gpu"],
-                     "has none")):  # fmt: skip
+                     "has none"), (["--scenario", "D1", "--prefill-chunk", "64"], "has none")):  # fmt: skip
         r = cli("bench", *bad, "--device", "cpu", "--out", str(tmp_path))
         assert r.returncode != 0 and why in r.stderr
 

@@ -81,6 +81,20 @@ def test_auto_batch_is_planned_in_the_budget(mixtral_dir, fresh, tmp_path):
     assert bad.returncode == 2 and "give a whole number or auto" in bad.stderr
 
 
+def test_prefill_chunk_sets_the_passes_and_keeps_the_results(mixtral_dir, fresh, tmp_path):
+    """--prefill-chunk: passes of at most that many tokens (here fewer than the longest prompt's: it is prefilled
+    over several passes, beside the others' decoding rows); greedy results as any pass size's. A bad value is
+    refused before any work, naming the flag."""
+    out = tmp_path / "small.jsonl"
+    r = batch(mixtral_dir[0], fresh.prompts, out, "--prefill-chunk", "8", "--gpu-memory", "1GiB")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+    assert got == [json.loads(line)["token_ids"] for line in fresh.out.splitlines()]
+    bad = batch(mixtral_dir[0], fresh.prompts, tmp_path / "bad.jsonl", "--prefill-chunk", "0")
+    assert bad.returncode == 2 and "prefill_chunk=0 (--prefill-chunk) is not valid" in bad.stderr
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
 def test_piped_stderr_has_the_summary_only(fresh):
     lines = fresh.run.stderr.strip().splitlines()
     assert len(lines) == 1, fresh.run.stderr

@@ -245,11 +245,12 @@ def plan_job(
     micro_batches: int = 1,
     host_bytes: int = 0,
     prompts: int = 0,
+    chunk: int | None = None,
 ) -> ThroughputPlan:
     """`plan_throughput` for a job of `prompts` prompts (0: unknown, many) of `prompt_tokens` generating
-    `max_tokens`: the workspace of such a sequence, the fetch slots the fetch path keeps (a whole layer's with
-    micro-batches), the given rates. The one planning call of `cadenza info --throughput`, `cadenza batch
-    --max-batch auto` and the bench's T1 / T2."""
+    `max_tokens`: the workspace of such a sequence and passes of `chunk` tokens (None: the default), the fetch slots
+    the fetch path keeps (a whole layer's with micro-batches), the given rates. The one planning call of `cadenza
+    info --throughput`, `cadenza batch --max-batch auto` and the bench's T1 / T2."""
     from cadenza.llm import PREFILL_CHUNK
     from cadenza.moe.offload.planning import CUDA_MARGIN, workspace_bytes
 
@@ -258,7 +259,7 @@ def plan_job(
     return plan_throughput(
         sizes,
         budget_bytes,
-        workspace_bytes(config, dtype, context, PREFILL_CHUNK, CUDA_MARGIN, sizes.num_experts),
+        workspace_bytes(config, dtype, context, chunk or PREFILL_CHUNK, CUDA_MARGIN, sizes.num_experts),
         context,
         k,
         rates.h2d_gb_s,
@@ -294,5 +295,6 @@ def plan_for(
         rates = replace(rates, dram_gb_s=dram_gb_s)
     room = host_kv_room(sizes, loaded=True)
     return plan_job(
-        sizes, llm.config, llm.dtype, budget_bytes, prompt_tokens, max_tokens, rates, kv_cache, micro, room, prompts
-    )
+        sizes, llm.config, llm.dtype, budget_bytes, prompt_tokens, max_tokens, rates, kv_cache, micro, room, prompts,
+        llm.prefill_chunk,
+    )  # fmt: skip
