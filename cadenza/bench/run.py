@@ -132,8 +132,9 @@ def run_bench(args: argparse.Namespace) -> int:
         return _run_throughput(args, scenarios[0], model, ckpt, device, expert_kwargs(args))
     if args.runs is not None:
         raise CadenzaError(f"--runs chooses T1 / T2's rows; --scenario {args.scenario} has none. Leave it out.")
-    if args.pass_tokens is not None:
-        raise CadenzaError(f"--prefill-chunk sets T1 / T2's passes; --scenario {args.scenario} has none. Leave it out.")
+    for flag, given in (("--prefill-chunk", args.pass_tokens is not None), ("--no-timeline", args.no_timeline)):
+        if given:
+            raise CadenzaError(f"{flag} is for T1 / T2's jobs; --scenario {args.scenario} has none. Leave it out.")
     baseline = args.baseline if args.baseline is not None else device.type == "cuda"
     baseline = baseline and "D1" in scenarios
     if args.baseline and baseline_unavailable(device):
@@ -288,7 +289,7 @@ def _throughput_rows(args, scenario, ckpt, device, expert_args, budget, job, mac
     storage = _expert_storage(llm)
     try:
         prompts = job_prompts(n, p, ckpt.config["vocab_size"], args.seed)
-        tl = path.with_name(f"{path.stem}-timeline")
+        tl = None if args.no_timeline else path.with_name(f"{path.stem}-timeline")
         row = lambda s, r: add(s, {**r, "cpu_experts": storage})  # noqa: E731
         run_job(llm, scenario, prompts, m, budget, machine, row, log, tl, runs)
     finally:

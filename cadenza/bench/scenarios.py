@@ -133,6 +133,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", dest="pass_tokens", type=int, default=None, metavar="TOKENS",
                    help="T1 / T2: the most tokens a pass carries, prompts and decoding rows together (default 2048; "
                    "cadenza batch --prefill-chunk)")  # fmt: skip
+    p.add_argument("--no-timeline", action="store_true",
+                   help="T1 / T2: skip each row's timeline of three decode steps (~40 s for T1's 512 rows; bf16 T1's "
+                   "1024 prompts fit a 10-minute box call only without it)")  # fmt: skip
     p.add_argument("--peer-parallel", default=None, metavar="B,B,..",
                    help="T1 / T2: llama-batched-bench's parallel sequences (default 16,32,64,128,256)")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=None, help="override D1's and S1's generated tokens")

@@ -116,14 +116,16 @@ def test_runs_choose_the_rows(tmp_path):
     assert parse_runs("batched") == (("gpu", 1, "together"),) and len(RUNS) == 4
     with pytest.raises(CadenzaError, match="gpu, host, host2, batched"):
         parse_runs("gpu,disk")
-    r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "3", "--prompt-tokens", "4",
-            "--new-tokens", "2", "--runs", "host", "--prefill-chunk", "8", "--out", str(tmp_path))  # fmt: skip
+    r = cli("bench", "--scenario", "T1", "--device", "cpu", "--prompts", "3", "--prompt-tokens", "4", "--new-tokens",
+            "2", "--runs", "host", "--prefill-chunk", "8", "--no-timeline", "--out", str(tmp_path))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
     (path,) = [f for f in tmp_path.glob("T1-*.json") if "-timeline" not in f.stem]
     rows = json.loads(path.read_text())["results"]
     assert [(row["kv_cache"], row["prefill_chunk"]) for row in rows] == [("host", 8)]
+    assert "timeline" not in rows[0] and not list(tmp_path.glob("*-timeline*"))
     for bad, why in ((["--scenario", "T1", "--runs", "none"], "only the peer"), (["--scenario", "D1", "--runs", "gpu"],
-                     "has none"), (["--scenario", "D1", "--prefill-chunk", "64"], "has none")):  # fmt: skip
+                     "has none"), (["--scenario", "D1", "--prefill-chunk", "64"], "has none"), (["--scenario", "D1",
+                     "--no-timeline"], "has none")):  # fmt: skip
         r = cli("bench", *bad, "--device", "cpu", "--out", str(tmp_path))
         assert r.returncode != 0 and why in r.stderr
 
