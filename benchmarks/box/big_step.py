@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cadenza.bench.gpu_kernel import random_tiled
+from cadenza.bench.machine import cuda_times
 from cadenza.kernels import gpu_grouped
 
 CASES = [  # (name, fmt, group, H, I, experts, k, tokens)
@@ -39,17 +40,8 @@ def layer(fmt, group, h, i, r):
 
 
 def timed(fn, repeat: int = 7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """ms a call: the median of `repeat` (the recorded numbers are medians; machine_info keeps the best)."""
+    return statistics.median(cuda_times(fn, torch.device("cuda"), repeat)) * 1e3
 
 
 def case(name, fmt, group, h, i, r, k, t) -> dict:

@@ -167,20 +167,26 @@ def measure_dram_read_gb_s(nbytes: int = 2 * GiB, repeats: int = 3) -> float:
     return nbytes / best / GB
 
 
-def _time_cuda(fn, device: torch.device, repeats: int) -> float:
-    """Best time in seconds of `fn()` on the device's current stream (after one warm-up call). The callers'
-    buffers die when they return; machine_info then empties the CUDA cache."""
+def cuda_times(fn, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn()` on the device's current stream (CUDA events; after one warm-up
+    call)."""
     fn()
     torch.cuda.synchronize(device)
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def _time_cuda(fn, device: torch.device, repeats: int) -> float:
+    """Best time in seconds of `fn()` (cuda_times). The callers' buffers die when they return; machine_info then
+    empties the CUDA cache."""
+    return min(cuda_times(fn, device, repeats))
 
 
 def measure_pinned_h2d_gb_s(device: torch.device, nbytes: int = GiB, repeats: int = 3) -> float:

@@ -178,6 +178,8 @@ def offload_info(args: argparse.Namespace) -> dict:
     out: dict = {}
     from cadenza.moe.quantize import ExpertFormat
 
+    # the pass size the plans reserve activations for (cadenza batch's --prefill-chunk; None: the default), once
+    args.pass_tokens = check_prefill_chunk(getattr(args, "pass_tokens", None))
     ckpt = open_checkpoint(args.model, download=False)
     meta = build_meta(ckpt)
     dtype = resolve_dtype(args.dtype, ckpt)
@@ -205,9 +207,8 @@ def offload_info(args: argparse.Namespace) -> dict:
             split_info(args, out, meta, sizes, dtype, context, pop)
             return _rest(args, out, meta, sizes, dtype, fmt)
         budget = parse_size(args.gpu_memory, "--gpu-memory")
-        chunk = check_prefill_chunk(getattr(args, "pass_tokens", None))  # (cadenza batch's --prefill-chunk)
         placement = plan_offload(
-            sizes, meta.config, dtype, budget, args.offload_policy, context, args.max_batch, chunk, pop
+            sizes, meta.config, dtype, budget, args.offload_policy, context, args.max_batch, args.pass_tokens, pop
         )
         out["placement"] = {**placement.as_dict(), "summary": placement.summary()}
         if pop is not None:
@@ -221,7 +222,6 @@ def split_info(args, out: dict, meta, sizes, dtype, context: int, pop) -> None:
     import torch
 
     from cadenza.layer_split import budgets_for, edge_bytes
-    from cadenza.llm import check_prefill_chunk
     from cadenza.moe.devices import merged
     from cadenza.moe.offload.planning import plan_split
 
@@ -230,8 +230,7 @@ def split_info(args, out: dict, meta, sizes, dtype, context: int, pop) -> None:
         raise CadenzaError(f"--gpus {args.gpus} names {len(names)} GPU; a split needs two or more (e.g. --gpus 0,1).")
     budgets = budgets_for(args.gpu_memory, [torch.device("cuda", i) for i in range(len(names))])
     shares = plan_split(
-        sizes, meta.config, dtype, budgets, args.offload_policy, context, args.max_batch,
-        check_prefill_chunk(getattr(args, "pass_tokens", None)), pop,
+        sizes, meta.config, dtype, budgets, args.offload_policy, context, args.max_batch, args.pass_tokens, pop,
         edge_bytes=edge_bytes(meta, dtype),
     )  # fmt: skip
     whole = merged(shares)
@@ -281,7 +280,7 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
     """`--throughput`: the batch plan (cadenza.moe.offload.throughput) for this model and budget, with the link
     bandwidth and GPU times of the cost model measured here (per token: the largest-batch slope of its GPU expert
     time; per step: its one-token time; each times top-k and the MoE layers), else assumed values, said so."""
-    from cadenza.llm import check_micro_batches, check_prefill_chunk
+    from cadenza.llm import check_micro_batches
     from cadenza.moe.offload.costmodel import from_dict
     from cadenza.moe.offload.throughput import host_kv_room, plan_job, step_rates
     from cadenza.moe.placement import parse_size
@@ -301,11 +300,12 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
             continue
     rates = step_rates(models, k, sizes.num_moe_layers)
     budget = parse_size(args.gpu_memory, "--gpu-memory")
-    chunk = check_prefill_chunk(getattr(args, "pass_tokens", None))
     plan = plan_job(sizes, meta.config, dtype, budget, args.prompt_tokens, args.max_tokens, rates, args.kv_cache,
-                    args.micro_batches, host_kv_room(sizes), getattr(args, "job_prompts", 0), chunk)  # fmt: skip
+                    args.micro_batches, host_kv_room(sizes), getattr(args, "job_prompts", 0),
+                    args.pass_tokens)  # fmt: skip
     return {**plan.as_dict(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "micro_batches": args.micro_batches, "prefill_chunk": chunk, "summary": plan.summary()}  # fmt: skip
+            "micro_batches": args.micro_batches, "prefill_chunk": args.pass_tokens,
+            "summary": plan.summary()}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
