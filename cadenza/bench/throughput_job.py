@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cadenza.bench.scenarios import random_prompt
+from cadenza.bench.timeline import TIMELINE_SUFFIX
 from cadenza.errors import CadenzaError
 from cadenza.moe.placement import GiB
 
@@ -172,7 +173,7 @@ def run_job(
         name = None if timeline is None or mode == "together" else timeline.with_name(f"{timeline.name}-{kv}{micro}")
         if name is not None:  # (named before it is written: the row is kept first, whatever befalls the profile)
             plot = importlib.util.find_spec("matplotlib") is not None  # (the PNG is drawn where it is installed)
-            row["timeline"] = [name.with_suffix(s).name for s in (".json", ".png")[: 1 + plot]]
+            row["timeline"] = [name.with_suffix(s).name for s in (TIMELINE_SUFFIX, ".png")[: 1 + plot]]
         add(scenario, row)
         if name is not None:  # (the run's batch, at most TIMELINE_ROWS sequences)
             from cadenza.bench.timeline import record_timeline, write_timeline

@@ -11,6 +11,7 @@ the GPU's kernels and copies, one lane per stream. `plot_timeline` draws them (m
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 MARKS = ("cadenza.attention.cpu", "cadenza.experts", "cadenza.kv.copy", "cadenza.microbatch", "cadenza.decode")
 COLORS = {"attention": "tab:orange", "experts": "tab:blue", "kv": "tab:green", "microbatch": "lightgray",
           "decode": "gainsboro", "kernel": "tab:purple", "copy": "tab:red"}  # fmt: skip
+TIMELINE_SUFFIX = ".json.gz"  # (gzip.open reads it back)
 TRANSFER_PREFIXES = ("Memcpy", "Memset", "memcpy", "memset")
 
 
@@ -71,11 +73,13 @@ def record_timeline(llm, prompts: list[list[int]], steps: int, skip: int = 1) ->
 
 
 def write_timeline(timeline: dict, path: Path, title: str) -> list[Path]:
-    """The timeline as JSON beside a PNG of it (when matplotlib is there); returns the files written."""
+    """The timeline as gzipped JSON (a T2 step's spans are ~8 MB of text, a tenth of it gzipped: results stay
+    committable) beside a PNG of it (when matplotlib is there); returns the files written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # (a run's first file may be its timeline)
-    path.with_suffix(".json").write_text(json.dumps(timeline))
-    out = [path.with_suffix(".json")]
+    out = [path.with_suffix(TIMELINE_SUFFIX)]
+    with gzip.open(out[0], "wt") as f:
+        json.dump(timeline, f)
     if plot_timeline(timeline, path.with_suffix(".png"), title):
         out.append(path.with_suffix(".png"))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import sys
@@ -57,9 +58,9 @@ def test_t1_on_the_cpu_writes_every_row(tmp_path):
     # attention's spans on the threads that ran them
     assert "timeline" not in rows[3]  # (the baseline's steps are the GPU-cache row's)
     for row, run in zip(rows[:3], ("gpu1", "host1", "host2"), strict=True):
-        (tl,) = tmp_path.glob(f"T1-*-timeline-{run}.json")
+        (tl,) = tmp_path.glob(f"T1-*-timeline-{run}.json.gz")
         assert row["timeline"][0] == tl.name
-        lanes = json.loads(tl.read_text())["lanes"]
+        lanes = json.loads(gzip.decompress(tl.read_bytes()))["lanes"]
         kinds = {span[0] for spans in lanes.values() for span in spans}
         assert "decode" in kinds and all(lane.startswith(("CPU thread", "GPU stream")) for lane in lanes)
         assert "attention" in kinds or row["kv_cache"] == "gpu"  # (a CPU run attends there in both)
