@@ -178,18 +178,37 @@ def test_slot_cache_prefetches_what_its_slots_hold(monkeypatch):
 
 
 def test_slot_cache_gives_a_wave_its_victims_slots_in_ascending_order(monkeypatch):
-    """Victims whose slots come out in descending order (the oldest key in the higher slot) still take a wave of
-    consecutive experts as one copy: slots and experts are paired both ascending."""
+    """Victims one wave released that come out in descending order (the oldest key in the higher slot) still take
+    a wave of consecutive experts as one copy: slots and experts are paired both ascending."""
     gate_up, down = stacked_host(8)
     cache = SlotCache(4, device=torch.device("cpu"), parts=[((6, 8), torch.float32), ((4, 3), torch.float32)])
     host = lambda e: (gate_up[e], down[e])  # noqa: E731
-    for wave in ([0, 1, 2, 3], [3], [2], [0, 1]):  # least recently used now: expert 3 (slot 3), then 2 (slot 2)
+    for wave in ([0, 1, 2, 3], [3, 2, 0, 1]):  # least recently used now: expert 3 (slot 3), then 2 (slot 2)
         cache.release_many(cache.get_many(0, wave, host).values())
     copies = recorded_fills(monkeypatch)
     slots = cache.get_many(1, [5, 4], host)
     assert slots == {5: 3, 4: 2} and list(slots) == [5, 4] and copies == [(2, 2)]
     assert torch.equal(cache.stacks[0][2], gate_up[4]) and torch.equal(cache.stacks[0][3], gate_up[5])
     assert set(cache.where) == {(0, 0), (0, 1), (1, 4), (1, 5)}
+
+
+def test_slot_cache_fills_slots_in_the_order_they_were_released(monkeypatch):
+    """The next layer's experts copied ahead into slots two waves released: the first experts into the first
+    wave's slots, a copy for each wave's slots (a copy never waits for a later wave's products, nor holds back
+    the copies queued behind it), the right bytes in each slot."""
+    gate_up, down = stacked_host(8)
+    cache = SlotCache(4, device=torch.device("cpu"), parts=[((6, 8), torch.float32), ((4, 3), torch.float32)])
+    host = lambda e: (gate_up[e], down[e])  # noqa: E731
+    cache.release_many(cache.get_many(0, [0, 1, 2, 3], host).values())
+    cache.release_many(cache.get_many(0, [2, 3], host).values())  # a first wave: slots 2, 3
+    cache.release_many(cache.get_many(0, [0, 1], host).values())  # then a second: slots 0, 1
+    copies = recorded_fills(monkeypatch)
+    assert cache.prefetch_many(1, [4, 5, 6, 7], host) == [4, 5, 6, 7]
+    assert copies == [(2, 2), (0, 2)]  # (one copy over slots 0-3 would wait for the second wave's products)
+    assert {e: cache.where[(1, e)] for e in range(4, 8)} == {4: 2, 5: 3, 6: 0, 7: 1}
+    for e in range(4, 8):
+        assert torch.equal(cache.stacks[0][cache.where[(1, e)]], gate_up[e])
+        assert torch.equal(cache.stacks[1][cache.where[(1, e)]], down[e])
 
 
 def test_lru_victim_where_agrees_with_victim():

@@ -6,7 +6,11 @@ computation that read the slot, and the computation waits (on the compute stream
 Several experts of a layer taken at once (`get_many`, `prefetch_many`: a big step's waves) are copied in runs: the
 experts that follow each other in host memory, going to slots that follow each other, in one copy a tensor and one
 event, where one copy and ~6 CUDA calls an expert left the link idle for the Python in between (a 171-sequence
-Qwen3-30B-A3B step issued ~11,000 copies of ~26 us each: the link busy 38% of the step, session 23).
+Qwen3-30B-A3B step issued ~11,000 copies of ~26 us each: the link busy 38% of the step, session 23). A run never
+spans slots released by different waves, and the slots are filled in the order they were released: copies on one
+stream run in the order issued, so a copy into a slot the last wave still reads would hold back the copies behind
+it (T1's int4 step on the H200 left the link idle ~2-4 ms a layer that way, its first run of the next layer's
+experts waiting for the current layer's last products).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class SlotCache:
         self.misses = 0
         self.copies = 0  # runs of experts copied in (each one copy a part): what a step's copy calls cost
         self.in_use: set[int] = set()  # slots handed out by `get` and not yet released: never evicted
+        self.release_seq = [0] * num_slots  # which `release_many` call last released each slot (0: none yet)
+        self._releases = 0
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             # speculative copies run on a stream of their own: a needed copy never queues behind a wrong guess
@@ -162,10 +168,13 @@ class SlotCache:
         self.free.append(slot)
 
     def _assign(self, layer: int, experts: list[int], slots: list[int]) -> list[tuple[int, int]]:
-        """The taken `slots` given to `experts` both in ascending order, as (expert, slot), cached and touched in
-        that order: a layer's consecutive experts land in consecutive slots where the slots allow, one copy a run
-        (`_fill_runs`), and since the oldest are evicted first the next wave's victims are those runs again."""
-        pairs = list(zip(sorted(experts), sorted(slots), strict=True))
+        """The taken `slots` given to `experts` as (expert, slot), cached and touched in that order: the experts
+        ascending, the slots in the order they were released, ascending among those one wave released: the first
+        experts (a wave's first) go where a copy can start first, a layer's consecutive experts land in consecutive
+        slots where the slots allow, one copy a run (`_fill_runs`), and since the oldest are evicted first the next
+        wave's victims are those runs again."""
+        slots = sorted(slots, key=lambda s: (self.release_seq[s], s))
+        pairs = list(zip(sorted(experts), slots, strict=True))
         for e, slot in pairs:
             self.where[(layer, e)] = slot
             self.policy.touch((layer, e))
@@ -180,12 +189,16 @@ class SlotCache:
         return self.where.pop(victim)
 
     def _fill_runs(self, fills: list[tuple[int, tuple]], stream=None) -> None:
-        """Copies each (slot, host tensors) of `fills` into its slot: entries whose slots follow each other and whose
-        host tensors follow each other in one allocation (a layer's stacked experts) go as one copy a tensor."""
-        i = 0
+        """Copies each (slot, host tensors) of `fills` into its slot, in order: entries whose slots follow each other,
+        were released together, and whose host tensors follow each other in one allocation (a layer's stacked
+        experts) go as one copy a tensor."""
+        i, seq = 0, self.release_seq
         while i < len(fills):
             j = i + 1
-            while j < len(fills) and fills[j][0] == fills[j - 1][0] + 1 and _follows(fills[j - 1][1], fills[j][1]):
+            while (
+                j < len(fills) and fills[j][0] == fills[j - 1][0] + 1 and seq[fills[j][0]] == seq[fills[j - 1][0]]
+                and _follows(fills[j - 1][1], fills[j][1])
+            ):  # fmt: skip
                 j += 1
             self._fill(fills[i][0], fills[i][1], stream, j - i)
             i = j
@@ -226,6 +239,9 @@ class SlotCache:
         """The work reading `slots` is queued: they may be evicted, and a copy into one waits for that work."""
         slots = list(slots)
         self.in_use.difference_update(slots)
+        self._releases += 1
+        for s in slots:
+            self.release_seq[s] = self._releases
         if self.cuda:
             done = _recorded(torch.cuda.current_stream(self.device))
             for s in slots:
@@ -236,6 +252,7 @@ class SlotCache:
         self.in_use.clear()
         self.policy.clear()
         self.free = list(range(self.num_slots - 1, -1, -1))
+        self.release_seq = [0] * self.num_slots
 
 
 def _recorded(stream) -> torch.cuda.Event:
