@@ -158,14 +158,14 @@ def _check_kv_place(kv_cache) -> None:
         raise CadenzaError(f"kv_cache={kv_cache!r} (--kv-cache) is not a place for the KV cache. Use gpu or host.")
 
 
-def check_prefill_chunk(prefill_chunk) -> int:
-    """prefill_chunk (--prefill-chunk): None -> PREFILL_CHUNK, else a whole number of tokens of at least 1."""
+def check_prefill_chunk(prefill_chunk, default: int = PREFILL_CHUNK) -> int:
+    """prefill_chunk (--prefill-chunk): None -> `default`, else a whole number of tokens of at least 1."""
     if prefill_chunk is None:
-        return PREFILL_CHUNK
+        return default
     if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
         raise CadenzaError(
             f"prefill_chunk={prefill_chunk!r} (--prefill-chunk) is not valid. Use a whole number of tokens of at least "
-            f"1 (default {PREFILL_CHUNK})."
+            f"1 (default {default})."
         )
     return prefill_chunk
 
@@ -205,7 +205,8 @@ class LLM:
     prefill_chunk: the most tokens one forward pass carries (a long prompt's chunks; in throughput mode the prompts
     prefilled together with the decoding rows), default 2048; the GPU reserves activation memory for that many. An
     offline job's passes that carry prompts each move the non-resident experts over the link once, so larger passes
-    move them fewer times, at the cost of the residents the workspace displaces.
+    move them fewer times, at the cost of the residents the workspace displaces: `cadenza batch` uses 4096
+    (cadenza.cli.batch.JOB_PREFILL_CHUNK): pass it to an LLM built for throughput-mode jobs.
     eviction: which fetched expert leaves a full fetch cache: "lru" (default), "lfu" or "lrfu".
     prefetch: guess the next layer's experts with its router and start their copies early: True, False, or None
     (default: with the fetch policy only). cuda_graphs: replay decode steps as CUDA graphs where possible

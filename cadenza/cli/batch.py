@@ -13,6 +13,10 @@ DEFAULT_MAX_BATCH = 16
 # --sort-window's default, in --max-batch's: results wait for the earlier ones of their window before they are
 # written, so a larger window loses more finished work to an interruption (and sorting only saves decode attention)
 SORT_WINDOWS = 4
+# --prefill-chunk's default (LLM's is 2048): each pass that carries prompts moves the non-resident experts once, and
+# T1 (Mixtral int4, 24 GiB, H200) ran 963.3 tok/s with passes of 4096 tokens against 865.1 with 2048 (36 mixed
+# passes, not 80), the ~470 MB of workspace costing ~5 residents (benchmarks/results/2026-12-04-s26)
+JOB_PREFILL_CHUNK = 4096
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -59,10 +63,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "steps then span rows of similar lengths",
     )  # fmt: skip
     advanced(p).add_argument(
-        "--prefill-chunk", dest="pass_tokens", type=int, default=None, metavar="TOKENS",
+        "--prefill-chunk", dest="pass_tokens", type=int, default=JOB_PREFILL_CHUNK, metavar="TOKENS",
         help="the most tokens a forward pass carries, prompts being prefilled and decoding rows together (default "
-        "2048): each pass that carries prompts moves the non-resident experts over the link once, so larger passes "
-        "move them fewer times over the job, at more GPU memory for activations (fewer resident experts)",
+        f"{JOB_PREFILL_CHUNK}): each pass that carries prompts moves the non-resident experts over the link once, so "
+        "larger passes move them fewer times over the job, at more GPU memory for activations (fewer resident experts)",
     )  # fmt: skip
     p.set_defaults(func=run)
     return p
@@ -119,7 +123,9 @@ def auto_batch(args: argparse.Namespace, prompts: int = 0) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from cadenza import jobs
+    from cadenza.llm import check_prefill_chunk
 
+    check_prefill_chunk(args.pass_tokens, JOB_PREFILL_CHUNK)  # (here: its message gives this command's default)
     requests = None
     if args.max_batch == "auto":
         check_flags(args)  # (its own flags first: the plan reads --max-context and --gpu-memory)
@@ -163,5 +169,6 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     print(f"cadenza: {stats.summary()}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"out": args.out, **stats.as_dict()}))
+        print(json.dumps({"out": args.out, "max_batch": args.max_batch, "prefill_chunk": args.pass_tokens,
+                          **stats.as_dict()}))  # fmt: skip
     return 0

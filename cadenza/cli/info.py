@@ -71,7 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128, help="--throughput: tokens generated each (default 128)")
     p.add_argument(
         "--prefill-chunk", dest="pass_tokens", type=int, default=None, metavar="TOKENS",
-        help="plan for forward passes of at most this many tokens, as cadenza batch --prefill-chunk (default 2048)",
+        help="plan for forward passes of at most this many tokens (default 2048 as cadenza run / serve use; for "
+        "--throughput 4096, as cadenza batch --prefill-chunk)",
     )  # fmt: skip
     add_expert_args(p, cache=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -170,6 +171,7 @@ def _count(n: int) -> str:
 
 def offload_info(args: argparse.Namespace) -> dict:
     """The placement a budget would give, and the cost models measured on this machine, without CUDA."""
+    from cadenza.cli.batch import JOB_PREFILL_CHUNK
     from cadenza.llm import DEFAULT_MAX_CONTEXT, check_prefill_chunk, resolve_dtype
     from cadenza.loader import build_meta, embedding_on_host, model_sizes, open_checkpoint
     from cadenza.moe.offload.planning import plan_offload
@@ -178,8 +180,11 @@ def offload_info(args: argparse.Namespace) -> dict:
     out: dict = {}
     from cadenza.moe.quantize import ExpertFormat
 
-    # the pass size the plans reserve activations for (cadenza batch's --prefill-chunk; None: the default), once
-    args.pass_tokens = check_prefill_chunk(getattr(args, "pass_tokens", None))
+    # the pass size the plans reserve activations for (None: the default of what runs them: cadenza run / serve's
+    # for the placement, cadenza batch's for the throughput plan), once
+    given = getattr(args, "pass_tokens", None)
+    args.pass_tokens = check_prefill_chunk(given)
+    args.job_pass_tokens = check_prefill_chunk(given, JOB_PREFILL_CHUNK)
     ckpt = open_checkpoint(args.model, download=False)
     meta = build_meta(ckpt)
     dtype = resolve_dtype(args.dtype, ckpt)
@@ -302,9 +307,9 @@ def throughput_info(args: argparse.Namespace, meta, sizes, dtype, cost_models: d
     budget = parse_size(args.gpu_memory, "--gpu-memory")
     plan = plan_job(sizes, meta.config, dtype, budget, args.prompt_tokens, args.max_tokens, rates, args.kv_cache,
                     args.micro_batches, host_kv_room(sizes), getattr(args, "job_prompts", 0),
-                    args.pass_tokens)  # fmt: skip
+                    args.job_pass_tokens)  # fmt: skip
     return {**plan.as_dict(), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "micro_batches": args.micro_batches, "prefill_chunk": args.pass_tokens,
+            "micro_batches": args.micro_batches, "prefill_chunk": args.job_pass_tokens,
             "summary": plan.summary()}  # fmt: skip
 
 
@@ -365,9 +370,9 @@ def run(args: argparse.Namespace) -> int:
         t = d["throughput"]
         lines.append(f"throughput    {t['prompt_tokens']} + {t['max_tokens']} tokens a prompt: {t['summary']}")
         run = f"cadenza batch --max-batch {t['max_batch']} --max-context {t['prompt_tokens'] + t['max_tokens']}"
-        from cadenza.llm import PREFILL_CHUNK
+        from cadenza.cli.batch import JOB_PREFILL_CHUNK
 
-        if t["prefill_chunk"] != PREFILL_CHUNK:
+        if t["prefill_chunk"] != JOB_PREFILL_CHUNK:
             run += f" --prefill-chunk {t['prefill_chunk']}"
         if t["kv_on_host"]:
             micro = f" --micro-batches {t['micro_batches']}" if t["micro_batches"] > 1 else ""

@@ -37,7 +37,7 @@ def test_t1_on_the_cpu_writes_every_row(tmp_path):
     assert out["complete"] and "--scenario T1" in out["command"]
     rows = out["results"]
     runs = [(row["kv_cache"], row["micro_batches"], row["generate_mode"]) for row in rows]
-    assert all(row["prefill_chunk"] == 2048 for row in rows)  # (the default)
+    assert all(row["prefill_chunk"] == 4096 for row in rows)  # (the default: cadenza batch's)
     throughput = [("gpu", 1, "throughput"), ("host", 1, "throughput"), ("host", 2, "throughput")]
     assert runs == [*throughput, ("gpu", 1, "together")]
     assert rows[3]["max_batch"] == rows[0]["max_batch"]  # the baseline: the latency mode at the GPU cache's batch

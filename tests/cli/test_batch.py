@@ -62,6 +62,9 @@ def test_output_in_input_order_equal_to_single_runs(mixtral_dir, fresh):
     stats = json.loads(fresh.run.stdout)
     assert stats["prompts"] == stats["total"] == len(LINES) and stats["skipped"] == 0
     assert stats["generated_tokens"] == sum(r["completion_tokens"] for r in results)
+    from cadenza.cli.batch import JOB_PREFILL_CHUNK
+
+    assert (stats["max_batch"], stats["prefill_chunk"]) == (2, JOB_PREFILL_CHUNK) == (2, 4096)  # (the default's)
 
 
 def test_auto_batch_is_planned_in_the_budget(mixtral_dir, fresh, tmp_path):
@@ -92,7 +95,7 @@ def test_prefill_chunk_sets_the_passes_and_keeps_the_results(mixtral_dir, fresh,
     assert got == [json.loads(line)["token_ids"] for line in fresh.out.splitlines()]
     bad = batch(mixtral_dir[0], fresh.prompts, tmp_path / "bad.jsonl", "--prefill-chunk", "0")
     assert bad.returncode == 2 and "prefill_chunk=0 (--prefill-chunk) is not valid" in bad.stderr
-    assert not (tmp_path / "bad.jsonl").exists()
+    assert "(default 4096)" in bad.stderr and not (tmp_path / "bad.jsonl").exists()
 
 
 def test_piped_stderr_has_the_summary_only(fresh):

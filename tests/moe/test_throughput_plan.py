@@ -120,9 +120,9 @@ def test_info_throughput(mixtral_dir):
     assert bad.returncode != 0 and "--kv-cache host" in bad.stderr
     # --prefill-chunk: the plan for passes of that many tokens, and the command that runs it says so
     big = ("info", "--model", path, "--gpu-memory", "1GiB", "--throughput", "--max-tokens", "32", "--prefill-chunk")
-    c = json.loads(cli(*big, "4096", "--json").stdout)["throughput"]
-    assert c["prefill_chunk"] == 4096 and t["prefill_chunk"] == 2048
-    assert "--prefill-chunk 4096" in cli(*big, "4096").stdout and "--prefill-chunk" not in text
+    c = json.loads(cli(*big, "1024", "--json").stdout)["throughput"]
+    assert c["prefill_chunk"] == 1024 and t["prefill_chunk"] == 4096  # (the default: cadenza batch's)
+    assert "--prefill-chunk 1024" in cli(*big, "1024").stdout and "--prefill-chunk" not in text
     bad = cli(*big, "0")
     assert bad.returncode == 2 and "prefill_chunk=0 (--prefill-chunk) is not valid" in bad.stderr
 
