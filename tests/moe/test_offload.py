@@ -211,6 +211,40 @@ def test_slot_cache_fills_slots_in_the_order_they_were_released(monkeypatch):
         assert torch.equal(cache.stacks[1][cache.where[(1, e)]], down[e])
 
 
+def test_slot_cache_joins_a_stacked_layers_experts_unchecked(monkeypatch):
+    """stacked (the layer vouches that each expert's host tensors follow the previous expert's, so pairs are not
+    checked): the same copies and bytes as checking each pair."""
+    gate_up, down = stacked_host(8)
+    host = lambda e: (gate_up[e], down[e])  # noqa: E731
+    parts = [((6, 8), torch.float32), ((4, 3), torch.float32)]
+    copies = recorded_fills(monkeypatch)
+    seen = []
+    for stacked in (False, True):
+        cache = SlotCache(6, device=torch.device("cpu"), parts=parts)
+        slots = cache.get_many(0, [2, 3, 4, 6], host, stacked)
+        cache.release_many(slots.values())
+        issued = cache.prefetch_many(1, [0, 1, 5], host, stacked)
+        seen.append((slots, issued, list(copies), [t.clone() for t in cache.stacks]))
+        copies.clear()
+    assert seen[0][:3] == seen[1][:3] and seen[0][2] == [(0, 3), (3, 1), (4, 2), (0, 1)]  # (free slots first)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0][3], seen[1][3], strict=True))
+
+
+def test_layers_host_views_made_once_and_stacked(moe8):
+    """LayerOffload hands the cache the same host views each time (made once), the experts' own tensors, and
+    says a loaded layer (plain) and a packed one (int4) are stacked."""
+    for kw in ({}, {"experts": "int4"}):
+        llm = LLM(moe8[0], device="cpu", dtype="float32", gpu_memory=budget_for(moe8[0], 0, 2), **kw)
+        try:
+            for layer in llm.orchestra.layers:
+                assert layer.stacked
+                assert layer.host_weights(3) is layer.host_weights(3)
+                own = layer.experts.host_weights(3)
+                assert [t.data_ptr() for t in layer.host_weights(3)] == [t.data_ptr() for t in own]
+        finally:
+            llm.close()
+
+
 def test_lru_victim_where_agrees_with_victim():
     """The LRU's walk from the oldest key gives the victim the generic list would."""
     from cadenza.moe.offload.eviction import LRU, EvictionPolicy
@@ -232,9 +266,9 @@ def test_fetch_waves_of_half_the_slots_for_many_tokens(moe8, monkeypatch):
     ops: list[str] = []
     get, release = SlotCache.get_many, SlotCache.release_many
 
-    def get_many(self, layer, experts, host_of):
+    def get_many(self, layer, experts, host_of, stacked=False):
         ops.append("g" * len(experts))
-        return get(self, layer, experts, host_of)
+        return get(self, layer, experts, host_of, stacked)
 
     def release_many(self, slots):
         slots = list(slots)

@@ -119,7 +119,7 @@ def _fetched(layer, x, k, topk_ids, topk_weights, order, counts, fetch: list[int
     size = cache.num_slots if x.shape[0] <= policy.DECODE_MAX_TOKENS else max(1, cache.num_slots // 2)
     for i in range(0, len(fetch), size):
         wave = fetch[i : i + size]
-        slots = cache.get_many(layer.index, wave, layer.host_weights)
+        slots = cache.get_many(layer.index, wave, layer.host_weights, layer.stacked)
         if decode:
             # the expert -> slot table built where x is, a fill a run of experts in consecutive slots: a table
             # copied from pageable host memory synchronises the stream first, and a wave's sync left the GPU idle

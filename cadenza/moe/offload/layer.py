@@ -13,6 +13,7 @@ from torch.profiler import record_function
 from cadenza.moe.experts import Experts
 from cadenza.moe.gpu_side import ExpertLayout
 from cadenza.moe.offload import eager, policy
+from cadenza.moe.offload.cache import follows
 from cadenza.moe.offload.policy import Route
 
 EXPERTS_SPAN = "cadenza.experts"  # a micro-batch's layer call, on a timeline (cadenza.bench.timeline)
@@ -40,9 +41,24 @@ class LayerOffload:
         # the fused CPU kernel's view of the host experts (bf16 read in place, or the packed quantized layer), or
         # None: PyTorch's path
         self.kernel_layer = None
+        self._host: list[tuple[torch.Tensor, ...]] | None = None  # (host_weights)
+        self._stacked: bool | None = None
 
     def host_weights(self, e: int) -> tuple[torch.Tensor, ...]:
-        return self.experts.host_weights(e)
+        """Expert e's host tensors, as views made once (a big step's fetch waves ask for ~120 a layer, and each
+        view costs ~1.5 us to make: half a T2 wave's bookkeeping)."""
+        if self._host is None:
+            self._host = [self.experts.host_weights(i) for i in range(self.experts.num_experts)]
+        return self._host[e]
+
+    @property
+    def stacked(self) -> bool:
+        """Whether each expert's host tensors follow the previous expert's in one allocation a part (a loaded or
+        packed layer's stacks): the fetch slots then join consecutive experts into one copy unchecked."""
+        if self._stacked is None:
+            h = [self.host_weights(e) for e in range(self.experts.num_experts)]
+            self._stacked = all(follows(a, b) for a, b in zip(h, h[1:], strict=False))
+        return self._stacked
 
     def resident_weights(self, e: int) -> tuple[torch.Tensor, ...]:
         r = self.resident_rows[e]

@@ -250,7 +250,7 @@ class Orchestra:
         """Starts the copies of `picks` (experts of `layer`) into fetch slots and books them: the guess (`wanted`:
         what the layer is expected to need, cached or copied now) is checked by `account_prefetch`."""
         offload = self.layers[layer]
-        issued = set(self.cache.prefetch_many(layer, picks, offload.host_weights))
+        issued = set(self.cache.prefetch_many(layer, picks, offload.host_weights, offload.stacked))
         self.counters.prefetch_issued += len(issued)
         guessed = issued | {e for e in wanted if (layer, e) in self.cache.where}
         self.counters.prefetch_guessed += len(guessed)
