@@ -279,10 +279,10 @@ def _throughput_rows(args, scenario, ckpt, device, expert_args, budget, job, mac
     """cadenza's rows of T1 / T2: the model built once at the budget, then the job for each of `runs`."""
     from cadenza.bench.machine import rss_gib
     from cadenza.cli.batch import JOB_PREFILL_CHUNK
-    from cadenza.llm import LLM
+    from cadenza.llm import LLM, check_prefill_chunk
 
     n, p, m = job
-    job_chunk = JOB_PREFILL_CHUNK if args.pass_tokens is None else args.pass_tokens  # (as cadenza batch runs it)
+    job_chunk = check_prefill_chunk(args.pass_tokens, JOB_PREFILL_CHUNK)  # (as cadenza batch runs it)
     log(f"building cadenza's model on {device} at {budget / GiB:.1f} GiB; host RSS {rss_gib()} GiB ...")
     llm = LLM(checkpoint=ckpt, device=str(device), gpu_memory=budget, offload_policy="auto", max_context=p + m,
               cpu_threads=args.cpu_threads, cuda_graphs=not args.no_cuda_graphs, prefill_chunk=job_chunk,

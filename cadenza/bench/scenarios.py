@@ -131,8 +131,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    "in two micro-batches; the latency mode's batched generate, the baseline) to measure (default all "
                    "four); none: only --peer")  # fmt: skip
     p.add_argument("--prefill-chunk", dest="pass_tokens", type=int, default=None, metavar="TOKENS",
-                   help="T1 / T2: the most tokens a pass carries, prompts and decoding rows together (default 2048; "
-                   "cadenza batch --prefill-chunk)")  # fmt: skip
+                   help="T1 / T2: the most tokens a pass carries, prompts and decoding rows together (default 4096, "
+                   "as cadenza batch --prefill-chunk)")  # fmt: skip
     p.add_argument("--no-timeline", action="store_true",
                    help="T1 / T2: skip each row's timeline of three decode steps (~40 s for T1's 512 rows; bf16 T1's "
                    "1024 prompts fit a 10-minute box call only without it)")  # fmt: skip

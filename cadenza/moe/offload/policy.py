@@ -38,6 +38,9 @@ FETCHING = ("fetch", "auto")  # the policies that fetch such steps' experts (`au
 # fetched experts waited ~1.3 ms mid-layer for the first wave's products to free a slot and ~0.7 ms at the boundary
 # for the last wave's, 16% of the step. 320 MiB holds a whole Mixtral int4 layer (8 slots, 4 residents fewer: ~7 ms
 # more link a step); bf16 experts (352 MB) keep 2, small experts (Qwen3-30B's 2.5 MB) a layer's 128 as before.
+# Measured with 8 (2026-12-04, session 26): the step stayed at 1.19x its roofline, the boundary's copies waiting for
+# the last wave because the slots were paired by number, not release (cache.py, since 73d7de6): 8 against 4 is
+# still to be measured with that fixed.
 AHEAD_BYTES = 320 << 20
 
 # Streaming a decode layer's CPU share fixes the split (everything non-resident on the CPU), so `auto` streams only
