@@ -16,6 +16,13 @@ splits it: the graph so far ends at the layer's expert call, the layer's offload
 step is a list of segments, graphs and host calls, replayed in order; with every expert resident, or the CPU's
 share streamed, it is one graph.
 
+Where the layers are split over several GPUs (cadenza.layer_split), a graph's kernels stay on one device: the
+step is cut at each block boundary too (`Recorder.crossing`). The hidden state and the few tensors of the pass's
+context that the next block reads get static copies on its GPU, refreshed by an eager copy between the two graphs
+(PyTorch orders a copy between devices after the source stream's work and before the destination's), and each
+segment replays with its device current. Each device has its own capture stream and memory pool. So a split step
+is one graph per GPU segment, plus the host segments its layers need.
+
 Replays need the captured tensors to stay where they are: a new placement (`Orchestra.apply`: resident stacks
 reallocated) drops every graph (`Orchestra.version`); swaps between steps rewrite rows in place and keep them.
 Eager execution is the fallback wherever a graph cannot be used (`StepGraphs.reason` says why): a CPU device, the
@@ -47,36 +54,43 @@ class Captured:
     host: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None  # [B, 1, V] float32
-    segments: list = field(default_factory=list)  # torch.cuda.CUDAGraph or a host call, in order
+    # (device, torch.cuda.CUDAGraph or a host call) in order, each run with its device current (on that device's
+    # current stream)
+    segments: list = field(default_factory=list)
     # what the captured layers add to the orchestra's counters per step (the Python that counts them does not run
     # on replay; the host segments count for themselves)
     counted: object | None = None
 
     def replay(self) -> None:
-        for seg in self.segments:
-            if isinstance(seg, torch.cuda.CUDAGraph):
-                seg.replay()
-            else:
-                seg()
+        for device, seg in self.segments:
+            with torch.cuda.device(device):
+                if isinstance(seg, torch.cuda.CUDAGraph):
+                    seg.replay()
+                else:
+                    seg()
 
 
 class Recorder:
-    """The capture in progress: MoE layers that need the host call `host(fn, like)` to cut the step there."""
+    """The capture in progress, as segments on one device each: graphs, and between them host calls (MoE layers
+    that need the host: `host`) and, where the layers are split over several GPUs, a boundary's copies
+    (`crossing`)."""
 
-    def __init__(self, pool):
-        self.pool = pool
+    def __init__(self, pools: dict, device: torch.device):
+        self.pools = pools  # device -> the memory pool its graphs share (the first graph captured there makes it)
+        self.device = device  # where the graph in capture runs
         self.segments: list = []
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def begin(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
-        self.graph.capture_begin(pool=self.pool)
+        with torch.cuda.device(self.device):  # (captures that device's current stream)
+            self.graph.capture_begin(pool=self.pools.get(self.device))
 
     def end(self) -> None:
-        self.graph.capture_end()
-        if self.pool is None:
-            self.pool = self.graph.pool()
-        self.segments.append(self.graph)
+        with torch.cuda.device(self.device):
+            self.graph.capture_end()
+        self.pools.setdefault(self.device, self.graph.pool())
+        self.segments.append((self.device, self.graph))
         self.graph = None
 
     def host(self, fn: Callable[[], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -84,9 +98,33 @@ class Recorder:
         result lands in the returned static tensor, which the next graph reads."""
         out = torch.empty_like(like)
         self.end()
-        self.segments.append(lambda: out.copy_(fn()))
+        self.segments.append((self.device, lambda: out.copy_(fn())))
         self.begin()
         return out
+
+    @contextlib.contextmanager
+    def crossing(self, device: torch.device):
+        """A block boundary of a layer split (StaticStep.crossing): the graph so far ends; each tensor given to the
+        yielded move(t) gets a static copy on `device`, refreshed on replay between the two graphs (an eager copy
+        between devices, which PyTorch orders after the source stream's work and before the destination's); the
+        next graph captures on `device`. One graph per GPU segment: a graph's kernels stay on one device."""
+        self.end()
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def move(t: torch.Tensor) -> torch.Tensor:  # (a copy on the same device too: two blocks on one GPU, tests')
+            pairs.append((t, torch.empty_like(t, device=device)))  # (outside any capture: kept by the closure)
+            return pairs[-1][1]
+
+        yield move
+        if pairs:
+
+            def copy() -> None:
+                for src, dst in pairs:
+                    dst.copy_(src)
+
+            self.segments.append((device, copy))
+        self.device = device
+        self.begin()
 
 
 class StepGraphs:
@@ -99,7 +137,7 @@ class StepGraphs:
         self.kv_host = kv_host
         self._asked = enabled
         self.graphs: dict[tuple[int, int], Captured] = {}
-        self.pool = None
+        self.pools: dict = {}  # device -> the memory pool every captured step's graphs there share
         self.version = None
         self.captures = 0  # steps captured so far (a re-capture after a new placement counts again)
         self.replays = 0
@@ -108,10 +146,6 @@ class StepGraphs:
     def _why_not(self, enabled: bool) -> str | None:
         if not enabled:
             return "turned off (--no-cuda-graphs)"
-        from cadenza.layer_split import layer_devices
-
-        if layer_devices(self.model) is not None:
-            return "the layers are split over several GPUs (--gpus): decode steps run eagerly"
         if self.device.type != "cuda":
             return "no CUDA device (CPU execution, or the emulated GPU side)"
         if self.kv_host:
@@ -127,7 +161,22 @@ class StepGraphs:
     def enabled(self) -> bool:
         return self.reason is None
 
-    def describe(self) -> str:
+    def describe(self, gpus: int | None = None) -> str:
+        """In words, for `cadenza info`; gpus: the GPUs a split would run on (info --gpus, before a split is made;
+        a model already split says for itself)."""
+        from cadenza.layer_split import layer_devices
+
+        text = self._describe()
+        if layer_devices(self.model) is not None:
+            gpus = len(self._devices())
+        if self.enabled and gpus:
+            text += (
+                f"; layers split over {gpus} GPU(s): one graph per GPU segment, a block boundary's hidden state "
+                "copied between them"
+            )
+        return text
+
+    def _describe(self) -> str:
         if not self.enabled:
             return f"off: {self.reason}"
         orch = self.orchestra
@@ -145,7 +194,7 @@ class StepGraphs:
 
     def clear(self) -> None:
         self.graphs.clear()
-        self.pool = None
+        self.pools = {}
 
     def set_kv_host(self, kv_host: bool) -> None:
         """The KV cache moved (to host memory or back): whether graphs apply is decided anew, old captures dropped."""
@@ -198,23 +247,38 @@ class StepGraphs:
         """Whether a step of `rows` would replay a graph already captured (nothing to capture first)."""
         return getattr(self.orchestra, "version", None) == self.version and self._key(cache, rows) in self.graphs
 
+    def _devices(self) -> list[torch.device]:
+        """The devices a step runs on: the model's first (tokens in, logits out), then each other GPU of a split."""
+        from cadenza.layer_split import layer_devices
+
+        return list(dict.fromkeys([self.device, *(layer_devices(self.model) or [])]))
+
     def _capture(self, b: int, end: int, cache, ids: list[int], rows: list[int], starts: list[int]) -> Captured:
+        from cadenza.layer_split import layer_devices
+
         cap = Captured(torch.zeros(b, 1, dtype=torch.int64, device=self.device), RowIndex.static(b, self.device))
         cap.ids.copy_(torch.tensor(ids).view(b, 1))
         cap.index.rows_t.copy_(torch.tensor(rows))
         cap.index.starts_t.copy_(torch.tensor(starts))
-        static = StaticStep(cap.index, end)
         orch = self.orchestra
         counters = orch.counters.snapshot() if orch is not None else None
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        devices = self._devices()
+        streams = {d: torch.cuda.Stream(d) for d in devices}  # each device's capture stream (a graph's own)
+        for d, stream in streams.items():
+            stream.wait_stream(torch.cuda.current_stream(d))
+        rec = Recorder(self.pools, self.device)
+        split = layer_devices(self.model) is not None
+        with contextlib.ExitStack() as on_streams:
+            for stream in streams.values():
+                on_streams.enter_context(torch.cuda.stream(stream))
+            on_streams.enter_context(torch.cuda.device(self.device))
             # one eager pass first (kernels compiled and tuned, libraries' workspaces made): it writes this step's
             # keys and values where the replay writes them again
-            self.model(cap.ids, cache, last_only=True, static=static)
-            torch.cuda.synchronize(self.device)
+            self.model(cap.ids, cache, last_only=True, static=StaticStep(cap.index, end))
+            for d in devices:
+                torch.cuda.synchronize(d)
             before = orch.counters.snapshot() if orch is not None else None
-            rec = Recorder(self.pool)
+            static = StaticStep(cap.index, end, rec.crossing if split else None)
             try:
                 with orch.recording(rec) if orch is not None else contextlib.nullcontext():
                     rec.begin()
@@ -222,12 +286,13 @@ class StepGraphs:
                     rec.end()
             finally:
                 if rec.graph is not None:  # capture failed midway: leave the stream usable
-                    rec.graph.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+                    with torch.cuda.device(rec.device):
+                        rec.graph.capture_end()
+        for d, stream in streams.items():
+            torch.cuda.current_stream(d).wait_stream(stream)
         if orch is not None:  # the warm-up pass is not a step: keep the counters honest
             cap.counted = orch.counters.minus(before)
             orch.counters = counters
-        self.pool = rec.pool
         cap.segments = rec.segments
         self.captures += 1
         return cap

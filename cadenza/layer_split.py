@@ -103,24 +103,27 @@ def moe_positions(model: nn.Module) -> list[int]:
 @dataclass(frozen=True)
 class LayerSplit:
     """devices: the GPUs in order; counts: MoE layers per device (cadenza.moe.devices' blocks); layer_devices: the
-    device of each decoder layer."""
+    device of each decoder layer, layer_blocks its block (the device's number in `devices`: blocks, not device
+    names, mark the boundaries, so a split emulated with one device named twice still crosses between them)."""
 
     devices: tuple[torch.device, ...]
     counts: tuple[int, ...]
     layer_devices: tuple[torch.device, ...]
+    layer_blocks: tuple[int, ...]
 
     @classmethod
     def of(cls, model: nn.Module, devices: Sequence[torch.device], counts: Sequence[int]) -> LayerSplit:
         moe = moe_positions(model)
         if sum(counts) != len(moe) or len(counts) != len(devices) or min(counts) < 1:
             raise ValueError(f"a split of {len(moe)} MoE layers over {len(devices)} devices, got {list(counts)}")
-        layer_devices, start = [], 0
-        owner = [d for d, n in zip(devices, counts, strict=True) for _ in range(n)]  # per MoE layer
-        for m, dev in zip(moe, owner, strict=True):  # dense layers before an MoE layer go with it
-            layer_devices += [dev] * (m + 1 - start)
+        layer_blocks, start = [], 0
+        owner = [b for b, n in enumerate(counts) for _ in range(n)]  # per MoE layer
+        for m, block in zip(moe, owner, strict=True):  # dense layers before an MoE layer go with it
+            layer_blocks += [block] * (m + 1 - start)
             start = m + 1
-        layer_devices += [devices[-1]] * (len(model.model.layers) - start)
-        return cls(tuple(devices), tuple(counts), tuple(layer_devices))
+        layer_blocks += [len(devices) - 1] * (len(model.model.layers) - start)
+        layer_devices = tuple(devices[b] for b in layer_blocks)
+        return cls(tuple(devices), tuple(counts), layer_devices, tuple(layer_blocks))
 
     @property
     def moe_ranges(self) -> list[range]:
@@ -140,6 +143,7 @@ class LayerSplit:
         """The forward pass follows the split (DecoderModel.layer_devices), and weights already placed (a GGUF's
         attention blocks kept on the first GPU, loader.keep_dense_blocks) move to their layer's device."""
         model.model.layer_devices = list(self.layer_devices)
+        model.model.layer_blocks = list(self.layer_blocks)
         for name, module in model.named_modules():
             tiles = getattr(module, "tiles", None)
             if isinstance(tiles, torch.Tensor) and not tiles.is_meta:

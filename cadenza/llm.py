@@ -230,7 +230,7 @@ class LLM:
     Several GPUs: devices=[0, 1] (or "0,1", ["cuda:0", "cuda:1"]) splits the layers in contiguous blocks, one a GPU
     (a pipeline by layer: one small copy of the hidden state per boundary), each GPU's experts placed in its own
     budget (gpu_memory: one size for each, or one per GPU: ["24GiB", "16GiB"] or "24GiB,16GiB"); the CPU computes
-    every GPU's host experts. Decode steps run eagerly (no CUDA graphs yet), the KV cache on the GPUs.
+    every GPU's host experts. Decode steps replay as CUDA graphs, one per GPU segment; the KV cache is on the GPUs.
     ["cpu", "cpu"] emulates the split on the CPU (for tests).
     """
 

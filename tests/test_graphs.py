@@ -262,3 +262,32 @@ def test_streamed_cpu_experts_make_one_graph(families, experts, small_buckets, m
     finally:
         for llm in (fast, eager, slow):
             llm.close()
+
+
+@pytest.mark.gpu
+def test_a_crossing_cuts_the_step_and_copies_between_its_graphs():
+    """Recorder.crossing (a block boundary of a layer split): the graph so far ends, the moved tensor gets a static
+    copy refreshed eagerly on replay, and the next graph reads the copy; the segments replay in order, each on its
+    device, and every graph of a device shares one pool. (On one GPU: both sides cuda:0.)"""
+    dev = torch.device("cuda:0")
+    x = torch.zeros(4, device=dev)
+    rec = graphs.Recorder({}, dev)
+    stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(stream):
+        rec.begin()
+        y = x * 2
+        with rec.crossing(dev) as move:
+            there = move(y)
+        assert there.data_ptr() != y.data_ptr()
+        z = there + 1
+        rec.end()
+    torch.cuda.current_stream(dev).wait_stream(stream)
+    kinds = [(d, isinstance(seg, torch.cuda.CUDAGraph)) for d, seg in rec.segments]
+    assert kinds == [(dev, True), (dev, False), (dev, True)] and list(rec.pools) == [dev]
+    step = graphs.Captured(x, None, segments=rec.segments)
+    for v in (1.0, 3.0, -2.0):
+        x.fill_(v)
+        step.replay()
+        torch.cuda.synchronize(dev)
+        assert torch.equal(z, torch.full_like(z, 2 * v + 1))

@@ -62,7 +62,7 @@ def test_two_devices_compute_what_one_does(mixtral4, policy):
         assert out.token_ids == want_tokens
         work = out.stats.expert_work  # one set of counters for both devices
         assert sum(work.values()) == (6 + 9) * 4 * 2 and work["gpu"] > 0 and work["cpu"] + work["fetched"] > 0
-        assert "split over several GPUs" in llm.engine.graphs.describe()
+        assert "no CUDA device" in llm.engine.graphs.describe()  # (graphs per GPU segment: on GPUs only)
     finally:
         llm.close()
 
@@ -124,6 +124,68 @@ def test_windows_and_chunks_cross_devices(tmp_path, family):
         llm.close()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_captured_steps_crossings_are_its_block_boundaries(tmp_path, family):
+    """A split decode step as a CUDA graph capture runs it (cadenza.graphs.Recorder.crossing), emulated over three
+    devices: the hidden state goes through the step's crossing hook at each block boundary, to the block's device,
+    and at the end back to the first device; the static step with the hook computes what one device computes
+    (gpt-oss: windowed and full layers, two contexts a pass)."""
+    import contextlib
+
+    from cadenza.models.common import RowIndex, StaticStep
+
+    if family == "gpt_oss":
+        from tests.models.test_gpt_oss import make_gpt_oss
+
+        path, _ = make_gpt_oss(tmp_path, num_hidden_layers=3)
+    else:
+        path, _ = make_mixtral(tmp_path, num_local_experts=8, num_hidden_layers=3)
+    prompt = prompt_ids(12, seed=6, vocab=64)
+    ref = LLM(path, device="cpu", dtype="float32")
+    want = ref.score(prompt)[-1]
+    ref.close()
+    llm = LLM(path, dtype="float32", devices=["cpu"] * 3, gpu_memory="8GiB")
+    crossed: list[tuple[int, int]] = []  # (block, tensors moved)
+
+    @contextlib.contextmanager
+    def crossing(device):
+        moved = []
+        yield lambda t: moved.append(t) or t.clone()
+        crossed.append((len(crossed), len(moved)))
+
+    try:
+        assert llm.model.model.layer_blocks == [0, 1, 2]
+        cache = llm.engine.cache_for(1, 32)
+        llm.model(torch.tensor([prompt[:-1]]), cache)  # the prompt less its last token, then that token as a step
+        index = RowIndex.static(1, torch.device("cpu"))
+        index.starts_t.fill_(len(prompt) - 1)
+        step = StaticStep(index, 32, crossing)
+        got = llm.model(torch.tensor([[prompt[-1]]]), cache, last_only=True, static=step)[0, -1]
+        assert crossed == [(0, 1), (1, 1), (2, 1)]  # into blocks 1 and 2, back to the first: the hidden state each
+        assert (got - want).abs().max().item() <= TOL
+    finally:
+        llm.close()
+
+
+def test_a_context_crosses_through_the_given_move():
+    """AttentionContext.to(device, move): every tensor a context carries to another device goes through `move`
+    (a captured step's crossing makes each a static copy)."""
+    from cadenza.kv_cache import KVCache
+    from cadenza.models.common import AttentionContext
+    from cadenza.models.rope import RopeParameters, RotaryEmbedding
+
+    cache = KVCache(2, 2, 1, 8, 16, torch.float32, "cpu")
+    cache.lengths = [3, 5]
+    rotary = RotaryEmbedding(RopeParameters(), 8, 64)
+    ctx = AttentionContext.build(cache, [0, 1], 1, rotary, torch.float32, 4)
+    assert ctx.index.rows_t.tolist() == [0, 1]  # made, so it crosses
+    moved = []
+    there = ctx.to(torch.device("meta"), lambda t: moved.append(t) or t.to("meta"))
+    assert len(moved) == 5  # rows_t, starts_t (made by the mask), cos, sin, the mask
+    assert {there.cos.device, there.sin.device, there.mask.device, there.index.rows_t.device} == {torch.device("meta")}
+    assert ctx.to(torch.device("cpu"), moved.append) is ctx and len(moved) == 5  # its own device: nothing moves
+
+
 def test_replan_keeps_the_split_and_adapt_runs(mixtral4):
     path, want_logits, (want_tokens,) = mixtral4
     llm = LLM(path, dtype="float32", devices=CPU2, gpu_memory="8GiB", offload_policy="cpu")
@@ -165,6 +227,9 @@ def test_layer_split_of_maps_dense_and_trailing_layers():
     # dense, moe, moe, dense, moe, dense: the dense layers go with the next MoE layer, the last with the last device
     split = LayerSplit.of(Model([0, 1, 1, 0, 1, 0]), [a, b], [2, 1])
     assert split.layer_devices == (a, a, a, b, b, b)
+    assert split.layer_blocks == (0, 0, 0, 1, 1, 1)
+    twice = LayerSplit.of(Model([0, 1, 1, 0, 1, 0]), [a, a], [2, 1])  # one device named twice: blocks still differ
+    assert twice.layer_blocks == (0, 0, 0, 1, 1, 1)
     assert [list(r) for r in split.moe_ranges] == [[0, 1], [2]]
     assert split.device_of("model.layers.3.self_attn.q_proj.weight") == b
     assert split.device_of("model.embed_tokens.weight") == a and split.device_of("model.norm.weight") == a

@@ -221,18 +221,20 @@ class AttentionContext:
                 mask &= k > q - window
         return replace(self, mask=mask, is_causal=mask is None and self.t > 1)
 
-    def to(self, device: torch.device) -> AttentionContext:
+    def to(self, device: torch.device, move: Callable[[torch.Tensor], torch.Tensor] | None = None) -> AttentionContext:
         """This pass's context for layers on another device (layers split over several GPUs): its rotations, mask
-        and row index copied there, a few small tensors a pass."""
+        and row index copied there, a few small tensors a pass. move(tensor) -> its copy on `device` (default
+        `.to(device)`; a captured step's crossing copies between graphs, cadenza.graphs.Recorder.crossing)."""
         if self.cos.device == device:
             return self
+        move = move or (lambda t: t.to(device))
         index = RowIndex(self.rows, self.starts, device)
         for name in ("rows_t", "local_t", "starts_t"):  # made already (or a captured step's): moved, not rebuilt
             made = self.index.__dict__.get(name)
             if made is not None:
-                setattr(index, name, made.to(device))
-        mask = None if self.mask is None else self.mask.to(device)
-        return replace(self, cos=self.cos.to(device), sin=self.sin.to(device), mask=mask, index=index)
+                setattr(index, name, move(made))
+        mask = None if self.mask is None else move(self.mask)
+        return replace(self, cos=move(self.cos), sin=move(self.sin), mask=mask, index=index)
 
 
 def attention_mask(start: int, t: int, device: torch.device, sliding_window: int | None) -> torch.Tensor | None:
@@ -448,10 +450,13 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class StaticStep:
-    """A decode step in capture: its rows and positions as device tensors, its cache views' end."""
+    """A decode step in capture: its rows and positions as device tensors, its cache views' end, and, where the
+    layers are split over several GPUs, how tensors cross between blocks (`crossing(device)`: a context manager
+    giving move(tensor) -> its copy on the device; cadenza.graphs.Recorder.crossing)."""
 
     index: RowIndex
     end: int
+    crossing: Callable | None = None
 
 
 class DecoderModel(nn.Module):
@@ -465,6 +470,7 @@ class DecoderModel(nn.Module):
     # per layer, the device that holds it where the layers are split over several GPUs (cadenza.layer_split); the
     # embeddings, the final norm and the LM head stay on the first, where tokens enter and logits leave
     layer_devices: list[torch.device] | None = None
+    layer_blocks: list[int] | None = None  # per layer, its block of the split (a block: one device's run of layers)
 
     def __init__(
         self,
@@ -498,7 +504,8 @@ class DecoderModel(nn.Module):
             rows = list(range(b)) if rows is None else list(rows)
             ctx = AttentionContext.build(cache, rows, t, self.rotary_emb, h.dtype, self.sliding_window)
         if self.layer_devices is not None:
-            (h,) = self._run_split([h], [ctx], lambda layer, hs, cs: [layer(hs[0], cs[0])])
+            crossing = None if static is None else static.crossing
+            (h,) = self._run_split([h], [ctx], lambda layer, hs, cs: [layer(hs[0], cs[0])], crossing)
         elif self.layer_windows is None:
             for layer in self.layers:
                 h = layer(h, ctx)
@@ -545,36 +552,45 @@ class DecoderModel(nn.Module):
             cache.advance(rows, ids.shape[1])
         return [self.norm(h) for h in hs]
 
-    def _run_split(self, hs: list[torch.Tensor], ctxs: list[AttentionContext], run_layer) -> list[torch.Tensor]:
-        """The layers over the devices of `layer_devices`, each run of consecutive layers on one device with that
-        device current (Triton launches on the current device); the hidden states [B, T, H] cross at each boundary
-        (a small copy at decode) and come back to the pass's device. run_layer(layer, hs, contexts) -> hs."""
+    def _run_split(
+        self, hs: list[torch.Tensor], ctxs: list[AttentionContext], run_layer, crossing: Callable | None = None
+    ) -> list[torch.Tensor]:
+        """The layers block by block (`layer_blocks`: each a run of consecutive layers on one device), each block
+        with its device current (Triton launches on the current device); the hidden states [B, T, H] and the
+        contexts the block's layers read cross at each boundary (a few small copies at decode) and the hidden
+        states come back to the pass's device. run_layer(layer, hs, contexts) -> hs. crossing: StaticStep's (a
+        captured step: each crossing cuts the step's graphs), default plain copies."""
         home = hs[0].device
         windows = self.layer_windows or [self.sliding_window] * len(self.layers)
-        made: list[dict] = [{} for _ in ctxs]  # per pass: (window, device) -> context
+        blocks = self.layer_blocks or self.layer_devices
+        # per pass, each window's context, made on the pass's device before the first block (in a captured step:
+        # inside its first graph, as the masks depend on the step's positions)
+        base = [{w: c if w == self.sliding_window else self.layer_context(c, w) for w in set(windows)} for c in ctxs]
         i = 0
         while i < len(self.layers):
             device, stop = self.layer_devices[i], i + 1
-            while stop < len(self.layers) and self.layer_devices[stop] == device:
+            while stop < len(self.layers) and blocks[stop] == blocks[i]:
                 stop += 1
-            hs = [h.to(device) for h in hs]
+            wanted = {windows[j] for j in range(i, stop)}
+            with _crossing(crossing if i else None, device) as move:  # (the first block is on the pass's device)
+                hs = [move(h) for h in hs]
+                own = [{w: made[w].to(device, move) for w in wanted} for made in base]
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 for j in range(i, stop):
-                    own = []
-                    for c, m in zip(ctxs, made, strict=True):
-                        key = (windows[j], device)
-                        if key not in m:
-                            base = c if windows[j] == self.sliding_window else self.layer_context(c, windows[j])
-                            m[key] = base.to(device)
-                        own.append(m[key])
-                    hs = run_layer(self.layers[j], hs, own)
+                    hs = run_layer(self.layers[j], hs, [o[windows[j]] for o in own])
             i = stop
-        return [h.to(home) for h in hs]
+        with _crossing(crossing, home) as move:
+            return [move(h) for h in hs]
 
     def layer_context(self, ctx: AttentionContext, window: int | None) -> AttentionContext:
         """The context of the layers whose `layer_windows` entry is `window` (ctx: the pass's, for
         sliding_window): by default the causal mask narrowed to the last `window` positions."""
         return ctx.for_window(window)
+
+
+def _crossing(crossing: Callable | None, device: torch.device):
+    """A block boundary: crossing(device) in a captured step, else plain copies to `device`."""
+    return crossing(device) if crossing is not None else contextlib.nullcontext(lambda t: t.to(device))
 
 
 def last_positions(h: torch.Tensor, last_only: bool, last: torch.Tensor | None) -> torch.Tensor:

@@ -85,23 +85,28 @@ def test_each_gpu_peak_under_its_budget(tiny):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("experts", ["bf16", "int4"])
-def test_split_into_two_blocks_on_one_gpu_equals_no_split(tiny, monkeypatch, experts):
+@pytest.mark.parametrize(("experts", "policy"), [("bf16", "fetch"), ("int4", "fetch"), ("bf16", "cpu")])
+def test_split_into_two_blocks_on_one_gpu_equals_no_split(tiny, monkeypatch, experts, policy):
     """Where one GPU is all there is: the split's CUDA side (two blocks, each with its own orchestra, slots, copy
-    streams and events, the CPU worker shared, the hidden state handed from block to block) run with both blocks on
-    cuda:0, as tests/test_layer_split.py runs it on two "cpu" devices. The same logits and tokens as no split; what
-    crosses between two real GPUs stays for test_two_gpus_equal_one."""
+    streams and events, the CPU worker shared, the hidden state handed from block to block, the decode step's graphs
+    cut at the boundary with the hidden state copied between them) run with both blocks on cuda:0, as
+    tests/test_layer_split.py runs it on two "cpu" devices. The same logits and tokens as no split; what crosses
+    between two real GPUs stays for test_two_gpus_equal_one."""
     import cadenza.layer_split as layer_split
 
     path, _, want_tokens = tiny
     monkeypatch.setattr(layer_split, "parse_devices", lambda devices: [torch.device("cuda:0")] * 2)
-    b = per_gpu_budget(path, 3, 2)
+    b = per_gpu_budget(path, 3, 0 if policy == "cpu" else 2)
     kw = {} if experts == "bf16" else {"experts": "int4", "expert_cache": False}
-    llm = LLM(path, dtype="float32", devices=[0, 0], gpu_memory=[b, b], offload_policy="fetch", **kw)
+    llm = LLM(path, dtype="float32", devices=[0, 0], gpu_memory=[b, b], offload_policy=policy, **kw)
     try:
-        assert len(llm.orchestra.shares) == 2 and "split" in llm.engine.graphs.describe()
+        graphs = llm.engine.graphs
+        assert len(llm.orchestra.shares) == 2 and "one graph per GPU segment" in graphs.describe()
         assert_equals_one_gpu(llm, tiny, kw)
         outs = llm.generate([PROMPT[:8], PROMPT[3:20]], GREEDY)  # a batch of two through both blocks
         assert kw or outs[0].token_ids == want_tokens
+        assert graphs.replays > 0
+        for step in graphs.graphs.values():  # block 0, block 1 after the crossing, the LM head after the way back
+            assert sum(isinstance(seg, torch.cuda.CUDAGraph) for _, seg in step.segments) >= 3
     finally:
         llm.close()

@@ -169,6 +169,15 @@ class Stages:
             ]
         return swaps
 
+    @contextlib.contextmanager
+    def recording(self, recorder):
+        """While a decode step is captured (cadenza.graphs): every device's host-deciding layers cut its graphs
+        (Orchestra.recording)."""
+        with contextlib.ExitStack() as stack:
+            for o in self.orchestras:
+                stack.enter_context(o.recording(recorder))
+            yield
+
     def close(self) -> None:
         for o in self.orchestras:
             with on(o.device):
