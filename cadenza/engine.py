@@ -304,12 +304,21 @@ class Engine:
         attention spans the longest row of the step, so rows of similar lengths waste less of it. Memory stays
         bounded: at most `slots` running plus one window waiting. Beam-search requests run alone, when read."""
         source = iter(requests)
-        window: deque[tuple[object, list[int], SamplingParams]] = deque()
         # With experts offloaded, prompts are prefilled a chunk a step inside the decode steps' passes (Batch's mix):
         # the layer's missing experts cross the link once for both, and admissions spread over the steps instead
         # of whole batches prefilled apart, each pass streaming every expert again
         mix = self.orchestra is not None and getattr(self.model, "mixes_passes", False)
         batch = Batch(self, slots, self.max_context, prefill_per_step=self.prefill_chunk if mix else None, mix=mix)
+        if self.orchestra is not None:  # the job's passes keep their batch: the last layer copies the first's ahead
+            self.orchestra.wraps = True
+        try:
+            yield from self._run_batch(batch, source, slots, sort_window)
+        finally:
+            if self.orchestra is not None:
+                self.orchestra.wraps = False
+
+    def _run_batch(self, batch, source, slots: int, sort_window: int) -> Iterator[tuple[object, Generation]]:
+        window: deque[tuple[object, list[int], SamplingParams]] = deque()
         tags: dict[int, object] = {}
         exhausted = False
         while True:

@@ -171,6 +171,38 @@ def test_big_steps_fetch_the_next_layer_ahead(moe8):
             llm.close()
 
 
+def test_an_offline_jobs_last_layer_copies_the_first_ahead(moe8):
+    """In an offline job (Orchestra.wraps, on while Engine.run_many runs) a big pass's last layer copies the first
+    layer's experts ahead for the next pass, which keeps the batch: the link would otherwise idle across the step's
+    boundary. Outside a job nothing is copied past the last layer; a job's tokens are each prompt's alone."""
+    llm = offloaded(moe8[0], residents=0, offload_policy="fetch")
+    orch = llm.orchestra
+    last = len(orch.layers) - 1
+    try:
+        before = orch.counters.prefetch_issued
+        orch.fetch_ahead(last, 512, 2)
+        assert orch.counters.prefetch_issued == before
+        orch.wraps = True
+        orch.fetch_ahead(last, 512, 2)
+        assert orch.counters.prefetch_issued == before + orch.cache.num_slots
+        assert all((0, e) in orch.cache.where for e in range(orch.cache.num_slots))
+        orch.wraps = False
+        prompts = [PROMPT[i : i + 12] for i in range(0, 24, 4)]  # passes of up to 72 tokens: every expert wanted
+        alone = [llm.generate(p, GREEDY).token_ids for p in prompts]
+        seen: list[tuple[int, bool]] = []
+        real = orch.fetch_ahead
+
+        def spy(index: int, tokens: int, top_k: int) -> None:
+            seen.append((index, orch.wraps))
+            real(index, tokens, top_k)
+
+        orch.fetch_ahead = spy
+        assert [r.token_ids for r in llm.generate(prompts, GREEDY, mode="throughput")] == alone
+        assert (last, True) in seen and not orch.wraps  # on through the job, off after it
+    finally:
+        llm.close()
+
+
 def test_no_fetch_ahead_while_micro_batches_share_the_layer(moe8):
     """While micro-batches decode (orch.concurrent), the next micro-batch calls the same layer next and wants its
     experts still in the slots: nothing is copied ahead then."""

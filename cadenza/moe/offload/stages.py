@@ -128,6 +128,16 @@ class Stages:
         return max(o.expert_bytes for o in self.orchestras)
 
     @property
+    def wraps(self) -> bool:
+        return self.orchestras[0].wraps
+
+    @wraps.setter
+    def wraps(self, value: bool) -> None:
+        """Orchestra.wraps on every device (each block's last layer copies its own first layer ahead)."""
+        for o in self.orchestras:
+            o.wraps = value
+
+    @property
     def layers(self) -> list:
         return [layer for o in self.orchestras for layer in o.layers]
 
