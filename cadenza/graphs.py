@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cadenza.models.common import CausalLM, RowIndex, StaticStep
+from cadenza.models.attention import RowIndex
+from cadenza.models.common import CausalLM, StaticStep
 
 LENGTH_BUCKET = 256  # cache positions per captured length bucket
 MAX_GRAPHS = 64  # captured steps kept (batch sizes x length buckets); the least recently used goes first

@@ -10,7 +10,7 @@ the whole capacity once where the cache must never grow (under a GPU budget).
 
 A cache may live in host memory while the model runs on a GPU (`on_host`: the offline mode's big batches, whose KV
 cache would not fit the GPU): each pass's new keys and values are copied to the host as they are written, and
-attention reads them there, on the CPU (`cadenza.models.common.attend`), so only queries and outputs cross the link.
+attention reads them there, on the CPU (`cadenza.models.attention.attend`), so only queries and outputs cross the link.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Cache:
         self.capacity = 0
         self.buffers: dict[str, list[torch.Tensor]] = {name: [] for name in self.streams}
         self.compute_device = self.device  # where the model's activations are (on_host: a GPU, or the CPU too)
-        self.hosted = False  # a host cache: decode attention by cadenza.models.common.host_attention
+        self.hosted = False  # a host cache: decode attention by cadenza.models.attention.host_attention
         # per layer, the device its buffers live on: the layer's own where the layers are split over several GPUs
         # (`place_layers`), else the cache's device
         self.layer_devices = [self.device] * num_layers

@@ -14,7 +14,8 @@ import torch
 
 import cadenza.graphs as graphs
 from cadenza import LLM, SamplingParams
-from cadenza.models.common import RowIndex, StaticStep
+from cadenza.models.attention import RowIndex
+from cadenza.models.common import StaticStep
 from tests.conftest import budget_for, make_deepseek, make_mixtral
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe

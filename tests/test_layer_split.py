@@ -132,7 +132,8 @@ def test_a_captured_steps_crossings_are_its_block_boundaries(tmp_path, family):
     (gpt-oss: windowed and full layers, two contexts a pass)."""
     import contextlib
 
-    from cadenza.models.common import RowIndex, StaticStep
+    from cadenza.models.attention import RowIndex
+    from cadenza.models.common import StaticStep
 
     if family == "gpt_oss":
         from tests.models.test_gpt_oss import make_gpt_oss
@@ -171,7 +172,7 @@ def test_a_context_crosses_through_the_given_move():
     """AttentionContext.to(device, move): every tensor a context carries to another device goes through `move`
     (a captured step's crossing makes each a static copy)."""
     from cadenza.kv_cache import KVCache
-    from cadenza.models.common import AttentionContext
+    from cadenza.models.attention import AttentionContext
     from cadenza.models.rope import RopeParameters, RotaryEmbedding
 
     cache = KVCache(2, 2, 1, 8, 16, torch.float32, "cpu")

@@ -35,15 +35,8 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import (
-    Attention,
-    AttentionContext,
-    CausalLM,
-    DecoderLayer,
-    DecoderModel,
-    act_fn,
-    attend,
-)
+from cadenza.models.attention import Attention, AttentionContext, attend
+from cadenza.models.common import CausalLM, DecoderLayer, DecoderModel, act_fn
 from cadenza.models.rope import RotaryEmbedding, apply_rotary_interleaved
 from cadenza.moe.experts import Experts
 from cadenza.moe.routing import softmax_biased_topk

@@ -29,7 +29,8 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, RMSNorm
+from cadenza.models.attention import Attention
+from cadenza.models.common import MLP, CausalLM, DecoderLayer, DecoderModel, RMSNorm
 from cadenza.models.deepseek_v2 import DeepseekV2Moe
 from cadenza.moe.routing import sigmoid_group_topk
 

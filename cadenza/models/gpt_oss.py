@@ -27,16 +27,8 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import (
-    Attention,
-    AttentionContext,
-    CausalLM,
-    DecoderLayer,
-    DecoderModel,
-    clamped_swiglu_name,
-    host_attention,
-    reads_host_cache,
-)
+from cadenza.models.attention import Attention, AttentionContext, host_attention, reads_host_cache
+from cadenza.models.common import CausalLM, DecoderLayer, DecoderModel, clamped_swiglu_name
 from cadenza.models.rope import apply_rotary_qk
 from cadenza.moe.experts import Experts
 

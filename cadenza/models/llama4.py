@@ -36,15 +36,8 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import (
-    MLP,
-    Attention,
-    AttentionContext,
-    CausalLM,
-    DecoderLayer,
-    DecoderModel,
-    attend,
-)
+from cadenza.models.attention import Attention, AttentionContext, attend
+from cadenza.models.common import MLP, CausalLM, DecoderLayer, DecoderModel
 from cadenza.models.rope import RotaryEmbedding, apply_rotary_interleaved
 from cadenza.moe.experts import Experts
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock
+from cadenza.models.attention import Attention
+from cadenza.models.common import CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock
 
 
 @dataclass

@@ -26,7 +26,8 @@ import math
 import torch
 from torch import nn
 
-from cadenza.models.common import AttentionContext, RMSNorm, attend
+from cadenza.models.attention import AttentionContext, attend
+from cadenza.models.common import RMSNorm
 from cadenza.models.rope import RopeParameters, apply_rotary
 
 # transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default epsilon, whatever rms_norm_eps says

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, CausalLM, DecoderLayer, DecoderModel, RMSNorm, SparseMoeBlock
+from cadenza.models.attention import Attention
+from cadenza.models.common import CausalLM, DecoderLayer, DecoderModel, RMSNorm, SparseMoeBlock
 
 
 @dataclass

@@ -18,7 +18,8 @@ from torch import nn
 
 from cadenza.kv_cache import KVCache
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import Attention, CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock, last_positions
+from cadenza.models.attention import Attention
+from cadenza.models.common import CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock, last_positions
 from cadenza.models.rope import RopeParameters, RotaryEmbedding
 
 

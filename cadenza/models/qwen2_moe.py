@@ -18,15 +18,8 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import (
-    MLP,
-    Attention,
-    AttentionContext,
-    CausalLM,
-    DecoderLayer,
-    DecoderModel,
-    SparseMoeBlock,
-)
+from cadenza.models.attention import Attention, AttentionContext
+from cadenza.models.common import MLP, CausalLM, DecoderLayer, DecoderModel, SparseMoeBlock
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
-from cadenza.models.common import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, RMSNorm, SparseMoeBlock
+from cadenza.models.attention import Attention
+from cadenza.models.common import MLP, CausalLM, DecoderLayer, DecoderModel, RMSNorm, SparseMoeBlock
 from cadenza.moe.routing import softmax_topk
 
 

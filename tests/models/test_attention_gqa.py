@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cadenza.models.common import AttentionContext, _attend, attend_folded
+from cadenza.models.attention import AttentionContext, _attend, attend_folded
 
 
 def expanded(q, k, v, mask, scale):
