@@ -6,6 +6,7 @@ stays in its budget; user mistakes get messages. (On two real GPUs: tests/moe/te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -185,6 +186,33 @@ def test_a_context_crosses_through_the_given_move():
     assert len(moved) == 5  # rows_t, starts_t (made by the mask), cos, sin, the mask
     assert {there.cos.device, there.sin.device, there.mask.device, there.index.rows_t.device} == {torch.device("meta")}
     assert ctx.to(torch.device("cpu"), moved.append) is ctx and len(moved) == 5  # its own device: nothing moves
+
+
+def test_a_big_pass_copies_ahead_across_blocks(mixtral4):
+    """A prompt that wants every expert (37 tokens, top-2 of 8): each layer copies the next layer's experts ahead,
+    and a block's last layer the next block's first (its GPU's link otherwise idles until that block starts): as
+    many more copies ahead as that layer's slots take, all used, against the same split without it; the logits
+    unchanged."""
+    path, want_logits, _ = mixtral4
+    b = per_device_budget(path, 1, slots=2)
+    ahead = []
+    for across in (True, False):
+        llm = LLM(path, dtype="float32", devices=CPU2, gpu_memory=[b, b], offload_policy="fetch")
+        try:
+            first, second = llm.orchestra.orchestras
+            assert first.next_block is second and second.next_block is None and second.first_block is first
+            assert llm.split.counts == (2, 2) and first.cache is not None and second.cache is not None
+            if not across:
+                first.next_block = None
+            c0 = dataclasses.replace(llm.orchestra.counters)
+            assert (llm.score(PROMPT) - want_logits).abs().max().item() <= TOL
+            c = llm.orchestra.counters
+            ahead.append((c.prefetch_issued - c0.prefetch_issued, c.prefetch_used - c0.prefetch_used))
+            want = min(second.cache.num_slots, 8 - len(second.layers[0].resident_rows))
+        finally:
+            llm.close()
+    (issued, used), (issued_within, used_within) = ahead
+    assert want > 0 and issued - issued_within == want and used - used_within == want
 
 
 def test_replan_keeps_the_split_and_adapt_runs(mixtral4):

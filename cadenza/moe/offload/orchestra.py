@@ -116,6 +116,10 @@ class Orchestra:
         # an offline job's passes (Engine.run_many): a big pass's last layer copies the first layer's experts ahead
         # for the next pass, which keeps the batch (`fetch_ahead`)
         self.wraps = False
+        # where the layers are split over several GPUs (Stages): the next block's Orchestra, whose first layer follows
+        # this one's last, and the first block's, whose first layer a wrapping pass's last layer copies ahead
+        self.next_block: Orchestra | None = None
+        self.first_block: Orchestra = self
         # bumped by each apply() (through choose_streamed): captured steps refer to the resident tensors of one
         # placement and to one way of running the host's layers
         self.version = 0
@@ -266,14 +270,22 @@ class Orchestra:
         next micro-batch calls this same layer next, and finds its experts in the slots only if nothing evicts them.
         In an offline job (`wraps`) the last layer's next is the next pass's first: otherwise the link idles from
         the last layer's copies to the first layer's (the LM head, sampling, the next step's launches: 11-14 ms a
-        step in session 26's T1 timeline, ~3%); at the job's end that costs one layer's copies, unused."""
-        nxt = index + 1
-        if nxt == len(self.layers) and self.wraps:
-            nxt = 0
-        exists = nxt < len(self.layers)
+        step in session 26's T1 timeline, ~3%); at the job's end that costs one layer's copies, unused. Where the
+        layers are split over several GPUs, a block's last layer copies the next block's first (on that GPU's link,
+        idle until then), and the last block's wraps to the first block's."""
+        if index + 1 < len(self.layers):
+            self._fetch_layer_ahead(index + 1, tokens, top_k)
+            return
+        after = self.next_block or (self.first_block if self.wraps else None)
+        if after is not None and not self.concurrent:
+            with torch.cuda.device(after.device) if after.cuda else contextlib.nullcontext():
+                after._fetch_layer_ahead(0, tokens, top_k)
+
+    def _fetch_layer_ahead(self, nxt: int, tokens: int, top_k: int) -> None:
+        """fetch_ahead's copies of layer `nxt` (of this Orchestra), where policy.fetch_ahead wants them."""
         if self.cache is None or self.concurrent or not policy.fetch_ahead(
-            self.options, True, exists, exists and self.layers[nxt].all_resident, tokens, top_k,
-            self.layers[nxt].experts.num_experts if exists else 0,
+            self.options, True, True, self.layers[nxt].all_resident, tokens, top_k,
+            self.layers[nxt].experts.num_experts,
         ):  # fmt: skip
             return
         offload = self.layers[nxt]

@@ -44,6 +44,10 @@ class Stages:
             with on(device):
                 o = Orchestra(layers[r.start : r.stop], device, options, routers[r.start : r.stop], self.worker)
             self.orchestras.append(o)
+        for o, after in zip(self.orchestras[:-1], self.orchestras[1:], strict=True):  # copies run ahead across blocks
+            o.next_block = after
+        for o in self.orchestras:
+            o.first_block = self.orchestras[0]
         self.shares: list[DeviceShare] | None = None
         self._counters = ExpertCounters()
         self._share_counters()
@@ -133,7 +137,7 @@ class Stages:
 
     @wraps.setter
     def wraps(self, value: bool) -> None:
-        """Orchestra.wraps on every device (each block's last layer copies its own first layer ahead)."""
+        """Orchestra.wraps on every device (the last block's last layer copies the first block's first layer)."""
         for o in self.orchestras:
             o.wraps = value
 
