@@ -63,12 +63,20 @@ class Captured:
     counted: object | None = None
 
     def replay(self) -> None:
+        if len({device for device, _ in self.segments}) == 1:  # one GPU: it is current already
+            for _, seg in self.segments:
+                _run(seg)
+            return
         for device, seg in self.segments:
             with torch.cuda.device(device):
-                if isinstance(seg, torch.cuda.CUDAGraph):
-                    seg.replay()
-                else:
-                    seg()
+                _run(seg)
+
+
+def _run(seg) -> None:
+    if isinstance(seg, torch.cuda.CUDAGraph):
+        seg.replay()
+    else:
+        seg()
 
 
 class Recorder:
