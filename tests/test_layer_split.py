@@ -6,6 +6,7 @@ stays in its budget; user mistakes get messages. (On two real GPUs: tests/moe/te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 
@@ -125,16 +126,35 @@ def test_windows_and_chunks_cross_devices(tmp_path, family):
         llm.close()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_a_captured_steps_crossings_are_its_block_boundaries(tmp_path, family):
-    """A split decode step as a CUDA graph capture runs it (cadenza.graphs.Recorder.crossing), emulated over three
-    devices: the hidden state goes through the step's crossing hook at each block boundary, to the block's device,
-    and at the end back to the first device; the static step with the hook computes what one device computes
-    (gpt-oss: windowed and full layers, two contexts a pass)."""
-    import contextlib
+class StandInRecorder:
+    """What cadenza.graphs.Recorder is to a captured step, on the CPU: host calls run at once, crossings move
+    tensors by copies; each is logged in order."""
 
+    def __init__(self):
+        self.log: list[tuple[str, int]] = []  # ("host", layer) or ("cross", tensors moved)
+
+    def host(self, fn, like):
+        out = fn()
+        self.log.append(("host", len(self.log)))
+        return out
+
+    @contextlib.contextmanager
+    def crossing(self, device):
+        moved = []
+        yield lambda t: moved.append(t) or t.clone()
+        self.log.append(("cross", len(moved)))
+
+
+@pytest.mark.parametrize(("family", "policy"), [("mixtral", "fetch"), ("mixtral", "cpu"), ("gpt_oss", "fetch")])
+def test_a_captured_steps_segments_over_three_blocks(tmp_path, family, policy):
+    """A split decode step as a CUDA graph capture runs it (cadenza.graphs: Recorder.crossing, Recorder.host),
+    with a stand-in recorder over three emulated devices: every block's host-deciding layers call the recorder
+    (Stages.recording reaches each device's orchestra), the hidden state crosses at each block boundary and back
+    to the first device, and the step computes what one device computes (gpt-oss: windowed and full layers, two
+    contexts a pass)."""
     from cadenza.models.attention import RowIndex
     from cadenza.models.common import StaticStep
+    from cadenza.moe.offload.policy import Route, route
 
     if family == "gpt_oss":
         from tests.models.test_gpt_oss import make_gpt_oss
@@ -146,25 +166,29 @@ def test_a_captured_steps_crossings_are_its_block_boundaries(tmp_path, family):
     ref = LLM(path, device="cpu", dtype="float32")
     want = ref.score(prompt)[-1]
     ref.close()
-    llm = LLM(path, dtype="float32", devices=["cpu"] * 3, gpu_memory="8GiB")
-    crossed: list[tuple[int, int]] = []  # (block, tensors moved)
-
-    @contextlib.contextmanager
-    def crossing(device):
-        moved = []
-        yield lambda t: moved.append(t) or t.clone()
-        crossed.append((len(crossed), len(moved)))
-
+    b = per_device_budget(path, 1, devices=3, slots=0 if policy == "cpu" else 2)
+    llm = LLM(path, dtype="float32", devices=["cpu"] * 3, gpu_memory=[b] * 3, offload_policy=policy)
+    rec = StandInRecorder()
     try:
         assert llm.model.model.layer_blocks == [0, 1, 2]
+        hosts = [  # one MoE layer a block: whether it runs between graphs (the host decides its experts)
+            route(1, o.decode_kernels, o.layers[0].all_resident, o.streamed is not None, True) is Route.BETWEEN_GRAPHS
+            for o in llm.orchestra.orchestras
+        ]
+        assert any(hosts)
         cache = llm.engine.cache_for(1, 32)
         llm.model(torch.tensor([prompt[:-1]]), cache)  # the prompt less its last token, then that token as a step
         index = RowIndex.static(1, torch.device("cpu"))
         index.starts_t.fill_(len(prompt) - 1)
-        step = StaticStep(index, 32, crossing)
-        got = llm.model(torch.tensor([[prompt[-1]]]), cache, last_only=True, static=step)[0, -1]
-        assert crossed == [(0, 1), (1, 1), (2, 1)]  # into blocks 1 and 2, back to the first: the hidden state each
-        assert (got - want).abs().max().item() <= TOL
+        step = StaticStep(index, 32, rec.crossing)
+        with llm.orchestra.recording(rec):
+            got = llm.model(torch.tensor([[prompt[-1]]]), cache, last_only=True, static=step)
+        assert all(o.recorder is None for o in llm.orchestra.orchestras)
+        kinds = [kind for kind, _ in rec.log]
+        # each block's layer cuts the step where the host decides, then the hidden state crosses (back home last)
+        assert kinds == [k for host in hosts for k in ["host"] * host + ["cross"]]
+        assert [n for kind, n in rec.log if kind == "cross"] == [1, 1, 1]
+        assert (got[0, -1] - want).abs().max().item() <= TOL
     finally:
         llm.close()
 
