@@ -50,6 +50,11 @@ def test_two_gpus_equal_one(tiny, policy, experts):
         assert {p.device for p in llm.model.model.layers[0].parameters()} == {torch.device("cuda:0")}
         assert {p.device for p in llm.model.model.layers[-1].parameters()} == {torch.device("cuda:1")}
         assert_equals_one_gpu(llm, tiny, kw)
+        graphs = llm.engine.graphs  # the decode steps replayed graph segments on both GPUs
+        assert graphs.replays > 0 and all(
+            {d.index for d, seg in step.segments if isinstance(seg, torch.cuda.CUDAGraph)} == {0, 1}
+            for step in graphs.graphs.values()
+        )
     finally:
         llm.close()
 
