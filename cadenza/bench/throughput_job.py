@@ -176,12 +176,14 @@ def run_job(
             row["timeline"] = [name.with_suffix(s).name for s in (TIMELINE_SUFFIX, ".png")[: 1 + plot]]
         add(scenario, row)
         if name is not None:  # (the run's batch, at most TIMELINE_ROWS sequences)
-            from cadenza.bench.timeline import record_timeline, write_timeline
+            from cadenza.bench.timeline import link_summary, record_timeline, write_timeline
 
             rows = min(batch, TIMELINE_ROWS)
             ramp = ramp_steps(rows, p, llm.engine.prefill_chunk) if llm.engine.orchestra is not None else 0
             # the last mixed steps of the batch's start and the first full decode step after them
             tl = record_timeline(llm, prompts[:rows], TIMELINE_STEPS, skip=max(1, ramp - TIMELINE_STEPS + 1))
+            tl["link"] = link_summary(tl)
+            log(f"timeline: the link over {TIMELINE_STEPS} steps: {tl['link']}")
             where = "on the GPU" if kv == "gpu" else "on the host"
             title = f"{scenario}: {rows} sequences, KV cache {where}, {micro} micro-batch{'es' if micro > 1 else ''}"
             log(f"timeline: {', '.join(str(f) for f in write_timeline(tl, name, title))}")

@@ -6,7 +6,8 @@ activity on a GPU) and keeps: the spans cadenza marks (`cadenza.attention.cpu`: 
 CPU; `cadenza.experts`: a micro-batch's call of an offloaded layer, its GPU work included; `cadenza.kv.copy`: new
 keys and values to the host cache; `cadenza.microbatch.<i>`: a micro-batch's whole step; `cadenza.decode`: a decode
 step, the engine's), one lane per thread; and
-the GPU's kernels and copies, one lane per stream. `plot_timeline` draws them (matplotlib, the `bench` extra).
+the GPU's kernels and copies, one lane per stream. `plot_timeline` draws them (matplotlib, the `bench` extra);
+`link_summary` says how busy the link was and where it idled (`python -m cadenza.bench.timeline FILE.json.gz`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,51 @@ def record_timeline(llm, prompts: list[list[int]], steps: int, skip: int = 1) ->
     return {"lanes": lanes, "span_ms": (max(s[4] for s in spans) - t0) / 1e6}
 
 
+def link_summary(timeline: dict, min_gap_ms: float = 1.0) -> dict | None:
+    """How the host -> GPU link was used over the recorded decode steps (the engine's `cadenza.decode` marks; the
+    whole span without them): the union of the copy-only streams' spans (the experts' copies: the fetch and prefetch
+    streams), its idle gaps of at least `min_gap_ms` within the steps, and the gaps that hold a step's start (the
+    link idle across a step boundary). None without such a stream (no copies, or the CPU). Session 26's T1
+    timeline (results/2026-12-04-s26): busy 1144 of 1396 ms (0.82), 89 gaps of 1 ms or more (237 ms in all,
+    median 2.3), 14.2 and 11.0 ms at the two step boundaries."""
+    lanes = timeline.get("lanes", {})
+    steps = sorted(
+        (s[2], s[3]) for lane, spans in lanes.items() if lane.startswith("CPU") for s in spans if s[0] == "decode"
+    )
+    copies = sorted(
+        (s[2], s[3])
+        for lane, spans in lanes.items()
+        if lane.startswith("GPU") and spans and all(s[0] == "copy" for s in spans)
+        for s in spans
+    )
+    if not copies:
+        return None
+    lo, hi = (steps[0][0], steps[-1][1]) if steps else (0.0, timeline.get("span_ms", copies[-1][1]))
+    busy: list[list[float]] = []  # the union of the copies' spans
+    for a, b in copies:
+        if busy and a <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], b)
+        else:
+            busy.append([a, b])
+    inside = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in busy)
+    idle = [(max(lo, x[1]), min(hi, y[0])) for x, y in zip(busy, busy[1:], strict=False)]  # (between two copies)
+    gaps = sorted(b - a for a, b in idle if b - a >= min_gap_ms)
+    starts = [a for a, _ in steps[1:]]
+    window = hi - lo
+    return {
+        "steps_ms": [round(b - a, 2) for a, b in steps],
+        "window_ms": round(window, 2),
+        "link_busy_ms": round(inside, 2),
+        "link_busy_fraction": round(inside / window, 3) if window > 0 else None,
+        "gaps_min_ms": min_gap_ms,
+        "gaps": len(gaps),
+        "gaps_total_ms": round(sum(gaps), 2),
+        "gap_median_ms": round(gaps[len(gaps) // 2], 2) if gaps else None,
+        "gap_max_ms": round(gaps[-1], 2) if gaps else None,
+        "step_boundary_gaps_ms": [round(b - a, 2) for a, b in idle if any(a <= t <= b for t in starts)],
+    }
+
+
 def write_timeline(timeline: dict, path: Path, title: str) -> list[Path]:
     """The timeline as gzipped JSON (a T2 step's spans are ~8 MB of text, a tenth of it gzipped: results stay
     committable) beside a PNG of it (when matplotlib is there); returns the files written."""
@@ -114,3 +160,11 @@ def plot_timeline(timeline: dict, path: Path, title: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+if __name__ == "__main__":  # python -m cadenza.bench.timeline FILE.json.gz ...: each timeline's link_summary
+    import sys
+
+    for name in sys.argv[1:]:
+        with gzip.open(name, "rt") if name.endswith(".gz") else open(name) as f:
+            print(name, json.dumps(link_summary(json.load(f)), indent=1))

@@ -60,7 +60,9 @@ def test_t1_on_the_cpu_writes_every_row(tmp_path):
     for row, run in zip(rows[:3], ("gpu1", "host1", "host2"), strict=True):
         (tl,) = tmp_path.glob(f"T1-*-timeline-{run}.json.gz")
         assert row["timeline"][0] == tl.name
-        lanes = json.loads(gzip.decompress(tl.read_bytes()))["lanes"]
+        written = json.loads(gzip.decompress(tl.read_bytes()))
+        lanes = written["lanes"]
+        assert "link" in written and written["link"] is None  # (no GPU copy streams on the CPU)
         kinds = {span[0] for spans in lanes.values() for span in spans}
         assert "decode" in kinds and all(lane.startswith(("CPU thread", "GPU stream")) for lane in lanes)
         assert "attention" in kinds or row["kv_cache"] == "gpu"  # (a CPU run attends there in both)
@@ -138,3 +140,26 @@ def test_peer_parallel_settings_parse():
     for bad in ("", "0", "16,many"):
         with pytest.raises(CadenzaError, match="--peer-parallel"):
             parse_parallel(bad)
+
+
+def test_link_summary_reads_the_links_use_off_a_timeline():
+    """cadenza.bench.timeline.link_summary on a made-up timeline of two steps: the copy-only streams' union is the
+    link's busy time within the steps, the gaps of at least 1 ms between copies are counted, and the one that holds
+    the second step's start is the step boundary's; the compute stream's copies are not the link's."""
+    from cadenza.bench.timeline import link_summary
+
+    timeline = {
+        "lanes": {
+            "CPU thread 1": [["decode", "cadenza.decode", 0.0, 10.0], ["decode", "cadenza.decode", 12.0, 22.0]],
+            "GPU stream 7": [["kernel", "k", 0.0, 22.0], ["copy", "Memcpy HtoD", 4.0, 9.0]],
+            "GPU stream 29": [["copy", "Memcpy HtoD", 1.0, 3.0], ["copy", "Memcpy HtoD", 2.5, 4.0]],
+            "GPU stream 33": [["copy", "Memcpy HtoD", 4.5, 9.0], ["copy", "Memcpy HtoD", 14.0, 21.0]],
+        },
+        "span_ms": 22.0,
+    }
+    got = link_summary(timeline)
+    assert got["steps_ms"] == [10.0, 10.0] and got["window_ms"] == 22.0
+    assert got["link_busy_ms"] == 3.0 + 4.5 + 7.0 and got["link_busy_fraction"] == round(14.5 / 22, 3)
+    assert got["gaps"] == 1 and got["gaps_total_ms"] == 5.0  # 9 -> 14 (4 -> 4.5 is under 1 ms)
+    assert got["step_boundary_gaps_ms"] == [5.0]
+    assert link_summary({"lanes": {"GPU stream 7": [["kernel", "k", 0.0, 1.0]]}, "span_ms": 1.0}) is None
