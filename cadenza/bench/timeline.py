@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from cadenza.bench.step_attribution import gaps, merge, overlap_ns
+
 MARKS = ("cadenza.attention.cpu", "cadenza.experts", "cadenza.kv.copy", "cadenza.microbatch", "cadenza.decode")
 COLORS = {"attention": "tab:orange", "experts": "tab:blue", "kv": "tab:green", "microbatch": "lightgray",
           "decode": "gainsboro", "kernel": "tab:purple", "copy": "tab:red"}  # fmt: skip
@@ -93,15 +95,11 @@ def link_summary(timeline: dict, min_gap_ms: float = 1.0) -> dict | None:
     if not copies:
         return None
     lo, hi = (steps[0][0], steps[-1][1]) if steps else (0.0, timeline.get("span_ms", copies[-1][1]))
-    busy: list[list[float]] = []  # the union of the copies' spans
-    for a, b in copies:
-        if busy and a <= busy[-1][1]:
-            busy[-1][1] = max(busy[-1][1], b)
-        else:
-            busy.append([a, b])
-    inside = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in busy)
-    idle = [(max(lo, x[1]), min(hi, y[0])) for x, y in zip(busy, busy[1:], strict=False)]  # (between two copies)
-    gaps = sorted(b - a for a, b in idle if b - a >= min_gap_ms)
+    busy = merge(copies)
+    inside = overlap_ns(busy, lo, hi)  # (the interval arithmetic of step profiles, in ms here)
+    between = gaps(busy[0][0], busy[-1][1], busy)  # idle between two copies, clipped to the steps
+    idle = [(max(lo, a), min(hi, b)) for a, b in between]
+    gap_ms = sorted(b - a for a, b in idle if b - a >= min_gap_ms)
     starts = [a for a, _ in steps[1:]]
     window = hi - lo
     return {
@@ -110,10 +108,10 @@ def link_summary(timeline: dict, min_gap_ms: float = 1.0) -> dict | None:
         "link_busy_ms": round(inside, 2),
         "link_busy_fraction": round(inside / window, 3) if window > 0 else None,
         "gaps_min_ms": min_gap_ms,
-        "gaps": len(gaps),
-        "gaps_total_ms": round(sum(gaps), 2),
-        "gap_median_ms": round(gaps[len(gaps) // 2], 2) if gaps else None,
-        "gap_max_ms": round(gaps[-1], 2) if gaps else None,
+        "gaps": len(gap_ms),
+        "gaps_total_ms": round(sum(gap_ms), 2),
+        "gap_median_ms": round(gap_ms[len(gap_ms) // 2], 2) if gap_ms else None,
+        "gap_max_ms": round(gap_ms[-1], 2) if gap_ms else None,
         "step_boundary_gaps_ms": [round(b - a, 2) for a, b in idle if any(a <= t <= b for t in starts)],
     }
 
