@@ -58,12 +58,13 @@ class Captured:
     # (device, torch.cuda.CUDAGraph or a host call) in order, each run with its device current (on that device's
     # current stream)
     segments: list = field(default_factory=list)
+    one_device: bool = True  # every segment on one GPU, current already: replayed without a device switch each
     # what the captured layers add to the orchestra's counters per step (the Python that counts them does not run
     # on replay; the host segments count for themselves)
     counted: object | None = None
 
     def replay(self) -> None:
-        if len({device for device, _ in self.segments}) == 1:  # one GPU: it is current already
+        if self.one_device:
             for _, seg in self.segments:
                 _run(seg)
             return
@@ -303,5 +304,6 @@ class StepGraphs:
             cap.counted = orch.counters.minus(before)
             orch.counters = counters
         cap.segments = rec.segments
+        cap.one_device = len({device for device, _ in rec.segments}) == 1  # (decided once, not at each replay)
         self.captures += 1
         return cap

@@ -266,7 +266,7 @@ def _rest(args, out: dict, meta, sizes, dtype, fmt) -> dict:
     from cadenza.graphs import StepGraphs
 
     cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpus = len(args.gpus.split(",")) if getattr(args, "gpus", None) else None
+    gpus = len([g for g in args.gpus.split(",") if g.strip()]) if getattr(args, "gpus", None) else None
     out["cuda_graphs"] = StepGraphs(meta, cuda).describe(gpus)  # what a run on this machine would do
     out["cpu_activations"] = cpu_activations(fmt, dtype)
     return out
