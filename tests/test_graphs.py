@@ -21,6 +21,7 @@ from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_llama4 import make_llama4
+from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
@@ -65,12 +66,15 @@ def families(tmp_path_factory):
         # chunked rope layers (chunks of 8: per-row chunk masks in the static step), a NoPE layer whose queries scale
         # by position, dense and MoE layers alternating, top-2 routing that scales the experts' inputs
         "llama4": make_llama4(tmp_path_factory.mktemp("g-llama4"), **LLAMA4_GRAPHS)[0],
+        # q/k norms over the whole projection, half of each head rotary, a sigmoid router with its bias
+        "minimax_m2": make_minimax_m2(tmp_path_factory.mktemp("g-minimax-m2"))[0],
     }
 
 
 LLAMA4_GRAPHS = dict(interleave_moe_layer_step=2, num_experts_per_tok=2)
 FAMILIES = [
-    "mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe", "llama4"
+    "mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe", "llama4",
+    "minimax_m2",
 ]  # fmt: skip
 
 

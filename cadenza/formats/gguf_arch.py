@@ -18,7 +18,16 @@ from dataclasses import dataclass
 
 from cadenza.errors import CadenzaError
 
-SUPPORTED = ("llama (with experts: Mixtral)", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe")
+SUPPORTED = (
+    "llama (with experts: Mixtral)",
+    "qwen2moe",
+    "qwen3moe",
+    "olmoe",
+    "deepseek2",
+    "gpt-oss",
+    "glm4moe",
+    "minimax-m2",
+)
 
 # GGUF names outside the blocks
 GLOBAL_NAMES = {
@@ -79,6 +88,7 @@ FAMILIES = {
     # experts with biases (ffn_*_exps.bias), read expert by expert (fused_experts false in the config below)
     "GptOssForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), router="router"),
     "Glm4MoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+    "MiniMaxM2ForCausalLM": Family("block_sparse_moe", ("w1", "w3", "w2")),
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -106,6 +116,8 @@ def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
         return Mapped(pre + _DEEPSEEK[rest])
     if architecture == "Glm4MoeForCausalLM" and rest == "exp_probs_b.bias":  # the routing bias, as DeepSeek-V3's
         return Mapped(pre + _DEEPSEEK[rest])
+    if architecture == "MiniMaxM2ForCausalLM" and rest == "exp_probs_b.bias":  # on the MoE block, beside its gate
+        return Mapped(f"{pre}{fam.moe}.e_score_correction_bias")
     if rest in ("ffn_gate_inp.weight", "ffn_gate_inp.bias"):
         return Mapped(f"{pre}{fam.moe}.{fam.router}.{rest.rpartition('.')[2]}")
     for kind, hf in zip(_EXPERT_KINDS, fam.experts, strict=True):
@@ -143,7 +155,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
             )
         return value
 
-    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe"):
+    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2"):
         raise CadenzaError(
             f"{source} holds a GGUF {arch!r} model, which cadenza does not run. Supported GGUF architectures: "
             f"{', '.join(SUPPORTED)}. Use a GGUF of one of these, or the model's Hugging Face folder."
@@ -209,6 +221,8 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
         cfg.update(sliding_window=int(req("attention.sliding_window")), attention_bias="blk.0.attn_q.bias" in shapes)
     elif arch == "glm4moe":
         cfg.update(_glm4moe(get, req, cfg, shapes))
+    elif arch == "minimax-m2":
+        cfg.update(_minimax_m2(get, req, cfg, source))
     else:
         cfg.update(_deepseek(get, req, heads, shapes))
     scaling = _rope_scaling(get)
@@ -278,6 +292,27 @@ def _glm4moe(get, req, cfg: dict, shapes: dict) -> dict:
         "topk_group": int(get("expert_group_used_count") or groups),
         "use_qk_norm": "blk.0.attn_q_norm.weight" in shapes,
         "attention_bias": "blk.0.attn_q.bias" in shapes,
+    }
+
+
+def _minimax_m2(get, req, cfg: dict, source: str) -> dict:
+    """MiniMax-M2 (GGUF minimax-m2, llama.cpp's LLM_ARCH_MINIMAX_M2): Mixtral's block names, q/k norms over the whole
+    projection, rope.dimension_count rotary features of each head, and a sigmoid router with the bias exp_probs_b.
+    Converters that write expert_gating_func write 2 (sigmoid); one that says otherwise describes another model."""
+    head_dim = int(get("attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    gating = get("expert_gating_func")
+    if gating not in (None, 2):
+        raise CadenzaError(
+            f"{source} says minimax-m2.expert_gating_func={gating}; MiniMax-M2's router is a sigmoid (2). The file "
+            "was converted from another model or by a broken converter: convert the model again with llama.cpp."
+        )
+    return {
+        "architectures": ["MiniMaxM2ForCausalLM"],
+        "model_type": "minimax_m2",
+        "num_local_experts": int(req("expert_count")),
+        "intermediate_size": int(get("expert_feed_forward_length") or req("feed_forward_length")),
+        "head_dim": head_dim,
+        "partial_rotary_factor": int(get("rope.dimension_count") or head_dim) / head_dim,
     }
 
 

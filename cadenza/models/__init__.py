@@ -30,6 +30,7 @@ ARCHITECTURES: dict[str, Family] = {
     "GptOssForCausalLM": Family("gpt_oss", "GptOssConfig", "GptOssForCausalLM"),
     "Glm4MoeForCausalLM": Family("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "Ernie4_5_MoeForCausalLM": Family("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM"),
+    "MiniMaxM2ForCausalLM": Family("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM"),
     "Llama4ForCausalLM": Family("llama4", "Llama4TextConfig", "Llama4ForCausalLM"),
     # the hub's multimodal config.json (Llama-4 Scout / Maverick): its text model only, under language_model.
     "Llama4ForConditionalGeneration": Family("llama4", "Llama4TextConfig", "Llama4ForConditionalGeneration"),

@@ -23,6 +23,7 @@ ARCH = {
     "deepseek_v3": "deepseek2",
     "gpt_oss": "gpt-oss",
     "glm4_moe": "glm4moe",
+    "minimax_m2": "minimax-m2",
 }
 
 
@@ -82,6 +83,12 @@ def metadata(cfg: dict) -> dict:
         )
         m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
         m["rope.dimension_count"] = int(cfg["head_dim"] * cfg.get("partial_rotary_factor", 0.5))
+    elif mt == "minimax_m2":  # llama.cpp's MiniMaxM2Model.set_gguf_parameters (a newer one adds the gating func)
+        m.update(expert_count=cfg["num_local_experts"], feed_forward_length=cfg["intermediate_size"])
+        m.update(expert_feed_forward_length=cfg["intermediate_size"], expert_gating_func=2)
+        m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
+        partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+        m["rope.dimension_count"] = cfg.get("rotary_dim") or int(cfg["head_dim"] * partial)
     else:  # deepseek
         v3 = mt == "deepseek_v3"
         m.update(
@@ -218,9 +225,10 @@ def write_gguf(
             tensors[name.replace("attn_kv_b", "attn_v_b")] = np.ascontiguousarray(per_head[:, nope:])
     arch = ARCH[cfg["model_type"]]
     w = gguf.GGUFWriter(out, arch)
-    for k, v in metadata(cfg).items():
-        add_plain(w, f"{arch}.{k}", v)
     extra = dict(extra or {})
+    for k, v in metadata(cfg).items():
+        if f"{arch}.{k}" not in extra:  # (a key in extra replaces the converter's value)
+            add_plain(w, f"{arch}.{k}", v)
     for key in ("eos", "bos"):  # (unless the tokenizer metadata in extra names them)
         if f"tokenizer.ggml.{key}_token_id" not in extra:
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", int(cfg[f"{key}_token_id"]))

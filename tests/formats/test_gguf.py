@@ -16,6 +16,7 @@ from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, make_deepseek, make_mixtral, prompt_ids, reference_logits
 from tests.formats.gguf_files import dequantized_folder, write_gguf
 from tests.models.test_glm4_moe import make_glm4_moe
+from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
@@ -31,6 +32,7 @@ MAKERS = {
     "deepseek2-v2": lambda p: make_deepseek(p, version=2),
     "deepseek2-v3": lambda p: make_deepseek(p, version=3),
     "glm4moe": lambda p: make_glm4_moe(p),
+    "minimax-m2": lambda p: make_minimax_m2(p),
 }
 
 
@@ -142,6 +144,17 @@ def test_bad_files(models, tmp_path):
     text.write_text("x")
     with pytest.raises(CadenzaError, match=r"a file, not a model folder or a \.gguf file"):
         LLM(text, device="cpu")
+
+
+def test_minimax_m2_with_another_router_is_refused(models, tmp_path):
+    """A minimax-m2 file whose expert_gating_func says softmax (1) describes another model than MiniMax-M2's sigmoid
+    router: refused, naming the key, rather than computed with the wrong router."""
+    import gguf
+
+    folder, _ = models["minimax-m2"]
+    key = {"minimax-m2.expert_gating_func": (1, gguf.GGUFValueType.UINT32)}
+    with pytest.raises(CadenzaError, match=r"softmax\.gguf says minimax-m2\.expert_gating_func=1.*sigmoid"):
+        LLM(write_gguf(folder, tmp_path / "softmax.gguf", extra=key), device="cpu")
 
 
 def test_unsupported_type(models, tmp_path):

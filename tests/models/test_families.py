@@ -15,6 +15,8 @@ from tests.models.test_glm4_moe import CONFIGS as GLM_CONFIGS
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_llama4 import make_llama4
+from tests.models.test_minimax_m2 import CONFIGS as MINIMAX_M2_CONFIGS
+from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import CONFIGS as OLMOE_CONFIGS
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_phimoe import longrope, make_phimoe
@@ -34,6 +36,7 @@ GREEDY_MODELS = {
     "glm4_moe": lambda path: make_glm4_moe(path, mtp=True, **GLM_CONFIGS["quarter-rotary-yarn-gqa4"]),
     "gpt_oss": lambda path: make_gpt_oss(path),  # window 5: decoding slides past it
     "ernie4_5_moe": lambda path: make_ernie(path, mtp=True, **ERNIE_CONFIGS["yarn-head-dim-gqa4-top3"]),
+    "minimax_m2": lambda path: make_minimax_m2(path, **MINIMAX_M2_CONFIGS["quarter-rotary-yarn-top1-tied"]),
     "llama4": lambda path: make_llama4(path),  # chunks of 8: decoding crosses several; a NoPE layer, top-1
 }
 
