@@ -91,6 +91,7 @@ class ChatSession:
             signal.signal(signal.SIGINT, on_sigint)
         try:
             splitter = ReasoningSplitter.for_tokenizer(self.llm.tokenizer)
+            splitter = splitter.fresh(ids) if splitter else None  # (a template may open the think tag itself)
             # closed when the loop stops early (Ctrl-C): that ends the request, and its stats count what it made
             with contextlib.closing(self.llm.stream_steps(ids, params, gen)) as steps:
                 for step in steps:

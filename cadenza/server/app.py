@@ -306,7 +306,7 @@ async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
 
 async def _collect(sub: Submission, request: Request, responder: Responder, info: RequestLog) -> list[Output]:
     """Waits for every sequence of a plain (not streamed) request."""
-    outputs = [responder.output() for _ in sub.jobs]
+    outputs = [responder.output(job.prompt_ids) for job in sub.jobs]
     left = len(outputs)
     watcher = asyncio.create_task(_watch_disconnect(request, sub.queue))
     try:
@@ -333,7 +333,7 @@ async def _stream(sub: Submission, responder: Responder, info: RequestLog):
     """Server-sent events: OpenAI's chunks, then `data: [DONE]`. A failure mid-stream is sent as an error event
     (the openai client raises it). If the client goes away, Starlette cancels this generator at its await (queued
     or not)."""
-    outputs = [responder.output() for _ in sub.jobs]
+    outputs = [responder.output(job.prompt_ids) for job in sub.jobs]
     left = len(outputs)
     try:
         for chunk in responder.opening():

@@ -67,9 +67,10 @@ class Responder:
         self._splitter = ReasoningSplitter.for_tokenizer(texts.tokenizer) if chat else None
         self.reasoning = self._splitter is not None
 
-    def output(self) -> Output:
-        """An empty result for one sequence."""
-        return Output(splitter=self._splitter.fresh() if self._splitter is not None else None)
+    def output(self, prompt_ids: list[int]) -> Output:
+        """An empty result for one sequence answering `prompt_ids` (a prompt that opens a think tag starts its
+        answer in the reasoning)."""
+        return Output(splitter=self._splitter.fresh(prompt_ids) if self._splitter is not None else None)
 
     def _head(self, chunk: bool) -> dict:
         obj = self.object + (".chunk" if chunk and self.chat else "")

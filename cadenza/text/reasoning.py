@@ -3,12 +3,16 @@
 Two markings are known:
 - harmony (gpt-oss): `<|channel|>NAME<|message|>TEXT<|end|>`, the next message opened by `<|start|>assistant`; the
   "analysis" channel is reasoning, every other channel ("final", "commentary") is the answer;
-- think tags (Qwen3, DeepSeek-R1 style templates that let the model open them): `<think>TEXT</think>` is reasoning.
+- think tags (Qwen3, DeepSeek-R1, GLM-4.5, MiniMax-M2): `<think>TEXT</think>` is reasoning. Some templates open the
+  tag in the prompt (DeepSeek-R1-0528's, Qwen3-Thinking-2507's), so the answer starts inside it: a splitter made
+  for a prompt (`fresh(prompt_ids)`) starts on the reasoning side when the prompt's last tag is an open one.
 The markers and the harmony headers (channel and role names) are dropped from both texts. Works token by token on
 the detokenizer's pieces, so a stream can send each piece to its side as it comes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 HARMONY = ("<|channel|>", "<|message|>", "<|end|>", "<|start|>")
 THINK = ("<think>", "</think>")
@@ -43,9 +47,16 @@ class ReasoningSplitter:
                 return cls(kind, ids)
         return None
 
-    def fresh(self) -> ReasoningSplitter:
-        """A splitter for another answer in the same format (the marker ids are looked up once)."""
-        return ReasoningSplitter(self.kind, self.ids)
+    def fresh(self, prompt_ids: Sequence[int] = ()) -> ReasoningSplitter:
+        """A splitter for another answer in the same format (the marker ids are looked up once), to the prompt
+        `prompt_ids`: with think tags, one whose last tag is `<think>` left the answer inside the reasoning."""
+        out = ReasoningSplitter(self.kind, self.ids)
+        if self.kind == "think":
+            opening, closing = self.ids["<think>"], self.ids["</think>"]
+            last = next((t for t in reversed(prompt_ids) if t in (opening, closing)), None)
+            if last == opening:
+                out.state = "think"
+        return out
 
     def add(self, token_id: int, text: str) -> tuple[str, str]:
         marker = self.by_id.get(int(token_id))

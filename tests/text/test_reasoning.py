@@ -72,6 +72,48 @@ def test_think_tags(tmp_path):
     assert (reasoning, answer) == ("\nweigh it\n", "\n\nThe answer.")
 
 
+@pytest.mark.parametrize(
+    ("prompt", "want"),
+    [
+        ("<|user|>Hi<|assistant|><think>\n", ("weigh it\n", "\n\nThe answer.")),  # the template opened the tag
+        ("<|user|>Hi<|assistant|><think>\n\n</think>\n\n", ("", "weigh it\n\n\nThe answer.")),  # thinking off
+        ("<think>old</think>earlier answer<|user|>Hi<|assistant|>", ("", "weigh it\n\n\nThe answer.")),  # history
+        ("<|user|>Hi<|assistant|>", ("", "weigh it\n\n\nThe answer.")),
+    ],
+    ids=["opened", "closed", "history", "none"],
+)
+def test_think_opened_by_the_prompt(tmp_path, prompt, want):
+    """A splitter made for a prompt whose last think tag is an open one starts on the reasoning side, so the answer
+    up to `</think>` is reasoning (DeepSeek-R1-0528's and Qwen3-Thinking-2507's templates open the tag themselves);
+    a closed tag, or none, leaves it on the answer's side."""
+    tok = tokenizer_with(tmp_path, ["<think>", "</think>"], special=False)
+    splitter = ReasoningSplitter.for_tokenizer(tok).fresh(tok.encode(prompt, add_special_tokens=False))
+    detok = tok.detokenizer()
+    for i in tok.encode("weigh it\n</think>\n\nThe answer.", add_special_tokens=False):
+        splitter.add(i, detok.add(i))
+    splitter.add(-1, detok.flush())
+    assert (splitter.reasoning, splitter.answer) == want
+
+
+def test_chat_response_to_a_prompt_that_opens_think(tmp_path):
+    """The server's chat answer to a prompt ending in `<think>`: reasoning_content up to `</think>`, content after."""
+    from cadenza import SamplingParams
+    from cadenza.server.protocol import Parsed
+    from cadenza.server.responses import Responder, TokenText
+
+    tok = tokenizer_with(tmp_path, ["<think>", "</think>"], special=False)
+    prompt = tok.encode("Question?<think>", add_special_tokens=False)
+    parsed = Parsed(model="m", prompts=[prompt], params=[SamplingParams()], n=1, stream=False)
+    responder = Responder(parsed, True, TokenText(tok), "fp")
+    out = responder.output(prompt)
+    detok = tok.detokenizer()
+    ids = tok.encode("hmm</think>Hi!", add_special_tokens=False)
+    for j, i in enumerate(ids):
+        out.add(Step(i, detok.add(i), "stop" if j == len(ids) - 1 else None))
+    message = responder.body([out])["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("hmm", "Hi!")
+
+
 def test_plain_tokenizer_has_no_splitter(tmp_path):
     write_bpe_tokenizer(tmp_path)
     assert ReasoningSplitter.for_tokenizer(Tokenizer.from_dir(tmp_path)) is None
@@ -90,7 +132,7 @@ def test_chat_response_carries_reasoning_content(tmp_path, stream):
     )
     parsed = Parsed(model="m", prompts=[[0]], params=[SamplingParams()], n=1, stream=stream)
     responder = Responder(parsed, True, TokenText(tok), "fp")
-    out = responder.output()
+    out = responder.output([0])
     detok = tok.detokenizer()
     chunks = []
     for j, i in enumerate(ids):
