@@ -19,6 +19,7 @@ from cadenza.models.common import StaticStep
 from tests.conftest import budget_for, make_deepseek, make_mixtral
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
+from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
 from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_llama4 import make_llama4
 from tests.models.test_minimax_m2 import make_minimax_m2
@@ -68,13 +69,19 @@ def families(tmp_path_factory):
         "llama4": make_llama4(tmp_path_factory.mktemp("g-llama4"), **LLAMA4_GRAPHS)[0],
         # q/k norms over the whole projection, half of each head rotary, a sigmoid router with its bias
         "minimax_m2": make_minimax_m2(tmp_path_factory.mktemp("g-minimax-m2"))[0],
+        # MLA with a query LoRA and dense layers between MoE ones, a float32 sigmoid router with its bias
+        "glm4_moe_lite": make_glm4_moe_lite(
+            tmp_path_factory.mktemp("g-glm-lite"),
+            num_hidden_layers=4,
+            mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+        )[0],
     }
 
 
 LLAMA4_GRAPHS = dict(interleave_moe_layer_step=2, num_experts_per_tok=2)
 FAMILIES = [
     "mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe", "llama4",
-    "minimax_m2",
+    "minimax_m2", "glm4_moe_lite",
 ]  # fmt: skip
 
 

@@ -224,7 +224,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
     elif arch == "minimax-m2":
         cfg.update(_minimax_m2(get, req, cfg, source))
     else:
-        cfg.update(_deepseek(get, req, heads, shapes))
+        cfg.update(_deepseek(get, req, heads, shapes, cfg["num_hidden_layers"]))
     scaling = _rope_scaling(get)
     if scaling:
         if arch == "gpt-oss":  # the family's YaRN keeps its correction range unrounded (config.json's truncate)
@@ -233,17 +233,23 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
     return cfg
 
 
-def _deepseek(get, req, heads: int, shapes: dict) -> dict:
+def _deepseek(get, req, heads: int, shapes: dict, blocks: int) -> dict:
     """DeepSeek-V2 / V3 (GGUF deepseek2): V3 when the router is sigmoid (expert_gating_func 2) or has the routing
-    bias exp_probs_b. Newer llama.cpp converters store MLA's per-head sizes as key_length_mla / value_length_mla."""
+    bias exp_probs_b. Newer llama.cpp converters store MLA's per-head sizes as key_length_mla / value_length_mla.
+    GLM-4.7-Flash converts as deepseek2 too (V3's computation; its router's float32 weight is the file's F32 one);
+    a converter that exports its multi-token-prediction layer counts it in block_count (nextn_predict_layers, the
+    last blocks), which cadenza does not run: its tensors are neither expected nor read."""
     rope = int(req("rope.dimension_count"))
     key = get("attention.key_length_mla") or req("attention.key_length")
     value = get("attention.value_length_mla") or req("attention.value_length")
     v3 = get("expert_gating_func") == 2 or any(n.endswith("exp_probs_b.bias") for n in shapes)
     groups = int(get("expert_group_count") or 0) or None
+    nextn = int(get("nextn_predict_layers") or 0)
     cfg = {
         "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
         "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+        "num_hidden_layers": blocks - nextn,
+        "num_nextn_predict_layers": nextn,
         "num_key_value_heads": heads,  # MLA: every head reads the shared latent
         **_routed_experts(get, req, norm_default=v3),
         "q_lora_rank": int(get("attention.q_lora_rank") or 0) or None,

@@ -29,6 +29,7 @@ ARCHITECTURES: dict[str, Family] = {
     "DeepseekV3ForCausalLM": Family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "GptOssForCausalLM": Family("gpt_oss", "GptOssConfig", "GptOssForCausalLM"),
     "Glm4MoeForCausalLM": Family("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM"),
+    "Glm4MoeLiteForCausalLM": Family("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM"),
     "Ernie4_5_MoeForCausalLM": Family("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM"),
     "MiniMaxM2ForCausalLM": Family("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM"),
     "Llama4ForCausalLM": Family("llama4", "Llama4TextConfig", "Llama4ForCausalLM"),

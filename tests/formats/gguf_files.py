@@ -24,6 +24,7 @@ ARCH = {
     "gpt_oss": "gpt-oss",
     "glm4_moe": "glm4moe",
     "minimax_m2": "minimax-m2",
+    "glm4_moe_lite": "deepseek2",  # GLM-4.7-Flash: llama.cpp converts it as DeepSeek's MLA architecture
 }
 
 
@@ -89,14 +90,17 @@ def metadata(cfg: dict) -> dict:
         m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
         partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
         m["rope.dimension_count"] = cfg.get("rotary_dim") or int(cfg["head_dim"] * partial)
-    else:  # deepseek
-        v3 = mt == "deepseek_v3"
+    else:  # deepseek (and GLM-4.7-Flash, whose dense layers mlp_layer_types names: the leading ones)
+        v3 = mt in ("deepseek_v3", "glm4_moe_lite")
+        dense = cfg.get("first_k_dense_replace")
+        if dense is None:
+            dense = next((i for i, t in enumerate(cfg["mlp_layer_types"]) if t != "dense"), cfg["num_hidden_layers"])
         m.update(
             expert_count=cfg["n_routed_experts"],
             expert_feed_forward_length=cfg["moe_intermediate_size"],
             feed_forward_length=cfg["intermediate_size"],
             expert_shared_count=cfg["n_shared_experts"],
-            leading_dense_block_count=cfg["first_k_dense_replace"],
+            leading_dense_block_count=dense,
             expert_weights_scale=float(cfg["routed_scaling_factor"]),
             expert_weights_norm=bool(cfg["norm_topk_prob"]),
             expert_gating_func=2 if v3 else 1,

@@ -16,6 +16,7 @@ from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, make_deepseek, make_mixtral, prompt_ids, reference_logits
 from tests.formats.gguf_files import dequantized_folder, write_gguf
 from tests.models.test_glm4_moe import make_glm4_moe
+from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
 from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
@@ -144,6 +145,38 @@ def test_bad_files(models, tmp_path):
     text.write_text("x")
     with pytest.raises(CadenzaError, match=r"a file, not a model folder or a \.gguf file"):
         LLM(text, device="cpu")
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_glm_4_7_flash_as_deepseek2_with_its_mtp_block(tmp_path, qtype):
+    """GLM-4.7-Flash converts as deepseek2 (llama.cpp's Glm4MoeLiteModel), and a converter that exports its
+    multi-token-prediction layer counts it in block_count with nextn_predict_layers: the file runs the main layers
+    only, equal to transformers' Glm4MoeLiteForCausalLM (F32) or to it holding the dequantized weights (Q8_0)."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import edit_config
+
+    folder, hf = make_glm4_moe_lite(tmp_path / "hf", mlp_layer_types=["dense", "dense", "sparse"])
+    # the MTP block as the converter writes it: a whole decoder layer after the main ones (blk.3)
+    with_mtp = shutil.copytree(folder, tmp_path / "with-mtp")
+    main = load_file(folder / "model.safetensors")
+    mtp = {k.replace(".layers.2.", ".layers.3."): t.clone() for k, t in main.items() if ".layers.2." in k}
+    save_file({**main, **mtp}, with_mtp / "model.safetensors")
+    edit_config(with_mtp, num_nextn_predict_layers=1)
+    u32 = gguf.GGUFValueType.UINT32
+    extra = {"deepseek2.block_count": (4, u32), "deepseek2.nextn_predict_layers": (1, u32)}
+    file = write_gguf(with_mtp, tmp_path / f"flash-{qtype}.gguf", qtype, extra=extra)
+    assert any(t.name.startswith("blk.3.") for t in gguf.GGUFReader(file).tensors)
+    llm = LLM(file, device="cpu", dtype="float32")
+    assert llm.checkpoint.architecture == "DeepseekV3ForCausalLM" and len(llm.model.model.layers) == 3
+    assert llm.config.first_k_dense_replace == 2 and llm.config.num_nextn_predict_layers == 1
+    ids = prompt_ids(16)
+    if qtype == "F32":
+        want = reference_logits(hf, ids)
+    else:
+        want = LLM(dequantized_folder(folder, tmp_path / "ref", qtype), device="cpu", dtype="float32").score(ids)
+    assert (llm.score(ids) - want).abs().max().item() <= TOL
 
 
 def test_minimax_m2_with_another_router_is_refused(models, tmp_path):

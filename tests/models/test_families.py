@@ -13,6 +13,8 @@ from tests.models.test_ernie4_5_moe import CONFIGS as ERNIE_CONFIGS
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import CONFIGS as GLM_CONFIGS
 from tests.models.test_glm4_moe import make_glm4_moe
+from tests.models.test_glm4_moe_lite import CONFIGS as GLM_LITE_CONFIGS
+from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
 from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_llama4 import make_llama4
 from tests.models.test_minimax_m2 import CONFIGS as MINIMAX_M2_CONFIGS
@@ -34,6 +36,9 @@ GREEDY_MODELS = {
     "deepseek_v2": lambda path: v2.make_v2(path, q_lora_rank=24, rope_parameters=v2.YARN),
     "deepseek_v3": lambda path: v3.make_v3(path, num_hidden_layers=4, first_k_dense_replace=2, rope_parameters=v3.YARN),
     "glm4_moe": lambda path: make_glm4_moe(path, mtp=True, **GLM_CONFIGS["quarter-rotary-yarn-gqa4"]),
+    "glm4_moe_lite": lambda path: make_glm4_moe_lite(
+        path, mtp=True, **GLM_LITE_CONFIGS["halves-yarn-no-q-lora-groups"]
+    ),
     "gpt_oss": lambda path: make_gpt_oss(path),  # window 5: decoding slides past it
     "ernie4_5_moe": lambda path: make_ernie(path, mtp=True, **ERNIE_CONFIGS["yarn-head-dim-gqa4-top3"]),
     "minimax_m2": lambda path: make_minimax_m2(path, **MINIMAX_M2_CONFIGS["quarter-rotary-yarn-top1-tied"]),
