@@ -29,6 +29,9 @@ KV_COPY_SPAN = "cadenza.kv.copy"
 class Cache:
     """Per layer, streams {name: [slots, heads, capacity, dim]}; `lengths[slot]` positions of a slot are filled."""
 
+    hostable = False  # whether the cache may live in host memory (`on_host`, --kv-cache host)
+    not_hostable_why = "DeepSeek's MLA keeps a compressed latent, already a fraction of the size"
+
     def __init__(
         self,
         num_layers: int,
@@ -131,8 +134,8 @@ class Cache:
             # uninitialised memory may hold NaN (0 * NaN = NaN)
             try:
                 new = [
-                    torch.zeros((self.batch, heads, new_cap, dim), dtype=self.dtype, device=dev)
-                    for dev in self.layer_devices
+                    torch.zeros((self.batch, heads, self.layer_capacity(i, new_cap), dim), dtype=self.dtype, device=dev)
+                    for i, dev in enumerate(self.layer_devices)
                 ]
             except (RuntimeError, MemoryError) as exc:
                 if self.device.type != "cpu" or ("alloc" not in str(exc).lower() and not isinstance(exc, MemoryError)):
@@ -179,6 +182,15 @@ class Cache:
         for r in rows:
             self.lengths[r] += t
 
+    def nbytes_per_sequence(self) -> int:
+        """Bytes a slot takes whatever its length (a recurrent layer's state): none for attention caches."""
+        return 0
+
+    def layer_capacity(self, layer: int, capacity: int) -> int:
+        """The positions layer `layer`'s buffers hold when the cache holds `capacity` (all, unless a layer keeps
+        none)."""
+        return capacity
+
     def nbytes_per_token(self) -> int:
         """Bytes one position of one slot takes over all layers."""
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -187,6 +199,8 @@ class Cache:
 
 class KVCache(Cache):
     """Keys and values per layer, [slots, K, capacity, D] each (ordinary multi-head / grouped-query attention)."""
+
+    hostable = True  # may live in host memory (`on_host`): ordinary keys and values the CPU's attention reads
 
     def __init__(
         self,
@@ -226,3 +240,66 @@ class MLACache(Cache):
         self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
         streams = {"kv": (1, kv_lora_rank), "pe": (1, qk_rope_head_dim)}
         super().__init__(num_layers, batch, streams, max_length, dtype, device)
+
+
+class HybridCache(KVCache):
+    """Keys and values for the attention layers, and per slot a fixed-size state for the linear-attention layers
+    (Qwen3-Next's Gated DeltaNet, `linear_layers`): the convolution's last inputs `conv` [slots, C, K-1] and the
+    recurrent state `recurrent` [slots, Hv, dk, dv] (float32), which do not grow with the sequence. A linear layer's
+    key and value buffers are empty; the states live on the layer's device, made at first use."""
+
+    hostable = False  # the states are read and written by the GPU's layers every step
+    not_hostable_why = "Qwen3-Next's linear-attention layers keep a per-sequence state, not keys and values"
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        linear_layers: Sequence[int],
+        conv_shape: tuple[int, int],  # (channels, kernel - 1)
+        state_shape: tuple[int, int, int],  # (value heads, key dim, value dim)
+    ):
+        super().__init__(num_layers, batch, num_kv_heads, head_dim, max_length, dtype, device)
+        self.linear_layers = frozenset(linear_layers)
+        self.conv_shape, self.state_shape = tuple(conv_shape), tuple(state_shape)
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def layer_capacity(self, layer: int, capacity: int) -> int:
+        return 0 if layer in self.linear_layers else capacity  # a linear layer keeps no keys or values
+
+    def state(self, layer: int) -> dict[str, torch.Tensor]:
+        """Linear layer `layer`'s {"conv": [slots, C, K-1], "recurrent": [slots, Hv, dk, dv]}, zeros at first."""
+        if layer not in self.states:
+            dev = self.layer_devices[layer]
+            self.states[layer] = {
+                "conv": torch.zeros((self.batch, *self.conv_shape), dtype=self.dtype, device=dev),
+                "recurrent": torch.zeros((self.batch, *self.state_shape), dtype=torch.float32, device=dev),
+            }
+        return self.states[layer]
+
+    def reorder(self, dst: Sequence[int], src: Sequence[int]) -> None:
+        if list(dst) == list(src):
+            return
+        super().reorder(dst, src)
+        for states in self.states.values():
+            for buf in states.values():
+                d, s = (torch.tensor(list(x), device=buf.device) for x in (dst, src))
+                buf.index_copy_(0, d, buf.index_select(0, s))
+
+    def nbytes_per_token(self) -> int:
+        """Bytes one position of one slot takes: the attention layers' keys and values only."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        attention = self.num_layers - len(self.linear_layers)
+        return attention * sum(h * d for h, d in self.streams.values()) * elem
+
+    def nbytes_per_sequence(self) -> int:
+        """Bytes one slot's linear-attention states take, whatever its length."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        c, w = self.conv_shape
+        h, dk, dv = self.state_shape
+        return len(self.linear_layers) * (c * w * elem + h * dk * dv * 4)

@@ -15,7 +15,6 @@ from cadenza.checkpoint import DTYPE_NAMES, Checkpoint
 from cadenza.engine import Engine, Generation, GenerationStats
 from cadenza.errors import CadenzaError
 from cadenza.generation import Step
-from cadenza.kv_cache import KVCache
 from cadenza.layer_split import LayerSplit, budgets_for, edge_bytes, split_devices
 from cadenza.loader import (
     EMBEDDING,
@@ -287,7 +286,7 @@ class LLM:
         keep_dense_blocks(meta, self.checkpoint, self.device)  # a GGUF's attention weights, in their blocks on a GPU
         expert_format = expert_format.resolve(self.checkpoint, meta)
         config = self.config = meta.config
-        self._kv_hostable = isinstance(meta.new_cache(1, torch.float32, torch.device("meta")), KVCache)
+        self._kv_cache_kind = type(meta.new_cache(1, torch.float32, torch.device("meta")))
         self._check_kv_cache(kv_cache, type(meta).__name__)
         context, self.context_source, self._context_fix = self._context(max_context)
         self.max_context = context
@@ -488,11 +487,11 @@ class LLM:
         _check_kv_place(kv_cache)
         if self.devices:
             split_devices(self.devices, "auto", kv_cache)
-        if kv_cache == "host" and not self._kv_hostable:
+        kind = self._kv_cache_kind
+        if kv_cache == "host" and not kind.hostable:
             raise CadenzaError(
                 f"kv_cache='host' (--kv-cache host) needs ordinary keys and values; {model_name}'s attention cache is "
-                "its own (DeepSeek's MLA keeps a compressed latent, already a fraction of the size). "
-                "Use --kv-cache gpu."
+                f"its own ({kind.not_hostable_why}). Use --kv-cache gpu."
             )
 
     def replan(

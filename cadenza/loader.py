@@ -402,9 +402,11 @@ def model_sizes(
         per_layer = per_layer if len(set(per_layer)) > 1 else ()
     else:
         expert_bytes = first.expert_nbytes_as(experts, expert_group, dtype)
+    cache = model.new_cache(1, dtype, torch.device("meta"))
     return ModelSizes(
         always_bytes=(total - expert_params) * elem + block_bytes,
-        kv_bytes_per_token=model.new_cache(1, dtype, torch.device("meta")).nbytes_per_token(),
+        kv_bytes_per_token=cache.nbytes_per_token(),
+        kv_bytes_per_sequence=cache.nbytes_per_sequence(),
         expert_bytes=expert_bytes,
         num_moe_layers=len(layers),
         num_experts=first.num_experts if first else 0,

@@ -14,12 +14,15 @@ from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, budget_for, make_deepseek, make_mixtral, prompt_ids, reference_logits
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
+from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
 from tests.models.test_gpt_oss import make_gpt_oss
 from tests.models.test_llama4 import make_llama4
+from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_phimoe import longrope, make_phimoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
+from tests.models.test_qwen3_next import make_qwen3_next
 from tests.text.tokenizer_files import write_bpe_tokenizer
 
 MAKERS = {
@@ -35,6 +38,9 @@ MAKERS = {
     "gpt_oss": make_gpt_oss,
     "ernie4_5_moe": make_ernie,
     "llama4": make_llama4,
+    "minimax_m2": make_minimax_m2,
+    "glm4_moe_lite": make_glm4_moe_lite,
+    "qwen3_next": make_qwen3_next,  # beams reorder the linear layers' states with the keys and values
 }
 
 

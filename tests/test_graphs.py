@@ -26,6 +26,7 @@ from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
+from tests.models.test_qwen3_next import make_qwen3_next
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -75,13 +76,15 @@ def families(tmp_path_factory):
             num_hidden_layers=4,
             mlp_layer_types=["dense", "sparse", "dense", "sparse"],
         )[0],
+        # linear-attention layers: each row's states read and written through the step's row index
+        "qwen3_next": make_qwen3_next(tmp_path_factory.mktemp("g-qwen3-next"))[0],
     }
 
 
 LLAMA4_GRAPHS = dict(interleave_moe_layer_step=2, num_experts_per_tok=2)
 FAMILIES = [
     "mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe", "llama4",
-    "minimax_m2", "glm4_moe_lite",
+    "minimax_m2", "glm4_moe_lite", "qwen3_next",
 ]  # fmt: skip
 
 

@@ -136,6 +136,7 @@ def describe(
         **({"expert_formats_per_layer": list(fmt.layer_formats)} if fmt.fmt == "blocks" else {}),
         "routed_expert_bytes": sum(b * m.num_experts for b, (_, m) in zip(per_layer, expert_layers, strict=True)),
         "kv_bytes_per_token": model.new_cache(1, ckpt.torch_dtype(), torch.device("meta")).nbytes_per_token(),
+        "kv_bytes_per_sequence": model.new_cache(1, ckpt.torch_dtype(), torch.device("meta")).nbytes_per_sequence(),
         "checkpoint_bytes": ckpt.total_bytes,
         "bytes_by_dtype": ckpt.bytes_by_dtype(),
         "dtype": str(ckpt.torch_dtype()).removeprefix("torch."),
@@ -336,7 +337,8 @@ def run(args: argparse.Namespace) -> int:
         f"experts       {d['experts_per_layer']} per layer, top-{d['experts_per_token']}, "
         f"intermediate {d['expert_intermediate_size']}",
         f"vocab         {d['vocab_size']}, context {d['max_position_embeddings']}, KV cache "
-        f"{d['kv_bytes_per_token'] / 1024:.1f} KiB per token ({d['dtype']})",
+        f"{d['kv_bytes_per_token'] / 1024:.1f} KiB per token ({d['dtype']})"
+        + (f" + {d['kv_bytes_per_sequence'] / 2**20:.1f} MiB per sequence" if d["kv_bytes_per_sequence"] else ""),
         f"parameters    {_count(d['parameters'])}: experts {_count(d['expert_parameters'])} ({share:.1%}), "
         f"non-expert {_count(d['non_expert_parameters'])}",
         f"weights       {_gb(d['checkpoint_bytes'])} in {d['shards']} file(s): "

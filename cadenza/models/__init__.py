@@ -21,6 +21,7 @@ ARCHITECTURES: dict[str, Family] = {
     "MixtralForCausalLM": Family("mixtral", "MixtralConfig", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": Family("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "Qwen3NextForCausalLM": Family("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM"),
     "OlmoeForCausalLM": Family("olmoe", "OlmoeConfig", "OlmoeForCausalLM"),
     "PhimoeForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
     # the name Phi-3.5-MoE's config.json on the hub uses

@@ -55,6 +55,7 @@ def segment_sizes(sizes: ModelSizes, first: int, stop: int, edge: int = 0, edge_
         num_moe_layers=n,
         num_experts=sizes.num_experts,
         layer_expert_bytes=tuple(lb) if sizes.layer_expert_bytes else (),
+        kv_bytes_per_sequence=sizes.kv_bytes_per_sequence * n // total,
     )
 
 

@@ -98,7 +98,8 @@ class ModelSizes:
     """What the planner needs, all in bytes, computed by the caller from safetensors headers (no tensor data).
 
     always_bytes: non-expert weights that always live on the GPU (embeddings, attention, norms, routers, shared
-    experts, dense layers, LM head). kv_bytes_per_token: KV cache bytes per token of context, all layers.
+    experts, dense layers, LM head). kv_bytes_per_token: KV cache bytes per token of context, all layers;
+    kv_bytes_per_sequence: the cache's bytes per sequence whatever its length (linear-attention states).
     expert_bytes: one routed expert (gate + up + down), the largest layer's (what a fetch slot holds).
     num_moe_layers: MoE layers, numbered 0..num_moe_layers-1 by their ordinal among MoE layers. num_experts: routed
     experts per MoE layer. layer_expert_bytes: one expert of each MoE layer where layers differ (a GGUF's Q4_K_M
@@ -111,10 +112,14 @@ class ModelSizes:
     num_moe_layers: int
     num_experts: int
     layer_expert_bytes: tuple[int, ...] = ()
+    kv_bytes_per_sequence: int = 0  # a sequence's fixed-size cache (Qwen3-Next's linear layers' states), any length
 
     def __post_init__(self):
         # Sizes come from code reading headers, not from users: a negative one is a bug, hence ValueError.
-        for name in ("always_bytes", "kv_bytes_per_token", "expert_bytes", "num_moe_layers", "num_experts"):
+        for name in (
+            "always_bytes", "kv_bytes_per_token", "expert_bytes", "num_moe_layers", "num_experts",
+            "kv_bytes_per_sequence",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelSizes.{name} must be >= 0, got {getattr(self, name)}")
         lb = self.layer_expert_bytes

@@ -28,6 +28,7 @@ def workspace_bytes(config, dtype: torch.dtype, max_context: int, chunk: int, ma
     per_token = (8 * h + 4 * i + 4 * heads) * elem
     expert_i = getattr(config, "moe_intermediate_size", None) or i
     dequant = dequant_workspace(h, expert_i, elem, experts) if margin else 0
+    per_token += getattr(config, "linear_workspace_per_token", 0)  # a linear-attention layer's chunked pass
     return chunk * per_token + chunk * max_context + 8 * config.vocab_size + margin + dequant
 
 
@@ -60,6 +61,8 @@ def _terms(sizes, config, dtype, policy_name, max_context, max_batch, chunk, cud
     k, e = getattr(config, "num_experts_per_tok", 2), sizes.num_experts
     slots = policy.fetch_slots(policy_name, k, e if micro_batches > 1 else 0, max_batch, e, sizes.expert_bytes)
     workspace = workspace_bytes(config, dtype, max_context, chunk, CUDA_MARGIN if cuda else 0, e)
+    # a sequence's fixed-size cache (linear-attention states) is reserved with the pass's buffers, once per slot
+    workspace += max_batch * sizes.kv_bytes_per_sequence
     return slots, workspace, policy.placement_fill(policy_name, max_batch, k, e)
 
 

@@ -141,7 +141,7 @@ def plan_throughput(
     per_layer = sizes.layer_bytes()
     total = sizes.num_experts * sizes.num_moe_layers
     fixed = sizes.always_bytes + workspace_bytes + fetch_slots * sizes.expert_bytes
-    per_seq = context_tokens * sizes.kv_bytes_per_token
+    per_seq = context_tokens * sizes.kv_bytes_per_token + sizes.kv_bytes_per_sequence
     gpu_seq = 0 if kv_on_host else per_seq  # what a sequence takes of the GPU budget
     attn_s = per_seq / (dram_gb_s * 1e9) if kv_on_host else 0.0  # the CPU reading one sequence's cache, a step
     if prompts < 0:
