@@ -192,9 +192,10 @@ class Cache:
         return capacity
 
     def nbytes_per_token(self) -> int:
-        """Bytes one position of one slot takes over all layers."""
+        """Bytes one position of one slot takes over all layers (that keep positions: `layer_capacity`)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * sum(h * d for h, d in self.streams.values()) * elem
+        layers = sum(1 for i in range(self.num_layers) if self.layer_capacity(i, 1))
+        return layers * sum(h * d for h, d in self.streams.values()) * elem
 
 
 class KVCache(Cache):
@@ -290,12 +291,6 @@ class HybridCache(KVCache):
             for buf in states.values():
                 d, s = (torch.tensor(list(x), device=buf.device) for x in (dst, src))
                 buf.index_copy_(0, d, buf.index_select(0, s))
-
-    def nbytes_per_token(self) -> int:
-        """Bytes one position of one slot takes: the attention layers' keys and values only."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        attention = self.num_layers - len(self.linear_layers)
-        return attention * sum(h * d for h, d in self.streams.values()) * elem
 
     def nbytes_per_sequence(self) -> int:
         """Bytes one slot's linear-attention states take, whatever its length."""

@@ -295,6 +295,25 @@ def cuda_bf16_scores(path, prompt: list[int], experts: int):
     return resident, offloaded
 
 
+def assert_bf16_dtypes_as_transformers(path, rename: tuple[str, str] | None = None):
+    """In bf16 every non-expert tensor has the dtype transformers' from_pretrained gives it (rename: (old, new) in
+    transformers' names where the checkpoint's differ, e.g. MiniMax-M2's mlp -> block_sparse_moe) and the logits are
+    finite; returns the bf16 LLM."""
+    import transformers
+
+    from cadenza import LLM
+
+    arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    hf = getattr(transformers, arch).from_pretrained(path, dtype=torch.bfloat16)
+    fix = (lambda n: n.replace(*rename)) if rename else (lambda n: n)
+    want = {fix(n): t.dtype for n, t in hf.state_dict().items() if ".experts." not in n}
+    llm = LLM(path, device="cpu", dtype="bfloat16")
+    got = {n: t.dtype for n, t in llm.model.state_dict().items() if ".experts." not in n}
+    assert got == want
+    assert torch.isfinite(llm.score(prompt_ids(70))).all()
+    return llm
+
+
 def single_device_run(path, prompt: list[int], new_tokens: int):
     """The all-resident CPU run the offloaded paths must equal: (its logits for `prompt`, its `new_tokens` greedy
     tokens from prompt[:6])."""

@@ -18,6 +18,7 @@ from cadenza.models import supported_architectures
 from cadenza.models.glm4_moe import Glm4MoeMoE
 from cadenza.models.glm4_moe_lite import Glm4MoeLiteConfig
 from tests.conftest import (
+    assert_bf16_dtypes_as_transformers,
     assert_config_refused,
     assert_hybrid_matches,
     assert_hybrid_prefetch_in_bf16,
@@ -123,17 +124,9 @@ def test_hub_style_config_and_mtp_layer_skipped(tmp_path):
 def test_router_stays_float32_as_transformers_keeps_it(tmp_path):
     """In bf16 every tensor has the dtype transformers' from_pretrained gives it: the router's weight and score
     correction bias stay float32 (_keep_in_fp32_modules_strict), everything else is bf16."""
-    from transformers import Glm4MoeLiteForCausalLM
-
-    path, _ = make_glm4_moe_lite(tmp_path / "bf16")
-    hf = Glm4MoeLiteForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    want = {n: t.dtype for n, t in hf.state_dict().items() if ".experts." not in n}
-    llm = LLM(path, device="cpu", dtype="bfloat16")
-    got = {n: t.dtype for n, t in llm.model.state_dict().items() if ".experts." not in n}
-    assert got == want
+    llm = assert_bf16_dtypes_as_transformers(make_glm4_moe_lite(tmp_path / "bf16")[0])
     gate = llm.model.model.layers[1].mlp.gate
     assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
-    assert torch.isfinite(llm.score(prompt_ids(8))).all()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from cadenza.loader import build_meta, open_checkpoint
 from cadenza.models import supported_architectures
 from cadenza.models.minimax_m2 import MiniMaxM2Attention, MiniMaxM2SparseMoeBlock
 from tests.conftest import (
+    assert_bf16_dtypes_as_transformers,
     assert_config_refused,
     assert_hybrid_matches,
     assert_hybrid_prefetch_in_bf16,
@@ -114,17 +115,8 @@ def test_rotary_width_as_transformers_reads_it(tmp_path):
 def test_router_and_bias_take_the_compute_dtype_as_transformers(tmp_path):
     """In bf16 every tensor has the dtype transformers' from_pretrained gives it (router weight and routing bias
     included: MiniMax-M2 keeps none in float32)."""
-    from transformers import MiniMaxM2ForCausalLM
-
-    path, _ = make_minimax_m2(tmp_path / "bf16")
-    hf = MiniMaxM2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    want = {
-        n.replace(".mlp.", ".block_sparse_moe."): t.dtype for n, t in hf.state_dict().items() if ".experts." not in n
-    }
-    llm = LLM(path, device="cpu", dtype="bfloat16")
-    got = {n: t.dtype for n, t in llm.model.state_dict().items() if ".experts." not in n}
-    assert got == want and set(got.values()) == {torch.bfloat16}
-    assert torch.isfinite(llm.score(prompt_ids(8))).all()
+    llm = assert_bf16_dtypes_as_transformers(make_minimax_m2(tmp_path / "bf16")[0], (".mlp.", ".block_sparse_moe."))
+    assert {t.dtype for t in llm.model.state_dict().values()} == {torch.bfloat16}
 
 
 @pytest.fixture(scope="module")

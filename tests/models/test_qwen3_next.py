@@ -20,6 +20,7 @@ from cadenza.kv_cache import HybridCache
 from cadenza.loader import build_meta, expected_tensors, load_model, open_checkpoint
 from cadenza.models import supported_architectures
 from tests.conftest import (
+    assert_bf16_dtypes_as_transformers,
     assert_config_refused,
     assert_hybrid_matches,
     assert_prefill_and_cached_decode_match,
@@ -216,15 +217,7 @@ def test_info_counts(tmp_path_factory):
 
 
 def test_bf16_dtypes_as_transformers(tmp_path_factory):
-    from transformers import Qwen3NextForCausalLM
-
-    path, _ = _shared(tmp_path_factory)
-    hf = Qwen3NextForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    want = {n: t.dtype for n, t in hf.state_dict().items() if ".experts." not in n}
-    llm = LLM(path, device="cpu", dtype="bfloat16")
-    got = {n: t.dtype for n, t in llm.model.state_dict().items() if ".experts." not in n}
-    assert got == want
-    assert torch.isfinite(llm.score(prompt_ids(70))).all()
+    assert_bf16_dtypes_as_transformers(_shared(tmp_path_factory)[0])  # 70 tokens: the chunked rule in bf16
 
 
 @pytest.mark.parametrize(
