@@ -99,6 +99,21 @@ def test_mixtral_8x7b_size_without_materialising():
     assert not ckpt._pools  # shapes only: nothing was generated
 
 
+@pytest.mark.parametrize(
+    ("full", "tiny", "billions"),
+    [("qwen3-next-80b-a3b", "qwen3-next-tiny", 79.7), ("glm-4.7-flash", "glm-4.7-flash-tiny", 29.9)],
+)
+def test_synthetic_hybrid_and_mla_families(full, tiny, billions):
+    """The synthetic full-size models hold the published parameter counts (without their multi-token-prediction
+    weights), from shapes alone; their tiny layouts load with int8 experts and generate."""
+    from cadenza import LLM, SamplingParams
+
+    assert SyntheticCheckpoint(full).total_bytes / 2 / 1e9 == pytest.approx(billions, abs=0.1)
+    llm = LLM(checkpoint=SyntheticCheckpoint(tiny), device="cpu", experts="int8", expert_cache=False)
+    out = llm.generate(list(range(5, 75)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out.token_ids) == 4
+
+
 def test_unknown_synthetic_model():
     with pytest.raises(CadenzaError, match="mixtral-tiny"):
         SyntheticCheckpoint("mixtral-9x9b")
