@@ -323,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
             "expected share of expert work on the GPU for a budget. Add --gpu-memory SIZE (e.g. 24GiB).",
             file=sys.stderr,
         )
+    from cadenza.moe.placement import format_size
+
     d = describe(args.model, args.experts, args.expert_group, download=False)
     d.update(offload_info(args))
     if args.json:
@@ -338,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         f"intermediate {d['expert_intermediate_size']}",
         f"vocab         {d['vocab_size']}, context {d['max_position_embeddings']}, KV cache "
         f"{d['kv_bytes_per_token'] / 1024:.1f} KiB per token ({d['dtype']})"
-        + (f" + {d['kv_bytes_per_sequence'] / 2**20:.1f} MiB per sequence" if d["kv_bytes_per_sequence"] else ""),
+        + (f" + {format_size(d['kv_bytes_per_sequence'])} per sequence" if d["kv_bytes_per_sequence"] else ""),
         f"parameters    {_count(d['parameters'])}: experts {_count(d['expert_parameters'])} ({share:.1%}), "
         f"non-expert {_count(d['non_expert_parameters'])}",
         f"weights       {_gb(d['checkpoint_bytes'])} in {d['shards']} file(s): "

@@ -205,6 +205,10 @@ def test_host_kv_cache_refused_and_state_counted(tmp_path_factory):
     one = LLM(path, device="cpu", dtype="float32", gpu_memory="64MiB", max_batch=1).placement.workspace_bytes
     four = LLM(path, device="cpu", dtype="float32", gpu_memory="64MiB", max_batch=4).placement.workspace_bytes
     assert four - one >= 3 * d["kv_bytes_per_sequence"]
+    from tests.cli.test_cli import cli
+
+    text = cli("info", "--model", str(path))
+    assert text.returncode == 0 and "+ 7.3 KiB per sequence" in text.stdout, text.stderr  # 7488 bytes
 
 
 def test_info_counts(tmp_path_factory):
