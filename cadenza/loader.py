@@ -25,6 +25,16 @@ from cadenza.moe.placement import ModelSizes
 from cadenza.moe.quantize import ExpertFormat, LayerPacker, Progress
 
 
+def submodule(model: nn.Module, dotted: str) -> nn.Module:
+    """The registered child module at `dotted` (a parameter name's module path), walked through `_modules` so a
+    family may expose another module under a child's name (Qwen3.5's `model` property: its text model, registered
+    under model.language_model as the checkpoint names it)."""
+    module = model
+    for part in dotted.split(".") if dotted else ():
+        module = module._modules[part] if part in module._modules else getattr(module, part)
+    return module
+
+
 def open_checkpoint(path: str | Path, download: bool = True):
     """The one place that decides what a model source is: a GGUF file (or a folder holding one, or a split set)
     opens as `GgufCheckpoint`, anything else as an HF folder (`Checkpoint`). Only headers are read.
@@ -85,7 +95,7 @@ def keep_dense_blocks(model: nn.Module, checkpoint: Checkpoint, device: torch.de
     weights = [n for n, _ in model.named_parameters() if n.endswith(".weight")]
     for name, qtype in checkpoint.dense_blocks(weights).items():
         parent_name, _, attr = name.removesuffix(".weight").rpartition(".")
-        parent = model.get_submodule(parent_name)
+        parent = submodule(model, parent_name)
         linear = getattr(parent, attr)
         shape = (linear.out_features, linear.in_features) if isinstance(linear, nn.Linear) else None
         if shape is None or tuple(checkpoint.tensors[name].shape) != shape:
@@ -192,7 +202,7 @@ def _assign(
     module: nn.Module = model
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
-        module = getattr(module, part)
+        module = submodule(module, part)
         if isinstance(module, Experts):
             done = module.load_checkpoint_tensor(".".join(parts[i + 1 :]), tensor, expert_device, dtype, alloc)
             return module if done else None
@@ -344,7 +354,7 @@ def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, int] | None]:
     for name, module in model.named_modules():
         if not isinstance(module, Experts):
             continue
-        parent = model.get_submodule(name.rpartition(".")[0])
+        parent = submodule(model, name.rpartition(".")[0])
         router = getattr(parent, "gate", None)
         if router is None:  # gpt-oss and Llama-4 name it router (a bias, if any, is left out of the guess)
             router = getattr(parent, "router", None)

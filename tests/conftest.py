@@ -295,10 +295,10 @@ def cuda_bf16_scores(path, prompt: list[int], experts: int):
     return resident, offloaded
 
 
-def assert_bf16_dtypes_as_transformers(path, rename: tuple[str, str] | None = None):
+def assert_bf16_dtypes_as_transformers(path, rename: tuple[str, str] | None = None, skip: tuple[str, ...] = ()):
     """In bf16 every non-expert tensor has the dtype transformers' from_pretrained gives it (rename: (old, new) in
-    transformers' names where the checkpoint's differ, e.g. MiniMax-M2's mlp -> block_sparse_moe) and the logits are
-    finite; returns the bf16 LLM."""
+    transformers' names where the checkpoint's differ, e.g. MiniMax-M2's mlp -> block_sparse_moe; skip: prefixes of
+    transformers' tensors cadenza does not build, e.g. a vision tower) and the logits are finite; returns the LLM."""
     import transformers
 
     from cadenza import LLM
@@ -306,7 +306,7 @@ def assert_bf16_dtypes_as_transformers(path, rename: tuple[str, str] | None = No
     arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
     hf = getattr(transformers, arch).from_pretrained(path, dtype=torch.bfloat16)
     fix = (lambda n: n.replace(*rename)) if rename else (lambda n: n)
-    want = {fix(n): t.dtype for n, t in hf.state_dict().items() if ".experts." not in n}
+    want = {fix(n): t.dtype for n, t in hf.state_dict().items() if ".experts." not in n and not n.startswith(skip)}
     llm = LLM(path, device="cpu", dtype="bfloat16")
     got = {n: t.dtype for n, t in llm.model.state_dict().items() if ".experts." not in n}
     assert got == want

@@ -21,6 +21,7 @@ from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_phimoe import longrope, make_phimoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
+from tests.models.test_qwen3_5_moe import make_qwen3_5_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
 from tests.models.test_qwen3_next import make_qwen3_next
 from tests.text.tokenizer_files import write_bpe_tokenizer
@@ -41,6 +42,7 @@ MAKERS = {
     "minimax_m2": make_minimax_m2,
     "glm4_moe_lite": make_glm4_moe_lite,
     "qwen3_next": make_qwen3_next,  # beams reorder the linear layers' states with the keys and values
+    "qwen3_5_moe": make_qwen3_5_moe,
 }
 
 

@@ -25,6 +25,7 @@ from tests.models.test_llama4 import make_llama4
 from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
+from tests.models.test_qwen3_5_moe import make_qwen3_5_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
 from tests.models.test_qwen3_next import make_qwen3_next
 
@@ -78,13 +79,15 @@ def families(tmp_path_factory):
         )[0],
         # linear-attention layers: each row's states read and written through the step's row index
         "qwen3_next": make_qwen3_next(tmp_path_factory.mktemp("g-qwen3-next"))[0],
+        # the same layers from the multimodal layout (its text model under model.language_model)
+        "qwen3_5_moe": make_qwen3_5_moe(tmp_path_factory.mktemp("g-qwen3-5"))[0],
     }
 
 
 LLAMA4_GRAPHS = dict(interleave_moe_layer_step=2, num_experts_per_tok=2)
 FAMILIES = [
     "mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe", "llama4",
-    "minimax_m2", "glm4_moe_lite", "qwen3_next",
+    "minimax_m2", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe",
 ]  # fmt: skip
 
 

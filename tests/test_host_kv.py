@@ -17,7 +17,7 @@ from tests.conftest import budget_for, make_deepseek
 from tests.test_graphs import FAMILIES, families  # noqa: F401 (the module's fixture)
 
 # their caches are MLA's latent or linear layers' states: no host cache (refused: below and test_qwen3_next.py)
-MLA_FAMILIES = ("deepseek_v2", "glm4_moe_lite", "qwen3_next")
+MLA_FAMILIES = ("deepseek_v2", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6)
 PROMPTS = [[3, 4, 5, 6, 7], [8, 9], list(range(10, 30))]

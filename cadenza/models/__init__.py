@@ -22,6 +22,11 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen2MoeForCausalLM": Family("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "Qwen3NextForCausalLM": Family("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM"),
+    "Qwen3_5MoeForCausalLM": Family("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
+    # the hub's multimodal config.json (Qwen3.5 MoE): its text model only, under model.language_model.
+    "Qwen3_5MoeForConditionalGeneration": Family(
+        "qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForConditionalGeneration"
+    ),
     "OlmoeForCausalLM": Family("olmoe", "OlmoeConfig", "OlmoeForCausalLM"),
     "PhimoeForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
     # the name Phi-3.5-MoE's config.json on the hub uses

@@ -25,6 +25,7 @@ value heads, dk / dv their dims, C the convolution's channels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -212,9 +213,13 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         v, z = (x.reshape(bsz, t, self.num_v_heads, self.head_v_dim) for x in (v, z))
         return q, k, v, z, b.reshape(bsz, t, -1), a.reshape(bsz, t, -1)
 
+    def project(self, x: torch.Tensor):
+        """x [B, T, H] -> q, k [B, T, Hk, dk], v, z [B, T, Hv, dv], b, a [B, T, Hv]."""
+        return self.split(self.in_proj_qkvz(x), self.in_proj_ba(x))
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         bsz, t, _ = x.shape
-        q, k, v, z, b, a = self.split(self.in_proj_qkvz(x), self.in_proj_ba(x))
+        q, k, v, z, b, a = self.project(x)
         mixed = torch.cat([y.reshape(bsz, t, -1) for y in (q, k, v)], dim=-1).transpose(1, 2)  # [B, C, T]
         state = ctx.cache.state(self.layer_idx)
         rows = ctx.index.rows_t.to(state["conv"].device)
@@ -241,9 +246,11 @@ class Qwen3NextDecoderLayer(DecoderLayer):
     """A linear-attention layer (`linear_attn`) or a gated attention one (`self_attn`), then the MoE block or, in
     `mlp_only_layers` / off `decoder_sparse_step`, a dense MLP."""
 
+    linear_class: ClassVar[type[nn.Module]] = Qwen3NextGatedDeltaNet
+
     def __init__(self, config: Qwen3NextConfig, layer_idx: int):
         linear = config.layer_types[layer_idx] == "linear_attention"
-        mixer = Qwen3NextGatedDeltaNet(config, layer_idx) if linear else Qwen3NextAttention(config, layer_idx)
+        mixer = self.linear_class(config, layer_idx) if linear else Qwen3NextAttention(config, layer_idx)
         if config.is_sparse(layer_idx):
             mlp: nn.Module = Qwen2MoeSparseMoeBlock(config)  # Qwen3NextSparseMoeBlock: the same block
         else:
@@ -259,9 +266,11 @@ class Qwen3NextDecoderLayer(DecoderLayer):
 
 
 class Qwen3NextModel(DecoderModel):
+    decoder_layer_class: ClassVar[type[nn.Module]] = Qwen3NextDecoderLayer
+
     def __init__(self, config: Qwen3NextConfig):
         # the rotary tables have int(head_dim * partial_rotary_factor) features, the rotary part of each head
-        super().__init__(config, Qwen3NextDecoderLayer, norm_class=Qwen3NextRMSNorm)
+        super().__init__(config, self.decoder_layer_class, norm_class=Qwen3NextRMSNorm)
 
 
 class Qwen3NextForCausalLM(CausalLM):

@@ -23,6 +23,7 @@ from tests.models.test_olmoe import CONFIGS as OLMOE_CONFIGS
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_phimoe import longrope, make_phimoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
+from tests.models.test_qwen3_5_moe import make_qwen3_5_moe
 from tests.models.test_qwen3_moe import CONFIGS as QWEN3_CONFIGS
 from tests.models.test_qwen3_moe import make_qwen3_moe
 from tests.models.test_qwen3_next import CONFIGS as QWEN3_NEXT_CONFIGS
@@ -44,11 +45,10 @@ GREEDY_MODELS = {
     "gpt_oss": lambda path: make_gpt_oss(path),  # window 5: decoding slides past it
     "ernie4_5_moe": lambda path: make_ernie(path, mtp=True, **ERNIE_CONFIGS["yarn-head-dim-gqa4-top3"]),
     "minimax_m2": lambda path: make_minimax_m2(path, **MINIMAX_M2_CONFIGS["quarter-rotary-yarn-top1-tied"]),
-    "llama4": lambda path: make_llama4(path),
+    "llama4": lambda path: make_llama4(path),  # chunks of 8: decoding crosses several; a NoPE layer, top-1
     # linear-attention layers' states through a prefill and 32 one-token steps
-    "qwen3_next": lambda path: make_qwen3_next(
-        path, **QWEN3_NEXT_CONFIGS["half-rotary-bias-kernel-3"]
-    ),  # chunks of 8: decoding crosses several; a NoPE layer, top-1
+    "qwen3_next": lambda path: make_qwen3_next(path, **QWEN3_NEXT_CONFIGS["half-rotary-bias-kernel-3"]),
+    "qwen3_5_moe": lambda path: make_qwen3_5_moe(path),  # the multimodal checkpoint, text only
 }
 
 
