@@ -123,6 +123,9 @@ class SparseMoeBlock(nn.Module):
 
     top_k: int
     norm_topk_prob: bool = True
+    # transformers' OLMoE and Qwen MoE routers round the top-k weights to the compute dtype (a no-op in fp32);
+    # Mixtral's keep them float32
+    rounds_weights: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -143,7 +146,11 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> topk_weights [T, k] float32, topk_ids [T, k]."""
-        return softmax_topk(self.gate(x), self.top_k, norm_topk_prob=self.norm_topk_prob)
+        router_logits = self.gate(x)  # [T, E]
+        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, norm_topk_prob=self.norm_topk_prob)
+        if self.rounds_weights:
+            topk_weights = topk_weights.to(router_logits.dtype).float()
+        return topk_weights, topk_ids
 
     def shared_output(self, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
         """The always-on experts' output for x ([T, H]) as a callable the seam runs on the GPU while the CPU works on

@@ -75,6 +75,8 @@ class OlmoeAttention(Attention):
 class OlmoeSparseMoeBlock(SparseMoeBlock):
     """Softmax over all E in fp32, top-k; the k weights are renormalised only with norm_topk_prob."""
 
+    rounds_weights = True
+
     def __init__(self, config: OlmoeConfig):
         # transformers names the gate OlmoeTopKRouter; its one parameter lands at `mlp.gate.weight` all the same
         super().__init__(config, config.num_experts, config.intermediate_size)

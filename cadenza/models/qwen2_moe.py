@@ -103,6 +103,8 @@ class Qwen2MoeAttention(Attention):
 
 
 class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
+    rounds_weights = True
+
     def __init__(self, config: Qwen2MoeConfig):
         super().__init__(config, config.num_experts, config.moe_intermediate_size)
         self.top_k = config.num_experts_per_tok

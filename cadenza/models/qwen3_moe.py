@@ -13,14 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from cadenza.errors import CadenzaError
 from cadenza.models.args import ModelArgs
 from cadenza.models.attention import Attention
 from cadenza.models.common import MLP, CausalLM, DecoderLayer, DecoderModel, RMSNorm, SparseMoeBlock
-from cadenza.moe.routing import softmax_topk
 
 
 @dataclass
@@ -99,18 +97,14 @@ class Qwen3MoeMLP(MLP):
 
 
 class Qwen3MoeSparseMoeBlock(SparseMoeBlock):
+    rounds_weights = True
+
     def __init__(self, config: Qwen3MoeConfig):
         # gate: transformers' Qwen3MoeTopKRouter holds one [E, H] weight, checkpoint name mlp.gate.weight;
         # experts: mlp.experts.{e}.gate_proj / up_proj / down_proj
         super().__init__(config, config.num_experts, config.moe_intermediate_size)
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        router_logits = self.gate(x)  # [T, E]
-        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.norm_topk_prob)  # [T, k]
-        # transformers rounds the routing weights to the compute dtype (a no-op in fp32); so do we
-        return topk_weights.to(router_logits.dtype).float(), topk_ids
 
 
 class Qwen3MoeDecoderLayer(DecoderLayer):

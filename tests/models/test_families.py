@@ -4,6 +4,7 @@ token (each family's tiny checkpoint as its own file builds it); family-specific
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cadenza import LLM, SamplingParams
 from tests.conftest import make_mixtral, prompt_ids, reference_greedy
@@ -61,3 +62,24 @@ def test_greedy_generation_matches_transformers(tmp_path, family):
     )
     assert out.token_ids == reference_greedy(hf, ids, 32)
     assert len(out.token_ids) == 32 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next"])
+def test_routing_weights_in_bf16_equal_transformers(tmp_path, family):
+    """In bf16 a layer's top-k choice and weights equal transformers' router's, bit for bit: OLMoE's and the Qwen
+    MoE routers round the weights to the compute dtype, Mixtral's keeps them float32."""
+    import transformers
+
+    path, _ = GREEDY_MODELS[family](tmp_path / family)
+    arch = LLM(path, device="cpu", dtype="float32").config.__class__.__name__.replace("Config", "ForCausalLM")
+    hf = getattr(transformers, arch).from_pretrained(path, dtype=torch.bfloat16)
+    llm = LLM(path, device="cpu", dtype="bfloat16")
+    layer = next(i for i, m in enumerate(hf.model.layers) if hasattr(m.mlp, "experts"))
+    x = torch.randn(16, hf.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        _, want_w, want_ids = hf.model.layers[layer].mlp.gate(x)
+        block = llm.model.model.layers[layer]
+        got_w, got_ids = getattr(block, block.mlp_name).route(x)
+    order_w, order_got = want_ids.sort(-1), got_ids.sort(-1)
+    assert torch.equal(order_w.values, order_got.values)
+    assert torch.equal(want_w.float().gather(1, order_w.indices), got_w.gather(1, order_got.indices))
