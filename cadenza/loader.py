@@ -412,9 +412,16 @@ def model_sizes(
         per_layer = per_layer if len(set(per_layer)) > 1 else ()
     else:
         expert_bytes = first.expert_nbytes_as(experts, expert_group, dtype)
+    # routers kept in float32 whatever the compute dtype (keep_float32: GLM-4.5's, DeepSeek-V3's) take 4 bytes
+    float32 = sum(
+        p.numel()
+        for m in model.modules()
+        for n in getattr(m, "keep_float32", ())
+        if (p := m._parameters.get(n)) is not None
+    )
     cache = model.new_cache(1, dtype, torch.device("meta"))
     return ModelSizes(
-        always_bytes=(total - expert_params) * elem + block_bytes,
+        always_bytes=(total - expert_params) * elem + float32 * (4 - elem) + block_bytes,
         kv_bytes_per_token=cache.nbytes_per_token(),
         kv_bytes_per_sequence=cache.nbytes_per_sequence(),
         expert_bytes=expert_bytes,

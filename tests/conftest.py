@@ -311,6 +311,12 @@ def assert_bf16_dtypes_as_transformers(path, rename: tuple[str, str] | None = No
     got = {n: t.dtype for n, t in llm.model.state_dict().items() if ".experts." not in n}
     assert got == want
     assert torch.isfinite(llm.score(prompt_ids(70))).all()
+    # the planner's always-on bytes are what these tensors take (float32 routers at 4 bytes; tied ones once)
+    from cadenza.loader import moe_layers
+
+    experts = {id(p) for m in moe_layers(llm.model) for p in m.parameters()}
+    kept = {id(p): p.numel() * p.element_size() for p in llm.model.parameters() if id(p) not in experts}
+    assert sum(kept.values()) == llm.sizes.always_bytes
     return llm
 
 

@@ -2,9 +2,9 @@
 class and parameter names).
 
 The layers are DeepSeek-V2's (deepseek_v2.py: MLA, dense first layers, shared experts); two things differ:
-- the router ("noaux_tc"): sigmoid scores plus a learned load-balancing bias `e_score_correction_bias` (kept in
-  float32, as the reference does) choose the experts, group by group; the unbiased scores, renormalised and
-  scaled, weight them (cadenza/moe/routing.py: sigmoid_group_topk);
+- the router ("noaux_tc"): sigmoid scores plus a learned load-balancing bias `e_score_correction_bias` (the bias
+  and the router's weight kept in float32, as the reference keeps them) choose the experts, group by group; the
+  unbiased scores, renormalised and scaled, weight them (cadenza/moe/routing.py: sigmoid_group_topk);
 - `rope_interleave` says whether the rotary dimensions come as interleaved pairs (the default, DeepSeek's layout)
   or as two halves.
 The published weights are block-quantized fp8; the loader dequantizes them (cadenza/checkpoint.py: BlockFP8). Their
@@ -74,7 +74,8 @@ class DeepseekV3TopkRouter(DeepseekV2TopkRouter):
     """The router's weight [E, H] and its score correction bias [E] (checkpoint: `mlp.gate.weight`,
     `mlp.gate.e_score_correction_bias`)."""
 
-    keep_float32 = ("e_score_correction_bias",)  # the loader keeps these in float32 whatever the compute dtype
+    # the loader keeps these in float32 whatever the compute dtype, as transformers does (_keep_in_fp32_modules_strict)
+    keep_float32 = ("weight", "e_score_correction_bias")
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__(config)

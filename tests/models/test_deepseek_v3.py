@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import (
+    assert_bf16_dtypes_as_transformers,
     assert_config_refused,
     assert_hybrid_matches,
     budget_for,
@@ -64,12 +65,11 @@ def test_hub_style_config(tmp_path):
     assert max_logit_diff(path, hf, prompt_ids(20)) <= TOL
 
 
-def test_routing_bias_stays_float32(tmp_path):
-    path, _ = make_v3(tmp_path / "bf16")
-    llm = LLM(path, device="cpu", dtype="bfloat16")
+def test_router_stays_float32_as_transformers_keeps_it(tmp_path):
+    """In bf16 every tensor has transformers' dtype: the router's weight and routing bias stay float32."""
+    llm = assert_bf16_dtypes_as_transformers(make_v3(tmp_path / "bf16")[0])
     gate = llm.model.model.layers[1].mlp.gate
-    assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.bfloat16
-    assert torch.isfinite(llm.score(prompt_ids(8))).all()
+    assert gate.e_score_correction_bias.dtype == gate.weight.dtype == torch.float32
 
 
 @pytest.fixture(scope="module")
