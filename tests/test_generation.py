@@ -12,6 +12,7 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, budget_for, make_deepseek, make_mixtral, prompt_ids, reference_logits
+from tests.models.test_dots1 import make_dots1
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
@@ -43,6 +44,7 @@ MAKERS = {
     "glm4_moe_lite": make_glm4_moe_lite,
     "qwen3_next": make_qwen3_next,  # beams reorder the linear layers' states with the keys and values
     "qwen3_5_moe": make_qwen3_5_moe,
+    "dots1": make_dots1,
 }
 
 

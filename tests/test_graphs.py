@@ -17,6 +17,7 @@ from cadenza import LLM, SamplingParams
 from cadenza.models.attention import RowIndex
 from cadenza.models.common import StaticStep
 from tests.conftest import budget_for, make_deepseek, make_mixtral
+from tests.models.test_dots1 import make_dots1
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
@@ -81,13 +82,15 @@ def families(tmp_path_factory):
         "qwen3_next": make_qwen3_next(tmp_path_factory.mktemp("g-qwen3-next"))[0],
         # the same layers from the multimodal layout (its text model under model.language_model)
         "qwen3_5_moe": make_qwen3_5_moe(tmp_path_factory.mktemp("g-qwen3-5"))[0],
+        # per-head q/k norms, sliding layers after the first (window 5), DeepSeek-V3's router and shared experts
+        "dots1": make_dots1(tmp_path_factory.mktemp("g-dots1"), sliding_window=5, max_window_layers=1)[0],
     }
 
 
 LLAMA4_GRAPHS = dict(interleave_moe_layer_step=2, num_experts_per_tok=2)
 FAMILIES = [
     "mixtral", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "ernie4_5_moe", "llama4",
-    "minimax_m2", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe",
+    "minimax_m2", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "dots1",
 ]  # fmt: skip
 
 

@@ -27,7 +27,10 @@ SUPPORTED = (
     "gpt-oss",
     "glm4moe",
     "minimax-m2",
+    "dots1",
 )
+# the general.architecture values read (SUPPORTED, as llama.cpp names them)
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2", "dots1")
 
 # GGUF names outside the blocks
 GLOBAL_NAMES = {
@@ -89,6 +92,7 @@ FAMILIES = {
     "GptOssForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), router="router"),
     "Glm4MoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "MiniMaxM2ForCausalLM": Family("block_sparse_moe", ("w1", "w3", "w2")),
+    "Dots1ForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -114,7 +118,7 @@ def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
         return Mapped(pre + _BLOCK[rest])
     if architecture.startswith("Deepseek") and rest in _DEEPSEEK:
         return Mapped(pre + _DEEPSEEK[rest])
-    if architecture == "Glm4MoeForCausalLM" and rest == "exp_probs_b.bias":  # the routing bias, as DeepSeek-V3's
+    if architecture in ("Glm4MoeForCausalLM", "Dots1ForCausalLM") and rest == "exp_probs_b.bias":  # as DeepSeek-V3's
         return Mapped(pre + _DEEPSEEK[rest])
     if architecture == "MiniMaxM2ForCausalLM" and rest == "exp_probs_b.bias":  # on the MoE block, beside its gate
         return Mapped(f"{pre}{fam.moe}.e_score_correction_bias")
@@ -155,7 +159,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
             )
         return value
 
-    if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2"):
+    if arch not in ARCHS:
         raise CadenzaError(
             f"{source} holds a GGUF {arch!r} model, which cadenza does not run. Supported GGUF architectures: "
             f"{', '.join(SUPPORTED)}. Use a GGUF of one of these, or the model's Hugging Face folder."
@@ -223,6 +227,8 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
         cfg.update(_glm4moe(get, req, cfg, shapes))
     elif arch == "minimax-m2":
         cfg.update(_minimax_m2(get, req, cfg, source))
+    elif arch == "dots1":
+        cfg.update(_dots1(get, req, cfg, shapes, source))
     else:
         cfg.update(_deepseek(get, req, heads, shapes, cfg["num_hidden_layers"]))
     scaling = _rope_scaling(get)
@@ -319,6 +325,27 @@ def _minimax_m2(get, req, cfg: dict, source: str) -> dict:
         "intermediate_size": int(get("expert_feed_forward_length") or req("feed_forward_length")),
         "head_dim": head_dim,
         "partial_rotary_factor": int(get("rope.dimension_count") or head_dim) / head_dim,
+    }
+
+
+def _dots1(get, req, cfg: dict, shapes: dict, source: str) -> dict:
+    """dots.llm1 (GGUF dots1, llama.cpp's LLM_ARCH_DOTS1): Qwen3's attention (per-head q/k norms) with DeepSeek-V3's
+    routed and shared experts and its sigmoid router (expert_gating_func 2; the converter refuses any other)."""
+    gating = get("expert_gating_func")
+    if gating not in (None, 2):
+        raise CadenzaError(
+            f"{source} says dots1.expert_gating_func={gating}; dots.llm1's router is a sigmoid (2). The file was "
+            "converted by a broken converter: convert the model again with llama.cpp."
+        )
+    return {
+        "architectures": ["Dots1ForCausalLM"],
+        "model_type": "dots1",
+        "head_dim": int(get("attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"]),
+        **_routed_experts(get, req, norm_default=False),
+        "n_group": int(get("expert_group_count") or 1),
+        "topk_group": int(get("expert_group_used_count") or get("expert_group_count") or 1),
+        "attention_bias": "blk.0.attn_q.bias" in shapes,
+        "sliding_window": None,  # llama.cpp's dots1 attends to the whole context in every layer
     }
 
 

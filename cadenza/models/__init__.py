@@ -33,6 +33,7 @@ ARCHITECTURES: dict[str, Family] = {
     "PhiMoEForCausalLM": Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM"),
     "DeepseekV2ForCausalLM": Family("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": Family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "Dots1ForCausalLM": Family("dots1", "Dots1Config", "Dots1ForCausalLM"),
     "GptOssForCausalLM": Family("gpt_oss", "GptOssConfig", "GptOssForCausalLM"),
     "Glm4MoeForCausalLM": Family("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "Glm4MoeLiteForCausalLM": Family("glm4_moe_lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM"),

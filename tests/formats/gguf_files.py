@@ -24,7 +24,8 @@ ARCH = {
     "gpt_oss": "gpt-oss",
     "glm4_moe": "glm4moe",
     "minimax_m2": "minimax-m2",
-    "glm4_moe_lite": "deepseek2",  # GLM-4.7-Flash: llama.cpp converts it as DeepSeek's MLA architecture
+    "glm4_moe_lite": "deepseek2",
+    "dots1": "dots1",  # GLM-4.7-Flash: llama.cpp converts it as DeepSeek's MLA architecture
 }
 
 
@@ -84,6 +85,14 @@ def metadata(cfg: dict) -> dict:
         )
         m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
         m["rope.dimension_count"] = int(cfg["head_dim"] * cfg.get("partial_rotary_factor", 0.5))
+    elif mt == "dots1":  # llama.cpp's Dots1Model.set_gguf_parameters (Qwen2MoeModel's keys, then DeepSeek's)
+        m.update(expert_count=cfg["n_routed_experts"], expert_feed_forward_length=cfg["moe_intermediate_size"])
+        m.update(feed_forward_length=cfg["intermediate_size"], expert_shared_count=cfg["n_shared_experts"])
+        m.update(leading_dense_block_count=cfg["first_k_dense_replace"], expert_gating_func=2)
+        m.update(
+            expert_weights_scale=float(cfg["routed_scaling_factor"]), expert_weights_norm=bool(cfg["norm_topk_prob"])
+        )
+        m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
     elif mt == "minimax_m2":  # llama.cpp's MiniMaxM2Model.set_gguf_parameters (a newer one adds the gating func)
         m.update(expert_count=cfg["num_local_experts"], feed_forward_length=cfg["intermediate_size"])
         m.update(expert_feed_forward_length=cfg["intermediate_size"], expert_gating_func=2)

@@ -15,6 +15,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, make_deepseek, make_mixtral, prompt_ids, reference_logits
 from tests.formats.gguf_files import dequantized_folder, write_gguf
+from tests.models.test_dots1 import make_dots1
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
 from tests.models.test_minimax_m2 import make_minimax_m2
@@ -34,6 +35,7 @@ MAKERS = {
     "deepseek2-v3": lambda p: make_deepseek(p, version=3),
     "glm4moe": lambda p: make_glm4_moe(p),
     "minimax-m2": lambda p: make_minimax_m2(p),
+    "dots1": lambda p: make_dots1(p),
 }
 
 

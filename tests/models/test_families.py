@@ -10,6 +10,8 @@ from cadenza import LLM, SamplingParams
 from tests.conftest import make_mixtral, prompt_ids, reference_greedy
 from tests.models import test_deepseek_v2 as v2
 from tests.models import test_deepseek_v3 as v3
+from tests.models.test_dots1 import CONFIGS as DOTS1_CONFIGS
+from tests.models.test_dots1 import make_dots1
 from tests.models.test_ernie4_5_moe import CONFIGS as ERNIE_CONFIGS
 from tests.models.test_ernie4_5_moe import make_ernie
 from tests.models.test_glm4_moe import CONFIGS as GLM_CONFIGS
@@ -50,6 +52,7 @@ GREEDY_MODELS = {
     # linear-attention layers' states through a prefill and 32 one-token steps
     "qwen3_next": lambda path: make_qwen3_next(path, **QWEN3_NEXT_CONFIGS["half-rotary-bias-kernel-3"]),
     "qwen3_5_moe": lambda path: make_qwen3_5_moe(path),  # the multimodal checkpoint, text only
+    "dots1": lambda path: make_dots1(path, **DOTS1_CONFIGS["sliding-gqa4-tied"]),  # decoding slides past window 5
 }
 
 
