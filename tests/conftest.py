@@ -73,6 +73,18 @@ def random_hf_model(config, seed: int = 0, vectors=None, model_class=None):
     return model
 
 
+def random_biased_router_model(config, seed: int = 0):
+    """random_hf_model with norm weights and biases around 1 (N(1, 0.1)) and each routing bias
+    (`e_score_correction_bias`, a buffer in transformers) N(0, 0.5): large enough to change the experts chosen, so
+    that a wrong norm or a bias used in the wrong place shows."""
+    model = random_hf_model(config, seed, lambda _, p: p.normal_(1.0, 0.1))
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.5)
+    return model
+
+
 def tiny_mixtral_config(**overrides):
     return tiny_config("Mixtral", dict(num_local_experts=4), overrides)
 
@@ -234,13 +246,7 @@ def tiny_deepseek_config(version: int, **overrides):
 def make_deepseek(path: Path, version: int = 2, seed: int = 0, **overrides):
     """A tiny random DeepseekV2ForCausalLM (version 2) or DeepseekV3ForCausalLM (3) saved to `path`; returns
     (folder, the fp32 transformers model)."""
-    # norm weights away from 1 and a routing bias large enough to change V3's choices, so that a wrong norm or a
-    # bias used in the wrong place shows
-    model = random_hf_model(tiny_deepseek_config(version, **overrides), seed, lambda _, p: p.normal_(1.0, 0.1))
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.5)
+    model = random_biased_router_model(tiny_deepseek_config(version, **overrides), seed)
     return save_hf_model(model, path), model
 
 

@@ -19,7 +19,7 @@ from tests.conftest import (
     assert_hybrid_matches,
     assert_prefill_and_cached_decode_match,
     prompt_ids,
-    random_hf_model,
+    random_biased_router_model,
     save_hf_model,
     single_device_run,
     tiny_config,
@@ -35,11 +35,7 @@ def make_dots1(path: Path, seed: int = 0, **overrides):
         num_hidden_layers=3, head_dim=24, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
         first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
     )  # fmt: skip
-    model = random_hf_model(tiny_config("Dots1", kw, overrides), seed, lambda _, p: p.normal_(1.0, 0.1))
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.5)
+    model = random_biased_router_model(tiny_config("Dots1", kw, overrides), seed)
     return save_hf_model(model, path), model
 
 

@@ -25,7 +25,7 @@ from tests.conftest import (
     assert_prefill_and_cached_decode_match,
     edit_config,
     prompt_ids,
-    random_hf_model,
+    random_biased_router_model,
     reference_logits,
     save_hf_model,
     single_device_run,
@@ -58,13 +58,7 @@ def tiny_glm4_moe_config(**overrides):
 def make_glm4_moe(path: Path, seed: int = 0, mtp: bool = False, **overrides):
     """A tiny random Glm4MoeForCausalLM saved to `path` (mtp: with a multi-token-prediction layer added, in a shard
     of its own, as the hub's checkpoints hold one); returns (folder, the fp32 transformers model)."""
-    # norm weights and biases away from 1 and 0 and a routing bias large enough to change the choice, so that a wrong
-    # norm or a bias used in the wrong place shows
-    model = random_hf_model(tiny_glm4_moe_config(**overrides), seed, lambda _, p: p.normal_(1.0, 0.1))
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.5)
+    model = random_biased_router_model(tiny_glm4_moe_config(**overrides), seed)
     save_hf_model(model, path)
     if mtp:
         add_mtp_layer(path)

@@ -25,7 +25,7 @@ from tests.conftest import (
     assert_prefill_and_cached_decode_match,
     edit_config,
     prompt_ids,
-    random_hf_model,
+    random_biased_router_model,
     reference_logits,
     save_hf_model,
     single_device_run,
@@ -45,13 +45,7 @@ def tiny_minimax_m2_config(**overrides):
 
 def make_minimax_m2(path: Path, seed: int = 0, **overrides):
     """A tiny random MiniMaxM2ForCausalLM saved to `path`; returns (folder, the fp32 transformers model)."""
-    # norm weights away from 1 and a routing bias large enough to change the choice, so that a norm over the wrong
-    # width or a bias used in the wrong place shows
-    model = random_hf_model(tiny_minimax_m2_config(**overrides), seed, lambda _, p: p.normal_(1.0, 0.1))
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.5)
+    model = random_biased_router_model(tiny_minimax_m2_config(**overrides), seed)
     return save_hf_model(model, path), model
 
 

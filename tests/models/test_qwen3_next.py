@@ -69,7 +69,8 @@ def make_qwen3_next(path: Path, seed: int = 0, **overrides):
         else:
             p.normal_(0.0, 0.5)
 
-    return save_hf_model(model := random_hf_model(tiny_qwen3_next_config(**overrides), seed, vectors), path), model
+    model = random_hf_model(tiny_qwen3_next_config(**overrides), seed, vectors)
+    return save_hf_model(model, path), model
 
 
 CONFIGS = {
