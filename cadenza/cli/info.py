@@ -95,6 +95,7 @@ def describe(
     fmt = ExpertFormat.of(experts, expert_group)
     ckpt = open_checkpoint(model_dir, download=download)
     model = build_meta(ckpt)
+    cache = model.new_cache(1, ckpt.torch_dtype(), torch.device("meta"))  # its bytes per token and per sequence
     fmt = fmt.resolve(ckpt, model)
     config = model.config
     expert_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
@@ -135,8 +136,8 @@ def describe(
         "expert_bytes": one_expert,  # one routed expert, as stored in experts_format (blocks: the largest layer's)
         **({"expert_formats_per_layer": list(fmt.layer_formats)} if fmt.fmt == "blocks" else {}),
         "routed_expert_bytes": sum(b * m.num_experts for b, (_, m) in zip(per_layer, expert_layers, strict=True)),
-        "kv_bytes_per_token": model.new_cache(1, ckpt.torch_dtype(), torch.device("meta")).nbytes_per_token(),
-        "kv_bytes_per_sequence": model.new_cache(1, ckpt.torch_dtype(), torch.device("meta")).nbytes_per_sequence(),
+        "kv_bytes_per_token": cache.nbytes_per_token(),
+        "kv_bytes_per_sequence": cache.nbytes_per_sequence(),
         "checkpoint_bytes": ckpt.total_bytes,
         "bytes_by_dtype": ckpt.bytes_by_dtype(),
         "dtype": str(ckpt.torch_dtype()).removeprefix("torch."),
