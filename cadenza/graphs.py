@@ -283,8 +283,10 @@ class StepGraphs:
                 on_streams.enter_context(torch.cuda.stream(stream))
             on_streams.enter_context(torch.cuda.device(self.device))
             # one eager pass first (kernels compiled and tuned, libraries' workspaces made): it writes this step's
-            # keys and values where the replay writes them again
+            # keys and values where the replay writes them again; a linear layer's state it would advance is put back
+            restore = cache.checkpoint(rows)
             self.model(cap.ids, cache, last_only=True, static=StaticStep(cap.index, end))
+            restore()
             for d in devices:
                 torch.cuda.synchronize(d)
             before = orch.counters.snapshot() if orch is not None else None

@@ -52,6 +52,17 @@ class Cache:
         # (`place_layers`), else the cache's device
         self.layer_devices = [self.device] * num_layers
 
+    def checkpoint(self, rows: Sequence[int]):
+        """Slots `rows` as they are: the returned callable puts them back, so a pass over them can be undone. Their
+        lengths are enough here: a repeat of the pass rewrites its keys and values in place."""
+        lengths = [(r, self.lengths[r]) for r in rows]
+
+        def restore() -> None:
+            for r, n in lengths:
+                self.lengths[r] = n
+
+        return restore
+
     def place_layers(self, devices: Sequence[torch.device]) -> Cache:
         """Each layer's buffers on the device that computes the layer (layers split over several GPUs,
         cadenza.layer_split); before the buffers are allocated."""
@@ -272,6 +283,24 @@ class HybridCache(KVCache):
 
     def layer_capacity(self, layer: int, capacity: int) -> int:
         return 0 if layer in self.linear_layers else capacity  # a linear layer keeps no keys or values
+
+    def checkpoint(self, rows: Sequence[int]):
+        """Also the linear layers' states of slots `rows`: a pass run twice advances a state twice (unlike keys and
+        values, which it rewrites in place), so a CUDA graph's warm-up pass must be undone."""
+        lengths = super().checkpoint(rows)
+        idx = {}
+        saved = []
+        for layer in sorted(self.linear_layers):
+            for buf in self.state(layer).values():
+                i = idx.setdefault(buf.device, torch.tensor(list(rows), device=buf.device))
+                saved.append((buf, i, buf.index_select(0, i)))
+
+        def restore() -> None:
+            lengths()
+            for buf, i, old in saved:
+                buf.index_copy_(0, i, old)
+
+        return restore
 
     def state(self, layer: int) -> dict[str, torch.Tensor]:
         """Linear layer `layer`'s {"conv": [slots, C, K-1], "recurrent": [slots, Hv, dk, dv]}, zeros at first."""

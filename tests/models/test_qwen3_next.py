@@ -16,7 +16,7 @@ import torch
 from cadenza import LLM, CadenzaError, SamplingParams
 from cadenza.checkpoint import Checkpoint
 from cadenza.cli.info import describe
-from cadenza.kv_cache import HybridCache
+from cadenza.kv_cache import HybridCache, KVCache
 from cadenza.loader import build_meta, expected_tensors, load_model, open_checkpoint
 from cadenza.models import supported_architectures
 from tests.conftest import (
@@ -171,6 +171,31 @@ def test_rows_of_different_lengths_decode_together(model):
 def test_equal_starts_batch_prefill_and_reorder(model):
     check_equal_starts_batch_prefill(model)
     check_reorder_copies_rows(model)  # beams: the states are copied with the keys and values
+
+
+@torch.inference_mode()
+def test_checkpoint_undoes_a_pass(model):
+    """A CUDA graph's capture runs the step once eagerly before recording it (cadenza.graphs): the states of the rows
+    that pass advanced, and their lengths, are put back, so the replay is the step's only advance; the same pass
+    again gives the same logits. Slot 1 keeps what it had."""
+    cache = model.new_cache(64, torch.float32, torch.device("cpu"), batch=3)
+    for slot, n in ((0, 7), (1, 5), (2, 9)):
+        model(torch.tensor([prompt_ids(n, seed=n)]), cache, rows=[slot])
+    before = {(layer, k): v.clone() for layer, st in cache.states.items() for k, v in st.items()}
+    step = torch.tensor([[5], [6]])
+    restore = cache.checkpoint([2, 0])
+    first = model(step, cache, rows=[2, 0])
+    assert any(not torch.equal(before[layer, k], v) for layer, st in cache.states.items() for k, v in st.items())
+    assert cache.lengths == [8, 5, 10]
+    restore()
+    assert cache.lengths == [7, 5, 9]
+    for (layer, k), v in before.items():
+        assert torch.equal(cache.states[layer][k], v), (layer, k)
+    assert torch.equal(model(step, cache, rows=[2, 0]), first)
+    undo_lengths_only = KVCache.checkpoint(cache, [1])  # (the keys and values a repeat rewrites in place)
+    model(step[:1], cache, rows=[1])
+    undo_lengths_only()
+    assert cache.lengths == [8, 5, 10]
 
 
 def test_batches_through_the_engine(tmp_path_factory):
