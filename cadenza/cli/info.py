@@ -351,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     for group, types in d.get("gguf_types", {}).items():
         stored = ", ".join(f"{k} {_gb(v)}" for k, v in sorted(types.items()))
-        lines.append(f"gguf {group:<9}{stored}")
+        lines.append(f"gguf {group.replace('attention', 'attn'):<9}{stored}")  # (the label column is 14 wide)
     lines.append(f"cuda graphs   {d['cuda_graphs']}")
     lines.append(f"cpu products  {d['cpu_activations']}")
     if "placement" in d:

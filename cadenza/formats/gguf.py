@@ -9,7 +9,9 @@ still used): the file is memory-mapped and only the header parsed, so opening a 
 The GGUF side is turned into the HF side that cadenza's families take (`gguf_arch`): metadata -> config.json,
 GGUF tensor names -> HF names, each layer's stacked experts (`blk.N.ffn_{gate,up,down}_exps`, [E, out, in]) ->
 `experts.{e}.*` rows, and the llama architecture's q/k rows put back in HF's rotary order (llama.cpp's converter
-interleaves the two halves of each head; see cadenza/bench/gguf_export.py). F32 / F16 / BF16 tensors are read as
+interleaves the two halves of each head; see cadenza/bench/gguf_export.py); the converter's other value transforms
+(DeepSeek's split kv_b, Qwen3-Next's and Qwen3.5's norms, decay rates and DeltaNet projections) are undone as a
+tensor is read (`gguf_fixes`). F32 / F16 / BF16 tensors are read as
 they are stored; block-quantized ones (Q8_0, Q4_K, ...) are dequantized with `gguf.quants` as they are read.
 """
 
@@ -31,7 +33,8 @@ import torch
 
 from cadenza.checkpoint import TensorSizes
 from cadenza.errors import CadenzaError
-from cadenza.formats.gguf_arch import hf_config, hf_name
+from cadenza.formats.gguf_arch import Mapped, hf_config, hf_name
+from cadenza.formats.gguf_fixes import fixed_shape, undo
 
 if TYPE_CHECKING:
     from cadenza.kernels.layout import PackedExperts
@@ -147,9 +150,10 @@ class GgufTensorInfo:
     nbytes: int  # as stored in the file
     expert: int | None = None
     rope_heads: int = 0  # > 0: llama.cpp's interleaved q/k rows of this many heads, put back in HF order
-    # DeepSeek's kv_b_proj from newer converters' split form: `source` is attn_k_b [H, lora, nope] (kv_b's key rows,
-    # transposed), this names attn_v_b [H, v, lora]; the two are put back together as HF's [H (nope + v), lora]
-    v_b: str | None = None
+    # the converter's value transforms to undo as the tensor is read (cadenza.formats.gguf_fixes), and the second
+    # GGUF tensor some of them read (DeepSeek's split kv_b: attn_v_b; Qwen3-Next's in_proj_qkvz: attn_gate)
+    fixes: tuple[str, ...] = ()
+    also: str | None = None
     # gpt-oss's MXFP4 experts kept in their blocks: "blocks" or "scales" of the expert's matrix, in the HF
     # checkpoint's MXFP4 layout (`_mxfp4_part`)
     mxfp4: str | None = None
@@ -186,26 +190,32 @@ class GgufCheckpoint(TensorSizes):
         bad: list[str] = []
         for name, (t, part) in self._raw.items():
             if split_kv_b and name.endswith("attn_k_b.weight"):
-                v_b = name.replace("attn_k_b", "attn_v_b")
-                if v_b not in shapes:
-                    raise CadenzaError(
-                        f"{self.path} has {name} but no {v_b}: the file is incomplete. Download it again."
-                    )
-                if not readable(t.tensor_type.name) or not readable(self._raw[v_b][0].tensor_type.name):
-                    bad.append(f"{name} ({t.tensor_type.name})")
-                    continue
-                (heads, lora, nope), v_dim = shapes[name], shapes[v_b][1]
                 hf = name.replace("blk.", "model.layers.").replace("attn_k_b.weight", "self_attn.kv_b_proj.weight")
-                nbytes = int(t.n_bytes) + int(self._raw[v_b][0].n_bytes)
-                shape = (heads * (nope + v_dim), lora)
-                out[hf] = GgufTensorInfo(hf, shape, t.tensor_type.name, part, name, nbytes, None, 0, v_b)
-                continue
-            mapped = hf_name(arch, name)
+                mapped = Mapped(hf, fixes=("kv_b",), also=name.replace("attn_k_b", "attn_v_b"))
+            else:
+                mapped = hf_name(arch, name)
             if mapped is None:
                 continue
             type_name, shape = t.tensor_type.name, shapes[name]
+            if mapped.also is not None:
+                if mapped.also not in shapes:
+                    raise CadenzaError(
+                        f"{self.path} has {name} but no {mapped.also}: the file is incomplete. Download it again."
+                    )
+                also_type = self._raw[mapped.also][0].tensor_type.name
+                if not readable(also_type):
+                    bad.append(f"{mapped.also} ({also_type})")
+                    continue
             if not readable(type_name):
                 bad.append(f"{name} ({type_name})")
+                continue
+            if mapped.fixes:
+                also_shape = shapes[mapped.also] if mapped.also else None
+                nbytes = int(t.n_bytes) + (int(self._raw[mapped.also][0].n_bytes) if mapped.also else 0)
+                shape = fixed_shape(mapped.fixes, shape, also_shape)
+                out[mapped.name] = GgufTensorInfo(
+                    mapped.name, shape, type_name, part, name, nbytes, fixes=mapped.fixes, also=mapped.also
+                )
                 continue
             if mapped.experts and self.mxfp4 and name.endswith("_exps.weight"):
                 rows, cols = shape[1], shape[2]
@@ -280,9 +290,9 @@ class GgufCheckpoint(TensorSizes):
                     yield info.name, _tensor(raw, info.expert)  # the loader copies it into its stack
                     continue
                 t = _tensor(raw, None)
-                if info.v_b is not None:  # [H, lora, nope] and [H, v, lora] -> [H (nope + v), lora]
-                    v_b = _tensor(self._raw[info.v_b][0], None).reshape(t.shape[0], -1, t.shape[1])
-                    t = torch.cat((t.transpose(1, 2), v_b), dim=1)
+                if info.fixes:
+                    also = _tensor(self._raw[info.also][0], None) if info.also else None
+                    t = undo(info.fixes, t, also, self.config)
                 if info.rope_heads:
                     t = _unpermute_rope(t, info.rope_heads)
                 # a parameter must own its memory, not alias the read-only file mapping (a dequantized tensor
@@ -325,13 +335,14 @@ class GgufCheckpoint(TensorSizes):
 
     def dense_blocks(self, names) -> dict[str, str]:
         """Of the HF weight names `names`, the attention projections and LM head a GPU can keep in their blocks,
-        with their GGUF types: a type gpu_linear keeps, stored as one matrix (not DeepSeek's split kv_b)."""
+        with their GGUF types: a type gpu_linear keeps, stored as one matrix as HF has it (not DeepSeek's split
+        kv_b, nothing the converter transformed)."""
         from cadenza.kernels.gpu_linear import KEPT
 
         out = {}
         for name in names:
             info = self.tensors.get(name)
-            if info is None or info.expert is not None or info.v_b is not None or info.mxfp4 is not None:
+            if info is None or info.expert is not None or info.fixes or info.mxfp4 is not None:
                 continue
             if _ATTENTION_PROJECTION.search(name) and info.dtype in KEPT and len(info.shape) == 2:
                 out[name] = info.dtype

@@ -28,9 +28,14 @@ SUPPORTED = (
     "glm4moe",
     "minimax-m2",
     "dots1",
+    "qwen3next",
+    "qwen35moe (text)",
 )
 # the general.architecture values read (SUPPORTED, as llama.cpp names them)
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2", "dots1")
+ARCHS = (
+    "llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2", "dots1", "qwen3next",
+    "qwen35moe",
+)  # fmt: skip
 
 # GGUF names outside the blocks
 GLOBAL_NAMES = {
@@ -68,6 +73,31 @@ _DEEPSEEK = {
     "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
     "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
 }
+# Qwen3-Next's and Qwen3.5's Gated DeltaNet layers (`linear_attn`); the converter's value transforms, which the
+# reader undoes, are in gguf_fixes
+_LINEAR = {
+    "ssm_conv1d.weight": "conv1d.weight",
+    "ssm_a": "A_log",
+    "ssm_dt.bias": "dt_bias",
+    "ssm_norm.weight": "norm.weight",
+    "ssm_out.weight": "out_proj.weight",
+}
+_LINEAR_NEXT = {
+    **_LINEAR,
+    "attn_qkv.weight": "in_proj_qkvz.weight",  # with attn_gate, regrouped per key head (gguf_fixes)
+    "ssm_in.weight": "in_proj_qkvz.weight",  # older converters: HF's own layout, as llama.cpp still reads it
+    "ssm_ba.weight": "in_proj_ba.weight",
+}
+_LINEAR_35 = {
+    **_LINEAR,
+    "attn_qkv.weight": "in_proj_qkv.weight",
+    "attn_gate.weight": "in_proj_z.weight",
+    "ssm_beta.weight": "in_proj_b.weight",
+    "ssm_alpha.weight": "in_proj_a.weight",
+}
+LINEAR_NAMES = {"Qwen3NextForCausalLM": _LINEAR_NEXT, "Qwen3_5MoeForCausalLM": _LINEAR_35}
+# the norms the converter stores as 1 + weight for these families (every one but the DeltaNet's own)
+_CENTRED = ("attn_norm.weight", "post_attention_norm.weight", "attn_q_norm.weight", "attn_k_norm.weight")
 _EXPERT_KINDS = ("gate", "up", "down")
 
 
@@ -93,29 +123,38 @@ FAMILIES = {
     "Glm4MoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "MiniMaxM2ForCausalLM": Family("block_sparse_moe", ("w1", "w3", "w2")),
     "Dots1ForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+    "Qwen3NextForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
+    "Qwen3_5MoeForCausalLM": Family("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
 @dataclass(frozen=True)
 class Mapped:
-    """Where a GGUF tensor lands: one HF name, or (experts) a name pattern with `{e}` for each expert."""
+    """Where a GGUF tensor lands: one HF name, or (experts) a name pattern with `{e}` for each expert; `fixes`: the
+    converter's value transforms to undo (gguf_fixes), `also`: a second GGUF tensor they read."""
 
     name: str
     experts: bool = False
+    fixes: tuple[str, ...] = ()
+    also: str | None = None
 
 
 def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
     """The HF parameter a GGUF tensor fills, or None for a tensor cadenza does not read (rope_freqs, ...)."""
+    linear = LINEAR_NAMES.get(architecture)
     if gguf_name in GLOBAL_NAMES:
-        return Mapped(GLOBAL_NAMES[gguf_name])
+        centred = linear is not None and gguf_name == "output_norm.weight"
+        return Mapped(GLOBAL_NAMES[gguf_name], fixes=("centred",) if centred else ())
     m = _BLOCK_RE.fullmatch(gguf_name)
     if m is None:
         return None
     fam, layer, rest = FAMILIES[architecture], m.group(1), m.group(2)
     pre = f"model.layers.{layer}."
+    if linear is not None and rest in linear:
+        return _linear(architecture, pre + "linear_attn." + linear[rest], rest, f"blk.{layer}.")
     if rest in _BLOCK:
-        return Mapped(pre + _BLOCK[rest])
+        return Mapped(pre + _BLOCK[rest], fixes=("centred",) if linear is not None and rest in _CENTRED else ())
     if architecture.startswith("Deepseek") and rest in _DEEPSEEK:
         return Mapped(pre + _DEEPSEEK[rest])
     if architecture in ("Glm4MoeForCausalLM", "Dots1ForCausalLM") and rest == "exp_probs_b.bias":  # as DeepSeek-V3's
@@ -134,6 +173,27 @@ def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
     if rest == "ffn_gate_inp_shexp.weight" and fam.shared == "shared_expert":
         return Mapped(f"{pre}{fam.moe}.shared_expert_gate.weight")
     return None
+
+
+def _linear(architecture: str, name: str, rest: str, blk: str) -> Mapped:
+    """A Gated DeltaNet tensor: its HF name and what the converter did to it (gguf_fixes). Qwen3.5's converter also
+    moved the value heads from grouped to tiled order in every tensor that has them."""
+    fixes = {"ssm_a": ("a_log",), "ssm_conv1d.weight": ("conv",)}.get(rest, ())
+    if architecture == "Qwen3NextForCausalLM":
+        if rest == "attn_qkv.weight":
+            return Mapped(name, fixes=("qkvz",), also=blk + "attn_gate.weight")
+        return Mapped(name, fixes=fixes)
+    tiled = {
+        "attn_qkv.weight": "v_rows",
+        "ssm_conv1d.weight": "v_rows",
+        "attn_gate.weight": "v_heads",
+        "ssm_beta.weight": "v_scalars",
+        "ssm_alpha.weight": "v_scalars",
+        "ssm_a": "v_scalars",
+        "ssm_dt.bias": "v_scalars",
+        "ssm_out.weight": "v_cols",
+    }.get(rest)
+    return Mapped(name, fixes=((tiled,) if tiled else ()) + fixes)
 
 
 def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> dict:
@@ -229,6 +289,8 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
         cfg.update(_minimax_m2(get, req, cfg, source))
     elif arch == "dots1":
         cfg.update(_dots1(get, req, cfg, shapes, source))
+    elif arch in ("qwen3next", "qwen35moe"):
+        cfg.update(_qwen3next(get, req, cfg, shapes, arch))
     else:
         cfg.update(_deepseek(get, req, heads, shapes, cfg["num_hidden_layers"]))
     scaling = _rope_scaling(get)
@@ -346,6 +408,39 @@ def _dots1(get, req, cfg: dict, shapes: dict, source: str) -> dict:
         "topk_group": int(get("expert_group_used_count") or get("expert_group_count") or 1),
         "attention_bias": "blk.0.attn_q.bias" in shapes,
         "sliding_window": None,  # llama.cpp's dots1 attends to the whole context in every layer
+    }
+
+
+def _qwen3next(get, req, cfg: dict, shapes: dict, arch: str) -> dict:
+    """Qwen3-Next (GGUF qwen3next) and Qwen3.5 MoE's text model (qwen35moe): the DeltaNet's sizes in ssm.* keys
+    (group_count: key heads, time_step_rank: value heads, state_size: the key head dim, inner_size: all value
+    features), a full-attention layer every full_attention_interval, a quarter of each attention head rotary
+    (rope.dimension_count), every layer routed with renormalised top-k weights (llama.cpp hard-codes both). Qwen3.5's
+    multimodal rope sections (rope.dimension_sections) are the ordinary rotary for text. A converter that exports the
+    multi-token-prediction block counts it in block_count (nextn_predict_layers); it is neither expected nor read."""
+    head_dim = int(get("attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    v_heads, moe_ff = int(req("ssm.time_step_rank")), int(req("expert_feed_forward_length"))
+    shared = get("expert_shared_feed_forward_length") or shapes.get("blk.0.ffn_gate_shexp.weight", (0,))[0]
+    return {
+        "architectures": ["Qwen3NextForCausalLM" if arch == "qwen3next" else "Qwen3_5MoeForCausalLM"],
+        "model_type": "qwen3_next" if arch == "qwen3next" else "qwen3_5_moe_text",
+        "num_hidden_layers": cfg["num_hidden_layers"] - int(get("nextn_predict_layers") or 0),
+        "num_experts": int(req("expert_count")),
+        "moe_intermediate_size": moe_ff,
+        "intermediate_size": int(get("feed_forward_length") or moe_ff),
+        "shared_expert_intermediate_size": int(shared),
+        "head_dim": head_dim,
+        "partial_rotary_factor": int(get("rope.dimension_count") or head_dim // 4) / head_dim,
+        "linear_conv_kernel_dim": int(req("ssm.conv_kernel")),
+        "linear_key_head_dim": int(req("ssm.state_size")),
+        "linear_num_key_heads": int(req("ssm.group_count")),
+        "linear_num_value_heads": v_heads,
+        "linear_value_head_dim": int(req("ssm.inner_size")) // v_heads,
+        "full_attention_interval": int(get("full_attention_interval") or 4),
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "attention_bias": any(n.endswith("attn_q.bias") for n in shapes),
     }
 
 

@@ -24,8 +24,11 @@ ARCH = {
     "gpt_oss": "gpt-oss",
     "glm4_moe": "glm4moe",
     "minimax_m2": "minimax-m2",
-    "glm4_moe_lite": "deepseek2",
-    "dots1": "dots1",  # GLM-4.7-Flash: llama.cpp converts it as DeepSeek's MLA architecture
+    "glm4_moe_lite": "deepseek2",  # GLM-4.7-Flash
+    "dots1": "dots1",  # GLM-4.7-Flash (above): llama.cpp converts it as DeepSeek's MLA architecture
+    "qwen3_next": "qwen3next",
+    "qwen3_5_moe": "qwen35moe",
+    "qwen3_5_moe_text": "qwen35moe",
 }
 
 
@@ -36,6 +39,8 @@ def _theta(cfg: dict) -> float:
 def metadata(cfg: dict) -> dict:
     """{arch}.* keys (without the prefix) as llama.cpp's converter writes them for this config."""
     mt = cfg["model_type"]
+    if mt in ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"):
+        return _qwen3next_metadata({**cfg, **(cfg.get("text_config") or {})})
     heads = cfg["num_attention_heads"]
     m = {
         "context_length": cfg["max_position_embeddings"],
@@ -125,6 +130,90 @@ def metadata(cfg: dict) -> dict:
     return m
 
 
+def _qwen3next_metadata(cfg: dict) -> dict:
+    """llama.cpp's Qwen3NextModel.set_gguf_parameters (Qwen3.5's converter runs the same; partial_rotary_factor is
+    looked up at the top level, so Qwen3.5's, inside rope_parameters, falls back to 0.25, the same value)."""
+    head_dim = cfg["head_dim"]
+    m = {
+        "context_length": cfg["max_position_embeddings"],
+        "embedding_length": cfg["hidden_size"],
+        "block_count": cfg["num_hidden_layers"],
+        "attention.head_count": cfg["num_attention_heads"],
+        "attention.head_count_kv": cfg["num_key_value_heads"],
+        "attention.layer_norm_rms_epsilon": float(cfg["rms_norm_eps"]),
+        "rope.freq_base": _theta(cfg),
+        "expert_count": cfg["num_experts"],
+        "expert_used_count": cfg["num_experts_per_tok"],
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "expert_feed_forward_length": cfg["moe_intermediate_size"],
+        "expert_shared_feed_forward_length": cfg["shared_expert_intermediate_size"],
+        "ssm.conv_kernel": cfg["linear_conv_kernel_dim"],
+        "ssm.state_size": cfg["linear_key_head_dim"],
+        "ssm.group_count": cfg["linear_num_key_heads"],
+        "ssm.time_step_rank": cfg["linear_num_value_heads"],
+        "ssm.inner_size": cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"],
+        "full_attention_interval": cfg.get("full_attention_interval", 4),
+        "rope.dimension_count": int(head_dim * cfg.get("partial_rotary_factor", 0.25)),
+        "vocab_size": cfg["vocab_size"],
+    }
+    if cfg.get("intermediate_size"):
+        m["feed_forward_length"] = cfg["intermediate_size"]
+    return m
+
+
+def _qwen3next_as_converted(sd: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray]:
+    """llama.cpp's Qwen3NextModel.modify_tensors (and, for Qwen3.5, _LinearAttentionVReorderBase's first): the
+    multimodal prefix and the vision / MTP tensors dropped; Qwen3.5's DeltaNet value heads from grouped to tiled order;
+    A stored as -exp(A_log), dt_bias renamed dt_proj.bias, the convolution squeezed, every norm but the DeltaNet's
+    stored as 1 + weight; Qwen3-Next's in_proj_qkvz split into all q, k, v rows (attn_qkv) and all z rows
+    (attn_gate)."""
+    text = {**cfg, **(cfg.get("text_config") or {})}
+    nk, dk = text["linear_num_key_heads"], text["linear_key_head_dim"]
+    nv, dv = text["linear_num_value_heads"], text["linear_value_head_dim"]
+    tiles = cfg["model_type"] != "qwen3_next" and nv != nk
+
+    def tile(w: np.ndarray, axis: int, start: int, width: int) -> np.ndarray:  # grouped (g * r + j) -> j * nk + g
+        w = np.moveaxis(w, axis, 0)
+        heads = w[start:]
+        heads = heads.reshape(nk, nv // nk, width, *heads.shape[1:]).swapaxes(0, 1).reshape(heads.shape)
+        return np.moveaxis(np.concatenate([w[:start], heads]), 0, axis)
+
+    out = {}
+    for name, w in sd.items():
+        if name.startswith(("mtp.", "model.visual.")):
+            continue
+        name = name.replace("model.language_model.", "model.")
+        if tiles and ".linear_attn." in name:
+            if name.endswith("in_proj_qkv.weight"):
+                w = tile(w, 0, 2 * nk * dk, dv)
+            elif name.endswith("in_proj_z.weight"):
+                w = tile(w, 0, 0, dv)
+            elif name.endswith(("in_proj_b.weight", "in_proj_a.weight", "A_log", "dt_bias")):
+                w = tile(w, 0, 0, 1)
+            elif name.endswith("conv1d.weight"):
+                w = tile(w.squeeze(), 0, 2 * nk * dk, dv)
+            elif name.endswith("out_proj.weight"):
+                w = tile(w, 1, 0, dv)
+        if name.endswith(".A_log"):
+            w = -np.exp(w)
+        elif name.endswith(".dt_bias"):
+            name = name.replace(".dt_bias", ".dt_proj.bias")
+        elif "conv1d" in name:
+            w = w.squeeze()
+        elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            w = w + 1
+        if name.endswith("in_proj_qkvz.weight"):
+            groups = w.reshape(nk, -1, w.shape[-1])
+            q, k, v, z = np.split(groups, np.cumsum([dk, dk, nv // nk * dv]), axis=1)
+            qkv = np.concatenate([x.reshape(-1, w.shape[-1]) for x in (q, k, v)])
+            out[name.replace("in_proj_qkvz", "in_proj_qkv")] = qkv
+            out[name.replace("in_proj_qkvz", "in_proj_z")] = np.ascontiguousarray(z.reshape(-1, w.shape[-1]))
+            continue
+        out[name] = np.ascontiguousarray(w)
+    return out
+
+
 def interleave(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's q/k permutation: each head's two rotary halves interleaved row by row."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -135,10 +224,14 @@ def gguf_tensors(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     import gguf
 
     cfg = json.loads((folder / "config.json").read_text())
+    if "text_config" in cfg:  # (Qwen3.5's multimodal config: the converter reads the text model's keys)
+        cfg = {**cfg, **cfg["text_config"]}
     sd = {k: v.float().numpy() for k, v in load_file(folder / "model.safetensors").items()}
     arch = ARCH[cfg["model_type"]]
     if arch == "gpt-oss":
         sd = _gpt_oss_as_converted(sd)
+    if arch in ("qwen3next", "qwen35moe"):
+        sd = _qwen3next_as_converted(sd, cfg)
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     blocks = cfg["num_hidden_layers"] + (cfg.get("num_nextn_predict_layers") or 0)
     names = gguf.get_tensor_name_map(model_arch, blocks)
@@ -220,15 +313,18 @@ def add_plain(writer, key: str, value) -> None:
 
 
 def write_gguf(
-    folder: Path, out: Path, qtype: str = "F32", extra: dict | None = None, drop: tuple = (), split_kv_b: bool = False
-) -> Path:
+    folder: Path, out: Path, qtype: str = "F32", extra: dict | None = None, drop: tuple = (), split_kv_b: bool = False,
+    tensors: dict | None = None,
+) -> Path:  # fmt: skip
     """The HF checkpoint in `folder` as a GGUF file `out`; matrices in `qtype` (F32, F16, Q8_0, Q4_0, ...).
     extra: more metadata keys (full names), as (value, GGUFValueType) or plain values (str, int, bool, lists, e.g.
     tokenizer.ggml.*); drop: GGUF tensor names to leave out; split_kv_b: DeepSeek's attn_kv_b written as newer
-    converters do, split into attn_k_b [H, lora, nope] (transposed) and attn_v_b [H, v, lora]."""
+    converters do, split into attn_k_b [H, lora, nope] (transposed) and attn_v_b [H, v, lora]; tensors: more GGUF
+    tensors (name -> array in GGUF layout), as an older or newer converter writes them."""
     import gguf
 
-    cfg, tensors = gguf_tensors(folder)
+    cfg, converted = gguf_tensors(folder)
+    tensors = {**converted, **(tensors or {})}
     if split_kv_b:
         for name in [n for n in tensors if n.endswith("attn_kv_b.weight")]:
             kv_b = tensors.pop(name)

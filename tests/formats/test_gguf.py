@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -14,14 +15,16 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, make_deepseek, make_mixtral, prompt_ids, reference_logits
-from tests.formats.gguf_files import dequantized_folder, write_gguf
+from tests.formats.gguf_files import dequantized_folder, gguf_tensors, write_gguf
 from tests.models.test_dots1 import make_dots1
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
 from tests.models.test_minimax_m2 import make_minimax_m2
 from tests.models.test_olmoe import make_olmoe
 from tests.models.test_qwen2_moe import make_qwen2_moe
+from tests.models.test_qwen3_5_moe import make_qwen3_5_moe
 from tests.models.test_qwen3_moe import make_qwen3_moe
+from tests.models.test_qwen3_next import make_qwen3_next
 
 TOL = 1e-4
 
@@ -36,6 +39,8 @@ MAKERS = {
     "glm4moe": lambda p: make_glm4_moe(p),
     "minimax-m2": lambda p: make_minimax_m2(p),
     "dots1": lambda p: make_dots1(p),
+    "qwen3next": lambda p: make_qwen3_next(p),
+    "qwen35moe": lambda p: make_qwen3_5_moe(p),  # the published multimodal checkpoint: its text model converted
 }
 
 
@@ -52,7 +57,9 @@ def test_f32_gguf_matches_transformers(models, tmp_path, name):
     file = write_gguf(folder, tmp_path / f"{name}.gguf")
     llm = LLM(file, device="cpu", dtype="float32")
     assert llm.tokenizer is None  # no tokenizer.ggml.* in these files: token ids in and out
-    assert llm.checkpoint.architecture == hf.config.architectures[0]
+    # (a GGUF of Qwen3.5 holds its text model: the vision tower goes to a separate mmproj file)
+    want = "Qwen3_5MoeForCausalLM" if name == "qwen35moe" else hf.config.architectures[0]
+    assert llm.checkpoint.architecture == want
     ids = prompt_ids(16)
     got = llm.score(ids)
     assert got.shape == (16, VOCAB)
@@ -192,6 +199,42 @@ def test_minimax_m2_with_another_router_is_refused(models, tmp_path):
         LLM(write_gguf(folder, tmp_path / "softmax.gguf", extra=key), device="cpu")
 
 
+def test_qwen3_next_older_files_and_qwen3_5_text_model(models, tmp_path):
+    """Older converters stored Qwen3-Next's in_proj_qkvz whole, as HF has it (ssm_in, which llama.cpp still reads);
+    a Qwen3.5 GGUF converted from the text-only model equals one from the multimodal checkpoint. Each is checked
+    against transformers, and the fixes the reader undoes are the converter's (the value heads moved when the key
+    and value heads differ: 2 and 4 here)."""
+    import gguf
+
+    from cadenza.formats.gguf import GgufCheckpoint
+
+    folder, hf = models["qwen3next"]
+    tensors = gguf_tensors(folder)[1]
+    qkv, z = tensors["blk.0.attn_qkv.weight"], tensors["blk.0.attn_gate.weight"]
+    file = write_gguf(folder, tmp_path / "new.gguf")
+    ckpt = GgufCheckpoint(file)
+    info = ckpt.tensors["model.layers.0.linear_attn.in_proj_qkvz.weight"]
+    assert (info.fixes, info.also) == (("qkvz",), "blk.0.attn_gate.weight")
+    assert info.shape == (qkv.shape[0] + z.shape[0], qkv.shape[1])
+    assert ckpt.tensors["model.layers.0.linear_attn.A_log"].fixes == ("a_log",)
+    assert ckpt.tensors["model.norm.weight"].fixes == ("centred",)
+    assert ckpt.tensors["model.layers.0.linear_attn.norm.weight"].fixes == ()  # the DeltaNet's own norm: as it is
+    old = write_gguf(
+        folder, tmp_path / "old.gguf", drop=("blk.0.attn_qkv.weight", "blk.0.attn_gate.weight"),
+        tensors={"blk.0.ssm_in.weight": hf.model.layers[0].linear_attn.in_proj_qkvz.weight.detach().numpy()},
+    )  # fmt: skip
+    ids = prompt_ids(16)
+    want = reference_logits(hf, ids)
+    assert (LLM(old, device="cpu", dtype="float32").score(ids) - want).abs().max().item() <= TOL
+    text_folder, text_hf = make_qwen3_5_moe(tmp_path / "qwen35-text", text_only=True)
+    file = write_gguf(text_folder, tmp_path / "text.gguf")
+    llm = LLM(file, device="cpu", dtype="float32")
+    assert llm.checkpoint.architecture == "Qwen3_5MoeForCausalLM"
+    assert llm.checkpoint.tensors["model.layers.0.linear_attn.out_proj.weight"].fixes == ("v_cols",)
+    assert (llm.score(ids) - reference_logits(text_hf, ids)).abs().max().item() <= TOL
+    assert gguf.GGUFReader(file).fields["qwen35moe.ssm.time_step_rank"].parts[-1][0] == 4
+
+
 def test_unsupported_type(models, tmp_path):
     """A tensor in a type gguf-py cannot dequantize (Q8_1 here) is refused, naming the readable types."""
     import gguf
@@ -229,6 +272,7 @@ def test_info_describes_gguf(models, tmp_path):
     text = cli("info", "--model", str(file))
     assert text.returncode == 0, text.stderr
     assert "Qwen3MoeForCausalLM" in text.stdout and "Q8_0" in text.stdout
+    assert re.search(r"^gguf attn +F32 [0-9.]+ MB, Q8_0", text.stdout, re.M)  # (the label apart from its value)
 
 
 def test_hf_folder_with_stray_gguf_stays_hf(models, tmp_path):
@@ -339,7 +383,7 @@ def test_deepseek_split_kv_b(models, tmp_path, name, qtype):
     folder, hf = models[name]
     file = write_gguf(folder, tmp_path / f"{name}-split.gguf", qtype, split_kv_b=True)
     llm = LLM(file, device="cpu", dtype="float32")
-    assert llm.checkpoint.tensors["model.layers.0.self_attn.kv_b_proj.weight"].v_b == "blk.0.attn_v_b.weight"
+    assert llm.checkpoint.tensors["model.layers.0.self_attn.kv_b_proj.weight"].also == "blk.0.attn_v_b.weight"
     ids = prompt_ids(12)
     if qtype == "F32":
         assert (llm.score(ids) - reference_logits(hf, ids)).abs().max().item() <= TOL
