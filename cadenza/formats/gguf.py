@@ -154,6 +154,9 @@ class GgufTensorInfo:
     # GGUF tensor some of them read (DeepSeek's split kv_b: attn_v_b; Qwen3-Next's in_proj_qkvz: attn_gate)
     fixes: tuple[str, ...] = ()
     also: str | None = None
+    # an expert's gate or up half of a fused ffn_gate_up_exps (llama.cpp's --fuse-gate-up-exps): its rows of the
+    # expert's [2 I, H] matrix
+    rows: tuple[int, int] | None = None
     # gpt-oss's MXFP4 experts kept in their blocks: "blocks" or "scales" of the expert's matrix, in the HF
     # checkpoint's MXFP4 layout (`_mxfp4_part`)
     mxfp4: str | None = None
@@ -231,9 +234,15 @@ class GgufCheckpoint(TensorSizes):
                         out[n] = GgufTensorInfo(n, pshape, type_name, part, name, nb, e, mxfp4=piece)
                 continue
             if mapped.experts:
+                halves = [(mapped.name, None)]
+                if mapped.fused_up is not None:  # each expert's gate rows, then its up rows
+                    inter = shape[1] // 2
+                    halves = [(mapped.name, (0, inter)), (mapped.fused_up, (inter, 2 * inter))]
+                per = int(t.n_bytes) // shape[0] // len(halves)
                 for e in range(shape[0]):
-                    n = mapped.name.format(e=e)
-                    out[n] = GgufTensorInfo(n, shape[1:], type_name, part, name, int(t.n_bytes) // shape[0], e)
+                    for pattern, rows in halves:
+                        n, sub = pattern.format(e=e), shape[1:] if rows is None else (rows[1] - rows[0], *shape[2:])
+                        out[n] = GgufTensorInfo(n, sub, type_name, part, name, per, e, rows=rows)
                 continue
             heads = 0
             if arch == "MixtralForCausalLM" and name.endswith(("attn_q.weight", "attn_k.weight")):
@@ -287,7 +296,7 @@ class GgufCheckpoint(TensorSizes):
                 if info.expert is not None:
                     if info.dtype not in _PLAIN:
                         self._warn_dequantize(info.dtype)
-                    yield info.name, _tensor(raw, info.expert)  # the loader copies it into its stack
+                    yield info.name, _tensor(raw, info.expert, info.rows)  # the loader copies it into its stack
                     continue
                 t = _tensor(raw, None)
                 if info.fixes:
@@ -378,7 +387,7 @@ class GgufCheckpoint(TensorSizes):
         def convert(job: tuple[int, int, int]):  # numpy and torch release the GIL in their array work
             e0, e1, m = job  # experts [e0, e1) of matrix m: one stacked tensor's rows, converted in one go
             info = self.tensors[f"{prefix}{e0}.{names[m]}.weight"]
-            raw = np.asarray(self._raw[info.source][0].data[e0:e1])
+            raw = _rows(np.asarray(self._raw[info.source][0].data[e0:e1]), info.rows)
             return from_gguf(info.dtype, raw.reshape(-1, raw.shape[-1]), cols[m])
 
         def run(span: tuple[int, int]) -> None:
@@ -411,7 +420,7 @@ class GgufCheckpoint(TensorSizes):
         for info, k, f in zip(infos, cols, (gf, gf, df), strict=True):
             if BY_GGUF.get(info.dtype) != f or not repack.moves(info.dtype, k):
                 return False
-        raws = [np.asarray(self._raw[info.source][0].data) for info in infos]
+        raws = [_rows(np.asarray(self._raw[info.source][0].data), info.rows) for info in infos]
         mats = [(info.dtype, raw.reshape(-1, raw.shape[-1]), k) for info, raw, k in zip(infos, raws, cols, strict=True)]
         repack.repack_layer(out, mats, physical_cores())
         return True
@@ -431,8 +440,8 @@ class GgufCheckpoint(TensorSizes):
             for n in names:
                 info = self.tensors[f"{prefix}{e}.{n}.weight"]
                 raw = self._raw[info.source][0]
-                self._count_rerounded(np.asarray(raw.data[e]))
-                mats.append(_tensor(raw, e))
+                self._count_rerounded(_rows(np.asarray(raw.data[e]), info.rows))
+                mats.append(_tensor(raw, e, info.rows))
             one = pack_layer([mats[0]], [mats[1]], [mats[2]], "int8", 32)
             out.gate_up[e].copy_(one.gate_up[0])
             out.down[e].copy_(one.down[0])
@@ -463,10 +472,15 @@ class GgufCheckpoint(TensorSizes):
             )
 
 
-def _tensor(raw, expert: int | None) -> torch.Tensor:
-    """One GGUF tensor (or one expert's row of a stacked one) as a torch tensor: a view of the mapped file for
-    plain types, a float32 dequantized copy for block types."""
-    data = raw.data if expert is None else raw.data[expert]
+def _rows(data: np.ndarray, rows: tuple[int, int] | None) -> np.ndarray:
+    """A stored expert's (or a run of experts') rows `rows` (GgufTensorInfo.rows), all of them where None."""
+    return data if rows is None else data[..., rows[0] : rows[1], :]
+
+
+def _tensor(raw, expert: int | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One GGUF tensor (or one expert's row of a stacked one, or `rows` of that) as a torch tensor: a view of the
+    mapped file for plain types, a float32 dequantized copy for block types."""
+    data = _rows(raw.data if expert is None else raw.data[expert], rows)
     name = raw.tensor_type.name
     with warnings.catch_warnings():  # the mapping is read-only; callers copy before anything could write
         warnings.simplefilter("ignore", UserWarning)

@@ -138,6 +138,7 @@ class Mapped:
     experts: bool = False
     fixes: tuple[str, ...] = ()
     also: str | None = None
+    fused_up: str | None = None  # ffn_gate_up_exps: `name` is the gate's pattern, this the up's
 
 
 def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
@@ -163,6 +164,9 @@ def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
         return Mapped(f"{pre}{fam.moe}.e_score_correction_bias")
     if rest in ("ffn_gate_inp.weight", "ffn_gate_inp.bias"):
         return Mapped(f"{pre}{fam.moe}.{fam.router}.{rest.rpartition('.')[2]}")
+    if rest == "ffn_gate_up_exps.weight":  # llama.cpp's --fuse-gate-up-exps: each expert's gate rows, then its up
+        gate, up = (f"{pre}{fam.moe}.experts.{{e}}.{hf}.weight" for hf in fam.experts[:2])
+        return Mapped(gate, experts=True, fused_up=up)
     for kind, hf in zip(_EXPERT_KINDS, fam.experts, strict=True):
         if rest == f"ffn_{kind}_exps.weight":
             return Mapped(f"{pre}{fam.moe}.experts.{{e}}.{hf}.weight", experts=True)

@@ -379,3 +379,47 @@ def dequantized_folder(folder: Path, out: Path, qtype: str) -> Path:
         if f.suffix != ".safetensors":
             (out / f.name).write_bytes(f.read_bytes())
     return out
+
+
+def rewrite_gguf(src: Path, out: Path, edit) -> Path:
+    """The GGUF file `src` written again as `out` with its metadata and `edit(tensors)`'s tensors: `tensors` maps
+    each name to (stored array, GGMLQuantizationType) in file order (block types as their raw bytes, [..., rows,
+    bytes a row]); edit returns the map to write."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(field.name, field.contents())
+        else:
+            w.add_key_value(field.name, field.contents(), field.types[0])
+    tensors = {t.name: (np.asarray(t.data), t.tensor_type) for t in reader.tensors}
+    for name, (data, qtype) in edit(tensors).items():
+        plain = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        w.add_tensor(name, data) if plain else w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def fuse_gate_up(src: Path, out: Path) -> Path:
+    """`src` as llama.cpp's converter writes it with --fuse-gate-up-exps: each layer's ffn_gate_exps and ffn_up_exps
+    as one ffn_gate_up_exps, each expert's gate rows, then its up rows (the same blocks, moved)."""
+
+    def edit(tensors: dict) -> dict:
+        fused = {}
+        for name, (data, qtype) in tensors.items():
+            if name.endswith("ffn_up_exps.weight"):
+                continue
+            if name.endswith("ffn_gate_exps.weight"):
+                up = tensors[name.replace("gate_exps", "up_exps")][0]
+                name, data = name.replace("gate_exps", "gate_up_exps"), np.concatenate([data, up], axis=1)
+            fused[name] = (data, qtype)
+        return fused
+
+    return rewrite_gguf(src, out, edit)

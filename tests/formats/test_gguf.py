@@ -15,7 +15,7 @@ import torch
 
 from cadenza import LLM, CadenzaError, SamplingParams
 from tests.conftest import VOCAB, make_deepseek, make_mixtral, prompt_ids, reference_logits
-from tests.formats.gguf_files import dequantized_folder, gguf_tensors, write_gguf
+from tests.formats.gguf_files import dequantized_folder, fuse_gate_up, gguf_tensors, write_gguf
 from tests.models.test_dots1 import make_dots1
 from tests.models.test_glm4_moe import make_glm4_moe
 from tests.models.test_glm4_moe_lite import make_glm4_moe_lite
@@ -233,6 +233,23 @@ def test_qwen3_next_older_files_and_qwen3_5_text_model(models, tmp_path):
     assert llm.checkpoint.tensors["model.layers.0.linear_attn.out_proj.weight"].fixes == ("v_cols",)
     assert (llm.score(ids) - reference_logits(text_hf, ids)).abs().max().item() <= TOL
     assert gguf.GGUFReader(file).fields["qwen35moe.ssm.time_step_rank"].parts[-1][0] == 4
+
+
+@pytest.mark.parametrize(("qtype", "experts"), [("F32", "auto"), ("Q8_0", "auto"), ("Q8_0", "int8"), ("Q4_0", "auto")])
+def test_fused_gate_up_experts_read_as_separate(models, tmp_path, qtype, experts):
+    """A file converted with --fuse-gate-up-exps (each expert's gate rows then its up rows in ffn_gate_up_exps)
+    scores as the same file with them apart, bit for bit: dequantized at load, kept in their blocks, or as int8."""
+    folder, _ = models["mixtral"]
+    plain = write_gguf(folder, tmp_path / "plain.gguf", qtype)
+    fused = fuse_gate_up(plain, tmp_path / "fused.gguf")
+    want, llm = (LLM(f, device="cpu", dtype="float32", experts=experts) for f in (plain, fused))
+    gate, up = (llm.checkpoint.tensors[f"model.layers.1.block_sparse_moe.experts.3.{w}.weight"] for w in ("w1", "w3"))
+    inter = llm.config.intermediate_size
+    assert (gate.source, gate.rows, up.rows) == ("blk.1.ffn_gate_up_exps.weight", (0, inter), (inter, 2 * inter))
+    assert gate.shape == up.shape == (inter, llm.config.hidden_size)
+    assert llm.expert_format.describe() == want.expert_format.describe()
+    ids = prompt_ids(12)
+    assert torch.equal(llm.score(ids), want.score(ids))
 
 
 def test_unsupported_type(models, tmp_path):

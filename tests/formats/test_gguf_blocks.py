@@ -12,7 +12,7 @@ import torch
 
 from cadenza import LLM, SamplingParams
 from tests.conftest import prompt_ids
-from tests.formats.gguf_files import write_gguf
+from tests.formats.gguf_files import fuse_gate_up, rewrite_gguf, write_gguf
 from tests.kernels.block_data import random_blocks
 from tests.models.test_qwen3_moe import make_qwen3_moe
 
@@ -25,32 +25,20 @@ def write_kquant_gguf(folder, out, down_types=("Q6_K", "Q4_K"), gate_type="Q4_K"
     import gguf
 
     path = write_gguf(folder, out.with_suffix(".f32.gguf"))
-    reader = gguf.GGUFReader(path)
-    w = gguf.GGUFWriter(out, "qwen3moe")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        value = field.contents()
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_array(field.name, value)
-        else:
-            w.add_key_value(field.name, value, vtype)
-    for t in reader.tensors:
-        if "_exps" in t.name:
-            e, rows, cols = (int(d) for d in reversed(t.shape))
-            layer = int(t.name.split(".")[1])
-            qtype = down_types[layer % len(down_types)] if "down" in t.name else gate_type
-            raw = np.stack(
-                [random_blocks(qtype, rows, cols, seed=1000 * layer + 10 * i + hash(t.name) % 7) for i in range(e)]
-            )
-            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
-        else:
-            w.add_tensor(t.name, np.asarray(t.data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def edit(tensors: dict) -> dict:
+        for name, (data, _) in list(tensors.items()):
+            if "_exps" in name:
+                e, rows, cols = data.shape
+                layer = int(name.split(".")[1])
+                qtype = down_types[layer % len(down_types)] if "down" in name else gate_type
+                raw = np.stack(
+                    [random_blocks(qtype, rows, cols, seed=1000 * layer + 10 * i + hash(name) % 7) for i in range(e)]
+                )
+                tensors[name] = (raw, gguf.GGMLQuantizationType[qtype])
+        return tensors
+
+    rewrite_gguf(path, out, edit)
     path.unlink()
     return out
 
@@ -84,6 +72,16 @@ def test_kquant_experts_kept_equal_dequantized(kquant_file):
         assert out.token_ids == want
         if policy == "fetch":
             assert out.stats.expert_work["fetched"] > 0
+
+
+def test_fused_gate_up_kquant_experts_kept(kquant_file, tmp_path):
+    """Q4_K gate and up fused in ffn_gate_up_exps (--fuse-gate-up-exps) move into the tiles as the separate ones do
+    (repack.cpp's whole-layer path reads each half's rows): the same scores, bit for bit."""
+    fused = fuse_gate_up(kquant_file, tmp_path / "fused.gguf")
+    ids = prompt_ids(10)
+    want, llm = (LLM(f, device="cpu", dtype="float32") for f in (kquant_file, fused))
+    assert list(llm.expert_format.layer_formats) == ["q4_k+q6_k", "q4_k"]
+    assert torch.equal(llm.score(ids), want.score(ids))
 
 
 def test_info_names_each_layers_format(kquant_file):
