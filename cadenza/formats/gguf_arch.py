@@ -96,6 +96,18 @@ _LINEAR_35 = {
     "ssm_alpha.weight": "in_proj_a.weight",
 }
 LINEAR_NAMES = {"Qwen3NextForCausalLM": _LINEAR_NEXT, "Qwen3_5MoeForCausalLM": _LINEAR_35}
+_LINEAR_FIXES = {"ssm_a": ("a_log",), "ssm_conv1d.weight": ("conv",)}
+# Qwen3.5's tensors whose value heads the converter tiled, and where they sit (gguf_fixes)
+_TILED_V = {
+    "attn_qkv.weight": "v_rows",
+    "ssm_conv1d.weight": "v_rows",
+    "attn_gate.weight": "v_heads",
+    "ssm_beta.weight": "v_scalars",
+    "ssm_alpha.weight": "v_scalars",
+    "ssm_a": "v_scalars",
+    "ssm_dt.bias": "v_scalars",
+    "ssm_out.weight": "v_cols",
+}
 # the norms the converter stores as 1 + weight for these families (every one but the DeltaNet's own)
 _CENTRED = ("attn_norm.weight", "post_attention_norm.weight", "attn_q_norm.weight", "attn_k_norm.weight")
 _EXPERT_KINDS = ("gate", "up", "down")
@@ -182,21 +194,12 @@ def hf_name(architecture: str, gguf_name: str) -> Mapped | None:
 def _linear(architecture: str, name: str, rest: str, blk: str) -> Mapped:
     """A Gated DeltaNet tensor: its HF name and what the converter did to it (gguf_fixes). Qwen3.5's converter also
     moved the value heads from grouped to tiled order in every tensor that has them."""
-    fixes = {"ssm_a": ("a_log",), "ssm_conv1d.weight": ("conv",)}.get(rest, ())
+    fixes = _LINEAR_FIXES.get(rest, ())
     if architecture == "Qwen3NextForCausalLM":
         if rest == "attn_qkv.weight":
             return Mapped(name, fixes=("qkvz",), also=blk + "attn_gate.weight")
         return Mapped(name, fixes=fixes)
-    tiled = {
-        "attn_qkv.weight": "v_rows",
-        "ssm_conv1d.weight": "v_rows",
-        "attn_gate.weight": "v_heads",
-        "ssm_beta.weight": "v_scalars",
-        "ssm_alpha.weight": "v_scalars",
-        "ssm_a": "v_scalars",
-        "ssm_dt.bias": "v_scalars",
-        "ssm_out.weight": "v_cols",
-    }.get(rest)
+    tiled = _TILED_V.get(rest)
     return Mapped(name, fixes=((tiled,) if tiled else ()) + fixes)
 
 
@@ -262,9 +265,8 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], source: str) -> di
         if get("attention.key_length"):
             cfg["head_dim"] = int(get("attention.key_length"))
         if arch == "qwen2moe":
-            shared = get("expert_shared_feed_forward_length") or shapes.get("blk.0.ffn_gate_shexp.weight", (0,))[0]
             cfg.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe")
-            cfg.update(shared_expert_intermediate_size=int(shared), qkv_bias="blk.0.attn_q.bias" in shapes)
+            cfg.update(shared_expert_intermediate_size=_shared_ff(get, shapes), qkv_bias="blk.0.attn_q.bias" in shapes)
             cfg["norm_topk_prob"] = bool(get("expert_weights_norm", False))
         else:
             cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
@@ -373,17 +375,22 @@ def _glm4moe(get, req, cfg: dict, shapes: dict) -> dict:
     }
 
 
+def _require_sigmoid(get, arch: str, model: str, source: str) -> None:
+    """A family whose router is always a sigmoid: a file whose expert_gating_func says otherwise is refused."""
+    gating = get("expert_gating_func")
+    if gating not in (None, 2):
+        raise CadenzaError(
+            f"{source} says {arch}.expert_gating_func={gating}; {model}'s router is a sigmoid (2). The file was "
+            "converted from another model or by a broken converter: convert the model again with llama.cpp."
+        )
+
+
 def _minimax_m2(get, req, cfg: dict, source: str) -> dict:
     """MiniMax-M2 (GGUF minimax-m2, llama.cpp's LLM_ARCH_MINIMAX_M2): Mixtral's block names, q/k norms over the whole
     projection, rope.dimension_count rotary features of each head, and a sigmoid router with the bias exp_probs_b.
     Converters that write expert_gating_func write 2 (sigmoid); one that says otherwise describes another model."""
     head_dim = int(get("attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    gating = get("expert_gating_func")
-    if gating not in (None, 2):
-        raise CadenzaError(
-            f"{source} says minimax-m2.expert_gating_func={gating}; MiniMax-M2's router is a sigmoid (2). The file "
-            "was converted from another model or by a broken converter: convert the model again with llama.cpp."
-        )
+    _require_sigmoid(get, "minimax-m2", "MiniMax-M2", source)
     return {
         "architectures": ["MiniMaxM2ForCausalLM"],
         "model_type": "minimax_m2",
@@ -397,12 +404,7 @@ def _minimax_m2(get, req, cfg: dict, source: str) -> dict:
 def _dots1(get, req, cfg: dict, shapes: dict, source: str) -> dict:
     """dots.llm1 (GGUF dots1, llama.cpp's LLM_ARCH_DOTS1): Qwen3's attention (per-head q/k norms) with DeepSeek-V3's
     routed and shared experts and its sigmoid router (expert_gating_func 2; the converter refuses any other)."""
-    gating = get("expert_gating_func")
-    if gating not in (None, 2):
-        raise CadenzaError(
-            f"{source} says dots1.expert_gating_func={gating}; dots.llm1's router is a sigmoid (2). The file was "
-            "converted by a broken converter: convert the model again with llama.cpp."
-        )
+    _require_sigmoid(get, "dots1", "dots.llm1", source)
     return {
         "architectures": ["Dots1ForCausalLM"],
         "model_type": "dots1",
@@ -424,7 +426,6 @@ def _qwen3next(get, req, cfg: dict, shapes: dict, arch: str) -> dict:
     multi-token-prediction block counts it in block_count (nextn_predict_layers); it is neither expected nor read."""
     head_dim = int(get("attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"])
     v_heads, moe_ff = int(req("ssm.time_step_rank")), int(req("expert_feed_forward_length"))
-    shared = get("expert_shared_feed_forward_length") or shapes.get("blk.0.ffn_gate_shexp.weight", (0,))[0]
     return {
         "architectures": ["Qwen3NextForCausalLM" if arch == "qwen3next" else "Qwen3_5MoeForCausalLM"],
         "model_type": "qwen3_next" if arch == "qwen3next" else "qwen3_5_moe_text",
@@ -432,7 +433,7 @@ def _qwen3next(get, req, cfg: dict, shapes: dict, arch: str) -> dict:
         "num_experts": int(req("expert_count")),
         "moe_intermediate_size": moe_ff,
         "intermediate_size": int(get("feed_forward_length") or moe_ff),
-        "shared_expert_intermediate_size": int(shared),
+        "shared_expert_intermediate_size": _shared_ff(get, shapes),
         "head_dim": head_dim,
         "partial_rotary_factor": int(get("rope.dimension_count") or head_dim // 4) / head_dim,
         "linear_conv_kernel_dim": int(req("ssm.conv_kernel")),
@@ -446,6 +447,11 @@ def _qwen3next(get, req, cfg: dict, shapes: dict, arch: str) -> dict:
         "mlp_only_layers": [],
         "attention_bias": any(n.endswith("attn_q.bias") for n in shapes),
     }
+
+
+def _shared_ff(get, shapes: dict) -> int:
+    """The Qwen MoE shared expert's width: its metadata key, or (older files) its gate's rows."""
+    return int(get("expert_shared_feed_forward_length") or shapes.get("blk.0.ffn_gate_shexp.weight", (0,))[0])
 
 
 def _rope_scaling(get) -> dict | None:

@@ -81,23 +81,10 @@ def metadata(cfg: dict) -> dict:
             m["rope.scaling.original_context_length"] = rope["original_max_position_embeddings"]
     elif mt == "glm4_moe":  # llama.cpp's Glm4MoeModel.set_gguf_parameters
         nextn = cfg.get("num_nextn_predict_layers") or 0
-        m.update(block_count=cfg["num_hidden_layers"] + nextn, nextn_predict_layers=nextn)
-        m.update(expert_count=cfg["n_routed_experts"], expert_feed_forward_length=cfg["moe_intermediate_size"])
-        m.update(feed_forward_length=cfg["intermediate_size"], expert_shared_count=cfg["n_shared_experts"])
-        m.update(leading_dense_block_count=cfg["first_k_dense_replace"], expert_gating_func=2)
-        m.update(
-            expert_weights_scale=float(cfg["routed_scaling_factor"]), expert_weights_norm=bool(cfg["norm_topk_prob"])
-        )
-        m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
+        m.update(_sigmoid_moe(cfg), block_count=cfg["num_hidden_layers"] + nextn, nextn_predict_layers=nextn)
         m["rope.dimension_count"] = int(cfg["head_dim"] * cfg.get("partial_rotary_factor", 0.5))
     elif mt == "dots1":  # llama.cpp's Dots1Model.set_gguf_parameters (Qwen2MoeModel's keys, then DeepSeek's)
-        m.update(expert_count=cfg["n_routed_experts"], expert_feed_forward_length=cfg["moe_intermediate_size"])
-        m.update(feed_forward_length=cfg["intermediate_size"], expert_shared_count=cfg["n_shared_experts"])
-        m.update(leading_dense_block_count=cfg["first_k_dense_replace"], expert_gating_func=2)
-        m.update(
-            expert_weights_scale=float(cfg["routed_scaling_factor"]), expert_weights_norm=bool(cfg["norm_topk_prob"])
-        )
-        m.update({"attention.key_length": cfg["head_dim"], "attention.value_length": cfg["head_dim"]})
+        m.update(_sigmoid_moe(cfg))
     elif mt == "minimax_m2":  # llama.cpp's MiniMaxM2Model.set_gguf_parameters (a newer one adds the gating func)
         m.update(expert_count=cfg["num_local_experts"], feed_forward_length=cfg["intermediate_size"])
         m.update(expert_feed_forward_length=cfg["intermediate_size"], expert_gating_func=2)
@@ -128,6 +115,23 @@ def metadata(cfg: dict) -> dict:
         if v3 and cfg.get("n_group"):
             m.update(expert_group_count=cfg["n_group"], expert_group_used_count=cfg["topk_group"])
     return m
+
+
+def _sigmoid_moe(cfg: dict) -> dict:
+    """The keys GLM-4.5's and dots.llm1's converters write alike: DeepSeek-V3-style routed and shared experts with a
+    sigmoid router, and the attention's head dim."""
+    return {
+        "expert_count": cfg["n_routed_experts"],
+        "expert_feed_forward_length": cfg["moe_intermediate_size"],
+        "feed_forward_length": cfg["intermediate_size"],
+        "expert_shared_count": cfg["n_shared_experts"],
+        "leading_dense_block_count": cfg["first_k_dense_replace"],
+        "expert_gating_func": 2,
+        "expert_weights_scale": float(cfg["routed_scaling_factor"]),
+        "expert_weights_norm": bool(cfg["norm_topk_prob"]),
+        "attention.key_length": cfg["head_dim"],
+        "attention.value_length": cfg["head_dim"],
+    }
 
 
 def _qwen3next_metadata(cfg: dict) -> dict:
